@@ -1,0 +1,36 @@
+"""User-facing errors. The CLI prints these as one clear message, without a traceback."""
+
+
+class DiffcError(Exception):
+    """Base class for every error diffc raises on purpose."""
+
+
+class InvalidArgumentError(DiffcError, ValueError):
+    """A user-supplied value is out of range; the message names the field and what is accepted."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class CheckpointError(DiffcError):
+    """A checkpoint directory is missing files, names an unknown class, or has malformed contents."""
+
+
+class WeightMismatchError(CheckpointError):
+    """The checkpoint's tensor names do not match the model's parameters."""
+
+    def __init__(self, component: str, missing: list[str], unexpected: list[str], limit: int = 20):
+        self.missing = sorted(missing)
+        self.unexpected = sorted(unexpected)
+
+        def fmt(keys: list[str]) -> str:
+            shown = ", ".join(keys[:limit])
+            return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+        parts = [f"weights of '{component}' do not match the model"]
+        if self.missing:
+            parts.append(f"missing keys ({len(self.missing)}): {fmt(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected keys ({len(self.unexpected)}): {fmt(self.unexpected)}")
+        super().__init__("; ".join(parts))
