@@ -1,0 +1,239 @@
+"""Building blocks of the 2D KL autoencoder (the FLUX.1 / Stable Diffusion VAE).
+
+Module and parameter names follow diffusers' checkpoint layout exactly (``resnets``, ``attentions``,
+``downsamplers.0.conv``, ``upsamplers.0.conv``, ``to_out.0``, ...) so that checkpoints load by name.
+Every block works on NCHW tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError
+
+# act_fn name in config.json -> activation module (diffusers' accepted names).
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "swish": nn.SiLU,
+    "silu": nn.SiLU,
+    "mish": nn.Mish,
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+}
+
+# The VAE uses one epsilon for every GroupNorm in its blocks.
+VAE_NORM_EPS = 1e-6
+
+
+def activation(name: str) -> nn.Module:
+    """Activation module for a config's ``act_fn`` name."""
+    if name not in ACTIVATIONS:
+        raise CheckpointError(f"act_fn: unknown activation {name!r}; accepted: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class ResnetBlock2D(nn.Module):
+    """Pre-norm residual block: GroupNorm -> act -> conv3x3 -> GroupNorm -> act -> conv3x3, plus skip.
+
+    The skip path gets a 1x1 ``conv_shortcut`` when the channel count changes.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, act_fn: str):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=VAE_NORM_EPS, affine=True)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=VAE_NORM_EPS, affine=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.nonlinearity = activation(act_fn)
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+            if in_channels != out_channels
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C_in, H, W) -> (B, C_out, H, W)
+        h = self.conv1(self.nonlinearity(self.norm1(x)))
+        h = self.conv2(self.nonlinearity(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Spatial self-attention over all H*W positions, with a GroupNorm on its input and a residual.
+
+    In the VAE mid block the head dimension equals the channel count, so there is a single head.
+    """
+
+    def __init__(self, channels: int, heads: int, groups: int):
+        super().__init__()
+        if channels % heads:
+            raise CheckpointError(f"attention heads: {heads} does not divide {channels} channels")
+        self.heads = heads
+        self.group_norm = nn.GroupNorm(groups, channels, eps=VAE_NORM_EPS, affine=True)
+        self.to_q = nn.Linear(channels, channels, bias=True)
+        self.to_k = nn.Linear(channels, channels, bias=True)
+        self.to_v = nn.Linear(channels, channels, bias=True)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels, bias=True)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, H, W)
+        b, c, h, w = x.shape
+        head_dim = c // self.heads
+        tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        # q, k, v: (B, heads, HW, head_dim)
+        q = self.to_q(tokens).view(b, -1, self.heads, head_dim).transpose(1, 2)
+        k = self.to_k(tokens).view(b, -1, self.heads, head_dim).transpose(1, 2)
+        v = self.to_v(tokens).view(b, -1, self.heads, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(b, -1, c).to(q.dtype)  # (B, HW, C)
+        out = self.to_out[0](out)
+        out = out.transpose(1, 2).reshape(b, c, h, w)
+        return out + x
+
+
+class Downsample2D(nn.Module):
+    """Halves H and W: zero-pad one row/column at the bottom/right, then a stride-2 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))
+        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
+
+
+class Upsample2D(nn.Module):
+    """Doubles H and W: nearest-neighbour interpolation, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownEncoderBlock2D(nn.Module):
+    """``num_layers`` residual blocks, then an optional 2x downsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str,
+                 add_downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
+            for i in range(num_layers)
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    """``num_layers`` residual blocks, then an optional 2x upsample."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, act_fn: str,
+                 add_upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
+            for i in range(num_layers)
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class UNetMidBlock2D(nn.Module):
+    """resnet -> [attention] -> resnet at the lowest resolution (channel count unchanged)."""
+
+    def __init__(self, channels: int, groups: int, act_fn: str, add_attention: bool):
+        super().__init__()
+        self.add_attention = add_attention
+        self.resnets = nn.ModuleList(ResnetBlock2D(channels, channels, groups, act_fn) for _ in range(2))
+        # Without attention the list is empty: it holds no weights in the checkpoint either.
+        self.attentions = nn.ModuleList([Attention(channels, heads=1, groups=groups)] if add_attention else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resnets[0](x)
+        if self.add_attention:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class Encoder(nn.Module):
+    """Image (B, in_channels, H, W) -> Gaussian parameters (B, 2 * latent_channels, H/f, W/f).
+
+    ``f = 2 ** (len(block_out_channels) - 1)``; every block but the last halves the resolution.
+    """
+
+    def __init__(self, in_channels: int, latent_channels: int, block_out_channels: tuple[int, ...],
+                 layers_per_block: int, groups: int, act_fn: str, mid_block_add_attention: bool):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, stride=1, padding=1)
+        n = len(block_out_channels)
+        self.down_blocks = nn.ModuleList(
+            DownEncoderBlock2D(
+                block_out_channels[max(i - 1, 0)], block_out_channels[i], layers_per_block, groups, act_fn,
+                add_downsample=i < n - 1,
+            )
+            for i in range(n)
+        )
+        top = block_out_channels[-1]
+        self.mid_block = UNetMidBlock2D(top, groups, act_fn, mid_block_add_attention)
+        self.conv_norm_out = nn.GroupNorm(groups, top, eps=VAE_NORM_EPS)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(top, 2 * latent_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """Latents (B, latent_channels, h, w) -> image (B, out_channels, h*f, w*f).
+
+    Up blocks run from the widest channel count down to ``block_out_channels[0]`` and hold
+    ``layers_per_block + 1`` residual blocks each; every block but the last doubles the resolution.
+    """
+
+    def __init__(self, latent_channels: int, out_channels: int, block_out_channels: tuple[int, ...],
+                 layers_per_block: int, groups: int, act_fn: str, mid_block_add_attention: bool):
+        super().__init__()
+        widths = tuple(reversed(block_out_channels))
+        self.conv_in = nn.Conv2d(latent_channels, widths[0], kernel_size=3, stride=1, padding=1)
+        self.mid_block = UNetMidBlock2D(widths[0], groups, act_fn, mid_block_add_attention)
+        self.up_blocks = nn.ModuleList(
+            UpDecoderBlock2D(
+                widths[max(i - 1, 0)], widths[i], layers_per_block + 1, groups, act_fn,
+                add_upsample=i < len(widths) - 1,
+            )
+            for i in range(len(widths))
+        )
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=VAE_NORM_EPS)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(widths[-1], out_channels, kernel_size=3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(z)
+        x = self.mid_block(x)
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(self.conv_act(self.conv_norm_out(x)))

@@ -1,0 +1,184 @@
+"""Parity of the native AutoencoderKL with diffusers' AutoencoderKL (the oracle) on tiny random configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from diffc.errors import CheckpointError, InvalidArgumentError
+from diffc.models.autoencoder_kl import AUTOENCODER_KL_SPECS, AutoencoderKL, AutoencoderKLConfig
+from tests.helpers import REL_TOL, rel_err
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _config(block_out_channels, **kwargs) -> AutoencoderKLConfig:
+    n = len(block_out_channels)
+    return AutoencoderKLConfig(
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(block_out_channels),
+        **kwargs,
+    )
+
+
+# name -> (config, image (H, W) for encode, latent (h, w) for decode).
+# Production: FLUX.1 at 1024x1024 is image (1024, 1024), latent (128, 128), 4 blocks.
+CASES = {
+    "one_block_quant_attn": (
+        _config((16,), layers_per_block=1, latent_channels=4, norm_num_groups=4),
+        (5, 7), (5, 7),
+    ),
+    "two_blocks_no_quant_no_attn": (
+        _config((8, 16), layers_per_block=2, latent_channels=3, norm_num_groups=2, out_channels=2,
+                use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False),
+        (10, 14), (4, 6),
+    ),
+    "three_blocks_mixed_quant": (
+        _config((8, 16, 24), layers_per_block=1, latent_channels=5, norm_num_groups=8, act_fn="swish",
+                use_quant_conv=True, use_post_quant_conv=False),
+        (16, 24), (5, 7),
+    ),
+    "tiny_spec": (AUTOENCODER_KL_SPECS["tiny"], (12, 18), (4, 6)),
+}
+
+
+def _pair(config: AutoencoderKLConfig, seed: int = 0):
+    """A diffusers AutoencoderKL with random weights (norms included) and the native copy of it."""
+    torch.manual_seed(seed)
+    ref = diffusers.AutoencoderKL(**config.to_dict()).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name:  # GroupNorm affine starts at ones/zeros; perturb it too.
+                p.add_(0.1 * torch.randn_like(p))
+    native = AutoencoderKL(config).eval()
+    native.load_state_dict(ref.state_dict(), strict=True)
+    return ref, native
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_state_dict_keys_match_diffusers(case):
+    config = CASES[case][0]
+    ref = diffusers.AutoencoderKL(**config.to_dict())
+    native = AutoencoderKL(config)
+    ref_sd, native_sd = ref.state_dict(), native.state_dict()
+    assert sorted(native_sd) == sorted(ref_sd)
+    assert {k: tuple(v.shape) for k, v in native_sd.items()} == {k: tuple(v.shape) for k, v in ref_sd.items()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_decode_matches_diffusers(case):
+    config, _, (h, w) = CASES[case]
+    ref, native = _pair(config)
+    z = torch.randn(2, config.latent_channels, h, w)
+    with torch.no_grad():
+        expected = ref.decode(z).sample
+        out = native.decode(z)
+    f = native.spatial_compression
+    assert out.shape == (2, config.out_channels, h * f, w * f)
+    assert rel_err(out, expected) < REL_TOL[torch.float32]
+    with torch.no_grad():
+        assert torch.equal(native(z), out)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_encode_matches_diffusers(case):
+    config, (H, W), _ = CASES[case]
+    ref, native = _pair(config, seed=1)
+    x = torch.randn(2, config.in_channels, H, W)
+    with torch.no_grad():
+        dist = ref.encode(x).latent_dist
+        mean, logvar = native.encode(x)
+    f = native.spatial_compression
+    expected_shape = (2, config.latent_channels, -(-H // f), -(-W // f))
+    assert mean.shape == logvar.shape == expected_shape
+    assert rel_err(mean, dist.mean) < REL_TOL[torch.float32]
+    assert rel_err(logvar, dist.logvar) < REL_TOL[torch.float32]
+
+
+def test_logvar_is_clamped_like_diffusers():
+    config = CASES["one_block_quant_attn"][0]
+    ref, native = _pair(config, seed=2)
+    c = config.latent_channels
+    with torch.no_grad():
+        bias = torch.tensor([40.0, -45.0] * (c // 2) + [0.0] * (c % 2))
+        for model in (ref, native):
+            model.quant_conv.bias[c:] = bias
+        x = torch.randn(1, config.in_channels, 6, 5)
+        dist = ref.encode(x).latent_dist
+        mean, logvar = native.encode(x)
+    assert logvar.max() == 20.0 and logvar.min() == -30.0
+    assert torch.equal(logvar, dist.logvar)
+    assert rel_err(mean, dist.mean) < REL_TOL[torch.float32]
+
+
+def test_meta_build_then_assign():
+    config = CASES["three_blocks_mixed_quant"][0]
+    ref, native = _pair(config, seed=3)
+    with torch.device("meta"):
+        lazy = AutoencoderKL(config)
+    lazy.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    z = torch.randn(1, config.latent_channels, 3, 5)
+    with torch.no_grad():
+        assert torch.equal(lazy.decode(z), native.decode(z))
+
+
+def test_flux_spec_matches_diffusers_layout():
+    config = AUTOENCODER_KL_SPECS["flux"]
+    with torch.device("meta"):
+        ref = diffusers.AutoencoderKL(**config.to_dict())
+        native = AutoencoderKL(config)
+    assert {k: tuple(v.shape) for k, v in native.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in ref.state_dict().items()
+    }
+    assert native.spatial_compression == 8
+    assert (native.scaling_factor, native.shift_factor) == (0.3611, 0.1159)
+    assert config.latent_channels == 16 and not config.use_quant_conv and not config.use_post_quant_conv
+
+
+def test_config_defaults_and_from_dict_match_diffusers():
+    ref = diffusers.AutoencoderKL()
+    ours = AutoencoderKLConfig.from_dict(dict(ref.config))
+    assert ours == AutoencoderKLConfig()
+    for field in dataclasses.fields(AutoencoderKLConfig):
+        expected = ref.config[field.name]
+        expected = tuple(expected) if isinstance(expected, list) else expected
+        assert getattr(ours, field.name) == expected, field.name
+    assert AutoencoderKL(ours).shift_factor == 0.0
+
+
+@pytest.mark.parametrize(
+    "field, bad_type",
+    [("down_block_types", "AttnDownEncoderBlock2D"), ("up_block_types", "AttnUpDecoderBlock2D")],
+)
+def test_unsupported_block_type_is_rejected(field, bad_type):
+    data = {"down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+            "block_out_channels": [32, 32]}
+    data[field][1] = bad_type
+    with pytest.raises(CheckpointError, match=rf"^{field}: .*'{bad_type}'.*accepted"):
+        AutoencoderKLConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"block_out_channels": (32, 64)}, "down_block_types"),
+        ({"act_fn": "tanh"}, "act_fn"),
+        ({"norm_num_groups": 24}, "norm_num_groups"),
+        ({"layers_per_block": 0}, "layers_per_block"),
+    ],
+)
+def test_invalid_config_is_rejected(overrides, field):
+    with pytest.raises(CheckpointError, match=field):
+        AutoencoderKLConfig(**overrides)
+
+
+def test_wrong_input_shapes_are_rejected():
+    config = CASES["one_block_quant_attn"][0]
+    native = AutoencoderKL(config)
+    with pytest.raises(InvalidArgumentError, match=r"^z: .*\(batch, 4, height, width\)"):
+        native.decode(torch.randn(1, 3, 4, 4))
+    with pytest.raises(InvalidArgumentError, match=r"^x: .*\(batch, 3, height, width\)"):
+        native.encode(torch.randn(3, 8, 8))
