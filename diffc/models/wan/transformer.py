@@ -1,0 +1,174 @@
+"""Wan2.1 text-to-video diffusion transformer (diffusers ``WanTransformer3DModel``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from ...errors import CheckpointError, InvalidArgumentError
+from ..config import ModelConfig
+from .blocks import FP32LayerNorm, WanConditionEmbedder, WanTransformerBlock, rope_frequencies
+
+
+@dataclasses.dataclass(frozen=True)
+class WanTransformerConfig(ModelConfig):
+    """Fields and defaults of diffusers' ``WanTransformer3DModel`` config.json.
+
+    Only text-to-video is supported: ``image_dim`` and ``added_kv_proj_dim`` must be unset, and
+    ``qk_norm`` must be ``"rms_norm_across_heads"``. ``pos_embed_seq_len`` only matters with an
+    image embedder and is kept for completeness.
+    """
+
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str | None = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = None
+    added_kv_proj_dim: int | None = None
+    rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None
+
+    def __post_init__(self):
+        if self.image_dim is not None or self.added_kv_proj_dim is not None:
+            raise CheckpointError(
+                f"WanTransformer3DModel: image-to-video is not supported yet (image_dim={self.image_dim}, "
+                f"added_kv_proj_dim={self.added_kv_proj_dim}; only text-to-video checkpoints, with both unset)"
+            )
+        if self.qk_norm != "rms_norm_across_heads":
+            raise CheckpointError(
+                f"WanTransformer3DModel: qk_norm={self.qk_norm!r} is not supported; "
+                "accepted: 'rms_norm_across_heads'"
+            )
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise CheckpointError(f"WanTransformer3DModel: patch_size must be 3 positive ints, got {self.patch_size}")
+        if self.attention_head_dim % 2 or self.attention_head_dim < 6:
+            raise CheckpointError(
+                f"WanTransformer3DModel: attention_head_dim must be even and >= 6 for the 3-D RoPE, "
+                f"got {self.attention_head_dim}"
+            )
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+# Published transformer configs (Wan-AI/Wan2.1-T2V-*-Diffusers) plus a tiny one for tests.
+WAN_TRANSFORMER_SPECS: dict[str, WanTransformerConfig] = {
+    "wan2.1-t2v-1.3b": WanTransformerConfig(
+        num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096
+    ),
+    "wan2.1-t2v-14b": WanTransformerConfig(
+        num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096
+    ),
+    "tiny": WanTransformerConfig(
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=37,
+        num_layers=2,
+    ),
+}
+
+
+class WanTransformer3DModel(nn.Module):
+    """Wan2.1 DiT: 3-D patch embedding, ``num_layers`` modulated blocks with 3-D RoPE, unpatchify.
+
+    ``forward(hidden_states, timestep, encoder_hidden_states)``:
+
+    - ``hidden_states``: (B, in_channels, F, H, W) latents; F, H, W divisible by ``patch_size``;
+    - ``timestep``: (B,) one timestep per sample, or (B, S) one per patch token (S = F*H*W / prod(patch));
+    - ``encoder_hidden_states``: (B, L, text_dim) text-encoder states;
+    - returns (B, out_channels, F, H, W) in ``hidden_states``' dtype.
+    """
+
+    config_class = WanTransformerConfig
+    _repeated_blocks = ("blocks",)
+    _keep_in_fp32_modules = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+
+    def __init__(self, config: WanTransformerConfig):
+        super().__init__()
+        self.config = config
+        dim = config.inner_dim
+        out_channels = config.out_channels or config.in_channels
+
+        self.patch_embedding = nn.Conv3d(
+            config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.condition_embedder = WanConditionEmbedder(dim, config.freq_dim, config.text_dim)
+        self.blocks = nn.ModuleList(
+            [
+                WanTransformerBlock(dim, config.ffn_dim, config.num_attention_heads, config.cross_attn_norm, config.eps)
+                for _ in range(config.num_layers)
+            ]
+        )
+        self.norm_out = FP32LayerNorm(dim, config.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, out_channels * math.prod(config.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def _check_inputs(self, x: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> tuple[int, int, int]:
+        cfg = self.config
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise InvalidArgumentError(
+                "hidden_states", f"expected (batch, {cfg.in_channels}, frames, height, width), got {tuple(x.shape)}"
+            )
+        batch, sizes = x.shape[0], x.shape[2:]
+        if any(n % p for n, p in zip(sizes, cfg.patch_size)):
+            raise InvalidArgumentError(
+                "hidden_states",
+                f"frames, height, width {tuple(sizes)} must be divisible by patch_size {cfg.patch_size}",
+            )
+        grid = tuple(n // p for n, p in zip(sizes, cfg.patch_size))
+        if max(grid) > cfg.rope_max_seq_len:
+            raise InvalidArgumentError(
+                "hidden_states",
+                f"latent grid {grid} exceeds rope_max_seq_len={cfg.rope_max_seq_len} along an axis",
+            )
+        tokens = math.prod(grid)
+        if not (timestep.shape == (batch,) or timestep.shape == (batch, tokens)):
+            raise InvalidArgumentError(
+                "timestep", f"expected shape ({batch},) or ({batch}, {tokens}), got {tuple(timestep.shape)}"
+            )
+        if text.ndim != 3 or text.shape[0] != batch or text.shape[2] != cfg.text_dim:
+            raise InvalidArgumentError(
+                "encoder_hidden_states", f"expected ({batch}, seq_len, {cfg.text_dim}), got {tuple(text.shape)}"
+            )
+        return grid
+
+    def forward(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        """Predict the flow for latents (B, C, F, H, W) at ``timestep`` given text states; see the class doc."""
+        f, h, w = self._check_inputs(hidden_states, timestep, encoder_hidden_states)
+        batch = hidden_states.shape[0]
+        pt, ph, pw = self.config.patch_size
+        rope = rope_frequencies(self.config.attention_head_dim, (f, h, w), hidden_states.device)
+
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()  # (B, S, dim)
+
+        timestep = timestep if timestep.ndim == 2 else timestep[:, None]  # (B, T), T = 1 or S
+        temb, temb_proj, context = self.condition_embedder(timestep, encoder_hidden_states)
+        temb_proj = temb_proj.unflatten(2, (6, -1))  # (B, T, 6, dim)
+
+        for block in self.blocks:
+            x = block(x, context, temb_proj, rope)
+
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(2)).unbind(2)  # (B, T, dim) each
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = self.proj_out(x)  # (B, S, pt * ph * pw * C)
+
+        x = x.reshape(batch, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, F, H, W)
