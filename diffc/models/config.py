@@ -15,7 +15,8 @@ class ModelConfig:
     """Base for native model configs.
 
     ``from_dict`` keeps the fields the dataclass declares and ignores the rest (``_class_name``,
-    ``_diffusers_version`` and options that do not change the math). Lists become tuples so configs
+    ``_diffusers_version`` and options that do not change the math). An explicit null keeps the field's
+    default unless that default is ``None``. Lists become tuples so configs
     stay hashable. A required field missing from the file is a ``CheckpointError`` naming it.
     """
 
@@ -23,9 +24,11 @@ class ModelConfig:
     def from_dict(cls: type[C], data: dict[str, Any], source: str = "config.json") -> C:
         kwargs = {}
         for f in dataclasses.fields(cls):
-            if f.name in data and data[f.name] is not None:
-                value = data[f.name]
+            value = data.get(f.name)
+            if value is not None:
                 kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+            elif f.name in data and f.default is None:
+                kwargs[f.name] = None  # an explicit null where the field allows it
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise CheckpointError(f"{source}: required field '{f.name}' is missing for {cls.__name__}")
         return cls(**kwargs)
