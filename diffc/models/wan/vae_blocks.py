@@ -1,0 +1,283 @@
+"""Building blocks of the Wan2.1 video VAE: causal 3-D convolutions with a per-chunk feature cache.
+
+Video is processed in temporal chunks (the encoder takes 1 frame, then 4 at a time; the decoder one
+latent frame at a time). Every causal convolution keeps the last ``CACHE_T`` input frames of the
+previous chunk in a ``FeatureCache`` so that chunked processing equals a causal pass over the whole
+clip while memory stays bounded by one chunk. Slots are addressed by call order, which is the same
+for every chunk; a cache lives for one encode/decode call only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CACHE_T = 2
+
+# Marks an upsample3d slot whose first chunk passed through without temporal upsampling.
+_FIRST_CHUNK = object()
+
+
+class FeatureCache:
+    """Per-call store of trailing frames, one slot per cached convolution in call order."""
+
+    def __init__(self) -> None:
+        self._slots: list = []
+        self._pos = 0
+
+    def next_chunk(self) -> None:
+        self._pos = 0
+
+    def peek(self):
+        return self._slots[self._pos] if self._pos < len(self._slots) else None
+
+    def push(self, value) -> None:
+        if self._pos < len(self._slots):
+            self._slots[self._pos] = value
+        else:
+            self._slots.append(value)
+        self._pos += 1
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded only on the past side in time; ``cache`` supplies real past frames instead."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0)
+        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
+        # F.pad order: (w_left, w_right, h_top, h_bottom, t_past, t_future)
+        self._causal_padding = (pw, pw, ph, ph, 2 * pt, 0)
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (b, c, t, h, w); cache: (b, c, t_cache, h, w) frames preceding x
+        padding = list(self._causal_padding)
+        if cache is not None and padding[4] > 0:
+            x = torch.cat([cache.to(x.device), x], dim=2)
+            padding[4] -= cache.shape[2]
+        return super().forward(F.pad(x, padding))
+
+
+def cached_conv(conv: CausalConv3d, x: torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
+    """Run ``conv`` on one chunk, feeding it the previous chunk's trailing frames and saving this one's."""
+    if cache is None:
+        return conv(x)
+    prev = cache.peek()
+    keep = x[:, :, -CACHE_T:].clone()
+    if keep.shape[2] < CACHE_T and prev is not None:
+        keep = torch.cat([prev[:, :, -1:].to(keep.device), keep], dim=2)
+    out = conv(x, prev)
+    cache.push(keep)
+    return out
+
+
+class RMSNorm(nn.Module):
+    """L2-normalise over channels (dim 1) times sqrt(dim) and a learned gain; 2-D or 3-D maps."""
+
+    def __init__(self, dim: int, images: bool = True) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float() if x.element_size() < 4 else x
+        return F.normalize(x32, dim=1).to(x.dtype) * self.scale * self.gamma
+
+
+class NearestUpsample2x(nn.Module):
+    """2x nearest-exact spatial upsampling computed in float32, returned in the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x.float(), scale_factor=(2.0, 2.0), mode="nearest-exact").type_as(x)
+
+
+class Resample(nn.Module):
+    """Spatial 2x up/down sampling per frame, optionally with causal 2x temporal up/down sampling.
+
+    ``mode`` is one of "upsample2d", "upsample3d", "downsample2d", "downsample3d". Upsampling halves
+    the channel count (Wan2.1). The temporal part needs a ``FeatureCache``; without one only the
+    spatial part runs. The first chunk is never resampled in time (1 frame stays 1 frame).
+    """
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode in ("upsample2d", "upsample3d"):
+            self.resample = nn.Sequential(NearestUpsample2x(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        elif mode in ("downsample2d", "downsample3d"):
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=(2, 2)))
+        else:
+            raise ValueError(f"unknown resample mode {mode!r}")
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        elif mode == "downsample3d":
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(0, 0, 0))
+
+    def _upsample_time(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        # (b, c, t, h, w) -> (b, c, 2t, h, w)
+        prev = cache.peek()
+        if prev is None:
+            cache.push(_FIRST_CHUNK)
+            return x
+        keep = x[:, :, -CACHE_T:].clone()
+        if keep.shape[2] < CACHE_T:
+            past = torch.zeros_like(keep) if prev is _FIRST_CHUNK else prev[:, :, -1:].to(keep.device)
+            keep = torch.cat([past, keep], dim=2)
+        x = self.time_conv(x, None if prev is _FIRST_CHUNK else prev)
+        cache.push(keep)
+        b, c2, t, h, w = x.shape
+        # channel halves are the two output frames of each input frame
+        return x.reshape(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+
+    def _downsample_time(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
+        # (b, c, t, h, w) -> (b, c, (t + 1 - 3) // 2 + 1, h, w) using the previous chunk's last frame
+        prev = cache.peek()
+        keep = x[:, :, -1:].clone()
+        if prev is not None:
+            x = self.time_conv(torch.cat([prev[:, :, -1:], x], dim=2))
+        cache.push(keep)
+        return x
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+        # x: (b, c, t, h, w)
+        if self.mode == "upsample3d" and cache is not None:
+            x = self._upsample_time(x, cache)
+        b, c, t, h, w = x.shape
+        x = self.resample(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+        x = x.view(b, t, x.shape[1], x.shape[2], x.shape[3]).permute(0, 2, 1, 3, 4)
+        if self.mode == "downsample3d" and cache is not None:
+            x = self._downsample_time(x, cache)
+        return x
+
+
+class ResidualBlock(nn.Module):
+    """(RMSNorm -> SiLU -> causal conv3d) x 2 plus a 1x1x1 projection shortcut when widths differ."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(in_dim, images=False)
+        self.conv1 = CausalConv3d(in_dim, out_dim, 3, padding=1)
+        self.norm2 = RMSNorm(out_dim, images=False)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = CausalConv3d(out_dim, out_dim, 3, padding=1)
+        self.conv_shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+        h = self.conv_shortcut(x)
+        x = cached_conv(self.conv1, F.silu(self.norm1(x)), cache)
+        x = self.dropout(F.silu(self.norm2(x)))
+        x = cached_conv(self.conv2, x, cache)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame separately."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (b, c, t, h, w)
+        identity = x
+        b, c, t, h, w = x.shape
+        x = self.norm(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+        qkv = self.to_qkv(x).reshape(b * t, 1, c * 3, h * w).permute(0, 1, 3, 2).contiguous()
+        q, k, v = qkv.chunk(3, dim=-1)  # each (b*t, 1, h*w, c)
+        x = F.scaled_dot_product_attention(q, k, v)
+        x = self.proj(x.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w))
+        return x.view(b, t, c, h, w).permute(0, 2, 1, 3, 4) + identity
+
+
+class MidBlock(nn.Module):
+    """Residual block, attention, residual block at the lowest resolution."""
+
+    def __init__(self, dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.attentions = nn.ModuleList([AttentionBlock(dim)])
+        self.resnets = nn.ModuleList([ResidualBlock(dim, dim, dropout), ResidualBlock(dim, dim, dropout)])
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+        x = self.resnets[0](x, cache)
+        for attn, resnet in zip(self.attentions, self.resnets[1:]):
+            x = resnet(attn(x), cache)
+        return x
+
+
+class UpBlock(nn.Module):
+    """``num_res_blocks + 1`` residual blocks followed by an optional upsampler."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_res_blocks: int, dropout: float, upsample_mode: str | None):
+        super().__init__()
+        dims = [in_dim] + [out_dim] * (num_res_blocks + 1)
+        self.resnets = nn.ModuleList(ResidualBlock(i, o, dropout) for i, o in zip(dims[:-1], dims[1:]))
+        self.upsamplers = nn.ModuleList([Resample(out_dim, upsample_mode)]) if upsample_mode else None
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x, cache)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, cache)
+        return x
+
+
+class Encoder3d(nn.Module):
+    """Video (b, in_channels, t, H, W) -> (b, z_channels, t', H / 2^n, W / 2^n) for one chunk."""
+
+    def __init__(
+        self, in_channels, dim, z_channels, dim_mult, num_res_blocks, attn_scales, temperal_downsample, dropout
+    ):
+        super().__init__()
+        dims = [dim * u for u in (1, *dim_mult)]
+        self.conv_in = CausalConv3d(in_channels, dims[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        scale = 1.0
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(num_res_blocks):
+                self.down_blocks.append(ResidualBlock(in_dim, out_dim, dropout))
+                if scale in attn_scales:
+                    self.down_blocks.append(AttentionBlock(out_dim))
+                in_dim = out_dim
+            if i != len(dim_mult) - 1:
+                mode = "downsample3d" if temperal_downsample[i] else "downsample2d"
+                self.down_blocks.append(Resample(out_dim, mode))
+                scale /= 2.0
+        self.mid_block = MidBlock(dims[-1], dropout)
+        self.norm_out = RMSNorm(dims[-1], images=False)
+        self.conv_out = CausalConv3d(dims[-1], z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+        x = cached_conv(self.conv_in, x, cache)
+        for layer in self.down_blocks:
+            x = layer(x) if isinstance(layer, AttentionBlock) else layer(x, cache)
+        x = self.mid_block(x, cache)
+        return cached_conv(self.conv_out, F.silu(self.norm_out(x)), cache)
+
+
+class Decoder3d(nn.Module):
+    """Latents (b, z_dim, t, h, w) -> video (b, out_channels, t', h * 2^n, w * 2^n) for one chunk."""
+
+    def __init__(self, dim, z_dim, dim_mult, num_res_blocks, temperal_upsample, dropout, out_channels):
+        super().__init__()
+        dims = [dim * u for u in (dim_mult[-1], *dim_mult[::-1])]
+        self.conv_in = CausalConv3d(z_dim, dims[0], 3, padding=1)
+        self.mid_block = MidBlock(dims[0], dropout)
+        self.up_blocks = nn.ModuleList()
+        for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if i > 0:
+                in_dim //= 2  # the previous upsampler halved the channels
+            mode = None
+            if i != len(dim_mult) - 1:
+                mode = "upsample3d" if temperal_upsample[i] else "upsample2d"
+            self.up_blocks.append(UpBlock(in_dim, out_dim, num_res_blocks, dropout, mode))
+        self.norm_out = RMSNorm(dims[-1], images=False)
+        self.conv_out = CausalConv3d(dims[-1], out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+        x = cached_conv(self.conv_in, x, cache)
+        x = self.mid_block(x, cache)
+        for up_block in self.up_blocks:
+            x = up_block(x, cache)
+        return cached_conv(self.conv_out, F.silu(self.norm_out(x)), cache)
