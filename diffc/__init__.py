@@ -1,3 +1,19 @@
-"""diffc: a compiler-centric inference engine for diffusion transformers."""
+"""diffc: a compiler-centric inference engine for diffusion transformers.
+
+``diffc.load(path, device=None, dtype=None)`` returns a pipeline whose ``generate(...)`` makes images
+or videos; see README.md.
+"""
 
 __version__ = "0.1.0"
+
+from .errors import CheckpointError, DiffcError, InvalidArgumentError, WeightMismatchError  # noqa: E402
+
+
+def load(path, device=None, dtype=None):
+    """Load a diffusers-format checkpoint directory; see ``diffc.loader.pipeline.load``."""
+    from .loader.pipeline import load as _load
+
+    return _load(path, device=device, dtype=dtype)
+
+
+__all__ = ["load", "DiffcError", "CheckpointError", "InvalidArgumentError", "WeightMismatchError", "__version__"]

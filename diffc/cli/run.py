@@ -1,0 +1,113 @@
+"""``diffc run``: generate an image or a video from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import InvalidArgumentError
+from .options import merge_config
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+VIDEO_SUFFIXES = (".mp4",)
+# With no --model, the embedded demo runs at a size a CPU finishes in seconds.
+DEMO_DEFAULTS = {"image": {"height": 256, "width": 256, "num_inference_steps": 4},
+                 "video": {"height": 128, "width": 128, "num_frames": 9, "num_inference_steps": 4}}
+DEMO_TASKS = {"t2i": "flux", "t2v": "wan"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="generate an image or a video", description=__doc__)
+    p.add_argument("--model", help="diffusers-format checkpoint directory (default: the built-in tiny demo model)")
+    p.add_argument("--task", choices=sorted(DEMO_TASKS), help="demo model to run when --model is not given (default t2i)")
+    p.add_argument("--prompt", help="text prompt")
+    p.add_argument("--negative-prompt", help="negative prompt, for models with classifier-free guidance (Wan)")
+    p.add_argument("--height", type=int, help="output height in pixels")
+    p.add_argument("--width", type=int, help="output width in pixels")
+    p.add_argument("--num-frames", type=int, help="video frames (video models; 4k+1)")
+    p.add_argument("--fps", type=int, help="frames per second of the written video (default 16)")
+    p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
+    p.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale")
+    p.add_argument("--seed", type=int, help="random seed (default: random, printed in the summary)")
+    p.add_argument("--max-sequence-length", type=int, help="text tokens kept for the main text encoder")
+    p.add_argument("--output", "-o", help="output file (.png/.jpg/.webp for images, .mp4 for videos)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--config", help="YAML or JSON file of options; command-line flags override it")
+    p.add_argument("--perf-dump-path", help="write per-stage seconds, per-step ms and peak memory as JSON")
+    p.add_argument("--no-progress", action="store_const", const=True, help="hide the progress bar")
+    p.set_defaults(func=run, _parser=p)
+
+
+def _check_output(path: Path, kind: str) -> None:
+    suffixes = IMAGE_SUFFIXES if kind == "image" else VIDEO_SUFFIXES
+    if path.suffix.lower() not in suffixes:
+        raise InvalidArgumentError("--output", f"a {kind} model writes {', '.join(suffixes)} files, got '{path.name}'")
+    if not path.parent.exists():
+        raise InvalidArgumentError("--output", f"directory does not exist: {path.parent}")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory so a failure leaves nothing half-written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run(args: argparse.Namespace) -> int:
+    import diffc
+
+    merge_config(args, args._parser, skip=("config", "_parser", "func"))
+    if not args.prompt:
+        raise InvalidArgumentError("--prompt", "a non-empty prompt is required")
+    if args.fps is not None and not 1 <= args.fps <= 240:
+        raise InvalidArgumentError("--fps", f"must be from 1 to 240, got {args.fps}")
+    options = {k: getattr(args, k) for k in ("negative_prompt", "height", "width", "num_frames", "num_inference_steps",
+                                             "guidance_scale", "seed", "max_sequence_length")}
+    if args.model is None:
+        from ..demo import DEMO_NOTICE, demo_checkpoint
+
+        family = DEMO_TASKS[args.task or "t2i"]
+        print(DEMO_NOTICE.format(family=family), file=sys.stderr)
+        model_path = demo_checkpoint(family)
+        device = args.device or "cpu"
+    else:
+        if args.task is not None:
+            raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from its model_index.json")
+        model_path, device = args.model, args.device
+    pipe = diffc.load(model_path, device=device, dtype=args.dtype)
+    if args.model is None:
+        for key, value in DEMO_DEFAULTS[pipe.spec.output].items():
+            if options.get(key) is None:
+                options[key] = value
+    output = Path(args.output or ("output.png" if pipe.spec.output == "image" else "output.mp4"))
+    _check_output(output, pipe.spec.output)
+    if pipe.spec.output == "image" and args.fps is not None:
+        raise InvalidArgumentError("--fps", "applies to video models only")
+    options = {k: v for k, v in options.items() if v is not None}
+    request = pipe.resolve(prompt=args.prompt, **options)
+
+    out = pipe.generate(prompt=args.prompt, progress=not args.no_progress, **options)
+    _atomic_write(output, lambda tmp: out.save(tmp, fps=args.fps or 16))
+    if args.perf_dump_path:
+        dump = {"model": str(model_path), "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
+                "request": {k: v for k, v in vars(request).items()}, "seed": out.seeds[0],
+                "output": str(output), "warnings": out.warnings, **out.timings.to_dict()}
+        dump_path = Path(args.perf_dump_path)
+        _atomic_write(dump_path, lambda tmp: tmp.write_text(json.dumps(dump, indent=2, default=str)))
+    for w in out.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    size = f"{request.width}x{request.height}"
+    if pipe.spec.output == "video":
+        size += f"x{request.num_frames}f"
+    print(f"diffc: wrote {output} ({size}, {request.num_inference_steps} steps, seed {out.seeds[0]}) - {out.timings.summary()}")
+    return 0

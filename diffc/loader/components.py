@@ -1,0 +1,119 @@
+"""Load one pipeline component (native model, transformers text encoder, tokenizer, scheduler)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, WeightMismatchError
+from ..models import registry
+from .weights import iter_tensors, tensor_names, weight_files
+
+log = logging.getLogger(__name__)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+
+
+def _fp32_matcher(model_cls) -> "callable[[str], bool]":
+    fragments = tuple(getattr(model_cls, "_keep_in_fp32_modules", ()) or ())
+
+    def keep_fp32(name: str) -> bool:
+        parts = name.split(".")
+        return any(frag in parts or f".{frag}." in f".{name}" for frag in fragments)
+
+    return keep_fp32
+
+
+def load_native_model(folder: Path, class_name: str, device: torch.device, dtype: torch.dtype):
+    """Build a native model on the meta device and assign the checkpoint's tensors by name."""
+    model_cls = registry.native_model_class(class_name)
+    config = model_cls.config_class.from_dict(read_json(folder / "config.json"), source=str(folder / "config.json"))
+    files = weight_files(folder)
+
+    with torch.device("meta"):
+        model = model_cls(config)
+    expected = set(model.state_dict().keys())
+    present = set(tensor_names(files))
+    if expected != present:
+        raise WeightMismatchError(folder.name, sorted(expected - present), sorted(present - expected))
+
+    keep_fp32 = _fp32_matcher(model_cls)
+    state = dict(iter_tensors(files, device, lambda n: torch.float32 if keep_fp32(n) else dtype))
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+
+    if hasattr(model, "init_non_persistent_buffers"):
+        model.init_non_persistent_buffers(device)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{folder.name}: tensors left uninitialised after loading: {', '.join(leftover[:10])}")
+    return model.eval().requires_grad_(False)
+
+
+def load_text_encoder(folder: Path, class_name: str, device: torch.device, dtype: torch.dtype):
+    """Load a transformers text encoder straight onto ``device`` (transformers honours the model's fp32 modules)."""
+    import transformers
+
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"missing file: {folder / 'config.json'}")
+    weight_files(folder)  # clear error for missing weights or shards before transformers reports its own
+    cls = getattr(transformers, class_name)
+    device_map = None if device.type == "cpu" else {"": str(device)}
+    model, info = cls.from_pretrained(str(folder), dtype=dtype, device_map=device_map, output_loading_info=True)
+    missing = [k for k in info.get("missing_keys", ()) if k not in _tied_keys(model)]
+    unexpected = list(info.get("unexpected_keys", ()))
+    if missing or unexpected:
+        raise WeightMismatchError(folder.name, missing, unexpected)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _tied_keys(model) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    keys = set(tied.keys()) if isinstance(tied, dict) else set(tied)
+    return keys | {"shared.weight", "encoder.embed_tokens.weight"}
+
+
+def load_tokenizer(folder: Path, class_name: str):
+    import transformers
+
+    if not folder.is_dir():
+        raise CheckpointError(f"missing folder: {folder}")
+    cls = getattr(transformers, class_name, None) or transformers.AutoTokenizer
+    try:
+        return cls.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{folder}: cannot load tokenizer {class_name} ({exc})") from None
+
+
+def load_scheduler(folder: Path, class_name: str):
+    config = read_json(folder / "scheduler_config.json")
+    return registry.scheduler_class(class_name).from_config(config)
+
+
+def load_component(root: Path, name: str, class_name: str, device: torch.device, dtype: torch.dtype):
+    """Load the component ``name`` whose class ``model_index.json`` gives as ``class_name``."""
+    folder = root / name
+    if not folder.is_dir():
+        raise CheckpointError(f"missing folder: {folder} (named '{name}' in model_index.json)")
+    if registry.is_native_model(class_name):
+        return load_native_model(folder, class_name, device, dtype)
+    if class_name in registry.TEXT_ENCODERS:
+        return load_text_encoder(folder, class_name, device, dtype)
+    if class_name in registry.TOKENIZERS:
+        return load_tokenizer(folder, class_name)
+    if registry.is_scheduler(class_name):
+        return load_scheduler(folder, class_name)
+    supported = registry.supported_classes()
+    listing = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in supported.items())
+    raise CheckpointError(f"component '{name}' has unknown class '{class_name}'. Supported: {listing}")

@@ -1,0 +1,78 @@
+"""``diffc.load``: read a diffusers-format checkpoint directory into a native pipeline."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError, InvalidArgumentError
+from ..pipelines.base import Pipeline, pipeline_spec, supported_pipelines
+from .components import load_component, read_json
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError("device", f"'{device}' is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError("device", f"'{device}' is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError("device", "CUDA was requested but no CUDA GPU is available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidArgumentError("device", f"cuda:{dev.index} does not exist ({torch.cuda.device_count()} GPUs)")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise InvalidArgumentError("dtype", f"{dtype} is not supported; use bf16, fp16 or fp32")
+        return dtype
+    if dtype not in DTYPES:
+        raise InvalidArgumentError("dtype", f"'{dtype}' is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Pipeline:
+    """Load a diffusers-format pipeline directory (``model_index.json`` + one folder per component).
+
+    ``device`` defaults to CUDA when available; ``dtype`` to bf16 on GPU and fp32 on CPU.
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {root}")
+    index = read_json(root / "model_index.json")
+    class_name = index.get("_class_name")
+    if class_name not in supported_pipelines():
+        raise CheckpointError(
+            f"{root / 'model_index.json'}: pipeline class '{class_name}' is not supported; "
+            f"supported: {', '.join(supported_pipelines())}"
+        )
+    spec = pipeline_spec(class_name)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+
+    components = {}
+    for name in spec.components:
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+            raise CheckpointError(f"{root / 'model_index.json'}: component '{name}' is missing or empty")
+        log.info("loading %s (%s)", name, entry[1])
+        components[name] = load_component(root, name, entry[1], dev, dt)
+    return Pipeline(spec, components, dev, dt, source=str(root))

@@ -1,0 +1,181 @@
+"""Pipeline specs, requests and outputs; ``Pipeline.generate`` runs a family's stage graph."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import random
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import InvalidArgumentError
+from ..runtime.perf import PerfRecorder, Timings
+from .stages import RunContext, Stage, StageGraph
+
+MAX_STEPS = 1000
+MAX_SEED = 2**63 - 1
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    """One call to ``generate``. ``None`` fields take the family's defaults."""
+
+    prompt: str | list[str]
+    negative_prompt: str | list[str] | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | list[int] | None = None
+    num_frames: int | None = None
+    max_sequence_length: int | None = None
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    """Everything family-specific about a pipeline, as data plus a few functions.
+
+    ``build_stages()`` returns the stage list; ``validate(pipe, request)`` raises
+    ``InvalidArgumentError`` for requests the family cannot serve (after defaults are applied).
+    """
+
+    family: str
+    pipeline_class: str
+    output: str  # "image" or "video"
+    components: tuple[str, ...]
+    defaults: dict[str, Any]
+    build_stages: Callable[[], Sequence[Stage]]
+    validate: Callable[["Pipeline", GenerationRequest], None]
+    uses_negative_prompt: bool = False
+
+
+_SPECS = {
+    "FluxPipeline": "diffc.pipelines.flux:FLUX_SPEC",
+    "WanPipeline": "diffc.pipelines.wan:WAN_SPEC",
+}
+
+
+def supported_pipelines() -> tuple[str, ...]:
+    return tuple(sorted(_SPECS))
+
+
+def pipeline_spec(class_name: str) -> PipelineSpec:
+    module, attr = _SPECS[class_name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """Images as PIL images (image models) or videos as uint8 arrays (frames, height, width, 3)."""
+
+    images: list | None
+    videos: list[np.ndarray] | None
+    timings: Timings
+    seeds: list[int]
+    warnings: list[str]
+
+    @property
+    def frames(self) -> np.ndarray | None:
+        """The first video's frames, (frames, height, width, 3) uint8."""
+        return None if self.videos is None else self.videos[0]
+
+    def save(self, path: str | Path, index: int = 0, fps: int = 16) -> Path:
+        path = Path(path)
+        if self.images is not None:
+            self.images[index].save(path)
+        else:
+            from .video import write_video
+
+            write_video(path, self.videos[index], fps=fps)
+        return path
+
+
+def _check_int(field: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise InvalidArgumentError(field, f"must be an integer from {low} to {high}, got {value!r}")
+
+
+def validate_common(request: GenerationRequest) -> None:
+    """Checks every family shares: prompt, sizes, steps, guidance, seeds."""
+    prompts = request.prompt if isinstance(request.prompt, list) else [request.prompt]
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise InvalidArgumentError("prompt", "must be a non-empty string (or a list of them)")
+    if request.negative_prompt is not None:
+        negs = request.negative_prompt if isinstance(request.negative_prompt, list) else [request.negative_prompt]
+        if not all(isinstance(n, str) for n in negs) or len(negs) not in (1, len(prompts)):
+            raise InvalidArgumentError("negative_prompt", "must be a string or one string per prompt")
+    _check_int("height", request.height, 1, 16384)
+    _check_int("width", request.width, 1, 16384)
+    _check_int("num_inference_steps", request.num_inference_steps, 1, MAX_STEPS)
+    g = request.guidance_scale
+    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= 100:
+        raise InvalidArgumentError("guidance_scale", f"must be a number from 0 to 100, got {g!r}")
+    seeds = request.seed if isinstance(request.seed, list) else [request.seed]
+    if isinstance(request.seed, list) and len(seeds) != len(prompts):
+        raise InvalidArgumentError("seed", f"a list of seeds needs one per prompt ({len(prompts)}), got {len(seeds)}")
+    for s in seeds:
+        if s is not None:
+            _check_int("seed", s, 0, MAX_SEED)
+
+
+class Pipeline:
+    """A loaded pipeline: its spec, components, device and dtype. Build it with ``diffc.load``."""
+
+    def __init__(self, spec: PipelineSpec, components: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                 source: str = ""):
+        self.spec = spec
+        self.components = components
+        self.device = device
+        self.dtype = dtype
+        self.source = source
+        self.graph = StageGraph(spec.build_stages(), request_keys=[f.name for f in dataclasses.fields(GenerationRequest)] + ["seeds"])
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.spec.pipeline_class}, device={self.device}, dtype={self.dtype}, stages={self.graph.names})"
+
+    def resolve(self, **kwargs) -> GenerationRequest:
+        """Fill a request's unset fields from the family defaults and validate it."""
+        unknown = set(kwargs) - {f.name for f in dataclasses.fields(GenerationRequest)}
+        if unknown:
+            raise InvalidArgumentError(sorted(unknown)[0], f"is not a generation option; accepted: "
+                                       f"{', '.join(f.name for f in dataclasses.fields(GenerationRequest))}")
+        request = GenerationRequest(**kwargs)
+        for key, value in self.spec.defaults.items():
+            if getattr(request, key) is None:
+                setattr(request, key, value)
+        validate_common(request)
+        if request.negative_prompt is not None and not self.spec.uses_negative_prompt:
+            raise InvalidArgumentError("negative_prompt", f"{self.spec.pipeline_class} does not use a negative prompt")
+        self.spec.validate(self, request)
+        return request
+
+    def generate(self, prompt: str | list[str], *, progress: bool = True,
+                 step_callback: Callable[[int, int], None] | None = None, **kwargs) -> GenerationOutput:
+        request = self.resolve(prompt=prompt, **kwargs)
+        seeds = request.seed if isinstance(request.seed, list) else [request.seed]
+        seeds = [random.randrange(2**31) if s is None else int(s) for s in seeds]
+        ctx = RunContext(self.components, self.device, self.dtype, PerfRecorder(self.device), progress=progress,
+                         step_callback=step_callback)
+        state = dataclasses.asdict(request)
+        state["prompt"] = request.prompts
+        state["seeds"] = seeds
+        with torch.inference_mode():
+            state = self.graph.run(ctx, state)
+        timings = ctx.perf.finish()
+        if self.spec.output == "image":
+            from PIL import Image
+
+            return GenerationOutput([Image.fromarray(a) for a in state["images"]], None, timings, seeds, ctx.warnings)
+        return GenerationOutput(None, list(state["videos"]), timings, seeds, ctx.warnings)

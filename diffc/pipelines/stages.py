@@ -1,0 +1,71 @@
+"""The stage graph: a pipeline is a sequence of named stages with declared inputs and outputs.
+
+A stage runs verify -> forward -> record timing. Nothing here knows about any model family; the
+family's pipeline spec supplies the stage functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..runtime.perf import PerfRecorder
+
+State = dict[str, Any]
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What every stage may use: the loaded components, device/dtype, and the perf recorder."""
+
+    components: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    perf: PerfRecorder
+    progress: bool = True
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    step_callback: Callable[[int, int], None] | None = None  # (step done, total steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A named step of a pipeline. ``fn(ctx, state)`` returns a dict holding exactly ``outputs``."""
+
+    name: str
+    fn: Callable[[RunContext, State], State]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+class StageGraph:
+    """An ordered list of stages whose data dependencies are checked once, when the graph is built."""
+
+    def __init__(self, stages: Sequence[Stage], request_keys: Sequence[str]):
+        self.stages = tuple(stages)
+        available = set(request_keys)
+        for stage in self.stages:
+            missing = [k for k in stage.inputs if k not in available]
+            if missing:
+                raise ValueError(f"stage '{stage.name}' needs {missing}, which no earlier stage produces")
+            available.update(stage.outputs)
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique: {names}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.stages)
+
+    def run(self, ctx: RunContext, state: State) -> State:
+        for stage in self.stages:
+            inputs = {k: state[k] for k in stage.inputs}
+            with ctx.perf.stage(stage.name):
+                produced = stage.fn(ctx, inputs)
+            if set(produced) != set(stage.outputs):
+                raise RuntimeError(
+                    f"stage '{stage.name}' produced {sorted(produced)}, declared {sorted(stage.outputs)}"
+                )
+            state.update(produced)
+        return state
