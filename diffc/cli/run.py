@@ -35,6 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, help="random seed (default: random, printed in the summary)")
     p.add_argument("--max-sequence-length", type=int, help="text tokens kept for the main text encoder")
     p.add_argument("--output", "-o", help="output file (.png/.jpg/.webp for images, .mp4 for videos)")
+    p.add_argument("--scheduler", choices=("unipc", "euler"), help="sampler instead of the checkpoint's own (Wan: unipc or euler)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--config", help="YAML or JSON file of options; command-line flags override it")
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         if args.task is not None:
             raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from its model_index.json")
         model_path, device = args.model, args.device
-    pipe = diffc.load(model_path, device=device, dtype=args.dtype)
+    pipe = diffc.load(model_path, device=device, dtype=args.dtype, scheduler=args.scheduler)
     if args.model is None:
         for key, value in DEMO_DEFAULTS[pipe.spec.output].items():
             if options.get(key) is None:

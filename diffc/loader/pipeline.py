@@ -9,6 +9,7 @@ import torch
 
 from ..errors import CheckpointError, InvalidArgumentError
 from ..pipelines.base import Pipeline, pipeline_spec, supported_pipelines
+from ..pipelines.schedulers.choice import SCHEDULER_NAMES, choose_scheduler
 from .components import load_component, read_json
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Pipeline:
+def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+         scheduler: str | None = None) -> Pipeline:
     """Load a diffusers-format pipeline directory (``model_index.json`` + one folder per component).
 
-    ``device`` defaults to CUDA when available; ``dtype`` to bf16 on GPU and fp32 on CPU.
+    ``device`` defaults to CUDA when available; ``dtype`` to bf16 on GPU and fp32 on CPU;
+    ``scheduler`` ("unipc" or "euler") replaces the checkpoint's sampler where that makes sense.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -65,6 +68,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
             f"supported: {', '.join(supported_pipelines())}"
         )
     spec = pipeline_spec(class_name)
+    if scheduler is not None and scheduler not in SCHEDULER_NAMES:
+        raise InvalidArgumentError("scheduler", f"'{scheduler}' is not a scheduler; accepted: {', '.join(SCHEDULER_NAMES)}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
 
@@ -75,4 +80,6 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
             raise CheckpointError(f"{root / 'model_index.json'}: component '{name}' is missing or empty")
         log.info("loading %s (%s)", name, entry[1])
         components[name] = load_component(root, name, entry[1], dev, dt)
+    if "scheduler" in components:
+        components["scheduler"] = choose_scheduler(components["scheduler"], scheduler)
     return Pipeline(spec, components, dev, dt, source=str(root))
