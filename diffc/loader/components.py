@@ -71,17 +71,11 @@ def load_text_encoder(folder: Path, class_name: str, device: torch.device, dtype
     cls = getattr(transformers, class_name)
     device_map = None if device.type == "cpu" else {"": str(device)}
     model, info = cls.from_pretrained(str(folder), dtype=dtype, device_map=device_map, output_loading_info=True)
-    missing = [k for k in info.get("missing_keys", ()) if k not in _tied_keys(model)]
+    missing = list(info.get("missing_keys", ()))
     unexpected = list(info.get("unexpected_keys", ()))
     if missing or unexpected:
         raise WeightMismatchError(folder.name, missing, unexpected)
     return model.to(device).eval().requires_grad_(False)
-
-
-def _tied_keys(model) -> set[str]:
-    tied = getattr(model, "_tied_weights_keys", None) or {}
-    keys = set(tied.keys()) if isinstance(tied, dict) else set(tied)
-    return keys | {"shared.weight", "encoder.embed_tokens.weight"}
 
 
 def load_tokenizer(folder: Path, class_name: str):

@@ -128,8 +128,9 @@ def validate(pipe, request: GenerationRequest) -> None:
     for field in ("height", "width"):
         value = getattr(request, field)
         if value % multiple:
-            raise InvalidArgumentError(field, f"FLUX needs a multiple of {multiple}, got {value} "
-                                       f"(nearest: {max(multiple, round(value / multiple) * multiple)})")
+            low = value // multiple * multiple
+            hint = f"{low} or {low + multiple}" if low else f"{multiple}"
+            raise InvalidArgumentError(field, f"FLUX needs a multiple of {multiple}, got {value} (try {hint})")
     if not 1 <= request.max_sequence_length <= T5_MAX_LENGTH:
         raise InvalidArgumentError("max_sequence_length", f"must be from 1 to {T5_MAX_LENGTH}, got {request.max_sequence_length}")
     if request.num_frames not in (None, 1):

@@ -1,0 +1,100 @@
+"""`diffc run` end to end through the CLI entry point: demo model, config files, perf dump, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffc.cli.main import main
+
+
+@pytest.fixture
+def demo_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFC_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_help_lists_run(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "run" in capsys.readouterr().out
+
+
+def test_demo_run_writes_image_and_perf_dump(demo_cache, tmp_path, capsys):
+    out, perf = tmp_path / "fox.png", tmp_path / "perf.json"
+    code = main(["run", "--prompt", "a red fox in snow", "--output", str(out), "--perf-dump-path", str(perf),
+                 "--seed", "7", "--height", "64", "--width", "96", "--steps", "2", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "RANDOM weights" in captured.err and "--model" in captured.err
+    assert f"wrote {out} (96x64, 2 steps, seed 7)" in captured.out
+    assert (demo_cache / "demo" / "flux-tiny-v1" / "model_index.json").is_file()
+    image = np.asarray(Image.open(out))
+    assert image.shape == (64, 96, 3) and image.std() > 1.0
+    dump = json.loads(perf.read_text())
+    assert dump["seed"] == 7 and dump["request"]["num_inference_steps"] == 2
+    assert set(dump["stages"]) == {"encode_prompt", "prepare_latents", "prepare_timesteps", "denoise", "decode", "postprocess"}
+    assert len(dump["step_ms"]) == 2 and all(ms > 0 for ms in dump["step_ms"])
+    assert dump["total_s"] > 0 and "peak_memory_mb" in dump and dump["host_peak_rss_mb"] > 0
+
+    # same seed again: the cached demo is reused and the image is identical
+    out2 = tmp_path / "fox2.png"
+    assert main(["run", "--prompt", "a red fox in snow", "--output", str(out2), "--seed", "7", "--height", "64",
+                 "--width", "96", "--steps", "2", "--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out2)), image)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_config_file_with_flag_override(flux_checkpoint, tmp_path, suffix, capsys):
+    options = {"model": str(flux_checkpoint("dev-tiny")), "prompt": "a calico cat", "height": 32, "width": 48,
+               "steps": 1, "num-inference-steps": 1, "seed": 3, "no_progress": True}
+    options.pop("steps")  # config keys are the option names (dest), with dashes or underscores
+    cfg = tmp_path / f"cfg{suffix}"
+    if suffix == ".json":
+        cfg.write_text(json.dumps(options))
+    else:
+        import yaml
+        cfg.write_text(yaml.safe_dump(options))
+    out = tmp_path / "cat.png"
+    assert main(["run", "--config", str(cfg), "--width", "64", "--output", str(out)]) == 0
+    assert Image.open(out).size == (64, 32)  # width from the flag, height from the file
+    assert "1 steps, seed 3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--height", "40"], "height: FLUX needs a multiple of 16, got 40 (try 32 or 48)"),
+    (["--steps", "0"], "num_inference_steps: must be an integer from 1 to 1000"),
+    (["--guidance", "-2"], "guidance_scale: must be a number from 0 to 100"),
+    (["--output", "x.mp4"], "--output: a image model writes .png, .jpg, .jpeg, .webp files"),
+    (["--output", "/nonexistent/dir/x.png"], "--output: directory does not exist"),
+    (["--negative-prompt", "blurry"], "negative_prompt: FluxPipeline does not use a negative prompt"),
+    (["--fps", "8"], "--fps: applies to video models only"),
+    (["--device", "tpu"], "device: 'tpu' is not a device; use 'cpu', 'cuda' or 'cuda:N'"),
+    (["--dtype", "int4"], "dtype: 'int4' is not supported"),
+    (["--model", "/nonexistent"], "checkpoint directory not found: /nonexistent"),
+])
+def test_bad_input_is_one_clear_line(demo_cache, tmp_path, capsys, argv, fragment):
+    base = ["run", "--prompt", "a fox", "--output", str(tmp_path / "a.png"), "--no-progress"]
+    if "--output" in argv:
+        base = base[:3] + ["--no-progress"]
+    code = main(base + argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert fragment in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_missing_prompt_and_bad_config(tmp_path, capsys):
+    assert main(["run"]) == 2
+    assert "--prompt: a non-empty prompt is required" in capsys.readouterr().err
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"prompt": "x", "sampler": "ddim"}))
+    assert main(["run", "--config", str(bad)]) == 2
+    assert "unknown option 'sampler'" in capsys.readouterr().err
+    assert main(["run", "--config", str(tmp_path / "none.yaml"), "--prompt", "x"]) == 2
+    assert "file not found" in capsys.readouterr().err

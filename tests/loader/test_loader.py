@@ -1,0 +1,184 @@
+"""The diffusers-format loader: layouts, dtypes, and every error a broken checkpoint can raise."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import diffc
+from diffc.errors import CheckpointError, InvalidArgumentError, WeightMismatchError
+from diffc.loader.weights import weight_files
+
+
+@pytest.fixture
+def ckpt_copy(flux_checkpoint, tmp_path):
+    def make(sharded: bool = False):
+        dst = tmp_path / "ckpt"
+        shutil.copytree(flux_checkpoint("dev-tiny", sharded=sharded), dst)
+        return dst
+    return make
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_sharded_and_single_file_load_the_same_tensors(flux_checkpoint):
+    single = diffc.load(flux_checkpoint("dev-tiny"))
+    sharded = diffc.load(flux_checkpoint("dev-tiny", sharded=True))
+    assert len(weight_files(flux_checkpoint("dev-tiny", sharded=True) / "transformer")) > 1
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        a, b = single.components[name].state_dict(), sharded.components[name].state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weights_keep_checkpoint_values_and_take_the_requested_dtype(flux_checkpoint):
+    ckpt = flux_checkpoint("dev-tiny")
+    stored = load_file(str(ckpt / "transformer" / "diffusion_pytorch_model.safetensors"))
+    pipe = diffc.load(ckpt, dtype="bf16")
+    state = pipe.components["transformer"].state_dict()
+    assert set(state) == set(stored)
+    for name, tensor in stored.items():
+        assert state[name].dtype == torch.bfloat16 and torch.equal(state[name], tensor.to(torch.bfloat16))
+    assert pipe.components["text_encoder_2"].dtype == torch.bfloat16
+    assert pipe.dtype == torch.bfloat16 and pipe.device.type == "cpu"
+
+
+def test_fp32_modules_stay_fp32(flux_checkpoint, monkeypatch):
+    from diffc.models.flux.transformer import FluxTransformer2DModel
+
+    monkeypatch.setattr(FluxTransformer2DModel, "_keep_in_fp32_modules", ("norm_out", "time_text_embed"), raising=False)
+    state = diffc.load(flux_checkpoint("dev-tiny"), dtype="bf16").components["transformer"].state_dict()
+    kept = [k for k in state if k.startswith(("norm_out.", "time_text_embed."))]
+    assert kept and all(state[k].dtype == torch.float32 for k in kept)
+    assert all(state[k].dtype == torch.bfloat16 for k in state if k not in kept)
+
+
+def test_missing_directory_and_index():
+    with pytest.raises(CheckpointError, match="checkpoint directory not found: /nonexistent"):
+        diffc.load("/nonexistent/ckpt")
+
+
+def test_missing_model_index(ckpt_copy):
+    root = ckpt_copy()
+    (root / "model_index.json").unlink()
+    with pytest.raises(CheckpointError, match="missing file: .*model_index.json"):
+        diffc.load(root)
+
+
+def test_unknown_pipeline_class(ckpt_copy):
+    root = ckpt_copy()
+    _edit_json(root / "model_index.json", _class_name="StableDiffusionPipeline")
+    with pytest.raises(CheckpointError, match="'StableDiffusionPipeline' is not supported; supported: FluxPipeline, WanPipeline"):
+        diffc.load(root)
+
+
+def test_unknown_component_class_lists_supported(ckpt_copy):
+    root = ckpt_copy()
+    _edit_json(root / "model_index.json", transformer=["diffusers", "SD3Transformer2DModel"])
+    with pytest.raises(CheckpointError) as info:
+        diffc.load(root)
+    message = str(info.value)
+    assert "unknown class 'SD3Transformer2DModel'" in message
+    assert "FluxTransformer2DModel" in message and "WanTransformer3DModel" in message and "T5EncoderModel" in message
+
+
+def test_missing_component_folder(ckpt_copy):
+    root = ckpt_copy()
+    shutil.rmtree(root / "vae")
+    with pytest.raises(CheckpointError, match=r"missing folder: .*vae \(named 'vae' in model_index.json\)"):
+        diffc.load(root)
+
+
+def test_missing_component_entry(ckpt_copy):
+    root = ckpt_copy()
+    _edit_json(root / "model_index.json", vae=[None, None])
+    with pytest.raises(CheckpointError, match="component 'vae' is missing or empty"):
+        diffc.load(root)
+
+
+@pytest.mark.parametrize("component,filename", [("transformer", "config.json"), ("text_encoder", "config.json"),
+                                                ("scheduler", "scheduler_config.json")])
+def test_missing_config(ckpt_copy, component, filename):
+    root = ckpt_copy()
+    (root / component / filename).unlink()
+    with pytest.raises(CheckpointError, match=f"missing file: .*{component}/{filename}"):
+        diffc.load(root)
+
+
+@pytest.mark.parametrize("component", ["transformer", "text_encoder_2"])
+def test_missing_weights(ckpt_copy, component):
+    root = ckpt_copy()
+    for f in (root / component).glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(CheckpointError, match=f"{component}: no safetensors weights found"):
+        diffc.load(root)
+
+
+def test_missing_shard_is_named(ckpt_copy):
+    root = ckpt_copy(sharded=True)
+    shard = sorted((root / "transformer").glob("*-00002-of-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"names shard\\(s\\) that are not on disk: {shard.name}"):
+        diffc.load(root)
+
+
+def test_corrupt_json(ckpt_copy):
+    root = ckpt_copy()
+    (root / "transformer" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="transformer/config.json: invalid JSON"):
+        diffc.load(root)
+
+
+def test_mismatched_weight_names_list_missing_and_unexpected(ckpt_copy):
+    root = ckpt_copy()
+    path = root / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(path))
+    state["proj_out.weight_renamed"] = state.pop("proj_out.weight")
+    state["extra.bias"] = torch.zeros(3)
+    save_file(state, str(path))
+    with pytest.raises(WeightMismatchError) as info:
+        diffc.load(root)
+    assert info.value.missing == ["proj_out.weight"]
+    assert info.value.unexpected == ["extra.bias", "proj_out.weight_renamed"]
+    assert "missing keys (1): proj_out.weight" in str(info.value)
+    assert "unexpected keys (2): extra.bias, proj_out.weight_renamed" in str(info.value)
+
+
+def test_mismatched_text_encoder_weights(ckpt_copy):
+    root = ckpt_copy()
+    path = next((root / "text_encoder").glob("*.safetensors"))
+    state = load_file(str(path))
+    name = next(k for k in state if k.endswith("final_layer_norm.weight"))
+    state[name + "_x"] = state.pop(name)
+    save_file(state, str(path), metadata={"format": "pt"})
+    with pytest.raises(WeightMismatchError) as info:
+        diffc.load(root)
+    assert name in str(info.value) and name + "_x" in str(info.value)
+
+
+def test_missing_required_config_field(ckpt_copy):
+    root = ckpt_copy()
+    data = json.loads((root / "transformer" / "config.json").read_text())
+    data["axes_dims_rope"] = [4, 4, 4]
+    (root / "transformer" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(diffc.DiffcError, match="axes_dims_rope"):
+        diffc.load(root)
+
+
+@pytest.mark.parametrize("kwargs,field", [({"device": "tpu"}, "device"), ({"device": "cuda:0"}, "device"),
+                                          ({"dtype": "int8"}, "dtype"), ({"scheduler": "ddim"}, "scheduler"),
+                                          ({"scheduler": "unipc"}, "scheduler")])
+def test_bad_load_options(flux_checkpoint, kwargs, field):
+    if kwargs.get("device", "").startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("machine has a GPU")
+    with pytest.raises(InvalidArgumentError) as info:
+        diffc.load(flux_checkpoint("dev-tiny"), **kwargs)
+    assert info.value.field == field
