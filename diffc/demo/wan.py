@@ -1,0 +1,45 @@
+"""The Wan demo: Wan2.1-T2V's architecture and file layout at a tiny size, with random weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from .tokenizers import train_t5_tokenizer
+from .writer import save_native, write_json, write_model_index
+
+TEXT_DIM = 32  # UMT5 d_model -> the DiT's text_dim
+
+
+def build_wan_demo(root: Path) -> None:
+    import transformers
+
+    from ..models.wan.transformer import WAN_TRANSFORMER_SPECS, WanTransformer3DModel
+    from ..models.wan.vae import WAN_VAE_SPECS, AutoencoderKLWan
+    from ..pipelines.schedulers.unipc import SCHEDULER_CONFIGS
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        # The VAE keeps Wan2.1's 8x spatial / 4x temporal compression and 16 latent channels.
+        vae_cfg = WAN_VAE_SPECS["tiny"]
+        dit_cfg = dataclasses.replace(WAN_TRANSFORMER_SPECS["tiny"], in_channels=vae_cfg.z_dim,
+                                      out_channels=vae_cfg.z_dim, text_dim=TEXT_DIM)
+        save_native(root / "transformer", "WanTransformer3DModel", WanTransformer3DModel(dit_cfg))
+        save_native(root / "vae", "AutoencoderKLWan", AutoencoderKLWan(vae_cfg))
+        tokenizer = train_t5_tokenizer(root / "tokenizer")
+        transformers.UMT5EncoderModel(transformers.UMT5Config(
+            vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).save_pretrained(root / "text_encoder")
+    # Wan2.1-T2V's scheduler_config.json (UniPC, flow prediction, flow_shift 3.0 for 480p).
+    write_json(root / "scheduler" / "scheduler_config.json",
+               {"_class_name": "UniPCMultistepScheduler", **SCHEDULER_CONFIGS["wan2.1-480p"]})
+    write_model_index(root, "WanPipeline", {
+        "scheduler": ("diffusers", "UniPCMultistepScheduler"),
+        "text_encoder": ("transformers", "UMT5EncoderModel"), "tokenizer": ("transformers", "T5TokenizerFast"),
+        "transformer": ("diffusers", "WanTransformer3DModel"), "vae": ("diffusers", "AutoencoderKLWan"),
+    })
+    (root / "README.txt").write_text("diffc demo checkpoint: Wan2.1 T2V architecture, tiny, RANDOM weights. "
+                                     "Its videos are noise.\n")

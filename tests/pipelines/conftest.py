@@ -1,0 +1,100 @@
+"""Tiny random Wan2.1 pipelines saved with diffusers' ``WanPipeline(...).save_pretrained`` (the exact layout)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyWan:
+    """A tiny Wan2.1 T2V variant. Production Wan2.1-T2V-1.3B: 30 layers, 12 heads of 128, ffn 8960, text_dim 4096
+    (UMT5-XXL), patch (1, 2, 2); 14B: 40 layers, 40 heads of 128, ffn 13824. VAE: base_dim 96, z_dim 16,
+    dim_mult (1, 2, 4, 4), 8x spatial and 4x temporal compression."""
+
+    name: str
+    heads: int = 2
+    head_dim: int = 12
+    layers: int = 2
+    ffn_dim: int = 37
+    patch: tuple[int, int, int] = (1, 2, 2)
+    text_dim: int = 32  # UMT5 d_model = the DiT's text_dim
+    vae_base_dim: int = 4
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 2, 2)
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    flow_shift: float = 3.0
+
+    @property
+    def spatial(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+
+WAN_VARIANTS = {
+    # Wan2.1's VAE compression (8x, 4x), 16 latent channels: sizes are multiples of 16, frames 4k+1
+    "base": TinyWan("base"),
+    # 3 heads of 8, one layer, 4x spatial / 2x temporal VAE with 4 latent channels: multiples of 8, frames 2k+1
+    "odd-heads": TinyWan("odd-heads", heads=3, head_dim=8, layers=1, ffn_dim=20, text_dim=24, vae_base_dim=6, z_dim=4,
+                         dim_mult=(1, 2, 2), temporal_downsample=(False, True), flow_shift=5.0),
+    # non-square patch (1, 1, 2): height a multiple of 8, width of 16; Wan's diffusers-test VAE (dim_mult all 1)
+    "wide-patch": TinyWan("wide-patch", heads=1, head_dim=16, layers=2, ffn_dim=24, patch=(1, 1, 2), text_dim=16,
+                          vae_base_dim=3, z_dim=8, dim_mult=(1, 1, 1, 1)),
+}
+
+
+def _latent_stats(z_dim: int) -> tuple[list[float], list[float]]:
+    gen = torch.Generator().manual_seed(z_dim)
+    mean = (torch.rand(z_dim, generator=gen) - 0.5).tolist()
+    std = (torch.rand(z_dim, generator=gen) * 2 + 0.5).tolist()
+    return [round(m, 4) for m in mean], [round(s, 4) for s in std]
+
+
+def build_wan_pipeline(v: TinyWan, tok_dir: Path, seed: int = 0):
+    import diffusers
+    import transformers
+
+    from diffc.demo.tokenizers import train_t5_tokenizer
+
+    tokenizer = train_t5_tokenizer(tok_dir)
+    torch.manual_seed(seed)
+    transformer = diffusers.WanTransformer3DModel(
+        patch_size=v.patch, num_attention_heads=v.heads, attention_head_dim=v.head_dim, in_channels=v.z_dim,
+        out_channels=v.z_dim, text_dim=v.text_dim, freq_dim=16, ffn_dim=v.ffn_dim, num_layers=v.layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+    mean, std = _latent_stats(v.z_dim)
+    vae = diffusers.AutoencoderKLWan(
+        base_dim=v.vae_base_dim, z_dim=v.z_dim, dim_mult=list(v.dim_mult), num_res_blocks=1,
+        temperal_downsample=list(v.temporal_downsample), latents_mean=mean, latents_std=std,
+        scale_factor_spatial=v.spatial, scale_factor_temporal=v.temporal)
+    text_encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(
+        vocab_size=len(tokenizer), d_model=v.text_dim, d_kv=8, d_ff=37, num_layers=2, num_heads=3,
+        relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    scheduler = diffusers.UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=v.flow_shift, solver_order=2,
+        solver_type="bh2", lower_order_final=True, timestep_spacing="linspace", final_sigmas_type="zero")
+    return diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                 transformer=transformer)
+
+
+@pytest.fixture(scope="session")
+def wan_checkpoint(tmp_path_factory):
+    """Factory: ``wan_checkpoint(variant) -> Path`` of a saved tiny WanPipeline, cached for the session."""
+    cache: dict[str, Path] = {}
+
+    def make(variant: str = "base") -> Path:
+        if variant not in cache:
+            root = tmp_path_factory.mktemp(f"wan-{variant}")
+            pipe = build_wan_pipeline(WAN_VARIANTS[variant], root / "tok")
+            pipe.save_pretrained(root / "ckpt", safe_serialization=True)
+            cache[variant] = root / "ckpt"
+        return cache[variant]
+
+    return make
