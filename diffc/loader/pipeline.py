@@ -68,6 +68,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
             f"supported: {', '.join(supported_pipelines())}"
         )
     spec = pipeline_spec(class_name)
+    if spec.check_index is not None:
+        spec.check_index(index)
     if scheduler is not None and scheduler not in SCHEDULER_NAMES:
         raise InvalidArgumentError("scheduler", f"'{scheduler}' is not a scheduler; accepted: {', '.join(SCHEDULER_NAMES)}")
     dev = resolve_device(device)

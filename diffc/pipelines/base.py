@@ -48,7 +48,9 @@ class PipelineSpec:
     """Everything family-specific about a pipeline, as data plus a few functions.
 
     ``build_stages()`` returns the stage list; ``validate(pipe, request)`` raises
-    ``InvalidArgumentError`` for requests the family cannot serve (after defaults are applied).
+    ``InvalidArgumentError`` for requests the family cannot serve (after defaults are applied);
+    ``check_index(model_index)`` raises ``CheckpointError`` for variants of the pipeline class that
+    this spec does not implement.
     """
 
     family: str
@@ -59,6 +61,7 @@ class PipelineSpec:
     build_stages: Callable[[], Sequence[Stage]]
     validate: Callable[["Pipeline", GenerationRequest], None]
     uses_negative_prompt: bool = False
+    check_index: Callable[[dict[str, Any]], None] | None = None
 
 
 _SPECS = {

@@ -12,7 +12,7 @@ import html
 
 import torch
 
-from ..errors import InvalidArgumentError
+from ..errors import CheckpointError, InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, _check_int
 from .denoise import cpu_generators, denoise_loop, seeded_noise
 from .stages import RunContext, Stage
@@ -177,6 +177,17 @@ def validate(pipe, request: GenerationRequest) -> None:
     _check_int("max_sequence_length", request.max_sequence_length, 1, UMT5_MAX_LENGTH)
 
 
+def check_index(index: dict) -> None:
+    """Refuse Wan2.2 checkpoints, which share the WanPipeline class but need what this spec lacks."""
+    two_stage = isinstance(index.get("transformer_2"), list) and index["transformer_2"][1] is not None
+    if two_stage or index.get("boundary_ratio") is not None:
+        raise CheckpointError("model_index.json: this is a two-transformer Wan2.2 (A14B) checkpoint "
+                              "(transformer_2 / boundary_ratio); only Wan2.1 text-to-video is supported yet")
+    if index.get("expand_timesteps"):
+        raise CheckpointError("model_index.json: expand_timesteps (Wan2.2 TI2V) is not supported yet; "
+                              "only Wan2.1 text-to-video is supported")
+
+
 WAN_SPEC = PipelineSpec(
     family="wan",
     pipeline_class="WanPipeline",
@@ -187,4 +198,5 @@ WAN_SPEC = PipelineSpec(
     build_stages=build_stages,
     validate=validate,
     uses_negative_prompt=True,
+    check_index=check_index,
 )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 import diffc
-from diffc.errors import InvalidArgumentError
+from diffc.errors import CheckpointError, InvalidArgumentError
 from diffc.pipelines.stages import RunContext
 from diffc.runtime.perf import PerfRecorder
 from tests.helpers import psnr_uint8, rel_err
@@ -323,3 +324,20 @@ def test_demo_cli_errors(demo_cache, tmp_path, monkeypatch, capsys, argv, fragme
     code = main(["run", "--task", "t2v", "--prompt", PROMPT, "--no-progress", *argv])
     assert code == 2 and fragment in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875}, "two-transformer Wan2.2 (A14B)"),
+    ({"boundary_ratio": 0.9}, "two-transformer Wan2.2 (A14B)"),
+    ({"expand_timesteps": True}, "expand_timesteps (Wan2.2 TI2V) is not supported"),
+])
+def test_wan22_checkpoints_are_refused(wan_checkpoint, tmp_path, changes, fragment):
+
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(wan_checkpoint("base"), root)
+    index = json.loads((root / "model_index.json").read_text())
+    index.update(changes)
+    (root / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        diffc.load(root)
