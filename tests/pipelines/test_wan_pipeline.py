@@ -332,8 +332,6 @@ def test_demo_cli_errors(demo_cache, tmp_path, monkeypatch, capsys, argv, fragme
     ({"expand_timesteps": True}, "expand_timesteps (Wan2.2 TI2V) is not supported"),
 ])
 def test_wan22_checkpoints_are_refused(wan_checkpoint, tmp_path, changes, fragment):
-
-
     root = tmp_path / "ckpt"
     shutil.copytree(wan_checkpoint("base"), root)
     index = json.loads((root / "model_index.json").read_text())
