@@ -1,0 +1,150 @@
+"""``diffc serve``: an OpenAI-compatible HTTP server for one image or video model."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ..errors import CheckpointError, DiffcError, InvalidArgumentError
+from .run import DEMO_DEFAULTS, DEMO_TASKS
+
+SERVE_EXTRA = "pip install 'diffc[serve]'"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", description=__doc__)
+    p.add_argument("--model", help="diffusers-format checkpoint directory (default: the built-in tiny demo model)")
+    p.add_argument("--task", choices=sorted(DEMO_TASKS),
+                   help="demo model to serve when --model is not given (default t2i)")
+    p.add_argument("--model-name", help="model id reported by /v1/models (default: the checkpoint folder's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=30000, help="port to bind (default 30000)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--api-key", default=os.environ.get("DIFFC_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every /v1 route (default: $DIFFC_API_KEY)")
+    p.add_argument("--max-batch", type=_positive, default=4, help="samples run together in one batch (default 4)")
+    p.add_argument("--max-queue", type=_positive, default=64, help="waiting requests before answering 429 (default 64)")
+    p.add_argument("--max-pixels", type=_positive, default=2048 * 1024, help="largest width*height (default 2097152)")
+    p.add_argument("--max-n", type=_positive, default=4, help="most images per request (default 4)")
+    p.add_argument("--max-steps", type=_positive, default=100, help="most denoising steps per request (default 100)")
+    p.add_argument("--max-frames", type=_positive, default=129, help="most video frames per request (default 129)")
+    p.add_argument("--fps", type=_positive, default=16, help="frames per second of written videos (default 16)")
+    p.add_argument("--keep-outputs", type=_positive, default=100,
+                   help="finished outputs kept for download; older ones are deleted (default 100)")
+    p.add_argument("--output-ttl", type=float, help="also delete outputs older than this many seconds")
+    p.add_argument("--output-dir", help="where outputs are written (default: a private temporary directory); "
+                                        "files are deleted by retention and at shutdown")
+    p.add_argument("--max-body-bytes", type=_positive, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--shutdown-timeout", type=float, default=60.0,
+                   help="seconds to let running jobs finish at shutdown before failing them (default 60)")
+    p.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up generation")
+    p.set_defaults(func=serve)
+
+
+def _import_serving():
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise DiffcError(f"diffc serve needs FastAPI, uvicorn and prometheus-client ({exc}); "
+                         f"install them with: {SERVE_EXTRA}") from None
+    return uvicorn
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def serve(args: argparse.Namespace) -> int:
+    uvicorn = _import_serving()
+    import diffc
+
+    from ..loader.pipeline import resolve_device, resolve_dtype
+    from ..serve.app import create_app
+    from ..serve.engine import Engine, Limits
+
+    if not 0 <= args.port <= 65535:
+        raise InvalidArgumentError("--port", f"must be from 0 to 65535, got {args.port}")
+    if args.output_ttl is not None and args.output_ttl <= 0:
+        raise InvalidArgumentError("--output-ttl", f"must be positive, got {args.output_ttl}")
+    defaults: dict = {}
+    if args.model is None:
+        from ..demo import DEMO_NOTICE, demo_checkpoint
+
+        family = DEMO_TASKS[args.task or "t2i"]
+        print(DEMO_NOTICE.format(family=family), file=sys.stderr)
+        defaults = dict(DEMO_DEFAULTS["image" if family == "flux" else "video"])
+        model_id = args.model_name or f"diffc-demo-{family}"
+        device = resolve_device(args.device or "cpu")
+
+        def load():
+            return diffc.load(demo_checkpoint(family), device=device, dtype=args.dtype)
+    else:
+        if args.task is not None:
+            raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from "
+                                       "its model_index.json")
+        root = Path(args.model).expanduser()
+        if not (root / "model_index.json").is_file():
+            raise CheckpointError(f"not a diffusers-format checkpoint directory (no model_index.json): {root}")
+        model_id = args.model_name or root.resolve().name
+        device = resolve_device(args.device)
+
+        def load():
+            return diffc.load(root, device=device, dtype=args.dtype)
+    resolve_dtype(args.dtype, device)
+    if not args.api_key and not _is_loopback(args.host):
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+
+    server = None
+
+    def on_fatal(exc: BaseException) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_pixels=args.max_pixels, max_n=args.max_n,
+                    max_steps=args.max_steps, max_frames=args.max_frames)
+    engine = Engine(load, model_id=model_id, limits=limits, defaults=defaults, warmup=None if args.no_warmup else {},
+                    output_dir=args.output_dir, keep_outputs=args.keep_outputs, output_ttl_s=args.output_ttl,
+                    fps=args.fps, on_fatal=on_fatal)
+    app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                     shutdown_timeout_s=args.shutdown_timeout)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                            timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))
+    server = uvicorn.Server(config)
+    print(f"diffc serve: loading {model_id} on {device}; http://{args.host}:{args.port} "
+          f"(GET /health answers 200 once ready)", file=sys.stderr, flush=True)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it; that second one ends the command with 0.
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        server.run()
+    except _Terminated:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if engine.load_error is not None:
+        raise DiffcError(f"the model failed to load: {engine.load_error}")
+    return 0

@@ -1,0 +1,135 @@
+"""The FastAPI app: routes, OpenAI-format errors, a request-body limit and per-route HTTP metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import anyio
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from .engine import Engine
+from .metrics import ServerMetrics
+from .protocol import APIError
+from .routes import public, v1
+
+log = logging.getLogger("diffc.serve")
+
+BODY_METHODS = {"POST", "PUT", "PATCH"}
+
+
+def _error_response(status: int, message: str, *, type: str = "invalid_request_error", param=None, code=None,
+                    headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+class Guard:
+    """Pure ASGI middleware: refuses bodies over ``max_body_bytes`` (413) and counts every HTTP answer."""
+
+    def __init__(self, app, max_body_bytes: int, metrics: ServerMetrics):
+        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if scope["method"] in BODY_METHODS:
+                body = await self._read_body(scope, receive)
+                if body is None:
+                    response = _error_response(413, f"The request body is larger than this server's limit of "
+                                                    f"{self.max_body_bytes} bytes.", code="request_too_large")
+                    return await response(scope, receive, counting_send)
+                receive = self._replay(body, receive)
+            await self.app(scope, receive, counting_send)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            self.metrics.http_requests.labels(scope["method"], label, str(status["code"])).inc()
+
+    async def _read_body(self, scope, receive) -> bytes | None:
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    @staticmethod
+    def _replay(body: bytes, receive):
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+               shutdown_timeout_s: float = 60.0) -> FastAPI:
+    """The server for ``engine``. Its lifespan starts the engine and, at shutdown, drains it."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if engine.state == "starting":
+            engine.start()
+        yield
+        await anyio.to_thread.run_sync(engine.shutdown, shutdown_timeout_s)
+
+    app = FastAPI(title="diffc", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.engine, app.state.api_key = engine, api_key or None
+    app.include_router(public)
+    app.include_router(v1)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        param = str(err.get("loc", ("", ""))[-1]) or None
+        return _error_response(400, f"Invalid value for '{param}': {err.get('msg')}.", param=param,
+                               code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        messages = {404: f"Unknown route: {request.method} {request.url.path}",
+                    405: f"Method {request.method} is not allowed on {request.url.path}"}
+        return _error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)),
+                               code="not_found" if exc.status_code == 404 else None, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error_response(500, f"internal server error: {type(exc).__name__}: {exc}", type="server_error",
+                               code="internal_error")
+
+    app.add_middleware(Guard, max_body_bytes=max_body_bytes, metrics=engine.metrics)
+    return app

@@ -1,0 +1,383 @@
+"""The engine: one worker thread owns the pipeline (and so the GPU); a bounded queue feeds it batches.
+
+Jobs waiting with the same shape and settings (size, steps, guidance, frames, negative prompt) run as
+one batch of up to ``max_batch`` samples, one seed per sample, so each sample is what it would have
+been alone. A request for ``n`` images may be split over several batches. When a batch of several
+jobs fails, each job is retried alone so one bad request cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import InvalidArgumentError
+from ..pipelines.base import MAX_SEED
+from .jobs import OPTION_KEYS, Counters, Job, JobError, Limits, NotReady, QueueFull, WrongOutputKind
+from .metrics import ServerMetrics
+from .storage import OutputStore, new_id
+
+__all__ = ["Engine", "Job", "JobError", "Limits", "NotReady", "QueueFull", "WrongOutputKind"]
+
+log = logging.getLogger("diffc.serve")
+
+ABORT_WAIT_S = 30.0  # how long shutdown waits for an aborted batch to reach its next step
+
+
+class _Aborted(Exception):
+    pass
+
+
+class Engine:
+    """Owns the pipeline on a worker thread. ``load()`` runs on that thread and returns the pipeline.
+
+    ``defaults`` overrides the family's defaults for options a request leaves out; ``warmup`` holds the
+    options of one generation run before the engine reports ready (``None``: no warm-up).
+    """
+
+    def __init__(self, load: Callable[[], Any], *, model_id: str, limits: Limits | None = None,
+                 defaults: dict[str, Any] | None = None, warmup: dict[str, Any] | None = None,
+                 output_dir: str | Path | None = None, keep_outputs: int = 100, output_ttl_s: float | None = None,
+                 metrics: ServerMetrics | None = None, fps: int = 16,
+                 on_fatal: Callable[[BaseException], None] | None = None):
+        self._load, self.model_id, self.limits = load, model_id, limits or Limits()
+        self.defaults, self.warmup, self.fps, self.on_fatal = dict(defaults or {}), warmup, fps, on_fatal
+        self.metrics = metrics or ServerMetrics()
+        self.store = OutputStore(output_dir, keep=keep_outputs, ttl_s=output_ttl_s, on_evict=self._forget)
+        self.counters = Counters()
+        self.created = int(time.time())
+        self.state = "starting"  # starting, loading, warming, ready, failed, stopping, stopped
+        self.load_error: BaseException | None = None
+        self.pipe = None
+        self._cond = threading.Condition(threading.RLock())
+        self._queue: collections.deque[Job] = collections.deque()
+        self._running: list[Job] = []
+        self._videos: dict[str, Job] = {}
+        self._abort = False
+        self._batch_ema_s = 1.0
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._worker, name="diffc-engine", daemon=True)
+        self.metrics.bind_queue(lambda: len(self._queue), lambda: len(self._running))
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self._ready.wait(timeout)
+        return self.state == "ready"
+
+    @property
+    def output(self) -> str | None:
+        """"image" or "video" once loaded."""
+        return None if self.pipe is None else self.pipe.spec.output
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop taking jobs, fail the queued ones, let the running batch finish (or fail it after ``timeout``)."""
+        with self._cond:
+            if self.state == "stopped":
+                return
+            self.state = "stopping"
+            queued = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for job in queued:
+            self._fail(job, JobError(503, "the server is shutting down", "shutting_down"))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._abort = True  # the running batch stops at its next denoising step
+                self._thread.join(ABORT_WAIT_S)
+        with self._cond:
+            for job in list(self._running):
+                self._fail(job, JobError(503, "the server shut down before this job finished", "shutting_down"))
+            self.state = "stopped"
+        self._ready.set()
+        self.store.close()
+
+    # ---- requests --------------------------------------------------------------------------------
+    def prepare(self, kind: str, prompt: str, *, n: int = 1, seed: int | None = None,
+                size: tuple[int, int] | None = None, num_inference_steps: int | None = None,
+                guidance_scale: float | None = None, negative_prompt: str | None = None,
+                num_frames: int | None = None, seconds: float | None = None, fps: int | None = None) -> Job:
+        """Validate a request against the limits and the model; return a job ready to submit."""
+        if self.state != "ready":
+            raise NotReady(self.not_ready_message())
+        pipe, lim = self.pipe, self.limits
+        if kind != pipe.spec.output:
+            route = "POST /v1/videos" if pipe.spec.output == "video" else "POST /v1/images/generations"
+            raise WrongOutputKind("model", f"'{self.model_id}' is a{'n' if pipe.spec.output == 'image' else ''} "
+                                  f"{pipe.spec.output} model and cannot make {kind}s; use {route}")
+        if not 1 <= n <= lim.max_n:
+            raise InvalidArgumentError("n", f"must be from 1 to {lim.max_n} on this server, got {n}")
+        height, width = size or (self._default("height"), self._default("width"))
+        if height * width > lim.max_pixels:
+            raise InvalidArgumentError("size", f"{width}x{height} is {width * height} pixels; this server allows "
+                                       f"at most {lim.max_pixels} (--max-pixels)")
+        steps = num_inference_steps if num_inference_steps is not None else self._default("num_inference_steps")
+        if steps is not None and steps > lim.max_steps:
+            raise InvalidArgumentError("num_inference_steps",
+                                       f"must be at most {lim.max_steps} on this server, got {steps}")
+        fps = fps or self.fps
+        if kind == "video":
+            if num_frames is None and seconds is not None:
+                num_frames = 4 * round(seconds * fps / 4) + 1  # 4k+1 frames, as the video VAEs need
+            num_frames = num_frames if num_frames is not None else self._default("num_frames")
+            if num_frames is not None and num_frames > lim.max_frames:
+                raise InvalidArgumentError("num_frames" if seconds is None else "seconds", f"{num_frames} frames is "
+                                           f"more than this server's {lim.max_frames} (--max-frames)")
+        if seed is None:
+            seeds = [random.randrange(2**31) for _ in range(n)]
+        elif not 0 <= seed <= MAX_SEED - n + 1:
+            raise InvalidArgumentError("seed", f"must be an integer from 0 to {MAX_SEED - n + 1}, got {seed}")
+        else:
+            seeds = [seed + i for i in range(n)]
+        given = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
+                     negative_prompt=negative_prompt, num_frames=num_frames if kind == "video" else None)
+        request = pipe.resolve(prompt=[prompt] * n, seed=seeds, **{k: v for k, v in given.items() if v is not None})
+        options = {k: getattr(request, k) for k in OPTION_KEYS}
+        return Job(new_id("video" if kind == "video" else "img"), kind, prompt, seeds, options, fps=fps,
+                   outputs=[None] * n)
+
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            if self.state != "ready":
+                raise NotReady(self.not_ready_message())
+            if len(self._queue) >= self.limits.max_queue:
+                self.counters.rejected += 1
+                self.metrics.errors.labels("queue_full").inc()
+                depth = len(self._queue) / self.limits.max_batch + 1
+                raise QueueFull(max(1, min(600, math.ceil(self._batch_ema_s * depth))))
+            self._queue.append(job)
+            if job.kind == "video":
+                self._videos[job.id] = job
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Cancel a queued or running job; a finished one just loses its file."""
+        with self._cond:
+            job.cancelled = True
+            self._videos.pop(job.id, None)
+            if job in self._queue:
+                self._queue.remove(job)
+            if not job.future.done():
+                job.future.set_exception(JobError(499, "the job was cancelled", "cancelled", "invalid_request_error"))
+        self.store.remove(job.id)
+
+    def video(self, id_: str) -> Job | None:
+        self.store.prune()
+        with self._cond:
+            return self._videos.get(id_)
+
+    def videos(self) -> list[Job]:
+        self.store.prune()
+        with self._cond:
+            return list(self._videos.values())
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # ---- worker ----------------------------------------------------------------------------------
+    def _worker(self) -> None:
+        try:
+            self.state = "loading"
+            self.pipe = self._load()
+            if self.warmup is not None and self.state == "loading":
+                self.state = "warming"
+                self._warm_up()
+            with self._cond:
+                if self.state in ("loading", "warming"):
+                    self.state = "ready"
+                    self.metrics.ready.set(1)
+        except BaseException as exc:  # noqa: BLE001 - reported through state and on_fatal
+            log.exception("loading the model failed")
+            self.load_error, self.state = exc, "failed"
+            self._ready.set()
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
+            return
+        self._ready.set()
+        while True:
+            with self._cond:
+                while not self._queue and self.state == "ready":
+                    self._cond.wait()
+                if self.state != "ready":
+                    break
+                batch = self._take_batch()
+                self._running = [job for job, _ in batch]
+                now = time.time()
+                for job in self._running:
+                    if job.status == "queued":
+                        job.status, job.started_at = "in_progress", now
+                        self.metrics.queue_wait.labels(job.kind).observe(now - job.created_at)
+            self._execute(batch)
+            with self._cond:
+                self._running = []
+        self.metrics.ready.set(0)
+
+    def _warm_up(self) -> None:
+        options = {"height": self._default("height"), "width": self._default("width"), "num_inference_steps": 1}
+        if self.pipe.spec.output == "video":
+            options["num_frames"] = self._default("num_frames")
+        options.update(self.warmup)
+        start = time.perf_counter()
+        self.pipe.generate("warm-up", seed=0, progress=False, **{k: v for k, v in options.items() if v is not None})
+        log.info("warm-up took %.2f s", time.perf_counter() - start)
+
+    def _take_batch(self) -> list[tuple[Job, range]]:
+        """The head job's samples plus those of later jobs with the same key, up to ``max_batch``."""
+        key, room, batch = self._queue[0].key, self.limits.max_batch, []
+        for job in list(self._queue):
+            if job.key != key:
+                continue
+            k = min(room, job.n - job.taken)
+            batch.append((job, range(job.taken, job.taken + k)))
+            job.taken += k
+            room -= k
+            if job.taken == job.n:
+                self._queue.remove(job)
+            if room == 0:
+                break
+        return batch
+
+    def _execute(self, batch: list[tuple[Job, range]]) -> None:
+        try:
+            out = self._generate(batch)
+        except _Aborted:
+            for job, _ in batch:
+                if not job.cancelled:
+                    self._fail(job, JobError(503, "the server shut down before this job finished", "shutting_down"))
+            return
+        except Exception as exc:  # noqa: BLE001 - every failure becomes that request's error
+            if len(batch) > 1:
+                log.warning("a batch of %d jobs failed (%s); retrying each alone", len(batch), exc)
+                for item in batch:
+                    self._execute([item])
+                return
+            self._fail(batch[0][0], self._job_error(exc, batch))
+            return
+        timings = out.timings
+        seconds = timings.total_s
+        peak = timings.peak_memory_mb if timings.peak_memory_mb is not None else timings.host_peak_rss_mb
+        kind = batch[0][0].kind
+        self._batch_ema_s = 0.8 * self._batch_ema_s + 0.2 * seconds
+        self.metrics.batch_seconds.labels(kind).observe(seconds)
+        for stage, sec in timings.stages.items():
+            self.metrics.stage_seconds.labels(stage).observe(sec)
+        samples = sum(len(r) for _, r in batch)
+        self.metrics.batch_size.observe(samples)
+        self.metrics.samples.labels(kind).inc(samples)
+        if peak is not None:
+            self.metrics.peak_memory.set(peak)
+        with self._cond:
+            self.counters.batches += 1
+            self.counters.samples += samples
+            self.counters.max_batch_seen = max(self.counters.max_batch_seen, samples)
+        results = out.images if out.images is not None else out.videos
+        i = 0
+        for job, r in batch:
+            job.outputs[r.start:r.stop] = results[i:i + len(r)]
+            i += len(r)
+            job.inference_time_s += seconds
+            job.peak_memory_mb = peak if job.peak_memory_mb is None else max(job.peak_memory_mb, peak or 0.0)
+            job.warnings += [w for w in out.warnings if w not in job.warnings]
+            job.finished += len(r)
+            if job.finished == job.n and not job.cancelled:
+                self._complete(job)
+
+    def _generate(self, batch: list[tuple[Job, range]]):
+        prompts, seeds = [], []
+        for job, r in batch:
+            prompts += [job.prompt] * len(r)
+            seeds += job.seeds[r.start:r.stop]
+        options = {k: v for k, v in batch[0][0].options.items() if v is not None}
+
+        def on_step(done: int, total: int) -> None:
+            if self._abort or all(job.cancelled for job, _ in batch):
+                raise _Aborted()
+            for job, r in batch:
+                job.progress = min(95, int(95 * (job.finished + len(r) * done / total) / job.n))
+
+        return self.pipe.generate(prompts, seed=seeds, progress=False, step_callback=on_step, **options)
+
+    def _complete(self, job: Job) -> None:
+        if job.kind == "video":
+            from ..pipelines.video import write_video
+
+            try:
+                path = self.store.write(job.id, ".mp4", lambda p: write_video(p, job.outputs[0], fps=job.fps))
+            except Exception as exc:  # noqa: BLE001
+                log.exception("writing video %s failed", job.id)
+                self._fail(job, JobError(500, f"writing the video failed: {exc}", "output_write_failed"))
+                return
+            job.outputs = []
+        with self._cond:
+            if job.cancelled:
+                if job.kind == "video":
+                    path.unlink(missing_ok=True)
+                return
+            job.status, job.progress, job.completed_at = "completed", 100, time.time()
+            self.counters.completed += 1
+            if job.kind == "video":
+                job.path = path
+                self.store.add(job.id, path)
+        self.metrics.jobs.labels(job.kind, "completed").inc()
+        self.metrics.request_latency.labels(job.kind).observe(job.completed_at - job.created_at)
+        if not job.future.done():
+            job.future.set_result(job)
+
+    def _fail(self, job: Job, error: JobError) -> None:
+        with self._cond:
+            if job.status in ("completed", "failed"):
+                return
+            job.status, job.error, job.outputs, job.completed_at = "failed", error, [], time.time()
+            if job in self._queue:  # the rest of a request split over several batches
+                self._queue.remove(job)
+            self.counters.failed += 1
+            if job.kind == "video" and not job.cancelled:
+                self.store.add(job.id, None)  # failed jobs count against retention too
+        self.metrics.jobs.labels(job.kind, "failed").inc()
+        self.metrics.errors.labels(error.code).inc()
+        if not job.future.done():
+            job.future.set_exception(error)
+
+    def _job_error(self, exc: Exception, batch) -> JobError:
+        job, r = batch[0]
+        shape = f"{job.options['width']}x{job.options['height']}, batch of {len(r)}"
+        if isinstance(exc, InvalidArgumentError):
+            return JobError(400, str(exc), "invalid_value", "invalid_request_error", exc.field)
+        if "out of memory" in str(exc).lower():
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except Exception:  # noqa: BLE001
+                pass
+            log.error("out of memory generating %s: %s", shape, exc)
+            return JobError(500, f"out of memory while generating ({shape}); try a smaller size, fewer frames "
+                            f"or fewer images: {exc}", "out_of_memory")
+        log.error("generation failed (%s)", shape, exc_info=exc)
+        return JobError(500, f"generation failed: {type(exc).__name__}: {exc}", "generation_failed")
+
+    def _forget(self, id_: str) -> None:
+        with self._cond:
+            self._videos.pop(id_, None)
+
+    def _default(self, key: str):
+        return self.defaults.get(key, self.pipe.spec.defaults.get(key))
+
+    def not_ready_message(self) -> str:
+        if self.state == "failed":
+            return f"the model failed to load: {self.load_error}"
+        if self.state in ("stopping", "stopped"):
+            return "the server is shutting down"
+        return "the model is still loading; poll GET /health until it answers 200"

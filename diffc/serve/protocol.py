@@ -1,0 +1,192 @@
+"""The wire format: request models, the OpenAI error body, and request-body parsing (JSON or form data).
+
+Request models accept the OpenAI fields (those diffc cannot honour are refused by name, the rest are
+accepted and ignored) plus diffc's own generation fields. Any other field is an error naming it.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(param: str | None, message: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+NUMBER_FIELDS = ("n", "num_inference_steps", "guidance_scale", "seed", "num_frames", "fps", "seconds",
+                 "output_compression")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str | None = None
+    size: str | None = None
+    # diffc generation fields
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    # accepted for compatibility and ignored
+    user: str | None = None
+    safety_identifier: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name in NUMBER_FIELDS:
+                if isinstance(data.get(name), bool):
+                    raise APIError(400, f"Invalid value for '{name}': expected a number, got {data[name]}.",
+                                   param=name, code="invalid_value")
+        return data
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a non-empty string")
+        return v
+
+    def size_hw(self) -> tuple[int, int] | None:
+        """``(height, width)`` from ``size`` ("WIDTHxHEIGHT"), or ``None`` for the server's default."""
+        if self.size is None or self.size == "auto":
+            return None
+        m = SIZE_RE.match(self.size)
+        if not m:
+            raise invalid("size", f"size must look like '1024x1024' (width x height) or 'auto', got {self.size!r}")
+        width, height = int(m.group(1)), int(m.group(2))
+        if width < 1 or height < 1:
+            raise invalid("size", f"size must be positive, got {self.size!r}")
+        return height, width
+
+
+class ImageRequest(_Request):
+    """``POST /v1/images/generations``."""
+
+    n: int = 1
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp", "gif", "svg"] | None = None
+    output_compression: int | None = None
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    stream: bool | None = None
+    partial_images: int | None = None
+    quality: str | None = None
+    style: str | None = None
+    moderation: str | None = None
+    complexity: Any = None
+    frame_count: Any = None
+    frame_duration_ms: Any = None
+    svg: Any = None
+
+    def check_supported(self) -> None:
+        if self.output_format in ("gif", "svg"):
+            raise invalid("output_format",
+                          f"output_format '{self.output_format}' is not supported; use png, jpeg or webp")
+        if self.output_compression is not None and not 0 <= self.output_compression <= 100:
+            raise invalid("output_compression", "output_compression must be from 0 to 100")
+        if self.background == "transparent":
+            raise invalid("background", "transparent backgrounds are not supported; use 'opaque' or 'auto'")
+        if self.stream:
+            raise invalid("stream", "streaming is not supported; leave stream unset or false")
+        if self.partial_images:
+            raise invalid("partial_images", "partial images are not supported")
+        for name in ("complexity", "frame_count", "frame_duration_ms", "svg"):
+            if getattr(self, name) is not None:
+                raise invalid(name, f"'{name}' is not supported by diffc", code="unsupported_parameter")
+
+
+class VideoRequest(_Request):
+    """``POST /v1/videos`` (JSON or form data, as the ``openai`` client sends it)."""
+
+    seconds: float | None = None
+    num_frames: int | None = None
+    fps: int | None = None
+    input_reference: Any = None
+
+    def check_supported(self) -> None:
+        if self.input_reference is not None:
+            raise invalid("input_reference", "input_reference (image-to-video) is not supported yet",
+                          code="unsupported_parameter")
+        if self.seconds is not None and not 0 < self.seconds <= 600:
+            raise invalid("seconds", f"seconds must be greater than 0 and at most 600, got {self.seconds:g}")
+        if self.fps is not None and not 1 <= self.fps <= 240:
+            raise invalid("fps", f"fps must be from 1 to 240, got {self.fps}")
+
+
+def _first_error(exc: ValidationError) -> APIError:
+    err = exc.errors()[0]
+    param = ".".join(str(p) for p in err.get("loc", ())) or None
+    if err.get("type") == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                        code="unknown_parameter")
+    if err.get("type") == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    return invalid(param, f"Invalid value for '{param}': {msg}.")
+
+
+def _parse_form(content_type: str, body: bytes) -> dict[str, Any]:
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not msg.is_multipart():
+        raise invalid(None, "could not parse the multipart/form-data body", code="invalid_body")
+    fields: dict[str, Any] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            continue
+        if part.get_filename() is not None:
+            fields[name] = {"filename": part.get_filename()}  # uploads are not supported; the model says so
+        else:
+            payload = part.get_payload(decode=True) or b""
+            fields[name] = payload.decode(part.get_content_charset() or "utf-8", "replace")
+    return fields
+
+
+def parse_body(model: type[_Request], content_type: str, body: bytes) -> _Request:
+    """Parse a JSON object (or multipart form data) into ``model``; every failure is a 400 in OpenAI's format.
+
+    Any body that is not multipart is read as JSON, whatever its content type (``curl -d`` sends
+    ``application/x-www-form-urlencoded``).
+    """
+    content_type = (content_type or "").lower()
+    if content_type.startswith("multipart/form-data"):
+        data: Any = _parse_form(content_type, body)
+        data = {k: (None if v == "" and k != "prompt" else v) for k, v in data.items()}
+    else:
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"We could not parse the JSON body of your request ({exc}).",
+                           code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        request = model.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(exc) from None
+    request.check_supported()
+    return request

@@ -1,0 +1,236 @@
+"""HTTP routes: ``/health``, ``/metrics`` and the OpenAI-compatible ``/v1`` API. The engine does the work."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+import secrets
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+
+from ..errors import InvalidArgumentError
+from .engine import Engine, Job, JobError, NotReady, QueueFull, WrongOutputKind
+from .protocol import APIError, ImageRequest, VideoRequest, invalid, parse_body
+from .storage import new_id
+
+ID_RE = re.compile(r"^(img|video)_[0-9a-f]{32}$")
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+PARAM_OF_FIELD = {"height": "size", "width": "size"}  # pipeline fields -> request parameters
+
+public = APIRouter()
+
+
+def engine_of(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+async def require_api_key(request: Request) -> None:
+    key = request.app.state.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+
+@public.get("/health")
+async def health(request: Request) -> JSONResponse:
+    engine = engine_of(request)
+    body: dict[str, Any] = {"status": "ok" if engine.state == "ready" else engine.state, "model": engine.model_id,
+                            "queue_depth": engine.queue_depth}
+    if engine.state != "ready":
+        body["message"] = engine.not_ready_message()
+    return JSONResponse(body, status_code=200 if engine.state == "ready" else 503)
+
+
+@public.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(engine_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _model_object(engine: Engine) -> dict[str, Any]:
+    return {"id": engine.model_id, "object": "model", "created": engine.created, "owned_by": "diffc",
+            "output": engine.output}
+
+
+@v1.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_object(engine_of(request))]}
+
+
+@v1.get("/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    engine = engine_of(request)
+    if model_id != engine.model_id:
+        raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{engine.model_id}'.",
+                       param="model", code="model_not_found")
+    return _model_object(engine)
+
+
+def _prepare(engine: Engine, kind: str, req, **extra) -> Job:
+    if req.model is not None and req.model != engine.model_id:
+        raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{engine.model_id}'.",
+                       param="model", code="model_not_found")
+    try:
+        job = engine.prepare(kind, req.prompt, size=req.size_hw(), seed=req.seed, guidance_scale=req.guidance_scale,
+                             num_inference_steps=req.num_inference_steps, negative_prompt=req.negative_prompt, **extra)
+        return engine.submit(job)
+    except NotReady as exc:
+        raise APIError(503, str(exc), type="server_error", code="model_not_ready",
+                       headers={"Retry-After": "5"}) from None
+    except QueueFull as exc:
+        raise APIError(429, f"The server is busy: {exc}.", type="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": str(exc.retry_after)}) from None
+    except WrongOutputKind as exc:
+        raise invalid("model", str(exc), code="model_not_supported") from None
+    except InvalidArgumentError as exc:
+        raise invalid(PARAM_OF_FIELD.get(exc.field, exc.field), str(exc)) from None
+
+
+def _job_api_error(err: JobError) -> APIError:
+    return APIError(err.status, err.message, type=err.type, param=err.param, code=err.code)
+
+
+def _size(job: Job) -> str:
+    return f"{job.options['width']}x{job.options['height']}"
+
+
+def _stats(job: Job) -> dict[str, Any]:
+    queued = (job.started_at or job.completed_at or time.time()) - job.created_at
+    return {"inference_time_s": round(job.inference_time_s, 4),
+            "peak_memory_mb": None if job.peak_memory_mb is None else round(job.peak_memory_mb, 1),
+            "queue_time_s": round(queued, 4)}
+
+
+@v1.post("/images/generations")
+async def generate_images(request: Request) -> dict[str, Any]:
+    engine = engine_of(request)
+    req: ImageRequest = parse_body(ImageRequest, request.headers.get("content-type", ""), await request.body())
+    job = _prepare(engine, "image", req, n=req.n)
+    try:
+        await asyncio.wrap_future(job.future)
+    except asyncio.CancelledError:  # the client went away or the server is stopping
+        engine.cancel(job)
+        raise
+    except JobError as err:
+        raise _job_api_error(err) from None
+    fmt = req.output_format or "png"
+    quality = req.output_compression if req.output_compression is not None else 95
+    url = req.response_format == "url"
+    base = str(request.base_url).rstrip("/")
+
+    def encode() -> list[dict[str, Any]]:
+        items = []
+        kwargs = {} if fmt == "png" else {"quality": quality}
+        for image, seed in zip(job.outputs, job.seeds, strict=True):
+            item: dict[str, Any] = {"revised_prompt": None, "seed": seed}
+            if url:
+                image_id = new_id("img")
+                path = engine.store.write(image_id, f".{fmt}",
+                                          lambda p, im=image: im.save(p, format=fmt.upper(), **kwargs))
+                engine.store.add(image_id, path)
+                item["url"] = f"{base}/v1/images/{image_id}/content"
+            else:
+                buf = io.BytesIO()
+                image.save(buf, format=fmt.upper(), **kwargs)
+                item["b64_json"] = base64.b64encode(buf.getvalue()).decode("ascii")
+            items.append(item)
+        return items
+
+    data = await run_in_threadpool(encode)
+    job.outputs = []
+    return {"created": int(job.created_at), "data": data, "model": engine.model_id, "size": _size(job),
+            "output_format": fmt, "num_inference_steps": job.options["num_inference_steps"],
+            "warnings": job.warnings, **_stats(job)}
+
+
+@v1.get("/images/{image_id}/content")
+async def image_content(image_id: str, request: Request) -> FileResponse:
+    path = engine_of(request).store.get(image_id) if ID_RE.match(image_id) else None
+    if path is None or not image_id.startswith("img_"):
+        raise APIError(404, f"No image found with id '{image_id}' (it may have expired).", param="image_id",
+                       code="not_found", type="invalid_request_error")
+    return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix.lstrip("."), "application/octet-stream"))
+
+
+def _video_object(engine: Engine, job: Job) -> dict[str, Any]:
+    frames = job.options.get("num_frames") or 1
+    error = None if job.error is None else {"code": job.error.code, "message": job.error.message}
+    return {"id": job.id, "object": "video", "model": engine.model_id, "status": job.status, "progress": job.progress,
+            "created_at": int(job.created_at),
+            "completed_at": None if job.completed_at is None else int(job.completed_at),
+            "expires_at": engine.store.expires_at(job.id), "prompt": job.prompt, "remixed_from_video_id": None,
+            "seconds": f"{(frames - 1) / job.fps:g}", "size": _size(job), "error": error, "seed": job.seeds[0],
+            "num_frames": frames, "fps": job.fps, "num_inference_steps": job.options["num_inference_steps"],
+            **_stats(job)}
+
+
+def _find_video(engine: Engine, video_id: str) -> Job:
+    job = engine.video(video_id) if ID_RE.match(video_id) else None
+    if job is None:
+        raise APIError(404, f"No video found with id '{video_id}'.", param="video_id", code="not_found")
+    return job
+
+
+@v1.post("/videos")
+async def create_video(request: Request) -> dict[str, Any]:
+    engine = engine_of(request)
+    req: VideoRequest = parse_body(VideoRequest, request.headers.get("content-type", ""), await request.body())
+    job = _prepare(engine, "video", req, num_frames=req.num_frames, seconds=req.seconds, fps=req.fps)
+    return _video_object(engine, job)
+
+
+@v1.get("/videos")
+async def list_videos(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
+                      order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
+    engine = engine_of(request)
+    jobs = engine.videos()
+    if order == "desc":
+        jobs.reverse()
+    if after is not None:
+        ids = [j.id for j in jobs]
+        jobs = jobs[ids.index(after) + 1:] if after in ids else []
+    page = jobs[:limit]
+    return {"object": "list", "data": [_video_object(engine, j) for j in page], "has_more": len(jobs) > limit,
+            "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None}
+
+
+@v1.get("/videos/{video_id}")
+async def get_video(video_id: str, request: Request) -> JSONResponse:
+    engine = engine_of(request)
+    job = _find_video(engine, video_id)
+    headers = {"openai-poll-after-ms": "500"} if job.status in ("queued", "in_progress") else None
+    return JSONResponse(_video_object(engine, job), headers=headers)
+
+
+@v1.get("/videos/{video_id}/content")
+async def video_content(video_id: str, request: Request, variant: str = "video") -> FileResponse:
+    engine = engine_of(request)
+    job = _find_video(engine, video_id)
+    if variant != "video":
+        raise invalid("variant", f"variant '{variant}' is not available; diffc serves only 'video'")
+    path = engine.store.get(job.id) if job.status == "completed" else None
+    if path is None:
+        detail = f"it has status '{job.status}'" if job.status != "completed" else "its file has expired"
+        raise APIError(409 if job.status != "completed" else 404, f"Video '{video_id}' has no content: {detail}.",
+                       param="video_id", code="video_not_ready" if job.status != "completed" else "not_found")
+    return FileResponse(path, media_type="video/mp4", filename=f"{job.id}.mp4")
+
+
+@v1.delete("/videos/{video_id}")
+async def delete_video(video_id: str, request: Request) -> dict[str, Any]:
+    engine = engine_of(request)
+    job = _find_video(engine, video_id)
+    engine.cancel(job)
+    return {"id": job.id, "object": "video.deleted", "deleted": True}

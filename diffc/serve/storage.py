@@ -1,0 +1,110 @@
+"""Output files in a server-owned directory: random ids, atomic writes, bounded retention.
+
+Clients name outputs only by id; an id is looked up in memory and never turned into a path.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(16)}"
+
+
+class OutputStore:
+    """Finished outputs, oldest first. Keeps at most ``keep`` of them and none older than ``ttl_s``.
+
+    ``on_evict(id)`` is called (outside the lock) for every entry dropped by retention, so the engine
+    can forget the job it belongs to.
+    """
+
+    def __init__(self, root: str | Path | None, keep: int = 100, ttl_s: float | None = None,
+                 on_evict: Callable[[str], None] | None = None):
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        self.owned = root is None
+        self.root = Path(tempfile.mkdtemp(prefix="diffc-serve-") if root is None else root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.keep, self.ttl_s, self.on_evict = keep, ttl_s, on_evict
+        self._entries: collections.OrderedDict[str, tuple[Path | None, float]] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def path_for(self, id_: str, suffix: str) -> Path:
+        return self.root / f"{id_}{suffix}"
+
+    def write(self, id_: str, suffix: str, write: Callable[[Path], None]) -> Path:
+        """Write through a temporary file, then rename: a failure leaves nothing behind."""
+        final = self.path_for(id_, suffix)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{id_}.", suffix=suffix)
+        os.close(fd)
+        try:
+            write(Path(tmp))
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return final
+
+    def add(self, id_: str, path: Path | None) -> None:
+        """Record a finished output (``path`` may be ``None`` for a failed job) and apply retention."""
+        with self._lock:
+            self._entries[id_] = (path, time.time())
+            self._entries.move_to_end(id_)
+        self.prune()
+
+    def get(self, id_: str) -> Path | None:
+        self.prune()
+        with self._lock:
+            entry = self._entries.get(id_)
+        return None if entry is None or entry[0] is None or not entry[0].is_file() else entry[0]
+
+    def expires_at(self, id_: str) -> int | None:
+        with self._lock:
+            entry = self._entries.get(id_)
+        return None if entry is None or self.ttl_s is None else int(entry[1] + self.ttl_s)
+
+    def remove(self, id_: str) -> bool:
+        with self._lock:
+            entry = self._entries.pop(id_, None)
+        if entry is not None and entry[0] is not None:
+            entry[0].unlink(missing_ok=True)
+        return entry is not None
+
+    def prune(self) -> None:
+        dropped = []
+        now = time.time()
+        with self._lock:
+            while self._entries:
+                id_, (path, created) = next(iter(self._entries.items()))
+                if len(self._entries) <= self.keep and (self.ttl_s is None or now - created < self.ttl_s):
+                    break
+                self._entries.popitem(last=False)
+                dropped.append((id_, path))
+        for id_, path in dropped:
+            if path is not None:
+                path.unlink(missing_ok=True)
+            if self.on_evict is not None:
+                self.on_evict(id_)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def close(self) -> None:
+        """Delete every file this store wrote (and the directory, when the store created it)."""
+        with self._lock:
+            entries, self._entries = list(self._entries.values()), collections.OrderedDict()
+        for path, _ in entries:
+            if path is not None:
+                path.unlink(missing_ok=True)
+        if self.owned:
+            shutil.rmtree(self.root, ignore_errors=True)

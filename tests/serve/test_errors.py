@@ -1,0 +1,154 @@
+"""Every refused request answers in OpenAI's error format, and a failing generation fails only its own request."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import openai
+import pytest
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+# (body, status, param, code)
+IMAGE_CASES = {
+    "malformed json": (b'{"prompt": "x",', 400, None, "invalid_json"),
+    "not an object": (b'["a cat"]', 400, None, "invalid_json"),
+    "missing prompt": ({"size": "32x32"}, 400, "prompt", "missing_required_parameter"),
+    "empty prompt": ({"prompt": ""}, 400, "prompt", "invalid_value"),
+    "blank prompt": ({"prompt": "   "}, 400, "prompt", "invalid_value"),
+    "unknown field": ({"prompt": "x", "num_inference_step": 2}, 400, "num_inference_step", "unknown_parameter"),
+    "malformed size": ({"prompt": "x", "size": "big"}, 400, "size", "invalid_value"),
+    "size the model cannot make": ({"prompt": "x", "size": "33x32"}, 400, "size", "invalid_value"),
+    "size over max pixels": ({"prompt": "x", "size": "2048x2048"}, 400, "size", "invalid_value"),
+    "n over max n": ({"prompt": "x", "n": 5}, 400, "n", "invalid_value"),
+    "n zero": ({"prompt": "x", "n": 0}, 400, "n", "invalid_value"),
+    "n not a number": ({"prompt": "x", "n": "two"}, 400, "n", "invalid_value"),
+    "n a boolean": ({"prompt": "x", "n": True}, 400, "n", "invalid_value"),
+    "steps over max steps": ({"prompt": "x", "num_inference_steps": 101}, 400, "num_inference_steps", "invalid_value"),
+    "steps zero": ({"prompt": "x", "num_inference_steps": 0}, 400, "num_inference_steps", "invalid_value"),
+    "negative seed": ({"prompt": "x", "seed": -1}, 400, "seed", "invalid_value"),
+    "guidance out of range": ({"prompt": "x", "guidance_scale": 1e9}, 400, "guidance_scale", "invalid_value"),
+    "unsupported response_format": ({"prompt": "x", "response_format": "gif"}, 400, "response_format", "invalid_value"),
+    "unsupported output_format": ({"prompt": "x", "output_format": "svg"}, 400, "output_format", "invalid_value"),
+    "streaming": ({"prompt": "x", "stream": True}, 400, "stream", "invalid_value"),
+    "transparent background": ({"prompt": "x", "background": "transparent"}, 400, "background", "invalid_value"),
+    "negative prompt on flux": ({"prompt": "x", "negative_prompt": "blur"}, 400, "negative_prompt", "invalid_value"),
+    "another model": ({"prompt": "x", "model": "dall-e-3"}, 404, "model", "model_not_found"),
+}
+
+
+def _check_error(response: httpx.Response, status: int, param, code) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == ERROR_KEYS and error["message"]
+    assert error["param"] == param and error["code"] == code
+    return error
+
+
+@pytest.mark.parametrize("case", sorted(IMAGE_CASES))
+def test_image_request_errors(image_server, case):
+    body, status, param, code = IMAGE_CASES[case]
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(f"{image_server.url}/v1/images/generations", **kwargs)
+    error = _check_error(r, status, param, code)
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_video_request_to_an_image_model(image_server):
+    r = httpx.post(f"{image_server.url}/v1/videos", json={"prompt": "a wave"})
+    error = _check_error(r, 400, "model", "model_not_supported")
+    assert "image model" in error["message"] and "/v1/images/generations" in error["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        image_server.client().videos.create(prompt="a wave")
+    assert info.value.code == "model_not_supported"
+
+
+@pytest.mark.parametrize("method,path,status,code", [
+    ("GET", "/v1/nothing", 404, "not_found"),
+    ("PUT", "/v1/images/generations", 405, None),
+    ("GET", "/v1/videos?limit=0", 400, "invalid_value"),
+    ("GET", "/v1/videos/video_0123", 404, "not_found"),
+    ("GET", "/v1/images/img_..%2F..%2Fetc%2Fpasswd/content", 404, "not_found"),
+    ("GET", "/v1/images/../../../../etc/passwd/content", 404, "not_found"),
+    ("DELETE", "/v1/videos/..%2Fx", 404, "not_found"),
+    ("GET", "/v1/models/dall-e-3", 404, "model_not_found"),
+])
+def test_route_errors(image_server, method, path, status, code):
+    r = httpx.request(method, f"{image_server.url}{path}")
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert set(error) == ERROR_KEYS and error["code"] == code
+
+
+def test_body_size_limit(image_server):
+    big = b'{"prompt": "' + b"x" * (2 << 20) + b'"}'
+    r = httpx.post(f"{image_server.url}/v1/images/generations", content=big)
+    _check_error(r, 413, None, "request_too_large")
+
+    def chunks():  # no Content-Length: the limit still holds
+        for _ in range(40):
+            yield b"y" * (64 << 10)
+
+    r = httpx.post(f"{image_server.url}/v1/images/generations", content=chunks())
+    _check_error(r, 413, None, "request_too_large")
+
+
+def _post(server, prompt, seed):
+    return httpx.post(f"{server.url}/v1/images/generations", timeout=120,
+                      json={"prompt": prompt, "size": "32x32", "seed": seed})
+
+
+def _wait(condition, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def test_failed_generation_fails_only_its_request(image_server):
+    engine, pipe = image_server.engine, image_server.pipe
+    pipe.gate.clear()
+    calls_before = len(pipe.calls)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        blocker = pool.submit(_post, image_server, "blocker", 1)
+        _wait(lambda: engine._running)
+        bad = pool.submit(_post, image_server, "explode now", 2)
+        _wait(lambda: engine.queue_depth == 1)
+        good = pool.submit(_post, image_server, "a good one", 3)
+        _wait(lambda: engine.queue_depth == 2)
+        pipe.gate.set()
+        bad, good, blocker = bad.result(120), good.result(120), blocker.result(120)
+    error = _check_error(bad, 500, None, "out_of_memory")
+    assert error["type"] == "server_error" and "out of memory" in error["message"]
+    assert good.status_code == 200 and blocker.status_code == 200
+    calls = pipe.calls[calls_before:]
+    assert ["explode now", "a good one"] in calls  # batched together, failed, then retried alone
+    assert ["explode now"] in calls and ["a good one"] in calls
+    assert httpx.get(f"{image_server.url}/health").status_code == 200
+    assert _post(image_server, "after the failure", 4).status_code == 200
+    assert 'diffc_errors_total{reason="out_of_memory"} 1.0' in httpx.get(f"{image_server.url}/metrics").text
+
+
+def test_not_ready_answers_503_until_loaded_and_warmed(serve):
+    import threading
+
+    release = threading.Event()
+
+    def slow_load(pipe):
+        assert release.wait(60)
+        return pipe
+
+    server = serve(wrap=slow_load, wait_ready=False)
+    try:
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        r = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "too early"})
+        error = _check_error(r, 503, None, "model_not_ready")
+        assert error["type"] == "server_error" and r.headers["retry-after"] == "5"
+    finally:
+        release.set()
+    assert server.engine.wait_ready(120)
+    assert httpx.get(f"{server.url}/health").status_code == 200
