@@ -102,7 +102,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         yield
         await anyio.to_thread.run_sync(engine.shutdown, shutdown_timeout_s)
 
-    app = FastAPI(title="diffc", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="diffc", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.engine, app.state.api_key = engine, api_key or None
     app.include_router(public)
     app.include_router(v1)

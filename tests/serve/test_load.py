@@ -36,13 +36,23 @@ def test_concurrent_mixed_sizes_each_get_their_own_answer(image_server, demo_ckp
         return client.images.generate(prompt=req["prompt"], size=req["size"], n=req["n"],
                                       response_format="b64_json", extra_body=extra)
 
-    with concurrent.futures.ThreadPoolExecutor(N_REQUESTS) as pool:
-        results = list(pool.map(call, requests, timeout=300))
+    # hold the worker until every request is queued, so they all compete for batches at once
+    image_server.pipe.gate.clear()
+    with concurrent.futures.ThreadPoolExecutor(N_REQUESTS + 1) as pool:
+        blocker = pool.submit(client.images.generate, prompt="blocker", size="32x32", extra_body={"seed": 0})
+        futures = [pool.submit(call, req) for req in requests]
+        deadline = time.monotonic() + 120
+        while engine.queue_depth < N_REQUESTS:
+            assert time.monotonic() < deadline and not any(f.done() for f in futures), "requests did not queue"
+            time.sleep(0.01)
+        image_server.pipe.gate.set()
+        results = [f.result(timeout=300) for f in futures]
+        assert len(blocker.result(timeout=60).data) == 1
 
     # every request got exactly its n images, at its size, with its seeds
     expected_samples = sum(r["n"] for r in requests)
-    assert engine.counters.samples - samples_before == expected_samples
-    assert engine.counters.max_batch_seen > 1, "no two requests were ever batched together"
+    assert engine.counters.samples - samples_before == expected_samples + 1  # + the blocker
+    assert engine.counters.max_batch_seen == engine.limits.max_batch
     assert engine.counters.batches - batches_before < expected_samples
     refs = _references(demo_ckpt("flux"), requests)
     for req, result in zip(requests, results, strict=True):
