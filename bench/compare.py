@@ -1,0 +1,310 @@
+"""diffc vs diffusers, side by side, in one process on one device, at real model sizes with random weights.
+
+    python -m bench.compare --model flux-dev --height 1024 --width 1024 --steps 28
+    python -m bench.compare --model wan-1.3b --height 480 --width 832 --num-frames 81
+
+For each configuration (diffusers eager, diffusers + regional torch.compile, diffc eager) it measures the
+DiT forward, the VAE decode, the text encode and a whole generation, with peak memory, achieved TFLOP/s
+against the measured matmul ceiling and PSNR against diffusers' output; results go to
+``<out-dir>/<gpu>-<date>-<model>.{json,md,png}``. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .build import build_diffusers_models, ensure_checkpoint, native_like
+from .engines import ENGINES, Engine
+from .families import FAMILIES, INPUT_SEED
+from .measure import (allocated_gb, free_memory, matmul_ceiling, peak_memory, psnr_uint8, rel_err, stats,
+                      time_calls)
+from .report import environment, output_paths, summary_text, write_results
+from .specs import SPECS, BenchSpec, Workload
+from .flops import tflops_per_s
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One configuration under test: which engine, and what is done to it before measuring."""
+
+    name: str
+    engine: str
+    setup: Callable[[Engine], str | None] = lambda engine: None
+    on_cpu_by_default: bool = True
+
+
+# In run order: the eager pair first, so that a run cut short still has diffc against diffusers (this
+# costs a second diffusers load when compile is measured too).
+CONFIGS: dict[str, Config] = {c.name: c for c in (
+    Config("diffusers-eager", "diffusers"),
+    Config("diffc-eager", "diffc"),
+    Config("diffusers-compile", "diffusers", setup=lambda e: e.regional_compile(), on_cpu_by_default=False),
+)}
+
+_T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    print(f"[bench +{time.perf_counter() - _T0:6.1f}s] {message}", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, choices=sorted(SPECS), help="named workload (bench/specs.py)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--num-frames", type=int, help="video models only")
+    p.add_argument("--steps", type=int, help="denoising steps of the end-to-end generation")
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--max-sequence-length", type=int, help="text tokens (default: the family's, 512)")
+    p.add_argument("--repeats", type=int, default=10, help="timed DiT forwards after warm-up (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed DiT forwards first (compilation happens here)")
+    p.add_argument("--configs", help=f"comma list of {', '.join(CONFIGS)} (default: all; on a CPU no compile)")
+    p.add_argument("--skip-e2e", action="store_true",
+                   help="DiT forward and VAE decode only, no checkpoint, no text encoders, no generation")
+    p.add_argument("--ckpt-dir", help="where the random-weight pipeline is saved (default /tmp/diffc-bench/<model>)")
+    p.add_argument("--rebuild-ckpt", action="store_true", help="rebuild the checkpoint even if one is present")
+    p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("--dtype", help="bf16 (GPU default), fp16 or fp32 (CPU default)")
+    p.add_argument("--device", help="cuda (default when present) or cpu")
+    p.add_argument("--ceiling-size", type=int, help="matmul size for the ceiling (default 8192 on GPU, 256 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default=Workload.prompt)
+    return p.parse_args(argv)
+
+
+def select_configs(text: str | None, device: torch.device) -> list[Config]:
+    if text is None:
+        return [c for c in CONFIGS.values() if device.type == "cuda" or c.on_cpu_by_default]
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        raise SystemExit(f"--configs: unknown {unknown or 'empty list'}; accepted: {', '.join(CONFIGS)}")
+    return [c for c in CONFIGS.values() if c.name in names]  # run order, whatever order was asked
+
+
+@dataclasses.dataclass
+class Run:
+    """What the configurations share: the workload, fixed inputs and the reference outputs."""
+
+    spec: BenchSpec
+    wl: Workload
+    device: torch.device
+    dtype: torch.dtype
+    args: argparse.Namespace
+    e2e: bool
+    flops: int
+    ceiling_tflops: float | None
+    inputs: dict[str, Any]
+    latents: torch.Tensor
+    ref_name: str  # the configuration the others are compared with (diffusers eager when it runs)
+    ref_forward: torch.Tensor | None = None
+    ref_decode: torch.Tensor | None = None
+    ref_output: Any = None
+    components: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+
+def open_engine(kind: str, run: Run, ckpt: str | None, shared: dict | None) -> tuple[Engine, dict[str, Any]]:
+    family = FAMILIES[run.spec.family]
+    before = allocated_gb(run.device)
+    start = time.perf_counter()
+    if ckpt is not None:
+        engine = ENGINES[kind].from_checkpoint(family, ckpt, run.device, run.dtype)
+    elif kind == "diffusers":
+        engine = ENGINES[kind](family, run.device, run.dtype, shared["transformer"], shared["vae"])
+    else:
+        engine = ENGINES[kind](family, run.device, run.dtype,
+                               native_like(shared["transformer"], family.native_transformer, run.spec.transformer),
+                               native_like(shared["vae"], family.native_vae, run.spec.vae))
+    info = {"load_s": time.perf_counter() - start, "from": "checkpoint" if ckpt else "shared in-memory weights"}
+    if before is not None:
+        info["weights_gb"] = allocated_gb(run.device) - before
+    return engine, info
+
+
+def measure_components(engine: Engine, run: Run, is_ref: bool) -> dict[str, Any]:
+    """VAE decode and text encode: once per engine (compiling the DiT does not change them)."""
+    warmup, repeats, dev = min(run.args.warmup, 2), min(run.args.repeats, 5), run.device
+    out: dict[str, Any] = {}
+    with peak_memory(dev) as peak:
+        timed = time_calls(lambda: engine.decode(run.latents), warmup, repeats, dev)
+    decoded = timed.output.to(device="cpu", dtype=torch.float32)
+    timed.output = None
+    out.update(vae_decode_ms=stats(timed.times_ms), vae_peak_gb=peak["peak_gb"])
+    if is_ref:
+        run.ref_decode = decoded
+    elif run.ref_decode is not None:
+        out["vae_rel_err"] = rel_err(decoded, run.ref_decode)
+    del decoded
+    if engine.has_pipeline:
+        with peak_memory(dev) as peak:
+            timed = time_calls(lambda: engine.encode(run.wl), warmup, repeats, dev)
+        out.update(text_encode_ms=stats(timed.times_ms), text_peak_gb=peak["peak_gb"])
+    return out
+
+
+def measure(config: Config, engine: Engine, run: Run, r: dict[str, Any]) -> None:
+    """Fill ``r`` with one configuration's figures (in place, so a failure keeps what was measured)."""
+    dev, args, is_ref = run.device, run.args, config.name == run.ref_name
+    r["setup"] = config.setup(engine)
+    log(f"{config.name}: DiT forward x{args.warmup}+{args.repeats}")
+    with peak_memory(dev) as peak:
+        timed = time_calls(lambda: engine.forward(run.inputs), args.warmup, args.repeats, dev)
+    out = timed.output.to(device="cpu", dtype=torch.float32)
+    timed.output = None
+    median = timed.median_ms
+    tflops = tflops_per_s(run.flops, median)
+    r.update(dit_forward_ms=stats(timed.times_ms), dit_first_call_s=timed.first_call_s, dit_peak_gb=peak["peak_gb"],
+             dit_tflops=tflops, dit_ceiling_frac=tflops / run.ceiling_tflops if tflops and run.ceiling_tflops else None,
+             dit_output_finite=bool(torch.isfinite(out).all()))
+    if is_ref:
+        run.ref_forward = out
+    elif run.ref_forward is not None:
+        r["dit_rel_err"] = rel_err(out, run.ref_forward)
+    del out
+    log(f"{config.name}: DiT forward {median:.2f} ms (first call {timed.first_call_s:.1f} s)")
+
+    if engine.kind not in run.components:
+        log(f"{config.name}: VAE decode" + (" and text encode" if engine.has_pipeline else ""))
+        run.components[engine.kind] = dict(measure_components(engine, run, is_ref), measured_in=config.name)
+    r.update(run.components[engine.kind])
+    free_memory(dev)
+
+    if run.e2e and engine.has_pipeline:
+        log(f"{config.name}: warm-up generation (1 step), then {run.wl.steps} steps")
+        engine.generate(run.wl, steps=1)
+        with peak_memory(dev) as peak:
+            gen = engine.generate(run.wl, run.wl.steps)
+        per_step = FAMILIES[run.spec.family].forwards_per_step(run.wl) * run.flops
+        r.update(e2e_s=gen.wall_s, step_ms=stats(gen.step_ms) if gen.step_ms else None,
+                 e2e_peak_gb=gen.peak_gb if gen.peak_gb is not None else peak["peak_gb"],
+                 stages_s=gen.stages_s, stage_peak_gb=gen.stage_peak_gb, output_shape=list(gen.output.shape),
+                 output_std=float(gen.output.std()))
+        if gen.step_ms:
+            r["step_tflops"] = tflops_per_s(per_step, r["step_ms"]["median"])
+        if is_ref:
+            run.ref_output = gen.output
+        elif run.ref_output is not None:
+            r["psnr_db"] = psnr_uint8(gen.output, run.ref_output)
+        log(f"{config.name}: generation {gen.wall_s:.2f} s" + (f", PSNR {r['psnr_db']:.2f} dB" if "psnr_db" in r else ""))
+
+
+def quiet_libraries() -> None:
+    """Truncation warnings (repeated at every call) and loading progress bars would bury the summary."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("diffc").setLevel(logging.ERROR)
+    for name in ("diffusers", "transformers"):
+        try:
+            lib_logging = importlib.import_module(f"{name}.utils.logging")
+        except ImportError:
+            continue
+        lib_logging.set_verbosity_error()
+        lib_logging.disable_progress_bar()
+
+
+def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Path], bool]:
+    from diffc.loader.pipeline import resolve_device, resolve_dtype
+
+    quiet_libraries()
+    try:
+        importlib.import_module("diffusers")
+    except ImportError as exc:
+        raise SystemExit(f"diffusers is needed (it builds the random-weight models and is the baseline): {exc}. "
+                         "On a machine without network, carry its wheel: see bench/README.md") from None
+    spec = SPECS[args.model]
+    family = FAMILIES[spec.family]
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    wl = Workload.from_spec(spec, height=args.height, width=args.width, num_frames=args.num_frames, steps=args.steps,
+                            guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
+                            seed=args.seed, prompt=args.prompt)
+    configs = select_configs(args.configs, device)
+    env = environment(device, sys.argv if args.argv is None else ["-m", "bench.compare", *args.argv])
+    paths = output_paths(Path(args.out_dir), env, spec.name)
+    flops = family.dit_flops(spec, wl)
+    result: dict[str, Any] = {
+        "schema": 1, "model": spec.name, "source": spec.source, "env": env, "dtype": str(dtype).replace("torch.", ""),
+        "workload": dataclasses.asdict(wl), "e2e": not args.skip_e2e,
+        "settings": {"repeats": args.repeats, "warmup": args.warmup, "input_seed": INPUT_SEED},
+        "flops": dict(flops.to_dict(), forwards_per_step=family.forwards_per_step(wl)),
+        "notes": [n for n in (family.note,) if n],
+        "configs": {c.name: {"engine": c.engine} for c in configs},
+        "reference": "diffusers-eager" if "diffusers-eager" in [c.name for c in configs] else configs[0].name,
+    }
+    log(f"{spec.name} on {env['gpu']} ({dtype}): {wl.height}x{wl.width}"
+        + (f"x{wl.num_frames}" if wl.num_frames else "") + f", {wl.steps} steps; configs: {', '.join(result['configs'])}")
+
+    size = args.ceiling_size or (8192 if device.type == "cuda" else 256)
+    result["matmul_ceiling"] = matmul_ceiling(device, dtype, size)
+    log(f"matmul {size}^3 {result['matmul_ceiling']['dtype']}: {result['matmul_ceiling']['tflops']:.1f} TFLOP/s")
+
+    ckpt, shared = None, None
+    if args.skip_e2e:
+        shared = build_diffusers_models(spec, device, dtype)
+    else:
+        root = Path(args.ckpt_dir or f"/tmp/diffc-bench/{spec.name}")
+        result["checkpoint"] = ensure_checkpoint(spec, root, device, dtype, rebuild=args.rebuild_ckpt, log=log)
+        ckpt = result["checkpoint"]["path"]
+    latent_gen = torch.Generator("cpu").manual_seed(INPUT_SEED + 1)
+    run = Run(spec, wl, device, dtype, args, not args.skip_e2e, flops.total, result["matmul_ceiling"]["tflops"],
+              family.dit_inputs(spec, wl, device, dtype),
+              torch.randn(family.latent_shape(spec, wl), generator=latent_gen).to(device, dtype), result["reference"])
+
+    engine, load_info, failed = None, None, False
+    for config in configs:
+        r = result["configs"][config.name]
+        try:
+            if engine is None or engine.kind != config.engine:
+                compiled, engine = engine is not None and engine.compiled, None
+                release(device, compiled)
+                log(f"loading {config.engine}")
+                engine, load_info = open_engine(config.engine, run, ckpt, shared)
+                log(f"loaded {config.engine} in {load_info['load_s']:.1f} s")
+            r["load"] = load_info
+            measure(config, engine, run, r)
+        except Exception as exc:  # keep going: one failing configuration must not lose the others
+            failed = True
+            r["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            r["traceback"] = traceback.format_exc()[-4000:]
+            log(f"{config.name} FAILED: {r['error'][:300]}")
+            if engine is not None and engine.compiled:  # a broken compiled engine is not reused
+                engine = None
+                release(device, compiled=True)
+            free_memory(device)
+        write_results(result, paths)  # after every configuration: a run cut short keeps what it measured
+    compiled, engine = engine is not None and engine.compiled, None
+    release(device, compiled)
+    result["total_s"] = time.perf_counter() - _T0
+    write_results(result, paths)
+    return result, paths, failed
+
+
+def release(device: torch.device, compiled: bool) -> None:
+    """Free what the last engine left (the caller has dropped its reference), compiled code included."""
+    if compiled:
+        torch._dynamo.reset()
+    free_memory(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.argv = argv
+    result, paths, failed = run_bench(args)
+    print(summary_text(result))
+    print("wrote " + ", ".join(str(p) for p in paths.values() if p.exists()))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

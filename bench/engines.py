@@ -1,0 +1,169 @@
+"""The two engines under test behind one interface: DiT forward, VAE decode, text encode, generation.
+
+An engine is loaded either from a saved checkpoint (``diffusers.<Pipeline>.from_pretrained`` or
+``diffc.load``: the whole pipeline, for end-to-end runs) or, with ``--skip-e2e``, as bare DiT + VAE
+modules sharing one set of random weights in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from .families import Family
+from .measure import StepTimer, sync
+from .specs import Workload
+
+log = logging.getLogger("bench")
+
+
+@dataclasses.dataclass
+class Generation:
+    output: np.ndarray  # uint8 image (H, W, 3) or video (F, H, W, 3)
+    wall_s: float
+    step_ms: list[float]
+    stages_s: dict[str, float] | None = None  # diffc's per-stage wall times
+    stage_peak_gb: dict[str, float] | None = None
+    peak_gb: float | None = None
+
+
+def _first(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+class Engine:
+    """Common parts; ``kind`` is "diffusers" or "diffc"."""
+
+    kind = ""
+
+    def __init__(self, family: Family, device: torch.device, dtype: torch.dtype, transformer, vae, pipe=None):
+        self.family, self.device, self.dtype = family, device, dtype
+        self.transformer, self.vae, self.pipe = transformer, vae, pipe
+        self.compiled = False
+
+    @property
+    def has_pipeline(self) -> bool:
+        return self.pipe is not None
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return _first(self.vae.decode(latents.to(next(self.vae.parameters()).dtype)))
+
+    def regional_compile(self) -> str:
+        """torch.compile each repeated block (FLUX's two block kinds, Wan's blocks) with fullgraph=True."""
+        model = self.transformer
+        self.compiled = True
+        if hasattr(model, "compile_repeated_blocks"):
+            model.compile_repeated_blocks(fullgraph=True)
+            return "compile_repeated_blocks(fullgraph=True)"
+        for block in self.repeated_blocks():
+            block.compile(fullgraph=True)
+        return "torch.compile(fullgraph=True) on each repeated block"
+
+    def repeated_blocks(self) -> list[torch.nn.Module]:
+        """diffc's ``_repeated_blocks`` names ModuleList attributes; diffusers' names block classes."""
+        model, names = self.transformer, set(self.transformer._repeated_blocks)
+        lists = [getattr(model, n) for n in names if isinstance(getattr(model, n, None), torch.nn.ModuleList)]
+        if lists:
+            return [block for blocks in lists for block in blocks]
+        return [m for m in model.modules() if type(m).__name__ in names]
+
+
+class DiffusersEngine(Engine):
+    kind = "diffusers"
+
+    @classmethod
+    def from_checkpoint(cls, family: Family, path: str, device: torch.device, dtype: torch.dtype) -> "DiffusersEngine":
+        import diffusers
+
+        pipe_cls = getattr(diffusers, family.diffusers_pipeline)
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+        if device.type == "cuda":
+            try:  # straight onto the GPU (needs accelerate); fall back to a CPU load and a move
+                pipe = pipe_cls.from_pretrained(path, torch_dtype=dtype, device_map=str(device))
+            except (ValueError, NotImplementedError, ImportError) as exc:
+                log.warning("device_map load failed (%s); loading on the CPU and moving", exc)
+                pipe = pipe_cls.from_pretrained(path, torch_dtype=dtype).to(device)
+        else:
+            pipe = pipe_cls.from_pretrained(path, torch_dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(family, device, dtype, pipe.transformer, pipe.vae, pipe)
+
+    def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.transformer(**inputs, return_dict=False)[0]
+
+    def encode(self, wl: Workload) -> None:
+        with torch.no_grad():
+            self.family.diffusers_encode(self.pipe, wl)
+
+    def generate(self, wl: Workload, steps: int) -> Generation:
+        timer = StepTimer(self.device)
+        hook = self.pipe.transformer.register_forward_pre_hook(timer.begin)
+
+        def on_step_end(_pipe, _i, _t, _kwargs):
+            timer.end()
+            return {}
+
+        kwargs = dict(self.family.call_kwargs(wl), num_inference_steps=steps)
+        try:
+            sync(self.device)
+            start = time.perf_counter()
+            out = self.pipe(wl.prompt, generator=torch.Generator("cpu").manual_seed(wl.seed), output_type="np",
+                            callback_on_step_end=on_step_end, **kwargs)
+            sync(self.device)
+            wall = time.perf_counter() - start
+        finally:
+            hook.remove()
+        return Generation(self.family.diffusers_output(out), wall, timer.step_ms())
+
+
+class DiffcEngine(Engine):
+    kind = "diffc"
+
+    @classmethod
+    def from_checkpoint(cls, family: Family, path: str, device: torch.device, dtype: torch.dtype) -> "DiffcEngine":
+        import diffc
+
+        pipe = diffc.load(path, device=device, dtype=dtype)
+        return cls(family, device, dtype, pipe.components["transformer"], pipe.components["vae"], pipe)
+
+    def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
+        with torch.no_grad():
+            return self.transformer(**inputs)
+
+    def encode(self, wl: Workload) -> None:
+        from diffc.pipelines.stages import RunContext
+        from diffc.runtime.perf import PerfRecorder
+
+        pipe = self.pipe
+        request = pipe.resolve(prompt=wl.prompt, **self.family.call_kwargs(wl))
+        state = dataclasses.asdict(request)
+        state.update(prompt=request.prompts, seeds=[wl.seed])
+        stage = next(s for s in pipe.graph.stages if s.name == "encode_prompt")
+        ctx = RunContext(pipe.components, pipe.device, pipe.dtype, PerfRecorder(pipe.device), progress=False)
+        with torch.inference_mode():
+            stage.fn(ctx, {k: state[k] for k in stage.inputs})
+
+    def generate(self, wl: Workload, steps: int) -> Generation:
+        kwargs = dict(self.family.call_kwargs(wl), num_inference_steps=steps)
+        sync(self.device)
+        start = time.perf_counter()
+        out = self.pipe.generate(wl.prompt, seed=wl.seed, progress=False, **kwargs)
+        sync(self.device)
+        wall = time.perf_counter() - start
+        t = out.timings
+        to_gb = (lambda mb: None if mb is None else mb / 1024)
+        return Generation(self.family.diffc_output(out), wall, list(t.step_ms), dict(t.stages),
+                          {k: to_gb(v) for k, v in t.stage_peak_memory_mb.items()}, to_gb(t.peak_memory_mb))
+
+
+ENGINES = {"diffusers": DiffusersEngine, "diffc": DiffcEngine}

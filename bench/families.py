@@ -1,0 +1,151 @@
+"""What differs between model families in the benchmark: classes, DiT inputs, latent shapes, call arguments.
+
+Each family is one ``Family`` entry of plain functions; the harness never branches on a family name.
+DiT inputs have exactly the shapes and dtypes the pipelines pass at each denoising step (batch 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from diffc.pipelines.flux import latent_image_ids
+
+from .flops import Flops, flux_dit_flops, wan_dit_flops
+from .specs import BenchSpec, Workload
+
+INPUT_SEED = 1234
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    diffusers_pipeline: str
+    diffusers_transformer: str
+    diffusers_vae: str
+    native_transformer: str  # diffc registry name (= diffusers class name)
+    native_vae: str
+    latent_shape: Callable[[BenchSpec, Workload], tuple[int, ...]]  # raw VAE latents (batch 1)
+    dit_inputs: Callable[[BenchSpec, Workload, torch.device, torch.dtype], dict[str, Any]]
+    dit_flops: Callable[[BenchSpec, Workload], Flops]  # one batch-1 forward
+    forwards_per_step: Callable[[Workload], int]  # batch-1 forwards' worth of work per denoising step
+    call_kwargs: Callable[[Workload], dict[str, Any]]  # shared by diffusers' __call__ and diffc's generate
+    diffusers_encode: Callable[[Any, Workload], Any]
+    diffusers_output: Callable[[Any], np.ndarray]  # pipeline output -> uint8 array of the first sample
+    diffc_output: Callable[[Any], np.ndarray]
+    note: str = ""  # how the engines' steps differ, for the report
+
+
+def _randn(shape, gen, device, dtype) -> torch.Tensor:
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    return (np.asarray(array, dtype=np.float32) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------- FLUX
+
+
+def _flux_latent_hw(spec: BenchSpec, wl: Workload) -> tuple[int, int]:
+    f = 2 ** (len(spec.vae.block_out_channels) - 1)
+    return 2 * (wl.height // (f * 2)), 2 * (wl.width // (f * 2))
+
+
+def _flux_latent_shape(spec: BenchSpec, wl: Workload) -> tuple[int, ...]:
+    return (1, spec.vae.latent_channels, *_flux_latent_hw(spec, wl))
+
+
+def _flux_inputs(spec: BenchSpec, wl: Workload, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    cfg, gen = spec.transformer, torch.Generator("cpu").manual_seed(INPUT_SEED)
+    h, w = _flux_latent_hw(spec, wl)
+    seq_img, seq_txt = (h // 2) * (w // 2), wl.max_sequence_length
+    inputs = {
+        "hidden_states": _randn((1, seq_img, cfg.in_channels), gen, device, dtype),
+        "encoder_hidden_states": _randn((1, seq_txt, cfg.joint_attention_dim), gen, device, dtype),
+        "pooled_projections": _randn((1, cfg.pooled_projection_dim), gen, device, dtype),
+        "timestep": torch.full((1,), 0.5, device=device, dtype=dtype),
+        "img_ids": latent_image_ids(h // 2, w // 2, device, dtype),
+        "txt_ids": torch.zeros(seq_txt, 3, device=device, dtype=dtype),
+    }
+    if cfg.guidance_embeds:
+        inputs["guidance"] = torch.full((1,), float(wl.guidance_scale), device=device, dtype=torch.float32)
+    return inputs
+
+
+def _flux_flops(spec: BenchSpec, wl: Workload) -> Flops:
+    h, w = _flux_latent_hw(spec, wl)
+    return flux_dit_flops(spec.transformer, 1, (h // 2) * (w // 2), wl.max_sequence_length)
+
+
+def _flux_kwargs(wl: Workload) -> dict[str, Any]:
+    return dict(height=wl.height, width=wl.width, num_inference_steps=wl.steps, guidance_scale=wl.guidance_scale,
+                max_sequence_length=wl.max_sequence_length)
+
+
+def _flux_encode(pipe, wl: Workload):
+    return pipe.encode_prompt(prompt=wl.prompt, prompt_2=None, device=pipe._execution_device,
+                              max_sequence_length=wl.max_sequence_length)
+
+
+FLUX = Family(
+    name="flux", diffusers_pipeline="FluxPipeline", diffusers_transformer="FluxTransformer2DModel",
+    diffusers_vae="AutoencoderKL", native_transformer="FluxTransformer2DModel", native_vae="AutoencoderKL",
+    latent_shape=_flux_latent_shape, dit_inputs=_flux_inputs, dit_flops=_flux_flops,
+    forwards_per_step=lambda wl: 1, call_kwargs=_flux_kwargs, diffusers_encode=_flux_encode,
+    diffusers_output=lambda out: _to_uint8(out.images[0]),  # (H, W, 3)
+    diffc_output=lambda out: np.asarray(out.images[0]),
+)
+
+
+# ------------------------------------------------------------------------------------------ Wan
+
+
+def _wan_latent_shape(spec: BenchSpec, wl: Workload) -> tuple[int, ...]:
+    t, s = spec.vae.scale_factor_temporal, spec.vae.scale_factor_spatial
+    return (1, spec.vae.z_dim, (wl.num_frames - 1) // t + 1, wl.height // s, wl.width // s)
+
+
+def _wan_inputs(spec: BenchSpec, wl: Workload, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    cfg, gen = spec.transformer, torch.Generator("cpu").manual_seed(INPUT_SEED)
+    _, _, f, h, w = _wan_latent_shape(spec, wl)
+    return {
+        "hidden_states": _randn((1, cfg.in_channels, f, h, w), gen, device, dtype),
+        "timestep": torch.full((1,), 500, device=device, dtype=torch.int64),  # the schedulers' int64 timesteps
+        "encoder_hidden_states": _randn((1, wl.max_sequence_length, cfg.text_dim), gen, device, dtype),
+    }
+
+
+def _wan_flops(spec: BenchSpec, wl: Workload) -> Flops:
+    _, _, f, h, w = _wan_latent_shape(spec, wl)
+    return wan_dit_flops(spec.transformer, 1, f, h, w, wl.max_sequence_length)
+
+
+def _wan_kwargs(wl: Workload) -> dict[str, Any]:
+    return dict(height=wl.height, width=wl.width, num_frames=wl.num_frames, num_inference_steps=wl.steps,
+                guidance_scale=wl.guidance_scale, max_sequence_length=wl.max_sequence_length,
+                negative_prompt=wl.negative_prompt)
+
+
+def _wan_encode(pipe, wl: Workload):
+    return pipe.encode_prompt(prompt=wl.prompt, negative_prompt=wl.negative_prompt,
+                              do_classifier_free_guidance=wl.guidance_scale > 1.0,
+                              max_sequence_length=wl.max_sequence_length, device=pipe._execution_device)
+
+
+WAN = Family(
+    name="wan", diffusers_pipeline="WanPipeline", diffusers_transformer="WanTransformer3DModel",
+    diffusers_vae="AutoencoderKLWan", native_transformer="WanTransformer3DModel", native_vae="AutoencoderKLWan",
+    latent_shape=_wan_latent_shape, dit_inputs=_wan_inputs, dit_flops=_wan_flops,
+    forwards_per_step=lambda wl: 2 if wl.guidance_scale > 1.0 else 1,  # conditional + unconditional
+    call_kwargs=_wan_kwargs, diffusers_encode=_wan_encode,
+    diffusers_output=lambda out: _to_uint8(out.frames[0]),  # (F, H, W, 3)
+    diffc_output=lambda out: np.asarray(out.videos[0]),
+    note="With guidance, diffusers runs the conditional and unconditional DiT passes as two batch-1 forwards "
+         "per step, diffc as one batch-2 forward; the DiT forward row is batch 1 for both.",
+)
+
+FAMILIES: dict[str, Family] = {"flux": FLUX, "wan": WAN}

@@ -1,0 +1,112 @@
+"""CPU smoke test of the benchmark harness: bench.compare end to end on tiny specs (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.report import markdown, summary_text
+
+pytest.importorskip("diffusers")
+REPO = Path(__file__).resolve().parents[2]
+CONFIG_KEYS = {"engine", "load", "dit_forward_ms", "dit_first_call_s", "dit_peak_gb", "dit_tflops", "dit_ceiling_frac",
+               "dit_output_finite", "vae_decode_ms", "text_encode_ms", "e2e_s", "step_ms", "e2e_peak_gb"}
+
+
+def run_compare(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "bench.compare", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def results(out_dir: Path, model: str) -> tuple[dict, Path]:
+    (path,) = out_dir.glob(f"cpu-*-{model}.json")
+    return json.loads(path.read_text()), path
+
+
+@pytest.mark.parametrize("model,steps", [("flux-tiny", 3), ("wan-tiny", 2)])
+def test_end_to_end_on_cpu(tmp_path, model, steps):
+    out, ckpt = tmp_path / "results", tmp_path / "ckpt" / model
+    proc = run_compare("--model", model, "--out-dir", str(out), "--ckpt-dir", str(ckpt), "--steps", str(steps),
+                       "--repeats", "2", "--warmup", "1")
+    data, path = results(out, model)
+    assert {"env", "workload", "flops", "matmul_ceiling", "checkpoint", "configs", "reference"} <= set(data)
+    assert data["env"]["gpu"] == "cpu" and data["env"]["torch"] and "bench.compare" in data["env"]["command"]
+    assert list(data["configs"]) == ["diffusers-eager", "diffc-eager"]  # no compile on a CPU unless asked
+    assert data["reference"] == "diffusers-eager" and data["checkpoint"]["built"]
+    for name, r in data["configs"].items():
+        assert "error" not in r, r.get("traceback")
+        assert CONFIG_KEYS <= set(r), sorted(CONFIG_KEYS - set(r))
+        assert r["dit_output_finite"] and r["step_ms"]["n"] == steps
+    diffc = data["configs"]["diffc-eager"]
+    assert float(diffc["psnr_db"]) > 35.0  # fp32 on CPU: the same picture ("inf" when bit-identical)
+    assert diffc["dit_rel_err"] < 1e-4 and diffc["vae_rel_err"] < 1e-4
+    assert path.with_suffix(".md").read_text().count("| diffc-eager |") >= 2  # main and components tables
+    summary = proc.stdout[proc.stdout.index(f"== {model} on cpu"):]
+    assert "diffusers-eager" in summary and "diffc-eager" in summary and "wrote " in summary
+    pytest.importorskip("matplotlib")
+    assert path.with_suffix(".png").stat().st_size > 1000
+
+
+def test_skip_e2e_shares_weights_and_reuses_nothing_on_disk(tmp_path):
+    out = tmp_path / "results"
+    run_compare("--model", "flux-tiny", "--skip-e2e", "--out-dir", str(out), "--repeats", "1", "--warmup", "1",
+                "--configs", "diffc-eager,diffusers-eager")
+    data, _ = results(out, "flux-tiny")
+    assert list(data["configs"]) == ["diffusers-eager", "diffc-eager"]  # run order, whatever was asked
+    assert "checkpoint" not in data and not data["e2e"]
+    diffc = data["configs"]["diffc-eager"]
+    assert diffc["dit_rel_err"] < 1e-4 and "e2e_s" not in diffc and "text_encode_ms" not in diffc
+
+
+def test_unknown_config_is_refused():
+    proc = subprocess.run([sys.executable, "-m", "bench.compare", "--model", "flux-tiny", "--configs", "diffc-fast"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "diffc-fast" in proc.stderr and "diffusers-compile" in proc.stderr
+
+
+def test_report_ratios_and_errors():
+    def cfg(fwd, step, e2e, **extra):
+        return {"dit_forward_ms": {"median": fwd}, "step_ms": {"median": step, "all": [step] * 3}, "e2e_s": e2e, **extra}
+
+    result = {
+        "model": "m", "source": "s", "dtype": "bfloat16", "reference": "diffusers-eager",
+        "env": {"gpu": "NVIDIA H100", "time_utc": "t", "torch": "2", "command": "python3 -m bench.compare"},
+        "workload": {"width": 64, "height": 32, "num_frames": None, "steps": 3, "guidance_scale": 1.0,
+                     "max_sequence_length": 8, "seed": 0},
+        "flops": {"total_tflop": 1.0, "linear_tflop": 0.75, "attention_tflop": 0.25, "forwards_per_step": 1},
+        "matmul_ceiling": {"size": 8192, "dtype": "bfloat16", "tflops": 800.0},
+        "configs": {"diffusers-eager": cfg(100.0, 110.0, 4.0), "diffusers-compile": cfg(80.0, 90.0, 3.0),
+                    "diffc-eager": cfg(50.0, 55.0, 2.0, psnr_db=math.inf, dit_ceiling_frac=0.25),
+                    "diffc-broken": {"error": "OutOfMemoryError: CUDA out of memory"}},
+    }
+    md = markdown(result)
+    row = next(line for line in md.splitlines() if line.startswith("| diffc-eager |"))
+    assert "2.00×" in row and "1.60×" in row and "25%" in row and "∞" in row
+    assert "OutOfMemoryError" in md and "OutOfMemoryError" in summary_text(result)
+
+
+def test_checkpoint_is_reused_and_foreign_directories_are_refused(tmp_path):
+    from bench.build import ensure_checkpoint
+    from bench.specs import SPECS
+
+    out, ckpt = tmp_path / "results", tmp_path / "ckpt" / "wan-tiny"
+    args = ("--model", "wan-tiny", "--out-dir", str(out), "--ckpt-dir", str(ckpt), "--configs", "diffc-eager",
+            "--steps", "1", "--repeats", "1", "--warmup", "1")
+    run_compare(*args)
+    assert results(out, "wan-tiny")[0]["checkpoint"]["built"]
+    proc = run_compare(*args)
+    assert not results(out, "wan-tiny")[0]["checkpoint"]["built"] and "reusing checkpoint" in proc.stdout
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("not a checkpoint")
+    with pytest.raises(RuntimeError, match="not a diffc benchmark checkpoint"):
+        ensure_checkpoint(SPECS["wan-tiny"], foreign, torch.device("cpu"), torch.float32)
+    assert (foreign / "keep.txt").exists()
