@@ -1,0 +1,28 @@
+"""diffc's fused ops: ``torch.ops.diffc.*``, each with its torch reference, Triton kernel and fake.
+
+Importing this package registers every op. One module per op holds ``<op>_ref`` (the models' own
+math), the kernel, the launcher and a functional wrapper, e.g. ``diffc.ops.gelu_tanh.gelu_tanh``.
+Compile passes swap the models' unfused sequences for these ops; eager models never call them.
+:mod:`diffc.ops.registry` describes how an op is declared and dispatched (Triton on CUDA, Triton's
+interpreter on CPU under ``TRITON_INTERPRET=1``, else the torch reference).
+"""
+
+from . import adaln_modulate, gated_residual, gelu_tanh, qk_norm_rope, silu_mul, timestep_embedding
+from .registry import COUNTERS, REGISTERED, OpCounters, kernel_runs_on, register_op
+
+OPS = tuple(REGISTERED)  # names in the diffc namespace, e.g. "qk_norm_rope_per_head"
+
+__all__ = [
+    "COUNTERS",
+    "OPS",
+    "REGISTERED",
+    "OpCounters",
+    "adaln_modulate",
+    "gated_residual",
+    "gelu_tanh",
+    "kernel_runs_on",
+    "qk_norm_rope",
+    "register_op",
+    "silu_mul",
+    "timestep_embedding",
+]

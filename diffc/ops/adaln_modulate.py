@@ -1,0 +1,177 @@
+"""Fused adaptive LayerNorm: ``layer_norm(x) * (1 + scale) + shift`` in one pass over each token.
+
+Both models modulate an affine-free LayerNorm with per-sample (or per-token) scale and shift:
+
+- FLUX (``AdaNormZero``, ``AdaNormContinuous``, the MLP half of the double-stream block) computes in the
+  activations' dtype: bf16 LayerNorm output, then bf16 ``1 + scale``, product and sum;
+- Wan (``norm1``/``norm3`` with the float32 ``scale_shift_table`` modulation) computes all of it in
+  float32 and casts the result back to the activations' dtype.
+
+One rule covers both: the computation dtype is ``promote(x, scale, shift)``. The kernel computes in
+float32 and rounds where eager rounds (to bf16 after the LayerNorm, ``1 + scale``, the product and
+the sum when that dtype is bf16), so it matches eager up to the reduction order. The row kernel
+here also serves ``gated_residual_adaln`` through its residual prologue.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidArgumentError
+from .registry import (
+    broadcast_stride,
+    expect_dtype,
+    expect_float,
+    expect_same_device,
+    expect_shape,
+    expect_unit_last_stride,
+    next_pow2,
+    register_op,
+    tl,
+    triton_kernel,
+)
+
+LAYER_NORM_EPS = 1e-6  # FLUX's NORM_EPS and Wan's config.eps
+
+
+def adaln_modulate_ref(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = LAYER_NORM_EPS):
+    """The models' own math. x: (B, S, C); scale, shift: (B, 1, C) or (B, S, C) -> (B, S, C) in x's dtype."""
+    compute = torch.promote_types(x.dtype, torch.promote_types(scale.dtype, shift.dtype))
+    h = F.layer_norm(x.to(compute), x.shape[-1:], eps=eps)
+    return (h * (1 + scale) + shift).to(x.dtype)
+
+
+REDUCED = (torch.bfloat16, torch.float16)
+
+
+def rounds_modulation(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> bool:
+    """Eager modulates in x's reduced dtype when scale and shift share it (FLUX); Wan's fp32 ones do not."""
+    return x.dtype in REDUCED and scale.dtype == shift.dtype == x.dtype
+
+
+def rounds_product(y: torch.Tensor, gate: torch.Tensor | None) -> bool:
+    """Eager rounds ``y * gate`` to y's dtype when both share a reduced dtype (FLUX); fp32 gates do not (Wan)."""
+    return gate is not None and y.dtype in REDUCED and gate.dtype == y.dtype
+
+
+@triton_kernel
+def adaln_rows_kernel(
+    x_ptr, y_ptr, gate_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    S, C, eps,
+    sx_b, sx_s, sy_b, sy_s, sg_b, sg_s, sc_b, sc_s, sh_b, sh_s, sr_b, sr_s, so_b, so_s,
+    RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ROUND_PRODUCT: tl.constexpr, ROUND_MODULATE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # one program per token row (b, s)
+    # x, y, res, out: (B, S, C) with strides (s?_b, s?_s, 1); gate, scale, shift: (B, 1|S, C), stride 0 if 1
+    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * S * C can pass 2^31
+    b = row // S
+    s = row % S
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    act = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + b * sx_b + s * sx_s + cols, mask=mask, other=0.0)
+    if RESIDUAL:
+        # res = x + gate * y, stored in x's dtype (the residual stream)
+        y = tl.load(y_ptr + b * sy_b + s * sy_s + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            g = tl.load(gate_ptr + b * sg_b + s * sg_s + cols, mask=mask, other=0.0).to(tl.float32)
+            y = g * y
+            if ROUND_PRODUCT:
+                y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+        x = (x.to(tl.float32) + y).to(act)
+        tl.store(res_ptr + b * sr_b + s * sr_s + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    mean = tl.sum(xf, axis=0) / C
+    xc = tl.where(mask, xf - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / C
+    h = xc * tl.rsqrt(var + eps)  # (BLOCK_C,) fp32
+    scale = tl.load(scale_ptr + b * sc_b + s * sc_s + cols, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + b * sh_b + s * sh_s + cols, mask=mask, other=0.0).to(tl.float32)
+    if ROUND_MODULATE:
+        h = h.to(act).to(tl.float32)
+        h = (h * (1.0 + scale).to(act).to(tl.float32)).to(act).to(tl.float32)
+        out = h + shift
+    else:
+        out = h * (1.0 + scale) + shift
+    tl.store(out_ptr + b * so_b + s * so_s + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def check_modulation(field: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    """scale / shift / gate: (B or 1, 1 or S, C) floating point, last dimension dense."""
+    batch, seq, dim = x.shape
+    if not (t.ndim == 3 and t.shape[0] in (1, batch) and t.shape[1] in (1, seq) and t.shape[2] == dim):
+        raise InvalidArgumentError(
+            field, f"expected shape ({batch}, 1, {dim}) or ({batch}, {seq}, {dim}), got {tuple(t.shape)}"
+        )
+    expect_float(field, t)
+    expect_unit_last_stride(field, t)
+
+
+def check_rows(field: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    """A (B, S, C) activation with x's dtype."""
+    expect_shape(field, t, tuple(x.shape))
+    expect_dtype(field, t, x.dtype)
+    expect_unit_last_stride(field, t)
+
+
+def _check(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    if x.ndim != 3:
+        raise InvalidArgumentError("x", f"expected shape (batch, seq, dim), got {tuple(x.shape)}")
+    expect_float("x", x)
+    expect_unit_last_stride("x", x)
+    check_modulation("scale", scale, x)
+    check_modulation("shift", shift, x)
+    expect_dtype("shift", shift, scale.dtype)
+    check_rows("out", out, x)
+    expect_same_device({"x": x, "scale": scale, "shift": shift, "out": out})
+
+
+def launch_rows(x, y, gate, scale, shift, eps, residual_out, out) -> None:
+    """Launch ``adaln_rows_kernel``; ``y is None`` skips the residual prologue."""
+    batch, seq, dim = x.shape
+    block = next_pow2(dim)
+    res = residual_out if residual_out is not None else out
+    y_ = y if y is not None else x
+    g = gate if gate is not None else scale
+    adaln_rows_kernel[(batch * seq,)](
+        x, y_, g, scale, shift, res, out,
+        seq, dim, eps,
+        x.stride(0), x.stride(1), y_.stride(0), y_.stride(1),
+        broadcast_stride(g, 0), broadcast_stride(g, 1),
+        broadcast_stride(scale, 0), broadcast_stride(scale, 1),
+        broadcast_stride(shift, 0), broadcast_stride(shift, 1),
+        res.stride(0), res.stride(1), out.stride(0), out.stride(1),
+        RESIDUAL=y is not None,
+        HAS_GATE=gate is not None,
+        ROUND_PRODUCT=y is not None and rounds_product(y, gate),
+        ROUND_MODULATE=rounds_modulation(x, scale, shift),
+        BLOCK_C=block,
+        num_warps=max(1, min(16, block // 512)),
+    )
+
+
+def _adaln_modulate_into_ref(x, scale, shift, eps, out) -> None:
+    out.copy_(adaln_modulate_ref(x, scale, shift, eps))
+
+
+@register_op("adaln_modulate", mutates_args=("out",), fake=_check, fallback=_adaln_modulate_into_ref)
+def _adaln_modulate_launch(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, out: torch.Tensor
+) -> None:
+    _check(x, scale, shift, eps, out)
+    launch_rows(x, None, None, scale, shift, eps, None, out)
+
+
+def adaln_modulate(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float = LAYER_NORM_EPS,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``torch.ops.diffc.adaln_modulate``: x (B, S, C); scale, shift (B, 1|S, C) -> out (B, S, C), x's dtype."""
+    out = torch.empty_like(x) if out is None else out
+    torch.ops.diffc.adaln_modulate(x, scale, shift, eps, out)
+    return out

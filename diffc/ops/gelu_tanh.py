@@ -1,0 +1,81 @@
+"""Bias add + tanh-approximated GELU, the epilogue of the feed-forward's first linear layer.
+
+FLUX (``ff.net.0``, ``ff_context.net.0``, the single-stream ``proj_mlp``), Wan (``ffn.net.0``) and
+Wan's text projection apply ``F.gelu(linear(x), approximate="tanh")``. Splitting the bias out of the
+GEMM, the op computes ``gelu_tanh(x + bias)`` in float32 with one rounding, where eager rounds the
+sum to the activations' dtype first (within the bf16 tolerance; bit-identical in float32 up to the
+``tanh``). ``tanh`` is written as ``2 * sigmoid(2u) - 1``: ``0.5 * v * (1 + tanh(u)) == v * sigmoid(2u)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidArgumentError
+from .registry import cdiv, expect_dtype, expect_float, expect_same_device, expect_shape, register_op, tl, triton_kernel
+
+BLOCK = 1024
+SQRT_2_OVER_PI = 0.7978845608028654
+GELU_CUBIC = 0.044715
+
+
+def gelu_tanh_ref(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The models' math with the linear's bias split out. x: (..., N); bias: (N,) or None -> x's shape/dtype."""
+    return F.gelu(x if bias is None else x + bias, approximate="tanh")
+
+
+@triton_kernel
+def gelu_tanh_kernel(
+    x_ptr, bias_ptr, out_ptr, N,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # grid (rows, cdiv(N, BLOCK)); x, out: contiguous (rows, N); bias: (N,)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    offs = tl.program_id(0).to(tl.int64) * N + cols
+    v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+    y = v / (1.0 + tl.exp(-2.0 * u))  # v * sigmoid(2u)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    expect_float("x", x)
+    if x.ndim < 1 or not x.is_contiguous():
+        raise InvalidArgumentError("x", f"expected a contiguous tensor of rank >= 1, got shape {tuple(x.shape)}")
+    if bias is not None:
+        expect_shape("bias", bias, (x.shape[-1],), f"({x.shape[-1]},) (x's last dimension)")
+        expect_float("bias", bias)
+        if not bias.is_contiguous():
+            raise InvalidArgumentError("bias", "must be contiguous")
+    expect_shape("out", out, tuple(x.shape))
+    expect_dtype("out", out, x.dtype)
+    if not out.is_contiguous():
+        raise InvalidArgumentError("out", "must be contiguous")
+    expect_same_device({"x": x, "bias": bias, "out": out})
+
+
+def _gelu_tanh_into_ref(x, bias, out) -> None:
+    out.copy_(gelu_tanh_ref(x, bias))
+
+
+@register_op("gelu_tanh", mutates_args=("out",), fake=_check, fallback=_gelu_tanh_into_ref)
+def _gelu_tanh_launch(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    _check(x, bias, out)
+    if x.numel() == 0:
+        return
+    n = x.shape[-1]
+    gelu_tanh_kernel[(x.numel() // n, cdiv(n, BLOCK))](
+        x, bias if bias is not None else x, out, n,
+        HAS_BIAS=bias is not None, BLOCK=BLOCK, num_warps=4,
+    )
+
+
+def gelu_tanh(x: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.ops.diffc.gelu_tanh``: ``gelu_tanh(x + bias)``, x (..., N), bias (N,) -> x's shape and dtype."""
+    out = torch.empty_like(x) if out is None else out
+    torch.ops.diffc.gelu_tanh(x, bias, out)
+    return out

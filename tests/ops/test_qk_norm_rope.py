@@ -1,0 +1,215 @@
+"""diffc::qk_norm_rope_per_head (FLUX) and diffc::qk_norm_rope_across_heads (Wan) against the models' math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffc.models.flux.blocks as flux_blocks
+import diffc.models.wan.blocks as wan_blocks
+from diffc.errors import InvalidArgumentError
+from diffc.ops.qk_norm_rope import qk_norm_rope_across_heads_ref, qk_norm_rope_per_head_ref
+from tests.ops.common import DTYPES, assert_kernel_ran, assert_matches, norm_weight, poisoned, randn
+
+EPS = 1e-6
+
+# (batch, seq, heads, head_dim, rope axes). Production FLUX.1: 24 heads x 128, axes (16, 56, 56),
+# 512 text + 4096 image tokens at 1024x1024.
+FLUX_SHAPES = {
+    "h3d16": (1, 7, 3, 16, (4, 6, 6)),
+    "b2h2d32": (2, 5, 2, 32, (8, 12, 12)),
+    "h5d8": (1, 3, 5, 8, (2, 2, 4)),
+}
+# (batch, latent grid (frames, height, width), heads, head_dim). Production Wan2.1: 12 (1.3B) or
+# 40 (14B) heads x 128, grid (21, 30, 52) = 32,760 tokens at 832x480, 81 frames.
+WAN_SHAPES = {
+    "h3d16": (1, (1, 3, 5), 3, 16),
+    "b2h2d12": (2, (1, 1, 7), 2, 12),
+    "h5d24": (1, (3, 1, 1), 5, 24),
+}
+
+
+def flux_tables(seq: int, axes: tuple[int, ...], seed: int = 3):
+    ids = torch.randint(0, 64, (seq, len(axes)), generator=torch.Generator().manual_seed(seed)).float()
+    return flux_blocks.rope_tables(ids, axes)  # (seq, head_dim) each, fp32
+
+
+def qk(batch, seq, heads, head_dim, dtype):
+    shape = (batch, seq, heads, head_dim)
+    return randn(*shape, dtype=dtype, seed=1), randn(*shape, dtype=dtype, seed=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", FLUX_SHAPES.values(), ids=FLUX_SHAPES.keys())
+def test_per_head_matches_reference(counters, shape, dtype):
+    batch, seq, heads, head_dim, axes = shape
+    q, k = qk(batch, seq, heads, head_dim, dtype)
+    wq, wk = norm_weight(head_dim, dtype, seed=4), norm_weight(head_dim, dtype, seed=5)
+    cos, sin = flux_tables(seq, axes)
+    q_out, k_out = (poisoned(batch, heads, seq, head_dim, dtype=dtype) for _ in range(2))
+    torch.ops.diffc.qk_norm_rope_per_head(q, k, wq, wk, cos, sin, EPS, 0, q_out, k_out)
+    assert_kernel_ran()
+    q_ref, k_ref = qk_norm_rope_per_head_ref(q, k, wq, wk, cos, sin, EPS)
+    assert_matches(q_out, q_ref)
+    assert_matches(k_out, k_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_head_fills_joint_buffer_at_offsets(counters, dtype):
+    """The double-stream block: text rows (own weights) at 0, image rows at seq_txt, one (B, H, S, D) buffer."""
+    batch, heads, head_dim, seq_txt, seq_img = 2, 3, 16, 3, 5
+    cos, sin = flux_tables(seq_txt + seq_img, (4, 6, 6))
+    q_txt, k_txt = qk(batch, seq_txt, heads, head_dim, dtype)
+    q_img, k_img = randn(batch, seq_img, heads, head_dim, dtype=dtype, seed=8), randn(
+        batch, seq_img, heads, head_dim, dtype=dtype, seed=9
+    )
+    w = [norm_weight(head_dim, dtype, seed=s) for s in range(10, 14)]
+    q_out, k_out = (poisoned(batch, heads, seq_txt + seq_img, head_dim, dtype=dtype) for _ in range(2))
+
+    torch.ops.diffc.qk_norm_rope_per_head(q_txt, k_txt, w[0], w[1], cos, sin, EPS, 0, q_out, k_out)
+    assert q_out[:, :, seq_txt:].isnan().all() and k_out[:, :, seq_txt:].isnan().all(), "wrote outside its rows"
+    torch.ops.diffc.qk_norm_rope_per_head(q_img, k_img, w[2], w[3], cos, sin, EPS, seq_txt, q_out, k_out)
+    assert_kernel_ran(2)
+
+    txt = qk_norm_rope_per_head_ref(q_txt, k_txt, w[0], w[1], cos, sin, EPS, 0)
+    img = qk_norm_rope_per_head_ref(q_img, k_img, w[2], w[3], cos, sin, EPS, seq_txt)
+    assert_matches(q_out, torch.cat([txt[0], img[0]], dim=2))
+    assert_matches(k_out, torch.cat([txt[1], img[1]], dim=2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", WAN_SHAPES.values(), ids=WAN_SHAPES.keys())
+def test_across_heads_matches_reference(counters, shape, dtype):
+    batch, grid, heads, head_dim = shape
+    seq = grid[0] * grid[1] * grid[2]
+    q, k = qk(batch, seq, heads, head_dim, dtype)
+    wq, wk = norm_weight(heads * head_dim, dtype, seed=4), norm_weight(heads * head_dim, dtype, seed=5)
+    cos, sin = wan_blocks.rope_frequencies(head_dim, grid, torch.device("cpu"))  # (1, S, 1, D/2)
+    q_out, k_out = poisoned(*q.shape, dtype=dtype), poisoned(*q.shape, dtype=dtype)
+    torch.ops.diffc.qk_norm_rope_across_heads(q, k, wq, wk, cos, sin, EPS, q_out, k_out)
+    assert_kernel_ran()
+    q_ref, k_ref = qk_norm_rope_across_heads_ref(q, k, wq, wk, cos, sin, EPS)
+    assert_matches(q_out, q_ref)
+    assert_matches(k_out, k_ref)
+
+
+def test_strided_inputs_from_a_fused_qkv_projection(counters):
+    """q and k as column slices of one (B, S, 3 * H * D) projection: row strides of 3 * H * D."""
+    batch, seq, heads, head_dim = 2, 5, 3, 8
+    inner = heads * head_dim
+    qkv = randn(batch, seq, 3 * inner, seed=20)
+    q, k = (t.unflatten(-1, (heads, head_dim)) for t in (qkv[..., :inner], qkv[..., inner : 2 * inner]))
+    cos, sin = flux_tables(seq, (2, 2, 4))
+    w = norm_weight(head_dim, torch.float32)
+    q_out, k_out = poisoned(batch, heads, seq, head_dim, dtype=torch.float32), poisoned(
+        batch, heads, seq, head_dim, dtype=torch.float32
+    )
+    torch.ops.diffc.qk_norm_rope_per_head(q, k, w, w, cos, sin, EPS, 0, q_out, k_out)
+    q_ref, k_ref = qk_norm_rope_per_head_ref(q, k, w, w, cos, sin, EPS)
+    assert_matches(q_out, q_ref)
+    assert_matches(k_out, k_ref)
+
+    w = norm_weight(inner, torch.float32)
+    cos, sin = wan_blocks.rope_frequencies(head_dim, (1, 1, seq), torch.device("cpu"))
+    q_out, k_out = poisoned(*q.shape, dtype=torch.float32), poisoned(*q.shape, dtype=torch.float32)
+    torch.ops.diffc.qk_norm_rope_across_heads(q, k, w, w, cos, sin, EPS, q_out, k_out)
+    q_ref, k_ref = qk_norm_rope_across_heads_ref(q, k, w, w, cos, sin, EPS)
+    assert_matches(q_out, q_ref)
+    assert_matches(k_out, k_ref)
+    assert_kernel_ran(2)
+
+
+def test_opcheck(counters):
+    q, k = qk(1, 5, 3, 8, torch.float32)
+    cos, sin = flux_tables(7, (2, 2, 4))
+    w = norm_weight(8, torch.float32)
+    outs = [torch.empty(1, 3, 7, 8) for _ in range(2)]
+    torch.library.opcheck(torch.ops.diffc.qk_norm_rope_per_head.default, (q, k, w, w, cos, sin, EPS, 2, *outs))
+    cos, sin = wan_blocks.rope_frequencies(8, (1, 1, 5), torch.device("cpu"))
+    w = norm_weight(24, torch.float32)
+    outs = [torch.empty(1, 5, 3, 8) for _ in range(2)]
+    torch.library.opcheck(torch.ops.diffc.qk_norm_rope_across_heads.default, (q, k, w, w, cos, sin, EPS, *outs))
+
+
+def capture_attention(monkeypatch, module) -> dict:
+    """Replace a blocks module's ``attention`` to record the q and k the model hands to it."""
+    seen = {}
+
+    def attention(q, k, v):
+        seen["q"], seen["k"] = q, k
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    monkeypatch.setattr(module, "attention", attention)
+    return seen
+
+
+def randomize_norms(module: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.copy_(norm_weight(p.numel(), p.dtype, seed=len(name)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_head_reference_is_flux_attention(monkeypatch, dtype):
+    """The q/k FluxAttention gives to attention, joint text + image, equal the reference bit for bit."""
+    torch.manual_seed(0)
+    heads, head_dim, dim, seq_txt, seq_img = 3, 16, 20, 3, 5
+    attn = flux_blocks.FluxAttention(dim, heads, head_dim, context=True).to(dtype).eval()
+    randomize_norms(attn)
+    x, c = randn(2, seq_img, dim, dtype=dtype, seed=1), randn(2, seq_txt, dim, dtype=dtype, seed=2)
+    cos, sin = flux_tables(seq_txt + seq_img, (4, 6, 6))
+    seen = capture_attention(monkeypatch, flux_blocks)
+    with torch.no_grad():
+        attn(x, (cos, sin), context=c)
+        split = lambda t: t.unflatten(-1, (heads, head_dim))
+        txt = qk_norm_rope_per_head_ref(split(attn.add_q_proj(c)), split(attn.add_k_proj(c)),
+                                        attn.norm_added_q.weight, attn.norm_added_k.weight, cos, sin, EPS, 0)
+        img = qk_norm_rope_per_head_ref(split(attn.to_q(x)), split(attn.to_k(x)),
+                                        attn.norm_q.weight, attn.norm_k.weight, cos, sin, EPS, seq_txt)
+    torch.testing.assert_close(seen["q"], torch.cat([txt[0], img[0]], dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(seen["k"], torch.cat([txt[1], img[1]], dim=2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_across_heads_reference_is_wan_attention(monkeypatch, dtype):
+    """The q/k WanAttention (self-attention with 3-D RoPE) gives to attention equal the reference bit for bit."""
+    torch.manual_seed(0)
+    heads, head_dim, grid = 3, 16, (1, 3, 5)
+    attn = wan_blocks.WanAttention(heads * head_dim, heads, EPS).to(dtype).eval()
+    randomize_norms(attn)
+    x = randn(2, 15, heads * head_dim, dtype=dtype, seed=1)
+    rope = wan_blocks.rope_frequencies(head_dim, grid, torch.device("cpu"))
+    seen = capture_attention(monkeypatch, wan_blocks)
+    with torch.no_grad():
+        attn(x, None, rope)
+        q = attn.to_q(x).unflatten(2, (heads, head_dim))
+        k = attn.to_k(x).unflatten(2, (heads, head_dim))
+        q_ref, k_ref = qk_norm_rope_across_heads_ref(q, k, attn.norm_q.weight, attn.norm_k.weight, *rope, EPS)
+    torch.testing.assert_close(seen["q"], q_ref.transpose(1, 2), rtol=0, atol=0)
+    torch.testing.assert_close(seen["k"], k_ref.transpose(1, 2), rtol=0, atol=0)
+
+
+def test_bad_arguments_name_the_field():
+    q, k = qk(1, 5, 3, 8, torch.float32)
+    w = norm_weight(8, torch.float32)
+    cos, sin = flux_tables(5, (2, 2, 4))
+    out = [torch.empty(1, 3, 5, 8) for _ in range(2)]
+    per_head = torch.ops.diffc.qk_norm_rope_per_head
+    with pytest.raises(InvalidArgumentError, match="^q_weight: expected shape"):
+        per_head(q, k, norm_weight(24, torch.float32), w, cos, sin, EPS, 0, *out)
+    with pytest.raises(InvalidArgumentError, match="^seq_offset: rows 1..6"):
+        per_head(q, k, w, w, cos, sin, EPS, 1, *out)
+    with pytest.raises(InvalidArgumentError, match="^k: expected dtype"):
+        per_head(q, k.bfloat16(), w, w, cos, sin, EPS, 0, *out)
+    with pytest.raises(InvalidArgumentError, match="^q_out: expected shape"):
+        per_head(q, k, w, w, cos, sin, EPS, 0, torch.empty(1, 5, 3, 8), out[1])
+    with pytest.raises(InvalidArgumentError, match="^q: expected shape .* even head_dim"):
+        per_head(q[..., :7], k[..., :7], w[:7], w[:7], cos[:, :7], sin[:, :7], EPS, 0, *out)
+    across = torch.ops.diffc.qk_norm_rope_across_heads
+    wan_cos, wan_sin = wan_blocks.rope_frequencies(8, (1, 1, 5), torch.device("cpu"))
+    with pytest.raises(InvalidArgumentError, match="^q_weight: expected shape \\(24,\\)"):
+        across(q, k, w, w, wan_cos, wan_sin, EPS, torch.empty_like(q), torch.empty_like(k))
+    w24 = norm_weight(24, torch.float32)
+    with pytest.raises(InvalidArgumentError, match="^cos: expected shape"):
+        across(q, k, w24, w24, cos, sin, EPS, torch.empty_like(q), torch.empty_like(k))
