@@ -57,9 +57,10 @@ def _import_serving():
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
+        import python_multipart  # noqa: F401
         import uvicorn
     except ImportError as exc:
-        raise DiffcError(f"diffc serve needs FastAPI, uvicorn and prometheus-client ({exc}); "
+        raise DiffcError(f"diffc serve needs FastAPI, uvicorn, prometheus-client and python-multipart ({exc}); "
                          f"install them with: {SERVE_EXTRA}") from None
     return uvicorn
 

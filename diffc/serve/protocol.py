@@ -6,8 +6,6 @@ accepted and ignored) plus diffc's own generation fields. Any other field is an 
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import json
 import re
 from typing import Any, Literal
@@ -148,40 +146,35 @@ def _first_error(exc: ValidationError) -> APIError:
     return invalid(param, f"Invalid value for '{param}': {msg}.")
 
 
-def _parse_form(content_type: str, body: bytes) -> dict[str, Any]:
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not msg.is_multipart():
-        raise invalid(None, "could not parse the multipart/form-data body", code="invalid_body")
-    fields: dict[str, Any] = {}
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
-            continue
-        if part.get_filename() is not None:
-            fields[name] = {"filename": part.get_filename()}  # uploads are not supported; the model says so
-        else:
-            payload = part.get_payload(decode=True) or b""
-            fields[name] = payload.decode(part.get_content_charset() or "utf-8", "replace")
-    return fields
-
-
-def parse_body(model: type[_Request], content_type: str, body: bytes) -> _Request:
-    """Parse a JSON object (or multipart form data) into ``model``; every failure is a 400 in OpenAI's format.
+async def read_payload(request) -> Any:
+    """The request's fields: multipart form data through Starlette (python-multipart), anything else as JSON.
 
     Any body that is not multipart is read as JSON, whatever its content type (``curl -d`` sends
-    ``application/x-www-form-urlencoded``).
+    ``application/x-www-form-urlencoded``). File uploads are kept as ``{"filename": ...}`` so the
+    request model can refuse them by name.
     """
-    content_type = (content_type or "").lower()
+    content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
-        data: Any = _parse_form(content_type, body)
-        data = {k: (None if v == "" and k != "prompt" else v) for k, v in data.items()}
-    else:
         try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"We could not parse the JSON body of your request ({exc}).",
-                           code="invalid_json") from None
+            form = await request.form()
+        except Exception as exc:  # malformed multipart: python-multipart raises its own errors
+            raise invalid(None, f"could not parse the multipart/form-data body ({exc})", code="invalid_body") from None
+        fields: dict[str, Any] = {}
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields[name] = None if value == "" and name != "prompt" else value
+            else:
+                fields[name] = {"filename": value.filename}
+        return fields
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
+
+
+def parse_body(model: type[_Request], data: Any) -> _Request:
+    """Validate a request's fields (from ``read_payload``) into ``model``; every failure is a 400 in OpenAI's format."""
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     try:

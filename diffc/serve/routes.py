@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import InvalidArgumentError
 from .engine import Engine, Job, JobError, NotReady, QueueFull, WrongOutputKind
-from .protocol import APIError, ImageRequest, VideoRequest, invalid, parse_body
+from .protocol import APIError, ImageRequest, VideoRequest, invalid, parse_body, read_payload
 from .storage import new_id
 
 ID_RE = re.compile(r"^(img|video)_[0-9a-f]{32}$")
@@ -116,7 +116,7 @@ def _stats(job: Job) -> dict[str, Any]:
 @v1.post("/images/generations")
 async def generate_images(request: Request) -> dict[str, Any]:
     engine = engine_of(request)
-    req: ImageRequest = parse_body(ImageRequest, request.headers.get("content-type", ""), await request.body())
+    req: ImageRequest = parse_body(ImageRequest, await read_payload(request))
     job = _prepare(engine, "image", req, n=req.n)
     try:
         await asyncio.wrap_future(job.future)
@@ -186,7 +186,7 @@ def _find_video(engine: Engine, video_id: str) -> Job:
 @v1.post("/videos")
 async def create_video(request: Request) -> dict[str, Any]:
     engine = engine_of(request)
-    req: VideoRequest = parse_body(VideoRequest, request.headers.get("content-type", ""), await request.body())
+    req: VideoRequest = parse_body(VideoRequest, await read_payload(request))
     job = _prepare(engine, "video", req, num_frames=req.num_frames, seconds=req.seconds, fps=req.fps)
     return _video_object(engine, job)
 

@@ -152,3 +152,31 @@ def test_not_ready_answers_503_until_loaded_and_warmed(serve):
         release.set()
     assert server.engine.wait_ready(120)
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def _form(fields: dict[str, str], boundary: str = "diffc-test") -> tuple[bytes, dict[str, str]]:
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in fields.items()]
+    body = ("".join(parts) + f"--{boundary}--\r\n").encode()
+    return body, {"content-type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_multipart_bodies(image_server):
+    """Form data is parsed by python-multipart: fields validate like JSON, broken bodies are refused."""
+    url = f"{image_server.url}/v1/images/generations"
+    body, headers = _form({"prompt": "a cat", "n": "9"})
+    _check_error(httpx.post(url, content=body, headers=headers), 400, "n", "invalid_value")
+    body, headers = _form({"prompt": "a cat", "num_inference_step": "2"})
+    _check_error(httpx.post(url, content=body, headers=headers), 400, "num_inference_step", "unknown_parameter")
+    body, headers = _form({"prompt": "a cat", "size": "32x32", "num_inference_steps": "1", "seed": "5"})
+    r = httpx.post(url, content=body, headers=headers, timeout=120)
+    assert r.status_code == 200 and r.json()["data"][0]["seed"] == 5
+    broken = b'--xyz\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na cat'  # no closing boundary
+    r = httpx.post(url, content=broken, headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 400 and r.json()["error"]["code"] in ("invalid_body", "missing_required_parameter")
+
+
+def test_multipart_upload_is_refused_by_name(video_server):
+    r = httpx.post(f"{video_server.url}/v1/videos", data={"prompt": "a wave"},
+                   files={"input_reference": ("ref.png", b"\x89PNG....", "image/png")})
+    error = _check_error(r, 400, "input_reference", "unsupported_parameter")
+    assert "not supported" in error["message"]
