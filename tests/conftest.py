@@ -6,8 +6,14 @@ import dataclasses
 import os
 from pathlib import Path
 
-import pytest
 import torch
+
+# Without a GPU, the fused ops' Triton kernels run under Triton's CPU interpreter. Triton decides when
+# triton.language is first imported, which any test may trigger, so it is set for the whole session here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
