@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
+from ..fileio import atomic_write
 from .options import merge_config
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -52,18 +51,6 @@ def _check_output(path: Path, kind: str) -> None:
         raise InvalidArgumentError("--output", f"directory does not exist: {path.parent}")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory so a failure leaves nothing half-written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def run(args: argparse.Namespace) -> int:
     import diffc
 
@@ -98,13 +85,13 @@ def run(args: argparse.Namespace) -> int:
     request = pipe.resolve(prompt=args.prompt, **options)
 
     out = pipe.generate(prompt=args.prompt, progress=not args.no_progress, **options)
-    _atomic_write(output, lambda tmp: out.save(tmp, fps=args.fps or 16))
+    atomic_write(output, lambda tmp: out.save(tmp, fps=args.fps or 16))
     if args.perf_dump_path:
         dump = {"model": str(model_path), "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
                 "request": {k: v for k, v in vars(request).items()}, "seed": out.seeds[0],
                 "output": str(output), "warnings": out.warnings, **out.timings.to_dict()}
         dump_path = Path(args.perf_dump_path)
-        _atomic_write(dump_path, lambda tmp: tmp.write_text(json.dumps(dump, indent=2, default=str)))
+        atomic_write(dump_path, lambda tmp: tmp.write_text(json.dumps(dump, indent=2, default=str)))
     for w in out.warnings:
         print(f"warning: {w}", file=sys.stderr)
     size = f"{request.width}x{request.height}"

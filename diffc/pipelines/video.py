@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InvalidArgumentError
+from ..fileio import atomic_write
 
 MAX_FPS = 240
 VIDEO_SUFFIXES = (".mp4",)
@@ -57,20 +56,15 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 16, quality: 
     frames = check_frames(frames)
     height, width = frames.shape[1:3]
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    def encode(tmp: Path) -> None:
         writer = imageio_ffmpeg.write_frames(
-            tmp, (width, height), pix_fmt_in="rgb24", pix_fmt_out="yuv420p", fps=float(fps), quality=quality,
+            str(tmp), (width, height), pix_fmt_in="rgb24", pix_fmt_out="yuv420p", fps=float(fps), quality=quality,
             macro_block_size=1, ffmpeg_log_level="error", output_params=["-movflags", "+faststart"])
         writer.send(None)
         for frame in frames:
             writer.send(frame)
         writer.close()
-        if os.path.getsize(tmp) == 0:
+        if tmp.stat().st_size == 0:
             raise RuntimeError(f"ffmpeg wrote nothing for {path} (see its messages above)")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+
+    return atomic_write(path, encode)

@@ -6,14 +6,15 @@ Clients name outputs only by id; an id is looked up in memory and never turned i
 from __future__ import annotations
 
 import collections
-import os
 import secrets
 import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
+from ..fileio import atomic_write
 
 
 def new_id(prefix: str) -> str:
@@ -43,16 +44,7 @@ class OutputStore:
 
     def write(self, id_: str, suffix: str, write: Callable[[Path], None]) -> Path:
         """Write through a temporary file, then rename: a failure leaves nothing behind."""
-        final = self.path_for(id_, suffix)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{id_}.", suffix=suffix)
-        os.close(fd)
-        try:
-            write(Path(tmp))
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return final
+        return atomic_write(self.path_for(id_, suffix), write)
 
     def add(self, id_: str, path: Path | None) -> None:
         """Record a finished output (``path`` may be ``None`` for a failed job) and apply retention."""
