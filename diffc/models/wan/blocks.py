@@ -8,6 +8,7 @@ activation dtype, RoPE tables are computed in float64 on the CPU and used in flo
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,11 +25,18 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def _rope_axis(dim: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of ``pos * theta^(-2i/dim)`` for ``pos < length``: two (length, dim // 2) float32 tables."""
+@functools.cache
+def _rope_axis(dim: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of ``pos * theta^(-2i/dim)`` for ``pos < length``: two (length, dim // 2) float32 tables.
+
+    Computed in float64 on the CPU (as Wan does) and moved to ``device`` once: later forwards reuse the
+    same device tensors, so they copy nothing from the host and a captured CUDA graph stays valid.
+    The cache is never evicted; it holds one small table per (axis size, grid length, device).
+    """
     inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    with torch.inference_mode(False):  # plain tensors, usable inside and outside inference mode
+        return angles.cos().float().to(device), angles.sin().float().to(device)
 
 
 def rope_frequencies(
@@ -40,11 +48,11 @@ def rope_frequencies(
     entry ``i`` rotates the interleaved channel pair ``(2i, 2i + 1)`` of every head.
     """
     f, h, w = grid
-    tables = [_rope_axis(d, n) for d, n in zip(rope_split(head_dim), grid)]
+    tables = [_rope_axis(d, n, torch.device(device)) for d, n in zip(rope_split(head_dim), grid)]
     shapes = ((f, 1, 1, -1), (1, h, 1, -1), (1, 1, w, -1))
     out = []
     for k in range(2):  # 0: cos, 1: sin
-        parts = [t[k].to(device).view(s).expand(f, h, w, -1) for t, s in zip(tables, shapes)]
+        parts = [t[k].view(s).expand(f, h, w, -1) for t, s in zip(tables, shapes)]
         out.append(torch.cat(parts, dim=-1).reshape(1, f * h * w, 1, head_dim // 2))
     return out[0], out[1]
 
