@@ -49,6 +49,7 @@ class Config:
 CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("diffusers-eager", "diffusers"),
     Config("diffc-eager", "diffc"),
+    Config("diffc-cudagraphs", "diffc", setup=lambda e: e.cuda_graphs(), on_cpu_by_default=False),
     Config("diffusers-compile", "diffusers", setup=lambda e: e.regional_compile(), on_cpu_by_default=False),
 )}
 

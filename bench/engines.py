@@ -133,8 +133,17 @@ class DiffcEngine(Engine):
     def from_checkpoint(cls, family: Family, path: str, device: torch.device, dtype: torch.dtype) -> "DiffcEngine":
         import diffc
 
-        pipe = diffc.load(path, device=device, dtype=dtype)
+        pipe = diffc.load(path, device=device, dtype=dtype, cuda_graphs=False)  # graphs are their own config
         return cls(family, device, dtype, pipe.components["transformer"], pipe.components["vae"], pipe)
+
+    def cuda_graphs(self) -> str:
+        """Capture and replay the DiT forward in CUDA graphs (diffc's runtime wrapper)."""
+        from diffc.runtime.cudagraphs import CudaGraphModule
+
+        self.transformer = CudaGraphModule(self.transformer)
+        if self.pipe is not None:
+            self.pipe.components["transformer"] = self.transformer
+        return "CUDA graphs"
 
     def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
         with torch.no_grad():

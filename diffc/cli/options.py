@@ -59,3 +59,14 @@ def merge_config(args: argparse.Namespace, parser: argparse.ArgumentParser, skip
             if action.choices is not None and value not in action.choices:
                 raise InvalidArgumentError(f"{key} (in {args.config})", f"must be one of {', '.join(map(str, action.choices))}")
             setattr(args, dest, value)
+
+
+def add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    """Flags for ``diffc.runtime.options.RuntimeOptions``, shared by ``run`` and ``serve``."""
+    p.add_argument("--cuda-graphs", choices=("on", "off"),
+                   help="capture and replay the DiT forward in CUDA graphs (default: on for a GPU, off on CPU)")
+
+
+def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
+    flag = getattr(args, "cuda_graphs", None)
+    return {"cuda_graphs": None if flag is None else flag == "on"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgumentError
 from ..fileio import atomic_write
-from .options import merge_config
+from .options import add_runtime_flags, merge_config, runtime_options
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4",)
@@ -36,6 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--output", "-o", help="output file (.png/.jpg/.webp for images, .mp4 for videos)")
     p.add_argument("--scheduler", choices=("unipc", "euler"), help="sampler instead of the checkpoint's own (Wan: unipc or euler)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    add_runtime_flags(p)
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--config", help="YAML or JSON file of options; command-line flags override it")
     p.add_argument("--perf-dump-path", help="write per-stage seconds, per-step ms and peak memory as JSON")
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         if args.task is not None:
             raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from its model_index.json")
         model_path, device = args.model, args.device
-    pipe = diffc.load(model_path, device=device, dtype=args.dtype, scheduler=args.scheduler)
+    pipe = diffc.load(model_path, device=device, dtype=args.dtype, scheduler=args.scheduler, **runtime_options(args))
     if args.model is None:
         for key, value in DEMO_DEFAULTS[pipe.spec.output].items():
             if options.get(key) is None:

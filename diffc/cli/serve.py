@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError, DiffcError, InvalidArgumentError
+from .options import add_runtime_flags, runtime_options
 from .run import DEMO_DEFAULTS, DEMO_TASKS
 
 SERVE_EXTRA = "pip install 'diffc[serve]'"
@@ -32,6 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=30000, help="port to bind (default 30000)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    add_runtime_flags(p)
     p.add_argument("--api-key", default=os.environ.get("DIFFC_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every /v1 route (default: $DIFFC_API_KEY)")
     p.add_argument("--max-batch", type=_positive, default=4, help="samples run together in one batch (default 4)")
@@ -103,7 +105,7 @@ def serve(args: argparse.Namespace) -> int:
         device = resolve_device(args.device or "cpu")
 
         def load():
-            return diffc.load(demo_checkpoint(family), device=device, dtype=args.dtype)
+            return diffc.load(demo_checkpoint(family), device=device, dtype=args.dtype, **runtime_options(args))
     else:
         if args.task is not None:
             raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from "
@@ -115,7 +117,7 @@ def serve(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
 
         def load():
-            return diffc.load(root, device=device, dtype=args.dtype)
+            return diffc.load(root, device=device, dtype=args.dtype, **runtime_options(args))
     resolve_dtype(args.dtype, device)
     if not args.api_key and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)

@@ -9,7 +9,10 @@ import torch
 
 from ..errors import CheckpointError, InvalidArgumentError
 from ..pipelines.base import Pipeline, pipeline_spec, supported_pipelines
+from ..models.registry import TEXT_ENCODERS
 from ..pipelines.schedulers.choice import SCHEDULER_NAMES, choose_scheduler
+from ..runtime.apply import apply_runtime
+from ..runtime.options import RuntimeOptions, check_runtime_device
 from .components import load_component, read_json
 
 log = logging.getLogger(__name__)
@@ -51,11 +54,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-         scheduler: str | None = None) -> Pipeline:
+         scheduler: str | None = None, *, offload: str = "none", offload_prefetch: int = 1,
+         resident_blocks: int | None = None, cuda_graphs: bool | None = None) -> Pipeline:
     """Load a diffusers-format pipeline directory (``model_index.json`` + one folder per component).
 
     ``device`` defaults to CUDA when available; ``dtype`` to bf16 on GPU and fp32 on CPU;
     ``scheduler`` ("unipc" or "euler") replaces the checkpoint's sampler where that makes sense.
+    ``offload``, ``offload_prefetch``, ``resident_blocks`` and ``cuda_graphs`` are the runtime
+    options (``diffc.runtime.options.RuntimeOptions``); CUDA graphs default to on for a GPU.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -70,10 +76,13 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     spec = pipeline_spec(class_name)
     if spec.check_index is not None:
         spec.check_index(index)
+    options = RuntimeOptions(offload=offload, offload_prefetch=offload_prefetch, resident_blocks=resident_blocks,
+                             cuda_graphs=cuda_graphs)
     if scheduler is not None and scheduler not in SCHEDULER_NAMES:
         raise InvalidArgumentError("scheduler", f"'{scheduler}' is not a scheduler; accepted: {', '.join(SCHEDULER_NAMES)}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    check_runtime_device(options, dev)
 
     components = {}
     for name in spec.components:
@@ -84,4 +93,6 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         components[name] = load_component(root, name, entry[1], dev, dt)
     if "scheduler" in components:
         components["scheduler"] = choose_scheduler(components["scheduler"], scheduler)
-    return Pipeline(spec, components, dev, dt, source=str(root))
+    text_encoders = tuple(n for n in spec.components if index[n][1] in TEXT_ENCODERS)
+    runtime = apply_runtime(components, dev, options, text_encoders)
+    return Pipeline(spec, components, dev, dt, source=str(root), runtime=runtime)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
+from ..runtime.apply import describe_runtime
 from ..runtime.perf import PerfRecorder, Timings
 from .stages import RunContext, Stage, StageGraph
 
@@ -137,8 +138,9 @@ class Pipeline:
     """A loaded pipeline: its spec, components, device and dtype. Build it with ``diffc.load``."""
 
     def __init__(self, spec: PipelineSpec, components: dict[str, Any], device: torch.device, dtype: torch.dtype,
-                 source: str = ""):
+                 source: str = "", runtime: dict[str, Any] | None = None):
         self.spec = spec
+        self.runtime = runtime or {}
         self.components = components
         self.device = device
         self.dtype = dtype
@@ -177,6 +179,7 @@ class Pipeline:
         with torch.inference_mode():
             state = self.graph.run(ctx, state)
         timings = ctx.perf.finish()
+        timings.runtime = describe_runtime(self.components, self.runtime)
         if self.spec.output == "image":
             from PIL import Image
 

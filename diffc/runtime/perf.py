@@ -33,6 +33,7 @@ class Timings:
     step_ms: list[float] = dataclasses.field(default_factory=list)
     peak_memory_mb: float | None = None
     host_peak_rss_mb: float | None = None
+    runtime: dict[str, Any] = dataclasses.field(default_factory=dict)  # offload and CUDA-graph state and counters
 
     @property
     def total_s(self) -> float:

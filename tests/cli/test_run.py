@@ -98,3 +98,13 @@ def test_missing_prompt_and_bad_config(tmp_path, capsys):
     assert "unknown option 'sampler'" in capsys.readouterr().err
     assert main(["run", "--config", str(tmp_path / "none.yaml"), "--prompt", "x"]) == 2
     assert "file not found" in capsys.readouterr().err
+
+
+def test_cuda_graphs_flag_on_cpu(flux_checkpoint, tmp_path, capsys):
+    out, perf = tmp_path / "a.png", tmp_path / "perf.json"
+    base = ["run", "--model", str(flux_checkpoint("dev-tiny")), "--prompt", "a fox", "--height", "32", "--width", "32",
+            "--steps", "1", "--no-progress", "--output", str(out)]
+    assert main(base + ["--cuda-graphs", "on"]) == 2
+    assert "cuda_graphs: CUDA graphs need a CUDA GPU; this pipeline runs on cpu" in capsys.readouterr().err
+    assert main(base + ["--cuda-graphs", "off", "--perf-dump-path", str(perf)]) == 0
+    assert json.loads(perf.read_text())["runtime"] == {"cuda_graphs": {"enabled": False}}

@@ -182,3 +182,26 @@ def test_bad_load_options(flux_checkpoint, kwargs, field):
     with pytest.raises(InvalidArgumentError) as info:
         diffc.load(flux_checkpoint("dev-tiny"), **kwargs)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize("kwargs,field,fragment", [
+    ({"cuda_graphs": True}, "cuda_graphs", "need a CUDA GPU"),
+    ({"cuda_graphs": "yes"}, "cuda_graphs", "must be True, False or None"),
+    ({"offload": "layerwise"}, "offload", "needs a CUDA GPU"),
+    ({"offload": "disk"}, "offload", "accepted: none, layerwise, model"),
+    ({"offload_prefetch": 0}, "offload_prefetch", "from 1 to 16"),
+    ({"resident_blocks": -1}, "resident_blocks", "non-negative integer"),
+])
+def test_runtime_options_are_checked_before_loading(flux_checkpoint, kwargs, field, fragment):
+    if torch.cuda.is_available():
+        pytest.skip("machine has a GPU")
+    with pytest.raises(InvalidArgumentError) as info:
+        diffc.load(flux_checkpoint("dev-tiny"), **kwargs)
+    assert info.value.field == field and fragment in str(info.value)
+
+
+def test_cpu_default_runs_without_cuda_graphs(flux_checkpoint):
+    pipe = diffc.load(flux_checkpoint("dev-tiny"))
+    out = pipe.generate("a fox", height=16, width=16, num_inference_steps=1, progress=False, seed=0)
+    assert out.timings.runtime == {"cuda_graphs": {"enabled": False}}
+    assert type(pipe.components["transformer"]).__name__ == "FluxTransformer2DModel"
