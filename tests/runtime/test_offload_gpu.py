@@ -1,0 +1,175 @@
+"""Offload on a CUDA GPU: offloaded outputs equal resident outputs bit for bit (eager, twice, and with
+the forward captured in a CUDA graph and replayed), with prefetch 1 and 2, no / some / automatic
+residency, and whole pipelines with text-encoder offload and model offload. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from diffc.models.flux.transformer import FLUX_TRANSFORMER_SPECS, FluxTransformer2DModel
+from diffc.models.wan.transformer import WAN_TRANSFORMER_SPECS, WanTransformer3DModel
+from diffc.runtime.offload import GiB, apply_offload, packed_bytes, repeated_blocks
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+DEV = torch.device("cuda")
+DTYPE = torch.bfloat16
+
+
+def small_flux():
+    """FLUX with 3 double + 4 single blocks of width 256 (~5 MB a block), 1024 + 64 tokens."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(FLUX_TRANSFORMER_SPECS["tiny"], num_layers=3, num_single_layers=4,
+                              num_attention_heads=4, attention_head_dim=64, axes_dims_rope=(8, 28, 28),
+                              joint_attention_dim=96, pooled_projection_dim=48)
+    model = FluxTransformer2DModel(cfg).to(DEV, DTYPE).eval().requires_grad_(False)
+    g = torch.Generator(DEV).manual_seed(1)
+    s, t = 1024, 64
+    inputs = dict(hidden_states=torch.randn(2, s, cfg.in_channels, generator=g, device=DEV, dtype=DTYPE),
+                  encoder_hidden_states=torch.randn(2, t, 96, generator=g, device=DEV, dtype=DTYPE),
+                  pooled_projections=torch.randn(2, 48, generator=g, device=DEV, dtype=DTYPE),
+                  timestep=torch.rand(2, generator=g, device=DEV), img_ids=torch.randn(s, 3, generator=g, device=DEV),
+                  txt_ids=torch.zeros(t, 3, device=DEV), guidance=torch.full((2,), 3.5, device=DEV))
+    return model, inputs
+
+
+def small_wan():
+    """Wan with 6 blocks of width 256 (fp32 norms and modulation table inside each block), 1280 tokens."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(WAN_TRANSFORMER_SPECS["tiny"], num_attention_heads=4, attention_head_dim=64,
+                              in_channels=16, out_channels=16, text_dim=64, freq_dim=32, ffn_dim=1024, num_layers=6)
+    model = WanTransformer3DModel(cfg).to(DEV, DTYPE).eval().requires_grad_(False)
+    for name, p in model.named_parameters():
+        if any(f in name.split(".") for f in model._keep_in_fp32_modules):
+            p.data = p.data.float()
+    g = torch.Generator(DEV).manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(2, 16, 5, 32, 32, generator=g, device=DEV, dtype=DTYPE),
+                  timestep=torch.tensor([999.0, 500.0], device=DEV),
+                  encoder_hidden_states=torch.randn(2, 24, 64, generator=g, device=DEV, dtype=DTYPE))
+    return model, inputs
+
+
+MODELS = {"flux": small_flux, "wan": small_wan}
+
+
+def _run(model, inputs):
+    with torch.inference_mode():
+        return model(**inputs)
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+@pytest.mark.parametrize("prefetch", [1, 2])
+@pytest.mark.parametrize("resident", [0, 2, None])
+def test_layerwise_equals_resident(family, prefetch, resident):
+    model, inputs = MODELS[family]()
+    ref = _run(model, inputs)
+    num_blocks = len(repeated_blocks(model))
+    # automatic residency within a limit that leaves room for 2 resident blocks and the ring
+    limit = (torch.cuda.memory_allocated(DEV) - sum(packed_bytes(b) for b in repeated_blocks(model))
+             + (3 + prefetch) * packed_bytes(repeated_blocks(model)[0]) + GiB // 2)
+    before = torch.cuda.memory_allocated(DEV)
+    handle = apply_offload({"transformer": model}, DEV, "layerwise", prefetch, resident,
+                           activation_reserve=GiB // 2, memory_limit=limit if resident is None else None)
+    c = handle.counters
+    if resident is None:
+        assert 0 < c.blocks_resident < num_blocks
+    streamed = c.blocks_streamed
+    assert torch.cuda.memory_allocated(DEV) < before  # the streamed blocks left the GPU
+    ring = handle.rings["transformer"]
+    assert all(buf.tensor.is_pinned() for buf in ring.host)
+    for _ in range(2):
+        assert torch.equal(_run(model, inputs), ref)
+    assert c.prefetch_copies == 2 * streamed and c.ring_forwards == 2
+    handle.remove()
+    assert torch.equal(_run(model, inputs), ref)
+
+
+@pytest.mark.parametrize("family", ["flux", "wan"])
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_copies_replay_inside_a_cuda_graph(family, prefetch):
+    model, inputs = MODELS[family]()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # the same stream throughout: same cuBLAS workspace, same kernels
+        ref = _run(model, inputs)
+        other = {k: (v.flip(0) if k != "img_ids" and k != "txt_ids" else v) for k, v in inputs.items()}
+        ref_other = _run(model, other)
+        handle = apply_offload({"transformer": model}, DEV, "layerwise", prefetch, 0)
+        static = {k: v.clone() for k, v in inputs.items()}
+        for _ in range(2):  # warm-up
+            _run(model, static)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, stream=stream):
+            out = model(**static)
+        copies = handle.counters.prefetch_copies
+        for slot in handle.rings["transformer"].slots:  # the replay must fill the ring itself
+            slot.fill_(0xFF)
+        graph.replay()
+        assert torch.equal(out, ref)
+        for k, v in other.items():
+            static[k].copy_(v)
+        graph.replay()
+        assert torch.equal(out, ref_other)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    assert handle.counters.prefetch_copies == copies  # replays issue nothing from Python
+
+
+def test_with_diffc_cuda_graph_wrapper():
+    """diffc's CudaGraphModule over an offloaded DiT replays exactly what it replays over a resident one."""
+    from diffc.runtime.cudagraphs import wrap_cuda_graphs
+
+    resident, inputs = small_wan()
+    offloaded, _ = small_wan()
+    apply_offload({"transformer": offloaded}, DEV, "layerwise", 1, 0)
+    outs = {}
+    for name, model in (("resident", resident), ("offloaded", offloaded)):
+        components = {"transformer": model}
+        wrapper = wrap_cuda_graphs(components, DEV, True)
+        outs[name] = [_run(components["transformer"], inputs) for _ in range(3)]
+        assert wrapper.counters.captures == 1 and wrapper.counters.replays == 2
+    for a, b in zip(outs["resident"], outs["offloaded"]):
+        assert torch.equal(a, b)
+
+
+def _generate(pipe, **kw):
+    return pipe.generate("a fox in the snow", seed=7, progress=False, **kw)
+
+
+@pytest.mark.parametrize("mode", ["layerwise", "model"])
+def test_flux_pipeline_offload(mode):
+    import diffc
+    from diffc.demo import demo_checkpoint
+
+    pipe = diffc.load(demo_checkpoint("flux"), device="cuda", dtype="bf16")
+    kw = dict(height=64, width=64, num_inference_steps=3)
+    ref = np.asarray(_generate(pipe, **kw).images[0])
+    handle = apply_offload(pipe.components, DEV, mode, 1, 0, ("text_encoder", "text_encoder_2"))
+    for _ in range(2):
+        assert np.array_equal(np.asarray(_generate(pipe, **kw).images[0]), ref)
+    c = handle.counters
+    if mode == "layerwise":
+        assert (c.component_loads, c.component_unloads) == (4, 4)
+        assert next(pipe.components["text_encoder_2"].parameters()).device.type == "cpu"
+    else:
+        assert (c.component_loads, c.component_unloads) == (8, 7)  # clip, t5, dit, vae per generation; vae stays
+        assert next(pipe.components["transformer"].parameters()).device.type == "cpu"
+        assert next(pipe.components["vae"].parameters()).device.type == "cuda"
+    handle.remove()
+    assert np.array_equal(np.asarray(_generate(pipe, **kw).images[0]), ref)
+
+
+def test_wan_pipeline_layerwise_offload():
+    import diffc
+    from diffc.demo import demo_checkpoint
+
+    pipe = diffc.load(demo_checkpoint("wan"), device="cuda", dtype="bf16")
+    kw = dict(height=64, width=64, num_frames=5, num_inference_steps=3)
+    ref = _generate(pipe, **kw).frames
+    handle = apply_offload(pipe.components, DEV, "layerwise", 2, 0, ("text_encoder",))
+    assert np.array_equal(_generate(pipe, **kw).frames, ref)
+    assert handle.counters.component_loads == 2  # UMT5 runs for the prompt, then for the negative prompt
