@@ -65,8 +65,18 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     """Flags for ``diffc.runtime.options.RuntimeOptions``, shared by ``run`` and ``serve``."""
     p.add_argument("--cuda-graphs", choices=("on", "off"),
                    help="capture and replay the DiT forward in CUDA graphs (default: on for a GPU, off on CPU)")
+    p.add_argument("--offload", choices=("none", "layerwise", "model"),
+                   help="layerwise: stream the DiT's blocks from pinned host memory; model: whole components "
+                        "move to the GPU only while used (default: none)")
+    p.add_argument("--offload-prefetch", type=int, help="layerwise: blocks copied ahead of the one computing (default 1)")
+    p.add_argument("--resident-blocks", type=int,
+                   help="layerwise: blocks kept on the GPU (default: as many as free memory allows)")
 
 
 def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
     flag = getattr(args, "cuda_graphs", None)
-    return {"cuda_graphs": None if flag is None else flag == "on"}
+    options: dict[str, Any] = {"cuda_graphs": None if flag is None else flag == "on"}
+    for name in ("offload", "offload_prefetch", "resident_blocks"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    return options

@@ -108,3 +108,13 @@ def test_cuda_graphs_flag_on_cpu(flux_checkpoint, tmp_path, capsys):
     assert "cuda_graphs: CUDA graphs need a CUDA GPU; this pipeline runs on cpu" in capsys.readouterr().err
     assert main(base + ["--cuda-graphs", "off", "--perf-dump-path", str(perf)]) == 0
     assert json.loads(perf.read_text())["runtime"] == {"cuda_graphs": {"enabled": False}}
+
+
+def test_offload_flags_on_cpu(flux_checkpoint, tmp_path, capsys):
+    base = ["run", "--model", str(flux_checkpoint("dev-tiny")), "--prompt", "a fox", "--height", "32", "--width", "32",
+            "--steps", "1", "--no-progress", "--output", str(tmp_path / "a.png")]
+    assert main(base + ["--offload", "layerwise"]) == 2
+    assert "offload: 'layerwise' offload needs a CUDA GPU; this pipeline runs on cpu" in capsys.readouterr().err
+    assert main(base + ["--offload-prefetch", "0"]) == 2
+    assert "offload_prefetch: must be an integer from 1 to 16" in capsys.readouterr().err
+    assert main(base + ["--offload", "none"]) == 0
