@@ -23,8 +23,9 @@ def apply_runtime(components: dict[str, Any], device: torch.device, options: Run
         handles["offload"] = apply_offload(components, device, options.offload, prefetch=options.offload_prefetch,
                                            resident_blocks=options.resident_blocks, text_encoders=text_encoders)
     graphs = options.cuda_graphs
-    if graphs is None and options.offload == "model":
-        graphs = False  # the DiT lands at a new address every generation: graphs would be recaptured each time
+    if graphs is None and options.offload != "none":
+        # layerwise: the copies cannot be captured; model: the DiT lands at a new address every generation
+        graphs = False
     wrap_cuda_graphs(components, device, graphs)
     return handles
 

@@ -32,18 +32,18 @@ per batch-1 forward, ~7.5 GiB with batched CFG, ~20 GiB at 720p with CFG; FLUX a
 2 GiB. Pass ``activation_reserve`` (bytes) for other workloads, e.g. a measured activation peak, and
 ``memory_limit`` (bytes) to stay within a share of the GPU.
 
-CUDA graphs. Layerwise offload composes with capturing the whole DiT forward in a CUDA graph
-(``OffloadHandle.graph_safe``): block weights always sit at the same addresses (the ring slots), the
-pinned host buffers never move or change, and every forward issues the same operations: the model's
-forward pre-hook records an event on the capturing stream that the copy stream waits on (fork), the
-copies are ``non_blocking`` copies from page-locked memory (memcpy nodes), every wait refers to an
-event recorded earlier in the same forward, and the compute stream waits on the last copy before the
-last streamed block runs (join). Replays re-run the copies, so the ring refills every step with no
-Python involved. Capture the whole forward (not single blocks); capturing counts as one forward in
-``counters`` and replays are not counted. If the forward is called without module hooks
-(``model.forward(...)``) the first block's hook issues the forward's first copies instead. Apply
-offload before capturing (a ``CudaGraphModule`` found in ``components`` is reset); ``remove()`` gives
-the weights new addresses, which ``CudaGraphModule`` notices (it drops its graphs).
+CUDA graphs. The schedule is built to be capturable: block weights always sit at the same addresses
+(the ring slots), the host buffers never move, every forward issues the same operations (the copy
+stream forks from and joins back into the compute stream through events recorded in the same forward),
+so a graph of the whole forward would replay the copies with no Python involved. But PyTorch 2.11
+refuses to capture a host-to-device copy from memory its own pinned allocator did not hand out
+("Cannot copy between CPU and CUDA tensors during CUDA graph capture unless the CPU tensor is
+pinned"), and the host buffers here are plain allocations registered with ``cudaHostRegister``, which
+avoids that allocator's power-of-two rounding (Wan2.1-14B: 26 GiB pinned instead of 40 GiB). So
+layerwise offload runs without CUDA graphs (``graph_safe`` is False; ``diffc.load`` refuses
+``cuda_graphs=True`` with it and leaves graphs off by default). At the DiT sizes offload is for, a
+forward takes seconds and launch overhead is well under 1%. ``remove()`` gives the weights new
+addresses, which a ``CudaGraphModule`` notices (it drops its graphs).
 ``"model"`` mode is not graph-safe (``graph_safe`` is False): the DiT's GPU copy is dropped when
 another component starts and lands elsewhere when it returns, so graphs are recaptured once per
 generation (``CudaGraphModule`` detects the move); turning graphs off there saves the recapture.
@@ -251,8 +251,8 @@ class OffloadHandle:
 
     @property
     def graph_safe(self) -> bool:
-        """Whether a CUDA graph of the DiT forward stays valid across steps under this offload."""
-        return self.mode != "model"
+        """Whether a CUDA graph of the DiT forward can be captured and stays valid under this offload."""
+        return self.mode == "none"
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "graph_safe": self.graph_safe, "removed": self.removed,
@@ -358,6 +358,8 @@ def apply_offload(components: dict[str, Any], device: torch.device | str, mode: 
         if isinstance(c, CudaGraphModule):
             c.reset()  # its graphs hold the weights' current addresses
             c = c.module
+            if mode == "layerwise":  # its copies cannot be captured (see the module docstring): run unwrapped
+                components[n] = c
         if isinstance(c, nn.Module):
             modules[n] = c
     dits = [n for n, m in modules.items() if n not in text_encoders and repeated_blocks(m)]

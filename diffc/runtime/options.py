@@ -32,6 +32,9 @@ class RuntimeOptions:
             raise InvalidArgumentError("resident_blocks", f"must be a non-negative integer or None (automatic), got {r!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise InvalidArgumentError("cuda_graphs", f"must be True, False or None (automatic), got {self.cuda_graphs!r}")
+        if self.cuda_graphs and self.offload == "layerwise":
+            raise InvalidArgumentError("cuda_graphs", "CUDA graphs cannot capture layerwise offload's host-to-device "
+                                       "copies (see diffc/runtime/offload.py); use one or the other")
 
 
 def check_runtime_device(options: RuntimeOptions, device) -> None:

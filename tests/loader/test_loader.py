@@ -205,3 +205,9 @@ def test_cpu_default_runs_without_cuda_graphs(flux_checkpoint):
     out = pipe.generate("a fox", height=16, width=16, num_inference_steps=1, progress=False, seed=0)
     assert out.timings.runtime == {"cuda_graphs": {"enabled": False}}
     assert type(pipe.components["transformer"]).__name__ == "FluxTransformer2DModel"
+
+
+def test_cuda_graphs_with_layerwise_offload_is_refused(flux_checkpoint):
+    with pytest.raises(InvalidArgumentError) as info:
+        diffc.load(flux_checkpoint("dev-tiny"), offload="layerwise", cuda_graphs=True)
+    assert info.value.field == "cuda_graphs" and "cannot capture layerwise offload" in str(info.value)

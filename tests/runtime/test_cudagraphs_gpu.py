@@ -210,8 +210,9 @@ def test_compiled_module_is_captured():
                  max_sequence_length=32), 3),  # CFG: one batch-2 forward per step
 ])
 def test_pipeline_output_identical_with_graphs(family, request_kwargs, forwards):
-    pipe = diffc.load(demo_checkpoint(family), device="cuda")
+    pipe = diffc.load(demo_checkpoint(family), device="cuda", cuda_graphs=False)
     plain = pipe.generate("a red fox in snow", seed=5, progress=False, **request_kwargs)
+    assert plain.timings.runtime["cuda_graphs"] == {"enabled": False}
     wrapper = wrap_cuda_graphs(pipe.components, pipe.device, None)
     assert isinstance(wrapper, CudaGraphModule) and pipe.components["transformer"] is wrapper
     graphed = pipe.generate("a red fox in snow", seed=5, progress=False, **request_kwargs)
@@ -222,5 +223,14 @@ def test_pipeline_output_identical_with_graphs(family, request_kwargs, forwards)
         assert all(np.array_equal(a, b) for a, b in zip(plain.videos, graphed.videos))
     assert again.timings.step_ms
     assert counts(wrapper) == (1, 2 * forwards - 1, 0, 0), wrapper.describe()
+    assert again.timings.runtime["cuda_graphs"]["replays"] == 2 * forwards - 1
     assert wrap_cuda_graphs(pipe.components, pipe.device, False) is None
     assert pipe.components["transformer"] is wrapper.module
+
+
+def test_graphs_are_on_by_default_on_a_gpu():
+    pipe = diffc.load(demo_checkpoint("flux"), device="cuda")
+    assert isinstance(pipe.components["transformer"], CudaGraphModule)
+    out = pipe.generate("a red fox", seed=1, progress=False, height=64, width=64, num_inference_steps=3)
+    assert out.timings.runtime["cuda_graphs"]["captures"] == 1
+    assert out.timings.runtime["cuda_graphs"]["replays"] == 2

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import diffc
+from diffc.demo import demo_checkpoint
 from diffc.models.flux.transformer import FLUX_TRANSFORMER_SPECS, FluxTransformer2DModel
 from diffc.models.wan.transformer import WAN_TRANSFORMER_SPECS, WanTransformer3DModel
 from diffc.runtime.offload import GiB, apply_offload, packed_bytes, repeated_blocks
@@ -68,9 +70,14 @@ def test_layerwise_equals_resident(family, prefetch, resident):
     model, inputs = MODELS[family]()
     ref = _run(model, inputs)
     num_blocks = len(repeated_blocks(model))
-    # automatic residency within a limit that leaves room for 2 resident blocks and the ring
-    limit = (torch.cuda.memory_allocated(DEV) - sum(packed_bytes(b) for b in repeated_blocks(model))
-             + (3 + prefetch) * packed_bytes(repeated_blocks(model)[0]) + GiB // 2)
+    # automatic residency within a limit halfway between "the ring and one block" and "every block":
+    # some blocks must stay resident and some must stream (FLUX's double blocks are twice its single ones)
+    sizes = [packed_bytes(b) for b in repeated_blocks(model)]
+    target = ((prefetch + 1) * max(sizes) + min(sizes) + sum(sizes)) // 2
+    # the blocks' bytes as the allocator holds them: every tensor rounded up to 512 bytes
+    on_device = sum(-(-t.numel() * t.element_size() // 512) * 512
+                    for b in repeated_blocks(model) for t in list(b.parameters()) + list(b.buffers()))
+    limit = torch.cuda.memory_allocated(DEV) - on_device + target + GiB // 2
     before = torch.cuda.memory_allocated(DEV)
     handle = apply_offload({"transformer": model}, DEV, "layerwise", prefetch, resident,
                            activation_reserve=GiB // 2, memory_limit=limit if resident is None else None)
@@ -80,7 +87,7 @@ def test_layerwise_equals_resident(family, prefetch, resident):
     streamed = c.blocks_streamed
     assert torch.cuda.memory_allocated(DEV) < before  # the streamed blocks left the GPU
     ring = handle.rings["transformer"]
-    assert all(buf.tensor.is_pinned() for buf in ring.host)
+    assert all(buf.tensor.device.type == "cpu" for buf in ring.host)  # registered with CUDA, not torch-pinned
     for _ in range(2):
         assert torch.equal(_run(model, inputs), ref)
     assert c.prefetch_copies == 2 * streamed and c.ring_forwards == 2
@@ -88,52 +95,13 @@ def test_layerwise_equals_resident(family, prefetch, resident):
     assert torch.equal(_run(model, inputs), ref)
 
 
-@pytest.mark.parametrize("family", ["flux", "wan"])
-@pytest.mark.parametrize("prefetch", [1, 2])
-def test_copies_replay_inside_a_cuda_graph(family, prefetch):
-    model, inputs = MODELS[family]()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # the same stream throughout: same cuBLAS workspace, same kernels
-        ref = _run(model, inputs)
-        other = {k: (v.flip(0) if k != "img_ids" and k != "txt_ids" else v) for k, v in inputs.items()}
-        ref_other = _run(model, other)
-        handle = apply_offload({"transformer": model}, DEV, "layerwise", prefetch, 0)
-        static = {k: v.clone() for k, v in inputs.items()}
-        for _ in range(2):  # warm-up
-            _run(model, static)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, stream=stream):
-            out = model(**static)
-        copies = handle.counters.prefetch_copies
-        for slot in handle.rings["transformer"].slots:  # the replay must fill the ring itself
-            slot.fill_(0xFF)
-        graph.replay()
-        assert torch.equal(out, ref)
-        for k, v in other.items():
-            static[k].copy_(v)
-        graph.replay()
-        assert torch.equal(out, ref_other)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    assert handle.counters.prefetch_copies == copies  # replays issue nothing from Python
-
-
-def test_with_diffc_cuda_graph_wrapper():
-    """diffc's CudaGraphModule over an offloaded DiT replays exactly what it replays over a resident one."""
-    from diffc.runtime.cudagraphs import wrap_cuda_graphs
-
-    resident, inputs = small_wan()
-    offloaded, _ = small_wan()
-    apply_offload({"transformer": offloaded}, DEV, "layerwise", 1, 0)
-    outs = {}
-    for name, model in (("resident", resident), ("offloaded", offloaded)):
-        components = {"transformer": model}
-        wrapper = wrap_cuda_graphs(components, DEV, True)
-        outs[name] = [_run(components["transformer"], inputs) for _ in range(3)]
-        assert wrapper.counters.captures == 1 and wrapper.counters.replays == 2
-    for a, b in zip(outs["resident"], outs["offloaded"]):
-        assert torch.equal(a, b)
+def test_layerwise_offload_leaves_cuda_graphs_off():
+    """Layerwise offload's copies cannot be captured with PyTorch 2.11 (see diffc/runtime/offload.py)."""
+    pipe = diffc.load(demo_checkpoint("flux"), device="cuda", offload="layerwise")
+    assert pipe.components["transformer"].__class__.__name__ == "FluxTransformer2DModel"
+    out = pipe.generate("a fox", seed=1, progress=False, height=64, width=64, num_inference_steps=2)
+    assert out.timings.runtime["cuda_graphs"] == {"enabled": False}
+    assert out.timings.runtime["offload"]["mode"] == "layerwise"
 
 
 def _generate(pipe, **kw):
@@ -145,7 +113,7 @@ def test_flux_pipeline_offload(mode):
     import diffc
     from diffc.demo import demo_checkpoint
 
-    pipe = diffc.load(demo_checkpoint("flux"), device="cuda", dtype="bf16")
+    pipe = diffc.load(demo_checkpoint("flux"), device="cuda", dtype="bf16", cuda_graphs=False)
     kw = dict(height=64, width=64, num_inference_steps=3)
     ref = np.asarray(_generate(pipe, **kw).images[0])
     handle = apply_offload(pipe.components, DEV, mode, 1, 0, ("text_encoder", "text_encoder_2"))
@@ -167,7 +135,7 @@ def test_wan_pipeline_layerwise_offload():
     import diffc
     from diffc.demo import demo_checkpoint
 
-    pipe = diffc.load(demo_checkpoint("wan"), device="cuda", dtype="bf16")
+    pipe = diffc.load(demo_checkpoint("wan"), device="cuda", dtype="bf16", cuda_graphs=False)
     kw = dict(height=64, width=64, num_frames=5, num_inference_steps=3)
     ref = _generate(pipe, **kw).frames
     handle = apply_offload(pipe.components, DEV, "layerwise", 2, 0, ("text_encoder",))
