@@ -1,0 +1,153 @@
+"""Fuse the affine-free LayerNorm and its modulation into ``torch.ops.diffc.adaln_modulate``.
+
+Unfused (export's ATen, after :mod:`.canonicalize`)::
+
+    h   = aten.layer_norm(x, [C], None, None, eps, False)
+    m   = aten.mul(h, aten.add(scale, 1))          # FLUX AdaNormZero, Wan norm1/norm3 (float32)
+    out = aten.add(m, shift)
+
+Fused::
+
+    out = aten.empty_like(x)
+    diffc.adaln_modulate(x, scale, shift, eps, out)
+
+Variants: FLUX's ``AdaNormContinuous`` unsqueezes after adding one (``(1 + scale)[:, None, :]``);
+Wan in bf16/fp16 wraps the sequence in casts, ``to(layer_norm(to(x, float32)) * ... , x.dtype)``
+with float32 scale and shift, which the op computes the same way from the low-precision ``x``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import FusionPass, Pattern
+
+aten = torch.ops.aten
+REDUCED = (torch.bfloat16, torch.float16)
+
+
+def _dense_last(t: torch.Tensor) -> bool:
+    return t.shape[-1] <= 1 or t.stride(-1) == 1
+
+
+def modulation_ok(t, x: torch.Tensor) -> bool:
+    """A (B or 1, 1 or S, C) floating tensor with a dense last dimension, as the fused ops take."""
+    batch, seq, dim = x.shape
+    return (
+        isinstance(t, torch.Tensor)
+        and t.ndim == 3
+        and t.shape[0] in (1, batch)
+        and t.shape[1] in (1, seq)
+        and t.shape[2] == dim
+        and t.dtype.is_floating_point
+        and _dense_last(t)
+    )
+
+
+def rows_ok(x) -> bool:
+    """A (B, S, C) floating activation with a dense last dimension."""
+    return isinstance(x, torch.Tensor) and x.ndim == 3 and x.dtype.is_floating_point and _dense_last(x)
+
+
+def _norm_ok(x, shape, eps) -> bool:
+    return rows_ok(x) and list(shape) == [x.shape[-1]] and isinstance(eps, float)
+
+
+class AdaLNModulate(Pattern):
+    """``layer_norm(x) * (1 + scale) + shift`` with scale, shift in x's dtype (FLUX; Wan in float32)."""
+
+    def example_inputs(self) -> tuple:
+        g = torch.Generator().manual_seed(0)
+        x, scale, shift = (torch.randn(s, generator=g) for s in ((2, 5, 8), (2, 1, 8), (2, 1, 8)))
+        return x, scale, shift, [8], 1e-6
+
+    @staticmethod
+    def pattern(x, scale, shift, shape, eps):
+        h = aten.layer_norm.default(x, shape, None, None, eps, False)
+        return aten.add.Tensor(aten.mul.Tensor(h, aten.add.Tensor(scale, 1)), shift)
+
+    @staticmethod
+    def replacement(x, scale, shift, shape, eps):
+        out = aten.empty_like.default(x)
+        torch.ops.diffc.adaln_modulate.default(x, scale, shift, eps, out)
+        return out
+
+    def accepts(self, x, scale, shift, shape, eps) -> bool:
+        return (
+            _norm_ok(x, shape, eps)
+            and modulation_ok(scale, x)
+            and modulation_ok(shift, x)
+            and scale.dtype == shift.dtype == x.dtype
+        )
+
+
+class AdaLNModulateUnsqueezed(AdaLNModulate):
+    """FLUX ``AdaNormContinuous``: ``layer_norm(x) * (1 + scale)[:, None] + shift`` with scale (B, C)."""
+
+    def example_inputs(self) -> tuple:
+        x, scale, shift, shape, eps = super().example_inputs()
+        return x, scale[:, 0], shift, shape, eps
+
+    @staticmethod
+    def pattern(x, scale, shift, shape, eps):
+        h = aten.layer_norm.default(x, shape, None, None, eps, False)
+        one_plus = aten.unsqueeze.default(aten.add.Tensor(scale, 1), 1)
+        return aten.add.Tensor(aten.mul.Tensor(h, one_plus), shift)
+
+    @staticmethod
+    def replacement(x, scale, shift, shape, eps):
+        out = aten.empty_like.default(x)
+        torch.ops.diffc.adaln_modulate.default(x, aten.unsqueeze.default(scale, 1), shift, eps, out)
+        return out
+
+    def accepts(self, x, scale, shift, shape, eps) -> bool:
+        return (
+            _norm_ok(x, shape, eps)
+            and isinstance(scale, torch.Tensor)
+            and scale.ndim == 2
+            and scale.shape[0] in (1, x.shape[0])
+            and scale.shape[1] == x.shape[2]
+            and _dense_last(scale)
+            and modulation_ok(shift, x)
+            and scale.dtype == shift.dtype == x.dtype
+        )
+
+
+class AdaLNModulateUpcast(Pattern):
+    """Wan in bf16/fp16: ``to(layer_norm(to(x, float32)) * (1 + scale) + shift, x.dtype)``, scale/shift float32."""
+
+    def example_inputs(self) -> tuple:
+        x, scale, shift, shape, eps = AdaLNModulate().example_inputs()
+        return x.bfloat16(), scale, shift, shape, eps, torch.float32, torch.bfloat16
+
+    @staticmethod
+    def pattern(x, scale, shift, shape, eps, upcast, downcast):
+        h = aten.layer_norm.default(aten.to.dtype(x, upcast), shape, None, None, eps, False)
+        m = aten.add.Tensor(aten.mul.Tensor(h, aten.add.Tensor(scale, 1)), shift)
+        return aten.to.dtype(m, downcast)
+
+    @staticmethod
+    def replacement(x, scale, shift, shape, eps, upcast, downcast):
+        out = aten.empty_like.default(x)
+        torch.ops.diffc.adaln_modulate.default(x, scale, shift, eps, out)
+        return out
+
+    def accepts(self, x, scale, shift, shape, eps, upcast, downcast) -> bool:
+        return (
+            _norm_ok(x, shape, eps)
+            and x.dtype in REDUCED
+            and upcast == torch.float32
+            and downcast == x.dtype
+            and modulation_ok(scale, x)
+            and modulation_ok(shift, x)
+            and scale.dtype == shift.dtype == torch.float32
+        )
+
+
+class AdaLNModulatePass(FusionPass):
+    """LayerNorm + ``* (1 + scale) + shift`` -> ``diffc.adaln_modulate``. Not bit-exact: the kernel's
+    mean/variance reduction order differs from ATen's (within the bf16 tolerance)."""
+
+    name = "adaln_modulate"
+    bit_exact = False
+    patterns = (AdaLNModulateUpcast(), AdaLNModulateUnsqueezed(), AdaLNModulate())

@@ -1,0 +1,43 @@
+"""AdaLN fusion on tiny FLUX and Wan graphs: numerics, exact match count, ops left and entered."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffc.compile import trace_module
+from diffc.compile.passes import AdaLNModulatePass, CanonicalizeCasts, graph_targets
+from diffc.models.wan import blocks as wan_blocks
+from tests.compile.common import EXPECTED, WAN_BLOCKS, check_pass, check_variant
+from tests.compile.conftest import DTYPES, MODELS, build
+
+PASS = AdaLNModulatePass
+OP = "diffc.adaln_modulate.default"
+LEFT = {"aten.layer_norm.default": 1, "aten.mul.Tensor": 1, "aten.add.Tensor": 2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("model", MODELS)
+def test_fuses_every_site(traced, model, dtype):
+    after = check_pass(traced(model, dtype), PASS(), EXPECTED[model][PASS.name], dtype, LEFT, OP)
+    # FLUX's norms are all modulated; Wan keeps norm2 (affine, before cross-attention) once per block
+    assert after.get("aten.layer_norm.default", 0) == (0 if model == "flux" else 2)
+
+
+@pytest.mark.parametrize("variant", PASS.patterns, ids=lambda v: v.name)
+def test_replacement_equals_pattern(variant):
+    check_variant(variant)
+
+
+def test_reduced_precision_modulation_is_left_alone():
+    """Cast entirely to bf16 (``scale_shift_table`` too, unlike the loader), Wan's norm_out multiplies a
+    float32 LayerNorm by a bf16 ``1 + scale``: no variant computes that, so only the blocks' sites fuse."""
+    net, inputs = build("wan", torch.bfloat16)
+    net.to(torch.bfloat16)
+    wan_blocks._rope_axis.cache_clear()
+    program = trace_module(net, inputs)
+    wan_blocks._rope_axis.cache_clear()
+    gm = program.graph_module
+    CanonicalizeCasts()(gm)
+    assert PASS()(gm) == 2 * WAN_BLOCKS
+    assert graph_targets(gm)["aten.layer_norm.default"] == WAN_BLOCKS + 1

@@ -1,0 +1,71 @@
+"""The pass manager: tiers, counters, and the whole pipeline of passes on tiny FLUX and Wan graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffc.compile import CompileCounters, PassManager
+from diffc.compile.passes import FUSION_PASSES, graph_targets
+from diffc.errors import InvalidArgumentError
+from tests.compile.common import EXPECTED, GRAPH_TOL
+from tests.compile.conftest import MODELS
+from tests.helpers import rel_err
+
+# Nodes the cast canonicalisation removes in the float32 tiny graphs: every
+# ``_assert_tensor_metadata`` and every float32 -> float32 ``to`` / ``type_as``.
+CANONICALIZED = {"flux": 68, "wan": 106}  # pinned; test_canonicalize.py checks what they are
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fast_tier_runs_every_pass(traced, model):
+    t = traced(model)
+    counters = PassManager().run(t.program)
+    assert counters == CompileCounters(
+        graphs_rewritten=1,
+        passes_run=1 + len(FUSION_PASSES),
+        passes_skipped=0,
+        matches={"canonicalize_casts": CANONICALIZED[model], **EXPECTED[model]},
+    )
+    targets = graph_targets(t.program.graph_module)
+    for name, n in EXPECTED[model].items():
+        assert targets[f"diffc.{name}.default"] == n
+    assert rel_err(t.run(), t.unfused) < GRAPH_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_lossless_tier_is_bit_exact(traced, model):
+    t = traced(model)
+    counters = PassManager(tier="lossless").run(t.program)
+    assert counters == CompileCounters(
+        graphs_rewritten=1,
+        passes_run=1,
+        passes_skipped=len(FUSION_PASSES),
+        matches={"canonicalize_casts": CANONICALIZED[model]},
+    )
+    assert not any(k.startswith("diffc.") for k in graph_targets(t.program.graph_module))
+    assert torch.equal(t.run(), t.unfused)
+
+
+def test_counters_accumulate_over_graphs(traced):
+    manager = PassManager()
+    manager.run(traced("flux").program)
+    manager.run(traced("wan").program.graph_module)
+    assert manager.counters.graphs_rewritten == 2
+    assert manager.counters.matches["adaln_modulate"] == EXPECTED["flux"]["adaln_modulate"] + EXPECTED["wan"]["adaln_modulate"]
+
+
+def test_rewritten_program_saves_and_loads(traced, tmp_path):
+    """The rewritten ExportedProgram stays serialisable (the later artifact's unit), diffc ops included."""
+    t = traced("flux")
+    PassManager().run(t.program)
+    torch.export.save(t.program, tmp_path / "flux.pt2")
+    loaded = torch.export.load(tmp_path / "flux.pt2")
+    assert graph_targets(loaded.graph_module) == graph_targets(t.program.graph_module)
+    with torch.no_grad():
+        assert torch.equal(loaded.module()(**t.inputs), t.run())
+
+
+def test_unknown_tier():
+    with pytest.raises(InvalidArgumentError, match=r"tier: expected one of lossless, fast, got 'fp8'"):
+        PassManager(tier="fp8")
