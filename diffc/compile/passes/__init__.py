@@ -10,8 +10,9 @@ from .base import FusionPass, Pattern, graph_targets
 from .canonicalize import CanonicalizeCasts
 from .gated_residual import GatedResidualPass
 from .gelu_tanh import GeluTanhPass
+from .qk_norm_rope import QKNormRopePass
 
-FUSION_PASSES: tuple[type[FusionPass], ...] = (AdaLNModulatePass, GatedResidualPass, GeluTanhPass)
+FUSION_PASSES: tuple[type[FusionPass], ...] = (QKNormRopePass, AdaLNModulatePass, GatedResidualPass, GeluTanhPass)
 
 __all__ = [
     "FUSION_PASSES",
@@ -21,5 +22,6 @@ __all__ = [
     "GatedResidualPass",
     "GeluTanhPass",
     "Pattern",
+    "QKNormRopePass",
     "graph_targets",
 ]

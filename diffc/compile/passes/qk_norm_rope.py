@@ -1,0 +1,225 @@
+"""Fuse self-attention's RMSNorm + RoPE on q and k into ``torch.ops.diffc.qk_norm_rope_*``.
+
+Wan (``qk_norm_rope_across_heads``), unfused, for q and for k, after :mod:`.canonicalize`::
+
+    x  = aten.unflatten(aten.rms_norm(x_lin, [H*D], weight, eps), 2, [H, -1])     # (B, S, H, D)
+    x1, x2 = aten.unbind(aten.unflatten(x, -1, [-1, 2]), -1)
+    x  = aten.flatten(aten.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1), -2)  # [to(x, bf16)]
+
+FLUX single-stream block (``qk_norm_rope_per_head``), for q and for k::
+
+    x  = aten.transpose(aten.rms_norm(aten.unflatten(x_lin, -1, [-1, D]), [D], weight, eps), 1, 2)
+    x0, x1 = aten.unbind(aten.reshape(x, [B, H, S, -1, 2]), -1)
+    rot = aten.flatten(aten.stack([-x1, x0], -1), 3)
+    x  = x * cos + rot * sin                  # bf16: to(to(x, f32) * cos + to(rot, f32) * sin, bf16)
+
+Fused, one launch for q and k::
+
+    q_out, k_out = empty(...), empty(...)
+    diffc.qk_norm_rope_<layout>(unflatten(q_lin), unflatten(k_lin), q_weight, k_weight, cos, sin, eps, [0,] q_out, k_out)
+
+FLUX's double-stream block (text and image tokens normalised with different weights, then
+concatenated before RoPE) is not matched yet.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from .adaln_modulate import REDUCED
+from .base import FusionPass, Pattern
+
+aten = torch.ops.aten
+
+
+def _wan_rope(x, cos, sin, pairs, downcast):
+    parts = aten.unbind.int(aten.unflatten.int(x, -1, pairs), -1)
+    x1, x2 = operator.getitem(parts, 0), operator.getitem(parts, 1)
+    even = aten.sub.Tensor(aten.mul.Tensor(x1, cos), aten.mul.Tensor(x2, sin))
+    odd = aten.add.Tensor(aten.mul.Tensor(x1, sin), aten.mul.Tensor(x2, cos))
+    out = aten.flatten.using_ints(aten.stack.default([even, odd], -1), -2)
+    return out if downcast is None else aten.to.dtype(out, downcast)
+
+
+def _flux_rope(x, cos, sin, pair_shape, upcast, downcast):
+    parts = aten.unbind.int(aten.reshape.default(x, pair_shape), -1)
+    x0, x1 = operator.getitem(parts, 0), operator.getitem(parts, 1)
+    rot = aten.flatten.using_ints(aten.stack.default([aten.neg.default(x1), x0], -1), 3)
+    if upcast is not None:
+        x, rot = aten.to.dtype(x, upcast), aten.to.dtype(rot, upcast)
+    out = aten.add.Tensor(aten.mul.Tensor(x, cos), aten.mul.Tensor(rot, sin))
+    return out if downcast is None else aten.to.dtype(out, downcast)
+
+
+def _tables_ok(cos, sin) -> bool:
+    return (
+        isinstance(cos, torch.Tensor)
+        and isinstance(sin, torch.Tensor)
+        and cos.shape == sin.shape
+        and cos.dtype == sin.dtype == torch.float32
+        and cos.stride(-1) == 1
+        and sin.stride(-1) == 1
+    )
+
+
+def _projections_ok(q_lin, k_lin, q_weight, k_weight) -> bool:
+    return (
+        isinstance(q_lin, torch.Tensor)
+        and q_lin.ndim == 3
+        and isinstance(k_lin, torch.Tensor)
+        and k_lin.shape == q_lin.shape
+        and k_lin.dtype == q_lin.dtype
+        and q_lin.dtype.is_floating_point
+        and q_lin.stride(-1) == 1
+        and k_lin.stride(-1) == 1
+        and q_weight.dtype == k_weight.dtype == q_lin.dtype
+        and q_weight.shape == k_weight.shape
+    )
+
+
+def _example(heads: int, head_dim: int, dtype: torch.dtype, full_table: bool) -> tuple:
+    g = torch.Generator().manual_seed(0)
+    q_lin, k_lin = (torch.randn(2, 5, heads * head_dim, generator=g).to(dtype) for _ in range(2))
+    n = heads * head_dim if not full_table else head_dim
+    q_w, k_w = (1 + 0.3 * torch.randn(n, generator=g)).to(dtype), (1 + 0.3 * torch.randn(n, generator=g)).to(dtype)
+    angles = torch.randn(5, head_dim // 2, generator=g)
+    if full_table:
+        cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)  # (S, D)
+    else:
+        cos, sin = angles.cos().reshape(1, 5, 1, -1), angles.sin().reshape(1, 5, 1, -1)  # (1, S, 1, D/2)
+    return q_lin, k_lin, q_w, k_w, cos, sin
+
+
+class AcrossHeads(Pattern):
+    """Wan's self-attention in float32: RMSNorm over all heads, RoPE on interleaved pairs, (B, S, H, D)."""
+
+    downcast = False
+
+    def example_inputs(self) -> tuple:
+        dtype = torch.bfloat16 if self.downcast else torch.float32
+        q_lin, k_lin, q_w, k_w, cos, sin = _example(2, 12, dtype, full_table=False)
+        extra = (dtype,) if self.downcast else ()
+        return (q_lin, k_lin, q_w, k_w, cos, sin, [24], 1e-6, [2, -1], [-1, 2], *extra)
+
+    @staticmethod
+    def pattern(q_lin, k_lin, q_weight, k_weight, cos, sin, norm_shape, eps, split, pairs):
+        q = aten.unflatten.int(aten.rms_norm.default(q_lin, norm_shape, q_weight, eps), 2, split)
+        k = aten.unflatten.int(aten.rms_norm.default(k_lin, norm_shape, k_weight, eps), 2, split)
+        return _wan_rope(q, cos, sin, pairs, None), _wan_rope(k, cos, sin, pairs, None)
+
+    @staticmethod
+    def replacement(q_lin, k_lin, q_weight, k_weight, cos, sin, norm_shape, eps, split, pairs):
+        q, k = aten.unflatten.int(q_lin, 2, split), aten.unflatten.int(k_lin, 2, split)
+        q_out, k_out = aten.empty_like.default(q), aten.empty_like.default(k)
+        torch.ops.diffc.qk_norm_rope_across_heads.default(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out)
+        return q_out, k_out
+
+    def accepts(self, q_lin, k_lin, q_weight, k_weight, cos, sin, norm_shape, eps, split, pairs, downcast=None):
+        if not (_projections_ok(q_lin, k_lin, q_weight, k_weight) and _tables_ok(cos, sin)):
+            return False
+        _batch, seq, inner = q_lin.shape
+        if list(norm_shape) != [inner] or tuple(q_weight.shape) != (inner,) or list(pairs) != [-1, 2]:
+            return False
+        if len(split) != 2 or split[1] != -1 or split[0] <= 0 or inner % (2 * split[0]):
+            return False
+        head_dim = inner // split[0]
+        if cos.numel() != seq * head_dim // 2 or cos.shape[-1] != head_dim // 2:
+            return False
+        if downcast is None:
+            return q_lin.dtype == torch.float32
+        return q_lin.dtype in REDUCED and downcast == q_lin.dtype
+
+
+class AcrossHeadsDowncast(AcrossHeads):
+    """Wan in bf16/fp16: the same, RoPE in float32 and the result cast back to the activations' dtype."""
+
+    downcast = True
+
+    @staticmethod
+    def pattern(q_lin, k_lin, q_weight, k_weight, cos, sin, norm_shape, eps, split, pairs, downcast):
+        q = aten.unflatten.int(aten.rms_norm.default(q_lin, norm_shape, q_weight, eps), 2, split)
+        k = aten.unflatten.int(aten.rms_norm.default(k_lin, norm_shape, k_weight, eps), 2, split)
+        return _wan_rope(q, cos, sin, pairs, downcast), _wan_rope(k, cos, sin, pairs, downcast)
+
+    @staticmethod
+    def replacement(q_lin, k_lin, q_weight, k_weight, cos, sin, norm_shape, eps, split, pairs, downcast):
+        q, k = aten.unflatten.int(q_lin, 2, split), aten.unflatten.int(k_lin, 2, split)
+        q_out, k_out = aten.empty_like.default(q), aten.empty_like.default(k)
+        torch.ops.diffc.qk_norm_rope_across_heads.default(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out)
+        return q_out, k_out
+
+
+class PerHead(Pattern):
+    """FLUX's single-stream block in float32: per-head RMSNorm, heads before tokens, RoPE, (B, H, S, D)."""
+
+    cast = False
+
+    def example_inputs(self) -> tuple:
+        dtype = torch.bfloat16 if self.cast else torch.float32
+        q_lin, k_lin, q_w, k_w, cos, sin = _example(2, 16, dtype, full_table=True)
+        casts = (torch.float32, dtype) if self.cast else ()
+        return (q_lin, k_lin, q_w, k_w, cos, sin, [-1, 16], [16], 1e-6, [2, 2, 5, -1, 2], *casts)
+
+    @staticmethod
+    def pattern(q_lin, k_lin, q_weight, k_weight, cos, sin, split, norm_shape, eps, pair_shape):
+        q = aten.transpose.int(aten.rms_norm.default(aten.unflatten.int(q_lin, -1, split), norm_shape, q_weight, eps), 1, 2)
+        k = aten.transpose.int(aten.rms_norm.default(aten.unflatten.int(k_lin, -1, split), norm_shape, k_weight, eps), 1, 2)
+        return _flux_rope(q, cos, sin, pair_shape, None, None), _flux_rope(k, cos, sin, pair_shape, None, None)
+
+    @staticmethod
+    def replacement(q_lin, k_lin, q_weight, k_weight, cos, sin, split, norm_shape, eps, pair_shape):
+        q, k = aten.unflatten.int(q_lin, -1, split), aten.unflatten.int(k_lin, -1, split)  # (B, S, H, D)
+        q_out = aten.transpose.int(aten.empty_like.default(q), 1, 2)  # (B, H, S, D)
+        k_out = aten.transpose.int(aten.empty_like.default(k), 1, 2)
+        torch.ops.diffc.qk_norm_rope_per_head.default(q, k, q_weight, k_weight, cos, sin, eps, 0, q_out, k_out)
+        return q_out, k_out
+
+    def accepts(self, q_lin, k_lin, q_weight, k_weight, cos, sin, split, norm_shape, eps, pair_shape,
+                upcast=None, downcast=None):
+        if not (_projections_ok(q_lin, k_lin, q_weight, k_weight) and _tables_ok(cos, sin)):
+            return False
+        batch, seq, inner = q_lin.shape
+        if len(split) != 2 or split[0] != -1 or split[1] <= 0 or split[1] % 2 or inner % split[1]:
+            return False
+        head_dim = split[1]
+        if list(norm_shape) != [head_dim] or tuple(q_weight.shape) != (head_dim,):
+            return False
+        if list(pair_shape) != [batch, inner // head_dim, seq, -1, 2] or tuple(cos.shape) != (seq, head_dim):
+            return False
+        if upcast is None:
+            return q_lin.dtype == torch.float32
+        return q_lin.dtype in REDUCED and upcast == torch.float32 and downcast == q_lin.dtype
+
+
+class PerHeadCast(PerHead):
+    """FLUX in bf16/fp16: RoPE on float32 upcasts, the result cast back to the activations' dtype."""
+
+    cast = True
+
+    @staticmethod
+    def pattern(q_lin, k_lin, q_weight, k_weight, cos, sin, split, norm_shape, eps, pair_shape, upcast, downcast):
+        q = aten.transpose.int(aten.rms_norm.default(aten.unflatten.int(q_lin, -1, split), norm_shape, q_weight, eps), 1, 2)
+        k = aten.transpose.int(aten.rms_norm.default(aten.unflatten.int(k_lin, -1, split), norm_shape, k_weight, eps), 1, 2)
+        return (
+            _flux_rope(q, cos, sin, pair_shape, upcast, downcast),
+            _flux_rope(k, cos, sin, pair_shape, upcast, downcast),
+        )
+
+    @staticmethod
+    def replacement(q_lin, k_lin, q_weight, k_weight, cos, sin, split, norm_shape, eps, pair_shape, upcast, downcast):
+        q, k = aten.unflatten.int(q_lin, -1, split), aten.unflatten.int(k_lin, -1, split)
+        q_out = aten.transpose.int(aten.empty_like.default(q), 1, 2)
+        k_out = aten.transpose.int(aten.empty_like.default(k), 1, 2)
+        torch.ops.diffc.qk_norm_rope_per_head.default(q, k, q_weight, k_weight, cos, sin, eps, 0, q_out, k_out)
+        return q_out, k_out
+
+
+class QKNormRopePass(FusionPass):
+    """Self-attention's q/k RMSNorm + RoPE -> ``diffc.qk_norm_rope_across_heads`` (Wan) and
+    ``diffc.qk_norm_rope_per_head`` (FLUX single-stream). Not bit-exact: the RMS reduction order differs."""
+
+    name = "qk_norm_rope"
+    bit_exact = False
+    patterns = (AcrossHeadsDowncast(), AcrossHeads(), PerHeadCast(), PerHead())
