@@ -20,7 +20,7 @@ GRAPH_TOL = {torch.float32: 1e-5, torch.bfloat16: REL_TOL[torch.bfloat16]}
 #   adaln_modulate: double 4 (norm1, norm1_context, img MLP norm, txt MLP norm) + single 1 each + norm_out = 7
 #   gated_residual: double 4 (img/txt after attention and after MLP) + single 1 each = 6
 #   gelu_tanh: double 2 (ff, ff_context) + single 1 each (proj_mlp) = 4
-#   qk_norm_rope: single 1 each (the double block's joint text+image RoPE is not matched yet) = 2
+#   qk_norm_rope: double 1 (two op calls: text rows, image rows) + single 1 each = 3 matches, 4 calls
 # Wan, 2 blocks:
 #   adaln_modulate: norm1 and norm3 per block + norm_out = 5 (norm2 has an affine and stays a layer_norm)
 #   gated_residual: after attn1 and after ffn per block = 4 (the ungated ``x + attn2`` is not this op)
@@ -32,7 +32,7 @@ EXPECTED = {
         "adaln_modulate": 4 * FLUX_BLOCKS + FLUX_SINGLE + 1,
         "gated_residual": 4 * FLUX_BLOCKS + FLUX_SINGLE,
         "gelu_tanh": 2 * FLUX_BLOCKS + FLUX_SINGLE,
-        "qk_norm_rope": FLUX_SINGLE,
+        "qk_norm_rope": FLUX_BLOCKS + FLUX_SINGLE,
     },
     "wan": {
         "adaln_modulate": 2 * WAN_BLOCKS + 1,
@@ -48,11 +48,13 @@ def count_delta(before: dict[str, int], after: dict[str, int], target: str) -> i
 
 
 def check_pass(traced, fusion: FusionPass, expected: int, dtype: torch.dtype, left: dict[str, int], entered: str,
-               calls_per_match: int = 1):
+               calls: int | None = None):
     """Canonicalise, apply ``fusion``; assert the match count, the op counts that changed, and numerics.
 
-    ``left`` maps ATen targets to how many of each must leave per match; ``entered`` is the diffc op.
+    ``left`` maps ATen targets to how many of each must leave the graph in all; ``entered`` is the diffc
+    op, which must appear ``calls`` times (default: once per match).
     """
+    calls = expected if calls is None else calls
     gm = traced.program.graph_module
     CanonicalizeCasts()(gm)
     before = graph_targets(gm)
@@ -61,13 +63,13 @@ def check_pass(traced, fusion: FusionPass, expected: int, dtype: torch.dtype, le
     assert fusion(gm) == expected
 
     after = graph_targets(gm)
-    for target, per_match in left.items():
-        assert count_delta(before, after, target) == -per_match * expected, target
-    assert after.get(entered, 0) == expected * calls_per_match
+    for target, n in left.items():
+        assert count_delta(before, after, target) == -n, target
+    assert after.get(entered, 0) == calls
     COUNTERS.reset()
     out = traced.run()
     if kernel_runs_on(torch.device("cpu")):  # each fused op call launched its (interpreted) Triton kernel
-        assert COUNTERS == OpCounters(kernel_launches=expected * calls_per_match, reference_fallbacks=0)
+        assert COUNTERS == OpCounters(kernel_launches=calls, reference_fallbacks=0)
     assert out.shape == traced.unfused.shape and out.dtype == traced.unfused.dtype
     assert rel_err(out, traced.unfused) < GRAPH_TOL[dtype]
     return after

@@ -5,22 +5,44 @@ from __future__ import annotations
 import pytest
 
 from diffc.compile.passes import QKNormRopePass
-from tests.compile.common import EXPECTED, check_pass, check_variant
+from tests.compile.common import (
+    EXPECTED,
+    FLUX_BLOCKS,
+    FLUX_SINGLE,
+    WAN_BLOCKS,
+    check_pass,
+    check_variant,
+)
 from tests.compile.conftest import DTYPES, MODELS
 
 PASS = QKNormRopePass
 OPS = {"flux": "diffc.qk_norm_rope_per_head.default", "wan": "diffc.qk_norm_rope_across_heads.default"}
-# per match: q and k each lose their rms_norm, the pair split and the stack of rotated halves
-LEFT = {"aten.rms_norm.default": 2, "aten.unbind.int": 2, "aten.stack.default": 2}
-# rms_norm left: FLUX's double block (q, k, added q, added k); Wan's cross-attention (q, k) per block
-UNFUSED_NORMS = {"flux": 4, "wan": 4}
+# What leaves: q and k each lose their rms_norm(s), the pair split and the stack of rotated halves;
+# FLUX's double block also its two text+image cats (q, k). Op calls: FLUX's double block makes two.
+LEFT = {
+    "flux": {
+        "aten.rms_norm.default": 2 * FLUX_SINGLE + 4 * FLUX_BLOCKS,
+        "aten.unbind.int": 2 * (FLUX_SINGLE + FLUX_BLOCKS),
+        "aten.stack.default": 2 * (FLUX_SINGLE + FLUX_BLOCKS),
+        "aten.cat.default": 2 * FLUX_BLOCKS,
+    },
+    "wan": {
+        "aten.rms_norm.default": 2 * WAN_BLOCKS,
+        "aten.unbind.int": 2 * WAN_BLOCKS,
+        "aten.stack.default": 2 * WAN_BLOCKS,
+    },
+}
+CALLS = {"flux": FLUX_SINGLE + 2 * FLUX_BLOCKS, "wan": WAN_BLOCKS}
+# rms_norm left: none in FLUX; Wan's cross-attention normalises q and k without RoPE, per block
+UNFUSED_NORMS = {"flux": 0, "wan": 2 * WAN_BLOCKS}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("model", MODELS)
 def test_fuses_every_site(traced, model, dtype):
-    after = check_pass(traced(model, dtype), PASS(), EXPECTED[model][PASS.name], dtype, LEFT, OPS[model])
-    assert after["aten.rms_norm.default"] == UNFUSED_NORMS[model]
+    t = traced(model, dtype)
+    after = check_pass(t, PASS(), EXPECTED[model][PASS.name], dtype, LEFT[model], OPS[model], CALLS[model])
+    assert after.get("aten.rms_norm.default", 0) == UNFUSED_NORMS[model]
 
 
 @pytest.mark.parametrize("variant", PASS.patterns, ids=lambda v: v.name)

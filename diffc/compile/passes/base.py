@@ -52,6 +52,10 @@ class Pattern:
     def accepts(self, **values: Any) -> bool:
         return True
 
+    def build_replacement(self, **values: Any) -> Callable:
+        """The replacement for one accepted match; override where it needs the match's sizes as constants."""
+        return self.replacement
+
     @property
     def name(self) -> str:
         return type(self).__name__
@@ -96,7 +100,13 @@ def replace_all(gm: fx.GraphModule, variant: Pattern) -> int:
             return False  # a node without export's fake value: nothing to check shapes on
         return bool(variant.accepts(**dict(zip(names, values))))
 
-    replaced = replace_pattern_with_filters(gm, variant.pattern, variant.replacement, match_filters=[accept])
+    def build(match, _graph, _pattern_graph) -> fx.Graph:
+        values = dict(zip(names, (_value(a) for a in match.placeholder_nodes)))
+        return fx.symbolic_trace(variant.build_replacement(**values)).graph
+
+    replaced = replace_pattern_with_filters(
+        gm, variant.pattern, match_filters=[accept], replacement_callback=build
+    )
     for r in replaced:
         for node in r.replacements:
             _propagate_val(node)

@@ -16,14 +16,17 @@ FLUX single-stream block (``qk_norm_rope_per_head``), for q and for k::
 Fused, one launch for q and k::
 
     q_out, k_out = empty(...), empty(...)
-    diffc.qk_norm_rope_<layout>(unflatten(q_lin), unflatten(k_lin), q_weight, k_weight, cos, sin, eps, [0,] q_out, k_out)
+    diffc.qk_norm_rope_<layout>(unflatten(q_lin), unflatten(k_lin), q_weight, k_weight, cos, sin, eps,
+                                [0,] q_out, k_out)
 
-FLUX's double-stream block (text and image tokens normalised with different weights, then
-concatenated before RoPE) is not matched yet.
+FLUX's double-stream block normalises text and image tokens with their own weights and concatenates
+them before RoPE: two ``qk_norm_rope_per_head`` calls write the text rows (offset 0) and the image rows
+(offset S_txt) of one (B, H, S_txt + S_img, D) buffer each for q and k, so the ``cat`` goes too.
 """
 
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
@@ -151,6 +154,12 @@ class AcrossHeadsDowncast(AcrossHeads):
         return q_out, k_out
 
 
+def _heads_first(x_lin, split, norm_shape, weight, eps):
+    """(B, S, H*D) -> per-head RMSNorm -> (B, H, S, D), as FLUX's attention does it."""
+    x = aten.rms_norm.default(aten.unflatten.int(x_lin, -1, split), norm_shape, weight, eps)
+    return aten.transpose.int(x, 1, 2)
+
+
 class PerHead(Pattern):
     """FLUX's single-stream block in float32: per-head RMSNorm, heads before tokens, RoPE, (B, H, S, D)."""
 
@@ -164,8 +173,8 @@ class PerHead(Pattern):
 
     @staticmethod
     def pattern(q_lin, k_lin, q_weight, k_weight, cos, sin, split, norm_shape, eps, pair_shape):
-        q = aten.transpose.int(aten.rms_norm.default(aten.unflatten.int(q_lin, -1, split), norm_shape, q_weight, eps), 1, 2)
-        k = aten.transpose.int(aten.rms_norm.default(aten.unflatten.int(k_lin, -1, split), norm_shape, k_weight, eps), 1, 2)
+        q = _heads_first(q_lin, split, norm_shape, q_weight, eps)
+        k = _heads_first(k_lin, split, norm_shape, k_weight, eps)
         return _flux_rope(q, cos, sin, pair_shape, None, None), _flux_rope(k, cos, sin, pair_shape, None, None)
 
     @staticmethod
@@ -178,19 +187,28 @@ class PerHead(Pattern):
 
     def accepts(self, q_lin, k_lin, q_weight, k_weight, cos, sin, split, norm_shape, eps, pair_shape,
                 upcast=None, downcast=None):
-        if not (_projections_ok(q_lin, k_lin, q_weight, k_weight) and _tables_ok(cos, sin)):
-            return False
-        batch, seq, inner = q_lin.shape
-        if len(split) != 2 or split[0] != -1 or split[1] <= 0 or split[1] % 2 or inner % split[1]:
-            return False
-        head_dim = split[1]
-        if list(norm_shape) != [head_dim] or tuple(q_weight.shape) != (head_dim,):
-            return False
-        if list(pair_shape) != [batch, inner // head_dim, seq, -1, 2] or tuple(cos.shape) != (seq, head_dim):
-            return False
-        if upcast is None:
-            return q_lin.dtype == torch.float32
-        return q_lin.dtype in REDUCED and upcast == torch.float32 and downcast == q_lin.dtype
+        return (
+            _projections_ok(q_lin, k_lin, q_weight, k_weight)
+            and _per_head_ok(
+                *q_lin.shape, q_lin.dtype, q_weight, cos, sin, split, norm_shape, pair_shape, upcast, downcast
+            )
+        )
+
+
+def _per_head_ok(batch, seq, inner, dtype, q_weight, cos, sin, split, norm_shape, pair_shape, upcast, downcast) -> bool:
+    """FLUX's layout: ``split == [-1, D]``, weights (D,), pairs ``[B, H, S, -1, 2]``, tables (S, D) float32."""
+    if not _tables_ok(cos, sin):
+        return False
+    if len(split) != 2 or split[0] != -1 or split[1] <= 0 or split[1] % 2 or inner % split[1]:
+        return False
+    head_dim = split[1]
+    if list(norm_shape) != [head_dim] or tuple(q_weight.shape) != (head_dim,):
+        return False
+    if list(pair_shape) != [batch, inner // head_dim, seq, -1, 2] or tuple(cos.shape) != (seq, head_dim):
+        return False
+    if upcast is None:
+        return dtype == torch.float32
+    return dtype in REDUCED and upcast == torch.float32 and downcast == dtype
 
 
 class PerHeadCast(PerHead):
@@ -200,8 +218,8 @@ class PerHeadCast(PerHead):
 
     @staticmethod
     def pattern(q_lin, k_lin, q_weight, k_weight, cos, sin, split, norm_shape, eps, pair_shape, upcast, downcast):
-        q = aten.transpose.int(aten.rms_norm.default(aten.unflatten.int(q_lin, -1, split), norm_shape, q_weight, eps), 1, 2)
-        k = aten.transpose.int(aten.rms_norm.default(aten.unflatten.int(k_lin, -1, split), norm_shape, k_weight, eps), 1, 2)
+        q = _heads_first(q_lin, split, norm_shape, q_weight, eps)
+        k = _heads_first(k_lin, split, norm_shape, k_weight, eps)
         return (
             _flux_rope(q, cos, sin, pair_shape, upcast, downcast),
             _flux_rope(k, cos, sin, pair_shape, upcast, downcast),
@@ -216,10 +234,102 @@ class PerHeadCast(PerHead):
         return q_out, k_out
 
 
+class PerHeadJoint(PerHead):
+    """FLUX's double-stream block: text and image q/k normalised with their own weights, concatenated
+    ``[text, image]`` along the sequence, RoPE over the joint sequence. Two op calls fill one
+    (B, H, S_txt + S_img, D) buffer each for q and k, the text rows at offset 0, the image rows after."""
+
+    def example_inputs(self) -> tuple:
+        dtype = torch.bfloat16 if self.cast else torch.float32
+        g = torch.Generator().manual_seed(1)
+        q_txt, k_txt = (torch.randn(2, 3, 32, generator=g).to(dtype) for _ in range(2))
+        q_img, k_img, q_w, k_w, *_ = _example(2, 16, dtype, full_table=True)
+        qa_w, ka_w = ((1 + 0.3 * torch.randn(16, generator=g)).to(dtype) for _ in range(2))
+        angles = torch.randn(8, 8, generator=g)
+        cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)  # (S_txt + S_img, D)
+        casts = (torch.float32, dtype) if self.cast else ()
+        return (q_txt, k_txt, q_img, k_img, qa_w, ka_w, q_w, k_w, cos, sin, [-1, 16], [16], 1e-6,
+                [2, 2, 8, -1, 2], *casts)
+
+    @staticmethod
+    def pattern(q_txt, k_txt, q_img, k_img, qa_weight, ka_weight, q_weight, k_weight, cos, sin,
+                split, norm_shape, eps, pair_shape):
+        q = aten.cat.default([_heads_first(q_txt, split, norm_shape, qa_weight, eps),
+                              _heads_first(q_img, split, norm_shape, q_weight, eps)], 2)
+        k = aten.cat.default([_heads_first(k_txt, split, norm_shape, ka_weight, eps),
+                              _heads_first(k_img, split, norm_shape, k_weight, eps)], 2)
+        return _flux_rope(q, cos, sin, pair_shape, None, None), _flux_rope(k, cos, sin, pair_shape, None, None)
+
+    def build_replacement(self, **values):
+        batch, seq_txt, inner = values["q_txt"].shape
+        seq_img, head_dim = values["q_img"].shape[1], values["split"][1]
+        size = [batch, seq_txt + seq_img, inner // head_dim, head_dim]  # (B, S, H, D), used transposed
+
+        def fill(q_txt, k_txt, q_img, k_img, qa_weight, ka_weight, q_weight, k_weight, cos, sin, split, eps):
+            q_out = aten.transpose.int(aten.new_empty.default(q_img, size), 1, 2)  # (B, H, S_txt + S_img, D)
+            k_out = aten.transpose.int(aten.new_empty.default(k_img, size), 1, 2)
+            q_t, k_t = aten.unflatten.int(q_txt, -1, split), aten.unflatten.int(k_txt, -1, split)
+            q_i, k_i = aten.unflatten.int(q_img, -1, split), aten.unflatten.int(k_img, -1, split)
+            torch.ops.diffc.qk_norm_rope_per_head.default(
+                q_t, k_t, qa_weight, ka_weight, cos, sin, eps, 0, q_out, k_out
+            )
+            torch.ops.diffc.qk_norm_rope_per_head.default(
+                q_i, k_i, q_weight, k_weight, cos, sin, eps, seq_txt, q_out, k_out
+            )
+            return q_out, k_out
+
+        if self.cast:
+            def replacement(q_txt, k_txt, q_img, k_img, qa_weight, ka_weight, q_weight, k_weight, cos, sin,
+                            split, norm_shape, eps, pair_shape, upcast, downcast):
+                return fill(q_txt, k_txt, q_img, k_img, qa_weight, ka_weight, q_weight, k_weight, cos, sin, split, eps)
+        else:
+            def replacement(q_txt, k_txt, q_img, k_img, qa_weight, ka_weight, q_weight, k_weight, cos, sin,
+                            split, norm_shape, eps, pair_shape):
+                return fill(q_txt, k_txt, q_img, k_img, qa_weight, ka_weight, q_weight, k_weight, cos, sin, split, eps)
+        return replacement
+
+    @property
+    def replacement(self):
+        """The replacement at the example inputs' sizes (the pass builds one per match)."""
+        names = inspect.signature(self.pattern).parameters
+        return self.build_replacement(**dict(zip(names, self.example_inputs())))
+
+    def accepts(self, q_txt, k_txt, q_img, k_img, qa_weight, ka_weight, q_weight, k_weight, cos, sin,
+                split, norm_shape, eps, pair_shape, upcast=None, downcast=None):
+        if not _projections_ok(q_txt, k_txt, qa_weight, ka_weight):
+            return False
+        if not _projections_ok(q_img, k_img, q_weight, k_weight):
+            return False
+        if q_txt.dtype != q_img.dtype or q_txt.shape[0] != q_img.shape[0] or q_txt.shape[2] != q_img.shape[2]:
+            return False
+        batch, seq_img, inner = q_img.shape
+        seq = q_txt.shape[1] + seq_img
+        return _per_head_ok(batch, seq, inner, q_img.dtype, q_weight, cos, sin, split, norm_shape, pair_shape,
+                            upcast, downcast) and tuple(qa_weight.shape) == tuple(q_weight.shape)
+
+
+class PerHeadJointCast(PerHeadJoint):
+    """FLUX's double-stream block in bf16/fp16: the joint RoPE on float32 upcasts, cast back."""
+
+    cast = True
+
+    @staticmethod
+    def pattern(q_txt, k_txt, q_img, k_img, qa_weight, ka_weight, q_weight, k_weight, cos, sin,
+                split, norm_shape, eps, pair_shape, upcast, downcast):
+        q = aten.cat.default([_heads_first(q_txt, split, norm_shape, qa_weight, eps),
+                              _heads_first(q_img, split, norm_shape, q_weight, eps)], 2)
+        k = aten.cat.default([_heads_first(k_txt, split, norm_shape, ka_weight, eps),
+                              _heads_first(k_img, split, norm_shape, k_weight, eps)], 2)
+        return (
+            _flux_rope(q, cos, sin, pair_shape, upcast, downcast),
+            _flux_rope(k, cos, sin, pair_shape, upcast, downcast),
+        )
+
+
 class QKNormRopePass(FusionPass):
     """Self-attention's q/k RMSNorm + RoPE -> ``diffc.qk_norm_rope_across_heads`` (Wan) and
     ``diffc.qk_norm_rope_per_head`` (FLUX single-stream). Not bit-exact: the RMS reduction order differs."""
 
     name = "qk_norm_rope"
     bit_exact = False
-    patterns = (AcrossHeadsDowncast(), AcrossHeads(), PerHeadCast(), PerHead())
+    patterns = (AcrossHeadsDowncast(), AcrossHeads(), PerHeadJointCast(), PerHeadJoint(), PerHeadCast(), PerHead())
