@@ -15,7 +15,6 @@ import torch
 
 from diffc.compile import trace_module
 from diffc.models.flux.transformer import FLUX_TRANSFORMER_SPECS, FluxTransformer2DModel
-from diffc.models.wan import blocks as wan_blocks
 from diffc.models.wan.transformer import WAN_TRANSFORMER_SPECS, WanTransformer3DModel
 
 MODELS = ("flux", "wan")
@@ -91,11 +90,7 @@ def traced(_traced_cache):
         key = (model, dtype)
         if key not in _traced_cache:
             net, inputs = build(model, dtype)
-            # Wan caches its RoPE tables per grid; a table first built while exporting is a fake tensor,
-            # so the cache is cleared around each trace (see the report on diffc/models/wan/blocks.py).
-            wan_blocks._rope_axis.cache_clear()
             program = trace_module(net, inputs)
-            wan_blocks._rope_axis.cache_clear()
             with torch.no_grad():
                 unfused = program.module()(**inputs)
             _traced_cache[key] = Traced(program, inputs, unfused)

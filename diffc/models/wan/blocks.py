@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 ROPE_THETA = 10000.0
 TIME_MAX_PERIOD = 10000
@@ -25,18 +26,30 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-@functools.cache
-def _rope_axis(dim: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of ``pos * theta^(-2i/dim)`` for ``pos < length``: two (length, dim // 2) float32 tables.
-
-    Computed in float64 on the CPU (as Wan does) and moved to ``device`` once: later forwards reuse the
-    same device tensors, so they copy nothing from the host and a captured CUDA graph stays valid.
-    The cache is never evicted; it holds one small table per (axis size, grid length, device).
-    """
+def _rope_axis_tables(dim: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of ``pos * theta^(-2i/dim)`` for ``pos < length``: two (length, dim // 2) float32 tables,
+    computed in float64 on the CPU as Wan does."""
     inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+@functools.cache
+def _rope_axis_on(dim: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables moved to ``device`` once: later forwards reuse the same device tensors, so they copy
+    nothing from the host and a captured CUDA graph stays valid. Never evicted; one small table per
+    (axis size, grid length, device)."""
     with torch.inference_mode(False):  # plain tensors, usable inside and outside inference mode
-        return angles.cos().float().to(device), angles.sin().float().to(device)
+        return tuple(t.to(device) for t in _rope_axis_tables(dim, length))
+
+
+def _rope_axis(dim: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_dynamo_compiling():  # torch.compile traces the table math into its graph
+        return tuple(t.to(device) for t in _rope_axis_tables(dim, length))
+    # Real tensors even while torch.export traces (it lifts them as constants of the program), so the
+    # cache never holds a fake tensor from one trace that a later trace or eager call would trip on.
+    with unset_fake_temporarily():
+        return _rope_axis_on(dim, length, device)
 
 
 def rope_frequencies(
