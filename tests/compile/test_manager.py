@@ -15,7 +15,7 @@ from tests.helpers import rel_err
 
 # Nodes the cast canonicalisation removes in the float32 tiny graphs: every
 # ``_assert_tensor_metadata`` and every float32 -> float32 ``to`` / ``type_as``.
-CANONICALIZED = {"flux": 68, "wan": 106}  # pinned; test_canonicalize.py checks what they are
+CANONICALIZED = {"flux": 68, "wan": 94}  # pinned; test_canonicalize.py checks what they are
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.utils._python_dispatch import _disable_current_modes
 
 ROPE_THETA = 10000.0
 TIME_MAX_PERIOD = 10000
@@ -46,9 +46,9 @@ def _rope_axis_on(dim: int, length: int, device: torch.device) -> tuple[torch.Te
 def _rope_axis(dim: int, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     if torch.compiler.is_dynamo_compiling():  # torch.compile traces the table math into its graph
         return tuple(t.to(device) for t in _rope_axis_tables(dim, length))
-    # Real tensors even while torch.export traces (it lifts them as constants of the program), so the
-    # cache never holds a fake tensor from one trace that a later trace or eager call would trip on.
-    with unset_fake_temporarily():
+    # Built outside any tracing mode: real tensors even while torch.export traces, which lifts them as
+    # constants of the program whether or not the cache was warm, and the cache never holds a fake.
+    with _disable_current_modes():
         return _rope_axis_on(dim, length, device)
 
 
