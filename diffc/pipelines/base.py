@@ -106,7 +106,16 @@ class GenerationOutput:
         return path
 
 
-def _check_int(field: str, value, low: int, high: int) -> None:
+def nearest_valid(value: int, step: int, offset: int = 0, minimum: int = 1) -> str:
+    """The valid value(s) ``offset + k * step`` nearest to ``value``, as text ("81" or "77 or 81")."""
+    below = max(minimum, (value - offset) // step * step + offset)
+    above = below + step
+    if value - below == above - value:
+        return f"{below} or {above}"
+    return str(below if value - below < above - value else above)
+
+
+def check_int(field: str, value, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
         raise InvalidArgumentError(field, f"must be an integer from {low} to {high}, got {value!r}")
 
@@ -120,9 +129,9 @@ def validate_common(request: GenerationRequest) -> None:
         negs = request.negative_prompt if isinstance(request.negative_prompt, list) else [request.negative_prompt]
         if not all(isinstance(n, str) for n in negs) or len(negs) not in (1, len(prompts)):
             raise InvalidArgumentError("negative_prompt", "must be a string or one string per prompt")
-    _check_int("height", request.height, 1, 16384)
-    _check_int("width", request.width, 1, 16384)
-    _check_int("num_inference_steps", request.num_inference_steps, 1, MAX_STEPS)
+    check_int("height", request.height, 1, 16384)
+    check_int("width", request.width, 1, 16384)
+    check_int("num_inference_steps", request.num_inference_steps, 1, MAX_STEPS)
     g = request.guidance_scale
     if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= 100:
         raise InvalidArgumentError("guidance_scale", f"must be a number from 0 to 100, got {g!r}")
@@ -131,7 +140,7 @@ def validate_common(request: GenerationRequest) -> None:
         raise InvalidArgumentError("seed", f"a list of seeds needs one per prompt ({len(prompts)}), got {len(seeds)}")
     for s in seeds:
         if s is not None:
-            _check_int("seed", s, 0, MAX_SEED)
+            check_int("seed", s, 0, MAX_SEED)
 
 
 class Pipeline:

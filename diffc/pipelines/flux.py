@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
-from .base import GenerationRequest, PipelineSpec
+from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
 from .denoise import cpu_generators, denoise_loop, seeded_noise
 from .schedulers.flow_match_euler import calculate_shift
 from .stages import RunContext, Stage
@@ -128,11 +128,9 @@ def validate(pipe, request: GenerationRequest) -> None:
     for field in ("height", "width"):
         value = getattr(request, field)
         if value % multiple:
-            low = value // multiple * multiple
-            hint = f"{low} or {low + multiple}" if low else f"{multiple}"
-            raise InvalidArgumentError(field, f"FLUX needs a multiple of {multiple}, got {value} (try {hint})")
-    if not 1 <= request.max_sequence_length <= T5_MAX_LENGTH:
-        raise InvalidArgumentError("max_sequence_length", f"must be from 1 to {T5_MAX_LENGTH}, got {request.max_sequence_length}")
+            raise InvalidArgumentError(field, f"FLUX needs a multiple of {multiple}, got {value} "
+                                       f"(try {nearest_valid(value, multiple, 0, multiple)})")
+    check_int("max_sequence_length", request.max_sequence_length, 1, T5_MAX_LENGTH)
     if request.num_frames not in (None, 1):
         raise InvalidArgumentError("num_frames", "FLUX.1 is an image model; num_frames is for video models")
 

@@ -13,7 +13,7 @@ import html
 import torch
 
 from ..errors import CheckpointError, InvalidArgumentError
-from .base import GenerationRequest, PipelineSpec, _check_int
+from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
 from .denoise import cpu_generators, denoise_loop, seeded_noise
 from .stages import RunContext, Stage
 from .text import tokenize
@@ -142,15 +142,6 @@ def build_stages():
     ]
 
 
-def _nearest(value: int, step: int, offset: int = 0, minimum: int = 1) -> str:
-    """The valid value(s) ``offset + k * step`` nearest to ``value``, as text ("81" or "77 or 81")."""
-    below = max(minimum, (value - offset) // step * step + offset)
-    above = below + step
-    if value - below == above - value:
-        return f"{below} or {above}"
-    return str(below if value - below < above - value else above)
-
-
 def validate(pipe, request: GenerationRequest) -> None:
     c = pipe.components
     temporal, _ = vae_scale_factors(c["vae"])
@@ -158,10 +149,10 @@ def validate(pipe, request: GenerationRequest) -> None:
     rope_len = c["transformer"].config.rope_max_seq_len
     max_frames = (rope_len * patch[0] - 1) * temporal + 1
     n = request.num_frames
-    _check_int("num_frames", n, 1, max_frames)
+    check_int("num_frames", n, 1, max_frames)
     if (n - 1) % temporal:
         raise InvalidArgumentError("num_frames", f"Wan needs {temporal}k+1 frames (1, {1 + temporal}, "
-                                   f"{1 + 2 * temporal}, ...), got {n} (nearest: {_nearest(n, temporal, 1)})")
+                                   f"{1 + 2 * temporal}, ...), got {n} (nearest: {nearest_valid(n, temporal, 1)})")
     latent_frames = (n - 1) // temporal + 1
     if latent_frames % patch[0]:
         raise InvalidArgumentError("num_frames", f"{n} frames give {latent_frames} latent frames, which the DiT's "
@@ -170,11 +161,11 @@ def validate(pipe, request: GenerationRequest) -> None:
         value = getattr(request, field)
         if value % multiple:
             raise InvalidArgumentError(field, f"Wan needs a multiple of {multiple}, got {value} "
-                                       f"(nearest: {_nearest(value, multiple, 0, multiple)})")
+                                       f"(nearest: {nearest_valid(value, multiple, 0, multiple)})")
         if value // multiple > rope_len:
             raise InvalidArgumentError(field, f"at most {rope_len * multiple} for this checkpoint "
                                        f"(rope_max_seq_len={rope_len}), got {value}")
-    _check_int("max_sequence_length", request.max_sequence_length, 1, UMT5_MAX_LENGTH)
+    check_int("max_sequence_length", request.max_sequence_length, 1, UMT5_MAX_LENGTH)
 
 
 def check_index(index: dict) -> None:
