@@ -17,6 +17,7 @@ own decompositions, made for its post-grad graphs, not for export's ATen IR.)
 
 from __future__ import annotations
 
+import abc
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,7 @@ from torch.fx.subgraph_rewriter import replace_pattern_with_filters
 aten = torch.ops.aten
 
 
-class Pattern:
+class Pattern(abc.ABC):
     """One variant of an unfused op sequence and its fused replacement.
 
     Subclasses define ``pattern`` and ``replacement`` as static methods (``torch.fx.symbolic_trace``
@@ -38,16 +39,16 @@ class Pattern:
     values by argument name (fake tensors for graph values, Python values for literals).
     """
 
-    def example_inputs(self) -> tuple:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def example_inputs(self) -> tuple: ...
 
     @staticmethod
-    def pattern(*args):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def pattern(*args): ...
 
     @staticmethod
-    def replacement(*args):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def replacement(*args): ...
 
     def accepts(self, **values: Any) -> bool:
         return True

@@ -11,6 +11,7 @@ tensor ops and type promotion so ``step`` is too.
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any, ClassVar, Sequence
 
@@ -61,7 +62,7 @@ def stretch_to_terminal(sigmas: np.ndarray, shift_terminal: float) -> np.ndarray
     return 1 - (one_minus / scale)
 
 
-class Scheduler:
+class Scheduler(abc.ABC):
     """Base class: holds the config, the schedule and the index of the next step.
 
     Subclasses set ``config_class``, implement ``_validate`` (raising ``CheckpointError`` for
@@ -87,8 +88,9 @@ class Scheduler:
             config = cls.config_class.from_dict(config, source=SOURCE)
         return cls(config)
 
+    @abc.abstractmethod
     def _validate(self) -> None:
-        raise NotImplementedError
+        """Raise ``CheckpointError`` for config values this scheduler does not implement."""
 
     @property
     def step_index(self) -> int | None:
