@@ -1,0 +1,343 @@
+"""Attention backends as data, and the compile-time measurement that picks one per attention shape.
+
+:data:`BACKENDS` names every kernel diffc can run unmasked, non-causal, dropout-free attention on
+``(q, k, v)`` of shape (B, H, S, D) with an optional ``scale``: the ATen op a graph lowering calls
+(positional arguments after q, k, v; which output is attention's) or, for a backend with no ATen op,
+an eager adapter, and when it is available. :func:`select_attention_backend` runs each available
+candidate on random inputs of each shape, rejects the ones whose output disagrees with a float32
+``softmax(q k^T * scale) v`` reference, times the rest and returns an :class:`AttentionChoice` that
+:class:`diffc.compile.passes.attention.AttentionLoweringPass` lowers onto and the artifact records.
+
+Rule: one choice per shape (sequence lengths change the winner: Wan's cross-attention over 512 text
+tokens is not its self-attention over 32,760), the fastest correct candidate that has a graph op,
+except that ``"sdpa"`` (leave the node to torch's dispatcher) is kept unless another kernel beats it by
+more than ``margin``: below that the difference is timing noise, and the untouched node is bit-exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from ..errors import InvalidArgumentError
+
+aten = torch.ops.aten
+
+# Relative error ||out - ref|| / ||ref|| against the float32 reference a correct kernel stays within.
+REL_TOL = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+REF_ROWS, REF_HEADS = 256, 4  # the reference checks batch item 0, these many heads and query rows
+
+# torch's own pick for aten.scaled_dot_product_attention (aten._fused_sdp_choice's SDPBackend enum).
+_DISPATCHER = {0: "math", 1: "sdpa_flash", 2: "sdpa_efficient", 3: "sdpa_cudnn", 4: "overrideable"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    """q: (batch, heads, seq_q, head_dim); k, v: (batch, heads, seq_kv, head_dim)."""
+
+    batch: int
+    heads: int
+    seq_q: int
+    seq_kv: int
+    head_dim: int
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"shape.{f.name}", f"expected a positive integer, got {value!r}")
+
+    @classmethod
+    def of(cls, q: torch.Tensor, k: torch.Tensor) -> AttentionShape:
+        batch, heads, seq_q, head_dim = q.shape
+        return cls(int(batch), int(heads), int(seq_q), int(k.shape[-2]), int(head_dim))
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBackend:
+    """One attention kernel. ``op(q, k, v, *extra_args, scale=scale)[output_index]`` is attention's
+    (B, H, S_q, D) output (``output_index`` None: the op returns it alone); a backend without an ATen
+    op runs ``adapter(q, k, v, scale)`` and can be measured but not yet lowered into a graph."""
+
+    name: str
+    device_type: str  # "cpu", "cuda" or "any"
+    op: torch._ops.OpOverload | None = None
+    extra_args: tuple = ()
+    output_index: int | None = None
+    adapter: Callable | None = None
+    requires: Callable[[], str | None] | None = None  # None when usable, else why not
+
+    def graph_args(self, q, k, v, scale: float | None) -> tuple[tuple, dict]:
+        """Positional and keyword arguments of ``op`` (tensors or graph nodes for q, k, v)."""
+        return (q, k, v, *self.extra_args), ({} if scale is None else {"scale": scale})
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
+        if self.op is None:
+            return self.adapter(q, k, v, scale)
+        args, kwargs = self.graph_args(q, k, v, scale)
+        out = self.op(*args, **kwargs)
+        return out if self.output_index is None else out[self.output_index]
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """Why this backend cannot run on ``device``, or None when it can."""
+        if self.device_type != "any" and device.type != self.device_type:
+            return f"needs a {self.device_type.upper()} device, not {device.type}"
+        return None if self.requires is None else self.requires()
+
+
+def _cudnn_ready() -> str | None:
+    return None if torch.backends.cudnn.is_available() else "cuDNN is not available in this torch build"
+
+
+def _flashinfer_ready() -> str | None:
+    try:
+        import flashinfer  # noqa: F401
+    except Exception as e:  # noqa: BLE001  (a broken install fails with more than ImportError)
+        return f"flashinfer cannot be imported ({type(e).__name__}: {e})"
+    return None
+
+
+def _flashinfer_attention(q, k, v, scale):
+    """flashinfer.single_prefill_with_kv_cache per batch item, NHD layout: q (S_q, H, D), k/v (S_kv, H, D)."""
+    import flashinfer
+
+    outs = [
+        flashinfer.single_prefill_with_kv_cache(
+            q[b].transpose(0, 1).contiguous(),
+            k[b].transpose(0, 1).contiguous(),
+            v[b].transpose(0, 1).contiguous(),
+            causal=False,
+            kv_layout="NHD",
+            sm_scale=scale,
+        )
+        for b in range(q.shape[0])
+    ]
+    return torch.stack(outs).transpose(1, 2)  # (B, S_q, H, D) -> (B, H, S_q, D)
+
+
+BACKENDS: dict[str, AttentionBackend] = {
+    b.name: b
+    for b in (
+        AttentionBackend("sdpa", "any", aten.scaled_dot_product_attention.default),
+        # (q, k, v, dropout_p, is_causal, return_debug_mask, *, scale) -> (output, logsumexp, ...)
+        AttentionBackend(
+            "sdpa_flash", "cuda", aten._scaled_dot_product_flash_attention.default, (0.0, False, False), 0
+        ),
+        # (q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask, *, scale)
+        AttentionBackend(
+            "sdpa_cudnn", "cuda", aten._scaled_dot_product_cudnn_attention.default,
+            (None, False, 0.0, False, False), 0, requires=_cudnn_ready,
+        ),
+        # (q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, *, scale) -> (output, log_sumexp, ...)
+        AttentionBackend(
+            "sdpa_efficient", "cuda", aten._scaled_dot_product_efficient_attention.default, (None, False, 0.0, False), 0
+        ),
+        # (q, k, v, dropout_p, is_causal, *, attn_mask, scale) -> (output, logsumexp)
+        AttentionBackend(
+            "sdpa_flash_cpu", "cpu", aten._scaled_dot_product_flash_attention_for_cpu.default, (0.0, False), 0
+        ),
+        AttentionBackend("flashinfer", "cuda", adapter=_flashinfer_attention, requires=_flashinfer_ready),
+    )
+}
+
+
+def dispatcher_pick(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The kernel ``aten.scaled_dot_product_attention`` runs for these inputs, as a backend name."""
+    name = _DISPATCHER.get(int(aten._fused_sdp_choice(q, k, v)), "unknown")
+    return "sdpa_flash_cpu" if name == "sdpa_flash" and q.device.type == "cpu" else name
+
+
+@dataclasses.dataclass
+class CandidateResult:
+    """``status``: "ok" (correct, timed), "unavailable", "error" (it raised) or "wrong" (numerics)."""
+
+    status: str
+    median_ms: float | None = None
+    rel_err: float | None = None
+    reason: str | None = None
+
+
+@dataclasses.dataclass
+class ShapeChoice:
+    shape: AttentionShape
+    backend: str
+    torch_default: str  # what aten.scaled_dot_product_attention dispatches to for this shape
+    candidates: dict[str, CandidateResult]
+
+    def to_dict(self) -> dict:
+        return {
+            "shape": self.shape.to_dict(),
+            "backend": self.backend,
+            "torch_default": self.torch_default,
+            "candidates": {name: dataclasses.asdict(r) for name, r in self.candidates.items()},
+        }
+
+
+@dataclasses.dataclass
+class AttentionChoice:
+    """The backend chosen for each shape, on ``device`` for ``dtype``, with every candidate's result."""
+
+    device: str
+    dtype: torch.dtype
+    shapes: list[ShapeChoice]
+
+    @property
+    def backends(self) -> dict[AttentionShape, str]:
+        return {s.shape: s.backend for s in self.shapes}
+
+    @property
+    def bit_exact(self) -> bool:
+        """Every choice is ``sdpa`` or the kernel torch's dispatcher runs for that shape anyway."""
+        return all(s.backend in ("sdpa", s.torch_default) for s in self.shapes)
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable record for the artifact manifest."""
+        return {
+            "device": self.device,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "bit_exact": self.bit_exact,
+            "shapes": [s.to_dict() for s in self.shapes],
+        }
+
+
+def _random_qkv(shape: AttentionShape, device: torch.device, dtype: torch.dtype, seed: int):
+    g = torch.Generator(device).manual_seed(seed)
+
+    def make(seq: int) -> torch.Tensor:  # (B, S, H, D) viewed as (B, H, S, D): the layout DiTs feed
+        return torch.randn(shape.batch, seq, shape.heads, shape.head_dim, generator=g, device=device,
+                           dtype=dtype).transpose(1, 2)
+
+    return make(shape.seq_q), make(shape.seq_kv), make(shape.seq_kv)
+
+
+def _reference_rel_err(out: torch.Tensor, q, k, v, scale: float) -> float:
+    """||out - ref|| / ||ref|| on batch item 0, the first REF_HEADS heads and REF_ROWS query rows."""
+    h, rows = min(REF_HEADS, q.shape[1]), min(REF_ROWS, q.shape[2])
+    q32, k32, v32 = q[0, :h, :rows].float(), k[0, :h].float(), v[0, :h].float()
+    ref = torch.softmax(q32 @ k32.transpose(-1, -2) * scale, dim=-1) @ v32  # (h, rows, D)
+    got = out[0, :h, :rows].float()
+    if not torch.isfinite(got).all():
+        return math.inf
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _measure(backend: AttentionBackend, qkv, device, dtype, warmup, iters) -> CandidateResult:
+    q, k, v = qkv
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    try:
+        out = backend(q, k, v, scale)
+        if tuple(out.shape) != tuple(q.shape):
+            return CandidateResult("wrong", reason=f"output shape {tuple(out.shape)}, expected {tuple(q.shape)}")
+        err = _reference_rel_err(out, q, k, v, scale)
+        if not err <= REL_TOL[dtype]:
+            return CandidateResult("wrong", rel_err=err, reason=f"relative error {err:.3g} > {REL_TOL[dtype]:g}")
+        ms = _median_ms(lambda: backend(q, k, v, scale), device, warmup, iters)
+    except Exception as e:  # noqa: BLE001  (a kernel refusing a shape or dtype is a result, not a failure)
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return CandidateResult("error", reason=f"{type(e).__name__}: {message}"[:300])
+    return CandidateResult("ok", median_ms=ms, rel_err=err)
+
+
+def _choose(results: dict[str, CandidateResult], table: Mapping[str, AttentionBackend], margin: float) -> str:
+    timed = {n: r.median_ms for n, r in results.items() if r.status == "ok" and table[n].op is not None}
+    if not timed:
+        return "sdpa"
+    best = min(timed, key=timed.get)
+    if "sdpa" in timed and timed[best] > timed["sdpa"] * (1.0 - margin):
+        return "sdpa"
+    return best
+
+
+def _check(device, dtype, shapes, candidates, table, warmup, iters, margin):
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InvalidArgumentError("device", f"expected a torch device such as 'cuda' or 'cpu', got {device!r}") from e
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError("device", f"accepted device types: cpu, cuda; got {device.type!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError("device", "CUDA is not available on this machine; use 'cpu'")
+    if dtype not in REL_TOL:
+        accepted = ", ".join(str(d).removeprefix("torch.") for d in REL_TOL)
+        raise InvalidArgumentError("dtype", f"accepted: {accepted}; got {dtype!r}")
+    shapes = list(shapes) if isinstance(shapes, Sequence) else shapes
+    if not isinstance(shapes, list) or not shapes:
+        raise InvalidArgumentError("shapes", f"expected a non-empty list of AttentionShape, got {shapes!r}")
+    for s in shapes:
+        if not isinstance(s, AttentionShape):
+            raise InvalidArgumentError("shapes", f"expected AttentionShape entries, got {type(s).__name__}")
+    names = list(table) if candidates is None else list(candidates)
+    if not names or isinstance(candidates, str):
+        raise InvalidArgumentError("candidates", f"expected a non-empty list of names from: {', '.join(table)}")
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise InvalidArgumentError("candidates", f"unknown backend(s) {unknown}; accepted: {', '.join(table)}")
+    for field, value, low in (("warmup", warmup, 0), ("iters", iters, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidArgumentError(field, f"expected an integer >= {low}, got {value!r}")
+    if not isinstance(margin, (int, float)) or not 0.0 <= margin < 1.0:
+        raise InvalidArgumentError("margin", f"expected a fraction in [0, 1), got {margin!r}")
+    return device, list(dict.fromkeys(shapes)), list(dict.fromkeys(names))
+
+
+def select_attention_backend(
+    shapes: Sequence[AttentionShape],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    candidates: Sequence[str] | None = None,
+    warmup: int = 3,
+    iters: int = 10,
+    margin: float = 0.02,
+    backends: Mapping[str, AttentionBackend] | None = None,
+) -> AttentionChoice:
+    """Measure ``candidates`` (default: every backend in ``backends``, default :data:`BACKENDS`) on
+    each shape and choose one per shape (module docstring: the rule). Unavailable candidates are
+    reported, never run; a candidate that raises or disagrees with the reference is rejected with
+    its reason. Timings: CUDA events on CUDA, ``time.perf_counter`` on CPU; median of ``iters``."""
+    table = BACKENDS if backends is None else backends
+    device, shapes, names = _check(device, dtype, shapes, candidates, table, warmup, iters, margin)
+    chosen = []
+    with torch.no_grad():
+        for i, shape in enumerate(shapes):
+            qkv = _random_qkv(shape, device, dtype, seed=i)
+            results = {}
+            for name in names:
+                why = table[name].unavailable(device)
+                results[name] = (
+                    CandidateResult("unavailable", reason=why) if why
+                    else _measure(table[name], qkv, device, dtype, warmup, iters)
+                )
+                if results[name].status == "ok" and table[name].op is None:
+                    results[name].reason = "measured only: no ATen op to lower a graph onto"
+            chosen.append(ShapeChoice(shape, _choose(results, table, margin), dispatcher_pick(*qkv), results))
+            del qkv
+    return AttentionChoice(str(device), dtype, chosen)

@@ -1,0 +1,235 @@
+"""Attention lowering on tiny FLUX and Wan graphs (counts, numerics, save/load) and backend selection on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffc.compile import PassManager, default_passes
+from diffc.compile.attention_select import (
+    BACKENDS,
+    REL_TOL,
+    AttentionBackend,
+    AttentionShape,
+    CandidateResult,
+    _choose,
+    select_attention_backend,
+)
+from diffc.compile.passes import CanonicalizeCasts, graph_targets
+from diffc.compile.passes.attention import (
+    AttentionLoweringPass,
+    attention_shapes,
+    lower_node,
+)
+from diffc.errors import InvalidArgumentError
+from tests.compile.common import FLUX_BLOCKS, FLUX_SINGLE, GRAPH_TOL, WAN_BLOCKS
+from tests.compile.conftest import DTYPES, MODELS
+from tests.helpers import rel_err
+
+SDPA = "aten.scaled_dot_product_attention.default"
+FLASH_CPU = "aten._scaled_dot_product_flash_attention_for_cpu.default"
+# One joint attention per FLUX block; Wan: self- and cross-attention per block.
+CALLS = {"flux": FLUX_BLOCKS + FLUX_SINGLE, "wan": 2 * WAN_BLOCKS}
+SHAPES = {  # (B, H, S_q, S_kv, D): FLUX 5 text + 6 image tokens; Wan 12 video tokens, 5 text tokens
+    "flux": [AttentionShape(2, 2, 11, 11, 16)],
+    "wan": [AttentionShape(2, 2, 12, 12, 12), AttentionShape(2, 2, 12, 5, 12)],
+}
+SDPA_OP = torch.ops.aten.scaled_dot_product_attention.default
+CUDA_BACKENDS = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
+FAST = {"warmup": 1, "iters": 3}
+
+
+def _lower(t, backends):
+    gm = t.program.graph_module
+    CanonicalizeCasts()(gm)
+    before = graph_targets(gm)
+    fusion = AttentionLoweringPass(backends)
+    return fusion, fusion(gm), before, graph_targets(gm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("model", MODELS)
+def test_lowers_every_site(traced, model, dtype):
+    t = traced(model, dtype)
+    assert attention_shapes(t.program.graph_module) == SHAPES[model]
+    fusion, n, before, after = _lower(t, "sdpa_flash_cpu")
+    assert n == CALLS[model] == before[SDPA]
+    assert SDPA not in after and after[FLASH_CPU] == n
+    assert after["<built-in function getitem>"] - before.get("<built-in function getitem>", 0) == n
+    assert fusion.report.lowered == {"sdpa_flash_cpu": n} and fusion.report.refused == {} and not fusion.bit_exact
+    out = t.run()
+    assert out.dtype == t.unfused.dtype and rel_err(out, t.unfused) < GRAPH_TOL[dtype]
+    assert torch.equal(out, t.unfused)  # torch's CPU dispatcher runs this very kernel
+
+
+def _ops(gm) -> dict[str, int]:
+    """Op counts without getitems (loading adds one for every output of a multi-output op)."""
+    return {k: n for k, n in graph_targets(gm).items() if "getitem" not in k}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_lowered_program_saves_and_loads(traced, model, tmp_path):
+    t = traced(model, torch.bfloat16)
+    _lower(t, "sdpa_flash_cpu")
+    torch.export.save(t.program, tmp_path / f"{model}.pt2")
+    loaded = torch.export.load(tmp_path / f"{model}.pt2")
+    assert _ops(loaded.graph_module) == _ops(t.program.graph_module)
+    with torch.no_grad():
+        assert torch.equal(loaded.module()(**t.inputs), t.run())
+
+
+@pytest.mark.parametrize("name", CUDA_BACKENDS)
+def test_cuda_kernels_serialize(traced, name, tmp_path):
+    """The CUDA ops' schemas and fake outputs (SymInt max_q/max_k included) survive save/load; not run here."""
+    t = traced("flux", torch.bfloat16)
+    gm = t.program.graph_module
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target) == SDPA]
+    for node in nodes:
+        out = lower_node(gm, node, BACKENDS[name])
+        assert tuple(out.meta["val"].shape) == (2, 2, 11, 16)
+    gm.recompile()
+    torch.export.save(t.program, tmp_path / "p.pt2")
+    targets = graph_targets(torch.export.load(tmp_path / "p.pt2").graph_module)
+    assert targets[str(BACKENDS[name].op)] == len(nodes) and SDPA not in targets
+
+
+class _Variants(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        plain = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        causal = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.25)
+        return plain, masked, causal, dropped
+
+
+def test_refuses_mask_causal_dropout():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 7, 8, generator=g) for _ in range(3))
+    mask = torch.randn(7, 7, generator=g)
+    program = torch.export.export(_Variants(), (q, k, v, mask))
+    fusion = AttentionLoweringPass("sdpa_flash_cpu")
+    assert fusion(program.graph_module) == 1
+    assert fusion.report.refused == {"attn_mask": 1, "is_causal": 1, "dropout": 1}
+    assert graph_targets(program.graph_module)[SDPA] == 3
+    with torch.no_grad():
+        plain = program.module()(q, k, v, mask)[0]
+    assert torch.equal(plain, F.scaled_dot_product_attention(q, k, v, scale=0.3))  # the scale reached the kernel
+
+
+def test_plan_by_shape_lowers_only_named_shapes(traced):
+    self_attn, _cross = SHAPES["wan"]
+    fusion, n, _before, after = _lower(traced("wan"), {self_attn: "sdpa_flash_cpu"})
+    assert n == WAN_BLOCKS and after[SDPA] == WAN_BLOCKS and after[FLASH_CPU] == WAN_BLOCKS
+    assert fusion.report.kept == WAN_BLOCKS
+
+
+def test_bit_exact_follows_the_plan(traced):
+    assert AttentionLoweringPass().bit_exact and not AttentionLoweringPass("sdpa_flash_cpu").bit_exact
+    choice = select_attention_backend(SHAPES["flux"], "cpu", torch.float32, ["sdpa_flash_cpu"], **FAST)
+    assert choice.shapes[0].torch_default == "sdpa_flash_cpu" and choice.bit_exact
+    t = traced("flux")
+    counters = PassManager(passes=[AttentionLoweringPass(choice)], tier="lossless").run(t.program)
+    assert counters.matches["attention"] == CALLS["flux"] and counters.passes_skipped == 0
+    assert PassManager(passes=[AttentionLoweringPass("sdpa_flash_cpu")], tier="lossless").run(
+        traced("flux").program).passes_skipped == 1
+    assert torch.equal(t.run(), t.unfused)
+
+
+def test_choice_for_another_dtype_lowers_nothing(traced):
+    choice = select_attention_backend(SHAPES["flux"], "cpu", torch.bfloat16, ["sdpa_flash_cpu"], **FAST)
+    fusion, n, _before, _after = _lower(traced("flux", torch.float32), choice)
+    assert n == 0 and fusion.report.kept == CALLS["flux"]
+
+
+def test_select_on_cpu_reports_every_candidate():
+    names = ["sdpa", "sdpa_flash_cpu", *CUDA_BACKENDS, "flashinfer"]
+    shapes = [*SHAPES["wan"], SHAPES["wan"][0]]
+    choice = select_attention_backend(shapes, "cpu", torch.bfloat16, names, **FAST)
+    assert [s.shape for s in choice.shapes] == SHAPES["wan"]
+    for s in choice.shapes:
+        assert s.backend in ("sdpa", "sdpa_flash_cpu") and s.torch_default == "sdpa_flash_cpu"
+        for name in ("sdpa", "sdpa_flash_cpu"):
+            r = s.candidates[name]
+            assert r.status == "ok" and r.median_ms > 0 and r.rel_err < REL_TOL[torch.bfloat16]
+        for name in (*CUDA_BACKENDS, "flashinfer"):
+            assert s.candidates[name].status == "unavailable" and "CUDA" in s.candidates[name].reason
+    record = json.loads(json.dumps(choice.to_dict()))
+    assert record["dtype"] == "bfloat16" and record["device"] == "cpu" and len(record["shapes"]) == 2
+    assert record["shapes"][1]["shape"] == {"batch": 2, "heads": 2, "seq_q": 12, "seq_kv": 5, "head_dim": 12}
+
+
+def _raise(q, k, v, scale):
+    raise RuntimeError("no kernel for this head_dim")
+
+
+def test_wrong_or_failing_backends_are_rejected():
+    table = {
+        **BACKENDS,
+        # fast and wrong: causal where the model is not
+        "causal": AttentionBackend("causal", "any", SDPA_OP, (None, 0.0, True)),
+        "raises": AttentionBackend("raises", "any", adapter=_raise),
+    }
+    choice = select_attention_backend(SHAPES["flux"], "cpu", torch.float32, ["causal", "raises", "sdpa"],
+                                      backends=table, **FAST)
+    s = choice.shapes[0]
+    assert s.backend == "sdpa"
+    assert s.candidates["causal"].status == "wrong" and s.candidates["causal"].rel_err > 0.1
+    assert "relative error" in s.candidates["causal"].reason
+    assert s.candidates["raises"].status == "error" and s.candidates["raises"].reason == (
+        "RuntimeError: no kernel for this head_dim")
+
+
+def test_choice_rule_keeps_sdpa_within_margin():
+    ok = lambda ms: CandidateResult("ok", median_ms=ms, rel_err=0.0)
+    assert _choose({"sdpa": ok(1.0), "sdpa_flash_cpu": ok(0.99)}, BACKENDS, 0.02) == "sdpa"
+    assert _choose({"sdpa": ok(1.0), "sdpa_flash_cpu": ok(0.9)}, BACKENDS, 0.02) == "sdpa_flash_cpu"
+    assert _choose({"sdpa": ok(1.0), "flashinfer": ok(0.1)}, BACKENDS, 0.02) == "sdpa"  # not lowerable yet
+    assert _choose({"sdpa_flash": CandidateResult("wrong")}, BACKENDS, 0.02) == "sdpa"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"shapes": []}, "shapes"),
+        ({"shapes": [(2, 2, 11, 11, 16)]}, "shapes"),
+        ({"candidates": ["sdpa", "flash3"]}, "candidates"),
+        ({"candidates": []}, "candidates"),
+        ({"dtype": torch.int8}, "dtype"),
+        ({"device": "cuda"}, "device"),
+        ({"device": "tpu"}, "device"),
+        ({"iters": 0}, "iters"),
+        ({"margin": 1.5}, "margin"),
+    ],
+)
+def test_select_bad_input(kwargs, field):
+    if field == "device" and kwargs["device"] == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    args = {"shapes": SHAPES["flux"], "device": "cpu", "dtype": torch.float32, **FAST, **kwargs}
+    with pytest.raises(InvalidArgumentError) as e:
+        select_attention_backend(**args)
+    assert e.value.field == field
+
+
+def test_pass_and_shape_bad_input():
+    with pytest.raises(InvalidArgumentError, match="accepted: sdpa, sdpa_flash,") as e:
+        AttentionLoweringPass("flash3")
+    assert e.value.field == "backends"
+    with pytest.raises(InvalidArgumentError, match="no ATen op"):
+        AttentionLoweringPass("flashinfer")
+    with pytest.raises(InvalidArgumentError, match="AttentionShape"):
+        AttentionLoweringPass({(2, 2, 11, 11, 16): "sdpa_flash_cpu"})
+    with pytest.raises(InvalidArgumentError) as e:
+        AttentionShape(2, 0, 11, 11, 16)
+    assert e.value.field == "shape.heads"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_composes_with_the_fusion_passes(traced, model):
+    """After every fusion pass, q and k come from diffc's fused QK-norm + RoPE buffers; still lowered."""
+    t = traced(model, torch.bfloat16)
+    counters = PassManager(passes=[*default_passes(), AttentionLoweringPass("sdpa_flash_cpu")]).run(t.program)
+    assert counters.matches["attention"] == CALLS[model]
+    assert rel_err(t.run(), t.unfused) < GRAPH_TOL[torch.bfloat16]
