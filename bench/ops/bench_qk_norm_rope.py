@@ -2,16 +2,30 @@
 
 FLUX.1: 24 heads x 128, 512 text + 4096 image tokens, per-head norm, full-width tables.
 Wan2.1 1.3B / 14B: 12 / 40 heads x 128, 32,760 tokens (832x480, 81 frames), norm across heads.
+
+The kernel's tiling is the ``CONFIGS`` entry named by ``$DIFFC_QKROPE_CONFIG`` (the title says which);
+time every variant with::
+
+    for c in default xor small warps8 large one-chunk; do
+        DIFFC_QKROPE_CONFIG=$c python -m bench.ops.bench_qk_norm_rope; done
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from bench.ops import Case, nbytes, norm_weight, randn, run
 from diffc.models.flux.blocks import rope_tables
 from diffc.models.wan.blocks import rope_frequencies
-from diffc.ops.qk_norm_rope import RMS_NORM_EPS, qk_norm_rope_across_heads_ref, qk_norm_rope_per_head_ref
+from diffc.ops.qk_norm_rope import (
+    CONFIG_ENV,
+    RMS_NORM_EPS,
+    kernel_config,
+    qk_norm_rope_across_heads_ref,
+    qk_norm_rope_per_head_ref,
+)
 
 # name: (batch, seq, heads, head_dim)
 FLUX = {"flux per-head 4608tok 24x128": (1, 4608, 24, 128)}
@@ -56,4 +70,6 @@ def cases(dtype: torch.dtype, device="cuda") -> list[Case]:
 
 
 if __name__ == "__main__":
-    run("diffc::qk_norm_rope_per_head / qk_norm_rope_across_heads", cases)
+    kernel_config()  # an unknown $DIFFC_QKROPE_CONFIG fails here, naming the accepted ones
+    config = os.environ.get(CONFIG_ENV) or "default"
+    run(f"diffc::qk_norm_rope_per_head / qk_norm_rope_across_heads (config {config})", cases)

@@ -11,15 +11,27 @@
 
 As in eager, the normalised q/k is rounded to the activations' dtype before RoPE, which runs in
 float32 and rounds once more. One kernel launch handles q and k.
+
+The kernel works on (tokens, heads, head_dim) tiles with head_dim contiguous, so every load and store is
+a full row; RoPE partners come from a reshape/split/join in registers. Heads are tiled by a power of two
+that divides H (FLUX 24 = 3 x 8, Wan 40 = 5 x 8), so no lanes pad to the next power of two; the Wan
+norm loops over its head chunks twice (sum of squares, then normalise, rotate, store). Tile sizes come
+from :func:`tile_plan` and a named :data:`CONFIGS` entry, picked with ``$DIFFC_QKROPE_CONFIG`` to time
+variants on a GPU.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
 from .registry import (
+    cdiv,
     expect_dtype,
     expect_float,
     expect_same_device,
@@ -68,58 +80,85 @@ def qk_norm_rope_across_heads_ref(q, k, q_weight, k_weight, cos, sin, eps: float
 @triton_kernel
 def qk_norm_rope_kernel(
     q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
-    S, H, P, seq_offset, eps,
+    T, S, H, seq_offset, eps,
     si_b, si_s, si_h, so_b, so_s, so_h, st,
-    ACROSS_HEADS: tl.constexpr, FULL_TABLE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+    D: tl.constexpr, ACROSS_HEADS: tl.constexpr, FULL_TABLE: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr,
 ):
-    # grid (B * S, 2): one token (b, s) of q (axis 1 == 0) or k (== 1), all heads at once
-    # q, k: (B, S, H, D = 2P), strides (si_b, si_s, si_h, 1); pair p holds channels (2p, 2p + 1)
-    # out: row s + seq_offset, strides (so_b, so_s, so_h, 1) in (b, s, h) order
-    # cos, sin: FULL_TABLE (S_total, D) read at 2p and 2p + 1; else (S, P) read at p; row stride st
-    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * S * C can pass 2^31
-    b = row // S
-    s = row % S
-    if tl.program_id(1) == 0:
+    # grid (cdiv(T, BLOCK_T), head blocks, 2): BLOCK_T of the T = B * S tokens of q (axis 2 == 0) or k (== 1)
+    # tile (BLOCK_T, BLOCK_H, BLOCK_D): q, k (B, S, H, D) at strides (si_b, si_s, si_h, 1), D contiguous
+    # per head: axis 1 picks BLOCK_H heads, one chunk; across heads: one head block, NUM_CHUNKS chunks of
+    # BLOCK_H heads cover H, read twice (sum of squares, then normalise + rotate + store)
+    # out: token (b, s) written at (b, s + seq_offset, h), strides (so_b, so_s, so_h, 1)
+    # cos, sin: FULL_TABLE (S_total, D) at row s + seq_offset, column d; else (S, D/2) at row s, column d // 2
+    # RoPE pairs channels (2j, 2j + 1): out[d] = n[d] * cos[d] + sign(d) * n[d ^ 1] * sin[d], sign(even) = -1
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None, None]  # (BLOCK_T, 1, 1)
+    b = (tok // S).to(tl.int64)  # 64-bit offsets: B * S * H * D can pass 2^31
+    s = (tok % S).to(tl.int64)
+    t = s + seq_offset
+    hh = tl.arange(0, BLOCK_H)[None, :, None].to(tl.int64)  # (1, BLOCK_H, 1)
+    d = tl.arange(0, BLOCK_D)[None, None, :]  # (1, 1, BLOCK_D)
+    tdm = (tok < T) & (d < D)
+    if tl.program_id(2) == 0:
         x_ptr, w_ptr, o_ptr = q_ptr, qw_ptr, qo_ptr
     else:
         x_ptr, w_ptr, o_ptr = k_ptr, kw_ptr, ko_ptr
-    h = tl.arange(0, BLOCK_H)[:, None]
-    p = tl.arange(0, BLOCK_P)[None, :]
-    pm = p < P
-    mask = (h < H) & pm
-    src = x_ptr + b * si_b + s * si_s + h * si_h + 2 * p
-    x_even = tl.load(src, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_H, BLOCK_P)
-    x_odd = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
-    sq = x_even * x_even + x_odd * x_odd
-    if ACROSS_HEADS:
-        rstd = tl.rsqrt(tl.sum(tl.sum(sq, axis=1), axis=0) / (2 * P * H) + eps)
-        w_src = w_ptr + h * (2 * P) + 2 * p  # weight (H * D,): (BLOCK_H, BLOCK_P)
-        w_mask = mask
-    else:
-        rstd = tl.rsqrt(tl.sum(sq, axis=1)[:, None] / (2 * P) + eps)  # (BLOCK_H, 1)
-        w_src = w_ptr + 2 * p  # weight (D,): (1, BLOCK_P), shared by the heads
-        w_mask = pm
-    w_even = tl.load(w_src, mask=w_mask, other=0.0).to(tl.float32)
-    w_odd = tl.load(w_src + 1, mask=w_mask, other=0.0).to(tl.float32)
+    x_row = x_ptr + b * si_b + s * si_s  # (BLOCK_T, 1, 1)
+    o_row = o_ptr + b * so_b + t * so_s
     act = x_ptr.dtype.element_ty
-    n_even = (x_even * rstd * w_even).to(act).to(tl.float32)  # RMSNorm output in x's dtype
-    n_odd = (x_odd * rstd * w_odd).to(act).to(tl.float32)
-    t = s + seq_offset
+
     if FULL_TABLE:
-        cos_even = tl.load(cos_ptr + t * st + 2 * p, mask=pm, other=0.0).to(tl.float32)  # (1, BLOCK_P)
-        cos_odd = tl.load(cos_ptr + t * st + 2 * p + 1, mask=pm, other=0.0).to(tl.float32)
-        sin_even = tl.load(sin_ptr + t * st + 2 * p, mask=pm, other=0.0).to(tl.float32)
-        sin_odd = tl.load(sin_ptr + t * st + 2 * p + 1, mask=pm, other=0.0).to(tl.float32)
-    else:
-        cos_even = tl.load(cos_ptr + t * st + p, mask=pm, other=0.0).to(tl.float32)
-        sin_even = tl.load(sin_ptr + t * st + p, mask=pm, other=0.0).to(tl.float32)
+        tab = t * st + d  # (BLOCK_T, 1, BLOCK_D)
+        cos = tl.load(cos_ptr + tab, mask=tdm, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + tab, mask=tdm, other=0.0).to(tl.float32)
+        if SPLIT:
+            cos_even, cos_odd = tl.split(tl.reshape(cos, (BLOCK_T, 1, BLOCK_D // 2, 2)))  # (BLOCK_T, 1, BLOCK_D/2)
+            sin_even, sin_odd = tl.split(tl.reshape(sin, (BLOCK_T, 1, BLOCK_D // 2, 2)))
+    elif SPLIT:
+        j = tl.arange(0, BLOCK_D // 2)[None, None, :]
+        tab = s * st + j  # (BLOCK_T, 1, BLOCK_D/2)
+        cos_even = tl.load(cos_ptr + tab, mask=(tok < T) & (2 * j < D), other=0.0).to(tl.float32)
+        sin_even = tl.load(sin_ptr + tab, mask=(tok < T) & (2 * j < D), other=0.0).to(tl.float32)
         cos_odd = cos_even
         sin_odd = sin_even
-    out_even = n_even * cos_even - n_odd * sin_even
-    out_odd = n_odd * cos_odd + n_even * sin_odd
-    dst = o_ptr + b * so_b + t * so_s + h * so_h + 2 * p
-    tl.store(dst, out_even.to(o_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + 1, out_odd.to(o_ptr.dtype.element_ty), mask=mask)
+    else:
+        tab = s * st + d // 2  # (BLOCK_T, 1, BLOCK_D)
+        cos = tl.load(cos_ptr + tab, mask=tdm, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + tab, mask=tdm, other=0.0).to(tl.float32)
+
+    if ACROSS_HEADS:
+        h0 = 0
+        acc = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_D), dtype=tl.float32)
+        for i in tl.static_range(NUM_CHUNKS):
+            h = i * BLOCK_H + hh
+            x = tl.load(x_row + h * si_h + d, mask=tdm & (h < H), other=0.0).to(tl.float32)
+            acc += x * x
+        rstd = tl.rsqrt(tl.sum(tl.sum(acc, axis=2), axis=1) / (H * D) + eps)[:, None, None]  # (BLOCK_T, 1, 1)
+    else:
+        h0 = tl.program_id(1) * BLOCK_H
+    for i in tl.static_range(NUM_CHUNKS):
+        h = h0 + i * BLOCK_H + hh  # (1, BLOCK_H, 1)
+        mask = tdm & (h < H)
+        x = tl.load(x_row + h * si_h + d, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_T, BLOCK_H, BLOCK_D)
+        if ACROSS_HEADS:
+            w_at = h * D + d  # weight (H * D,)
+        else:
+            rstd = tl.rsqrt(tl.sum(x * x, axis=2) / D + eps)[:, :, None]  # (BLOCK_T, BLOCK_H, 1)
+            w_at = d  # weight (D,), shared by the heads
+        w_at += 0 * tok  # (BLOCK_T, BLOCK_H, BLOCK_D) like x, so both get one layout (no shuffle of x)
+        w = tl.load(w_ptr + w_at, mask=mask, other=0.0).to(tl.float32)
+        n = (x * rstd * w).to(act).to(tl.float32)  # RMSNorm output in x's dtype
+        if SPLIT:
+            n_even, n_odd = tl.split(tl.reshape(n, (BLOCK_T, BLOCK_H, BLOCK_D // 2, 2)))
+            out_even = n_even * cos_even - n_odd * sin_even
+            out_odd = n_odd * cos_odd + n_even * sin_odd
+            out = tl.reshape(tl.join(out_even, out_odd), (BLOCK_T, BLOCK_H, BLOCK_D))
+        else:
+            x_pair = tl.load(x_row + h * si_h + (d ^ 1), mask=mask, other=0.0).to(tl.float32)
+            w_pair = tl.load(w_ptr + (w_at ^ 1), mask=mask, other=0.0).to(tl.float32)
+            n_pair = (x_pair * rstd * w_pair).to(act).to(tl.float32)
+            out = n * cos + tl.where(d % 2 == 0, -n_pair, n_pair) * sin
+        tl.store(o_row + h * so_h + d, out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_common(q, k, q_weight, k_weight, cos, sin, q_out, k_out, weight_shape, what) -> None:
@@ -182,22 +221,101 @@ def _check_out_strides(q_out, k_out) -> None:
         raise InvalidArgumentError("k_out", f"must have q_out's strides {q_out.stride()}, got {k_out.stride()}")
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """How :func:`tile_plan` shapes the kernel's (tokens, heads, head_dim) tile; see :data:`CONFIGS`."""
+
+    tile: int = 2048  # elements of one tile (a power of two): tokens grow until tokens * heads * head_dim fill it
+    max_heads: int = 8  # most heads in one tile
+    pad_heads: bool = False  # heads per tile: next_pow2(H), else the largest power of two dividing H (>= 4)
+    per_thread: int = 16  # tile elements per thread: num_warps = tile / (32 * per_thread), within 1..16
+    split: bool = True  # RoPE partners by reshape/split/join in registers; False: a second load at d ^ 1
+
+
+# Named variants to time on a GPU: DIFFC_QKROPE_CONFIG=<name> python -m bench.ops.bench_qk_norm_rope
+CONFIGS = {
+    "default": KernelConfig(),
+    "xor": KernelConfig(split=False),
+    "small": KernelConfig(tile=1024, per_thread=8),
+    "warps8": KernelConfig(per_thread=8),
+    "large": KernelConfig(tile=4096),
+    "one-chunk": KernelConfig(tile=8192, max_heads=64, pad_heads=True),
+}
+CONFIG_ENV = "DIFFC_QKROPE_CONFIG"
+
+
+@dataclasses.dataclass(frozen=True)
+class TilePlan:
+    """One launch: BLOCK_T tokens x BLOCK_H heads x BLOCK_D channels a tile, in head_blocks x num_chunks."""
+
+    block_t: int
+    block_h: int
+    block_d: int
+    head_blocks: int  # grid axis 1 (per head); 1 across heads
+    num_chunks: int  # head chunks one program loops over (across heads); 1 per head
+    num_warps: int
+    split: bool
+
+
+def kernel_config() -> KernelConfig:
+    """The :data:`CONFIGS` entry named by ``$DIFFC_QKROPE_CONFIG`` (``default`` when unset)."""
+    name = os.environ.get(CONFIG_ENV) or "default"
+    if name not in CONFIGS:
+        raise InvalidArgumentError(CONFIG_ENV, f"expected one of {sorted(CONFIGS)}, got {name!r}")
+    return CONFIGS[name]
+
+
+@functools.lru_cache(maxsize=256)
+def tile_plan(tokens: int, heads: int, head_dim: int, across_heads: bool, config: KernelConfig) -> TilePlan:
+    """Tile sizes and warps for ``tokens`` (B * S) tokens of ``heads`` x ``head_dim``.
+
+    Heads are never padded when H has a power-of-two factor of at least 4 (FLUX 24 -> 3 x 8, Wan 12 ->
+    3 x 4, 40 -> 5 x 8); across heads one program loops over the chunks of its tokens' heads.
+    """
+    for field, value, least in (("tokens", tokens, 1), ("heads", heads, 1), ("head_dim", head_dim, 2),
+                                ("config.max_heads", config.max_heads, 1), ("config.per_thread", config.per_thread, 1)):
+        if value < least:
+            raise InvalidArgumentError(field, f"expected an integer >= {least}, got {value}")
+    if config.tile < 1 or config.tile & (config.tile - 1):
+        raise InvalidArgumentError("config.tile", f"expected a power of two, got {config.tile}")
+    block_d = next_pow2(head_dim)
+    cap = max(1, min(config.max_heads, config.tile // block_d))
+    cap = 1 << (cap.bit_length() - 1)
+    exact, padded = min(heads & -heads, cap), min(next_pow2(heads), cap)
+    block_h = padded if config.pad_heads or exact < min(4, padded) else exact
+    block_t = min(max(1, config.tile // (block_h * block_d)), next_pow2(tokens))
+    warps = block_t * block_h * block_d // (32 * config.per_thread)
+    chunks = cdiv(heads, block_h)
+    return TilePlan(
+        block_t=block_t,
+        block_h=block_h,
+        block_d=block_d,
+        head_blocks=1 if across_heads else chunks,
+        num_chunks=chunks if across_heads else 1,
+        num_warps=max(1, min(16, next_pow2(warps))),
+        split=config.split,
+    )
+
+
 def _launch(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, out_strides, across_heads) -> None:
     if q.stride() != k.stride():
         q, k = q.contiguous(), k.contiguous()
     batch, seq, heads, head_dim = q.shape
-    block_h, block_p = next_pow2(heads), next_pow2(head_dim // 2)
+    if batch * seq * heads == 0:
+        return
+    plan = tile_plan(batch * seq, heads, head_dim, across_heads, kernel_config())
     full_table = not across_heads
     table_rows = cos.shape[0] if full_table else seq
     cos, sin = cos.reshape(table_rows, -1), sin.reshape(table_rows, -1)
     if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    qk_norm_rope_kernel[(batch * seq, 2)](
+    qk_norm_rope_kernel[(cdiv(batch * seq, plan.block_t), plan.head_blocks, 2)](
         q, k, q_weight, k_weight, cos, sin, q_out, k_out,
-        seq, heads, head_dim // 2, seq_offset, eps,
+        batch * seq, seq, heads, seq_offset, eps,
         q.stride(0), q.stride(1), q.stride(2), *out_strides, cos.stride(0),
-        ACROSS_HEADS=across_heads, FULL_TABLE=full_table, BLOCK_H=block_h, BLOCK_P=block_p,
-        num_warps=max(1, min(8, block_h * block_p // 512)),
+        D=head_dim, ACROSS_HEADS=across_heads, FULL_TABLE=full_table, SPLIT=plan.split,
+        BLOCK_T=plan.block_t, BLOCK_H=plan.block_h, BLOCK_D=plan.block_d, NUM_CHUNKS=plan.num_chunks,
+        num_warps=plan.num_warps,
     )
 
 

@@ -8,8 +8,22 @@ import torch
 import diffc.models.flux.blocks as flux_blocks
 import diffc.models.wan.blocks as wan_blocks
 from diffc.errors import InvalidArgumentError
-from diffc.ops.qk_norm_rope import qk_norm_rope_across_heads_ref, qk_norm_rope_per_head_ref
-from tests.ops.common import DTYPES, assert_kernel_ran, assert_matches, norm_weight, poisoned, randn
+from diffc.ops.qk_norm_rope import (
+    CONFIG_ENV,
+    CONFIGS,
+    KernelConfig,
+    qk_norm_rope_across_heads_ref,
+    qk_norm_rope_per_head_ref,
+    tile_plan,
+)
+from tests.ops.common import (
+    DTYPES,
+    assert_kernel_ran,
+    assert_matches,
+    norm_weight,
+    poisoned,
+    randn,
+)
 
 EPS = 1e-6
 
@@ -19,6 +33,8 @@ FLUX_SHAPES = {
     "h3d16": (1, 7, 3, 16, (4, 6, 6)),
     "b2h2d32": (2, 5, 2, 32, (8, 12, 12)),
     "h5d8": (1, 3, 5, 8, (2, 2, 4)),
+    "h24d32s37": (1, 37, 24, 32, (8, 12, 12)),  # FLUX's head count, odd token count
+    "h24d128": (1, 13, 24, 128, (16, 56, 56)),  # FLUX's heads and head_dim
 }
 # (batch, latent grid (frames, height, width), heads, head_dim). Production Wan2.1: 12 (1.3B) or
 # 40 (14B) heads x 128, grid (21, 30, 52) = 32,760 tokens at 832x480, 81 frames.
@@ -26,6 +42,9 @@ WAN_SHAPES = {
     "h3d16": (1, (1, 3, 5), 3, 16),
     "b2h2d12": (2, (1, 1, 7), 2, 12),
     "h5d24": (1, (3, 1, 1), 5, 24),
+    "h40d128": (1, (1, 3, 7), 40, 128),  # Wan 14B's heads and head_dim, 21 tokens
+    "b2h12d128": (2, (1, 1, 9), 12, 128),  # Wan 1.3B's
+    "h40d24": (1, (3, 1, 5), 40, 24),
 }
 
 
@@ -213,3 +232,70 @@ def test_bad_arguments_name_the_field():
     w24 = norm_weight(24, torch.float32)
     with pytest.raises(InvalidArgumentError, match="^cos: expected shape"):
         across(q, k, w24, w24, cos, sin, EPS, torch.empty_like(q), torch.empty_like(k))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_kernel_config_matches_reference(counters, monkeypatch, name):
+    """Each variant timed on the GPU: 24 and 40 heads (no padding), 5 heads (padded), odd token counts."""
+    monkeypatch.setenv(CONFIG_ENV, name)
+    for batch, seq, heads, head_dim, axes in ((2, 37, 24, 32, (8, 12, 12)), (1, 9, 5, 24, (8, 8, 8))):
+        q, k = qk(batch, seq, heads, head_dim, torch.bfloat16)
+        wq, wk = (norm_weight(head_dim, torch.bfloat16, seed=s) for s in (4, 5))
+        cos, sin = flux_tables(seq + 3, axes)
+        q_out, k_out = (poisoned(batch, heads, seq + 3, head_dim, dtype=torch.bfloat16) for _ in range(2))
+        torch.ops.diffc.qk_norm_rope_per_head(q, k, wq, wk, cos, sin, EPS, 3, q_out, k_out)
+        q_ref, k_ref = qk_norm_rope_per_head_ref(q, k, wq, wk, cos, sin, EPS, 3)
+        assert_matches(q_out[:, :, 3:], q_ref)
+        assert_matches(k_out[:, :, 3:], k_ref)
+    for batch, grid, heads, head_dim in ((1, (1, 3, 7), 40, 32), (2, (1, 1, 9), 5, 24)):
+        seq = grid[0] * grid[1] * grid[2]
+        q, k = qk(batch, seq, heads, head_dim, torch.bfloat16)
+        wq, wk = (norm_weight(heads * head_dim, torch.bfloat16, seed=s) for s in (4, 5))
+        cos, sin = wan_blocks.rope_frequencies(head_dim, grid, torch.device("cpu"))
+        q_out, k_out = poisoned(*q.shape, dtype=torch.bfloat16), poisoned(*q.shape, dtype=torch.bfloat16)
+        torch.ops.diffc.qk_norm_rope_across_heads(q, k, wq, wk, cos, sin, EPS, q_out, k_out)
+        q_ref, k_ref = qk_norm_rope_across_heads_ref(q, k, wq, wk, cos, sin, EPS)
+        assert_matches(q_out, q_ref)
+        assert_matches(k_out, k_ref)
+    assert_kernel_ran(4)
+
+
+# (tokens, heads, across_heads) -> (block_h, head_blocks, num_chunks) of the default config, head_dim 128
+PRODUCTION_PLANS = {
+    (4608, 24, False): (8, 3, 1),  # FLUX.1 per head
+    (32760, 12, True): (4, 1, 3),  # Wan2.1 1.3B across heads
+    (32760, 40, True): (8, 1, 5),  # Wan2.1 14B across heads
+}
+
+
+@pytest.mark.parametrize("shape", PRODUCTION_PLANS, ids=str)
+def test_default_plan_pads_no_heads_at_production_sizes(shape):
+    tokens, heads, across = shape
+    plan = tile_plan(tokens, heads, 128, across, CONFIGS["default"])
+    assert (plan.block_h, plan.head_blocks, plan.num_chunks) == PRODUCTION_PLANS[shape]
+    assert plan.block_h * plan.head_blocks * plan.num_chunks == heads
+    assert plan.block_t * plan.block_h * plan.block_d == CONFIGS["default"].tile
+    assert plan.num_warps == 4 and plan.split
+
+
+def test_plan_pads_heads_only_without_a_power_of_two_factor():
+    assert tile_plan(7, 5, 24, True, KernelConfig()).block_h == 8  # 5 heads: one chunk of 8, 3 masked
+    assert tile_plan(7, 6, 24, False, KernelConfig()).block_h == 8  # 2 x 3: padded, not 3 chunks of 2
+    one = tile_plan(32760, 40, 128, True, CONFIGS["one-chunk"])
+    assert (one.block_h, one.num_chunks, one.num_warps) == (64, 1, 16)
+    wide = tile_plan(100, 24, 256, False, KernelConfig())  # a 2048-element tile holds 8 heads of 256
+    assert (wide.block_t, wide.block_h, wide.block_d) == (1, 8, 256)
+
+
+def test_bad_config_names_the_field(counters, monkeypatch):
+    monkeypatch.setenv(CONFIG_ENV, "fastest")
+    q, k = qk(1, 5, 3, 8, torch.float32)
+    w = norm_weight(8, torch.float32)
+    cos, sin = flux_tables(5, (2, 2, 4))
+    out = [torch.empty(1, 3, 5, 8) for _ in range(2)]
+    with pytest.raises(InvalidArgumentError, match="^DIFFC_QKROPE_CONFIG: expected one of .*'fastest'"):
+        torch.ops.diffc.qk_norm_rope_per_head(q, k, w, w, cos, sin, EPS, 0, *out)
+    with pytest.raises(InvalidArgumentError, match="^config.tile: expected a power of two, got 3000"):
+        tile_plan(8, 4, 16, False, KernelConfig(tile=3000))
+    with pytest.raises(InvalidArgumentError, match="^head_dim: expected an integer >= 2, got 0"):
+        tile_plan(8, 4, 0, False, KernelConfig())
