@@ -40,17 +40,25 @@ class Config:
 
     name: str
     engine: str
-    setup: Callable[[Engine], str | None] = lambda engine: None
+    setup: Callable[[Engine, "Run"], str | None] = lambda engine, run: None
     on_cpu_by_default: bool = True
+    dit_only: bool = False  # measure the DiT forward only (per-pass ablations), not the generation
 
+
+# The compiler's passes, each left out in one configuration to measure its own contribution.
+ABLATIONS = ("qk_norm_rope", "adaln_modulate", "gated_residual", "gelu_tanh", "concat_linear", "attention")
 
 # In run order: the eager pair first, so that a run cut short still has diffc against diffusers (this
 # costs a second diffusers load when compile is measured too).
 CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("diffusers-eager", "diffusers"),
     Config("diffc-eager", "diffc"),
-    Config("diffc-cudagraphs", "diffc", setup=lambda e: e.cuda_graphs(), on_cpu_by_default=False),
-    Config("diffusers-compile", "diffusers", setup=lambda e: e.regional_compile(), on_cpu_by_default=False),
+    Config("diffc-cudagraphs", "diffc", setup=lambda e, r: e.cuda_graphs(), on_cpu_by_default=False),
+    Config("diffc-compiled", "diffc", setup=lambda e, r: e.compile(r.inputs, r.wl, graphs=r.device.type == "cuda")),
+    *(Config(f"diffc-compiled-no-{name}", "diffc", dit_only=True, on_cpu_by_default=False,
+             setup=lambda e, r, name=name: e.compile(r.inputs, r.wl, disable=(name,), graphs=True))
+      for name in ABLATIONS),
+    Config("diffusers-compile", "diffusers", setup=lambda e, r: e.regional_compile(), on_cpu_by_default=False),
 )}
 
 _T0 = time.perf_counter()
@@ -158,7 +166,7 @@ def measure_components(engine: Engine, run: Run, is_ref: bool) -> dict[str, Any]
 def measure(config: Config, engine: Engine, run: Run, r: dict[str, Any]) -> None:
     """Fill ``r`` with one configuration's figures (in place, so a failure keeps what was measured)."""
     dev, args, is_ref = run.device, run.args, config.name == run.ref_name
-    r["setup"] = config.setup(engine)
+    r["setup"] = config.setup(engine, run)
     log(f"{config.name}: DiT forward x{args.warmup}+{args.repeats}")
     with peak_memory(dev) as peak:
         timed = time_calls(lambda: engine.forward(run.inputs), args.warmup, args.repeats, dev)
@@ -182,7 +190,7 @@ def measure(config: Config, engine: Engine, run: Run, r: dict[str, Any]) -> None
     r.update(run.components[engine.kind])
     free_memory(dev)
 
-    if run.e2e and engine.has_pipeline:
+    if run.e2e and engine.has_pipeline and not config.dit_only:
         log(f"{config.name}: warm-up generation (1 step), then {run.wl.steps} steps")
         engine.generate(run.wl, steps=1)
         with peak_memory(dev) as peak:

@@ -48,6 +48,7 @@ class Engine:
         self.family, self.device, self.dtype = family, device, dtype
         self.transformer, self.vae, self.pipe = transformer, vae, pipe
         self.compiled = False
+        self.compile_reports: list = []
 
     @property
     def has_pipeline(self) -> bool:
@@ -136,6 +137,36 @@ class DiffcEngine(Engine):
         pipe = diffc.load(path, device=device, dtype=dtype, cuda_graphs=False)  # graphs are their own config
         return cls(family, device, dtype, pipe.components["transformer"], pipe.components["vae"], pipe)
 
+    def compile(self, inputs: dict[str, Any], wl: Workload, *, disable: tuple[str, ...] = (),
+                graphs: bool = False) -> str:
+        """diffc's compiler on the eager DiT: one graph for the benchmark's DiT inputs and, with a
+        pipeline, one for the shapes its generation passes (Wan's CFG pair is batch 2)."""
+        from diffc.compile.compiled import CompiledModule, signature_key
+        from diffc.compile.compiler import capture_inputs, compile_module, describe_bucket, eager_dit
+
+        eager = eager_dit(self.pipe) if self.pipe is not None else _unwrap(self.transformer)
+        if self.pipe is not None:
+            self.pipe.components["transformer"] = eager
+        calls = [inputs]
+        if self.pipe is not None:
+            captured = capture_inputs(self.pipe, dict(self.family.call_kwargs(wl), prompt=wl.prompt))
+            if signature_key(captured) != signature_key(inputs):
+                calls.append(captured)
+        built, lines = {}, []
+        for kwargs in calls:
+            _program, report, graph = compile_module(eager, kwargs, device=self.device, dtype=self.dtype,
+                                                     disable=disable)
+            built[report.key] = graph
+            self.compile_reports.append(report)
+            lines.append(describe_bucket(report).strip())
+        self.transformer = CompiledModule(eager, built, {"tier": "fast", "disabled": list(disable)})
+        if self.pipe is not None:
+            self.pipe.components["transformer"] = self.transformer
+        if graphs:
+            self.cuda_graphs()
+        return "diffc compile" + (f" without {', '.join(disable)}" if disable else "") + \
+            (" + CUDA graphs" if graphs else "") + ": " + " | ".join(lines)
+
     def cuda_graphs(self) -> str:
         """Capture and replay the DiT forward in CUDA graphs (diffc's runtime wrapper)."""
         from diffc.runtime.cudagraphs import CudaGraphModule
@@ -173,6 +204,15 @@ class DiffcEngine(Engine):
         to_gb = (lambda mb: None if mb is None else mb / 1024)
         return Generation(self.family.diffc_output(out), wall, list(t.step_ms), dict(t.stages),
                           {k: to_gb(v) for k, v in t.stage_peak_memory_mb.items()}, to_gb(t.peak_memory_mb))
+
+
+def _unwrap(module):
+    from diffc.compile.compiled import CompiledModule
+    from diffc.runtime.cudagraphs import CudaGraphModule
+
+    while isinstance(module, (CudaGraphModule, CompiledModule)):
+        module = module.module if isinstance(module, CudaGraphModule) else module.eager
+    return module
 
 
 ENGINES = {"diffusers": DiffusersEngine, "diffc": DiffcEngine}

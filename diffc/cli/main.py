@@ -9,7 +9,7 @@ import sys
 from ..errors import DiffcError
 
 # Subcommands, each a module with ``add_parser(subparsers)`` that sets ``func`` on its parser.
-SUBCOMMANDS = ("run", "serve")
+SUBCOMMANDS = ("compile", "run", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,6 +73,28 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
                    help="layerwise: blocks kept on the GPU (default: as many as free memory allows)")
 
 
+def add_compiled_flag(p: argparse.ArgumentParser) -> None:
+    """``--compiled``, shared by ``run`` and ``serve``."""
+    p.add_argument("--compiled", metavar="ARTIFACT",
+                   help="directory written by `diffc compile`: run its compiled DiT graphs (the checkpoint is the "
+                        "one it was compiled from unless --model is given)")
+
+
+def compiled_model_path(args: argparse.Namespace) -> str | None:
+    """The checkpoint of ``--compiled``'s manifest, where no ``--model`` was given; None without ``--compiled``."""
+    if not getattr(args, "compiled", None):
+        return None
+    from ..compile.artifact import read_manifest
+
+    manifest = read_manifest(args.compiled)
+    if args.model is not None:
+        return args.model
+    path = manifest.get("model", {}).get("path")
+    if not path:
+        raise InvalidArgumentError("--compiled", f"{args.compiled}: the manifest names no checkpoint; pass --model")
+    return path
+
+
 def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
     flag = getattr(args, "cuda_graphs", None)
     options: dict[str, Any] = {"cuda_graphs": None if flag is None else flag == "on"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgumentError
 from ..fileio import atomic_write
-from .options import add_runtime_flags, merge_config, runtime_options
+from .options import add_compiled_flag, add_runtime_flags, compiled_model_path, merge_config, runtime_options
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4",)
@@ -41,6 +41,10 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="YAML or JSON file of options; command-line flags override it")
     p.add_argument("--perf-dump-path", help="write per-stage seconds, per-step ms and peak memory as JSON")
     p.add_argument("--no-progress", action="store_const", const=True, help="hide the progress bar")
+    add_compiled_flag(p)
+    p.add_argument("--compile", action="store_const", const=True,
+                   help="compile the DiT for this shape first (cached under $DIFFC_CACHE/compiled: later runs reuse it)")
+    p.add_argument("--quality", choices=("lossless", "fast"), help="--compile's quality tier (default fast)")
     p.set_defaults(func=run, _parser=p)
 
 
@@ -62,7 +66,14 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--fps", f"must be from 1 to 240, got {args.fps}")
     options = {k: getattr(args, k) for k in ("negative_prompt", "height", "width", "num_frames", "num_inference_steps",
                                              "guidance_scale", "seed", "max_sequence_length")}
-    if args.model is None:
+    if args.compile and args.compiled:
+        raise InvalidArgumentError("--compile", "give either --compile (compile now, cached) or --compiled ARTIFACT, not both")
+    if args.quality is not None and not args.compile:
+        raise InvalidArgumentError("--quality", "applies to --compile only (an artifact's tier was chosen by `diffc compile`)")
+    compiled_from = compiled_model_path(args)
+    if compiled_from is not None:
+        model_path, device = compiled_from, args.device
+    elif args.model is None:
         from ..demo import DEMO_NOTICE, demo_checkpoint
 
         family = DEMO_TASKS[args.task or "t2i"]
@@ -73,8 +84,16 @@ def run(args: argparse.Namespace) -> int:
         if args.task is not None:
             raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from its model_index.json")
         model_path, device = args.model, args.device
-    pipe = diffc.load(model_path, device=device, dtype=args.dtype, scheduler=args.scheduler, **runtime_options(args))
-    if args.model is None:
+    pipe = diffc.load(model_path, device=device, dtype=args.dtype, scheduler=args.scheduler,
+                      compiled=args.compiled, **runtime_options(args))
+    if args.compiled:
+        from ..compile.artifact import read_manifest
+
+        first = read_manifest(args.compiled)["stages"]["transformer"]["buckets"][0]["request"]
+        for key in ("height", "width", "num_frames"):
+            if options.get(key) is None and first.get(key) is not None:
+                options[key] = first[key]  # the compiled shape, where the command gives none
+    elif args.model is None:
         for key, value in DEMO_DEFAULTS[pipe.spec.output].items():
             if options.get(key) is None:
                 options[key] = value
@@ -84,6 +103,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--fps", "applies to video models only")
     options = {k: v for k, v in options.items() if v is not None}
     request = pipe.resolve(prompt=args.prompt, **options)
+    if args.compile:
+        from ..compile.compiler import compile_cached
+
+        bucket = {k: v for k, v in options.items() if k in ("height", "width", "num_frames", "guidance_scale",
+                                                             "max_sequence_length")}
+        compile_cached(pipe, bucket, tier=args.quality or "fast", log=lambda line: print(line, file=sys.stderr))
 
     out = pipe.generate(prompt=args.prompt, progress=not args.no_progress, **options)
     atomic_write(output, lambda tmp: out.save(tmp, fps=args.fps or 16))

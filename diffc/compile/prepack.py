@@ -140,6 +140,23 @@ def _erase_unused(graph: fx.Graph, inputs: list[fx.Node]) -> None:
             graph.erase_node(node)
 
 
+def _adjacent_view(values: list[torch.Tensor], dim: int) -> torch.Tensor | None:
+    """The dim-0 concatenation of ``values`` as a view, where they already lie back to back in one
+    storage (an earlier fold, e.g. another shape bucket's graph over the same weights, packed them):
+    the second graph then shares the first one's packed tensor instead of copying it."""
+    first = values[0]
+    if dim not in (0, -first.ndim) or not all(v.is_contiguous() for v in values):
+        return None
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for v in values:
+        if v.untyped_storage().data_ptr() != storage or v.dtype != first.dtype or v.storage_offset() != offset \
+                or v.shape[1:] != first.shape[1:]:
+            return None
+        offset += v.numel()
+    shape = (sum(v.shape[0] for v in values), *first.shape[1:])
+    return first.as_strided(shape, torch.empty(shape, device="meta").stride(), first.storage_offset())
+
+
 def fold_weight_concats(gm: fx.GraphModule) -> int:
     """Compute every foldable ``aten.cat`` of ``gm`` once into a packed buffer; returns how many were folded.
 
@@ -158,10 +175,13 @@ def fold_weight_concats(gm: fx.GraphModule) -> int:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         with torch.no_grad():
             values = [_evaluate(gm, a) for a in inputs]
-            packed = torch.cat(values, dim)
+            packed = _adjacent_view(values, dim)
+            reused = packed is not None
+            if packed is None:
+                packed = torch.cat(values, dim)
             name = _free_name(gm)
             gm.register_buffer(name, packed, persistent=False)
-            if dim in (0, -packed.ndim):
+            if dim in (0, -packed.ndim) and not reused:
                 _repoint(gm, inputs, values, packed)
         with graph.inserting_before(node):
             attr = graph.get_attr(name)

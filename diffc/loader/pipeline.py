@@ -55,13 +55,16 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          scheduler: str | None = None, *, offload: str = "none", offload_prefetch: int = 1,
-         resident_blocks: int | None = None, cuda_graphs: bool | None = None) -> Pipeline:
+         resident_blocks: int | None = None, cuda_graphs: bool | None = None,
+         compiled: str | Path | None = None) -> Pipeline:
     """Load a diffusers-format pipeline directory (``model_index.json`` + one folder per component).
 
     ``device`` defaults to CUDA when available; ``dtype`` to bf16 on GPU and fp32 on CPU;
     ``scheduler`` ("unipc" or "euler") replaces the checkpoint's sampler where that makes sense.
     ``offload``, ``offload_prefetch``, ``resident_blocks`` and ``cuda_graphs`` are the runtime
     options (``diffc.runtime.options.RuntimeOptions``); CUDA graphs default to on for a GPU.
+    ``compiled`` is an artifact written by ``diffc compile`` for this checkpoint: its graphs replace
+    the eager DiT for the shapes it was compiled for (checked against this machine and model first).
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -95,4 +98,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         components["scheduler"] = choose_scheduler(components["scheduler"], scheduler)
     text_encoders = tuple(n for n in spec.components if index[n][1] in TEXT_ENCODERS)
     runtime = apply_runtime(components, dev, options, text_encoders)
-    return Pipeline(spec, components, dev, dt, source=str(root), runtime=runtime)
+    pipe = Pipeline(spec, components, dev, dt, source=str(root), runtime=runtime, runtime_options=options)
+    if compiled is not None:
+        from ..compile.compiler import load_artifact
+
+        load_artifact(pipe, compiled)
+    return pipe

@@ -147,9 +147,12 @@ class Pipeline:
     """A loaded pipeline: its spec, components, device and dtype. Build it with ``diffc.load``."""
 
     def __init__(self, spec: PipelineSpec, components: dict[str, Any], device: torch.device, dtype: torch.dtype,
-                 source: str = "", runtime: dict[str, Any] | None = None):
+                 source: str = "", runtime: dict[str, Any] | None = None, runtime_options: Any = None):
+        from ..runtime.options import RuntimeOptions
+
         self.spec = spec
         self.runtime = runtime or {}
+        self.runtime_options = runtime_options or RuntimeOptions()
         self.components = components
         self.device = device
         self.dtype = dtype
@@ -175,6 +178,19 @@ class Pipeline:
         self.spec.validate(self, request)
         return request
 
+    def compile(self, buckets: list[dict[str, Any]] | None = None, *, out: str | None = None, quality: str = "fast",
+                disable: tuple[str, ...] = (), attention: str = "auto", log: Callable[[str], None] = print):
+        """Compile the DiT for ``buckets`` (request fields: height, width, num_frames, guidance_scale,
+        one prompt per image), install the graphs, and write an artifact at ``out`` if given.
+
+        ``buckets`` defaults to one bucket of the family's default size. Returns the
+        ``diffc.compile.compiler.CompileReport``.
+        """
+        from ..compile.compiler import compile_pipeline
+
+        requests = [dict(b) for b in (buckets if buckets is not None else [{}])]
+        return compile_pipeline(self, requests, out=out, tier=quality, disable=disable, attention=attention, log=log)
+
     def generate(self, prompt: str | list[str], *, progress: bool = True,
                  step_callback: Callable[[int, int], None] | None = None, **kwargs) -> GenerationOutput:
         request = self.resolve(prompt=prompt, **kwargs)
@@ -185,8 +201,14 @@ class Pipeline:
         state = dataclasses.asdict(request)
         state["prompt"] = request.prompts
         state["seeds"] = seeds
+        from ..compile.compiled import fallback_warning, find_compiled
+
+        compiled = find_compiled(self.components)
+        fallbacks = compiled.counters.eager_fallbacks if compiled is not None else 0
         with torch.inference_mode():
             state = self.graph.run(ctx, state)
+        if compiled is not None and (w := fallback_warning(compiled, fallbacks)):
+            ctx.warnings.append(w)
         timings = ctx.perf.finish()
         timings.runtime = describe_runtime(self.components, self.runtime)
         if self.spec.output == "image":

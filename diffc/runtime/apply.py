@@ -33,4 +33,8 @@ def apply_runtime(components: dict[str, Any], device: torch.device, options: Run
 def describe_runtime(components: dict[str, Any], handles: dict[str, Any]) -> dict[str, Any]:
     out = {name: handle.describe() for name, handle in handles.items()}
     out["cuda_graphs"] = describe_cuda_graphs(components.get("transformer"))
+    from ..compile.compiled import find_compiled
+
+    compiled = find_compiled(components)
+    out["compiled"] = compiled.describe() if compiled is not None else None
     return out

@@ -39,15 +39,18 @@ def test_end_to_end_on_cpu(tmp_path, model, steps):
     data, path = results(out, model)
     assert {"env", "workload", "flops", "matmul_ceiling", "checkpoint", "configs", "reference"} <= set(data)
     assert data["env"]["gpu"] == "cpu" and data["env"]["torch"] and "bench.compare" in data["env"]["command"]
-    assert list(data["configs"]) == ["diffusers-eager", "diffc-eager"]  # no compile on a CPU unless asked
+    # no torch.compile, CUDA graphs or per-pass ablations on a CPU unless asked; diffc's compiler runs
+    assert list(data["configs"]) == ["diffusers-eager", "diffc-eager", "diffc-compiled"]
     assert data["reference"] == "diffusers-eager" and data["checkpoint"]["built"]
     for name, r in data["configs"].items():
         assert "error" not in r, r.get("traceback")
         assert CONFIG_KEYS <= set(r), sorted(CONFIG_KEYS - set(r))
         assert r["dit_output_finite"] and r["step_ms"]["n"] == steps
-    diffc = data["configs"]["diffc-eager"]
-    assert float(diffc["psnr_db"]) > 35.0  # fp32 on CPU: the same picture ("inf" when bit-identical)
-    assert diffc["dit_rel_err"] < 1e-4 and diffc["vae_rel_err"] < 1e-4
+    for name in ("diffc-eager", "diffc-compiled"):
+        diffc = data["configs"][name]
+        assert float(diffc["psnr_db"]) > 35.0  # fp32 on CPU: the same picture ("inf" when bit-identical)
+        assert diffc["dit_rel_err"] < 1e-4 and diffc["vae_rel_err"] < 1e-4
+    assert data["configs"]["diffc-compiled"]["setup"].startswith("diffc compile: transformer")
     assert path.with_suffix(".md").read_text().count("| diffc-eager |") >= 2  # main and components tables
     summary = proc.stdout[proc.stdout.index(f"== {model} on cpu"):]
     assert "diffusers-eager" in summary and "diffc-eager" in summary and "wrote " in summary

@@ -26,6 +26,10 @@ GRAPH_TOL = {torch.float32: 1e-5, torch.bfloat16: REL_TOL[torch.bfloat16]}
 #   gated_residual: after attn1 and after ffn per block = 4 (the ungated ``x + attn2`` is not this op)
 #   gelu_tanh: ffn per block + the text projection = 3
 #   qk_norm_rope: self-attention per block = 2 (cross-attention normalises q/k without RoPE)
+# concat_linear (after the others): FLUX double block image q/k/v and text q/k/v, single block q/k/v
+#   (proj_mlp feeds diffc.gelu_tanh, which needs a contiguous input) = 4; Wan self q/k/v and cross k/v = 4
+# Passes that rewrite with aten ops only (no diffc op enters the graph):
+GRAPH_ONLY = ("concat_linear",)
 FLUX_BLOCKS, FLUX_SINGLE, WAN_BLOCKS = 1, 2, 2
 EXPECTED = {
     "flux": {
@@ -33,12 +37,14 @@ EXPECTED = {
         "gated_residual": 4 * FLUX_BLOCKS + FLUX_SINGLE,
         "gelu_tanh": 2 * FLUX_BLOCKS + FLUX_SINGLE,
         "qk_norm_rope": FLUX_BLOCKS + FLUX_SINGLE,
+        "concat_linear": 2 * FLUX_BLOCKS + FLUX_SINGLE,
     },
     "wan": {
         "adaln_modulate": 2 * WAN_BLOCKS + 1,
         "gated_residual": 2 * WAN_BLOCKS,
         "gelu_tanh": WAN_BLOCKS + 1,
         "qk_norm_rope": WAN_BLOCKS,
+        "concat_linear": 2 * WAN_BLOCKS,
     },
 }
 

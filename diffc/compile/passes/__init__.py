@@ -8,16 +8,20 @@ one's sequence.
 from .adaln_modulate import AdaLNModulatePass
 from .base import FusionPass, Pattern, graph_targets
 from .canonicalize import CanonicalizeCasts
+from .concat_linear import ConcatLinearPass
 from .gated_residual import GatedResidualPass
 from .gelu_tanh import GeluTanhPass
 from .qk_norm_rope import QKNormRopePass
 
-FUSION_PASSES: tuple[type[FusionPass], ...] = (QKNormRopePass, AdaLNModulatePass, GatedResidualPass, GeluTanhPass)
+FUSION_PASSES: tuple[type[FusionPass], ...] = (
+    QKNormRopePass, AdaLNModulatePass, GatedResidualPass, GeluTanhPass, ConcatLinearPass,
+)
 
 __all__ = [
     "FUSION_PASSES",
     "AdaLNModulatePass",
     "CanonicalizeCasts",
+    "ConcatLinearPass",
     "FusionPass",
     "GatedResidualPass",
     "GeluTanhPass",

@@ -1,0 +1,101 @@
+"""``diffc compile``: trace the DiT, run the fusion passes, measure attention backends, write an artifact."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from ..errors import InvalidArgumentError
+from .options import add_runtime_flags, merge_config, runtime_options
+from .run import DEMO_DEFAULTS, DEMO_TASKS
+
+BUCKET = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compile", help="compile a model's DiT ahead of time into an artifact for run/serve --compiled",
+                       description=__doc__)
+    p.add_argument("--model", help="diffusers-format checkpoint directory (default: the built-in tiny demo model)")
+    p.add_argument("--task", choices=sorted(DEMO_TASKS), help="demo model to compile when --model is not given")
+    p.add_argument("--out", "-o", required=True, help="artifact directory to write (replaced only once complete)")
+    p.add_argument("--height", type=int, help="output height in pixels of the shape to compile")
+    p.add_argument("--width", type=int, help="output width in pixels of the shape to compile")
+    p.add_argument("--num-frames", type=int, help="video frames of the shape to compile (video models)")
+    p.add_argument("--bucket", action="append", default=[], metavar="WxH[xF]",
+                   help="another shape to compile, width x height [x frames]; repeatable")
+    p.add_argument("--guidance", type=float, dest="guidance_scale",
+                   help="guidance scale the runs will use (Wan: > 1 compiles the batched CFG pair)")
+    p.add_argument("--batch", type=int, default=1, help="images or videos per prompt the runs will make (default 1)")
+    p.add_argument("--max-sequence-length", type=int, help="text tokens the runs will use")
+    p.add_argument("--quality", choices=("lossless", "fast"), default="fast",
+                   help="lossless: only bit-exact rewrites; fast (default): every fusion")
+    p.add_argument("--disable", default="", help="comma-separated passes to leave out (for measuring each one)")
+    p.add_argument("--attention", default="auto",
+                   help="attention backend: auto (measure and pick the fastest) or a backend name")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--scheduler", choices=("unipc", "euler"), help="sampler the runs will use")
+    p.add_argument("--config", help="YAML or JSON file of options; command-line flags override it")
+    p.add_argument("--report", help="also write the compile report as JSON here")
+    add_runtime_flags(p)
+    p.set_defaults(func=compile_command, _parser=p)
+
+
+def parse_buckets(args: argparse.Namespace, video: bool) -> list[dict]:
+    """The requests to compile: --height/--width[/--num-frames] first, then each --bucket."""
+    common = {"guidance_scale": args.guidance_scale, "max_sequence_length": args.max_sequence_length}
+    if args.batch < 1:
+        raise InvalidArgumentError("--batch", f"must be at least 1, got {args.batch}")
+    common["prompt"] = ["a compile-time example prompt"] * args.batch
+    buckets = []
+    if args.height is not None or args.width is not None or args.num_frames is not None or not args.bucket:
+        buckets.append({"height": args.height, "width": args.width, "num_frames": args.num_frames})
+    for text in args.bucket:
+        m = BUCKET.match(text.strip())
+        if not m:
+            raise InvalidArgumentError("--bucket", f"expected WIDTHxHEIGHT or WIDTHxHEIGHTxFRAMES, got {text!r}")
+        width, height, frames = (int(g) if g else None for g in m.groups())
+        if frames is not None and not video:
+            raise InvalidArgumentError("--bucket", f"{text!r} gives frames, but this is an image model")
+        buckets.append({"height": height, "width": width, "num_frames": frames})
+    out = []
+    for b in buckets:
+        if b["num_frames"] is not None and not video:
+            raise InvalidArgumentError("--num-frames", "applies to video models only")
+        out.append({k: v for k, v in {**common, **b}.items() if v is not None})
+    return out
+
+
+def compile_command(args: argparse.Namespace) -> int:
+    import diffc
+
+    merge_config(args, args._parser, skip=("config", "_parser", "func"))
+    disable = tuple(n.strip() for n in args.disable.split(",") if n.strip())
+    if args.model is None:
+        from ..demo import DEMO_NOTICE, demo_checkpoint
+
+        family = DEMO_TASKS[args.task or "t2i"]
+        print(DEMO_NOTICE.format(family=family), file=sys.stderr)
+        model_path, device = demo_checkpoint(family), args.device or "cpu"
+    else:
+        if args.task is not None:
+            raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from its model_index.json")
+        model_path, device = args.model, args.device
+    pipe = diffc.load(model_path, device=device, dtype=args.dtype, scheduler=args.scheduler, **runtime_options(args))
+    buckets = parse_buckets(args, video=pipe.spec.output == "video")
+    if args.model is None:
+        defaults = DEMO_DEFAULTS[pipe.spec.output]
+        buckets = [{**{k: v for k, v in defaults.items() if k != "num_inference_steps"}, **b} for b in buckets]
+    for b in buckets:
+        pipe.resolve(**b)  # refuse an invalid size before any tracing
+    print(f"diffc compile: {pipe.spec.pipeline_class} from {model_path} on {pipe.device} "
+          f"({str(pipe.dtype).removeprefix('torch.')}), quality {args.quality}, {len(buckets)} shape(s)")
+    report = pipe.compile(buckets, out=args.out, quality=args.quality, disable=disable, attention=args.attention)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2, default=str))
+    print(f"diffc compile: wrote {report.artifact} ({report.artifact_bytes / 1e6:.1f} MB, weights not included) "
+          f"in {report.total_s:.1f}s")
+    return 0
