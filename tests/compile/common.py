@@ -28,6 +28,10 @@ GRAPH_TOL = {torch.float32: 1e-5, torch.bfloat16: REL_TOL[torch.bfloat16]}
 #   qk_norm_rope: self-attention per block = 2 (cross-attention normalises q/k without RoPE)
 # concat_linear (after the others): FLUX double block image q/k/v and text q/k/v, single block q/k/v
 #   (proj_mlp feeds diffc.gelu_tanh, which needs a contiguous input) = 4; Wan self q/k/v and cross k/v = 4
+# timestep_embedding: FLUX timestep + guidance = 2, Wan 1; silu_mul: no SwiGLU in either = 0
+# gated_residual_adaln (after gated_residual and adaln_modulate, each site takes one of each):
+#   FLUX double block: image and text residual after attention feed the MLP norms = 2;
+#   Wan: each block's feed-forward residual feeds the next norm1 / norm_out = 2
 # Passes that rewrite with aten ops only (no diffc op enters the graph):
 GRAPH_ONLY = ("concat_linear",)
 FLUX_BLOCKS, FLUX_SINGLE, WAN_BLOCKS = 1, 2, 2
@@ -37,6 +41,9 @@ EXPECTED = {
         "gated_residual": 4 * FLUX_BLOCKS + FLUX_SINGLE,
         "gelu_tanh": 2 * FLUX_BLOCKS + FLUX_SINGLE,
         "qk_norm_rope": FLUX_BLOCKS + FLUX_SINGLE,
+        "timestep_embedding": 2,
+        "silu_mul": 0,
+        "gated_residual_adaln": 2 * FLUX_BLOCKS,
         "concat_linear": 2 * FLUX_BLOCKS + FLUX_SINGLE,
     },
     "wan": {
@@ -44,6 +51,9 @@ EXPECTED = {
         "gated_residual": 2 * WAN_BLOCKS,
         "gelu_tanh": WAN_BLOCKS + 1,
         "qk_norm_rope": WAN_BLOCKS,
+        "timestep_embedding": 1,
+        "silu_mul": 0,
+        "gated_residual_adaln": WAN_BLOCKS,
         "concat_linear": 2 * WAN_BLOCKS,
     },
 }

@@ -10,11 +10,15 @@ from .base import FusionPass, Pattern, graph_targets
 from .canonicalize import CanonicalizeCasts
 from .concat_linear import ConcatLinearPass
 from .gated_residual import GatedResidualPass
+from .gated_residual_adaln import GatedResidualAdaLNPass
 from .gelu_tanh import GeluTanhPass
 from .qk_norm_rope import QKNormRopePass
+from .silu_mul import SiluMulPass
+from .timestep_embedding import TimestepEmbeddingPass
 
 FUSION_PASSES: tuple[type[FusionPass], ...] = (
-    QKNormRopePass, AdaLNModulatePass, GatedResidualPass, GeluTanhPass, ConcatLinearPass,
+    QKNormRopePass, AdaLNModulatePass, GatedResidualPass, GeluTanhPass, TimestepEmbeddingPass, SiluMulPass,
+    GatedResidualAdaLNPass, ConcatLinearPass,
 )
 
 __all__ = [
@@ -23,9 +27,12 @@ __all__ = [
     "CanonicalizeCasts",
     "ConcatLinearPass",
     "FusionPass",
+    "GatedResidualAdaLNPass",
     "GatedResidualPass",
     "GeluTanhPass",
     "Pattern",
     "QKNormRopePass",
+    "SiluMulPass",
+    "TimestepEmbeddingPass",
     "graph_targets",
 ]

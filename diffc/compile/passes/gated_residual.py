@@ -29,12 +29,20 @@ aten = torch.ops.aten
 
 def _residual_ok(x, y, gate, result_dtype) -> bool:
     return (
-        rows_ok(x)
+        all(isinstance(t, torch.Tensor) for t in (x, y, gate))
+        and rows_ok(x)
         and rows_ok(y)
         and tuple(y.shape) == tuple(x.shape)
         and modulation_ok(gate, x)
         and result_dtype == x.dtype
     )
+
+
+def _promoted(x, y, gate):
+    """The sum's dtype; None where an operand is a Python number (``x + 2.0 * y`` is not a gated residual)."""
+    if not all(isinstance(t, torch.Tensor) for t in (x, y, gate)):
+        return None
+    return torch.promote_types(x.dtype, torch.promote_types(y.dtype, gate.dtype))
 
 
 def _example(dtype=torch.float32) -> tuple:
@@ -61,7 +69,7 @@ class GateFirst(Pattern):
         return out
 
     def accepts(self, x, gate, y) -> bool:
-        return _residual_ok(x, y, gate, torch.promote_types(x.dtype, torch.promote_types(y.dtype, gate.dtype)))
+        return _residual_ok(x, y, gate, _promoted(x, y, gate))
 
 
 class GateLast(Pattern):
@@ -81,7 +89,7 @@ class GateLast(Pattern):
         return out
 
     def accepts(self, x, y, gate) -> bool:
-        return _residual_ok(x, y, gate, torch.promote_types(x.dtype, torch.promote_types(y.dtype, gate.dtype)))
+        return _residual_ok(x, y, gate, _promoted(x, y, gate))
 
 
 class GateLastUpcast(Pattern):
