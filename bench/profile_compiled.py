@@ -1,0 +1,108 @@
+"""Where a compiled DiT forward spends its GPU time: ``python -m bench.profile_compiled --model flux-dev``.
+
+Builds the named workload's DiT with random weights (diffusers' class, then diffc's native model on the
+same tensors), compiles it with diffc's compiler, runs a few forwards under ``torch.profiler`` (eager and
+compiled, CUDA graphs off so every kernel is seen) and sums CUDA kernel time per category: GEMM,
+attention, diffc's fused Triton kernels, and everything else (copies, elementwise, norms). Writes
+``<out-dir>/<gpu>-<date>-<model>-profile.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .build import build_diffusers_models, native_like
+from .compare import quiet_libraries
+from .families import FAMILIES
+from .report import environment, gpu_slug
+from .specs import SPECS, Workload
+
+# First matching pattern names a kernel's category (kernel names as CUDA reports them).
+CATEGORIES = (
+    ("attention", re.compile(r"flash|fmha|attention|cudnn|sdpa|softmax", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|sm90_xmma|nvjet|matmul|cublas", re.I)),
+    ("diffc triton", re.compile(r"_kernel$|qk_norm_rope|adaln|gated_residual|gelu_tanh|timestep|silu_mul", re.I)),
+    ("copy/cat", re.compile(r"copy|cat|elementwise_kernel_with_index|CatArray", re.I)),
+)
+
+
+def category(name: str) -> str:
+    for label, pattern in CATEGORIES:
+        if pattern.search(name):
+            return label
+    return "other elementwise/norm"
+
+
+def profile(fn, steps: int) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    per_cat: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms = evt.device_time_total / 1000 / steps
+        per_cat[category(evt.key)] = per_cat.get(category(evt.key), 0.0) + ms
+        kernels[evt.key] = kernels.get(evt.key, 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    return {"total_ms": sum(per_cat.values()), "by_category_ms": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])),
+            "top_kernels_ms": dict(top)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.profile_compiled", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, choices=sorted(SPECS))
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out-dir", default="bench/results")
+    args = p.parse_args(argv)
+    quiet_libraries()
+    from diffc.compile.compiler import compile_module
+
+    spec, device, dtype = SPECS[args.model], torch.device("cuda"), torch.bfloat16
+    family = FAMILIES[spec.family]
+    wl = Workload.from_spec(spec)
+    shared = build_diffusers_models(spec, device, dtype)
+    native = native_like(shared.pop("transformer"), family.native_transformer, spec.transformer)
+    inputs = family.dit_inputs(spec, wl, device, dtype)
+    result: dict[str, Any] = {"model": spec.name, "env": environment(device, ["-m", "bench.profile_compiled", *(argv or [])]),
+                              "flops_tflop": family.dit_flops(spec, wl).total / 1e12}
+    with torch.no_grad():
+        result["eager"] = profile(lambda: native(**inputs), args.steps)
+        _program, report, graph = compile_module(native, inputs, device=device, dtype=dtype)
+        result["compile"] = {"matches": report.matches, "attention": (report.attention or {}).get("backend")}
+        result["compiled"] = profile(lambda: graph(**inputs), args.steps)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{gpu_slug(result['env']['gpu'])}-{result['env']['date']}-{spec.name}-profile"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    lines = [f"# {spec.name} DiT forward, CUDA kernel time per category (ms per forward)", "",
+             f"{result['env']['gpu']}, torch {result['env']['torch']}; {result['flops_tflop']:.1f} TFLOP per forward; "
+             f"compiled: {result['compile']['matches']}, attention {result['compile']['attention']}", "",
+             "| category | eager ms | compiled ms |", "|---|---:|---:|"]
+    cats = list(dict.fromkeys([*result["eager"]["by_category_ms"], *result["compiled"]["by_category_ms"]]))
+    for c in cats:
+        lines.append(f"| {c} | {result['eager']['by_category_ms'].get(c, 0):.1f} | "
+                     f"{result['compiled']['by_category_ms'].get(c, 0):.1f} |")
+    lines.append(f"| total | {result['eager']['total_ms']:.1f} | {result['compiled']['total_ms']:.1f} |")
+    lines += ["", "Top compiled kernels (ms per forward):", ""]
+    lines += [f"- {ms:.2f} {name[:140]}" for name, ms in result["compiled"]["top_kernels_ms"].items()]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
