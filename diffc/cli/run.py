@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         from ..compile.artifact import read_manifest
 
         first = read_manifest(args.compiled)["stages"]["transformer"]["buckets"][0]["request"]
-        for key in ("height", "width", "num_frames"):
+        for key in ("height", "width", "num_frames", "max_sequence_length"):
             if options.get(key) is None and first.get(key) is not None:
                 options[key] = first[key]  # the compiled shape, where the command gives none
     elif args.model is None:

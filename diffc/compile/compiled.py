@@ -106,7 +106,7 @@ def fallback_warning(compiled: CompiledModule, before: int) -> str | None:
 
 def _shape_text(key: str) -> str:
     return " ".join(part.split(":")[0] + " " + part.split(":")[1] for part in key.split(",")
-                    if not part.endswith(":None") and part.split(":")[0] == "hidden_states")
+                    if not part.endswith(":None") and part.split(":")[0] in ("hidden_states", "encoder_hidden_states"))
 
 
 def attach_weights(graph: fx.GraphModule, eager: nn.Module, names: list[str], where: str) -> None:

@@ -1,0 +1,134 @@
+"""``diffc compile`` and ``diffc run --compiled / --compile`` through the CLI entry point, on the demo FLUX model."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffc.cli.main import main
+
+# Eight text tokens keep the Triton interpreter's share of each compiled DiT call small.
+SMALL = ["--max-sequence-length", "8"]
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("diffc-cache")
+
+
+@pytest.fixture(autouse=True)
+def demo_cache(module_cache, monkeypatch):
+    """One ``$DIFFC_CACHE`` per module: the demo checkpoint is built once, compiled artifacts are cached there."""
+    monkeypatch.setenv("DIFFC_CACHE", str(module_cache))
+    return module_cache
+
+
+@pytest.fixture(scope="module")
+def artifact(module_cache, tmp_path_factory):
+    """``diffc compile --out X --height 64 --width 64`` of the demo model: (path, exit code, stdout)."""
+    out = tmp_path_factory.mktemp("compiled") / "demo.diffc"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):  # capsys is per test
+        mp.setenv("DIFFC_CACHE", str(module_cache))
+        code = main(["compile", "--out", str(out), "--height", "64", "--width", "64", *SMALL])
+    return out, code, printed.getvalue()
+
+
+def _manifest(path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def test_compile_writes_an_artifact(artifact):
+    path, code, out = artifact
+    assert code == 0
+    assert "diffc compile: FluxPipeline from" in out and "quality fast, 1 shape(s)" in out
+    assert "traced " in out and " nodes in " in out and "passes " in out and "gelu_tanh 4" in out
+    assert f"diffc compile: wrote {path}" in out and "weights not included" in out
+    manifest = _manifest(path)
+    (bucket,) = manifest["stages"]["transformer"]["buckets"]
+    assert (bucket["request"]["height"], bucket["request"]["width"]) == (64, 64)
+    assert bucket["request"]["max_sequence_length"] == 8 and bucket["request"]["prompt"] == ["a compile-time example prompt"]
+    assert (path / "transformer" / "bucket-0.pt2").is_file()
+
+
+def test_compile_two_buckets(tmp_path, capsys):
+    out = tmp_path / "two.diffc"
+    report = tmp_path / "report.json"
+    assert main(["compile", "--out", str(out), "--bucket", "64x32", "--bucket", "128x64", *SMALL,
+                 "--report", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 shape(s)" in printed and printed.count("traced ") == 2
+    buckets = _manifest(out)["stages"]["transformer"]["buckets"]
+    assert [(b["request"]["width"], b["request"]["height"]) for b in buckets] == [(64, 32), (128, 64)]
+    assert [b["file"] for b in buckets] == ["transformer/bucket-0.pt2", "transformer/bucket-1.pt2"]
+    assert len({b["key"] for b in buckets}) == 2
+    assert [b["key"] for b in json.loads(report.read_text())["buckets"]] == [b["key"] for b in buckets]
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--bucket", "64by32"], "--bucket: expected WIDTHxHEIGHT or WIDTHxHEIGHTxFRAMES, got '64by32'"),
+    (["--bucket", "64x32x5"], "--bucket: '64x32x5' gives frames, but this is an image model"),
+    (["--num-frames", "5"], "--num-frames: applies to video models only"),
+    (["--batch", "0"], "--batch: must be at least 1, got 0"),
+    (["--height", "40", "--width", "64"], "height: FLUX needs a multiple of 16, got 40"),
+    (["--disable", "no_such_pass"], "disable: unknown pass 'no_such_pass'"),
+    (["--quality", "lossy"], "invalid choice: 'lossy'"),
+])
+def test_compile_bad_input_exits_2(tmp_path, capsys, argv, fragment):
+    out = tmp_path / "bad.diffc"
+    try:
+        code = main(["compile", "--out", str(out), *argv])
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_run_compiled_uses_the_artifact_size(artifact, tmp_path, capsys):
+    path = artifact[0]
+    image, perf = tmp_path / "out.png", tmp_path / "perf.json"
+    code = main(["run", "--compiled", str(path), "--prompt", "a kite", "-o", str(image), "--steps", "2",
+                 "--seed", "3", "--no-progress", "--perf-dump-path", str(perf)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"wrote {image} (64x64, 2 steps, seed 3)" in captured.out
+    assert "no graph" not in captured.err  # the artifact's text length is used too, so no eager fallback
+    pixels = np.asarray(Image.open(image))
+    assert pixels.shape == (64, 64, 3) and pixels.std() > 1.0
+    compiled = json.loads(perf.read_text())["runtime"]["compiled"]
+    assert compiled["artifact"] == str(path) and (compiled["compiled_calls"], compiled["eager_fallbacks"]) == (2, 0)
+
+
+def test_run_compile_caches_the_artifact(tmp_path, capsys, demo_cache):
+    argv = ["run", "--compile", "--prompt", "a kite", "--height", "32", "--width", "48", "--steps", "2", "--seed", "4",
+            "--no-progress", *SMALL]
+    assert main([*argv, "-o", str(tmp_path / "first.png")]) == 0
+    first = capsys.readouterr()
+    assert "diffc: compiling the DiT for" in first.err and "traced " in first.err
+    assert "using the compiled DiT cached" not in first.err
+    (cached,) = (demo_cache / "compiled").iterdir()
+    assert (cached / "manifest.json").is_file()
+
+    assert main([*argv, "-o", str(tmp_path / "second.png")]) == 0
+    second = capsys.readouterr()
+    assert f"diffc: using the compiled DiT cached at {cached}" in second.err and "traced " not in second.err
+    assert "no graph" not in first.err + second.err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "first.png")), np.asarray(Image.open(tmp_path / "second.png")))
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--compile", "--compiled", "somewhere"], "--compile: give either --compile (compile now, cached) or --compiled"),
+    (["--quality", "lossless"], "--quality: applies to --compile only"),
+    (["--compiled", "/nonexistent/x.diffc"], "compiled artifact not found: /nonexistent/x.diffc"),
+])
+def test_run_compiled_bad_flags_exit_2(tmp_path, capsys, argv, fragment):
+    code = main(["run", "--prompt", "p", "-o", str(tmp_path / "x.png"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err, err
+    assert not (tmp_path / "x.png").exists()
