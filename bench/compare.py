@@ -46,7 +46,9 @@ class Config:
 
 
 # The compiler's passes, each left out in one configuration to measure its own contribution.
-ABLATIONS = ("qk_norm_rope", "adaln_modulate", "gated_residual", "gelu_tanh", "concat_linear", "attention")
+ABLATIONS = ("qk_norm_rope", "adaln_modulate", "gated_residual", "gelu_tanh", "timestep_embedding",
+             "gated_residual_adaln", "attention")
+OPT_IN = ("concat_linear",)  # passes off by default, each measured switched on
 
 # In run order: the eager pair first, so that a run cut short still has diffc against diffusers (this
 # costs a second diffusers load when compile is measured too).
@@ -58,6 +60,9 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     *(Config(f"diffc-compiled-no-{name}", "diffc", dit_only=True, on_cpu_by_default=False,
              setup=lambda e, r, name=name: e.compile(r.inputs, r.wl, disable=(name,), graphs=True))
       for name in ABLATIONS),
+    *(Config(f"diffc-compiled-with-{name}", "diffc", dit_only=True, on_cpu_by_default=False,
+             setup=lambda e, r, name=name: e.compile(r.inputs, r.wl, enable=(name,), graphs=True))
+      for name in OPT_IN),
     Config("diffusers-compile", "diffusers", setup=lambda e, r: e.regional_compile(), on_cpu_by_default=False),
 )}
 

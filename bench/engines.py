@@ -138,7 +138,7 @@ class DiffcEngine(Engine):
         return cls(family, device, dtype, pipe.components["transformer"], pipe.components["vae"], pipe)
 
     def compile(self, inputs: dict[str, Any], wl: Workload, *, disable: tuple[str, ...] = (),
-                graphs: bool = False) -> str:
+                enable: tuple[str, ...] = (), graphs: bool = False) -> str:
         """diffc's compiler on the eager DiT: one graph for the benchmark's DiT inputs and, with a
         pipeline, one for the shapes its generation passes (Wan's CFG pair is batch 2)."""
         from diffc.compile.compiled import CompiledModule, signature_key
@@ -155,7 +155,7 @@ class DiffcEngine(Engine):
         built, lines = {}, []
         for kwargs in calls:
             _program, report, graph = compile_module(eager, kwargs, device=self.device, dtype=self.dtype,
-                                                     disable=disable)
+                                                     disable=disable, enable=enable)
             built[report.key] = graph
             self.compile_reports.append(report)
             lines.append(describe_bucket(report).strip())
@@ -165,6 +165,7 @@ class DiffcEngine(Engine):
         if graphs:
             self.cuda_graphs()
         return "diffc compile" + (f" without {', '.join(disable)}" if disable else "") + \
+            (f" with {', '.join(enable)}" if enable else "") + \
             (" + CUDA graphs" if graphs else "") + ": " + " | ".join(lines)
 
     def cuda_graphs(self) -> str:

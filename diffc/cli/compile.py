@@ -33,6 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--quality", choices=("lossless", "fast"), default="fast",
                    help="lossless: only bit-exact rewrites; fast (default): every fusion")
     p.add_argument("--disable", default="", help="comma-separated passes to leave out (for measuring each one)")
+    p.add_argument("--enable", default="", help="comma-separated opt-in passes to run too (concat_linear)")
     p.add_argument("--attention", default="auto",
                    help="attention backend: auto (measure and pick the fastest) or a backend name")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -74,6 +75,7 @@ def compile_command(args: argparse.Namespace) -> int:
 
     merge_config(args, args._parser, skip=("config", "_parser", "func"))
     disable = tuple(n.strip() for n in args.disable.split(",") if n.strip())
+    enable = tuple(n.strip() for n in args.enable.split(",") if n.strip())
     if args.model is None:
         from ..demo import DEMO_NOTICE, demo_checkpoint
 
@@ -93,7 +95,8 @@ def compile_command(args: argparse.Namespace) -> int:
         pipe.resolve(**b)  # refuse an invalid size before any tracing
     print(f"diffc compile: {pipe.spec.pipeline_class} from {model_path} on {pipe.device} "
           f"({str(pipe.dtype).removeprefix('torch.')}), quality {args.quality}, {len(buckets)} shape(s)")
-    report = pipe.compile(buckets, out=args.out, quality=args.quality, disable=disable, attention=args.attention)
+    report = pipe.compile(buckets, out=args.out, quality=args.quality, disable=disable, enable=enable,
+                          attention=args.attention)
     if args.report:
         Path(args.report).write_text(json.dumps(report.to_dict(), indent=2, default=str))
     print(f"diffc compile: wrote {report.artifact} ({report.artifact_bytes / 1e6:.1f} MB, weights not included) "

@@ -64,6 +64,7 @@ class CompileReport:
     disabled: list[str]
     buckets: list[BucketReport]
     total_s: float = 0.0
+    enabled: list[str] = dataclasses.field(default_factory=list)
     artifact: str | None = None
     artifact_bytes: int = 0
 
@@ -71,15 +72,17 @@ class CompileReport:
         return dataclasses.asdict(self)
 
 
-def fusion_passes(tier: str, disable: Sequence[str] = ()) -> list:
-    """The fusion passes a compile runs, in order, without the ``disable``d ones (checked names)."""
-    names = [cls.name for cls in FUSION_PASSES]
-    unknown = [n for n in disable if n not in names + ["attention"]]
-    if unknown:
-        raise InvalidArgumentError("disable", f"unknown pass {unknown[0]!r}; passes: {', '.join(names + ['attention'])}")
+def fusion_passes(tier: str, disable: Sequence[str] = (), enable: Sequence[str] = ()) -> list:
+    """The fusion passes a compile runs, in order: those on by default plus ``enable``, minus ``disable``."""
+    names = [cls.name for cls in FUSION_PASSES] + ["attention"]
+    for field, given in (("disable", disable), ("enable", enable)):
+        unknown = [n for n in given if n not in names]
+        if unknown:
+            raise InvalidArgumentError(field, f"unknown pass {unknown[0]!r}; passes: {', '.join(names)}")
     if tier not in TIERS:
         raise InvalidArgumentError("quality", f"expected one of {', '.join(TIERS)}, got {tier!r}")
-    return [cls() for cls in FUSION_PASSES if cls.name not in disable]
+    return [cls() for cls in FUSION_PASSES
+            if (cls.default_enabled or cls.name in enable) and cls.name not in disable]
 
 
 def pass_sources() -> dict[str, str]:
@@ -174,20 +177,20 @@ def _fused_ops(gm) -> dict[str, int]:
     return {k: v for k, v in sorted(graph_targets(gm).items()) if k.startswith("diffc.") or "attention" in k}
 
 
-def compile_bucket(pipe, request: dict[str, Any], *, tier: str, disable: Sequence[str], attention: str,
-                   kernel_cache: Path | None, verify: bool = True):
+def compile_bucket(pipe, request: dict[str, Any], *, tier: str, disable: Sequence[str], enable: Sequence[str],
+                   attention: str, kernel_cache: Path | None, verify: bool = True):
     """Capture the DiT's inputs for one request, then :func:`compile_module`."""
     kwargs = capture_inputs(pipe, request)
     program, report, graph = compile_module(eager_dit(pipe), kwargs, device=pipe.device, dtype=pipe.dtype, tier=tier,
-                                            disable=disable, attention=attention, kernel_cache=kernel_cache,
-                                            verify=verify)
+                                            disable=disable, enable=enable, attention=attention,
+                                            kernel_cache=kernel_cache, verify=verify)
     report.request = dict(request)
     return program, report, graph
 
 
 def compile_module(dit: nn.Module, kwargs: dict[str, Any], *, device: torch.device, dtype: torch.dtype,
-                   tier: str = "fast", disable: Sequence[str] = (), attention: str = "auto",
-                   kernel_cache: Path | None = None, verify: bool = True):
+                   tier: str = "fast", disable: Sequence[str] = (), enable: Sequence[str] = (),
+                   attention: str = "auto", kernel_cache: Path | None = None, verify: bool = True):
     """Trace ``dit(**kwargs)``, rewrite it, lower attention and warm it up.
 
     Returns ``(program, BucketReport, graph)``: the rewritten ExportedProgram (what the artifact
@@ -200,7 +203,7 @@ def compile_module(dit: nn.Module, kwargs: dict[str, Any], *, device: torch.devi
         program = trace_module(dit, kwargs)
     t1 = time.perf_counter()
     nodes_before = len(program.graph.nodes)
-    counters = PassManager(passes=fusion_passes(tier, disable), tier=tier).run(program)
+    counters = PassManager(passes=fusion_passes(tier, disable, enable), tier=tier).run(program)
     choice = None
     if "attention" not in disable:
         choice = lower_attention(program, device, dtype, attention, tier)
@@ -259,15 +262,16 @@ def fold_weights(graph) -> int:
 
 
 def compile_pipeline(pipe, requests: Sequence[dict[str, Any]], *, out: str | Path | None = None,
-                     tier: str = "fast", disable: Sequence[str] = (), attention: str = "auto",
-                     install_graphs: bool = True, verify: bool = True, log=print) -> CompileReport:
+                     tier: str = "fast", disable: Sequence[str] = (), enable: Sequence[str] = (),
+                     attention: str = "auto", install_graphs: bool = True, verify: bool = True,
+                     log=print) -> CompileReport:
     """Compile ``pipe``'s DiT for each request in ``requests``; write an artifact at ``out`` if given.
 
     With ``install_graphs`` the compiled graphs replace the pipeline's DiT (``diffc run --compile``).
     """
     if not requests:
         raise InvalidArgumentError("bucket", "give at least one shape to compile (height/width[/num_frames])")
-    fusion_passes(tier, disable)  # validate names before any work
+    fusion_passes(tier, disable, enable)  # validate names before any work
     if pipe.runtime_options.offload != "none":
         raise InvalidArgumentError("offload", "compiled graphs hold the whole DiT; compile and run without --offload")
     started = time.perf_counter()
@@ -276,8 +280,8 @@ def compile_pipeline(pipe, requests: Sequence[dict[str, Any]], *, out: str | Pat
         cache = writer.file(art.TRITON_CACHE) if writer is not None else None
         programs, graphs, reports = {}, {}, []
         for i, request in enumerate(requests):
-            program, report, graph = compile_bucket(pipe, request, tier=tier, disable=disable, attention=attention,
-                                                    kernel_cache=cache, verify=verify)
+            program, report, graph = compile_bucket(pipe, request, tier=tier, disable=disable, enable=enable,
+                                                    attention=attention, kernel_cache=cache, verify=verify)
             if report.key in programs:
                 raise InvalidArgumentError("bucket", f"{request} gives the same DiT input shapes as an earlier bucket")
             report.file = f"{STAGE}/bucket-{i}.pt2"
@@ -286,9 +290,9 @@ def compile_pipeline(pipe, requests: Sequence[dict[str, Any]], *, out: str | Pat
             programs[report.key], graphs[report.key] = program, graph
             reports.append(report)
             log(describe_bucket(report))
-        result = CompileReport(STAGE, tier, list(disable), reports)
+        result = CompileReport(STAGE, tier, list(disable), reports, enabled=list(enable))
         if writer is not None:
-            manifest = build_manifest(pipe, result, tier, disable)
+            manifest = build_manifest(pipe, result, tier, disable, enable)
             result.artifact = str(writer.commit(manifest))
             result.artifact_bytes = art.directory_size(Path(result.artifact))
     except BaseException:
@@ -301,7 +305,8 @@ def compile_pipeline(pipe, requests: Sequence[dict[str, Any]], *, out: str | Pat
     return result
 
 
-def build_manifest(pipe, report: CompileReport, tier: str, disable: Sequence[str]) -> dict[str, Any]:
+def build_manifest(pipe, report: CompileReport, tier: str, disable: Sequence[str],
+                   enable: Sequence[str] = ()) -> dict[str, Any]:
     checkpoint = Path(pipe.source)
     return {
         "format_version": art.FORMAT_VERSION,
@@ -311,7 +316,7 @@ def build_manifest(pipe, report: CompileReport, tier: str, disable: Sequence[str
         "dtype": str(pipe.dtype).removeprefix("torch."),
         "environment": art.environment(pipe.device),
         "built_with": art.informational(),
-        "passes": {"tier": tier, "disabled": list(disable), "sources": pass_sources()},
+        "passes": {"tier": tier, "disabled": list(disable), "enabled": list(enable), "sources": pass_sources()},
         "stages": {STAGE: {"buckets": [dataclasses.asdict(b) for b in report.buckets]}},
     }
 

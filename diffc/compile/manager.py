@@ -44,8 +44,9 @@ class CompileCounters:
 
 
 def default_passes() -> list[FusionPass]:
-    """Every fusion pass diffc has, in the order they run (after canonicalisation)."""
-    return [cls() for cls in FUSION_PASSES]
+    """The fusion passes on by default, in the order they run (after canonicalisation); opt-in ones
+    (``default_enabled = False``) are left out."""
+    return [cls() for cls in FUSION_PASSES if cls.default_enabled]
 
 
 class PassManager:

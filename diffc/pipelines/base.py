@@ -179,7 +179,8 @@ class Pipeline:
         return request
 
     def compile(self, buckets: list[dict[str, Any]] | None = None, *, out: str | None = None, quality: str = "fast",
-                disable: tuple[str, ...] = (), attention: str = "auto", log: Callable[[str], None] = print):
+                disable: tuple[str, ...] = (), enable: tuple[str, ...] = (), attention: str = "auto",
+                log: Callable[[str], None] = print):
         """Compile the DiT for ``buckets`` (request fields: height, width, num_frames, guidance_scale,
         one prompt per image), install the graphs, and write an artifact at ``out`` if given.
 
@@ -189,7 +190,8 @@ class Pipeline:
         from ..compile.compiler import compile_pipeline
 
         requests = [dict(b) for b in (buckets if buckets is not None else [{}])]
-        return compile_pipeline(self, requests, out=out, tier=quality, disable=disable, attention=attention, log=log)
+        return compile_pipeline(self, requests, out=out, tier=quality, disable=disable, enable=enable,
+                                attention=attention, log=log)
 
     def generate(self, prompt: str | list[str], *, progress: bool = True,
                  step_callback: Callable[[int, int], None] | None = None, **kwargs) -> GenerationOutput:

@@ -34,6 +34,7 @@ GRAPH_TOL = {torch.float32: 1e-5, torch.bfloat16: REL_TOL[torch.bfloat16]}
 #   Wan: each block's feed-forward residual feeds the next norm1 / norm_out = 2
 # Passes that rewrite with aten ops only (no diffc op enters the graph):
 GRAPH_ONLY = ("concat_linear",)
+OPT_IN = ("concat_linear",)  # not in default_passes()
 FLUX_BLOCKS, FLUX_SINGLE, WAN_BLOCKS = 1, 2, 2
 EXPECTED = {
     "flux": {
@@ -94,8 +95,9 @@ def check_pass(traced, fusion: FusionPass, expected: int, dtype: torch.dtype, le
 def check_variant(variant: Pattern) -> None:
     """The variant accepts its own example inputs, and its replacement computes what its pattern does."""
     args = variant.example_inputs()
-    assert variant.accepts(**dict(zip(inspect.signature(variant.pattern).parameters, args)))
-    outs, refs = variant.replacement(*args), variant.pattern(*args)
+    values = dict(zip(inspect.signature(variant.pattern).parameters, args))
+    assert variant.accepts(**values)
+    outs, refs = variant.build_replacement(**values)(*args), variant.pattern(*args)
     outs, refs = (outs, refs) if isinstance(refs, tuple) else ((outs,), (refs,))
     assert len(outs) == len(refs)
     for out, ref in zip(outs, refs):

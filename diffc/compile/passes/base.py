@@ -71,6 +71,7 @@ class FusionPass:
 
     name: str = ""
     bit_exact: bool = False
+    default_enabled: bool = True  # False: runs only when asked for (``enable``), e.g. where it measured slower
     patterns: tuple[Pattern, ...] = ()
 
     def __call__(self, gm: fx.GraphModule) -> int:

@@ -255,6 +255,10 @@ class ConcatLinearPass(FusionPass):
 
     name = "concat_linear"
     bit_exact = False
+    # Opt-in (``enable=("concat_linear",)``): on an H200 it measured neutral on FLUX.1-dev and 1% slower
+    # on Wan2.1-1.3B (bench/results/h200-2026-11-22-*-ablation*): the merged GEMM saves little at these
+    # sizes, and the value projection becomes a strided column slice that cuDNN attention reads slower.
+    default_enabled = False
 
     def __init__(self) -> None:
         self.groups: list[tuple[str, ...]] = []
