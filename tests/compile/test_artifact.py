@@ -25,7 +25,7 @@ from diffc.compile.artifact import ArtifactError
 from diffc.compile.passes import FUSION_PASSES
 from diffc.compile.prepack import PACKED_PREFIX
 from diffc.errors import DiffcError, InvalidArgumentError
-from tests.compile.common import EXPECTED
+from tests.compile.common import EXPECTED, OPT_IN
 from tests.helpers import psnr_uint8
 
 STEPS = 2
@@ -129,7 +129,7 @@ def test_artifact_layout_and_manifest(built, family):
     import triton
 
     assert env["triton"] == triton.__version__
-    assert m["passes"]["tier"] == "fast" and m["passes"]["disabled"] == []
+    assert m["passes"]["tier"] == "fast" and m["passes"]["disabled"] == [] and m["passes"]["enabled"] == []
     assert {cls.name for cls in FUSION_PASSES} <= set(m["passes"]["sources"])
     assert all(len(h) == 16 for h in m["passes"]["sources"].values())
     (bucket,) = m["stages"]["transformer"]["buckets"]
@@ -146,7 +146,8 @@ def test_match_counts(built, family):
     bucket = built(family).manifest["stages"]["transformer"]["buckets"][0]
     matches = dict(bucket["matches"])
     attention = matches.pop("attention")
-    assert matches == {"canonicalize_casts": CANONICALIZED[family], **EXPECTED[family]}
+    default = {k: v for k, v in EXPECTED[family].items() if k not in OPT_IN}
+    assert matches == {"canonicalize_casts": CANONICALIZED[family], **default}
     # Attention is lowered where a backend other than the graph's own sdpa was measured faster, so the
     # count depends on timing; every site is either still sdpa or one backend's op, and those are counted.
     ops = {k: v for k, v in bucket["fused_ops"].items() if "attention" in k}
@@ -191,6 +192,8 @@ def test_fresh_pipeline_loads_the_artifact(built, family):
     assert (runtime["compiled_calls"], runtime["eager_fallbacks"]) == (STEPS, 0)
     assert runtime["buckets"] == [b.report.buckets[0].key]
     assert not any("no graph" in w for w in out.warnings)
+    graphs = pipe.components["transformer"].graphs
+    assert not any(PACKED_PREFIX in n for n, _ in graphs.named_buffers())  # concat_linear is opt-in
 
 
 def test_other_size_runs_eagerly_with_a_warning(built):
@@ -312,6 +315,7 @@ def test_refuses_a_missing_artifact(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("kwargs,field,fragment", [
     ({"disable": ("no_such_pass",)}, "disable", "unknown pass 'no_such_pass'; passes: "),
+    ({"enable": ("concat_linears",)}, "enable", "unknown pass 'concat_linears'; passes: "),
     ({"attention": "no_such_kernel"}, "attention", "unknown backend 'no_such_kernel'; accepted: auto, sdpa"),
     ({"quality": "fp4"}, "quality", "expected one of lossless, fast"),
 ])
@@ -359,13 +363,14 @@ def test_two_buckets_replace_an_artifact_and_share_packed_weights(built, tmp_pat
     eager = [pixels(generate(eager_pipe, r)) for r in requests]
 
     pipe = diffc.load(b.checkpoint, device="cpu")
-    report = pipe.compile(requests, out=str(path), log=lambda line: None)
+    report = pipe.compile(requests, out=str(path), enable=OPT_IN, log=lambda line: None)  # concat_linear packs
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # replaced in place, no temp dirs left
     manifest = json.loads((path / art.MANIFEST).read_text())
     buckets = manifest["stages"]["transformer"]["buckets"]
     assert [x["key"] for x in buckets] == [x.key for x in report.buckets] and len({r.key for r in report.buckets}) == 2
     assert [x["file"] for x in buckets] == ["transformer/bucket-0.pt2", "transformer/bucket-1.pt2"]
     assert [x["request"] for x in buckets] == requests
+    assert manifest["passes"]["enabled"] == ["concat_linear"]
     assert all(x["matches"]["concat_linear"] == EXPECTED["flux"]["concat_linear"] for x in buckets)
 
     for pipeline in (pipe, diffc.load(b.checkpoint, device="cpu", compiled=path)):
