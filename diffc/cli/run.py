@@ -90,9 +90,9 @@ def run(args: argparse.Namespace) -> int:
         from ..compile.artifact import read_manifest
 
         first = read_manifest(args.compiled)["stages"]["transformer"]["buckets"][0]["request"]
-        for key in ("height", "width", "num_frames", "max_sequence_length"):
+        for key in ("height", "width", "num_frames", "max_sequence_length", "guidance_scale"):
             if options.get(key) is None and first.get(key) is not None:
-                options[key] = first[key]  # the compiled shape, where the command gives none
+                options[key] = first[key]  # the compiled bucket's value, where the command gives none
     elif args.model is None:
         for key, value in DEMO_DEFAULTS[pipe.spec.output].items():
             if options.get(key) is None:
