@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{gpu_slug(result['env']['gpu'])}-{result['env']['date']}-{spec.name}-profile"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [f"# {spec.name} DiT forward, CUDA kernel time per category (ms per forward)", "",
              f"{result['env']['gpu']}, torch {result['env']['torch']}; {result['flops_tflop']:.1f} TFLOP per forward; "
              f"compiled: {result['compile']['matches']}, attention {result['compile']['attention']}", "",
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"| total | {result['eager']['total_ms']:.1f} | {result['compiled']['total_ms']:.1f} |")
     lines += ["", "Top compiled kernels (ms per forward):", ""]
     lines += [f"- {ms:.2f} {name[:140]}" for name, ms in result["compiled"]["top_kernels_ms"].items()]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

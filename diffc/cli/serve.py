@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError, DiffcError, InvalidArgumentError
-from .options import add_runtime_flags, runtime_options
+from .options import add_compiled_flag, add_runtime_flags, compiled_model_path, runtime_options
 from .run import DEMO_DEFAULTS, DEMO_TASKS
 
 SERVE_EXTRA = "pip install 'diffc[serve]'"
@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     add_runtime_flags(p)
+    add_compiled_flag(p)
     p.add_argument("--api-key", default=os.environ.get("DIFFC_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every /v1 route (default: $DIFFC_API_KEY)")
     p.add_argument("--max-batch", type=_positive, default=4, help="samples run together in one batch (default 4)")
@@ -95,7 +96,22 @@ def serve(args: argparse.Namespace) -> int:
     if args.output_ttl is not None and args.output_ttl <= 0:
         raise InvalidArgumentError("--output-ttl", f"must be positive, got {args.output_ttl}")
     defaults: dict = {}
-    if args.model is None:
+    compiled_from = compiled_model_path(args)
+    if compiled_from is not None:
+        from ..compile.artifact import read_manifest
+
+        root = Path(compiled_from).expanduser()
+        if not (root / "model_index.json").is_file():
+            raise CheckpointError(f"not a diffusers-format checkpoint directory (no model_index.json): {root}")
+        model_id = args.model_name or root.resolve().name
+        device = resolve_device(args.device)
+        first = read_manifest(args.compiled)["stages"]["transformer"]["buckets"][0]["request"]
+        # requests that give no size get the compiled one (and so does the warm-up)
+        defaults = {k: first[k] for k in ("height", "width", "num_frames") if first.get(k) is not None}
+
+        def load():
+            return diffc.load(root, device=device, dtype=args.dtype, compiled=args.compiled, **runtime_options(args))
+    elif args.model is None:
         from ..demo import DEMO_NOTICE, demo_checkpoint
 
         family = DEMO_TASKS[args.task or "t2i"]

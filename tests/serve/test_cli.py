@@ -82,3 +82,55 @@ def test_serve_argument_errors(tmp_path, capsys, monkeypatch, argv, fragment):
     monkeypatch.setenv("DIFFC_CACHE", str(tmp_path / "cache"))
     assert main(["serve"] + [a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_serve_compiled_artifact(demo_ckpt, tmp_path):
+    """``diffc serve --compiled``: the checkpoint comes from the manifest, and requests without a size get
+    the compiled one, so they run the compiled graph (checked in-process below)."""
+    import diffc
+    from diffc.compile.compiled import find_compiled
+
+    path, art = demo_ckpt("flux"), tmp_path / "art"
+    diffc.load(path, device="cpu").compile([{"height": 32, "width": 48}], out=art, log=lambda line: None)
+    port = _free_port()
+    env = {**os.environ, "DIFFC_CACHE": str(demo_ckpt.cache)}
+    proc = subprocess.Popen([sys.executable, "-m", "diffc", "serve", "--compiled", str(art), "--port", str(port),
+                             "--output-dir", str(tmp_path / "out"), "--device", "cpu"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server never became healthy"
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/v1/images/generations", timeout=60,
+                       json={"prompt": "a calico cat", "num_inference_steps": 1, "response_format": "b64_json"})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == path.name
+        import base64
+        import io
+
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"])))
+        assert image.size == (48, 32)  # the compiled bucket's size, since the request gave none
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "no compiled graph" not in err
+
+    pipe = diffc.load(path, device="cpu", compiled=art)
+    out = pipe.generate("a calico cat", height=32, width=48, num_inference_steps=2, progress=False)
+    assert find_compiled(pipe.components).counters.compiled_calls == 2 and out.warnings == []
+
+
+def test_serve_compiled_artifact_missing(tmp_path, capsys):
+    assert main(["serve", "--compiled", str(tmp_path / "nope"), "--port", str(_free_port())]) == 2
+    assert "compiled artifact not found" in capsys.readouterr().err
