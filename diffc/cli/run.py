@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
@@ -84,8 +85,10 @@ def run(args: argparse.Namespace) -> int:
         if args.task is not None:
             raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from its model_index.json")
         model_path, device = args.model, args.device
+    started = time.perf_counter()
     pipe = diffc.load(model_path, device=device, dtype=args.dtype, scheduler=args.scheduler,
                       compiled=args.compiled, **runtime_options(args))
+    load_s = time.perf_counter() - started
     if args.compiled:
         from ..compile.artifact import read_manifest
 
@@ -103,17 +106,21 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--fps", "applies to video models only")
     options = {k: v for k, v in options.items() if v is not None}
     request = pipe.resolve(prompt=args.prompt, **options)
+    compile_s = None
     if args.compile:
         from ..compile.compiler import compile_cached
 
+        started = time.perf_counter()
         bucket = {k: v for k, v in options.items() if k in ("height", "width", "num_frames", "guidance_scale",
                                                              "max_sequence_length")}
         compile_cached(pipe, bucket, tier=args.quality or "fast", log=lambda line: print(line, file=sys.stderr))
+        compile_s = time.perf_counter() - started
 
     out = pipe.generate(prompt=args.prompt, progress=not args.no_progress, **options)
     atomic_write(output, lambda tmp: out.save(tmp, fps=args.fps or 16))
     if args.perf_dump_path:
-        dump = {"model": str(model_path), "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
+        dump = {"model": str(model_path), "compiled": args.compiled, "load_s": load_s, "compile_s": compile_s,
+                "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
                 "request": {k: v for k, v in vars(request).items()}, "seed": out.seeds[0],
                 "output": str(output), "warnings": out.warnings, **out.timings.to_dict()}
         dump_path = Path(args.perf_dump_path)

@@ -96,6 +96,14 @@ def pass_sources() -> dict[str, str]:
     return {name: art.sha256_text(Path(path).read_text())[:16] for name, path in sorted(files.items())}
 
 
+def kernel_configs() -> dict[str, Any]:
+    """The tile configuration of each tunable fused kernel this compile ran with (recorded, not re-tuned)."""
+    from ..ops import qk_norm_rope
+
+    name = os.environ.get(qk_norm_rope.CONFIG_ENV) or "default"
+    return {"qk_norm_rope": {"config": name, **dataclasses.asdict(qk_norm_rope.kernel_config())}}
+
+
 class _Captured(Exception):
     pass
 
@@ -317,6 +325,7 @@ def build_manifest(pipe, report: CompileReport, tier: str, disable: Sequence[str
         "environment": art.environment(pipe.device),
         "built_with": art.informational(),
         "passes": {"tier": tier, "disabled": list(disable), "enabled": list(enable), "sources": pass_sources()},
+        "kernels": kernel_configs(),
         "stages": {STAGE: {"buckets": [dataclasses.asdict(b) for b in report.buckets]}},
     }
 

@@ -101,14 +101,18 @@ def test_run_compiled_uses_the_artifact_size(artifact, tmp_path, capsys):
     assert "no graph" not in captured.err  # the artifact's text length is used too, so no eager fallback
     pixels = np.asarray(Image.open(image))
     assert pixels.shape == (64, 64, 3) and pixels.std() > 1.0
-    compiled = json.loads(perf.read_text())["runtime"]["compiled"]
+    dump = json.loads(perf.read_text())
+    compiled = dump["runtime"]["compiled"]
     assert compiled["artifact"] == str(path) and (compiled["compiled_calls"], compiled["eager_fallbacks"]) == (2, 0)
+    assert dump["compiled"] == str(path) and dump["load_s"] > 0 and dump["compile_s"] is None
 
 
 def test_run_compile_caches_the_artifact(tmp_path, capsys, demo_cache):
     argv = ["run", "--compile", "--prompt", "a kite", "--height", "32", "--width", "48", "--steps", "2", "--seed", "4",
             "--no-progress", *SMALL]
-    assert main([*argv, "-o", str(tmp_path / "first.png")]) == 0
+    perf = tmp_path / "perf.json"
+    assert main([*argv, "-o", str(tmp_path / "first.png"), "--perf-dump-path", str(perf)]) == 0
+    assert json.loads(perf.read_text())["compile_s"] > 0
     first = capsys.readouterr()
     assert "diffc: compiling the DiT for" in first.err and "traced " in first.err
     assert "using the compiled DiT cached" not in first.err
