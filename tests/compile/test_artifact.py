@@ -130,6 +130,7 @@ def test_artifact_layout_and_manifest(built, family):
 
     assert env["triton"] == triton.__version__
     assert m["passes"]["tier"] == "fast" and m["passes"]["disabled"] == [] and m["passes"]["enabled"] == []
+    assert m["kernels"]["qk_norm_rope"]["config"] == "default" and m["kernels"]["qk_norm_rope"]["tile"] == 2048
     assert {cls.name for cls in FUSION_PASSES} <= set(m["passes"]["sources"])
     assert all(len(h) == 16 for h in m["passes"]["sources"].values())
     (bucket,) = m["stages"]["transformer"]["buckets"]
