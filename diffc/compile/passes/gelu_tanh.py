@@ -119,7 +119,10 @@ class GeluTanhPass(FusionPass):
     bit_exact = False
     patterns = (LinearBiasGeluEpilogue(), LinearBiasGelu(), Gelu())
 
-    def __init__(self, epilogue_anywhere: bool = False):
-        """``epilogue_anywhere`` lowers the biased form onto ``_addmm_activation`` on any device (tests)."""
+    def __init__(self, epilogue_anywhere: bool = False, epilogue: bool = True):
+        """``epilogue_anywhere`` lowers the biased form onto ``_addmm_activation`` on any device (tests);
+        ``epilogue=False`` never does (diffc's kernel adds the bias), for measuring the two forms."""
         if epilogue_anywhere:
             self.patterns = (LinearBiasGeluEpilogue(any_device=True), Gelu())
+        elif not epilogue:
+            self.patterns = (LinearBiasGelu(), Gelu())
