@@ -71,6 +71,7 @@ def test_epilogue_form_is_gpu_only_by_default():
     x, w, b = variant.example_inputs()
     assert not variant.accepts(x, w, b)  # CPU tensors: the Triton form is used
     assert PASS(epilogue_anywhere=True).patterns[0].accepts(x, w, b)
+    assert [v.name for v in PASS(epilogue=False).patterns] == ["LinearBiasGelu", "Gelu"]  # for measuring the forms
 
 
 def test_bias_moves_out_of_the_linear(traced):
