@@ -242,11 +242,10 @@ def lower_attention(program, device: torch.device, dtype: torch.dtype, attention
     is not torch's own kernel is measured and reported but not applied. Returns the choice as a dict
     with ``backend`` (a summary), ``replaced`` and ``applied``.
     """
-    from .attention_select import BACKENDS, select_attention_backend
+    from .attention_select import select_attention_backend
     from .passes.attention import AttentionLoweringPass, attention_shapes
 
-    if attention != "auto" and attention not in BACKENDS:
-        raise InvalidArgumentError("attention", f"unknown backend {attention!r}; accepted: auto, {', '.join(BACKENDS)}")
+    check_attention(attention)
     gm = program.graph_module
     shapes = attention_shapes(gm, dtype)
     if not shapes:
@@ -258,6 +257,13 @@ def lower_attention(program, device: torch.device, dtype: torch.dtype, attention
     replaced = lowering(gm) if applied else 0
     picked = sorted(set(choice.backends.values()))
     return {"backend": ",".join(picked), "replaced": replaced, "applied": applied, **choice.to_dict()}
+
+
+def check_attention(attention: str) -> None:
+    from .attention_select import BACKENDS
+
+    if attention != "auto" and attention not in BACKENDS:
+        raise InvalidArgumentError("attention", f"unknown backend {attention!r}; accepted: auto, {', '.join(BACKENDS)}")
 
 
 def fold_weights(graph) -> int:
@@ -280,6 +286,7 @@ def compile_pipeline(pipe, requests: Sequence[dict[str, Any]], *, out: str | Pat
     if not requests:
         raise InvalidArgumentError("bucket", "give at least one shape to compile (height/width[/num_frames])")
     fusion_passes(tier, disable, enable)  # validate names before any work
+    check_attention(attention)
     if pipe.runtime_options.offload != "none":
         raise InvalidArgumentError("offload", "compiled graphs hold the whole DiT; compile and run without --offload")
     started = time.perf_counter()
