@@ -19,7 +19,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private; give it the usual mode
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes the file private; give it the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -33,4 +33,4 @@ def _umask() -> int:
     return mask
 
 
-_UMASK = _umask()  # read once at import: os.umask is process-wide, so not touched while threads write
+UMASK = _umask()  # read once at import: os.umask is process-wide, so not touched while threads write

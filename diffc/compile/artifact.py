@@ -17,6 +17,7 @@ architecture, device type, dtype, model config or diffc format, naming every fie
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from ..errors import DiffcError
+from ..fileio import UMASK
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -155,7 +157,7 @@ class ArtifactWriter:
 
     def commit(self, manifest: dict[str, Any]) -> Path:
         self.file(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-        os.chmod(self.tmp, 0o777 & ~_umask())
+        os.chmod(self.tmp, 0o777 & ~UMASK)  # mkdtemp makes the directory private; give it the usual mode
         if self.path.exists():
             old = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.old."))
             os.replace(self.path, old / "artifact")
@@ -169,12 +171,6 @@ class ArtifactWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def without_weights(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """A shallow copy of ``program`` whose parameters and buffers are meta tensors (no data is saved).
 
@@ -185,16 +181,8 @@ def without_weights(program: torch.export.ExportedProgram) -> torch.export.Expor
     for name, t in program.state_dict.items():
         meta = t.detach().to("meta")
         stripped[name] = torch.nn.Parameter(meta, requires_grad=False) if isinstance(t, torch.nn.Parameter) else meta
-    out = _copy_program(program)
+    out = copy.copy(program)  # shares the graph; only the state dict differs
     out._state_dict = stripped
-    return out
-
-
-def _copy_program(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    import copy
-
-    out = copy.copy(program)
-    out._state_dict = dict(program.state_dict)
     return out
 
 

@@ -68,8 +68,11 @@ class LinearBiasGeluEpilogue(LinearBiasGelu):
         self.any_device = any_device
 
     @staticmethod
-    def replacement(x, weight, bias):  # the traced replacement is build_replacement's, sized per match
-        raise NotImplementedError
+    def replacement(x, weight, bias):
+        """The epilogue form on real tensors; the graph gets :meth:`build_replacement`'s copy with the
+        match's sizes as constants (fx cannot put ``x.shape`` into an ATen graph)."""
+        y = aten._addmm_activation.default(bias, x.reshape(-1, x.shape[-1]), aten.t.default(weight), use_gelu=True)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
     def accepts(self, x, weight, bias) -> bool:
         return (
