@@ -142,9 +142,9 @@ class DiffcEngine(Engine):
         """diffc's compiler on the eager DiT: one graph for the benchmark's DiT inputs and, with a
         pipeline, one for the shapes its generation passes (Wan's CFG pair is batch 2)."""
         from diffc.compile.compiled import CompiledModule, signature_key
-        from diffc.compile.compiler import capture_inputs, compile_module, describe_bucket, eager_dit
+        from diffc.compile.compiler import capture_inputs, compile_module, describe_bucket, unwrap_dit
 
-        eager = eager_dit(self.pipe) if self.pipe is not None else _unwrap(self.transformer)
+        eager = unwrap_dit(self.transformer)
         if self.pipe is not None:
             self.pipe.components["transformer"] = eager
         calls = [inputs]
@@ -205,15 +205,6 @@ class DiffcEngine(Engine):
         to_gb = (lambda mb: None if mb is None else mb / 1024)
         return Generation(self.family.diffc_output(out), wall, list(t.step_ms), dict(t.stages),
                           {k: to_gb(v) for k, v in t.stage_peak_memory_mb.items()}, to_gb(t.peak_memory_mb))
-
-
-def _unwrap(module):
-    from diffc.compile.compiled import CompiledModule
-    from diffc.runtime.cudagraphs import CudaGraphModule
-
-    while isinstance(module, (CudaGraphModule, CompiledModule)):
-        module = module.module if isinstance(module, CudaGraphModule) else module.eager
-    return module
 
 
 ENGINES = {"diffusers": DiffusersEngine, "diffc": DiffcEngine}

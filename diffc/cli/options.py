@@ -80,19 +80,21 @@ def add_compiled_flag(p: argparse.ArgumentParser) -> None:
                         "one it was compiled from unless --model is given)")
 
 
-def compiled_model_path(args: argparse.Namespace) -> str | None:
-    """The checkpoint of ``--compiled``'s manifest, where no ``--model`` was given; None without ``--compiled``."""
+def compiled_source(args: argparse.Namespace) -> tuple[str, dict[str, Any]] | None:
+    """For ``--compiled``: the checkpoint (``--model``, else the manifest's) and the first bucket's request
+    (the compiled size, guidance and text length, used where the command gives none); None without it."""
     if not getattr(args, "compiled", None):
         return None
     from ..compile.artifact import read_manifest
 
     manifest = read_manifest(args.compiled)
+    first = manifest["stages"]["transformer"]["buckets"][0]["request"]
     if args.model is not None:
-        return args.model
+        return args.model, first
     path = manifest.get("model", {}).get("path")
     if not path:
         raise InvalidArgumentError("--compiled", f"{args.compiled}: the manifest names no checkpoint; pass --model")
-    return path
+    return path, first
 
 
 def runtime_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgumentError
 from ..fileio import atomic_write
-from .options import add_compiled_flag, add_runtime_flags, compiled_model_path, merge_config, runtime_options
+from .options import add_compiled_flag, add_runtime_flags, compiled_source, merge_config, runtime_options
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4",)
@@ -71,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--compile", "give either --compile (compile now, cached) or --compiled ARTIFACT, not both")
     if args.quality is not None and not args.compile:
         raise InvalidArgumentError("--quality", "applies to --compile only (an artifact's tier was chosen by `diffc compile`)")
-    compiled_from = compiled_model_path(args)
+    compiled_from = compiled_source(args)
     if compiled_from is not None:
-        model_path, device = compiled_from, args.device
+        (model_path, first_bucket), device = compiled_from, args.device
     elif args.model is None:
         from ..demo import DEMO_NOTICE, demo_checkpoint
 
@@ -89,13 +89,10 @@ def run(args: argparse.Namespace) -> int:
     pipe = diffc.load(model_path, device=device, dtype=args.dtype, scheduler=args.scheduler,
                       compiled=args.compiled, **runtime_options(args))
     load_s = time.perf_counter() - started
-    if args.compiled:
-        from ..compile.artifact import read_manifest
-
-        first = read_manifest(args.compiled)["stages"]["transformer"]["buckets"][0]["request"]
+    if compiled_from is not None:
         for key in ("height", "width", "num_frames", "max_sequence_length", "guidance_scale"):
-            if options.get(key) is None and first.get(key) is not None:
-                options[key] = first[key]  # the compiled bucket's value, where the command gives none
+            if options.get(key) is None and first_bucket.get(key) is not None:
+                options[key] = first_bucket[key]  # the compiled bucket's value, where the command gives none
     elif args.model is None:
         for key, value in DEMO_DEFAULTS[pipe.spec.output].items():
             if options.get(key) is None:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError, DiffcError, InvalidArgumentError
-from .options import add_compiled_flag, add_runtime_flags, compiled_model_path, runtime_options
+from .options import add_compiled_flag, add_runtime_flags, compiled_source, runtime_options
 from .run import DEMO_DEFAULTS, DEMO_TASKS
 
 SERVE_EXTRA = "pip install 'diffc[serve]'"
@@ -96,16 +96,13 @@ def serve(args: argparse.Namespace) -> int:
     if args.output_ttl is not None and args.output_ttl <= 0:
         raise InvalidArgumentError("--output-ttl", f"must be positive, got {args.output_ttl}")
     defaults: dict = {}
-    compiled_from = compiled_model_path(args)
+    compiled_from = compiled_source(args)
     if compiled_from is not None:
-        from ..compile.artifact import read_manifest
-
-        root = Path(compiled_from).expanduser()
+        root, first = Path(compiled_from[0]).expanduser(), compiled_from[1]
         if not (root / "model_index.json").is_file():
             raise CheckpointError(f"not a diffusers-format checkpoint directory (no model_index.json): {root}")
         model_id = args.model_name or root.resolve().name
         device = resolve_device(args.device)
-        first = read_manifest(args.compiled)["stages"]["transformer"]["buckets"][0]["request"]
         # requests that give no size get the compiled one (and so does the warm-up)
         defaults = {k: first[k] for k in ("height", "width", "num_frames") if first.get(k) is not None}
 

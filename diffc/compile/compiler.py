@@ -130,9 +130,13 @@ class _Recorder(nn.Module):
 
 def eager_dit(pipe) -> nn.Module:
     """The pipeline's native DiT, under any CUDA-graph or compiled wrapper."""
+    return unwrap_dit(pipe.components[STAGE])
+
+
+def unwrap_dit(module: nn.Module) -> nn.Module:
+    """``module`` without its CUDA-graph and compiled wrappers: the eager native DiT."""
     from ..runtime.cudagraphs import CudaGraphModule
 
-    module = pipe.components[STAGE]
     while True:
         if isinstance(module, CudaGraphModule):
             module = module.module

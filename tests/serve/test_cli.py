@@ -21,6 +21,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float = 120) -> None:
+    """Poll ``/health`` until the server answers 200; fail if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server never became healthy"
+        time.sleep(0.2)
+
+
 def test_serve_demo_subprocess(demo_ckpt, tmp_path):
     demo_ckpt("flux")  # build it once, outside the timed start-up
     port = _free_port()
@@ -30,16 +44,7 @@ def test_serve_demo_subprocess(demo_ckpt, tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became healthy"
-            time.sleep(0.2)
+        _wait_healthy(proc, url)
         assert httpx.get(f"{url}/v1/models").status_code == 401
         r = httpx.post(f"{url}/v1/images/generations", headers={"Authorization": "Bearer k1"}, timeout=60,
                        json={"prompt": "a calico cat playing piano", "size": "32x32", "num_inference_steps": 1})
@@ -99,16 +104,7 @@ def test_serve_compiled_artifact(demo_ckpt, tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.communicate()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became healthy"
-            time.sleep(0.2)
+        _wait_healthy(proc, url)
         r = httpx.post(f"{url}/v1/images/generations", timeout=60,
                        json={"prompt": "a calico cat", "num_inference_steps": 1, "response_format": "b64_json"})
         assert r.status_code == 200, r.text
