@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--model", help="diffusers-format checkpoint directory (default: the built-in tiny demo model)")
     p.add_argument("--task", choices=sorted(DEMO_TASKS), help="demo model to run when --model is not given (default t2i)")
     p.add_argument("--prompt", help="text prompt")
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="input image for editing and image-to-video models (repeat for models taking several)")
     p.add_argument("--negative-prompt", help="negative prompt, for models with classifier-free guidance (Wan)")
     p.add_argument("--height", type=int, help="output height in pixels")
     p.add_argument("--width", type=int, help="output width in pixels")
@@ -55,6 +57,20 @@ def _check_output(path: Path, kind: str) -> None:
         raise InvalidArgumentError("--output", f"a {kind} model writes {', '.join(suffixes)} files, got '{path.name}'")
     if not path.parent.exists():
         raise InvalidArgumentError("--output", f"directory does not exist: {path.parent}")
+
+
+def read_image(path: str):
+    """Open an input image fully (so a bad file fails here, naming it), as PIL reads it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise InvalidArgumentError("--image", f"file not found: {path}") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        raise InvalidArgumentError("--image", f"{path}: not a readable image ({exc})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
     if pipe.spec.output == "image" and args.fps is not None:
         raise InvalidArgumentError("--fps", "applies to video models only")
     options = {k: v for k, v in options.items() if v is not None}
+    if args.image:
+        images = [read_image(path) for path in args.image]
+        options["image"] = images[0] if len(images) == 1 else images
     request = pipe.resolve(prompt=args.prompt, **options)
     compile_s = None
     if args.compile:
@@ -118,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     if args.perf_dump_path:
         dump = {"model": str(model_path), "compiled": args.compiled, "load_s": load_s, "compile_s": compile_s,
                 "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
-                "request": {k: v for k, v in vars(request).items()}, "seed": out.seeds[0],
+                "request": {k: v for k, v in vars(request).items() if k != "image"}, "seed": out.seeds[0],
                 "output": str(output), "warnings": out.warnings, **out.timings.to_dict()}
         dump_path = Path(args.perf_dump_path)
         atomic_write(dump_path, lambda tmp: tmp.write_text(json.dumps(dump, indent=2, default=str)))

@@ -19,6 +19,8 @@ from .stages import RunContext, Stage, StageGraph
 
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
+MAX_IMAGE_SIDE = 16384
+IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "I;16", "I", "F", "1")
 
 
 @dataclasses.dataclass
@@ -34,6 +36,7 @@ class GenerationRequest:
     seed: int | list[int] | None = None
     num_frames: int | None = None
     max_sequence_length: int | None = None
+    image: Any = None  # a PIL image or a list of them: the input image(s) of editing / image-to-video models
 
     @property
     def prompts(self) -> list[str]:
@@ -63,6 +66,8 @@ class PipelineSpec:
     validate: Callable[["Pipeline", GenerationRequest], None]
     uses_negative_prompt: bool = False
     check_index: Callable[[dict[str, Any]], None] | None = None
+    image_input: str = "none"  # "none", "optional" or "required": whether requests may carry ``image``
+    max_images: int = 1  # input images one request may carry (when image_input is not "none")
 
 
 _SPECS = {
@@ -143,6 +148,41 @@ def validate_common(request: GenerationRequest) -> None:
             check_int("seed", s, 0, MAX_SEED)
 
 
+def input_images(request: GenerationRequest) -> list:
+    """``request.image`` as a list of RGB PIL images (empty when there is none)."""
+    images = request.image if isinstance(request.image, (list, tuple)) else [request.image]
+    return [im if im.mode == "RGB" else im.convert("RGB") for im in images if im is not None]
+
+
+def validate_image(spec: PipelineSpec, request: GenerationRequest) -> None:
+    """``image`` is allowed by the family, a PIL image or a list of them, of a usable mode and size."""
+    image = request.image
+    if image is None or (isinstance(image, (list, tuple)) and not image):
+        if spec.image_input == "required":
+            raise InvalidArgumentError("image", f"{spec.pipeline_class} needs an input image")
+        request.image = None
+        return
+    if spec.image_input == "none":
+        raise InvalidArgumentError("image", f"{spec.pipeline_class} does not take an input image "
+                                   f"(it is a text-to-{spec.output} model)")
+    from PIL import Image
+
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    if len(images) > spec.max_images:
+        raise InvalidArgumentError("image", f"{spec.pipeline_class} takes at most {spec.max_images} input "
+                                   f"image(s), got {len(images)}")
+    for i, im in enumerate(images):
+        where = "image" if len(images) == 1 else f"image[{i}]"
+        if not isinstance(im, Image.Image):
+            raise InvalidArgumentError(where, f"must be a PIL image, got {type(im).__name__}")
+        if im.mode not in IMAGE_MODES:
+            raise InvalidArgumentError(where, f"mode {im.mode!r} cannot be converted to RGB; "
+                                       f"accepted: {', '.join(IMAGE_MODES)}")
+        w, h = im.size
+        if not (1 <= w <= MAX_IMAGE_SIDE and 1 <= h <= MAX_IMAGE_SIDE):
+            raise InvalidArgumentError(where, f"size {w}x{h} is out of range (1 to {MAX_IMAGE_SIDE} pixels a side)")
+
+
 class Pipeline:
     """A loaded pipeline: its spec, components, device and dtype. Build it with ``diffc.load``."""
 
@@ -173,6 +213,7 @@ class Pipeline:
             if getattr(request, key) is None:
                 setattr(request, key, value)
         validate_common(request)
+        validate_image(self.spec, request)
         if request.negative_prompt is not None and not self.spec.uses_negative_prompt:
             raise InvalidArgumentError("negative_prompt", f"{self.spec.pipeline_class} does not use a negative prompt")
         self.spec.validate(self, request)
@@ -200,7 +241,7 @@ class Pipeline:
         seeds = [random.randrange(2**31) if s is None else int(s) for s in seeds]
         ctx = RunContext(self.components, self.device, self.dtype, PerfRecorder(self.device), progress=progress,
                          step_callback=step_callback)
-        state = dataclasses.asdict(request)
+        state = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
         state["prompt"] = request.prompts
         state["seeds"] = seeds
         from ..compile.compiled import fallback_warning, find_compiled
