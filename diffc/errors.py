@@ -13,6 +13,14 @@ class InvalidArgumentError(DiffcError, ValueError):
         super().__init__(f"{field}: {message}")
 
 
+class OutputError(DiffcError):
+    """A file or directory diffc was asked to write cannot be written; names the path and the OS reason."""
+
+    def __init__(self, path: str, reason: str, field: str | None = None):
+        self.path, self.reason, self.field = str(path), reason, field
+        super().__init__(f"{field + ': ' if field else ''}cannot write {path}: {reason}")
+
+
 class CheckpointError(DiffcError):
     """A checkpoint directory is missing files, names an unknown class, or has malformed contents."""
 

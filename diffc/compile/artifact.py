@@ -1,29 +1,39 @@
-"""The ``diffc compile`` artifact: a directory with a manifest and one rewritten graph per shape bucket.
+"""The ``diffc compile`` artifact: a directory of data files described by a manifest that hashes each one.
 
 Layout::
 
     flux-dev.diffc/
-      manifest.json                 what was compiled, for which machine, and what the passes did
-      transformer/bucket-0.pt2      torch.export.save of the rewritten ExportedProgram, weights left out
-      triton-cache/                 Triton kernels compiled while the compiler warmed the graphs up
+      manifest.json                  what was compiled, for which machine, what the passes did, and the
+                                     SHA-256 and size of every other file ("files")
+      transformer/bucket-0.json      a rewritten graph in torch.export's JSON schema (:mod:`.program_io`)
+      transformer/bucket-0.safetensors   its lifted constants, if it has any
+      triton-cache/<key>/<file>      Triton kernels compiled while the graphs warmed up (:mod:`.kernel_cache`)
 
-Weights are not in the artifact: the graphs keep the checkpoint's parameter names, and
-``diffc run --compiled`` loads the checkpoint the manifest names (or ``--model``) and assigns its
-tensors into the graph. Re-layouts a pass introduced (QKV concatenation) are folded at load time.
+An artifact is data, as safe to load as safetensors: nothing in it is unpickled, imported or copied
+where another program would run it. :func:`open_artifact` reads the manifest, refuses another format
+version, then checks every file against the manifest before any is read: a file that is missing,
+modified, not listed, a symbolic link or not a regular file is refused, naming it. Programs are read
+by :meth:`Artifact.load_program` and kernels are copied by :meth:`Artifact.install_kernel_cache` into
+a cache private to this process. Any number of programs may share one artifact.
+
+Weights are not in the artifact: the graphs keep the checkpoint's parameter names, and a run loads
+the checkpoint and assigns its tensors into the graph by name.
 
 :func:`check_compatible` refuses an artifact built for another torch, Triton or CUDA version, GPU
-architecture, device type, dtype, model config or diffc format, naming every field that differs.
+architecture, device type, dtype, model config, or by passes and ops whose source differs from this
+diffc's, naming every difference. :class:`ArtifactWriter` replaces only a previous diffc artifact
+(:func:`check_output_target`), never another folder or file.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import os
 import platform
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -31,12 +41,15 @@ from typing import Any
 
 import torch
 
-from ..errors import DiffcError
+from ..errors import DiffcError, InvalidArgumentError, OutputError
 from ..fileio import UMASK
+from . import kernel_cache, program_io
+from .kernel_cache import TRITON_CACHE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-TRITON_CACHE = "triton-cache"
+MAX_MANIFEST_BYTES = 64 << 20
+_CHUNK = 1 << 20
 
 
 class ArtifactError(DiffcError):
@@ -53,8 +66,10 @@ def config_hash(checkpoint: Path, component: str = "transformer") -> str:
     for path in (checkpoint / "model_index.json", checkpoint / component / "config.json"):
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ArtifactError(f"cannot read {path} to identify the model: {exc}") from exc
+        except (OSError, ValueError, RecursionError) as exc:
+            raise ArtifactError(f"cannot read {path} to identify the model: {exc}") from None
+        if not isinstance(data, dict):
+            raise ArtifactError(f"cannot read {path} to identify the model: not a JSON object")
         data = {k: v for k, v in data.items() if not k.startswith("_diffusers_version")}
         parts.append(json.dumps(data, sort_keys=True))
     return sha256_text("\n".join(parts))[:16]
@@ -94,55 +109,268 @@ def informational() -> dict[str, Any]:
 CHECKED_ENV = ("torch", "triton", "cuda", "device_type", "gpu_arch")
 
 
+def source_differences(built: dict[str, str], here: dict[str, str]) -> list[str]:
+    """Passes and ops whose source hash differs between an artifact (``built``) and this diffc (``here``)."""
+    out = []
+    for name in sorted(set(built) | set(here)):
+        if name not in here:
+            out.append(f"{name} (not in this diffc)")
+        elif name not in built:
+            out.append(f"{name} (new since the artifact)")
+        elif built[name] != here[name]:
+            out.append(f"{name} (changed)")
+    return out
+
+
 def check_compatible(manifest: dict[str, Any], *, device: torch.device, dtype: torch.dtype,
-                     model_hash: str | None, where: str) -> None:
-    """Raise :class:`ArtifactError` listing every field in which ``manifest`` differs from this run."""
+                     model_hash: str | None, where: str, sources: dict[str, str] | None = None) -> None:
+    """Raise :class:`ArtifactError` listing every field in which ``manifest`` differs from this run.
+
+    ``sources`` is this diffc's source hash of every pass and op (``compiler.pass_sources()``): an
+    artifact compiled by other pass or kernel code is refused, naming the passes and ops that changed.
+    """
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{where}: artifact format {manifest.get('format_version')!r}, this diffc reads "
                             f"format {FORMAT_VERSION}; recompile it with `diffc compile`")
     here = environment(device)
-    built = manifest.get("environment", {})
+    built = manifest.get("environment") if isinstance(manifest.get("environment"), dict) else {}
     diffs = [f"{k}: artifact {built.get(k)!r}, here {here[k]!r}" for k in CHECKED_ENV if built.get(k) != here[k]]
     if manifest.get("dtype") != str(dtype).removeprefix("torch."):
         diffs.append(f"dtype: artifact {manifest.get('dtype')!r}, here {str(dtype).removeprefix('torch.')!r}")
-    if model_hash is not None and manifest.get("model", {}).get("config_hash") != model_hash:
-        diffs.append(f"model config: artifact {manifest.get('model', {}).get('config_hash')!r} "
-                     f"({manifest.get('model', {}).get('path')}), here {model_hash!r}")
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    if model_hash is not None and model.get("config_hash") != model_hash:
+        diffs.append(f"model config: artifact {model.get('config_hash')!r} ({model.get('path')}), here {model_hash!r}")
+    if sources is not None:
+        passes = manifest.get("passes") if isinstance(manifest.get("passes"), dict) else {}
+        recorded = passes.get("sources") if isinstance(passes.get("sources"), dict) else {}
+        changed = source_differences(recorded, sources)
+        if changed:
+            diffs.append("pass and op sources differ from this diffc's: " + ", ".join(changed))
     if diffs:
         raise ArtifactError(f"{where} was compiled for another setup; recompile it with `diffc compile` "
                             "on this machine. Differences: " + "; ".join(diffs))
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the artifact at ``path`` (JSON only: nothing else in the artifact is read)."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise ArtifactError(f"compiled artifact not found: {root} (expected a directory written by `diffc compile`)")
+    file = root / MANIFEST
+    if file.is_symlink() or (file.exists() and not file.is_file()):
+        raise ArtifactError(f"{file} is not a regular file")
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except FileNotFoundError as exc:
-        raise ArtifactError(f"{root} is not a diffc artifact: {MANIFEST} is missing") from exc
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{root / MANIFEST} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or "stages" not in manifest:
-        raise ArtifactError(f"{root / MANIFEST} is not a diffc manifest (no 'stages')")
+        if file.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(f"{file} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a diffc manifest")
+        manifest = json.loads(file.read_bytes())
+    except FileNotFoundError:
+        raise ArtifactError(f"{root} is not a diffc artifact: {MANIFEST} is missing") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {file}: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+        raise ArtifactError(f"{file} is not a diffc manifest (no 'stages')")
     return manifest
+
+
+def _file_digest(path: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _listed_files(manifest: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{where}: the manifest lists no files (no 'files'); recompile it with `diffc compile`")
+    for relative, entry in files.items():
+        parts = relative.split("/") if isinstance(relative, str) else []
+        if (not parts or relative == MANIFEST or any(p in ("", ".", "..") or p.startswith(".") for p in parts)
+                or "\\" in relative or "\0" in relative):
+            raise ArtifactError(f"{where}: the manifest lists an invalid file name {str(relative)[:200]!r}")
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and type(entry.get("bytes")) is int):
+            raise ArtifactError(f"{where}: the manifest entry for {relative} has no sha256 and bytes")
+    return files
+
+
+def _present_files(root: Path, where: str) -> set[str]:
+    """Every file under ``root`` as a relative POSIX path, refusing links and special files."""
+    present = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            relative = path.relative_to(root).as_posix()
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                raise ArtifactError(f"{where}/{relative} is a symbolic link; an artifact holds regular files only")
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                raise ArtifactError(f"{where}/{relative} is not a regular file")
+            present.add(relative)
+    present.discard(MANIFEST)
+    return present
+
+
+@dataclasses.dataclass
+class Artifact:
+    """An artifact whose files all matched its manifest when it was opened (:func:`open_artifact`)."""
+
+    root: Path
+    manifest: dict[str, Any]
+    files: dict[str, dict[str, Any]]
+    where: str
+
+    def read(self, relative: str) -> bytes:
+        """The bytes of a listed file, checked against the manifest again as they are read."""
+        entry = self.files.get(relative)
+        if entry is None:
+            raise ArtifactError(f"{self.where}: {relative} is not listed in the manifest")
+        path = self.root / relative
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            with os.fdopen(fd, "rb") as f:
+                data = f.read(entry["bytes"] + 1)
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {self.where}/{relative}: {exc.strerror or exc}") from None
+        if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise ArtifactError(f"{self.where}/{relative} was modified after `diffc compile` wrote it "
+                                "(its SHA-256 differs from the manifest); recompile the artifact")
+        return data
+
+    def load_program(self, relative: str, device: torch.device | str = "cpu") -> torch.export.ExportedProgram:
+        """The program stored at ``relative`` (a ``.json`` file), weights as meta tensors, constants on ``device``."""
+        if not relative.endswith(".json"):
+            raise ArtifactError(f"{self.where}/{relative}: a compiled graph is a .json file; recompile the artifact")
+        if relative not in self.files:
+            raise ArtifactError(f"compiled graph missing from the artifact: {self.where}/{relative}")
+        constants = program_io.constants_path(Path(relative)).as_posix()
+        try:
+            return program_io.load_program(self.read(relative),
+                                           self.read(constants) if constants in self.files else None, device)
+        except program_io.ProgramFormatError as exc:
+            raise ArtifactError(f"cannot read compiled graph {self.where}/{relative}: {exc}") from None
+
+    def buckets(self, stage: str) -> list[dict[str, Any]]:
+        """The manifest's bucket entries for ``stage``, each with a ``file`` and a ``key`` string."""
+        entries = self.manifest["stages"].get(stage)
+        buckets = entries.get("buckets") if isinstance(entries, dict) else None
+        if not isinstance(buckets, list) or not all(
+                isinstance(b, dict) and isinstance(b.get("file"), str) and isinstance(b.get("key"), str) for b in buckets):
+            raise ArtifactError(f"{self.where}/{MANIFEST}: no valid bucket list for stage '{stage}'")
+        return buckets
+
+    def kernel_files(self) -> list[str]:
+        return sorted(r for r in self.files if r.split("/", 1)[0] == TRITON_CACHE)
+
+    def install_kernel_cache(self) -> Path | None:
+        """Copy the artifact's kernels into this process's private Triton cache and use it (see :mod:`.kernel_cache`)."""
+        try:
+            for relative in self.kernel_files():
+                kernel_cache.check_kernel_file(relative)
+            return kernel_cache.install_private_cache({r: self.read(r) for r in self.kernel_files()})
+        except kernel_cache.KernelCacheError as exc:
+            raise ArtifactError(f"{self.where}: {exc}") from None
+
+
+def open_artifact(path: str | Path) -> Artifact:
+    """Read the manifest of the artifact at ``path`` and check every file against it before anything else is read."""
+    root = Path(path).expanduser()
+    where = str(root)
+    manifest = read_manifest(root)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{where}: artifact format {manifest.get('format_version')!r}, this diffc reads "
+                            f"format {FORMAT_VERSION}; recompile it with `diffc compile`")
+    files = _listed_files(manifest, where)
+    present = _present_files(root, where)
+    unknown = sorted(present - set(files))
+    if unknown:
+        raise ArtifactError(f"{where}/{unknown[0]} is not listed in the artifact's manifest; an artifact holds only "
+                            f"the files `diffc compile` wrote ({len(unknown)} unknown file(s))")
+    for relative in sorted(files):
+        if relative not in present:
+            raise ArtifactError(f"{where}/{relative} is missing from the artifact (listed in its manifest)")
+        try:
+            kernel_cache.check_kernel_file(relative) if relative.startswith(f"{TRITON_CACHE}/") else None
+        except kernel_cache.KernelCacheError as exc:
+            raise ArtifactError(f"{where}: {exc}") from None
+        try:
+            digest, size = _file_digest(root / relative)
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {where}/{relative}: {exc.strerror or exc}") from None
+        if size != files[relative]["bytes"] or digest != files[relative]["sha256"]:
+            raise ArtifactError(f"{where}/{relative} was modified after `diffc compile` wrote it (its SHA-256 "
+                                "differs from the manifest); recompile the artifact")
+    return Artifact(root, manifest, files, where)
+
+
+def _is_artifact_file(manifest: dict[str, Any], relative: str) -> bool:
+    files = manifest.get("files")
+    if isinstance(files, dict):
+        return relative in files
+    parts = relative.split("/")  # format 1 listed no files: its known layout
+    return parts[0] == TRITON_CACHE or (len(parts) == 2 and parts[0] == "transformer" and parts[1].endswith(".pt2"))
+
+
+def check_output_target(path: str | Path, field: str = "out") -> Path:
+    """Refuse an output path holding anything but a previous diffc artifact; returns the absolute path.
+
+    Nothing exists there, an empty directory, or a directory with a diffc manifest whose every file
+    is one the artifact lists: diffc may replace it. A file, a link, or a folder with anything else
+    is the user's and is refused, naming it.
+    """
+    p = Path(os.path.abspath(Path(path).expanduser()))
+    if p.is_symlink():
+        raise InvalidArgumentError(field, f"{path} is a symbolic link; give the artifact directory itself")
+    if not p.exists():
+        return p
+    if not p.is_dir():
+        raise InvalidArgumentError(field, f"{path} exists and is not a diffc artifact (it is a file); diffc "
+                                          "replaces only an artifact it wrote: choose another path")
+    entries = list(p.iterdir())
+    if not entries:
+        return p
+    try:
+        manifest = read_manifest(p)
+    except ArtifactError:
+        raise InvalidArgumentError(field, f"{path} exists and is not a diffc artifact (no diffc {MANIFEST}); diffc "
+                                          "replaces only an artifact it wrote: choose another path") from None
+    for dirpath, dirnames, filenames in os.walk(p):
+        for name in filenames + dirnames:
+            full = Path(dirpath) / name
+            relative = full.relative_to(p).as_posix()
+            if full.is_symlink() or (not full.is_dir() and relative != MANIFEST
+                                     and not _is_artifact_file(manifest, relative)):
+                raise InvalidArgumentError(field, f"{path} holds {relative}, which is not part of the diffc artifact "
+                                                  "there; diffc will not replace it: choose another path")
+    return p
 
 
 @dataclasses.dataclass
 class ArtifactWriter:
     """Writes an artifact into a temporary sibling directory; :meth:`commit` renames it into place.
 
-    A failed compile (an exception before ``commit``) leaves nothing at ``path``; an existing artifact
-    there is replaced only by a complete new one.
+    ``path`` must be free or hold a previous diffc artifact (checked at construction, before any
+    compiling, and again at commit). A failed compile (an exception before ``commit``) leaves nothing
+    at ``path``; an existing artifact there is replaced only by a complete new one.
     """
 
     path: Path
     tmp: Path = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
-        self.path = Path(self.path).expanduser().resolve()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}."))
+        self.given = str(self.path)
+        self.path = check_output_target(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}."))
+        except OSError as exc:
+            raise OutputError(self.given, exc.strerror or str(exc)) from None
 
     def file(self, relative: str) -> Path:
         out = self.tmp / relative
@@ -150,49 +378,62 @@ class ArtifactWriter:
         return out
 
     def save_program(self, program: torch.export.ExportedProgram, relative: str) -> int:
-        """``torch.export.save`` of ``program`` with its weights replaced by meta tensors; returns bytes."""
-        out = self.file(relative)
-        torch.export.save(without_weights(program), str(out))
-        return out.stat().st_size
+        """Store ``program`` at ``relative`` (``.json``, plus constants in ``.safetensors``); returns bytes written."""
+        try:
+            files = program_io.save_program(program, self.file(relative))
+        except program_io.ProgramFormatError as exc:
+            raise ArtifactError(f"cannot store the compiled graph {relative}: {exc}") from None
+        except OSError as exc:
+            raise OutputError(self.given, exc.strerror or str(exc)) from None
+        return sum(f.stat().st_size for f in files)
 
     def commit(self, manifest: dict[str, Any]) -> Path:
-        self.file(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-        os.chmod(self.tmp, 0o777 & ~UMASK)  # mkdtemp makes the directory private; give it the usual mode
-        if self.path.exists():
-            old = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.old."))
-            os.replace(self.path, old / "artifact")
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
+        try:
+            kernel_cache.prune(self.tmp / TRITON_CACHE)
+            files = {}
+            for path in sorted(self.tmp.rglob("*")):
+                if path.is_file() and path.name != MANIFEST:
+                    digest, size = _file_digest(path)
+                    files[path.relative_to(self.tmp).as_posix()] = {"sha256": digest, "bytes": size}
+            manifest = {**manifest, "files": files}
+            self.file(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+            os.chmod(self.tmp, 0o777 & ~UMASK)  # mkdtemp makes the directory private; give it the usual mode
+            check_output_target(self.given)
+            if self.path.exists():
+                old = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.old."))
+                os.replace(self.path, old / "artifact")
+                os.replace(self.tmp, self.path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise OutputError(self.given, exc.strerror or str(exc)) from None
         return self.path
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def without_weights(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """A shallow copy of ``program`` whose parameters and buffers are meta tensors (no data is saved).
-
-    Lifted constants (e.g. Wan's RoPE tables, computed at trace time) keep their values: they are
-    part of the graph, not of the checkpoint.
-    """
-    stripped = {}
-    for name, t in program.state_dict.items():
-        meta = t.detach().to("meta")
-        stripped[name] = torch.nn.Parameter(meta, requires_grad=False) if isinstance(t, torch.nn.Parameter) else meta
-    out = copy.copy(program)  # shares the graph; only the state dict differs
-    out._state_dict = stripped
-    return out
+def save_program(program: torch.export.ExportedProgram, path: str | Path) -> list[Path]:
+    """Write ``program`` as JSON (``path``) plus safetensors constants; weights are not stored."""
+    return program_io.save_program(program, Path(path))
 
 
-def load_program(path: Path) -> torch.export.ExportedProgram:
+def load_program(path: str | Path, device: torch.device | str = "cpu") -> torch.export.ExportedProgram:
+    """Read a program :func:`save_program` wrote (outside an artifact: no manifest, no hash check)."""
+    path = Path(path)
+    constants = program_io.constants_path(path)
     try:
-        return torch.export.load(str(path))
-    except FileNotFoundError as exc:
-        raise ArtifactError(f"compiled graph missing from the artifact: {path}") from exc
-    except Exception as exc:  # torch raises several types for a damaged archive
-        raise ArtifactError(f"cannot read compiled graph {path}: {type(exc).__name__}: {exc}") from exc
+        data = path.read_bytes()
+        extra = constants.read_bytes() if constants.is_file() else None
+    except FileNotFoundError:
+        raise ArtifactError(f"compiled graph not found: {path}") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return program_io.load_program(data, extra, device)
+    except program_io.ProgramFormatError as exc:
+        raise ArtifactError(f"cannot read compiled graph {path}: {exc}") from None
 
 
 def directory_size(path: Path) -> int:

@@ -21,7 +21,6 @@ import dataclasses
 import inspect
 import json
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -303,7 +302,7 @@ def compile_pipeline(pipe, requests: Sequence[dict[str, Any]], *, out: str | Pat
                                                     attention=attention, kernel_cache=cache, verify=verify)
             if report.key in programs:
                 raise InvalidArgumentError("bucket", f"{request} gives the same DiT input shapes as an earlier bucket")
-            report.file = f"{STAGE}/bucket-{i}.pt2"
+            report.file = f"{STAGE}/bucket-{i}.json"
             if writer is not None:
                 report.bytes = writer.save_program(program, report.file)
             programs[report.key], graphs[report.key] = program, graph
@@ -356,25 +355,24 @@ def describe_bucket(b: BucketReport) -> str:
 
 def load_artifact(pipe, path: str | Path) -> dict[str, Any]:
     """Check ``path`` against this pipeline and machine, then install its graphs; returns the manifest."""
-    root = Path(path).expanduser()
-    manifest = art.read_manifest(root)
-    art.check_compatible(manifest, device=pipe.device, dtype=pipe.dtype,
-                         model_hash=art.config_hash(Path(pipe.source)), where=str(root))
+    artifact = art.open_artifact(path)  # every file checked against the manifest before any is read
+    art.check_compatible(artifact.manifest, device=pipe.device, dtype=pipe.dtype,
+                         model_hash=art.config_hash(Path(pipe.source)), where=artifact.where, sources=pass_sources())
     if pipe.runtime_options.offload != "none":
         raise InvalidArgumentError("offload", "a compiled artifact holds the whole DiT graph; run it without --offload")
     dit = eager_dit(pipe)
     graphs = {}
-    for bucket in manifest["stages"][STAGE]["buckets"]:
-        program = art.load_program(root / bucket["file"])
+    for bucket in artifact.buckets(STAGE):
+        program = artifact.load_program(bucket["file"], device=pipe.device)
         names = list(program.state_dict)
         graph = program.module()
         del program
-        attach_weights(graph, dit, names, where=str(root / bucket["file"]))
+        attach_weights(graph, dit, names, where=f"{artifact.where}/{bucket['file']}")
         fold_weights(graph)
         graphs[bucket["key"]] = graph
-    merge_kernel_cache(root / art.TRITON_CACHE)
-    install(pipe, graphs, {"artifact": str(root), "tier": manifest["passes"]["tier"]})
-    return manifest
+    artifact.install_kernel_cache()
+    install(pipe, graphs, {"artifact": artifact.where, "tier": artifact.manifest["passes"]["tier"]})
+    return artifact.manifest
 
 
 def compile_cached(pipe, bucket: dict[str, Any], *, tier: str = "fast", log=print) -> dict[str, Any] | CompileReport:
@@ -394,21 +392,6 @@ def compile_cached(pipe, bucket: dict[str, Any], *, tier: str = "fast", log=prin
         return load_artifact(pipe, path)
     log(f"diffc: compiling the DiT for {bucket} (cached at {path} for later runs)")
     return compile_pipeline(pipe, [bucket], out=path, tier=tier, log=log)
-
-
-def merge_kernel_cache(source: Path) -> int:
-    """Copy the artifact's compiled Triton kernels into this process's Triton cache; returns files copied."""
-    if not source.is_dir():
-        return 0
-    target = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
-    copied = 0
-    for path in source.rglob("*"):
-        dest = target / path.relative_to(source)
-        if path.is_file() and not dest.exists():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, dest)
-            copied += 1
-    return copied
 
 
 def install(pipe, graphs: dict[str, Any], info: dict[str, Any]) -> CompiledModule:

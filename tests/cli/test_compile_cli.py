@@ -53,7 +53,7 @@ def test_compile_writes_an_artifact(artifact):
     (bucket,) = manifest["stages"]["transformer"]["buckets"]
     assert (bucket["request"]["height"], bucket["request"]["width"]) == (64, 64)
     assert bucket["request"]["max_sequence_length"] == 8 and bucket["request"]["prompt"] == ["a compile-time example prompt"]
-    assert (path / "transformer" / "bucket-0.pt2").is_file()
+    assert (path / "transformer" / "bucket-0.json").is_file()
 
 
 def test_compile_two_buckets(tmp_path, capsys):
@@ -65,7 +65,7 @@ def test_compile_two_buckets(tmp_path, capsys):
     assert "2 shape(s)" in printed and printed.count("traced ") == 2
     buckets = _manifest(out)["stages"]["transformer"]["buckets"]
     assert [(b["request"]["width"], b["request"]["height"]) for b in buckets] == [(64, 32), (128, 64)]
-    assert [b["file"] for b in buckets] == ["transformer/bucket-0.pt2", "transformer/bucket-1.pt2"]
+    assert [b["file"] for b in buckets] == ["transformer/bucket-0.json", "transformer/bucket-1.json"]
     assert len({b["key"] for b in buckets}) == 2
     assert [b["key"] for b in json.loads(report.read_text())["buckets"]] == [b["key"] for b in buckets]
 

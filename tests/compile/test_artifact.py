@@ -9,9 +9,9 @@ sharing their packed weights.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -116,10 +116,17 @@ def copy_artifact(b: Built, tmp_path: Path) -> Path:
 def test_artifact_layout_and_manifest(built, family):
     b = built(family)
     assert sorted(p.name for p in b.artifact.iterdir()) == ["manifest.json", "transformer", "triton-cache"]
-    assert (b.artifact / "transformer" / "bucket-0.pt2").is_file() and (b.artifact / art.TRITON_CACHE).is_dir()
+    assert (b.artifact / "transformer" / "bucket-0.json").is_file() and (b.artifact / art.TRITON_CACHE).is_dir()
     assert sorted(p.name for p in b.artifact.parent.iterdir()) == [b.artifact.name]  # no temp dirs beside it
     m = b.manifest
-    assert m["format_version"] == art.FORMAT_VERSION == 1
+    assert m["format_version"] == art.FORMAT_VERSION == 2
+    # every file but the manifest is listed with its size and SHA-256
+    on_disk = {p.relative_to(b.artifact).as_posix(): p for p in b.artifact.rglob("*") if p.is_file()}
+    assert set(m["files"]) == set(on_disk) - {"manifest.json"}
+    assert set(m["files"]) == {"transformer/bucket-0.json"} | ({"transformer/bucket-0.safetensors"} if family == "wan" else set())
+    for relative, entry in m["files"].items():
+        data = on_disk[relative].read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     assert m["model"]["config_hash"] == art.config_hash(b.checkpoint)
     assert m["model"]["path"] == str(b.checkpoint.resolve())
     assert m["model"]["pipeline_class"] == {"flux": "FluxPipeline", "wan": "WanPipeline"}[family]
@@ -134,7 +141,7 @@ def test_artifact_layout_and_manifest(built, family):
     assert {cls.name for cls in FUSION_PASSES} <= set(m["passes"]["sources"])
     assert all(len(h) == 16 for h in m["passes"]["sources"].values())
     (bucket,) = m["stages"]["transformer"]["buckets"]
-    assert bucket["file"] == "transformer/bucket-0.pt2"
+    assert bucket["file"] == "transformer/bucket-0.json"
     assert bucket["key"] == b.report.buckets[0].key and bucket["key"].startswith("encoder_hidden_states:")
     assert bucket["request"] == REQUESTS[family]
     assert bucket["attention"]["device"] == "cpu" and bucket["attention"]["applied"] is True
@@ -160,16 +167,27 @@ def test_match_counts(built, family):
 @pytest.mark.parametrize("family", ["flux", "wan"])
 def test_graph_file_holds_no_weights(built, family):
     b = built(family)
-    path = b.artifact / "transformer" / "bucket-0.pt2"
+    path = b.artifact / "transformer" / "bucket-0.json"
     program = art.load_program(path)
     eager = diffc.load(b.checkpoint, device="cpu").components["transformer"]
     names = dict(eager.state_dict())
     assert program.state_dict and set(program.state_dict) <= set(names)
     assert all(t.device.type == "meta" for t in program.state_dict.values())
-    param_bytes = sum(t.numel() * t.element_size() for t in names.values())
-    with zipfile.ZipFile(path) as z:
-        payload = sum(i.file_size for i in z.infolist() if "/data/weights/" in i.filename and not i.filename.endswith(".json"))
-    assert payload < param_bytes / 100, (payload, param_bytes)
+    document = json.loads(path.read_text())
+    assert set(document["state"]) == set(program.state_dict)
+    assert all(set(entry) == {"shape", "dtype", "kind"} for entry in document["state"].values())
+    constants = path.with_suffix(".safetensors")
+    if family == "wan":  # the RoPE tables traced as constants: stored, bit-exact, and nothing else
+        from safetensors.torch import load_file
+
+        stored = load_file(constants)
+        assert set(stored) == set(program.constants) == set(document["constants"]) and len(stored) == 4
+        param_bytes = sum(t.numel() * t.element_size() for t in names.values())
+        assert constants.stat().st_size < param_bytes / 100
+        for name, tensor in stored.items():
+            assert torch.equal(program.constants[name], tensor)
+    else:
+        assert not constants.exists() and not program.constants
 
 
 @pytest.mark.parametrize("family", ["flux", "wan"])
@@ -252,7 +270,7 @@ EDITS = {
     "dtype": (lambda m: m.update(dtype="bfloat16"), ["dtype: artifact 'bfloat16', here 'float32'"]),
     "config_hash": (lambda m: m["model"].update(config_hash="0123456789abcdef"),
                     ["model config: artifact '0123456789abcdef'", "here '"]),
-    "format_version": (lambda m: m.update(format_version=99), ["artifact format 99, this diffc reads format 1"]),
+    "format_version": (lambda m: m.update(format_version=99), ["artifact format 99, this diffc reads format 2"]),
 }
 
 
@@ -286,19 +304,19 @@ def _bad_json(p: Path) -> None:
 
 
 def _no_bucket(p: Path) -> None:
-    (p / "transformer" / "bucket-0.pt2").unlink()
+    (p / "transformer" / "bucket-0.json").unlink()
 
 
 def _damaged_bucket(p: Path) -> None:
-    (p / "transformer" / "bucket-0.pt2").write_bytes(b"not a zip archive")
+    (p / "transformer" / "bucket-0.json").write_bytes(b"not a graph")
 
 
 @pytest.mark.parametrize("damage,fragment", [
     (_no_manifest, "is not a diffc artifact: manifest.json is missing"),
     (_bad_json, "manifest.json is not valid JSON"),
     (lambda p: (p / art.MANIFEST).write_text("[1, 2]"), "is not a diffc manifest (no 'stages')"),
-    (_no_bucket, "compiled graph missing from the artifact"),
-    (_damaged_bucket, "cannot read compiled graph"),
+    (_no_bucket, "transformer/bucket-0.json is missing from the artifact (listed in its manifest)"),
+    (_damaged_bucket, "transformer/bucket-0.json was modified after `diffc compile` wrote it"),
 ], ids=["no-manifest", "bad-json", "not-a-manifest", "no-bucket-file", "damaged-bucket-file"])
 def test_refuses_a_damaged_artifact(built, tmp_path, damage, fragment):
     b = built("flux")
@@ -369,7 +387,7 @@ def test_two_buckets_replace_an_artifact_and_share_packed_weights(built, tmp_pat
     manifest = json.loads((path / art.MANIFEST).read_text())
     buckets = manifest["stages"]["transformer"]["buckets"]
     assert [x["key"] for x in buckets] == [x.key for x in report.buckets] and len({r.key for r in report.buckets}) == 2
-    assert [x["file"] for x in buckets] == ["transformer/bucket-0.pt2", "transformer/bucket-1.pt2"]
+    assert [x["file"] for x in buckets] == ["transformer/bucket-0.json", "transformer/bucket-1.json"]
     assert [x["request"] for x in buckets] == requests
     assert manifest["passes"]["enabled"] == ["concat_linear"]
     assert all(x["matches"]["concat_linear"] == EXPECTED["flux"]["concat_linear"] for x in buckets)
