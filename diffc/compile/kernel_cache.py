@@ -27,6 +27,7 @@ TRITON_CACHE = "triton-cache"
 # What Triton writes per kernel (triton/compiler/compiler.py, backends/*/compiler.py), minus launchers.
 KERNEL_SUFFIXES = frozenset({".json", ".source", ".ttir", ".ttgir", ".glir", ".llir", ".ptx", ".cubin",
                              ".amdgcn", ".hsaco"})
+BINARY_SUFFIXES = frozenset({".cubin", ".hsaco"})  # ELF objects the GPU driver loads
 GROUP_PREFIX = "__grp__"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.=+-]{0,254}$")
 
@@ -95,6 +96,26 @@ def _group_children(data: bytes, relative: str, exists: Callable[[str], bool]) -
     return out
 
 
+def _check_content(relative: str, name: str, data: bytes) -> None:
+    """Each kind holds what Triton expects: a JSON object, an ELF object, or UTF-8 text."""
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix == ".json":
+        try:
+            ok = isinstance(json.loads(data), dict)
+        except (ValueError, RecursionError):
+            ok = False
+        if not ok:
+            raise KernelCacheError(f"{relative}: not a JSON object")
+    elif suffix in BINARY_SUFFIXES:
+        if not data.startswith(b"\x7fELF"):
+            raise KernelCacheError(f"{relative}: not an ELF object")
+    else:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise KernelCacheError(f"{relative}: not UTF-8 text") from None
+
+
 def private_cache_dir() -> Path:
     """This process's private Triton cache directory (created once, removed at exit)."""
     global _private
@@ -115,16 +136,19 @@ def install_private_cache(files: dict[str, bytes]) -> Path | None:
     parsed = {relative: check_kernel_file(relative) for relative in files}
     present = {(key, name) for key, name in parsed.values()}
     target = private_cache_dir()
+    ready: dict[Path, bytes] = {}
     for relative, (key, name) in sorted(parsed.items()):
         data = files[relative]
+        _check_content(relative, name, data)
         folder = target / key
         if name.startswith(GROUP_PREFIX):
             children = _group_children(data, relative, lambda child, key=key: (key, child) in present)
             data = json.dumps({"child_paths": {c: str(folder / n) for c, n in children.items()}}).encode()
-        folder.mkdir(exist_ok=True)
-        dest = folder / name
+        ready[folder / name] = data
+    for dest, data in ready.items():
+        dest.parent.mkdir(exist_ok=True)
         if not dest.exists():
-            tmp = folder / f".{name}.{os.getpid()}.tmp"
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
             tmp.write_bytes(data)
             os.replace(tmp, dest)
     os.environ["TRITON_CACHE_DIR"] = str(target)

@@ -40,6 +40,13 @@ _REFUSED_KEYS = {
     "custom_obj": "a custom (pickled) object",
     "as_graph": "a nested graph",
 }
+# Keys that must be empty: what they hold is symbolic (parsed by sympify) or pickled.
+_REFUSED_NONEMPTY = {
+    "custom_obj_values": "a custom (pickled) object",
+    "sym_int_values": "a symbolic shape expression",
+    "sym_float_values": "a symbolic shape expression",
+    "sym_bool_values": "a symbolic shape expression",
+}
 _DTYPES = {str(t).removeprefix("torch."): t for t in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
     torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
@@ -116,7 +123,8 @@ def load_program(data: bytes, constants: bytes | None, device: torch.device | st
     except ProgramFormatError:
         raise
     except Exception as exc:  # torch raises many types for a malformed program
-        raise ProgramFormatError(f"malformed graph ({type(exc).__name__}: {exc})") from None
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ProgramFormatError(f"malformed graph ({type(exc).__name__}: {first})") from None
     check_graph(program.graph_module)
     return program
 
@@ -150,8 +158,9 @@ def check_graph_json(graph: dict[str, Any]) -> None:
         item = stack.pop()
         if isinstance(item, dict):
             for key, value in item.items():
-                if key in _REFUSED_KEYS:
-                    raise ProgramFormatError(f"the graph holds {_REFUSED_KEYS[key]} ('{key}'), which diffc does not read")
+                if key in _REFUSED_KEYS or (key in _REFUSED_NONEMPTY and value):
+                    what = _REFUSED_KEYS.get(key) or _REFUSED_NONEMPTY[key]
+                    raise ProgramFormatError(f"the graph holds {what} ('{key}'), which diffc does not read")
                 stack.append(value)
             if "target" in item and "inputs" in item and "outputs" in item:
                 _check_target(item["target"])
@@ -163,6 +172,14 @@ def _check_target(target: Any) -> None:
     if not isinstance(target, str) or not (_TARGET.match(target) or target in _PYTHON_TARGETS):
         raise ProgramFormatError(f"the graph calls {str(target)[:200]!r}; a stored graph may call only "
                                  f"operators of torch.ops.{{{','.join(OP_NAMESPACES)}}} and operator.getitem")
+    if target in _PYTHON_TARGETS:
+        return
+    _, _, namespace, op, overload = target.split(".")
+    try:
+        getattr(getattr(getattr(torch.ops, namespace), op), overload)
+    except (AttributeError, RuntimeError):
+        raise ProgramFormatError(f"the graph calls {target}, which is not an operator of this torch and diffc "
+                                 "(is the artifact from another version?)") from None
 
 
 def check_graph(gm: torch.fx.GraphModule) -> None:

@@ -271,6 +271,13 @@ EDITS = {
     "config_hash": (lambda m: m["model"].update(config_hash="0123456789abcdef"),
                     ["model config: artifact '0123456789abcdef'", "here '"]),
     "format_version": (lambda m: m.update(format_version=99), ["artifact format 99, this diffc reads format 2"]),
+    # an artifact compiled by other pass or kernel code (issue 13): each pass and op that differs is named
+    "pass_sources": (lambda m: (m["passes"]["sources"].update(qk_norm_rope="0" * 16, retired_pass="1" * 16),
+                                m["passes"]["sources"].pop("gelu_tanh")),
+                     ["pass and op sources differ from this diffc's: gelu_tanh (new since the artifact), "
+                      "qk_norm_rope (changed), retired_pass (not in this diffc)"]),
+    "op_source": (lambda m: m["passes"]["sources"].update({"op:gelu_tanh": "0" * 16}),
+                  ["pass and op sources differ from this diffc's: op:gelu_tanh (changed)"]),
 }
 
 
