@@ -40,13 +40,9 @@ _REFUSED_KEYS = {
     "custom_obj": "a custom (pickled) object",
     "as_graph": "a nested graph",
 }
-# Keys that must be empty: what they hold is symbolic (parsed by sympify) or pickled.
-_REFUSED_NONEMPTY = {
-    "custom_obj_values": "a custom (pickled) object",
-    "sym_int_values": "a symbolic shape expression",
-    "sym_float_values": "a symbolic shape expression",
-    "sym_bool_values": "a symbolic shape expression",
-}
+# Keys that must be empty (sym_int_values may hold plain integers, e.g. flash attention's max_q; an
+# expression in them is an 'as_expr', refused above).
+_REFUSED_NONEMPTY = {"custom_obj_values": "a custom (pickled) object"}
 _DTYPES = {str(t).removeprefix("torch."): t for t in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
     torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,

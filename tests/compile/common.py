@@ -103,3 +103,19 @@ def check_variant(variant: Pattern) -> None:
     for out, ref in zip(outs, refs):
         assert out.shape == ref.shape and out.dtype == ref.dtype
         assert rel_err(out, ref) < (1e-6 if ref.dtype == torch.float32 else GRAPH_TOL[ref.dtype])
+
+
+def save_and_load(program, tmp_path):
+    """``program`` through diffc's artifact format (JSON + safetensors, no pickle) and back.
+
+    Returns ``(loaded program, runnable module)``; the module gets ``program``'s weights assigned by
+    name, as a run assigns the checkpoint's (the stored program holds none).
+    """
+    from diffc.compile import artifact as art
+
+    art.save_program(program, tmp_path / "program.json")
+    loaded = art.load_program(tmp_path / "program.json")
+    assert all(t.is_meta for t in loaded.state_dict.values())
+    module = loaded.module()
+    module.load_state_dict(dict(program.state_dict), strict=False, assign=True)
+    return loaded, module

@@ -25,7 +25,7 @@ from diffc.compile.passes.attention import (
     lower_node,
 )
 from diffc.errors import InvalidArgumentError
-from tests.compile.common import FLUX_BLOCKS, FLUX_SINGLE, GRAPH_TOL, WAN_BLOCKS
+from tests.compile.common import FLUX_BLOCKS, FLUX_SINGLE, GRAPH_TOL, WAN_BLOCKS, save_and_load
 from tests.compile.conftest import DTYPES, MODELS
 from tests.helpers import rel_err
 
@@ -74,11 +74,10 @@ def _ops(gm) -> dict[str, int]:
 def test_lowered_program_saves_and_loads(traced, model, tmp_path):
     t = traced(model, torch.bfloat16)
     _lower(t, "sdpa_flash_cpu")
-    torch.export.save(t.program, tmp_path / f"{model}.pt2")
-    loaded = torch.export.load(tmp_path / f"{model}.pt2")
+    loaded, module = save_and_load(t.program, tmp_path)
     assert _ops(loaded.graph_module) == _ops(t.program.graph_module)
     with torch.no_grad():
-        assert torch.equal(loaded.module()(**t.inputs), t.run())
+        assert torch.equal(module(**t.inputs), t.run())
 
 
 @pytest.mark.parametrize("name", CUDA_BACKENDS)
@@ -91,8 +90,7 @@ def test_cuda_kernels_serialize(traced, name, tmp_path):
         out = lower_node(gm, node, BACKENDS[name])
         assert tuple(out.meta["val"].shape) == (2, 2, 11, 16)
     gm.recompile()
-    torch.export.save(t.program, tmp_path / "p.pt2")
-    targets = graph_targets(torch.export.load(tmp_path / "p.pt2").graph_module)
+    targets = graph_targets(save_and_load(t.program, tmp_path)[0].graph_module)
     assert targets[str(BACKENDS[name].op)] == len(nodes) and SDPA not in targets
 
 

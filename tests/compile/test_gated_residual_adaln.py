@@ -14,7 +14,7 @@ from diffc.compile.passes import graph_targets
 from diffc.compile.passes.gated_residual_adaln import GatedResidualAdaLNPass
 from diffc.errors import InvalidArgumentError
 from diffc.ops import COUNTERS, OpCounters, kernel_runs_on
-from tests.compile.common import GRAPH_TOL
+from tests.compile.common import GRAPH_TOL, save_and_load
 from tests.compile.conftest import DTYPES, MODELS
 from tests.helpers import rel_err
 
@@ -83,12 +83,11 @@ def test_needs_the_default_passes_first(traced, model):
 def test_fused_program_saves_and_loads(traced, tmp_path):
     t = traced("flux", torch.bfloat16)
     PassManager(passes=[*_default_passes(), PASS()]).run(t.program)
-    torch.export.save(t.program, tmp_path / "flux.pt2")
-    loaded = torch.export.load(tmp_path / "flux.pt2")
+    loaded, module = save_and_load(t.program, tmp_path)
     targets = graph_targets(loaded.graph_module)
     assert targets[OP] == EXPECTED["flux"]
     with torch.no_grad():
-        assert torch.equal(loaded.module()(**t.inputs), t.run())
+        assert torch.equal(module(**t.inputs), t.run())
 
 
 class ResidualThenNorm(nn.Module):

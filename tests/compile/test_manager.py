@@ -8,7 +8,7 @@ import torch
 from diffc.compile import CompileCounters, PassManager
 from diffc.compile.passes import FUSION_PASSES, graph_targets
 from diffc.errors import InvalidArgumentError
-from tests.compile.common import EXPECTED, GRAPH_ONLY, GRAPH_TOL, OPT_IN
+from tests.compile.common import EXPECTED, GRAPH_ONLY, GRAPH_TOL, OPT_IN, save_and_load
 from tests.compile.conftest import MODELS
 from tests.compile.test_qk_norm_rope import CALLS as QK_CALLS
 from tests.helpers import rel_err
@@ -68,11 +68,10 @@ def test_rewritten_program_saves_and_loads(traced, tmp_path):
     """The rewritten ExportedProgram stays serialisable (the later artifact's unit), diffc ops included."""
     t = traced("flux")
     PassManager().run(t.program)
-    torch.export.save(t.program, tmp_path / "flux.pt2")
-    loaded = torch.export.load(tmp_path / "flux.pt2")
+    loaded, module = save_and_load(t.program, tmp_path)
     assert graph_targets(loaded.graph_module) == graph_targets(t.program.graph_module)
     with torch.no_grad():
-        assert torch.equal(loaded.module()(**t.inputs), t.run())
+        assert torch.equal(module(**t.inputs), t.run())
 
 
 def test_unknown_tier():
