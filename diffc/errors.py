@@ -13,8 +13,11 @@ class InvalidArgumentError(DiffcError, ValueError):
         super().__init__(f"{field}: {message}")
 
 
-class OutputError(DiffcError):
-    """A file or directory diffc was asked to write cannot be written; names the path and the OS reason."""
+class OutputError(DiffcError, OSError):
+    """A file or directory diffc was asked to write cannot be written; names the path and the OS reason.
+
+    Also an ``OSError``, so code that handles write failures as such keeps doing so.
+    """
 
     def __init__(self, path: str, reason: str, field: str | None = None):
         self.path, self.reason, self.field = str(path), reason, field

@@ -7,24 +7,40 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import OutputError
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
 
     The rename is atomic on one filesystem: readers see the old file or the whole new one, and if
-    ``write`` raises, the temporary file is removed and ``path`` is untouched.
+    ``write`` raises, the temporary file is removed and ``path`` is untouched. An ``OSError`` (a full
+    disk, a read-only or missing directory) becomes :class:`~diffc.errors.OutputError`, one line naming
+    ``path`` and the OS reason.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    except OSError as exc:
+        raise OutputError(str(path), os_reason(exc)) from None
     os.close(fd)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes the file private; give it the usual mode
         os.replace(tmp, path)
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(str(path), os_reason(exc)) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def os_reason(exc: OSError) -> str:
+    """The OS's words for ``exc`` (``No space left on device``), without Python's ``[Errno N]`` prefix."""
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _umask() -> int:

@@ -21,3 +21,23 @@ def test_success_replaces_and_failure_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(tmp_path / "fresh.png", broken)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+def test_an_os_failure_is_one_line_naming_the_path(tmp_path):
+    import errno
+
+    from diffc.errors import DiffcError, OutputError
+
+    def disk_full(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "out.mp4"
+    with pytest.raises(OutputError) as info:
+        atomic_write(target, disk_full)
+    assert str(info.value) == f"cannot write {target}: No space left on device"
+    assert isinstance(info.value, DiffcError) and isinstance(info.value, OSError)
+    assert list(tmp_path.iterdir()) == []
+    missing = tmp_path / "no-such-dir" / "a.png"
+    with pytest.raises(OutputError, match=f"cannot write {missing}: No such file or directory"):
+        atomic_write(missing, lambda tmp: tmp.write_bytes(b"x"))

@@ -6,11 +6,12 @@ import argparse
 import json
 import re
 import sys
-from pathlib import Path
 
 from ..errors import InvalidArgumentError
-from .options import add_runtime_flags, merge_config, runtime_options
-from .run import DEMO_DEFAULTS, DEMO_TASKS
+from ..fileio import atomic_write
+from .config import merge_config
+from .options import add_model_flags, add_runtime_flags, resolve_model, runtime_options
+from .outputs import check_artifact_output, check_json_output
 
 BUCKET = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
 
@@ -18,9 +19,10 @@ BUCKET = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
 def add_parser(sub) -> None:
     p = sub.add_parser("compile", help="compile a model's DiT ahead of time into an artifact for run/serve --compiled",
                        description=__doc__)
-    p.add_argument("--model", help="diffusers-format checkpoint directory (default: the built-in tiny demo model)")
-    p.add_argument("--task", choices=sorted(DEMO_TASKS), help="demo model to compile when --model is not given")
-    p.add_argument("--out", "-o", required=True, help="artifact directory to write (replaced only once complete)")
+    add_model_flags(p, "compile")
+    p.add_argument("--out", "-o", required=True,
+                   help="artifact directory to write (a previous diffc artifact there is replaced once the new one is "
+                        "complete; anything else is refused)")
     p.add_argument("--height", type=int, help="output height in pixels of the shape to compile")
     p.add_argument("--width", type=int, help="output width in pixels of the shape to compile")
     p.add_argument("--num-frames", type=int, help="video frames of the shape to compile (video models)")
@@ -73,32 +75,29 @@ def parse_buckets(args: argparse.Namespace, video: bool) -> list[dict]:
 def compile_command(args: argparse.Namespace) -> int:
     import diffc
 
-    merge_config(args, args._parser, skip=("config", "_parser", "func"))
+    merge_config(args, args._parser)
     disable = tuple(n.strip() for n in args.disable.split(",") if n.strip())
     enable = tuple(n.strip() for n in args.enable.split(",") if n.strip())
-    if args.model is None:
-        from ..demo import DEMO_NOTICE, demo_checkpoint
-
-        family = DEMO_TASKS[args.task or "t2i"]
-        print(DEMO_NOTICE.format(family=family), file=sys.stderr)
-        model_path, device = demo_checkpoint(family), args.device or "cpu"
-    else:
-        if args.task is not None:
-            raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from its model_index.json")
-        model_path, device = args.model, args.device
-    pipe = diffc.load(model_path, device=device, dtype=args.dtype, scheduler=args.scheduler, **runtime_options(args))
-    buckets = parse_buckets(args, video=pipe.spec.output == "video")
-    if args.model is None:
-        defaults = DEMO_DEFAULTS[pipe.spec.output]
-        buckets = [{**{k: v for k, v in defaults.items() if k != "num_inference_steps"}, **b} for b in buckets]
+    choice = resolve_model(args)
+    out = check_artifact_output(args.out, "--out")  # before the minutes of loading and compiling
+    report_path = check_json_output(args.report, "--report") if args.report else None
+    buckets = parse_buckets(args, video=choice.output == "video")
+    if choice.notice:
+        print(choice.notice, file=sys.stderr)
+    model_path = choice.checkpoint()
+    pipe = diffc.load(model_path, device=choice.device, dtype=args.dtype, scheduler=args.scheduler,
+                      **runtime_options(args))
+    if choice.demo:
+        defaults = {k: v for k, v in choice.defaults.items() if k != "num_inference_steps"}
+        buckets = [{**defaults, **b} for b in buckets]
     for b in buckets:
         pipe.resolve(**b)  # refuse an invalid size before any tracing
     print(f"diffc compile: {pipe.spec.pipeline_class} from {model_path} on {pipe.device} "
           f"({str(pipe.dtype).removeprefix('torch.')}), quality {args.quality}, {len(buckets)} shape(s)")
-    report = pipe.compile(buckets, out=args.out, quality=args.quality, disable=disable, enable=enable,
+    report = pipe.compile(buckets, out=str(out), quality=args.quality, disable=disable, enable=enable,
                           attention=args.attention)
-    if args.report:
-        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2, default=str))
-    print(f"diffc compile: wrote {report.artifact} ({report.artifact_bytes / 1e6:.1f} MB, weights not included) "
+    if report_path is not None:
+        atomic_write(report_path, lambda tmp: tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str)))
+    print(f"diffc compile: wrote {args.out} ({report.artifact_bytes / 1e6:.1f} MB, weights not included) "
           f"in {report.total_s:.1f}s")
     return 0

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 from ..errors import DiffcError
 
-# Subcommands, each a module with ``add_parser(subparsers)`` that sets ``func`` on its parser.
+# Subcommands, each a module with ``add_parser(subparsers)`` that sets ``func`` and ``_parser`` on its parser.
 SUBCOMMANDS = ("compile", "run", "serve")
+_VERBOSE_HELP = "log loading and stage details"
+
+
+def plain(text: str | None) -> str | None:
+    """Help text without reStructuredText's double backticks (module docstrings become descriptions)."""
+    return None if text is None else re.sub(r"``(.*?)``", r"\1", text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,14 +27,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffc", description="diffc: a compiler-centric inference engine for diffusion transformers.")
     parser.add_argument("--version", action="version", version=f"diffc {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log loading and stage details")
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"diffc.cli.{name}").add_parser(sub)
+    for p in sub.choices.values():
+        # after the subcommand too; SUPPRESS keeps `diffc -v run` from being reset by the subcommand's default
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
+    for p in [parser, *sub.choices.values()]:
+        p.description = plain(p.description)
+        for action in p._actions:
+            action.help = plain(action.help)
+    for action in sub._choices_actions:
+        action.help = plain(action.help)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .config import given_options
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -36,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        sub_argv = argv[argv.index(args.command) + 1:]
+        args._given = given_options(args._parser, sub_argv)
         return args.func(args) or 0
     except DiffcError as exc:
         print(f"diffc {args.command}: error: {exc}", file=sys.stderr)

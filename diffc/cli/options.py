@@ -1,64 +1,26 @@
-"""Reading ``--config FILE`` (YAML or JSON) under command-line flags."""
+"""Options shared by the subcommands: the model to use (``--model`` / ``--compiled`` / the demo), runtime flags."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgumentError
 
-
-def read_config_file(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise InvalidArgumentError("--config", f"file not found: {path}")
-    text = p.read_text()
-    try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-        elif p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            raise InvalidArgumentError("--config", f"{path}: use a .json, .yaml or .yml file")
-    except (json.JSONDecodeError, ValueError) as exc:
-        if isinstance(exc, InvalidArgumentError):
-            raise
-        raise InvalidArgumentError("--config", f"{path}: cannot parse ({exc})") from None
-    except Exception as exc:  # yaml.YAMLError and friends
-        raise InvalidArgumentError("--config", f"{path}: cannot parse ({exc})") from None
-    if not isinstance(data, dict):
-        raise InvalidArgumentError("--config", f"{path}: must hold a mapping of option names to values")
-    return data
+# With no --model, the embedded demo runs at a size a CPU finishes in seconds.
+DEMO_DEFAULTS = {"image": {"height": 256, "width": 256, "num_inference_steps": 4},
+                 "video": {"height": 128, "width": 128, "num_frames": 9, "num_inference_steps": 4}}
+DEMO_TASKS = {"t2i": "flux", "t2v": "wan"}
+DEMO_OUTPUT = {"flux": "image", "wan": "video"}
 
 
-def merge_config(args: argparse.Namespace, parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("config",)) -> None:
-    """Fill options not given on the command line from ``args.config``; flags always win.
-
-    Every option left at its parser default (``None``) may come from the file. Keys may use dashes or
-    underscores; an unknown key is an error naming it and the accepted keys.
-    """
-    if not getattr(args, "config", None):
-        return
-    data = read_config_file(args.config)
-    accepted = sorted(a.dest for a in parser._actions if a.dest not in skip + ("help",))
-    for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        if dest not in accepted:
-            raise InvalidArgumentError(f"--config {args.config}", f"unknown option '{key}'; accepted: {', '.join(accepted)}")
-        if getattr(args, dest, None) is None:
-            action = next(a for a in parser._actions if a.dest == dest)
-            if action.type is not None and value is not None:
-                try:
-                    value = action.type(value)
-                except (TypeError, ValueError):
-                    raise InvalidArgumentError(f"{key} (in {args.config})", f"invalid value {value!r}") from None
-            if action.choices is not None and value not in action.choices:
-                raise InvalidArgumentError(f"{key} (in {args.config})", f"must be one of {', '.join(map(str, action.choices))}")
-            setattr(args, dest, value)
+def add_model_flags(p: argparse.ArgumentParser, verb: str) -> None:
+    """``--model`` and ``--task``, the same for every subcommand."""
+    p.add_argument("--model", help="diffusers-format checkpoint directory (default: the built-in tiny demo model)")
+    p.add_argument("--task", choices=sorted(DEMO_TASKS),
+                   help=f"demo model to {verb} when --model is not given (default t2i)")
 
 
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
@@ -80,23 +42,6 @@ def add_compiled_flag(p: argparse.ArgumentParser) -> None:
                         "one it was compiled from unless --model is given)")
 
 
-def compiled_source(args: argparse.Namespace) -> tuple[str, dict[str, Any]] | None:
-    """For ``--compiled``: the checkpoint (``--model``, else the manifest's) and the first bucket's request
-    (the compiled size, guidance and text length, used where the command gives none); None without it."""
-    if not getattr(args, "compiled", None):
-        return None
-    from ..compile.artifact import read_manifest
-
-    manifest = read_manifest(args.compiled)
-    first = manifest["stages"]["transformer"]["buckets"][0]["request"]
-    if args.model is not None:
-        return args.model, first
-    path = manifest.get("model", {}).get("path")
-    if not path:
-        raise InvalidArgumentError("--compiled", f"{args.compiled}: the manifest names no checkpoint; pass --model")
-    return path, first
-
-
 def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
     flag = getattr(args, "cuda_graphs", None)
     options: dict[str, Any] = {"cuda_graphs": None if flag is None else flag == "on"}
@@ -104,3 +49,95 @@ def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     return options
+
+
+@dataclasses.dataclass
+class ModelChoice:
+    """What ``--model``, ``--compiled`` and the demo default resolve to, found before anything loads.
+
+    ``path`` is the checkpoint directory (None: the demo, built by :meth:`checkpoint`); ``demo`` the
+    demo family when the checkpoint is the built-in demo (given by default or through an artifact
+    compiled from it); ``output`` "image" or "video"; ``bucket`` the first compiled shape of
+    ``--compiled`` (its size, guidance and text length, used where the command gives none).
+    """
+
+    path: Path | None
+    demo: str | None
+    output: str
+    device: str | None
+    bucket: dict[str, Any] | None = None
+
+    @property
+    def notice(self) -> str | None:
+        from ..demo import DEMO_NOTICE
+
+        return DEMO_NOTICE.format(family=self.demo) if self.demo else None
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Request values where the command gives none: the compiled shape, then the demo's small size and steps."""
+        out = {k: v for k, v in (self.bucket or {}).items() if k != "prompt" and v is not None}
+        if self.demo:
+            out = {**DEMO_DEFAULTS[self.output], **out}
+        return out
+
+    def checkpoint(self) -> Path:
+        from ..demo import demo_checkpoint
+
+        return demo_checkpoint(self.demo) if self.path is None else self.path
+
+
+def checkpoint_dir(path: str | Path, field: str, origin: str = "") -> Path:
+    """``path`` as a checkpoint directory with a ``model_index.json``; the one wording for a wrong ``--model``."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise InvalidArgumentError(field, f"checkpoint directory not found: {path}{origin}")
+    if not root.is_dir() or not (root / "model_index.json").is_file():
+        raise InvalidArgumentError(field, f"{path}{origin} is not a diffusers-format checkpoint directory "
+                                          "(no model_index.json)")
+    return root
+
+
+def _output_kind(root: Path) -> str:
+    from ..loader.pipeline import read_index
+
+    return read_index(root)[1].output
+
+
+def resolve_model(args: argparse.Namespace) -> ModelChoice:
+    """The model a ``run``, ``serve`` or ``compile`` command names, checked before it loads.
+
+    ``--compiled`` gives the checkpoint it was compiled from (``--model`` overrides it); otherwise
+    ``--model``; otherwise the demo of ``--task``. Only ``model_index.json`` and the artifact's
+    manifest are read.
+    """
+    model, task, compiled = args.model, getattr(args, "task", None), getattr(args, "compiled", None)
+    if model is not None and task is not None:
+        raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from "
+                                   "its model_index.json")
+    if compiled:
+        from ..compile.artifact import ArtifactError, read_manifest
+        from ..demo import demo_family
+
+        manifest = read_manifest(compiled)
+        try:
+            bucket = dict(manifest["stages"]["transformer"]["buckets"][0]["request"])
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise ArtifactError(f"{compiled}: its manifest lists no compiled shape") from None
+        environment = manifest.get("environment") if isinstance(manifest.get("environment"), dict) else {}
+        built_on = environment.get("device_type") if environment.get("device_type") in ("cpu", "cuda") else None
+        if model is not None:
+            root = checkpoint_dir(model, "--model")
+        else:
+            recorded = (manifest.get("model") or {}).get("path") if isinstance(manifest.get("model"), dict) else None
+            if not isinstance(recorded, str) or not recorded:
+                raise InvalidArgumentError("--compiled", f"{compiled}: the manifest names no checkpoint; pass --model")
+            root = checkpoint_dir(recorded, "--model", origin=f" (the checkpoint {compiled} was compiled from; "
+                                                              "pass --model to use another)")
+        family = demo_family(root)
+        return ModelChoice(root, family, _output_kind(root), args.device or built_on, bucket)
+    if model is not None:
+        root = checkpoint_dir(model, "--model")
+        return ModelChoice(root, None, _output_kind(root), args.device)
+    family = DEMO_TASKS[task or "t2i"]
+    return ModelChoice(None, family, DEMO_OUTPUT[family], args.device or "cpu")

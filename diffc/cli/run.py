@@ -6,24 +6,17 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from ..errors import InvalidArgumentError
 from ..fileio import atomic_write
-from .options import add_compiled_flag, add_runtime_flags, compiled_source, merge_config, runtime_options
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-VIDEO_SUFFIXES = (".mp4",)
-# With no --model, the embedded demo runs at a size a CPU finishes in seconds.
-DEMO_DEFAULTS = {"image": {"height": 256, "width": 256, "num_inference_steps": 4},
-                 "video": {"height": 128, "width": 128, "num_frames": 9, "num_inference_steps": 4}}
-DEMO_TASKS = {"t2i": "flux", "t2v": "wan"}
+from .config import merge_config
+from .options import add_compiled_flag, add_model_flags, add_runtime_flags, resolve_model, runtime_options
+from .outputs import check_json_output, check_media_output
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="generate an image or a video", description=__doc__)
-    p.add_argument("--model", help="diffusers-format checkpoint directory (default: the built-in tiny demo model)")
-    p.add_argument("--task", choices=sorted(DEMO_TASKS), help="demo model to run when --model is not given (default t2i)")
+    add_model_flags(p, "run")
     p.add_argument("--prompt", help="text prompt")
     p.add_argument("--image", action="append", metavar="FILE",
                    help="input image for editing and image-to-video models (repeat for models taking several)")
@@ -51,14 +44,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run, _parser=p)
 
 
-def _check_output(path: Path, kind: str) -> None:
-    suffixes = IMAGE_SUFFIXES if kind == "image" else VIDEO_SUFFIXES
-    if path.suffix.lower() not in suffixes:
-        raise InvalidArgumentError("--output", f"a {kind} model writes {', '.join(suffixes)} files, got '{path.name}'")
-    if not path.parent.exists():
-        raise InvalidArgumentError("--output", f"directory does not exist: {path.parent}")
-
-
 def read_image(path: str):
     """Open an input image fully (so a bad file fails here, naming it), as PIL reads it."""
     from PIL import Image, UnidentifiedImageError
@@ -76,7 +61,7 @@ def read_image(path: str):
 def run(args: argparse.Namespace) -> int:
     import diffc
 
-    merge_config(args, args._parser, skip=("config", "_parser", "func"))
+    merge_config(args, args._parser)
     if not args.prompt:
         raise InvalidArgumentError("--prompt", "a non-empty prompt is required")
     if args.fps is not None and not 1 <= args.fps <= 240:
@@ -87,39 +72,24 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--compile", "give either --compile (compile now, cached) or --compiled ARTIFACT, not both")
     if args.quality is not None and not args.compile:
         raise InvalidArgumentError("--quality", "applies to --compile only (an artifact's tier was chosen by `diffc compile`)")
-    compiled_from = compiled_source(args)
-    if compiled_from is not None:
-        (model_path, first_bucket), device = compiled_from, args.device
-    elif args.model is None:
-        from ..demo import DEMO_NOTICE, demo_checkpoint
-
-        family = DEMO_TASKS[args.task or "t2i"]
-        print(DEMO_NOTICE.format(family=family), file=sys.stderr)
-        model_path = demo_checkpoint(family)
-        device = args.device or "cpu"
-    else:
-        if args.task is not None:
-            raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from its model_index.json")
-        model_path, device = args.model, args.device
+    choice = resolve_model(args)
+    if choice.output == "image" and args.fps is not None:
+        raise InvalidArgumentError("--fps", "applies to video models only")
+    output = check_media_output(args.output or ("output.png" if choice.output == "image" else "output.mp4"), choice.output)
+    dump_path = check_json_output(args.perf_dump_path, "--perf-dump-path") if args.perf_dump_path else None
+    images = [read_image(path) for path in args.image or ()]
+    if choice.notice:
+        print(choice.notice, file=sys.stderr)
+    for key, value in choice.defaults.items():
+        if key in options and options[key] is None:
+            options[key] = value  # the compiled shape, then the demo's size and steps, where the command gives none
+    model_path = choice.checkpoint()
     started = time.perf_counter()
-    pipe = diffc.load(model_path, device=device, dtype=args.dtype, scheduler=args.scheduler,
+    pipe = diffc.load(model_path, device=choice.device, dtype=args.dtype, scheduler=args.scheduler,
                       compiled=args.compiled, **runtime_options(args))
     load_s = time.perf_counter() - started
-    if compiled_from is not None:
-        for key in ("height", "width", "num_frames", "max_sequence_length", "guidance_scale"):
-            if options.get(key) is None and first_bucket.get(key) is not None:
-                options[key] = first_bucket[key]  # the compiled bucket's value, where the command gives none
-    elif args.model is None:
-        for key, value in DEMO_DEFAULTS[pipe.spec.output].items():
-            if options.get(key) is None:
-                options[key] = value
-    output = Path(args.output or ("output.png" if pipe.spec.output == "image" else "output.mp4"))
-    _check_output(output, pipe.spec.output)
-    if pipe.spec.output == "image" and args.fps is not None:
-        raise InvalidArgumentError("--fps", "applies to video models only")
     options = {k: v for k, v in options.items() if v is not None}
-    if args.image:
-        images = [read_image(path) for path in args.image]
+    if images:
         options["image"] = images[0] if len(images) == 1 else images
     request = pipe.resolve(prompt=args.prompt, **options)
     compile_s = None
@@ -134,12 +104,11 @@ def run(args: argparse.Namespace) -> int:
 
     out = pipe.generate(prompt=args.prompt, progress=not args.no_progress, **options)
     atomic_write(output, lambda tmp: out.save(tmp, fps=args.fps or 16))
-    if args.perf_dump_path:
+    if dump_path is not None:
         dump = {"model": str(model_path), "compiled": args.compiled, "load_s": load_s, "compile_s": compile_s,
                 "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
                 "request": {k: v for k, v in vars(request).items() if k != "image"}, "seed": out.seeds[0],
                 "output": str(output), "warnings": out.warnings, **out.timings.to_dict()}
-        dump_path = Path(args.perf_dump_path)
         atomic_write(dump_path, lambda tmp: tmp.write_text(json.dumps(dump, indent=2, default=str)))
     for w in out.warnings:
         print(f"warning: {w}", file=sys.stderr)

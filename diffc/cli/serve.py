@@ -7,11 +7,9 @@ import ipaddress
 import os
 import signal
 import sys
-from pathlib import Path
 
-from ..errors import CheckpointError, DiffcError, InvalidArgumentError
-from .options import add_compiled_flag, add_runtime_flags, compiled_source, runtime_options
-from .run import DEMO_DEFAULTS, DEMO_TASKS
+from ..errors import DiffcError, InvalidArgumentError
+from .options import add_compiled_flag, add_model_flags, add_runtime_flags, resolve_model, runtime_options
 
 SERVE_EXTRA = "pip install 'diffc[serve]'"
 
@@ -25,9 +23,7 @@ def _positive(text: str) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", description=__doc__)
-    p.add_argument("--model", help="diffusers-format checkpoint directory (default: the built-in tiny demo model)")
-    p.add_argument("--task", choices=sorted(DEMO_TASKS),
-                   help="demo model to serve when --model is not given (default t2i)")
+    add_model_flags(p, "serve")
     p.add_argument("--model-name", help="model id reported by /v1/models (default: the checkpoint folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=30000, help="port to bind (default 30000)")
@@ -53,7 +49,7 @@ def add_parser(sub) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=60.0,
                    help="seconds to let running jobs finish at shutdown before failing them (default 60)")
     p.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up generation")
-    p.set_defaults(func=serve)
+    p.set_defaults(func=serve, _parser=p)
 
 
 def _import_serving():
@@ -95,42 +91,18 @@ def serve(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--port", f"must be from 0 to 65535, got {args.port}")
     if args.output_ttl is not None and args.output_ttl <= 0:
         raise InvalidArgumentError("--output-ttl", f"must be positive, got {args.output_ttl}")
-    defaults: dict = {}
-    compiled_from = compiled_source(args)
-    if compiled_from is not None:
-        root, first = Path(compiled_from[0]).expanduser(), compiled_from[1]
-        if not (root / "model_index.json").is_file():
-            raise CheckpointError(f"not a diffusers-format checkpoint directory (no model_index.json): {root}")
-        model_id = args.model_name or root.resolve().name
-        device = resolve_device(args.device)
-        # requests that give no size get the compiled one (and so does the warm-up)
-        defaults = {k: first[k] for k in ("height", "width", "num_frames") if first.get(k) is not None}
+    choice = resolve_model(args)
+    if choice.notice:
+        print(choice.notice, file=sys.stderr)
+    # requests that give no size get the compiled one, or the demo's (and so does the warm-up)
+    defaults = {k: v for k, v in choice.defaults.items()
+                if k in ("height", "width", "num_frames") or (choice.demo and k == "num_inference_steps")}
+    model_id = args.model_name or (f"diffc-demo-{choice.demo}" if choice.path is None else choice.path.resolve().name)
+    device = resolve_device(choice.device)
 
-        def load():
-            return diffc.load(root, device=device, dtype=args.dtype, compiled=args.compiled, **runtime_options(args))
-    elif args.model is None:
-        from ..demo import DEMO_NOTICE, demo_checkpoint
-
-        family = DEMO_TASKS[args.task or "t2i"]
-        print(DEMO_NOTICE.format(family=family), file=sys.stderr)
-        defaults = dict(DEMO_DEFAULTS["image" if family == "flux" else "video"])
-        model_id = args.model_name or f"diffc-demo-{family}"
-        device = resolve_device(args.device or "cpu")
-
-        def load():
-            return diffc.load(demo_checkpoint(family), device=device, dtype=args.dtype, **runtime_options(args))
-    else:
-        if args.task is not None:
-            raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from "
-                                       "its model_index.json")
-        root = Path(args.model).expanduser()
-        if not (root / "model_index.json").is_file():
-            raise CheckpointError(f"not a diffusers-format checkpoint directory (no model_index.json): {root}")
-        model_id = args.model_name or root.resolve().name
-        device = resolve_device(args.device)
-
-        def load():
-            return diffc.load(root, device=device, dtype=args.dtype, **runtime_options(args))
+    def load():
+        return diffc.load(choice.checkpoint(), device=device, dtype=args.dtype, compiled=args.compiled,
+                          **runtime_options(args))
     resolve_dtype(args.dtype, device)
     if not args.api_key and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)

@@ -32,6 +32,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffc"
 
 
+def demo_family(path: str | Path) -> str | None:
+    """The family of the built-in demo checkpoint at ``path``, or None if ``path`` is not one."""
+    try:
+        here = Path(path).expanduser().resolve()
+        for family, (name, _) in _BUILDERS.items():
+            if here == (cache_dir() / "demo" / name).resolve():
+                return family
+    except OSError:
+        pass
+    return None
+
+
 def demo_checkpoint(family: str = "flux") -> Path:
     """Path of the cached demo checkpoint for ``family``, building it the first time."""
     import importlib

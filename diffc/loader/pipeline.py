@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, InvalidArgumentError
-from ..pipelines.base import Pipeline, pipeline_spec, supported_pipelines
+from ..pipelines.base import Pipeline, PipelineSpec, pipeline_spec, supported_pipelines
 from ..models.registry import TEXT_ENCODERS
 from ..pipelines.schedulers.choice import SCHEDULER_NAMES, choose_scheduler
 from ..runtime.apply import apply_runtime
@@ -53,6 +53,23 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def read_index(root: Path) -> tuple[dict, PipelineSpec]:
+    """``root``'s ``model_index.json`` and the spec of the pipeline it names (nothing else is read)."""
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {root}")
+    index = read_json(root / "model_index.json")
+    class_name = index.get("_class_name")
+    if class_name not in supported_pipelines():
+        raise CheckpointError(
+            f"{root / 'model_index.json'}: pipeline class {str(class_name)[:100]!r} is not supported; "
+            f"supported: {', '.join(supported_pipelines())}"
+        )
+    spec = pipeline_spec(class_name)
+    if spec.check_index is not None:
+        spec.check_index(index)
+    return index, spec
+
+
 def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          scheduler: str | None = None, *, offload: str = "none", offload_prefetch: int = 1,
          resident_blocks: int | None = None, cuda_graphs: bool | None = None,
@@ -67,18 +84,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     the eager DiT for the shapes it was compiled for (checked against this machine and model first).
     """
     root = Path(path).expanduser()
-    if not root.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {root}")
-    index = read_json(root / "model_index.json")
-    class_name = index.get("_class_name")
-    if class_name not in supported_pipelines():
-        raise CheckpointError(
-            f"{root / 'model_index.json'}: pipeline class '{class_name}' is not supported; "
-            f"supported: {', '.join(supported_pipelines())}"
-        )
-    spec = pipeline_spec(class_name)
-    if spec.check_index is not None:
-        spec.check_index(index)
+    index, spec = read_index(root)
     options = RuntimeOptions(offload=offload, offload_prefetch=offload_prefetch, resident_blocks=resident_blocks,
                              cuda_graphs=cuda_graphs)
     if scheduler is not None and scheduler not in SCHEDULER_NAMES:

@@ -69,13 +69,13 @@ def test_config_file_with_flag_override(flux_checkpoint, tmp_path, suffix, capsy
     (["--height", "40"], "height: FLUX needs a multiple of 16, got 40 (try 32 or 48)"),
     (["--steps", "0"], "num_inference_steps: must be an integer from 1 to 1000"),
     (["--guidance", "-2"], "guidance_scale: must be a number from 0 to 100"),
-    (["--output", "x.mp4"], "--output: a image model writes .png, .jpg, .jpeg, .webp files"),
+    (["--output", "x.mp4"], "--output: an image model writes .png, .jpg, .jpeg, .webp files"),
     (["--output", "/nonexistent/dir/x.png"], "--output: directory does not exist"),
     (["--negative-prompt", "blurry"], "negative_prompt: FluxPipeline does not use a negative prompt"),
     (["--fps", "8"], "--fps: applies to video models only"),
     (["--device", "tpu"], "device: 'tpu' is not a device; use 'cpu', 'cuda' or 'cuda:N'"),
     (["--dtype", "int4"], "dtype: 'int4' is not supported"),
-    (["--model", "/nonexistent"], "checkpoint directory not found: /nonexistent"),
+    (["--model", "/nonexistent"], "--model: checkpoint directory not found: /nonexistent"),
 ])
 def test_bad_input_is_one_clear_line(demo_cache, tmp_path, capsys, argv, fragment):
     base = ["run", "--prompt", "a fox", "--output", str(tmp_path / "a.png"), "--no-progress"]

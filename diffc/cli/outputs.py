@@ -1,0 +1,57 @@
+"""Output paths, checked before any model loads: a mistake is one line at once, not a traceback at the end."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import InvalidArgumentError
+from ..fileio import os_reason
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+VIDEO_SUFFIXES = (".mp4",)
+JSON_SUFFIXES = (".json",)
+
+
+def check_writable_dir(directory: Path, field: str) -> None:
+    """``directory`` exists and a file can be created in it (tried, so read-only mounts and ACLs count)."""
+    if not directory.exists():
+        raise InvalidArgumentError(field, f"directory does not exist: {directory}")
+    if not directory.is_dir():
+        raise InvalidArgumentError(field, f"{directory} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".diffc-write-check.")
+    except OSError as exc:
+        raise InvalidArgumentError(field, f"cannot write in {directory}: {os_reason(exc)}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: str | Path, field: str, suffixes: tuple[str, ...], what: str) -> Path:
+    """A file diffc will write: an accepted suffix, not a directory, in a writable directory."""
+    p = Path(path).expanduser()
+    if p.suffix.lower() not in suffixes:
+        raise InvalidArgumentError(field, f"{what} writes {', '.join(suffixes)} files, got '{p.name}'")
+    if p.is_dir():
+        raise InvalidArgumentError(field, f"{path} is a directory; give a file name")
+    check_writable_dir(p.parent if str(p.parent) else Path("."), field)
+    return p
+
+
+def check_media_output(path: str | Path, kind: str, field: str = "--output") -> Path:
+    suffixes = IMAGE_SUFFIXES if kind == "image" else VIDEO_SUFFIXES
+    return check_output_file(path, field, suffixes, f"a{'n' if kind == 'image' else ''} {kind} model")
+
+
+def check_json_output(path: str | Path, field: str) -> Path:
+    return check_output_file(path, field, JSON_SUFFIXES, field)
+
+
+def check_artifact_output(path: str | Path, field: str = "--out") -> Path:
+    """``compile --out``: free or a previous diffc artifact, in an existing writable directory."""
+    from ..compile.artifact import check_output_target
+
+    target = check_output_target(path, field)
+    check_writable_dir(target.parent, field)
+    return target
