@@ -28,11 +28,12 @@ def check_writable_dir(directory: Path, field: str) -> None:
     os.unlink(probe)
 
 
-def check_output_file(path: str | Path, field: str, suffixes: tuple[str, ...], what: str) -> Path:
+def check_output_file(path: str | Path, field: str, suffixes: tuple[str, ...], what: str | None = None) -> Path:
     """A file diffc will write: an accepted suffix, not a directory, in a writable directory."""
     p = Path(path).expanduser()
     if p.suffix.lower() not in suffixes:
-        raise InvalidArgumentError(field, f"{what} writes {', '.join(suffixes)} files, got '{p.name}'")
+        expected = f"{what} writes {', '.join(suffixes)} files" if what else f"must be a {' or '.join(suffixes)} file"
+        raise InvalidArgumentError(field, f"{expected}, got '{p.name}'")
     if p.is_dir():
         raise InvalidArgumentError(field, f"{path} is a directory; give a file name")
     check_writable_dir(p.parent if str(p.parent) else Path("."), field)
@@ -45,7 +46,7 @@ def check_media_output(path: str | Path, kind: str, field: str = "--output") -> 
 
 
 def check_json_output(path: str | Path, field: str) -> Path:
-    return check_output_file(path, field, JSON_SUFFIXES, field)
+    return check_output_file(path, field, JSON_SUFFIXES)
 
 
 def check_artifact_output(path: str | Path, field: str = "--out") -> Path:

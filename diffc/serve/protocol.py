@@ -128,6 +128,9 @@ class VideoRequest(_Request):
         if self.input_reference is not None:
             raise invalid("input_reference", "input_reference (image-to-video) is not supported yet",
                           code="unsupported_parameter")
+        if self.seconds is not None and self.num_frames is not None:
+            raise invalid("seconds", "give seconds or num_frames, not both (num_frames = 4k+1 frames; seconds are "
+                                     "converted to the nearest valid count at the request's fps)")
         if self.seconds is not None and not 0 < self.seconds <= 600:
             raise invalid("seconds", f"seconds must be greater than 0 and at most 600, got {self.seconds:g}")
         if self.fps is not None and not 1 <= self.fps <= 240:

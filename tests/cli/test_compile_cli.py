@@ -107,6 +107,17 @@ def test_run_compiled_uses_the_artifact_size(artifact, tmp_path, capsys):
     assert dump["compiled"] == str(path) and dump["load_s"] > 0 and dump["compile_s"] is None
 
 
+def test_run_compiled_demo_keeps_the_demo_steps_and_notice(artifact, tmp_path, capsys):
+    """An artifact compiled from the built-in demo runs as the demo does: 4 steps, and says its weights are random."""
+    image = tmp_path / "demo.png"
+    code = main(["run", "--compiled", str(artifact[0]), "--prompt", "a kite", "-o", str(image), "--seed", "3",
+                 "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"wrote {image} (64x64, 4 steps, seed 3)" in captured.out
+    assert "RANDOM weights" in captured.err and "no graph" not in captured.err
+
+
 def test_run_compile_caches_the_artifact(tmp_path, capsys, demo_cache):
     argv = ["run", "--compile", "--prompt", "a kite", "--height", "32", "--width", "48", "--steps", "2", "--seed", "4",
             "--no-progress", *SMALL]

@@ -1,0 +1,169 @@
+"""Papercuts of the CLI (issue 12 section 7): config files with the CLI's option names, -v after the
+subcommand, help text, one wording for a wrong --model in run/serve/compile, seconds with num_frames."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import diffc
+from diffc.cli.main import build_parser, main
+from diffc.errors import InvalidArgumentError
+from diffc.serve.protocol import APIError, VideoRequest, parse_body
+
+COMMANDS = ("run", "serve", "compile")
+
+
+@pytest.fixture
+def demo_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIFFC_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a command gets as far as loading a model."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr(diffc, "load", refuse)
+
+
+def _argv(command: str, tmp_path) -> list[str]:
+    return {"run": ["run", "--prompt", "x", "-o", str(tmp_path / "a.png")],
+            "serve": ["serve", "--port", "0"],
+            "compile": ["compile", "--out", str(tmp_path / "a.diffc")]}[command]
+
+
+def _exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        return exc.code
+
+
+def _config(tmp_path, data: dict, suffix: str = ".json"):
+    path = tmp_path / f"cfg{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(data))
+    else:
+        import yaml
+
+        path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_config_takes_the_cli_option_names(demo_cache, tmp_path, capsys, suffix):
+    perf = tmp_path / "perf.json"
+    cfg = _config(tmp_path, {"prompt": "a kite", "steps": 1, "guidance": 2.5, "seed": 9, "height": 32, "width": 32,
+                             "max-sequence-length": 8, "no-progress": True, "perf-dump-path": str(perf)}, suffix)
+    assert main(["run", "--config", cfg, "-o", str(tmp_path / "a.png"), "--seed", "4"]) == 0
+    request = json.loads(perf.read_text())["request"]
+    assert (request["num_inference_steps"], request["guidance_scale"], request["seed"]) == (1, 2.5, 4)  # flag wins
+    assert "1 steps, seed 4" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("data,fragment", [
+    ({"sampler": "ddim"}, "unknown option 'sampler'; accepted: "),
+    ({"steps": "many"}, "steps (in "),
+    ({"steps": 2.5}, "invalid value 2.5 (expected int)"),
+    ({"steps": True}, "invalid value True"),
+    ({"height": [32]}, "invalid value [32]"),
+    ({"no-progress": "yes"}, "expected true or false, got 'yes'"),
+    ({"scheduler": "ddim"}, "must be one of unipc, euler, got 'ddim'"),
+    ({"steps": 1, "num_inference_steps": 2}, "'num_inference_steps' and 'steps' set the same option"),
+])
+def test_config_refusals(demo_cache, tmp_path, capsys, no_loading, data, fragment):
+    cfg = _config(tmp_path, {"prompt": "x", **data})
+    assert main(["run", "--config", cfg, "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
+
+
+def test_unknown_config_key_lists_the_cli_names(tmp_path, capsys, no_loading):
+    cfg = _config(tmp_path, {"sampler": "ddim"})
+    assert main(["run", "--config", cfg]) == 2
+    accepted = capsys.readouterr().err.split("accepted: ")[1].strip().split(", ")
+    assert {"steps", "guidance", "negative-prompt", "perf-dump-path", "output", "compiled"} <= set(accepted)
+    assert "num_inference_steps" not in accepted and "config" not in accepted and "_parser" not in accepted
+
+
+def test_config_sets_options_with_defaults_and_flags_still_win(tmp_path, capsys, monkeypatch, no_loading):
+    """compile's --batch and --quality have defaults; the file sets them unless the flag is given (even = default)."""
+    import diffc.cli.compile as compile_cli
+
+    cfg = _config(tmp_path, {"batch": 0, "quality": "lossless"})
+    assert main(["compile", "--config", cfg, "--out", str(tmp_path / "x.diffc")]) == 2
+    assert "--batch: must be at least 1, got 0" in capsys.readouterr().err
+    seen = []
+
+    def stop(args, video):
+        seen.append((args.batch, args.quality))
+        raise InvalidArgumentError("stop", "here")
+
+    monkeypatch.setattr(compile_cli, "parse_buckets", stop)
+    assert main(["compile", "--config", cfg, "--out", str(tmp_path / "x.diffc"), "--batch", "1"]) == 2
+    assert seen == [(1, "lossless")]
+
+
+@pytest.mark.parametrize("argv,verbose", [
+    (["run", "--prompt", "x"], False),
+    (["-v", "run", "--prompt", "x"], True),
+    (["run", "-v", "--prompt", "x"], True),
+    (["run", "--prompt", "x", "--verbose"], True),
+    (["compile", "--out", "x", "-v"], True),
+    (["serve", "-v"], True),
+])
+def test_verbose_before_or_after_the_subcommand(argv, verbose):
+    assert build_parser().parse_args(argv).verbose is verbose
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_has_no_rst_markup(capsys, command):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"] if command is None else [command, "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "usage: diffc" in out
+    assert "``" not in out, out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_one_wording_for_a_wrong_model(tmp_path, capsys, no_loading, command):
+    (tmp_path / "empty").mkdir()
+    expected = {
+        "/nonexistent/ckpt": "--model: checkpoint directory not found: /nonexistent/ckpt",
+        str(tmp_path / "empty"): f"--model: {tmp_path / 'empty'} is not a diffusers-format checkpoint directory "
+                                 "(no model_index.json)",
+    }
+    for model, message in expected.items():
+        assert _exit_code([*_argv(command, tmp_path), "--model", model]) == 2
+        err = capsys.readouterr().err
+        assert err == f"diffc {command}: error: {message}\n", err
+    assert _exit_code([*_argv(command, tmp_path), "--model", str(tmp_path), "--task", "t2v"]) == 2
+    assert "--task: only selects the demo model; the task of --model comes from its model_index.json" in \
+        capsys.readouterr().err
+
+
+def test_a_compiled_artifact_whose_checkpoint_moved(tmp_path, capsys, no_loading):
+    from diffc.compile import artifact as art
+
+    path = tmp_path / "a.diffc"
+    path.mkdir()
+    (path / art.MANIFEST).write_text(json.dumps({
+        "format_version": art.FORMAT_VERSION, "model": {"path": "/gone/FLUX.1-dev"},
+        "stages": {"transformer": {"buckets": [{"request": {"height": 64, "width": 64}}]}}}))
+    for command in ("run", "serve"):
+        assert _exit_code([*_argv(command, tmp_path), "--compiled", str(path)]) == 2
+        assert (f"diffc {command}: error: --model: checkpoint directory not found: /gone/FLUX.1-dev (the checkpoint "
+                f"{path} was compiled from; pass --model to use another)") in capsys.readouterr().err
+
+
+def test_video_seconds_with_num_frames_is_refused():
+    with pytest.raises(APIError) as info:
+        parse_body(VideoRequest, {"prompt": "x", "seconds": 1, "num_frames": 17})
+    assert info.value.status == 400 and info.value.param == "seconds" and "not both" in info.value.message
+    assert parse_body(VideoRequest, {"prompt": "x", "seconds": 1}).seconds == 1
+    assert parse_body(VideoRequest, {"prompt": "x", "num_frames": 17}).num_frames == 17
