@@ -11,18 +11,29 @@ import torch
 
 from ..errors import CheckpointError, WeightMismatchError
 from ..models import registry
-from .weights import iter_tensors, tensor_names, weight_files
+from ..models.config import check_size_fields
+from .weights import iter_tensors, tensor_shapes, weight_files
 
 log = logging.getLogger(__name__)
+MAX_CONFIG_BYTES = 16 << 20
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file as an object; anything else is one ``CheckpointError`` line naming it."""
     if not path.is_file():
         raise CheckpointError(f"missing file: {path}")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: invalid JSON ({exc})") from None
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a config file")
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: invalid JSON ({reason})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: invalid JSON (expected an object, got {type(data).__name__})")
+    return data
 
 
 def _fp32_matcher(model_cls) -> "callable[[str], bool]":
@@ -43,10 +54,15 @@ def load_native_model(folder: Path, class_name: str, device: torch.device, dtype
 
     with torch.device("meta"):
         model = model_cls(config)
-    expected = set(model.state_dict().keys())
-    present = set(tensor_names(files))
-    if expected != present:
-        raise WeightMismatchError(folder.name, sorted(expected - present), sorted(present - expected))
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    present = tensor_shapes(files)
+    if expected.keys() != present.keys():
+        raise WeightMismatchError(folder.name, sorted(expected.keys() - present.keys()),
+                                  sorted(present.keys() - expected.keys()))
+    wrong = [f"{n} {list(present[n])} (config.json gives {list(s)})" for n, s in expected.items() if present[n] != s]
+    if wrong:
+        raise CheckpointError(f"{folder}: {len(wrong)} weight shape(s) do not match config.json: "
+                              + "; ".join(wrong[:5]) + ("; ..." if len(wrong) > 5 else ""))
 
     keep_fp32 = _fp32_matcher(model_cls)
     state = dict(iter_tensors(files, device, lambda n: torch.float32 if keep_fp32(n) else dtype))
@@ -65,12 +81,17 @@ def load_text_encoder(folder: Path, class_name: str, device: torch.device, dtype
     """Load a transformers text encoder straight onto ``device`` (transformers honours the model's fp32 modules)."""
     import transformers
 
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"missing file: {folder / 'config.json'}")
+    check_size_fields(read_json(folder / "config.json"), str(folder / "config.json"))
     weight_files(folder)  # clear error for missing weights or shards before transformers reports its own
     cls = getattr(transformers, class_name)
     device_map = None if device.type == "cpu" else {"": str(device)}
-    model, info = cls.from_pretrained(str(folder), dtype=dtype, device_map=device_map, output_loading_info=True)
+    try:
+        # safetensors only: a folder whose only weights transformers would take are a pickle is refused
+        model, info = cls.from_pretrained(str(folder), dtype=dtype, device_map=device_map, output_loading_info=True,
+                                          use_safetensors=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{folder}: cannot load {class_name} with safetensors weights ({reason})") from None
     missing = list(info.get("missing_keys", ()))
     unexpected = list(info.get("unexpected_keys", ()))
     if missing or unexpected:
@@ -86,7 +107,7 @@ def load_tokenizer(folder: Path, class_name: str):
     cls = getattr(transformers, class_name, None) or transformers.AutoTokenizer
     try:
         return cls.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{folder}: cannot load tokenizer {class_name} ({exc})") from None
 
 

@@ -1,4 +1,10 @@
-"""Read safetensors weights (single file or sharded with an index) straight to a device and dtype."""
+"""Read safetensors weights (single file or sharded with an index) straight to a device and dtype.
+
+Every weight file stays inside its component folder: a shard name in an index is a plain relative
+name (no ``..``, no absolute path) and the file it names, symbolic links followed, resolves inside the
+folder (or, for a Hugging Face hub cache snapshot, inside that repository's ``blobs/``), and is a
+regular file. A malformed index or safetensors header is a ``CheckpointError`` naming the file.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +13,73 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
 
 # File names diffusers writes, in the order it prefers them.
 _SINGLE = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 _INDEX = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+MAX_INDEX_BYTES = 64 << 20
+
+
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where ``folder``'s files may resolve: the folder itself, and a hub cache snapshot's ``blobs/``."""
+    real = folder.resolve()
+    roots = [real]
+    for parent in real.parents:
+        if parent.name == "snapshots" and parent.parent.name.startswith(("models--", "datasets--")):
+            roots.append(parent.parent / "blobs")
+            break
+    return roots
+
+
+def check_inside(folder: Path, path: Path, source: Path | str) -> Path:
+    """``path`` if it resolves (links followed) inside ``folder`` (see :func:`_allowed_roots`); else refuse."""
+    real = path.resolve()
+    if not any(real == root or real.is_relative_to(root) for root in _allowed_roots(folder)):
+        raise CheckpointError(f"{source}: {path.name} points outside the checkpoint folder {folder}; "
+                              "weights must be files inside it")
+    return path
+
+
+def _shard_path(folder: Path, name: object, index_path: Path) -> Path:
+    if (not isinstance(name, str) or not name or name.startswith(("/", "\\")) or "\\" in name or "\0" in name
+            or ":" in name or any(part in ("", ".", "..") for part in name.split("/"))):
+        raise CheckpointError(f"{index_path}: shard name {str(name)[:200]!r} is not a file name inside {folder}")
+    return folder / name
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    try:
+        if index_path.stat().st_size > MAX_INDEX_BYTES:
+            raise CheckpointError(f"{index_path}: larger than {MAX_INDEX_BYTES >> 20} MiB; not a safetensors index")
+        weight_map = json.loads(index_path.read_bytes())["weight_map"]
+    except OSError as exc:
+        raise CheckpointError(f"{index_path}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid safetensors index ({type(exc).__name__}: {exc})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) for k in weight_map):
+        raise CheckpointError(f"{index_path}: not a valid safetensors index ('weight_map' must map names to files)")
+    return weight_map
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files holding a component's weights, checking that every shard is on disk."""
+    """The safetensors files holding a component's weights, checking that every shard is on disk and inside."""
     for name in _INDEX:
         index_path = folder / name
         if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc})") from None
-            shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
+            shards = {_shard_path(folder, s, index_path) for s in _read_index(index_path).values()}
+            missing = sorted(p.name for p in shards if not p.is_file())
             if missing:
-                raise CheckpointError(
-                    f"{index_path} names shard(s) that are not on disk: {', '.join(missing)}"
-                )
-            return [folder / s for s in shards]
+                raise CheckpointError(f"{index_path} names shard(s) that are not on disk: {', '.join(missing)}")
+            return [check_inside(folder, p, index_path) for p in sorted(shards)]
     for name in _SINGLE:
         if (folder / name).is_file():
-            return [folder / name]
+            return [check_inside(folder, folder / name, folder / name)]
     found = sorted(p.name for p in folder.glob("*.safetensors"))
-    if len(found) == 1:
-        return [folder / found[0]]
+    if len(found) == 1 and (folder / found[0]).is_file():
+        return [check_inside(folder, folder / found[0], folder / found[0])]
     raise CheckpointError(
         f"{folder}: no safetensors weights found (expected one of {', '.join(_SINGLE + _INDEX)}"
         + (f"; found several unindexed files: {', '.join(found)}" if found else "")
@@ -45,12 +87,25 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
+def _open(path: Path, device: str = "cpu"):
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
 def tensor_names(files: list[Path]) -> list[str]:
-    names: list[str] = []
+    return list(tensor_shapes(files))
+
+
+def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape, read from the safetensors headers only."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            names.extend(f.keys())
-    return names
+        with _open(path) as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
 
 
 def iter_tensors(
@@ -63,9 +118,12 @@ def iter_tensors(
     """
     load_device = "cpu" if device.type == "meta" else str(device)
     for path in files:
-        with safe_open(str(path), framework="pt", device=load_device) as f:
+        with _open(path, load_device) as f:
             for name in f.keys():
-                tensor = f.get_tensor(name)
+                try:
+                    tensor = f.get_tensor(name)
+                except (SafetensorError, RuntimeError, ValueError) as exc:
+                    raise CheckpointError(f"{path}: cannot read tensor {name!r} ({exc})") from None
                 target = dtype_for(name)
                 if target is not None and tensor.is_floating_point() and tensor.dtype != target:
                     tensor = tensor.to(target)
