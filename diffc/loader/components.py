@@ -112,8 +112,9 @@ def load_tokenizer(folder: Path, class_name: str):
 
 
 def load_scheduler(folder: Path, class_name: str):
-    config = read_json(folder / "scheduler_config.json")
-    return registry.scheduler_class(class_name).from_config(config)
+    path = folder / "scheduler_config.json"
+    cls = registry.scheduler_class(class_name)
+    return cls.from_config(cls.config_class.from_dict(read_json(path), source=str(path)))
 
 
 def load_component(root: Path, name: str, class_name: str, device: torch.device, dtype: torch.dtype):

@@ -1,0 +1,226 @@
+"""Attacks and accidents on a checkpoint folder: loading is strict, runs no code and stays inside the folder.
+
+Each case is one clear ``CheckpointError`` line naming the file the user gave: pickled weights,
+malformed JSON and safetensors headers, absurd config values (refused before anything is built),
+shard names and symbolic links that lead outside the folder, weights that do not fit the config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import diffc
+from diffc.errors import CheckpointError
+
+
+class Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def marker(tmp_path):
+    path = tmp_path / "payload-ran"
+    yield path
+    assert not path.exists(), "the payload ran"
+
+
+@pytest.fixture
+def ckpt(flux_checkpoint, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(flux_checkpoint("dev-tiny"), dst)
+    return dst
+
+
+@pytest.fixture
+def sharded(flux_checkpoint, tmp_path):
+    dst = tmp_path / "sharded"
+    shutil.copytree(flux_checkpoint("dev-tiny", sharded=True), dst)
+    return dst
+
+
+def refused(root, fragment: str) -> str:
+    with pytest.raises(CheckpointError) as info:
+        diffc.load(root, device="cpu")
+    message = str(info.value)
+    assert fragment in message and "\n" not in message, message
+    return message
+
+
+def _edit(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+# ---- pickled weights ------------------------------------------------------------------------
+
+def test_a_text_encoder_with_only_a_pickle_is_refused(ckpt, marker):
+    folder = ckpt / "text_encoder"
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
+    refused(ckpt, "text_encoder: no safetensors weights found")
+
+
+@pytest.mark.parametrize("content", ["state_dict", "payload"])
+def test_transformers_never_falls_back_to_a_pickle(ckpt, marker, content):
+    """Safetensors under a name transformers does not look for, a .bin it does: refused, not unpickled."""
+    folder = ckpt / "text_encoder"
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").rename(folder / "weights.safetensors")
+    torch.save(state if content == "state_dict" else {"x": Payload(marker)}, folder / "pytorch_model.bin")
+    refused(ckpt, f"{folder}: cannot load CLIPTextModel with safetensors weights")
+
+
+# ---- malformed files --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("file", ["model_index.json", "transformer/config.json", "text_encoder/config.json",
+                                  "scheduler/scheduler_config.json"])
+@pytest.mark.parametrize("content,fragment", [
+    (b"\xff\xfe\x00binary", "invalid JSON"),
+    (b"[1, 2]", "invalid JSON (expected an object, got list)"),
+    (b"[" * 100_000 + b"]" * 100_000, "invalid JSON"),
+    (b'{"a": ', "invalid JSON"),
+])
+def test_malformed_json_is_one_line(ckpt, file, content, fragment):
+    (ckpt / file).write_bytes(content)
+    message = refused(ckpt, fragment)
+    assert message.startswith(f"{ckpt / file}: ")
+
+
+@pytest.mark.parametrize("content", [
+    b"",  # empty
+    b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json",  # header of 8 bytes that is not JSON
+    (10**12).to_bytes(8, "little") + b"{}",  # a header length larger than the file
+    b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"w": {"dtype": "F32", "shape": [1000000], "data_offsets": [0, 4000000]}}',
+], ids=["empty", "bad-header", "huge-header-length", "offsets-past-the-end"])
+def test_a_malformed_safetensors_header_is_one_line(ckpt, content):
+    path = ckpt / "transformer" / "diffusion_pytorch_model.safetensors"
+    path.write_bytes(content)
+    refused(ckpt, f"{path}: not a valid safetensors file")
+
+
+def test_a_malformed_index_is_one_line(sharded):
+    index = sharded / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": ["not", "a", "map"]}))
+    refused(sharded, f"{index}: not a valid safetensors index")
+
+
+# ---- absurd config values, refused before anything is built -----------------------------------
+
+@pytest.mark.parametrize("component,changes,fragment", [
+    ("transformer", {"num_layers": 1e9}, "'num_layers': expected an integer, got 1000000000.0"),
+    ("transformer", {"num_layers": 10**9}, "'num_layers': expected an integer from 0 to 1024, got 1000000000"),
+    ("transformer", {"num_single_layers": -1}, "'num_single_layers': expected an integer from 0 to 1024, got -1"),
+    ("transformer", {"attention_head_dim": -16}, "'attention_head_dim': expected an integer from 0 to 1048576"),
+    ("transformer", {"joint_attention_dim": 1 << 40}, "'joint_attention_dim': expected an integer from 0 to 1048576"),
+    ("transformer", {"in_channels": "64"}, "'in_channels': expected an integer, got '64'"),
+    ("transformer", {"guidance_embeds": "yes"}, "'guidance_embeds': expected true or false, got 'yes'"),
+    ("transformer", {"axes_dims_rope": [4, "x", 4]}, "'axes_dims_rope': expected an integer, got 'x'"),
+    ("vae", {"scaling_factor": float("nan")}, "'scaling_factor': expected a finite number, got nan"),
+    ("vae", {"block_out_channels": [8, -16]}, "'block_out_channels': expected an integer from 0 to"),
+    ("vae", {"layers_per_block": 5000}, "'layers_per_block': expected an integer from 0 to 1024, got 5000"),
+    ("text_encoder", {"num_hidden_layers": 1e9}, "'num_hidden_layers': expected an integer from 0 to 1024"),
+    ("text_encoder_2", {"d_model": -4}, "'d_model': expected an integer from 0 to 1048576, got -4"),
+    ("scheduler", {"num_train_timesteps": -5}, "'num_train_timesteps': expected an integer from 0 to"),
+])
+def test_absurd_config_values_are_refused_at_once(ckpt, component, changes, fragment):
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    _edit(ckpt / component / name, **changes)
+    started = time.perf_counter()
+    message = refused(ckpt, fragment)
+    assert message.startswith(f"{ckpt / component / name}: ") and time.perf_counter() - started < 30
+
+
+def test_weights_that_do_not_fit_the_config_are_named(ckpt):
+    config = ckpt / "transformer" / "config.json"
+    data = json.loads(config.read_text())
+    _edit(config, num_attention_heads=data["num_attention_heads"] * 2, axes_dims_rope=data["axes_dims_rope"])
+    message = refused(ckpt, f"{ckpt / 'transformer'}: ")
+    assert "weight shape(s) do not match config.json" in message and "(config.json gives" in message
+
+
+# ---- paths that leave the checkpoint folder -----------------------------------------------------
+
+@pytest.mark.parametrize("name", ["../../outside.safetensors", "/etc/passwd", "a/../../b.safetensors", "",
+                                  "C:\\x.safetensors", 7])
+def test_shard_names_stay_inside_the_folder(sharded, name):
+    index = sharded / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = name
+    index.write_text(json.dumps(data))
+    refused(sharded, f"{index}: shard name")
+
+
+def test_a_shard_linking_outside_is_refused(sharded, tmp_path):
+    folder = sharded / "transformer"
+    shard = sorted(folder.glob("*-00001-of-*.safetensors"))[0]
+    outside = tmp_path / "outside.safetensors"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+    refused(sharded, f"{shard.name} points outside the checkpoint folder")
+
+
+def test_a_weights_file_linking_outside_is_refused(ckpt, tmp_path):
+    path = ckpt / "transformer" / "diffusion_pytorch_model.safetensors"
+    shutil.move(path, tmp_path / "elsewhere.safetensors")
+    path.symlink_to(tmp_path / "elsewhere.safetensors")
+    refused(ckpt, "diffusion_pytorch_model.safetensors points outside the checkpoint folder")
+
+
+def test_a_weights_file_linking_to_a_device_is_refused(ckpt):
+    path = ckpt / "transformer" / "diffusion_pytorch_model.safetensors"
+    path.unlink()
+    path.symlink_to("/dev/zero")
+    refused(ckpt, "no safetensors weights found")
+
+
+def test_a_hub_cache_snapshot_with_linked_blobs_loads(flux_checkpoint, tmp_path):
+    """huggingface_hub's cache links every file of a snapshot into the repository's blobs/: that is allowed."""
+    repo = tmp_path / "hub" / "models--org--flux-tiny"
+    snapshot = repo / "snapshots" / "0123abcd"
+    source = flux_checkpoint("dev-tiny", sharded=True)
+    for i, file in enumerate(sorted(p for p in source.rglob("*") if p.is_file())):
+        blob = repo / "blobs" / f"blob{i}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, blob)
+        link = snapshot / file.relative_to(source)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    pipe = diffc.load(snapshot, device="cpu")
+    reference = diffc.load(source, device="cpu")
+    a, b = pipe.components["transformer"].state_dict(), reference.components["transformer"].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- messages name what the user gave ------------------------------------------------------------
+
+def test_messages_name_the_path_the_user_gave(ckpt, tmp_path, monkeypatch):
+    (ckpt / "transformer" / "config.json").write_text("{broken")
+    link = tmp_path / "my-model"
+    link.symlink_to(ckpt)
+    refused(link, f"{link}/transformer/config.json: invalid JSON")
+    monkeypatch.chdir(tmp_path)
+    message = refused("my-model", "my-model/transformer/config.json: invalid JSON")
+    assert str(tmp_path) not in message
+
+
+def test_a_safetensors_file_with_extra_tensors_is_still_named(ckpt):
+    path = ckpt / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    state["decoder.extra"] = torch.zeros(2)
+    save_file(state, path)
+    refused(ckpt, "unexpected keys (1): decoder.extra")
