@@ -157,7 +157,7 @@ def test_unsupported_block_type_is_rejected(field, bad_type):
     data = {"down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
             "block_out_channels": [32, 32]}
     data[field][1] = bad_type
-    with pytest.raises(CheckpointError, match=rf"^{field}: .*'{bad_type}'.*accepted"):
+    with pytest.raises(CheckpointError, match=rf"^config.json: {field}: .*'{bad_type}'.*accepted"):
         AutoencoderKLConfig.from_dict(data)
 
 
