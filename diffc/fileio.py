@@ -43,6 +43,13 @@ def os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
+def cache_dir() -> Path:
+    """diffc's cache folder: ``$DIFFC_CACHE``, else ``$XDG_CACHE_HOME/diffc``, else ``~/.cache/diffc``."""
+    if os.environ.get("DIFFC_CACHE"):
+        return Path(os.environ["DIFFC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffc"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

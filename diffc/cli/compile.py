@@ -73,7 +73,7 @@ def parse_buckets(args: argparse.Namespace, video: bool) -> list[dict]:
 
 
 def compile_command(args: argparse.Namespace) -> int:
-    import diffc
+    from ..loader.pipeline import load as load_pipeline
 
     merge_config(args, args._parser)
     disable = tuple(n.strip() for n in args.disable.split(",") if n.strip())
@@ -85,7 +85,7 @@ def compile_command(args: argparse.Namespace) -> int:
     if choice.notice:
         print(choice.notice, file=sys.stderr)
     model_path = choice.checkpoint()
-    pipe = diffc.load(model_path, device=choice.device, dtype=args.dtype, scheduler=args.scheduler,
+    pipe = load_pipeline(model_path, device=choice.device, dtype=args.dtype, scheduler=args.scheduler,
                       **runtime_options(args))
     if choice.demo:
         defaults = {k: v for k, v in choice.defaults.items() if k != "num_inference_steps"}

@@ -59,7 +59,7 @@ def read_image(path: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import diffc
+    from ..loader.pipeline import load as load_pipeline
 
     merge_config(args, args._parser)
     if not args.prompt:
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             options[key] = value  # the compiled shape, then the demo's size and steps, where the command gives none
     model_path = choice.checkpoint()
     started = time.perf_counter()
-    pipe = diffc.load(model_path, device=choice.device, dtype=args.dtype, scheduler=args.scheduler,
+    pipe = load_pipeline(model_path, device=choice.device, dtype=args.dtype, scheduler=args.scheduler,
                       compiled=args.compiled, **runtime_options(args))
     load_s = time.perf_counter() - started
     options = {k: v for k, v in options.items() if v is not None}
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     request = pipe.resolve(prompt=args.prompt, **options)
     compile_s = None
     if args.compile:
-        from ..compile.compiler import compile_cached
+        from ..runtime.artifacts import compile_cached
 
         started = time.perf_counter()
         bucket = {k: v for k, v in options.items() if k in ("height", "width", "num_frames", "guidance_scale",

@@ -81,7 +81,7 @@ def _is_loopback(host: str) -> bool:
 
 def serve(args: argparse.Namespace) -> int:
     uvicorn = _import_serving()
-    import diffc
+    from ..loader.pipeline import load as load_pipeline
 
     from ..loader.pipeline import resolve_device, resolve_dtype
     from ..serve.app import create_app
@@ -101,7 +101,7 @@ def serve(args: argparse.Namespace) -> int:
     device = resolve_device(choice.device)
 
     def load():
-        return diffc.load(choice.checkpoint(), device=device, dtype=args.dtype, compiled=args.compiled,
+        return load_pipeline(choice.checkpoint(), device=device, dtype=args.dtype, compiled=args.compiled,
                           **runtime_options(args))
     resolve_dtype(args.dtype, device)
     if not args.api_key and not _is_loopback(args.host):

@@ -3,11 +3,14 @@
 Layout::
 
     flux-dev.diffc/
-      manifest.json                  what was compiled, for which machine, what the passes did, and the
-                                     SHA-256 and size of every other file ("files")
-      transformer/bucket-0.json      a rewritten graph in torch.export's JSON schema (:mod:`.program_io`)
-      transformer/bucket-0.safetensors   its lifted constants, if it has any
-      triton-cache/<key>/<file>      Triton kernels compiled while the graphs warmed up (:mod:`.kernel_cache`)
+      manifest.json                      what was compiled, for which machine, what the passes did, and
+                                         the SHA-256 and size of every other file ("files")
+      transformer/transformer_blocks/bucket-0.json
+                                         one rewritten block graph per region and shape, in torch.export's
+                                         JSON schema (:mod:`.program_io`), weights left out
+      transformer/transformer_blocks/bucket-0.safetensors
+                                         its lifted constants, if it has any
+      triton-cache/<key>/<file>          Triton kernels compiled while warming the graphs up (:mod:`.kernel_cache`)
 
 An artifact is data, as safe to load as safetensors: nothing in it is unpickled, imported or copied
 where another program would run it. :func:`open_artifact` reads the manifest, refuses another format
@@ -16,8 +19,10 @@ modified, not listed, a symbolic link or not a regular file is refused, naming i
 by :meth:`Artifact.load_program` and kernels are copied by :meth:`Artifact.install_kernel_cache` into
 a cache private to this process. Any number of programs may share one artifact.
 
-Weights are not in the artifact: the graphs keep the checkpoint's parameter names, and a run loads
-the checkpoint and assigns its tensors into the graph by name.
+Weights are not in the artifact: a region's graph reads each block's tensors by their names relative
+to the block, so ``diffc run --compiled`` loads the checkpoint the manifest names (or ``--model``) and
+every block runs the graph with its own weights. Re-layouts a pass introduced (QKV concatenation) are
+packed per block at first use.
 
 :func:`check_compatible` refuses an artifact built for another torch, Triton or CUDA version, GPU
 architecture, device type, dtype, model config, or by passes and ops whose source differs from this
@@ -46,7 +51,7 @@ from ..fileio import UMASK
 from . import kernel_cache, program_io
 from .kernel_cache import TRITON_CACHE
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 2: one graph per repeated-block region per bucket; 3: JSON + safetensors, files hashed
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 _CHUNK = 1 << 20
@@ -100,7 +105,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def informational() -> dict[str, Any]:
     """Recorded but not checked: where and with what the artifact was made."""
-    from .. import __version__
+    from ..version import __version__
 
     return {"diffc": __version__, "python": sys.version.split()[0], "host": platform.node()}
 
@@ -257,11 +262,11 @@ class Artifact:
             raise ArtifactError(f"cannot read compiled graph {self.where}/{relative}: {exc}") from None
 
     def buckets(self, stage: str) -> list[dict[str, Any]]:
-        """The manifest's bucket entries for ``stage``, each with a ``file`` and a ``key`` string."""
+        """The manifest's bucket entries for ``stage``, each an object with a ``key`` string."""
         entries = self.manifest["stages"].get(stage)
         buckets = entries.get("buckets") if isinstance(entries, dict) else None
-        if not isinstance(buckets, list) or not all(
-                isinstance(b, dict) and isinstance(b.get("file"), str) and isinstance(b.get("key"), str) for b in buckets):
+        if not isinstance(buckets, list) or not all(isinstance(b, dict) and isinstance(b.get("key"), str)
+                                                    for b in buckets):
             raise ArtifactError(f"{self.where}/{MANIFEST}: no valid bucket list for stage '{stage}'")
         return buckets
 

@@ -8,6 +8,7 @@ import json
 import pytest
 
 import diffc
+from diffc.loader import pipeline as pipeline_loader
 from diffc.cli.main import build_parser, main
 from diffc.errors import InvalidArgumentError
 from diffc.serve.protocol import APIError, VideoRequest, parse_body
@@ -28,7 +29,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the error")
 
-    monkeypatch.setattr(diffc, "load", refuse)
+    monkeypatch.setattr(pipeline_loader, "load", refuse)
 
 
 def _argv(command: str, tmp_path) -> list[str]:

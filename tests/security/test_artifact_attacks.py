@@ -25,7 +25,8 @@ from diffc.compile import kernel_cache
 from diffc.compile.artifact import ArtifactError
 
 REQUEST = {"height": 64, "width": 64, "max_sequence_length": 8}
-GRAPH = "transformer/bucket-0.json"
+GRAPH = "transformer/transformer_blocks/bucket-0.json"  # the first region graph
+PT2 = "transformer/transformer_blocks/bucket-0.pt2"
 KEY = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"  # a Triton cache key folder (base32)
 
 
@@ -140,20 +141,20 @@ def test_an_old_pt2_artifact_is_refused_unread(built, copy, marker):
     data = manifest(copy)
     data["format_version"] = 1
     data.pop("files")
-    data["stages"]["transformer"]["buckets"][0]["file"] = "transformer/bucket-0.pt2"
+    data["stages"]["transformer"]["buckets"][0]["regions"][0]["file"] = PT2
     write_manifest(copy, data)
     (copy / GRAPH).unlink()
-    _poisoned_pt2(copy / "transformer" / "bucket-0.pt2", marker)
-    refused(built, copy, "artifact format 1, this diffc reads format 2; recompile it")
+    _poisoned_pt2(copy / PT2, marker)
+    refused(built, copy, f"artifact format 1, this diffc reads format {art.FORMAT_VERSION}; recompile it")
 
 
 def test_a_pt2_named_in_a_current_manifest_is_refused(built, copy, marker):
-    _poisoned_pt2(copy / "transformer" / "bucket-0.pt2", marker)
+    _poisoned_pt2(copy / PT2, marker)
     data = manifest(copy)
-    data["stages"]["transformer"]["buckets"][0]["file"] = "transformer/bucket-0.pt2"
+    data["stages"]["transformer"]["buckets"][0]["regions"][0]["file"] = PT2
     write_manifest(copy, data)
     resign(copy)
-    refused(built, copy, "transformer/bucket-0.pt2: a compiled graph is a .json file")
+    refused(built, copy, f"{PT2}: a compiled graph is a .json file")
 
 
 @pytest.mark.parametrize("content", ["pickle", "pt2"])
@@ -167,7 +168,7 @@ def test_the_graph_file_replaced_by_a_pickle_is_refused(built, copy, marker, con
 
 
 def test_a_constants_file_the_graph_does_not_list_is_refused(built, copy, marker):
-    (copy / "transformer" / "bucket-0.safetensors").write_bytes(payload(marker))
+    (copy / GRAPH).with_suffix(".safetensors").write_bytes(payload(marker))
     resign(copy)
     refused(built, copy, "a constants file is present but the program lists no constants")
 

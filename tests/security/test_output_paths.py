@@ -10,9 +10,11 @@ import os
 import pytest
 
 import diffc
+from diffc.loader import pipeline as pipeline_loader
 from diffc.cli.main import main
 from diffc.compile import artifact as art
-from diffc.compile import compiler
+from diffc.compile import pipeline as compile_pipeline_module
+from diffc.runtime.artifacts import compile_cached
 from diffc.errors import InvalidArgumentError
 
 SMALL = ["--height", "32", "--width", "32", "--steps", "1", "--max-sequence-length", "8", "--no-progress"]
@@ -29,7 +31,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the error")
 
-    monkeypatch.setattr(diffc, "load", refuse)
+    monkeypatch.setattr(pipeline_loader, "load", refuse)
 
 
 def _files(root) -> dict:
@@ -114,20 +116,20 @@ def test_the_python_api_refuses_before_tracing(photos, demo_cache, monkeypatch):
     def traced(*args, **kwargs):
         raise AssertionError("traced before refusing --out")
 
-    monkeypatch.setattr(compiler, "compile_module", traced)
+    monkeypatch.setattr(compile_pipeline_module, "compile_region", traced)
     before = _files(photos)
     with pytest.raises(InvalidArgumentError, match="exists and is not a diffc artifact"):
         pipe.compile([{"height": 32, "width": 32}], out=str(photos), log=lambda line: None)
     assert _files(photos) == before
     # run --compile's cache folder: a folder there that is not a diffc artifact is refused, not replaced
-    seen, compile_pipeline = [], compiler.compile_pipeline
-    monkeypatch.setattr(compiler, "compile_pipeline", lambda pipe, requests, out, **kw: seen.append(out))
-    compiler.compile_cached(pipe, {"height": 32, "width": 32}, log=lambda line: None)
+    seen = []
+    pipe.compile = lambda requests, out, **kw: seen.append(out)
+    compile_cached(pipe, {"height": 32, "width": 32}, log=lambda line: None)
+    del pipe.compile
     (cached := seen[0]).mkdir(parents=True)
     (cached / "user.txt").write_text("mine")
-    monkeypatch.setattr(compiler, "compile_pipeline", compile_pipeline)
     with pytest.raises(InvalidArgumentError, match=f"{cached} exists and is not a diffc artifact"):
-        compiler.compile_cached(pipe, {"height": 32, "width": 32}, log=lambda line: None)
+        compile_cached(pipe, {"height": 32, "width": 32}, log=lambda line: None)
     assert (cached / "user.txt").read_text() == "mine"
 
 

@@ -1,0 +1,98 @@
+"""Loading compiled graphs into a pipeline's DiT stacks: from an artifact, or compiled in-process and cached.
+
+:func:`load_artifact` checks an artifact against this machine, this diffc and this model, reads each
+region's graph once, checks every block has the tensors the graph reads (by name, shape and dtype),
+and installs a :class:`~diffc.runtime.compiled.CompiledDiT` per denoiser. :func:`compile_cached` is
+``diffc run --compile``: an artifact cached under ``$DIFFC_CACHE/compiled/<key>``, compiled on a miss.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..compile import artifact as art
+from ..compile.regions import RegionGraph, dit_regions
+from ..fileio import cache_dir
+from .compiled import CompiledDiT
+
+
+def compiled_layers(graphs: dict[str, tuple[dict[str, dict[str, RegionGraph]], list[str]]],
+                    info: dict[str, Any]) -> dict[str, CompiledDiT]:
+    """One :class:`CompiledDiT` per denoiser from ``compile_pipeline``'s graphs."""
+    return {name: CompiledDiT(by_region, keys, info) for name, (by_region, keys) in graphs.items()}
+
+
+def load_artifact(executor, root: str | Path, *, source: str | Path, device, dtype) -> dict[str, Any]:
+    """Check the artifact at ``root`` and install its graphs into ``executor``'s stacks; returns the manifest.
+
+    Every file is checked against the manifest's hashes before any is read, and the artifact must come
+    from this diffc's passes and ops (:func:`~diffc.compile.compiler.pass_sources`); graphs are read as
+    data (:mod:`diffc.compile.program_io`) and kernels go to a cache private to this process.
+    """
+    from ..compile.compiler import pass_sources
+
+    artifact = art.open_artifact(root)
+    manifest, where = artifact.manifest, artifact.where
+    art.check_compatible(manifest, device=device, dtype=dtype, model_hash=art.config_hash(Path(source)),
+                         where=where, sources=pass_sources())
+    stages = manifest.get("stages")
+    if not isinstance(stages, dict) or not stages:
+        raise art.ArtifactError(f"{where}/{art.MANIFEST}: no compiled stages")
+    read: dict[str, RegionGraph] = {}
+    layers = {}
+    for name in stages:
+        stack = executor.stacks.get(name)
+        if stack is None:
+            raise art.ArtifactError(f"{where}: compiled for a denoiser '{name}' this pipeline does not have "
+                                    f"(it has {', '.join(executor.stacks) or 'none'})")
+        regions = {r.name: r for r in dit_regions(stack.module)}
+        by_region: dict[str, dict[str, RegionGraph]] = {}
+        buckets = artifact.buckets(name)
+        for bucket in buckets:
+            entries = bucket.get("regions")
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+                raise art.ArtifactError(f"{where}/{art.MANIFEST}: bucket {bucket['key'][:80]!r} lists no regions")
+            for entry in entries:
+                region = regions.get(entry.get("region"))
+                if region is None:
+                    raise art.ArtifactError(f"{where}: region {str(entry.get('region'))[:80]!r} is not a block list "
+                                            f"of {type(stack.module).__name__} ({', '.join(regions)})")
+                file = entry.get("file")
+                if not isinstance(file, str) or not isinstance(entry.get("key"), str):
+                    raise art.ArtifactError(f"{where}/{art.MANIFEST}: a region entry has no file or key")
+                if file not in read:
+                    read[file] = RegionGraph(artifact.load_program(file, device=device))
+                graph = read[file]
+                for index in (0, len(region.blocks) - 1):
+                    problems = graph.check_block(region.blocks[index])
+                    if problems:
+                        raise art.ArtifactError(
+                            f"{where}/{file}: the graph's weights do not match {region.name}.{index} of the loaded "
+                            f"model ({'; '.join(problems[:3])}); was the artifact compiled for another checkpoint?")
+                by_region.setdefault(region.name, {})[entry["key"]] = graph
+        layers[name] = CompiledDiT(by_region, [b["key"] for b in buckets],
+                                   {"artifact": where, "tier": manifest.get("passes", {}).get("tier")})
+    artifact.install_kernel_cache()
+    executor.install_compiled(layers)
+    return manifest
+
+
+def compile_cached(pipe, bucket: dict[str, Any], *, tier: str = "fast", log=print) -> Any:
+    """``diffc run --compile``: load this bucket's artifact from the cache, or compile and cache it.
+
+    The cache key covers the model config, dtype, tier, bucket, pass and kernel sources and the
+    environment, so any change compiles anew instead of loading a stale graph.
+    """
+    from ..compile.compiler import pass_sources
+
+    key_source = json.dumps({"model": art.config_hash(Path(pipe.source)), "dtype": str(pipe.dtype), "tier": tier,
+                             "bucket": bucket, "passes": pass_sources(), "env": art.environment(pipe.device),
+                             "format": art.FORMAT_VERSION}, sort_keys=True, default=str)
+    path = cache_dir() / "compiled" / art.sha256_text(key_source)[:20]
+    if (path / art.MANIFEST).is_file():
+        log(f"diffc: using the compiled DiT cached at {path}")
+        return load_artifact(pipe.executor, path, source=pipe.source, device=pipe.device, dtype=pipe.dtype)
+    log(f"diffc: compiling the DiT for {bucket} (cached at {path} for later runs)")
+    return pipe.compile([bucket], out=path, quality=tier, log=log)
