@@ -59,6 +59,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
          compiled: str | Path | None = None) -> Pipeline:
     """Load a diffusers-format pipeline directory (``model_index.json`` + one folder per component).
 
+    A pipeline class with a native diffc spec (FLUX.1, Wan2.1) loads natively; any other diffusers
+    pipeline loads through diffusers itself on the generic backend (``diffc.pipelines.generic``).
+
     ``device`` defaults to CUDA when available; ``dtype`` to bf16 on GPU and fp32 on CPU;
     ``scheduler`` ("unipc" or "euler") replaces the checkpoint's sampler where that makes sense.
     ``offload``, ``offload_prefetch``, ``resident_blocks`` and ``cuda_graphs`` are the runtime
@@ -72,10 +75,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     index = read_json(root / "model_index.json")
     class_name = index.get("_class_name")
     if class_name not in supported_pipelines():
-        raise CheckpointError(
-            f"{root / 'model_index.json'}: pipeline class '{class_name}' is not supported; "
-            f"supported: {', '.join(supported_pipelines())}"
-        )
+        return load_generic(root, index, device, dtype, scheduler, compiled,
+                            RuntimeOptions(offload=offload, offload_prefetch=offload_prefetch,
+                                           resident_blocks=resident_blocks, cuda_graphs=cuda_graphs))
     spec = pipeline_spec(class_name)
     if spec.check_index is not None:
         spec.check_index(index)
@@ -104,3 +106,23 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
 
         load_artifact(pipe, compiled)
     return pipe
+
+
+def load_generic(root: Path, index: dict, device, dtype, scheduler: str | None, compiled,
+                 options: RuntimeOptions) -> Pipeline:
+    """The generic backend: the diffusers pipeline ``model_index.json`` names, loaded by diffusers."""
+    from ..pipelines.generic import GenericPipeline, import_diffusers, load_diffusers_pipeline
+    from ..pipelines.generic.loader import check_runtime
+
+    import_diffusers()
+    if scheduler is not None:
+        raise InvalidArgumentError("scheduler", f"'{index.get('_class_name')}' runs on the generic (diffusers) backend, "
+                                   "which uses the checkpoint's own scheduler; leave --scheduler unset")
+    if compiled is not None:
+        raise InvalidArgumentError("compiled", f"'{index.get('_class_name')}' runs on the generic (diffusers) backend, "
+                                   "which does not run compiled artifacts yet")
+    options = check_runtime(options)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    pipe = load_diffusers_pipeline(root, index, dev, dt)
+    return GenericPipeline(pipe, dev, dt, source=str(root), runtime_options=options)
