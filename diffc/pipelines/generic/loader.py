@@ -8,6 +8,7 @@ the folder), and weights load with ``use_safetensors=True`` and ``trust_remote_c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,23 @@ def check_runtime(options: RuntimeOptions) -> RuntimeOptions:
     return RuntimeOptions(cuda_graphs=False)
 
 
+@contextlib.contextmanager
+def quiet_loading(diffusers):
+    """diffusers' and transformers' loading progress bars off while diffc loads (their state restored after)."""
+    import transformers
+
+    libraries = [diffusers.utils.logging, transformers.utils.logging]
+    were = [lib.is_progress_bar_enabled() for lib in libraries]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was in zip(libraries, were):
+            if was:
+                lib.enable_progress_bar()
+
+
 def load_diffusers_pipeline(root: Path, index: dict[str, Any], device: torch.device, dtype: torch.dtype):
     """``DiffusionPipeline.from_pretrained`` on ``root``, safetensors only, on ``device`` in ``dtype``
     (diffusers keeps each model's ``_keep_in_fp32_modules`` in float32)."""
@@ -84,8 +102,9 @@ def load_diffusers_pipeline(root: Path, index: dict[str, Any], device: torch.dev
 
     dtype_key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"  # renamed in diffusers 0.42
     try:
-        pipe = cls.from_pretrained(str(root), use_safetensors=True, trust_remote_code=False, local_files_only=True,
-                                   **{dtype_key: dtype})
+        with quiet_loading(diffusers):
+            pipe = cls.from_pretrained(str(root), use_safetensors=True, trust_remote_code=False,
+                                       local_files_only=True, **{dtype_key: dtype})
     except (OSError, ValueError, EnvironmentError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{root}: diffusers could not load {cls.__name__} ({type(exc).__name__}: {first}); "
