@@ -180,7 +180,11 @@ def triton_cache(directory: Path | None):
             os.environ["TRITON_CACHE_DIR"] = old
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+def _rel_err(a, b) -> float:
+    """Relative error of ``a`` against ``b``: tensors, or the worst over a tuple of outputs (a block's)."""
+    if isinstance(b, (tuple, list)):
+        errs = [_rel_err(x, y) for x, y in zip(a, b, strict=True) if isinstance(y, torch.Tensor)]
+        return max(errs, default=0.0)
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
