@@ -135,7 +135,7 @@ def open_engine(kind: str, run: Run, ckpt: str | None, shared: dict | None) -> t
     start = time.perf_counter()
     if ckpt is not None:
         engine = ENGINES[kind].from_checkpoint(family, ckpt, run.device, run.dtype)
-    elif kind == "diffusers":
+    elif kind == "diffusers" or family.native_transformer is None:  # the generic backend runs the same modules
         engine = ENGINES[kind](family, run.device, run.dtype, shared["transformer"], shared["vae"])
     else:
         engine = ENGINES[kind](family, run.device, run.dtype,

@@ -179,9 +179,13 @@ class DiffcEngine(Engine):
 
     def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
         with torch.no_grad():
-            return self.transformer(**inputs)
+            return _first(self.transformer(**inputs))  # a diffusers model's output on the generic backend
 
     def encode(self, wl: Workload) -> None:
+        if self.family.diffc_encode is not None:
+            with torch.inference_mode():
+                self.family.diffc_encode(self.pipe, wl)
+            return
         from diffc.pipelines.stages import RunContext
         from diffc.runtime.perf import PerfRecorder
 

@@ -40,26 +40,6 @@ def _t5(tok, d_model: int):
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
 
 
-def train_llama_tokenizer(out_dir: Path):
-    """A byte-level BPE tokenizer with Llama-3's special tokens (HunyuanVideo's prompt template uses them)."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from diffc.demo.tokenizers import CORPUS
-
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS * 8, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
-                                                eos_token="<|end_of_text|>", pad_token="<|end_of_text|>")
-    fast.save_pretrained(str(out_dir))
-    return transformers.PreTrainedTokenizerFast.from_pretrained(str(out_dir))
-
-
 def build_sd3(tok_dir: Path):
     import diffusers
 
@@ -86,7 +66,7 @@ def build_hunyuan(tok_dir: Path):
     import diffusers
     import transformers
 
-    from diffc.demo.tokenizers import train_clip_tokenizer
+    from diffc.demo.tokenizers import train_clip_tokenizer, train_llama_tokenizer
 
     llama_tok, clip_tok = train_llama_tokenizer(tok_dir / "llama"), train_clip_tokenizer(tok_dir / "clip")
     torch.manual_seed(0)

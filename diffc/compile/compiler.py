@@ -181,12 +181,13 @@ def triton_cache(directory: Path | None):
 
 
 def _rel_err(a, b) -> float:
-    """Relative error of ``a`` against ``b``: tensors, or the worst over a tuple of outputs (a block's)."""
-    if isinstance(b, (tuple, list)):
-        errs = [_rel_err(x, y) for x, y in zip(a, b, strict=True) if isinstance(y, torch.Tensor)]
-        return max(errs, default=0.0)
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+    """Relative error of ``a`` against ``b``: tensors, or the worst over the tensors of a structured output
+    (a block's tuple, a diffusers model's output object)."""
+    from torch.utils._pytree import tree_leaves
+
+    pairs = [(x, y) for x, y in zip(tree_leaves(a), tree_leaves(b), strict=True) if isinstance(y, torch.Tensor)]
+    errs = [float((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-12)) for x, y in pairs]
+    return max(errs, default=0.0)
 
 
 def _fused_ops(gm) -> dict[str, int]:
