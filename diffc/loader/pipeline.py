@@ -118,11 +118,13 @@ def load_generic(root: Path, index: dict, device, dtype, scheduler: str | None, 
     if scheduler is not None:
         raise InvalidArgumentError("scheduler", f"'{index.get('_class_name')}' runs on the generic (diffusers) backend, "
                                    "which uses the checkpoint's own scheduler; leave --scheduler unset")
-    if compiled is not None:
-        raise InvalidArgumentError("compiled", f"'{index.get('_class_name')}' runs on the generic (diffusers) backend, "
-                                   "which does not run compiled artifacts yet")
     options = check_runtime(options)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    pipe = load_diffusers_pipeline(root, index, dev, dt)
-    return GenericPipeline(pipe, dev, dt, source=str(root), runtime_options=options)
+    pipe = GenericPipeline(load_diffusers_pipeline(root, index, dev, dt), dev, dt, source=str(root),
+                           runtime_options=options)
+    if compiled is not None:
+        from ..compile.compiler import load_artifact
+
+        load_artifact(pipe, compiled)
+    return pipe

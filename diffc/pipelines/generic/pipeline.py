@@ -3,7 +3,9 @@
 ``generate()`` runs one stage, ``diffusers_call``, that calls the diffusers pipeline once with the
 request mapped onto its own ``__call__`` arguments (:mod:`.spec`) and times its phases from the outside
 (:mod:`.timing`): the same seed gives diffusers' own output. The CLI, the server and the perf dump see
-a ``Pipeline`` like any native one.
+a ``Pipeline`` like any native one, and ``compile()`` (``diffc compile``, ``--compile``, ``--compiled``)
+traces the diffusers transformer as it is: assigning ``components["transformer"]`` sets the module the
+diffusers pipeline calls.
 """
 
 from __future__ import annotations
@@ -138,11 +140,6 @@ class GenericPipeline(Pipeline):
         output = result[0] if isinstance(result, tuple) else getattr(result, "images", getattr(result, "frames", None))
         key = "images" if self.spec.output == "image" else "videos"
         return {key: to_uint8(output, self.spec.output)}
-
-    def compile(self, *args, **kwargs):
-        raise InvalidArgumentError("compile", f"{self.spec.pipeline_class} runs on the generic (diffusers) backend, "
-                                   "whose transformer is not compiled through the pipeline yet; compile its "
-                                   "blocks with diffc.compile.compiler.compile_module")
 
     def __repr__(self) -> str:
         return (f"GenericPipeline({self.spec.pipeline_class} via diffusers, device={self.device}, dtype={self.dtype}, "
