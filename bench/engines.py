@@ -130,6 +130,13 @@ class DiffusersEngine(Engine):
 class DiffcEngine(Engine):
     kind = "diffc"
 
+    def __init__(self, family: Family, device: torch.device, dtype: torch.dtype, transformer, vae, pipe=None):
+        from diffc.runtime.executor import DiTStack
+
+        if not isinstance(transformer, DiTStack):  # a bare DiT (--skip-e2e): a stack of its own
+            transformer = DiTStack("transformer", transformer, device, cuda_graphs=False)
+        super().__init__(family, device, dtype, transformer, vae, pipe)
+
     @classmethod
     def from_checkpoint(cls, family: Family, path: str, device: torch.device, dtype: torch.dtype) -> "DiffcEngine":
         import diffc
@@ -139,29 +146,28 @@ class DiffcEngine(Engine):
 
     def compile(self, inputs: dict[str, Any], wl: Workload, *, disable: tuple[str, ...] = (),
                 enable: tuple[str, ...] = (), graphs: bool = False) -> str:
-        """diffc's compiler on the eager DiT: one graph for the benchmark's DiT inputs and, with a
-        pipeline, one for the shapes its generation passes (Wan's CFG pair is batch 2)."""
-        from diffc.compile.compiled import CompiledModule, signature_key
-        from diffc.compile.compiler import capture_inputs, compile_module, describe_bucket, unwrap_dit
+        """diffc's compiler on the DiT's regions: graphs for the benchmark's DiT inputs and, with a
+        pipeline, for the shapes its generation passes (Wan's CFG pair is batch 2)."""
+        from diffc.compile.pipeline import capture_inputs, compile_dit, describe_bucket
+        from diffc.compile.regions import call_key
+        from diffc.runtime.compiled import CompiledDiT
 
-        eager = unwrap_dit(self.transformer)
-        if self.pipe is not None:
-            self.pipe.components["transformer"] = eager
+        stack = self.transformer
+        stack.set_compiled(None)
         calls = [inputs]
         if self.pipe is not None:
-            captured = capture_inputs(self.pipe, dict(self.family.call_kwargs(wl), prompt=wl.prompt))
-            if signature_key(captured) != signature_key(inputs):
+            captured = capture_inputs(self.pipe, dict(self.family.call_kwargs(wl), prompt=wl.prompt))["transformer"]
+            if call_key((), captured) != call_key((), inputs):
                 calls.append(captured)
-        built, lines = {}, []
-        for kwargs in calls:
-            _program, report, graph = compile_module(eager, kwargs, device=self.device, dtype=self.dtype,
-                                                     disable=disable, enable=enable)
-            built[report.key] = graph
-            self.compile_reports.append(report)
-            lines.append(describe_bucket(report).strip())
-        self.transformer = CompiledModule(eager, built, {"tier": "fast", "disabled": list(disable)})
-        if self.pipe is not None:
-            self.pipe.components["transformer"] = self.transformer
+        by_region, keys, lines, shared = {}, [], [], {}
+        with stack.bare() as eager:
+            for kwargs in calls:
+                report = compile_dit(eager, kwargs, graphs=by_region, shared=shared, device=self.device,
+                                     dtype=self.dtype, disable=disable, enable=enable)
+                keys.append(report.key)
+                self.compile_reports.append(report)
+                lines.append(" ".join(describe_bucket(report).split()))
+        stack.set_compiled(CompiledDiT(by_region, keys, {"tier": "fast", "disabled": list(disable)}))
         if graphs:
             self.cuda_graphs()
         return "diffc compile" + (f" without {', '.join(disable)}" if disable else "") + \
@@ -169,12 +175,8 @@ class DiffcEngine(Engine):
             (" + CUDA graphs" if graphs else "") + ": " + " | ".join(lines)
 
     def cuda_graphs(self) -> str:
-        """Capture and replay the DiT forward in CUDA graphs (diffc's runtime wrapper)."""
-        from diffc.runtime.cudagraphs import CudaGraphModule
-
-        self.transformer = CudaGraphModule(self.transformer)
-        if self.pipe is not None:
-            self.pipe.components["transformer"] = self.transformer
+        """Capture and replay the DiT forward in CUDA graphs (the executor's graph layer)."""
+        self.transformer.set_cuda_graphs(True)
         return "CUDA graphs"
 
     def forward(self, inputs: dict[str, Any]) -> torch.Tensor:

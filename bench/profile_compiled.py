@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default="bench/results")
     args = p.parse_args(argv)
     quiet_libraries()
-    from diffc.compile.compiler import compile_module
+    from diffc.compile.pipeline import compile_dit
+    from diffc.runtime.compiled import CompiledDiT
+    from diffc.runtime.executor import DiTStack
 
     spec, device, dtype = SPECS[args.model], torch.device("cuda"), torch.bfloat16
     family = FAMILIES[spec.family]
@@ -81,9 +83,13 @@ def main(argv: list[str] | None = None) -> int:
                               "flops_tflop": family.dit_flops(spec, wl).total / 1e12}
     with torch.no_grad():
         result["eager"] = profile(lambda: native(**inputs), args.steps)
-        _program, report, graph = compile_module(native, inputs, device=device, dtype=dtype)
-        result["compile"] = {"matches": report.matches, "attention": (report.attention or {}).get("backend")}
-        result["compiled"] = profile(lambda: graph(**inputs), args.steps)
+        graphs: dict = {}
+        report = compile_dit(native, inputs, graphs=graphs, device=device, dtype=dtype)
+        stack = DiTStack("transformer", native, device, cuda_graphs=False)
+        stack.set_compiled(CompiledDiT(graphs, [report.key], {"tier": "fast"}))
+        backends = sorted({(r.attention or {}).get("backend") for r in report.regions} - {None})
+        result["compile"] = {"matches": report.matches, "attention": ",".join(backends)}
+        result["compiled"] = profile(lambda: stack(**inputs), args.steps)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{gpu_slug(result['env']['gpu'])}-{result['env']['date']}-{spec.name}-profile"

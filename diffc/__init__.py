@@ -4,19 +4,19 @@
 or videos; see README.md.
 """
 
-__version__ = "0.1.0"
-
 from .errors import CheckpointError, DiffcError, InvalidArgumentError, WeightMismatchError  # noqa: E402
 
 
 def load(path, device=None, dtype=None, scheduler=None, **runtime):
     """Load a diffusers-format checkpoint directory; see ``diffc.loader.pipeline.load``.
 
-    ``runtime`` keywords: ``offload``, ``offload_prefetch``, ``resident_blocks``, ``cuda_graphs``.
+    ``runtime`` keywords: ``offload``, ``offload_prefetch``, ``resident_blocks``, ``cuda_graphs``, ``compiled``.
     """
     from .loader.pipeline import load as _load
 
     return _load(path, device=device, dtype=dtype, scheduler=scheduler, **runtime)
 
+
+from .version import __version__  # noqa: E402
 
 __all__ = ["load", "DiffcError", "CheckpointError", "InvalidArgumentError", "WeightMismatchError", "__version__"]

@@ -27,6 +27,13 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """diffc's cache folder: ``$DIFFC_CACHE``, else ``$XDG_CACHE_HOME/diffc``, else ``~/.cache/diffc``."""
+    if os.environ.get("DIFFC_CACHE"):
+        return Path(os.environ["DIFFC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffc"
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

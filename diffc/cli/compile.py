@@ -71,7 +71,7 @@ def parse_buckets(args: argparse.Namespace, video: bool) -> list[dict]:
 
 
 def compile_command(args: argparse.Namespace) -> int:
-    import diffc
+    from ..loader.pipeline import load as load_pipeline
 
     merge_config(args, args._parser, skip=("config", "_parser", "func"))
     disable = tuple(n.strip() for n in args.disable.split(",") if n.strip())
@@ -86,7 +86,7 @@ def compile_command(args: argparse.Namespace) -> int:
         if args.task is not None:
             raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from its model_index.json")
         model_path, device = args.model, args.device
-    pipe = diffc.load(model_path, device=device, dtype=args.dtype, scheduler=args.scheduler, **runtime_options(args))
+    pipe = load_pipeline(model_path, device=device, dtype=args.dtype, scheduler=args.scheduler, **runtime_options(args))
     buckets = parse_buckets(args, video=pipe.spec.output == "video")
     if args.model is None:
         defaults = DEMO_DEFAULTS[pipe.spec.output]

@@ -15,7 +15,7 @@ SUBCOMMANDS = ("compile", "run", "serve")
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    from .. import __version__
+    from ..version import __version__
 
     parser = argparse.ArgumentParser(
         prog="diffc", description="diffc: a compiler-centric inference engine for diffusion transformers.")

@@ -74,7 +74,7 @@ def read_image(path: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import diffc
+    from ..loader.pipeline import load as load_pipeline
 
     merge_config(args, args._parser, skip=("config", "_parser", "func"))
     if not args.prompt:
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from its model_index.json")
         model_path, device = args.model, args.device
     started = time.perf_counter()
-    pipe = diffc.load(model_path, device=device, dtype=args.dtype, scheduler=args.scheduler,
+    pipe = load_pipeline(model_path, device=device, dtype=args.dtype, scheduler=args.scheduler,
                       compiled=args.compiled, **runtime_options(args))
     load_s = time.perf_counter() - started
     if compiled_from is not None:
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     request = pipe.resolve(prompt=args.prompt, **options)
     compile_s = None
     if args.compile:
-        from ..compile.compiler import compile_cached
+        from ..runtime.artifacts import compile_cached
 
         started = time.perf_counter()
         bucket = {k: v for k, v in options.items() if k in ("height", "width", "num_frames", "guidance_scale",

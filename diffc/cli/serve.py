@@ -85,7 +85,7 @@ def _is_loopback(host: str) -> bool:
 
 def serve(args: argparse.Namespace) -> int:
     uvicorn = _import_serving()
-    import diffc
+    from ..loader.pipeline import load as load_pipeline
 
     from ..loader.pipeline import resolve_device, resolve_dtype
     from ..serve.app import create_app
@@ -107,7 +107,7 @@ def serve(args: argparse.Namespace) -> int:
         defaults = {k: first[k] for k in ("height", "width", "num_frames") if first.get(k) is not None}
 
         def load():
-            return diffc.load(root, device=device, dtype=args.dtype, compiled=args.compiled, **runtime_options(args))
+            return load_pipeline(root, device=device, dtype=args.dtype, compiled=args.compiled, **runtime_options(args))
     elif args.model is None:
         from ..demo import DEMO_NOTICE, demo_checkpoint
 
@@ -118,7 +118,7 @@ def serve(args: argparse.Namespace) -> int:
         device = resolve_device(args.device or "cpu")
 
         def load():
-            return diffc.load(demo_checkpoint(family), device=device, dtype=args.dtype, **runtime_options(args))
+            return load_pipeline(demo_checkpoint(family), device=device, dtype=args.dtype, **runtime_options(args))
     else:
         if args.task is not None:
             raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from "
@@ -130,7 +130,7 @@ def serve(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
 
         def load():
-            return diffc.load(root, device=device, dtype=args.dtype, **runtime_options(args))
+            return load_pipeline(root, device=device, dtype=args.dtype, **runtime_options(args))
     resolve_dtype(args.dtype, device)
     if not args.api_key and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)

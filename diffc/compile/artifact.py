@@ -3,13 +3,15 @@
 Layout::
 
     flux-dev.diffc/
-      manifest.json                 what was compiled, for which machine, and what the passes did
-      transformer/bucket-0.pt2      torch.export.save of the rewritten ExportedProgram, weights left out
-      triton-cache/                 Triton kernels compiled while the compiler warmed the graphs up
+      manifest.json                                       what was compiled, for which machine, what the passes did
+      transformer/transformer_blocks/bucket-0.pt2         one rewritten block graph per region and shape,
+      transformer/single_transformer_blocks/bucket-1.pt2  weights left out
+      triton-cache/                                       Triton kernels compiled while warming the graphs up
 
-Weights are not in the artifact: the graphs keep the checkpoint's parameter names, and
-``diffc run --compiled`` loads the checkpoint the manifest names (or ``--model``) and assigns its
-tensors into the graph. Re-layouts a pass introduced (QKV concatenation) are folded at load time.
+Weights are not in the artifact: a region's graph reads each block's tensors by their names relative
+to the block, so ``diffc run --compiled`` loads the checkpoint the manifest names (or ``--model``) and
+every block runs the graph with its own weights. Re-layouts a pass introduced (QKV concatenation) are
+packed per block at first use.
 
 :func:`check_compatible` refuses an artifact built for another torch, Triton or CUDA version, GPU
 architecture, device type, dtype, model config or diffc format, naming every field that differs.
@@ -34,7 +36,7 @@ import torch
 from ..errors import DiffcError
 from ..fileio import UMASK
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one graph per repeated-block region per bucket
 MANIFEST = "manifest.json"
 TRITON_CACHE = "triton-cache"
 
@@ -85,7 +87,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def informational() -> dict[str, Any]:
     """Recorded but not checked: where and with what the artifact was made."""
-    from .. import __version__
+    from ..version import __version__
 
     return {"diffc": __version__, "python": sys.version.split()[0], "host": platform.node()}
 
@@ -193,6 +195,26 @@ def load_program(path: Path) -> torch.export.ExportedProgram:
         raise ArtifactError(f"compiled graph missing from the artifact: {path}") from exc
     except Exception as exc:  # torch raises several types for a damaged archive
         raise ArtifactError(f"cannot read compiled graph {path}: {type(exc).__name__}: {exc}") from exc
+
+
+_PRIVATE_CACHES: list[Any] = []
+
+
+def use_kernel_cache(source: Path) -> Path | None:
+    """Use the artifact's compiled Triton kernels in this process only: copy them into a private
+    temporary cache and point ``TRITON_CACHE_DIR`` at it (nothing is written to the user's own cache)."""
+    if not Path(source).is_dir():
+        return None
+    private = tempfile.TemporaryDirectory(prefix="diffc-triton-")
+    _PRIVATE_CACHES.append(private)  # lives as long as the process
+    target = Path(private.name)
+    for path in Path(source).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            dest = target / path.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+    os.environ["TRITON_CACHE_DIR"] = str(target)
+    return target
 
 
 def directory_size(path: Path) -> int:

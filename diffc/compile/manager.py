@@ -67,8 +67,9 @@ class PassManager:
 
     def run(self, gm: fx.GraphModule | torch.export.ExportedProgram) -> CompileCounters:
         """Rewrite ``gm`` (or an ExportedProgram's ``graph_module``) in place; returns this run's counters."""
-        if isinstance(gm, torch.export.ExportedProgram):
-            gm = gm.graph_module
+        program = gm if isinstance(gm, torch.export.ExportedProgram) else None
+        if program is not None:
+            gm = program.graph_module
         counters = CompileCounters(graphs_rewritten=1)
         for fusion in self.passes:
             if not self.enabled(fusion):
@@ -76,5 +77,16 @@ class PassManager:
                 continue
             counters.matches[fusion.name] = fusion(gm)
             counters.passes_run += 1
+        if program is not None:
+            sync_output_signature(program)
         self.counters.add(counters)
         return counters
+
+
+def sync_output_signature(program: torch.export.ExportedProgram) -> None:
+    """Point the program's output specs at the graph's output nodes after a pass replaced one of them
+    (a block whose last op was fused returns the fused op's result)."""
+    outputs = program.graph.output_node().args[0]
+    for spec, node in zip(program.graph_signature.output_specs, outputs):
+        if isinstance(node, fx.Node) and hasattr(spec.arg, "name") and spec.arg.name != node.name:
+            spec.arg.name = node.name

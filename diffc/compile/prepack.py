@@ -195,3 +195,25 @@ def fold_weight_concats(gm: fx.GraphModule) -> int:
         graph.lint()
         gm.recompile()
     return folded
+
+
+def pack_tensors(values: list[torch.Tensor], repoint: list[bool]) -> torch.Tensor:
+    """The dim-0 concatenation of ``values``, computed once; the tensors flagged in ``repoint`` (a block's
+    own parameters and buffers) become views of it (``.data``), so the weights are held once.
+
+    Values already lying back to back in one storage (packed earlier, e.g. by another shape's graph over
+    the same weights) give a view of that storage instead of a copy.
+    """
+    with torch.no_grad():
+        packed = _adjacent_view(values, 0)
+        if packed is not None:
+            return packed
+        packed = torch.cat(values, 0)
+        offset, seen = 0, set()
+        for value, own in zip(values, repoint):
+            rows = value.shape[0]
+            if own and id(value) not in seen and value.dtype == packed.dtype and value.device == packed.device:
+                seen.add(id(value))
+                value.data = packed.narrow(0, offset, rows)
+            offset += rows
+    return packed

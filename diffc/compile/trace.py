@@ -22,8 +22,9 @@ class TraceError(DiffcError):
     """``torch.export`` could not capture a module as one graph."""
 
 
-def trace_module(model: nn.Module, example_kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
-    """Export ``model(**example_kwargs)`` to an ``ExportedProgram`` (ATen graph, parameters lifted).
+def trace_module(model: nn.Module, example_kwargs: dict[str, Any],
+                 example_args: tuple = ()) -> torch.export.ExportedProgram:
+    """Export ``model(*example_args, **example_kwargs)`` to an ``ExportedProgram`` (ATen graph, parameters lifted).
 
     The graph is specialised to the example inputs' shapes and dtypes. Raises :class:`TraceError`
     naming the module class and the first line of torch's reason when export fails.
@@ -32,7 +33,7 @@ def trace_module(model: nn.Module, example_kwargs: dict[str, Any]) -> torch.expo
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace_module: expected a torch.nn.Module, got {name}")
     try:
-        return torch.export.export(model, args=(), kwargs=dict(example_kwargs), strict=False)
+        return torch.export.export(model, args=tuple(example_args), kwargs=dict(example_kwargs), strict=False)
     except Exception as exc:  # torch raises many types here (Unsupported, UserError, TypeError, ...)
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise TraceError(

@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..fileio import cache_dir
+
 DEMO_NOTICE = (
     "note: no --model given, so diffc runs its built-in demo {family} model: tiny and with RANDOM weights, "
     "so the output is noise.\n"
@@ -23,13 +25,6 @@ _BUILDERS = {
     "flux": ("flux-tiny-v1", "diffc.demo.flux:build_flux_demo"),
     "wan": ("wan-tiny-v1", "diffc.demo.wan:build_wan_demo"),
 }
-
-
-def cache_dir() -> Path:
-    """``$DIFFC_CACHE``, else ``$XDG_CACHE_HOME/diffc``, else ``~/.cache/diffc``."""
-    if os.environ.get("DIFFC_CACHE"):
-        return Path(os.environ["DIFFC_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffc"
 
 
 def demo_checkpoint(family: str = "flux") -> Path:

@@ -11,7 +11,7 @@ from ..errors import CheckpointError, InvalidArgumentError
 from ..pipelines.base import Pipeline, pipeline_spec, supported_pipelines
 from ..models.registry import TEXT_ENCODERS
 from ..pipelines.schedulers.choice import SCHEDULER_NAMES, choose_scheduler
-from ..runtime.apply import apply_runtime
+from ..runtime.executor import Executor
 from ..runtime.options import RuntimeOptions, check_runtime_device
 from .components import load_component, read_json
 
@@ -99,12 +99,10 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     if "scheduler" in components:
         components["scheduler"] = choose_scheduler(components["scheduler"], scheduler)
     text_encoders = tuple(n for n in spec.components if index[n][1] in TEXT_ENCODERS)
-    runtime = apply_runtime(components, dev, options, text_encoders)
-    pipe = Pipeline(spec, components, dev, dt, source=str(root), runtime=runtime, runtime_options=options)
+    executor = Executor(components, dev, options, text_encoders)
+    pipe = Pipeline(spec, components, dev, dt, source=str(root), executor=executor, runtime_options=options)
     if compiled is not None:
-        from ..compile.compiler import load_artifact
-
-        load_artifact(pipe, compiled)
+        pipe.load_compiled(compiled)
     return pipe
 
 
@@ -124,7 +122,5 @@ def load_generic(root: Path, index: dict, device, dtype, scheduler: str | None, 
     pipe = GenericPipeline(load_diffusers_pipeline(root, index, dev, dt), dev, dt, source=str(root),
                            runtime_options=options)
     if compiled is not None:
-        from ..compile.compiler import load_artifact
-
-        load_artifact(pipe, compiled)
+        pipe.load_compiled(compiled)
     return pipe

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
-from ..runtime.apply import describe_runtime
 from ..runtime.perf import PerfRecorder, Timings
 from .stages import RunContext, Stage, StageGraph
 
@@ -188,12 +187,13 @@ class Pipeline:
     """A loaded pipeline: its spec, components, device and dtype. Build it with ``diffc.load``."""
 
     def __init__(self, spec: PipelineSpec, components: dict[str, Any], device: torch.device, dtype: torch.dtype,
-                 source: str = "", runtime: dict[str, Any] | None = None, runtime_options: Any = None):
+                 source: str = "", executor: Any = None, runtime_options: Any = None):
+        from ..runtime.executor import Executor
         from ..runtime.options import RuntimeOptions
 
         self.spec = spec
-        self.runtime = runtime or {}
         self.runtime_options = runtime_options or RuntimeOptions()
+        self.executor = executor or Executor(components, device, self.runtime_options)
         self.components = components
         self.device = device
         self.dtype = dtype
@@ -223,17 +223,26 @@ class Pipeline:
     def compile(self, buckets: list[dict[str, Any]] | None = None, *, out: str | None = None, quality: str = "fast",
                 disable: tuple[str, ...] = (), enable: tuple[str, ...] = (), attention: str = "auto",
                 log: Callable[[str], None] = print):
-        """Compile the DiT for ``buckets`` (request fields: height, width, num_frames, guidance_scale,
+        """Compile the DiT(s) for ``buckets`` (request fields: height, width, num_frames, guidance_scale,
         one prompt per image), install the graphs, and write an artifact at ``out`` if given.
 
         ``buckets`` defaults to one bucket of the family's default size. Returns the
-        ``diffc.compile.compiler.CompileReport``.
+        ``diffc.compile.pipeline.CompileReport``.
         """
-        from ..compile.compiler import compile_pipeline
+        from ..compile.pipeline import compile_pipeline
+        from ..runtime.artifacts import compiled_layers
 
         requests = [dict(b) for b in (buckets if buckets is not None else [{}])]
-        return compile_pipeline(self, requests, out=out, tier=quality, disable=disable, enable=enable,
-                                attention=attention, log=log)
+        report, graphs = compile_pipeline(self, requests, out=out, tier=quality, disable=disable, enable=enable,
+                                          attention=attention, log=log)
+        self.executor.install_compiled(compiled_layers(graphs, {"artifact": report.artifact, "tier": quality}))
+        return report
+
+    def load_compiled(self, path: str) -> dict[str, Any]:
+        """Install the graphs of an artifact written by ``diffc compile`` (checked first); returns its manifest."""
+        from ..runtime.artifacts import load_artifact
+
+        return load_artifact(self.executor, path, source=self.source, device=self.device, dtype=self.dtype)
 
     def generate(self, prompt: str | list[str], *, progress: bool = True,
                  step_callback: Callable[[int, int], None] | None = None, **kwargs) -> GenerationOutput:
@@ -245,16 +254,16 @@ class Pipeline:
         state = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
         state["prompt"] = request.prompts
         state["seeds"] = seeds
-        from ..compile.compiled import fallback_warning, find_compiled
+        from ..runtime.compiled import fallback_warning
 
-        compiled = find_compiled(self.components)
+        compiled = self.executor.compiled()
         fallbacks = compiled.counters.eager_fallbacks if compiled is not None else 0
         with torch.inference_mode():
             state = self.graph.run(ctx, state)
         if compiled is not None and (w := fallback_warning(compiled, fallbacks)):
             ctx.warnings.append(w)
         timings = ctx.perf.finish()
-        timings.runtime = describe_runtime(self.components, self.runtime)
+        timings.runtime = self.executor.describe()
         if self.spec.output == "image":
             from PIL import Image
 

@@ -427,37 +427,3 @@ def unwrap(module: Any) -> Any:
 def describe_cuda_graphs(module: Any) -> dict[str, Any]:
     """``describe()`` of a wrapped module, else ``{"enabled": False}``: what the perf dump shows."""
     return module.describe() if isinstance(module, CudaGraphModule) else {"enabled": False}
-
-
-def wrap_cuda_graphs(components: dict[str, Any], device: str | torch.device, enabled: bool | None, *,
-                     max_graphs: int = DEFAULT_MAX_GRAPHS) -> CudaGraphModule | None:
-    """Wrap ``components["transformer"]`` in a ``CudaGraphModule`` (in place) and return the wrapper.
-
-    ``enabled=None`` turns graphs on for a CUDA device and off elsewhere; ``True`` on a device without
-    CUDA raises ``InvalidArgumentError("cuda_graphs", ...)``; ``False`` (or ``None`` off CUDA) leaves the
-    plain module in place (unwrapping a wrapped one) and returns None.
-    """
-    if enabled is not None and not isinstance(enabled, bool):
-        raise InvalidArgumentError("cuda_graphs", f"must be True, False or None (automatic), got {enabled!r}")
-    device = torch.device(device)
-    if enabled is None:
-        enabled = device.type == "cuda" and torch.cuda.is_available()
-    if enabled and device.type != "cuda":
-        raise InvalidArgumentError("cuda_graphs", f"CUDA graphs need a CUDA GPU, and this pipeline runs on {device}; "
-                                   "turn them off (--cuda-graphs off / cuda_graphs=False) or leave them unset")
-    if enabled and not torch.cuda.is_available():
-        raise InvalidArgumentError("cuda_graphs", "CUDA graphs need a CUDA GPU, and torch sees none "
-                                   "(torch.cuda.is_available() is False)")
-    transformer = components.get("transformer")
-    if transformer is None:
-        if enabled:
-            raise InvalidArgumentError("cuda_graphs", "this pipeline has no 'transformer' component to capture")
-        return None
-    if not enabled:
-        if isinstance(transformer, CudaGraphModule):
-            transformer.reset()
-            components["transformer"] = transformer.module
-        return None
-    if not isinstance(transformer, CudaGraphModule):
-        components["transformer"] = CudaGraphModule(transformer, max_graphs=max_graphs)
-    return components["transformer"]

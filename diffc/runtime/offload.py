@@ -64,7 +64,8 @@ import torch
 from torch import nn
 
 from ..errors import DiffcError, InvalidArgumentError
-from .cudagraphs import CudaGraphModule
+from ..models.structure import dit_regions, has_regions
+from .executor import unwrap
 from .offload_host import (ALIGN, CudaStreams, GiB, HostBuffer, HostResident, OneAtATime, _Packing, _tensors,
                            packed_bytes)
 from .offload_plan import (PLACEMENTS, START, Copy, Record, RingPlan, choose_resident_count, computed, copied,
@@ -99,13 +100,15 @@ class OffloadCounters:
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks in run order: the lists named by ``_repeated_blocks``, concatenated."""
-    return [block for attr in getattr(model, "_repeated_blocks", ()) for block in getattr(model, attr)]
+    """The model's repeated blocks in run order: its regions' blocks (``_repeated_blocks``), concatenated."""
+    if not has_regions(model):
+        return []
+    return [block for region in dit_regions(model) for block in region.blocks]
 
 
 def _check_blocks_own_weights(name: str, model: nn.Module) -> None:
     owner_of: dict[int, int | None] = {}
-    prefixes = [f"{attr}.{j}." for attr in model._repeated_blocks for j in range(len(getattr(model, attr)))]
+    prefixes = [f"{region.name}.{j}." for region in dit_regions(model) for j in range(len(region.blocks))]
     for pname, t in itertools.chain(model.named_parameters(remove_duplicate=False),
                                     model.named_buffers(remove_duplicate=False)):
         if t.device.type == "meta":
@@ -355,11 +358,7 @@ def apply_offload(components: dict[str, Any], device: torch.device | str, mode: 
         streams = CudaStreams(device)
     modules = {}
     for n, c in components.items():
-        if isinstance(c, CudaGraphModule):
-            c.reset()  # its graphs hold the weights' current addresses
-            c = c.module
-            if mode == "layerwise":  # its copies cannot be captured (see the module docstring): run unwrapped
-                components[n] = c
+        c = unwrap(c)  # a DiT stack's module; the stack notices moved weights (its CUDA graphs recapture)
         if isinstance(c, nn.Module):
             modules[n] = c
     dits = [n for n, m in modules.items() if n not in text_encoders and repeated_blocks(m)]

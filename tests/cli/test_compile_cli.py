@@ -47,13 +47,20 @@ def test_compile_writes_an_artifact(artifact):
     path, code, out = artifact
     assert code == 0
     assert "diffc compile: FluxPipeline from" in out and "quality fast, 1 shape(s)" in out
-    assert "traced " in out and " nodes in " in out and "passes " in out and "gelu_tanh 4" in out
+    assert "traced " in out and " nodes in " in out and "passes " in out
+    # one graph per region: the double-stream block's two feed-forwards, the single-stream block's MLP
+    assert "transformer_blocks x1: traced" in out and "single_transformer_blocks x2: traced" in out
+    assert [line.count("gelu_tanh 2") for line in out.splitlines() if "transformer_blocks x" in line] == [1, 0]
+    assert [line.count("gelu_tanh 1") for line in out.splitlines() if "transformer_blocks x" in line] == [0, 1]
     assert f"diffc compile: wrote {path}" in out and "weights not included" in out
     manifest = _manifest(path)
     (bucket,) = manifest["stages"]["transformer"]["buckets"]
     assert (bucket["request"]["height"], bucket["request"]["width"]) == (64, 64)
     assert bucket["request"]["max_sequence_length"] == 8 and bucket["request"]["prompt"] == ["a compile-time example prompt"]
-    assert (path / "transformer" / "bucket-0.pt2").is_file()
+    assert [r["file"] for r in bucket["regions"]] == ["transformer/transformer_blocks/bucket-0.pt2",
+                                                      "transformer/single_transformer_blocks/bucket-1.pt2"]
+    assert all((path / r["file"]).is_file() for r in bucket["regions"])
+    assert bucket["matches"]["gelu_tanh"] == 4  # over the whole DiT: 2 + 2 x 1
 
 
 def test_compile_two_buckets(tmp_path, capsys):
@@ -62,10 +69,12 @@ def test_compile_two_buckets(tmp_path, capsys):
     assert main(["compile", "--out", str(out), "--bucket", "64x32", "--bucket", "128x64", *SMALL,
                  "--report", str(report)]) == 0
     printed = capsys.readouterr().out
-    assert "2 shape(s)" in printed and printed.count("traced ") == 2
+    assert "2 shape(s)" in printed and printed.count("traced ") == 4  # two regions per shape
     buckets = _manifest(out)["stages"]["transformer"]["buckets"]
     assert [(b["request"]["width"], b["request"]["height"]) for b in buckets] == [(64, 32), (128, 64)]
-    assert [b["file"] for b in buckets] == ["transformer/bucket-0.pt2", "transformer/bucket-1.pt2"]
+    assert [[r["file"] for r in b["regions"]] for b in buckets] == [
+        ["transformer/transformer_blocks/bucket-0.pt2", "transformer/single_transformer_blocks/bucket-1.pt2"],
+        ["transformer/transformer_blocks/bucket-2.pt2", "transformer/single_transformer_blocks/bucket-3.pt2"]]
     assert len({b["key"] for b in buckets}) == 2
     assert [b["key"] for b in json.loads(report.read_text())["buckets"]] == [b["key"] for b in buckets]
 

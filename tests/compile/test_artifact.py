@@ -23,9 +23,9 @@ from diffc.compile import artifact as art
 from diffc.compile import compiler
 from diffc.compile.artifact import ArtifactError
 from diffc.compile.passes import FUSION_PASSES
-from diffc.compile.prepack import PACKED_PREFIX
+from diffc.compile.pipeline import CompileReport
 from diffc.errors import DiffcError, InvalidArgumentError
-from tests.compile.common import EXPECTED, OPT_IN
+from tests.compile.common import OPT_IN
 from tests.helpers import psnr_uint8
 
 STEPS = 2
@@ -37,10 +37,24 @@ REQUESTS = {
     "wan": {"height": 64, "width": 64, "num_frames": 5, "max_sequence_length": 8},  # 2 x 4 x 4 = 32 tokens
 }
 OTHER_SIZE = {"height": 32, "width": 64, "max_sequence_length": 8}  # FLUX: 8 image tokens
-# Nodes canonicalize_casts removes or rewrites in the tiny demo DiTs.
-CANONICALIZED = {"flux": 68, "wan": 93}
-# Attention calls: FLUX 1 double + 2 single blocks; Wan self + cross attention in 2 blocks.
-ATTENTION_SITES = {"flux": 3, "wan": 4}
+# The demo DiTs' regions and their blocks: FLUX 1 double-stream + 2 single-stream blocks, Wan 2 blocks.
+REGIONS = {"flux": {"transformer_blocks": 1, "single_transformer_blocks": 2}, "wan": {"blocks": 2}}
+# Matches per region graph (one block): see tests/compile/common.py for what each site is. The blocks
+# hold every site but the DiTs' own head and tail (FLUX norm_out, the timestep sinusoids, Wan's text
+# projection and norm_out) and the gated residual + next adaLN pairs that span two blocks.
+REGION_MATCHES = {
+    "transformer_blocks": {"canonicalize_casts": 14, "qk_norm_rope": 1, "adaln_modulate": 4, "gated_residual": 4,
+                           "gelu_tanh": 2, "timestep_embedding": 0, "silu_mul": 0, "gated_residual_adaln": 2},
+    "single_transformer_blocks": {"canonicalize_casts": 14, "qk_norm_rope": 1, "adaln_modulate": 1,
+                                  "gated_residual": 1, "gelu_tanh": 1, "timestep_embedding": 0, "silu_mul": 0,
+                                  "gated_residual_adaln": 0},
+    "blocks": {"canonicalize_casts": 41, "qk_norm_rope": 1, "adaln_modulate": 2, "gated_residual": 2,
+               "gelu_tanh": 1, "timestep_embedding": 0, "silu_mul": 0, "gated_residual_adaln": 0},
+}
+# Attention calls per region graph: FLUX one joint attention per block; Wan self + cross attention.
+ATTENTION_SITES = {"transformer_blocks": 1, "single_transformer_blocks": 1, "blocks": 2}
+# concat_linear groups per region graph: FLUX double image q/k/v + text q/k/v, single q/k/v; Wan self q/k/v + cross k/v
+CONCAT_GROUPS = {"transformer_blocks": 2, "single_transformer_blocks": 1, "blocks": 2}
 MIN_PSNR_DB = 40.0
 
 
@@ -51,7 +65,7 @@ class Built:
     family: str
     checkpoint: Path
     artifact: Path
-    report: compiler.CompileReport
+    report: CompileReport
     eager: np.ndarray
     compiled: np.ndarray
 
@@ -112,14 +126,19 @@ def copy_artifact(b: Built, tmp_path: Path) -> Path:
     return target
 
 
+def _files(bucket: dict) -> list[str]:
+    return [r["file"] for r in bucket["regions"]]
+
+
 @pytest.mark.parametrize("family", ["flux", "wan"])
 def test_artifact_layout_and_manifest(built, family):
     b = built(family)
     assert sorted(p.name for p in b.artifact.iterdir()) == ["manifest.json", "transformer", "triton-cache"]
-    assert (b.artifact / "transformer" / "bucket-0.pt2").is_file() and (b.artifact / art.TRITON_CACHE).is_dir()
+    assert sorted(p.name for p in (b.artifact / "transformer").iterdir()) == sorted(REGIONS[family])
+    assert (b.artifact / art.TRITON_CACHE).is_dir()
     assert sorted(p.name for p in b.artifact.parent.iterdir()) == [b.artifact.name]  # no temp dirs beside it
     m = b.manifest
-    assert m["format_version"] == art.FORMAT_VERSION == 1
+    assert m["format_version"] == art.FORMAT_VERSION == 2
     assert m["model"]["config_hash"] == art.config_hash(b.checkpoint)
     assert m["model"]["path"] == str(b.checkpoint.resolve())
     assert m["model"]["pipeline_class"] == {"flux": "FluxPipeline", "wan": "WanPipeline"}[family]
@@ -131,45 +150,55 @@ def test_artifact_layout_and_manifest(built, family):
     assert env["triton"] == triton.__version__
     assert m["passes"]["tier"] == "fast" and m["passes"]["disabled"] == [] and m["passes"]["enabled"] == []
     assert m["kernels"]["qk_norm_rope"]["config"] == "default" and m["kernels"]["qk_norm_rope"]["tile"] == 2048
-    assert {cls.name for cls in FUSION_PASSES} <= set(m["passes"]["sources"])
+    assert {cls.name for cls in FUSION_PASSES} | {"regions"} <= set(m["passes"]["sources"])
     assert all(len(h) == 16 for h in m["passes"]["sources"].values())
     (bucket,) = m["stages"]["transformer"]["buckets"]
-    assert bucket["file"] == "transformer/bucket-0.pt2"
-    assert bucket["key"] == b.report.buckets[0].key and bucket["key"].startswith("encoder_hidden_states:")
+    assert _files(bucket) == [f"transformer/{name}/bucket-{i}.pt2" for i, name in enumerate(REGIONS[family])]
+    assert all((b.artifact / f).is_file() for f in _files(bucket))
+    assert bucket["key"] == b.report.buckets[0].key and bucket["key"].startswith("encoder_hidden_states=")
     assert bucket["request"] == REQUESTS[family]
-    assert bucket["attention"]["device"] == "cpu" and bucket["attention"]["applied"] is True
     assert bucket["rel_err_vs_eager"] < 1e-5
-    assert b.report.artifact_bytes == art.directory_size(b.artifact) > bucket["bytes"] > 0
+    for region in bucket["regions"]:
+        assert region["blocks"] == REGIONS[family][region["region"]] and region["key"].startswith("arg0=")
+        assert region["attention"]["device"] == "cpu" and region["attention"]["applied"] is True
+        assert region["rel_err_vs_eager"] < 1e-5 and region["bytes"] > 0
+    assert b.report.artifact_bytes == art.directory_size(b.artifact) > sum(r["bytes"] for r in bucket["regions"])
 
 
 @pytest.mark.parametrize("family", ["flux", "wan"])
 def test_match_counts(built, family):
     bucket = built(family).manifest["stages"]["transformer"]["buckets"][0]
-    matches = dict(bucket["matches"])
-    attention = matches.pop("attention")
-    default = {k: v for k, v in EXPECTED[family].items() if k not in OPT_IN}
-    assert matches == {"canonicalize_casts": CANONICALIZED[family], **default}
-    # Attention is lowered where a backend other than the graph's own sdpa was measured faster, so the
-    # count depends on timing; every site is either still sdpa or one backend's op, and those are counted.
-    ops = {k: v for k, v in bucket["fused_ops"].items() if "attention" in k}
-    assert sum(ops.values()) == ATTENTION_SITES[family]
-    assert attention == ATTENTION_SITES[family] - ops.get("aten.scaled_dot_product_attention.default", 0)
-    assert all(k.startswith("diffc.") or "attention" in k for k in bucket["fused_ops"])
+    for region in bucket["regions"]:
+        name = region["region"]
+        matches = dict(region["matches"])
+        attention = matches.pop("attention")
+        assert matches == REGION_MATCHES[name], name
+        # Attention is lowered where a backend other than the graph's own sdpa was measured faster, so the
+        # count depends on timing; every site is either still sdpa or one backend's op, and those are counted.
+        ops = {k: v for k, v in region["fused_ops"].items() if "attention" in k}
+        assert sum(ops.values()) == ATTENTION_SITES[name]
+        assert attention == ATTENTION_SITES[name] - ops.get("aten.scaled_dot_product_attention.default", 0)
+        assert all(k.startswith("diffc.") or "attention" in k for k in region["fused_ops"])
+    totals = {k: sum(REGION_MATCHES[r][k] * n for r, n in REGIONS[family].items()) for k in REGION_MATCHES["blocks"]}
+    assert {k: v for k, v in bucket["matches"].items() if k != "attention"} == totals
 
 
 @pytest.mark.parametrize("family", ["flux", "wan"])
 def test_graph_file_holds_no_weights(built, family):
     b = built(family)
-    path = b.artifact / "transformer" / "bucket-0.pt2"
-    program = art.load_program(path)
-    eager = diffc.load(b.checkpoint, device="cpu").components["transformer"]
+    eager = diffc.load(b.checkpoint, device="cpu").components["transformer"].module
     names = dict(eager.state_dict())
-    assert program.state_dict and set(program.state_dict) <= set(names)
-    assert all(t.device.type == "meta" for t in program.state_dict.values())
     param_bytes = sum(t.numel() * t.element_size() for t in names.values())
-    with zipfile.ZipFile(path) as z:
-        payload = sum(i.file_size for i in z.infolist() if "/data/weights/" in i.filename and not i.filename.endswith(".json"))
-    assert payload < param_bytes / 100, (payload, param_bytes)
+    for region in b.manifest["stages"]["transformer"]["buckets"][0]["regions"]:
+        path = b.artifact / region["file"]
+        program = art.load_program(path)
+        block = dict(getattr(eager, region["region"])[0].state_dict())
+        assert program.state_dict and set(program.state_dict) <= set(block)  # names relative to the block
+        assert all(t.device.type == "meta" for t in program.state_dict.values())
+        with zipfile.ZipFile(path) as z:
+            payload = sum(i.file_size for i in z.infolist()
+                          if "/data/weights/" in i.filename and not i.filename.endswith(".json"))
+        assert payload < param_bytes / 100, (payload, param_bytes)
 
 
 @pytest.mark.parametrize("family", ["flux", "wan"])
@@ -193,8 +222,9 @@ def test_fresh_pipeline_loads_the_artifact(built, family):
     assert (runtime["compiled_calls"], runtime["eager_fallbacks"]) == (STEPS, 0)
     assert runtime["buckets"] == [b.report.buckets[0].key]
     assert not any("no graph" in w for w in out.warnings)
-    graphs = pipe.components["transformer"].graphs
-    assert not any(PACKED_PREFIX in n for n, _ in graphs.named_buffers())  # concat_linear is opt-in
+    assert runtime["region_calls"] == STEPS * sum(REGIONS[family].values()) and runtime["region_fallbacks"] == 0
+    layer = pipe.executor.compiled()
+    assert not any(g._packed_specs for by_key in layer.graphs.values() for g in by_key.values())  # opt-in
 
 
 def test_other_size_runs_eagerly_with_a_warning(built):
@@ -227,13 +257,14 @@ def test_lossless_is_bit_identical(built, tmp_path):
     assert np.array_equal(out, b.eager)
     manifest = json.loads((tmp_path / "ll.diffc" / art.MANIFEST).read_text())
     assert manifest["passes"]["tier"] == "lossless"
-    bucket = manifest["stages"]["transformer"]["buckets"][0]
-    assert set(bucket["matches"]) <= {"canonicalize_casts", "attention"}
-    assert bucket["matches"]["canonicalize_casts"] == CANONICALIZED["flux"]
-    assert not any(k.startswith("diffc.") for k in bucket["fused_ops"])
-    if bucket["matches"].get("attention"):
-        shapes = bucket["attention"]["shapes"]
-        assert bucket["attention"]["bit_exact"] and all(s["backend"] in ("sdpa", s["torch_default"]) for s in shapes)
+    for region in manifest["stages"]["transformer"]["buckets"][0]["regions"]:
+        assert set(region["matches"]) <= {"canonicalize_casts", "attention"}
+        assert region["matches"]["canonicalize_casts"] == REGION_MATCHES[region["region"]]["canonicalize_casts"]
+        assert not any(k.startswith("diffc.") for k in region["fused_ops"])
+        if region["matches"].get("attention"):
+            shapes = region["attention"]["shapes"]
+            assert region["attention"]["bit_exact"]
+            assert all(s["backend"] in ("sdpa", s["torch_default"]) for s in shapes)
     assert report.buckets[0].rel_err_vs_eager == 0.0
 
 
@@ -252,7 +283,7 @@ EDITS = {
     "dtype": (lambda m: m.update(dtype="bfloat16"), ["dtype: artifact 'bfloat16', here 'float32'"]),
     "config_hash": (lambda m: m["model"].update(config_hash="0123456789abcdef"),
                     ["model config: artifact '0123456789abcdef'", "here '"]),
-    "format_version": (lambda m: m.update(format_version=99), ["artifact format 99, this diffc reads format 1"]),
+    "format_version": (lambda m: m.update(format_version=99), ["artifact format 99, this diffc reads format 2"]),
 }
 
 
@@ -285,12 +316,15 @@ def _bad_json(p: Path) -> None:
     (p / art.MANIFEST).write_text('{"format_version": 1,')
 
 
+FIRST_GRAPH = "transformer/transformer_blocks/bucket-0.pt2"
+
+
 def _no_bucket(p: Path) -> None:
-    (p / "transformer" / "bucket-0.pt2").unlink()
+    (p / FIRST_GRAPH).unlink()
 
 
 def _damaged_bucket(p: Path) -> None:
-    (p / "transformer" / "bucket-0.pt2").write_bytes(b"not a zip archive")
+    (p / FIRST_GRAPH).write_bytes(b"not a zip archive")
 
 
 @pytest.mark.parametrize("damage,fragment", [
@@ -326,15 +360,15 @@ def test_refuses_bad_compile_options(checkpoint, tmp_path, kwargs, field, fragme
         pipe.compile([REQUESTS["flux"]], out=str(tmp_path / "x.diffc"), log=lambda line: None, **kwargs)
     assert info.value.field == field and fragment in str(info.value)
     assert list(tmp_path.iterdir()) == []
-    assert not isinstance(pipe.components["transformer"], compiler.CompiledModule)
+    assert pipe.executor.compiled() is None
 
 
-def test_refuses_to_compile_with_offload(checkpoint):
+def test_refuses_concat_linear_with_layerwise_offload(checkpoint):
     pipe = diffc.load(checkpoint("flux"), device="cpu")
-    pipe.runtime_options = dataclasses.replace(pipe.runtime_options, offload="model")  # a CPU refuses it at load
+    pipe.runtime_options = dataclasses.replace(pipe.runtime_options, offload="layerwise")  # a CPU refuses it at load
     with pytest.raises(InvalidArgumentError) as info:
-        pipe.compile([REQUESTS["flux"]])
-    assert info.value.field == "offload" and "without --offload" in str(info.value)
+        pipe.compile([REQUESTS["flux"]], enable=("concat_linear",))
+    assert info.value.field == "enable" and "layerwise offload" in str(info.value)
 
 
 def _fail(*args, **kwargs):
@@ -342,7 +376,9 @@ def _fail(*args, **kwargs):
 
 
 def test_failed_compile_leaves_nothing_behind(built, checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setattr(compiler, "compile_module", _fail)
+    import diffc.compile.pipeline as compile_pipeline
+
+    monkeypatch.setattr(compile_pipeline, "compile_region", _fail)
     pipe = diffc.load(checkpoint("flux"), device="cpu")
     with pytest.raises(RuntimeError, match="on purpose"):
         pipe.compile([REQUESTS["flux"]], out=str(tmp_path / "new.diffc"), log=lambda line: None)
@@ -369,20 +405,27 @@ def test_two_buckets_replace_an_artifact_and_share_packed_weights(built, tmp_pat
     manifest = json.loads((path / art.MANIFEST).read_text())
     buckets = manifest["stages"]["transformer"]["buckets"]
     assert [x["key"] for x in buckets] == [x.key for x in report.buckets] and len({r.key for r in report.buckets}) == 2
-    assert [x["file"] for x in buckets] == ["transformer/bucket-0.pt2", "transformer/bucket-1.pt2"]
+    assert [_files(x) for x in buckets] == [
+        ["transformer/transformer_blocks/bucket-0.pt2", "transformer/single_transformer_blocks/bucket-1.pt2"],
+        ["transformer/transformer_blocks/bucket-2.pt2", "transformer/single_transformer_blocks/bucket-3.pt2"]]
     assert [x["request"] for x in buckets] == requests
     assert manifest["passes"]["enabled"] == ["concat_linear"]
-    assert all(x["matches"]["concat_linear"] == EXPECTED["flux"]["concat_linear"] for x in buckets)
+    for x in buckets:
+        assert {r["region"]: r["matches"]["concat_linear"] for r in x["regions"]} == {
+            name: CONCAT_GROUPS[name] for name in REGIONS["flux"]}
 
     for pipeline in (pipe, diffc.load(b.checkpoint, device="cpu", compiled=path)):
         for request, reference in zip(requests, eager):
             assert psnr_uint8(pixels(generate(pipeline, request)), reference) >= MIN_PSNR_DB
-        dit = pipeline.components["transformer"]
-        assert (dit.counters.compiled_calls, dit.counters.eager_fallbacks) == (2 * STEPS, 0)
-        packed = [{n: t for n, t in g.named_buffers() if n.startswith(PACKED_PREFIX)} for g in dit.graphs.values()]
-        assert len(packed) == 2 and set(packed[0]) == set(packed[1]) and len(packed[0]) >= 4
-        for name, tensor in packed[0].items():
-            assert tensor.data_ptr() == packed[1][name].data_ptr(), name
-        # the eager model's weights are views of the same packed memory (held once)
-        q = dit.eager.state_dict()["single_transformer_blocks.0.attn.to_q.weight"]
-        assert any(t.data_ptr() == q.data_ptr() for t in packed[0].values())
+        layer = pipeline.executor.compiled()
+        assert (layer.counters.compiled_calls, layer.counters.eager_fallbacks) == (2 * STEPS, 0)
+        dit = pipeline.components["transformer"].module
+        block = dit.single_transformer_blocks[0]
+        first, second = layer.graphs["single_transformer_blocks"].values()
+        assert first._packed[id(block)] and second._packed[id(block)]
+        for a_packed, b_packed in zip(first._packed[id(block)], second._packed[id(block)]):
+            assert a_packed.data_ptr() == b_packed.data_ptr()  # the second shape's graph reuses the first's pack
+        # the block's weights are views of the packed memory (held once)
+        q = block.attn.to_q.weight
+        assert any(t.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
+                   for t in first._packed[id(block)])

@@ -211,8 +211,14 @@ def test_runtime_options_are_checked_before_loading(flux_checkpoint, kwargs, fie
 def test_cpu_default_runs_without_cuda_graphs(flux_checkpoint):
     pipe = diffc.load(flux_checkpoint("dev-tiny"))
     out = pipe.generate("a fox", height=16, width=16, num_inference_steps=1, progress=False, seed=0)
-    assert out.timings.runtime == {"cuda_graphs": {"enabled": False}, "compiled": None}
-    assert type(pipe.components["transformer"]).__name__ == "FluxTransformer2DModel"
+    runtime = out.timings.runtime
+    assert runtime["cuda_graphs"] == {"enabled": False, "reason": "off on cpu"} and runtime["compiled"] is None
+    assert runtime["dit"]["transformer"]["layers"] == ["eager FluxTransformer2DModel", "placement resident",
+                                                      "no cuda graphs"]
+    from diffc.runtime.executor import DiTStack, unwrap
+
+    assert isinstance(pipe.components["transformer"], DiTStack)
+    assert type(unwrap(pipe.components["transformer"])).__name__ == "FluxTransformer2DModel"
 
 
 def test_cuda_graphs_with_layerwise_offload_is_refused(flux_checkpoint):

@@ -23,7 +23,6 @@ from diffc.runtime.cudagraphs import (
     _tensors,
     describe_cuda_graphs,
     unwrap,
-    wrap_cuda_graphs,
 )
 
 # Toy shapes (batch, tokens, channels); the DiT shapes are in the native-model tests below.
@@ -316,27 +315,6 @@ def test_describe_and_counters(toy):
     assert d["graphs"][0]["replays"] == 1 and d["graphs"][0]["capture_ms"] >= 0
     assert wrapper.counters.since(before) == CudaGraphCounters(1, 1, 1, 0, {"max_graphs=1 reached": 1})
     assert describe_cuda_graphs(wrapper) == d and describe_cuda_graphs(toy) == {"enabled": False}
-
-
-def test_wrap_cuda_graphs_off_the_gpu(toy):
-    components = {"transformer": toy}
-    assert wrap_cuda_graphs(components, "cpu", None) is None and components["transformer"] is toy
-    assert wrap_cuda_graphs(components, torch.device("cpu"), False) is None and components["transformer"] is toy
-    with pytest.raises(InvalidArgumentError, match="cuda_graphs: CUDA graphs need a CUDA GPU, and this pipeline runs on cpu"):
-        wrap_cuda_graphs(components, "cpu", True)
-    with pytest.raises(InvalidArgumentError, match="cuda_graphs: must be True, False or None"):
-        wrap_cuda_graphs(components, "cpu", "on")
-    assert components["transformer"] is toy
-    components["transformer"] = CudaGraphModule(toy)
-    assert wrap_cuda_graphs(components, "cpu", False) is None and components["transformer"] is toy  # unwrapped
-    assert wrap_cuda_graphs({}, "cpu", None) is None
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_wrap_cuda_graphs_cuda_without_a_gpu(toy):
-    with pytest.raises(InvalidArgumentError, match="torch sees none"):
-        wrap_cuda_graphs({"transformer": toy}, "cuda", True)
-    assert wrap_cuda_graphs({"transformer": toy}, "cuda", None) is None
 
 
 # ---- the native DiTs' own signatures (tiny, fp32, CPU) --------------------------------------------

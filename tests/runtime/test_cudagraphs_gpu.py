@@ -16,7 +16,7 @@ import diffc
 from diffc.demo import demo_checkpoint
 from diffc.models.flux.transformer import FLUX_TRANSFORMER_SPECS, FluxTransformer2DModel
 from diffc.models.wan.transformer import WAN_TRANSFORMER_SPECS, WanTransformer3DModel
-from diffc.runtime.cudagraphs import CudaGraphModule, _tensors, wrap_cuda_graphs
+from diffc.runtime.cudagraphs import CudaGraphModule, _tensors
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -212,9 +212,11 @@ def test_compiled_module_is_captured():
 def test_pipeline_output_identical_with_graphs(family, request_kwargs, forwards):
     pipe = diffc.load(demo_checkpoint(family), device="cuda", cuda_graphs=False)
     plain = pipe.generate("a red fox in snow", seed=5, progress=False, **request_kwargs)
-    assert plain.timings.runtime["cuda_graphs"] == {"enabled": False}
-    wrapper = wrap_cuda_graphs(pipe.components, pipe.device, None)
-    assert isinstance(wrapper, CudaGraphModule) and pipe.components["transformer"] is wrapper
+    assert plain.timings.runtime["cuda_graphs"] == {"enabled": False, "reason": "turned off"}
+    stack = pipe.components["transformer"]
+    stack.set_cuda_graphs(None)
+    wrapper = stack.graphs
+    assert isinstance(wrapper, CudaGraphModule) and wrapper.module is stack.module
     graphed = pipe.generate("a red fox in snow", seed=5, progress=False, **request_kwargs)
     again = pipe.generate("a red fox in snow", seed=6, progress=False, **request_kwargs)
     if family == "flux":
@@ -224,13 +226,32 @@ def test_pipeline_output_identical_with_graphs(family, request_kwargs, forwards)
     assert again.timings.step_ms
     assert counts(wrapper) == (1, 2 * forwards - 1, 0, 0), wrapper.describe()
     assert again.timings.runtime["cuda_graphs"]["replays"] == 2 * forwards - 1
-    assert wrap_cuda_graphs(pipe.components, pipe.device, False) is None
-    assert pipe.components["transformer"] is wrapper.module
+    stack.set_cuda_graphs(False)
+    assert stack.graphs is None and stack.describe_graphs() == {"enabled": False, "reason": "turned off"}
 
 
 def test_graphs_are_on_by_default_on_a_gpu():
     pipe = diffc.load(demo_checkpoint("flux"), device="cuda")
-    assert isinstance(pipe.components["transformer"], CudaGraphModule)
+    assert isinstance(pipe.components["transformer"].graphs, CudaGraphModule)
     out = pipe.generate("a red fox", seed=1, progress=False, height=64, width=64, num_inference_steps=3)
     assert out.timings.runtime["cuda_graphs"]["captures"] == 1
     assert out.timings.runtime["cuda_graphs"]["replays"] == 2
+
+
+@pytest.mark.parametrize("family, request_kwargs", [
+    ("flux", dict(height=128, width=128, max_sequence_length=32)),
+    ("wan", dict(height=64, width=64, num_frames=5, guidance_scale=5.0, max_sequence_length=32)),
+])
+def test_compiled_regions_under_cuda_graphs(family, request_kwargs):
+    """Compiled regions inside the whole-forward CUDA graph: same image as the compiled DiT without graphs."""
+    pipe = diffc.load(demo_checkpoint(family), device="cuda", cuda_graphs=False)
+    pipe.compile([request_kwargs], log=lambda line: None)
+    plain = pipe.generate("a red fox", seed=5, progress=False, num_inference_steps=3, **request_kwargs)
+    pipe.components["transformer"].set_cuda_graphs(True)
+    graphed = pipe.generate("a red fox", seed=5, progress=False, num_inference_steps=3, **request_kwargs)
+    a = plain.images[0] if plain.images else plain.videos[0]
+    b = graphed.images[0] if graphed.images else graphed.videos[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    runtime = graphed.timings.runtime
+    assert runtime["cuda_graphs"]["captures"] == 1 and runtime["cuda_graphs"]["replays"] == 2
+    assert runtime["compiled"]["eager_fallbacks"] == 0

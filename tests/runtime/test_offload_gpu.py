@@ -98,9 +98,10 @@ def test_layerwise_equals_resident(family, prefetch, resident):
 def test_layerwise_offload_leaves_cuda_graphs_off():
     """Layerwise offload's copies cannot be captured with PyTorch 2.11 (see diffc/runtime/offload.py)."""
     pipe = diffc.load(demo_checkpoint("flux"), device="cuda", offload="layerwise")
-    assert pipe.components["transformer"].__class__.__name__ == "FluxTransformer2DModel"
+    assert pipe.components["transformer"].module.__class__.__name__ == "FluxTransformer2DModel"
     out = pipe.generate("a fox", seed=1, progress=False, height=64, width=64, num_inference_steps=2)
-    assert out.timings.runtime["cuda_graphs"] == {"enabled": False}
+    graphs = out.timings.runtime["cuda_graphs"]
+    assert graphs["enabled"] is False and "layerwise offload" in graphs["reason"]
     assert out.timings.runtime["offload"]["mode"] == "layerwise"
 
 
@@ -125,7 +126,7 @@ def test_flux_pipeline_offload(mode):
         assert next(pipe.components["text_encoder_2"].parameters()).device.type == "cpu"
     else:
         assert (c.component_loads, c.component_unloads) == (8, 7)  # clip, t5, dit, vae per generation; vae stays
-        assert next(pipe.components["transformer"].parameters()).device.type == "cpu"
+        assert next(pipe.components["transformer"].module.parameters()).device.type == "cpu"
         assert next(pipe.components["vae"].parameters()).device.type == "cuda"
     handle.remove()
     assert np.array_equal(np.asarray(_generate(pipe, **kw).images[0]), ref)
@@ -141,3 +142,21 @@ def test_wan_pipeline_layerwise_offload():
     handle = apply_offload(pipe.components, DEV, "layerwise", 2, 0, ("text_encoder",))
     assert np.array_equal(_generate(pipe, **kw).frames, ref)
     assert handle.counters.component_loads == 2  # UMT5 runs for the prompt, then for the negative prompt
+
+
+def test_compiled_dit_with_layerwise_offload():
+    """The compiler and offload compose: the compiled regions read the ring slots the copies fill."""
+    import diffc
+    from diffc.demo import demo_checkpoint
+
+    pipe = diffc.load(demo_checkpoint("flux"), device="cuda", dtype="bf16", cuda_graphs=False)
+    kw = dict(height=64, width=64, num_inference_steps=3)
+    pipe.compile([{"height": 64, "width": 64}], log=lambda line: None)
+    ref = np.asarray(_generate(pipe, **kw).images[0])
+    pipe.executor.place("layerwise", prefetch=1, resident_blocks=0, text_encoders=("text_encoder", "text_encoder_2"))
+    out = _generate(pipe, **kw)
+    assert np.array_equal(np.asarray(out.images[0]), ref)
+    runtime = out.timings.runtime
+    assert runtime["offload"]["counters"]["ring_forwards"] == 3
+    assert runtime["compiled"]["compiled_calls"] >= 3 and runtime["compiled"]["region_fallbacks"] == 0
+    assert "layerwise offload" in runtime["cuda_graphs"]["reason"]

@@ -93,7 +93,6 @@ def test_serve_compiled_artifact(demo_ckpt, tmp_path):
     """``diffc serve --compiled``: the checkpoint comes from the manifest, and requests without a size get
     the compiled one, so they run the compiled graph (checked in-process below)."""
     import diffc
-    from diffc.compile.compiled import find_compiled
 
     path, art = demo_ckpt("flux"), tmp_path / "art"
     diffc.load(path, device="cpu").compile([{"height": 32, "width": 48}], out=art, log=lambda line: None)
@@ -124,7 +123,7 @@ def test_serve_compiled_artifact(demo_ckpt, tmp_path):
 
     pipe = diffc.load(path, device="cpu", compiled=art)
     out = pipe.generate("a calico cat", height=32, width=48, num_inference_steps=2, progress=False)
-    assert find_compiled(pipe.components).counters.compiled_calls == 2 and out.warnings == []
+    assert pipe.executor.compiled().counters.compiled_calls == 2 and out.warnings == []
 
 
 def test_serve_compiled_artifact_missing(tmp_path, capsys):

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from ...errors import InvalidArgumentError
+from ...runtime.executor import Executor
+from ...runtime.options import RuntimeOptions
 from ..base import Pipeline
 from ..stages import RunContext, Stage
 from .spec import CALL_FIELDS, build_spec, call_kwargs
@@ -29,7 +31,8 @@ INPUTS = ("prompt", "negative_prompt", "height", "width", "num_inference_steps",
 
 class DiffusersComponents(collections.abc.MutableMapping):
     """The diffusers pipeline's components as diffc's ``components`` dict: reading ``"transformer"``
-    gives ``pipe.transformer``, and assigning it sets the attribute the diffusers pipeline calls."""
+    gives ``pipe.transformer``, and assigning it (the executor installing its ``DiTStack``) sets the
+    attribute the diffusers pipeline calls."""
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -54,16 +57,19 @@ class DiffusersComponents(collections.abc.MutableMapping):
         return len(self.pipe.components)
 
 
-class GenericBackend:
-    """What the perf dump's ``runtime.generic`` shows: the backend, the pipeline class, diffusers' version."""
+class GenericExecutor(Executor):
+    """The runtime executor over a diffusers pipeline's components; its ``describe()`` (the perf dump's
+    ``runtime``) also names the backend, the pipeline class and diffusers' version under ``generic``."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, components: DiffusersComponents, device: torch.device, options: RuntimeOptions):
         import diffusers
 
-        self.info = {"backend": "diffusers", "pipeline_class": type(pipe).__name__, "diffusers": diffusers.__version__}
+        self.generic = {"backend": "diffusers", "pipeline_class": type(pipe).__name__,
+                        "diffusers": diffusers.__version__}
+        super().__init__(components, device, options)
 
     def describe(self) -> dict[str, Any]:
-        return dict(self.info)
+        return {**super().describe(), "generic": dict(self.generic)}
 
 
 def _field_in(message: str) -> str:
@@ -116,11 +122,13 @@ class GenericPipeline(Pipeline):
     """A diffusers pipeline run by diffc (see the module docstring). Build it with ``diffc.load``."""
 
     def __init__(self, diffusers_pipe, device: torch.device, dtype: torch.dtype, source: str = "",
-                 runtime_options: Any = None):
+                 runtime_options: RuntimeOptions | None = None):
         self.diffusers_pipe = diffusers_pipe
         spec, self.call_parameters = build_spec(diffusers_pipe, self._stages)
-        super().__init__(spec, DiffusersComponents(diffusers_pipe), device, dtype, source=source,
-                         runtime={"generic": GenericBackend(diffusers_pipe)}, runtime_options=runtime_options)
+        options = runtime_options or RuntimeOptions(cuda_graphs=False)
+        components = DiffusersComponents(diffusers_pipe)
+        super().__init__(spec, components, device, dtype, source=source, runtime_options=options,
+                         executor=GenericExecutor(diffusers_pipe, components, device, options))
 
     def _stages(self):
         outputs = ("images",) if self.spec.output == "image" else ("videos",)

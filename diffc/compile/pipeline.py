@@ -1,0 +1,275 @@
+"""Compile a loaded pipeline's DiTs for shape buckets, and write the artifact.
+
+For each bucket (a generation request: size, frames, guidance, batch) the compiler
+
+1. captures each denoiser's keyword arguments by running the pipeline up to its first DiT call (so
+   the inputs are exactly what the family's pipeline passes, with no per-family code here);
+2. runs the eager DiT once on them, recording the arguments of each region's first block
+   (:func:`~.regions.capture_region_inputs`) and the output (the reference);
+3. compiles each region (:func:`~.compiler.compile_region`): trace one block, run the passes for the
+   quality tier, lower attention onto the backend measured fastest, warm the graph up;
+4. runs the DiT with the compiled regions and measures its error against the eager output.
+
+Regions with the same code and shapes in another denoiser (Wan2.2's second expert) reuse the graph.
+:func:`compile_pipeline` returns the report and the compiled graphs per denoiser; given ``out`` it
+writes the artifact (:mod:`.artifact`). The pipeline object is used through a small duck-typed
+surface: ``generate``, ``spec``, ``device``, ``dtype``, ``source`` and ``executor`` (``stacks`` of
+denoisers with ``module``, and ``bare()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InvalidArgumentError
+from . import artifact as art
+from .compiler import (BucketReport, check_attention, compile_region, fusion_passes, kernel_configs,
+                       output_rel_err, pass_sources)
+from .regions import RegionGraph, call_key, capture_region_inputs, dit_regions
+
+EXAMPLE_PROMPT = "a compile-time example prompt"
+
+
+@dataclasses.dataclass
+class DiTBucketReport:
+    """One denoiser compiled for one request: its regions' reports and the whole DiT's error."""
+
+    stage: str
+    key: str
+    request: dict[str, Any]
+    regions: list[BucketReport]
+    rel_err_vs_eager: float | None
+
+    @property
+    def matches(self) -> dict[str, int]:
+        """Pass matches over the whole DiT (each region's count times its blocks)."""
+        total: dict[str, int] = {}
+        for r in self.regions:
+            for name, n in r.matches.items():
+                total[name] = total.get(name, 0) + n * r.blocks
+        return total
+
+
+@dataclasses.dataclass
+class CompileReport:
+    tier: str
+    disabled: list[str]
+    buckets: list[DiTBucketReport]
+    total_s: float = 0.0
+    enabled: list[str] = dataclasses.field(default_factory=list)
+    artifact: str | None = None
+    artifact_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Captured(Exception):
+    pass
+
+
+def capture_inputs(pipe, request: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each denoiser's keyword arguments for ``request`` (one generation, stopped at the first DiT call).
+
+    A denoiser the pipeline had not called by then (a second expert that runs in later steps) gets
+    the arguments of one with the same class and config.
+    """
+    stacks = pipe.executor.stacks
+    recorded: dict[str, dict[str, Any]] = {}
+    hooks = []
+
+    def recorder(name: str):
+        def hook(_module, args, kwargs):
+            if args:
+                raise InvalidArgumentError("bucket", f"the pipeline calls its {name} with positional arguments; "
+                                           "the compiler captures keyword calls only")
+            recorded[name] = {k: v.detach().contiguous().clone() if isinstance(v, torch.Tensor) else v
+                              for k, v in kwargs.items()}
+            raise _Captured
+        return hook
+
+    with pipe.executor.bare():
+        for name, stack in stacks.items():
+            hooks.append(stack.module.register_forward_pre_hook(recorder(name), with_kwargs=True))
+        try:
+            pipe.generate(**{"prompt": EXAMPLE_PROMPT, "seed": 0, **request, "progress": False})
+        except _Captured:
+            pass
+        finally:
+            for h in hooks:
+                h.remove()
+    if not recorded:
+        raise InvalidArgumentError("bucket", f"the pipeline never called its DiT for {request}")
+    for name, stack in stacks.items():
+        if name not in recorded:
+            twin = next((n for n in recorded if _same_model(stacks[n].module, stack.module)), None)
+            if twin is None:
+                raise InvalidArgumentError("bucket", f"the pipeline did not call {name} before its first denoising "
+                                           "step, and no other denoiser has the same config to take inputs from")
+            recorded[name] = recorded[twin]
+    return recorded
+
+
+def _same_model(a: nn.Module, b: nn.Module) -> bool:
+    return type(a) is type(b) and getattr(a, "config", None) == getattr(b, "config", None)
+
+
+def compile_pipeline(pipe, requests: Sequence[dict[str, Any]], *, out: str | Path | None = None,
+                     tier: str = "fast", disable: Sequence[str] = (), enable: Sequence[str] = (),
+                     attention: str = "auto", verify: bool = True, log=print):
+    """Compile every denoiser of ``pipe`` for each request; write an artifact at ``out`` if given.
+
+    Returns ``(CompileReport, {denoiser: (region graphs, DiT-level bucket keys)})``; installing the graphs
+    is the caller's (the executor's) job.
+    """
+    if not requests:
+        raise InvalidArgumentError("bucket", "give at least one shape to compile (height/width[/num_frames])")
+    fusion_passes(tier, disable, enable)  # validate names before any work
+    check_attention(attention)
+    if "concat_linear" in enable and getattr(pipe.runtime_options, "offload", "none") == "layerwise":
+        raise InvalidArgumentError("enable", "concat_linear packs each block's weights on the GPU, which layerwise "
+                                   "offload streams from host memory; use one or the other")
+    started = time.perf_counter()
+    writer = art.ArtifactWriter(Path(out)) if out is not None else None
+    try:
+        result, compiled = _compile_all(pipe, requests, writer, tier=tier, disable=disable, enable=enable,
+                                        attention=attention, verify=verify, log=log)
+        if writer is not None:
+            manifest = build_manifest(pipe, result, tier, disable, enable)
+            result.artifact = str(writer.commit(manifest))
+            result.artifact_bytes = art.directory_size(Path(result.artifact))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    result.total_s = time.perf_counter() - started
+    return result, compiled
+
+
+def _compile_all(pipe, requests, writer, *, tier, disable, enable, attention, verify, log):
+    cache = writer.file(art.TRITON_CACHE) if writer is not None else None
+    stacks = pipe.executor.stacks
+    compiled: dict[str, tuple[dict[str, dict[str, RegionGraph]], list[str]]] = {
+        name: ({}, []) for name in stacks}
+    shared: dict[tuple, tuple[BucketReport, RegionGraph]] = {}
+    reports: list[DiTBucketReport] = []
+    options = dict(device=pipe.device, dtype=pipe.dtype, tier=tier, disable=disable, enable=enable,
+                   attention=attention, kernel_cache=cache, verify=verify)
+    for request in requests:
+        inputs = capture_inputs(pipe, request)
+        with pipe.executor.bare():
+            for name, stack in stacks.items():
+                graphs, keys = compiled[name]
+                bucket = compile_dit(stack.module, inputs[name], stage=name, request=request, graphs=graphs,
+                                     shared=shared, writer=writer, **options)
+                if bucket.key in keys:
+                    raise InvalidArgumentError("bucket", f"{request} gives the same DiT input shapes as an earlier bucket")
+                keys.append(bucket.key)
+                reports.append(bucket)
+                log(describe_bucket(bucket))
+    return CompileReport(tier, list(disable), reports, enabled=list(enable)), compiled
+
+
+def compile_dit(dit: nn.Module, kwargs: dict[str, Any], *, graphs: dict[str, dict[str, RegionGraph]],
+                stage: str = "transformer", request: dict[str, Any] | None = None,
+                shared: dict[tuple, tuple[BucketReport, RegionGraph]] | None = None, writer=None,
+                verify: bool = True, **options) -> DiTBucketReport:
+    """Compile every region of ``dit`` for the call ``dit(**kwargs)`` into ``graphs[region][block key]``.
+
+    ``shared`` reuses graphs across calls (same model class, config, region and block key), ``writer``
+    saves each new program into the artifact. ``options`` are :func:`~.compiler.compile_region`'s.
+    """
+    shared = {} if shared is None else shared
+    request = dict(request or {})
+    regions = dit_regions(dit)
+    captured, reference = capture_region_inputs(dit, kwargs, regions)
+    region_reports = []
+    for region in regions:
+        args, kw = captured[region.name]
+        ident = (type(dit).__name__, repr(getattr(dit, "config", None)), region.name, call_key(args, kw))
+        if ident in shared:
+            report, graph = shared[ident]
+            report = dataclasses.replace(report, request=request)
+        else:
+            program, report, graph = compile_region(region, args, kw, verify=verify, **options)
+            report.request = request
+            report.file = f"{stage}/{region.name}/bucket-{len(shared)}.pt2"
+            if writer is not None:
+                report.bytes = writer.save_program(program, report.file)
+            shared[ident] = (report, graph)
+        graphs.setdefault(region.name, {})[report.key] = graph
+        region_reports.append(report)
+    rel = None
+    if verify:
+        with _installed(regions, graphs), torch.no_grad():
+            rel = output_rel_err(dit(**kwargs), reference)
+    return DiTBucketReport(stage, call_key((), kwargs), request, region_reports, rel)
+
+
+@contextlib.contextmanager
+def _installed(regions, graphs: dict[str, dict[str, RegionGraph]]):
+    """The DiT's blocks run their region's compiled graph (by call key) inside the block."""
+    def forward_of(graph_by_key, block):
+        eager = block.forward
+
+        def forward(*args, **kwargs):
+            graph = graph_by_key.get(call_key(args, kwargs))
+            return eager(*args, **kwargs) if graph is None else graph(block, args, kwargs)
+        return forward
+
+    blocks = [(b, graphs.get(r.name, {})) for r in regions for b in r.blocks]
+    for block, by_key in blocks:
+        block.forward = forward_of(by_key, block)
+    try:
+        yield
+    finally:
+        for block, _ in blocks:
+            block.__dict__.pop("forward", None)
+
+
+def build_manifest(pipe, report: CompileReport, tier: str, disable: Sequence[str],
+                   enable: Sequence[str] = ()) -> dict[str, Any]:
+    checkpoint = Path(pipe.source)
+    stages: dict[str, Any] = {}
+    for bucket in report.buckets:
+        stage = stages.setdefault(bucket.stage, {"buckets": []})
+        stage["buckets"].append({"key": bucket.key, "request": bucket.request,
+                                 "rel_err_vs_eager": bucket.rel_err_vs_eager, "matches": bucket.matches,
+                                 "regions": [dataclasses.asdict(r) for r in bucket.regions]})
+    return {
+        "format_version": art.FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": {"path": str(checkpoint.resolve()), "pipeline_class": pipe.spec.pipeline_class,
+                  "config_hash": art.config_hash(checkpoint)},
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "environment": art.environment(pipe.device),
+        "built_with": art.informational(),
+        "passes": {"tier": tier, "disabled": list(disable), "enabled": list(enable), "sources": pass_sources()},
+        "kernels": kernel_configs(),
+        "stages": stages,
+    }
+
+
+def describe_bucket(b: DiTBucketReport) -> str:
+    shape = {k: v for k, v in b.request.items() if k != "prompt"}
+    if isinstance(b.request.get("prompt"), list):
+        shape["batch"] = len(b.request["prompt"])
+    err = "" if b.rel_err_vs_eager is None else f", rel. error vs eager {b.rel_err_vs_eager:.2e}"
+    lines = [f"  {b.stage} {shape}: {len(b.regions)} region(s){err}"]
+    for r in b.regions:
+        fused = ", ".join(f"{k} {v}" for k, v in r.matches.items())
+        att = f"; attention -> {r.attention.get('backend')}" if r.attention else ""
+        lines.append(f"    {r.region} x{r.blocks}: traced {r.nodes_before} nodes in {r.trace_s:.1f}s; passes "
+                     f"{r.passes_s:.1f}s ({fused}); {r.nodes_after} nodes{att}; warm-up {r.warmup_s:.1f}s")
+    return "\n".join(lines)
+
+
+__all__ = ["CompileReport", "DiTBucketReport", "capture_inputs", "compile_dit", "compile_pipeline", "build_manifest"]

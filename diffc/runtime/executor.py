@@ -1,0 +1,292 @@
+"""The runtime executor: the one owner of a pipeline's denoiser slots, building each DiT's stack in order.
+
+::
+
+    eager module (weights by checkpoint names)
+      -> weight transforms (LoRA merges, fp8, QKV concatenation: in-place re-layouts of the weights)
+      -> compiled graph (per repeated-block region, from an artifact or compiled in-process)
+      -> step cache (skips a forward's middle blocks between similar steps)
+      -> placement (resident, or layerwise offload streaming the blocks from pinned host memory)
+      -> CUDA graphs (where placement and the cache allow)
+
+``pipe.components["transformer"]`` (and ``"transformer_2"``) is a :class:`DiTStack`: pipelines call it as
+they would the module, and read the module's attributes through it (``config``, ``dtype``). The layers
+compose through the blocks: the compiled layer and the cache set a block's ``forward`` (the instance
+attribute, so the checkpoint's names and the module tree stay as they are), offload drives its copies
+from the blocks' forward hooks, and CUDA graphs capture the whole forward when nothing decides on the
+host between blocks. Each layer is rebuilt alone: a new compiled graph or cache re-installs the block
+forwards and drops the captured CUDA graphs (recaptured at the next call), weight transforms change
+tensors in place (no re-trace, no recapture), turning graphs off reloads nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..models.structure import RegionError, dit_regions, has_regions
+from .cudagraphs import CudaGraphModule
+from .options import RuntimeOptions
+
+DENOISERS = ("transformer", "transformer_2")
+
+
+def unwrap(component: Any) -> Any:
+    """The eager module behind a pipeline component (a :class:`DiTStack`'s ``module``), else the component."""
+    return component.module if isinstance(component, DiTStack) else component
+
+
+class DiTStack:
+    """One denoiser slot's stack of layers (module docstring). Call it like the module."""
+
+    def __init__(self, name: str, module: nn.Module, device: torch.device, cuda_graphs: bool | None = None,
+                 placement: Any = None):
+        self.__dict__.update(name=name, module=module, device=torch.device(device), transforms=[],
+                             compiled=None, cache=None, placement=placement, graphs=None,
+                             cuda_graphs=cuda_graphs, graphs_off_reason=None, _entry=module, _bare=0)
+        self._rebuild()
+
+    # ---- the module's face ----------------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        module = self.__dict__.get("module")
+        if module is None:
+            raise AttributeError(name)
+        return getattr(module, name)
+
+    def __repr__(self) -> str:
+        return f"DiTStack({self.name}: {' -> '.join(self.layers())})"
+
+    def __call__(self, *args, **kwargs):
+        compiled = self.compiled if not self._bare else None
+        if compiled is not None:
+            compiled.begin()
+        out = self._entry(*args, **kwargs)
+        if compiled is not None:
+            compiled.end(kwargs)
+        return out
+
+    forward = __call__
+
+    # ---- layers ---------------------------------------------------------------------------------
+
+    def set_compiled(self, compiled) -> None:
+        """Install a :class:`~diffc.runtime.compiled.CompiledDiT` (None: run the eager blocks)."""
+        self.__dict__["compiled"] = compiled
+        self._rebuild()
+
+    def set_cache(self, cache) -> None:
+        """Install a step cache (an object with ``wrap_block`` / ``wrap_forward`` / ``describe``), or None."""
+        self.__dict__["cache"] = cache
+        self._rebuild()
+
+    def set_placement(self, placement) -> None:
+        self.__dict__["placement"] = placement
+        self._rebuild()
+
+    def set_cuda_graphs(self, enabled: bool | None) -> None:
+        self.__dict__["cuda_graphs"] = enabled
+        self._rebuild()
+
+    def add_transform(self, transform) -> None:
+        """Record a weight transform applied in place (its ``describe()`` joins the stack's)."""
+        self.transforms.append(transform)
+
+    def remove_transform(self, transform) -> None:
+        self.transforms.remove(transform)
+
+    def layers(self) -> list[str]:
+        out = ["eager " + type(self.module).__name__]
+        out += [f"weights: {t.describe().get('kind', type(t).__name__)}" if hasattr(t, "describe")
+                else f"weights: {type(t).__name__}" for t in self.transforms]
+        if self.compiled is not None:
+            out.append(f"compiled ({', '.join(self.compiled.graphs)})")
+        if self.cache is not None:
+            out.append(f"cache {self.cache.describe().get('kind', '')}".strip())
+        if self.placement is not None:
+            out.append(f"placement {getattr(self.placement, 'mode', 'offload')}")
+        else:
+            out.append("placement resident")
+        out.append("cuda graphs" if self.graphs is not None else "no cuda graphs")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "layers": self.layers(),
+            "transforms": [t.describe() if hasattr(t, "describe") else type(t).__name__ for t in self.transforms],
+            "compiled": self.compiled.describe() if self.compiled is not None else None,
+            "cache": self.cache.describe() if self.cache is not None else None,
+            "cuda_graphs": self.describe_graphs(),
+        }
+
+    def describe_graphs(self) -> dict[str, Any]:
+        if self.graphs is not None:
+            return self.graphs.describe()
+        out: dict[str, Any] = {"enabled": False}
+        if self.graphs_off_reason:
+            out["reason"] = self.graphs_off_reason
+        return out
+
+    @contextlib.contextmanager
+    def bare(self) -> Iterator[nn.Module]:
+        """Run the plain eager module inside the block (compile-time capture and reference outputs)."""
+        self.__dict__["_bare"] += 1
+        self._install_block_forwards(bare=True)
+        self.__dict__["_entry"] = self.module
+        try:
+            yield self.module
+        finally:
+            self.__dict__["_bare"] -= 1
+            self._rebuild()
+
+    # ---- building -------------------------------------------------------------------------------
+
+    def _rebuild(self) -> None:
+        if self._bare:
+            return
+        self._install_block_forwards(bare=False)
+        self._build_entry()
+
+    def _install_block_forwards(self, bare: bool) -> None:
+        if not has_regions(self.module):
+            if self.compiled is not None or self.cache is not None:
+                raise RegionError(f"{type(self.module).__name__} declares no repeated blocks, which compiled "
+                                  "graphs and the step cache run on")
+            return
+        for region in dit_regions(self.module):
+            for index, block in enumerate(region.blocks):
+                block.__dict__.pop("forward", None)
+                if bare or (self.compiled is None and self.cache is None):
+                    continue
+                forward = block.forward
+                if self.compiled is not None:
+                    forward = self.compiled.block_forward(region.name, block, forward)
+                if self.cache is not None:
+                    forward = self.cache.wrap_block(region.name, index, block, forward)
+                block.forward = forward
+
+    def _build_entry(self) -> None:
+        requested = self.cuda_graphs
+        enabled = self.device.type == "cuda" if requested is None else requested
+        reason = None
+        if not enabled:
+            reason = "turned off" if requested is False else f"off on {self.device.type}"
+        else:
+            reason = self._graphs_blocked(explicit=requested is True)
+        if self.graphs is not None:
+            self.graphs.reset()  # a captured graph holds the old forward
+        if reason is None:
+            if self.graphs is None:
+                self.__dict__["graphs"] = CudaGraphModule(self.module)
+            entry = self.graphs
+        else:
+            self.__dict__["graphs"] = None
+            entry = self.module
+        self.__dict__["graphs_off_reason"] = reason
+        if self.cache is not None:
+            entry = self.cache.wrap_forward(entry)
+        self.__dict__["_entry"] = entry
+
+    def _graphs_blocked(self, explicit: bool) -> str | None:
+        placement = self.placement
+        if placement is not None and not getattr(placement, "graph_safe", False):
+            # model offload: graphs still work when asked for (recaptured once per generation)
+            if not (explicit and getattr(placement, "mode", None) == "model"):
+                return getattr(placement, "graphs_reason", None) or "offload moves the weights between calls"
+        if self.cache is not None and not getattr(self.cache, "graph_safe", False):
+            return "the step cache decides on the host between blocks"
+        return None
+
+
+class Executor:
+    """Builds and owns every denoiser slot's :class:`DiTStack` and the pipeline's offload."""
+
+    def __init__(self, components: dict[str, Any], device: torch.device, options: RuntimeOptions,
+                 text_encoders: tuple[str, ...] = (), *, streams=None):
+        self.components, self.device, self.options = components, torch.device(device), options
+        self.offload = None
+        self.stacks: dict[str, DiTStack] = {}
+        for name in DENOISERS:
+            module = components.get(name)
+            if isinstance(module, nn.Module):
+                stack = DiTStack(name, module, self.device, options.cuda_graphs)
+                self.stacks[name] = stack
+                components[name] = stack
+        if options.offload != "none":
+            self.place(options.offload, prefetch=options.offload_prefetch, resident_blocks=options.resident_blocks,
+                       text_encoders=text_encoders, streams=streams)
+
+    def place(self, mode: str, *, prefetch: int = 1, resident_blocks: int | None = None,
+              text_encoders: tuple[str, ...] = (), streams=None, **placement) -> None:
+        """(Re)build the placement layer: offload ``mode`` (or "none") for the components and every DiT.
+
+        Compiled graphs and weight transforms stay as they are; each stack drops its captured CUDA
+        graphs (the weights move) and decides again whether graphs can run under this placement.
+        """
+        from .offload import apply_offload
+
+        if self.offload is not None:
+            self.offload.remove()
+            self.offload = None
+        if mode != "none":
+            self.offload = apply_offload(self.components, self.device, mode, prefetch=prefetch,
+                                         resident_blocks=resident_blocks, text_encoders=text_encoders,
+                                         streams=streams, **placement)
+        for name, stack in self.stacks.items():
+            stack.set_placement(None if self.offload is None else _Placement(self.offload, name))
+
+    def describe(self) -> dict[str, Any]:
+        """What the perf dump shows: offload, the first DiT's CUDA graphs and compiled graphs, every stack."""
+        out: dict[str, Any] = {}
+        if self.offload is not None:
+            out["offload"] = self.offload.describe()
+        first = next(iter(self.stacks.values()), None)
+        out["cuda_graphs"] = first.describe_graphs() if first is not None else {"enabled": False}
+        out["compiled"] = first.compiled.describe() if first is not None and first.compiled is not None else None
+        out["dit"] = {name: stack.describe() for name, stack in self.stacks.items()}
+        return out
+
+    def compiled(self):
+        """The first DiT's compiled layer, or None."""
+        first = next(iter(self.stacks.values()), None)
+        return None if first is None else first.compiled
+
+    @contextlib.contextmanager
+    def bare(self) -> Iterator[dict[str, nn.Module]]:
+        """Every DiT runs as its plain eager module inside the block."""
+        with contextlib.ExitStack() as stack:
+            yield {name: stack.enter_context(s.bare()) for name, s in self.stacks.items()}
+
+    def install_compiled(self, compiled: dict[str, Any]) -> None:
+        """Install a :class:`~diffc.runtime.compiled.CompiledDiT` per denoiser slot named in ``compiled``."""
+        for name, layer in compiled.items():
+            self.stacks[name].set_compiled(layer)
+
+    def set_cuda_graphs(self, enabled: bool | None) -> None:
+        for stack in self.stacks.values():
+            stack.set_cuda_graphs(enabled)
+
+
+class _Placement:
+    """The placement layer of one DiT under offload: its mode and whether CUDA graphs can capture it."""
+
+    def __init__(self, handle, name: str):
+        self.handle, self.name, self.mode = handle, name, handle.mode
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.handle.graph_safe
+
+    @property
+    def graphs_reason(self) -> str:
+        if self.mode == "layerwise":
+            return ("layerwise offload copies blocks from registered host memory, which PyTorch will not "
+                    "capture in a CUDA graph (see diffc/runtime/offload.py)")
+        return "model offload moves the DiT's weights to a new address every generation"
+
+    def describe(self) -> dict[str, Any]:
+        ring = self.handle.rings.get(self.name)
+        return {"mode": self.mode, **({"ring": ring.describe()} if ring is not None else {})}
