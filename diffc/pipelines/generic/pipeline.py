@@ -98,9 +98,8 @@ def to_uint8(output, kind: str) -> list[np.ndarray]:
     ``numpy_to_pil`` rounds."""
     if isinstance(output, torch.Tensor):
         raise InvalidArgumentError("output_type", "the pipeline returned tensors although numpy output was asked for")
-    items = list(output) if not isinstance(output, np.ndarray) else list(output)
     arrays = []
-    for item in items:
+    for item in output:  # a batch: numpy (B, ...) or a list of PIL images / frame lists
         if isinstance(item, (list, tuple)):  # a video as a list of frames (PIL images or arrays)
             item = np.stack([np.asarray(frame) for frame in item])
         else:

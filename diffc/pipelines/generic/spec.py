@@ -3,11 +3,8 @@ their defaults, image or video output, and how a request becomes the call's keyw
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from typing import Any
-
-import torch
 
 from ...errors import InvalidArgumentError
 from ..base import GenerationRequest, PipelineSpec, check_int
@@ -127,10 +124,3 @@ def build_spec(pipe, build_stages) -> tuple[PipelineSpec, dict[str, inspect.Para
     )
     return spec, params
 
-
-def request_field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(GenerationRequest)]
-
-
-def device_of(pipe) -> torch.device:
-    return torch.device(getattr(pipe, "_execution_device", None) or pipe.device)

@@ -146,3 +146,17 @@ def test_pickle_weights_are_refused(generic_checkpoint, tmp_path):
     weights.unlink()
     with pytest.raises(CheckpointError, match="weights must be safetensors"):
         diffc.load(root, device="cpu")
+
+
+def test_defaults_a_pipeline_cannot_tell_are_left_to_it():
+    from diffc.pipelines.generic.spec import call_defaults, call_parameters, image_input, output_kind
+
+    class Tiny:  # a pipeline whose None size has no attribute diffc knows how to read
+        def __call__(self, prompt, image, height=None, width=None, num_inference_steps=7, guidance_scale=2.5,
+                     generator=None):
+            pass
+
+    pipe = Tiny()
+    params = call_parameters(pipe)
+    assert call_defaults(pipe, params) == {"num_inference_steps": 7, "guidance_scale": 2.5}
+    assert output_kind(pipe, params) == "image" and image_input(params) == "required"
