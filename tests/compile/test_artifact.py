@@ -44,7 +44,8 @@ REGIONS = {"flux": {"transformer_blocks": 1, "single_transformer_blocks": 2}, "w
 # projection and norm_out) and the gated residual + next adaLN pairs that span two blocks.
 REGION_MATCHES = {
     "transformer_blocks": {"canonicalize_casts": 14, "rms_norm": 0, "qk_norm_rope": 1, "adaln_modulate": 4,
-                           "gated_residual": 4, "gelu_tanh": 2, "timestep_embedding": 0, "silu_mul": 0, "gated_residual_adaln": 2},
+                           "gated_residual": 4, "gelu_tanh": 2, "timestep_embedding": 0, "silu_mul": 0,
+                           "gated_residual_adaln": 2},
     "single_transformer_blocks": {"canonicalize_casts": 14, "rms_norm": 0, "qk_norm_rope": 1, "adaln_modulate": 1,
                                   "gated_residual": 1, "gelu_tanh": 1, "timestep_embedding": 0, "silu_mul": 0,
                                   "gated_residual_adaln": 0},
