@@ -11,6 +11,8 @@ diffusers pipeline calls.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
+import logging
 import re
 from typing import Any, Iterator
 
@@ -117,6 +119,30 @@ def to_uint8(output, kind: str) -> list[np.ndarray]:
     return arrays
 
 
+class _WarningsTo(logging.Handler):
+    """Collects the warnings diffusers logs during one call (prompt truncation, ignored options) into the
+    generation's warnings, as native pipelines report theirs."""
+
+    def __init__(self, warnings: list[str]):
+        super().__init__(logging.WARNING)
+        self.warnings = warnings
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = " ".join(record.getMessage().split())
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+
+@contextlib.contextmanager
+def diffusers_warnings(warnings: list[str]) -> Iterator[None]:
+    handler, logger = _WarningsTo(warnings), logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 class GenericPipeline(Pipeline):
     """A diffusers pipeline run by diffc (see the module docstring). Build it with ``diffc.load``."""
 
@@ -137,7 +163,7 @@ class GenericPipeline(Pipeline):
         pipe = self.diffusers_pipe
         kwargs = call_kwargs(self.call_parameters, state)
         check = getattr(pipe, "check_inputs", None)
-        with instrument(pipe, ctx):
+        with instrument(pipe, ctx), diffusers_warnings(ctx.warnings):
             if callable(check):
                 pipe.__dict__["check_inputs"] = _checked(check)
             try:

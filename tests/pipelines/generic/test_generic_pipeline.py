@@ -160,3 +160,9 @@ def test_defaults_a_pipeline_cannot_tell_are_left_to_it():
     params = call_parameters(pipe)
     assert call_defaults(pipe, params) == {"num_inference_steps": 7, "guidance_scale": 2.5}
     assert output_kind(pipe, params) == "image" and image_input(params) == "required"
+
+
+def test_diffusers_warnings_reach_the_output(generic_pipe):
+    long_prompt = " ".join(["a red fox running through deep snow at golden hour"] * 4)
+    out = generic_pipe("sd3").generate(long_prompt, seed=0, progress=False, **REQUESTS["sd3"])
+    assert any("truncated" in w for w in out.warnings), out.warnings
