@@ -73,30 +73,39 @@ class StepBar:
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.done = 0
         self.bar = None
+        self.stepping = False  # a step's timer is running
+
+    def _begin(self) -> None:
+        if not self.stepping and (self.total is None or self.done < self.total):
+            self.clock.ctx.perf.step_begin()
+            self.stepping = True
+
+    def _end(self) -> None:
+        if self.stepping:
+            self.clock.ctx.perf.step_end()
+            self.stepping = False
 
     def __enter__(self) -> "StepBar":
         self.clock.leave(then="denoise")
         ctx = self.clock.ctx
         self.bar = tqdm(total=self.total, desc="denoising", unit="step", disable=not ctx.progress, leave=False)
-        ctx.perf.step_begin()
+        self._begin()
         return self
 
     def __exit__(self, *exc) -> None:
         self.bar.close()
-        if self.total is None or self.done < self.total:
-            self.clock.ctx.perf.step_end()  # the step under way when the loop ended (early exit, error)
+        self._end()  # the step under way when the loop ended early (a break, an error)
         self.clock.leave(then="postprocess")
 
     def update(self, n: int = 1) -> None:
         ctx = self.clock.ctx
         for _ in range(n):
-            ctx.perf.step_end()
+            self._end()
             self.done += 1
             self.bar.update(1)
             if ctx.step_callback is not None:
-                ctx.step_callback(self.done, self.total or self.done)
-            if self.total is None or self.done < self.total:
-                ctx.perf.step_begin()
+                ctx.step_callback(self.done, max(self.total or 0, self.done))
+            self._begin()
 
     def __iter__(self) -> Iterator[Any]:
         with self:
