@@ -46,7 +46,7 @@ class Config:
 
 
 # The compiler's passes, each left out in one configuration to measure its own contribution.
-ABLATIONS = ("qk_norm_rope", "adaln_modulate", "gated_residual", "gelu_tanh", "timestep_embedding",
+ABLATIONS = ("rms_norm", "qk_norm_rope", "adaln_modulate", "gated_residual", "gelu_tanh", "timestep_embedding",
              "gated_residual_adaln", "attention")
 OPT_IN = ("concat_linear",)  # passes off by default, each measured switched on
 
@@ -135,7 +135,7 @@ def open_engine(kind: str, run: Run, ckpt: str | None, shared: dict | None) -> t
     start = time.perf_counter()
     if ckpt is not None:
         engine = ENGINES[kind].from_checkpoint(family, ckpt, run.device, run.dtype)
-    elif kind == "diffusers":
+    elif kind == "diffusers" or family.native_transformer is None:  # the generic backend runs the same modules
         engine = ENGINES[kind](family, run.device, run.dtype, shared["transformer"], shared["vae"])
     else:
         engine = ENGINES[kind](family, run.device, run.dtype,
@@ -280,7 +280,7 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Path]
         r = result["configs"][config.name]
         try:
             if engine is None or engine.kind != config.engine:
-                compiled, engine = engine is not None and engine.compiled, None
+                compiled, engine = engine is not None and engine.compiled, close(engine)
                 release(device, compiled)
                 log(f"loading {config.engine}")
                 engine, load_info = open_engine(config.engine, run, ckpt, shared)
@@ -293,15 +293,22 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Path]
             r["traceback"] = traceback.format_exc()[-4000:]
             log(f"{config.name} FAILED: {r['error'][:300]}")
             if engine is not None and engine.compiled:  # a broken compiled engine is not reused
-                engine = None
+                engine = close(engine)
                 release(device, compiled=True)
             free_memory(device)
         write_results(result, paths)  # after every configuration: a run cut short keeps what it measured
-    compiled, engine = engine is not None and engine.compiled, None
+    compiled, engine = engine is not None and engine.compiled, close(engine)
     release(device, compiled)
     result["total_s"] = time.perf_counter() - _T0
     write_results(result, paths)
     return result, paths, failed
+
+
+def close(engine: Engine | None) -> None:
+    """Undo what an engine installed on modules it may share with the next one (the generic backend's
+    --skip-e2e engines run the same diffusers modules); returns None, for ``engine = close(engine)``."""
+    if engine is not None:
+        engine.close()
 
 
 def release(device: torch.device, compiled: bool) -> None:

@@ -54,6 +54,9 @@ class Engine:
     def has_pipeline(self) -> bool:
         return self.pipe is not None
 
+    def close(self) -> None:
+        """Remove what this engine installed on its modules (nothing, unless overridden)."""
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return _first(self.vae.decode(latents.to(next(self.vae.parameters()).dtype)))
@@ -174,6 +177,11 @@ class DiffcEngine(Engine):
             (f" with {', '.join(enable)}" if enable else "") + \
             (" + CUDA graphs" if graphs else "") + ": " + " | ".join(lines)
 
+    def close(self) -> None:
+        """The DiT's blocks back to their own forwards, no CUDA graphs (the modules may be shared)."""
+        self.transformer.set_compiled(None)
+        self.transformer.set_cuda_graphs(False)
+
     def cuda_graphs(self) -> str:
         """Capture and replay the DiT forward in CUDA graphs (the executor's graph layer)."""
         self.transformer.set_cuda_graphs(True)
@@ -181,9 +189,13 @@ class DiffcEngine(Engine):
 
     def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
         with torch.no_grad():
-            return self.transformer(**inputs)
+            return _first(self.transformer(**inputs))  # a diffusers model's output on the generic backend
 
     def encode(self, wl: Workload) -> None:
+        if self.family.diffc_encode is not None:
+            with torch.inference_mode():
+                self.family.diffc_encode(self.pipe, wl)
+            return
         from diffc.pipelines.stages import RunContext
         from diffc.runtime.perf import PerfRecorder
 

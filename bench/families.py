@@ -14,7 +14,7 @@ import torch
 
 from diffc.pipelines.flux import latent_image_ids
 
-from .flops import Flops, flux_dit_flops, wan_dit_flops
+from .flops import Flops, flux_dit_flops, hunyuan_video_dit_flops, sd3_dit_flops, wan_dit_flops
 from .specs import BenchSpec, Workload
 
 INPUT_SEED = 1234
@@ -26,8 +26,8 @@ class Family:
     diffusers_pipeline: str
     diffusers_transformer: str
     diffusers_vae: str
-    native_transformer: str  # diffc registry name (= diffusers class name)
-    native_vae: str
+    native_transformer: str | None  # diffc registry name (= diffusers class name); None: the generic backend
+    native_vae: str | None  # (diffc runs the diffusers pipeline itself, the same modules)
     latent_shape: Callable[[BenchSpec, Workload], tuple[int, ...]]  # raw VAE latents (batch 1)
     dit_inputs: Callable[[BenchSpec, Workload, torch.device, torch.dtype], dict[str, Any]]
     dit_flops: Callable[[BenchSpec, Workload], Flops]  # one batch-1 forward
@@ -37,6 +37,7 @@ class Family:
     diffusers_output: Callable[[Any], np.ndarray]  # pipeline output -> uint8 array of the first sample
     diffc_output: Callable[[Any], np.ndarray]
     note: str = ""  # how the engines' steps differ, for the report
+    diffc_encode: Callable[[Any, Workload], Any] | None = None  # diffc's text encode (None: its encode_prompt stage)
 
 
 def _randn(shape, gen, device, dtype) -> torch.Tensor:
@@ -148,4 +149,98 @@ WAN = Family(
          "per step, diffc as one batch-2 forward; the DiT forward row is batch 1 for both.",
 )
 
-FAMILIES: dict[str, Family] = {"flux": FLUX, "wan": WAN}
+
+# ------------------------------------------------------------------- generic (diffusers) backend
+
+
+def _sd3_latent_shape(spec: BenchSpec, wl: Workload) -> tuple[int, ...]:
+    f = 2 ** (len(spec.vae.block_out_channels) - 1)
+    return 1, spec.vae.latent_channels, wl.height // f, wl.width // f
+
+
+def _sd3_seq_txt(wl: Workload) -> int:
+    return 77 + wl.max_sequence_length  # CLIP's 77 tokens, then T5's
+
+
+def _sd3_inputs(spec: BenchSpec, wl: Workload, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    cfg, gen = spec.transformer, torch.Generator("cpu").manual_seed(INPUT_SEED)
+    return {
+        "hidden_states": _randn(_sd3_latent_shape(spec, wl), gen, device, dtype),
+        "encoder_hidden_states": _randn((1, _sd3_seq_txt(wl), cfg.joint_attention_dim), gen, device, dtype),
+        "pooled_projections": _randn((1, cfg.pooled_projection_dim), gen, device, dtype),
+        "timestep": torch.full((1,), 500.0, device=device, dtype=dtype),
+    }
+
+
+def _sd3_flops(spec: BenchSpec, wl: Workload) -> Flops:
+    _, _, h, w = _sd3_latent_shape(spec, wl)
+    p = spec.transformer.patch_size
+    return sd3_dit_flops(spec.transformer, 1, (h // p) * (w // p), _sd3_seq_txt(wl))
+
+
+def _sd3_encode(pipe, wl: Workload):
+    return pipe.encode_prompt(prompt=wl.prompt, prompt_2=None, prompt_3=None, device=pipe._execution_device,
+                              do_classifier_free_guidance=wl.guidance_scale > 1.0,
+                              negative_prompt=wl.negative_prompt, max_sequence_length=wl.max_sequence_length)
+
+
+def _generic_kwargs(wl: Workload) -> dict[str, Any]:
+    kwargs = dict(height=wl.height, width=wl.width, num_frames=wl.num_frames, num_inference_steps=wl.steps,
+                  guidance_scale=wl.guidance_scale, max_sequence_length=wl.max_sequence_length,
+                  negative_prompt=wl.negative_prompt)
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+SD3 = Family(
+    name="sd3", diffusers_pipeline="StableDiffusion3Pipeline", diffusers_transformer="SD3Transformer2DModel",
+    diffusers_vae="AutoencoderKL", native_transformer=None, native_vae=None,
+    latent_shape=_sd3_latent_shape, dit_inputs=_sd3_inputs, dit_flops=_sd3_flops,
+    forwards_per_step=lambda wl: 2 if wl.guidance_scale > 1.0 else 1,  # CFG as one batch-2 forward, both engines
+    call_kwargs=_generic_kwargs, diffusers_encode=_sd3_encode,
+    diffusers_output=lambda out: _to_uint8(out.images[0]), diffc_output=lambda out: np.asarray(out.images[0]),
+    diffc_encode=lambda pipe, wl: _sd3_encode(pipe.diffusers_pipe, wl),
+    note="diffc runs StableDiffusion3Pipeline on its generic (diffusers) backend: the same modules and call, "
+         "so diffc-eager measures diffc's wrapping and diffc-compiled what its compiler adds.",
+)
+
+
+def _hunyuan_latent_shape(spec: BenchSpec, wl: Workload) -> tuple[int, ...]:
+    t, s = spec.vae.temporal_compression_ratio, spec.vae.spatial_compression_ratio
+    return 1, spec.vae.latent_channels, (wl.num_frames - 1) // t + 1, wl.height // s, wl.width // s
+
+
+def _hunyuan_inputs(spec: BenchSpec, wl: Workload, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    cfg, gen = spec.transformer, torch.Generator("cpu").manual_seed(INPUT_SEED)
+    return {
+        "hidden_states": _randn(_hunyuan_latent_shape(spec, wl), gen, device, dtype),
+        "timestep": torch.full((1,), 500.0, device=device, dtype=dtype),
+        "encoder_hidden_states": _randn((1, wl.max_sequence_length, cfg.text_embed_dim), gen, device, dtype),
+        "encoder_attention_mask": torch.ones(1, wl.max_sequence_length, device=device, dtype=torch.int64),
+        "pooled_projections": _randn((1, cfg.pooled_projection_dim), gen, device, dtype),
+        "guidance": torch.full((1,), 1000.0 * wl.guidance_scale, device=device, dtype=dtype),
+    }
+
+
+def _hunyuan_flops(spec: BenchSpec, wl: Workload) -> Flops:
+    _, _, f, h, w = _hunyuan_latent_shape(spec, wl)
+    return hunyuan_video_dit_flops(spec.transformer, 1, f, h, w, wl.max_sequence_length)
+
+
+def _hunyuan_encode(pipe, wl: Workload):
+    return pipe.encode_prompt(prompt=wl.prompt, prompt_2=None, device=pipe._execution_device,
+                              max_sequence_length=wl.max_sequence_length)
+
+
+HUNYUAN_VIDEO = Family(
+    name="hunyuanvideo", diffusers_pipeline="HunyuanVideoPipeline",
+    diffusers_transformer="HunyuanVideoTransformer3DModel", diffusers_vae="AutoencoderKLHunyuanVideo",
+    native_transformer=None, native_vae=None,
+    latent_shape=_hunyuan_latent_shape, dit_inputs=_hunyuan_inputs, dit_flops=_hunyuan_flops,
+    forwards_per_step=lambda wl: 1,  # guidance is embedded (distilled), no unconditional pass
+    call_kwargs=_generic_kwargs, diffusers_encode=_hunyuan_encode,
+    diffusers_output=lambda out: _to_uint8(out.frames[0]), diffc_output=lambda out: np.asarray(out.videos[0]),
+    diffc_encode=lambda pipe, wl: _hunyuan_encode(pipe.diffusers_pipe, wl),
+    note="diffc runs HunyuanVideoPipeline on its generic (diffusers) backend: the same modules and call.",
+)
+
+FAMILIES: dict[str, Family] = {"flux": FLUX, "wan": WAN, "sd3": SD3, "hunyuanvideo": HUNYUAN_VIDEO}

@@ -111,3 +111,70 @@ def tflops_per_s(flop: int | float, ms: float | None) -> float | None:
     if not ms or not math.isfinite(ms) or ms <= 0:
         return None
     return flop / (ms * 1e-3) / 1e12
+
+
+def sd3_dit_flops(cfg, batch: int, seq_img: int, seq_txt: int) -> Flops:
+    """SD3 / SD3.5 ``SD3Transformer2DModel`` on ``seq_img`` patches and ``seq_txt`` (CLIP + T5) tokens.
+    The last joint block is ``context_pre_only``: no text output projection and no text feed-forward."""
+    f = Flops()
+    dim, heads, head_dim = cfg.num_attention_heads * cfg.attention_head_dim, cfg.num_attention_heads, cfg.attention_head_dim
+    seq, p = seq_img + seq_txt, cfg.patch_size
+    f.add_linear(batch * seq_img, cfg.in_channels * p * p, dim)  # pos_embed.proj (stride = kernel)
+    f.add_linear(batch * seq_txt, cfg.joint_attention_dim, cfg.caption_projection_dim)  # context_embedder
+    f.add_linear(batch, 256, dim)
+    f.add_linear(batch, dim, dim)
+    f.add_linear(batch, cfg.pooled_projection_dim, dim)
+    f.add_linear(batch, dim, dim)
+    for i in range(cfg.num_layers):
+        last = i == cfg.num_layers - 1
+        f.add_linear(batch, dim, 6 * dim)  # norm1
+        f.add_linear(batch, dim, 2 * dim if last else 6 * dim)  # norm1_context
+        f.add_linear(batch * seq_img, dim, dim, 3)
+        f.add_linear(batch * seq_txt, dim, dim, 3)
+        f.add_attention(batch, heads, seq, seq, head_dim)
+        f.add_linear(batch * seq_img, dim, dim)  # to_out
+        f.add_linear(batch * seq_img, dim, 4 * dim)  # ff
+        f.add_linear(batch * seq_img, 4 * dim, dim)
+        if not last:
+            f.add_linear(batch * seq_txt, dim, dim)  # to_add_out
+            f.add_linear(batch * seq_txt, dim, 4 * dim)  # ff_context
+            f.add_linear(batch * seq_txt, 4 * dim, dim)
+    f.add_linear(batch, dim, 2 * dim)  # norm_out
+    f.add_linear(batch * seq_img, dim, p * p * cfg.out_channels)  # proj_out
+    return f
+
+
+def hunyuan_video_dit_flops(cfg, batch: int, latent_frames: int, latent_height: int, latent_width: int,
+                            seq_txt: int) -> Flops:
+    """HunyuanVideo ``HunyuanVideoTransformer3DModel``: token refiner over the text, dual-stream blocks, then
+    single-stream blocks over [video, text]."""
+    f = Flops()
+    heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+    dim, mlp = heads * head_dim, int(heads * head_dim * cfg.mlp_ratio)
+    pt, p = cfg.patch_size_t, cfg.patch_size
+    seq_img = (latent_frames // pt) * (latent_height // p) * (latent_width // p)
+    seq = seq_img + seq_txt
+    f.add_linear(batch * seq_img, cfg.in_channels * pt * p * p, dim)  # x_embedder (stride = kernel)
+    f.add_linear(batch * seq_txt, cfg.text_embed_dim, dim)  # context_embedder.proj_in
+    for _ in range(cfg.num_refiner_layers):  # token refiner: self-attention and MLP over the text
+        f.add_linear(batch * seq_txt, dim, dim, 4)
+        f.add_attention(batch, heads, seq_txt, seq_txt, head_dim)
+        f.add_linear(batch * seq_txt, dim, mlp)
+        f.add_linear(batch * seq_txt, mlp, dim)
+    for _ in range(cfg.num_layers):
+        f.add_linear(batch, dim, 6 * dim, 2)  # norm1, norm1_context
+        f.add_linear(batch * seq_img, dim, dim, 4)  # q, k, v, out
+        f.add_linear(batch * seq_txt, dim, dim, 4)  # added q, k, v, out
+        f.add_attention(batch, heads, seq, seq, head_dim)
+        for tokens in (seq_img, seq_txt):  # ff, ff_context
+            f.add_linear(batch * tokens, dim, mlp)
+            f.add_linear(batch * tokens, mlp, dim)
+    for _ in range(cfg.num_single_layers):
+        f.add_linear(batch, dim, 3 * dim)  # norm
+        f.add_linear(batch * seq, dim, dim, 3)  # q, k, v
+        f.add_linear(batch * seq, dim, mlp)  # proj_mlp
+        f.add_attention(batch, heads, seq, seq, head_dim)
+        f.add_linear(batch * seq, dim + mlp, dim)  # proj_out
+    f.add_linear(batch, dim, 2 * dim)  # norm_out
+    f.add_linear(batch * seq_img, dim, pt * p * p * cfg.out_channels)  # proj_out
+    return f

@@ -20,6 +20,26 @@ from diffc.models.wan.vae import WAN_VAE_SPECS
 from diffc.pipelines.schedulers.unipc import SCHEDULER_CONFIGS
 
 
+class DiffusersConfig:
+    """A model config given as the diffusers ``config.json`` dict, for models diffc runs on the generic
+    (diffusers) backend; fields read as attributes, like a native ``ModelConfig``."""
+
+    def __init__(self, **config: Any):
+        self._config = dict(config)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_config"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def replace(self, **changes: Any) -> "DiffusersConfig":
+        return DiffusersConfig(**{**self._config, **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self._config.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class TextEncoderSpec:
     """One text encoder and its tokenizer, as components of the pipeline directory."""
@@ -29,7 +49,7 @@ class TextEncoderSpec:
     config_class: str  # transformers config class
     config: dict[str, Any]
     tokenizer_component: str
-    tokenizer_kind: str  # "clip" or "t5": which diffc.demo.tokenizers trainer makes it
+    tokenizer_kind: str  # "clip", "t5" or "llama": which diffc.demo.tokenizers trainer makes it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +57,10 @@ class BenchSpec:
     """A benchmark workload: the pipeline's parts at a given size and the default generation request."""
 
     name: str
-    family: str  # "flux" or "wan": selects bench.families.FAMILIES[family]
+    family: str  # "flux", "wan", "sd3", "hunyuanvideo": selects bench.families.FAMILIES[family]
     source: str  # the published checkpoint this mirrors
-    transformer: ModelConfig
-    vae: ModelConfig
+    transformer: ModelConfig | DiffusersConfig
+    vae: ModelConfig | DiffusersConfig
     text_encoders: tuple[TextEncoderSpec, ...]
     scheduler: dict[str, Any]
     height: int
@@ -86,6 +106,49 @@ _TINY_TEXT = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, relati
 _TINY_CLIP = dict(CLIP_L, vocab_size=512, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
                   num_attention_heads=4, projection_dim=24)
 
+# ---- models on diffc's generic (diffusers) backend: configs as the published config.json files give them
+# openai/clip-vit-large-patch14 and laion CLIP-ViT-bigG-14 text towers with their projections (SD3 text_encoder
+# and text_encoder_2: the pooled output feeds the DiT, the penultimate hidden states the prompt embedding).
+CLIP_L_PROJ = dict(CLIP_L, hidden_act="quick_gelu")
+CLIP_G_PROJ = dict(CLIP_L, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", projection_dim=1280)
+# the text tower of llava-llama-3-8b (HunyuanVideo text_encoder; its hidden states two layers from the top).
+LLAMA3_8B = dict(vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                 rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+SD3_TEXT = (
+    TextEncoderSpec("text_encoder", "CLIPTextModelWithProjection", "CLIPTextConfig", CLIP_L_PROJ, "tokenizer", "clip"),
+    TextEncoderSpec("text_encoder_2", "CLIPTextModelWithProjection", "CLIPTextConfig", CLIP_G_PROJ, "tokenizer_2",
+                    "clip"),
+    TextEncoderSpec("text_encoder_3", "T5EncoderModel", "T5Config", T5_XXL, "tokenizer_3", "t5"),
+)
+HUNYUAN_TEXT = (
+    TextEncoderSpec("text_encoder", "LlamaModel", "LlamaConfig", LLAMA3_8B, "tokenizer", "llama"),
+    TextEncoderSpec("text_encoder_2", "CLIPTextModel", "CLIPTextConfig", CLIP_L, "tokenizer_2", "clip"),
+)
+# stabilityai/stable-diffusion-3.5-large: 38 joint blocks, 38 heads of 64, RMS q/k norm, 8.1 B parameters.
+SD35_LARGE = DiffusersConfig(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+    joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192, qk_norm="rms_norm", dual_attention_layers=[])
+SD3_VAE = DiffusersConfig(
+    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=16, norm_num_groups=32,
+    sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+# hunyuanvideo-community/HunyuanVideo: 20 dual-stream + 40 single-stream blocks, 24 heads of 128, 12.8 B parameters.
+HUNYUAN_DIT = DiffusersConfig(
+    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=[16, 56, 56])
+HUNYUAN_VAE = DiffusersConfig(
+    in_channels=3, out_channels=3, latent_channels=16, down_block_types=["HunyuanVideoDownBlock3D"] * 4,
+    up_block_types=["HunyuanVideoUpBlock3D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+    act_fn="silu", norm_num_groups=32, scaling_factor=0.476986, spatial_compression_ratio=8,
+    temporal_compression_ratio=4, mid_block_add_attention=True)
+FLOW_EULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
+_TINY_LLAMA = dict(LLAMA3_8B, vocab_size=512, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
 SPECS: dict[str, BenchSpec] = {
     "flux-dev": BenchSpec(
         "flux-dev", "flux", "black-forest-labs/FLUX.1-dev", FLUX_TRANSFORMER_SPECS["flux-dev"],
@@ -121,6 +184,42 @@ SPECS: dict[str, BenchSpec] = {
                          "tokenizer", "t5"),),
         _WAN_SCHEDULER, height=32, width=48, num_frames=5, steps=3, guidance_scale=5.0, max_sequence_length=16,
         negative_prompt=WAN_NEGATIVE),
+    # generic (diffusers) backend; SD3.5 runs classifier-free guidance as one batch-2 forward per step
+    "sd3.5-large": BenchSpec(
+        "sd3.5-large", "sd3", "stabilityai/stable-diffusion-3.5-large", SD35_LARGE, SD3_VAE, SD3_TEXT,
+        dict(FLOW_EULER, shift=3.0), height=1024, width=1024, steps=28, guidance_scale=3.5, max_sequence_length=256),
+    # 544x960, 61 frames: 16 latent frames of 68x120, 32,640 video tokens (+256 text) per forward, one forward a
+    # step (embedded guidance); 30 steps. At ~1.6 PFLOP a forward, one configuration's generation takes minutes
+    # on an H200: run the configurations in separate calls (bench/README.md).
+    "hunyuanvideo": BenchSpec(
+        "hunyuanvideo", "hunyuanvideo", "hunyuanvideo-community/HunyuanVideo", HUNYUAN_DIT, HUNYUAN_VAE, HUNYUAN_TEXT,
+        dict(FLOW_EULER, shift=7.0), height=544, width=960, num_frames=61, steps=30, guidance_scale=6.0,
+        max_sequence_length=256),
+    "sd3-tiny": BenchSpec(
+        "sd3-tiny", "sd3", "tiny SD3.5-shaped test pipeline",
+        SD35_LARGE.replace(sample_size=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                           joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=48,
+                           pos_embed_max_size=16),
+        SD3_VAE.replace(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4,
+                        latent_channels=16, sample_size=32),
+        (TextEncoderSpec("text_encoder", "CLIPTextModelWithProjection", "CLIPTextConfig", _TINY_CLIP, "tokenizer",
+                         "clip"),
+         TextEncoderSpec("text_encoder_2", "CLIPTextModelWithProjection", "CLIPTextConfig", _TINY_CLIP, "tokenizer_2",
+                         "clip"),
+         TextEncoderSpec("text_encoder_3", "T5EncoderModel", "T5Config", dict(T5_XXL, vocab_size=512, **_TINY_TEXT),
+                         "tokenizer_3", "t5")),
+        dict(FLOW_EULER, shift=3.0), height=32, width=48, steps=3, guidance_scale=3.5, max_sequence_length=16),
+    "hunyuanvideo-tiny": BenchSpec(
+        "hunyuanvideo-tiny", "hunyuanvideo", "tiny HunyuanVideo-shaped test pipeline",
+        HUNYUAN_DIT.replace(num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
+                            num_refiner_layers=1, patch_size=1, text_embed_dim=32, pooled_projection_dim=24,
+                            rope_axes_dim=[4, 6, 6]),
+        HUNYUAN_VAE.replace(block_out_channels=[8, 8, 8, 8], layers_per_block=1, norm_num_groups=4),
+        (TextEncoderSpec("text_encoder", "LlamaModel", "LlamaConfig", _TINY_LLAMA, "tokenizer", "llama"),
+         TextEncoderSpec("text_encoder_2", "CLIPTextModel", "CLIPTextConfig", _TINY_CLIP, "tokenizer_2", "clip")),
+        dict(FLOW_EULER, shift=7.0), height=32, width=32, num_frames=5, steps=2, guidance_scale=6.0,
+        max_sequence_length=16),
 }
 
 

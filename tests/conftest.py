@@ -95,3 +95,21 @@ def flux_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def generic_checkpoint(tmp_path_factory):
+    """Factory: ``generic_checkpoint(name) -> Path`` of a saved tiny pipeline of a class diffc has no native
+    spec for ("sd3", "hunyuan", "ltx", "cogvideox"; see tests/generic_pipelines.py), cached for the session."""
+    from tests.generic_pipelines import BUILDERS
+
+    cache: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in cache:
+            root = tmp_path_factory.mktemp(f"generic-{name}")
+            BUILDERS[name](root / "tok").save_pretrained(root / "ckpt", safe_serialization=True)
+            cache[name] = root / "ckpt"
+        return cache[name]
+
+    return make

@@ -81,12 +81,15 @@ def compile_command(args: argparse.Namespace) -> int:
     choice = resolve_model(args)
     out = check_artifact_output(args.out, "--out")  # before the minutes of loading and compiling
     report_path = check_json_output(args.report, "--report") if args.report else None
-    buckets = parse_buckets(args, video=choice.output == "video")
+    # a generic pipeline's kind is known once it is loaded (when diffusers is missing here)
+    buckets = parse_buckets(args, video=choice.output == "video") if choice.output is not None else None
     if choice.notice:
         print(choice.notice, file=sys.stderr)
     model_path = choice.checkpoint()
     pipe = load_pipeline(model_path, device=choice.device, dtype=args.dtype, scheduler=args.scheduler,
                       **runtime_options(args))
+    if buckets is None:
+        buckets = parse_buckets(args, video=pipe.spec.output == "video")
     if choice.demo:
         defaults = {k: v for k, v in choice.defaults.items() if k != "num_inference_steps"}
         buckets = [{**defaults, **b} for b in buckets]

@@ -98,10 +98,16 @@ def checkpoint_dir(path: str | Path, field: str, origin: str = "") -> Path:
     return root
 
 
-def _output_kind(root: Path) -> str:
+def _output_kind(root: Path) -> str | None:
+    """"image" or "video" for the checkpoint's pipeline; None when only loading it can tell (generic)."""
     from ..loader.pipeline import read_index
 
-    return read_index(root)[1].output
+    index, spec = read_index(root)
+    if spec is not None:
+        return spec.output
+    from ..pipelines.generic.spec import class_output_kind
+
+    return class_output_kind(index["_class_name"])
 
 
 def resolve_model(args: argparse.Namespace) -> ModelChoice:

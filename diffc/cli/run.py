@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from ..errors import InvalidArgumentError
 from ..fileio import atomic_write
@@ -75,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
     choice = resolve_model(args)
     if choice.output == "image" and args.fps is not None:
         raise InvalidArgumentError("--fps", "applies to video models only")
-    output = check_media_output(args.output or ("output.png" if choice.output == "image" else "output.mp4"), choice.output)
+    if choice.output is None:  # a generic (diffusers) pipeline diffusers is not installed for: checked after loading
+        output = Path(args.output or "output.png")
+    else:
+        output = check_media_output(args.output or ("output.png" if choice.output == "image" else "output.mp4"),
+                                    choice.output)
     dump_path = check_json_output(args.perf_dump_path, "--perf-dump-path") if args.perf_dump_path else None
     images = [read_image(path) for path in args.image or ()]
     if choice.notice:
@@ -88,6 +93,12 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(model_path, device=choice.device, dtype=args.dtype, scheduler=args.scheduler,
                       compiled=args.compiled, **runtime_options(args))
     load_s = time.perf_counter() - started
+    if choice.output is None:
+        if args.output is None and pipe.spec.output == "video":
+            output = Path("output.mp4")
+        output = check_media_output(output, pipe.spec.output)
+        if pipe.spec.output == "image" and args.fps is not None:
+            raise InvalidArgumentError("--fps", "applies to video models only")
     options = {k: v for k, v in options.items() if v is not None}
     if images:
         options["image"] = images[0] if len(images) == 1 else images

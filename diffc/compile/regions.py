@@ -50,7 +50,9 @@ def call_key(args: tuple, kwargs: dict[str, Any]) -> str:
 
 
 def _detached(value: Any) -> Any:
-    return pytree.tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v, value)
+    """Detached contiguous copies of the tensors in ``value``: the graph is traced on dense inputs (which the
+    fused ops' filters need), and :meth:`RegionGraph.__call__` hands it dense inputs."""
+    return pytree.tree_map(lambda v: v.detach().contiguous().clone() if isinstance(v, torch.Tensor) else v, value)
 
 
 def capture_region_inputs(dit: nn.Module, kwargs: dict[str, Any],
@@ -148,6 +150,8 @@ class RegionGraph:
         flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
         if spec != self.in_spec:
             flat = self._reorder(args, kwargs)
+        # a block may receive a strided view (HunyuanVideo's first block: the patch embedder's transpose)
+        flat = [v.contiguous() if isinstance(v, torch.Tensor) else v for v in flat]
         packed = self._packed.get(id(block))
         if packed is None and self._has_packed:
             packed = self._pack(block)

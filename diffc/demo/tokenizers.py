@@ -1,6 +1,6 @@
 """Small tokenizers trained locally with the `tokenizers` library, for demo and test checkpoints.
 
-They have the same classes and special tokens as the real CLIP, T5 and UMT5 tokenizers, so the
+They have the same classes and special tokens as the real CLIP, T5, UMT5 and Llama-3 tokenizers, so the
 pipelines treat them exactly as the real ones; only the vocabularies are tiny.
 """
 
@@ -56,3 +56,24 @@ def train_t5_tokenizer(out_dir: str | Path, vocab_size: int = 200, extra_ids: in
     t5 = transformers.T5Tokenizer(vocab=vocab, extra_ids=extra_ids, model_max_length=model_max_length)
     t5.save_pretrained(str(out_dir))
     return t5
+
+
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def train_llama_tokenizer(out_dir: str | Path, vocab_size: int = 300):
+    """A byte-level BPE tokenizer with Llama-3's special tokens (HunyuanVideo's prompt template uses them),
+    padding with the end-of-text token."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(LLAMA3_SPECIALS), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=LLAMA3_SPECIALS[0],
+                                                eos_token=LLAMA3_SPECIALS[1], pad_token=LLAMA3_SPECIALS[1])
+    fast.save_pretrained(str(out_dir))
+    return transformers.PreTrainedTokenizerFast.from_pretrained(str(out_dir))

@@ -53,17 +53,17 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
-def read_index(root: Path) -> tuple[dict, PipelineSpec]:
-    """``root``'s ``model_index.json`` and the spec of the pipeline it names (nothing else is read)."""
+def read_index(root: Path) -> tuple[dict, PipelineSpec | None]:
+    """``root``'s ``model_index.json`` and the native spec of the pipeline it names, None for a pipeline
+    the generic (diffusers) backend runs (nothing else is read)."""
     if not root.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {root}")
     index = read_json(root / "model_index.json")
     class_name = index.get("_class_name")
+    if not isinstance(class_name, str) or not class_name:
+        raise CheckpointError(f"{root / 'model_index.json'}: no pipeline class (_class_name)")
     if class_name not in supported_pipelines():
-        raise CheckpointError(
-            f"{root / 'model_index.json'}: pipeline class {str(class_name)[:100]!r} is not supported; "
-            f"supported: {', '.join(supported_pipelines())}"
-        )
+        return index, None
     spec = pipeline_spec(class_name)
     if spec.check_index is not None:
         spec.check_index(index)
@@ -76,6 +76,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
          compiled: str | Path | None = None) -> Pipeline:
     """Load a diffusers-format pipeline directory (``model_index.json`` + one folder per component).
 
+    A pipeline class with a native diffc spec (FLUX.1, Wan2.1) loads natively; any other diffusers
+    pipeline loads through diffusers itself on the generic backend (``diffc.pipelines.generic``).
+
     ``device`` defaults to CUDA when available; ``dtype`` to bf16 on GPU and fp32 on CPU;
     ``scheduler`` ("unipc" or "euler") replaces the checkpoint's sampler where that makes sense.
     ``offload``, ``offload_prefetch``, ``resident_blocks`` and ``cuda_graphs`` are the runtime
@@ -85,6 +88,10 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     """
     root = Path(path).expanduser()
     index, spec = read_index(root)
+    if spec is None:
+        return load_generic(root, index, device, dtype, scheduler, compiled,
+                            RuntimeOptions(offload=offload, offload_prefetch=offload_prefetch,
+                                           resident_blocks=resident_blocks, cuda_graphs=cuda_graphs))
     options = RuntimeOptions(offload=offload, offload_prefetch=offload_prefetch, resident_blocks=resident_blocks,
                              cuda_graphs=cuda_graphs)
     if scheduler is not None and scheduler not in SCHEDULER_NAMES:
@@ -105,6 +112,26 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     text_encoders = tuple(n for n in spec.components if index[n][1] in TEXT_ENCODERS)
     executor = Executor(components, dev, options, text_encoders)
     pipe = Pipeline(spec, components, dev, dt, source=str(root), executor=executor, runtime_options=options)
+    if compiled is not None:
+        pipe.load_compiled(compiled)
+    return pipe
+
+
+def load_generic(root: Path, index: dict, device, dtype, scheduler: str | None, compiled,
+                 options: RuntimeOptions) -> Pipeline:
+    """The generic backend: the diffusers pipeline ``model_index.json`` names, loaded by diffusers."""
+    from ..pipelines.generic import GenericPipeline, import_diffusers, load_diffusers_pipeline
+    from ..pipelines.generic.loader import check_runtime
+
+    import_diffusers()
+    if scheduler is not None:
+        raise InvalidArgumentError("scheduler", f"'{index.get('_class_name')}' runs on the generic (diffusers) backend, "
+                                   "which uses the checkpoint's own scheduler; leave --scheduler unset")
+    options = check_runtime(options)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    pipe = GenericPipeline(load_diffusers_pipeline(root, index, dev, dt), dev, dt, source=str(root),
+                           runtime_options=options)
     if compiled is not None:
         pipe.load_compiled(compiled)
     return pipe

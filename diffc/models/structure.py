@@ -1,7 +1,8 @@
 """Model structure declared as data: the repeated-block lists (regions) of a DiT.
 
 A DiT declares its repeated blocks (``_repeated_blocks``): attribute names of ``nn.ModuleList``s in
-diffc's native models, block class names in diffusers' models. Regional compilation, offload and the
+diffc's native models, block class names in diffusers' models (which may declare them only as
+``_no_split_modules``). Regional compilation, offload and the
 step cache all read the blocks through :func:`dit_regions`, never by special-casing a model.
 """
 
@@ -26,28 +27,64 @@ class Region:
     blocks: tuple[nn.Module, ...]
 
 
+def declared_blocks(dit: nn.Module) -> tuple[str, ...]:
+    """What ``dit`` declares as its repeated blocks: ``_repeated_blocks``, else (diffusers models that
+    declare none, e.g. SD3, CogVideoX) the block classes of ``_no_split_modules``."""
+    return tuple(getattr(dit, "_repeated_blocks", ()) or ()) or tuple(getattr(dit, "_no_split_modules", ()) or ())
+
+
 def dit_regions(dit: nn.Module) -> list[Region]:
-    """The regions of ``dit`` in declaration order, from ``_repeated_blocks``.
+    """The regions of ``dit`` in declaration order, from :func:`declared_blocks`.
 
     An entry names a ``ModuleList`` attribute (diffc's models) or a block class (diffusers' models,
-    whose lists are then found by the class of their elements). Raises :class:`RegionError` when the
-    model declares none or an entry matches nothing.
+    whose lists are then found by the class of their elements; a block of that class outside any list,
+    e.g. a patch embedder, is a region of its own). A list whose blocks are not all built alike (SD3's
+    last joint block has no text output) splits into runs of alike blocks, ``name[start:stop]``, since
+    one graph serves one structure. Raises :class:`RegionError` when the model declares none or an
+    entry matches nothing.
     """
-    declared = tuple(getattr(dit, "_repeated_blocks", ()) or ())
+    declared = declared_blocks(dit)
     if not declared:
         raise RegionError(f"{type(dit).__name__} declares no repeated blocks (_repeated_blocks); "
                           "regional compilation needs them")
     regions, seen = [], set()
     for entry in declared:
-        found = _lists_named(dit, entry) or _lists_of_class(dit, entry)
+        found = _lists_named(dit, entry) or _lists_of_class(dit, entry) or _single_blocks(dit, entry)
         if not found:
             raise RegionError(f"{type(dit).__name__}._repeated_blocks names {entry!r}, which is neither a "
                               "ModuleList attribute nor the class of a ModuleList's blocks")
         for name, blocks in found:
-            if name not in seen and blocks:
-                seen.add(name)
-                regions.append(Region(name, tuple(blocks)))
+            for run_name, run in _alike_runs(name, list(blocks)):
+                if run_name not in seen and run:
+                    seen.add(run_name)
+                    regions.append(Region(run_name, tuple(run)))
     return regions
+
+
+def _structure(block: nn.Module) -> tuple:
+    """A block's class and its tensors' names, shapes and dtypes: blocks alike here run one graph."""
+    tensors = list(block.named_parameters()) + list(block.named_buffers())
+    return (type(block), tuple((n, tuple(t.shape), t.dtype) for n, t in tensors))
+
+
+def _alike_runs(name: str, blocks: list[nn.Module]) -> list[tuple[str, list[nn.Module]]]:
+    """``blocks`` as consecutive runs of alike blocks; one run keeps the list's name."""
+    runs: list[tuple[int, list[nn.Module]]] = []
+    for i, block in enumerate(blocks):
+        if runs and _structure(runs[-1][1][-1]) == _structure(block):
+            runs[-1][1].append(block)
+        else:
+            runs.append((i, [block]))
+    if len(runs) == 1:
+        return [(name, blocks)]
+    return [(f"{name}[{start}:{start + len(run)}]", run) for start, run in runs]
+
+
+def _single_blocks(dit: nn.Module, class_name: str) -> list[tuple[str, list[nn.Module]]]:
+    """Modules of class ``class_name`` that are no ``ModuleList``'s elements, each a one-block list."""
+    listed = {id(b) for _, m in dit.named_modules() if isinstance(m, nn.ModuleList) for b in m}
+    return [(name, [m]) for name, m in dit.named_modules()
+            if name and type(m).__name__ == class_name and id(m) not in listed]
 
 
 def _lists_named(dit: nn.Module, name: str) -> list[tuple[str, nn.ModuleList]]:

@@ -133,11 +133,12 @@ def validate_common(request: GenerationRequest) -> None:
         negs = request.negative_prompt if isinstance(request.negative_prompt, list) else [request.negative_prompt]
         if not all(isinstance(n, str) for n in negs) or len(negs) not in (1, len(prompts)):
             raise InvalidArgumentError("negative_prompt", "must be a string or one string per prompt")
-    check_int("height", request.height, 1, 16384)
-    check_int("width", request.width, 1, 16384)
-    check_int("num_inference_steps", request.num_inference_steps, 1, MAX_STEPS)
+    for field, high in (("height", 16384), ("width", 16384), ("num_inference_steps", MAX_STEPS)):
+        if getattr(request, field) is not None:  # None only where the pipeline picks its own (generic backend)
+            check_int(field, getattr(request, field), 1, high)
     g = request.guidance_scale
-    if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 <= g <= 100:
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)
+                          or not 0 <= g <= 100):
         raise InvalidArgumentError("guidance_scale", f"must be a number from 0 to 100, got {g!r}")
     seeds = request.seed if isinstance(request.seed, list) else [request.seed]
     if isinstance(request.seed, list) and len(seeds) != len(prompts):

@@ -72,20 +72,35 @@ class PerfRecorder:
         self.timings = Timings(device=str(device))
         self._step_events: list[tuple[Any, Any]] = []
         self._step_starts: list[float] = []
+        self._open: tuple[str, float] | None = None
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        cuda = self.device.type == "cuda"
-        _sync(self.device)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
+        self.begin(name)
         yield
+        self.end()
+
+    def begin(self, name: str) -> None:
+        """Start timing stage ``name`` (closing the running one first); time spent in a stage over
+        several begin/end spans adds up."""
+        if self._open is not None:
+            self.end()
         _sync(self.device)
-        self.timings.stages[name] = time.perf_counter() - start
-        if cuda:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._open = (name, time.perf_counter())
+
+    def end(self) -> None:
+        """Stop the running stage, if any."""
+        if self._open is None:
+            return
+        name, start = self._open
+        self._open = None
+        _sync(self.device)
+        self.timings.stages[name] = self.timings.stages.get(name, 0.0) + time.perf_counter() - start
+        if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
-            self.timings.stage_peak_memory_mb[name] = peak
+            self.timings.stage_peak_memory_mb[name] = max(self.timings.stage_peak_memory_mb.get(name, 0.0), peak)
             self.timings.peak_memory_mb = max(self.timings.peak_memory_mb or 0.0, peak)
 
     def step_begin(self) -> None:

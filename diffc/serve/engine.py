@@ -117,7 +117,7 @@ class Engine:
         if not 1 <= n <= lim.max_n:
             raise InvalidArgumentError("n", f"must be from 1 to {lim.max_n} on this server, got {n}")
         height, width = size or (self._default("height"), self._default("width"))
-        if height * width > lim.max_pixels:
+        if height is not None and width is not None and height * width > lim.max_pixels:  # None: the model picks
             raise InvalidArgumentError("size", f"{width}x{height} is {width * height} pixels; this server allows "
                                        f"at most {lim.max_pixels} (--max-pixels)")
         steps = num_inference_steps if num_inference_steps is not None else self._default("num_inference_steps")

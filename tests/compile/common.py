@@ -29,6 +29,7 @@ GRAPH_TOL = {torch.float32: 1e-5, torch.bfloat16: REL_TOL[torch.bfloat16]}
 # concat_linear (after the others): FLUX double block image q/k/v and text q/k/v, single block q/k/v
 #   (proj_mlp feeds diffc.gelu_tanh, which needs a contiguous input) = 4; Wan self q/k/v and cross k/v = 4
 # timestep_embedding: FLUX timestep + guidance = 2, Wan 1; silu_mul: no SwiGLU in either = 0
+# rms_norm: both call F.rms_norm (already aten.rms_norm), no hand-written RMSNorm = 0
 # gated_residual_adaln (after gated_residual and adaln_modulate, each site takes one of each):
 #   FLUX double block: image and text residual after attention feed the MLP norms = 2;
 #   Wan: each block's feed-forward residual feeds the next norm1 / norm_out = 2
@@ -38,6 +39,7 @@ OPT_IN = ("concat_linear",)  # not in default_passes()
 FLUX_BLOCKS, FLUX_SINGLE, WAN_BLOCKS = 1, 2, 2
 EXPECTED = {
     "flux": {
+        "rms_norm": 0,
         "adaln_modulate": 4 * FLUX_BLOCKS + FLUX_SINGLE + 1,
         "gated_residual": 4 * FLUX_BLOCKS + FLUX_SINGLE,
         "gelu_tanh": 2 * FLUX_BLOCKS + FLUX_SINGLE,
@@ -48,6 +50,7 @@ EXPECTED = {
         "concat_linear": 2 * FLUX_BLOCKS + FLUX_SINGLE,
     },
     "wan": {
+        "rms_norm": 0,
         "adaln_modulate": 2 * WAN_BLOCKS + 1,
         "gated_residual": 2 * WAN_BLOCKS,
         "gelu_tanh": WAN_BLOCKS + 1,

@@ -75,8 +75,16 @@ def test_missing_model_index(ckpt_copy):
 
 def test_unknown_pipeline_class(ckpt_copy):
     root = ckpt_copy()
+    _edit_json(root / "model_index.json", _class_name="NotAPipeline")
+    with pytest.raises(CheckpointError, match="'NotAPipeline' is neither native to diffc nor a pipeline of the installed diffusers"):
+        diffc.load(root)
+
+
+def test_diffusers_class_with_the_wrong_components(ckpt_copy):
+    """A class diffc has no native spec for goes to the generic backend; diffusers' refusal becomes a CheckpointError."""
+    root = ckpt_copy()
     _edit_json(root / "model_index.json", _class_name="StableDiffusionPipeline")
-    with pytest.raises(CheckpointError, match="'StableDiffusionPipeline' is not supported; supported: FluxPipeline, WanPipeline"):
+    with pytest.raises(CheckpointError, match="diffusers could not load StableDiffusionPipeline"):
         diffc.load(root)
 
 

@@ -1,8 +1,9 @@
 """Fusion passes over export's ATen graph, one file per fusion; see :mod:`.base` for the anatomy.
 
 :data:`FUSION_PASSES` lists them in the order the pass manager runs them, after
-:class:`CanonicalizeCasts`: larger fusions first, so a smaller one cannot take part of a larger
-one's sequence.
+:class:`CanonicalizeCasts`: :class:`RMSNormPass` first (it gives hand-written norms the one spelling
+the fusions match), then larger fusions first, so a smaller one cannot take part of a larger one's
+sequence.
 """
 
 from .adaln_modulate import AdaLNModulatePass
@@ -13,11 +14,12 @@ from .gated_residual import GatedResidualPass
 from .gated_residual_adaln import GatedResidualAdaLNPass
 from .gelu_tanh import GeluTanhPass
 from .qk_norm_rope import QKNormRopePass
+from .rms_norm import RMSNormPass
 from .silu_mul import SiluMulPass
 from .timestep_embedding import TimestepEmbeddingPass
 
 FUSION_PASSES: tuple[type[FusionPass], ...] = (
-    QKNormRopePass, AdaLNModulatePass, GatedResidualPass, GeluTanhPass, TimestepEmbeddingPass, SiluMulPass,
+    RMSNormPass, QKNormRopePass, AdaLNModulatePass, GatedResidualPass, GeluTanhPass, TimestepEmbeddingPass, SiluMulPass,
     GatedResidualAdaLNPass, ConcatLinearPass,
 )
 
@@ -32,6 +34,7 @@ __all__ = [
     "GeluTanhPass",
     "Pattern",
     "QKNormRopePass",
+    "RMSNormPass",
     "SiluMulPass",
     "TimestepEmbeddingPass",
     "graph_targets",

@@ -11,7 +11,8 @@ Fused::
     out = aten.empty_like(x)
     diffc.adaln_modulate(x, scale, shift, eps, out)
 
-Variants: FLUX's ``AdaNormContinuous`` unsqueezes after adding one (``(1 + scale)[:, None, :]``);
+Variants: an affine LayerNorm (weight and bias) modulated by a precomputed ``1 + scale`` folds its affine
+into the modulation (:class:`AdaLNModulateAffine`); FLUX's ``AdaNormContinuous`` unsqueezes after adding one (``(1 + scale)[:, None, :]``);
 Wan in bf16/fp16 wraps the sequence in casts, ``to(layer_norm(to(x, float32)) * ... , x.dtype)``
 with float32 scale and shift, which the op computes the same way from the low-precision ``x``.
 """
@@ -144,10 +145,60 @@ class AdaLNModulateUpcast(Pattern):
         )
 
 
+class AdaLNModulateAffine(Pattern):
+    """An affine LayerNorm modulated, ``layer_norm(x, w, b) * m + shift`` with ``m`` the model's ``1 + scale``
+    (e.g. diffusers' ``CogVideoXLayerNormZero``: ``norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]``).
+    Folded onto the affine-free op: ``n * w * m + (b * m + shift)`` is ``adaln_modulate`` with
+    ``scale = w * m - 1`` and ``shift = b * m + shift``, computed in float32 on the small (B, 1, C) tensors."""
+
+    def example_inputs(self) -> tuple:
+        g = torch.Generator().manual_seed(0)
+        x, m, shift = (torch.randn(s, generator=g) for s in ((2, 5, 8), (2, 1, 8), (2, 1, 8)))
+        w, b = 1 + 0.3 * torch.randn(8, generator=g), 0.1 * torch.randn(8, generator=g)
+        return x, w, b, m, shift, [8], 1e-5
+
+    @staticmethod
+    def pattern(x, weight, bias, m, shift, shape, eps):
+        h = aten.layer_norm.default(x, shape, weight, bias, eps, False)
+        return aten.add.Tensor(aten.mul.Tensor(h, m), shift)
+
+    @staticmethod
+    def replacement(x, weight, bias, m, shift, shape, eps):
+        scale = aten.sub.Tensor(aten.mul.Tensor(m, weight), 1)
+        out = aten.empty_like.default(x)
+        torch.ops.diffc.adaln_modulate.default(x, scale, aten.add.Tensor(aten.mul.Tensor(m, bias), shift), eps, out)
+        return out
+
+    def build_replacement(self, x, weight, bias, m, shift, shape, eps):
+        if x.dtype == torch.float32:
+            return self.replacement
+        f32 = torch.float32
+
+        def replacement(x, weight, bias, m, shift, shape, eps):
+            m32 = aten.to.dtype(m, f32)
+            scale = aten.sub.Tensor(aten.mul.Tensor(m32, aten.to.dtype(weight, f32)), 1)
+            shift32 = aten.add.Tensor(aten.mul.Tensor(m32, aten.to.dtype(bias, f32)), aten.to.dtype(shift, f32))
+            out = aten.empty_like.default(x)
+            torch.ops.diffc.adaln_modulate.default(x, scale, shift32, eps, out)
+            return out
+
+        return replacement
+
+    def accepts(self, x, weight, bias, m, shift, shape, eps) -> bool:
+        return (
+            _norm_ok(x, shape, eps)
+            and all(isinstance(t, torch.Tensor) and tuple(t.shape) == (x.shape[-1],) and t.dtype == x.dtype
+                    for t in (weight, bias))
+            and modulation_ok(m, x)
+            and modulation_ok(shift, x)
+            and m.dtype == shift.dtype == x.dtype
+        )
+
+
 class AdaLNModulatePass(FusionPass):
     """LayerNorm + ``* (1 + scale) + shift`` -> ``diffc.adaln_modulate``. Not bit-exact: the kernel's
     mean/variance reduction order differs from ATen's (within the bf16 tolerance)."""
 
     name = "adaln_modulate"
     bit_exact = False
-    patterns = (AdaLNModulateUpcast(), AdaLNModulateUnsqueezed(), AdaLNModulate())
+    patterns = (AdaLNModulateUpcast(), AdaLNModulateUnsqueezed(), AdaLNModulate(), AdaLNModulateAffine())

@@ -10,6 +10,7 @@ Fused::
     out = aten.empty_like(x)
     diffc.gated_residual(x, y, gate, out)
 
+The sum may be written product first, ``gate * y + x`` (either operand order of the product).
 Variant: Wan in bf16/fp16 computes ``(x.float() + y * gate).type_as(x)`` with float32 gates (the
 feed-forward's ``y`` upcast too): ``to(add(to(x, float32), mul(y, gate)), x.dtype)``, which the op
 computes the same way from the low-precision ``x`` and ``y``.
@@ -92,6 +93,23 @@ class GateLast(Pattern):
         return _residual_ok(x, y, gate, _promoted(x, y, gate))
 
 
+class ProductFirst(GateFirst):
+    """``gate * y + x``: the sum written product first (diffusers' HunyuanVideo single block,
+    ``hidden = gate.unsqueeze(1) * proj_out(h); hidden = hidden + residual``)."""
+
+    @staticmethod
+    def pattern(x, gate, y):
+        return aten.add.Tensor(aten.mul.Tensor(gate, y), x)
+
+
+class ProductFirstGateLast(GateLast):
+    """``y * gate + x``."""
+
+    @staticmethod
+    def pattern(x, y, gate):
+        return aten.add.Tensor(aten.mul.Tensor(y, gate), x)
+
+
 class GateLastUpcast(Pattern):
     """Wan attention in bf16/fp16: ``to(to(x, float32) + y * gate, x.dtype)`` with a float32 gate."""
 
@@ -134,4 +152,4 @@ class GatedResidualPass(FusionPass):
 
     name = "gated_residual"
     bit_exact = False
-    patterns = (GateLastUpcastBoth(), GateLastUpcast(), GateFirst(), GateLast())
+    patterns = (GateLastUpcastBoth(), GateLastUpcast(), GateFirst(), GateLast(), ProductFirst(), ProductFirstGateLast())

@@ -1,0 +1,74 @@
+"""The compiler on the generic backend's diffusers transformer, region by region: ``diffc compile`` writes an
+artifact that ``diffc run --compiled`` loads; lossless gives the eager pixels, fast fuses every pass each
+block contains."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import diffc
+from diffc.cli.main import main
+from tests.generic_pipelines import REQUESTS
+from tests.helpers import psnr_uint8
+
+# Regions of the tiny HunyuanVideo DiT (from its _repeated_blocks) and the block class each holds; their
+# counts are the per-block ones of tests/compile/test_diffusers_blocks.py.
+HUNYUAN_REGIONS = {"transformer_blocks": "HunyuanVideoTransformerBlock",
+                   "single_transformer_blocks": "HunyuanVideoSingleTransformerBlock",
+                   "x_embedder": "HunyuanVideoPatchEmbed", "context_embedder": "HunyuanVideoTokenRefiner"}
+
+
+def test_compile_cli_then_run_compiled_is_lossless(generic_checkpoint, tmp_path, capsys):
+    ckpt, art = generic_checkpoint("sd3"), tmp_path / "sd3.diffc"
+    assert main(["compile", "--model", str(ckpt), "--height", "32", "--width", "32", "--guidance", "4.0",
+                 "--max-sequence-length", "16", "--quality", "lossless", "--device", "cpu", "--out", str(art)]) == 0
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["model"]["pipeline_class"] == "StableDiffusion3Pipeline"
+    assert manifest["passes"]["tier"] == "lossless"
+    outs = []
+    for extra in ([], ["--compiled", str(art)]):
+        out, perf = tmp_path / f"cat{len(outs)}.png", tmp_path / f"perf{len(outs)}.json"
+        assert main(["run", "--model", str(ckpt), "--prompt", "a calico cat", "--height", "32", "--width", "32",
+                     "--steps", "2", "--guidance", "4.0", "--seed", "3", "--max-sequence-length", "16", "--no-progress",
+                     "--device", "cpu", "--output", str(out), "--perf-dump-path", str(perf), *extra]) == 0
+        outs.append((np.asarray(Image.open(out)), json.loads(perf.read_text())))
+    (eager, _), (compiled, dump) = outs
+    assert np.array_equal(eager, compiled)
+    assert dump["runtime"]["compiled"] is not None
+    capsys.readouterr()
+
+
+def test_fast_tier_compiles_every_region_of_the_diffusers_dit(generic_checkpoint):
+    from tests.compile.test_diffusers_blocks import EXPECTED, PASSES
+
+    pipe = diffc.load(generic_checkpoint("hunyuan"), device="cpu")
+    request = {k: v for k, v in REQUESTS["hunyuan"].items() if k != "num_inference_steps"}
+    eager = pipe.generate("waves at sunset", seed=5, progress=False, **REQUESTS["hunyuan"]).frames
+    report = pipe.compile([request], log=lambda line: None)
+    (bucket,) = report.buckets
+    assert {r.region: {k: r.matches[k] for k in PASSES} for r in bucket.regions} == \
+        {name: EXPECTED["hunyuan", cls] for name, cls in HUNYUAN_REGIONS.items()}
+    assert bucket.rel_err_vs_eager < 1e-4
+    out = pipe.generate("waves at sunset", seed=5, progress=False, **REQUESTS["hunyuan"])
+    assert out.timings.runtime["compiled"] is not None and out.timings.runtime["generic"]["backend"] == "diffusers"
+    assert psnr_uint8(out.frames, eager) >= 35.0
+
+
+def test_blocks_built_differently_get_their_own_region(generic_pipe):
+    """SD3's last joint block has no text output (context_pre_only): it cannot share the others' graph."""
+    from diffc.models.structure import dit_regions
+
+    regions = dit_regions(generic_pipe("sd3").components["transformer"].module)
+    assert [(r.name, len(r.blocks)) for r in regions] == [("transformer_blocks[0:1]", 1), ("transformer_blocks[1:2]", 1)]
+    assert regions[1].blocks[0].context_pre_only and not regions[0].blocks[0].context_pre_only
+
+
+@pytest.mark.parametrize("flag", ["--offload", "--cuda-graphs"])
+def test_runtime_flags_the_generic_backend_lacks(generic_checkpoint, flag, capsys):
+    value = "layerwise" if flag == "--offload" else "on"
+    code = main(["run", "--model", str(generic_checkpoint("sd3")), "--prompt", "a cat", "--device", "cpu", flag, value])
+    assert code == 2 and "generic (diffusers) backend" in capsys.readouterr().err
