@@ -305,6 +305,11 @@ class Executor:
             elif current is None or getattr(current, "config", None) != config:
                 stack.set_cache(_build_cache(config, stack.module))
 
+    def cache_warnings(self) -> list[str]:
+        found = [w for stack in self.stacks.values() if stack.cache is not None
+                 for w in getattr(stack.cache, "warnings", lambda: [])()]
+        return list(dict.fromkeys(found))
+
     def begin_generation(self, total_steps: int | None) -> None:
         """A generation of ``total_steps`` denoising steps starts: every cache forgets the last one."""
         for stack in self.stacks.values():

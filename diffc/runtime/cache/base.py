@@ -99,6 +99,10 @@ class BlockStepCache:
     def _describe_strategy(self) -> dict[str, Any]:
         return {}
 
+    def warnings(self) -> list[str]:
+        """What a user should know about these settings on this model (shown with the generation)."""
+        return []
+
     # ---- generations and steps ----------------------------------------------------------------------
 
     def begin_generation(self, total_steps: int | None = None) -> None:

@@ -87,6 +87,13 @@ class TeaCache(BlockStepCache):
         out = self.probe(*values)
         return out if self.spec.output is None else out[self.spec.output]
 
+    def warnings(self) -> list[str]:
+        if self.config.coefficients is None and self.fit is None:
+            return [f"teacache: no published rescaling fit for this {self.model} configuration, so the raw relative "
+                    f"L1 is accumulated (threshold {self.threshold:g}); pass cache_options coefficients fitted "
+                    "for it, or use dbcache"]
+        return []
+
     def _describe_strategy(self) -> dict[str, Any]:
         where = f"{self.spec.module}({', '.join(self.spec.args)})" if self.spec.module else self.spec.args[0]
         return {"decision": f"accumulated rescaled relative L1 of the first block's {where}",
