@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..errors import InvalidArgumentError
 from ..fileio import atomic_write
-from .options import add_compiled_flag, add_runtime_flags, compiled_source, merge_config, runtime_options
+from .options import (add_cache_flags, add_compiled_flag, add_runtime_flags, cache_flag_errors, cache_settings,
+                      compiled_source, merge_config, runtime_options)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4",)
@@ -40,6 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--scheduler", choices=("unipc", "euler"), help="sampler instead of the checkpoint's own (Wan: unipc or euler)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     add_runtime_flags(p)
+    add_cache_flags(p)
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--config", help="YAML or JSON file of options; command-line flags override it")
     p.add_argument("--perf-dump-path", help="write per-stage seconds, per-step ms and peak memory as JSON")
@@ -87,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--compile", "give either --compile (compile now, cached) or --compiled ARTIFACT, not both")
     if args.quality is not None and not args.compile:
         raise InvalidArgumentError("--quality", "applies to --compile only (an artifact's tier was chosen by `diffc compile`)")
+    cache = cache_settings(args)
     compiled_from = compiled_source(args)
     if compiled_from is not None:
         (model_path, first_bucket), device = compiled_from, args.device
@@ -122,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
         images = [read_image(path) for path in args.image]
         options["image"] = images[0] if len(images) == 1 else images
     request = pipe.resolve(prompt=args.prompt, **options)
+    with cache_flag_errors():
+        pipe.check_cache(cache)
     compile_s = None
     if args.compile:
         from ..runtime.artifacts import compile_cached
@@ -132,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         compile_cached(pipe, bucket, tier=args.quality or "fast", log=lambda line: print(line, file=sys.stderr))
         compile_s = time.perf_counter() - started
 
-    out = pipe.generate(prompt=args.prompt, progress=not args.no_progress, **options)
+    out = pipe.generate(prompt=args.prompt, progress=not args.no_progress, cache=cache, **options)
     atomic_write(output, lambda tmp: out.save(tmp, fps=args.fps or 16))
     if args.perf_dump_path:
         dump = {"model": str(model_path), "compiled": args.compiled, "load_s": load_s, "compile_s": compile_s,
@@ -146,5 +151,9 @@ def run(args: argparse.Namespace) -> int:
     size = f"{request.width}x{request.height}"
     if pipe.spec.output == "video":
         size += f"x{request.num_frames}f"
+    report = out.timings.runtime.get("cache")
+    if report:
+        f = report["forwards"]
+        size += f", {report['kind']} skipped {f['skipped']} of {f['computed'] + f['skipped']} DiT forwards"
     print(f"diffc: wrote {output} ({size}, {request.num_inference_steps} steps, seed {out.seeds[0]}) - {out.timings.summary()}")
     return 0

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from ..errors import CheckpointError, DiffcError, InvalidArgumentError
-from .options import add_compiled_flag, add_runtime_flags, compiled_source, runtime_options
+from .options import (add_cache_flags, add_compiled_flag, add_runtime_flags, cache_flag_errors, cache_settings,
+                      compiled_source, runtime_options)
 from .run import DEMO_DEFAULTS, DEMO_TASKS
 
 SERVE_EXTRA = "pip install 'diffc[serve]'"
@@ -34,6 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     add_runtime_flags(p)
+    add_cache_flags(p)
     add_compiled_flag(p)
     p.add_argument("--api-key", default=os.environ.get("DIFFC_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every /v1 route (default: $DIFFC_API_KEY)")
@@ -76,6 +78,16 @@ def _raise_terminated(signum, frame):
     raise _Terminated()
 
 
+def _checking_cache(load, cache):
+    """``load``, then refuse a ``--cache`` setting the loaded model cannot take (naming the flag)."""
+    def checked():
+        pipe = load()
+        with cache_flag_errors():
+            pipe.check_cache(cache)
+        return pipe
+    return checked
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -96,6 +108,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.output_ttl is not None and args.output_ttl <= 0:
         raise InvalidArgumentError("--output-ttl", f"must be positive, got {args.output_ttl}")
     defaults: dict = {}
+    cache = cache_settings(args)  # for requests that do not set their own
     compiled_from = compiled_source(args)
     if compiled_from is not None:
         root, first = Path(compiled_from[0]).expanduser(), compiled_from[1]
@@ -132,6 +145,9 @@ def serve(args: argparse.Namespace) -> int:
         def load():
             return load_pipeline(root, device=device, dtype=args.dtype, **runtime_options(args))
     resolve_dtype(args.dtype, device)
+    if cache is not None:
+        defaults["cache"] = cache
+        load = _checking_cache(load, cache)
     if not args.api_key and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
 

@@ -47,6 +47,7 @@ class _Request(BaseModel):
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = None
+    cache: str | dict[str, Any] | None = None  # step cache: a kind, "none", or {"kind": ..., options}
     # accepted for compatibility and ignored
     user: str | None = None
     safety_identifier: str | None = None
