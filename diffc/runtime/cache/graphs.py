@@ -8,13 +8,16 @@ blocks hand their input streams on unchanged (they receive the segment's output)
 skips the middle, its blocks are never called, and their segment's graph does not replay.
 
 Graph keys are the segment call's tensors and values flattened (``torch.utils._pytree``: the RoPE
-tables are a tuple), so the wrapper (``CudaGraphModule`` or a test's stand-in) sees plain arguments.
+tables are a tuple), so the wrapper (``CudaGraphModule`` or a test's stand-in) sees plain arguments;
+tensors are made contiguous first, so a stream that arrives as a view one step and as a fresh tensor
+the next (after a skip) replays the same graph.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
@@ -37,6 +40,12 @@ class _Segment(nn.Module):
                 args, kwargs = self._io.write(args, kwargs, self._io.split(out))
             out = forward(*args, **kwargs)
         return out
+
+
+def _handing_on(io: StreamIO) -> Callable:
+    def forward(*args, **kwargs):
+        return io.passthrough(args, kwargs)
+    return forward
 
 
 class SegmentGraphs:
@@ -62,12 +71,14 @@ class SegmentGraphs:
             self.graphs.append((f"{region}[{start}:{stop}]", graph))
             out[keys[0]] = self._runner(graph)
             for key in keys[1:]:
-                out[key] = io.passthrough
+                out[key] = _handing_on(io)
         return out
 
     def _runner(self, graph) -> Callable:
         def run(*args, **kwargs):
             leaves, spec = pytree.tree_flatten((args, kwargs))
+            # one key whether a stream arrives as a view (FLUX's split outputs) or fresh (a skip's sum)
+            leaves = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in leaves]
             try:
                 spec_id = self._specs.index(spec)
             except ValueError:
