@@ -31,6 +31,7 @@ class Generation:
     stages_s: dict[str, float] | None = None  # diffc's per-stage wall times
     stage_peak_gb: dict[str, float] | None = None
     peak_gb: float | None = None
+    runtime: dict[str, Any] | None = None  # diffc's timings.runtime (the cache's report among it)
 
 
 def _first(out):
@@ -154,6 +155,7 @@ class DiffcEngine(Engine):
 
         stack = self.transformer
         stack.set_compiled(None)
+        self.setup_key = None
         calls = [inputs]
         if self.pipe is not None:
             captured = capture_inputs(self.pipe, dict(self.family.call_kwargs(wl), prompt=wl.prompt))["transformer"]
@@ -173,6 +175,26 @@ class DiffcEngine(Engine):
         return "diffc compile" + (f" without {', '.join(disable)}" if disable else "") + \
             (f" with {', '.join(enable)}" if enable else "") + \
             (" + CUDA graphs" if graphs else "") + ": " + " | ".join(lines)
+
+    def ensure_compiled(self, inputs: dict[str, Any], wl: Workload, *, graphs: bool = False) -> str:
+        """:meth:`compile` with the default passes, unless the engine is compiled so already (cache configs
+        share the compiled DiT of ``diffc-compiled``)."""
+        key = ("compiled", graphs)
+        if getattr(self, "setup_key", None) != key or self.transformer.compiled is None:
+            self.setup_description = self.compile(inputs, wl, graphs=graphs)
+            self.setup_key = key
+        return self.setup_description
+
+    def clear_cache(self) -> None:
+        """No step cache on the DiT (a cache configuration leaves its cache installed)."""
+        self.transformer.set_cache(None)
+
+    def ensure_eager(self) -> str:
+        """The eager DiT without CUDA graphs, as ``diffc-eager`` runs it."""
+        self.transformer.set_compiled(None)
+        self.transformer.set_cuda_graphs(False)
+        self.setup_key = ("eager",)
+        return "eager"
 
     def cuda_graphs(self) -> str:
         """Capture and replay the DiT forward in CUDA graphs (the executor's graph layer)."""
@@ -196,8 +218,11 @@ class DiffcEngine(Engine):
         with torch.inference_mode():
             stage.fn(ctx, {k: state[k] for k in stage.inputs})
 
-    def generate(self, wl: Workload, steps: int) -> Generation:
+    def generate(self, wl: Workload, steps: int, cache: tuple[str, dict[str, Any]] | None = None) -> Generation:
+        """A whole generation; ``cache``: ``(kind, options)`` of a step cache for it (None: none)."""
         kwargs = dict(self.family.call_kwargs(wl), num_inference_steps=steps)
+        if cache is not None:
+            kwargs.update(cache=cache[0], cache_options=dict(cache[1]))
         sync(self.device)
         start = time.perf_counter()
         out = self.pipe.generate(wl.prompt, seed=wl.seed, progress=False, **kwargs)
@@ -206,7 +231,7 @@ class DiffcEngine(Engine):
         t = out.timings
         to_gb = (lambda mb: None if mb is None else mb / 1024)
         return Generation(self.family.diffc_output(out), wall, list(t.step_ms), dict(t.stages),
-                          {k: to_gb(v) for k, v in t.stage_peak_memory_mb.items()}, to_gb(t.peak_memory_mb))
+                          {k: to_gb(v) for k, v in t.stage_peak_memory_mb.items()}, to_gb(t.peak_memory_mb), t.runtime)
 
 
 ENGINES = {"diffusers": DiffusersEngine, "diffc": DiffcEngine}
