@@ -427,3 +427,30 @@ def test_teacache_picks_the_published_fit():
     assert unfitted.describe()["coefficients"] == [1.0, 0.0] and "no published" in unfitted.warnings()[0]
     given = build_cache(CacheConfig("teacache", coefficients=(3.0, 1.0)), tiny_model)
     assert given.rescale(0.5) == 2.5 and not given.warnings()
+
+
+def test_cache_under_layerwise_offload(tiny):
+    """Skipped blocks still take their turn in the offload ring (the copies stay in plan); outputs as resident."""
+    from diffc.runtime.executor import Executor
+    from diffc.runtime.options import RuntimeOptions
+    from tests.runtime.test_offload import RecordingStreams
+
+    model, inputs, scale = tiny("wan")
+    config = CacheConfig("dbcache", fn=1, bn=1, threshold=100.0, warmup_steps=1, max_skips_in_a_row=1)
+    components = {"transformer": model}
+    executor = Executor(components, CPU, RuntimeOptions())
+    stack = components["transformer"]
+    executor.set_cache(config)
+    ref = denoise(stack, inputs, 4, scale, stack.cache)
+    executor.place("layerwise", prefetch=1, resident_blocks=0, streams=RecordingStreams())
+    try:
+        executor.set_cache(config)  # equal settings: the same cache stays
+        out = denoise(stack, inputs, 4, scale, stack.cache)
+        assert torch.equal(out, ref) and stack.cache.describe()["skipped_steps"] == [1, 3]
+        assert executor.offload.counters.ring_forwards == 4
+        assert stack.layers()[1:] == ["cache dbcache", "placement layerwise", "no cuda graphs"]
+        assert executor.describe()["cache"]["forwards"] == {"computed": 2, "skipped": 2}
+    finally:
+        executor.place("none")
+        executor.set_cache(None)
+    assert stack.cache is None and executor.describe()["cache"] is None
