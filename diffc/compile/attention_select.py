@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from .. import ops  # noqa: F401  (registers torch.ops.diffc.attention_*)
 from ..errors import InvalidArgumentError
 
 aten = torch.ops.aten
@@ -97,30 +98,16 @@ def _cudnn_ready() -> str | None:
     return None if torch.backends.cudnn.is_available() else "cuDNN is not available in this torch build"
 
 
+def _fa4_ready() -> str | None:
+    from ..ops.attention_fa4 import fa4_unavailable
+
+    return fa4_unavailable()
+
+
 def _flashinfer_ready() -> str | None:
-    try:
-        import flashinfer  # noqa: F401
-    except Exception as e:  # noqa: BLE001  (a broken install fails with more than ImportError)
-        return f"flashinfer cannot be imported ({type(e).__name__}: {e})"
-    return None
+    from ..ops.attention_flashinfer import flashinfer_unavailable
 
-
-def _flashinfer_attention(q, k, v, scale):
-    """flashinfer.single_prefill_with_kv_cache per batch item, NHD layout: q (S_q, H, D), k/v (S_kv, H, D)."""
-    import flashinfer
-
-    outs = [
-        flashinfer.single_prefill_with_kv_cache(
-            q[b].transpose(0, 1).contiguous(),
-            k[b].transpose(0, 1).contiguous(),
-            v[b].transpose(0, 1).contiguous(),
-            causal=False,
-            kv_layout="NHD",
-            sm_scale=scale,
-        )
-        for b in range(q.shape[0])
-    ]
-    return torch.stack(outs).transpose(1, 2)  # (B, S_q, H, D) -> (B, H, S_q, D)
+    return flashinfer_unavailable()
 
 
 BACKENDS: dict[str, AttentionBackend] = {
@@ -144,7 +131,10 @@ BACKENDS: dict[str, AttentionBackend] = {
         AttentionBackend(
             "sdpa_flash_cpu", "cpu", aten._scaled_dot_product_flash_attention_for_cpu.default, (0.0, False), 0
         ),
-        AttentionBackend("flashinfer", "cuda", adapter=_flashinfer_attention, requires=_flashinfer_ready),
+        # diffc's ops around external kernels: (q, k, v, scale) -> output, see diffc/ops/attention_*.py
+        AttentionBackend("fa4", "cuda", torch.ops.diffc.attention_fa4.default, requires=_fa4_ready),
+        AttentionBackend("flashinfer", "cuda", torch.ops.diffc.attention_flashinfer.default,
+                         requires=_flashinfer_ready),
     )
 }
 

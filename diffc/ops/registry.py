@@ -96,23 +96,30 @@ def register_op(
     mutates_args: Sequence[str],
     fake: Callable,
     fallback: Callable,
+    runs: Callable[[torch.device], bool] | None = None,
 ) -> Callable[[Callable], torch.library.CustomOpDef]:
     """Decorator defining ``torch.ops.diffc.<name>`` from a Triton launcher.
 
     Args:
         name: op name inside the ``diffc`` namespace.
-        mutates_args: the destination arguments the op writes (at least one: ops return nothing).
+        mutates_args: the destination arguments the op writes. Empty only for an op around an external
+            library kernel that allocates its own output (then the op returns it, and so do the fake and
+            the fallback).
         fake: called with the op's arguments when tracing (fake or meta tensors); checks shapes, writes nothing.
         fallback: same signature as the launcher; writes the torch reference's result into the destinations.
+        runs: whether the launcher can run on a device (default: :func:`kernel_runs_on`, for Triton
+            kernels); where it cannot, the fallback runs.
 
     The decorated launcher's annotations give the schema. Returns the ``CustomOpDef`` (callable as the op).
     """
-    if not mutates_args:
-        raise ValueError(f"diffc::{name}: ops use destination passing; name the out arguments in mutates_args")
     if fake is None or fallback is None:
         raise ValueError(f"diffc::{name}: a fake and a torch fallback are required")
 
     def wrap(launcher: Callable) -> torch.library.CustomOpDef:
+        returns = inspect.signature(launcher).return_annotation
+        if not mutates_args and returns in (None, "None", inspect.Signature.empty):
+            raise ValueError(f"diffc::{name}: ops use destination passing; name the out arguments in mutates_args "
+                             "(only an op around an external kernel returns its output, annotated)")
         params = list(inspect.signature(launcher).parameters)
         if list(inspect.signature(fallback).parameters) != params:
             raise ValueError(f"diffc::{name}: fallback signature must equal the launcher's {params}")
@@ -121,14 +128,15 @@ def register_op(
             raise ValueError(f"diffc::{name}: mutates_args {missing} are not arguments of the launcher")
         schema = torch.library.infer_schema(launcher, mutates_args=tuple(mutates_args))
 
+        can_run = kernel_runs_on if runs is None else runs
+
         def impl(*args, **kwargs):
             device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-            if kernel_runs_on(device):
+            if can_run(device):
                 COUNTERS.kernel_launches += 1
-                launcher(*args, **kwargs)
-            else:
-                COUNTERS.reference_fallbacks += 1
-                fallback(*args, **kwargs)
+                return launcher(*args, **kwargs)
+            COUNTERS.reference_fallbacks += 1
+            return fallback(*args, **kwargs)
 
         impl.__name__ = launcher.__name__
         impl.__signature__ = inspect.signature(launcher)

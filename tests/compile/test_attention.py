@@ -145,7 +145,7 @@ def test_choice_for_another_dtype_lowers_nothing(traced):
 
 
 def test_select_on_cpu_reports_every_candidate():
-    names = ["sdpa", "sdpa_flash_cpu", *CUDA_BACKENDS, "flashinfer"]
+    names = ["sdpa", "sdpa_flash_cpu", *CUDA_BACKENDS, "fa4", "flashinfer"]
     shapes = [*SHAPES["wan"], SHAPES["wan"][0]]
     choice = select_attention_backend(shapes, "cpu", torch.bfloat16, names, **FAST)
     assert [s.shape for s in choice.shapes] == SHAPES["wan"]
@@ -154,7 +154,7 @@ def test_select_on_cpu_reports_every_candidate():
         for name in ("sdpa", "sdpa_flash_cpu"):
             r = s.candidates[name]
             assert r.status == "ok" and r.median_ms > 0 and r.rel_err < REL_TOL[torch.bfloat16]
-        for name in (*CUDA_BACKENDS, "flashinfer"):
+        for name in (*CUDA_BACKENDS, "fa4", "flashinfer"):
             assert s.candidates[name].status == "unavailable" and "CUDA" in s.candidates[name].reason
     record = json.loads(json.dumps(choice.to_dict()))
     assert record["dtype"] == "bfloat16" and record["device"] == "cpu" and len(record["shapes"]) == 2
@@ -186,7 +186,9 @@ def test_choice_rule_keeps_sdpa_within_margin():
     ok = lambda ms: CandidateResult("ok", median_ms=ms, rel_err=0.0)
     assert _choose({"sdpa": ok(1.0), "sdpa_flash_cpu": ok(0.99)}, BACKENDS, 0.02) == "sdpa"
     assert _choose({"sdpa": ok(1.0), "sdpa_flash_cpu": ok(0.9)}, BACKENDS, 0.02) == "sdpa_flash_cpu"
-    assert _choose({"sdpa": ok(1.0), "flashinfer": ok(0.1)}, BACKENDS, 0.02) == "sdpa"  # not lowerable yet
+    assert _choose({"sdpa": ok(1.0), "fa4": ok(0.8), "flashinfer": ok(0.85)}, BACKENDS, 0.02) == "fa4"
+    measured_only = {**BACKENDS, "eager": AttentionBackend("eager", "any", adapter=_raise)}
+    assert _choose({"sdpa": ok(1.0), "eager": ok(0.1)}, measured_only, 0.02) == "sdpa"  # no op to lower onto
     assert _choose({"sdpa_flash": CandidateResult("wrong")}, BACKENDS, 0.02) == "sdpa"
 
 
@@ -217,8 +219,8 @@ def test_pass_and_shape_bad_input():
     with pytest.raises(InvalidArgumentError, match="accepted: sdpa, sdpa_flash,") as e:
         AttentionLoweringPass("flash3")
     assert e.value.field == "backends"
-    with pytest.raises(InvalidArgumentError, match="no ATen op"):
-        AttentionLoweringPass("flashinfer")
+    with pytest.raises(InvalidArgumentError, match="unknown backend 'eager'"):
+        AttentionLoweringPass("eager")
     with pytest.raises(InvalidArgumentError, match="AttentionShape"):
         AttentionLoweringPass({(2, 2, 11, 11, 16): "sdpa_flash_cpu"})
     with pytest.raises(InvalidArgumentError) as e:
@@ -233,3 +235,25 @@ def test_composes_with_the_fusion_passes(traced, model):
     counters = PassManager(passes=[*default_passes(), AttentionLoweringPass("sdpa_flash_cpu")]).run(t.program)
     assert counters.matches["attention"] == CALLS[model]
     assert rel_err(t.run(), t.unfused) < GRAPH_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("name", ["fa4", "flashinfer"])
+def test_external_kernels_lower_onto_diffc_ops(traced, name):
+    """FlashAttention-4 and flashinfer are diffc ops a graph can be lowered onto; without their library
+    (or a GPU) each runs its SDPA reference, in the layout the library returns."""
+    t = traced("flux", torch.float32)
+    gm = t.program.graph_module
+    from diffc.compile.passes.attention import lower_node
+
+    lowered = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target == SDPA_OP:  # the pass itself needs the kernel's GPU
+            lower_node(gm, node, BACKENDS[name])
+            lowered += 1
+    gm.graph.lint()
+    gm.recompile()
+    assert lowered == CALLS["flux"]
+    assert graph_targets(gm)[f"diffc.attention_{name}.default"] == CALLS["flux"]
+    assert rel_err(t.run(), t.unfused) < 1e-5
+    q, k, v = (torch.randn(2, 3, n, 8) for n in (5, 7, 7))
+    torch.library.opcheck(getattr(torch.ops.diffc, f"attention_{name}").default, (q, k, v), {"scale": 0.5})

@@ -142,3 +142,21 @@ def test_wan_pipeline_layerwise_offload():
     handle = apply_offload(pipe.components, DEV, "layerwise", 2, 0, ("text_encoder",))
     assert np.array_equal(_generate(pipe, **kw).frames, ref)
     assert handle.counters.component_loads == 2  # UMT5 runs for the prompt, then for the negative prompt
+
+
+def test_compiled_dit_with_layerwise_offload():
+    """The compiler and offload compose: the compiled regions read the ring slots the copies fill."""
+    import diffc
+    from diffc.demo import demo_checkpoint
+
+    pipe = diffc.load(demo_checkpoint("flux"), device="cuda", dtype="bf16", cuda_graphs=False)
+    kw = dict(height=64, width=64, num_inference_steps=3)
+    pipe.compile([{"height": 64, "width": 64}], log=lambda line: None)
+    ref = np.asarray(_generate(pipe, **kw).images[0])
+    pipe.executor.place("layerwise", prefetch=1, resident_blocks=0, text_encoders=("text_encoder", "text_encoder_2"))
+    out = _generate(pipe, **kw)
+    assert np.array_equal(np.asarray(out.images[0]), ref)
+    runtime = out.timings.runtime
+    assert runtime["offload"]["counters"]["ring_forwards"] == 3
+    assert runtime["compiled"]["compiled_calls"] >= 3 and runtime["compiled"]["region_fallbacks"] == 0
+    assert "layerwise offload" in runtime["cuda_graphs"]["reason"]
