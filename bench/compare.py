@@ -43,6 +43,34 @@ class Config:
     setup: Callable[[Engine, "Run"], str | None] = lambda engine, run: None
     on_cpu_by_default: bool = True
     dit_only: bool = False  # measure the DiT forward only (per-pass ablations), not the generation
+    cache: tuple[str, dict[str, Any]] | None = None  # a step cache (kind, options): the generation only
+    base: str | None = None  # the uncached configuration of the same engine: the cache's quality reference
+    by_default: bool = True  # run when --configs is not given
+
+
+# Step caches, each run on diffc-eager's and diffc-compiled's DiT: the generation only (a lone DiT forward has
+# no previous step), with its skip counts and PSNR against the same engine's uncached output. Random weights
+# say little about quality: the fixed-* configurations skip known steps (speed at a known skip count), the
+# thresholds are Cache-DiT's and TeaCache's recommendations for real checkpoints.
+CACHES: dict[str, tuple[str, dict[str, Any]]] = {
+    "dbcache-0": ("dbcache", {"fn": 1, "bn": 0, "threshold": 0.0, "warmup_steps": 0}),  # decides, never skips
+    "fixed-half": ("fbcache", {"threshold": 100.0, "warmup_steps": 2, "max_skips_in_a_row": 1}),  # 2, 4, 6, ...
+    "fixed-2of3": ("fbcache", {"threshold": 100.0, "warmup_steps": 2, "max_skips_in_a_row": 2}),  # 2, 3, 5, 6, ...
+    "dbcache-0.08": ("dbcache", {}),  # Cache-DiT's defaults: F8B0, threshold 0.08, 8 warm-up steps
+    "fbcache-0.08": ("fbcache", {"threshold": 0.08}),
+    "fbcache-0.12-taylorseer": ("fbcache", {"threshold": 0.12, "taylorseer": True}),
+    "teacache": ("teacache", {}),  # the threshold TeaCache's authors give for the checkpoint
+}
+
+
+def _cache_configs() -> list["Config"]:
+    out = []
+    for base in ("diffc-eager", "diffc-compiled"):
+        setup = (lambda e, r: e.ensure_eager()) if base == "diffc-eager" else \
+            (lambda e, r: e.ensure_compiled(r.inputs, r.wl, graphs=r.device.type == "cuda"))
+        out += [Config(f"{base}-{name}", "diffc", setup=setup, cache=cache, base=base, by_default=False)
+                for name, cache in CACHES.items()]
+    return out
 
 
 # The compiler's passes, each left out in one configuration to measure its own contribution.
@@ -56,7 +84,8 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("diffusers-eager", "diffusers"),
     Config("diffc-eager", "diffc"),
     Config("diffc-cudagraphs", "diffc", setup=lambda e, r: e.cuda_graphs(), on_cpu_by_default=False),
-    Config("diffc-compiled", "diffc", setup=lambda e, r: e.compile(r.inputs, r.wl, graphs=r.device.type == "cuda")),
+    Config("diffc-compiled", "diffc",
+           setup=lambda e, r: e.ensure_compiled(r.inputs, r.wl, graphs=r.device.type == "cuda")),
     *(Config(f"diffc-compiled-no-{name}", "diffc", dit_only=True, on_cpu_by_default=False,
              setup=lambda e, r, name=name: e.compile(r.inputs, r.wl, disable=(name,), graphs=True))
       for name in ABLATIONS),
@@ -64,6 +93,7 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
              setup=lambda e, r, name=name: e.compile(r.inputs, r.wl, enable=(name,), graphs=True))
       for name in OPT_IN),
     Config("diffusers-compile", "diffusers", setup=lambda e, r: e.regional_compile(), on_cpu_by_default=False),
+    *_cache_configs(),
 )}
 
 _T0 = time.perf_counter()
@@ -100,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def select_configs(text: str | None, device: torch.device) -> list[Config]:
     if text is None:
-        return [c for c in CONFIGS.values() if device.type == "cuda" or c.on_cpu_by_default]
+        return [c for c in CONFIGS.values() if c.by_default and (device.type == "cuda" or c.on_cpu_by_default)]
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown or not names:
@@ -123,10 +153,12 @@ class Run:
     inputs: dict[str, Any]
     latents: torch.Tensor
     ref_name: str  # the configuration the others are compared with (diffusers eager when it runs)
+    configs: list[Config]  # those selected, in run order
     ref_forward: torch.Tensor | None = None
     ref_decode: torch.Tensor | None = None
     ref_output: Any = None
     components: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    uncached: dict[str, tuple[Any, float]] = dataclasses.field(default_factory=dict)  # base config -> (output, e2e s)
 
 
 def open_engine(kind: str, run: Run, ckpt: str | None, shared: dict | None) -> tuple[Engine, dict[str, Any]]:
@@ -171,7 +203,12 @@ def measure_components(engine: Engine, run: Run, is_ref: bool) -> dict[str, Any]
 def measure(config: Config, engine: Engine, run: Run, r: dict[str, Any]) -> None:
     """Fill ``r`` with one configuration's figures (in place, so a failure keeps what was measured)."""
     dev, args, is_ref = run.device, run.args, config.name == run.ref_name
+    if config.cache is None and hasattr(engine, "clear_cache"):
+        engine.clear_cache()
     r["setup"] = config.setup(engine, run)
+    if config.cache is not None:
+        measure_cached(config, engine, run, r)
+        return
     log(f"{config.name}: DiT forward x{args.warmup}+{args.repeats}")
     with peak_memory(dev) as peak:
         timed = time_calls(lambda: engine.forward(run.inputs), args.warmup, args.repeats, dev)
@@ -211,7 +248,40 @@ def measure(config: Config, engine: Engine, run: Run, r: dict[str, Any]) -> None
             run.ref_output = gen.output
         elif run.ref_output is not None:
             r["psnr_db"] = psnr_uint8(gen.output, run.ref_output)
+        if any(c.base == config.name for c in run.configs):
+            run.uncached[config.name] = (gen.output, gen.wall_s)
         log(f"{config.name}: generation {gen.wall_s:.2f} s" + (f", PSNR {r['psnr_db']:.2f} dB" if "psnr_db" in r else ""))
+
+
+def measure_cached(config: Config, engine: Engine, run: Run, r: dict[str, Any]) -> None:
+    """A generation with a step cache: seconds, what it skipped, PSNR against the same engine uncached."""
+    if not (run.e2e and engine.has_pipeline):
+        r["skipped"] = "a step cache is measured on whole generations (not with --skip-e2e)"
+        return
+    dev, wl = run.device, run.wl
+    if config.base not in run.uncached:
+        log(f"{config.name}: the uncached generation of {config.base} first (the quality reference)")
+        engine.generate(wl, steps=1)
+        gen = engine.generate(wl, wl.steps)
+        run.uncached[config.base] = (gen.output, gen.wall_s)
+    reference, uncached_s = run.uncached[config.base]
+    log(f"{config.name}: warm-up generation (1 step), then {wl.steps} steps with {config.cache[0]} {config.cache[1]}")
+    engine.generate(wl, steps=1, cache=config.cache)
+    with peak_memory(dev) as peak:
+        gen = engine.generate(wl, wl.steps, cache=config.cache)
+    report = gen.runtime["cache"]
+    r.update(e2e_s=gen.wall_s, step_ms=stats(gen.step_ms) if gen.step_ms else None,
+             e2e_peak_gb=gen.peak_gb if gen.peak_gb is not None else peak["peak_gb"], stages_s=gen.stages_s,
+             stage_peak_gb=gen.stage_peak_gb, output_shape=list(gen.output.shape), uncached_e2e_s=uncached_s,
+             speedup_vs_uncached=uncached_s / gen.wall_s, psnr_vs_uncached_db=psnr_uint8(gen.output, reference),
+             cuda_graphs=gen.runtime.get("cuda_graphs"),
+             cache={k: report[k] for k in ("kind", "options", "threshold", "warmup_steps", "blocks", "forwards",
+                                           "middle_blocks", "skipped_steps")})
+    if run.ref_output is not None:
+        r["psnr_db"] = psnr_uint8(gen.output, run.ref_output)
+    f = report["forwards"]
+    log(f"{config.name}: generation {gen.wall_s:.2f} s ({uncached_s / gen.wall_s:.2f}x uncached), skipped "
+        f"{f['skipped']} of {f['computed'] + f['skipped']} forwards, PSNR {r['psnr_vs_uncached_db']:.1f} dB vs uncached")
 
 
 def quiet_libraries() -> None:
@@ -273,7 +343,8 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Path]
     latent_gen = torch.Generator("cpu").manual_seed(INPUT_SEED + 1)
     run = Run(spec, wl, device, dtype, args, not args.skip_e2e, flops.total, result["matmul_ceiling"]["tflops"],
               family.dit_inputs(spec, wl, device, dtype),
-              torch.randn(family.latent_shape(spec, wl), generator=latent_gen).to(device, dtype), result["reference"])
+              torch.randn(family.latent_shape(spec, wl), generator=latent_gen).to(device, dtype), result["reference"],
+              configs)
 
     engine, load_info, failed = None, None, False
     for config in configs:

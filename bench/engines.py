@@ -182,6 +182,26 @@ class DiffcEngine(Engine):
         self.transformer.set_compiled(None)
         self.transformer.set_cuda_graphs(False)
 
+    def ensure_compiled(self, inputs: dict[str, Any], wl: Workload, *, graphs: bool = False) -> str:
+        """:meth:`compile` with the default passes, unless the engine is compiled so already (cache configs
+        share the compiled DiT of ``diffc-compiled``)."""
+        key = ("compiled", graphs)
+        if getattr(self, "setup_key", None) != key or self.transformer.compiled is None:
+            self.setup_description = self.compile(inputs, wl, graphs=graphs)
+            self.setup_key = key
+        return self.setup_description
+
+    def clear_cache(self) -> None:
+        """No step cache on the DiT (a cache configuration leaves its cache installed)."""
+        self.transformer.set_cache(None)
+
+    def ensure_eager(self) -> str:
+        """The eager DiT without CUDA graphs, as ``diffc-eager`` runs it."""
+        self.transformer.set_compiled(None)
+        self.transformer.set_cuda_graphs(False)
+        self.setup_key = ("eager",)
+        return "eager"
+
     def cuda_graphs(self) -> str:
         """Capture and replay the DiT forward in CUDA graphs (the executor's graph layer)."""
         self.transformer.set_cuda_graphs(True)

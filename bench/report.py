@@ -183,6 +183,14 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         _components_table(result),
     ]
+    caches = cache_table(result)
+    if caches:
+        out += ["", "## Step cache", "",
+                "Each cache runs on the DiT of its base configuration (diffc-eager or diffc-compiled); skipped: DiT "
+                "forwards whose middle blocks reused the cached residual, and their share of the middle-block runs; "
+                "× uncached: end-to-end speed-up over the base configuration's generation; PSNR: the output against "
+                "that uncached output (same engine, seed and weights). Random weights: judge quality on real ones.",
+                "", caches]
     stages = _stages_table(result)
     if stages:
         out += ["", "## diffc stages (s)", "", stages]
@@ -190,6 +198,39 @@ def markdown(result: dict[str, Any]) -> str:
     if errors:
         out += ["", "## Errors", ""] + [f"- **{n}**: `{e[:500]}`" for n, e in errors]
     return "\n".join(out) + "\n"
+
+
+def _cache_rows(result: dict[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    for name, r in result["configs"].items():
+        cache = r.get("cache")
+        if not cache:
+            continue
+        f, m = cache["forwards"], cache["middle_blocks"]
+        middle = m["computed"] + m["skipped"]
+        options = ", ".join(f"{k}={v}" for k, v in cache["options"].items())
+        psnr = r.get("psnr_vs_uncached_db")
+        rows.append({
+            "config": name, "cache": f"{cache['kind']}({options})" if options else cache["kind"],
+            "threshold": _f(cache.get("threshold"), "{:g}"),
+            "F/M/B": "{first}/{middle}/{last}".format(**cache["blocks"]),
+            "skipped": f"{f['skipped']}/{f['computed'] + f['skipped']}",
+            "middle skipped": _f(100 * m["skipped"] / middle if middle else None, "{:.0f}%"),
+            "e2e s": _f(r.get("e2e_s"), "{:.2f}"), "uncached s": _f(r.get("uncached_e2e_s"), "{:.2f}"),
+            "× uncached": _f(r.get("speedup_vs_uncached"), "{:.2f}×"),
+            "PSNR vs uncached": _f(psnr if psnr != "inf" else math.inf, "{:.1f}"),
+        })
+    return rows
+
+
+CACHE_COLUMNS = ["config", "cache", "threshold", "F/M/B", "skipped", "middle skipped", "e2e s", "uncached s",
+                 "× uncached", "PSNR vs uncached"]
+
+
+def cache_table(result: dict[str, Any]) -> str:
+    """The step-cache configurations: what they skipped, how much faster, how far from uncached."""
+    rows = _cache_rows(result)
+    return _table(rows, CACHE_COLUMNS) if rows else ""
 
 
 def _components_table(result: dict[str, Any]) -> str:
@@ -227,6 +268,12 @@ def summary_text(result: dict[str, Any]) -> str:
     lines = [f"== {result['model']} on {result['env']['gpu']}: {_workload_line(result)}",
              "  ".join(c.rjust(widths[c]) for c in columns)]
     lines += ["  ".join(r[c].rjust(widths[c]) for c in columns) for r in rows]
+    cache_rows = _cache_rows(result)
+    if cache_rows:
+        widths = {c: max(len(c), *(len(r[c]) for r in cache_rows)) for c in CACHE_COLUMNS if c != "cache"}
+        lines.append("step cache:")
+        lines.append("  ".join(c.rjust(w) for c, w in widths.items()))
+        lines += ["  ".join(r[c].rjust(w) for c, w in widths.items()) for r in cache_rows]
     fl, ceil = result["flops"], result.get("matmul_ceiling", {})
     lines.append(f"DiT forward {fl['total_tflop']:.1f} TFLOP; matmul ceiling {_f(ceil.get('tflops'), '{:.0f}')} TFLOP/s; "
                  f"total {_f(result.get('total_s'), '{:.0f}')} s")
@@ -244,9 +291,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.ticker
     import matplotlib.pyplot as plt
 
-    configs = {n: r for n, r in _display_order(result["configs"]) if r.get("dit_forward_ms")}
+    runs = {n: r for n, r in _display_order(result["configs"]) if r.get("dit_forward_ms") or r.get("step_ms")}
+    configs = {n: r for n, r in runs.items() if r.get("dit_forward_ms")}
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
-    for name, r in configs.items():
+    for name, r in runs.items():
         steps = (r.get("step_ms") or {}).get("all")
         if steps:
             left.plot(range(1, len(steps) + 1), steps, marker="o", markersize=3, label=name)

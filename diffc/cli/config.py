@@ -126,6 +126,10 @@ def merge_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         return
     data = read_config_file(args.config)
     keys = config_keys(parser)
+    if isinstance(data.get("cache"), dict) and "cache" in keys:  # a cache: section, as the --cache* flags
+        from .options import cache_section
+
+        data = {**{k: v for k, v in data.items() if k != "cache"}, **cache_section(data["cache"], args.config)}
     given = getattr(args, "_given", None)
     seen: dict[str, str] = {}
     for key, value in data.items():

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import InvalidArgumentError
 
@@ -33,6 +34,77 @@ def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offload-prefetch", type=int, help="layerwise: blocks copied ahead of the one computing (default 1)")
     p.add_argument("--resident-blocks", type=int,
                    help="layerwise: blocks kept on the GPU (default: as many as free memory allows)")
+
+
+# option name (generate's cache_options, a config file's cache section) -> flag
+CACHE_FLAGS = {"threshold": "--cache-threshold", "fn": "--cache-fn", "bn": "--cache-bn",
+               "warmup_steps": "--cache-warmup-steps", "max_skips_in_a_row": "--cache-max-skips",
+               "taylorseer": "--cache-taylorseer", "taylorseer_order": "--cache-taylorseer-order",
+               "coefficients": "--cache-coefficients"}
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(x) for x in str(text).strip("[]").split(",") if x.strip()]
+
+
+def add_cache_flags(p: argparse.ArgumentParser) -> None:
+    """Step-cache flags (``diffc.runtime.cache``), shared by ``run`` and ``serve``."""
+    p.add_argument("--cache", choices=("dbcache", "fbcache", "teacache", "none"),
+                   help="skip DiT work between similar denoising steps (default: none); see README 'Step caching'")
+    p.add_argument("--cache-threshold", type=float,
+                   help="relative-L1 threshold under which a step is skipped (dbcache/fbcache default 0.08; "
+                        "teacache: the model's published value)")
+    p.add_argument("--cache-fn", type=int, help="dbcache: first blocks always computed (default 8)")
+    p.add_argument("--cache-bn", type=int, help="dbcache: last blocks always computed (default 0)")
+    p.add_argument("--cache-warmup-steps", type=int, help="first steps never skipped (default: dbcache 8, teacache the model's)")
+    p.add_argument("--cache-max-skips", type=int, help="most steps skipped in a row (default: no limit)")
+    p.add_argument("--cache-taylorseer", action="store_const", const=True,
+                   help="extrapolate the cached residual (TaylorSeer) instead of reusing it")
+    p.add_argument("--cache-taylorseer-order", type=int, help="TaylorSeer's order, 1 to 3 (default 1)")
+    p.add_argument("--cache-coefficients", type=_numbers, metavar="C1,C2,...",
+                   help="teacache: rescaling polynomial fitted for this checkpoint, highest power first")
+
+
+def cache_section(section: dict[str, Any], path: str) -> dict[str, Any]:
+    """A config file's ``cache:`` mapping (``kind`` and option names) as the flat ``cache*`` options."""
+    from ..runtime.cache.config import ALIASES
+
+    out: dict[str, Any] = {"cache": section.get("kind")}
+    if out["cache"] is None:
+        raise InvalidArgumentError(f"cache (in {path})", "a cache section needs a 'kind' (dbcache, fbcache, teacache or none)")
+    for key, value in section.items():
+        if key == "kind":
+            continue
+        name = ALIASES.get(key, key)
+        if name not in CACHE_FLAGS:
+            raise InvalidArgumentError(f"cache.{key} (in {path})", f"unknown option; accepted: kind, {', '.join(CACHE_FLAGS)}")
+        out[CACHE_FLAGS[name][2:].replace("-", "_")] = value
+    return out
+
+
+def cache_settings(args: argparse.Namespace):
+    """The :class:`~diffc.runtime.cache.CacheConfig` the ``--cache*`` flags ask for (None: no cache)."""
+    from ..runtime.cache import cache_config
+
+    options = {name: getattr(args, flag[2:].replace("-", "_"), None) for name, flag in CACHE_FLAGS.items()}
+    options = {k: v for k, v in options.items() if v is not None}
+    kind = getattr(args, "cache", None)
+    if kind in (None, "none") and options:
+        raise InvalidArgumentError(CACHE_FLAGS[next(iter(options))], "needs --cache dbcache, fbcache or teacache")
+    with cache_flag_errors():
+        return cache_config(kind, options, field="--cache")
+
+
+@contextlib.contextmanager
+def cache_flag_errors() -> Iterator[None]:
+    """Re-raise a cache option's error (``cache_options.fn``) under its flag's name (``--cache-fn``)."""
+    try:
+        yield
+    except InvalidArgumentError as exc:
+        option = exc.field.split(".", 1)[1].split("[", 1)[0] if "." in exc.field else None
+        if option not in CACHE_FLAGS:
+            raise
+        raise InvalidArgumentError(CACHE_FLAGS[option], str(exc)[len(exc.field) + 2:]) from None
 
 
 def add_compiled_flag(p: argparse.ArgumentParser) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 from ..errors import InvalidArgumentError
 from ..fileio import atomic_write
 from .config import merge_config
-from .options import add_compiled_flag, add_model_flags, add_runtime_flags, resolve_model, runtime_options
+from .options import (add_cache_flags, add_compiled_flag, add_model_flags, add_runtime_flags, cache_flag_errors,
+                      cache_settings, resolve_model, runtime_options)
 from .outputs import check_json_output, check_media_output
 
 
@@ -34,6 +35,7 @@ def add_parser(sub) -> None:
     p.add_argument("--scheduler", choices=("unipc", "euler"), help="sampler instead of the checkpoint's own (Wan: unipc or euler)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     add_runtime_flags(p)
+    add_cache_flags(p)
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--config", help="YAML or JSON file of options; command-line flags override it")
     p.add_argument("--perf-dump-path", help="write per-stage seconds, per-step ms and peak memory as JSON")
@@ -73,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--compile", "give either --compile (compile now, cached) or --compiled ARTIFACT, not both")
     if args.quality is not None and not args.compile:
         raise InvalidArgumentError("--quality", "applies to --compile only (an artifact's tier was chosen by `diffc compile`)")
+    cache = cache_settings(args)
     choice = resolve_model(args)
     if choice.output == "image" and args.fps is not None:
         raise InvalidArgumentError("--fps", "applies to video models only")
@@ -103,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     if images:
         options["image"] = images[0] if len(images) == 1 else images
     request = pipe.resolve(prompt=args.prompt, **options)
+    with cache_flag_errors():
+        pipe.check_cache(cache)
     compile_s = None
     if args.compile:
         from ..runtime.artifacts import compile_cached
@@ -113,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         compile_cached(pipe, bucket, tier=args.quality or "fast", log=lambda line: print(line, file=sys.stderr))
         compile_s = time.perf_counter() - started
 
-    out = pipe.generate(prompt=args.prompt, progress=not args.no_progress, **options)
+    out = pipe.generate(prompt=args.prompt, progress=not args.no_progress, cache=cache, **options)
     atomic_write(output, lambda tmp: out.save(tmp, fps=args.fps or 16))
     if dump_path is not None:
         dump = {"model": str(model_path), "compiled": args.compiled, "load_s": load_s, "compile_s": compile_s,
@@ -126,5 +131,9 @@ def run(args: argparse.Namespace) -> int:
     size = f"{request.width}x{request.height}"
     if pipe.spec.output == "video":
         size += f"x{request.num_frames}f"
+    report = out.timings.runtime.get("cache")
+    if report:
+        f = report["forwards"]
+        size += f", {report['kind']} skipped {f['skipped']} of {f['computed'] + f['skipped']} DiT forwards"
     print(f"diffc: wrote {output} ({size}, {request.num_inference_steps} steps, seed {out.seeds[0]}) - {out.timings.summary()}")
     return 0

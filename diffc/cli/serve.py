@@ -9,7 +9,8 @@ import signal
 import sys
 
 from ..errors import DiffcError, InvalidArgumentError
-from .options import add_compiled_flag, add_model_flags, add_runtime_flags, resolve_model, runtime_options
+from .options import (add_cache_flags, add_compiled_flag, add_model_flags, add_runtime_flags, cache_flag_errors,
+                      cache_settings, resolve_model, runtime_options)
 
 SERVE_EXTRA = "pip install 'diffc[serve]'"
 
@@ -30,6 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     add_runtime_flags(p)
+    add_cache_flags(p)
     add_compiled_flag(p)
     p.add_argument("--api-key", default=os.environ.get("DIFFC_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every /v1 route (default: $DIFFC_API_KEY)")
@@ -72,6 +74,16 @@ def _raise_terminated(signum, frame):
     raise _Terminated()
 
 
+def _checking_cache(load, cache):
+    """``load``, then refuse a ``--cache`` setting the loaded model cannot take (naming the flag)."""
+    def checked():
+        pipe = load()
+        with cache_flag_errors():
+            pipe.check_cache(cache)
+        return pipe
+    return checked
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -91,6 +103,7 @@ def serve(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--port", f"must be from 0 to 65535, got {args.port}")
     if args.output_ttl is not None and args.output_ttl <= 0:
         raise InvalidArgumentError("--output-ttl", f"must be positive, got {args.output_ttl}")
+    cache = cache_settings(args)  # for requests that do not set their own
     choice = resolve_model(args)
     if choice.notice:
         print(choice.notice, file=sys.stderr)
@@ -104,6 +117,9 @@ def serve(args: argparse.Namespace) -> int:
         return load_pipeline(choice.checkpoint(), device=device, dtype=args.dtype, compiled=args.compiled,
                           **runtime_options(args))
     resolve_dtype(args.dtype, device)
+    if cache is not None:
+        defaults["cache"] = cache
+        load = _checking_cache(load, cache)
     if not args.api_key and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
 

@@ -106,3 +106,70 @@ def has_regions(dit: nn.Module) -> bool:
         return bool(dit_regions(dit))
     except RegionError:
         return False
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockStreams:
+    """Which of a region's block arguments are residual streams, and how the block returns them.
+
+    ``inputs`` names the block ``forward`` parameters that carry a stream (the first one is the stream
+    a step cache compares between steps); ``outputs`` is the name of the stream a block returns bare,
+    or the names of the streams it returns as a tuple, in order. A stream keeps its name from one
+    region to the next. The other arguments (timestep embedding, RoPE tables, text context) are the
+    same for every block of a forward and pass through untouched.
+    """
+
+    inputs: tuple[str, ...]
+    outputs: str | tuple[str, ...]
+
+    def __post_init__(self):
+        names = (self.outputs,) if isinstance(self.outputs, str) else tuple(self.outputs)
+        if not self.inputs or len(set(self.inputs)) != len(self.inputs) or sorted(names) != sorted(self.inputs):
+            raise RegionError(f"BlockStreams: outputs {names} must name the input streams {self.inputs}, "
+                              "each once")
+
+
+def block_streams(dit: nn.Module, region: Region) -> BlockStreams:
+    """The :class:`BlockStreams` ``dit`` declares for ``region`` (``_block_streams``, keyed by the
+    region's name or its blocks' class name); :class:`RegionError` when it declares none."""
+    declared = getattr(dit, "_block_streams", None) or {}
+    found = declared.get(region.name) or declared.get(type(region.blocks[0]).__name__)
+    if found is None:
+        raise RegionError(f"{type(dit).__name__} declares no block streams for its blocks '{region.name}' "
+                          "(_block_streams), which the step cache needs to skip blocks")
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class TeaCacheFit:
+    """TeaCache's rescaling polynomial (highest power first) fitted by its authors for the
+    checkpoints whose config has the fields in ``match``, and their recommended threshold."""
+
+    match: tuple[tuple[str, object], ...]
+    coefficients: tuple[float, ...]
+    threshold: float
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TeaCacheSpec:
+    """Where TeaCache reads a DiT's timestep-modulated input, and the published fits for it.
+
+    The signal is ``first_block.<module>(*args)[output]`` (``module`` None: the argument ``args[0]``
+    itself), computed from the arguments of the first repeated block. ``warmup_steps`` first steps and
+    ``final_steps`` last steps are always computed, as TeaCache's reference code for the model does.
+    """
+
+    module: str | None
+    args: tuple[str, ...]
+    output: int | None
+    fits: tuple[TeaCacheFit, ...]
+    warmup_steps: int
+    final_steps: int
+
+    def fit_for(self, config) -> TeaCacheFit | None:
+        """The first fit whose ``match`` fields equal ``config``'s, or None."""
+        for fit in self.fits:
+            if all(getattr(config, k, None) == v for k, v in fit.match):
+                return fit
+        return None

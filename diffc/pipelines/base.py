@@ -244,9 +244,29 @@ class Pipeline:
 
         return load_artifact(self.executor, path, source=self.source, device=self.device, dtype=self.dtype)
 
+    def check_cache(self, cache: Any = None, cache_options: dict[str, Any] | None = None):
+        """The :class:`~diffc.runtime.cache.CacheConfig` that ``cache``/``cache_options`` ask for (None: no
+        cache), checked against this pipeline's DiT(s); raises ``InvalidArgumentError`` naming the option."""
+        from ..runtime.cache import cache_config
+
+        config = cache_config(cache, cache_options)
+        if config is not None:
+            self.executor.check_cache(config)
+        return config
+
     def generate(self, prompt: str | list[str], *, progress: bool = True,
-                 step_callback: Callable[[int, int], None] | None = None, **kwargs) -> GenerationOutput:
+                 step_callback: Callable[[int, int], None] | None = None, cache: Any = None,
+                 cache_options: dict[str, Any] | None = None, **kwargs) -> GenerationOutput:
+        """Generate from ``prompt`` with the request fields in ``kwargs`` (``GenerationRequest``).
+
+        ``cache``: a step cache for this generation ("dbcache", "fbcache", "teacache", a
+        ``CacheConfig``, or None/"none" for none) with ``cache_options`` (threshold, fn, bn, warmup_steps,
+        max_skips_in_a_row, taylorseer, taylorseer_order, coefficients; see ``diffc.runtime.cache.config``).
+        The cache is installed for this call (kept while the next call asks for the same settings) and
+        starts empty: no state passes from one generation to the next.
+        """
         request = self.resolve(prompt=prompt, **kwargs)
+        cache_cfg = self.check_cache(cache, cache_options)
         seeds = request.seed if isinstance(request.seed, list) else [request.seed]
         seeds = [random.randrange(2**31) if s is None else int(s) for s in seeds]
         ctx = RunContext(self.components, self.device, self.dtype, PerfRecorder(self.device), progress=progress,
@@ -258,8 +278,15 @@ class Pipeline:
 
         compiled = self.executor.compiled()
         fallbacks = compiled.counters.eager_fallbacks if compiled is not None else 0
-        with torch.inference_mode():
-            state = self.graph.run(ctx, state)
+        self.executor.set_cache(cache_cfg)
+        ctx.warnings += self.executor.cache_warnings()
+        self.executor.begin_generation(request.num_inference_steps)
+        ctx.step_hooks.append(self.executor.begin_step)
+        try:
+            with torch.inference_mode():
+                state = self.graph.run(ctx, state)
+        finally:
+            self.executor.end_generation()
         if compiled is not None and (w := fallback_warning(compiled, fallbacks)):
             ctx.warnings.append(w)
         timings = ctx.perf.finish()

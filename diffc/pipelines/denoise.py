@@ -43,12 +43,15 @@ def denoise_loop(
     """Run ``latents = scheduler.step(predict(latents, t), t, latents)`` over ``timesteps``.
 
     ``predict`` holds all model-specific work (conditioning, guidance); the loop only times steps,
-    shows progress and reports it to ``ctx.step_callback``.
+    tells ``ctx.step_hooks`` (the step cache) that a step starts, shows progress and reports it to
+    ``ctx.step_callback``.
     """
     total = len(timesteps)
     with tqdm(total=total, desc="denoising", unit="step", disable=not ctx.progress, leave=False) as bar:
         for i, t in enumerate(timesteps):
             ctx.perf.step_begin()
+            for hook in ctx.step_hooks:
+                hook(i)
             noise_pred = predict(latents, t)
             latents = scheduler.step(noise_pred, t, latents)
             ctx.perf.step_end()

@@ -27,6 +27,7 @@ class RunContext:
     progress: bool = True
     warnings: list[str] = dataclasses.field(default_factory=list)
     step_callback: Callable[[int, int], None] | None = None  # (step done, total steps)
+    step_hooks: list[Callable[[int], None]] = dataclasses.field(default_factory=list)  # (step index) at its start
 
 
 @dataclasses.dataclass(frozen=True)

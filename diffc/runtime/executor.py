@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..models.structure import RegionError, dit_regions, has_regions
+from .cache.graphs import SegmentGraphs
 from .cudagraphs import CudaGraphModule
 from .options import RuntimeOptions
 
@@ -110,7 +111,10 @@ class DiTStack:
             out.append(f"placement {getattr(self.placement, 'mode', 'offload')}")
         else:
             out.append("placement resident")
-        out.append("cuda graphs" if self.graphs is not None else "no cuda graphs")
+        if self.graphs is None:
+            out.append("no cuda graphs")
+        else:
+            out.append("cuda graphs" + (f" ({self.graphs.mode})" if isinstance(self.graphs, SegmentGraphs) else ""))
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -147,6 +151,17 @@ class DiTStack:
     def _rebuild(self) -> None:
         if self._bare:
             return
+        mode, reason = self._graphs_plan()
+        old = self.graphs
+        if old is not None:
+            old.reset()  # a captured graph holds the old forwards
+        if mode == "blocks":
+            graphs = self.cache.segment_graphs(CudaGraphModule)
+        elif mode == "whole":
+            graphs = old if old is not None and not isinstance(old, SegmentGraphs) else CudaGraphModule(self.module)
+        else:
+            graphs = None
+        self.__dict__.update(graphs=graphs, graphs_off_reason=reason)
         self._install_block_forwards(bare=False)
         self._build_entry()
 
@@ -156,6 +171,7 @@ class DiTStack:
                 raise RegionError(f"{type(self.module).__name__} declares no repeated blocks, which compiled "
                                   "graphs and the step cache run on")
             return
+        blocks, forwards = {}, {}
         for region in dit_regions(self.module):
             for index, block in enumerate(region.blocks):
                 block.__dict__.pop("forward", None)
@@ -164,31 +180,36 @@ class DiTStack:
                 forward = block.forward
                 if self.compiled is not None:
                     forward = self.compiled.block_forward(region.name, block, forward)
-                if self.cache is not None:
-                    forward = self.cache.wrap_block(region.name, index, block, forward)
-                block.forward = forward
+                blocks[(region.name, index)], forwards[(region.name, index)] = block, forward
+        if not bare and isinstance(self.graphs, SegmentGraphs):
+            forwards = self.graphs.wrap(blocks, forwards)  # each segment's first block replays its graph
+        for (name, index), block in blocks.items():
+            forward = forwards[(name, index)]
+            if self.cache is not None:
+                forward = self.cache.wrap_block(name, index, block, forward)
+            block.forward = forward
 
     def _build_entry(self) -> None:
-        requested = self.cuda_graphs
-        enabled = self.device.type == "cuda" if requested is None else requested
-        reason = None
-        if not enabled:
-            reason = "turned off" if requested is False else f"off on {self.device.type}"
-        else:
-            reason = self._graphs_blocked(explicit=requested is True)
-        if self.graphs is not None:
-            self.graphs.reset()  # a captured graph holds the old forward
-        if reason is None:
-            if self.graphs is None:
-                self.__dict__["graphs"] = CudaGraphModule(self.module)
-            entry = self.graphs
-        else:
-            self.__dict__["graphs"] = None
-            entry = self.module
-        self.__dict__["graphs_off_reason"] = reason
+        entry = self.graphs if self.graphs is not None and not isinstance(self.graphs, SegmentGraphs) else self.module
         if self.cache is not None:
             entry = self.cache.wrap_forward(entry)
         self.__dict__["_entry"] = entry
+
+    def _graphs_plan(self) -> tuple[str | None, str | None]:
+        """How CUDA graphs run: "whole" (one graph per forward), "blocks" (per block segment, when the
+        cache decides between blocks) or None with the reason."""
+        requested = self.cuda_graphs
+        enabled = self.device.type == "cuda" if requested is None else requested
+        if not enabled:
+            return None, "turned off" if requested is False else f"off on {self.device.type}"
+        reason = self._graphs_blocked(explicit=requested is True)
+        if reason is not None:
+            return None, reason
+        if self.cache is not None and not getattr(self.cache, "graph_safe", False):
+            if hasattr(self.cache, "segment_graphs"):
+                return "blocks", None
+            return None, "the step cache decides on the host between blocks"
+        return "whole", None
 
     def _graphs_blocked(self, explicit: bool) -> str | None:
         placement = self.placement
@@ -196,8 +217,6 @@ class DiTStack:
             # model offload: graphs still work when asked for (recaptured once per generation)
             if not (explicit and getattr(placement, "mode", None) == "model"):
                 return getattr(placement, "graphs_reason", None) or "offload moves the weights between calls"
-        if self.cache is not None and not getattr(self.cache, "graph_safe", False):
-            return "the step cache decides on the host between blocks"
         return None
 
 
@@ -246,6 +265,7 @@ class Executor:
         first = next(iter(self.stacks.values()), None)
         out["cuda_graphs"] = first.describe_graphs() if first is not None else {"enabled": False}
         out["compiled"] = first.compiled.describe() if first is not None and first.compiled is not None else None
+        out["cache"] = first.cache.describe() if first is not None and first.cache is not None else None
         out["dit"] = {name: stack.describe() for name, stack in self.stacks.items()}
         return out
 
@@ -268,6 +288,53 @@ class Executor:
     def set_cuda_graphs(self, enabled: bool | None) -> None:
         for stack in self.stacks.values():
             stack.set_cuda_graphs(enabled)
+
+    def check_cache(self, config) -> None:
+        """Raise ``InvalidArgumentError`` if a :class:`~diffc.runtime.cache.CacheConfig` cannot run on these DiTs."""
+        for stack in self.stacks.values():
+            _build_cache(config, stack.module)
+
+    def set_cache(self, config) -> None:
+        """Install the step cache ``config`` asks for on every DiT (None: remove it). A cache with equal
+        settings stays (its state is reset at each generation), so its CUDA graphs are not recaptured."""
+        for stack in self.stacks.values():
+            current = stack.cache
+            if config is None:
+                if current is not None:
+                    stack.set_cache(None)
+            elif current is None or getattr(current, "config", None) != config:
+                stack.set_cache(_build_cache(config, stack.module))
+
+    def cache_warnings(self) -> list[str]:
+        found = [w for stack in self.stacks.values() if stack.cache is not None
+                 for w in getattr(stack.cache, "warnings", lambda: [])()]
+        return list(dict.fromkeys(found))
+
+    def begin_generation(self, total_steps: int | None) -> None:
+        """A generation of ``total_steps`` denoising steps starts: every cache forgets the last one."""
+        for stack in self.stacks.values():
+            if stack.cache is not None:
+                stack.cache.begin_generation(total_steps)
+
+    def begin_step(self, index: int) -> None:
+        for stack in self.stacks.values():
+            if stack.cache is not None:
+                stack.cache.begin_step(index)
+
+    def end_generation(self) -> None:
+        for stack in self.stacks.values():
+            if stack.cache is not None:
+                stack.cache.end_generation()
+
+
+def _build_cache(config, module: nn.Module):
+    from ..errors import InvalidArgumentError
+    from .cache import build_cache
+
+    try:
+        return build_cache(config, module)
+    except RegionError as exc:
+        raise InvalidArgumentError("cache", str(exc)) from None
 
 
 class _Placement:

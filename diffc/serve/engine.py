@@ -1,6 +1,6 @@
 """The engine: one worker thread owns the pipeline (and so the GPU); a bounded queue feeds it batches.
 
-Jobs waiting with the same shape and settings (size, steps, guidance, frames, negative prompt) run as
+Jobs waiting with the same shape and settings (size, steps, guidance, frames, negative prompt, step cache) run as
 one batch of up to ``max_batch`` samples, one seed per sample, so each sample is what it would have
 been alone. A request for ``n`` images may be split over several batches. When a batch of several
 jobs fails, each job is retried alone so one bad request cannot fail its neighbours.
@@ -105,7 +105,8 @@ class Engine:
     def prepare(self, kind: str, prompt: str, *, n: int = 1, seed: int | None = None,
                 size: tuple[int, int] | None = None, num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, negative_prompt: str | None = None,
-                num_frames: int | None = None, seconds: float | None = None, fps: int | None = None) -> Job:
+                num_frames: int | None = None, seconds: float | None = None, fps: int | None = None,
+                cache: Any = None) -> Job:
         """Validate a request against the limits and the model; return a job ready to submit."""
         if self.state != "ready":
             raise NotReady(self.not_ready_message())
@@ -142,8 +143,21 @@ class Engine:
                      negative_prompt=negative_prompt, num_frames=num_frames if kind == "video" else None)
         request = pipe.resolve(prompt=[prompt] * n, seed=seeds, **{k: v for k, v in given.items() if v is not None})
         options = {k: getattr(request, k) for k in OPTION_KEYS}
+        options["cache"] = self.request_cache(cache)
         return Job(new_id("video" if kind == "video" else "img"), kind, prompt, seeds, options, fps=fps,
                    outputs=[None] * n)
+
+    def request_cache(self, field: Any):
+        """A request's ``cache`` field as a checked ``CacheConfig`` (None: no cache). Absent: the server's
+        default (``defaults["cache"]``); ``"none"``: no cache; a kind or ``{"kind": ..., options}``."""
+        if field is None:
+            return self.defaults.get("cache")
+        try:
+            return self.pipe.check_cache(field)
+        except InvalidArgumentError as exc:
+            if exc.field.startswith("cache_options."):
+                raise InvalidArgumentError("cache." + exc.field.split(".", 1)[1], str(exc)[len(exc.field) + 2:]) from None
+            raise
 
     def submit(self, job: Job) -> Job:
         with self._cond:

@@ -96,4 +96,5 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        return (self.kind,) + tuple(self.options.get(k) for k in OPTION_KEYS)
+        """Jobs with equal keys may share a batch: same shape, settings and step cache."""
+        return (self.kind,) + tuple(self.options.get(k) for k in OPTION_KEYS) + (self.options.get("cache"),)

@@ -36,6 +36,20 @@ NUMBER_FIELDS = ("n", "num_inference_steps", "guidance_scale", "seed", "num_fram
                  "output_compression")
 
 
+MAX_CACHE_OPTIONS = 16
+
+
+def check_cache_field(value: Any) -> Any:
+    """The shape of a request's ``cache``: None, a kind name, or an object of at most 16 options (their
+    values are checked against the model by the engine, ``Pipeline.check_cache``)."""
+    if value is None or (isinstance(value, str) and len(value) <= 64):
+        return value
+    if isinstance(value, dict) and len(value) <= MAX_CACHE_OPTIONS and all(isinstance(k, str) for k in value):
+        return value
+    raise ValueError("must be a step cache (dbcache, fbcache, teacache or none) or an object with its 'kind' and "
+                     f"options (at most {MAX_CACHE_OPTIONS})")
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -47,6 +61,7 @@ class _Request(BaseModel):
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = None
+    cache: Any = None  # step cache: a kind, "none", or {"kind": ..., options}; checked by check_cache_field
     # accepted for compatibility and ignored
     user: str | None = None
     safety_identifier: str | None = None
@@ -60,6 +75,11 @@ class _Request(BaseModel):
                     raise APIError(400, f"Invalid value for '{name}': expected a number, got {data[name]}.",
                                    param=name, code="invalid_value")
         return data
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_shape(cls, v: Any) -> Any:
+        return check_cache_field(v)
 
     @field_validator("prompt")
     @classmethod

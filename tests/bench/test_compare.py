@@ -113,3 +113,35 @@ def test_checkpoint_is_reused_and_foreign_directories_are_refused(tmp_path):
     with pytest.raises(RuntimeError, match="not a diffc benchmark checkpoint"):
         ensure_checkpoint(SPECS["wan-tiny"], foreign, torch.device("cpu"), torch.float32)
     assert (foreign / "keep.txt").exists()
+
+
+def test_step_cache_configurations_on_cpu(tmp_path):
+    """Cache configurations: generation only, skip counts, PSNR against the same engine's uncached output (on
+    the eager DiT: the compiled one is the same code after diffc-compiled's setup, timed in the test above)."""
+    out, ckpt = tmp_path / "results", tmp_path / "ckpt" / "flux-tiny"
+    proc = run_compare("--model", "flux-tiny", "--out-dir", str(out), "--ckpt-dir", str(ckpt), "--steps", "4",
+                       "--repeats", "1", "--warmup", "1", "--configs",
+                       "diffc-eager-dbcache-0,diffc-eager-teacache,diffc-eager-fixed-half")
+    data, path = results(out, "flux-tiny")
+    configs = data["configs"]
+    assert list(configs) == ["diffc-eager-dbcache-0", "diffc-eager-fixed-half", "diffc-eager-teacache"]  # run order
+    for name, r in configs.items():
+        assert "error" not in r, r.get("traceback")
+        assert {"e2e_s", "step_ms", "cache", "psnr_vs_uncached_db", "uncached_e2e_s", "speedup_vs_uncached"} <= set(r)
+        assert "dit_forward_ms" not in r and r["step_ms"]["n"] == 4
+    never = configs["diffc-eager-dbcache-0"]
+    assert never["cache"]["forwards"] == {"computed": 4, "skipped": 0} and never["psnr_vs_uncached_db"] == "inf"
+    fixed = configs["diffc-eager-fixed-half"]
+    assert fixed["cache"]["skipped_steps"] == [2] and fixed["setup"] == "eager"
+    assert fixed["cache"]["middle_blocks"] == {"computed": 6, "skipped": 2}
+    assert 20.0 < float(fixed["psnr_vs_uncached_db"]) < math.inf
+    assert configs["diffc-eager-teacache"]["cache"]["threshold"] == 0.4  # TeaCache's FLUX recommendation
+    assert "## Step cache" in path.with_suffix(".md").read_text() and "step cache:" in proc.stdout
+
+
+def test_cache_configurations_are_not_run_by_default():
+    from bench.compare import CONFIGS, select_configs
+
+    chosen = [c.name for c in select_configs(None, torch.device("cuda"))]
+    assert "diffc-compiled" in chosen and not any(CONFIGS[n].cache for n in chosen)
+    assert {"diffc-compiled-fixed-half", "diffc-compiled-teacache", "diffc-compiled-dbcache-0.08"} <= set(CONFIGS)

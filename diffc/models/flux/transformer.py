@@ -9,6 +9,7 @@ from torch import nn
 
 from ...errors import InvalidArgumentError
 from ..config import ModelConfig
+from ..structure import BlockStreams, TeaCacheFit, TeaCacheSpec
 from .blocks import (
     AdaNormContinuous,
     FluxSingleTransformerBlock,
@@ -84,6 +85,19 @@ class FluxTransformer2DModel(nn.Module):
     config_class = FluxTransformerConfig
     _repeated_blocks = ("transformer_blocks", "single_transformer_blocks")
     _keep_in_fp32_modules = ()
+    _block_streams = {
+        name: BlockStreams(inputs=("hidden_states", "encoder_hidden_states"),
+                           outputs=("encoder_hidden_states", "hidden_states"))
+        for name in ("transformer_blocks", "single_transformer_blocks")
+    }
+    # TeaCache reads the first block's modulated image input (norm1's first output) and always computes the
+    # first and the last step, with the polynomial its authors fitted on FLUX.1-dev: ali-vilab/TeaCache,
+    # TeaCache4FLUX/teacache_flux.py (commit 7c10efc). Thresholds there: 0.25 (1.5x), 0.4 (1.8x), 0.6, 0.8.
+    _teacache = TeaCacheSpec(
+        module="norm1", args=("hidden_states", "temb"), output=0, warmup_steps=1, final_steps=1,
+        fits=(TeaCacheFit(match=(), coefficients=(4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00,
+                                                  2.64230861e-01), threshold=0.4, name="FLUX.1-dev"),),
+    )
 
     def __init__(self, config: FluxTransformerConfig):
         super().__init__()

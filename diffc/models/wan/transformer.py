@@ -10,6 +10,7 @@ from torch import nn
 
 from ...errors import CheckpointError, InvalidArgumentError
 from ..config import ModelConfig
+from ..structure import BlockStreams, TeaCacheFit, TeaCacheSpec
 from .blocks import FP32LayerNorm, WanConditionEmbedder, WanTransformerBlock, rope_frequencies
 
 
@@ -98,6 +99,22 @@ class WanTransformer3DModel(nn.Module):
     config_class = WanTransformerConfig
     _repeated_blocks = ("blocks",)
     _keep_in_fp32_modules = ("time_embedder", "scale_shift_table", "norm1", "norm2", "norm3")
+    _block_streams = {"blocks": BlockStreams(inputs=("x",), outputs="x")}
+    # TeaCache's "retention steps" variant for Wan2.1 T2V: the signal is the blocks' timestep modulation e0
+    # (the `temb` argument), the first 5 steps are computed, with the polynomials its authors fitted per size:
+    # ali-vilab/TeaCache, TeaCache4Wan2.1/teacache_generate.py (use_ret_steps, commit 7c10efc). Thresholds in
+    # its README: 1.3B 0.05 (slow) / 0.10 (fast), 14B 0.10 / 0.20.
+    _teacache = TeaCacheSpec(
+        module=None, args=("temb",), output=None, warmup_steps=5, final_steps=0,
+        fits=(
+            TeaCacheFit(match=(("num_layers", 30), ("num_attention_heads", 12)),
+                        coefficients=(-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02),
+                        threshold=0.1, name="Wan2.1-T2V-1.3B"),
+            TeaCacheFit(match=(("num_layers", 40), ("num_attention_heads", 40)),
+                        coefficients=(-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01),
+                        threshold=0.2, name="Wan2.1-T2V-14B"),
+        ),
+    )
 
     def __init__(self, config: WanTransformerConfig):
         super().__init__()

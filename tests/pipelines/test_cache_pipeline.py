@@ -1,0 +1,91 @@
+"""``generate(cache=..., cache_options=...)`` on tiny FLUX and Wan pipelines: threshold 0 changes no pixel,
+every generation starts from an empty cache and reports it per step, the cache is reused while the
+settings stay and removed when a call asks for none, Wan's CFG pair is one decision per step, and bad
+settings are refused before any work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import diffc
+from diffc.errors import InvalidArgumentError
+
+FLUX = dict(height=32, width=32, num_inference_steps=3, seed=3, progress=False)
+WAN = dict(height=32, width=32, num_frames=5, num_inference_steps=3, seed=3, progress=False, guidance_scale=5.0)
+SKIPPING = {"threshold": 100.0, "warmup_steps": 1, "max_skips": 1}
+
+
+@pytest.fixture(scope="module")
+def flux(flux_checkpoint):
+    pipe = diffc.load(flux_checkpoint("dev-tiny"), device="cpu")
+    pipe.reference = pipe.generate("a red fox", **FLUX)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def wan(wan_checkpoint):
+    return diffc.load(wan_checkpoint("base"), device="cpu")
+
+
+def pixels(out) -> np.ndarray:
+    return np.asarray(out.images[0]) if out.images is not None else out.videos[0]
+
+
+def test_threshold_zero_changes_no_pixel_and_reports_each_step(flux):
+    ref = flux.reference
+    assert ref.timings.runtime["cache"] is None
+    out = flux.generate("a red fox", cache="dbcache", cache_options={"fn": 1, "bn": 1, "threshold": 0,
+                                                                     "warmup_steps": 0}, **FLUX)
+    assert np.array_equal(pixels(out), pixels(ref))
+    report = out.timings.runtime["cache"]
+    assert report == out.timings.runtime["dit"]["transformer"]["cache"]
+    assert report["kind"] == "dbcache" and report["blocks"] == {"first": 1, "middle": 1, "last": 1}
+    assert report["forwards"] == {"computed": 3, "skipped": 0} and report["middle_blocks"]["skipped"] == 0
+    assert [(s["step"], s["computed"], s["skipped"]) for s in report["steps"]] == [(i, 1, 0) for i in range(3)]
+    assert report["steps"][0]["diffs"] == [None] and all(s["diffs"][0] >= 0 for s in report["steps"][1:])
+
+
+def test_each_generation_starts_empty_and_the_cache_goes_when_not_asked_for(flux):
+    ref = flux.reference
+    stack = flux.components["transformer"]
+    first = flux.generate("a red fox", cache="fbcache", cache_options=SKIPPING, **FLUX)
+    cache = stack.cache
+    second = flux.generate("a red fox", cache="fbcache", cache_options=dict(SKIPPING), **FLUX)
+    assert stack.cache is cache and not cache.active and not cache.branches  # reused, emptied after the call
+    assert np.array_equal(pixels(first), pixels(second)) and not np.array_equal(pixels(first), pixels(ref))
+    for out in (first, second):
+        assert out.timings.runtime["cache"]["skipped_steps"] == [1]
+        assert out.timings.runtime["cache"]["forwards"] == {"computed": 2, "skipped": 1}
+    flux.generate("a red fox", cache="teacache", cache_options={"threshold": 0.5}, **dict(FLUX, num_inference_steps=1))
+    assert stack.cache is not cache and stack.cache.kind == "teacache"
+    plain = flux.generate("a red fox", **FLUX)
+    assert stack.cache is None and np.array_equal(pixels(plain), pixels(ref))
+    assert "cache" not in " ".join(stack.layers())
+
+
+def test_wan_cfg_pair_is_one_forward_and_one_decision_per_step(wan):
+    ref = wan.generate("a boat", **WAN)
+    out = wan.generate("a boat", cache="dbcache", cache_options={"fn": 1, "bn": 0, **SKIPPING}, **WAN)
+    report = out.timings.runtime["cache"]
+    assert report["forwards"] == {"computed": 2, "skipped": 1} and report["skipped_steps"] == [1]
+    assert all(len(s["diffs"]) == 1 for s in report["steps"])  # one batch-2 forward per step
+    assert pixels(out).shape == pixels(ref).shape and not np.array_equal(pixels(out), pixels(ref))
+    zero = wan.generate("a boat", cache="teacache", cache_options={"threshold": 0}, **WAN)
+    assert np.array_equal(pixels(zero), pixels(ref))
+    assert any("no published rescaling fit" in w for w in zero.warnings)
+
+
+@pytest.mark.parametrize("cache,options,field", [
+    ("dbcache", {"fn": 3}, "cache_options.fn"),
+    ("dbcache", {"fn": 1, "bn": 2}, "cache_options.bn"),
+    ("dbcache", {"threshold": "high"}, "cache_options.threshold"),
+    ("lazycache", None, "cache"),
+    (None, {"fn": 1}, "cache_options"),
+])
+def test_bad_settings_are_refused_before_any_work(flux, cache, options, field):
+    calls = flux.executor.stacks["transformer"].cache
+    with pytest.raises(InvalidArgumentError) as info:
+        flux.generate("a red fox", cache=cache, cache_options=options, **FLUX)
+    assert info.value.field == field
+    assert flux.executor.stacks["transformer"].cache is calls  # nothing installed
