@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import InvalidArgumentError
 from ..fileio import atomic_write
 from .config import merge_config
+from .lora_flags import add_lora_flags, lora_settings
 from .options import (add_cache_flags, add_compiled_flag, add_model_flags, add_runtime_flags, cache_flag_errors,
                       cache_settings, resolve_model, runtime_options)
 from .outputs import check_json_output, check_media_output
@@ -41,6 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--perf-dump-path", help="write per-stage seconds, per-step ms and peak memory as JSON")
     p.add_argument("--no-progress", action="store_const", const=True, help="hide the progress bar")
     add_compiled_flag(p)
+    add_lora_flags(p)
     p.add_argument("--compile", action="store_const", const=True,
                    help="compile the DiT for this shape first (cached under $DIFFC_CACHE/compiled: later runs reuse it)")
     p.add_argument("--quality", choices=("lossless", "fast"), help="--compile's quality tier (default fast)")
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quality is not None and not args.compile:
         raise InvalidArgumentError("--quality", "applies to --compile only (an artifact's tier was chosen by `diffc compile`)")
     cache = cache_settings(args)
+    lora = lora_settings(args)
     choice = resolve_model(args)
     if choice.output == "image" and args.fps is not None:
         raise InvalidArgumentError("--fps", "applies to video models only")
@@ -102,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
         output = check_media_output(output, pipe.spec.output)
         if pipe.spec.output == "image" and args.fps is not None:
             raise InvalidArgumentError("--fps", "applies to video models only")
+    if lora is not None:
+        for adapter in pipe.set_lora(**lora)["loaded_adapters"]:
+            for w in adapter["warnings"]:
+                print(f"warning: LoRA '{adapter['nickname']}': {w}", file=sys.stderr)
     options = {k: v for k, v in options.items() if v is not None}
     if images:
         options["image"] = images[0] if len(images) == 1 else images
@@ -124,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         dump = {"model": str(model_path), "compiled": args.compiled, "load_s": load_s, "compile_s": compile_s,
                 "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
                 "request": {k: v for k, v in vars(request).items() if k != "image"}, "seed": out.seeds[0],
-                "output": str(output), "warnings": out.warnings, **out.timings.to_dict()}
+                "output": str(output), "warnings": out.warnings,
+                "lora": pipe.list_loras()["active"] if lora is not None else None, **out.timings.to_dict()}
         atomic_write(dump_path, lambda tmp: tmp.write_text(json.dumps(dump, indent=2, default=str)))
     for w in out.warnings:
         print(f"warning: {w}", file=sys.stderr)

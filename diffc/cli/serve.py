@@ -7,8 +7,10 @@ import ipaddress
 import os
 import signal
 import sys
+from pathlib import Path
 
 from ..errors import DiffcError, InvalidArgumentError
+from .lora_flags import add_lora_flags, lora_settings
 from .options import (add_cache_flags, add_compiled_flag, add_model_flags, add_runtime_flags, cache_flag_errors,
                       cache_settings, resolve_model, runtime_options)
 
@@ -51,6 +53,11 @@ def add_parser(sub) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=60.0,
                    help="seconds to let running jobs finish at shutdown before failing them (default 60)")
     p.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up generation")
+    add_lora_flags(p)
+    p.add_argument("--lora-dir", action="append", metavar="DIR",
+                   help="directory POST /v1/set_lora may load LoRA files from (repeatable; default: none, so set_lora "
+                        "only reuses adapters preloaded with --lora-path)")
+    p.add_argument("--max-loras", type=_positive, default=32, help="LoRA adapters cached in host memory at most (default 32)")
     p.set_defaults(func=serve, _parser=p)
 
 
@@ -91,6 +98,18 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _preloading(load, lora: dict):
+    """``load`` followed by merging the ``--lora-path`` adapters (they become the requests' default)."""
+    def load_with_lora():
+        pipe = load()
+        for adapter in pipe.set_lora(**lora)["loaded_adapters"]:
+            for w in adapter["warnings"]:
+                print(f"warning: LoRA '{adapter['nickname']}': {w}", file=sys.stderr)
+        return pipe
+
+    return load_with_lora
+
+
 def serve(args: argparse.Namespace) -> int:
     uvicorn = _import_serving()
     from ..loader.pipeline import load as load_pipeline
@@ -120,6 +139,12 @@ def serve(args: argparse.Namespace) -> int:
     if cache is not None:
         defaults["cache"] = cache
         load = _checking_cache(load, cache)
+    lora = lora_settings(args)
+    for directory in args.lora_dir or ():
+        if not Path(directory).expanduser().is_dir():
+            raise InvalidArgumentError("--lora-dir", f"not a directory: {directory}")
+    if lora is not None:
+        load = _preloading(load, lora)
     if not args.api_key and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
 
@@ -135,7 +160,7 @@ def serve(args: argparse.Namespace) -> int:
                     output_dir=args.output_dir, keep_outputs=args.keep_outputs, output_ttl_s=args.output_ttl,
                     fps=args.fps, on_fatal=on_fatal)
     app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                     shutdown_timeout_s=args.shutdown_timeout)
+                     shutdown_timeout_s=args.shutdown_timeout, lora_dirs=args.lora_dir or (), max_loras=args.max_loras)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
                             timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))
     server = uvicorn.Server(config)

@@ -253,6 +253,35 @@ class Pipeline:
         if config is not None:
             self.executor.check_cache(config)
         return config
+    @property
+    def lora(self):
+        """The pipeline's :class:`diffc.lora.LoraManager` (cached adapters, merge state, counters)."""
+        from ..lora import manager_for
+
+        return manager_for(self)
+
+    def set_lora(self, nickname: str | list[str], path=None, strength: float | list[float] = 1.0,
+                 target: str | list[str] = "all") -> dict[str, Any]:
+        """Load LoRA adapters (or reuse cached ones by nickname), make them the active set and merge them.
+
+        Each argument is a value or a list with one entry per adapter. ``path``: a ``.safetensors`` file
+        or a folder holding one (any format diffusers accepts for the model); ``None`` reuses the cached
+        adapter. ``target``: ``"all"``, ``"transformer"`` or ``"transformer_2"`` (Wan2.2). Adapters on one
+        target are summed in order. Returns ``list_loras()``.
+        """
+        return self.lora.set(nickname, path, strength, target)
+
+    def merge_lora_weights(self, strength: float | None = None, target: str = "all") -> dict[str, Any]:
+        """Merge the active adapters again (after an unmerge), optionally at a new ``strength`` for all."""
+        return self.lora.merge(strength, target)
+
+    def unmerge_lora_weights(self, target: str = "all") -> dict[str, Any]:
+        """Restore the original DiT weights bit-exactly; the adapters stay cached and set."""
+        return self.lora.unmerge(target)
+
+    def list_loras(self) -> dict[str, Any]:
+        """Cached adapters (nickname, path, format, rank, warnings) and the active ones per component."""
+        return self.lora.describe()
 
     def generate(self, prompt: str | list[str], *, progress: bool = True,
                  step_callback: Callable[[int, int], None] | None = None, cache: Any = None,

@@ -15,6 +15,7 @@ from ..version import __version__
 from .engine import Engine
 from .metrics import ServerMetrics
 from .protocol import APIError
+from .lora_routes import allowed_dirs, lora_router
 from .routes import public, v1
 
 log = logging.getLogger("diffc.serve")
@@ -92,8 +93,12 @@ class Guard:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               shutdown_timeout_s: float = 60.0) -> FastAPI:
-    """The server for ``engine``. Its lifespan starts the engine and, at shutdown, drains it."""
+               shutdown_timeout_s: float = 60.0, lora_dirs=(), max_loras: int = 32) -> FastAPI:
+    """The server for ``engine``. Its lifespan starts the engine and, at shutdown, drains it.
+
+    ``lora_dirs``: the only directories ``POST /v1/set_lora`` may load files from (none: it loads no
+    file, only adapters already cached); ``max_loras``: adapters the host cache holds at most.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -105,8 +110,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     app = FastAPI(title="diffc", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.engine, app.state.api_key = engine, api_key or None
+    app.state.lora_dirs, app.state.max_loras = allowed_dirs(lora_dirs), max_loras
     app.include_router(public)
     app.include_router(v1)
+    app.include_router(lora_router)
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):

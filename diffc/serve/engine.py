@@ -9,6 +9,7 @@ jobs fails, each job is retried alone so one bad request cannot fail its neighbo
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import math
 import random
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import InvalidArgumentError
+from ..lora import apply_snapshot, snapshot_of
 from ..pipelines.base import MAX_SEED
 from .jobs import OPTION_KEYS, Counters, Job, JobError, Limits, NotReady, QueueFull, WrongOutputKind
 from .metrics import ServerMetrics
@@ -59,6 +61,8 @@ class Engine:
         self._queue: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []
         self._videos: dict[str, Job] = {}
+        self._controls: collections.deque[tuple[Callable[[], Any], Any]] = collections.deque()
+        self.lora_default: tuple = ()  # LoRA snapshot of requests that name no adapter (set by /v1/set_lora)
         self._abort = False
         self._batch_ema_s = 1.0
         self._ready = threading.Event()
@@ -106,7 +110,8 @@ class Engine:
                 size: tuple[int, int] | None = None, num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, negative_prompt: str | None = None,
                 num_frames: int | None = None, seconds: float | None = None, fps: int | None = None,
-                cache: Any = None) -> Job:
+                cache: Any = None, lora: str | list[str] | None = None,
+                lora_strength: float | list[float] | None = None) -> Job:
         """Validate a request against the limits and the model; return a job ready to submit."""
         if self.state != "ready":
             raise NotReady(self.not_ready_message())
@@ -144,8 +149,11 @@ class Engine:
         request = pipe.resolve(prompt=[prompt] * n, seed=seeds, **{k: v for k, v in given.items() if v is not None})
         options = {k: getattr(request, k) for k in OPTION_KEYS}
         options["cache"] = self.request_cache(cache)
+        if lora is None and lora_strength is not None:
+            raise InvalidArgumentError("lora_strength", "applies to the adapters named in 'lora'; give one")
+        adapters = self.lora_default if lora is None else pipe.lora.request_snapshot(lora, lora_strength)
         return Job(new_id("video" if kind == "video" else "img"), kind, prompt, seeds, options, fps=fps,
-                   outputs=[None] * n)
+                   outputs=[None] * n, lora=adapters)
 
     def request_cache(self, field: Any):
         """A request's ``cache`` field as a checked ``CacheConfig`` (None: no cache). Absent: the server's
@@ -173,6 +181,16 @@ class Engine:
                 self._videos[job.id] = job
             self._cond.notify()
         return job
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn()`` on the worker thread between two batches (LoRA switches); its result comes in the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self.state != "ready":
+                raise NotReady(self.not_ready_message())
+            self._controls.append((fn, future))
+            self._cond.notify()
+        return future
 
     def cancel(self, job: Job) -> None:
         """Cancel a queued or running job; a finished one just loses its file."""
@@ -207,6 +225,7 @@ class Engine:
             if self.warmup is not None and self.state == "loading":
                 self.state = "warming"
                 self._warm_up()
+            self.lora_default = snapshot_of(self.pipe)
             with self._cond:
                 if self.state in ("loading", "warming"):
                     self.state = "ready"
@@ -221,21 +240,36 @@ class Engine:
         self._ready.set()
         while True:
             with self._cond:
-                while not self._queue and self.state == "ready":
+                while not self._queue and not self._controls and self.state == "ready":
                     self._cond.wait()
                 if self.state != "ready":
                     break
-                batch = self._take_batch()
+                control = self._controls.popleft() if self._controls else None
+                batch = self._take_batch() if control is None else []
                 self._running = [job for job, _ in batch]
                 now = time.time()
                 for job in self._running:
                     if job.status == "queued":
                         job.status, job.started_at = "in_progress", now
                         self.metrics.queue_wait.labels(job.kind).observe(now - job.created_at)
+            if control is not None:
+                self._run_control(*control)
+                continue
             self._execute(batch)
             with self._cond:
                 self._running = []
         self.metrics.ready.set(0)
+        with self._cond:
+            controls, self._controls = list(self._controls), collections.deque()
+        for _, future in controls:
+            future.set_exception(NotReady(self.not_ready_message()))
+
+    @staticmethod
+    def _run_control(fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            future.set_exception(exc)
 
     def _warm_up(self) -> None:
         options = {"height": self._default("height"), "width": self._default("width"), "num_inference_steps": 1}
@@ -313,6 +347,7 @@ class Engine:
             prompts += [job.prompt] * len(r)
             seeds += job.seeds[r.start:r.stop]
         options = {k: v for k, v in batch[0][0].options.items() if v is not None}
+        apply_snapshot(self.pipe, batch[0][0].lora)  # a batch shares one LoRA state (it is in the job key)
 
         def on_step(done: int, total: int) -> None:
             if self._abort or all(job.cancelled for job, _ in batch):

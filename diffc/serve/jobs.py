@@ -89,6 +89,7 @@ class Job:
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     taken: int = 0
     finished: int = 0
+    lora: tuple = ()  # the LoRA weights it runs with: a diffc.lora.LoraManager snapshot (() = the base model)
 
     @property
     def n(self) -> int:
@@ -96,5 +97,5 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        """Jobs with equal keys may share a batch: same shape, settings and step cache."""
-        return (self.kind,) + tuple(self.options.get(k) for k in OPTION_KEYS) + (self.options.get("cache"),)
+        """Jobs with equal keys may share a batch: same shape, settings, step cache and LoRA adapters."""
+        return (self.kind,) + tuple(self.options.get(k) for k in OPTION_KEYS) + (self.options.get("cache"), self.lora)

@@ -62,6 +62,8 @@ class _Request(BaseModel):
     guidance_scale: float | None = None
     seed: int | None = None
     cache: Any = None  # step cache: a kind, "none", or {"kind": ..., options}; checked by check_cache_field
+    lora: Any = None  # nickname(s) of cached LoRA adapters for this request ([] = the base model)
+    lora_strength: Any = None
     # accepted for compatibility and ignored
     user: str | None = None
     safety_identifier: str | None = None

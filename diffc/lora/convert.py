@@ -1,0 +1,244 @@
+"""Converting a LoRA file into per-parameter updates of one native model.
+
+The result is a list of :class:`Piece` s, each on one native parameter:
+
+- ``lora``: ``W += strength * scale * up @ down`` (``scale`` = alpha / rank, 1 without alpha);
+- ``add``: ``P += strength * scale * value`` (``.diff``/``.diff_b`` deltas, LoRA biases);
+- ``set``: ``P = value`` (norm weights that BFL LoRAs replace; strength does not apply).
+
+A fused source module (FLUX's QKV, ``linear1``) is split by rows over its targets; a target's
+columns of ``up`` that are all zero (kohya's block-diagonal QKV) are dropped with their rows of
+``down``, which changes no value of the product.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import CheckpointError
+from .files import LoraFile, component_config
+from .keys import SourceModule, parse_keys
+from .naming import Entry, NameTable, Naming
+
+SHOWN = 20  # keys listed in an error or a warning
+
+
+@dataclasses.dataclass
+class Piece:
+    param: str
+    kind: str  # "lora", "add" or "set"
+    up: torch.Tensor | None = None  # (rows, rank)
+    down: torch.Tensor | None = None  # (rank, in)
+    value: torch.Tensor | None = None
+    scale: float = 1.0
+
+
+@dataclasses.dataclass
+class Conversion:
+    """What a LoRA file does to one native model, and what of it did not apply."""
+
+    pieces: dict[str, list[Piece]]  # parameter name -> its updates, in file order
+    formats: list[str]
+    matched: int  # source modules applied
+    applied_keys: int
+    total_keys: int
+    unmatched: list[str]  # keys that name nothing in the model
+    text_encoder: list[str]
+    dora: list[str]
+    rank: int | None
+
+    @property
+    def warnings(self) -> list[str]:
+        out = []
+        if self.unmatched:
+            out.append(f"partial match: {self.applied_keys} of {self.total_keys} keys applied ({self.matched} "
+                       f"modules); {len(self.unmatched)} key(s) match nothing in the model and were skipped: "
+                       f"{_listing(self.unmatched)}")
+        if self.text_encoder:
+            out.append(f"{len(self.text_encoder)} text-encoder key(s) are not supported and were skipped "
+                       f"(diffc applies LoRAs to the DiT only): {_listing(self.text_encoder)}")
+        if self.dora:
+            out.append(f"{len(self.dora)} DoRA magnitude key(s) are not supported and were skipped; the rest "
+                       f"applies as a plain LoRA: {_listing(self.dora)}")
+        return out
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:SHOWN])
+    return shown + (f", ... ({len(keys) - SHOWN} more)" if len(keys) > SHOWN else "")
+
+
+def convert(file: LoraFile, params: Mapping[str, torch.Tensor], naming: Naming | None, model_name: str) -> Conversion:
+    """Map ``file`` onto a model whose parameters (name -> tensor, for names and shapes) are ``params``.
+
+    Raises ``CheckpointError`` when nothing in the file matches the model, or when a matched
+    module's tensors do not fit the model's shapes.
+    """
+    parsed, unknown = parse_keys(file.tensors)
+    table = NameTable(params, naming)
+    config = component_config(file.config)
+    pieces: dict[str, list[Piece]] = collections.defaultdict(list)
+    unmatched, formats, ranks, matched, applied = list(unknown), collections.Counter(), set(), 0, 0
+    for stem, source in parsed.modules.items():
+        found = table.lookup(stem)
+        if found is None or not _applies(source, found[0], params):
+            unmatched += source.keys
+            continue
+        entry, scheme = found
+        try:
+            made = _pieces(source, entry, params, config)
+        except _Incomplete as exc:
+            raise CheckpointError(f"{file.path}: {exc}") from None
+        except _Mismatch as exc:
+            raise CheckpointError(f"{file.path}: {exc} (is this LoRA for another model or size than "
+                                  f"{model_name}?)") from None
+        if not made:
+            unmatched += source.keys
+            continue
+        for piece in made:
+            pieces[piece.param].append(piece)
+        matched += 1
+        applied += len(source.keys)
+        formats[scheme] += 1
+        if source.down is not None:
+            ranks.add(source.down.shape[0])
+    if not matched:
+        sample = unmatched or parsed.text_encoder
+        raise CheckpointError(f"{file.path}: no key of this LoRA matches {model_name}; "
+                              f"unmatched keys ({len(sample)}): {_listing(sorted(sample))}")
+    return Conversion(dict(pieces), [f for f, _ in formats.most_common()], matched, applied, len(file.tensors) - len(parsed.text_encoder),
+                      sorted(unmatched),
+                      parsed.text_encoder, parsed.dora, max(ranks) if ranks else None)
+
+
+class _Mismatch(Exception):
+    pass
+
+
+class _Incomplete(_Mismatch):
+    pass
+
+
+def _applies(source: SourceModule, entry: Entry, params: Mapping[str, torch.Tensor]) -> bool:
+    """A source whose only tensor is a full ``.weight`` matches only norm weights (which it replaces)."""
+    if source.has_lora or source.diff is not None or source.diff_b is not None:
+        return True
+    if source.value is not None:
+        return len(entry.targets) == 1 and "norm" in entry.targets[0] and f"{entry.targets[0]}.weight" in params
+    return False
+
+
+def _weight(params, target: str) -> str:
+    return f"{target}.weight" if f"{target}.weight" in params else target
+
+
+def _split(tensor: torch.Tensor, sizes: list[int], swap: bool, what: str) -> list[torch.Tensor]:
+    if tensor.shape[0] != sum(sizes):
+        raise _Mismatch(f"{what} has {tensor.shape[0]} rows where the model's module(s) have {sum(sizes)}")
+    if swap:
+        half = tensor.shape[0] // 2
+        tensor = torch.cat([tensor[half:], tensor[:half]])
+    return list(torch.split(tensor, sizes)) if len(sizes) > 1 else [tensor]
+
+
+def _pieces(source: SourceModule, entry: Entry, params, config: dict[str, Any]) -> list[Piece]:
+    names = [_weight(params, t) for t in entry.targets]
+    if any(n not in params for n in names):
+        return []
+    weights = [params[n] for n in names]
+    sizes = [w.shape[0] for w in weights]
+    where = source.stem
+    out: list[Piece] = []
+    scale = 1.0
+    if source.has_lora:
+        if source.down is None or source.up is None:
+            raise _Incomplete(f"{where} has only one of its two LoRA matrices (down/A and up/B)")
+        down, up = source.down, source.up
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+            raise _Mismatch(f"{where}: LoRA matrices of shapes {tuple(down.shape)} (down) and {tuple(up.shape)} "
+                            f"(up) do not form a product (only linear layers are supported)")
+        if any(w.ndim != 2 or w.shape[1] != down.shape[1] for w in weights):
+            raise _Mismatch(f"{where}: the LoRA takes {down.shape[1]} input features where {names[0]} has shape "
+                            f"{tuple(weights[0].shape)}")
+        scale = _scale(source, entry.targets[0], down.shape[0], config)
+        for name, rows in zip(names, _split(up, sizes, entry.swap_halves, f"{where} (up)")):
+            keep = rows.ne(0).any(dim=0)
+            if bool(keep.all()) or not bool(keep.any()):
+                out.append(Piece(name, "lora", rows, down, scale=scale))
+            else:
+                out.append(Piece(name, "lora", rows[:, keep], down[keep], scale=scale))
+        bias = None
+        if source.down_bias is not None:
+            bias = up.float() @ source.down_bias.float()
+        if source.up_bias is not None:
+            bias = source.up_bias.float() if bias is None else bias + source.up_bias.float()
+        if bias is not None:
+            out += _adds(entry, params, bias, sizes, ".bias", scale, f"{where} (LoRA bias)")
+    if source.diff is not None:
+        value = source.diff
+        if len(names) == 1 and value.shape != weights[0].shape:
+            raise _Mismatch(f"{where}.diff has shape {tuple(value.shape)}, {names[0]} {tuple(weights[0].shape)}")
+        parts = _split(value, sizes, entry.swap_halves, f"{where}.diff")
+        for name, w, part in zip(names, weights, parts):
+            if part.shape != w.shape:
+                raise _Mismatch(f"{where}.diff has shape {tuple(part.shape)} for {name} of {tuple(w.shape)}")
+            out.append(Piece(name, "add", value=part))
+    if source.diff_b is not None:
+        out += _adds(entry, params, source.diff_b, sizes, ".bias", 1.0, f"{where}.diff_b")
+    if source.value is not None and not source.has_lora and source.diff is None:
+        if source.value.shape != weights[0].shape:
+            raise _Mismatch(f"{source.keys[0]} has shape {tuple(source.value.shape)}, {names[0]} "
+                            f"{tuple(weights[0].shape)}")
+        out.append(Piece(names[0], "set", value=source.value))
+    return out
+
+
+def _adds(entry: Entry, params, value: torch.Tensor, sizes, suffix: str, scale: float, what: str) -> list[Piece]:
+    names = [f"{t}{suffix}" for t in entry.targets]
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise _Mismatch(f"{what} targets {missing[0]}, which the model does not have")
+    out = []
+    for name, part in zip(names, _split(value.reshape(-1), sizes, entry.swap_halves, what)):
+        if part.shape != params[name].shape:
+            raise _Mismatch(f"{what} has shape {tuple(part.shape)} for {name} of {tuple(params[name].shape)}")
+        out.append(Piece(name, "add", value=part, scale=scale))
+    return out
+
+
+def _scale(source: SourceModule, module: str, rank: int, config: dict[str, Any]) -> float:
+    """alpha / rank: alpha from the module's ``.alpha`` tensor, else the file's LoRA config, else rank."""
+    rslora = bool(config.get("use_rslora", False))
+    if source.alpha is not None:
+        if source.alpha.numel() != 1:
+            raise _Mismatch(f"{source.stem}.alpha must hold one number, got shape {tuple(source.alpha.shape)}")
+        alpha = float(source.alpha.float().item())
+    else:
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module)
+        if alpha is None:
+            alpha = config.get("lora_alpha")
+        if alpha is None:
+            return 1.0
+        alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise _Mismatch(f"{source.stem}: alpha is {alpha}")
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def _pattern_value(patterns: dict[str, Any], module: str):
+    """PEFT's per-module override: a key matches a module name ending in it (or, starting with ``^``, all of it)."""
+    for key, value in patterns.items():
+        pattern = key if key.startswith("^") else rf"(.*\.)?(?:{key})"
+        try:
+            if re.fullmatch(pattern.lstrip("^"), module):
+                return value
+        except re.error:
+            if module == key or module.endswith("." + key):
+                return value
+    return None

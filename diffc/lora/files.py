@@ -1,0 +1,97 @@
+"""Reading a LoRA file: one ``.safetensors`` file, or a folder holding one, with safetensors only.
+
+Nothing is unpickled: ``.bin``/``.pt``/``.ckpt`` files are refused by name. The file's
+``__metadata__`` is read as text; diffusers stores its LoRA config there as JSON under
+``lora_adapter_metadata`` (``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``,
+keys prefixed with the component, e.g. ``transformer.lora_alpha``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, InvalidArgumentError
+
+PREFERRED = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+METADATA_KEY = "lora_adapter_metadata"
+
+
+@dataclasses.dataclass
+class LoraFile:
+    """A LoRA file's tensors (on the CPU, in their stored dtype) and its diffusers LoRA config, if any."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    nbytes: int
+
+
+def resolve_lora_file(path: str | os.PathLike) -> Path:
+    """The safetensors file ``path`` names: itself, or the one LoRA file in a folder."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix == ".safetensors"
+                       and not any(s in f.name for s in ("optimizer", "scheduler")))
+        if any(f.name == PREFERRED for f in found):
+            return p / PREFERRED
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            pickled = sorted(f.name for f in p.iterdir() if f.suffix in PICKLED)
+            hint = (f" (found {', '.join(pickled[:5])}: pickled files are not loaded, convert them to "
+                    "safetensors)") if pickled else ""
+            raise InvalidArgumentError("lora_path", f"{p}: the folder holds no .safetensors file{hint}")
+        raise InvalidArgumentError("lora_path", f"{p}: the folder holds several .safetensors files "
+                                   f"({', '.join(f.name for f in found[:8])}); give the file itself")
+    if not p.exists():
+        raise InvalidArgumentError("lora_path", f"file not found: {p}")
+    if p.suffix in PICKLED:
+        raise InvalidArgumentError("lora_path", f"{p}: pickled checkpoints ({p.suffix}) are never loaded; "
+                                   "use a .safetensors file")
+    if not p.is_file():
+        raise InvalidArgumentError("lora_path", f"{p}: not a regular file")
+    return p
+
+
+def read_lora_file(path: str | os.PathLike) -> LoraFile:
+    """Read every tensor of the LoRA file at ``path`` (a file or a folder) onto the CPU."""
+    from safetensors import SafetensorError, safe_open
+
+    file = resolve_lora_file(path)
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
+    if not tensors:
+        raise CheckpointError(f"{file}: the file holds no tensors")
+    config: dict[str, Any] = {}
+    raw = metadata.get(METADATA_KEY)
+    if raw:
+        try:
+            config = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{file}: its '{METADATA_KEY}' metadata is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{file}: its '{METADATA_KEY}' metadata is not a JSON object")
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return LoraFile(file, tensors, config, nbytes)
+
+
+def component_config(config: dict[str, Any], prefixes: tuple[str, ...] = ("transformer",)) -> dict[str, Any]:
+    """The LoRA config of the DiT: keys under ``transformer.`` (pipeline files) or unprefixed (model files)."""
+    for prefix in prefixes:
+        scoped = {k[len(prefix) + 1:]: v for k, v in config.items() if k.startswith(prefix + ".")}
+        if scoped:
+            return scoped
+    return {k: v for k, v in config.items() if "." not in k}

@@ -1,0 +1,81 @@
+"""``diffc run --lora-path ...``: the LoRA's image, per-path strengths and nicknames, config keys, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import diffc
+from diffc.cli.main import main
+from tests.lora import writers as W
+
+ARGS = ["--prompt", "a red fox", "--height", "32", "--width", "32", "--steps", "2", "--seed", "4",
+        "--max-sequence-length", "16", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def setup(flux_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-lora")
+    ckpt = flux_checkpoint("dev-tiny")
+    dit = diffc.load(ckpt, device="cpu").components["transformer"]
+    a = W.write_flux_kohya(W.random_lora(dit, W.linear_modules(dit), seed=11, magnitude=0.3), 1, 2,
+                           root / "style.safetensors")
+    b = W.write_keys(W.diffusers_with_alpha_keys(W.random_lora(dit, W.linear_modules(dit), seed=12, magnitude=0.3)),
+                     root / "b" / "style.safetensors")
+    return ckpt, a, b
+
+
+def _image(path):
+    return np.asarray(Image.open(path))
+
+
+def _python(ckpt, **lora):
+    pipe = diffc.load(ckpt, device="cpu")
+    pipe.set_lora(**lora)
+    return np.asarray(pipe.generate("a red fox", height=32, width=32, num_inference_steps=2, seed=4,
+                                    max_sequence_length=16, progress=False).images[0])
+
+
+def test_run_with_two_loras_matches_the_python_api(setup, tmp_path, capsys):
+    ckpt, a, b = setup
+    out, perf = tmp_path / "lora.png", tmp_path / "perf.json"
+    code = main(["run", "--model", str(ckpt), *ARGS, "--output", str(out), "--perf-dump-path", str(perf),
+                 "--lora-path", str(a), "--lora-path", str(b), "--lora-strength", "0.8", "--lora-strength", "-0.5",
+                 "--lora-nickname", "one", "--lora-nickname", "two"])
+    assert code == 0, capsys.readouterr().err
+    want = _python(ckpt, nickname=["one", "two"], path=[a, b], strength=[0.8, -0.5])
+    assert np.array_equal(_image(out), want)
+    assert json.loads(perf.read_text())["lora"]["transformer"] == [
+        {"nickname": "one", "path": str(a), "strength": 0.8, "merged": True},
+        {"nickname": "two", "path": str(b), "strength": -0.5, "merged": True}]
+
+
+def test_lora_options_from_a_config_file(setup, tmp_path, capsys):
+    ckpt, a, _ = setup
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"lora_path": str(a), "lora-strength": 1.5}))
+    out = tmp_path / "cfg.png"
+    assert main(["run", "--model", str(ckpt), *ARGS, "--config", str(cfg), "--output", str(out)]) == 0
+    assert np.array_equal(_image(out), _python(ckpt, nickname="style", path=a, strength=1.5))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--lora-strength", "0.5"], "--lora-strength: applies to the adapters of --lora-path"),
+    (["--lora-path", "A", "--lora-path", "B"], "the files' names repeat"),
+    (["--lora-path", "A", "--lora-strength", "x"], "--lora-strength: must be a number, got 'x'"),
+    (["--lora-path", "A", "--lora-path", "B", "--lora-nickname", "n"], "one nickname per --lora-path"),
+    (["--lora-path", "A", "--lora-path", "B", "--lora-nickname", "n", "--lora-nickname", "m",
+      "--lora-strength", "1", "--lora-strength", "2", "--lora-strength", "3"], "one value for all 2 --lora-path"),
+    (["--lora-path", "A", "--lora-target", "transformer_2"], "target: this pipeline has no 'transformer_2'"),
+    (["--lora-path", "missing.safetensors"], "lora_path: file not found: missing.safetensors"),
+])
+def test_lora_flag_errors(setup, tmp_path, capsys, extra, message):
+    ckpt, a, b = setup
+    extra = [str(a) if x == "A" else str(b) if x == "B" else x for x in extra]
+    code = main(["run", "--model", str(ckpt), *ARGS, "--output", str(tmp_path / "x.png"), *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
