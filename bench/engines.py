@@ -31,6 +31,7 @@ class Generation:
     stages_s: dict[str, float] | None = None  # diffc's per-stage wall times
     stage_peak_gb: dict[str, float] | None = None
     peak_gb: float | None = None
+    runtime: dict[str, Any] | None = None  # diffc's timings.runtime (the cache's report among it)
 
 
 def _first(out):
@@ -157,6 +158,7 @@ class DiffcEngine(Engine):
 
         stack = self.transformer
         stack.set_compiled(None)
+        self.setup_key = None
         calls = [inputs]
         if self.pipe is not None:
             captured = capture_inputs(self.pipe, dict(self.family.call_kwargs(wl), prompt=wl.prompt))["transformer"]
@@ -228,8 +230,11 @@ class DiffcEngine(Engine):
         with torch.inference_mode():
             stage.fn(ctx, {k: state[k] for k in stage.inputs})
 
-    def generate(self, wl: Workload, steps: int) -> Generation:
+    def generate(self, wl: Workload, steps: int, cache: tuple[str, dict[str, Any]] | None = None) -> Generation:
+        """A whole generation; ``cache``: ``(kind, options)`` of a step cache for it (None: none)."""
         kwargs = dict(self.family.call_kwargs(wl), num_inference_steps=steps)
+        if cache is not None:
+            kwargs.update(cache=cache[0], cache_options=dict(cache[1]))
         sync(self.device)
         start = time.perf_counter()
         out = self.pipe.generate(wl.prompt, seed=wl.seed, progress=False, **kwargs)
@@ -238,7 +243,7 @@ class DiffcEngine(Engine):
         t = out.timings
         to_gb = (lambda mb: None if mb is None else mb / 1024)
         return Generation(self.family.diffc_output(out), wall, list(t.step_ms), dict(t.stages),
-                          {k: to_gb(v) for k, v in t.stage_peak_memory_mb.items()}, to_gb(t.peak_memory_mb))
+                          {k: to_gb(v) for k, v in t.stage_peak_memory_mb.items()}, to_gb(t.peak_memory_mb), t.runtime)
 
 
 ENGINES = {"diffusers": DiffusersEngine, "diffc": DiffcEngine}

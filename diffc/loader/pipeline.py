@@ -60,9 +60,10 @@ def read_index(root: Path) -> tuple[dict, PipelineSpec | None]:
         raise CheckpointError(f"checkpoint directory not found: {root}")
     index = read_json(root / "model_index.json")
     class_name = index.get("_class_name")
-    if not isinstance(class_name, str) or not class_name:
+    if not class_name:
         raise CheckpointError(f"{root / 'model_index.json'}: no pipeline class (_class_name)")
-    if class_name not in supported_pipelines():
+    if not isinstance(class_name, str) or class_name not in supported_pipelines():
+        # the generic backend reads (and refuses, naming it) anything that is not a native pipeline
         return index, None
     spec = pipeline_spec(class_name)
     if spec.check_index is not None:
