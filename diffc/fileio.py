@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +22,17 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+        special = _is_special(path)  # a device or FIFO: the temporary file goes to the temp dir
+        fd, tmp = tempfile.mkstemp(dir=None if special else path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     except OSError as exc:
         raise OutputError(str(path), os_reason(exc)) from None
     os.close(fd)
     try:
         write(Path(tmp))
+        if special:  # /dev/null, a FIFO, /dev/stdout: stream into it, never replace the node
+            with open(tmp, "rb") as src, open(path, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            return path
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes the file private; give it the usual mode
         os.replace(tmp, path)
     except OutputError:
@@ -36,6 +43,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _is_special(path: Path) -> bool:
+    """``path`` exists and is not a regular file or a link to one (a device, a FIFO, a socket)."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def os_reason(exc: OSError) -> str:

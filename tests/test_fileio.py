@@ -41,3 +41,18 @@ def test_an_os_failure_is_one_line_naming_the_path(tmp_path):
     missing = tmp_path / "no-such-dir" / "a.png"
     with pytest.raises(OutputError, match=f"cannot write {missing}: No such file or directory"):
         atomic_write(missing, lambda tmp: tmp.write_bytes(b"x"))
+
+
+def test_atomic_write_streams_into_a_device_instead_of_replacing_it(tmp_path):
+    """Writing to /dev/null (or a FIFO, /dev/stdout) must never replace the node with a regular file."""
+    import os
+    import stat as st
+    from pathlib import Path
+
+    from diffc.fileio import atomic_write
+
+    before = os.stat("/dev/null")
+    atomic_write("/dev/null", lambda p: p.write_bytes(b"x" * 10))
+    after = os.stat("/dev/null")
+    assert st.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev
+    assert not list(Path("/dev").glob(".null.*"))  # no temporary file left beside it
