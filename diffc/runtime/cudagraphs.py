@@ -88,6 +88,12 @@ class _Graph:
     replays: int = 0
 
 
+def _layout(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s strides with those of size-1 dimensions zeroed: they never move an address, and a batch-1
+    slice of a larger tensor and a fresh tensor of the same shape must share a graph."""
+    return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
+
+
 def _value_key(value: Any) -> tuple | None:
     """Hashable, type-tagged key of a non-tensor argument (``True`` and ``1`` differ); None if it has none."""
     if isinstance(value, _SCALARS):
@@ -257,7 +263,7 @@ class CudaGraphModule:
                     return None, [], f"argument '{self._name(slot)}' is on {value.device.type}, not a CUDA device"
                 if value.requires_grad:
                     return None, [], f"argument '{self._name(slot)}' requires grad"
-                parts.append((slot, tuple(value.shape), value.stride(), value.dtype, value.device))
+                parts.append((slot, tuple(value.shape), _layout(value), value.dtype, value.device))
                 tensors.append(value)
             else:
                 value_key = _value_key(value)
@@ -396,7 +402,8 @@ def format_key(key: tuple) -> str:
         slot = part[0] if isinstance(part[0], str) else f"#{part[0]}"
         if len(part) == 5:
             _, shape, stride, dtype, device = part
-            layout = "" if stride == _contiguous_stride(shape) else f" stride={stride}"
+            layout = "" if stride == tuple(0 if n == 1 else s for n, s in zip(shape, _contiguous_stride(shape))) \
+                else f" stride={stride}"
             parts.append(f"{slot}={shape} {str(dtype).removeprefix('torch.')} {device}{layout}")
         else:
             parts.append(f"{slot}={_format_value(part[1])}")

@@ -310,7 +310,7 @@ def test_describe_and_counters(toy):
     assert d["enabled"] is True and d["max_graphs"] == 1 and d["clone_outputs"] is True
     assert (d["captures"], d["replays"], d["fallbacks"]) == (1, 1, 1)
     assert d["fallback_reasons"] == {"max_graphs=1 reached": 1}
-    assert d["graphs"][0]["key"] == ("guidance=None, scale=0.5, t=(1,) float32 cpu stride=(0,), "
+    assert d["graphs"][0]["key"] == ("guidance=None, scale=0.5, t=(1,) float32 cpu, "  # a size-1 stride: no layout
                                      "x=(1, 5, 8) float32 cpu")
     assert d["graphs"][0]["replays"] == 1 and d["graphs"][0]["capture_ms"] >= 0
     assert wrapper.counters.since(before) == CudaGraphCounters(1, 1, 1, 0, {"max_graphs=1 reached": 1})
@@ -361,3 +361,17 @@ def test_native_wan_cfg_batch_two():
                            dict(hidden_states=x, timestep=t[:1], encoder_hidden_states=text[:1])):
                 assert torch.equal(wrapper(**kwargs), model(**kwargs))
     assert counts(wrapper) == (2, 4, 0, 0)
+
+
+def test_batch_one_slice_and_fresh_tensor_share_a_graph(toy):
+    """A size-1 dimension's stride moves no address: a batch-1 slice of a larger tensor (FLUX's split
+    streams) and a fresh tensor of the same shape replay one graph instead of capturing twice."""
+    wrapper = EmulatedGraphs(toy)
+    shape = (1,) + tuple(TOY_SHAPES[0][1:])
+    with torch.inference_mode():
+        x, t = toy_inputs(shape, seed=0)
+        big = torch.cat([x, x], dim=1)[:, : shape[1]]  # a view: batch stride of the larger tensor
+        assert big.stride(0) != x.stride(0) and big.is_contiguous()
+        assert_same(wrapper(x=big, t=t), toy(x=big, t=t))
+        assert_same(wrapper(x=x + 1, t=t), toy(x=x + 1, t=t))
+    assert counts(wrapper) == (1, 1, 0, 0)
