@@ -232,10 +232,12 @@ class LoraManager:
                 tensor = tensors[name]
                 key = (component, name)
                 if name in modified:
-                    base = self.stash.get(key).to(tensor.device, torch.float32, copy=True)
+                    # restore in the weight's own dtype first (a pinned copy-engine transfer), then widen on
+                    # the weight's device: ``stash.to(cuda, float32)`` would widen 2x the bytes on the host
+                    tensor.copy_(self.stash.get(key), non_blocking=True)
                 else:
                     self.stash.save(key, tensor)
-                    base = tensor.to(torch.float32, copy=True)
+                base = tensor.to(torch.float32, copy=True)
                 _accumulate(base, updates)
                 tensor.copy_(base)
         self.modified[component] = set(plan)
