@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +62,33 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 16, quality: 
             str(tmp), (width, height), pix_fmt_in="rgb24", pix_fmt_out="yuv420p", fps=float(fps), quality=quality,
             macro_block_size=1, ffmpeg_log_level="error", output_params=["-movflags", "+faststart"])
         writer.send(None)
-        for frame in frames:
-            writer.send(frame)
+        # imageio-ffmpeg never checks how ffmpeg exited: a full disk would leave a truncated file that looks written
+        process = writer.gi_frame.f_locals.get("p") if writer.gi_frame is not None else None
+        try:
+            for frame in frames:
+                writer.send(frame)
+        except OSError:  # ffmpeg stopped reading: it failed (its own message is on stderr)
+            writer.close()
+            raise _ffmpeg_failed(tmp, process) from None
         writer.close()
+        if process is not None and process.returncode != 0:
+            raise _ffmpeg_failed(tmp, process)
         if tmp.stat().st_size == 0:
             raise RuntimeError(f"ffmpeg wrote nothing for {path} (see its messages above)")
 
     return atomic_write(path, encode)
+
+
+def _ffmpeg_failed(tmp: Path, process) -> OSError:
+    """An ``OSError`` for an ffmpeg that failed writing ``tmp``: "No space left on device" when the disk is full."""
+    import errno
+    import shutil
+
+    try:
+        full = shutil.disk_usage(tmp.parent).free < 1 << 20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    status = None if process is None else process.poll()
+    return OSError(errno.EIO, f"ffmpeg failed writing the video (exit status {status}; its message is above)")

@@ -117,7 +117,8 @@ def denoise(ctx: RunContext, s):
 def decode(ctx: RunContext, s):
     vae = ctx.components["vae"]
     latents = s["latents"].to(next(vae.parameters()).dtype)
-    return {"decoded": vae.decode(vae.denormalize(latents))}  # (B, 3, F, H, W) in [-1, 1]
+    # (B, 3, F, H, W) in [-1, 1]
+    return {"decoded": vae.decode(vae.denormalize(latents), progress=ctx.decode_callback)}
 
 
 def postprocess(ctx: RunContext, s):
