@@ -8,17 +8,14 @@ import concurrent.futures
 import errno
 import os
 import random
-import resource
-import signal
 import string
-import subprocess
 import time
-import types
 
 import httpx
 import pytest
 
 from diffc.serve.hardening import default_allowed_hosts, host_allowed, parse_allowed_hosts
+from tests.full_disk import full_disk_ffmpeg
 
 
 def _error_body(r: httpx.Response, status: int = 400) -> dict:
@@ -161,25 +158,6 @@ def test_a_client_that_leaves_stops_its_running_job(image_server):
 
 # ---- a write that fails -----------------------------------------------------------------------------------
 
-def _full_disk_ffmpeg(monkeypatch, limit_bytes: int = 1024) -> None:
-    """ffmpeg, as imageio-ffmpeg starts it, may write at most ``limit_bytes`` per file: the next write fails
-    (EFBIG) as it would on a full disk. Only the child process is limited."""
-    import imageio_ffmpeg._io as ffmpeg_io
-
-    def limited_popen(*args, preexec_fn=None, **kwargs):
-        def limit():
-            if preexec_fn is not None:
-                preexec_fn()
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
-        return subprocess.Popen(*args, preexec_fn=limit, **kwargs)
-
-    shim = types.SimpleNamespace(**{k: getattr(subprocess, k) for k in dir(subprocess) if not k.startswith("__")})
-    shim.Popen = limited_popen
-    monkeypatch.setattr(ffmpeg_io, "subprocess", shim)
-
-
 def test_write_video_fails_on_a_full_disk_and_leaves_nothing(tmp_path, monkeypatch):
     import numpy as np
 
@@ -188,7 +166,7 @@ def test_write_video_fails_on_a_full_disk_and_leaves_nothing(tmp_path, monkeypat
 
     frames = (np.random.default_rng(0).random((5, 32, 32, 3)) * 255).astype("uint8")
     assert write_video(tmp_path / "ok.mp4", frames).stat().st_size > 1024  # bigger than the limit below
-    _full_disk_ffmpeg(monkeypatch)
+    full_disk_ffmpeg(monkeypatch)
     with pytest.raises(OutputError) as info:
         write_video(tmp_path / "full.mp4", frames)
     assert "full.mp4" in str(info.value) and "\n" not in str(info.value)
@@ -197,7 +175,7 @@ def test_write_video_fails_on_a_full_disk_and_leaves_nothing(tmp_path, monkeypat
 
 def test_a_video_that_cannot_be_written_fails_its_job(serve, monkeypatch):
     server = serve("wan")
-    _full_disk_ffmpeg(monkeypatch)
+    full_disk_ffmpeg(monkeypatch)
     r = httpx.post(f"{server.url}/v1/videos", json={"prompt": "a fox"}, timeout=30)
     assert r.status_code == 200, r.text
     video_id = r.json()["id"]
