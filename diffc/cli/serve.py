@@ -113,7 +113,9 @@ def _is_loopback(host: str) -> bool:
 def _listen(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port``, opened before the model loads so a port in use is a one-line error."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it ("localhost": IPv4)
+        infos = socket.getaddrinfo(host.strip("[]"), port, family=family, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise InvalidArgumentError("--host", f"cannot resolve {host!r}: {exc.strerror}") from None
     family, _, _, _, address = infos[0]
@@ -180,8 +182,6 @@ def serve(args: argparse.Namespace) -> int:
     from ..loader.pipeline import load as load_pipeline
 
     from ..loader.pipeline import resolve_device, resolve_dtype
-    from ..serve.app import create_app
-    from ..serve.engine import Engine, Limits
 
     if not 0 <= args.port <= 65535:
         raise InvalidArgumentError("--port", f"must be from 0 to 65535, got {args.port}")
@@ -219,8 +219,19 @@ def serve(args: argparse.Namespace) -> int:
     if allowed_hosts == []:
         raise InvalidArgumentError("--allowed-hosts", "names no host; give host names, or '*' for any")
     sock = _listen(args.host, args.port)  # before anything loads: a port in use is reported at once
-    url = f"http://{_url_host(args.host)}:{sock.getsockname()[1]}"
+    try:
+        return _serve(args, uvicorn, sock, load, model_id, device, defaults, allowed_hosts)
+    finally:
+        sock.close()
 
+
+def _serve(args, uvicorn, sock: socket.socket, load, model_id: str, device, defaults: dict,
+           allowed_hosts: list[str] | None) -> int:
+    """Build the engine and the app, and serve on the already bound ``sock`` until shutdown."""
+    from ..serve.app import create_app
+    from ..serve.engine import Engine, Limits
+
+    url = f"http://{_url_host(args.host)}:{sock.getsockname()[1]}"
     server = None
 
     def on_fatal(exc: BaseException) -> None:
@@ -253,7 +264,6 @@ def serve(args: argparse.Namespace) -> int:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        sock.close()
     if engine.load_error is not None:
         raise DiffcError(f"the model failed to load: {engine.load_error}")
     c = engine.counters

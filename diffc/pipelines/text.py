@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from .stages import RunContext
 
 log = logging.getLogger("diffc")

@@ -73,10 +73,10 @@ def test_the_ttl_deletes_outputs_without_any_request(tmp_path):
     with store._lock:  # recorded without add(), which would prune: only the timer may delete it now
         store._entries[id_] = (path, time.time())
     deadline = time.monotonic() + 10
-    while path.exists():
+    while not evicted:  # the file is deleted first, then on_evict is told
         assert time.monotonic() < deadline, "the TTL timer never deleted the output"
         time.sleep(0.05)
-    assert evicted == [id_]
+    assert evicted == [id_] and not path.exists()
     store.close()
 
 
