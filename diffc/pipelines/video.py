@@ -67,9 +67,11 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 16, quality: 
         try:
             for frame in frames:
                 writer.send(frame)
-        except OSError:  # ffmpeg stopped reading: it failed (its own message is on stderr)
+        except OSError as exc:
             writer.close()
-            raise _ffmpeg_failed(tmp, process) from None
+            if "\n" in str(exc):  # imageio-ffmpeg's report that ffmpeg stopped reading: its command line and more
+                raise _ffmpeg_failed(tmp, process) from None
+            raise
         writer.close()
         if process is not None and process.returncode != 0:
             raise _ffmpeg_failed(tmp, process)

@@ -137,7 +137,8 @@ def test_a_client_that_leaves_frees_its_queue_slot(image_server):
         pipe.gate.set()
         assert blocker.result().status_code == 200
     assert not any("abandoned" in c[0] for c in pipe.calls)
-    assert engine.metrics.jobs.labels("image", "cancelled")._value.get() == cancelled + 1
+    _wait(lambda: engine.metrics.jobs.labels("image", "cancelled")._value.get() == cancelled + 1, timeout_s=10,
+          what="the cancellation to be counted")
 
 
 def test_a_client_that_leaves_stops_its_running_job(image_server):
