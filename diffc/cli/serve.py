@@ -138,16 +138,23 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+class _RequestLines(logging.Handler):
+    """Prints the engine's request log as ``diffc serve: ...`` lines on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"diffc serve: {record.getMessage()}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - a closed stderr must not fail a request
+            self.handleError(record)
+
+
 def _print_requests() -> None:
     """``diffc serve`` prints one line per finished request (the engine's request log), whatever -v says."""
     logger = logging.getLogger("diffc.serve.requests")
-    if not any(getattr(h, "_diffc_serve", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("diffc serve: %(message)s"))
-        handler._diffc_serve = True
-        logger.addHandler(handler)
+    if not any(isinstance(h, _RequestLines) for h in logger.handlers):
+        logger.addHandler(_RequestLines())
     logger.setLevel(logging.INFO)
-    logger.propagate = False
+    logger.propagate = False  # printed once, in this form, not again by the root logger's handler
 
 
 def _announce_ready(engine, server, url: str) -> None:

@@ -155,15 +155,31 @@ def test_allowed_hosts_naming_nothing_is_refused(tmp_path, capsys, monkeypatch, 
     assert "--allowed-hosts: names no host" in capsys.readouterr().err
 
 
-def test_one_line_per_finished_request(serve, caplog):
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_one_line_per_finished_request(serve):
     import httpx
 
     server = serve()
-    with caplog.at_level(logging.INFO, logger="diffc.serve.requests"):
+    logger, handler = logging.getLogger("diffc.serve.requests"), _Lines()
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, which also clears the logger's cached decisions
+    logger.addHandler(handler)
+    try:
         ok = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "a cat", "n": 2}, timeout=60)
         bad = httpx.post(f"{server.url}/v1/images/generations", json={"prompt": "a cat", "size": "40x40"}, timeout=60)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert ok.status_code == 200 and bad.status_code == 400
-    lines = [r.getMessage() for r in caplog.records if r.name == "diffc.serve.requests"]
+    lines = handler.lines
     assert len(lines) == 1, lines  # the refused request never became a job
     id_, kind, size, n, status, _, seconds, unit = lines[0].split()
     assert id_.startswith("img_") and (kind, size, n, status, unit) == ("image", "32x32", "n=2", "completed", "s")
