@@ -99,9 +99,10 @@ def _prepare(engine: Engine, kind: str, req, **extra) -> Job:
         raise invalid(PARAM_OF_FIELD.get(exc.field, exc.field), str(exc)) from None
 
 
-async def _until_done_or_gone(request: Request, job: Job) -> None:
-    """Wait for ``job``; if the client disconnects first, raise ``CancelledError`` (the caller cancels the job,
-    which leaves the queue, or stops its batch at the next step when no other request shares it)."""
+async def _until_done_or_gone(request: Request, job: Job) -> bool:
+    """Wait for ``job``: True once it is done (its error, if any, is raised), False if the client disconnected
+    first (the caller cancels the job: it leaves the queue, or its batch stops at the next step when no other
+    request shares it)."""
     result = asyncio.ensure_future(asyncio.wrap_future(job.future))
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -111,8 +112,9 @@ async def _until_done_or_gone(request: Request, job: Job) -> None:
         if not result.done():
             result.cancel()
     if not result.done() or result.cancelled():
-        raise asyncio.CancelledError("the client disconnected")
+        return False
     result.result()
+    return True
 
 
 async def _disconnected(request: Request) -> None:
@@ -142,12 +144,15 @@ async def generate_images(request: Request) -> dict[str, Any]:
     req: ImageRequest = parse_body(ImageRequest, await read_payload(request))
     job = _prepare(engine, "image", req, n=req.n)
     try:
-        await _until_done_or_gone(request, job)
-    except asyncio.CancelledError:  # the client went away or the server is stopping
+        done = await _until_done_or_gone(request, job)
+    except asyncio.CancelledError:  # the server is stopping
         engine.cancel(job)
         raise
     except JobError as err:
         raise _job_api_error(err) from None
+    if not done:  # the client went away: nobody will read this answer
+        engine.cancel(job)
+        raise APIError(499, "The client closed the connection; the job was cancelled.", code="client_disconnected")
     fmt = req.output_format or "png"
     quality = req.output_compression if req.output_compression is not None else 95
     url = req.response_format == "url"
