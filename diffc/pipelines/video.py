@@ -94,3 +94,21 @@ def _ffmpeg_failed(tmp: Path, process) -> OSError:
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     status = None if process is None else process.poll()
     return OSError(errno.EIO, f"ffmpeg failed writing the video (exit status {status}; its message is above)")
+
+
+def read_video_info(path: str | Path) -> tuple[int, int, int, int] | None:
+    """``(width, height, frames, fps)`` of a video file from its header (ffmpeg reads no frame), or None when
+    ffmpeg cannot read it."""
+    import imageio_ffmpeg
+
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        try:
+            meta = next(reader)
+        finally:
+            reader.close()
+        width, height = meta["size"]
+        fps = float(meta["fps"])
+        return int(width), int(height), max(1, round(float(meta["duration"]) * fps)), max(1, round(fps))
+    except Exception:  # noqa: BLE001 - any failure means: not a readable video
+        return None

@@ -67,6 +67,7 @@ class Engine:
         self._controls: collections.deque[tuple[Callable[[], Any], Any]] = collections.deque()
         self.lora_default: tuple = ()  # LoRA snapshot of requests that name no adapter (set by /v1/set_lora)
         self._abort = False
+        self._restored: list[tuple[str, Path, float]] = []
         self._batch_ema_s = 1.0
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._worker, name="diffc-engine", daemon=True)
@@ -74,9 +75,9 @@ class Engine:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        restored = self.store.start()
-        if restored:
-            log.info("indexed %d outputs left in %s by an earlier server", restored, self.store.root)
+        self._restored = self.store.start()
+        if self._restored:
+            log.info("indexed %d outputs left in %s by an earlier server", len(self._restored), self.store.root)
         self._thread.start()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -232,7 +233,32 @@ class Engine:
         return len(self._queue)
 
     # ---- worker ----------------------------------------------------------------------------------
+    def _restore_videos(self) -> None:
+        """Videos an earlier server left in the output directory (it was killed) answer ``GET /v1/videos/{id}``
+        and their content route again, as completed jobs whose size, frames and fps come from the file."""
+        from ..pipelines.video import read_video_info
+
+        for id_, path, written in self._restored:
+            if not id_.startswith("video_"):
+                continue
+            info = read_video_info(path)
+            if info is None:  # not a video ffmpeg can read: it was never a finished output
+                self.store.remove(id_)
+                continue
+            width, height, frames, fps = info
+            job = Job(id_, "video", None, [None], {"width": width, "height": height, "num_frames": frames,
+                                                    "num_inference_steps": None},
+                      fps=fps, created_at=written, status="completed", progress=100, path=path, completed_at=written)
+            job.future.set_result(job)
+            with self._cond:
+                self._videos.setdefault(id_, job)
+        self._restored = []
+
     def _worker(self) -> None:
+        try:
+            self._restore_videos()
+        except Exception as exc:  # noqa: BLE001 - old files must not keep the server from starting
+            log.warning("could not index the videos left in %s: %s", self.store.root, exc)
         try:
             self.state = "loading"
             self.pipe = self._load()

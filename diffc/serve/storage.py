@@ -51,9 +51,9 @@ class OutputStore:
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
 
-    def start(self) -> int:
+    def start(self) -> list[tuple[str, Path, float]]:
         """Index the outputs a previous server left here, delete its temporary files, apply retention, and start
-        the TTL timer. Returns how many outputs were indexed again."""
+        the TTL timer. Returns the outputs indexed again and kept: ``(id, path, time written)``, oldest first."""
         found = []
         for entry in os.scandir(self.root):
             if not entry.is_file(follow_symlinks=False):
@@ -62,16 +62,19 @@ class OutputStore:
                 found.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
             elif TEMP_RE.match(entry.name):
                 Path(entry.path).unlink(missing_ok=True)
+        restored = []
         with self._lock:
             for mtime, name in sorted(found):
                 id_ = name.split(".", 1)[0]
                 if id_ not in self._entries:
                     self._entries[id_] = (self.root / name, mtime)
+                    restored.append(id_)
         self.prune()
         if self.ttl_s is not None and self._timer is None:
             self._timer = threading.Thread(target=self._expire, name="diffc-outputs-ttl", daemon=True)
             self._timer.start()
-        return len(found)
+        with self._lock:
+            return [(id_, *self._entries[id_]) for id_ in restored if id_ in self._entries]
 
     def _expire(self) -> None:
         interval = min(60.0, max(0.1, self.ttl_s / 4))

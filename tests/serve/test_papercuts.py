@@ -40,7 +40,7 @@ def test_outputs_of_a_killed_server_are_indexed_again_and_its_temporaries_delete
     for name in users:
         (tmp_path / name).write_text("keep me")
     store = OutputStore(tmp_path, keep=10)
-    assert store.start() == 2
+    assert [(id_, path.name) for id_, path, _ in store.start()] == [(old, f"{old}.png"), (new, f"{new}.mp4")]
     assert store.get(old) == tmp_path / f"{old}.png" and store.get(new) == tmp_path / f"{new}.mp4"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{old}.png", f"{new}.mp4", *users])
     store.add(new_id("img"), None)
@@ -62,6 +62,29 @@ def test_retention_applies_to_indexed_outputs_oldest_first(tmp_path):
     expired.start()
     assert list(tmp_path.iterdir()) == []  # all older than the TTL
     expired.close()
+
+
+def test_a_restarted_server_serves_the_videos_a_killed_one_left(serve, tmp_path):
+    import httpx
+    import numpy as np
+
+    from diffc.pipelines.video import write_video
+
+    out = tmp_path / "kept"
+    out.mkdir()
+    left, broken = new_id("video"), new_id("video")
+    frames = (np.random.default_rng(0).random((9, 32, 48, 3)) * 255).astype("uint8")
+    write_video(out / f"{left}.mp4", frames, fps=8)
+    (out / f"{broken}.mp4").write_bytes(b"not a video")
+    server = serve("wan", output_dir=out)
+    video = httpx.get(f"{server.url}/v1/videos/{left}", timeout=10).json()
+    assert (video["status"], video["size"], video["num_frames"], video["fps"], video["seconds"]) == \
+        ("completed", "48x32", 9, 8, "1")
+    content = httpx.get(f"{server.url}/v1/videos/{left}/content", timeout=10)
+    assert content.status_code == 200 and content.content == (out / f"{left}.mp4").read_bytes()
+    assert httpx.get(f"{server.url}/v1/videos/{broken}", timeout=10).status_code == 404
+    assert not (out / f"{broken}.mp4").exists()
+    assert [v["id"] for v in httpx.get(f"{server.url}/v1/videos", timeout=10).json()["data"]] == [left]
 
 
 def test_the_ttl_deletes_outputs_without_any_request(tmp_path):
