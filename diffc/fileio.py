@@ -35,8 +35,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
             return path
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes the file private; give it the usual mode
         os.replace(tmp, path)
-    except OutputError:
-        raise
+    except OutputError as exc:  # from a nested atomic_write on ``tmp`` (write_video's own): name ``path``
+        raise OutputError(str(path), exc.reason, exc.field) from None
     except OSError as exc:
         raise OutputError(str(path), os_reason(exc)) from None
     finally:

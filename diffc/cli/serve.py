@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
+import logging
 import os
 import signal
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 from ..errors import DiffcError, InvalidArgumentError
@@ -52,7 +57,14 @@ def add_parser(sub) -> None:
     p.add_argument("--max-body-bytes", type=_positive, default=1 << 20, help="largest request body (default 1 MiB)")
     p.add_argument("--shutdown-timeout", type=float, default=60.0,
                    help="seconds to let running jobs finish at shutdown before failing them (default 60)")
-    p.add_argument("--no-warmup", action="store_true", help="report ready without a warm-up generation")
+    p.add_argument("--max-prompt-chars", type=_positive, default=32000,
+                   help="longest prompt or negative prompt, in characters (default 32000); longer ones get a 400")
+    p.add_argument("--allowed-hosts", action="append", metavar="HOST[,HOST...]",
+                   help="host names the Host header may name (repeatable; '*.example.com' for subdomains, '*' for "
+                        "any). Default: on a loopback --host, only localhost, 127.0.0.1 and ::1, which keeps web "
+                        "pages from reaching the server through DNS rebinding; elsewhere any")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="report ready without a warm-up generation (on a CPU there is none anyway)")
     add_lora_flags(p)
     p.add_argument("--lora-dir", action="append", metavar="DIR",
                    help="directory POST /v1/set_lora may load LoRA files from (repeatable; default: none, so set_lora "
@@ -98,6 +110,68 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, opened before the model loads so a port in use is a one-line error."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn picks it ("localhost": IPv4)
+        infos = socket.getaddrinfo(host.strip("[]"), port, family=family, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise InvalidArgumentError("--host", f"cannot resolve {host!r}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.set_inheritable(True)
+    except OSError as exc:
+        sock.close()
+        field = "--port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "--host"
+        raise InvalidArgumentError(field, f"cannot listen on {_url_host(host)}:{port}: "
+                                          f"{exc.strerror or exc}") from None
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+class _RequestLines(logging.Handler):
+    """Prints the engine's request log as ``diffc serve: ...`` lines on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"diffc serve: {record.getMessage()}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - a closed stderr must not fail a request
+            self.handleError(record)
+
+
+def _print_requests() -> None:
+    """``diffc serve`` prints one line per finished request (the engine's request log), whatever -v says."""
+    logger = logging.getLogger("diffc.serve.requests")
+    if not any(isinstance(h, _RequestLines) for h in logger.handlers):
+        logger.addHandler(_RequestLines())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # printed once, in this form, not again by the root logger's handler
+
+
+def _announce_ready(engine, server, url: str) -> None:
+    """Print the ready line once the engine is ready and uvicorn listens (from a thread: the model loads while
+    uvicorn already answers /health)."""
+    def wait():
+        if not engine.wait_ready():
+            return
+        while not server.started:
+            if server.should_exit:
+                return
+            time.sleep(0.05)
+        print(f"diffc serve: ready on {url} (model {engine.model_id})", file=sys.stderr, flush=True)
+
+    threading.Thread(target=wait, name="diffc-ready", daemon=True).start()
+
+
 def _preloading(load, lora: dict):
     """``load`` followed by merging the ``--lora-path`` adapters (they become the requests' default)."""
     def load_with_lora():
@@ -115,8 +189,6 @@ def serve(args: argparse.Namespace) -> int:
     from ..loader.pipeline import load as load_pipeline
 
     from ..loader.pipeline import resolve_device, resolve_dtype
-    from ..serve.app import create_app
-    from ..serve.engine import Engine, Limits
 
     if not 0 <= args.port <= 65535:
         raise InvalidArgumentError("--port", f"must be from 0 to 65535, got {args.port}")
@@ -147,7 +219,26 @@ def serve(args: argparse.Namespace) -> int:
         load = _preloading(load, lora)
     if not args.api_key and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+    from ..serve.hardening import default_allowed_hosts, parse_allowed_hosts
 
+    allowed_hosts = (parse_allowed_hosts(args.allowed_hosts) if args.allowed_hosts
+                     else default_allowed_hosts(args.host))
+    if allowed_hosts == []:
+        raise InvalidArgumentError("--allowed-hosts", "names no host; give host names, or '*' for any")
+    sock = _listen(args.host, args.port)  # before anything loads: a port in use is reported at once
+    try:
+        return _serve(args, uvicorn, sock, load, model_id, device, defaults, allowed_hosts)
+    finally:
+        sock.close()
+
+
+def _serve(args, uvicorn, sock: socket.socket, load, model_id: str, device, defaults: dict,
+           allowed_hosts: list[str] | None) -> int:
+    """Build the engine and the app, and serve on the already bound ``sock`` until shutdown."""
+    from ..serve.app import create_app
+    from ..serve.engine import Engine, Limits
+
+    url = f"http://{_url_host(args.host)}:{sock.getsockname()[1]}"
     server = None
 
     def on_fatal(exc: BaseException) -> None:
@@ -155,25 +246,34 @@ def serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_pixels=args.max_pixels, max_n=args.max_n,
-                    max_steps=args.max_steps, max_frames=args.max_frames)
-    engine = Engine(load, model_id=model_id, limits=limits, defaults=defaults, warmup=None if args.no_warmup else {},
+                    max_steps=args.max_steps, max_frames=args.max_frames, max_prompt_chars=args.max_prompt_chars)
+    # A warm-up pays a GPU's first-call costs (kernels, CUDA graphs) before the first request; on a CPU there
+    # are none worth a full-size generation (minutes for a real model), so the server is ready once loaded.
+    warmup = None if args.no_warmup or device.type == "cpu" else {}
+    engine = Engine(load, model_id=model_id, limits=limits, defaults=defaults, warmup=warmup,
                     output_dir=args.output_dir, keep_outputs=args.keep_outputs, output_ttl_s=args.output_ttl,
                     fps=args.fps, on_fatal=on_fatal)
     app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                     shutdown_timeout_s=args.shutdown_timeout, lora_dirs=args.lora_dir or (), max_loras=args.max_loras)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                     shutdown_timeout_s=args.shutdown_timeout, lora_dirs=args.lora_dir or (), max_loras=args.max_loras,
+                     allowed_hosts=allowed_hosts)
+    config = uvicorn.Config(app, log_level="info" if args.verbose else "warning",
                             timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))
     server = uvicorn.Server(config)
-    print(f"diffc serve: loading {model_id} on {device}; http://{args.host}:{args.port} "
-          f"(GET /health answers 200 once ready)", file=sys.stderr, flush=True)
+    _print_requests()
+    print(f"diffc serve: loading {model_id} on {device}; {url} (GET /health answers 200 once ready"
+          f"{'' if warmup is None else ' and warmed up'})", file=sys.stderr, flush=True)
+    _announce_ready(engine, server, url)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; that second one ends the command with 0.
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        server.run()
+        server.run(sockets=[sock])
     except _Terminated:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
     if engine.load_error is not None:
         raise DiffcError(f"the model failed to load: {engine.load_error}")
+    c = engine.counters
+    print(f"diffc serve: shut down ({c.completed} completed, {c.failed} failed, {c.rejected} refused as the queue "
+          "was full)", file=sys.stderr, flush=True)
     return 0

@@ -93,6 +93,8 @@ class GenerationOutput:
     timings: Timings
     seeds: list[int]
     warnings: list[str]
+    # warnings about one sample only, by sample index: ``warnings`` holds each as "prompt i <text>"
+    sample_warnings: dict[int, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def frames(self) -> np.ndarray | None:
@@ -285,12 +287,15 @@ class Pipeline:
 
     def generate(self, prompt: str | list[str], *, progress: bool = True,
                  step_callback: Callable[[int, int], None] | None = None, cache: Any = None,
-                 cache_options: dict[str, Any] | None = None, **kwargs) -> GenerationOutput:
+                 cache_options: dict[str, Any] | None = None,
+                 decode_callback: Callable[[int, int], None] | None = None, **kwargs) -> GenerationOutput:
         """Generate from ``prompt`` with the request fields in ``kwargs`` (``GenerationRequest``).
 
         ``cache``: a step cache for this generation ("dbcache", "fbcache", "teacache", a
         ``CacheConfig``, or None/"none" for none) with ``cache_options`` (threshold, fn, bn, warmup_steps,
         max_skips_in_a_row, taylorseer, taylorseer_order, coefficients; see ``diffc.runtime.cache.config``).
+        ``step_callback(done, total)`` follows the denoising steps, ``decode_callback(done, total)`` the VAE
+        decode where the VAE reports it (the Wan VAE: per latent frame).
         The cache is installed for this call (kept while the next call asks for the same settings) and
         starts empty: no state passes from one generation to the next.
         """
@@ -299,7 +304,7 @@ class Pipeline:
         seeds = request.seed if isinstance(request.seed, list) else [request.seed]
         seeds = [random.randrange(2**31) if s is None else int(s) for s in seeds]
         ctx = RunContext(self.components, self.device, self.dtype, PerfRecorder(self.device), progress=progress,
-                         step_callback=step_callback)
+                         step_callback=step_callback, decode_callback=decode_callback)
         state = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
         state["prompt"] = request.prompts
         state["seeds"] = seeds
@@ -323,5 +328,6 @@ class Pipeline:
         if self.spec.output == "image":
             from PIL import Image
 
-            return GenerationOutput([Image.fromarray(a) for a in state["images"]], None, timings, seeds, ctx.warnings)
-        return GenerationOutput(None, list(state["videos"]), timings, seeds, ctx.warnings)
+            return GenerationOutput([Image.fromarray(a) for a in state["images"]], None, timings, seeds, ctx.warnings,
+                                    ctx.sample_warnings)
+        return GenerationOutput(None, list(state["videos"]), timings, seeds, ctx.warnings, ctx.sample_warnings)

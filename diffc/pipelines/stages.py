@@ -26,7 +26,9 @@ class RunContext:
     perf: PerfRecorder
     progress: bool = True
     warnings: list[str] = dataclasses.field(default_factory=list)
+    sample_warnings: dict[int, list[str]] = dataclasses.field(default_factory=dict)  # sample -> its own warnings
     step_callback: Callable[[int, int], None] | None = None  # (step done, total steps)
+    decode_callback: Callable[[int, int], None] | None = None  # (parts decoded, total) where a VAE reports them
     step_hooks: list[Callable[[int], None]] = dataclasses.field(default_factory=list)  # (step index) at its start
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +62,53 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 16, quality: 
             str(tmp), (width, height), pix_fmt_in="rgb24", pix_fmt_out="yuv420p", fps=float(fps), quality=quality,
             macro_block_size=1, ffmpeg_log_level="error", output_params=["-movflags", "+faststart"])
         writer.send(None)
-        for frame in frames:
-            writer.send(frame)
+        # imageio-ffmpeg never checks how ffmpeg exited: a full disk would leave a truncated file that looks written
+        process = writer.gi_frame.f_locals.get("p") if writer.gi_frame is not None else None
+        try:
+            for frame in frames:
+                writer.send(frame)
+        except OSError as exc:
+            writer.close()
+            if "\n" in str(exc):  # imageio-ffmpeg's report that ffmpeg stopped reading: its command line and more
+                raise _ffmpeg_failed(tmp, process) from None
+            raise
         writer.close()
+        if process is not None and process.returncode != 0:
+            raise _ffmpeg_failed(tmp, process)
         if tmp.stat().st_size == 0:
             raise RuntimeError(f"ffmpeg wrote nothing for {path} (see its messages above)")
 
     return atomic_write(path, encode)
+
+
+def _ffmpeg_failed(tmp: Path, process) -> OSError:
+    """An ``OSError`` for an ffmpeg that failed writing ``tmp``: "No space left on device" when the disk is full."""
+    import errno
+    import shutil
+
+    try:
+        full = shutil.disk_usage(tmp.parent).free < 1 << 20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    status = None if process is None else process.poll()
+    return OSError(errno.EIO, f"ffmpeg failed writing the video (exit status {status}; its message is above)")
+
+
+def read_video_info(path: str | Path) -> tuple[int, int, int, int] | None:
+    """``(width, height, frames, fps)`` of a video file from its header (ffmpeg reads no frame), or None when
+    ffmpeg cannot read it."""
+    import imageio_ffmpeg
+
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        try:
+            meta = next(reader)
+        finally:
+            reader.close()
+        width, height = meta["size"]
+        fps = float(meta["fps"])
+        return int(width), int(height), max(1, round(float(meta["duration"]) * fps)), max(1, round(fps))
+    except Exception:  # noqa: BLE001 - any failure means: not a readable video
+        return None

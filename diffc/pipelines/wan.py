@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
@@ -117,7 +118,17 @@ def denoise(ctx: RunContext, s):
 def decode(ctx: RunContext, s):
     vae = ctx.components["vae"]
     latents = s["latents"].to(next(vae.parameters()).dtype)
-    return {"decoded": vae.decode(vae.denormalize(latents))}  # (B, 3, F, H, W) in [-1, 1]
+    # the causal VAE decodes one latent frame at a time: a bar (and ctx.decode_callback) follows it
+    with tqdm(total=latents.shape[2], desc="decoding", unit="latent frame", disable=not ctx.progress,
+              leave=False) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+            if ctx.decode_callback is not None:
+                ctx.decode_callback(done, total)
+
+        decoded = vae.decode(vae.denormalize(latents), progress=progress)
+    return {"decoded": decoded}  # (B, 3, F, H, W) in [-1, 1]
 
 
 def postprocess(ctx: RunContext, s):

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..version import __version__
 from .engine import Engine
+from .hardening import host_allowed, host_error, method_label, route_label
 from .metrics import ServerMetrics
 from .protocol import APIError
 from .lora_routes import allowed_dirs, lora_router
@@ -30,10 +31,12 @@ def _error_response(status: int, message: str, *, type: str = "invalid_request_e
 
 
 class Guard:
-    """Pure ASGI middleware: refuses bodies over ``max_body_bytes`` (413) and counts every HTTP answer."""
+    """Pure ASGI middleware: refuses a ``Host`` not in ``allowed_hosts`` (400; None: any) and bodies over
+    ``max_body_bytes`` (413), and counts every HTTP answer (known methods and route templates only)."""
 
-    def __init__(self, app, max_body_bytes: int, metrics: ServerMetrics):
+    def __init__(self, app, max_body_bytes: int, metrics: ServerMetrics, allowed_hosts: list[str] | None = None):
         self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -46,6 +49,10 @@ class Guard:
             await send(message)
 
         try:
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if not host_allowed(host, self.allowed_hosts):
+                err = host_error(host, self.allowed_hosts)
+                return await JSONResponse(err.body(), status_code=err.status)(scope, receive, counting_send)
             if scope["method"] in BODY_METHODS:
                 body = await self._read_body(scope, receive)
                 if body is None:
@@ -55,9 +62,8 @@ class Guard:
                 receive = self._replay(body, receive)
             await self.app(scope, receive, counting_send)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
-            self.metrics.http_requests.labels(scope["method"], label, str(status["code"])).inc()
+            self.metrics.http_requests.labels(method_label(scope["method"]), route_label(scope),
+                                              str(status["code"])).inc()
 
     async def _read_body(self, scope, receive) -> bytes | None:
         headers = dict(scope.get("headers") or [])
@@ -93,8 +99,12 @@ class Guard:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               shutdown_timeout_s: float = 60.0, lora_dirs=(), max_loras: int = 32) -> FastAPI:
+               shutdown_timeout_s: float = 60.0, lora_dirs=(), max_loras: int = 32,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
     """The server for ``engine``. Its lifespan starts the engine and, at shutdown, drains it.
+
+    ``allowed_hosts``: the host names a request's ``Host`` header may name (None: any; see
+    ``hardening.default_allowed_hosts``).
 
     ``lora_dirs``: the only directories ``POST /v1/set_lora`` may load files from (none: it loads no
     file, only adapters already cached); ``max_loras``: adapters the host cache holds at most.
@@ -139,5 +149,5 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
         return _error_response(500, f"internal server error: {type(exc).__name__}: {exc}", type="server_error",
                                code="internal_error")
 
-    app.add_middleware(Guard, max_body_bytes=max_body_bytes, metrics=engine.metrics)
+    app.add_middleware(Guard, max_body_bytes=max_body_bytes, metrics=engine.metrics, allowed_hosts=allowed_hosts)
     return app

@@ -28,7 +28,10 @@ from .storage import OutputStore, new_id
 __all__ = ["Engine", "Job", "JobError", "Limits", "NotReady", "QueueFull", "WrongOutputKind"]
 
 log = logging.getLogger("diffc.serve")
+# one line per finished request (id, kind, size, status, seconds); `diffc serve` prints it
+request_log = logging.getLogger("diffc.serve.requests")
 
+DENOISE_PERCENT = 90  # a job's progress when its denoising is done; its decode takes it to 99
 ABORT_WAIT_S = 30.0  # how long shutdown waits for an aborted batch to reach its next step
 
 
@@ -64,6 +67,7 @@ class Engine:
         self._controls: collections.deque[tuple[Callable[[], Any], Any]] = collections.deque()
         self.lora_default: tuple = ()  # LoRA snapshot of requests that name no adapter (set by /v1/set_lora)
         self._abort = False
+        self._restored: list[tuple[str, Path, float]] = []
         self._batch_ema_s = 1.0
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._worker, name="diffc-engine", daemon=True)
@@ -71,6 +75,9 @@ class Engine:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        self._restored = self.store.start()
+        if self._restored:
+            log.info("indexed %d outputs left in %s by an earlier server", len(self._restored), self.store.root)
         self._thread.start()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -120,6 +127,10 @@ class Engine:
             route = "POST /v1/videos" if pipe.spec.output == "video" else "POST /v1/images/generations"
             raise WrongOutputKind("model", f"'{self.model_id}' is a{'n' if pipe.spec.output == 'image' else ''} "
                                   f"{pipe.spec.output} model and cannot make {kind}s; use {route}")
+        for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            if text is not None and len(text) > lim.max_prompt_chars:
+                raise InvalidArgumentError(name, f"is {len(text)} characters long; this server takes at most "
+                                                 f"{lim.max_prompt_chars} (--max-prompt-chars)")
         if not 1 <= n <= lim.max_n:
             raise InvalidArgumentError("n", f"must be from 1 to {lim.max_n} on this server, got {n}")
         height, width = size or (self._default("height"), self._default("width"))
@@ -195,6 +206,7 @@ class Engine:
     def cancel(self, job: Job) -> None:
         """Cancel a queued or running job; a finished one just loses its file."""
         with self._cond:
+            unfinished = not job.cancelled and job.status in ("queued", "in_progress")
             job.cancelled = True
             self._videos.pop(job.id, None)
             if job in self._queue:
@@ -202,6 +214,9 @@ class Engine:
             if not job.future.done():
                 job.future.set_exception(JobError(499, "the job was cancelled", "cancelled", "invalid_request_error"))
         self.store.remove(job.id)
+        if unfinished:
+            self.metrics.jobs.labels(job.kind, "cancelled").inc()
+            self._log_finished(job, "cancelled")
 
     def video(self, id_: str) -> Job | None:
         self.store.prune()
@@ -218,7 +233,32 @@ class Engine:
         return len(self._queue)
 
     # ---- worker ----------------------------------------------------------------------------------
+    def _restore_videos(self) -> None:
+        """Videos an earlier server left in the output directory (it was killed) answer ``GET /v1/videos/{id}``
+        and their content route again, as completed jobs whose size, frames and fps come from the file."""
+        from ..pipelines.video import read_video_info
+
+        for id_, path, written in self._restored:
+            if not id_.startswith("video_"):
+                continue
+            info = read_video_info(path)
+            if info is None:  # not a video ffmpeg can read: it was never a finished output
+                self.store.remove(id_)
+                continue
+            width, height, frames, fps = info
+            job = Job(id_, "video", None, [None], {"width": width, "height": height, "num_frames": frames,
+                                                    "num_inference_steps": None},
+                      fps=fps, created_at=written, status="completed", progress=100, path=path, completed_at=written)
+            job.future.set_result(job)
+            with self._cond:
+                self._videos.setdefault(id_, job)
+        self._restored = []
+
     def _worker(self) -> None:
+        try:
+            self._restore_videos()
+        except Exception as exc:  # noqa: BLE001 - old files must not keep the server from starting
+            log.warning("could not index the videos left in %s: %s", self.store.root, exc)
         try:
             self.state = "loading"
             self.pipe = self._load()
@@ -330,13 +370,18 @@ class Engine:
             self.counters.samples += samples
             self.counters.max_batch_seen = max(self.counters.max_batch_seen, samples)
         results = out.images if out.images is not None else out.videos
+        # a warning about one sample of the batch (its prompt was truncated) goes to that sample's job only
+        by_sample = getattr(out, "sample_warnings", None) or {}
+        about_one = {f"prompt {k} {w}" for k, ws in by_sample.items() for w in ws}
+        shared = [w for w in out.warnings if w not in about_one]
         i = 0
         for job, r in batch:
             job.outputs[r.start:r.stop] = results[i:i + len(r)]
+            own = [f"the prompt {w}" for k in range(i, i + len(r)) for w in by_sample.get(k, ())]
             i += len(r)
             job.inference_time_s += seconds
             job.peak_memory_mb = peak if job.peak_memory_mb is None else max(job.peak_memory_mb, peak or 0.0)
-            job.warnings += [w for w in out.warnings if w not in job.warnings]
+            job.warnings += [w for w in shared + own if w not in job.warnings]
             job.finished += len(r)
             if job.finished == job.n and not job.cancelled:
                 self._complete(job)
@@ -349,13 +394,18 @@ class Engine:
         options = {k: v for k, v in batch[0][0].options.items() if v is not None}
         apply_snapshot(self.pipe, batch[0][0].lora)  # a batch shares one LoRA state (it is in the job key)
 
-        def on_step(done: int, total: int) -> None:
-            if self._abort or all(job.cancelled for job, _ in batch):
-                raise _Aborted()
-            for job, r in batch:
-                job.progress = min(95, int(95 * (job.finished + len(r) * done / total) / job.n))
+        def report(start: int, share: int):
+            """Progress from ``start`` to ``start + share`` percent of each job over one phase of the batch."""
+            def callback(done: int, total: int) -> None:
+                if self._abort or all(job.cancelled for job, _ in batch):
+                    raise _Aborted()
+                for job, r in batch:
+                    job.progress = min(99, int(start + share * (job.finished + len(r) * done / total) / job.n))
+            return callback
 
-        return self.pipe.generate(prompts, seed=seeds, progress=False, step_callback=on_step, **options)
+        # denoising 0-90 %, the VAE decode 90-99 % (a video's decode takes a while), 100 once written
+        return self.pipe.generate(prompts, seed=seeds, progress=False, step_callback=report(0, DENOISE_PERCENT),
+                                  decode_callback=report(DENOISE_PERCENT, 99 - DENOISE_PERCENT), **options)
 
     def _complete(self, job: Job) -> None:
         if job.kind == "video":
@@ -363,9 +413,10 @@ class Engine:
 
             try:
                 path = self.store.write(job.id, ".mp4", lambda p: write_video(p, job.outputs[0], fps=job.fps))
-            except Exception as exc:  # noqa: BLE001
-                log.exception("writing video %s failed", job.id)
-                self._fail(job, JobError(500, f"writing the video failed: {exc}", "output_write_failed"))
+            except Exception as exc:  # noqa: BLE001 - a full disk, a failed encoder: the job fails, no file stays
+                log.error("writing video %s failed: %s", job.id, exc)
+                reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"  # OutputError: no server path
+                self._fail(job, JobError(500, f"writing the video failed: {reason}", "output_write_failed"))
                 return
             job.outputs = []
         with self._cond:
@@ -379,6 +430,7 @@ class Engine:
                 job.path = path
                 self.store.add(job.id, path)
         self.metrics.jobs.labels(job.kind, "completed").inc()
+        self._log_finished(job, "completed")
         self.metrics.request_latency.labels(job.kind).observe(job.completed_at - job.created_at)
         if not job.future.done():
             job.future.set_result(job)
@@ -395,6 +447,8 @@ class Engine:
                 self.store.add(job.id, None)  # failed jobs count against retention too
         self.metrics.jobs.labels(job.kind, "failed").inc()
         self.metrics.errors.labels(error.code).inc()
+        if not job.cancelled:
+            self._log_finished(job, f"failed ({error.code})")
         if not job.future.done():
             job.future.set_exception(error)
 
@@ -416,6 +470,14 @@ class Engine:
                             f"or fewer images: {exc}", "out_of_memory")
         log.error("generation failed (%s)", shape, exc_info=exc)
         return JobError(500, f"generation failed: {type(exc).__name__}: {exc}", "generation_failed")
+
+    @staticmethod
+    def _log_finished(job: Job, status: str) -> None:
+        size = f"{job.options.get('width')}x{job.options.get('height')}"
+        if job.kind == "video":
+            size += f"x{job.options.get('num_frames')}"
+        request_log.info("%s %s %s n=%d %s in %.2f s", job.id, job.kind, size, job.n, status,
+                         time.time() - job.created_at)
 
     def _forget(self, id_: str) -> None:
         with self._cond:

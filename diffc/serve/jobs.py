@@ -24,6 +24,7 @@ class Limits:
     max_n: int = 4
     max_steps: int = 100
     max_frames: int = 129
+    max_prompt_chars: int = 32000  # prompt and negative prompt, each (OpenAI's gpt-image-1 takes 32000)
 
 
 @dataclasses.dataclass

@@ -6,7 +6,6 @@ accepted and ignored) plus diffc's own generation fields. Any other field is an 
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Literal
 
@@ -178,6 +177,8 @@ async def read_payload(request) -> Any:
     ``application/x-www-form-urlencoded``). File uploads are kept as ``{"filename": ...}`` so the
     request model can refuse them by name.
     """
+    from .hardening import check_values, load_json
+
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
         try:
@@ -190,12 +191,9 @@ async def read_payload(request) -> Any:
                 fields[name] = None if value == "" and name != "prompt" else value
             else:
                 fields[name] = {"filename": value.filename}
+        check_values(fields)
         return fields
-    body = await request.body()
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"We could not parse the JSON body of your request ({exc}).", code="invalid_json") from None
+    return load_json(await request.body())
 
 
 def parse_body(model: type[_Request], data: Any) -> _Request:

@@ -99,6 +99,30 @@ def _prepare(engine: Engine, kind: str, req, **extra) -> Job:
         raise invalid(PARAM_OF_FIELD.get(exc.field, exc.field), str(exc)) from None
 
 
+async def _until_done_or_gone(request: Request, job: Job) -> bool:
+    """Wait for ``job``: True once it is done (its error, if any, is raised), False if the client disconnected
+    first (the caller cancels the job: it leaves the queue, or its batch stops at the next step when no other
+    request shares it)."""
+    result = asyncio.ensure_future(asyncio.wrap_future(job.future))
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not result.done():
+            result.cancel()
+    if not result.done() or result.cancelled():
+        return False
+    result.result()
+    return True
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body was read already, so the next message is a disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _job_api_error(err: JobError) -> APIError:
     return APIError(err.status, err.message, type=err.type, param=err.param, code=err.code)
 
@@ -120,16 +144,21 @@ async def generate_images(request: Request) -> dict[str, Any]:
     req: ImageRequest = parse_body(ImageRequest, await read_payload(request))
     job = _prepare(engine, "image", req, n=req.n)
     try:
-        await asyncio.wrap_future(job.future)
-    except asyncio.CancelledError:  # the client went away or the server is stopping
+        done = await _until_done_or_gone(request, job)
+    except asyncio.CancelledError:  # the server is stopping
         engine.cancel(job)
         raise
     except JobError as err:
         raise _job_api_error(err) from None
+    if not done:  # the client went away: nobody will read this answer
+        engine.cancel(job)
+        raise APIError(499, "The client closed the connection; the job was cancelled.", code="client_disconnected")
     fmt = req.output_format or "png"
     quality = req.output_compression if req.output_compression is not None else 95
     url = req.response_format == "url"
     base = str(request.base_url).rstrip("/")
+
+    written: list[str] = []
 
     def encode() -> list[dict[str, Any]]:
         items = []
@@ -141,6 +170,7 @@ async def generate_images(request: Request) -> dict[str, Any]:
                 path = engine.store.write(image_id, f".{fmt}",
                                           lambda p, im=image: im.save(p, format=fmt.upper(), **kwargs))
                 engine.store.add(image_id, path)
+                written.append(image_id)
                 item["url"] = f"{base}/v1/images/{image_id}/content"
             else:
                 buf = io.BytesIO()
@@ -149,7 +179,14 @@ async def generate_images(request: Request) -> dict[str, Any]:
             items.append(item)
         return items
 
-    data = await run_in_threadpool(encode)
+    try:
+        data = await run_in_threadpool(encode)
+    except OSError as exc:  # a full disk: no partial file stays (atomic writes), nor this request's earlier images
+        for item in written:
+            engine.store.remove(item)
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
+        raise APIError(500, f"writing the image failed: {reason}", type="server_error",
+                       code="output_write_failed") from None
     job.outputs = []
     return {"created": int(job.created_at), "data": data, "model": engine.model_id, "size": _size(job),
             "output_format": fmt, "num_inference_steps": job.options["num_inference_steps"],

@@ -1,11 +1,17 @@
 """Output files in a server-owned directory: random ids, atomic writes, bounded retention.
 
-Clients name outputs only by id; an id is looked up in memory and never turned into a path.
+Clients name outputs only by id; an id is looked up in memory and never turned into a path. At start
+(``start()``) the outputs a previous server left in the directory (killed before it could delete them)
+are indexed again, oldest first, so retention applies to them, and its half-written temporary files
+are deleted; nothing else in the directory is touched. With a TTL, a timer deletes expired outputs
+even when no request comes.
 """
 
 from __future__ import annotations
 
 import collections
+import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -15,6 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..fileio import atomic_write
+
+
+OUTPUT_RE = re.compile(r"^(?:img|video)_[0-9a-f]{32}\.(?:png|jpeg|webp|mp4)$")
+TEMP_RE = re.compile(r"^\.+(?:img|video)_[0-9a-f]{32}\.")  # atomic_write's temporary names for them
 
 
 def new_id(prefix: str) -> str:
@@ -38,6 +48,38 @@ class OutputStore:
         self.keep, self.ttl_s, self.on_evict = keep, ttl_s, on_evict
         self._entries: collections.OrderedDict[str, tuple[Path | None, float]] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+
+    def start(self) -> list[tuple[str, Path, float]]:
+        """Index the outputs a previous server left here, delete its temporary files, apply retention, and start
+        the TTL timer. Returns the outputs indexed again and kept: ``(id, path, time written)``, oldest first."""
+        found = []
+        for entry in os.scandir(self.root):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if OUTPUT_RE.match(entry.name):
+                found.append((entry.stat(follow_symlinks=False).st_mtime, entry.name))
+            elif TEMP_RE.match(entry.name):
+                Path(entry.path).unlink(missing_ok=True)
+        restored = []
+        with self._lock:
+            for mtime, name in sorted(found):
+                id_ = name.split(".", 1)[0]
+                if id_ not in self._entries:
+                    self._entries[id_] = (self.root / name, mtime)
+                    restored.append(id_)
+        self.prune()
+        if self.ttl_s is not None and self._timer is None:
+            self._timer = threading.Thread(target=self._expire, name="diffc-outputs-ttl", daemon=True)
+            self._timer.start()
+        with self._lock:
+            return [(id_, *self._entries[id_]) for id_ in restored if id_ in self._entries]
+
+    def _expire(self) -> None:
+        interval = min(60.0, max(0.1, self.ttl_s / 4))
+        while not self._stop.wait(interval):
+            self.prune()
 
     def path_for(self, id_: str, suffix: str) -> Path:
         return self.root / f"{id_}{suffix}"
@@ -93,6 +135,7 @@ class OutputStore:
 
     def close(self) -> None:
         """Delete every file this store wrote (and the directory, when the store created it)."""
+        self._stop.set()
         with self._lock:
             entries, self._entries = list(self._entries.values()), collections.OrderedDict()
         for path, _ in entries:

@@ -49,12 +49,18 @@ def test_serve_demo_subprocess(demo_ckpt, tmp_path):
         r = httpx.post(f"{url}/v1/images/generations", headers={"Authorization": "Bearer k1"}, timeout=60,
                        json={"prompt": "a calico cat playing piano", "size": "32x32", "num_inference_steps": 1})
         assert r.status_code == 200 and r.json()["model"] == "diffc-demo-flux"
+        assert httpx.get(f"{url}/health", headers={"Host": "rebound.example"}).status_code == 400  # DNS rebinding
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "RANDOM weights" in err and "--model" in err
     assert list((tmp_path / "out").iterdir()) == []
+    lines = err.splitlines()
+    assert f"diffc serve: ready on {url} (model diffc-demo-flux)" in lines, err
+    request = [line for line in lines if line.startswith("diffc serve: img_")]
+    assert len(request) == 1 and " image 32x32 n=1 completed in " in request[0], err
+    assert lines[-1] == "diffc serve: shut down (1 completed, 0 failed, 0 refused as the queue was full)", err
 
 
 def test_a_model_that_fails_to_load_stops_the_server(tmp_path, capsys):

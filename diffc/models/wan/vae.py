@@ -8,6 +8,7 @@ large frames. Numerics follow diffusers' ``decode`` and ``enable_tiling()`` + ``
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 from torch import nn
@@ -177,7 +178,7 @@ class AutoencoderKLWan(nn.Module):
 
     # ---- decode ---------------------------------------------------------------------------------
 
-    def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode_frames(self, z: torch.Tensor, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         # z: (b, z_dim, t, h, w) -> (b, out_channels, 1 + 4(t-1), 8h, 8w), unclamped
         x = self.post_quant_conv(z)
         cache = FeatureCache()
@@ -185,6 +186,8 @@ class AutoencoderKLWan(nn.Module):
         for i in range(x.shape[2]):
             cache.next_chunk()
             outs.append(self.decoder(x[:, :, i : i + 1], cache))
+            if progress is not None:
+                progress(i + 1, x.shape[2])
         return torch.cat(outs, dim=2)
 
     def decode(
@@ -195,8 +198,11 @@ class AutoencoderKLWan(nn.Module):
         tile_sample_min_width: int = 256,
         tile_sample_stride_height: int = 192,
         tile_sample_stride_width: int = 192,
+        progress: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
         """Raw latents (B, z_dim, T_lat, h, w) -> video (B, out_channels, 1 + 4(T_lat-1), 8h, 8w) in [-1, 1].
+
+        ``progress(done, total)`` is called after each latent frame is decoded (of every tile, when tiled).
 
         ``z`` must already be de-normalised (see ``denormalize``). With ``tiled=True`` and a frame
         larger than one tile, the frame is decoded in overlapping tiles of ``tile_sample_min_*``
@@ -212,8 +218,8 @@ class AutoencoderKLWan(nn.Module):
             self._check_tiles(*tile)
             ratio = self.spatial_compression_ratio
             if z.shape[3] > tile_sample_min_height // ratio or z.shape[4] > tile_sample_min_width // ratio:
-                return torch.clamp(self._tiled_decode(z, *tile), min=-1.0, max=1.0)
-        return torch.clamp(self._decode_frames(z), min=-1.0, max=1.0)
+                return torch.clamp(self._tiled_decode(z, *tile, progress=progress), min=-1.0, max=1.0)
+        return torch.clamp(self._decode_frames(z, progress), min=-1.0, max=1.0)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Same as ``decode(z)`` (untiled): the VAE's job in a text-to-video pipeline."""
@@ -236,16 +242,24 @@ class AutoencoderKLWan(nn.Module):
                 f"the stride must not exceed the tile size ({min_h}x{min_w}), got {stride_h}x{stride_w}",
             )
 
-    def _tiled_decode(self, z: torch.Tensor, min_h: int, min_w: int, stride_h: int, stride_w: int) -> torch.Tensor:
+    def _tiled_decode(self, z: torch.Tensor, min_h: int, min_w: int, stride_h: int, stride_w: int,
+                      progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         # z: (b, z_dim, t, h, w) -> (b, out_channels, t', h * ratio, w * ratio), unclamped
         ratio = self.spatial_compression_ratio
         height, width = z.shape[3], z.shape[4]
         lat_h, lat_w = min_h // ratio, min_w // ratio
         lat_stride_h, lat_stride_w = stride_h // ratio, stride_w // ratio
-        rows = [
-            [self._decode_frames(z[:, :, :, i : i + lat_h, j : j + lat_w]) for j in range(0, width, lat_stride_w)]
-            for i in range(0, height, lat_stride_h)
-        ]
+        starts = [(i, j) for i in range(0, height, lat_stride_h) for j in range(0, width, lat_stride_w)]
+
+        def tile_progress(k: int):
+            if progress is None:
+                return None
+            return lambda done, total: progress(k * total + done, len(starts) * total)
+
+        tiles = [self._decode_frames(z[:, :, :, i : i + lat_h, j : j + lat_w], tile_progress(k))
+                 for k, (i, j) in enumerate(starts)]
+        per_row = len(range(0, width, lat_stride_w))
+        rows = [tiles[r : r + per_row] for r in range(0, len(tiles), per_row)]
         # Tiles are blended in place, so a tile's lower neighbour sees its already blended pixels.
         out_rows = []
         for i, row in enumerate(rows):

@@ -129,6 +129,9 @@ class _WarningsTo(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = " ".join(record.getMessage().split())
+        if message.startswith("The following part of your input was truncated"):
+            # diffusers quotes the dropped text of every prompt of the batch: keep the reason, not other prompts
+            message = "part of a prompt was truncated" + message.split(" was truncated", 1)[1].split(": [", 1)[0]
         if message not in self.warnings:
             self.warnings.append(message)
 
