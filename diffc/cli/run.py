@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
     add_lora_flags(p)
     p.add_argument("--compile", action="store_const", const=True,
                    help="compile the DiT for this shape first (cached under $DIFFC_CACHE/compiled: later runs reuse it)")
-    p.add_argument("--quality", choices=("lossless", "fast"), help="--compile's quality tier (default fast)")
+    p.add_argument("--quality", choices=("lossless", "fast", "fp8"), help="--compile's quality tier (default fast)")
     p.set_defaults(func=run, _parser=p)
 
 

@@ -172,15 +172,23 @@ class Fp8LinearPass:
             graph.erase_node(out)
 
 
+_RESHAPES = ("view", "reshape", "flatten", "contiguous", "transpose", "permute", "clone", "_unsafe_view", "to.dtype")
+
+
 def _unfused_reason(source: Any) -> str:
-    if not isinstance(source, fx.Node):
-        return "the input is not a graph value"
-    if source.op == "placeholder":
-        return "the input is a block input (no kernel here produces it)"
-    target = str(source.target)
-    if "attention" in target or "sdpa" in target or "flash" in target:
-        return "the input is the attention output (its kernel has no fp8 epilogue here)"
-    return f"the input comes from {target}, which has no fused fp8 variant"
+    """Why a linear's input has no fp8 producer, looking through reshapes to the op that computed it."""
+    for _ in range(6):
+        if not isinstance(source, fx.Node):
+            return "the input is not a graph value"
+        if source.op == "placeholder":
+            return "the input is a block input (no kernel here produces it)"
+        target = str(source.target)
+        if any(k in target for k in ("attention", "sdpa", "flash")):
+            return "the input is the attention output (its kernel has no fp8 epilogue here)"
+        if not any(f".{k}" in target for k in _RESHAPES) or not source.args:
+            return f"the input comes from {target}, which has no fused fp8 variant"
+        source = source.args[0]
+    return "the input comes from a chain of reshapes"
 
 
 # ---------------------------------------------------------------------------------------- quality report
