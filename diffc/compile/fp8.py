@@ -172,12 +172,13 @@ class Fp8LinearPass:
             graph.erase_node(out)
 
 
-_RESHAPES = ("view", "reshape", "flatten", "contiguous", "transpose", "permute", "clone", "_unsafe_view", "to.dtype")
+_RESHAPES = ("view", "reshape", "flatten", "contiguous", "transpose", "permute", "clone", "_unsafe_view", "to.dtype",
+             "slice", "split", "getitem", "narrow")
 
 
 def _unfused_reason(source: Any) -> str:
     """Why a linear's input has no fp8 producer, looking through reshapes to the op that computed it."""
-    for _ in range(6):
+    for _ in range(8):
         if not isinstance(source, fx.Node):
             return "the input is not a graph value"
         if source.op == "placeholder":
@@ -185,7 +186,7 @@ def _unfused_reason(source: Any) -> str:
         target = str(source.target)
         if any(k in target for k in ("attention", "sdpa", "flash")):
             return "the input is the attention output (its kernel has no fp8 epilogue here)"
-        if not any(f".{k}" in target for k in _RESHAPES) or not source.args:
+        if not any(k in target for k in _RESHAPES) or not source.args:
             return f"the input comes from {target}, which has no fused fp8 variant"
         source = source.args[0]
     return "the input comes from a chain of reshapes"
