@@ -92,6 +92,20 @@ class DiTStack:
         self.__dict__["cuda_graphs"] = enabled
         self._rebuild()
 
+    def set_weight_quantization(self, scheme: str | None) -> None:
+        """Add (``"fp8"``) or remove (None) the fp8 weight transform (:mod:`.fp8`): buffers beside the
+        weights, so no forward changes and nothing is rebuilt."""
+        from .fp8 import Fp8Weights, check_scheme
+
+        check_scheme(scheme)
+        current = [t for t in self.transforms if isinstance(t, Fp8Weights)]
+        if scheme is None:
+            for t in current:
+                t.remove()
+                self.remove_transform(t)
+        elif not current:
+            self.add_transform(Fp8Weights(self.module).apply())
+
     def add_transform(self, transform) -> None:
         """Record a weight transform applied in place (its ``describe()`` joins the stack's)."""
         self.transforms.append(transform)
@@ -292,20 +306,14 @@ class Executor:
     def set_weight_quantization(self, scheme: str | None) -> None:
         """Add (``"fp8"``) or remove (None) the fp8 weight transform on every DiT (:mod:`.fp8`)."""
         from ..errors import InvalidArgumentError
-        from .fp8 import Fp8Weights, check_scheme
+        from .fp8 import check_scheme
 
         check_scheme(scheme)
         if scheme is not None and self.offload is not None:
             raise InvalidArgumentError("quality", f"the fp8 tier keeps fp8 copies of the DiT's weights on the device; "
                                        f"it does not run with offload {self.offload.mode!r} (use --offload none)")
         for stack in self.stacks.values():
-            current = [t for t in stack.transforms if isinstance(t, Fp8Weights)]
-            if scheme is None:
-                for t in current:
-                    t.remove()
-                    stack.remove_transform(t)
-            elif not current:
-                stack.add_transform(Fp8Weights(stack.module).apply())
+            stack.set_weight_quantization(scheme)
 
     def weight_quantization(self) -> str | None:
         """"fp8" when the DiTs carry the fp8 weight transform, else None."""
