@@ -110,3 +110,22 @@ def test_api_refuses_an_unknown_quality():
     with pytest.raises(diffc.InvalidArgumentError) as exc:
         pipe.compile([{"height": 64, "width": 64}], quality="fp4")
     assert exc.value.field == "quality" and "lossless, fast, fp8" in str(exc.value)
+
+
+def test_load_compiled_fp8_through_the_api_with_its_warm_up(artifact):
+    """``load_compiled`` applies the fp8 weight transform; its warm-up (on CUDA by default, forced here) runs
+    each compiled shape's DiT call once at load and leaves the counters at zero for the first generation."""
+    import diffc
+    from diffc.demo import demo_checkpoint
+
+    pipe = diffc.load(demo_checkpoint("flux"), dtype="bf16")
+    assert pipe.warmup_report is None and pipe.executor.weight_quantization() is None
+    pipe.load_compiled(str(artifact[0]))
+    assert pipe.warmup_report == {"skipped": "warm-up runs on CUDA devices (here cpu)"}
+    assert pipe.executor.weight_quantization() == "fp8"
+    pipe.load_compiled(str(artifact[0]), warmup=True)
+    assert (pipe.warmup_report["buckets"], pipe.warmup_report["dit_calls"]) == (1, 1)
+    compiled = pipe.executor.compiled()
+    assert (compiled.counters.compiled_calls, compiled.counters.region_calls) == (0, 0)
+    pipe.generate("a kite", height=64, width=64, num_inference_steps=2, max_sequence_length=8, progress=False)
+    assert (compiled.counters.compiled_calls, compiled.counters.eager_fallbacks) == (2, 0)
