@@ -147,9 +147,12 @@ def test_demo_artifact_round_trip_with_cuda_graphs(tmp_path, monkeypatch, capsys
     assert main(["run", "--compiled", str(out), *run, "-o", str(tmp_path / "fp8.png"), "--perf-dump-path", str(perf)]) == 0
     assert main(["run", *run, "--height", "256", "--width", "256", "-o", str(tmp_path / "bf16.png")]) == 0
     capsys.readouterr()
-    dit = json.loads(perf.read_text())["runtime"]["dit"]["transformer"]
+    dump = json.loads(perf.read_text())
+    dit = dump["runtime"]["dit"]["transformer"]
     assert "weights: fp8" in dit["layers"] and dit["cuda_graphs"].get("enabled", True) is not False
-    assert dit["compiled"]["eager_fallbacks"] == 0
+    assert dit["compiled"]["eager_fallbacks"] == 0 and dit["compiled"]["compiled_calls"] == 4
+    assert dump["warmup"]["dit_calls"] == 1  # the CUDA graph was captured at load
+    print("step ms (first step after a warmed-up load first):", dump.get("step_ms"))
     a = np.asarray(Image.open(tmp_path / "fp8.png")).astype(np.float64)
     b = np.asarray(Image.open(tmp_path / "bf16.png")).astype(np.float64)
     assert 10 * np.log10(255 ** 2 / max(((a - b) ** 2).mean(), 1e-12)) >= 30
