@@ -61,8 +61,18 @@ def fusion_passes(tier: str, disable: Sequence[str] = (), enable: Sequence[str] 
             raise InvalidArgumentError(field, f"unknown pass {unknown[0]!r}; passes: {', '.join(names)}")
     if tier not in TIERS:
         raise InvalidArgumentError("quality", f"expected one of {', '.join(TIERS)}, got {tier!r}")
-    return [cls() for cls in FUSION_PASSES
+    return [_make_pass(cls, tier) for cls in FUSION_PASSES
             if (cls.default_enabled or cls.name in enable) and cls.name not in disable]
+
+
+def _make_pass(cls, tier: str):
+    """A pass for ``tier``: under ``fp8`` the tanh-GELU stays diffc's kernel (never the GEMM's bf16 epilogue),
+    whose fp8 variant then quantizes the feed-forward's hidden activation for the fp8 down-projection."""
+    from .passes import GeluTanhPass
+
+    if tier == "fp8" and cls is GeluTanhPass:
+        return cls(epilogue=False)
+    return cls()
 
 
 def pass_sources() -> dict[str, str]:

@@ -166,3 +166,18 @@ def test_bad_scheme_is_refused():
     with pytest.raises(InvalidArgumentError) as exc:
         check_scheme("int4")
     assert exc.value.field == "quality" and "accepted: fp8" in str(exc.value)
+
+
+def test_fp8_keeps_gelu_in_diffcs_kernel_on_every_device():
+    """On a GPU the ``fast`` tier moves bias + tanh-GELU into the GEMM's bf16 epilogue, which would leave the
+    feed-forward's down-projection without a fused fp8 producer; the fp8 tier keeps diffc's kernel."""
+    from diffc.compile.compiler import fusion_passes
+    from diffc.compile.passes import GeluTanhPass
+    from diffc.compile.passes.gelu_tanh import LinearBiasGeluEpilogue
+
+    def gelu_patterns(tier):
+        (gelu,) = [p for p in fusion_passes(tier) if isinstance(p, GeluTanhPass)]
+        return [type(v) for v in gelu.patterns]
+
+    assert LinearBiasGeluEpilogue in gelu_patterns("fast")
+    assert LinearBiasGeluEpilogue not in gelu_patterns("fp8") and gelu_patterns("fp8")
