@@ -158,13 +158,13 @@ class DiffcEngine(Engine):
 
         stack = self.transformer
         stack.set_compiled(None)
-        self.setup_key = None  # ensure_compiled sets its own key after this returns
-        stack.set_weight_quantization("fp8" if tier == "fp8" else None)
+        self.setup_key = None
         calls = [inputs]
         if self.pipe is not None:
             captured = capture_inputs(self.pipe, dict(self.family.call_kwargs(wl), prompt=wl.prompt))["transformer"]
             if call_key((), captured) != call_key((), inputs):
                 calls.append(captured)
+        stack.set_weight_quantization("fp8" if tier == "fp8" else None)  # the fp8 tier's weight copies, or none
         by_region, keys, lines, shared = {}, [], [], {}
         with stack.bare() as eager:
             for kwargs in calls:
