@@ -86,6 +86,9 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("diffc-cudagraphs", "diffc", setup=lambda e, r: e.cuda_graphs(), on_cpu_by_default=False),
     Config("diffc-compiled", "diffc",
            setup=lambda e, r: e.ensure_compiled(r.inputs, r.wl, graphs=r.device.type == "cuda")),
+    # the fp8 tier; base: its PSNR against diffc-compiled's bf16 output (psnr_vs_base_db) besides the reference's
+    Config("diffc-compiled-fp8", "diffc", on_cpu_by_default=False, base="diffc-compiled",
+           setup=lambda e, r: e.compile(r.inputs, r.wl, tier="fp8", graphs=r.device.type == "cuda")),
     *(Config(f"diffc-compiled-no-{name}", "diffc", dit_only=True, on_cpu_by_default=False,
              setup=lambda e, r, name=name: e.compile(r.inputs, r.wl, disable=(name,), graphs=True))
       for name in ABLATIONS),
@@ -248,6 +251,8 @@ def measure(config: Config, engine: Engine, run: Run, r: dict[str, Any]) -> None
             run.ref_output = gen.output
         elif run.ref_output is not None:
             r["psnr_db"] = psnr_uint8(gen.output, run.ref_output)
+        if config.base in run.uncached:  # e.g. fp8 against the same engine's bf16 output
+            r["psnr_vs_base_db"] = psnr_uint8(gen.output, run.uncached[config.base][0])
         if any(c.base == config.name for c in run.configs):
             run.uncached[config.name] = (gen.output, gen.wall_s)
         log(f"{config.name}: generation {gen.wall_s:.2f} s" + (f", PSNR {r['psnr_db']:.2f} dB" if "psnr_db" in r else ""))

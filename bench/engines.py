@@ -149,9 +149,10 @@ class DiffcEngine(Engine):
         return cls(family, device, dtype, pipe.components["transformer"], pipe.components["vae"], pipe)
 
     def compile(self, inputs: dict[str, Any], wl: Workload, *, disable: tuple[str, ...] = (),
-                enable: tuple[str, ...] = (), graphs: bool = False) -> str:
+                enable: tuple[str, ...] = (), graphs: bool = False, tier: str = "fast") -> str:
         """diffc's compiler on the DiT's regions: graphs for the benchmark's DiT inputs and, with a
-        pipeline, for the shapes its generation passes (Wan's CFG pair is batch 2)."""
+        pipeline, for the shapes its generation passes (Wan's CFG pair is batch 2). ``tier="fp8"`` adds
+        the fp8 weight transform first (removed again by any other tier)."""
         from diffc.compile.pipeline import capture_inputs, compile_dit, describe_bucket
         from diffc.compile.regions import call_key
         from diffc.runtime.compiled import CompiledDiT
@@ -164,18 +165,19 @@ class DiffcEngine(Engine):
             captured = capture_inputs(self.pipe, dict(self.family.call_kwargs(wl), prompt=wl.prompt))["transformer"]
             if call_key((), captured) != call_key((), inputs):
                 calls.append(captured)
+        stack.set_weight_quantization("fp8" if tier == "fp8" else None)  # the fp8 tier's weight copies, or none
         by_region, keys, lines, shared = {}, [], [], {}
         with stack.bare() as eager:
             for kwargs in calls:
                 report = compile_dit(eager, kwargs, graphs=by_region, shared=shared, device=self.device,
-                                     dtype=self.dtype, disable=disable, enable=enable)
+                                     dtype=self.dtype, disable=disable, enable=enable, tier=tier)
                 keys.append(report.key)
                 self.compile_reports.append(report)
                 lines.append(" ".join(describe_bucket(report).split()))
-        stack.set_compiled(CompiledDiT(by_region, keys, {"tier": "fast", "disabled": list(disable)}))
+        stack.set_compiled(CompiledDiT(by_region, keys, {"tier": tier, "disabled": list(disable)}))
         if graphs:
             self.cuda_graphs()
-        return "diffc compile" + (f" without {', '.join(disable)}" if disable else "") + \
+        return "diffc compile" + (f" {tier}" if tier != "fast" else "") + (f" without {', '.join(disable)}" if disable else "") + \
             (f" with {', '.join(enable)}" if enable else "") + \
             (" + CUDA graphs" if graphs else "") + ": " + " | ".join(lines)
 
@@ -201,6 +203,7 @@ class DiffcEngine(Engine):
         """The eager DiT without CUDA graphs, as ``diffc-eager`` runs it."""
         self.transformer.set_compiled(None)
         self.transformer.set_cuda_graphs(False)
+        self.transformer.set_weight_quantization(None)
         self.setup_key = ("eager",)
         return "eager"
 

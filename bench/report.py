@@ -125,6 +125,9 @@ def _rows(result: dict[str, Any]) -> list[dict[str, str]]:
             "PSNR dB": "ref" if name == result.get("reference") else _f(psnr if psnr != "inf" else math.inf, "{:.1f}"),
             "error": r.get("error", ""),
         })
+        base = r.get("psnr_vs_base_db")  # e.g. diffc-compiled-fp8 against diffc-compiled's bf16 output
+        if base is not None:
+            rows[-1]["PSNR dB"] += f" ({_f(base if base != 'inf' else math.inf, '{:.1f}')} vs bf16)"
     return rows
 
 

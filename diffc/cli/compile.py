@@ -32,8 +32,9 @@ def add_parser(sub) -> None:
                    help="guidance scale the runs will use (Wan: > 1 compiles the batched CFG pair)")
     p.add_argument("--batch", type=int, default=1, help="images or videos per prompt the runs will make (default 1)")
     p.add_argument("--max-sequence-length", type=int, help="text tokens the runs will use")
-    p.add_argument("--quality", choices=("lossless", "fast"), default="fast",
-                   help="lossless: only bit-exact rewrites; fast (default): every fusion")
+    p.add_argument("--quality", choices=("lossless", "fast", "fp8"), default="fast",
+                   help="lossless: only bit-exact rewrites; fast (default): every fusion; fp8: fast plus float8_e4m3 "
+                        "GEMMs where a fused kernel produces the input (bf16 models; quality report in the log)")
     p.add_argument("--disable", default="", help="comma-separated passes to leave out (for measuring each one)")
     p.add_argument("--enable", default="", help="comma-separated opt-in passes to run too (concat_linear)")
     p.add_argument("--attention", default="auto",

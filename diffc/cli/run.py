@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
     add_lora_flags(p)
     p.add_argument("--compile", action="store_const", const=True,
                    help="compile the DiT for this shape first (cached under $DIFFC_CACHE/compiled: later runs reuse it)")
-    p.add_argument("--quality", choices=("lossless", "fast"), help="--compile's quality tier (default fast)")
+    p.add_argument("--quality", choices=("lossless", "fast", "fp8"), help="--compile's quality tier (default fast)")
     p.set_defaults(func=run, _parser=p)
 
 
@@ -132,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
                 "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
                 "request": {k: v for k, v in vars(request).items() if k != "image"}, "seed": out.seeds[0],
                 "output": str(output), "warnings": out.warnings,
-                "lora": pipe.list_loras()["active"] if lora is not None else None, **out.timings.to_dict()}
+                "lora": pipe.list_loras()["active"] if lora is not None else None,
+                "warmup": getattr(pipe, "warmup_report", None), **out.timings.to_dict()}
         atomic_write(dump_path, lambda tmp: tmp.write_text(json.dumps(dump, indent=2, default=str)))
     for w in out.warnings:
         print(f"warning: {w}", file=sys.stderr)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from .fp8 import Fp8LinearPass, lowering_report, placeholder_values, site_errors
 from .manager import TIERS, PassManager
 from .passes import FUSION_PASSES, graph_targets
 from .regions import Region, RegionGraph, call_key
@@ -48,6 +49,7 @@ class BucketReport:
     bytes: int = 0
     region: str = ""
     blocks: int = 1
+    fp8: dict[str, Any] | None = None  # the fp8 tier's lowering and per-layer errors (compile/fp8.py)
 
 
 def fusion_passes(tier: str, disable: Sequence[str] = (), enable: Sequence[str] = ()) -> list:
@@ -59,8 +61,18 @@ def fusion_passes(tier: str, disable: Sequence[str] = (), enable: Sequence[str] 
             raise InvalidArgumentError(field, f"unknown pass {unknown[0]!r}; passes: {', '.join(names)}")
     if tier not in TIERS:
         raise InvalidArgumentError("quality", f"expected one of {', '.join(TIERS)}, got {tier!r}")
-    return [cls() for cls in FUSION_PASSES
+    return [_make_pass(cls, tier) for cls in FUSION_PASSES
             if (cls.default_enabled or cls.name in enable) and cls.name not in disable]
+
+
+def _make_pass(cls, tier: str):
+    """A pass for ``tier``: under ``fp8`` the tanh-GELU stays diffc's kernel (never the GEMM's bf16 epilogue),
+    whose fp8 variant then quantizes the feed-forward's hidden activation for the fp8 down-projection."""
+    from .passes import GeluTanhPass
+
+    if tier == "fp8" and cls is GeluTanhPass:
+        return cls(epilogue=False)
+    return cls()
 
 
 def pass_sources() -> dict[str, str]:
@@ -71,6 +83,7 @@ def pass_sources() -> dict[str, str]:
     files = {cls.name: inspect.getsourcefile(cls) for cls in FUSION_PASSES}
     files["manager"] = inspect.getsourcefile(PassManager)
     files["regions"] = inspect.getsourcefile(RegionGraph)
+    files["fp8_linear"] = inspect.getsourcefile(Fp8LinearPass)
     for name in sorted(ops.registry.REGISTERED):
         files[f"op:{name}"] = inspect.getsourcefile(ops.registry.REGISTERED[name]._init_fn)
     return {name: art.sha256_text(Path(path).read_text())[:16] for name, path in sorted(files.items())}
@@ -121,12 +134,29 @@ def _fused_ops(gm) -> dict[str, int]:
 def rewrite(program: torch.export.ExportedProgram, *, device: torch.device, dtype: torch.dtype, tier: str,
             disable: Sequence[str], enable: Sequence[str], attention: str) -> tuple[dict[str, int], Any]:
     """Run the fusion passes and the attention lowering on ``program`` in place; returns (matches, choice)."""
+    matches, choice, _ = _rewrite(program, device=device, dtype=dtype, tier=tier, disable=disable, enable=enable,
+                                  attention=attention)
+    return matches, choice
+
+
+def _rewrite(program, *, device, dtype, tier, disable, enable, attention):
+    """:func:`rewrite`, and under the ``fp8`` tier the fp8 lowering last; returns (matches, choice, lowering)."""
     counters = PassManager(passes=fusion_passes(tier, disable, enable), tier=tier).run(program)
     choice = None
     if "attention" not in disable:
         choice = lower_attention(program, device, dtype, attention, tier)
         counters.matches["attention"] = choice.pop("replaced")
-    return dict(counters.matches), choice
+    lowering = None
+    if tier == "fp8":
+        lowering = Fp8LinearPass()(program)
+        counters.matches[Fp8LinearPass.name] = lowering.replaced
+    return dict(counters.matches), choice, lowering
+
+
+def _fp8_report(lowering, program, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    if lowering is None:
+        return None
+    return lowering_report(lowering, site_errors(lowering, program, placeholder_values(program, module, args, kwargs)))
 
 
 def compile_module(dit: nn.Module, kwargs: dict[str, Any], *, args: tuple = (), device: torch.device,
@@ -143,10 +173,10 @@ def compile_module(dit: nn.Module, kwargs: dict[str, Any], *, args: tuple = (), 
         program = trace_module(dit, kwargs, args)
     t1 = time.perf_counter()
     nodes_before = len(program.graph.nodes)
-    matches, choice = rewrite(program, device=device, dtype=dtype, tier=tier, disable=disable, enable=enable,
-                              attention=attention)
+    matches, choice, lowering = _rewrite(program, device=device, dtype=dtype, tier=tier, disable=disable,
+                                         enable=enable, attention=attention)
     t2 = time.perf_counter()
-    rel = None
+    rel = fp8 = None
     with torch.no_grad(), triton_cache(kernel_cache):
         graph = program.module()
         fold_weights(graph)
@@ -155,10 +185,11 @@ def compile_module(dit: nn.Module, kwargs: dict[str, Any], *, args: tuple = (), 
         t3 = time.perf_counter()
         if verify:
             rel = output_rel_err(out, dit(*args, **kwargs))
+            fp8 = _fp8_report(lowering, program, dit, args, kwargs)
     report = BucketReport(key=call_key(args, kwargs), request={}, file="", trace_s=t1 - t0, passes_s=t2 - t1,
                           warmup_s=t3 - t2, matches=matches, nodes_before=nodes_before,
                           nodes_after=len(program.graph.nodes), fused_ops=_fused_ops(program.graph_module),
-                          attention=choice, rel_err_vs_eager=rel)
+                          attention=choice, rel_err_vs_eager=rel, fp8=fp8)
     return program, report, graph
 
 
@@ -176,21 +207,23 @@ def compile_region(region: Region, args: tuple, kwargs: dict[str, Any], *, devic
         program = trace_module(block, kwargs, args)
     t1 = time.perf_counter()
     nodes_before = len(program.graph.nodes)
-    matches, choice = rewrite(program, device=device, dtype=dtype, tier=tier, disable=disable, enable=enable,
-                              attention=attention)
+    matches, choice, lowering = _rewrite(program, device=device, dtype=dtype, tier=tier, disable=disable,
+                                         enable=enable, attention=attention)
     t2 = time.perf_counter()
     graph = RegionGraph(program)
-    rel = None
+    rel = fp8 = None
     with torch.no_grad(), triton_cache(kernel_cache):
         out = graph(block, args, kwargs)
         _sync(device)
         t3 = time.perf_counter()
         if verify:
             rel = output_rel_err(out, block(*args, **kwargs))
+            fp8 = _fp8_report(lowering, program, block, args, kwargs)
     report = BucketReport(key=call_key(args, kwargs), request={}, file="", trace_s=t1 - t0, passes_s=t2 - t1,
                           warmup_s=t3 - t2, matches=matches, nodes_before=nodes_before,
                           nodes_after=len(program.graph.nodes), fused_ops=_fused_ops(program.graph_module),
-                          attention=choice, rel_err_vs_eager=rel, region=region.name, blocks=len(region.blocks))
+                          attention=choice, rel_err_vs_eager=rel, region=region.name, blocks=len(region.blocks),
+                          fp8=fp8)
     return program, report, graph
 
 
@@ -218,7 +251,7 @@ def lower_attention(program, device: torch.device, dtype: torch.dtype, attention
     candidates = None if attention == "auto" else ["sdpa", attention]
     choice = select_attention_backend(shapes, device, dtype, candidates=candidates)
     lowering = AttentionLoweringPass(choice)
-    applied = tier == "fast" or lowering.bit_exact
+    applied = tier != "lossless" or lowering.bit_exact
     replaced = lowering(gm) if applied else 0
     picked = sorted(set(choice.backends.values()))
     return {"backend": ",".join(picked), "replaced": replaced, "applied": applied, **choice.to_dict()}

@@ -2,7 +2,8 @@
 
 Tiers (DESIGN.md, Numerics): ``lossless`` runs only passes that declare ``bit_exact`` (today the
 cast canonicalisation alone: every fused kernel reorders a reduction or contracts a multiply-add);
-``fast`` (the default) runs all of them. :class:`CanonicalizeCasts` always runs first, since the
+``fast`` (the default) runs all of them; ``fp8`` runs them as ``fast`` does, then the compiler lowers
+linear layers to fp8 GEMMs (:mod:`.fp8`). :class:`CanonicalizeCasts` always runs first, since the
 fusion patterns are written against its canonical form.
 """
 
@@ -18,7 +19,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.diffc.*, which the replac
 from ..errors import InvalidArgumentError
 from .passes import FUSION_PASSES, CanonicalizeCasts, FusionPass
 
-TIERS = ("lossless", "fast")
+TIERS = ("lossless", "fast", "fp8")
 DEFAULT_TIER = "fast"
 
 
@@ -63,7 +64,7 @@ class PassManager:
         self.counters = CompileCounters()
 
     def enabled(self, fusion: FusionPass) -> bool:
-        return fusion.bit_exact or self.tier == "fast"
+        return fusion.bit_exact or self.tier != "lossless"
 
     def run(self, gm: fx.GraphModule | torch.export.ExportedProgram) -> CompileCounters:
         """Rewrite ``gm`` (or an ExportedProgram's ``graph_module``) in place; returns this run's counters."""

@@ -137,6 +137,12 @@ def compile_pipeline(pipe, requests: Sequence[dict[str, Any]], *, out: str | Pat
     if "concat_linear" in enable and getattr(pipe.runtime_options, "offload", "none") == "layerwise":
         raise InvalidArgumentError("enable", "concat_linear packs each block's weights on the GPU, which layerwise "
                                    "offload streams from host memory; use one or the other")
+    if tier == "fp8" and pipe.dtype != torch.bfloat16:
+        raise InvalidArgumentError("quality", f"fp8 compiles bf16 models (its GEMMs write bf16); this pipeline runs in "
+                                   f"{str(pipe.dtype).removeprefix('torch.')}: load it with dtype bfloat16 (--dtype bf16)")
+    # the fp8 tier's graphs read fp8 copies of the weights (a weight transform of the DiT stack); other
+    # tiers' graphs must not record them as inputs
+    pipe.executor.set_weight_quantization("fp8" if tier == "fp8" else None)
     started = time.perf_counter()
     writer = art.ArtifactWriter(Path(out)) if out is not None else None
     try:
@@ -241,9 +247,11 @@ def build_manifest(pipe, report: CompileReport, tier: str, disable: Sequence[str
     stages: dict[str, Any] = {}
     for bucket in report.buckets:
         stage = stages.setdefault(bucket.stage, {"buckets": []})
-        stage["buckets"].append({"key": bucket.key, "request": bucket.request,
-                                 "rel_err_vs_eager": bucket.rel_err_vs_eager, "matches": bucket.matches,
-                                 "regions": [dataclasses.asdict(r) for r in bucket.regions]})
+        entry = {"key": bucket.key, "request": bucket.request, "rel_err_vs_eager": bucket.rel_err_vs_eager,
+                 "matches": bucket.matches, "regions": [dataclasses.asdict(r) for r in bucket.regions]}
+        if tier == "fp8":
+            entry["fp8"] = fp8_summary(bucket)
+        stage["buckets"].append(entry)
     return {
         "format_version": art.FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -254,8 +262,22 @@ def build_manifest(pipe, report: CompileReport, tier: str, disable: Sequence[str
         "built_with": art.informational(),
         "passes": {"tier": tier, "disabled": list(disable), "enabled": list(enable), "sources": pass_sources()},
         "kernels": kernel_configs(),
+        "weights": {"quantization": "fp8" if tier == "fp8" else None,
+                    **({"format": "float8_e4m3fn (out, in) + float32 (1, out) per-output-channel scales, "
+                                  "quantized from the checkpoint at every load (not stored)"} if tier == "fp8" else {})},
         "stages": stages,
     }
+
+
+def fp8_summary(bucket: DiTBucketReport) -> dict[str, Any]:
+    """The fp8 quality report of one DiT bucket: the whole forward's error vs bf16 eager and the layers'."""
+    regions = [r for r in bucket.regions if r.fp8]
+    layer_errs = [e for r in regions for e in r.fp8["rel_err"].values()]
+    return {"per_forward_rel_err": bucket.rel_err_vs_eager,
+            "linears_fp8": sum(r.fp8["linears_fp8"] * r.blocks for r in regions),
+            "linears_bf16": sum(r.fp8["linears_bf16"] * r.blocks for r in regions),
+            "max_layer_rel_err": max(layer_errs, default=None),
+            "mean_layer_rel_err": sum(layer_errs) / len(layer_errs) if layer_errs else None}
 
 
 def describe_bucket(b: DiTBucketReport) -> str:
@@ -269,7 +291,17 @@ def describe_bucket(b: DiTBucketReport) -> str:
         att = f"; attention -> {r.attention.get('backend')}" if r.attention else ""
         lines.append(f"    {r.region} x{r.blocks}: traced {r.nodes_before} nodes in {r.trace_s:.1f}s; passes "
                      f"{r.passes_s:.1f}s ({fused}); {r.nodes_after} nodes{att}; warm-up {r.warmup_s:.1f}s")
+        if r.fp8:
+            lines.append(describe_fp8(r.fp8))
     return "\n".join(lines)
+
+
+def describe_fp8(fp8: dict[str, Any]) -> str:
+    """The compile log's per-layer fp8 report of one region."""
+    errs = ", ".join(f"{name.removesuffix('.weight')} {err:.2e}" for name, err in fp8["rel_err"].items())
+    kept = ", ".join(name.removesuffix(".weight") for name in fp8["kept_bf16"])
+    return (f"      fp8: {fp8['linears_fp8']} linear(s) fp8, {fp8['linears_bf16']} bf16; rel. error per layer vs bf16: "
+            f"{errs or 'none'}" + (f"; kept bf16 (no fused producer): {kept}" if kept else ""))
 
 
 __all__ = ["CompileReport", "DiTBucketReport", "capture_inputs", "compile_dit", "compile_pipeline", "build_manifest"]

@@ -61,6 +61,10 @@ class ModuleWeights:
         stack = self.components.get(component)
         if self.manager is None or not hasattr(stack, "add_transform"):
             return
+        names = tuple(names)
+        for t in stack.transforms:  # e.g. the fp8 tier's weight copies, re-quantized from the merged weights
+            if hasattr(t, "weights_written"):
+                t.weights_written(names)
         ours = [t for t in stack.transforms if isinstance(t, LoraTransform)]
         if not any(t.manager is self.manager for t in ours):
             for t in ours:  # a previous manager of this pipeline

@@ -7,7 +7,7 @@ Compile passes swap the models' unfused sequences for these ops; eager models ne
 interpreter on CPU under ``TRITON_INTERPRET=1``, else the torch reference).
 """
 
-from . import (adaln_modulate, attention_fa4, attention_flashinfer, gated_residual, gelu_tanh, qk_norm_rope,
+from . import (adaln_modulate, attention_fa4, attention_flashinfer, fp8, gated_residual, gelu_tanh, qk_norm_rope,
                silu_mul, timestep_embedding)
 from .registry import COUNTERS, REGISTERED, OpCounters, kernel_runs_on, register_op
 
@@ -21,6 +21,7 @@ __all__ = [
     "adaln_modulate",
     "attention_fa4",
     "attention_flashinfer",
+    "fp8",
     "gated_residual",
     "gelu_tanh",
     "kernel_runs_on",

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
+from .fp8 import FP8, check_fp8_out, store_rows_ref
 from .registry import (
     broadcast_stride,
     expect_dtype,
@@ -57,14 +58,15 @@ def rounds_product(y: torch.Tensor, gate: torch.Tensor | None) -> bool:
 
 @triton_kernel
 def adaln_rows_kernel(
-    x_ptr, y_ptr, gate_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    x_ptr, y_ptr, gate_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, qs_ptr,
     S, C, eps,
     sx_b, sx_s, sy_b, sy_s, sg_b, sg_s, sc_b, sc_s, sh_b, sh_s, sr_b, sr_s, so_b, so_s,
     RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ROUND_PRODUCT: tl.constexpr, ROUND_MODULATE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    QUANT: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # one program per token row (b, s)
     # x, y, res, out: (B, S, C) with strides (s?_b, s?_s, 1); gate, scale, shift: (B, 1|S, C), stride 0 if 1
+    # QUANT: out is float8_e4m3 and qs (B * S, 1) float32 gets the row's scale (diffc/ops/fp8.py)
     row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * S * C can pass 2^31
     b = row // S
     s = row % S
@@ -95,7 +97,14 @@ def adaln_rows_kernel(
         out = h + shift
     else:
         out = h * (1.0 + scale) + shift
-    tl.store(out_ptr + b * so_b + s * so_s + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if QUANT:
+        v = tl.where(mask, out.to(act).to(tl.float32), 0.0)  # what the bf16 op would have stored
+        qscale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12) / 448.0
+        q = tl.minimum(tl.maximum(v / qscale, -448.0), 448.0)
+        tl.store(out_ptr + b * so_b + s * so_s + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(qs_ptr + row, qscale)
+    else:
+        tl.store(out_ptr + b * so_b + s * so_s + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def check_modulation(field: str, t: torch.Tensor, x: torch.Tensor) -> None:
@@ -116,7 +125,7 @@ def check_rows(field: str, t: torch.Tensor, x: torch.Tensor) -> None:
     expect_unit_last_stride(field, t)
 
 
-def _check(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+def _check_inputs(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
     if x.ndim != 3:
         raise InvalidArgumentError("x", f"expected shape (batch, seq, dim), got {tuple(x.shape)}")
     expect_float("x", x)
@@ -124,19 +133,24 @@ def _check(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float
     check_modulation("scale", scale, x)
     check_modulation("shift", shift, x)
     expect_dtype("shift", shift, scale.dtype)
+
+
+def _check(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    _check_inputs(x, scale, shift)
     check_rows("out", out, x)
     expect_same_device({"x": x, "scale": scale, "shift": shift, "out": out})
 
 
-def launch_rows(x, y, gate, scale, shift, eps, residual_out, out) -> None:
-    """Launch ``adaln_rows_kernel``; ``y is None`` skips the residual prologue."""
+def launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale=None) -> None:
+    """Launch ``adaln_rows_kernel``; ``y is None`` skips the residual prologue; ``out_scale`` given: ``out``
+    is float8_e4m3 and gets the rowwise-quantized result, ``out_scale`` its (B * S, 1) scales."""
     batch, seq, dim = x.shape
     block = next_pow2(dim)
     res = residual_out if residual_out is not None else out
     y_ = y if y is not None else x
     g = gate if gate is not None else scale
     adaln_rows_kernel[(batch * seq,)](
-        x, y_, g, scale, shift, res, out,
+        x, y_, g, scale, shift, res, out, out_scale if out_scale is not None else scale,
         seq, dim, eps,
         x.stride(0), x.stride(1), y_.stride(0), y_.stride(1),
         broadcast_stride(g, 0), broadcast_stride(g, 1),
@@ -147,6 +161,7 @@ def launch_rows(x, y, gate, scale, shift, eps, residual_out, out) -> None:
         HAS_GATE=gate is not None,
         ROUND_PRODUCT=y is not None and rounds_product(y, gate),
         ROUND_MODULATE=rounds_modulation(x, scale, shift),
+        QUANT=out_scale is not None,
         BLOCK_C=block,
         num_warps=max(1, min(16, block // 512)),
     )
@@ -164,6 +179,26 @@ def _adaln_modulate_launch(
     launch_rows(x, None, None, scale, shift, eps, None, out)
 
 
+def _check_fp8(x, scale, shift, eps, out, out_scale) -> None:
+    _check_inputs(x, scale, shift)
+    check_fp8_out(out, out_scale, tuple(x.shape))
+    expect_same_device({"x": x, "scale": scale, "shift": shift, "out": out, "out_scale": out_scale})
+
+
+def _adaln_modulate_fp8_into_ref(x, scale, shift, eps, out, out_scale) -> None:
+    store_rows_ref(adaln_modulate_ref(x, scale, shift, eps), out, out_scale)
+
+
+@register_op("adaln_modulate_fp8", mutates_args=("out", "out_scale"), fake=_check_fp8,
+             fallback=_adaln_modulate_fp8_into_ref)
+def _adaln_modulate_fp8_launch(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, out: torch.Tensor,
+    out_scale: torch.Tensor,
+) -> None:
+    _check_fp8(x, scale, shift, eps, out, out_scale)
+    launch_rows(x, None, None, scale, shift, eps, None, out, out_scale)
+
+
 def adaln_modulate(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -175,3 +210,13 @@ def adaln_modulate(
     out = torch.empty_like(x) if out is None else out
     torch.ops.diffc.adaln_modulate(x, scale, shift, eps, out)
     return out
+
+
+def adaln_modulate_fp8(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = LAYER_NORM_EPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.diffc.adaln_modulate_fp8``: the modulated norm quantized rowwise -> (fp8 (B, S, C), (B*S, 1))."""
+    out = torch.empty(x.shape, dtype=FP8, device=x.device)
+    out_scale = torch.empty(x.shape[0] * x.shape[1], 1, dtype=torch.float32, device=x.device)
+    torch.ops.diffc.adaln_modulate_fp8(x, scale, shift, eps, out, out_scale)
+    return out, out_scale

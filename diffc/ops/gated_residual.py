@@ -26,6 +26,7 @@ from .adaln_modulate import (
     launch_rows,
     rounds_product,
 )
+from .fp8 import check_fp8_out, store_rows_ref
 from .registry import (
     broadcast_stride,
     cdiv,
@@ -156,6 +157,45 @@ def _gated_residual_adaln_launch(
 ) -> None:
     _check_fused(x, y, gate, scale, shift, eps, residual_out, out)
     launch_rows(x, y, gate, scale, shift, eps, residual_out, out)
+
+
+def _check_fused_fp8(x, y, gate, scale, shift, eps, residual_out, out, out_scale) -> None:
+    _check_residual(x, y, gate)
+    check_modulation("scale", scale, x)
+    check_modulation("shift", shift, x)
+    check_rows("residual_out", residual_out, x)
+    check_fp8_out(out, out_scale, tuple(x.shape))
+    expect_same_device({"x": x, "y": y, "gate": gate, "scale": scale, "shift": shift,
+                        "residual_out": residual_out, "out": out, "out_scale": out_scale})
+
+
+def _gated_residual_adaln_fp8_into_ref(x, y, gate, scale, shift, eps, residual_out, out, out_scale) -> None:
+    residual, modulated = gated_residual_adaln_ref(x, y, gate, scale, shift, eps)
+    residual_out.copy_(residual)
+    store_rows_ref(modulated, out, out_scale)
+
+
+@register_op(
+    "gated_residual_adaln_fp8",
+    mutates_args=("residual_out", "out", "out_scale"),
+    fake=_check_fused_fp8,
+    fallback=_gated_residual_adaln_fp8_into_ref,
+)
+def _gated_residual_adaln_fp8_launch(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+    residual_out: torch.Tensor,
+    out: torch.Tensor,
+    out_scale: torch.Tensor,
+) -> None:
+    """The fused pair with the modulated norm quantized rowwise to float8_e4m3 (``out``, ``out_scale``);
+    the residual stays in x's dtype."""
+    _check_fused_fp8(x, y, gate, scale, shift, eps, residual_out, out, out_scale)
+    launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale)
 
 
 def gated_residual(

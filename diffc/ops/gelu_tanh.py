@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
-from .registry import cdiv, expect_dtype, expect_float, expect_same_device, expect_shape, register_op, tl, triton_kernel
+from .fp8 import FP8, check_fp8_out, store_rows_ref
+from .registry import (cdiv, expect_dtype, expect_float, expect_same_device, expect_shape, next_pow2, register_op, tl,
+                       triton_kernel)
 
 BLOCK = 1024
 SQRT_2_OVER_PI = 0.7978845608028654
@@ -42,7 +44,28 @@ def gelu_tanh_kernel(
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+@triton_kernel
+def gelu_tanh_fp8_kernel(
+    x_ptr, bias_ptr, out_ptr, scale_ptr, N,
+    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # one program per row; x: contiguous (rows, N); out: float8_e4m3 (rows, N); scale: (rows, 1) float32
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    v = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+    y = v / (1.0 + tl.exp(-2.0 * u))
+    y = tl.where(mask, y.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)  # what the bf16 op would store
+    qscale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
+    q = tl.minimum(tl.maximum(y / qscale, -448.0), 448.0)
+    tl.store(out_ptr + row * N + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, qscale)
+
+
+def _check_input(x: torch.Tensor, bias: torch.Tensor | None) -> None:
     expect_float("x", x)
     if x.ndim < 1 or not x.is_contiguous():
         raise InvalidArgumentError("x", f"expected a contiguous tensor of rank >= 1, got shape {tuple(x.shape)}")
@@ -51,6 +74,10 @@ def _check(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> Non
         expect_float("bias", bias)
         if not bias.is_contiguous():
             raise InvalidArgumentError("bias", "must be contiguous")
+
+
+def _check(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    _check_input(x, bias)
     expect_shape("out", out, tuple(x.shape))
     expect_dtype("out", out, x.dtype)
     if not out.is_contiguous():
@@ -72,6 +99,38 @@ def _gelu_tanh_launch(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Ten
         x, bias if bias is not None else x, out, n,
         HAS_BIAS=bias is not None, BLOCK=BLOCK, num_warps=4,
     )
+
+
+def _check_fp8(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    _check_input(x, bias)
+    check_fp8_out(out, out_scale, tuple(x.shape))
+    expect_same_device({"x": x, "bias": bias, "out": out, "out_scale": out_scale})
+
+
+def _gelu_tanh_fp8_into_ref(x, bias, out, out_scale) -> None:
+    store_rows_ref(gelu_tanh_ref(x, bias), out, out_scale)
+
+
+@register_op("gelu_tanh_fp8", mutates_args=("out", "out_scale"), fake=_check_fp8, fallback=_gelu_tanh_fp8_into_ref)
+def _gelu_tanh_fp8_launch(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    """``gelu_tanh(x + bias)`` quantized rowwise to float8_e4m3: the whole row in one program (its amax)."""
+    _check_fp8(x, bias, out, out_scale)
+    if x.numel() == 0:
+        return
+    n = x.shape[-1]
+    block = next_pow2(n)
+    gelu_tanh_fp8_kernel[(x.numel() // n,)](
+        x, bias if bias is not None else x, out, out_scale, n,
+        HAS_BIAS=bias is not None, BLOCK=block, num_warps=max(1, min(16, block // 512)),
+    )
+
+
+def gelu_tanh_fp8(x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.diffc.gelu_tanh_fp8`` -> (fp8 of x's shape, float32 (rows, 1) scales)."""
+    out = torch.empty(x.shape, dtype=FP8, device=x.device)
+    out_scale = torch.empty(x.numel() // max(1, x.shape[-1]), 1, dtype=torch.float32, device=x.device)
+    torch.ops.diffc.gelu_tanh_fp8(x, bias, out, out_scale)
+    return out, out_scale
 
 
 def gelu_tanh(x: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -196,6 +196,7 @@ class Pipeline:
         self.spec = spec
         self.runtime_options = runtime_options or RuntimeOptions()
         self.executor = executor or Executor(components, device, self.runtime_options)
+        self.warmup_report: dict[str, Any] | None = None  # what load_compiled's warm-up ran
         self.components = components
         self.device = device
         self.dtype = dtype
@@ -240,11 +241,19 @@ class Pipeline:
         self.executor.install_compiled(compiled_layers(graphs, {"artifact": report.artifact, "tier": quality}))
         return report
 
-    def load_compiled(self, path: str) -> dict[str, Any]:
-        """Install the graphs of an artifact written by ``diffc compile`` (checked first); returns its manifest."""
-        from ..runtime.artifacts import load_artifact
+    def load_compiled(self, path: str, *, warmup: bool | None = None) -> dict[str, Any]:
+        """Install the graphs of an artifact written by ``diffc compile`` (checked first); returns its manifest.
 
-        return load_artifact(self.executor, path, source=self.source, device=self.device, dtype=self.dtype)
+        ``warmup`` (default: on CUDA) runs each compiled shape's DiT call once now (kernel loads, GEMM plans,
+        CUDA-graph capture) so the first generation is as fast as the next; ``warmup_report`` says what ran.
+        """
+        from ..runtime.artifacts import load_artifact
+        from ..runtime.warmup import warm_up_compiled
+
+        manifest = load_artifact(self.executor, path, source=self.source, device=self.device, dtype=self.dtype)
+        if warmup is not False:
+            self.warmup_report = warm_up_compiled(self, manifest, force=bool(warmup))
+        return manifest
 
     def check_cache(self, cache: Any = None, cache_options: dict[str, Any] | None = None):
         """The :class:`~diffc.runtime.cache.CacheConfig` that ``cache``/``cache_options`` ask for (None: no

@@ -40,6 +40,8 @@ def load_artifact(executor, root: str | Path, *, source: str | Path, device, dty
     stages = manifest.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise art.ArtifactError(f"{where}/{art.MANIFEST}: no compiled stages")
+    tier = manifest.get("passes", {}).get("tier")
+    executor.set_weight_quantization("fp8" if tier == "fp8" else None)  # fp8 graphs read the fp8 weight copies
     read: dict[str, RegionGraph] = {}
     layers = {}
     for name in stages:

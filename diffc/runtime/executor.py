@@ -92,6 +92,20 @@ class DiTStack:
         self.__dict__["cuda_graphs"] = enabled
         self._rebuild()
 
+    def set_weight_quantization(self, scheme: str | None) -> None:
+        """Add (``"fp8"``) or remove (None) the fp8 weight transform (:mod:`.fp8`): buffers beside the
+        weights, so no forward changes and nothing is rebuilt."""
+        from .fp8 import Fp8Weights, check_scheme
+
+        check_scheme(scheme)
+        current = [t for t in self.transforms if isinstance(t, Fp8Weights)]
+        if scheme is None:
+            for t in current:
+                t.remove()
+                self.remove_transform(t)
+        elif not current:
+            self.add_transform(Fp8Weights(self.module).apply())
+
     def add_transform(self, transform) -> None:
         """Record a weight transform applied in place (its ``describe()`` joins the stack's)."""
         self.transforms.append(transform)
@@ -288,6 +302,25 @@ class Executor:
     def set_cuda_graphs(self, enabled: bool | None) -> None:
         for stack in self.stacks.values():
             stack.set_cuda_graphs(enabled)
+
+    def set_weight_quantization(self, scheme: str | None) -> None:
+        """Add (``"fp8"``) or remove (None) the fp8 weight transform on every DiT (:mod:`.fp8`)."""
+        from ..errors import InvalidArgumentError
+        from .fp8 import check_scheme
+
+        check_scheme(scheme)
+        if scheme is not None and self.offload is not None:
+            raise InvalidArgumentError("quality", f"the fp8 tier keeps fp8 copies of the DiT's weights on the device; "
+                                       f"it does not run with offload {self.offload.mode!r} (use --offload none)")
+        for stack in self.stacks.values():
+            stack.set_weight_quantization(scheme)
+
+    def weight_quantization(self) -> str | None:
+        """"fp8" when the DiTs carry the fp8 weight transform, else None."""
+        from .fp8 import Fp8Weights
+
+        found = any(isinstance(t, Fp8Weights) for s in self.stacks.values() for t in s.transforms)
+        return "fp8" if found else None
 
     def check_cache(self, config) -> None:
         """Raise ``InvalidArgumentError`` if a :class:`~diffc.runtime.cache.CacheConfig` cannot run on these DiTs."""

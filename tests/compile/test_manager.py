@@ -75,5 +75,5 @@ def test_rewritten_program_saves_and_loads(traced, tmp_path):
 
 
 def test_unknown_tier():
-    with pytest.raises(InvalidArgumentError, match=r"tier: expected one of lossless, fast, got 'fp8'"):
-        PassManager(tier="fp8")
+    with pytest.raises(InvalidArgumentError, match=r"tier: expected one of lossless, fast, fp8, got 'int4'"):
+        PassManager(tier="int4")

@@ -1,0 +1,254 @@
+"""The fp8 tier's lowering: (fused producer -> linear) into (fused producer + quantization -> ``_scaled_mm``).
+
+After the fusion passes, a block's linear layers read activations that one of diffc's fused kernels
+wrote (the adaLN modulation, the gated residual + adaLN pair, the GELU epilogue). Where *every* reader
+of such an activation is a linear layer whose weight has fp8 copies (:mod:`diffc.runtime.fp8`), the
+producer is swapped for its fp8 variant, which writes float8_e4m3 data and one scale per token in the
+same pass, and each linear becomes a rowwise-scaled fp8 GEMM on the weight's fp8 copy::
+
+    out = aten.empty_like(x)                         q  = aten.empty_like(x, dtype=float8_e4m3fn)
+    diffc.adaln_modulate(x, scale, shift, eps, out)  qs = aten.new_empty(x, [rows, 1], dtype=float32)
+    y = aten.linear(out, W, b)                 ->    diffc.adaln_modulate_fp8(x, scale, shift, eps, q, qs)
+                                                     y = view(aten._scaled_mm(view(q, [rows, K]), t(W_fp8),
+                                                                              qs, W_scale, b, None, bf16), [..., N])
+
+Quantizing as a separate op costs as much as fp8 saves (``GPU-NOTES.md``), so a linear whose input no
+fused kernel produces (the attention output, a text embedding, a concatenation) or whose producer has
+other readers stays bf16; :class:`Fp8Lowering` lists every such site with the reason. Only bf16 models
+are lowered (``_scaled_mm``'s rowwise mode writes bf16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import fx
+from torch.export.graph_signature import InputKind
+
+from ..ops.fp8 import FP8, fp8_linear_ok
+from .passes.base import _propagate_val
+
+aten = torch.ops.aten
+WEIGHT, SCALE = "weight_fp8", "weight_fp8_scale"  # the buffers diffc.runtime.fp8 adds beside a weight
+
+
+def _producers() -> dict[Any, tuple[Any, int]]:
+    """bf16 producer -> (its fp8 variant, index of its ``out`` argument)."""
+    d = torch.ops.diffc
+    return {
+        d.adaln_modulate.default: (d.adaln_modulate_fp8.default, 4),
+        d.gated_residual_adaln.default: (d.gated_residual_adaln_fp8.default, 7),
+        d.gelu_tanh.default: (d.gelu_tanh_fp8.default, 2),
+    }
+
+
+@dataclasses.dataclass
+class Fp8Lowering:
+    """What the lowering did to one graph: ``sites`` maps each lowered linear (its weight's name) to
+    (bf16 linear node name, fp8 output node name); ``kept`` maps each linear left in bf16 to the reason."""
+
+    sites: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    kept: dict[str, str] = dataclasses.field(default_factory=dict)
+    producers: int = 0
+    before: fx.GraphModule | None = None  # the graph before lowering (for the quality report)
+
+    @property
+    def replaced(self) -> int:
+        return len(self.sites)
+
+
+def _state_names(program: torch.export.ExportedProgram) -> tuple[dict[str, str], dict[str, fx.Node]]:
+    """(placeholder name -> parameter/buffer name, buffer name -> placeholder node)."""
+    sig = program.graph_signature
+    names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    nodes = {n.name: n for n in program.graph_module.graph.nodes if n.op == "placeholder"}
+    return names, {fqn: nodes[p] for p, fqn in sig.inputs_to_buffers.items() if p in nodes}
+
+
+def _weight_name(node: fx.Node, names: dict[str, str]) -> str | None:
+    return names.get(node.name) if isinstance(node, fx.Node) and node.op == "placeholder" else None
+
+
+def _linear_problem(user: fx.Node, out: fx.Node, names: dict[str, str], buffers: dict[str, fx.Node]) -> str | None:
+    """Why ``user`` (a reader of a producer's ``out``) cannot become an fp8 GEMM, or None."""
+    if user.op != "call_function" or user.target != aten.linear.default:
+        return f"the activation is also read by {user.target}"
+    if user.args[0] is not out or len(user.args) < 2:
+        return "the activation is not the linear's input"
+    weight = _weight_name(user.args[1], names)
+    if weight is None:
+        return "the weight is computed in the graph (e.g. concatenated), not a block parameter"
+    owner = weight.rpartition(".")[0]
+    if f"{owner}.{WEIGHT}" not in buffers or f"{owner}.{SCALE}" not in buffers:
+        return "the layer has no fp8 weight (dimensions not multiples of 16, or not quantized)"
+    val = user.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dtype != torch.bfloat16:
+        return "fp8 GEMMs write bf16; the layer's output is not bf16"
+    w = user.args[1].meta.get("val")
+    if w is None or not fp8_linear_ok(w.shape[1], w.shape[0]):
+        return "dimensions are not multiples of 16"
+    return None
+
+
+class Fp8LinearPass:
+    """Lower every eligible (producer -> linears) site of an ExportedProgram's graph to fp8 (module docstring)."""
+
+    name = "fp8_linear"
+
+    def __call__(self, program: torch.export.ExportedProgram) -> Fp8Lowering:
+        from .regions import _own_copy
+
+        gm = program.graph_module
+        result = Fp8Lowering(before=_own_copy(gm))
+        names, buffers = _state_names(program)
+        producers = _producers()
+        graph = gm.graph
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target not in producers:
+                continue
+            fp8_op, out_index = producers[node.target]
+            out = node.args[out_index]
+            readers = [u for u in out.users if u is not node] if isinstance(out, fx.Node) else []
+            linears = [u for u in readers if u.op == "call_function" and u.target == aten.linear.default]
+            if not linears:
+                continue
+            if out.op != "call_function" or out.target != aten.empty_like.default or len(out.args) != 1:
+                problems = {"the producer writes into a buffer the lowering does not own"}
+            else:
+                problems = {p for p in (_linear_problem(u, out, names, buffers) for u in readers) if p}
+            if problems:
+                reason = "; ".join(sorted(problems))
+                for lin in linears:
+                    result.kept[_weight_name(lin.args[1], names) or lin.name] = reason
+                continue
+            self._lower(graph, node, fp8_op, out_index, out, linears, names, buffers, result)
+            result.producers += 1
+        for node in graph.nodes:  # every other linear with an fp8 weight stays bf16: say why
+            if node.op == "call_function" and node.target == aten.linear.default:
+                weight = _weight_name(node.args[1], names)
+                if weight is not None and f"{weight.rpartition('.')[0]}.{WEIGHT}" in buffers:
+                    result.kept.setdefault(weight, _unfused_reason(node.args[0]))
+        graph.eliminate_dead_code()
+        graph.lint()
+        gm.recompile()
+        return result
+
+    @staticmethod
+    def _lower(graph, producer, fp8_op, out_index, out, linears, names, buffers, result) -> None:
+        src = out.args[0]
+        shape = list(out.meta["val"].shape)
+        rows = 1
+        for n in shape[:-1]:
+            rows *= n
+        with graph.inserting_before(producer):
+            q = graph.call_function(aten.empty_like.default, (src,), {"dtype": FP8})
+            qs = graph.call_function(aten.new_empty.default, (src, [rows, 1]), {"dtype": torch.float32})
+            args = list(producer.args)
+            args[out_index] = q
+            fused = graph.call_function(fp8_op, (*args, qs))
+        new_nodes = [q, qs, fused]
+        for lin in linears:
+            weight = _weight_name(lin.args[1], names)
+            owner = weight.rpartition(".")[0]
+            bias = lin.args[2] if len(lin.args) > 2 else None
+            n_out = lin.meta["val"].shape[-1]
+            with graph.inserting_before(lin):
+                a = graph.call_function(aten.view.default, (q, [rows, shape[-1]]))
+                wt = graph.call_function(aten.t.default, (buffers[f"{owner}.{WEIGHT}"],))
+                mm = graph.call_function(aten._scaled_mm.default,
+                                         (a, wt, qs, buffers[f"{owner}.{SCALE}"], bias, None, torch.bfloat16, False))
+                y = graph.call_function(aten.view.default, (mm, [*shape[:-1], n_out]))
+            new_nodes += [a, wt, mm, y]
+            y.meta.update({k: v for k, v in lin.meta.items() if k != "val"})
+            lin.replace_all_uses_with(y)
+            result.sites[weight] = (lin.name, y.name)
+            graph.erase_node(lin)
+        for n in new_nodes:
+            _propagate_val(n)
+        graph.erase_node(producer)
+        if not out.users:
+            graph.erase_node(out)
+
+
+_RESHAPES = ("view", "reshape", "flatten", "contiguous", "transpose", "permute", "clone", "_unsafe_view", "to.dtype",
+             "slice", "split", "getitem", "narrow")
+
+
+def _unfused_reason(source: Any) -> str:
+    """Why a linear's input has no fp8 producer, looking through reshapes to the op that computed it."""
+    for _ in range(8):
+        if not isinstance(source, fx.Node):
+            return "the input is not a graph value"
+        if source.op == "placeholder":
+            return "the input is a block input (no kernel here produces it)"
+        target = str(source.target)
+        if any(k in target for k in ("attention", "sdpa", "flash")):
+            return "the input is the attention output (its kernel has no fp8 epilogue here)"
+        if not any(k in target for k in _RESHAPES) or not source.args:
+            return f"the input comes from {target}, which has no fused fp8 variant"
+        source = source.args[0]
+    return "the input comes from a chain of reshapes"
+
+
+# ---------------------------------------------------------------------------------------- quality report
+
+
+def placeholder_values(program: torch.export.ExportedProgram, block: torch.nn.Module, args: tuple,
+                       kwargs: dict[str, Any]) -> list:
+    """The graph's inputs for running ``program.graph_module`` on ``block`` with ``(args, kwargs)``."""
+    from torch.utils import _pytree as pytree
+
+    from .regions import _tensor_of
+
+    flat, _ = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    flat = [v.contiguous() if isinstance(v, torch.Tensor) else v for v in flat]
+    values, user = [], 0
+    for spec in program.graph_signature.input_specs:
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+            values.append(_tensor_of(block, spec.target))
+        elif spec.kind == InputKind.CONSTANT_TENSOR:
+            values.append(program.constants[spec.target])
+        else:
+            values.append(flat[user])
+            user += 1
+    return values
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, keep: set[str]):
+        super().__init__(gm)
+        self.keep, self.seen = keep, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.keep:
+            self.seen[n.name] = out.detach().clone()
+        return out
+
+
+def site_errors(lowering: Fp8Lowering, program: torch.export.ExportedProgram, values: list) -> dict[str, float]:
+    """Relative L2 error of each lowered linear's output vs the bf16 graph's, on the same block inputs
+    (the fp8 graph's value includes the error of fp8 sites earlier in the block)."""
+    from .compiler import rel_err
+
+    if not lowering.sites or lowering.before is None:
+        return {}
+    with torch.no_grad():
+        bf16 = _Recorder(lowering.before, {old for old, _ in lowering.sites.values()})
+        bf16.run(*values)
+        fp8 = _Recorder(program.graph_module, {new for _, new in lowering.sites.values()})
+        fp8.run(*values)
+    return {site: rel_err(fp8.seen[new], bf16.seen[old]) for site, (old, new) in sorted(lowering.sites.items())}
+
+
+def lowering_report(lowering: Fp8Lowering, errors: dict[str, float]) -> dict[str, Any]:
+    """The ``fp8`` entry of a region's compile report (and the manifest)."""
+    worst = max(errors.values(), default=None)
+    return {"linears_fp8": lowering.replaced, "producers_fp8": lowering.producers,
+            "linears_bf16": len(lowering.kept), "rel_err": errors, "max_rel_err": worst,
+            "kept_bf16": dict(sorted(lowering.kept.items()))}
+
+
+__all__ = ["Fp8LinearPass", "Fp8Lowering", "lowering_report", "placeholder_values", "site_errors"]

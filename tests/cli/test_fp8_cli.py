@@ -1,0 +1,131 @@
+"""``diffc compile --quality fp8`` and ``diffc run --compiled`` of its artifact, on the demo FLUX model in bf16."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffc.cli.main import main
+from tests.fp8_interpreter import round_interpreter_fp8_to_nearest
+
+round_interpreter_fp8_to_nearest()
+SMALL = ["--max-sequence-length", "8", "--dtype", "bf16"]
+RUN = ["--prompt", "a kite", "--steps", "2", "--seed", "3", "--no-progress", "--dtype", "bf16"]
+MIN_PSNR_DB = 30.0  # measured 47 dB on this model (2 steps, 64x64)
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("diffc-cache")
+
+
+@pytest.fixture(autouse=True)
+def demo_cache(module_cache, monkeypatch):
+    monkeypatch.setenv("DIFFC_CACHE", str(module_cache))
+    return module_cache
+
+
+@pytest.fixture(scope="module")
+def artifact(module_cache, tmp_path_factory):
+    """``diffc compile --quality fp8 --dtype bf16`` of the demo model at 64x64: (path, exit code, stdout)."""
+    out = tmp_path_factory.mktemp("compiled") / "demo-fp8.diffc"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setenv("DIFFC_CACHE", str(module_cache))
+        code = main(["compile", "--out", str(out), "--height", "64", "--width", "64", "--quality", "fp8", *SMALL])
+    return out, code, printed.getvalue()
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
+
+
+def test_compile_fp8_writes_the_quality_report(artifact):
+    path, code, out = artifact
+    assert code == 0, out
+    assert "quality fp8, 1 shape(s)" in out
+    assert "fp8: 10 linear(s) fp8, 4 bf16; rel. error per layer vs bf16: attn.add_k_proj" in out
+    assert "fp8: 4 linear(s) fp8, 2 bf16" in out and "kept bf16 (no fused producer): norm.linear, proj_out" in out
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["passes"]["tier"] == "fp8" and manifest["weights"]["quantization"] == "fp8"
+    (bucket,) = manifest["stages"]["transformer"]["buckets"]
+    assert bucket["matches"]["fp8_linear"] == 10 + 2 * 4  # one double block, two single blocks
+    summary = bucket["fp8"]
+    assert (summary["linears_fp8"], summary["linears_bf16"]) == (18, 8)
+    assert 0 < summary["per_forward_rel_err"] == bucket["rel_err_vs_eager"] < 0.05
+    assert 0 < summary["mean_layer_rel_err"] <= summary["max_layer_rel_err"] < 0.1
+    regions = {r["region"]: r for r in bucket["regions"]}
+    assert set(regions["single_transformer_blocks"]["fp8"]["rel_err"]) == {
+        "attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight", "proj_mlp.weight"}
+    # weights are never stored: the graph records the fp8 buffers' names, shapes and dtypes only
+    program = json.loads((path / regions["transformer_blocks"]["file"]).read_text())
+    assert program["state"]["attn.to_q.weight_fp8"] == {"shape": [32, 32], "dtype": "float8_e4m3fn", "kind": "buffer"}
+    assert not any(p.suffix == ".safetensors" and p.stat().st_size > 200_000 for p in path.rglob("*"))
+
+
+def test_run_compiled_fp8_is_close_to_bf16_eager(artifact, tmp_path, capsys):
+    path = artifact[0]
+    image, eager, perf = tmp_path / "fp8.png", tmp_path / "eager.png", tmp_path / "perf.json"
+    code = main(["run", "--compiled", str(path), *RUN, "-o", str(image), "--perf-dump-path", str(perf)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "no graph" not in captured.err
+    dit = json.loads(perf.read_text())["runtime"]["dit"]["transformer"]
+    assert "weights: fp8" in dit["layers"] and dit["transforms"][0]["linears"] == 26
+    assert dit["compiled"]["tier"] == "fp8" and (dit["compiled"]["compiled_calls"], dit["compiled"]["eager_fallbacks"]) == (2, 0)
+    assert main(["run", *RUN, "--height", "64", "--width", "64", "--max-sequence-length", "8", "-o", str(eager)]) == 0
+    a, b = np.asarray(Image.open(image)), np.asarray(Image.open(eager))
+    assert a.shape == b.shape == (64, 64, 3) and not np.array_equal(a, b)  # fp8 really ran
+    assert _psnr(a, b) >= MIN_PSNR_DB
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--quality", "int4"], "invalid choice: 'int4' (choose from "),  # then the choices, quoted or not
+    (["--quality", "fp8", "--dtype", "fp32"], "quality: fp8 compiles bf16 models (its GEMMs write bf16); "
+                                              "this pipeline runs in float32"),
+])
+def test_compile_bad_quality_exits_2(tmp_path, capsys, argv, fragment):
+    out = tmp_path / "bad.diffc"
+    try:
+        code = main(["compile", "--out", str(out), *argv])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err, err
+    assert "invalid choice" not in fragment or all(name in err for name in ("lossless", "fast", "fp8"))
+    assert not out.exists()
+
+
+def test_api_refuses_an_unknown_quality():
+    import diffc
+    from diffc.demo import demo_checkpoint
+
+    pipe = diffc.load(demo_checkpoint("flux"), dtype="bf16")
+    with pytest.raises(diffc.InvalidArgumentError) as exc:
+        pipe.compile([{"height": 64, "width": 64}], quality="fp4")
+    assert exc.value.field == "quality" and "lossless, fast, fp8" in str(exc.value)
+
+
+def test_load_compiled_fp8_through_the_api_with_its_warm_up(artifact):
+    """``load_compiled`` applies the fp8 weight transform; its warm-up (on CUDA by default, forced here) runs
+    each compiled shape's DiT call once at load and leaves the counters at zero for the first generation."""
+    import diffc
+    from diffc.demo import demo_checkpoint
+
+    pipe = diffc.load(demo_checkpoint("flux"), dtype="bf16")
+    assert pipe.warmup_report is None and pipe.executor.weight_quantization() is None
+    pipe.load_compiled(str(artifact[0]))
+    assert pipe.warmup_report == {"skipped": "warm-up runs on CUDA devices (here cpu)"}
+    assert pipe.executor.weight_quantization() == "fp8"
+    pipe.load_compiled(str(artifact[0]), warmup=True)
+    assert (pipe.warmup_report["buckets"], pipe.warmup_report["dit_calls"]) == (1, 1)
+    compiled = pipe.executor.compiled()
+    assert (compiled.counters.compiled_calls, compiled.counters.region_calls) == (0, 0)
+    pipe.generate("a kite", height=64, width=64, num_inference_steps=2, max_sequence_length=8, progress=False)
+    assert (compiled.counters.compiled_calls, compiled.counters.eager_fallbacks) == (2, 0)

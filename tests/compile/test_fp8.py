@@ -1,0 +1,183 @@
+"""The fp8 tier on tiny native FLUX and Wan DiTs (bf16): the weight transform, the lowering of (fused producer ->
+linear) onto fp8 producers + ``_scaled_mm``, exact site counts, the bf16 sites and why, and the quality report.
+
+Tiny sizes whose linear layers ``_scaled_mm`` accepts (multiples of 16): FLUX "tiny" (dim 32, FFN 128; FLUX.1-dev:
+dim 3072, FFN 12288); Wan "tiny" widened to 2 heads of 16 and FFN 64 (Wan2.1-1.3B: dim 1536, FFN 8960).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from diffc.compile.pipeline import compile_dit
+from diffc.errors import InvalidArgumentError
+from diffc.models.wan.transformer import WAN_TRANSFORMER_SPECS, WanTransformer3DModel
+from diffc.ops.fp8 import FP8
+from diffc.runtime.fp8 import SCALE, WEIGHT, Fp8Weights, check_scheme
+from tests.compile.conftest import _cast_like_loader, _wan_inputs, build
+from tests.fp8_interpreter import round_interpreter_fp8_to_nearest
+
+round_interpreter_fp8_to_nearest()
+CPU, BF16 = torch.device("cpu"), torch.bfloat16
+MIN_PSNR_DB = 30.0
+
+# Lowered linears per block, and the ones kept in bf16 (no fused kernel produces their input).
+EXPECTED = {
+    "flux": {
+        "transformer_blocks": (
+            {"attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+             "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"},
+            {"attn.to_out.0", "attn.to_add_out", "norm1.linear", "norm1_context.linear"}),
+        "single_transformer_blocks": (
+            {"attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"}, {"proj_out", "norm.linear"}),
+    },
+    "wan": {
+        "blocks": ({"attn1.to_q", "attn1.to_k", "attn1.to_v", "ffn.net.0.proj", "ffn.net.2"},
+                   {"attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"}),
+    },
+}
+
+
+def _model(name: str):
+    if name == "flux":
+        return build("flux", BF16)
+    torch.manual_seed(0)
+    config = dataclasses.replace(WAN_TRANSFORMER_SPECS["tiny"], attention_head_dim=16, ffn_dim=64)
+    return _cast_like_loader(WanTransformer3DModel(config).eval(), BF16), _wan_inputs(BF16)
+
+
+@dataclasses.dataclass
+class Compiled:
+    net: torch.nn.Module
+    inputs: dict
+    transform: Fp8Weights
+    report: object
+    graphs: dict
+    eager: torch.Tensor
+    compiled: torch.Tensor
+
+
+@pytest.fixture(scope="module", params=["flux", "wan"])
+def compiled(request) -> Compiled:
+    net, inputs = _model(request.param)
+    with torch.no_grad():
+        eager = net(**inputs)
+    transform = Fp8Weights(net).apply()
+    graphs: dict = {}
+    report = compile_dit(net, inputs, graphs=graphs, device=CPU, dtype=BF16, tier="fp8")
+    from diffc.compile.pipeline import _installed
+    from diffc.compile.regions import dit_regions
+
+    with _installed(dit_regions(net), graphs), torch.no_grad():
+        out = net(**inputs)
+    out = out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+    eager = eager[0] if isinstance(eager, tuple) else getattr(eager, "sample", eager)
+    return Compiled(net, inputs, transform, report, graphs, eager, out)
+
+
+def _psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    mse = float(((out - ref) ** 2).mean())
+    return 10 * torch.log10(torch.tensor(float(ref.abs().max()) ** 2 / max(mse, 1e-20))).item()
+
+
+def _model_name(c: Compiled) -> str:
+    return "flux" if "transformer_blocks" in c.graphs else "wan"
+
+
+def test_weight_transform_adds_per_channel_fp8_copies(compiled):
+    c = compiled
+    for name, linear in c.transform.linears.items():
+        w8, scale = getattr(linear, WEIGHT), getattr(linear, SCALE)
+        assert w8.dtype == FP8 and w8.shape == linear.weight.shape and scale.shape == (1, linear.out_features)
+        assert linear.weight.dtype == BF16  # the checkpoint's weight stays
+    described = c.transform.describe()
+    assert described["kind"] == "fp8" and described["linears"] == len(c.transform.linears) > 0
+    assert described["bytes"] == sum(m.weight.numel() + 4 * m.out_features for m in c.transform.linears.values())
+
+
+def test_lowering_sites_are_exact(compiled):
+    c = compiled
+    expected = EXPECTED[_model_name(c)]
+    for region in c.report.regions:
+        lowered, kept = expected[region.region]
+        assert region.matches["fp8_linear"] == len(lowered)
+        assert {k.removesuffix(".weight") for k in region.fp8["rel_err"]} == lowered
+        assert {k.removesuffix(".weight") for k in region.fp8["kept_bf16"]} == kept
+        (graph,) = c.graphs[region.region].values()
+        ops = {}
+        for node in graph.program.graph_module.graph.nodes:
+            if node.op == "call_function":
+                ops[str(node.target)] = ops.get(str(node.target), 0) + 1
+        assert ops.get("aten._scaled_mm.default", 0) == len(lowered)
+        assert ops.get("aten.linear.default", 0) == len(kept)
+        fp8_producers = sum(n for k, n in ops.items() if k.startswith("diffc.") and k.endswith("_fp8.default"))
+        assert fp8_producers == region.fp8["producers_fp8"] > 0
+
+
+def test_attention_outputs_stay_bf16_with_the_reason(compiled):
+    reasons = {f"{r.region}.{k}": v for r in compiled.report.regions for k, v in r.fp8["kept_bf16"].items()}
+    outs = [k for k in reasons if "to_out" in k or "to_add_out" in k]
+    assert outs and all("attention output" in reasons[k] for k in outs)
+
+
+def test_compiled_fp8_is_close_to_bf16_eager(compiled):
+    c = compiled
+    assert c.compiled.shape == c.eager.shape
+    assert _psnr(c.compiled, c.eager) >= MIN_PSNR_DB
+    assert 0 < c.report.rel_err_vs_eager < 0.05  # per forward, vs bf16 eager on the compile inputs
+    for region in c.report.regions:
+        errs = region.fp8["rel_err"].values()
+        assert all(0 < e < 0.1 for e in errs) and region.fp8["max_rel_err"] == max(errs)
+
+
+def test_lora_style_in_place_writes_requantize(compiled):
+    c = compiled
+    name, linear = next(iter(c.transform.linears.items()))
+    before, before_scale = getattr(linear, WEIGHT).clone(), getattr(linear, SCALE).clone()
+    old = linear.weight.detach().clone()
+    address = getattr(linear, WEIGHT).data_ptr()
+    try:
+        with torch.no_grad():
+            linear.weight.mul_(2)
+        c.transform.weights_written([f"{name}.weight"])
+        assert getattr(linear, WEIGHT).data_ptr() == address  # in place: graphs keep their inputs
+        torch.testing.assert_close(getattr(linear, SCALE), 2 * before_scale)
+        assert torch.equal(getattr(linear, WEIGHT).float(), before.float())  # same fp8 codes, doubled scale
+        assert c.transform.requantized == 1
+    finally:
+        with torch.no_grad():
+            linear.weight.copy_(old)
+        c.transform.weights_written([f"{name}.weight"])
+
+
+def test_remove_takes_the_buffers_away():
+    net, _ = _model("wan")
+    transform = Fp8Weights(net).apply()
+    assert any(k.endswith(WEIGHT) for k in net.state_dict())
+    transform.remove()
+    assert not any(WEIGHT in k for k in net.state_dict())
+
+
+def test_bad_scheme_is_refused():
+    with pytest.raises(InvalidArgumentError) as exc:
+        check_scheme("int4")
+    assert exc.value.field == "quality" and "accepted: fp8" in str(exc.value)
+
+
+def test_fp8_keeps_gelu_in_diffcs_kernel_on_every_device():
+    """On a GPU the ``fast`` tier moves bias + tanh-GELU into the GEMM's bf16 epilogue, which would leave the
+    feed-forward's down-projection without a fused fp8 producer; the fp8 tier keeps diffc's kernel."""
+    from diffc.compile.compiler import fusion_passes
+    from diffc.compile.passes import GeluTanhPass
+    from diffc.compile.passes.gelu_tanh import LinearBiasGeluEpilogue
+
+    def gelu_patterns(tier):
+        (gelu,) = [p for p in fusion_passes(tier) if isinstance(p, GeluTanhPass)]
+        return [type(v) for v in gelu.patterns]
+
+    assert LinearBiasGeluEpilogue in gelu_patterns("fast")
+    assert LinearBiasGeluEpilogue not in gelu_patterns("fp8") and gelu_patterns("fp8")
