@@ -144,6 +144,15 @@ def with_seed(argv: list[str], seed: int | None) -> list[str]:
     return [*argv, "--seed", str(random.randrange(2**31))]
 
 
+def shared_seed() -> int:
+    """A random seed drawn on rank 0 and broadcast to every rank (the process group is up)."""
+    import torch.distributed as dist
+
+    box = [random.randrange(2**31)]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 

@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         from ..parallel import init_mesh
 
         mesh = init_mesh(layout, par.rank_device(par.check_devices(layout, choice.device)))
+        if options.get("seed") is None:  # torchrun without --seed: every rank takes rank 0's random seed
+            options["seed"] = par.shared_seed()
     pipe = load_pipeline(model_path, device=mesh.device if mesh else choice.device, dtype=args.dtype,
                          scheduler=args.scheduler, compiled=args.compiled, **runtime_options(args))
     if mesh is not None:

@@ -63,3 +63,30 @@ def test_stuck_worker_times_out_and_dead_worker_fails(tmp_path):
     report = json.loads((tmp_path / "timeout.json").read_text())
     assert report["message"].startswith("ParallelError: test all-reduce: a collective with the other workers failed")
     assert report["s"] < 30, report
+
+
+def test_run_command_spawns_cpu_workers_and_rank_zero_writes(flux_checkpoint, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.helpers import psnr_uint8
+
+    root = Path(__file__).resolve().parents[2]
+    base = [sys.executable, "-m", "diffc", "run", "--model", str(flux_checkpoint("dev-tiny")), "--prompt", "a red fox",
+            "--height", "32", "--width", "32", "--steps", "2", "--device", "cpu", "--no-progress", "--seed", "7"]
+    env = {**__import__("os").environ, **WORKER_ENV}
+    one = subprocess.run([*base, "-o", str(tmp_path / "one.png")], cwd=root, capture_output=True, text=True, env=env)
+    two = subprocess.run([*base, "-o", str(tmp_path / "two.png"), "--num-gpus", "2", "--ring-degree", "2"], cwd=root,
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("diffc: wrote") == 1  # rank 0 alone reports
+    assert "starting 2 processes: cfg 1 x ulysses 1 x ring 2 on cpu" in two.stderr
+    a, b = (np.asarray(Image.open(tmp_path / n)) for n in ("one.png", "two.png"))
+    assert psnr_uint8(a, b) >= MIN_PSNR
+    bad = subprocess.run([*base, "--num-gpus", "2", "--ulysses-degree", "3"], cwd=root, capture_output=True, text=True,
+                         env=env)
+    assert bad.returncode == 2 and "valid with 2" in bad.stderr
