@@ -17,7 +17,7 @@ LAYERS = (
     ("serve",),
     ("loader", "demo"),
     ("pipelines", "generic"),
-    ("compile", "runtime", "lora", "cache"),
+    ("compile", "runtime", "lora", "cache", "parallel"),
     ("models", "ops"),
     ("fileio", "errors", "version"),
 )

@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sub_argv = argv[argv.index(args.command) + 1:]
         args._given = given_options(args._parser, sub_argv)
+        args._argv = argv
         return args.func(args) or 0
     except DiffcError as exc:
         print(f"diffc {args.command}: error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from .lora_flags import add_lora_flags, lora_settings
 from .options import (add_cache_flags, add_compiled_flag, add_model_flags, add_runtime_flags, cache_flag_errors,
                       cache_settings, resolve_model, runtime_options)
 from .outputs import check_json_output, check_media_output
+from .parallel import add_parallel_flags
 
 
 def add_parser(sub) -> None:
@@ -43,6 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_const", const=True, help="hide the progress bar")
     add_compiled_flag(p)
     add_lora_flags(p)
+    add_parallel_flags(p)
     p.add_argument("--compile", action="store_const", const=True,
                    help="compile the DiT for this shape first (cached under $DIFFC_CACHE/compiled: later runs reuse it)")
     p.add_argument("--quality", choices=("lossless", "fast", "fp8"), help="--compile's quality tier (default fast)")
@@ -66,7 +68,15 @@ def read_image(path: str):
 def run(args: argparse.Namespace) -> int:
     from ..loader.pipeline import load as load_pipeline
 
+    from . import parallel as par
+
     merge_config(args, args._parser)
+    layout = par.parallel_config(args)
+    if layout is not None and not par.in_worker():
+        kind = par.check_devices(layout, resolve_model(args).device)
+        resolve_model(args).checkpoint()  # the demo is built once, before the workers read it
+        return par.launch_command(par.with_seed(args._argv, args.seed), layout, kind)
+    main_rank = par.is_main()
     if not args.prompt:
         raise InvalidArgumentError("--prompt", "a non-empty prompt is required")
     if args.fps is not None and not 1 <= args.fps <= 240:
@@ -89,15 +99,24 @@ def run(args: argparse.Namespace) -> int:
                                     choice.output)
     dump_path = check_json_output(args.perf_dump_path, "--perf-dump-path") if args.perf_dump_path else None
     images = [read_image(path) for path in args.image or ()]
-    if choice.notice:
+    if choice.notice and main_rank:
         print(choice.notice, file=sys.stderr)
     for key, value in choice.defaults.items():
         if key in options and options[key] is None:
             options[key] = value  # the compiled shape, then the demo's size and steps, where the command gives none
     model_path = choice.checkpoint()
     started = time.perf_counter()
-    pipe = load_pipeline(model_path, device=choice.device, dtype=args.dtype, scheduler=args.scheduler,
-                      compiled=args.compiled, **runtime_options(args))
+    mesh = None
+    if layout is not None:
+        from ..parallel import init_mesh
+
+        mesh = init_mesh(layout, par.rank_device(par.check_devices(layout, choice.device)))
+        if options.get("seed") is None:  # torchrun without --seed: every rank takes rank 0's random seed
+            options["seed"] = par.shared_seed()
+    pipe = load_pipeline(model_path, device=mesh.device if mesh else choice.device, dtype=args.dtype,
+                         scheduler=args.scheduler, compiled=args.compiled, **runtime_options(args))
+    if mesh is not None:
+        pipe.executor.set_parallel(mesh)
     load_s = time.perf_counter() - started
     if choice.output is None:
         if args.output is None and pipe.spec.output == "video":
@@ -122,10 +141,23 @@ def run(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         bucket = {k: v for k, v in options.items() if k in ("height", "width", "num_frames", "guidance_scale",
                                                              "max_sequence_length")}
-        compile_cached(pipe, bucket, tier=args.quality or "fast", log=lambda line: print(line, file=sys.stderr))
+        log = (lambda line: print(line, file=sys.stderr)) if main_rank else (lambda line: None)
+        if mesh is not None:  # each rank compiles its own shard's shapes, in process (nothing cached)
+            pipe.compile([bucket], quality=args.quality or "fast", log=log)
+        else:
+            compile_cached(pipe, bucket, tier=args.quality or "fast", log=log)
         compile_s = time.perf_counter() - started
 
-    out = pipe.generate(prompt=args.prompt, progress=not args.no_progress, cache=cache, **options)
+    if mesh is not None:
+        from ..parallel.collectives import guarded
+
+        with guarded(f"rank {mesh.rank}"):
+            out = pipe.generate(prompt=args.prompt, progress=main_rank and not args.no_progress, cache=cache,
+                                **options)
+        if not main_rank:
+            return 0  # rank 0 alone writes the output and reports
+    else:
+        out = pipe.generate(prompt=args.prompt, progress=not args.no_progress, cache=cache, **options)
     atomic_write(output, lambda tmp: out.save(tmp, fps=args.fps or 16))
     if dump_path is not None:
         dump = {"model": str(model_path), "compiled": args.compiled, "load_s": load_s, "compile_s": compile_s,

@@ -98,7 +98,8 @@ def capture_inputs(pipe, request: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     with pipe.executor.bare():
         for name, stack in stacks.items():
-            hooks.append(stack.module.register_forward_pre_hook(recorder(name), with_kwargs=True))
+            # prepend: the whole call, before a parallel layer's hook keeps this rank's share of it
+            hooks.append(stack.module.register_forward_pre_hook(recorder(name), with_kwargs=True, prepend=True))
         try:
             pipe.generate(**{"prompt": EXAMPLE_PROMPT, "seed": 0, **request, "progress": False})
         except _Captured:

@@ -7,6 +7,7 @@
       -> compiled graph (per repeated-block region, from an artifact or compiled in-process)
       -> step cache (skips a forward's middle blocks between similar steps)
       -> placement (resident, or layerwise offload streaming the blocks from pinned host memory)
+      -> parallelism (CFG-parallel, Ulysses / ring sequence parallel: module hooks, ``diffc/parallel``)
       -> CUDA graphs (where placement and the cache allow)
 
 ``pipe.components["transformer"]`` (and ``"transformer_2"``) is a :class:`DiTStack`: pipelines call it as
@@ -47,7 +48,8 @@ class DiTStack:
                  placement: Any = None):
         self.__dict__.update(name=name, module=module, device=torch.device(device), transforms=[],
                              compiled=None, cache=None, placement=placement, graphs=None,
-                             cuda_graphs=cuda_graphs, graphs_off_reason=None, _entry=module, _bare=0)
+                             cuda_graphs=cuda_graphs, graphs_off_reason=None, parallel=None, _entry=module,
+                             _bare=0)
         self._rebuild()
 
     # ---- the module's face ----------------------------------------------------------------------
@@ -106,6 +108,11 @@ class DiTStack:
         elif not current:
             self.add_transform(Fp8Weights(self.module).apply())
 
+    def set_parallel(self, parallel) -> None:
+        """Install a :class:`~diffc.parallel.layer.ParallelDiT` (attached: its hooks are on the module), or None."""
+        self.__dict__["parallel"] = parallel
+        self._rebuild()
+
     def add_transform(self, transform) -> None:
         """Record a weight transform applied in place (its ``describe()`` joins the stack's)."""
         self.transforms.append(transform)
@@ -125,6 +132,8 @@ class DiTStack:
             out.append(f"placement {getattr(self.placement, 'mode', 'offload')}")
         else:
             out.append("placement resident")
+        if self.parallel is not None:
+            out.append(f"parallel ({self.parallel.mesh.config.text()})")
         if self.graphs is None:
             out.append("no cuda graphs")
         else:
@@ -138,6 +147,7 @@ class DiTStack:
             "compiled": self.compiled.describe() if self.compiled is not None else None,
             "cache": self.cache.describe() if self.cache is not None else None,
             "cuda_graphs": self.describe_graphs(),
+            "parallel": self.parallel.describe() if self.parallel is not None else None,
         }
 
     def describe_graphs(self) -> dict[str, Any]:
@@ -226,6 +236,9 @@ class DiTStack:
         return "whole", None
 
     def _graphs_blocked(self, explicit: bool) -> str | None:
+        parallel = self.parallel
+        if parallel is not None and not (explicit and parallel.graph_safe):
+            return parallel.graphs_reason
         placement = self.placement
         if placement is not None and not getattr(placement, "graph_safe", False):
             # model offload: graphs still work when asked for (recaptured once per generation)
@@ -324,6 +337,11 @@ class Executor:
 
     def check_cache(self, config) -> None:
         """Raise ``InvalidArgumentError`` if a :class:`~diffc.runtime.cache.CacheConfig` cannot run on these DiTs."""
+        if config is not None and any(s.parallel is not None for s in self.stacks.values()):
+            from ..errors import InvalidArgumentError
+
+            raise InvalidArgumentError("cache", "the step cache decides per rank, which a multi-GPU run cannot "
+                                       "keep in step yet; run multi-GPU without --cache")
         for stack in self.stacks.values():
             _build_cache(config, stack.module)
 
@@ -337,6 +355,24 @@ class Executor:
                     stack.set_cache(None)
             elif current is None or getattr(current, "config", None) != config:
                 stack.set_cache(_build_cache(config, stack.module))
+
+    def set_parallel(self, mesh) -> None:
+        """Spread every DiT over the ranks of ``mesh`` (a :class:`~diffc.parallel.Mesh`; None: one process)."""
+        from ..errors import InvalidArgumentError
+        from ..parallel.layer import ParallelDiT
+
+        if mesh is not None and self.options.offload != "none":
+            raise InvalidArgumentError("offload", f"'{self.options.offload}' offload with several GPUs is not "
+                                       "supported yet: each rank holds the whole DiT; use --offload none "
+                                       "(or one GPU with offload)")
+        for stack in self.stacks.values():
+            if stack.parallel is not None:
+                stack.parallel.detach()
+            layer = None
+            if mesh is not None:
+                layer = ParallelDiT(stack.module, mesh)
+                layer.attach()
+            stack.set_parallel(layer)
 
     def cache_warnings(self) -> list[str]:
         found = [w for stack in self.stacks.values() if stack.cache is not None

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import attention_hook
+
 TIME_PROJ_DIM = 256
 ROPE_THETA = 10000
 NORM_EPS = 1e-6
@@ -135,8 +137,10 @@ class AdaNormContinuous(nn.Module):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Full (non-causal, unmasked) softmax attention. q, k, v, out: (batch, heads, seq, head_dim)."""
-    return F.scaled_dot_product_attention(q, k, v)
+    """Full (non-causal, unmasked) softmax attention. q, k, v, out: (batch, heads, seq, head_dim).
+
+    Torch's SDPA unless a sequence-parallel runtime fills the slot (``models/attention_hook.py``)."""
+    return attention_hook.attention(q, k, v)
 
 
 class FluxAttention(nn.Module):

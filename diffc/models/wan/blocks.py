@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
+from .. import attention_hook
+
 ROPE_THETA = 10000.0
 TIME_MAX_PERIOD = 10000
 
@@ -77,9 +79,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).to(x.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention, no mask: q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D)."""
-    return F.scaled_dot_product_attention(q, k, v)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cross: bool = False) -> torch.Tensor:
+    """Softmax attention, no mask: q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D).
+
+    Torch's SDPA unless a sequence-parallel runtime fills the slot (``models/attention_hook.py``);
+    ``cross``: keys and values are the (replicated) text."""
+    return attention_hook.attention(q, k, v, cross)
 
 
 def timestep_sinusoids(timestep: torch.Tensor, dim: int) -> torch.Tensor:
@@ -130,7 +135,7 @@ class WanAttention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, S, D)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cross=context is not None)  # (B, H, S, D)
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # (B, S, dim)
         return self.to_out[0](out)
 

@@ -1,0 +1,165 @@
+"""Multi-GPU launching for ``diffc run`` / ``diffc serve``: ``--num-gpus N`` spawns N workers itself.
+
+The parent validates the layout, builds what every rank reads (the demo checkpoint), fixes the seed,
+then starts N processes with ``torch.multiprocessing`` (spawn), each running the same command as one
+rank (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` set, as ``torchrun`` sets them: ``torchrun
+--nproc-per-node N -m diffc run ...`` takes the same path inside each process). Rank 0 alone writes
+outputs and prints progress. If a worker dies, the others are stopped and the command fails naming
+it; a collective that waits longer than ``--parallel-timeout`` seconds fails the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import socket
+import sys
+from typing import Any, Callable
+
+import torch
+
+from ..errors import InvalidArgumentError
+from ..parallel import ParallelConfig, ParallelError, resolve
+
+WORKER_ENV = "DIFFC_PARALLEL_WORKER"
+
+
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-gpus", type=int, help="spread each request over N GPUs (N processes; with --device cpu, "
+                                               "N CPU processes on gloo); N = cfg x ulysses x ring")
+    p.add_argument("--enable-cfg-parallel", action="store_const", const=True,
+                   help="split the conditional / unconditional batch over two GPU groups")
+    p.add_argument("--ulysses-degree", type=int, help="Ulysses sequence parallelism (all-to-all over heads)")
+    p.add_argument("--ring-degree", type=int, help="ring attention degree (key/value blocks passed around a ring)")
+    p.add_argument("--parallel-timeout", type=float, help="seconds a collective may wait for a peer before the run "
+                                                         "fails (default 600)")
+
+
+def in_worker() -> bool:
+    """Whether this process is one rank of a parallel run (spawned by diffc or by torchrun)."""
+    return os.environ.get(WORKER_ENV) == "1" or ("RANK" in os.environ and "WORLD_SIZE" in os.environ
+                                                  and "LOCAL_RANK" in os.environ)
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig | None:
+    """The layout the flags ask for (None: one process). Under torchrun the world size is torchrun's."""
+    world = getattr(args, "num_gpus", None)
+    env_world = int(os.environ["WORLD_SIZE"]) if in_worker() else None
+    if world is None and env_world is not None and env_world > 1:
+        world = env_world
+    given = [f for f in ("enable_cfg_parallel", "ulysses_degree", "ring_degree", "parallel_timeout")
+             if getattr(args, f, None) is not None]
+    if world is None:
+        if given:
+            raise InvalidArgumentError("--" + given[0].replace("_", "-"), "needs --num-gpus N (or torchrun)")
+        return None
+    if env_world is not None and env_world != world:
+        raise InvalidArgumentError("--num-gpus", f"{world} given, but {env_world} processes were started")
+    config = resolve(world, bool(getattr(args, "enable_cfg_parallel", None)), getattr(args, "ulysses_degree", None),
+                     getattr(args, "ring_degree", None), getattr(args, "parallel_timeout", None))
+    return None if config.world == 1 else config
+
+
+def check_devices(config: ParallelConfig, device: str | None) -> str:
+    """"cuda" or "cpu" for the workers; N GPUs must exist for a CUDA run."""
+    kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device and torch.device(device).index is not None:
+        raise InvalidArgumentError("--device", f"with --num-gpus give 'cuda' or 'cpu', not one device ({device}); "
+                                   "rank r runs on cuda:r")
+    if kind == "cuda" and torch.cuda.device_count() < config.world:
+        raise InvalidArgumentError("--num-gpus", f"{config.world} GPUs asked for, {torch.cuda.device_count()} "
+                                   "visible (use --device cpu for CPU processes)")
+    if kind not in ("cuda", "cpu"):
+        raise InvalidArgumentError("--device", f"multi-GPU runs on cuda (NCCL) or cpu (gloo), not {kind}")
+    return kind
+
+
+def rank_device(kind: str) -> torch.device:
+    if kind == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable, fn_args: tuple, world: int, port: int, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       WORKER_ENV: "1"})
+    if env.get("DIFFC_CPU_THREADS"):
+        torch.set_num_threads(int(env["DIFFC_CPU_THREADS"]))
+    rc = fn(*fn_args)
+    if rc:
+        sys.exit(rc)
+
+
+def spawn(fn: Callable, fn_args: tuple, world: int, env: dict[str, str] | None = None) -> None:
+    """Run ``fn(*fn_args)`` in ``world`` spawned ranks and wait; a rank that raises or exits non-zero stops
+    the others and raises :class:`ParallelError` naming it."""
+    import torch.multiprocessing as mp
+
+    env = {**(env or {}), "PYTHONUNBUFFERED": "1"}
+    ctx = mp.start_processes(_entry, args=(fn, fn_args, world, free_port(), env), nprocs=world, join=False,
+                             start_method="spawn")
+    try:
+        while not ctx.join():
+            pass
+    except mp.ProcessExitedException as exc:
+        raise ParallelError(f"worker rank {exc.error_index} exited with code {exc.exit_code}"
+                            f"{' (killed by a signal)' if exc.signal_name else ''}; the other workers were stopped"
+                            ) from None
+    except mp.ProcessRaisedException as exc:
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ParallelError(f"worker rank {exc.error_index} failed: {last}; the other workers were stopped") from None
+
+
+def _run_main(argv: list[str]) -> int:
+    from .main import main
+
+    return main(argv)
+
+
+def launch_command(argv: list[str], config: ParallelConfig, device_kind: str) -> int:
+    """The parent of ``diffc <command> --num-gpus N``: spawn N ranks running ``argv`` and wait."""
+    env = {}
+    if device_kind == "cpu":  # N processes on the same cores: one thread each unless told otherwise
+        env["DIFFC_CPU_THREADS"] = os.environ.get("DIFFC_CPU_THREADS", "1")
+    print(f"diffc: starting {config.text()} on {device_kind}", file=sys.stderr)
+    spawn(_run_main, (argv,), config.world, env)
+    return 0
+
+
+def with_seed(argv: list[str], seed: int | None) -> list[str]:
+    """``argv`` with a fixed ``--seed`` so that every rank draws the same noise."""
+    if seed is not None:
+        return argv
+    return [*argv, "--seed", str(random.randrange(2**31))]
+
+
+def shared_seed() -> int:
+    """A random seed drawn on rank 0 and broadcast to every rank (the process group is up)."""
+    import torch.distributed as dist
+
+    box = [random.randrange(2**31)]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def describe_env() -> dict[str, Any]:
+    return {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
