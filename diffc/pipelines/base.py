@@ -72,6 +72,7 @@ class PipelineSpec:
 _SPECS = {
     "FluxPipeline": "diffc.pipelines.flux:FLUX_SPEC",
     "WanPipeline": "diffc.pipelines.wan:WAN_SPEC",
+    "ZImagePipeline": "diffc.pipelines.zimage:ZIMAGE_SPEC",
 }
 
 
