@@ -82,8 +82,8 @@ def test_defaults_are_turbo():
 
 
 @pytest.mark.parametrize("kwargs,field,fragment", [
-    (dict(height=40), "height", "multiple of 16"),
-    (dict(width=1040), "width", "at most 1024"),
+    (dict(height=42), "height", "multiple of 4"),
+    (dict(width=260), "width", "at most 256"),
     (dict(max_sequence_length=5000), "max_sequence_length", "integer from 1"),
     (dict(num_frames=5), "num_frames", "image model"),
 ])
