@@ -123,7 +123,12 @@ def run(args: argparse.Namespace) -> int:
 
         started = time.perf_counter()
         bucket = {k: v for k, v in options.items() if k in ("height", "width", "num_frames", "guidance_scale",
-                                                             "max_sequence_length")}
+                                                             "max_sequence_length", "true_cfg_scale")}
+        if images:  # an editing model's DiT shapes follow its input images' sizes
+            sizes = [f"{im.width}x{im.height}" for im in images]
+            bucket["image_size"] = sizes[0] if len(sizes) == 1 else sizes
+        if "true_cfg_scale" in bucket and options.get("negative_prompt") is not None:
+            bucket["negative_prompt"] = options["negative_prompt"]  # true CFG doubles the DiT batch
         compile_cached(pipe, bucket, tier=args.quality or "fast", log=lambda line: print(line, file=sys.stderr))
         compile_s = time.perf_counter() - started
 

@@ -38,10 +38,10 @@ FLUX_REGIONS = {  # as tests/compile/test_artifact.py: the same blocks, more tok
 }
 
 
-def _compile_and_compare(pipe, request: dict, expected: dict):
+def _compile_and_compare(pipe, request: dict, expected: dict, bucket: dict | None = None):
     kw = dict(num_inference_steps=2, seed=5, progress=False)
     eager = np.asarray(pipe.generate("a lighthouse", **kw, **request).images[0])
-    report = pipe.compile([request], log=lambda line: None)
+    report = pipe.compile([bucket or request], log=lambda line: None)
     (bucket,) = report.buckets
     for region in bucket.regions:
         matches = {k: v for k, v in region.matches.items() if k != "attention"}
@@ -72,6 +72,9 @@ def test_kontext_edit_compiles_like_flux(flux_checkpoint, tmp_path, monkeypatch)
     (root / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
     pipe = diffc.load(root)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
-    bucket = _compile_and_compare(pipe, {"image": image, "max_sequence_length": 8}, FLUX_REGIONS)
+    # compiled for the input image's size (a gray example image, as `diffc compile --image-size 32x32`), run on
+    # a real image of that size
+    bucket = _compile_and_compare(pipe, {"image": image, "max_sequence_length": 8}, FLUX_REGIONS,
+                                  bucket={"image_size": "32x32", "max_sequence_length": 8})
     # the DiT call holds the 8x8 output tokens and the 8x8 input-image tokens
     assert "hidden_states=1x128x16" in bucket.key
