@@ -1,4 +1,4 @@
-"""Tiny random Z-Image pipelines (and their Qwen tokenizer) saved with diffusers' own classes."""
+"""Tiny random Z-Image pipelines saved with diffusers' own classes (Qwen tokenizer trained locally)."""
 
 from __future__ import annotations
 
@@ -8,36 +8,7 @@ from pathlib import Path
 
 import torch
 
-QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
-# Qwen3's chat template, reduced to what a single user turn uses (with the thinking switch)
-QWEN_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
-)
-
-
-def train_qwen_tokenizer(out_dir: Path, vocab_size: int = 300):
-    """A byte-level BPE tokenizer with Qwen's special tokens, pad = <|endoftext|>, and a chat template."""
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from diffc.demo.tokenizers import _corpus
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_corpus() + ["user assistant"] * 8, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(QWEN_SPECIALS), show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    model = json.loads(tok.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    qwen = transformers.Qwen2Tokenizer(vocab=model["vocab"], merges=merges, eos_token="<|im_end|>",
-                                       pad_token="<|endoftext|>", model_max_length=1024)
-    qwen.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS[1:])})
-    qwen.chat_template = QWEN_CHAT_TEMPLATE
-    qwen.save_pretrained(str(out_dir))
-    return transformers.Qwen2Tokenizer.from_pretrained(str(out_dir))
+from diffc.demo.qwen_tokenizer import train_qwen_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
