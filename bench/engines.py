@@ -104,6 +104,8 @@ class DiffusersEngine(Engine):
 
     def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
         with torch.no_grad():
+            if self.family.diffusers_forward is not None:  # a diffusers DiT whose call differs from diffc's
+                return self.family.diffusers_forward(self.transformer, inputs)
             return self.transformer(**inputs, return_dict=False)[0]
 
     def encode(self, wl: Workload) -> None:
@@ -122,7 +124,7 @@ class DiffusersEngine(Engine):
         try:
             sync(self.device)
             start = time.perf_counter()
-            out = self.pipe(wl.prompt, generator=torch.Generator("cpu").manual_seed(wl.seed), output_type="np",
+            out = self.pipe(prompt=wl.prompt, generator=torch.Generator("cpu").manual_seed(wl.seed), output_type="np",
                             callback_on_step_end=on_step_end, **kwargs)
             sync(self.device)
             wall = time.perf_counter() - start

@@ -14,7 +14,7 @@ import torch
 
 from diffc.pipelines.flux import latent_image_ids
 
-from .flops import Flops, flux_dit_flops, hunyuan_video_dit_flops, sd3_dit_flops, wan_dit_flops
+from .flops import Flops, flux_dit_flops, hunyuan_video_dit_flops, sd3_dit_flops, wan_dit_flops, zimage_dit_flops
 from .specs import BenchSpec, Workload
 
 INPUT_SEED = 1234
@@ -38,6 +38,8 @@ class Family:
     diffc_output: Callable[[Any], np.ndarray]
     note: str = ""  # how the engines' steps differ, for the report
     diffc_encode: Callable[[Any, Workload], Any] | None = None  # diffc's text encode (None: its encode_prompt stage)
+    # diffusers' DiT called on diffc's DiT inputs (None: the same keyword call); returns diffc's output layout
+    diffusers_forward: Callable[[Any, dict[str, Any]], torch.Tensor] | None = None
 
 
 def _randn(shape, gen, device, dtype) -> torch.Tensor:
@@ -243,4 +245,98 @@ HUNYUAN_VIDEO = Family(
     note="diffc runs HunyuanVideoPipeline on its generic (diffusers) backend: the same modules and call.",
 )
 
-FAMILIES: dict[str, Family] = {"flux": FLUX, "wan": WAN, "sd3": SD3, "hunyuanvideo": HUNYUAN_VIDEO}
+# ------------------------------------------------------------------------------- FLUX.1 Kontext
+
+
+def kontext_input_image(wl: Workload):
+    """The edit's input image: a smooth gradient with noise at the output size (Kontext keeps that size when it is
+    one of its preferred resolutions, e.g. 1024x1024)."""
+    from PIL import Image
+
+    gen = np.random.default_rng(INPUT_SEED)
+    ramp = np.linspace(0, 255, wl.width, dtype=np.float32)[None, :, None] * np.ones((wl.height, 1, 3), np.float32)
+    noisy = ramp + gen.normal(0, 20, (wl.height, wl.width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def _kontext_inputs(spec: BenchSpec, wl: Workload, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    inputs = _flux_inputs(spec, wl, device, dtype)
+    gen = torch.Generator("cpu").manual_seed(INPUT_SEED + 7)
+    image_ids = inputs["img_ids"].clone()
+    image_ids[:, 0] = 1  # the input image's tokens: the same grid, first axis 1
+    inputs["hidden_states"] = torch.cat([inputs["hidden_states"],
+                                         _randn(inputs["hidden_states"].shape, gen, device, dtype)], dim=1)
+    inputs["img_ids"] = torch.cat([inputs["img_ids"], image_ids])
+    return inputs
+
+
+def _kontext_flops(spec: BenchSpec, wl: Workload) -> Flops:
+    h, w = _flux_latent_hw(spec, wl)
+    return flux_dit_flops(spec.transformer, 1, 2 * (h // 2) * (w // 2), wl.max_sequence_length)
+
+
+def _kontext_kwargs(wl: Workload) -> dict[str, Any]:
+    return dict(_flux_kwargs(wl), image=kontext_input_image(wl))
+
+
+FLUX_KONTEXT = dataclasses.replace(
+    FLUX, name="flux-kontext", diffusers_pipeline="FluxKontextPipeline", dit_inputs=_kontext_inputs,
+    dit_flops=_kontext_flops, call_kwargs=_kontext_kwargs,
+    note="Kontext appends the input image's latent tokens to the sequence: the DiT runs on twice the image tokens.")
+
+
+# ------------------------------------------------------------------------------------------ Z-Image
+
+ZIMAGE_CAPTION_TOKENS = 128  # caption tokens of the DiT-forward row (a ~100-token prompt in the chat template)
+
+
+def _zimage_inputs(spec: BenchSpec, wl: Workload, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    cfg, gen = spec.transformer, torch.Generator("cpu").manual_seed(INPUT_SEED)
+    return {
+        "hidden_states": _randn(_flux_latent_shape(spec, wl), gen, device, dtype),
+        "timestep": torch.full((1,), 0.5, device=device, dtype=torch.float32),
+        "encoder_hidden_states": _randn((1, ZIMAGE_CAPTION_TOKENS, cfg.cap_feat_dim), gen, device, dtype),
+    }
+
+
+def _zimage_diffusers_forward(transformer, inputs: dict[str, Any]) -> torch.Tensor:
+    """diffusers' ZImageTransformer2DModel takes lists: (C, 1, H, W) latents and (L, D) captions per sample."""
+    x, caps = inputs["hidden_states"], inputs["encoder_hidden_states"]
+    out = transformer(list(x.unsqueeze(2).unbind(0)), inputs["timestep"], list(caps.unbind(0)), return_dict=False)[0]
+    return torch.stack(out).squeeze(2)
+
+
+def _zimage_flops(spec: BenchSpec, wl: Workload) -> Flops:
+    h, w = _flux_latent_hw(spec, wl)
+    p = spec.transformer.patch_size
+    n_img = (h // p) * (w // p)
+    return zimage_dit_flops(spec.transformer, 1, -(-n_img // 32) * 32, ZIMAGE_CAPTION_TOKENS)
+
+
+def _zimage_kwargs(wl: Workload) -> dict[str, Any]:
+    kwargs = dict(height=wl.height, width=wl.width, num_inference_steps=wl.steps, guidance_scale=wl.guidance_scale,
+                  max_sequence_length=wl.max_sequence_length)
+    if wl.guidance_scale > 0 and wl.negative_prompt is not None:
+        kwargs["negative_prompt"] = wl.negative_prompt
+    return kwargs
+
+
+def _zimage_encode(pipe, wl: Workload):
+    return pipe.encode_prompt(prompt=wl.prompt, device=pipe._execution_device,
+                              do_classifier_free_guidance=wl.guidance_scale > 0,
+                              negative_prompt=wl.negative_prompt, max_sequence_length=wl.max_sequence_length)
+
+
+ZIMAGE = Family(
+    name="zimage", diffusers_pipeline="ZImagePipeline", diffusers_transformer="ZImageTransformer2DModel",
+    diffusers_vae="AutoencoderKL", native_transformer="ZImageTransformer2DModel", native_vae="AutoencoderKL",
+    latent_shape=_flux_latent_shape, dit_inputs=_zimage_inputs, dit_flops=_zimage_flops,
+    forwards_per_step=lambda wl: 2 if wl.guidance_scale > 0 else 1,  # CFG as one batch-2 forward, both engines
+    call_kwargs=_zimage_kwargs, diffusers_encode=_zimage_encode,
+    diffusers_output=lambda out: _to_uint8(out.images[0]), diffc_output=lambda out: np.asarray(out.images[0]),
+    diffusers_forward=_zimage_diffusers_forward,
+    note="Z-Image-Turbo: 8 steps without guidance; the DiT-forward row uses a 128-token caption.",
+)
+
+FAMILIES: dict[str, Family] = {"flux": FLUX, "wan": WAN, "sd3": SD3, "hunyuanvideo": HUNYUAN_VIDEO,
+                               "flux-kontext": FLUX_KONTEXT, "zimage": ZIMAGE}

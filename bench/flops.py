@@ -178,3 +178,34 @@ def hunyuan_video_dit_flops(cfg, batch: int, latent_frames: int, latent_height: 
     f.add_linear(batch, dim, 2 * dim)  # norm_out
     f.add_linear(batch * seq_img, dim, pt * p * p * cfg.out_channels)  # proj_out
     return f
+
+
+def zimage_dit_flops(cfg, batch: int, seq_img: int, seq_txt: int) -> Flops:
+    """Z-Image transformer (``ZImageTransformerConfig``) on ``seq_img`` patch tokens and ``seq_txt`` caption
+    tokens (both already padded to a multiple of 32, as the model pads them)."""
+    f = Flops()
+    dim, heads = cfg.dim, cfg.n_heads
+    head_dim, hidden, seq = dim // heads, int(dim / 3 * 8), seq_img + seq_txt
+    patch = cfg.patch_size**2 * cfg.f_patch_size * cfg.in_channels
+    adaln = min(dim, 256)
+
+    def block(tokens: int, modulated: bool) -> None:
+        if modulated:
+            f.add_linear(batch, adaln, 4 * dim)  # adaLN_modulation
+        f.add_linear(batch * tokens, dim, dim, 4)  # to_q, to_k, to_v, to_out
+        f.add_attention(batch, heads, tokens, tokens, head_dim)
+        f.add_linear(batch * tokens, dim, hidden, 2)  # w1, w3
+        f.add_linear(batch * tokens, hidden, dim)  # w2
+
+    f.add_linear(batch, 256, 1024)  # t_embedder
+    f.add_linear(batch, 1024, adaln)
+    f.add_linear(batch * seq_img, patch, dim)  # x_embedder
+    f.add_linear(batch * seq_txt, cfg.cap_feat_dim, dim)  # cap_embedder
+    for _ in range(cfg.n_refiner_layers):
+        block(seq_img, True)  # noise_refiner
+        block(seq_txt, False)  # context_refiner
+    for _ in range(cfg.n_layers):
+        block(seq, True)
+    f.add_linear(batch, adaln, dim)  # final adaLN
+    f.add_linear(batch * seq_img, dim, patch)  # final linear
+    return f

@@ -17,6 +17,7 @@ from diffc.models.config import ModelConfig
 from diffc.models.flux.transformer import FLUX_TRANSFORMER_SPECS
 from diffc.models.wan.transformer import WAN_TRANSFORMER_SPECS
 from diffc.models.wan.vae import WAN_VAE_SPECS
+from diffc.models.zimage.transformer import ZIMAGE_TRANSFORMER_SPECS
 from diffc.pipelines.schedulers.unipc import SCHEDULER_CONFIGS
 
 
@@ -146,6 +147,12 @@ HUNYUAN_VAE = DiffusersConfig(
     act_fn="silu", norm_num_groups=32, scaling_factor=0.476986, spatial_compression_ratio=8,
     temporal_compression_ratio=4, mid_block_add_attention=True)
 FLOW_EULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
+# Qwen/Qwen3-4B (Z-Image text_encoder, Qwen3Model: its second-to-last hidden states are the caption), 4.0 B parameters.
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0)
+ZIMAGE_TEXT = (TextEncoderSpec("text_encoder", "Qwen3Model", "Qwen3Config", QWEN3_4B, "tokenizer", "qwen"),)
+ZIMAGE_SCHEDULER = dict(FLOW_EULER, shift=3.0, use_dynamic_shifting=False)
 _TINY_LLAMA = dict(LLAMA3_8B, vocab_size=512, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
@@ -168,6 +175,27 @@ SPECS: dict[str, BenchSpec] = {
         WAN_VAE_SPECS["wan2.1"], _WAN_TEXT, _WAN_SCHEDULER,
         height=480, width=832, num_frames=81, steps=50, guidance_scale=5.0, max_sequence_length=512,
         negative_prompt=WAN_NEGATIVE),
+    # FLUX.1 Kontext [dev]: FLUX.1-dev's transformer and VAE; the edit's 1024x1024 input image doubles the image
+    # tokens (4096 + 4096 + 512 text) of every forward. guidance 2.5 as BFL's examples.
+    "flux-kontext": BenchSpec(
+        "flux-kontext", "flux-kontext", "black-forest-labs/FLUX.1-Kontext-dev", FLUX_TRANSFORMER_SPECS["flux-dev"],
+        AUTOENCODER_KL_SPECS["flux"], _FLUX_TEXT, FLUX_SCHEDULER,
+        height=1024, width=1024, steps=28, guidance_scale=2.5, max_sequence_length=512),
+    # Tongyi-MAI/Z-Image-Turbo: 6 B single-stream DiT, Qwen3-4B captions, FLUX's VAE; 8 steps, no guidance.
+    "z-image-turbo": BenchSpec(
+        "z-image-turbo", "zimage", "Tongyi-MAI/Z-Image-Turbo", ZIMAGE_TRANSFORMER_SPECS["z-image-turbo"],
+        AUTOENCODER_KL_SPECS["flux"], ZIMAGE_TEXT, ZIMAGE_SCHEDULER,
+        height=1024, width=1024, steps=8, guidance_scale=0.0, max_sequence_length=512),
+    "z-image-tiny": BenchSpec(
+        "z-image-tiny", "zimage", "tiny Z-Image-shaped test pipeline",
+        dataclasses.replace(ZIMAGE_TRANSFORMER_SPECS["z-image-turbo"], in_channels=4, dim=32, n_layers=2,
+                            n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=24, axes_dims=(4, 6, 6)),
+        dataclasses.replace(AUTOENCODER_KL_SPECS["tiny"], latent_channels=4),
+        (TextEncoderSpec("text_encoder", "Qwen3Model", "Qwen3Config",
+                         dict(QWEN3_4B, vocab_size=512, hidden_size=24, intermediate_size=37, num_hidden_layers=3,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024),
+                         "tokenizer", "qwen"),),
+        ZIMAGE_SCHEDULER, height=32, width=48, steps=3, guidance_scale=0.0, max_sequence_length=64),
     "flux-tiny": BenchSpec(
         "flux-tiny", "flux", "tiny FLUX.1-dev-shaped test pipeline",
         dataclasses.replace(FLUX_TRANSFORMER_SPECS["tiny"], joint_attention_dim=32, pooled_projection_dim=24),

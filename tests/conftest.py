@@ -113,3 +113,18 @@ def generic_checkpoint(tmp_path_factory):
         return cache[name]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def zimage_checkpoint(tmp_path_factory):
+    """Factory: ``zimage_checkpoint(variant="tiny") -> Path`` of a tiny Z-Image pipeline, cached for the session."""
+    from tests.image_models import save_zimage
+
+    cache: dict[str, Path] = {}
+
+    def make(variant: str = "tiny") -> Path:
+        if variant not in cache:
+            cache[variant] = save_zimage(tmp_path_factory.mktemp(f"zimage-{variant}"), variant)
+        return cache[variant]
+
+    return make

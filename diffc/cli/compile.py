@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
                    help="guidance scale the runs will use (Wan: > 1 compiles the batched CFG pair)")
     p.add_argument("--batch", type=int, default=1, help="images or videos per prompt the runs will make (default 1)")
     p.add_argument("--max-sequence-length", type=int, help="text tokens the runs will use")
+    p.add_argument("--image-size", action="append", metavar="WxH",
+                   help="editing models: the input image size the runs will use (repeat for several input images)")
     p.add_argument("--quality", choices=("lossless", "fast", "fp8"), default="fast",
                    help="lossless: only bit-exact rewrites; fast (default): every fusion; fp8: fast plus float8_e4m3 "
                         "GEMMs where a fused kernel produces the input (bf16 models; quality report in the log)")
@@ -54,6 +56,8 @@ def parse_buckets(args: argparse.Namespace, video: bool) -> list[dict]:
     if args.batch < 1:
         raise InvalidArgumentError("--batch", f"must be at least 1, got {args.batch}")
     common["prompt"] = ["a compile-time example prompt"] * args.batch
+    if args.image_size:
+        common["image_size"] = args.image_size[0] if len(args.image_size) == 1 else list(args.image_size)
     buckets = []
     if args.height is not None or args.width is not None or args.num_frames is not None or not args.bucket:
         buckets.append({"height": args.height, "width": args.width, "num_frames": args.num_frames})

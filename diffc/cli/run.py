@@ -24,13 +24,15 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", help="text prompt")
     p.add_argument("--image", action="append", metavar="FILE",
                    help="input image for editing and image-to-video models (repeat for models taking several)")
-    p.add_argument("--negative-prompt", help="negative prompt, for models with classifier-free guidance (Wan)")
+    p.add_argument("--negative-prompt", help="negative prompt, for models with classifier-free guidance (Wan, Z-Image; FLUX with --true-cfg-scale)")
     p.add_argument("--height", type=int, help="output height in pixels")
     p.add_argument("--width", type=int, help="output width in pixels")
     p.add_argument("--num-frames", type=int, help="video frames (video models; 4k+1)")
     p.add_argument("--fps", type=int, help="frames per second of the written video (default 16)")
     p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
     p.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale")
+    p.add_argument("--true-cfg-scale", type=float, dest="true_cfg_scale",
+                   help="true classifier-free guidance with --negative-prompt (FLUX.1-dev, Kontext; > 1 turns it on)")
     p.add_argument("--seed", type=int, help="random seed (default: random, printed in the summary)")
     p.add_argument("--max-sequence-length", type=int, help="text tokens kept for the main text encoder")
     p.add_argument("--output", "-o", help="output file (.png/.jpg/.webp for images, .mp4 for videos)")
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if args.fps is not None and not 1 <= args.fps <= 240:
         raise InvalidArgumentError("--fps", f"must be from 1 to 240, got {args.fps}")
     options = {k: getattr(args, k) for k in ("negative_prompt", "height", "width", "num_frames", "num_inference_steps",
-                                             "guidance_scale", "seed", "max_sequence_length")}
+                                             "guidance_scale", "seed", "max_sequence_length", "true_cfg_scale")}
     if args.compile and args.compiled:
         raise InvalidArgumentError("--compile", "give either --compile (compile now, cached) or --compiled ARTIFACT, not both")
     if args.quality is not None and not args.compile:
@@ -140,7 +142,12 @@ def run(args: argparse.Namespace) -> int:
 
         started = time.perf_counter()
         bucket = {k: v for k, v in options.items() if k in ("height", "width", "num_frames", "guidance_scale",
-                                                             "max_sequence_length")}
+                                                             "max_sequence_length", "true_cfg_scale")}
+        if images:  # an editing model's DiT shapes follow its input images' sizes
+            sizes = [f"{im.width}x{im.height}" for im in images]
+            bucket["image_size"] = sizes[0] if len(sizes) == 1 else sizes
+        if "true_cfg_scale" in bucket and options.get("negative_prompt") is not None:
+            bucket["negative_prompt"] = options["negative_prompt"]  # true CFG doubles the DiT batch
         log = (lambda line: print(line, file=sys.stderr)) if main_rank else (lambda line: None)
         if mesh is not None:  # each rank compiles its own shard's shapes, in process (nothing cached)
             pipe.compile([bucket], quality=args.quality or "fast", log=log)

@@ -101,7 +101,7 @@ def capture_inputs(pipe, request: dict[str, Any]) -> dict[str, dict[str, Any]]:
             # prepend: the whole call, before a parallel layer's hook keeps this rank's share of it
             hooks.append(stack.module.register_forward_pre_hook(recorder(name), with_kwargs=True, prepend=True))
         try:
-            pipe.generate(**{"prompt": EXAMPLE_PROMPT, "seed": 0, **request, "progress": False})
+            pipe.generate(**{"prompt": EXAMPLE_PROMPT, "seed": 0, **example_images(request), "progress": False})
         except _Captured:
             pass
         finally:
@@ -117,6 +117,26 @@ def capture_inputs(pipe, request: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                            "step, and no other denoiser has the same config to take inputs from")
             recorded[name] = recorded[twin]
     return recorded
+
+
+def example_images(request: dict[str, Any]) -> dict[str, Any]:
+    """``request`` with its ``image_size`` ("WxH", or a list for several input images) turned into flat gray
+    example images: an editing model's DiT shapes depend on its input images' sizes, not their pixels, and
+    the bucket stays JSON (the artifact's manifest records ``image_size``)."""
+    if "image_size" not in request:
+        return request
+    from PIL import Image
+
+    sizes = request["image_size"]
+    images = []
+    for text in sizes if isinstance(sizes, (list, tuple)) else [sizes]:
+        parts = str(text).lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and 0 < int(p) <= 16384 for p in parts):
+            raise InvalidArgumentError("image_size", f"expected WIDTHxHEIGHT (e.g. 1024x768), got {text!r}")
+        images.append(Image.new("RGB", (int(parts[0]), int(parts[1])), (127, 127, 127)))
+    out = {k: v for k, v in request.items() if k != "image_size"}
+    out["image"] = images[0] if len(images) == 1 else images
+    return out
 
 
 def _same_model(a: nn.Module, b: nn.Module) -> bool:

@@ -23,11 +23,14 @@ _NATIVE_MODELS: dict[str, str] = {
     "AutoencoderKL": "diffc.models.autoencoder_kl:AutoencoderKL",
     "WanTransformer3DModel": "diffc.models.wan.transformer:WanTransformer3DModel",
     "AutoencoderKLWan": "diffc.models.wan.vae:AutoencoderKLWan",
+    "ZImageTransformer2DModel": "diffc.models.zimage.transformer:ZImageTransformer2DModel",
 }
 
 # transformers classes used as text encoders, loaded through transformers itself.
 TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "UMT5EncoderModel")
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "AutoTokenizer")
+TEXT_ENCODERS += ("Qwen3Model",)  # Z-Image
+TOKENIZERS += ("Qwen2Tokenizer", "Qwen2TokenizerFast")  # Z-Image (Qwen3's tokenizer class)
 
 _SCHEDULERS: dict[str, str] = {
     "FlowMatchEulerDiscreteScheduler": "diffc.pipelines.schedulers.flow_match_euler:FlowMatchEulerDiscreteScheduler",

@@ -36,6 +36,7 @@ class GenerationRequest:
     num_frames: int | None = None
     max_sequence_length: int | None = None
     image: Any = None  # a PIL image or a list of them: the input image(s) of editing / image-to-video models
+    true_cfg_scale: float | None = None  # true classifier-free guidance with negative_prompt (FLUX.1-dev, Kontext)
 
     @property
     def prompts(self) -> list[str]:
@@ -71,7 +72,9 @@ class PipelineSpec:
 
 _SPECS = {
     "FluxPipeline": "diffc.pipelines.flux:FLUX_SPEC",
+    "FluxKontextPipeline": "diffc.pipelines.flux_kontext:FLUX_KONTEXT_SPEC",
     "WanPipeline": "diffc.pipelines.wan:WAN_SPEC",
+    "ZImagePipeline": "diffc.pipelines.zimage:ZIMAGE_SPEC",
 }
 
 

@@ -6,6 +6,8 @@ The math and tensor layouts follow diffusers' FluxPipeline so the same seed give
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -45,16 +47,36 @@ def latent_image_ids(h2: int, w2: int, device, dtype) -> torch.Tensor:
     return ids.reshape(h2 * w2, 3).to(device=device, dtype=dtype)
 
 
-def encode_prompt(ctx: RunContext, s):
+def _encode(ctx: RunContext, prompts: list[str], max_length: int, label: str = ""):
     c = ctx.components
-    prompts = s["prompt"]
     clip_len = c["tokenizer"].model_max_length
-    clip_ids, _ = tokenize(ctx, c["tokenizer"], prompts, clip_len, "CLIP")
+    clip_ids, _ = tokenize(ctx, c["tokenizer"], prompts, clip_len, "CLIP" + label)
     pooled = c["text_encoder"](clip_ids.to(ctx.device), output_hidden_states=False).pooler_output
-    t5_ids, _ = tokenize(ctx, c["tokenizer_2"], prompts, s["max_sequence_length"], "T5")
+    t5_ids, _ = tokenize(ctx, c["tokenizer_2"], prompts, max_length, "T5" + label)
     embeds = c["text_encoder_2"](t5_ids.to(ctx.device), output_hidden_states=False)[0]
+    return embeds.to(ctx.dtype), pooled.to(ctx.dtype)
+
+
+def true_cfg_on(s) -> bool:
+    """diffusers' rule: true classifier-free guidance runs when ``true_cfg_scale > 1`` and a negative prompt is given."""
+    return (s.get("true_cfg_scale") or 1.0) > 1 and s.get("negative_prompt") is not None
+
+
+def encode_prompt(ctx: RunContext, s):
+    """T5 states, pooled CLIP embedding and text ids; with true CFG also the negative prompt's."""
+    prompts = s["prompt"]
+    embeds, pooled = _encode(ctx, prompts, s["max_sequence_length"])
     text_ids = torch.zeros(embeds.shape[1], 3, device=ctx.device, dtype=ctx.dtype)
-    return {"prompt_embeds": embeds.to(ctx.dtype), "pooled_prompt_embeds": pooled.to(ctx.dtype), "text_ids": text_ids}
+    out = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids,
+           "negative_prompt_embeds": None, "negative_pooled_prompt_embeds": None}
+    if true_cfg_on(s):
+        negative = s["negative_prompt"]
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        neg, neg_pooled = _encode(ctx, negatives, s["max_sequence_length"], " (negative prompt)")
+        out.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
+    return out
 
 
 def prepare_latents(ctx: RunContext, s):
@@ -78,20 +100,43 @@ def prepare_timesteps(ctx: RunContext, s):
     return {"timesteps": scheduler.timesteps}
 
 
-def denoise(ctx: RunContext, s):
+def flux_predictor(ctx: RunContext, s, batch: int, image_latents: torch.Tensor | None = None,
+                   img_ids: torch.Tensor | None = None):
+    """``predict(x, t)`` for the denoise loop: the FLUX DiT on ``x`` (and ``image_latents`` appended to the
+    sequence, Kontext), with true CFG ``neg + scale * (pos - neg)`` from one batched forward when it is on."""
     transformer = ctx.components["transformer"]
-    latents = s["latents"]
-    batch = latents.shape[0]
+    img_ids = s["img_ids"] if img_ids is None else img_ids
+    embeds, pooled = s["prompt_embeds"], s["pooled_prompt_embeds"]
+    cfg = s.get("negative_prompt_embeds") is not None
+    scale = s.get("true_cfg_scale")
+    if cfg:
+        embeds = torch.cat([embeds, s["negative_prompt_embeds"]])
+        pooled = torch.cat([pooled, s["negative_pooled_prompt_embeds"]])
+    rows = 2 * batch if cfg else batch
     guidance = None
     if transformer.config.guidance_embeds:
-        guidance = torch.full([1], s["guidance_scale"], device=ctx.device, dtype=torch.float32).expand(batch)
+        guidance = torch.full([1], s["guidance_scale"], device=ctx.device, dtype=torch.float32).expand(rows)
 
     def predict(x, t):
-        timestep = t.expand(batch).to(x.dtype)
-        return transformer(hidden_states=x, timestep=timestep / 1000, guidance=guidance,
-                           pooled_projections=s["pooled_prompt_embeds"], encoder_hidden_states=s["prompt_embeds"],
-                           txt_ids=s["text_ids"], img_ids=s["img_ids"])
+        n = x.shape[1]
+        if image_latents is not None:
+            x = torch.cat([x, image_latents], dim=1)
+        if cfg:
+            x = torch.cat([x, x])
+        timestep = t.expand(rows).to(x.dtype)
+        out = transformer(hidden_states=x, timestep=timestep / 1000, guidance=guidance, pooled_projections=pooled,
+                          encoder_hidden_states=embeds, txt_ids=s["text_ids"], img_ids=img_ids)[:, :n]
+        if not cfg:
+            return out
+        pos, neg = out.chunk(2)
+        return neg + scale * (pos - neg)
 
+    return predict
+
+
+def denoise(ctx: RunContext, s):
+    latents = s["latents"]
+    predict = flux_predictor(ctx, s, latents.shape[0])
     return {"latents": denoise_loop(ctx, ctx.components["scheduler"], latents, s["timesteps"], predict)}
 
 
@@ -110,14 +155,18 @@ def postprocess(ctx: RunContext, s):
     return {"images": list((array * 255).round().astype("uint8"))}
 
 
+ENCODE_INPUTS = ("prompt", "max_sequence_length", "negative_prompt", "true_cfg_scale")
+ENCODE_OUTPUTS = ("prompt_embeds", "pooled_prompt_embeds", "text_ids", "negative_prompt_embeds",
+                  "negative_pooled_prompt_embeds")
+DENOISE_INPUTS = ("guidance_scale", "true_cfg_scale") + ENCODE_OUTPUTS
+
+
 def build_stages():
     return [
-        Stage("encode_prompt", encode_prompt, ("prompt", "max_sequence_length"),
-              ("prompt_embeds", "pooled_prompt_embeds", "text_ids")),
+        Stage("encode_prompt", encode_prompt, ENCODE_INPUTS, ENCODE_OUTPUTS),
         Stage("prepare_latents", prepare_latents, ("prompt", "height", "width", "seeds"), ("latents", "img_ids")),
         Stage("prepare_timesteps", prepare_timesteps, ("latents", "num_inference_steps"), ("timesteps",)),
-        Stage("denoise", denoise, ("latents", "timesteps", "guidance_scale", "prompt_embeds", "pooled_prompt_embeds",
-                                   "text_ids", "img_ids"), ("latents",)),
+        Stage("denoise", denoise, ("latents", "timesteps", "img_ids") + DENOISE_INPUTS, ("latents",)),
         Stage("decode", decode, ("latents", "height", "width"), ("decoded",)),
         Stage("postprocess", postprocess, ("decoded",), ("images",)),
     ]
@@ -133,6 +182,20 @@ def validate(pipe, request: GenerationRequest) -> None:
     check_int("max_sequence_length", request.max_sequence_length, 1, T5_MAX_LENGTH)
     if request.num_frames not in (None, 1):
         raise InvalidArgumentError("num_frames", "FLUX.1 is an image model; num_frames is for video models")
+    check_true_cfg(request, pipe.spec.pipeline_class)
+
+
+def check_true_cfg(request: GenerationRequest, pipeline_class: str) -> None:
+    g = request.true_cfg_scale
+    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)
+                          or not 0 <= g <= 100):
+        raise InvalidArgumentError("true_cfg_scale", f"must be a number from 0 to 100, got {g!r}")
+    if request.negative_prompt is not None and not (g is not None and g > 1):
+        raise InvalidArgumentError("negative_prompt", f"{pipeline_class} uses a negative prompt only with "
+                                   f"true_cfg_scale > 1 (true classifier-free guidance), got {g}")
+    if g is not None and g > 1 and request.negative_prompt is None:
+        raise InvalidArgumentError("true_cfg_scale", f"{g} > 1 turns on true classifier-free guidance, which needs "
+                                   "a negative_prompt (it may be \"\")")
 
 
 FLUX_SPEC = PipelineSpec(
@@ -144,4 +207,5 @@ FLUX_SPEC = PipelineSpec(
               "max_sequence_length": T5_MAX_LENGTH},
     build_stages=build_stages,
     validate=validate,
+    uses_negative_prompt=True,  # with true_cfg_scale > 1
 )

@@ -16,6 +16,7 @@ from .engine import Engine
 from .hardening import host_allowed, host_error, method_label, route_label
 from .metrics import ServerMetrics
 from .protocol import APIError
+from .edit_routes import edit_router
 from .lora_routes import allowed_dirs, lora_router
 from .routes import public, v1
 
@@ -124,6 +125,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     app.include_router(public)
     app.include_router(v1)
     app.include_router(lora_router)
+    app.include_router(edit_router)
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):

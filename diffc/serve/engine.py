@@ -118,8 +118,11 @@ class Engine:
                 guidance_scale: float | None = None, negative_prompt: str | None = None,
                 num_frames: int | None = None, seconds: float | None = None, fps: int | None = None,
                 cache: Any = None, lora: str | list[str] | None = None,
-                lora_strength: float | list[float] | None = None) -> Job:
-        """Validate a request against the limits and the model; return a job ready to submit."""
+                lora_strength: float | list[float] | None = None, true_cfg_scale: float | None = None,
+                image: Any = None) -> Job:
+        """Validate a request against the limits and the model; return a job ready to submit.
+
+        ``image``: the input image(s) of an edit (PIL); without ``size`` the model sizes the output from them."""
         if self.state != "ready":
             raise NotReady(self.not_ready_message())
         pipe, lim = self.pipe, self.limits
@@ -133,7 +136,7 @@ class Engine:
                                                  f"{lim.max_prompt_chars} (--max-prompt-chars)")
         if not 1 <= n <= lim.max_n:
             raise InvalidArgumentError("n", f"must be from 1 to {lim.max_n} on this server, got {n}")
-        height, width = size or (self._default("height"), self._default("width"))
+        height, width = size or ((None, None) if image is not None else (self._default("height"), self._default("width")))
         if height is not None and width is not None and height * width > lim.max_pixels:  # None: the model picks
             raise InvalidArgumentError("size", f"{width}x{height} is {width * height} pixels; this server allows "
                                        f"at most {lim.max_pixels} (--max-pixels)")
@@ -156,8 +159,12 @@ class Engine:
         else:
             seeds = [seed + i for i in range(n)]
         given = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
-                     negative_prompt=negative_prompt, num_frames=num_frames if kind == "video" else None)
+                     negative_prompt=negative_prompt, num_frames=num_frames if kind == "video" else None,
+                     true_cfg_scale=true_cfg_scale, image=image)
         request = pipe.resolve(prompt=[prompt] * n, seed=seeds, **{k: v for k, v in given.items() if v is not None})
+        if request.height is not None and request.width is not None and request.height * request.width > lim.max_pixels:
+            raise InvalidArgumentError("size", f"the output would be {request.width}x{request.height}; this server "
+                                       f"allows at most {lim.max_pixels} pixels (--max-pixels); give a smaller size")
         options = {k: getattr(request, k) for k in OPTION_KEYS}
         options["cache"] = self.request_cache(cache)
         if lora is None and lora_strength is not None:

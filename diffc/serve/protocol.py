@@ -31,7 +31,7 @@ def invalid(param: str | None, message: str, code: str = "invalid_value") -> API
     return APIError(400, message, param=param, code=code)
 
 
-NUMBER_FIELDS = ("n", "num_inference_steps", "guidance_scale", "seed", "num_frames", "fps", "seconds",
+NUMBER_FIELDS = ("n", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seed", "num_frames", "fps", "seconds",
                  "output_compression")
 
 
@@ -59,6 +59,7 @@ class _Request(BaseModel):
     negative_prompt: str | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    true_cfg_scale: float | None = None  # true CFG with negative_prompt (FLUX.1-dev, Kontext)
     seed: int | None = None
     cache: Any = None  # step cache: a kind, "none", or {"kind": ..., options}; checked by check_cache_field
     lora: Any = None  # nickname(s) of cached LoRA adapters for this request ([] = the base model)

@@ -85,7 +85,8 @@ def _prepare(engine: Engine, kind: str, req, **extra) -> Job:
     try:
         job = engine.prepare(kind, req.prompt, size=req.size_hw(), seed=req.seed, guidance_scale=req.guidance_scale,
                              num_inference_steps=req.num_inference_steps, negative_prompt=req.negative_prompt,
-                             cache=req.cache, lora=req.lora, lora_strength=req.lora_strength, **extra)
+                             cache=req.cache, lora=req.lora, lora_strength=req.lora_strength,
+                             true_cfg_scale=req.true_cfg_scale, **extra)
         return engine.submit(job)
     except NotReady as exc:
         raise APIError(503, str(exc), type="server_error", code="model_not_ready",

@@ -69,3 +69,42 @@ def test_different_tables_for_k_are_not_fused():
     matches, _program, outs, refs = _compile(torch.float32, shared_tables=False)
     assert matches["qk_norm_rope"] == 0 and matches["rms_norm"] == 2
     assert all(rel_err(o, r) < 1e-6 for o, r in zip(outs, refs))
+
+
+class OneTableAttention(nn.Module):
+    """Heads after the tokens with one (1, S, 1, D) table node read by q and k (Z-Image's block)."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        from diffc.models.zimage.blocks import ZImageAttention
+
+        self.attn = ZImageAttention(heads * head_dim, heads)
+        for norm in (self.attn.norm_q, self.attn.norm_k):
+            nn.init.normal_(norm.weight, 1.0, 0.3)
+
+    def forward(self, x, cos, sin):
+        from diffc.models.zimage.blocks import apply_rope
+
+        a = self.attn
+        q = a.norm_q(a.to_q(x).unflatten(2, (a.heads, -1)))
+        k = a.norm_k(a.to_k(x).unflatten(2, (a.heads, -1)))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_table_node_for_q_and_k_is_fused(dtype):
+    torch.manual_seed(0)
+    model = OneTableAttention(3, 8).to(dtype).eval()
+    cos, sin = _tables(7, 8, 0)
+    kwargs = {"x": torch.randn(2, 7, 24).to(dtype), "cos": cos[None, :, None, :].contiguous(),
+              "sin": sin[None, :, None, :].contiguous()}
+    with torch.no_grad():
+        program = trace_module(model, kwargs)
+        counters = PassManager(passes=[RMSNormPass(), QKNormRopePass()]).run(program)
+        outs, refs = program.module()(**kwargs), model(**kwargs)
+    assert counters.matches["qk_norm_rope"] == 1 and counters.matches["rms_norm"] == 0
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets.count(OP) == 1 and "aten.rms_norm.default" not in targets and "aten.stack.default" not in targets
+    for out, ref in zip(outs, refs):
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else REL_TOL[torch.bfloat16])

@@ -123,7 +123,7 @@ def test_bf16_generation_runs(flux_checkpoint):
     (dict(guidance_scale=float("nan")), "guidance_scale", "number"),
     (dict(seed=-3), "seed", "integer from 0"),
     (dict(seed=[1, 2]), "seed", "one per prompt"),
-    (dict(negative_prompt="blurry"), "negative_prompt", "does not use a negative prompt"),
+    (dict(negative_prompt="blurry"), "negative_prompt", "only with true_cfg_scale > 1"),
     (dict(max_sequence_length=513), "max_sequence_length", "from 1 to 512"),
     (dict(max_sequence_length=3.5), "max_sequence_length", "an integer from 1 to 512"),
     (dict(num_frames=9), "num_frames", "image model"),

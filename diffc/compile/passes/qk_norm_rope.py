@@ -438,6 +438,61 @@ class PerHeadSeqFirstCast(PerHeadSeqFirst):
         )
 
 
+class PerHeadSeqFirstShared(PerHeadSeqFirst):
+    """The heads-after-tokens form where q and k read one table node (a model passing ``cos``/``sin`` of shape
+    (1, S, 1, D) into the block, e.g. Z-Image, instead of indexing a table once for q and once for k)."""
+
+    def example_inputs(self) -> tuple:
+        q_lin, k_lin, q_w, k_w, cos, sin, _, _, *rest = super().example_inputs()
+        return (q_lin, k_lin, q_w, k_w, cos, sin, *rest)
+
+    @staticmethod
+    def pattern(q_lin, k_lin, q_weight, k_weight, cos, sin, dim, split, norm_shape, eps, pair_shape):
+        q = _seq_first(q_lin, dim, split, norm_shape, q_weight, eps)
+        k = _seq_first(k_lin, dim, split, norm_shape, k_weight, eps)
+        return _flux_rope(q, cos, sin, pair_shape, None, None), _flux_rope(k, cos, sin, pair_shape, None, None)
+
+    def build_replacement(self, **values):
+        shared = super().build_replacement(**self._both(values))
+
+        def replacement(q_lin, k_lin, q_weight, k_weight, cos, sin, dim, split, norm_shape, eps, pair_shape):
+            return shared(q_lin, k_lin, q_weight, k_weight, cos, sin, cos, sin, dim, split, norm_shape, eps,
+                          pair_shape)
+        return replacement
+
+    def accepts(self, **values) -> bool:
+        return super().accepts(**self._both(values))
+
+    @staticmethod
+    def _both(values: dict) -> dict:
+        values = dict(values)
+        cos, sin = values.pop("cos"), values.pop("sin")
+        return {**values, "q_cos": cos, "q_sin": sin, "k_cos": cos, "k_sin": sin}
+
+
+class PerHeadSeqFirstSharedCast(PerHeadSeqFirstShared):
+    """The same in bf16/fp16 (RoPE on float32 upcasts, cast back)."""
+
+    cast = True
+
+    @staticmethod
+    def pattern(q_lin, k_lin, q_weight, k_weight, cos, sin, dim, split, norm_shape, eps, pair_shape, upcast,
+                downcast):
+        q = _seq_first(q_lin, dim, split, norm_shape, q_weight, eps)
+        k = _seq_first(k_lin, dim, split, norm_shape, k_weight, eps)
+        return (_flux_rope(q, cos, sin, pair_shape, upcast, downcast),
+                _flux_rope(k, cos, sin, pair_shape, upcast, downcast))
+
+    def build_replacement(self, **values):
+        shared = PerHeadSeqFirst.build_replacement(self, **self._both(values))
+
+        def replacement(q_lin, k_lin, q_weight, k_weight, cos, sin, dim, split, norm_shape, eps, pair_shape,
+                        upcast, downcast):
+            return shared(q_lin, k_lin, q_weight, k_weight, cos, sin, cos, sin, dim, split, norm_shape, eps,
+                          pair_shape, upcast, downcast)
+        return replacement
+
+
 class QKNormRopePass(FusionPass):
     """Self-attention's q/k RMSNorm + RoPE -> ``diffc.qk_norm_rope_across_heads`` (Wan) and
     ``diffc.qk_norm_rope_per_head`` (FLUX; diffusers' attention with heads after the tokens, e.g.
@@ -446,4 +501,4 @@ class QKNormRopePass(FusionPass):
     name = "qk_norm_rope"
     bit_exact = False
     patterns = (AcrossHeadsDowncast(), AcrossHeads(), PerHeadJointCast(), PerHeadJoint(), PerHeadCast(), PerHead(),
-                PerHeadSeqFirstCast(), PerHeadSeqFirst())
+                PerHeadSeqFirstCast(), PerHeadSeqFirst(), PerHeadSeqFirstSharedCast(), PerHeadSeqFirstShared())

@@ -12,7 +12,7 @@ from ..denoise import cpu_generators
 
 # Request fields passed to ``__call__`` under the same name when the pipeline takes them.
 CALL_FIELDS = ("prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale",
-               "max_sequence_length", "num_frames", "image")
+               "max_sequence_length", "num_frames", "image", "true_cfg_scale")
 MAX_FRAMES = 4096
 MAX_TEXT_TOKENS = 1 << 16
 

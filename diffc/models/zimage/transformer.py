@@ -1,0 +1,230 @@
+"""Native Z-Image transformer, loading diffusers' ``ZImageTransformer2DModel`` checkpoints by name.
+
+Flow (as diffusers' basic, non-omni mode): patchify the latents into ``p*p*C`` tokens, embed and refine
+them (``noise_refiner``, modulated by the timestep); embed and refine the caption (``context_refiner``,
+unmodulated); run ``layers`` over the per-sample sequence ``[image, caption]``; final layer; unpatchify.
+Each token sequence is padded to a multiple of 32 with a learned pad token (these pad tokens are
+attended to, as in Z-Image); samples of one batch whose sequences differ in length (captions of other
+lengths, e.g. the two halves of classifier-free guidance) are right-padded and masked out of attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ...errors import InvalidArgumentError
+from ..config import ModelConfig
+from .blocks import ADALN_EMBED_DIM, FinalLayer, TimestepEmbedder, ZImageTransformerBlock, rope_tables
+
+SEQ_MULTI_OF = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ZImageTransformerConfig(ModelConfig):
+    """The fields of diffusers' ``ZImageTransformer2DModel`` config.json, with diffusers' defaults."""
+
+    all_patch_size: tuple[int, ...] = (2,)
+    all_f_patch_size: tuple[int, ...] = (1,)
+    in_channels: int = 16
+    dim: int = 3840
+    n_layers: int = 30
+    n_refiner_layers: int = 2
+    n_heads: int = 30
+    n_kv_heads: int = 30
+    norm_eps: float = 1e-5
+    qk_norm: bool = True
+    cap_feat_dim: int = 2560
+    siglip_feat_dim: int | None = None
+    rope_theta: float = 256.0
+    t_scale: float = 1000.0
+    axes_dims: tuple[int, ...] = (32, 48, 48)
+    axes_lens: tuple[int, ...] = (1024, 512, 512)
+
+    def __post_init__(self):
+        if self.n_heads == 0 or self.dim % self.n_heads:
+            raise InvalidArgumentError("n_heads", f"must divide dim={self.dim}, got {self.n_heads}")
+        if sum(self.axes_dims) != self.dim // self.n_heads or any(d % 2 for d in self.axes_dims):
+            raise InvalidArgumentError("axes_dims", f"must be even and sum to the head dim {self.dim // self.n_heads}, "
+                                       f"got {list(self.axes_dims)}")
+        if len(self.axes_dims) != 3 or len(self.axes_lens) != 3:
+            raise InvalidArgumentError("axes_dims", "Z-Image uses 3 RoPE axes (frame/caption, row, column)")
+        if not self.qk_norm:
+            raise InvalidArgumentError("qk_norm", "only qk_norm=true (every published Z-Image) is implemented")
+        if self.siglip_feat_dim is not None:
+            raise InvalidArgumentError("siglip_feat_dim", "Z-Image-Omni (SigLIP conditioning) is not supported yet")
+        if len(self.all_patch_size) != len(self.all_f_patch_size) or not self.all_patch_size:
+            raise InvalidArgumentError("all_patch_size", "needs one entry per all_f_patch_size entry")
+
+    @property
+    def patch_size(self) -> int:
+        return self.all_patch_size[0]
+
+    @property
+    def f_patch_size(self) -> int:
+        return self.all_f_patch_size[0]
+
+
+ZIMAGE_TRANSFORMER_SPECS: dict[str, ZImageTransformerConfig] = {
+    # Tongyi-MAI/Z-Image-Turbo (and Z-Image): 6B parameters, 30 layers of 3840, Qwen3-4B caption features.
+    "z-image-turbo": ZImageTransformerConfig(),
+}
+
+
+def _ceil(n: int, multiple: int = SEQ_MULTI_OF) -> int:
+    return -(-n // multiple) * multiple
+
+
+class ZImageTransformer2DModel(nn.Module):
+    """Z-Image single-stream DiT.
+
+    ``forward(hidden_states (B, C, H, W), timestep (B,) in [0, 1] (0 = noise), encoder_hidden_states
+    (B, L, cap_feat_dim), encoder_attention_mask (B, L) bool or None)`` returns (B, C, H, W): the model's
+    output as Z-Image defines it (the pipeline negates it into the flow velocity).
+    """
+
+    config_class = ZImageTransformerConfig
+    _repeated_blocks = ("noise_refiner", "context_refiner", "layers")
+    _keep_in_fp32_modules = ()
+
+    def __init__(self, config: ZImageTransformerConfig):
+        super().__init__()
+        self.config = config
+        dim, p, pf, c = config.dim, config.patch_size, config.f_patch_size, config.in_channels
+        key = f"{p}-{pf}"
+        self.all_x_embedder = nn.ModuleDict({key: nn.Linear(pf * p * p * c, dim)})
+        self.all_final_layer = nn.ModuleDict({key: FinalLayer(dim, pf * p * p * c)})
+        self.noise_refiner = nn.ModuleList(
+            ZImageTransformerBlock(dim, config.n_heads, config.norm_eps) for _ in range(config.n_refiner_layers))
+        self.context_refiner = nn.ModuleList(
+            ZImageTransformerBlock(dim, config.n_heads, config.norm_eps, modulation=False)
+            for _ in range(config.n_refiner_layers))
+        self.t_embedder = TimestepEmbedder(min(dim, ADALN_EMBED_DIM), mid_size=1024)
+        self.cap_embedder = nn.Sequential(nn.RMSNorm(config.cap_feat_dim, eps=config.norm_eps),
+                                          nn.Linear(config.cap_feat_dim, dim))
+        self.x_pad_token = nn.Parameter(torch.zeros(1, dim))
+        self.cap_pad_token = nn.Parameter(torch.zeros(1, dim))
+        self.layers = nn.ModuleList(
+            ZImageTransformerBlock(dim, config.n_heads, config.norm_eps) for _ in range(config.n_layers))
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _tables(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rope_tables(ids, self.config.axes_dims, self.config.rope_theta)  # (B, S, head_dim)
+        if all(torch.equal(ids[0], i) for i in ids[1:]):
+            cos, sin = cos[:1], sin[:1]  # one table for the batch
+        return cos[:, :, None, :].contiguous(), sin[:, :, None, :].contiguous()  # (B or 1, S, 1, head_dim)
+
+    @staticmethod
+    def _mask(lengths: list[int], total: int, device) -> torch.Tensor | None:
+        if all(n == total for n in lengths):
+            return None
+        return torch.arange(total, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+
+    def _patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        # (B, C, H, W) -> (B, F*H/p*W/p, pf*p*p*C), feature order (pf, ph, pw, C) as Z-Image
+        p, pf = self.config.patch_size, self.config.f_patch_size
+        b, c, h, w = x.shape
+        x = x.view(b, c, 1, 1, h // p, p, w // p, p)  # a 2-D latent is one frame
+        x = x.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(b, (h // p) * (w // p), pf * p * p * c)
+        return x, (1, h // p, w // p)
+
+    def _unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        p, c = self.config.patch_size, self.config.in_channels
+        _, ht, wt = grid
+        b = x.shape[0]
+        x = x.view(b, ht, wt, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, ht * p, wt * p)
+
+    # ------------------------------------------------------------------------------------ forward
+
+    def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask)
+        cfg = self.config
+        device, b = hidden_states.device, hidden_states.shape[0]
+        adaln = self.t_embedder(timestep * cfg.t_scale).type_as(hidden_states)  # (B, 256)
+
+        # image tokens, padded to a multiple of 32 with the pad token
+        tokens, grid = self._patchify(hidden_states)
+        n_img = tokens.shape[1]
+        img_len = _ceil(n_img)
+        x = self.all_x_embedder[f"{cfg.patch_size}-{cfg.f_patch_size}"](tokens)  # (B, n_img, dim)
+        x = torch.cat([x, self.x_pad_token.to(x.dtype).expand(b, img_len - n_img, -1)], dim=1)
+
+        # caption tokens: each sample's own length, padded to a multiple of 32 with the pad token
+        if encoder_attention_mask is None:
+            cap_lens = [encoder_hidden_states.shape[1]] * b
+        else:
+            cap_lens = [int(n) for n in encoder_attention_mask.sum(dim=1).tolist()]
+        cap_padded = [_ceil(n) for n in cap_lens]
+        cap_total = max(cap_padded)
+        feats = self.cap_embedder(encoder_hidden_states)  # (B, L, dim)
+        cap = feats.new_zeros(b, cap_total, feats.shape[-1])
+        cap_ids = torch.zeros(b, cap_total, 3, dtype=torch.int64, device=device)
+        img_ids = torch.zeros(b, img_len, 3, dtype=torch.int64, device=device)
+        rows = torch.arange(grid[1], device=device).repeat_interleave(grid[2])
+        cols = torch.arange(grid[2], device=device).repeat(grid[1])
+        for i, (n, padded) in enumerate(zip(cap_lens, cap_padded)):
+            cap[i, :n] = self._caption(feats[i], encoder_attention_mask, i)[:n]
+            cap[i, n:padded] = self.cap_pad_token.to(cap.dtype)
+            cap_ids[i, :padded, 0] = torch.arange(1, padded + 1, device=device)
+            img_ids[i, :n_img, 0] = padded + 1
+            img_ids[i, :n_img, 1], img_ids[i, :n_img, 2] = rows, cols
+
+        img_cos, img_sin = self._tables(img_ids)
+        for block in self.noise_refiner:
+            x = block(x, None, img_cos, img_sin, adaln)
+        cap_mask = self._mask(cap_padded, cap_total, device)
+        cap_cos, cap_sin = self._tables(cap_ids)
+        for block in self.context_refiner:
+            cap = block(cap, cap_mask, cap_cos, cap_sin)
+
+        # one sequence per sample: [image, caption], right-padded across the batch
+        lengths = [img_len + n for n in cap_padded]
+        unified = torch.cat([x, cap], dim=1)
+        ids = torch.cat([img_ids, cap_ids], dim=1)
+        mask = self._mask(lengths, max(lengths), device)
+        cos, sin = self._tables(ids)
+        for block in self.layers:
+            unified = block(unified, mask, cos, sin, adaln)
+
+        out = self.all_final_layer[f"{cfg.patch_size}-{cfg.f_patch_size}"](unified[:, :n_img], adaln)
+        return self._unpatchify(out, grid)
+
+    @staticmethod
+    def _caption(feats: torch.Tensor, mask: torch.Tensor | None, i: int) -> torch.Tensor:
+        """Sample ``i``'s caption features in order, its masked-out positions dropped."""
+        return feats if mask is None else feats[mask[i]]
+
+    def _check_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask) -> None:
+        cfg = self.config
+        p = cfg.patch_size
+        if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.in_channels:
+            raise InvalidArgumentError("hidden_states", f"expected (batch, {cfg.in_channels}, height, width), "
+                                       f"got {tuple(hidden_states.shape)}")
+        b, _, h, w = hidden_states.shape
+        if h % p or w % p:
+            raise InvalidArgumentError("hidden_states", f"latent height and width must be multiples of the patch "
+                                       f"size {p}, got {h}x{w}")
+        if h // p > cfg.axes_lens[1] or w // p > cfg.axes_lens[2]:
+            raise InvalidArgumentError("hidden_states", f"at most {cfg.axes_lens[1] * p}x{cfg.axes_lens[2] * p} "
+                                       f"latent pixels for this checkpoint's RoPE (axes_lens), got {h}x{w}")
+        if timestep.ndim != 1 or timestep.shape[0] not in (1, b):
+            raise InvalidArgumentError("timestep", f"expected shape ({b},), got {tuple(timestep.shape)}")
+        if (encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b
+                or encoder_hidden_states.shape[2] != cfg.cap_feat_dim):
+            raise InvalidArgumentError("encoder_hidden_states", f"expected ({b}, seq, {cfg.cap_feat_dim}), "
+                                       f"got {tuple(encoder_hidden_states.shape)}")
+        if encoder_attention_mask is not None:
+            if tuple(encoder_attention_mask.shape) != tuple(encoder_hidden_states.shape[:2]):
+                raise InvalidArgumentError("encoder_attention_mask", f"expected shape "
+                                           f"{tuple(encoder_hidden_states.shape[:2])}, got "
+                                           f"{tuple(encoder_attention_mask.shape)}")
+            if encoder_attention_mask.dtype != torch.bool or not encoder_attention_mask.any(dim=1).all():
+                raise InvalidArgumentError("encoder_attention_mask", "must be bool with at least one token per sample")
+        if _ceil(encoder_hidden_states.shape[1]) + 1 >= cfg.axes_lens[0]:
+            raise InvalidArgumentError("encoder_hidden_states", f"at most {cfg.axes_lens[0] - SEQ_MULTI_OF - 1} "
+                                       f"caption tokens for this checkpoint's RoPE, got {encoder_hidden_states.shape[1]}")

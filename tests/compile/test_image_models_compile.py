@@ -1,0 +1,80 @@
+"""Compiling Z-Image and FLUX.1 Kontext with the generic passes: per-region match counts, compiled == eager.
+
+Z-Image's blocks (tiny: 1 noise refiner, 1 context refiner, 2 main layers) hold per block one q/k RMSNorm +
+RoPE (heads after the tokens, one table for q and k), two gated residuals ``x + tanh(g) * norm(y)`` in
+the modulated blocks (the context refiner adds ungated residuals), no adaLN (its modulation scales an
+RMSNorm, without a shift: not the LayerNorm op), no SiLU-mul (SwiGLU from two separate projections) and
+no GELU. Kontext is the FLUX DiT with the input image's tokens appended: FLUX's counts exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import diffc
+from diffc.pipelines import flux_kontext
+from tests.helpers import psnr_uint8
+
+ZERO = {"canonicalize_casts": 14, "rms_norm": 0, "adaln_modulate": 0, "gelu_tanh": 0, "timestep_embedding": 0,
+        "silu_mul": 0, "gated_residual_adaln": 0}
+ZIMAGE_REGIONS = {
+    "noise_refiner": {**ZERO, "qk_norm_rope": 1, "gated_residual": 2},
+    "context_refiner": {**ZERO, "qk_norm_rope": 1, "gated_residual": 0},
+    "layers": {**ZERO, "qk_norm_rope": 1, "gated_residual": 2},
+}
+ZIMAGE_BLOCKS = {"noise_refiner": 1, "context_refiner": 1, "layers": 2}
+FLUX_REGIONS = {  # as tests/compile/test_artifact.py: the same blocks, more tokens
+    "transformer_blocks": {"canonicalize_casts": 14, "rms_norm": 0, "qk_norm_rope": 1, "adaln_modulate": 4,
+                           "gated_residual": 4, "gelu_tanh": 2, "timestep_embedding": 0, "silu_mul": 0,
+                           "gated_residual_adaln": 2},
+    "single_transformer_blocks": {"canonicalize_casts": 14, "rms_norm": 0, "qk_norm_rope": 1, "adaln_modulate": 1,
+                                  "gated_residual": 1, "gelu_tanh": 1, "timestep_embedding": 0, "silu_mul": 0,
+                                  "gated_residual_adaln": 0},
+}
+
+
+def _compile_and_compare(pipe, request: dict, expected: dict, bucket: dict | None = None):
+    kw = dict(num_inference_steps=2, seed=5, progress=False)
+    eager = np.asarray(pipe.generate("a lighthouse", **kw, **request).images[0])
+    report = pipe.compile([bucket or request], log=lambda line: None)
+    (bucket,) = report.buckets
+    for region in bucket.regions:
+        matches = {k: v for k, v in region.matches.items() if k != "attention"}
+        assert matches == expected[region.region], region.region
+    assert {r.region for r in bucket.regions} == set(expected)
+    assert bucket.rel_err_vs_eager < 1e-4
+    compiled = pipe.executor.compiled()
+    before = compiled.counters.compiled_calls
+    out = pipe.generate("a lighthouse", **kw, **request)
+    assert compiled.counters.compiled_calls == before + 2 and compiled.counters.eager_fallbacks == 0
+    assert eager.std() > 1.0
+    assert psnr_uint8(out.images[0], eager) >= 40.0
+    return bucket
+
+
+def test_zimage_compiles_with_the_generic_passes(zimage_checkpoint):
+    pipe = diffc.load(zimage_checkpoint("tiny"))
+    bucket = _compile_and_compare(pipe, {"height": 32, "width": 32, "max_sequence_length": 24}, ZIMAGE_REGIONS)
+    assert {r.region: r.blocks for r in bucket.regions} == ZIMAGE_BLOCKS
+    assert bucket.matches["qk_norm_rope"] == 4 and bucket.matches["gated_residual"] == 6
+
+
+def test_kontext_edit_compiles_like_flux(flux_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(flux_kontext, "PREFERRED_RESOLUTIONS", ((32, 32),))
+    root = tmp_path / "ckpt"
+    shutil.copytree(flux_checkpoint("dev-tiny"), root)
+    index = json.loads((root / "model_index.json").read_text())
+    (root / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
+    pipe = diffc.load(root)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    # compiled for the input image's size (a gray example image, as `diffc compile --image-size 32x32`), run on
+    # a real image of that size
+    bucket = _compile_and_compare(pipe, {"image": image, "max_sequence_length": 8}, FLUX_REGIONS,
+                                  bucket={"image_size": "32x32", "max_sequence_length": 8})
+    # the DiT call holds the 8x8 output tokens and the 8x8 input-image tokens
+    assert "hidden_states=1x128x16" in bucket.key

@@ -1,0 +1,94 @@
+"""Z-Image end to end against diffusers.ZImagePipeline on the same tiny checkpoint and seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import diffc
+from diffc.errors import InvalidArgumentError
+from tests.helpers import psnr_uint8, rel_err
+
+PROMPT = "a red fox in snow"
+
+# (variant, height, width, steps, guidance, max_sequence_length, negative prompt)
+CASES = [
+    ("tiny", 64, 48, 3, 0.0, 64, None),          # Turbo: no guidance
+    ("tiny", 32, 32, 2, 2.5, 48, "blurry, low quality"),  # CFG: cond/uncond captions of other lengths (mask)
+    ("odd", 48, 16, 2, 1.0, 40, None),           # 1 head, 2 refiners, 3 latent channels, odd image token count
+]
+
+
+def _diffusers_images(ckpt, prompt, seeds, **kw):
+    import diffusers
+
+    ref = diffusers.ZImagePipeline.from_pretrained(ckpt)
+    ref.set_progress_bar_config(disable=True)
+    generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    out = ref(prompt, generator=generator if len(generator) > 1 else generator[0], output_type="np", **kw).images
+    return [(img * 255).round().astype("uint8") for img in out]
+
+
+@pytest.mark.parametrize("variant,height,width,steps,guidance,max_len,negative", CASES)
+def test_matches_diffusers(zimage_checkpoint, variant, height, width, steps, guidance, max_len, negative):
+    ckpt = zimage_checkpoint(variant)
+    kw = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance,
+              max_sequence_length=max_len, negative_prompt=negative)
+    ref = _diffusers_images(ckpt, PROMPT, [11], **kw)[0]
+    out = diffc.load(ckpt, device="cpu").generate(PROMPT, seed=11, progress=False, **kw)
+    image = np.asarray(out.images[0])
+    assert image.shape == (height, width, 3) and image.dtype == np.uint8
+    assert image.std() > 1.0, "degenerate (flat) image: the parity check would prove nothing"
+    assert psnr_uint8(image, ref) >= 40.0
+    assert len(out.timings.step_ms) == steps
+
+
+def test_batch_of_prompts_of_other_lengths_matches_diffusers(zimage_checkpoint):
+    ckpt = zimage_checkpoint("tiny")
+    prompts = ["a red fox", "portrait of an old sailor with a white beard, oil painting, golden hour light"]
+    kw = dict(height=32, width=32, num_inference_steps=2, guidance_scale=0.0, max_sequence_length=64)
+    refs = _diffusers_images(ckpt, prompts, [3, 4], **kw)
+    out = diffc.load(ckpt).generate(prompts, seed=[3, 4], progress=False, **kw)
+    for image, ref in zip(out.images, refs):
+        assert psnr_uint8(image, ref) >= 40.0
+
+
+def test_dit_matches_diffusers_with_padding_masks(zimage_checkpoint):
+    """The DiT alone on a batch whose captions differ in length: masks and pad tokens as diffusers."""
+    import diffusers
+
+    ckpt = zimage_checkpoint("tiny")
+    ref = diffusers.ZImageTransformer2DModel.from_pretrained(ckpt / "transformer")
+    dit = diffc.load(ckpt).components["transformer"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 6, generator=gen)
+    caps = torch.randn(2, 40, dit.config.cap_feat_dim, generator=gen)
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[0, :40], mask[1, 3:20] = True, True  # 40 and 17 tokens (left padding on the second)
+    t = torch.tensor([0.3, 0.3])
+    with torch.no_grad():
+        want = ref(list(x.unsqueeze(2).unbind(0)), t, [caps[0], caps[1][mask[1]]], return_dict=False)[0]
+        got = dit(hidden_states=x, timestep=t, encoder_hidden_states=caps, encoder_attention_mask=mask)
+    assert rel_err(got, torch.stack(want).squeeze(2)) < 1e-5
+
+
+def test_defaults_are_turbo():
+    from diffc.pipelines.base import pipeline_spec
+
+    spec = pipeline_spec("ZImagePipeline")
+    assert spec.defaults["num_inference_steps"] == 8 and spec.defaults["guidance_scale"] == 0.0
+    assert spec.image_input == "none"
+
+
+@pytest.mark.parametrize("kwargs,field,fragment", [
+    (dict(height=42), "height", "multiple of 4"),
+    (dict(width=260), "width", "at most 256"),
+    (dict(max_sequence_length=5000), "max_sequence_length", "integer from 1"),
+    (dict(num_frames=5), "num_frames", "image model"),
+])
+def test_bad_requests_name_the_field(zimage_checkpoint, kwargs, field, fragment):
+    pipe = diffc.load(zimage_checkpoint("tiny"))
+    with pytest.raises(InvalidArgumentError, match=fragment) as err:
+        pipe.generate(PROMPT, progress=False, **{"height": 32, "width": 32, **kwargs})
+    assert err.value.field == field

@@ -1,0 +1,124 @@
+"""POST /v1/images/edits with the real openai client and raw multipart, on a tiny FLUX.1 Kontext model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+
+import numpy as np
+import openai
+import pytest
+import requests
+from PIL import Image
+
+import diffc
+from diffc.pipelines import flux_kontext
+from diffc.serve.engine import Engine
+from tests.helpers import psnr_uint8
+from tests.serve.conftest import LiveServer
+
+TINY_RESOLUTIONS = ((24, 40), (32, 32), (40, 24))  # (width, height): the tiny model's stand-in for ~1 MP
+SETTINGS = {"num_inference_steps": 2, "max_sequence_length": 16}
+
+
+@pytest.fixture(scope="module")
+def kontext_server(flux_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("kontext-serve") / "ckpt"
+    shutil.copytree(flux_checkpoint("dev-tiny"), root)
+    index = json.loads((root / "model_index.json").read_text())
+    (root / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
+    engine = Engine(lambda: diffc.load(root, device="cpu"), model_id="kontext-tiny",
+                    defaults={"height": 32, "width": 32, **SETTINGS},  # the warm-up size; edits follow the input
+                    warmup={}, output_dir=tmp_path_factory.mktemp("edit-outputs"))
+    server = LiveServer(engine).start()
+    server.ckpt = root
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def tiny_resolutions(monkeypatch):
+    monkeypatch.setattr(flux_kontext, "PREFERRED_RESOLUTIONS", TINY_RESOLUTIONS)
+
+
+def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _input(w=50, h=30) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _decoded(item) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(item.b64_json))))
+
+
+def test_openai_client_edit_follows_the_input_size(kontext_server):
+    client = kontext_server.client()
+    image = _input()
+    result = client.images.edit(model="kontext-tiny", image=("in.png", _png(image), "image/png"),
+                                prompt="make it night", n=2, extra_body={"seed": 9})
+    assert len(result.data) == 2
+    got = [_decoded(d) for d in result.data]
+    assert got[0].shape == (24, 40, 3)  # 50x30 input -> the (40, 24) resolution nearest its aspect ratio
+    want = diffc.load(kontext_server.ckpt).generate(["make it night"] * 2, image=image, seed=[9, 10], progress=False,
+                                                    **SETTINGS)
+    for g, w in zip(got, want.images):
+        assert psnr_uint8(g, w) >= 40.0  # the server's batch is the pipeline's output (PNG is lossless)
+
+
+def test_size_and_url_response(kontext_server):
+    client = kontext_server.client()
+    result = client.images.edit(image=("in.jpg", _png(_input(), "JPEG"), "image/jpeg"), prompt="add snow",
+                                size="48x32", response_format="url")
+    content = requests.get(result.data[0].url, timeout=60)
+    assert content.status_code == 200
+    assert Image.open(io.BytesIO(content.content)).size == (48, 32)
+
+
+def _raw(server, files, **fields):
+    data = {"prompt": "make it night", **fields}
+    return requests.post(f"{server.url}/v1/images/edits", data=data, files=files, timeout=120)
+
+
+@pytest.mark.parametrize("files,param,fragment", [
+    ([("image", ("a.png", b"not an image at all", "image/png"))], "image", "not a readable image"),
+    ([("image", ("a.png", b"", "image/png"))], "image", "empty file"),
+    ([("image", ("a.tif", _png(Image.new("LAB", (8, 8)), "TIFF"), "image/tiff"))], "image", "mode 'LAB'"),
+    ([("image", ("a.png", _png(Image.new("1", (17000, 1))), "image/png"))], "image", "too large"),
+    ([("image[]", ("a.png", _png(_input()), "image/png")), ("image[]", ("b.png", _png(_input()), "image/png"))],
+     "image", "at most 1 input image"),
+    ([("image[]", ("a.png", _png(_input()), "image/png")), ("image[]", ("b.png", b"junk", "image/png"))],
+     "image[1]", "not a readable image"),
+    ([("n", (None, "1"))], "image", "Missing required parameter"),  # multipart without a file
+    ([("image", ("a.png", _png(_input()), "image/png")), ("mask", ("m.png", _png(_input()), "image/png"))],
+     "mask", "not supported"),
+])
+def test_bad_uploads_are_400_naming_the_field(kontext_server, files, param, fragment):
+    response = _raw(kontext_server, files)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and fragment in error["message"]
+
+
+def test_json_body_is_refused(kontext_server):
+    response = requests.post(f"{kontext_server.url}/v1/images/edits", json={"prompt": "x"}, timeout=30)
+    assert response.status_code == 400 and "multipart/form-data" in response.json()["error"]["message"]
+
+
+def test_openai_client_sees_a_bad_request(kontext_server):
+    with pytest.raises(openai.BadRequestError) as info:
+        kontext_server.client().images.edit(image=("a.png", b"GIF89a nonsense", "image/png"), prompt="x")
+    assert info.value.body["param"] == "image"
+
+
+def test_text_to_image_model_refuses_edits(image_server):
+    with pytest.raises(openai.BadRequestError) as info:
+        image_server.client().images.edit(image=("in.png", _png(_input()), "image/png"), prompt="make it night")
+    assert info.value.body["param"] == "image"
+    assert "takes no input image" in info.value.body["message"]
