@@ -21,8 +21,8 @@ from starlette.datastructures import UploadFile
 
 from ..pipelines.base import IMAGE_MODES, MAX_IMAGE_SIDE
 from .engine import JobError
-from .protocol import ImageRequest, invalid, parse_body
-from .routes import _job_api_error, _prepare, _size, _stats, engine_of, require_api_key
+from .protocol import APIError, ImageRequest, invalid, parse_body
+from .routes import _job_api_error, _prepare, _size, _stats, _until_done_or_gone, engine_of, require_api_key
 from .storage import new_id
 
 MAX_IMAGE_BYTES = 50 << 20  # per file, as OpenAI's limit for edits
@@ -114,12 +114,15 @@ async def edit_images(request: Request) -> dict[str, Any]:
     images = await run_in_threadpool(lambda: [decode_image(data, n) for n, (_, data) in zip(names, files)])
     job = _prepare(engine, "image", req, n=req.n, image=images[0] if len(images) == 1 else images)
     try:
-        await asyncio.wrap_future(job.future)
-    except asyncio.CancelledError:  # the client went away or the server is stopping
+        done = await _until_done_or_gone(request, job)
+    except asyncio.CancelledError:  # the server is stopping
         engine.cancel(job)
         raise
     except JobError as err:
         raise _job_api_error(err) from None
+    if not done:  # the client went away: nobody will read this answer
+        engine.cancel(job)
+        raise APIError(499, "The client closed the connection; the job was cancelled.", code="client_disconnected")
     fmt = req.output_format or "png"
     quality = req.output_compression if req.output_compression is not None else 95
     data = await run_in_threadpool(encode_images, engine, job, fmt, quality, req.response_format == "url",

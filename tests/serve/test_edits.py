@@ -6,7 +6,9 @@ import base64
 import io
 import json
 import shutil
+import time
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -17,7 +19,7 @@ import diffc
 from diffc.pipelines import flux_kontext
 from diffc.serve.engine import Engine
 from tests.helpers import psnr_uint8
-from tests.serve.conftest import LiveServer
+from tests.serve.conftest import Flaky, LiveServer
 
 TINY_RESOLUTIONS = ((24, 40), (32, 32), (40, 24))  # (width, height): the tiny model's stand-in for ~1 MP
 SETTINGS = {"num_inference_steps": 2, "max_sequence_length": 16}
@@ -29,11 +31,18 @@ def kontext_server(flux_checkpoint, tmp_path_factory):
     shutil.copytree(flux_checkpoint("dev-tiny"), root)
     index = json.loads((root / "model_index.json").read_text())
     (root / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
-    engine = Engine(lambda: diffc.load(root, device="cpu"), model_id="kontext-tiny",
+    holder = {}
+
+    def load():
+        holder["pipe"] = Flaky(diffc.load(root, device="cpu"))
+        return holder["pipe"]
+
+    engine = Engine(load, model_id="kontext-tiny",
                     defaults={"height": 32, "width": 32, **SETTINGS},  # the warm-up size; edits follow the input
                     warmup={}, output_dir=tmp_path_factory.mktemp("edit-outputs"))
     server = LiveServer(engine).start()
     server.ckpt = root
+    server.pipe = holder["pipe"]
     yield server
     server.stop()
 
@@ -122,3 +131,24 @@ def test_text_to_image_model_refuses_edits(image_server):
         image_server.client().images.edit(image=("in.png", _png(_input()), "image/png"), prompt="make it night")
     assert info.value.body["param"] == "image"
     assert "takes no input image" in info.value.body["message"]
+
+
+def test_an_edit_whose_client_leaves_is_cancelled(kontext_server):
+    """A client that hangs up stops its edit job at the next step (the route waits on the job or the client)."""
+    engine, pipe = kontext_server.engine, kontext_server.pipe
+    completed = engine.counters.completed
+    pipe.step_delay_s = 0.2
+    try:
+        start = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{kontext_server.url}/v1/images/edits", timeout=httpx.Timeout(30, read=1.0),
+                       data={"prompt": "slow and abandoned", "num_inference_steps": "100"},
+                       files={"image": ("in.png", _png(_input()), "image/png")})
+        deadline = time.monotonic() + 15
+        while (engine._running or engine.queue_depth) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not engine._running and engine.queue_depth == 0, "the abandoned edit kept running"
+        assert time.monotonic() - start < 15  # 100 steps would take 20 s
+    finally:
+        pipe.step_delay_s = 0.05
+    assert engine.counters.completed == completed
