@@ -2,7 +2,7 @@
 
 Production Qwen-Image: 60 blocks, 24 heads of 128, Qwen2.5-VL-7B (hidden 3584, 28 layers), VAE base_dim 96
 with 16 latent channels. Here: 2 blocks, 2 heads of 16, a 2-layer Qwen2.5-VL of width 32 with a 2-layer
-vision tower, a VAE of base_dim 8 (8x spatial, 16 latent channels).
+vision tower, a VAE of base_dim 4 (8x spatial, 16 latent channels).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def build_components(tok_dir: Path, seed: int = 0) -> dict:
         patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6))
     mean, std = _latent_stats(16)
-    vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+    vae = diffusers.AutoencoderKLQwenImage(base_dim=4, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                                            temperal_downsample=[False, True, True], latents_mean=mean,
                                            latents_std=std)
     config = transformers.Qwen2_5_VLConfig(
@@ -46,7 +46,8 @@ def build_components(tok_dir: Path, seed: int = 0) -> dict:
                      "rope_theta": 1000000.0, "max_position_embeddings": 4096},
         vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2,
                        "out_hidden_size": TEXT_DIM, "fullatt_block_indexes": [1], "window_size": 56},
-        hidden_size=TEXT_DIM, vocab_size=len(tokenizer), **special_token_ids(tokenizer))
+        hidden_size=TEXT_DIM, vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=None,
+        **special_token_ids(tokenizer))
     text_encoder = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
         base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,

@@ -20,7 +20,7 @@ def reference(pipe, prompt, seeds, **kw):
     """diffusers' images as uint8 (H, W, 3) arrays."""
     pipe.set_progress_bar_config(disable=True)
     generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    out = pipe(prompt, generator=generator if len(generator) > 1 else generator[0], output_type="np", **kw).images
+    out = pipe(prompt=prompt, generator=generator if len(generator) > 1 else generator[0], output_type="np", **kw).images
     return [(img * 255).round().astype("uint8") for img in out]
 
 
