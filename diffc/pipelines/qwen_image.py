@@ -19,7 +19,7 @@ from ..errors import InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
 from .denoise import cpu_generators, denoise_loop, seeded_noise
 from .flux import pack_latents, postprocess
-from .qwen_vl import T2I_DROP, T2I_TEMPLATE, TOKENIZER_MAX_LENGTH, encode_texts
+from .qwen_vl import T2I_DROP, T2I_TEMPLATE, TOKENIZER_MAX_LENGTH, encode_texts, pad_to_bucket
 from .schedulers.flow_match_euler import calculate_shift
 from .stages import RunContext, Stage
 
@@ -61,12 +61,13 @@ def encode_prompt(ctx: RunContext, s):
     cfg_warnings(ctx, s)
     max_len = s["max_sequence_length"]
     texts = [T2I_TEMPLATE.format(p) for p in s["prompt"]]
-    embeds, mask = encode_texts(ctx, texts, None, T2I_DROP, max_len, "prompt")
+    cond = encode_texts(ctx, texts, None, T2I_DROP, max_len, "prompt")
     negatives = negatives_for(s)
-    neg_embeds = neg_mask = None
+    uncond = None
     if negatives is not None:
-        neg_embeds, neg_mask = encode_texts(ctx, [T2I_TEMPLATE.format(n) for n in negatives], None, T2I_DROP,
-                                            max_len, "negative prompt")
+        uncond = encode_texts(ctx, [T2I_TEMPLATE.format(n) for n in negatives], None, T2I_DROP, max_len,
+                              "negative prompt")
+    (embeds, mask), (neg_embeds, neg_mask) = pad_to_bucket(cond, uncond)
     return {"prompt_embeds": embeds, "prompt_mask": mask, "negative_prompt_embeds": neg_embeds,
             "negative_prompt_mask": neg_mask}
 

@@ -23,7 +23,8 @@ from .denoise import denoise_loop
 from .flux import pack_latents, postprocess
 from .qwen_image import (ENCODED, STAGE_INPUTS, DENOISE_INPUTS, cfg_warnings, check_size, decode, guided_predict,
                          latent_hw, negatives_for, noise_latents, prepare_timesteps)
-from .qwen_vl import EDIT_DROP, EDIT_PLUS_IMAGE, EDIT_PLUS_TEMPLATE, EDIT_TEMPLATE, condition_size, encode_texts
+from .qwen_vl import (EDIT_DROP, EDIT_PLUS_IMAGE, EDIT_PLUS_TEMPLATE, EDIT_TEMPLATE, condition_size, encode_texts,
+                      pad_to_bucket)
 from .stages import RunContext, Stage
 
 VAE_IMAGE_AREA = 1024 * 1024
@@ -66,12 +67,12 @@ def encode_prompt(ctx: RunContext, s):
         return [EDIT_TEMPLATE.format(p) for p in prompts]
 
     prompts = s["prompt"]
-    embeds, mask = encode_texts(ctx, texts(prompts), images * len(prompts), EDIT_DROP, None, "prompt")
+    cond = encode_texts(ctx, texts(prompts), images * len(prompts), EDIT_DROP, None, "prompt")
     negatives = negatives_for(s)
-    neg_embeds = neg_mask = None
+    uncond = None
     if negatives is not None:
-        neg_embeds, neg_mask = encode_texts(ctx, texts(negatives), images * len(negatives), EDIT_DROP, None,
-                                            "negative prompt")
+        uncond = encode_texts(ctx, texts(negatives), images * len(negatives), EDIT_DROP, None, "negative prompt")
+    (embeds, mask), (neg_embeds, neg_mask) = pad_to_bucket(cond, uncond)
     return {"prompt_embeds": embeds, "prompt_mask": mask, "negative_prompt_embeds": neg_embeds,
             "negative_prompt_mask": neg_mask}
 

@@ -36,6 +36,10 @@ EDIT_PLUS_TEMPLATE = EDIT_SYSTEM + "{}<|im_end|>\n<|im_start|>assistant\n"
 EDIT_PLUS_IMAGE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
 EDIT_DROP = 64
 TOKENIZER_MAX_LENGTH = 1024
+# Prompt states are zero-padded (and masked) to a multiple of this many tokens, the prompt and the negative prompt
+# to the same length: the DiT then sees a few text lengths instead of one per prompt, so a compiled graph serves
+# any prompt of its bucket and both true-CFG calls. The mask keeps the result diffusers' (padding never attended).
+TEXT_BUCKET = 128
 IMAGE_PAD = "<|image_pad|>"
 IMAGE_PROCESSOR_TYPES = ("Qwen2VLImageProcessor", "Qwen2VLImageProcessorFast", "Qwen2VLImageProcessorPil")
 
@@ -132,6 +136,25 @@ def encode_texts(ctx: RunContext, texts: list[str], images: list | None, drop_id
         _warn(ctx, f"a {label} has {longest} tokens; kept the first {max_length} (max_sequence_length)")
         embeds, prompt_mask = embeds[:, :max_length], prompt_mask[:, :max_length]
     return embeds.to(ctx.dtype), (None if bool(prompt_mask.all()) else prompt_mask)
+
+
+def pad_to_bucket(*encoded: tuple[torch.Tensor, torch.Tensor | None] | None, bucket: int = TEXT_BUCKET):
+    """Each ``(embeds, mask)`` zero-padded to one common length, the longest rounded up to ``bucket``, with its
+    (B, L) mask made explicit (None stays None: a prompt not encoded)."""
+    present = [e for e in encoded if e is not None]
+    length = -(-max(e[0].shape[1] for e in present) // bucket) * bucket
+    out = []
+    for item in encoded:
+        if item is None:
+            out.append((None, None))
+            continue
+        embeds, mask = item
+        b, n, d = embeds.shape
+        if mask is None:
+            mask = torch.ones(b, n, dtype=torch.long, device=embeds.device)
+        out.append((torch.cat([embeds, embeds.new_zeros(b, length - n, d)], dim=1),
+                    torch.cat([mask, mask.new_zeros(b, length - n)], dim=1)))
+    return out
 
 
 def _warn(ctx: RunContext, message: str) -> None:
