@@ -30,6 +30,8 @@ def add_parser(sub) -> None:
     p.add_argument("--fps", type=int, help="frames per second of the written video (default 16)")
     p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
     p.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale")
+    p.add_argument("--true-cfg-scale", type=float,
+                   help="true classifier-free guidance scale, with --negative-prompt (Qwen-Image; default 4.0)")
     p.add_argument("--seed", type=int, help="random seed (default: random, printed in the summary)")
     p.add_argument("--max-sequence-length", type=int, help="text tokens kept for the main text encoder")
     p.add_argument("--output", "-o", help="output file (.png/.jpg/.webp for images, .mp4 for videos)")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.fps is not None and not 1 <= args.fps <= 240:
         raise InvalidArgumentError("--fps", f"must be from 1 to 240, got {args.fps}")
     options = {k: getattr(args, k) for k in ("negative_prompt", "height", "width", "num_frames", "num_inference_steps",
-                                             "guidance_scale", "seed", "max_sequence_length")}
+                                             "guidance_scale", "seed", "max_sequence_length", "true_cfg_scale")}
     if args.compile and args.compiled:
         raise InvalidArgumentError("--compile", "give either --compile (compile now, cached) or --compiled ARTIFACT, not both")
     if args.quality is not None and not args.compile:

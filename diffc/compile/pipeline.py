@@ -96,6 +96,8 @@ def capture_inputs(pipe, request: dict[str, Any]) -> dict[str, dict[str, Any]]:
             raise _Captured
         return hook
 
+    if getattr(pipe.spec, "image_input", "none") == "required" and request.get("image") is None:
+        request = {**request, "image": example_image(request)}
     with pipe.executor.bare():
         for name, stack in stacks.items():
             hooks.append(stack.module.register_forward_pre_hook(recorder(name), with_kwargs=True))
@@ -116,6 +118,14 @@ def capture_inputs(pipe, request: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                            "step, and no other denoiser has the same config to take inputs from")
             recorded[name] = recorded[twin]
     return recorded
+
+
+def example_image(request: dict[str, Any]):
+    """A grey input image at the bucket's size (editing models need one to reach the DiT): the compiled shapes
+    then serve input images of that aspect ratio."""
+    from PIL import Image
+
+    return Image.new("RGB", (int(request.get("width") or 1024), int(request.get("height") or 1024)), (128, 128, 128))
 
 
 def _same_model(a: nn.Module, b: nn.Module) -> bool:

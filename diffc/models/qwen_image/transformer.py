@@ -117,12 +117,14 @@ class QwenImageTransformer2DModel(nn.Module):
             hidden_states: (batch, seq_img, in_channels) packed latents, ``seq_img = sum(f * h * w)``.
             encoder_hidden_states: (batch, seq_txt, joint_attention_dim) Qwen2.5-VL hidden states.
             timestep: (batch,) sigma in [0, 1].
-            img_shapes: ((frames, rows, columns), ...) of each packed latent image, in sequence order.
+            img_shapes: ((frames, rows, columns), ...) of each packed latent image, in sequence order; or diffusers'
+                form, one such list per sample (all alike).
             encoder_hidden_states_mask: None (every text token is real) or (batch, seq_txt), nonzero for real tokens.
 
         Returns:
             (batch, seq_img, patch_size**2 * out_channels) in the activations' dtype.
         """
+        img_shapes = self._shapes(img_shapes)
         seq_txt = self._check_inputs(hidden_states, encoder_hidden_states, timestep, img_shapes,
                                      encoder_hidden_states_mask)
         hidden_states = self.img_in(hidden_states)  # (batch, seq_img, dim)
@@ -144,6 +146,22 @@ class QwenImageTransformer2DModel(nn.Module):
                 encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, rope, mask)
         return self.proj_out(self.norm_out(hidden_states, temb))
 
+    @staticmethod
+    def _shapes(img_shapes) -> tuple[tuple[int, int, int], ...]:
+        """``img_shapes`` as one tuple of (frames, rows, columns); diffusers' per-sample lists must all agree."""
+        if isinstance(img_shapes, (list, tuple)) and img_shapes and isinstance(img_shapes[0], list) \
+                and img_shapes[0] and isinstance(img_shapes[0][0], (list, tuple)):
+            per_sample = [tuple(tuple(s) for s in sample) for sample in img_shapes]
+            if any(p != per_sample[0] for p in per_sample):
+                raise InvalidArgumentError("img_shapes", f"every sample of a batch needs the same image shapes, "
+                                           f"got {img_shapes!r}")
+            return per_sample[0]
+        try:
+            return tuple(tuple(int(v) for v in s) for s in img_shapes)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError("img_shapes", f"expected ((frames, rows, columns), ...), got {img_shapes!r}") \
+                from None
+
     def _check_inputs(self, hidden_states, encoder_hidden_states, timestep, img_shapes, mask) -> int:
         cfg = self.config
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
@@ -157,7 +175,7 @@ class QwenImageTransformer2DModel(nn.Module):
         seq_txt = encoder_hidden_states.shape[1]
         if timestep.ndim != 1 or timestep.shape[0] not in (1, batch):
             raise InvalidArgumentError("timestep", f"expected shape ({batch},), got {tuple(timestep.shape)}")
-        shapes = tuple(tuple(s) for s in img_shapes)
+        shapes = img_shapes
         if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
             raise InvalidArgumentError("img_shapes", f"expected ((frames, rows, columns), ...), got {img_shapes!r}")
         if sum(f * h * w for f, h, w in shapes) != seq_img:

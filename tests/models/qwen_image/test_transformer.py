@@ -86,6 +86,17 @@ def test_matches_diffusers_bf16():
     assert rel_err(out, expected) < REL_TOL[torch.bfloat16]
 
 
+def test_takes_diffusers_per_sample_img_shapes():
+    name, batch, shapes, n_txt = CASES["t2i"]
+    ref, model = _pair(name)
+    inputs = _inputs(name, batch, shapes, n_txt)
+    out, expected = _run_both(ref, model, inputs, shapes, batch)
+    with torch.no_grad():
+        assert torch.equal(model(img_shapes=[list(shapes)] * batch, **inputs), out)
+    with pytest.raises(InvalidArgumentError, match="img_shapes: every sample"):
+        model(img_shapes=[[(1, 3, 5)], [(1, 5, 3)]], **inputs)
+
+
 def test_bad_inputs_name_the_field():
     _, model = _pair("h2d16")
     shapes = ((1, 3, 5),)
