@@ -9,6 +9,9 @@ postprocess. As diffusers' ``QwenImageEditPipeline`` / ``QwenImageEditPlusPipeli
 - the images also go into the Qwen2.5-VL prompt: Edit at the VAE size, Edit-2509 each at about 384x384
   ("Picture 1: ... Picture 2: ..." before the instruction);
 - the output size follows the input image (the last one for Edit-2509) unless height/width are given.
+
+A list of prompts edits the same input image(s) once per prompt (diffusers' Edit-2509 takes one prompt); each
+sample is what a one-prompt request with its seed gives.
 """
 
 from __future__ import annotations
@@ -131,9 +134,6 @@ def validate(pipe, request: GenerationRequest) -> None:
     if request.max_sequence_length is not None:
         raise InvalidArgumentError("max_sequence_length", "Qwen-Image-Edit keeps the whole prompt (with its image "
                                    "tokens); leave max_sequence_length unset")
-    if pipe.spec.max_images > 1 and len(request.prompts) > 1:
-        raise InvalidArgumentError("prompt", f"{pipe.spec.pipeline_class} takes one prompt per request "
-                                   f"(got {len(request.prompts)}), as diffusers does")
 
 
 _EDIT_COMMON = dict(
