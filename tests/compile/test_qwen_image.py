@@ -23,7 +23,7 @@ from diffc.compile.passes import FUSION_PASSES, graph_targets
 from diffc.models.qwen_image.transformer import QWEN_IMAGE_TRANSFORMER_SPECS, QwenImageTransformer2DModel
 from tests.compile.common import GRAPH_TOL, OPT_IN
 from tests.helpers import psnr_uint8, rel_err
-from tests.pipelines.qwen_image.conftest import qwen_checkpoint  # noqa: F401 (the session fixture)
+from tests.pipelines.qwen_image.conftest import qwen_checkpoint  # noqa: F401, F811 (the session fixture)
 
 BLOCKS = QWEN_IMAGE_TRANSFORMER_SPECS["tiny"].num_layers
 EXPECTED = {
@@ -78,7 +78,7 @@ def test_passes_find_every_site(padded):
         assert rel_err(program.module()(**inputs), unfused) < GRAPH_TOL[torch.float32]
 
 
-def test_compiled_pipeline_matches_eager(qwen_checkpoint):
+def test_compiled_pipeline_matches_eager(qwen_checkpoint):  # noqa: F811
     """Regional compile of the tiny T2I pipeline (both blocks share one graph) == eager, within 40 dB, with true CFG:
     the prompt (not the compile-time example prompt) and the negative prompt share the example's text bucket, so
     every DiT call runs the compiled graph."""

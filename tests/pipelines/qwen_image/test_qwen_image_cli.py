@@ -9,10 +9,10 @@ from PIL import Image
 
 from diffc.cli.main import main
 
-from .test_qwen_image_edit import picture, small_plus_sizes  # noqa: F401 (fixture)
+from .test_qwen_image_edit import picture, small_plus_sizes  # noqa: F401, F811 (fixture)
 
 
-def test_run_edit_with_two_images(qwen_checkpoint, small_plus_sizes, tmp_path, capsys):
+def test_run_edit_with_two_images(qwen_checkpoint, small_plus_sizes, tmp_path, capsys):  # noqa: F811
     path, _ = qwen_checkpoint("edit_plus")
     inputs = []
     for i, size in enumerate(((24, 40), (40, 24))):
