@@ -66,11 +66,11 @@ def build_diffusers_pipeline(spec: BenchSpec, device: torch.device, dtype: torch
     import diffusers
     import transformers
 
-    from diffc.demo.qwen_tokenizer import train_qwen_tokenizer
+    from diffc.demo.qwen_tokenizer import train_qwen2_tokenizer, train_qwen_tokenizer
     from diffc.demo.tokenizers import train_clip_tokenizer, train_llama_tokenizer, train_t5_tokenizer
 
     trainers = {"clip": train_clip_tokenizer, "t5": train_t5_tokenizer, "llama": train_llama_tokenizer,
-                "qwen": train_qwen_tokenizer}
+                "qwen": train_qwen_tokenizer, "qwen2": train_qwen2_tokenizer}
     components: dict[str, Any] = build_diffusers_models(spec, device, dtype)
     torch.manual_seed(1)
     for te in spec.text_encoders:

@@ -236,8 +236,9 @@ def measure(config: Config, engine: Engine, run: Run, r: dict[str, Any]) -> None
     free_memory(dev)
 
     if run.e2e and engine.has_pipeline and not config.dit_only:
-        log(f"{config.name}: warm-up generation (1 step), then {run.wl.steps} steps")
-        engine.generate(run.wl, steps=1)
+        warm = FAMILIES[run.spec.family].warmup_steps
+        log(f"{config.name}: warm-up generation ({warm} step{'s' if warm > 1 else ''}), then {run.wl.steps} steps")
+        engine.generate(run.wl, steps=warm)
         with peak_memory(dev) as peak:
             gen = engine.generate(run.wl, run.wl.steps)
         per_step = FAMILIES[run.spec.family].forwards_per_step(run.wl) * run.flops
@@ -271,7 +272,7 @@ def measure_cached(config: Config, engine: Engine, run: Run, r: dict[str, Any]) 
         run.uncached[config.base] = (gen.output, gen.wall_s)
     reference, uncached_s = run.uncached[config.base]
     log(f"{config.name}: warm-up generation (1 step), then {wl.steps} steps with {config.cache[0]} {config.cache[1]}")
-    engine.generate(wl, steps=1, cache=config.cache)
+    engine.generate(wl, steps=FAMILIES[run.spec.family].warmup_steps, cache=config.cache)
     with peak_memory(dev) as peak:
         gen = engine.generate(wl, wl.steps, cache=config.cache)
     report = gen.runtime["cache"]
@@ -322,6 +323,10 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Path]
     env = environment(device, sys.argv if args.argv is None else ["-m", "bench.compare", *args.argv])
     paths = output_paths(Path(args.out_dir), env, spec.name)
     flops = family.dit_flops(spec, wl)
+    if not family.e2e and not args.skip_e2e:
+        log(f"{spec.name}: no end-to-end run for this family yet ({family.note.split('. ')[-1]}); comparing the DiT "
+            "forward and the VAE only")
+        args.skip_e2e = True
     result: dict[str, Any] = {
         "schema": 1, "model": spec.name, "source": spec.source, "env": env, "dtype": str(dtype).replace("torch.", ""),
         "workload": dataclasses.asdict(wl), "e2e": not args.skip_e2e,

@@ -14,7 +14,8 @@ import torch
 
 from diffc.pipelines.flux import latent_image_ids
 
-from .flops import Flops, flux_dit_flops, hunyuan_video_dit_flops, sd3_dit_flops, wan_dit_flops, zimage_dit_flops
+from .flops import (Flops, flux_dit_flops, hunyuan_video_dit_flops, qwen_image_dit_flops, sd3_dit_flops,
+                    wan_dit_flops, zimage_dit_flops)
 from .specs import BenchSpec, Workload
 
 INPUT_SEED = 1234
@@ -40,6 +41,8 @@ class Family:
     diffc_encode: Callable[[Any, Workload], Any] | None = None  # diffc's text encode (None: its encode_prompt stage)
     # diffusers' DiT called on diffc's DiT inputs (None: the same keyword call); returns diffc's output layout
     diffusers_forward: Callable[[Any, dict[str, Any]], torch.Tensor] | None = None
+    e2e: bool = True  # False: only the DiT forward and the VAE are compared (no end-to-end pipeline run yet)
+    warmup_steps: int = 1  # steps of the warm-up generation (a sampler with shift_terminal needs 2)
 
 
 def _randn(shape, gen, device, dtype) -> torch.Tensor:
@@ -338,5 +341,85 @@ ZIMAGE = Family(
     note="Z-Image-Turbo: 8 steps without guidance; the DiT-forward row uses a 128-token caption.",
 )
 
+
+# ------------------------------------------------------------------------------------ Qwen-Image
+
+
+def _qwen_grid(spec: BenchSpec, wl: Workload) -> tuple[int, int]:
+    """Packed latent rows and columns of a wl.height x wl.width image (8x VAE, 2x2 patches)."""
+    f = 2 * spec.vae.scale_factor_spatial
+    return wl.height // f, wl.width // f
+
+
+def _qwen_latent_shape(spec: BenchSpec, wl: Workload) -> tuple[int, ...]:
+    h, w = _qwen_grid(spec, wl)
+    return 1, spec.vae.z_dim, 1, 2 * h, 2 * w
+
+
+def _qwen_images(edit: bool) -> int:
+    return 2 if edit else 1  # the generated image, then (editing) one input image of the same size
+
+
+def _qwen_inputs(edit: bool):
+    def inputs(spec: BenchSpec, wl: Workload, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        cfg, gen = spec.transformer, torch.Generator("cpu").manual_seed(INPUT_SEED)
+        h, w = _qwen_grid(spec, wl)
+        n = _qwen_images(edit)
+        return {
+            "hidden_states": _randn((1, n * h * w, cfg.in_channels), gen, device, dtype),
+            "encoder_hidden_states": _randn((1, wl.max_sequence_length, cfg.joint_attention_dim), gen, device, dtype),
+            "encoder_hidden_states_mask": None,  # batch 1, every token real: no mask (diffusers drops an all-ones one)
+            "timestep": torch.full((1,), 0.5, device=device, dtype=dtype),
+            "img_shapes": [[(1, h, w)] * n],  # diffusers' form: one list of (frames, rows, columns) per sample
+        }
+
+    return inputs
+
+
+def _qwen_flops(edit: bool):
+    def flops(spec: BenchSpec, wl: Workload) -> Flops:
+        h, w = _qwen_grid(spec, wl)
+        return qwen_image_dit_flops(spec.transformer, 1, _qwen_images(edit) * h * w, wl.max_sequence_length)
+
+    return flops
+
+
+def _qwen_cfg(wl: Workload) -> bool:
+    return wl.guidance_scale > 1.0 and wl.negative_prompt is not None
+
+
+def _qwen_kwargs(wl: Workload) -> dict[str, Any]:
+    kwargs = dict(height=wl.height, width=wl.width, num_inference_steps=wl.steps, true_cfg_scale=wl.guidance_scale,
+                  negative_prompt=wl.negative_prompt, max_sequence_length=wl.max_sequence_length)
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _qwen_encode(pipe, wl: Workload):
+    device = pipe._execution_device
+    pipe.encode_prompt(prompt=wl.prompt, device=device, max_sequence_length=wl.max_sequence_length)
+    if _qwen_cfg(wl):
+        pipe.encode_prompt(prompt=wl.negative_prompt, device=device, max_sequence_length=wl.max_sequence_length)
+
+
+QWEN_IMAGE = Family(
+    name="qwen_image", diffusers_pipeline="QwenImagePipeline", diffusers_transformer="QwenImageTransformer2DModel",
+    diffusers_vae="AutoencoderKLQwenImage", native_transformer="QwenImageTransformer2DModel",
+    native_vae="AutoencoderKLQwenImage", latent_shape=_qwen_latent_shape, dit_inputs=_qwen_inputs(False),
+    dit_flops=_qwen_flops(False), forwards_per_step=lambda wl: 2 if _qwen_cfg(wl) else 1,  # true CFG: two calls
+    call_kwargs=_qwen_kwargs, diffusers_encode=_qwen_encode, warmup_steps=2,
+    diffusers_output=lambda out: _to_uint8(out.images[0]), diffc_output=lambda out: np.asarray(out.images[0]),
+    note="True CFG runs the conditional and unconditional DiT calls as two batch-1 forwards per step in both "
+         "engines. diffc pads the prompt states to a 128-token bucket with a mask (so one compiled graph serves "
+         "both calls and any prompt of the bucket); diffusers passes them unpadded without a mask. The DiT forward "
+         "row uses the same unmasked 128-token text for both.",
+)
+QWEN_IMAGE_EDIT = dataclasses.replace(
+    QWEN_IMAGE, name="qwen_image_edit", diffusers_pipeline="QwenImageEditPipeline", dit_inputs=_qwen_inputs(True),
+    dit_flops=_qwen_flops(True), e2e=False,
+    note="Editing one image of the output's size: its latent tokens follow the generated image's (twice the image "
+         "tokens of text-to-image). Only the DiT forward and the VAE are compared: the end-to-end edit run needs "
+         "diffusers' Qwen2VLProcessor, which transformers builds only with torchvision.")
+
 FAMILIES: dict[str, Family] = {"flux": FLUX, "wan": WAN, "sd3": SD3, "hunyuanvideo": HUNYUAN_VIDEO,
-                               "flux-kontext": FLUX_KONTEXT, "zimage": ZIMAGE}
+                               "flux-kontext": FLUX_KONTEXT, "zimage": ZIMAGE, "qwen_image": QWEN_IMAGE,
+                               "qwen_image_edit": QWEN_IMAGE_EDIT}

@@ -209,3 +209,28 @@ def zimage_dit_flops(cfg, batch: int, seq_img: int, seq_txt: int) -> Flops:
     f.add_linear(batch, adaln, dim)  # final adaLN
     f.add_linear(batch * seq_img, dim, patch)  # final linear
     return f
+
+
+def qwen_image_dit_flops(cfg, batch: int, seq_img: int, seq_txt: int) -> Flops:
+    """Qwen-Image transformer (``QwenImageTransformerConfig``) on ``seq_img`` packed latent tokens (the generated
+    image's plus any input images') and ``seq_txt`` Qwen2.5-VL tokens: FLUX's double-stream block, 4x MLPs."""
+    f = Flops()
+    dim, heads, head_dim = cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim
+    inner, mlp, seq = heads * head_dim, 4 * dim, seq_img + seq_txt
+    f.add_linear(batch * seq_img, cfg.in_channels, dim)  # img_in
+    f.add_linear(batch * seq_txt, cfg.joint_attention_dim, dim)  # txt_in
+    f.add_linear(batch, 256, dim)  # timestep embedder
+    f.add_linear(batch, dim, dim)
+    for _ in range(cfg.num_layers):
+        f.add_linear(batch, dim, 6 * dim, 2)  # img_mod, txt_mod
+        f.add_linear(batch * seq_img, dim, inner, 3)  # to_q, to_k, to_v
+        f.add_linear(batch * seq_txt, dim, inner, 3)  # add_{q,k,v}_proj
+        f.add_attention(batch, heads, seq, seq, head_dim)
+        f.add_linear(batch * seq_img, inner, dim)  # to_out
+        f.add_linear(batch * seq_txt, inner, dim)  # to_add_out
+        for tokens in (seq_img, seq_txt):  # img_mlp, txt_mlp
+            f.add_linear(batch * tokens, dim, mlp)
+            f.add_linear(batch * tokens, mlp, dim)
+    f.add_linear(batch, dim, 2 * dim)  # norm_out
+    f.add_linear(batch * seq_img, dim, cfg.patch_size**2 * cfg.output_channels)  # proj_out
+    return f

@@ -17,6 +17,8 @@ from diffc.models.config import ModelConfig
 from diffc.models.flux.transformer import FLUX_TRANSFORMER_SPECS
 from diffc.models.wan.transformer import WAN_TRANSFORMER_SPECS
 from diffc.models.wan.vae import WAN_VAE_SPECS
+from diffc.models.qwen_image.transformer import QWEN_IMAGE_TRANSFORMER_SPECS
+from diffc.models.qwen_image.vae import QWEN_IMAGE_VAE_SPECS
 from diffc.models.zimage.transformer import ZIMAGE_TRANSFORMER_SPECS
 from diffc.pipelines.schedulers.unipc import SCHEDULER_CONFIGS
 
@@ -50,7 +52,7 @@ class TextEncoderSpec:
     config_class: str  # transformers config class
     config: dict[str, Any]
     tokenizer_component: str
-    tokenizer_kind: str  # "clip", "t5" or "llama": which diffc.demo.tokenizers trainer makes it
+    tokenizer_kind: str  # "clip", "t5", "llama" or "qwen2": which diffc.demo tokenizer trainer makes it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +158,35 @@ ZIMAGE_SCHEDULER = dict(FLOW_EULER, shift=3.0, use_dynamic_shifting=False)
 _TINY_LLAMA = dict(LLAMA3_8B, vocab_size=512, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
+# ---- Qwen-Image (native): Qwen/Qwen-Image, -Edit, -Edit-2509 share the DiT, the VAE and the text encoder.
+# Qwen/Qwen2.5-VL-7B-Instruct (text_encoder), 8.3 B parameters; the token ids follow the locally trained Qwen2
+# tokenizer (diffc.demo.qwen_tokenizer: its special tokens come first).
+QWEN25_VL_7B = dict(
+    text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                     rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+                     rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [16, 24, 24]}),
+    vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], in_chans=3, hidden_act="silu"),
+    vocab_size=152064, hidden_size=3584, image_token_id=6, video_token_id=7, vision_start_token_id=3,
+    vision_end_token_id=4, bos_token_id=None, eos_token_id=None, tie_word_embeddings=False)
+_QWEN_TEXT = (TextEncoderSpec("text_encoder", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
+                              QWEN25_VL_7B, "tokenizer", "qwen2"),)
+# Qwen/Qwen-Image scheduler/scheduler_config.json
+QWEN_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256,
+                  "base_shift": 0.5, "max_image_seq_len": 8192, "max_shift": 0.9,
+                  "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02, "time_shift_type": "exponential",
+                  "use_dynamic_shifting": True}
+_TINY_QWEN_VL = dict(
+    QWEN25_VL_7B, vocab_size=512, hidden_size=32,
+    text_config=dict(QWEN25_VL_7B["text_config"], vocab_size=512, hidden_size=32, intermediate_size=37,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                     rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [1, 1, 2]}),
+    vision_config=dict(QWEN25_VL_7B["vision_config"], depth=2, hidden_size=16, intermediate_size=24, num_heads=2,
+                       out_hidden_size=32, fullatt_block_indexes=[1], window_size=56))
+QWEN_NEGATIVE = " "  # Qwen-Image's usual negative prompt: true CFG on, nothing in particular to avoid
+
 SPECS: dict[str, BenchSpec] = {
     "flux-dev": BenchSpec(
         "flux-dev", "flux", "black-forest-labs/FLUX.1-dev", FLUX_TRANSFORMER_SPECS["flux-dev"],
@@ -196,6 +227,32 @@ SPECS: dict[str, BenchSpec] = {
                               num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024),
                          "tokenizer", "qwen"),),
         ZIMAGE_SCHEDULER, height=32, width=48, steps=3, guidance_scale=0.0, max_sequence_length=64),
+    # 1024x1024: 4,096 image tokens (+ the prompt, padded to a 128-token bucket), true CFG (two forwards a step).
+    "qwen-image": BenchSpec(
+        "qwen-image", "qwen_image", "Qwen/Qwen-Image", QWEN_IMAGE_TRANSFORMER_SPECS["qwen-image"],
+        QWEN_IMAGE_VAE_SPECS["qwen-image"], _QWEN_TEXT, QWEN_SCHEDULER,
+        height=1024, width=1024, steps=50, guidance_scale=4.0, max_sequence_length=128, negative_prompt=QWEN_NEGATIVE),
+    # editing one 1024x1024 image: its 4,096 latent tokens join the sequence (8,192 image tokens a forward)
+    "qwen-image-edit": BenchSpec(
+        "qwen-image-edit", "qwen_image_edit", "Qwen/Qwen-Image-Edit", QWEN_IMAGE_TRANSFORMER_SPECS["qwen-image"],
+        QWEN_IMAGE_VAE_SPECS["qwen-image"], _QWEN_TEXT, QWEN_SCHEDULER,
+        height=1024, width=1024, steps=50, guidance_scale=4.0, max_sequence_length=128, negative_prompt=QWEN_NEGATIVE),
+    "qwen-image-tiny": BenchSpec(
+        "qwen-image-tiny", "qwen_image", "tiny Qwen-Image-shaped test pipeline",
+        dataclasses.replace(QWEN_IMAGE_TRANSFORMER_SPECS["tiny"], in_channels=64, out_channels=16),
+        QWEN_IMAGE_VAE_SPECS["tiny"],
+        (TextEncoderSpec("text_encoder", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", _TINY_QWEN_VL,
+                         "tokenizer", "qwen2"),),
+        QWEN_SCHEDULER, height=32, width=48, steps=3, guidance_scale=4.0, max_sequence_length=128,
+        negative_prompt=QWEN_NEGATIVE),
+    "qwen-image-edit-tiny": BenchSpec(
+        "qwen-image-edit-tiny", "qwen_image_edit", "tiny Qwen-Image-Edit-shaped test pipeline",
+        dataclasses.replace(QWEN_IMAGE_TRANSFORMER_SPECS["tiny"], in_channels=64, out_channels=16),
+        QWEN_IMAGE_VAE_SPECS["tiny"],
+        (TextEncoderSpec("text_encoder", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", _TINY_QWEN_VL,
+                         "tokenizer", "qwen2"),),
+        QWEN_SCHEDULER, height=32, width=48, steps=3, guidance_scale=4.0, max_sequence_length=128,
+        negative_prompt=QWEN_NEGATIVE),
     "flux-tiny": BenchSpec(
         "flux-tiny", "flux", "tiny FLUX.1-dev-shaped test pipeline",
         dataclasses.replace(FLUX_TRANSFORMER_SPECS["tiny"], joint_attention_dim=32, pooled_projection_dim=24),

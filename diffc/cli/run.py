@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
     p.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale")
     p.add_argument("--true-cfg-scale", type=float, dest="true_cfg_scale",
-                   help="true classifier-free guidance with --negative-prompt (FLUX.1-dev, Kontext; > 1 turns it on)")
+                   help="true classifier-free guidance scale with --negative-prompt (> 1 turns it on; FLUX.1-dev, "
+                        "Kontext; Qwen-Image, default 4.0)")
     p.add_argument("--seed", type=int, help="random seed (default: random, printed in the summary)")
     p.add_argument("--max-sequence-length", type=int, help="text tokens kept for the main text encoder")
     p.add_argument("--output", "-o", help="output file (.png/.jpg/.webp for images, .mp4 for videos)")

@@ -96,12 +96,15 @@ def capture_inputs(pipe, request: dict[str, Any]) -> dict[str, dict[str, Any]]:
             raise _Captured
         return hook
 
+    request = example_images(request)
+    if getattr(pipe.spec, "image_input", "none") == "required" and request.get("image") is None:
+        request = {**request, "image": example_image(request)}  # no --image-size: the bucket's own size
     with pipe.executor.bare():
         for name, stack in stacks.items():
             # prepend: the whole call, before a parallel layer's hook keeps this rank's share of it
             hooks.append(stack.module.register_forward_pre_hook(recorder(name), with_kwargs=True, prepend=True))
         try:
-            pipe.generate(**{"prompt": EXAMPLE_PROMPT, "seed": 0, **example_images(request), "progress": False})
+            pipe.generate(**{"prompt": EXAMPLE_PROMPT, "seed": 0, **request, "progress": False})
         except _Captured:
             pass
         finally:
@@ -137,6 +140,14 @@ def example_images(request: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in request.items() if k != "image_size"}
     out["image"] = images[0] if len(images) == 1 else images
     return out
+
+
+def example_image(request: dict[str, Any]):
+    """A grey input image at the bucket's size (editing models need one to reach the DiT): the compiled shapes
+    then serve input images of that aspect ratio."""
+    from PIL import Image
+
+    return Image.new("RGB", (int(request.get("width") or 1024), int(request.get("height") or 1024)), (128, 128, 128))
 
 
 def _same_model(a: nn.Module, b: nn.Module) -> bool:

@@ -130,6 +130,10 @@ def load_component(root: Path, name: str, class_name: str, device: torch.device,
         return load_tokenizer(folder, class_name)
     if registry.is_scheduler(class_name):
         return load_scheduler(folder, class_name)
+    if class_name in registry.PROCESSORS:
+        from ..pipelines.qwen_vl import load_vl_processor
+
+        return load_vl_processor(folder)
     supported = registry.supported_classes()
     listing = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in supported.items())
     raise CheckpointError(f"component '{name}' has unknown class '{class_name}'. Supported: {listing}")

@@ -24,13 +24,18 @@ _NATIVE_MODELS: dict[str, str] = {
     "WanTransformer3DModel": "diffc.models.wan.transformer:WanTransformer3DModel",
     "AutoencoderKLWan": "diffc.models.wan.vae:AutoencoderKLWan",
     "ZImageTransformer2DModel": "diffc.models.zimage.transformer:ZImageTransformer2DModel",
+    "QwenImageTransformer2DModel": "diffc.models.qwen_image.transformer:QwenImageTransformer2DModel",
+    "AutoencoderKLQwenImage": "diffc.models.qwen_image.vae:AutoencoderKLQwenImage",
 }
 
 # transformers classes used as text encoders, loaded through transformers itself.
-TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "UMT5EncoderModel")
-TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "AutoTokenizer")
-TEXT_ENCODERS += ("Qwen3Model",)  # Z-Image
-TOKENIZERS += ("Qwen2Tokenizer", "Qwen2TokenizerFast")  # Z-Image (Qwen3's tokenizer class)
+TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "UMT5EncoderModel",
+                 "Qwen3Model",  # Z-Image
+                 "Qwen2_5_VLForConditionalGeneration")  # Qwen-Image
+TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "AutoTokenizer",
+              "Qwen2Tokenizer", "Qwen2TokenizerFast")  # Z-Image (Qwen3's tokenizer class), Qwen-Image
+# vision-language processors, loaded as their image processor (PIL backend: no torchvision) and tokenizer
+PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
 
 _SCHEDULERS: dict[str, str] = {
     "FlowMatchEulerDiscreteScheduler": "diffc.pipelines.schedulers.flow_match_euler:FlowMatchEulerDiscreteScheduler",
@@ -56,6 +61,7 @@ def supported_classes() -> dict[str, tuple[str, ...]]:
         "models": tuple(sorted(_NATIVE_MODELS)),
         "text_encoders": TEXT_ENCODERS,
         "tokenizers": TOKENIZERS,
+        "processors": PROCESSORS,
         "schedulers": tuple(sorted(_SCHEDULERS)),
     }
 

@@ -36,7 +36,7 @@ class GenerationRequest:
     num_frames: int | None = None
     max_sequence_length: int | None = None
     image: Any = None  # a PIL image or a list of them: the input image(s) of editing / image-to-video models
-    true_cfg_scale: float | None = None  # true classifier-free guidance with negative_prompt (FLUX.1-dev, Kontext)
+    true_cfg_scale: float | None = None  # true classifier-free guidance (two DiT calls a step) where the family has it
 
     @property
     def prompts(self) -> list[str]:
@@ -68,6 +68,7 @@ class PipelineSpec:
     check_index: Callable[[dict[str, Any]], None] | None = None
     image_input: str = "none"  # "none", "optional" or "required": whether requests may carry ``image``
     max_images: int = 1  # input images one request may carry (when image_input is not "none")
+    true_cfg: bool = False  # whether requests may set ``true_cfg_scale``
 
 
 _SPECS = {
@@ -75,6 +76,9 @@ _SPECS = {
     "FluxKontextPipeline": "diffc.pipelines.flux_kontext:FLUX_KONTEXT_SPEC",
     "WanPipeline": "diffc.pipelines.wan:WAN_SPEC",
     "ZImagePipeline": "diffc.pipelines.zimage:ZIMAGE_SPEC",
+    "QwenImagePipeline": "diffc.pipelines.qwen_image:QWEN_IMAGE_SPEC",
+    "QwenImageEditPipeline": "diffc.pipelines.qwen_image_edit:QWEN_IMAGE_EDIT_SPEC",
+    "QwenImageEditPlusPipeline": "diffc.pipelines.qwen_image_edit:QWEN_IMAGE_EDIT_PLUS_SPEC",
 }
 
 
@@ -221,6 +225,9 @@ class Pipeline:
                 setattr(request, key, value)
         validate_common(request)
         validate_image(self.spec, request)
+        if request.true_cfg_scale is not None and not self.spec.true_cfg:
+            raise InvalidArgumentError("true_cfg_scale", f"{self.spec.pipeline_class} has no true classifier-free "
+                                       "guidance; use guidance_scale")
         if request.negative_prompt is not None and not self.spec.uses_negative_prompt:
             raise InvalidArgumentError("negative_prompt", f"{self.spec.pipeline_class} does not use a negative prompt")
         self.spec.validate(self, request)

@@ -208,4 +208,5 @@ FLUX_SPEC = PipelineSpec(
     build_stages=build_stages,
     validate=validate,
     uses_negative_prompt=True,  # with true_cfg_scale > 1
+    true_cfg=True,
 )

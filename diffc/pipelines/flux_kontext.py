@@ -118,6 +118,7 @@ FLUX_KONTEXT_SPEC = PipelineSpec(
     build_stages=build_stages,
     validate=validate,
     uses_negative_prompt=True,
+    true_cfg=True,
     image_input="optional",
     max_images=1,
 )

@@ -132,6 +132,7 @@ def build_spec(pipe, build_stages) -> tuple[PipelineSpec, dict[str, inspect.Para
         build_stages=build_stages,
         validate=lambda p, request: validate(p.spec, params, request),
         uses_negative_prompt="negative_prompt" in params,
+        true_cfg="true_cfg_scale" in params,
         image_input=image_input(params),
         max_images=1,
     )

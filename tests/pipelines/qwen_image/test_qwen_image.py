@@ -1,0 +1,102 @@
+"""End to end: diffc.load(dir).generate(...) against diffusers' QwenImagePipeline on the same checkpoint and seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import diffc
+from diffc.errors import InvalidArgumentError
+from tests.helpers import psnr_uint8
+
+pytest.importorskip("diffusers")
+
+PROMPT = "a red fox in snow"
+STAGES = ["encode_prompt", "prepare_latents", "prepare_timesteps", "denoise", "decode", "postprocess"]
+
+
+def reference(pipe, prompt, seeds, **kw):
+    """diffusers' images as uint8 (H, W, 3) arrays."""
+    pipe.set_progress_bar_config(disable=True)
+    generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    out = pipe(prompt=prompt, generator=generator if len(generator) > 1 else generator[0], output_type="np", **kw).images
+    return [(img * 255).round().astype("uint8") for img in out]
+
+
+@pytest.fixture(scope="module")
+def t2i(qwen_checkpoint):
+    path, ref = qwen_checkpoint("t2i")
+    return path, ref, diffc.load(path, device="cpu")
+
+
+# (height, width, steps, true CFG with a negative prompt?, max_sequence_length)
+CASES = [(32, 48, 2, False, 512), (48, 32, 3, True, 512), (32, 32, 2, True, 4)]
+
+
+@pytest.mark.parametrize("height,width,steps,cfg,max_len", CASES)
+def test_matches_diffusers(t2i, height, width, steps, cfg, max_len):
+    path, ref_pipe, pipe = t2i
+    kw = dict(height=height, width=width, num_inference_steps=steps, max_sequence_length=max_len)
+    extra = dict(negative_prompt=" ", true_cfg_scale=4.0) if cfg else {}
+    ref = reference(ref_pipe, PROMPT, [7], **kw, **extra)[0]
+    out = pipe.generate(PROMPT, seed=7, progress=False, **kw, **extra)
+    image = np.asarray(out.images[0])
+    assert image.shape == (height, width, 3)
+    assert image.std() > 1.0, "degenerate (flat) image: the parity check would prove nothing"
+    assert psnr_uint8(image, ref) >= 40.0
+    assert len(out.timings.step_ms) == steps and list(out.timings.stages) == STAGES
+    if max_len == 4:
+        assert any("kept the first 4" in w for w in out.warnings)
+
+
+def test_batch_with_padding_mask_matches_diffusers(t2i):
+    """Two prompts of different lengths: the shorter one's text is padded and masked in attention."""
+    _, ref_pipe, pipe = t2i
+    prompts = ["a red fox", "a lighthouse on a cliff at sunset, oil painting"]
+    kw = dict(height=32, width=32, num_inference_steps=2, negative_prompt=["blurry", " "], true_cfg_scale=3.0)
+    refs = reference(ref_pipe, prompts, [3, 4], **kw)
+    out = pipe.generate(prompts, seed=[3, 4], progress=False, **kw)
+    for image, ref in zip(out.images, refs):
+        assert psnr_uint8(image, ref) >= 40.0
+    single = pipe.generate(prompts[0], seed=3, progress=False, **{**kw, "negative_prompt": "blurry"})
+    assert psnr_uint8(single.images[0], out.images[0]) >= 40.0
+
+
+def test_guidance_scale_stands_for_true_cfg_scale(t2i):
+    _, _, pipe = t2i
+    kw = dict(height=32, width=32, num_inference_steps=2, negative_prompt=" ", seed=1, progress=False)
+    a = pipe.generate(PROMPT, guidance_scale=2.5, **kw).images[0]
+    b = pipe.generate(PROMPT, true_cfg_scale=2.5, **kw).images[0]
+    c = pipe.generate(PROMPT, true_cfg_scale=1.0, **kw)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c.images[0]))
+    assert any("negative_prompt is ignored" in w for w in c.warnings)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(height=40), "height"),
+    (dict(width=20), "width"),
+    (dict(true_cfg_scale=-1.0), "true_cfg_scale"),
+    (dict(max_sequence_length=5000), "max_sequence_length"),
+    (dict(num_frames=5), "num_frames"),
+    (dict(num_inference_steps=1), "num_inference_steps"),
+])
+def test_bad_requests_name_the_field(t2i, kwargs, field):
+    _, _, pipe = t2i
+    with pytest.raises(InvalidArgumentError, match=rf"^{field}: "):
+        pipe.resolve(prompt=PROMPT, **kwargs)
+
+
+def test_image_is_refused_by_text_to_image(t2i):
+    from PIL import Image
+
+    _, _, pipe = t2i
+    with pytest.raises(InvalidArgumentError, match="^image: QwenImagePipeline does not take an input image"):
+        pipe.resolve(prompt=PROMPT, image=Image.new("RGB", (32, 32)))
+
+
+def test_true_cfg_scale_is_refused_by_families_without_it(zimage_checkpoint):
+    pipe = diffc.load(zimage_checkpoint(), device="cpu")  # Z-Image's CFG is guidance_scale with a negative prompt
+    with pytest.raises(InvalidArgumentError, match="^true_cfg_scale: ZImagePipeline has no true classifier-free"):
+        pipe.resolve(prompt=PROMPT, true_cfg_scale=4.0)
