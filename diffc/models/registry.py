@@ -28,6 +28,10 @@ _NATIVE_MODELS: dict[str, str] = {
 # transformers classes used as text encoders, loaded through transformers itself.
 TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel", "UMT5EncoderModel")
 TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerFast", "AutoTokenizer")
+# transformers vision towers used as image encoders (Wan2.1 I2V), loaded like the text encoders.
+IMAGE_ENCODERS = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
+# Image processors: read from their JSON config with transformers' PIL backend (no torchvision needed).
+IMAGE_PROCESSORS = ("CLIPImageProcessor", "CLIPImageProcessorPil")
 
 _SCHEDULERS: dict[str, str] = {
     "FlowMatchEulerDiscreteScheduler": "diffc.pipelines.schedulers.flow_match_euler:FlowMatchEulerDiscreteScheduler",
@@ -53,6 +57,8 @@ def supported_classes() -> dict[str, tuple[str, ...]]:
         "models": tuple(sorted(_NATIVE_MODELS)),
         "text_encoders": TEXT_ENCODERS,
         "tokenizers": TOKENIZERS,
+        "image_encoders": IMAGE_ENCODERS,
+        "image_processors": IMAGE_PROCESSORS,
         "schedulers": tuple(sorted(_SCHEDULERS)),
     }
 

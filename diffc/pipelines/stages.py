@@ -28,6 +28,7 @@ class RunContext:
     warnings: list[str] = dataclasses.field(default_factory=list)
     step_callback: Callable[[int, int], None] | None = None  # (step done, total steps)
     step_hooks: list[Callable[[int], None]] = dataclasses.field(default_factory=list)  # (step index) at its start
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # model_index.json settings (spec.index_keys)
 
 
 @dataclasses.dataclass(frozen=True)
