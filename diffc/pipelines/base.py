@@ -75,7 +75,6 @@ class PipelineSpec:
 _SPECS = {
     "FluxPipeline": "diffc.pipelines.flux:FLUX_SPEC",
     "WanPipeline": "diffc.pipelines.wan:WAN_SPEC",
-    "WanImageToVideoPipeline": "diffc.pipelines.wan_i2v:WAN_I2V_SPEC",
 }
 
 
@@ -221,6 +220,9 @@ class Pipeline:
             if getattr(request, key) is None:
                 setattr(request, key, value)
         validate_common(request)
+        if request.guidance_scale_2 is not None and "transformer_2" not in self.components:
+            raise InvalidArgumentError("guidance_scale_2", f"{self.spec.pipeline_class} has one denoiser; "
+                                       "guidance_scale_2 only acts on two-expert models (transformer_2)")
         validate_image(self.spec, request)
         if request.negative_prompt is not None and not self.spec.uses_negative_prompt:
             raise InvalidArgumentError("negative_prompt", f"{self.spec.pipeline_class} does not use a negative prompt")
