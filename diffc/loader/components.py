@@ -111,6 +111,19 @@ def load_tokenizer(folder: Path, class_name: str):
         raise CheckpointError(f"{folder}: cannot load tokenizer {class_name} ({exc})") from None
 
 
+def load_image_processor(folder: Path, class_name: str):
+    """An image processor from its ``preprocessor_config.json`` (JSON only), on transformers' PIL backend."""
+    import transformers
+
+    config = folder / "preprocessor_config.json"
+    read_json(config)  # a clear error for a missing or malformed file
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or getattr(transformers, class_name)
+    try:
+        return cls.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{folder}: cannot load image processor {class_name} ({exc})") from None
+
+
 def load_scheduler(folder: Path, class_name: str):
     path = folder / "scheduler_config.json"
     cls = registry.scheduler_class(class_name)
@@ -128,6 +141,10 @@ def load_component(root: Path, name: str, class_name: str, device: torch.device,
         return load_text_encoder(folder, class_name, device, dtype)
     if class_name in registry.TOKENIZERS:
         return load_tokenizer(folder, class_name)
+    if class_name in registry.IMAGE_ENCODERS:
+        return load_text_encoder(folder, class_name, device, dtype)
+    if class_name in registry.IMAGE_PROCESSORS:
+        return load_image_processor(folder, class_name)
     if registry.is_scheduler(class_name):
         return load_scheduler(folder, class_name)
     if class_name in registry.PROCESSORS:

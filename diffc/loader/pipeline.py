@@ -9,7 +9,7 @@ import torch
 
 from ..errors import CheckpointError, InvalidArgumentError
 from ..pipelines.base import Pipeline, PipelineSpec, pipeline_spec, supported_pipelines
-from ..models.registry import TEXT_ENCODERS
+from ..models.registry import IMAGE_ENCODERS, TEXT_ENCODERS
 from ..pipelines.schedulers.choice import SCHEDULER_NAMES, choose_scheduler
 from ..runtime.executor import Executor
 from ..runtime.options import RuntimeOptions, check_runtime_device
@@ -102,7 +102,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     check_runtime_device(options, dev)
 
     components = {}
-    for name in spec.components:
+    optional = tuple(n for n in spec.optional_components if isinstance(index.get(n), list) and index[n][1:2] != [None])
+    for name in spec.components + optional:
         entry = index.get(name)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
             raise CheckpointError(f"{root / 'model_index.json'}: component '{name}' is missing or empty")
@@ -110,9 +111,11 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         components[name] = load_component(root, name, entry[1], dev, dt)
     if "scheduler" in components:
         components["scheduler"] = choose_scheduler(components["scheduler"], scheduler)
-    text_encoders = tuple(n for n in spec.components if index[n][1] in TEXT_ENCODERS)
+    text_encoders = tuple(n for n in spec.components + optional if index[n][1] in TEXT_ENCODERS + IMAGE_ENCODERS)
     executor = Executor(components, dev, options, text_encoders)
-    pipe = Pipeline(spec, components, dev, dt, source=str(root), executor=executor, runtime_options=options)
+    config = {k: index.get(k) for k in spec.index_keys}
+    pipe = Pipeline(spec, components, dev, dt, source=str(root), executor=executor, runtime_options=options,
+                    config=config)
     if compiled is not None:
         pipe.load_compiled(compiled)
     return pipe

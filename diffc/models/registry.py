@@ -36,6 +36,10 @@ TOKENIZERS = ("CLIPTokenizer", "CLIPTokenizerFast", "T5Tokenizer", "T5TokenizerF
               "Qwen2Tokenizer", "Qwen2TokenizerFast")  # Z-Image (Qwen3's tokenizer class), Qwen-Image
 # vision-language processors, loaded as their image processor (PIL backend: no torchvision) and tokenizer
 PROCESSORS = ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
+# transformers vision towers used as image encoders (Wan2.1 I2V), loaded like the text encoders.
+IMAGE_ENCODERS = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
+# Image processors: read from their JSON config with transformers' PIL backend (no torchvision needed).
+IMAGE_PROCESSORS = ("CLIPImageProcessor", "CLIPImageProcessorPil")
 
 _SCHEDULERS: dict[str, str] = {
     "FlowMatchEulerDiscreteScheduler": "diffc.pipelines.schedulers.flow_match_euler:FlowMatchEulerDiscreteScheduler",
@@ -62,6 +66,8 @@ def supported_classes() -> dict[str, tuple[str, ...]]:
         "text_encoders": TEXT_ENCODERS,
         "tokenizers": TOKENIZERS,
         "processors": PROCESSORS,
+        "image_encoders": IMAGE_ENCODERS,
+        "image_processors": IMAGE_PROCESSORS,
         "schedulers": tuple(sorted(_SCHEDULERS)),
     }
 

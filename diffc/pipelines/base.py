@@ -37,6 +37,7 @@ class GenerationRequest:
     max_sequence_length: int | None = None
     image: Any = None  # a PIL image or a list of them: the input image(s) of editing / image-to-video models
     true_cfg_scale: float | None = None  # true classifier-free guidance (two DiT calls a step) where the family has it
+    guidance_scale_2: float | None = None  # two-expert models (Wan2.2 A14B): the low-noise expert's scale
 
     @property
     def prompts(self) -> list[str]:
@@ -69,6 +70,8 @@ class PipelineSpec:
     image_input: str = "none"  # "none", "optional" or "required": whether requests may carry ``image``
     max_images: int = 1  # input images one request may carry (when image_input is not "none")
     true_cfg: bool = False  # whether requests may set ``true_cfg_scale``
+    optional_components: tuple[str, ...] = ()  # loaded when model_index.json names them (not null)
+    index_keys: tuple[str, ...] = ()  # model_index.json settings the stages read (``ctx.config``)
 
 
 _SPECS = {
@@ -145,10 +148,11 @@ def validate_common(request: GenerationRequest) -> None:
     for field, high in (("height", 16384), ("width", 16384), ("num_inference_steps", MAX_STEPS)):
         if getattr(request, field) is not None:  # None only where the pipeline picks its own (generic backend)
             check_int(field, getattr(request, field), 1, high)
-    g = request.guidance_scale
-    if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)
-                          or not 0 <= g <= 100):
-        raise InvalidArgumentError("guidance_scale", f"must be a number from 0 to 100, got {g!r}")
+    for field in ("guidance_scale", "guidance_scale_2"):
+        g = getattr(request, field)
+        if g is not None and (isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g)
+                              or not 0 <= g <= 100):
+            raise InvalidArgumentError(field, f"must be a number from 0 to 100, got {g!r}")
     seeds = request.seed if isinstance(request.seed, list) else [request.seed]
     if isinstance(request.seed, list) and len(seeds) != len(prompts):
         raise InvalidArgumentError("seed", f"a list of seeds needs one per prompt ({len(prompts)}), got {len(seeds)}")
@@ -196,7 +200,8 @@ class Pipeline:
     """A loaded pipeline: its spec, components, device and dtype. Build it with ``diffc.load``."""
 
     def __init__(self, spec: PipelineSpec, components: dict[str, Any], device: torch.device, dtype: torch.dtype,
-                 source: str = "", executor: Any = None, runtime_options: Any = None):
+                 source: str = "", executor: Any = None, runtime_options: Any = None,
+                 config: dict[str, Any] | None = None):
         from ..runtime.executor import Executor
         from ..runtime.options import RuntimeOptions
 
@@ -208,6 +213,7 @@ class Pipeline:
         self.device = device
         self.dtype = dtype
         self.source = source
+        self.config = dict(config or {})  # the model_index.json settings named by spec.index_keys
         self.graph = StageGraph(spec.build_stages(), request_keys=[f.name for f in dataclasses.fields(GenerationRequest)] + ["seeds"])
 
     def __repr__(self) -> str:
@@ -224,6 +230,9 @@ class Pipeline:
             if getattr(request, key) is None:
                 setattr(request, key, value)
         validate_common(request)
+        if request.guidance_scale_2 is not None and "transformer_2" not in self.components:
+            raise InvalidArgumentError("guidance_scale_2", f"{self.spec.pipeline_class} has one denoiser; "
+                                       "guidance_scale_2 only acts on two-expert models (transformer_2)")
         validate_image(self.spec, request)
         if request.true_cfg_scale is not None and not self.spec.true_cfg:
             raise InvalidArgumentError("true_cfg_scale", f"{self.spec.pipeline_class} has no true classifier-free "
@@ -323,7 +332,7 @@ class Pipeline:
         seeds = request.seed if isinstance(request.seed, list) else [request.seed]
         seeds = [random.randrange(2**31) if s is None else int(s) for s in seeds]
         ctx = RunContext(self.components, self.device, self.dtype, PerfRecorder(self.device), progress=progress,
-                         step_callback=step_callback, decode_callback=decode_callback)
+                         step_callback=step_callback, decode_callback=decode_callback, config=self.config)
         state = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
         state["prompt"] = request.prompts
         state["seeds"] = seeds

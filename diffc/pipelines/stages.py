@@ -30,6 +30,7 @@ class RunContext:
     step_callback: Callable[[int, int], None] | None = None  # (step done, total steps)
     decode_callback: Callable[[int, int], None] | None = None  # (parts decoded, total) where a VAE reports them
     step_hooks: list[Callable[[int], None]] = dataclasses.field(default_factory=list)  # (step index) at its start
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # model_index.json settings (spec.index_keys)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,9 +109,12 @@ class WanAttention(nn.Module):
     """Multi-head attention with RMSNorm over all heads on Q and K (``rms_norm_across_heads``).
 
     Self-attention when ``context`` is None (with RoPE), cross-attention to ``context`` otherwise.
+    With ``added_kv_dim`` (image-to-video cross-attention), the queries also attend, separately, to
+    ``image_context`` through their own key/value projections (``add_k_proj``/``add_v_proj``, RMSNorm
+    ``norm_added_k``), and the two attention outputs are summed before ``to_out``.
     """
 
-    def __init__(self, dim: int, heads: int, eps: float):
+    def __init__(self, dim: int, heads: int, eps: float, added_kv_dim: int | None = None):
         super().__init__()
         self.heads = heads
         self.to_q = nn.Linear(dim, dim)
@@ -120,14 +123,19 @@ class WanAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])
         self.norm_q = nn.RMSNorm(dim, eps=eps)
         self.norm_k = nn.RMSNorm(dim, eps=eps)
+        if added_kv_dim is not None:
+            self.add_k_proj = nn.Linear(added_kv_dim, dim)
+            self.add_v_proj = nn.Linear(added_kv_dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
 
     def forward(
         self,
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        image_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # x: (B, S, dim); context: (B, L, dim)
+        # x: (B, S, dim); context: (B, L, dim); image_context: (B, L_img, dim)
         kv = x if context is None else context
         q = self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1))  # (B, S, H, D)
         k = self.norm_k(self.to_k(kv)).unflatten(2, (self.heads, -1))  # (B, L, H, D)
@@ -135,8 +143,17 @@ class WanAttention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), cross=context is not None)  # (B, H, S, D)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # (B, S, dim)
+        q = q.transpose(1, 2)  # (B, H, S, D)
+        image_out = None
+        if image_context is not None:
+            k_img = self.norm_added_k(self.add_k_proj(image_context)).unflatten(2, (self.heads, -1))
+            v_img = self.add_v_proj(image_context).unflatten(2, (self.heads, -1))
+            image_out = attention(q, k_img.transpose(1, 2), v_img.transpose(1, 2), cross=True)
+            image_out = image_out.transpose(1, 2).flatten(2, 3).type_as(x)  # (B, S, dim)
+        out = attention(q, k.transpose(1, 2), v.transpose(1, 2), cross=context is not None)  # (B, H, S, D)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(x)  # (B, S, dim)
+        if image_out is not None:
+            out = out + image_out
         return self.to_out[0](out)
 
 
@@ -170,11 +187,12 @@ class WanTransformerBlock(nn.Module):
     and gate for the attention and for the feed-forward.
     """
 
-    def __init__(self, dim: int, ffn_dim: int, heads: int, cross_attn_norm: bool, eps: float):
+    def __init__(self, dim: int, ffn_dim: int, heads: int, cross_attn_norm: bool, eps: float,
+                 added_kv_dim: int | None = None):
         super().__init__()
         self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.attn1 = WanAttention(dim, heads, eps)
-        self.attn2 = WanAttention(dim, heads, eps)
+        self.attn2 = WanAttention(dim, heads, eps, added_kv_dim)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
         self.ffn = FeedForward(dim, ffn_dim)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
@@ -186,15 +204,17 @@ class WanTransformerBlock(nn.Module):
         context: torch.Tensor,
         temb: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
+        image_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # x: (B, S, dim); context: (B, L, dim); temb: (B, T, 6, dim); each modulation: (B, T, dim)
+        # image_context: (B, L_img, dim) image tokens (image-to-video with an image encoder), else None
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table + temb.float()).unbind(2)
 
         h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
         x = (x.float() + self.attn1(h, None, rope) * gate).type_as(x)
 
         h = self.norm2(x.float()).type_as(x)
-        x = x + self.attn2(h, context)
+        x = x + self.attn2(h, context, None, image_context)
 
         h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
         return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
@@ -224,15 +244,54 @@ class TextProjection(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
 
 
-class WanConditionEmbedder(nn.Module):
-    """Timestep embedding, its six-way modulation projection, and the text projection."""
+class GELUErfProjection(nn.Module):
+    """Linear then exact (erf) GELU, named ``proj`` as in the checkpoint."""
 
-    def __init__(self, dim: int, freq_dim: int, text_dim: int):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x))
+
+
+class ImageEmbedding(nn.Module):
+    """Image-encoder states (B, L_img, image_dim) -> image tokens (B, L_img, dim):
+    LayerNorm -> Linear -> GELU -> Linear -> LayerNorm, both norms affine and in float32.
+
+    ``pos_embed`` (first-last-frame checkpoints, ``pos_embed_seq_len``): a learned position table added
+    after pairing each sample's two images' states into one sequence of ``2 * L_img`` tokens.
+    """
+
+    def __init__(self, image_dim: int, dim: int, pos_embed_seq_len: int | None = None):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(image_dim)
+        self.ff = nn.Module()
+        self.ff.net = nn.ModuleList([GELUErfProjection(image_dim, image_dim), nn.Identity(), nn.Linear(image_dim, dim)])
+        self.norm2 = FP32LayerNorm(dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_embed_seq_len, image_dim)) if pos_embed_seq_len else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pos_embed is not None:
+            x = x.view(-1, 2 * x.shape[1], x.shape[2]) + self.pos_embed
+        h = self.norm1(x)
+        h = self.ff.net[2](self.ff.net[0](h))
+        return self.norm2(h)
+
+
+class WanConditionEmbedder(nn.Module):
+    """Timestep embedding, its six-way modulation projection, the text projection and (image-to-video
+    with an image encoder) the image embedding."""
+
+    def __init__(self, dim: int, freq_dim: int, text_dim: int, image_dim: int | None = None,
+                 pos_embed_seq_len: int | None = None):
         super().__init__()
         self.freq_dim = freq_dim
         self.time_embedder = TimestepEmbedding(freq_dim, dim)
         self.time_proj = nn.Linear(dim, 6 * dim)
         self.text_embedder = TextProjection(text_dim, dim)
+        if image_dim is not None:
+            self.image_embedder = ImageEmbedding(image_dim, dim, pos_embed_seq_len)
 
     def forward(self, timestep: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """timestep (B, T), text (B, L, text_dim) -> temb (B, T, dim), temb_proj (B, T, 6*dim), context (B, L, dim)."""

@@ -18,9 +18,9 @@ from .blocks import FP32LayerNorm, WanConditionEmbedder, WanTransformerBlock, ro
 class WanTransformerConfig(ModelConfig):
     """Fields and defaults of diffusers' ``WanTransformer3DModel`` config.json.
 
-    Only text-to-video is supported: ``image_dim`` and ``added_kv_proj_dim`` must be unset, and
-    ``qk_norm`` must be ``"rms_norm_across_heads"``. ``pos_embed_seq_len`` only matters with an
-    image embedder and is kept for completeness.
+    ``image_dim`` (with ``added_kv_proj_dim``, Wan2.1 I2V) adds the image embedder and the image
+    key/value projections of the cross-attention; ``pos_embed_seq_len`` is the first-last-frame
+    variant's image position table. ``qk_norm`` must be ``"rms_norm_across_heads"``.
     """
 
     patch_size: tuple[int, int, int] = (1, 2, 2)
@@ -41,10 +41,15 @@ class WanTransformerConfig(ModelConfig):
     pos_embed_seq_len: int | None = None
 
     def __post_init__(self):
-        if self.image_dim is not None or self.added_kv_proj_dim is not None:
+        if (self.image_dim is None) != (self.added_kv_proj_dim is None):
             raise CheckpointError(
-                f"WanTransformer3DModel: image-to-video is not supported yet (image_dim={self.image_dim}, "
-                f"added_kv_proj_dim={self.added_kv_proj_dim}; only text-to-video checkpoints, with both unset)"
+                f"WanTransformer3DModel: image_dim ({self.image_dim}) and added_kv_proj_dim "
+                f"({self.added_kv_proj_dim}) must be set together (image-to-video) or both unset"
+            )
+        if self.added_kv_proj_dim is not None and self.added_kv_proj_dim != self.inner_dim:
+            raise CheckpointError(
+                f"WanTransformer3DModel: added_kv_proj_dim must equal the model width "
+                f"({self.inner_dim}, the image embedder's output), got {self.added_kv_proj_dim}"
             )
         if self.qk_norm != "rms_norm_across_heads":
             raise CheckpointError(
@@ -72,6 +77,25 @@ WAN_TRANSFORMER_SPECS: dict[str, WanTransformerConfig] = {
     "wan2.1-t2v-14b": WanTransformerConfig(
         num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096
     ),
+    # Wan-AI/Wan2.1-I2V-14B-{480P,720P}-Diffusers: latents + mask + first-frame latents in, CLIP ViT-H image tokens
+    "wan2.1-i2v-14b": WanTransformerConfig(
+        num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096, in_channels=36,
+        out_channels=16, image_dim=1280, added_kv_proj_dim=5120,
+    ),
+    # Wan-AI/Wan2.2-TI2V-5B-Diffusers (48-channel Wan2.2 VAE latents, per-token timesteps)
+    "wan2.2-ti2v-5b": WanTransformerConfig(
+        num_attention_heads=24, attention_head_dim=128, ffn_dim=14336, num_layers=30, text_dim=4096, in_channels=48,
+        out_channels=48,
+    ),
+    # Wan-AI/Wan2.2-T2V-A14B-Diffusers: two experts (transformer, transformer_2) of this config each
+    "wan2.2-t2v-a14b": WanTransformerConfig(
+        num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096
+    ),
+    # Wan-AI/Wan2.2-I2V-A14B-Diffusers: two experts, first-frame conditioning by channels only (no image encoder)
+    "wan2.2-i2v-a14b": WanTransformerConfig(
+        num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, num_layers=40, text_dim=4096, in_channels=36,
+        out_channels=16,
+    ),
     "tiny": WanTransformerConfig(
         num_attention_heads=2,
         attention_head_dim=12,
@@ -86,13 +110,15 @@ WAN_TRANSFORMER_SPECS: dict[str, WanTransformerConfig] = {
 
 
 class WanTransformer3DModel(nn.Module):
-    """Wan2.1 DiT: 3-D patch embedding, ``num_layers`` modulated blocks with 3-D RoPE, unpatchify.
+    """Wan2.1 / Wan2.2 DiT: 3-D patch embedding, ``num_layers`` modulated blocks with 3-D RoPE, unpatchify.
 
     ``forward(hidden_states, timestep, encoder_hidden_states)``:
 
     - ``hidden_states``: (B, in_channels, F, H, W) latents; F, H, W divisible by ``patch_size``;
     - ``timestep``: (B,) one timestep per sample, or (B, S) one per patch token (S = F*H*W / prod(patch));
     - ``encoder_hidden_states``: (B, L, text_dim) text-encoder states;
+    - ``encoder_hidden_states_image``: (B, L_img, image_dim) image-encoder states (image-to-video
+      checkpoints with ``image_dim``), else None;
     - returns (B, out_channels, F, H, W) in ``hidden_states``' dtype.
     """
 
@@ -125,10 +151,12 @@ class WanTransformer3DModel(nn.Module):
         self.patch_embedding = nn.Conv3d(
             config.in_channels, dim, kernel_size=config.patch_size, stride=config.patch_size
         )
-        self.condition_embedder = WanConditionEmbedder(dim, config.freq_dim, config.text_dim)
+        self.condition_embedder = WanConditionEmbedder(dim, config.freq_dim, config.text_dim, config.image_dim,
+                                                       config.pos_embed_seq_len)
         self.blocks = nn.ModuleList(
             [
-                WanTransformerBlock(dim, config.ffn_dim, config.num_attention_heads, config.cross_attn_norm, config.eps)
+                WanTransformerBlock(dim, config.ffn_dim, config.num_attention_heads, config.cross_attn_norm, config.eps,
+                                    config.added_kv_proj_dim)
                 for _ in range(config.num_layers)
             ]
         )
@@ -165,11 +193,32 @@ class WanTransformer3DModel(nn.Module):
             )
         return grid
 
+    def _check_image(self, image: torch.Tensor | None, batch: int) -> None:
+        cfg = self.config
+        if cfg.image_dim is None:
+            if image is not None:
+                raise InvalidArgumentError("encoder_hidden_states_image", "this checkpoint has no image embedder "
+                                           "(image_dim is unset); pass None")
+            return
+        if image is None:
+            raise InvalidArgumentError("encoder_hidden_states_image", "this image-to-video checkpoint needs the "
+                                       f"image encoder's states, (batch, tokens, {cfg.image_dim})")
+        per_sample = 2 if cfg.pos_embed_seq_len else 1
+        if image.ndim != 3 or image.shape[0] != batch * per_sample or image.shape[2] != cfg.image_dim:
+            raise InvalidArgumentError("encoder_hidden_states_image", f"expected ({batch * per_sample}, tokens, "
+                                       f"{cfg.image_dim}), got {tuple(image.shape)}")
+        if cfg.pos_embed_seq_len and 2 * image.shape[1] != cfg.pos_embed_seq_len:
+            raise InvalidArgumentError("encoder_hidden_states_image", f"pos_embed_seq_len={cfg.pos_embed_seq_len} "
+                                       f"needs {cfg.pos_embed_seq_len // 2} tokens per image, got {image.shape[1]}")
+
     def forward(
-        self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict the flow for latents (B, C, F, H, W) at ``timestep`` given text states; see the class doc."""
+        """Predict the flow for latents (B, C, F, H, W) at ``timestep`` given text states (and, for
+        image-to-video checkpoints with an image encoder, its states (B, L_img, image_dim)); see the class doc."""
         f, h, w = self._check_inputs(hidden_states, timestep, encoder_hidden_states)
+        self._check_image(encoder_hidden_states_image, hidden_states.shape[0])
         batch = hidden_states.shape[0]
         pt, ph, pw = self.config.patch_size
         rope = rope_frequencies(self.config.attention_head_dim, (f, h, w), hidden_states.device)
@@ -180,8 +229,13 @@ class WanTransformer3DModel(nn.Module):
         temb, temb_proj, context = self.condition_embedder(timestep, encoder_hidden_states)
         temb_proj = temb_proj.unflatten(2, (6, -1))  # (B, T, 6, dim)
 
-        for block in self.blocks:
-            x = block(x, context, temb_proj, rope)
+        if encoder_hidden_states_image is None:
+            for block in self.blocks:
+                x = block(x, context, temb_proj, rope)
+        else:
+            image_context = self.condition_embedder.image_embedder(encoder_hidden_states_image)  # (B, L_img, dim)
+            for block in self.blocks:
+                x = block(x, context, temb_proj, rope, image_context)
 
         shift, scale = (self.scale_shift_table + temb.unsqueeze(2)).unbind(2)  # (B, T, dim) each
         x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)

@@ -154,8 +154,9 @@ def test_class_attributes():
 @pytest.mark.parametrize(
     "fields,match",
     [
-        (dict(image_dim=1280), "image-to-video is not supported"),
-        (dict(added_kv_proj_dim=5120), "image-to-video is not supported"),
+        (dict(image_dim=1280), "must be set together"),
+        (dict(added_kv_proj_dim=5120), "must be set together"),
+        (dict(image_dim=1280, added_kv_proj_dim=5120), "added_kv_proj_dim must equal the model width"),
         (dict(qk_norm="rms_norm"), "qk_norm"),
         (dict(qk_norm=None), "qk_norm"),
         (dict(attention_head_dim=13), "attention_head_dim"),
@@ -170,7 +171,7 @@ def test_unsupported_config_errors(fields, match):
 def test_unsupported_config_from_json_dict():
     data = {"_class_name": "WanTransformer3DModel", **TINY_CONFIGS["h2d12"], "image_dim": 1280}
     with pytest.raises(CheckpointError, match="image-to-video"):
-        WanTransformerConfig.from_dict(data)
+        WanTransformerConfig.from_dict(data)  # image_dim without added_kv_proj_dim
 
 
 def _bad_inputs():
