@@ -154,7 +154,7 @@ def capture_attention(monkeypatch, module) -> dict:
     """Replace a blocks module's ``attention`` to record the q and k the model hands to it."""
     seen = {}
 
-    def attention(q, k, v):
+    def attention(q, k, v, cross=False):
         seen["q"], seen["k"] = q, k
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 

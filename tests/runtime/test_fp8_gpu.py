@@ -44,9 +44,13 @@ def test_producers_on_gpu_match_the_reference():
     scale, shift = ((0.3 * torch.randn(2, 1, 3072, device=CUDA, generator=g)).to(BF16) for _ in range(2))
     COUNTERS.reset()
     q, s = adaln_modulate_fp8(x, scale, shift)
-    ref_q, ref_s = quantize_rows_ref(adaln_modulate_ref(x, scale, shift))
+    exact = adaln_modulate_ref(x, scale, shift)
+    ref_q, ref_s = quantize_rows_ref(exact)
     torch.testing.assert_close(s, ref_s, rtol=1e-2, atol=0)
-    assert _rel(dequantize_rows(q, s), dequantize_rows(ref_q, ref_s)) < 1e-2
+    # the fused kernel's rounding may flip values on an fp8 step boundary the reference rounds the other way
+    # (the modulation's float order differs): it must be as close to the exact values as the reference is
+    err, ref_err = _rel(dequantize_rows(q, s), exact), _rel(dequantize_rows(ref_q, ref_s), exact)
+    assert err < 1.1 * ref_err and ref_err < 0.05, (err, ref_err)
     h = torch.randn(4608, 12288, device=CUDA, generator=g).to(BF16)
     bias = torch.randn(12288, device=CUDA, generator=g).to(BF16)
     q, s = gelu_tanh_fp8(h, bias)
@@ -141,11 +145,13 @@ def test_demo_artifact_round_trip_with_cuda_graphs(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("DIFFC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "fp8.diffc"
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["compile", "--out", str(out), "--height", "256", "--width", "256", "--quality", "fp8"]) == 0
+        assert main(["compile", "--out", str(out), "--device", "cuda", "--height", "256", "--width", "256",
+                     "--quality", "fp8"]) == 0
     run = ["--prompt", "a kite", "--steps", "4", "--seed", "3", "--no-progress"]
     perf = tmp_path / "perf.json"
     assert main(["run", "--compiled", str(out), *run, "-o", str(tmp_path / "fp8.png"), "--perf-dump-path", str(perf)]) == 0
-    assert main(["run", *run, "--height", "256", "--width", "256", "-o", str(tmp_path / "bf16.png")]) == 0
+    assert main(["run", *run, "--device", "cuda", "--height", "256", "--width", "256",
+                 "-o", str(tmp_path / "bf16.png")]) == 0
     capsys.readouterr()
     dump = json.loads(perf.read_text())
     dit = dump["runtime"]["dit"]["transformer"]

@@ -73,6 +73,9 @@ QWEN_IMAGE_TRANSFORMER_SPECS: dict[str, QwenImageTransformerConfig] = {
 }
 
 
+ROPE_CACHE_LAYOUTS = 16  # sequence layouts whose RoPE tables stay on the device (oldest dropped first)
+
+
 class QwenImageTransformer2DModel(nn.Module):
     """Qwen-Image MMDiT: ``num_layers`` double-stream blocks over packed 2x2 latent patches and text states.
 
@@ -132,8 +135,7 @@ class QwenImageTransformer2DModel(nn.Module):
         encoder_hidden_states = self.txt_in(self.txt_norm(encoder_hidden_states))  # (batch, seq_txt, dim)
         temb = self.time_text_embed(timestep, hidden_states.dtype)  # (batch, dim)
 
-        cos, sin = rope_tables(rope_positions(img_shapes, seq_txt), self.config.axes_dims_rope)
-        rope = (cos.to(hidden_states.device), sin.to(hidden_states.device))  # (seq_txt + seq_img, head_dim)
+        rope = self._rope(img_shapes, seq_txt, hidden_states.device)  # (seq_txt + seq_img, head_dim) each
         mask = None
         if encoder_hidden_states_mask is not None:
             img_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
@@ -145,6 +147,24 @@ class QwenImageTransformer2DModel(nn.Module):
             else:
                 encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, rope, mask)
         return self.proj_out(self.norm_out(hidden_states, temb))
+
+    def _rope(self, img_shapes, seq_txt: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables of a sequence layout, built on the host once per layout and kept on ``device``: a
+        step then copies nothing from the host (a CUDA graph can capture it, no step waits on a host copy).
+        While tracing (compile, export) they are computed in the graph, never baked in from the cache."""
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            cos, sin = rope_tables(rope_positions(img_shapes, seq_txt), self.config.axes_dims_rope)
+            return cos.to(device), sin.to(device)
+
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return build()
+        cache = self.__dict__.setdefault("_rope_cache", {})
+        key = (img_shapes, seq_txt, str(device))
+        if key not in cache:
+            if len(cache) >= ROPE_CACHE_LAYOUTS:
+                cache.pop(next(iter(cache)))
+            cache[key] = build()
+        return cache[key]
 
     @staticmethod
     def _shapes(img_shapes) -> tuple[tuple[int, int, int], ...]:

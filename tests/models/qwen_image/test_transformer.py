@@ -114,3 +114,26 @@ def test_unsupported_variants_are_refused():
         QwenImageTransformerConfig.from_dict({**CONFIGS["h2d16"], "zero_cond_t": True})
     with pytest.raises(CheckpointError, match="axes_dims_rope"):
         QwenImageTransformerConfig.from_dict({**CONFIGS["h2d16"], "axes_dims_rope": [4, 4, 4]})
+
+
+def test_rope_tables_are_kept_per_layout_and_bounded(monkeypatch):
+    """A layout's RoPE tables are built once (no host build or copy on later steps), a new layout gets its own
+    (alternating layouts still match diffusers), and the cache holds at most ROPE_CACHE_LAYOUTS layouts."""
+    from diffc.models.qwen_image import transformer as qt
+
+    name, batch, shapes, n_txt = CASES["t2i"]
+    ref, model = _pair(name)
+    other = ((1, 5, 3),)
+    builds = []
+    real = qt.rope_tables
+    monkeypatch.setattr(qt, "rope_tables", lambda *a, **k: builds.append(1) or real(*a, **k))
+    for layout in (shapes, other, shapes, other):
+        inputs = _inputs(name, batch, layout, n_txt)
+        out, expected = _run_both(ref, model, inputs, layout, batch)
+        assert rel_err(out, expected) < REL_TOL[torch.float32]
+    assert len(builds) == 2
+    monkeypatch.setattr(qt, "ROPE_CACHE_LAYOUTS", 2)
+    with torch.no_grad():
+        for rows in (2, 4, 6):
+            model(img_shapes=((1, rows, 3),), **_inputs(name, 1, ((1, rows, 3),), n_txt))
+    assert len(model._rope_cache) == 2
