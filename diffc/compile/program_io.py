@@ -18,6 +18,7 @@ custom objects and no named tuples; every node must call an operator of :data:`O
 
 from __future__ import annotations
 
+import inspect
 import json
 import operator
 import re
@@ -63,6 +64,21 @@ def _tensor_info(t: torch.Tensor) -> dict[str, Any]:
     return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
 
 
+def _serialize_graph_only(serde, program: torch.export.ExportedProgram):
+    """torch's serializer without its pickled parts (weights, constants, example inputs): switched off where
+    torch has the switches, else (torch before 2.12) the pickling step is skipped while it runs."""
+    serializer = serde.ExportedProgramSerializer()
+    if "serialize_state_dict" in inspect.signature(serializer.serialize).parameters:
+        return serializer.serialize(program, serialize_state_dict=False, serialize_constants=False,
+                                    serialize_example_inputs=False)
+    real = serde.serialize_torch_artifact
+    serde.serialize_torch_artifact = lambda *args, **kwargs: b""
+    try:
+        return serializer.serialize(program)
+    finally:
+        serde.serialize_torch_artifact = real
+
+
 def program_to_files(program: torch.export.ExportedProgram) -> tuple[bytes, dict[str, torch.Tensor]]:
     """The JSON bytes of ``program`` (weights left out) and its constants, ready for safetensors."""
     from torch._export.serde import serialize as serde
@@ -72,8 +88,7 @@ def program_to_files(program: torch.export.ExportedProgram) -> tuple[bytes, dict
         if not isinstance(value, torch.Tensor):
             raise ProgramFormatError(f"constant {name!r} is a {type(value).__name__}; only tensors can be stored")
         constants[name] = value.detach().to("cpu").contiguous()
-    serialized = serde.ExportedProgramSerializer().serialize(
-        program, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
+    serialized = _serialize_graph_only(serde, program)
     graph = json.loads(serde._to_json_bytes(serialized.exported_program))
     state = {name: {**_tensor_info(t), "kind": "parameter" if isinstance(t, torch.nn.Parameter) else "buffer"}
              for name, t in program.state_dict.items()}

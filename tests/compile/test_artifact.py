@@ -453,3 +453,40 @@ def test_two_buckets_replace_an_artifact_and_share_packed_weights(built, tmp_pat
         q = block.attn.to_q.weight
         assert any(t.untyped_storage().data_ptr() == q.untyped_storage().data_ptr()
                    for t in first._packed[id(block)])
+
+
+def test_program_serializes_the_same_on_torch_without_the_pickle_switches(monkeypatch):
+    """torch before 2.12 has no ``serialize_state_dict=``-style switches (the GPU machines run 2.11): the
+    graph JSON must come out the same, nothing pickled, and torch's function put back afterwards."""
+    from torch._export.serde import serialize as serde
+
+    from diffc.compile import program_io
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+            self.register_buffer("offset", torch.ones(3))
+
+        def forward(self, x):
+            return torch.nn.functional.silu(self.lin(x)) + self.offset + torch.arange(3.0)
+
+    program = torch.export.export(Net().eval(), (torch.randn(2, 4),))
+    expected_json, expected_constants = program_io.program_to_files(program)
+    current = serde.ExportedProgramSerializer.serialize
+    pickled = []
+    real_artifact = serde.serialize_torch_artifact
+
+    def old_signature(self, exported_program):  # torch 2.11: always pickles weights, constants, inputs
+        return current(self, exported_program, serialize_state_dict=True, serialize_constants=True,
+                       serialize_example_inputs=True)
+
+    def recording(*args, **kwargs):
+        pickled.append(args)
+        return real_artifact(*args, **kwargs)
+
+    monkeypatch.setattr(serde.ExportedProgramSerializer, "serialize", old_signature)
+    monkeypatch.setattr(serde, "serialize_torch_artifact", recording)
+    data, constants = program_io.program_to_files(program)
+    assert data == expected_json and constants.keys() == expected_constants.keys()
+    assert pickled == [] and serde.serialize_torch_artifact is recording

@@ -54,8 +54,10 @@ def test_producers_on_gpu_match_the_reference():
     h = torch.randn(4608, 12288, device=CUDA, generator=g).to(BF16)
     bias = torch.randn(12288, device=CUDA, generator=g).to(BF16)
     q, s = gelu_tanh_fp8(h, bias)
-    ref_q, ref_s = quantize_rows_ref(gelu_tanh_ref(h, bias))
-    assert _rel(dequantize_rows(q, s), dequantize_rows(ref_q, ref_s)) < 2e-2
+    exact = gelu_tanh_ref(h, bias)
+    ref_q, ref_s = quantize_rows_ref(exact)
+    err, ref_err = _rel(dequantize_rows(q, s), exact), _rel(dequantize_rows(ref_q, ref_s), exact)
+    assert err < 1.1 * ref_err and ref_err < 0.05, (err, ref_err)
     y, gate = torch.randn_like(x), scale
     residual = torch.empty_like(x)
     out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=CUDA)
@@ -64,7 +66,8 @@ def test_producers_on_gpu_match_the_reference():
     ref_res, ref_mod = gated_residual_adaln_ref(x, y, gate, scale, shift)
     torch.testing.assert_close(residual, ref_res, rtol=8e-3, atol=8e-3)
     ref_q, ref_s = quantize_rows_ref(ref_mod)
-    assert _rel(dequantize_rows(out, out_s), dequantize_rows(ref_q, ref_s)) < 1e-2
+    err, ref_err = _rel(dequantize_rows(out, out_s), ref_mod), _rel(dequantize_rows(ref_q, ref_s), ref_mod)
+    assert err < 1.1 * ref_err and ref_err < 0.05, (err, ref_err)
     assert COUNTERS.kernel_launches == 3 and COUNTERS.reference_fallbacks == 0
 
 
