@@ -66,16 +66,19 @@ class Engine:
         """torch.compile each repeated block (FLUX's two block kinds, Wan's blocks) with fullgraph=True."""
         model = self.transformer
         self.compiled = True
-        if hasattr(model, "compile_repeated_blocks"):
+        if hasattr(model, "compile_repeated_blocks") and getattr(model, "_repeated_blocks", None):
             model.compile_repeated_blocks(fullgraph=True)
             return "compile_repeated_blocks(fullgraph=True)"
-        for block in self.repeated_blocks():
+        blocks = self.repeated_blocks()
+        for block in blocks:
             block.compile(fullgraph=True)
-        return "torch.compile(fullgraph=True) on each repeated block"
+        return f"torch.compile(fullgraph=True) on each of {len(blocks)} repeated blocks"
 
     def repeated_blocks(self) -> list[torch.nn.Module]:
         """diffc's ``_repeated_blocks`` names ModuleList attributes; diffusers' names block classes."""
-        model, names = self.transformer, set(self.transformer._repeated_blocks)
+        model, names = self.transformer, set(getattr(self.transformer, "_repeated_blocks", None) or ())
+        if not names:  # a diffusers class without the attribute (SD3): every direct ModuleList of blocks
+            return [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
         lists = [getattr(model, n) for n in names if isinstance(getattr(model, n, None), torch.nn.ModuleList)]
         if lists:
             return [block for blocks in lists for block in blocks]

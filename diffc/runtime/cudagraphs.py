@@ -111,9 +111,12 @@ def _map_tensors(out: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     if isinstance(out, tuple) and hasattr(out, "_fields"):  # namedtuple
         return type(out)(*(_map_tensors(o, fn) for o in out))
     if isinstance(out, (tuple, list)):
-        return type(out)(_map_tensors(o, fn) for o in out)
+        return type(out)([_map_tensors(o, fn) for o in out])
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):  # diffusers' outputs: dataclass and dict
+        fields = [f.name for f in dataclasses.fields(out) if f.init]
+        return dataclasses.replace(out, **{name: _map_tensors(getattr(out, name), fn) for name in fields})
     if isinstance(out, dict):
-        return type(out)((k, _map_tensors(v, fn)) for k, v in out.items())
+        return type(out)({k: _map_tensors(v, fn) for k, v in out.items()})
     return out
 
 

@@ -45,3 +45,22 @@ def test_real_size_specs_build_the_published_models(model, billions):
     params = sum(p.numel() for p in transformer.parameters()) / 1e9
     assert params == pytest.approx(billions, rel=0.01)
     assert family.dit_flops(spec, Workload.from_spec(spec)).total > 0
+
+
+def test_diffusers_compile_of_a_class_without_repeated_blocks_compiles_each_block():
+    """SD3's diffusers class names no ``_repeated_blocks``: ``diffusers-compile`` then compiles each block of
+    its block lists (``compile_repeated_blocks`` alone refuses the class)."""
+    import diffusers
+
+    from bench.engines import DiffusersEngine
+    from bench.families import FAMILIES
+
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4)
+    assert not transformer._repeated_blocks
+    engine = DiffusersEngine(FAMILIES["sd3"], torch.device("cpu"), torch.float32, transformer, vae=None)
+    description = engine.regional_compile()
+    assert "2 repeated blocks" in description
+    assert all(b._compiled_call_impl is not None for b in transformer.transformer_blocks)
+    assert transformer._compiled_call_impl is None  # the blocks, not the whole model

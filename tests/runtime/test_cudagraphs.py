@@ -375,3 +375,26 @@ def test_batch_one_slice_and_fresh_tensor_share_a_graph(toy):
         assert_same(wrapper(x=big, t=t), toy(x=big, t=t))
         assert_same(wrapper(x=x + 1, t=t), toy(x=x + 1, t=t))
     assert counts(wrapper) == (1, 1, 0, 0)
+
+
+class DiffusersOutputToy(Toy):
+    """Returns a diffusers output (a dataclass that is also a dict), as a generic-backend DiT does."""
+
+    def forward(self, x, t, guidance=None, scale=1.0):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=super().forward(x, t, guidance, scale)[0])
+
+
+@pytest.mark.parametrize("clone_outputs", [True, False])
+def test_diffusers_output_objects_keep_their_type(clone_outputs):
+    torch.manual_seed(0)
+    model = DiffusersOutputToy().eval().requires_grad_(False)
+    wrapper = EmulatedGraphs(model, clone_outputs=clone_outputs)
+    with torch.inference_mode():
+        for seed in (0, 1, 2):  # capture, then replays with new values
+            x, t = toy_inputs(TOY_SHAPES[0], seed)
+            out, ref = wrapper(x, t), model(x, t)
+            assert type(out) is type(ref) and isinstance(out.sample, torch.Tensor)
+            assert torch.equal(out.sample, ref.sample) and torch.equal(out[0], ref[0])
+    assert counts(wrapper)[:2] == (1, 2)
