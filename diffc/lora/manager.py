@@ -27,7 +27,7 @@ from .convert import Conversion, convert
 from .families import NAMINGS
 from .files import LoraFile, read_lora_file
 from .spec import Active, check_nickname, check_strength, check_target, lora_requests, targets_of
-from .stash import HostStash
+from .stash import WeightStash
 from .weights import ModuleWeights
 
 log = logging.getLogger(__name__)
@@ -68,14 +68,15 @@ class Adapter:
 class LoraManager:
     """The LoRA state of one pipeline; see the module docstring. ``weights`` says where merges write."""
 
-    def __init__(self, components: dict[str, Any], weights: ModuleWeights | None = None):
+    def __init__(self, components: dict[str, Any], weights: ModuleWeights | None = None,
+                 stash_reserve: int | None = None):
         self.weights = weights or ModuleWeights(components)
         self.weights.manager = self
         self.adapters: dict[str, Adapter] = {}
         self.active: list[Active] = []
         self.merged: dict[str, State] = {}
         self.modified: dict[str, set[str]] = {}
-        self.stash = HostStash()
+        self.stash = WeightStash(stash_reserve)
         self.counters = LoraCounters()
         self._lock = threading.RLock()
 
@@ -208,7 +209,7 @@ class LoraManager:
             return {"loaded_adapters": [a.describe() for a in self.adapters.values()], "active": active,
                     "merged": {c: [{"nickname": n, "strength": s} for n, s in self.merged.get(c, ()) if n]
                                for c in self.available},
-                    "host_copy_bytes": self.stash.nbytes}
+                    "host_copy_bytes": self.stash.host_bytes, "device_copy_bytes": self.stash.device_bytes}
 
     # ---- merging ---------------------------------------------------------------------------------
     def _write(self, component: str, state: State) -> None:
@@ -232,8 +233,8 @@ class LoraManager:
                 tensor = tensors[name]
                 key = (component, name)
                 if name in modified:
-                    # restore in the weight's own dtype first (a pinned copy-engine transfer), then widen on
-                    # the weight's device: ``stash.to(cuda, float32)`` would widen 2x the bytes on the host
+                    # restore in the weight's own dtype first (a device or pinned copy-engine transfer), then
+                    # widen on the weight's device: ``stash.to(cuda, float32)`` would widen 2x the bytes on the host
                     tensor.copy_(self.stash.get(key), non_blocking=True)
                 else:
                     self.stash.save(key, tensor)

@@ -166,3 +166,17 @@ def test_the_lora_is_a_weight_transform_of_the_executor_stack(flux):
     transforms = stack.describe()["transforms"]
     assert {"kind": "lora", "merged": [{"nickname": "a", "strength": 0.5}]}.items() <= transforms[0].items()
     assert "weights: lora" in stack.layers()
+
+
+def test_weight_copies_of_cpu_weights_stay_on_the_host_and_a_negative_reserve_is_refused():
+    from diffc.lora.stash import WeightStash
+
+    stash = WeightStash()
+    w = torch.randn(4, 3)
+    original = w.clone()
+    stash.save(("transformer", "w"), w)
+    w.fill_(7.0)
+    assert torch.equal(stash.get(("transformer", "w")), original)
+    assert (stash.host_bytes, stash.device_bytes) == (w.numel() * 4, 0)
+    with pytest.raises(ValueError, match="reserve"):
+        WeightStash(reserve=-1)
