@@ -78,6 +78,7 @@ _SPECS = {
     "FluxPipeline": "diffc.pipelines.flux:FLUX_SPEC",
     "FluxKontextPipeline": "diffc.pipelines.flux_kontext:FLUX_KONTEXT_SPEC",
     "WanPipeline": "diffc.pipelines.wan:WAN_SPEC",
+    "WanImageToVideoPipeline": "diffc.pipelines.wan_i2v:WAN_I2V_SPEC",
     "ZImagePipeline": "diffc.pipelines.zimage:ZIMAGE_SPEC",
     "QwenImagePipeline": "diffc.pipelines.qwen_image:QWEN_IMAGE_SPEC",
     "QwenImageEditPipeline": "diffc.pipelines.qwen_image_edit:QWEN_IMAGE_EDIT_SPEC",

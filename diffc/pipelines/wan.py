@@ -1,4 +1,5 @@
-"""Wan2.1 text-to-video (1.3B and 14B): UMT5 text encoder, the Wan DiT, the Wan causal video VAE.
+"""Wan text-to-video: Wan2.1 (1.3B, 14B) and Wan2.2 T2V-A14B (two experts switched at ``boundary_ratio``),
+with the UMT5 text encoder, the Wan DiT, the Wan causal video VAE.
 
 Stages: encode_prompt -> prepare_latents -> prepare_timesteps -> denoise -> decode -> postprocess.
 The math, dtypes and tensor layouts follow diffusers' WanPipeline so the same seed gives the same
@@ -97,21 +98,49 @@ def prepare_timesteps(ctx: RunContext, s):
     return {"timesteps": scheduler.timesteps}
 
 
-def denoise(ctx: RunContext, s):
-    transformer = ctx.components["transformer"]
+def experts(ctx: RunContext, s):
+    """``(model, guidance scale)`` for a timestep. Wan2.2 A14B checkpoints hold two experts: ``transformer``
+    denoises the timesteps at or above ``boundary_ratio * num_train_timesteps`` (high noise) with
+    ``guidance_scale``, ``transformer_2`` the rest with ``guidance_scale_2`` (default: ``guidance_scale``).
+    Without ``boundary_ratio`` only ``transformer`` runs, as in diffusers."""
+    first, second = ctx.components["transformer"], ctx.components.get("transformer_2")
     scale = s["guidance_scale"]
+    scale_2 = scale if s.get("guidance_scale_2") is None else s["guidance_scale_2"]
+    ratio = ctx.config.get("boundary_ratio")
+    if second is None or ratio is None:
+        return lambda t: (first, scale)
+    boundary = ratio * ctx.components["scheduler"].config.num_train_timesteps
+    return lambda t: (first, scale) if float(t) >= boundary else (second, scale_2)
+
+
+def wan_predictor(ctx: RunContext, s, condition: torch.Tensor | None = None,
+                  image_embeds: torch.Tensor | None = None):
+    """The Wan noise prediction for ``denoise_loop``. ``condition`` (I2V: mask and first-frame latents) is
+    concatenated to the latents' channels, ``image_embeds`` (Wan2.1 I2V: CLIP image tokens) go to the
+    image cross-attention. Guidance (on when ``guidance_scale > 1``, as diffusers decides it, for both
+    experts) batches the conditional and unconditional passes into one forward."""
     cond, uncond = s["prompt_embeds"], s["negative_prompt_embeds"]
     text = cond if uncond is None else torch.cat([cond, uncond])  # (B or 2B, L, text_dim)
+    extra = {}
+    if image_embeds is not None:
+        extra["encoder_hidden_states_image"] = image_embeds if uncond is None else torch.cat([image_embeds] * 2)
+    expert = experts(ctx, s)
 
     def predict(x, t):
-        x = x.to(ctx.dtype)
+        transformer, scale = expert(t)
+        x = (x if condition is None else torch.cat([x, condition], dim=1)).to(ctx.dtype)
         if uncond is None:
-            return transformer(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=text)
+            return transformer(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=text, **extra)
         both = transformer(hidden_states=torch.cat([x, x]), timestep=t.expand(2 * x.shape[0]),
-                           encoder_hidden_states=text)  # (2B, C, F, H, W): conditional, then unconditional
+                           encoder_hidden_states=text, **extra)  # (2B, C, F, H, W): conditional, then unconditional
         pred_cond, pred_uncond = both.chunk(2)
         return pred_uncond + scale * (pred_cond - pred_uncond)
 
+    return predict
+
+
+def denoise(ctx: RunContext, s):
+    predict = wan_predictor(ctx, s)
     return {"latents": denoise_loop(ctx, ctx.components["scheduler"], s["latents"], s["timesteps"], predict)}
 
 
@@ -146,8 +175,8 @@ def build_stages():
               ("prompt_embeds", "negative_prompt_embeds")),
         Stage("prepare_latents", prepare_latents, ("prompt", "height", "width", "num_frames", "seeds"), ("latents",)),
         Stage("prepare_timesteps", prepare_timesteps, ("num_inference_steps",), ("timesteps",)),
-        Stage("denoise", denoise, ("latents", "timesteps", "guidance_scale", "prompt_embeds", "negative_prompt_embeds"),
-              ("latents",)),
+        Stage("denoise", denoise, ("latents", "timesteps", "guidance_scale", "guidance_scale_2", "prompt_embeds",
+                                   "negative_prompt_embeds"), ("latents",)),
         Stage("decode", decode, ("latents",), ("decoded",)),
         Stage("postprocess", postprocess, ("decoded",), ("videos",)),
     ]
@@ -180,14 +209,14 @@ def validate(pipe, request: GenerationRequest) -> None:
 
 
 def check_index(index: dict) -> None:
-    """Refuse Wan2.2 checkpoints, which share the WanPipeline class but need what this spec lacks."""
-    two_stage = isinstance(index.get("transformer_2"), list) and index["transformer_2"][1] is not None
-    if two_stage or index.get("boundary_ratio") is not None:
-        raise CheckpointError("model_index.json: this is a two-transformer Wan2.2 (A14B) checkpoint "
-                              "(transformer_2 / boundary_ratio); only Wan2.1 text-to-video is supported yet")
+    """Refuse Wan2.2 TI2V-5B (``expand_timesteps``: the Wan2.2 VAE and per-token timesteps), which shares the
+    pipeline classes but needs what these specs lack. Two experts (A14B) are supported."""
     if index.get("expand_timesteps"):
-        raise CheckpointError("model_index.json: expand_timesteps (Wan2.2 TI2V) is not supported yet; "
-                              "only Wan2.1 text-to-video is supported")
+        raise CheckpointError("model_index.json: expand_timesteps (Wan2.2 TI2V-5B) is not supported yet; "
+                              "Wan2.1 and the Wan2.2 A14B models are")
+    ratio = index.get("boundary_ratio")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1):
+        raise CheckpointError(f"model_index.json: boundary_ratio must be a number in [0, 1], got {ratio!r}")
 
 
 WAN_SPEC = PipelineSpec(
@@ -201,4 +230,6 @@ WAN_SPEC = PipelineSpec(
     validate=validate,
     uses_negative_prompt=True,
     check_index=check_index,
+    optional_components=("transformer_2",),
+    index_keys=("boundary_ratio",),
 )

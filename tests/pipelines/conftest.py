@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -96,5 +97,68 @@ def wan_checkpoint(tmp_path_factory):
             pipe.save_pretrained(root / "ckpt", safe_serialization=True)
             cache[variant] = root / "ckpt"
         return cache[variant]
+
+    return make
+
+
+IMAGE_DIM = 20  # the tiny CLIP vision tower's width (Wan2.1 I2V: ViT-H/14, 1280)
+
+
+def _wan_transformer(v: TinyWan, seed: int, **overrides):
+    import diffusers
+
+    torch.manual_seed(seed)
+    kwargs = dict(patch_size=v.patch, num_attention_heads=v.heads, attention_head_dim=v.head_dim,
+                  in_channels=v.z_dim, out_channels=v.z_dim, text_dim=v.text_dim, freq_dim=16, ffn_dim=v.ffn_dim,
+                  num_layers=v.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+    return diffusers.WanTransformer3DModel(**{**kwargs, **overrides})
+
+
+def build_wan_variant(kind: str, tok_dir: Path):
+    """Tiny Wan2.2 / image-to-video pipelines on the ``base`` variant's sizes, saved as published:
+    ``t2v-a14b`` (two experts, WanPipeline), ``i2v`` (Wan2.1 I2V: CLIP vision tower and image
+    cross-attention, WanImageToVideoPipeline), ``i2v-a14b`` (two experts, no image encoder)."""
+    import diffusers
+    import transformers
+
+    v = WAN_VARIANTS["base"]
+    base = build_wan_pipeline(v, tok_dir)
+    parts = dict(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler)
+    if kind == "t2v-a14b":
+        return diffusers.WanPipeline(**parts, transformer=_wan_transformer(v, 1), transformer_2=_wan_transformer(v, 2),
+                                     boundary_ratio=0.875)
+    channels = 2 * v.z_dim + v.temporal
+    if kind == "i2v-a14b":
+        return diffusers.WanImageToVideoPipeline(
+            **parts, transformer=_wan_transformer(v, 1, in_channels=channels),
+            transformer_2=_wan_transformer(v, 2, in_channels=channels), boundary_ratio=0.9)
+    assert kind == "i2v", kind
+    torch.manual_seed(3)
+    encoder = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=IMAGE_DIM, intermediate_size=37, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+        patch_size=8, projection_dim=IMAGE_DIM))
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    inner = v.heads * v.head_dim
+    transformer = _wan_transformer(v, 1, in_channels=channels, image_dim=IMAGE_DIM, added_kv_proj_dim=inner)
+    return diffusers.WanImageToVideoPipeline(**parts, transformer=transformer, image_encoder=encoder,
+                                             image_processor=processor)
+
+
+@pytest.fixture(scope="session")
+def wan22_checkpoint(tmp_path_factory):
+    """Factory: ``wan22_checkpoint(kind) -> Path`` of a saved tiny pipeline of :func:`build_wan_variant`."""
+    cache: dict[str, Path] = {}
+
+    def make(kind: str) -> Path:
+        if kind not in cache:
+            root = tmp_path_factory.mktemp(f"wan-{kind}")
+            build_wan_variant(kind, root / "tok").save_pretrained(root / "ckpt", safe_serialization=True)
+            index_path = root / "ckpt" / "model_index.json"
+            index = json.loads(index_path.read_text())
+            if index.get("image_processor", [None])[0]:  # the class name the published checkpoints carry
+                index["image_processor"] = ["transformers", "CLIPImageProcessor"]
+                index_path.write_text(json.dumps(index))
+            cache[kind] = root / "ckpt"
+        return cache[kind]
 
     return make

@@ -1,0 +1,108 @@
+"""Wan2.1 image-to-video and the Wan2.2 A14B two-expert models against diffusers on tiny random checkpoints:
+the same seed and input image give the same frames (fp32, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffc
+from diffc.errors import InvalidArgumentError
+from tests.helpers import psnr_uint8
+
+pytest.importorskip("diffusers")
+
+PROMPT = "a red fox in snow"
+MIN_PSNR = 40.0  # the issue's floor is 35 dB for video; measured > 60 dB on these tiny models
+# diffusers' Wan attention splits image tokens from text tokens assuming 512 text tokens: I2V parity needs 512
+TEXT_LEN = 512
+
+
+def _image(width: int = 40, height: int = 24, seed: int = 0) -> Image.Image:
+    """A smooth random picture (not the video size: both pipelines resize it)."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.BILINEAR)
+
+
+def _reference(pipeline_class: str, ckpt, seed: int, **kw) -> np.ndarray:
+    import diffusers
+
+    ref = getattr(diffusers, pipeline_class).from_pretrained(ckpt, dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    frames = ref(prompt=PROMPT, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kw).frames
+    return (frames[0] * 255).round().astype("uint8")
+
+
+def _dit_calls(pipe) -> list[str]:
+    calls: list[str] = []
+    for name in ("transformer", "transformer_2"):
+        if name in pipe.components:
+            pipe.components[name].register_forward_pre_hook(lambda *a, name=name: calls.append(name))
+    return calls
+
+
+@pytest.mark.parametrize("kind, kw", [
+    ("i2v", dict(height=32, width=48, num_frames=5, num_inference_steps=2, guidance_scale=5.0)),
+    ("i2v", dict(height=16, width=32, num_frames=9, num_inference_steps=2, guidance_scale=1.0,
+                 negative_prompt=None)),
+    ("i2v-a14b", dict(height=32, width=32, num_frames=5, num_inference_steps=4, guidance_scale=4.0,
+                      guidance_scale_2=2.5, negative_prompt="blurry")),
+], ids=["i2v-cfg", "i2v-no-cfg", "i2v-a14b"])
+def test_image_to_video_matches_diffusers(wan22_checkpoint, kind, kw):
+    ckpt = wan22_checkpoint(kind)
+    image = _image()
+    kw = dict(kw, max_sequence_length=TEXT_LEN)
+    want = _reference("WanImageToVideoPipeline", ckpt, 5, image=image, **kw)
+    pipe = diffc.load(ckpt, device="cpu")
+    assert pipe.spec.pipeline_class == "WanImageToVideoPipeline"
+    calls = _dit_calls(pipe)
+    out = pipe.generate(PROMPT, image=image, seed=5, progress=False, **kw)
+    video = out.frames
+    assert video.shape == (kw["num_frames"], kw["height"], kw["width"], 3) and video.std() > 1.0
+    parity = psnr_uint8(video, want)
+    assert parity >= MIN_PSNR
+    assert "encode_image" in out.timings.stages
+    if kind == "i2v-a14b":  # boundary 0.9 of 1000: the high-noise expert for t >= 900, then the low-noise one
+        assert "transformer_2" in calls and calls[0] == "transformer" and calls[-1] == "transformer_2"
+    # the image matters: another first frame gives another video
+    other = pipe.generate(PROMPT, image=_image(seed=1), seed=5, progress=False, **kw).frames
+    assert psnr_uint8(other, video) < min(parity, 99.0) - 10
+
+
+def test_two_expert_text_to_video_matches_diffusers(wan22_checkpoint):
+    ckpt = wan22_checkpoint("t2v-a14b")
+    kw = dict(height=32, width=48, num_frames=5, num_inference_steps=4, guidance_scale=5.0, guidance_scale_2=3.0,
+              max_sequence_length=16)
+    want = _reference("WanPipeline", ckpt, 7, **kw)
+    pipe = diffc.load(ckpt, device="cpu")
+    calls = _dit_calls(pipe)
+    video = pipe.generate(PROMPT, seed=7, progress=False, **kw).frames
+    assert psnr_uint8(video, want) >= MIN_PSNR
+    # UniPC with flow shift 3 over 4 steps: timesteps 1000, 900, 750, 500 -> boundary 875: two of each expert
+    assert calls == ["transformer", "transformer", "transformer_2", "transformer_2"]
+    # guidance_scale_2 acts on the low-noise expert's steps only
+    changed = pipe.generate(PROMPT, seed=7, progress=False, **{**kw, "guidance_scale_2": 6.0}).frames
+    assert psnr_uint8(changed, video) < 60.0
+
+
+def test_image_is_required_and_checked(wan22_checkpoint):
+    pipe = diffc.load(wan22_checkpoint("i2v"), device="cpu")
+    small = dict(height=16, width=16, num_frames=1, num_inference_steps=1)
+    with pytest.raises(InvalidArgumentError, match="needs an input image"):
+        pipe.generate(PROMPT, progress=False, **small)
+    with pytest.raises(InvalidArgumentError, match="image"):
+        pipe.generate(PROMPT, image="first.png", progress=False, **small)
+    with pytest.raises(InvalidArgumentError, match="at most 1"):
+        pipe.generate(PROMPT, image=[_image(), _image()], progress=False, **small)
+    with pytest.raises(InvalidArgumentError, match="num_frames"):
+        pipe.generate(PROMPT, image=_image(), progress=False, **{**small, "num_frames": 6})
+
+
+def test_guidance_scale_2_needs_two_experts(wan22_checkpoint):
+    pipe = diffc.load(wan22_checkpoint("i2v"), device="cpu")
+    with pytest.raises(InvalidArgumentError, match="guidance_scale_2"):
+        pipe.generate(PROMPT, image=_image(), guidance_scale_2=2.0, progress=False, height=16, width=16,
+                      num_frames=1, num_inference_steps=1)
