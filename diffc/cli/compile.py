@@ -79,6 +79,7 @@ def parse_buckets(args: argparse.Namespace, video: bool) -> list[dict]:
 
 def compile_command(args: argparse.Namespace) -> int:
     from ..loader.pipeline import load as load_pipeline
+    from ..compile.pipeline import example_request
 
     merge_config(args, args._parser)
     disable = tuple(n.strip() for n in args.disable.split(",") if n.strip())
@@ -99,7 +100,7 @@ def compile_command(args: argparse.Namespace) -> int:
         defaults = {k: v for k, v in choice.defaults.items() if k != "num_inference_steps"}
         buckets = [{**defaults, **b} for b in buckets]
     for b in buckets:
-        pipe.resolve(**b)  # refuse an invalid size before any tracing
+        pipe.resolve(**example_request(pipe, b))  # refuse an invalid size before any tracing
     print(f"diffc compile: {pipe.spec.pipeline_class} from {model_path} on {pipe.device} "
           f"({str(pipe.dtype).removeprefix('torch.')}), quality {args.quality}, {len(buckets)} shape(s)")
     report = pipe.compile(buckets, out=str(out), quality=args.quality, disable=disable, enable=enable,

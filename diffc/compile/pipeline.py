@@ -96,9 +96,7 @@ def capture_inputs(pipe, request: dict[str, Any]) -> dict[str, dict[str, Any]]:
             raise _Captured
         return hook
 
-    request = example_images(request)
-    if getattr(pipe.spec, "image_input", "none") == "required" and request.get("image") is None:
-        request = {**request, "image": example_image(request)}  # no --image-size: the bucket's own size
+    request = example_request(pipe, request)
     with pipe.executor.bare():
         for name, stack in stacks.items():
             # prepend: the whole call, before a parallel layer's hook keeps this rank's share of it
@@ -120,6 +118,15 @@ def capture_inputs(pipe, request: dict[str, Any]) -> dict[str, dict[str, Any]]:
                                            "step, and no other denoiser has the same config to take inputs from")
             recorded[name] = recorded[twin]
     return recorded
+
+
+def example_request(pipe, request: dict[str, Any]) -> dict[str, Any]:
+    """A bucket as generation arguments: its ``image_size`` as example images, and for a model that needs an
+    input image (editing, image-to-video) without ``image_size``, a grey one at the bucket's own size."""
+    request = example_images(request)
+    if getattr(pipe.spec, "image_input", "none") == "required" and request.get("image") is None:
+        request = {**request, "image": example_image(request)}
+    return request
 
 
 def example_images(request: dict[str, Any]) -> dict[str, Any]:
