@@ -24,6 +24,7 @@ DEMO_NOTICE = (
 _BUILDERS = {
     "flux": ("flux-tiny-v1", "diffc.demo.flux:build_flux_demo"),
     "wan": ("wan-tiny-v1", "diffc.demo.wan:build_wan_demo"),
+    "wan-i2v": ("wan-i2v-tiny-v1", "diffc.demo.wan:build_wan_i2v_demo"),
 }
 
 

@@ -43,3 +43,39 @@ def build_wan_demo(root: Path) -> None:
     })
     (root / "README.txt").write_text("diffc demo checkpoint: Wan2.1 T2V architecture, tiny, RANDOM weights. "
                                      "Its videos are noise.\n")
+
+
+IMAGE_DIM = 32  # the tiny CLIP vision tower's width (Wan2.1 I2V: ViT-H/14, 1280)
+
+
+def build_wan_i2v_demo(root: Path) -> None:
+    """Wan2.1-I2V's architecture and layout, tiny: the T2V demo's text encoder, VAE and scheduler, a DiT with
+    36 input channels (latents, first-frame mask, first-frame latents) and image cross-attention, and a
+    CLIP vision tower with its image processor."""
+    import transformers
+
+    from ..models.wan.transformer import WAN_TRANSFORMER_SPECS, WanTransformer3DModel
+    from ..models.wan.vae import WAN_VAE_SPECS
+
+    build_wan_demo(root)
+    vae_cfg = WAN_VAE_SPECS["tiny"]
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        base = WAN_TRANSFORMER_SPECS["tiny"]
+        dit_cfg = dataclasses.replace(base, in_channels=2 * vae_cfg.z_dim + 4, out_channels=vae_cfg.z_dim,
+                                      text_dim=TEXT_DIM, image_dim=IMAGE_DIM,
+                                      added_kv_proj_dim=base.num_attention_heads * base.attention_head_dim)
+        save_native(root / "transformer", "WanTransformer3DModel", WanTransformer3DModel(dit_cfg))
+        transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            hidden_size=IMAGE_DIM, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+            patch_size=8, projection_dim=IMAGE_DIM)).save_pretrained(root / "image_encoder")
+    transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}) \
+        .save_pretrained(root / "image_processor")
+    write_model_index(root, "WanImageToVideoPipeline", {
+        "scheduler": ("diffusers", "UniPCMultistepScheduler"),
+        "text_encoder": ("transformers", "UMT5EncoderModel"), "tokenizer": ("transformers", "T5TokenizerFast"),
+        "transformer": ("diffusers", "WanTransformer3DModel"), "vae": ("diffusers", "AutoencoderKLWan"),
+        "image_encoder": ("transformers", "CLIPVisionModel"), "image_processor": ("transformers", "CLIPImageProcessor"),
+    })
+    (root / "README.txt").write_text("diffc demo checkpoint: Wan2.1 I2V architecture, tiny, RANDOM weights. "
+                                     "Its videos are noise.\n")

@@ -173,7 +173,8 @@ def validate_image(spec: PipelineSpec, request: GenerationRequest) -> None:
     image = request.image
     if image is None or (isinstance(image, (list, tuple)) and not image):
         if spec.image_input == "required":
-            raise InvalidArgumentError("image", f"{spec.pipeline_class} needs an input image")
+            raise InvalidArgumentError("image", f"{spec.pipeline_class} needs an input image (image=PIL image in "
+                                       "Python, --image FILE on the command line)")
         request.image = None
         return
     if spec.image_input == "none":

@@ -19,14 +19,12 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from ..pipelines.base import IMAGE_MODES, MAX_IMAGE_SIDE
 from .engine import JobError
 from .protocol import APIError, ImageRequest, invalid, parse_body
 from .routes import _job_api_error, _prepare, _size, _stats, _until_done_or_gone, engine_of, require_api_key
 from .storage import new_id
+from .uploads import decode_image
 
-MAX_IMAGE_BYTES = 50 << 20  # per file, as OpenAI's limit for edits
-MAX_IMAGE_PIXELS = 64 << 20  # decoded pixels per image (a decompression bomb stops here, before decoding)
 MAX_FILES = 16
 
 edit_router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -43,30 +41,6 @@ class EditRequest(ImageRequest):
         if self.mask is not None:
             raise invalid("mask", "masks (inpainting) are not supported; the edit applies to the whole image",
                           code="unsupported_parameter")
-
-
-def decode_image(data: bytes, field: str):
-    """An uploaded file as a fully decoded PIL image; anything else is a 400 naming ``field``."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise invalid(field, f"'{field}' is an empty file; upload a PNG, JPEG or WebP image")
-    if len(data) > MAX_IMAGE_BYTES:
-        raise invalid(field, f"'{field}' is {len(data)} bytes; at most {MAX_IMAGE_BYTES >> 20} MiB per image")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
-                raise invalid(field, f"'{field}' is {w}x{h} pixels, too large (at most {MAX_IMAGE_SIDE} a side and "
-                                     f"{MAX_IMAGE_PIXELS} pixels)")
-            if im.mode not in IMAGE_MODES:
-                raise invalid(field, f"'{field}' has image mode {im.mode!r}, which cannot be converted to RGB; "
-                                     f"accepted modes: {', '.join(IMAGE_MODES)}")
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise invalid(field, f"'{field}' is not a readable image ({reason}); upload a PNG, JPEG or WebP") from None
 
 
 async def read_edit_form(request: Request) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:

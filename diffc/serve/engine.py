@@ -122,7 +122,8 @@ class Engine:
                 image: Any = None) -> Job:
         """Validate a request against the limits and the model; return a job ready to submit.
 
-        ``image``: the input image(s) of an edit (PIL); without ``size`` the model sizes the output from them."""
+        ``image``: the input image(s) of an edit (PIL; without ``size`` the model sizes the output from them), or
+        the first frame of an image-to-video model (resized to the video's size)."""
         if self.state != "ready":
             raise NotReady(self.not_ready_message())
         pipe, lim = self.pipe, self.limits
@@ -136,7 +137,9 @@ class Engine:
                                                  f"{lim.max_prompt_chars} (--max-prompt-chars)")
         if not 1 <= n <= lim.max_n:
             raise InvalidArgumentError("n", f"must be from 1 to {lim.max_n} on this server, got {n}")
-        height, width = size or ((None, None) if image is not None else (self._default("height"), self._default("width")))
+        # an edit without a size: the model sizes the output from its input image; a video: the server's size
+        height, width = size or ((None, None) if image is not None and kind == "image"
+                                 else (self._default("height"), self._default("width")))
         if height is not None and width is not None and height * width > lim.max_pixels:  # None: the model picks
             raise InvalidArgumentError("size", f"{width}x{height} is {width * height} pixels; this server allows "
                                        f"at most {lim.max_pixels} (--max-pixels)")
@@ -323,6 +326,10 @@ class Engine:
         if self.pipe.spec.output == "video":
             options["num_frames"] = self._default("num_frames")
         options.update(self.warmup)
+        if self.pipe.spec.image_input == "required" and options.get("image") is None:
+            from ..compile.pipeline import example_image  # editing, image-to-video: a grey input image
+
+            options["image"] = example_image(options)
         start = time.perf_counter()
         self.pipe.generate("warm-up", seed=0, progress=False, **{k: v for k, v in options.items() if v is not None})
         log.info("warm-up took %.2f s", time.perf_counter() - start)

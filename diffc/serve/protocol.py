@@ -147,9 +147,6 @@ class VideoRequest(_Request):
     input_reference: Any = None
 
     def check_supported(self) -> None:
-        if self.input_reference is not None:
-            raise invalid("input_reference", "input_reference (image-to-video) is not supported yet",
-                          code="unsupported_parameter")
         if self.seconds is not None and self.num_frames is not None:
             raise invalid("seconds", "give seconds or num_frames, not both (num_frames = 4k+1 frames; seconds are "
                                      "converted to the nearest valid count at the request's fps)")
@@ -171,12 +168,13 @@ def _first_error(exc: ValidationError) -> APIError:
     return invalid(param, f"Invalid value for '{param}': {msg}.")
 
 
-async def read_payload(request) -> Any:
+async def read_payload(request, files: tuple[str, ...] = ()) -> Any:
     """The request's fields: multipart form data through Starlette (python-multipart), anything else as JSON.
 
     Any body that is not multipart is read as JSON, whatever its content type (``curl -d`` sends
-    ``application/x-www-form-urlencoded``). File uploads are kept as ``{"filename": ...}`` so the
-    request model can refuse them by name.
+    ``application/x-www-form-urlencoded``). File uploads under a name in ``files`` are read as
+    ``{"filename": ..., "data": bytes}``; any other upload is kept as ``{"filename": ...}`` so the
+    request model can refuse it by name.
     """
     from .hardening import check_values, load_json
 
@@ -187,11 +185,16 @@ async def read_payload(request) -> Any:
         except Exception as exc:  # malformed multipart: python-multipart raises its own errors
             raise invalid(None, f"could not parse the multipart/form-data body ({exc})", code="invalid_body") from None
         fields: dict[str, Any] = {}
-        for name, value in form.multi_items():
-            if isinstance(value, str):
-                fields[name] = None if value == "" and name != "prompt" else value
-            else:
-                fields[name] = {"filename": value.filename}
+        try:
+            for name, value in form.multi_items():
+                if isinstance(value, str):
+                    fields[name] = None if value == "" and name != "prompt" else value
+                elif name in files:
+                    fields[name] = {"filename": value.filename, "data": await value.read()}
+                else:
+                    fields[name] = {"filename": value.filename}
+        finally:
+            await form.close()
         check_values(fields)
         return fields
     return load_json(await request.body())

@@ -19,6 +19,7 @@ from ..errors import InvalidArgumentError
 from .engine import Engine, Job, JobError, NotReady, QueueFull, WrongOutputKind
 from .protocol import APIError, ImageRequest, VideoRequest, invalid, parse_body, read_payload
 from .storage import new_id
+from .uploads import reference_image
 
 ID_RE = re.compile(r"^(img|video)_[0-9a-f]{32}$")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -78,7 +79,10 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     return _model_object(engine)
 
 
-def _prepare(engine: Engine, kind: str, req, **extra) -> Job:
+def _prepare(engine: Engine, kind: str, req, params: dict[str, str] | None = None, **extra) -> Job:
+    """Queue ``req``; an invalid field is a 400 naming the request's parameter (``params`` renames pipeline
+    fields for this route, over ``PARAM_OF_FIELD``)."""
+    params = {**PARAM_OF_FIELD, **(params or {})}
     if req.model is not None and req.model != engine.model_id:
         raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{engine.model_id}'.",
                        param="model", code="model_not_found")
@@ -97,7 +101,7 @@ def _prepare(engine: Engine, kind: str, req, **extra) -> Job:
     except WrongOutputKind as exc:
         raise invalid("model", str(exc), code="model_not_supported") from None
     except InvalidArgumentError as exc:
-        raise invalid(PARAM_OF_FIELD.get(exc.field, exc.field), str(exc)) from None
+        raise invalid(params.get(exc.field, exc.field), str(exc)) from None
 
 
 async def _until_done_or_gone(request: Request, job: Job) -> bool:
@@ -225,8 +229,15 @@ def _find_video(engine: Engine, video_id: str) -> Job:
 @v1.post("/videos")
 async def create_video(request: Request) -> dict[str, Any]:
     engine = engine_of(request)
-    req: VideoRequest = parse_body(VideoRequest, await read_payload(request))
-    job = _prepare(engine, "video", req, num_frames=req.num_frames, seconds=req.seconds, fps=req.fps)
+    req: VideoRequest = parse_body(VideoRequest, await read_payload(request, files=("input_reference",)))
+    image = None
+    if req.input_reference is not None:
+        if engine.state == "ready" and engine.pipe.spec.image_input == "none":
+            raise invalid("input_reference", f"'{engine.model_id}' ({engine.pipe.spec.pipeline_class}) is a "
+                                             "text-to-video model and takes no input image", code="model_not_supported")
+        image = await run_in_threadpool(reference_image, req.input_reference)
+    job = _prepare(engine, "video", req, params={"image": "input_reference"}, num_frames=req.num_frames,
+                   seconds=req.seconds, fps=req.fps, **({} if image is None else {"image": image}))
     return _video_object(engine, job)
 
 

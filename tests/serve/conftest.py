@@ -181,3 +181,14 @@ def video_server(demo_ckpt, tmp_path_factory):
     server = LiveServer(engine).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def i2v_server(demo_ckpt, tmp_path_factory):
+    """An image-to-video server shared by a module: the Wan2.1 I2V demo, 32x32 5-frame videos."""
+    engine = Engine(lambda: diffc.load(demo_ckpt("wan-i2v"), device="cpu"), model_id="demo-wan-i2v",
+                    defaults=VIDEO_DEFAULTS, limits=Limits(max_frames=17),
+                    output_dir=tmp_path_factory.mktemp("i2v-outputs"))
+    server = LiveServer(engine).start()
+    yield server
+    server.stop()

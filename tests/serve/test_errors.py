@@ -175,8 +175,8 @@ def test_multipart_bodies(image_server):
     assert r.status_code == 400 and r.json()["error"]["code"] in ("invalid_body", "missing_required_parameter")
 
 
-def test_multipart_upload_is_refused_by_name(video_server):
+def test_multipart_input_reference_to_a_text_to_video_model(video_server):
     r = httpx.post(f"{video_server.url}/v1/videos", data={"prompt": "a wave"},
                    files={"input_reference": ("ref.png", b"\x89PNG....", "image/png")})
-    error = _check_error(r, 400, "input_reference", "unsupported_parameter")
-    assert "not supported" in error["message"]
+    error = _check_error(r, 400, "input_reference", "model_not_supported")
+    assert "takes no input image" in error["message"]

@@ -80,7 +80,7 @@ def test_list_orders_and_pages(video_server):
     ({"prompt": "x", "size": "40x32"}, "size", "invalid_value"),
     ({"prompt": "x", "fps": 0}, "fps", "invalid_value"),
     ({"prompt": ""}, "prompt", "invalid_value"),
-    ({"prompt": "x", "input_reference": "file-1"}, "input_reference", "unsupported_parameter"),
+    ({"prompt": "x", "input_reference": "file-1"}, "input_reference", "model_not_supported"),  # a T2V model
     ({"prompt": "x", "frames": 5}, "frames", "unknown_parameter"),
     ({"prompt": "x", "num_inference_steps": 101}, "num_inference_steps", "invalid_value"),
 ])
@@ -91,10 +91,11 @@ def test_video_request_errors(video_server, body, param, code):
     assert error["param"] == param and error["code"] == code and error["type"] == "invalid_request_error"
 
 
-def test_uploads_are_refused_by_name(video_server):
+def test_input_reference_to_a_text_to_video_model(video_server):
     with pytest.raises(openai.BadRequestError) as info:
         video_server.client().videos.create(prompt="x", input_reference=("ref.png", b"\x89PNG....", "image/png"))
-    assert info.value.code == "unsupported_parameter" and info.value.param == "input_reference"
+    assert info.value.code == "model_not_supported" and info.value.param == "input_reference"
+    assert "takes no input image" in str(info.value)
 
 
 def test_image_request_to_a_video_model(video_server):

@@ -1,0 +1,73 @@
+"""Input images sent to the server: uploaded files and base64 data URLs, decoded once, fully, and bounded.
+
+Used by ``POST /v1/images/edits`` (the ``image`` files) and ``POST /v1/videos`` (``input_reference``, the
+first frame of an image-to-video model). Every problem is a 400 naming the field: an empty or oversized
+file, a file that is not an image, an image too large or of a mode that cannot become RGB. The server
+never fetches a URL and knows no file ids.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from typing import Any
+
+from ..pipelines.base import IMAGE_MODES, MAX_IMAGE_SIDE
+from .protocol import invalid
+
+MAX_IMAGE_BYTES = 50 << 20  # per file, as OpenAI's limit for edits
+MAX_IMAGE_PIXELS = 64 << 20  # decoded pixels per image (a decompression bomb stops here, before decoding)
+DATA_URL_RE = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+
+
+def decode_image(data: bytes, field: str):
+    """An uploaded file as a fully decoded PIL image; anything else is a 400 naming ``field``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise invalid(field, f"'{field}' is an empty file; upload a PNG, JPEG or WebP image")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise invalid(field, f"'{field}' is {len(data)} bytes; at most {MAX_IMAGE_BYTES >> 20} MiB per image")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+                raise invalid(field, f"'{field}' is {w}x{h} pixels, too large (at most {MAX_IMAGE_SIDE} a side and "
+                                     f"{MAX_IMAGE_PIXELS} pixels)")
+            if im.mode not in IMAGE_MODES:
+                raise invalid(field, f"'{field}' has image mode {im.mode!r}, which cannot be converted to RGB; "
+                                     f"accepted modes: {', '.join(IMAGE_MODES)}")
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise invalid(field, f"'{field}' is not a readable image ({reason}); upload a PNG, JPEG or WebP") from None
+
+
+
+def reference_image(value: Any, field: str = "input_reference"):
+    """``input_reference`` as a PIL image: an uploaded file (multipart, ``{"filename", "data"}``), a base64 data
+    URL (``data:image/png;base64,...``), or ``{"image_url": <data URL>}``."""
+    if isinstance(value, dict) and isinstance(value.get("data"), bytes):
+        return decode_image(value["data"], field)
+    if isinstance(value, dict) and set(value) <= {"image_url", "file_id"} and isinstance(value.get("image_url"), str):
+        value = value["image_url"]
+    if not isinstance(value, str):
+        raise invalid(field, f"'{field}' must be an uploaded image file or a base64 data URL "
+                             "(data:image/png;base64,...)")
+    text = value.strip()
+    match = DATA_URL_RE.match(text)
+    if match is None:
+        what = "a URL" if text.lower().startswith(("http://", "https://")) else "not a data URL"
+        raise invalid(field, f"'{field}' is {what}; the server fetches nothing: upload the image file "
+                             "(multipart) or send it as a base64 data URL (data:image/png;base64,...)")
+    payload = text[match.end():]
+    if len(payload) > (MAX_IMAGE_BYTES * 4) // 3 + 4:
+        raise invalid(field, f"'{field}' is larger than {MAX_IMAGE_BYTES >> 20} MiB")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(field, f"'{field}' is not valid base64 after its data: prefix") from None
+    return decode_image(data, field)
