@@ -155,6 +155,26 @@ WAN = Family(
 )
 
 
+# Wan2.1 I2V: the DiT takes 36 channels (latents, first-frame mask and latents) and CLIP ViT-H/14 image tokens
+# (257 at 224 px, 1280 wide) besides the text; the FLOP count leaves out the image cross-attention (< 1 %).
+CLIP_IMAGE_TOKENS = 257
+
+
+def _wan_i2v_inputs(spec: BenchSpec, wl: Workload, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    inputs = _wan_inputs(spec, wl, device, dtype)
+    gen = torch.Generator("cpu").manual_seed(INPUT_SEED + 1)
+    inputs["encoder_hidden_states_image"] = _randn((1, CLIP_IMAGE_TOKENS, spec.transformer.image_dim), gen, device,
+                                                   dtype)
+    return inputs
+
+
+WAN_I2V = dataclasses.replace(
+    WAN, name="wan-i2v", diffusers_pipeline="WanImageToVideoPipeline", dit_inputs=_wan_i2v_inputs, e2e=False,
+    note="The image-to-video DiT (36 input channels, CLIP image tokens in cross-attention) at the spec's size. "
+         "the end-to-end image-to-video run is not in this harness yet (it needs the CLIP vision tower built at "
+         "real size)")
+
+
 # ------------------------------------------------------------------- generic (diffusers) backend
 
 
@@ -420,6 +440,6 @@ QWEN_IMAGE_EDIT = dataclasses.replace(
          "tokens of text-to-image). Only the DiT forward and the VAE are compared: the end-to-end edit run needs "
          "diffusers' Qwen2VLProcessor, which transformers builds only with torchvision.")
 
-FAMILIES: dict[str, Family] = {"flux": FLUX, "wan": WAN, "sd3": SD3, "hunyuanvideo": HUNYUAN_VIDEO,
+FAMILIES: dict[str, Family] = {"flux": FLUX, "wan": WAN, "wan-i2v": WAN_I2V, "sd3": SD3, "hunyuanvideo": HUNYUAN_VIDEO,
                                "flux-kontext": FLUX_KONTEXT, "zimage": ZIMAGE, "qwen_image": QWEN_IMAGE,
                                "qwen_image_edit": QWEN_IMAGE_EDIT}

@@ -206,6 +206,12 @@ SPECS: dict[str, BenchSpec] = {
         WAN_VAE_SPECS["wan2.1"], _WAN_TEXT, _WAN_SCHEDULER,
         height=480, width=832, num_frames=81, steps=50, guidance_scale=5.0, max_sequence_length=512,
         negative_prompt=WAN_NEGATIVE),
+    # Wan2.1 I2V 14B 480P: the T2V 14B's blocks plus image cross-attention, 36 input channels; 832x480, 81 frames.
+    "wan2.1-i2v-14b": BenchSpec(
+        "wan2.1-i2v-14b", "wan-i2v", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", WAN_TRANSFORMER_SPECS["wan2.1-i2v-14b"],
+        WAN_VAE_SPECS["wan2.1"], _WAN_TEXT, _WAN_SCHEDULER,
+        height=480, width=832, num_frames=81, steps=40, guidance_scale=5.0, max_sequence_length=512,
+        negative_prompt=WAN_NEGATIVE),
     # FLUX.1 Kontext [dev]: FLUX.1-dev's transformer and VAE; the edit's 1024x1024 input image doubles the image
     # tokens (4096 + 4096 + 512 text) of every forward. guidance 2.5 as BFL's examples.
     "flux-kontext": BenchSpec(
@@ -268,6 +274,16 @@ SPECS: dict[str, BenchSpec] = {
         (TextEncoderSpec("text_encoder", "UMT5EncoderModel", "UMT5Config", dict(UMT5_XXL, vocab_size=512, **_TINY_TEXT),
                          "tokenizer", "t5"),),
         _WAN_SCHEDULER, height=32, width=48, num_frames=5, steps=3, guidance_scale=5.0, max_sequence_length=16,
+        negative_prompt=WAN_NEGATIVE),
+    # 512 text tokens: diffusers' Wan attention finds the image tokens by assuming 512 text tokens after them
+    "wan2.1-i2v-tiny": BenchSpec(
+        "wan2.1-i2v-tiny", "wan-i2v", "tiny Wan2.1-I2V-shaped test DiT",
+        dataclasses.replace(WAN_TRANSFORMER_SPECS["tiny"], in_channels=36, out_channels=16, text_dim=32, image_dim=20,
+                            added_kv_proj_dim=24),
+        WAN_VAE_SPECS["tiny"],
+        (TextEncoderSpec("text_encoder", "UMT5EncoderModel", "UMT5Config", dict(UMT5_XXL, vocab_size=512, **_TINY_TEXT),
+                         "tokenizer", "t5"),),
+        _WAN_SCHEDULER, height=32, width=48, num_frames=5, steps=3, guidance_scale=5.0, max_sequence_length=512,
         negative_prompt=WAN_NEGATIVE),
     # generic (diffusers) backend; SD3.5 runs classifier-free guidance as one batch-2 forward per step
     "sd3.5-large": BenchSpec(

@@ -145,3 +145,16 @@ def test_cache_configurations_are_not_run_by_default():
     chosen = [c.name for c in select_configs(None, torch.device("cuda"))]
     assert "diffc-compiled" in chosen and not any(CONFIGS[n].cache for n in chosen)
     assert {"diffc-compiled-fixed-half", "diffc-compiled-teacache", "diffc-compiled-dbcache-0.08"} <= set(CONFIGS)
+
+
+def test_image_to_video_dit_is_compared_with_image_tokens(tmp_path):
+    """The Wan I2V workload has no end-to-end run: the DiT (36 channels, image tokens) and the VAE only."""
+    out = tmp_path / "results"
+    proc = run_compare("--model", "wan2.1-i2v-tiny", "--out-dir", str(out), "--repeats", "1", "--warmup", "1",
+                       "--configs", "diffusers-eager,diffc-eager,diffc-compiled")
+    data, _ = results(out, "wan2.1-i2v-tiny")
+    assert not data["e2e"] and "no end-to-end run" in proc.stdout
+    for name in ("diffc-eager", "diffc-compiled"):
+        r = data["configs"][name]
+        assert "error" not in r, r.get("traceback")
+        assert r["dit_rel_err"] < 1e-4 and r["dit_output_finite"]
