@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
     p.add_argument("--fps", type=int, help="frames per second of the written video (default 16)")
     p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
     p.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale")
+    p.add_argument("--guidance-2", type=float, dest="guidance_scale_2",
+                   help="guidance scale of the low-noise expert (two-expert models: Wan2.2 A14B; default: --guidance)")
     p.add_argument("--true-cfg-scale", type=float, dest="true_cfg_scale",
                    help="true classifier-free guidance scale with --negative-prompt (> 1 turns it on; FLUX.1-dev, "
                         "Kontext; Qwen-Image, default 4.0)")
@@ -85,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     if args.fps is not None and not 1 <= args.fps <= 240:
         raise InvalidArgumentError("--fps", f"must be from 1 to 240, got {args.fps}")
     options = {k: getattr(args, k) for k in ("negative_prompt", "height", "width", "num_frames", "num_inference_steps",
-                                             "guidance_scale", "seed", "max_sequence_length", "true_cfg_scale")}
+                                             "guidance_scale", "guidance_scale_2", "seed", "max_sequence_length",
+                                             "true_cfg_scale")}
     if args.compile and args.compiled:
         raise InvalidArgumentError("--compile", "give either --compile (compile now, cached) or --compiled ARTIFACT, not both")
     if args.quality is not None and not args.compile:

@@ -126,3 +126,19 @@ def test_compiled_experts_match_eager_and_write_an_artifact(wan22_checkpoint, tm
     frames = compiled.generate(PROMPT, image=_image(), seed=2, progress=False, **kw).frames
     assert psnr_uint8(frames, eager) >= MIN_PSNR and set(calls) == experts
     assert all(compiled.components[name].compiled is not None for name in experts)
+
+
+def test_cli_image_to_video_and_guidance_2(wan22_checkpoint, tmp_path, capsys):
+    from diffc.cli.main import main
+
+    first = tmp_path / "first.png"
+    _image().save(first)
+    out = tmp_path / "clip.mp4"
+    code = main(["run", "--model", str(wan22_checkpoint("i2v-a14b")), "--image", str(first), "--prompt", PROMPT,
+                 "--height", "16", "--width", "32", "--num-frames", "5", "--steps", "2", "--guidance-2", "2.0",
+                 "--no-progress", "--output", str(out)])
+    assert code == 0 and out.read_bytes()[4:8] == b"ftyp", capsys.readouterr().err
+    code = main(["run", "--model", str(wan22_checkpoint("i2v")), "--image", str(first), "--prompt", PROMPT,
+                 "--guidance-2", "2.0", "--no-progress", "--output", str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and "guidance_scale_2" in err and "two-expert" in err and not (tmp_path / "x.mp4").exists()
