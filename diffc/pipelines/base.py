@@ -72,6 +72,8 @@ class PipelineSpec:
     true_cfg: bool = False  # whether requests may set ``true_cfg_scale``
     optional_components: tuple[str, ...] = ()  # loaded when model_index.json names them (not null)
     index_keys: tuple[str, ...] = ()  # model_index.json settings the stages read (``ctx.config``)
+    # the spec of one checkpoint, from its index_keys settings (e.g. Wan2.2 TI2V: an optional input image)
+    for_config: Callable[[dict[str, Any]], "PipelineSpec"] | None = None
 
 
 _SPECS = {
@@ -207,7 +209,8 @@ class Pipeline:
         from ..runtime.executor import Executor
         from ..runtime.options import RuntimeOptions
 
-        self.spec = spec
+        self.config = dict(config or {})  # the model_index.json settings named by spec.index_keys
+        self.spec = spec.for_config(self.config) if spec.for_config is not None else spec
         self.runtime_options = runtime_options or RuntimeOptions()
         self.executor = executor or Executor(components, device, self.runtime_options)
         self.warmup_report: dict[str, Any] | None = None  # what load_compiled's warm-up ran
@@ -215,8 +218,7 @@ class Pipeline:
         self.device = device
         self.dtype = dtype
         self.source = source
-        self.config = dict(config or {})  # the model_index.json settings named by spec.index_keys
-        self.graph = StageGraph(spec.build_stages(), request_keys=[f.name for f in dataclasses.fields(GenerationRequest)] + ["seeds"])
+        self.graph = StageGraph(self.spec.build_stages(), request_keys=[f.name for f in dataclasses.fields(GenerationRequest)] + ["seeds"])
 
     def __repr__(self) -> str:
         return f"Pipeline({self.spec.pipeline_class}, device={self.device}, dtype={self.dtype}, stages={self.graph.names})"

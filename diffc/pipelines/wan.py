@@ -1,5 +1,6 @@
-"""Wan text-to-video: Wan2.1 (1.3B, 14B) and Wan2.2 T2V-A14B (two experts switched at ``boundary_ratio``),
-with the UMT5 text encoder, the Wan DiT, the Wan causal video VAE.
+"""Wan text-to-video: Wan2.1 (1.3B, 14B), Wan2.2 T2V-A14B (two experts switched at ``boundary_ratio``) and
+Wan2.2 TI2V-5B (``expand_timesteps``: per-token timesteps, and an optional first frame), with the UMT5 text
+encoder, the Wan DiT, the Wan causal video VAE. The stage functions also serve image-to-video (wan_i2v).
 
 Stages: encode_prompt -> prepare_latents -> prepare_timesteps -> denoise -> decode -> postprocess.
 The math, dtypes and tensor layouts follow diffusers' WanPipeline so the same seed gives the same
@@ -9,6 +10,7 @@ passes as one batched DiT forward per step instead of two.
 
 from __future__ import annotations
 
+import dataclasses
 import html
 
 import torch
@@ -86,10 +88,51 @@ def encode_prompt(ctx: RunContext, s):
     return {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds}
 
 
+def first_image(s):
+    """The request's input image (the first frame of image-to-video), or None."""
+    image = s.get("image")
+    return image[0] if isinstance(image, (list, tuple)) else image
+
+
+def image_latents(ctx: RunContext, image, batch: int, height: int, width: int, frames: int) -> torch.Tensor:
+    """(B, z_dim, T_lat, h, w) float32: the normalized posterior mode of ``image`` resized to the video size,
+    followed by ``frames - 1`` black frames, as diffusers' Wan image-to-video pipeline encodes it."""
+    from .flux_kontext import resize_image
+
+    vae = ctx.components["vae"]
+    pixels = resize_image(image, height, width).to(ctx.device, torch.float32)  # (1, 3, H, W) in [-1, 1]
+    video = torch.cat([pixels[:, :, None], pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
+    mean, _logvar = vae.encode(video.to(next(vae.parameters()).dtype))
+    return vae.normalize(mean.to(ctx.device, torch.float32)).repeat(batch, 1, 1, 1, 1)
+
+
+def first_frame_mask(ctx: RunContext, batch: int, frames: int, h: int, w: int) -> torch.Tensor:
+    """(B, temporal, T_lat, h, w): ones on the first pixel frame, folded into latent frames as Wan does."""
+    temporal, _ = vae_scale_factors(ctx.components["vae"])
+    mask = torch.ones(batch, 1, frames, h, w)
+    mask[:, :, 1:] = 0
+    first = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=temporal)
+    return torch.cat([first, mask[:, :, 1:]], dim=2).view(batch, -1, temporal, h, w).transpose(1, 2).to(ctx.device)
+
+
 def prepare_latents(ctx: RunContext, s):
-    shape = latent_shape(ctx.components, len(s["prompt"]), s["height"], s["width"], s["num_frames"])
+    """Noise, and with an input image the conditioning: Wan2.1 I2V / Wan2.2 I2V-A14B concatenate the first-frame
+    mask and latents to the DiT's input channels; Wan2.2 TI2V (``expand_timesteps``) writes the image's
+    latent frame over the first latent frame instead, at timestep 0."""
+    vae, image = ctx.components["vae"], first_image(s)
+    batch, height, width, frames = len(s["prompt"]), s["height"], s["width"], s["num_frames"]
+    shape = latent_shape(ctx.components, batch, height, width, frames)
+    if image is not None:
+        shape = (batch, vae.config.z_dim, *shape[2:])
     # Wan keeps the latents in float32 whatever the DiT's dtype; the DiT gets a cast copy each step.
-    return {"latents": seeded_noise(shape, cpu_generators(s["seeds"]), torch.float32, ctx.device)}
+    latents = seeded_noise(shape, cpu_generators(s["seeds"]), torch.float32, ctx.device)
+    condition = None
+    if image is not None and ctx.config.get("expand_timesteps"):
+        condition = image_latents(ctx, image, batch, height, width, 1)  # (B, z, 1, h, w)
+    elif image is not None:
+        mask = first_frame_mask(ctx, batch, frames, *shape[3:])
+        condition = torch.cat([mask, image_latents(ctx, image, batch, height, width, frames)], dim=1)
+    return {"latents": latents, "condition": condition}
 
 
 def prepare_timesteps(ctx: RunContext, s):
@@ -113,35 +156,61 @@ def experts(ctx: RunContext, s):
     return lambda t: (first, scale) if float(t) >= boundary else (second, scale_2)
 
 
+def token_timesteps(ctx: RunContext, mask: torch.Tensor, t: torch.Tensor, batch: int) -> torch.Tensor:
+    """Wan2.2 TI2V's per-token timesteps (B, tokens): ``t`` where the latents are denoised, 0 on a given first
+    frame (``mask``: (1, 1, T_lat, h, w), 0 there)."""
+    _, ph, pw = ctx.components["transformer"].config.patch_size
+    return (mask[0, 0][:, ::ph, ::pw] * t).flatten()[None].expand(batch, -1)
+
+
 def wan_predictor(ctx: RunContext, s, condition: torch.Tensor | None = None,
                   image_embeds: torch.Tensor | None = None):
-    """The Wan noise prediction for ``denoise_loop``. ``condition`` (I2V: mask and first-frame latents) is
-    concatenated to the latents' channels, ``image_embeds`` (Wan2.1 I2V: CLIP image tokens) go to the
-    image cross-attention. Guidance (on when ``guidance_scale > 1``, as diffusers decides it, for both
-    experts) batches the conditional and unconditional passes into one forward."""
+    """The Wan noise prediction for ``denoise_loop``. ``condition`` (image-to-video) is concatenated to the
+    latents' channels (mask and first-frame latents), or with ``expand_timesteps`` (Wan2.2 TI2V) replaces
+    the first latent frame, which then gets timestep 0; ``image_embeds`` (Wan2.1 I2V: CLIP image tokens) go
+    to the image cross-attention. Guidance (on when ``guidance_scale > 1``, as diffusers decides it, for
+    both experts) batches the conditional and unconditional passes into one forward."""
     cond, uncond = s["prompt_embeds"], s["negative_prompt_embeds"]
     text = cond if uncond is None else torch.cat([cond, uncond])  # (B or 2B, L, text_dim)
     extra = {}
     if image_embeds is not None:
         extra["encoder_hidden_states_image"] = image_embeds if uncond is None else torch.cat([image_embeds] * 2)
     expert = experts(ctx, s)
+    expand = bool(ctx.config.get("expand_timesteps"))
+    mask = None
+    if expand:
+        mask = torch.ones(1, 1, *s["latents"].shape[2:], device=ctx.device)
+        if condition is not None:
+            mask[:, :, 0] = 0
 
     def predict(x, t):
         transformer, scale = expert(t)
-        x = (x if condition is None else torch.cat([x, condition], dim=1)).to(ctx.dtype)
+        if expand:
+            if condition is not None:
+                x = (1 - mask) * condition + mask * x
+            timestep = token_timesteps(ctx, mask, t, x.shape[0])
+        else:
+            if condition is not None:
+                x = torch.cat([x, condition], dim=1)
+            timestep = t.expand(x.shape[0])
+        x = x.to(ctx.dtype)
         if uncond is None:
-            return transformer(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=text, **extra)
-        both = transformer(hidden_states=torch.cat([x, x]), timestep=t.expand(2 * x.shape[0]),
+            return transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=text, **extra)
+        both = transformer(hidden_states=torch.cat([x, x]), timestep=torch.cat([timestep, timestep]),
                            encoder_hidden_states=text, **extra)  # (2B, C, F, H, W): conditional, then unconditional
         pred_cond, pred_uncond = both.chunk(2)
         return pred_uncond + scale * (pred_cond - pred_uncond)
 
-    return predict
+    return predict, mask
 
 
 def denoise(ctx: RunContext, s):
-    predict = wan_predictor(ctx, s)
-    return {"latents": denoise_loop(ctx, ctx.components["scheduler"], s["latents"], s["timesteps"], predict)}
+    condition = s.get("condition")
+    predict, mask = wan_predictor(ctx, s, condition, s.get("image_embeds"))
+    latents = denoise_loop(ctx, ctx.components["scheduler"], s["latents"], s["timesteps"], predict)
+    if mask is not None and condition is not None:  # Wan2.2 TI2V: the given first frame, exactly
+        latents = (1 - mask) * condition + mask * latents
+    return {"latents": latents}
 
 
 def decode(ctx: RunContext, s):
@@ -173,10 +242,11 @@ def build_stages():
     return [
         Stage("encode_prompt", encode_prompt, ("prompt", "negative_prompt", "guidance_scale", "max_sequence_length"),
               ("prompt_embeds", "negative_prompt_embeds")),
-        Stage("prepare_latents", prepare_latents, ("prompt", "height", "width", "num_frames", "seeds"), ("latents",)),
+        Stage("prepare_latents", prepare_latents, ("prompt", "image", "height", "width", "num_frames", "seeds"),
+              ("latents", "condition")),
         Stage("prepare_timesteps", prepare_timesteps, ("num_inference_steps",), ("timesteps",)),
-        Stage("denoise", denoise, ("latents", "timesteps", "guidance_scale", "guidance_scale_2", "prompt_embeds",
-                                   "negative_prompt_embeds"), ("latents",)),
+        Stage("denoise", denoise, ("latents", "condition", "timesteps", "guidance_scale", "guidance_scale_2",
+                                   "prompt_embeds", "negative_prompt_embeds"), ("latents",)),
         Stage("decode", decode, ("latents",), ("decoded",)),
         Stage("postprocess", postprocess, ("decoded",), ("videos",)),
     ]
@@ -209,14 +279,22 @@ def validate(pipe, request: GenerationRequest) -> None:
 
 
 def check_index(index: dict) -> None:
-    """Refuse Wan2.2 TI2V-5B (``expand_timesteps``: the Wan2.2 VAE and per-token timesteps), which shares the
-    pipeline classes but needs what these specs lack. Two experts (A14B) are supported."""
-    if index.get("expand_timesteps"):
-        raise CheckpointError("model_index.json: expand_timesteps (Wan2.2 TI2V-5B) is not supported yet; "
-                              "Wan2.1 and the Wan2.2 A14B models are")
+    """Refuse malformed Wan2.2 settings (``boundary_ratio``, ``expand_timesteps``) by name."""
+    if not isinstance(index.get("expand_timesteps", False), bool):
+        raise CheckpointError(f"model_index.json: expand_timesteps must be true or false, "
+                              f"got {index['expand_timesteps']!r}")
     ratio = index.get("boundary_ratio")
     if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1):
         raise CheckpointError(f"model_index.json: boundary_ratio must be a number in [0, 1], got {ratio!r}")
+
+
+def for_config(config: dict) -> PipelineSpec:
+    """Wan2.2 TI2V-5B (``expand_timesteps``) is text-to-video and, given a first frame, image-to-video in one
+    ``WanPipeline`` checkpoint, 1280x704 x 121 frames by default; other ``WanPipeline`` checkpoints take no image."""
+    if not config.get("expand_timesteps"):
+        return WAN_SPEC
+    return dataclasses.replace(WAN_SPEC, image_input="optional", for_config=None,
+                               defaults={**WAN_SPEC.defaults, "height": 704, "width": 1280, "num_frames": 121})
 
 
 WAN_SPEC = PipelineSpec(
@@ -231,5 +309,6 @@ WAN_SPEC = PipelineSpec(
     uses_negative_prompt=True,
     check_index=check_index,
     optional_components=("transformer_2",),
-    index_keys=("boundary_ratio",),
+    index_keys=("boundary_ratio", "expand_timesteps"),
+    for_config=for_config,
 )

@@ -3,7 +3,8 @@
 The input image becomes the video's first frame: it is resized to the video size, encoded by the Wan VAE
 as the first frame of an otherwise black video, and the normalized latents, with a mask marking the
 first frame, are concatenated to the noisy latents' channels at every step (16 + 4 + 16 = 36 input
-channels for Wan2.1). Wan2.1 I2V also encodes the image with its CLIP vision tower (the penultimate
+channels for Wan2.1); with ``expand_timesteps`` (Wan2.2 TI2V-5B) they replace the first latent frame, at
+timestep 0, instead. Wan2.1 I2V also encodes the image with its CLIP vision tower (the penultimate
 layer's states) for the DiT's image cross-attention; Wan2.2 I2V-A14B has no image encoder.
 
 Stages: encode_prompt -> encode_image -> prepare_latents -> prepare_timesteps -> denoise -> decode ->
@@ -13,19 +14,10 @@ gives the same video; as for text-to-video, guidance batches the conditional and
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import CheckpointError
 from . import wan
 from .base import GenerationRequest, PipelineSpec
-from .denoise import cpu_generators, denoise_loop, seeded_noise
-from .flux_kontext import resize_image
 from .stages import RunContext, Stage
-
-
-def _image(s):
-    image = s["image"]
-    return image[0] if isinstance(image, (list, tuple)) else image
 
 
 def encode_image(ctx: RunContext, s):
@@ -36,40 +28,9 @@ def encode_image(ctx: RunContext, s):
     if encoder is None or "image_processor" not in ctx.components:
         raise CheckpointError("this image-to-video DiT has an image embedder (image_dim) but the checkpoint has no "
                               "image_encoder / image_processor")
-    pixels = ctx.components["image_processor"](images=_image(s), return_tensors="pt")["pixel_values"]
+    pixels = ctx.components["image_processor"](images=wan.first_image(s), return_tensors="pt")["pixel_values"]
     states = encoder(pixel_values=pixels.to(ctx.device, encoder.dtype), output_hidden_states=True).hidden_states[-2]
     return {"image_embeds": states.to(ctx.device).repeat(len(s["prompt"]), 1, 1).to(ctx.dtype)}
-
-
-def condition_latents(ctx: RunContext, image, batch: int, height: int, width: int, num_frames: int) -> torch.Tensor:
-    """(B, temporal + z_dim, T_lat, h, w) float32: the first-frame mask, then the normalized VAE latents of
-    the image followed by black frames."""
-    vae = ctx.components["vae"]
-    temporal, spatial = wan.vae_scale_factors(vae)
-    h, w = height // spatial, width // spatial
-    pixels = resize_image(image, height, width).to(ctx.device, torch.float32)  # (1, 3, H, W) in [-1, 1]
-    video = torch.cat([pixels[:, :, None], pixels.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
-    mean, _logvar = vae.encode(video.to(next(vae.parameters()).dtype))  # the posterior's mode, as diffusers
-    latents = vae.normalize(mean.to(ctx.device, torch.float32)).repeat(batch, 1, 1, 1, 1)
-    mask = torch.ones(batch, 1, num_frames, h, w)
-    mask[:, :, 1:] = 0
-    first = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=temporal)
-    mask = torch.cat([first, mask[:, :, 1:]], dim=2).view(batch, -1, temporal, h, w).transpose(1, 2)
-    return torch.cat([mask.to(ctx.device), latents], dim=1)
-
-
-def prepare_latents(ctx: RunContext, s):
-    vae = ctx.components["vae"]
-    temporal, spatial = wan.vae_scale_factors(vae)
-    batch, height, width, frames = len(s["prompt"]), s["height"], s["width"], s["num_frames"]
-    shape = (batch, vae.config.z_dim, (frames - 1) // temporal + 1, height // spatial, width // spatial)
-    latents = seeded_noise(shape, cpu_generators(s["seeds"]), torch.float32, ctx.device)
-    return {"latents": latents, "condition": condition_latents(ctx, _image(s), batch, height, width, frames)}
-
-
-def denoise(ctx: RunContext, s):
-    predict = wan.wan_predictor(ctx, s, condition=s["condition"], image_embeds=s["image_embeds"])
-    return {"latents": denoise_loop(ctx, ctx.components["scheduler"], s["latents"], s["timesteps"], predict)}
 
 
 def build_stages():
@@ -78,11 +39,11 @@ def build_stages():
               ("prompt", "negative_prompt", "guidance_scale", "max_sequence_length"),
               ("prompt_embeds", "negative_prompt_embeds")),
         Stage("encode_image", encode_image, ("prompt", "image"), ("image_embeds",)),
-        Stage("prepare_latents", prepare_latents, ("prompt", "image", "height", "width", "num_frames", "seeds"),
+        Stage("prepare_latents", wan.prepare_latents, ("prompt", "image", "height", "width", "num_frames", "seeds"),
               ("latents", "condition")),
         Stage("prepare_timesteps", wan.prepare_timesteps, ("num_inference_steps",), ("timesteps",)),
-        Stage("denoise", denoise, ("latents", "condition", "image_embeds", "timesteps", "guidance_scale",
-                                   "guidance_scale_2", "prompt_embeds", "negative_prompt_embeds"), ("latents",)),
+        Stage("denoise", wan.denoise, ("latents", "condition", "image_embeds", "timesteps", "guidance_scale",
+                                       "guidance_scale_2", "prompt_embeds", "negative_prompt_embeds"), ("latents",)),
         Stage("decode", wan.decode, ("latents",), ("decoded",)),
         Stage("postprocess", wan.postprocess, ("decoded",), ("videos",)),
     ]
@@ -91,11 +52,13 @@ def build_stages():
 def validate(pipe, request: GenerationRequest) -> None:
     c = pipe.components
     temporal, _ = wan.vae_scale_factors(c["vae"])
-    want = 2 * c["vae"].config.z_dim + temporal
+    z = c["vae"].config.z_dim
+    want, what = (z, "latents") if pipe.config.get("expand_timesteps") else \
+        (2 * z + temporal, "latents, mask, first-frame latents")
     for name in ("transformer", "transformer_2"):
         if name in c and c[name].config.in_channels != want:
-            raise CheckpointError(f"{name}: an image-to-video Wan DiT takes {want} input channels (latents, mask, "
-                                  f"first-frame latents), this one {c[name].config.in_channels}")
+            raise CheckpointError(f"{name}: this image-to-video Wan DiT should take {want} input channels ({what}), "
+                                  f"it takes {c[name].config.in_channels}")
     wan.validate(pipe, request)
 
 
@@ -112,5 +75,5 @@ WAN_I2V_SPEC = PipelineSpec(
     check_index=wan.check_index,
     image_input="required",
     optional_components=("image_encoder", "image_processor", "transformer_2"),
-    index_keys=("boundary_ratio",),
+    index_keys=("boundary_ratio", "expand_timesteps"),
 )

@@ -117,13 +117,16 @@ def _wan_transformer(v: TinyWan, seed: int, **overrides):
 def build_wan_variant(kind: str, tok_dir: Path):
     """Tiny Wan2.2 / image-to-video pipelines on the ``base`` variant's sizes, saved as published:
     ``t2v-a14b`` (two experts, WanPipeline), ``i2v`` (Wan2.1 I2V: CLIP vision tower and image
-    cross-attention, WanImageToVideoPipeline), ``i2v-a14b`` (two experts, no image encoder)."""
+    cross-attention, WanImageToVideoPipeline), ``i2v-a14b`` (two experts, no image encoder), ``ti2v``
+    (``expand_timesteps``: text- and image-to-video in one WanPipeline)."""
     import diffusers
     import transformers
 
     v = WAN_VARIANTS["base"]
     base = build_wan_pipeline(v, tok_dir)
     parts = dict(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler)
+    if kind == "ti2v":  # Wan2.2 TI2V's per-token timesteps and first-frame latents (here with a Wan2.1-style VAE)
+        return diffusers.WanPipeline(**parts, transformer=_wan_transformer(v, 1), expand_timesteps=True)
     if kind == "t2v-a14b":
         return diffusers.WanPipeline(**parts, transformer=_wan_transformer(v, 1), transformer_2=_wan_transformer(v, 2),
                                      boundary_ratio=0.875)

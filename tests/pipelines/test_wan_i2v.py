@@ -142,3 +142,38 @@ def test_cli_image_to_video_and_guidance_2(wan22_checkpoint, tmp_path, capsys):
                  "--guidance-2", "2.0", "--no-progress", "--output", str(tmp_path / "x.mp4")])
     err = capsys.readouterr().err
     assert code == 2 and "guidance_scale_2" in err and "two-expert" in err and not (tmp_path / "x.mp4").exists()
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["t2v", "i2v"])
+def test_expand_timesteps_text_and_image_to_video_match_diffusers(wan22_checkpoint, with_image):
+    """Wan2.2 TI2V: one WanPipeline checkpoint, per-token timesteps; with an image its latent frame replaces the
+    first latent frame at timestep 0 (diffusers runs that through WanImageToVideoPipeline on the same folder)."""
+    ckpt = wan22_checkpoint("ti2v")
+    kw = dict(height=32, width=48, num_frames=9, num_inference_steps=3, guidance_scale=5.0, max_sequence_length=16)
+    image = _image() if with_image else None
+    if with_image:
+        want = _reference("WanImageToVideoPipeline", ckpt, 4, image=image, **kw)
+    else:
+        want = _reference("WanPipeline", ckpt, 4, **kw)
+    pipe = diffc.load(ckpt, device="cpu")
+    assert pipe.spec.image_input == "optional" and pipe.spec.defaults["num_frames"] == 121
+    timesteps = []
+    pipe.components["transformer"].register_forward_pre_hook(
+        lambda m, a, k: timesteps.append(k["timestep"]), with_kwargs=True)
+    video = pipe.generate(PROMPT, image=image, seed=4, progress=False, **kw).frames
+    assert psnr_uint8(video, want) >= MIN_PSNR and video.std() > 1.0
+    tokens = 3 * (32 // 8 // 2) * (48 // 8 // 2)  # latent frames x patches
+    assert all(t.shape == (2, tokens) for t in timesteps)  # per token, the CFG pair batched
+    first_frame = timesteps[0][:, : tokens // 3]
+    assert bool((first_frame == 0).all()) == with_image
+    if with_image:  # the decoded first frame is the input image, as far as the VAE reproduces it
+        other = pipe.generate(PROMPT, image=_image(seed=1), seed=4, progress=False, **kw).frames
+        assert psnr_uint8(other[:1], video[:1]) < psnr_uint8(video, want) - 10
+
+
+def test_a_text_to_video_checkpoint_takes_no_image(wan_checkpoint):
+    pipe = diffc.load(wan_checkpoint("base"), device="cpu")
+    assert pipe.spec.image_input == "none"
+    with pytest.raises(InvalidArgumentError, match="does not take an input image"):
+        pipe.generate(PROMPT, image=_image(), progress=False, height=16, width=16, num_frames=1,
+                      num_inference_steps=1)

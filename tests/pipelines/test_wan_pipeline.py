@@ -331,7 +331,7 @@ def test_demo_cli_errors(demo_cache, tmp_path, monkeypatch, capsys, argv, fragme
     ({"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875}, "missing folder"),
     ({"boundary_ratio": 1.5}, "boundary_ratio must be a number in [0, 1], got 1.5"),
     ({"boundary_ratio": "high"}, "boundary_ratio must be a number in [0, 1], got 'high'"),
-    ({"expand_timesteps": True}, "expand_timesteps (Wan2.2 TI2V-5B) is not supported"),
+    ({"expand_timesteps": "yes"}, "expand_timesteps must be true or false, got 'yes'"),
 ])
 def test_unsupported_or_broken_wan22_checkpoints_are_refused(wan_checkpoint, tmp_path, changes, fragment):
     root = tmp_path / "ckpt"
