@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     family = FAMILIES[spec.family]
     wl = Workload.from_spec(spec)
     shared = build_diffusers_models(spec, device, dtype)
-    native = native_like(shared.pop("transformer"), family.native_transformer, spec.transformer)
+    native = shared.pop("transformer")
+    if family.native_transformer is not None:  # the generic backend compiles diffusers' own module
+        native = native_like(native, family.native_transformer, spec.transformer)
     inputs = family.dit_inputs(spec, wl, device, dtype)
     result: dict[str, Any] = {"model": spec.name, "env": environment(device, ["-m", "bench.profile_compiled", *(argv or [])]),
                               "flops_tflop": family.dit_flops(spec, wl).total / 1e12}

@@ -8,7 +8,7 @@ interpreter on CPU under ``TRITON_INTERPRET=1``, else the torch reference).
 """
 
 from . import (adaln_modulate, attention_fa4, attention_flashinfer, fp8, gated_residual, gelu_tanh, qk_norm_rope,
-               silu_mul, timestep_embedding)
+               rms_norm, silu_mul, timestep_embedding)
 from .registry import COUNTERS, REGISTERED, OpCounters, kernel_runs_on, register_op
 
 OPS = tuple(REGISTERED)  # names in the diffc namespace, e.g. "qk_norm_rope_per_head"
@@ -27,6 +27,7 @@ __all__ = [
     "kernel_runs_on",
     "qk_norm_rope",
     "register_op",
+    "rms_norm",
     "silu_mul",
     "timestep_embedding",
 ]

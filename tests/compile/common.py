@@ -40,6 +40,7 @@ FLUX_BLOCKS, FLUX_SINGLE, WAN_BLOCKS = 1, 2, 2
 EXPECTED = {
     "flux": {
         "rms_norm": 0,
+        "rms_norm_kernel": 0,
         "adaln_modulate": 4 * FLUX_BLOCKS + FLUX_SINGLE + 1,
         "gated_residual": 4 * FLUX_BLOCKS + FLUX_SINGLE,
         "gelu_tanh": 2 * FLUX_BLOCKS + FLUX_SINGLE,
@@ -51,6 +52,7 @@ EXPECTED = {
     },
     "wan": {
         "rms_norm": 0,
+        "rms_norm_kernel": 2 * WAN_BLOCKS,  # the tiny cross-attention q/k norms are narrow rows
         "adaln_modulate": 2 * WAN_BLOCKS + 1,
         "gated_residual": 2 * WAN_BLOCKS,
         "gelu_tanh": WAN_BLOCKS + 1,

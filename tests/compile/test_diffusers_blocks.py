@@ -25,7 +25,7 @@ CAPTURE = {
     "ltx": dict(height=32, width=32, num_frames=9, max_sequence_length=8),
     "cogvideox": dict(height=16, width=16, num_frames=5, max_sequence_length=8),
 }
-PASSES = ("rms_norm", "qk_norm_rope", "adaln_modulate", "gated_residual", "gelu_tanh", "timestep_embedding",
+PASSES = ("rms_norm", "qk_norm_rope", "rms_norm_kernel", "adaln_modulate", "gated_residual", "gelu_tanh", "timestep_embedding",
           "silu_mul", "gated_residual_adaln")
 ZERO = dict.fromkeys(PASSES, 0)
 # Sites per block (float32 and bf16 alike):
@@ -44,16 +44,21 @@ ZERO = dict.fromkeys(PASSES, 0)
 # CogVideoXBlock: CogVideoXLayerNormZero (affine LayerNorm, modulated) on both streams twice = 4 adaln;
 #   gated residuals 4; GELU-tanh 1; the attention residuals feed norm2 = 2 pairs.
 # Patch embedders (HunyuanVideoPatchEmbed, CogVideoXPatchEmbed): convolutions only, no pattern.
+# rms_norm_kernel: every aten.rms_norm left after qk_norm_rope whose rows are narrow or a strided view goes to
+#   diffc.rms_norm: SD3's four q/k norms, HunyuanVideo's text q/k norms (the image ones take RoPE) and the
+#   single block's two, LTX's two hidden-state norms plus its four q/k torch RMSNorms (narrow at this size).
 EXPECTED = {
-    ("sd3", "JointTransformerBlock"): {**ZERO, "rms_norm": 4, "adaln_modulate": 4, "gated_residual": 4,
+    ("sd3", "JointTransformerBlock"): {**ZERO, "rms_norm": 4, "rms_norm_kernel": 4, "adaln_modulate": 4, "gated_residual": 4,
                                        "gelu_tanh": 2, "gated_residual_adaln": 2},
-    ("hunyuan", "HunyuanVideoTransformerBlock"): {**ZERO, "rms_norm": 4, "qk_norm_rope": 1, "adaln_modulate": 4,
+    ("hunyuan", "HunyuanVideoTransformerBlock"): {**ZERO, "rms_norm": 4, "qk_norm_rope": 1, "rms_norm_kernel": 2,
+                                                  "adaln_modulate": 4,
                                                   "gated_residual": 4, "gelu_tanh": 2, "gated_residual_adaln": 2},
-    ("hunyuan", "HunyuanVideoSingleTransformerBlock"): {**ZERO, "rms_norm": 2, "adaln_modulate": 1,
+    ("hunyuan", "HunyuanVideoSingleTransformerBlock"): {**ZERO, "rms_norm": 2, "rms_norm_kernel": 2, "adaln_modulate": 1,
                                                         "gated_residual": 1, "gelu_tanh": 1},
     ("hunyuan", "HunyuanVideoTokenRefiner"): {**ZERO, "gated_residual": 2, "timestep_embedding": 1},
     ("hunyuan", "HunyuanVideoPatchEmbed"): ZERO,
-    ("ltx", "LTXVideoTransformerBlock"): {**ZERO, "rms_norm": 2, "gated_residual": 4, "gelu_tanh": 1},
+    ("ltx", "LTXVideoTransformerBlock"): {**ZERO, "rms_norm": 2, "rms_norm_kernel": 6, "gated_residual": 4,
+                                          "gelu_tanh": 1},
     ("cogvideox", "CogVideoXBlock"): {**ZERO, "adaln_modulate": 4, "gated_residual": 4, "gelu_tanh": 1,
                                       "gated_residual_adaln": 2},
     ("cogvideox", "CogVideoXPatchEmbed"): ZERO,

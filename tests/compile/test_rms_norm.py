@@ -114,3 +114,51 @@ def test_a_weight_the_op_cannot_take_stays_a_multiply():
 @pytest.mark.parametrize("variant", RMSNormPass.patterns, ids=lambda v: v.name)
 def test_replacement_equals_pattern(variant):
     check_variant(variant)
+
+
+# ----------------------------------------------------------------------------------- aten.rms_norm -> diffc
+
+
+class HeadNorms(nn.Module):
+    """SD3 / HunyuanVideo attention: per-head RMSNorm on the transposed (B, H, S, D) view of a projection, a
+    norm without an affine on plain rows; then SDPA, which takes the normalised heads."""
+
+    def __init__(self, heads: int = 3, dim: int = 16):
+        from diffusers.models.normalization import RMSNorm
+
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj = nn.Linear(heads * dim, heads * dim), nn.Linear(heads * dim, heads * dim)
+        self.norm_q, self.norm_k = RMSNorm(dim, eps=1e-6), RMSNorm(dim, eps=1e-6)
+        self.plain = RMSNorm(heads * dim, eps=1e-5, elementwise_affine=False)
+        for norm in (self.norm_q, self.norm_k):
+            nn.init.normal_(norm.weight, 1.0, 0.3)
+
+    def forward(self, x):  # x: (B, S, H * D)
+        b, s, _ = x.shape
+        q = self.norm_q(self.q_proj(x).view(b, s, self.heads, -1).transpose(1, 2))
+        k = self.norm_k(self.k_proj(x).view(b, s, self.heads, -1).transpose(1, 2))
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, k)
+        return self.plain(out.transpose(1, 2).reshape(b, s, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_head_norms_run_as_diffc_rms_norm(dtype):
+    from diffc.compile.passes import RMSNormKernelPass
+    from diffc.compile.passes.rms_norm import RMSNormKernel
+    from tests.compile.common import check_variant
+
+    check_variant(RMSNormKernel())
+    torch.manual_seed(0)
+    module = HeadNorms().to(dtype).eval()
+    x = torch.randn(2, 7, 48).to(dtype)
+    with torch.no_grad():
+        program = trace_module(module, {"x": x})
+        gm = program.graph_module
+        CanonicalizeCasts()(gm)
+        assert RMSNormPass()(gm) == 3
+        assert RMSNormKernelPass()(gm) == 3
+        targets = graph_targets(gm)
+        out, ref = program.module()(x=x), module(x)
+    assert targets.get("diffc.rms_norm.default") == 3 and "aten.rms_norm.default" not in targets
+    assert rel_err(out, ref) < REL_TOL[dtype]

@@ -16,7 +16,7 @@ from tests.ops.common import norm_weight, randn
 
 EXPECTED_OPS = {
     "adaln_modulate", "gated_residual", "gated_residual_adaln", "gelu_tanh", "qk_norm_rope_per_head",
-    "qk_norm_rope_across_heads", "silu_mul", "timestep_embedding",
+    "qk_norm_rope_across_heads", "rms_norm", "silu_mul", "timestep_embedding",
     "adaln_modulate_fp8", "gated_residual_adaln_fp8", "gelu_tanh_fp8",  # the fp8 tier's producers
 }
 # Ops around external library kernels that allocate their own output (functional: they return it).

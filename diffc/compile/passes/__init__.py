@@ -14,12 +14,12 @@ from .gated_residual import GatedResidualPass
 from .gated_residual_adaln import GatedResidualAdaLNPass
 from .gelu_tanh import GeluTanhPass
 from .qk_norm_rope import QKNormRopePass
-from .rms_norm import RMSNormPass
+from .rms_norm import RMSNormKernelPass, RMSNormPass
 from .silu_mul import SiluMulPass
 from .timestep_embedding import TimestepEmbeddingPass
 
 FUSION_PASSES: tuple[type[FusionPass], ...] = (
-    RMSNormPass, QKNormRopePass, AdaLNModulatePass, GatedResidualPass, GeluTanhPass, TimestepEmbeddingPass, SiluMulPass,
+    RMSNormPass, QKNormRopePass, RMSNormKernelPass, AdaLNModulatePass, GatedResidualPass, GeluTanhPass, TimestepEmbeddingPass, SiluMulPass,
     GatedResidualAdaLNPass, ConcatLinearPass,
 )
 
@@ -34,6 +34,7 @@ __all__ = [
     "GeluTanhPass",
     "Pattern",
     "QKNormRopePass",
+    "RMSNormKernelPass",
     "RMSNormPass",
     "SiluMulPass",
     "TimestepEmbeddingPass",

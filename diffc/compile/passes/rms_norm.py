@@ -178,3 +178,63 @@ class RMSNormPass(FusionPass):
     name = "rms_norm"
     bit_exact = False
     patterns = (WeightedCast(), Weighted(), WeightFirst(), PlainCast(), Plain())
+
+
+# --------------------------------------------------------------------------------------------------
+# aten.rms_norm -> diffc.rms_norm
+
+
+NARROW = 256  # rows this short (per-head norms: head_dim 64 or 128) run faster several to a program
+
+
+class RMSNormKernel(Pattern):
+    """``aten.rms_norm(x, [C], weight or None, eps)`` left after the larger fusions (q/k norms without RoPE,
+    e.g. SD3's and HunyuanVideo's per-head norms on a transposed view) -> ``diffc.rms_norm``, which reads
+    the view in place instead of copying it first."""
+
+    def example_inputs(self) -> tuple:
+        x = torch.randn(2, 6, 3, 8, generator=torch.Generator().manual_seed(0)).transpose(1, 2)
+        return x, [8], torch.rand(8, generator=torch.Generator().manual_seed(1)) + 0.5, 1e-6
+
+    @staticmethod
+    def pattern(x, shape, weight, eps):
+        return aten.rms_norm.default(x, shape, weight, eps)
+
+    @property
+    def replacement(self):
+        """The replacement at the example inputs' sizes (the pass builds one per match)."""
+        return self.build_replacement(*self.example_inputs())
+
+    def build_replacement(self, x, shape, weight, eps):
+        size = list(x.shape)
+
+        def replacement(x, shape, weight, eps):
+            out = aten.new_empty.default(x, size)  # contiguous, x's dtype and device
+            torch.ops.diffc.rms_norm.default(x, weight, eps, out)
+            return out
+
+        return replacement
+
+    def accepts(self, x, shape, weight, eps) -> bool:
+        from ...ops.rms_norm import MAX_DIMS, MAX_WIDTH
+
+        if not (isinstance(x, torch.Tensor) and x.dtype.is_floating_point and 1 <= x.ndim <= MAX_DIMS):
+            return False
+        width = x.shape[-1]
+        if list(shape) != [width] or not 1 <= width <= MAX_WIDTH or (width > 1 and x.stride(-1) != 1):
+            return False
+        if weight is not None and not (isinstance(weight, torch.Tensor) and tuple(weight.shape) == (width,)
+                                       and weight.dtype == x.dtype):
+            return False
+        # where aten would copy a view first, or give each short row a block of its own; wide contiguous rows
+        # (Wan's cross-attention norms, Z-Image's sandwich norms) are what aten's row kernel does well
+        return isinstance(eps, float) and eps >= 0 and (width <= NARROW or not x.is_contiguous())
+
+
+class RMSNormKernelPass(FusionPass):
+    """``aten.rms_norm`` -> ``diffc.rms_norm`` (strided input read in place, ``BLOCK_R`` rows per program).
+    Not bit-exact with aten's kernel: the sum of squares adds in another order."""
+
+    name = "rms_norm_kernel"
+    bit_exact = False
+    patterns = (RMSNormKernel(),)
