@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=30000, help="port to bind (default 30000)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--data-parallel", type=_positive, default=1, metavar="D",
+                   help="D copies of the model serving one queue behind one HTTP front, one per GPU from --device "
+                        "(cuda:N..N+D-1); with --device cpu, D CPU copies (default 1)")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     add_runtime_flags(p)
     add_cache_flags(p)
@@ -184,6 +187,35 @@ def _preloading(load, lora: dict):
     return load_with_lora
 
 
+def replica_devices(device, count: int) -> list:
+    """The devices of ``count`` data-parallel replicas: consecutive GPUs from ``device``, or ``count`` CPU copies."""
+    import torch
+
+    if count == 1:
+        return [device]
+    if device.type != "cuda":
+        return [device] * count
+    first = device.index if device.index is not None else 0
+    available = torch.cuda.device_count()
+    if first + count > available:
+        raise InvalidArgumentError("--data-parallel", f"{count} replicas need GPUs cuda:{first}..cuda:{first + count - 1}"
+                                   f"; this machine has {available} (cuda:0..cuda:{available - 1})")
+    return [torch.device("cuda", first + i) for i in range(count)]
+
+
+def _once(fn):
+    """``fn()`` computed once, whichever thread asks first; the others wait for it."""
+    lock, result = threading.Lock(), []
+
+    def call():
+        with lock:
+            if not result:
+                result.append(fn())
+            return result[0]
+
+    return call
+
+
 def serve(args: argparse.Namespace) -> int:
     uvicorn = _import_serving()
     from ..loader.pipeline import load as load_pipeline
@@ -203,20 +235,25 @@ def serve(args: argparse.Namespace) -> int:
                 if k in ("height", "width", "num_frames") or (choice.demo and k == "num_inference_steps")}
     model_id = args.model_name or (f"diffc-demo-{choice.demo}" if choice.path is None else choice.path.resolve().name)
     device = resolve_device(choice.device)
-
-    def load():
-        return load_pipeline(choice.checkpoint(), device=device, dtype=args.dtype, compiled=args.compiled,
-                          **runtime_options(args))
+    devices = replica_devices(device, args.data_parallel)
+    checkpoint = _once(choice.checkpoint)  # replicas load on their own threads; the demo is built once
     resolve_dtype(args.dtype, device)
     if cache is not None:
         defaults["cache"] = cache
-        load = _checking_cache(load, cache)
     lora = lora_settings(args)
     for directory in args.lora_dir or ():
         if not Path(directory).expanduser().is_dir():
             raise InvalidArgumentError("--lora-dir", f"not a directory: {directory}")
-    if lora is not None:
-        load = _preloading(load, lora)
+
+    def loader(dev):
+        def load():
+            return load_pipeline(checkpoint(), device=dev, dtype=args.dtype, compiled=args.compiled,
+                                 **runtime_options(args))
+        if cache is not None:
+            load = _checking_cache(load, cache)
+        return _preloading(load, lora) if lora is not None else load
+
+    load = [loader(dev) for dev in devices]
     if not args.api_key and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     from ..serve.hardening import default_allowed_hosts, parse_allowed_hosts
@@ -245,6 +282,7 @@ def _serve(args, uvicorn, sock: socket.socket, load, model_id: str, device, defa
         if server is not None:
             server.should_exit = True
 
+    load, replicas = load[0], load[1:]
     limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_pixels=args.max_pixels, max_n=args.max_n,
                     max_steps=args.max_steps, max_frames=args.max_frames, max_prompt_chars=args.max_prompt_chars)
     # A warm-up pays a GPU's first-call costs (kernels, CUDA graphs) before the first request; on a CPU there
@@ -252,7 +290,7 @@ def _serve(args, uvicorn, sock: socket.socket, load, model_id: str, device, defa
     warmup = None if args.no_warmup or device.type == "cpu" else {}
     engine = Engine(load, model_id=model_id, limits=limits, defaults=defaults, warmup=warmup,
                     output_dir=args.output_dir, keep_outputs=args.keep_outputs, output_ttl_s=args.output_ttl,
-                    fps=args.fps, on_fatal=on_fatal)
+                    fps=args.fps, on_fatal=on_fatal, replicas=replicas)
     app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      shutdown_timeout_s=args.shutdown_timeout, lora_dirs=args.lora_dir or (), max_loras=args.max_loras,
                      allowed_hosts=allowed_hosts)
@@ -260,7 +298,8 @@ def _serve(args, uvicorn, sock: socket.socket, load, model_id: str, device, defa
                             timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))
     server = uvicorn.Server(config)
     _print_requests()
-    print(f"diffc serve: loading {model_id} on {device}; {url} (GET /health answers 200 once ready"
+    where = device if not replicas else f"{len(replicas) + 1} replicas from {device}"
+    print(f"diffc serve: loading {model_id} on {where}; {url} (GET /health answers 200 once ready"
           f"{'' if warmup is None else ' and warmed up'})", file=sys.stderr, flush=True)
     _announce_ready(engine, server, url)
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it; that second one ends the command with 0.

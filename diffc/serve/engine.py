@@ -1,5 +1,10 @@
 """The engine: one worker thread owns the pipeline (and so the GPU); a bounded queue feeds it batches.
 
+With replicas (``diffc serve --data-parallel D``) D worker threads each own a copy of the pipeline on
+their own device and take batches from the one queue; the HTTP front, the job store and the metrics
+are shared. LoRA operations run on the first replica, whose adapter cache the others share; each batch
+brings its replica's weights to the batch's LoRA state as it already does for a single pipeline.
+
 Jobs waiting with the same shape and settings (size, steps, guidance, frames, negative prompt, step cache) run as
 one batch of up to ``max_batch`` samples, one seed per sample, so each sample is what it would have
 been alone. A request for ``n`` images may be split over several batches. When a batch of several
@@ -16,6 +21,7 @@ import random
 import threading
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from ..errors import InvalidArgumentError
@@ -31,6 +37,7 @@ log = logging.getLogger("diffc.serve")
 # one line per finished request (id, kind, size, status, seconds); `diffc serve` prints it
 request_log = logging.getLogger("diffc.serve.requests")
 
+_LOAD_LOCK = threading.Lock()
 DENOISE_PERCENT = 90  # a job's progress when its denoising is done; its decode takes it to 99
 ABORT_WAIT_S = 30.0  # how long shutdown waits for an aborted batch to reach its next step
 
@@ -50,8 +57,10 @@ class Engine:
                  defaults: dict[str, Any] | None = None, warmup: dict[str, Any] | None = None,
                  output_dir: str | Path | None = None, keep_outputs: int = 100, output_ttl_s: float | None = None,
                  metrics: ServerMetrics | None = None, fps: int = 16,
-                 on_fatal: Callable[[BaseException], None] | None = None):
-        self._load, self.model_id, self.limits = load, model_id, limits or Limits()
+                 on_fatal: Callable[[BaseException], None] | None = None,
+                 replicas: Sequence[Callable[[], Any]] = ()):
+        self._loads = [load, *replicas]  # one worker thread and one pipeline per loader
+        self.model_id, self.limits = model_id, limits or Limits()
         self.defaults, self.warmup, self.fps, self.on_fatal = dict(defaults or {}), warmup, fps, on_fatal
         self.metrics = metrics or ServerMetrics()
         self.store = OutputStore(output_dir, keep=keep_outputs, ttl_s=output_ttl_s, on_evict=self._forget)
@@ -59,10 +68,12 @@ class Engine:
         self.created = int(time.time())
         self.state = "starting"  # starting, loading, warming, ready, failed, stopping, stopped
         self.load_error: BaseException | None = None
-        self.pipe = None
+        self.pipe = None  # the first replica's pipeline: the spec, validation, LoRA operations
+        self._pipes: list[Any] = [None] * len(self._loads)
+        self._loaded = 0
         self._cond = threading.Condition(threading.RLock())
         self._queue: collections.deque[Job] = collections.deque()
-        self._running: list[Job] = []
+        self._running: dict[int, list[Job]] = {}  # replica -> the jobs of the batch it runs
         self._videos: dict[str, Job] = {}
         self._controls: collections.deque[tuple[Callable[[], Any], Any]] = collections.deque()
         self.lora_default: tuple = ()  # LoRA snapshot of requests that name no adapter (set by /v1/set_lora)
@@ -70,15 +81,22 @@ class Engine:
         self._restored: list[tuple[str, Path, float]] = []
         self._batch_ema_s = 1.0
         self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._worker, name="diffc-engine", daemon=True)
-        self.metrics.bind_queue(lambda: len(self._queue), lambda: len(self._running))
+        self._threads = [threading.Thread(target=self._worker, args=(i,), daemon=True,
+                                          name="diffc-engine" if i == 0 else f"diffc-engine-{i}")
+                         for i in range(len(self._loads))]
+        self.metrics.bind_queue(lambda: len(self._queue), lambda: sum(len(j) for j in self._running.values()))
 
     # ---- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         self._restored = self.store.start()
         if self._restored:
             log.info("indexed %d outputs left in %s by an earlier server", len(self._restored), self.store.root)
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def replicas(self) -> int:
+        return len(self._loads)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         self._ready.wait(timeout)
@@ -100,13 +118,15 @@ class Engine:
             self._cond.notify_all()
         for job in queued:
             self._fail(job, JobError(503, "the server is shutting down", "shutting_down"))
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                self._abort = True  # the running batch stops at its next denoising step
-                self._thread.join(ABORT_WAIT_S)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in self._threads):
+            self._abort = True  # the running batches stop at their next denoising step
+            for thread in self._threads:
+                thread.join(ABORT_WAIT_S)
         with self._cond:
-            for job in list(self._running):
+            for job in [job for jobs in self._running.values() for job in jobs]:
                 self._fail(job, JobError(503, "the server shut down before this job finished", "shutting_down"))
             self.state = "stopped"
         self._ready.set()
@@ -210,7 +230,7 @@ class Engine:
             if self.state != "ready":
                 raise NotReady(self.not_ready_message())
             self._controls.append((fn, future))
-            self._cond.notify()
+            self._cond.notify_all()  # only the first replica's worker runs controls
         return future
 
     def cancel(self, job: Job) -> None:
@@ -264,55 +284,93 @@ class Engine:
                 self._videos.setdefault(id_, job)
         self._restored = []
 
-    def _worker(self) -> None:
+    def _worker(self, replica: int) -> None:
+        if replica == 0:
+            try:
+                self._restore_videos()
+            except Exception as exc:  # noqa: BLE001 - old files must not keep the server from starting
+                log.warning("could not index the videos left in %s: %s", self.store.root, exc)
         try:
-            self._restore_videos()
-        except Exception as exc:  # noqa: BLE001 - old files must not keep the server from starting
-            log.warning("could not index the videos left in %s: %s", self.store.root, exc)
-        try:
-            self.state = "loading"
-            self.pipe = self._load()
-            if self.warmup is not None and self.state == "loading":
-                self.state = "warming"
-                self._warm_up()
-            self.lora_default = snapshot_of(self.pipe)
-            with self._cond:
-                if self.state in ("loading", "warming"):
-                    self.state = "ready"
-                    self.metrics.ready.set(1)
+            self._start_replica(replica)
         except BaseException as exc:  # noqa: BLE001 - reported through state and on_fatal
-            log.exception("loading the model failed")
-            self.load_error, self.state = exc, "failed"
+            log.exception("loading the model failed" + (f" (replica {replica})" if self.replicas > 1 else ""))
+            with self._cond:
+                first = self.state != "failed"
+                if first:
+                    self.load_error, self.state = exc, "failed"
+                self._cond.notify_all()
             self._ready.set()
-            if self.on_fatal is not None:
+            if first and self.on_fatal is not None:
                 self.on_fatal(exc)
             return
-        self._ready.set()
+        with self._cond:  # the other replicas may still be loading
+            while self.state in ("starting", "loading", "warming"):
+                self._cond.wait()
+        pipe = self._pipes[replica]
         while True:
             with self._cond:
-                while not self._queue and not self._controls and self.state == "ready":
+                while not self._queue and not (replica == 0 and self._controls) and self.state == "ready":
                     self._cond.wait()
                 if self.state != "ready":
                     break
-                control = self._controls.popleft() if self._controls else None
+                control = self._controls.popleft() if replica == 0 and self._controls else None
                 batch = self._take_batch() if control is None else []
-                self._running = [job for job, _ in batch]
+                if batch:
+                    self._running[replica] = [job for job, _ in batch]
                 now = time.time()
-                for job in self._running:
+                for job in (job for job, _ in batch):
                     if job.status == "queued":
                         job.status, job.started_at = "in_progress", now
                         self.metrics.queue_wait.labels(job.kind).observe(now - job.created_at)
             if control is not None:
                 self._run_control(*control)
                 continue
-            self._execute(batch)
+            self._execute(batch, pipe)
             with self._cond:
-                self._running = []
+                self._running.pop(replica, None)
+        if replica != 0:
+            return
         self.metrics.ready.set(0)
         with self._cond:
             controls, self._controls = list(self._controls), collections.deque()
         for _, future in controls:
             future.set_exception(NotReady(self.not_ready_message()))
+
+    def _start_replica(self, replica: int) -> None:
+        """Load (and warm up) this replica's pipeline; the last one to finish makes the engine ready."""
+        with self._cond:
+            if self.state == "starting":
+                self.state = "loading"
+        with _LOAD_LOCK:  # one load at a time: model construction patches process-wide state (meta-device init)
+            pipe = self._loads[replica]()
+        self._pipes[replica] = pipe
+        if replica == 0:
+            self.pipe = pipe
+        if self.warmup is not None and self.state in ("loading", "warming"):
+            self.state = "warming"
+            self._warm_up(pipe)
+        with self._cond:
+            self._loaded += 1
+            if self._loaded < self.replicas or self.state not in ("loading", "warming"):
+                return
+            self._share_adapters()
+            self.lora_default = snapshot_of(self.pipe)
+            self.state = "ready"
+            self.metrics.ready.set(1)
+            self._cond.notify_all()
+        self._ready.set()
+
+    def _share_adapters(self) -> None:
+        """Replicas read the first replica's adapter cache (set_lora loads there; each batch merges what its
+        LoRA state names on its own replica's weights)."""
+        if self.replicas == 1:
+            return
+        try:
+            first = self._pipes[0].lora
+            for pipe in self._pipes[1:]:
+                pipe.lora.adapters = first.adapters
+        except (InvalidArgumentError, AttributeError):  # a pipeline without diffc's LoRA (generic, offloaded)
+            pass
 
     @staticmethod
     def _run_control(fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
@@ -321,17 +379,18 @@ class Engine:
         except BaseException as exc:  # noqa: BLE001 - reported to the caller
             future.set_exception(exc)
 
-    def _warm_up(self) -> None:
-        options = {"height": self._default("height"), "width": self._default("width"), "num_inference_steps": 1}
-        if self.pipe.spec.output == "video":
-            options["num_frames"] = self._default("num_frames")
+    def _warm_up(self, pipe) -> None:
+        options = {"height": self._default("height", pipe), "width": self._default("width", pipe),
+                   "num_inference_steps": 1}
+        if pipe.spec.output == "video":
+            options["num_frames"] = self._default("num_frames", pipe)
         options.update(self.warmup)
-        if self.pipe.spec.image_input == "required" and options.get("image") is None:
+        if pipe.spec.image_input == "required" and options.get("image") is None:
             from ..compile.pipeline import example_image  # editing, image-to-video: a grey input image
 
             options["image"] = example_image(options)
         start = time.perf_counter()
-        self.pipe.generate("warm-up", seed=0, progress=False, **{k: v for k, v in options.items() if v is not None})
+        pipe.generate("warm-up", seed=0, progress=False, **{k: v for k, v in options.items() if v is not None})
         log.info("warm-up took %.2f s", time.perf_counter() - start)
 
     def _take_batch(self) -> list[tuple[Job, range]]:
@@ -350,9 +409,9 @@ class Engine:
                 break
         return batch
 
-    def _execute(self, batch: list[tuple[Job, range]]) -> None:
+    def _execute(self, batch: list[tuple[Job, range]], pipe) -> None:
         try:
-            out = self._generate(batch)
+            out = self._generate(batch, pipe)
         except _Aborted:
             for job, _ in batch:
                 if not job.cancelled:
@@ -362,7 +421,7 @@ class Engine:
             if len(batch) > 1:
                 log.warning("a batch of %d jobs failed (%s); retrying each alone", len(batch), exc)
                 for item in batch:
-                    self._execute([item])
+                    self._execute([item], pipe)
                 return
             self._fail(batch[0][0], self._job_error(exc, batch))
             return
@@ -400,13 +459,13 @@ class Engine:
             if job.finished == job.n and not job.cancelled:
                 self._complete(job)
 
-    def _generate(self, batch: list[tuple[Job, range]]):
+    def _generate(self, batch: list[tuple[Job, range]], pipe):
         prompts, seeds = [], []
         for job, r in batch:
             prompts += [job.prompt] * len(r)
             seeds += job.seeds[r.start:r.stop]
         options = {k: v for k, v in batch[0][0].options.items() if v is not None}
-        apply_snapshot(self.pipe, batch[0][0].lora)  # a batch shares one LoRA state (it is in the job key)
+        apply_snapshot(pipe, batch[0][0].lora)  # a batch shares one LoRA state (it is in the job key)
 
         def report(start: int, share: int):
             """Progress from ``start`` to ``start + share`` percent of each job over one phase of the batch."""
@@ -418,7 +477,7 @@ class Engine:
             return callback
 
         # denoising 0-90 %, the VAE decode 90-99 % (a video's decode takes a while), 100 once written
-        return self.pipe.generate(prompts, seed=seeds, progress=False, step_callback=report(0, DENOISE_PERCENT),
+        return pipe.generate(prompts, seed=seeds, progress=False, step_callback=report(0, DENOISE_PERCENT),
                                   decode_callback=report(DENOISE_PERCENT, 99 - DENOISE_PERCENT), **options)
 
     def _complete(self, job: Job) -> None:
@@ -497,8 +556,8 @@ class Engine:
         with self._cond:
             self._videos.pop(id_, None)
 
-    def _default(self, key: str):
-        return self.defaults.get(key, self.pipe.spec.defaults.get(key))
+    def _default(self, key: str, pipe=None):
+        return self.defaults.get(key, (pipe or self.pipe).spec.defaults.get(key))
 
     def not_ready_message(self) -> str:
         if self.state == "failed":

@@ -49,7 +49,7 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 async def health(request: Request) -> JSONResponse:
     engine = engine_of(request)
     body: dict[str, Any] = {"status": "ok" if engine.state == "ready" else engine.state, "model": engine.model_id,
-                            "queue_depth": engine.queue_depth}
+                            "queue_depth": engine.queue_depth, "replicas": engine.replicas}
     if engine.state != "ready":
         body["message"] = engine.not_ready_message()
     return JSONResponse(body, status_code=200 if engine.state == "ready" else 503)

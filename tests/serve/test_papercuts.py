@@ -229,7 +229,7 @@ def test_video_progress_goes_through_the_decode(serve):
                 return self._pipe.generate(prompt, **kwargs)
 
             def job_progress():
-                return holder["engine"]._running[0].progress
+                return holder["engine"]._running[0][0].progress
 
             def on_step(done, total):
                 step_callback(done, total)

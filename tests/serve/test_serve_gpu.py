@@ -59,7 +59,7 @@ def test_a_video_job_on_the_gpu_reports_its_decode(demo_ckpt, tmp_path):
 
             def on_decode(done, total):
                 decode_callback(done, total)
-                decode_progress.append(holder["engine"]._running[0].progress)
+                decode_progress.append(holder["engine"]._running[0][0].progress)
 
             return self._pipe.generate(prompt, decode_callback=on_decode, **kwargs)
 

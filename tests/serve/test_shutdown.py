@@ -32,7 +32,7 @@ def _start_jobs(server, steps):
 
 def _assert_clean(server):
     engine = server.engine
-    assert engine.state == "stopped" and not engine._thread.is_alive()
+    assert engine.state == "stopped" and not any(t.is_alive() for t in engine._threads)
     assert engine.queue_depth == 0
     assert list(engine.store.root.iterdir()) == []  # no outputs, no half-written temporary files
 
