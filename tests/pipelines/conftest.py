@@ -127,6 +127,16 @@ def build_wan_variant(kind: str, tok_dir: Path):
     parts = dict(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler)
     if kind == "ti2v":  # Wan2.2 TI2V's per-token timesteps and first-frame latents (here with a Wan2.1-style VAE)
         return diffusers.WanPipeline(**parts, transformer=_wan_transformer(v, 1), expand_timesteps=True)
+    if kind == "ti2v-5b":  # ... and with the Wan2.2 VAE: residual stages, 2x2 patchify, 12 channels in and out
+        torch.manual_seed(4)
+        z = 8
+        mean, std = _latent_stats(z)
+        vae = diffusers.AutoencoderKLWan(
+            base_dim=8, decoder_base_dim=12, z_dim=z, dim_mult=[1, 2, 2], num_res_blocks=1,
+            temperal_downsample=[False, True], is_residual=True, patch_size=2, in_channels=12, out_channels=12,
+            latents_mean=mean, latents_std=std, scale_factor_spatial=8, scale_factor_temporal=2)
+        transformer = _wan_transformer(v, 1, in_channels=z, out_channels=z)
+        return diffusers.WanPipeline(**{**parts, "vae": vae}, transformer=transformer, expand_timesteps=True)
     if kind == "t2v-a14b":
         return diffusers.WanPipeline(**parts, transformer=_wan_transformer(v, 1), transformer_2=_wan_transformer(v, 2),
                                      boundary_ratio=0.875)

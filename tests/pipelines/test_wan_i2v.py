@@ -177,3 +177,20 @@ def test_a_text_to_video_checkpoint_takes_no_image(wan_checkpoint):
     with pytest.raises(InvalidArgumentError, match="does not take an input image"):
         pipe.generate(PROMPT, image=_image(), progress=False, height=16, width=16, num_frames=1,
                       num_inference_steps=1)
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["t2v", "i2v"])
+def test_ti2v_with_the_wan22_vae_matches_diffusers(wan22_checkpoint, with_image):
+    """Wan2.2 TI2V-5B's layout: the Wan2.2 VAE (residual stages, 2x2 patchify), 16x-style compression here 8x."""
+    ckpt = wan22_checkpoint("ti2v-5b")
+    kw = dict(height=32, width=48, num_frames=5, num_inference_steps=3, guidance_scale=5.0, max_sequence_length=16)
+    image = _image() if with_image else None
+    if with_image:
+        want = _reference("WanImageToVideoPipeline", ckpt, 6, image=image, **kw)
+    else:
+        want = _reference("WanPipeline", ckpt, 6, **kw)
+    pipe = diffc.load(ckpt, device="cpu")
+    assert pipe.components["vae"].config.is_residual
+    video = pipe.generate(PROMPT, image=image, seed=6, progress=False, **kw).frames
+    assert video.shape == (5, 32, 48, 3) and video.std() > 1.0
+    assert psnr_uint8(video, want) >= MIN_PSNR
