@@ -120,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", help=f"comma list of {', '.join(CONFIGS)} (default: all; on a CPU no compile)")
     p.add_argument("--skip-e2e", action="store_true",
                    help="DiT forward and VAE decode only, no checkpoint, no text encoders, no generation")
+    p.add_argument("--skip-vae", action="store_true",
+                   help="no VAE decode or text encode timing (DiT forward only; with --skip-e2e)")
     p.add_argument("--ckpt-dir", help="where the random-weight pipeline is saved (default /tmp/diffc-bench/<model>)")
     p.add_argument("--rebuild-ckpt", action="store_true", help="rebuild the checkpoint even if one is present")
     p.add_argument("--out-dir", default="bench/results")
@@ -229,10 +231,10 @@ def measure(config: Config, engine: Engine, run: Run, r: dict[str, Any]) -> None
     del out
     log(f"{config.name}: DiT forward {median:.2f} ms (first call {timed.first_call_s:.1f} s)")
 
-    if engine.kind not in run.components:
+    if engine.kind not in run.components and not args.skip_vae:
         log(f"{config.name}: VAE decode" + (" and text encode" if engine.has_pipeline else ""))
         run.components[engine.kind] = dict(measure_components(engine, run, is_ref), measured_in=config.name)
-    r.update(run.components[engine.kind])
+    r.update(run.components.get(engine.kind, {}))
     free_memory(dev)
 
     if run.e2e and engine.has_pipeline and not config.dit_only:
@@ -323,6 +325,8 @@ def run_bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Path]
     env = environment(device, sys.argv if args.argv is None else ["-m", "bench.compare", *args.argv])
     paths = output_paths(Path(args.out_dir), env, spec.name)
     flops = family.dit_flops(spec, wl)
+    if args.skip_vae and not args.skip_e2e:
+        raise SystemExit("--skip-vae measures the DiT forward alone: give --skip-e2e too")
     if not family.e2e and not args.skip_e2e:
         log(f"{spec.name}: no end-to-end run for this family yet ({family.note.split('. ')[-1]}); comparing the DiT "
             "forward and the VAE only")

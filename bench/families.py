@@ -168,6 +168,24 @@ def _wan_i2v_inputs(spec: BenchSpec, wl: Workload, device: torch.device, dtype: 
     return inputs
 
 
+def _wan_ti2v_inputs(spec: BenchSpec, wl: Workload, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Wan2.2 TI2V: one timestep per token (the first latent frame's tokens at 0, as with an input image)."""
+    inputs = _wan_inputs(spec, wl, device, dtype)
+    _, _, f, h, w = _wan_latent_shape(spec, wl)
+    _, ph, pw = spec.transformer.patch_size
+    per_frame = (h // ph) * (w // pw)
+    timestep = torch.full((1, f * per_frame), 500, device=device, dtype=torch.float32)
+    timestep[:, :per_frame] = 0
+    inputs["timestep"] = timestep
+    return inputs
+
+
+WAN_TI2V = dataclasses.replace(
+    WAN, name="wan-ti2v", dit_inputs=_wan_ti2v_inputs, e2e=False,
+    note="The Wan2.2 TI2V DiT with per-token timesteps (the first latent frame at 0, as with an input image). "
+         "the end-to-end run is not in this harness yet")
+
+
 WAN_I2V = dataclasses.replace(
     WAN, name="wan-i2v", diffusers_pipeline="WanImageToVideoPipeline", dit_inputs=_wan_i2v_inputs, e2e=False,
     note="The image-to-video DiT (36 input channels, CLIP image tokens in cross-attention) at the spec's size. "
@@ -440,6 +458,6 @@ QWEN_IMAGE_EDIT = dataclasses.replace(
          "tokens of text-to-image). Only the DiT forward and the VAE are compared: the end-to-end edit run needs "
          "diffusers' Qwen2VLProcessor, which transformers builds only with torchvision.")
 
-FAMILIES: dict[str, Family] = {"flux": FLUX, "wan": WAN, "wan-i2v": WAN_I2V, "sd3": SD3, "hunyuanvideo": HUNYUAN_VIDEO,
+FAMILIES: dict[str, Family] = {"flux": FLUX, "wan": WAN, "wan-i2v": WAN_I2V, "wan-ti2v": WAN_TI2V, "sd3": SD3, "hunyuanvideo": HUNYUAN_VIDEO,
                                "flux-kontext": FLUX_KONTEXT, "zimage": ZIMAGE, "qwen_image": QWEN_IMAGE,
                                "qwen_image_edit": QWEN_IMAGE_EDIT}

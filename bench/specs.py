@@ -212,6 +212,21 @@ SPECS: dict[str, BenchSpec] = {
         WAN_VAE_SPECS["wan2.1"], _WAN_TEXT, _WAN_SCHEDULER,
         height=480, width=832, num_frames=81, steps=40, guidance_scale=5.0, max_sequence_length=512,
         negative_prompt=WAN_NEGATIVE),
+    # Wan2.2 TI2V-5B: 48-channel Wan2.2 VAE latents (16x spatial), 1280x704 x 121 frames: 31 x 44 x 80 latents,
+    # 27,280 tokens, per-token timesteps; DiT forward (and the VAE unless --skip-vae)
+    "wan2.2-ti2v-5b": BenchSpec(
+        "wan2.2-ti2v-5b", "wan-ti2v", "Wan-AI/Wan2.2-TI2V-5B-Diffusers", WAN_TRANSFORMER_SPECS["wan2.2-ti2v-5b"],
+        WAN_VAE_SPECS["wan2.2"], _WAN_TEXT, dict(_WAN_SCHEDULER, flow_shift=5.0),
+        height=704, width=1280, num_frames=121, steps=50, guidance_scale=5.0, max_sequence_length=512,
+        negative_prompt=WAN_NEGATIVE),
+    "wan2.2-ti2v-tiny": BenchSpec(
+        "wan2.2-ti2v-tiny", "wan-ti2v", "tiny Wan2.2-TI2V-shaped test DiT and VAE",
+        dataclasses.replace(WAN_TRANSFORMER_SPECS["tiny"], in_channels=8, out_channels=8, text_dim=32),
+        dataclasses.replace(WAN_VAE_SPECS["wan2.2"], base_dim=8, decoder_base_dim=12, z_dim=8, dim_mult=(1, 2, 2),
+                            num_res_blocks=1, temperal_downsample=(False, True), latents_mean=(0.0,) * 8,
+                            latents_std=(1.0,) * 8, scale_factor_spatial=8, scale_factor_temporal=2),
+        _WAN_TEXT, _WAN_SCHEDULER, height=32, width=48, num_frames=5, steps=3, guidance_scale=5.0,
+        max_sequence_length=16, negative_prompt=WAN_NEGATIVE),
     # FLUX.1 Kontext [dev]: FLUX.1-dev's transformer and VAE; the edit's 1024x1024 input image doubles the image
     # tokens (4096 + 4096 + 512 text) of every forward. guidance 2.5 as BFL's examples.
     "flux-kontext": BenchSpec(

@@ -158,3 +158,18 @@ def test_image_to_video_dit_is_compared_with_image_tokens(tmp_path):
         r = data["configs"][name]
         assert "error" not in r, r.get("traceback")
         assert r["dit_rel_err"] < 1e-4 and r["dit_output_finite"]
+
+
+def test_ti2v_dit_with_per_token_timesteps_and_the_wan22_vae(tmp_path):
+    out = tmp_path / "results"
+    run_compare("--model", "wan2.2-ti2v-tiny", "--skip-e2e", "--out-dir", str(out), "--repeats", "1", "--warmup", "1",
+                "--configs", "diffusers-eager,diffc-eager,diffc-compiled")
+    data, _ = results(out, "wan2.2-ti2v-tiny")
+    for name in ("diffc-eager", "diffc-compiled"):
+        r = data["configs"][name]
+        assert "error" not in r, r.get("traceback")
+        assert r["dit_rel_err"] < 1e-4 and r["vae_rel_err"] < 1e-4
+    run_compare("--model", "wan2.2-ti2v-tiny", "--skip-e2e", "--skip-vae", "--out-dir", str(out / "dit"),
+                "--repeats", "1", "--warmup", "1", "--configs", "diffusers-eager,diffc-eager")
+    data, _ = results(out / "dit", "wan2.2-ti2v-tiny")
+    assert "vae_decode_ms" not in data["configs"]["diffc-eager"] and data["configs"]["diffc-eager"]["dit_rel_err"] < 1e-4
