@@ -194,3 +194,17 @@ def test_ti2v_with_the_wan22_vae_matches_diffusers(wan22_checkpoint, with_image)
     video = pipe.generate(PROMPT, image=image, seed=6, progress=False, **kw).frames
     assert video.shape == (5, 32, 48, 3) and video.std() > 1.0
     assert psnr_uint8(video, want) >= MIN_PSNR
+
+
+def test_ti2v_compiled_for_text_to_video_serves_image_to_video_too(wan22_checkpoint):
+    """The per-token-timestep DiT compiles from a text-to-video call; an input image changes values, not shapes,
+    so image-to-video runs the same compiled graphs."""
+    ckpt = wan22_checkpoint("ti2v-5b")
+    kw = dict(height=32, width=48, num_frames=5, num_inference_steps=3, guidance_scale=5.0, max_sequence_length=16)
+    pipe = diffc.load(ckpt, device="cpu")
+    eager = pipe.generate(PROMPT, image=_image(), seed=2, progress=False, **kw).frames
+    pipe.compile([{k: kw[k] for k in ("height", "width", "num_frames", "max_sequence_length")}], log=lambda _m: None)
+    out = pipe.generate(PROMPT, image=_image(), seed=2, progress=False, **kw)
+    assert psnr_uint8(out.frames, eager) >= MIN_PSNR
+    runtime = out.timings.runtime["compiled"]
+    assert runtime["compiled_calls"] == 3 and runtime["eager_fallbacks"] == 0
