@@ -10,19 +10,14 @@ the model cannot use is a 400 naming the field; so is a model that takes no inpu
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import io
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from .engine import JobError
-from .protocol import APIError, ImageRequest, invalid, parse_body
-from .routes import _job_api_error, _prepare, _size, _stats, _until_done_or_gone, engine_of, require_api_key
-from .storage import new_id
+from .protocol import ImageRequest, invalid, parse_body
+from .routes import _prepare, answer_images, engine_of, require_api_key
 from .uploads import decode_image
 
 MAX_FILES = 16
@@ -87,40 +82,4 @@ async def edit_images(request: Request) -> dict[str, Any]:
     names = [name if len(files) == 1 else f"image[{i}]" for i, (name, _) in enumerate(files)]
     images = await run_in_threadpool(lambda: [decode_image(data, n) for n, (_, data) in zip(names, files)])
     job = _prepare(engine, "image", req, n=req.n, image=images[0] if len(images) == 1 else images)
-    try:
-        done = await _until_done_or_gone(request, job)
-    except asyncio.CancelledError:  # the server is stopping
-        engine.cancel(job)
-        raise
-    except JobError as err:
-        raise _job_api_error(err) from None
-    if not done:  # the client went away: nobody will read this answer
-        engine.cancel(job)
-        raise APIError(499, "The client closed the connection; the job was cancelled.", code="client_disconnected")
-    fmt = req.output_format or "png"
-    quality = req.output_compression if req.output_compression is not None else 95
-    data = await run_in_threadpool(encode_images, engine, job, fmt, quality, req.response_format == "url",
-                                   str(request.base_url).rstrip("/"))
-    job.outputs = []
-    return {"created": int(job.created_at), "data": data, "model": engine.model_id, "size": _size(job),
-            "output_format": fmt, "num_inference_steps": job.options["num_inference_steps"],
-            "warnings": job.warnings, **_stats(job)}
-
-
-def encode_images(engine, job, fmt: str, quality: int, url: bool, base: str) -> list[dict[str, Any]]:
-    """The job's images as OpenAI response items: ``b64_json``, or a ``url`` to ``/v1/images/{id}/content``."""
-    items = []
-    kwargs = {} if fmt == "png" else {"quality": quality}
-    for image, seed in zip(job.outputs, job.seeds, strict=True):
-        item: dict[str, Any] = {"revised_prompt": None, "seed": seed}
-        if url:
-            image_id = new_id("img")
-            path = engine.store.write(image_id, f".{fmt}", lambda p, im=image: im.save(p, format=fmt.upper(), **kwargs))
-            engine.store.add(image_id, path)
-            item["url"] = f"{base}/v1/images/{image_id}/content"
-        else:
-            buf = io.BytesIO()
-            image.save(buf, format=fmt.upper(), **kwargs)
-            item["b64_json"] = base64.b64encode(buf.getvalue()).decode("ascii")
-        items.append(item)
-    return items
+    return await answer_images(request, engine, job, req)

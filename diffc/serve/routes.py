@@ -148,6 +148,13 @@ async def generate_images(request: Request) -> dict[str, Any]:
     engine = engine_of(request)
     req: ImageRequest = parse_body(ImageRequest, await read_payload(request))
     job = _prepare(engine, "image", req, n=req.n)
+    return await answer_images(request, engine, job, req)
+
+
+async def answer_images(request: Request, engine: Engine, job: Job, req: ImageRequest) -> dict[str, Any]:
+    """Wait for an image ``job`` (cancelled when the client goes away or the server stops) and answer with its
+    images as OpenAI response items: ``b64_json``, or a ``url`` to ``/v1/images/{id}/content``. Generations and
+    edits answer alike."""
     try:
         done = await _until_done_or_gone(request, job)
     except asyncio.CancelledError:  # the server is stopping
