@@ -187,6 +187,12 @@ _TINY_QWEN_VL = dict(
                        out_hidden_size=32, fullatt_block_indexes=[1], window_size=56))
 QWEN_NEGATIVE = " "  # Qwen-Image's usual negative prompt: true CFG on, nothing in particular to avoid
 
+# The tiny specs' text encoders (the tokenizers diffc.demo trains have 512 ids).
+_TINY_WAN_TEXT = (TextEncoderSpec("text_encoder", "UMT5EncoderModel", "UMT5Config",
+                                  dict(UMT5_XXL, vocab_size=512, **_TINY_TEXT), "tokenizer", "t5"),)
+_TINY_QWEN_TEXT = (TextEncoderSpec("text_encoder", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig",
+                                   _TINY_QWEN_VL, "tokenizer", "qwen2"),)
+
 SPECS: dict[str, BenchSpec] = {
     "flux-dev": BenchSpec(
         "flux-dev", "flux", "black-forest-labs/FLUX.1-dev", FLUX_TRANSFORMER_SPECS["flux-dev"],
@@ -225,7 +231,7 @@ SPECS: dict[str, BenchSpec] = {
         dataclasses.replace(WAN_VAE_SPECS["wan2.2"], base_dim=8, decoder_base_dim=12, z_dim=8, dim_mult=(1, 2, 2),
                             num_res_blocks=1, temperal_downsample=(False, True), latents_mean=(0.0,) * 8,
                             latents_std=(1.0,) * 8, scale_factor_spatial=8, scale_factor_temporal=2),
-        _WAN_TEXT, _WAN_SCHEDULER, height=32, width=48, num_frames=5, steps=3, guidance_scale=5.0,
+        _TINY_WAN_TEXT, _WAN_SCHEDULER, height=32, width=48, num_frames=5, steps=3, guidance_scale=5.0,
         max_sequence_length=16, negative_prompt=WAN_NEGATIVE),
     # FLUX.1 Kontext [dev]: FLUX.1-dev's transformer and VAE; the edit's 1024x1024 input image doubles the image
     # tokens (4096 + 4096 + 512 text) of every forward. guidance 2.5 as BFL's examples.
@@ -262,16 +268,14 @@ SPECS: dict[str, BenchSpec] = {
         "qwen-image-tiny", "qwen_image", "tiny Qwen-Image-shaped test pipeline",
         dataclasses.replace(QWEN_IMAGE_TRANSFORMER_SPECS["tiny"], in_channels=64, out_channels=16),
         QWEN_IMAGE_VAE_SPECS["tiny"],
-        (TextEncoderSpec("text_encoder", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", _TINY_QWEN_VL,
-                         "tokenizer", "qwen2"),),
+        _TINY_QWEN_TEXT,
         QWEN_SCHEDULER, height=32, width=48, steps=3, guidance_scale=4.0, max_sequence_length=128,
         negative_prompt=QWEN_NEGATIVE),
     "qwen-image-edit-tiny": BenchSpec(
         "qwen-image-edit-tiny", "qwen_image_edit", "tiny Qwen-Image-Edit-shaped test pipeline",
         dataclasses.replace(QWEN_IMAGE_TRANSFORMER_SPECS["tiny"], in_channels=64, out_channels=16),
         QWEN_IMAGE_VAE_SPECS["tiny"],
-        (TextEncoderSpec("text_encoder", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", _TINY_QWEN_VL,
-                         "tokenizer", "qwen2"),),
+        _TINY_QWEN_TEXT,
         QWEN_SCHEDULER, height=32, width=48, steps=3, guidance_scale=4.0, max_sequence_length=128,
         negative_prompt=QWEN_NEGATIVE),
     "flux-tiny": BenchSpec(
@@ -286,8 +290,7 @@ SPECS: dict[str, BenchSpec] = {
         "wan-tiny", "wan", "tiny Wan2.1-T2V-shaped test pipeline",
         dataclasses.replace(WAN_TRANSFORMER_SPECS["tiny"], in_channels=16, out_channels=16, text_dim=32),
         WAN_VAE_SPECS["tiny"],
-        (TextEncoderSpec("text_encoder", "UMT5EncoderModel", "UMT5Config", dict(UMT5_XXL, vocab_size=512, **_TINY_TEXT),
-                         "tokenizer", "t5"),),
+        _TINY_WAN_TEXT,
         _WAN_SCHEDULER, height=32, width=48, num_frames=5, steps=3, guidance_scale=5.0, max_sequence_length=16,
         negative_prompt=WAN_NEGATIVE),
     # 512 text tokens: diffusers' Wan attention finds the image tokens by assuming 512 text tokens after them
@@ -296,8 +299,7 @@ SPECS: dict[str, BenchSpec] = {
         dataclasses.replace(WAN_TRANSFORMER_SPECS["tiny"], in_channels=36, out_channels=16, text_dim=32, image_dim=20,
                             added_kv_proj_dim=24),
         WAN_VAE_SPECS["tiny"],
-        (TextEncoderSpec("text_encoder", "UMT5EncoderModel", "UMT5Config", dict(UMT5_XXL, vocab_size=512, **_TINY_TEXT),
-                         "tokenizer", "t5"),),
+        _TINY_WAN_TEXT,
         _WAN_SCHEDULER, height=32, width=48, num_frames=5, steps=3, guidance_scale=5.0, max_sequence_length=512,
         negative_prompt=WAN_NEGATIVE),
     # generic (diffusers) backend; SD3.5 runs classifier-free guidance as one batch-2 forward per step
