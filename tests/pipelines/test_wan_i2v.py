@@ -144,6 +144,13 @@ def test_cli_image_to_video_and_guidance_2(wan22_checkpoint, tmp_path, capsys):
     assert code == 2 and "guidance_scale_2" in err and "two-expert" in err and not (tmp_path / "x.mp4").exists()
 
 
+def _ti2v_reference(ckpt, seed: int, image, **kw) -> np.ndarray:
+    """diffusers' frames for a TI2V checkpoint: WanPipeline, or with an image WanImageToVideoPipeline on the folder."""
+    if image is None:
+        return _reference("WanPipeline", ckpt, seed, **kw)
+    return _reference("WanImageToVideoPipeline", ckpt, seed, image=image, **kw)
+
+
 @pytest.mark.parametrize("with_image", [False, True], ids=["t2v", "i2v"])
 def test_expand_timesteps_text_and_image_to_video_match_diffusers(wan22_checkpoint, with_image):
     """Wan2.2 TI2V: one WanPipeline checkpoint, per-token timesteps; with an image its latent frame replaces the
@@ -151,10 +158,7 @@ def test_expand_timesteps_text_and_image_to_video_match_diffusers(wan22_checkpoi
     ckpt = wan22_checkpoint("ti2v")
     kw = dict(height=32, width=48, num_frames=9, num_inference_steps=3, guidance_scale=5.0, max_sequence_length=16)
     image = _image() if with_image else None
-    if with_image:
-        want = _reference("WanImageToVideoPipeline", ckpt, 4, image=image, **kw)
-    else:
-        want = _reference("WanPipeline", ckpt, 4, **kw)
+    want = _ti2v_reference(ckpt, 4, image, **kw)
     pipe = diffc.load(ckpt, device="cpu")
     assert pipe.spec.image_input == "optional" and pipe.spec.defaults["num_frames"] == 121
     timesteps = []
@@ -185,10 +189,7 @@ def test_ti2v_with_the_wan22_vae_matches_diffusers(wan22_checkpoint, with_image)
     ckpt = wan22_checkpoint("ti2v-5b")
     kw = dict(height=32, width=48, num_frames=5, num_inference_steps=3, guidance_scale=5.0, max_sequence_length=16)
     image = _image() if with_image else None
-    if with_image:
-        want = _reference("WanImageToVideoPipeline", ckpt, 6, image=image, **kw)
-    else:
-        want = _reference("WanPipeline", ckpt, 6, **kw)
+    want = _ti2v_reference(ckpt, 6, image, **kw)
     pipe = diffc.load(ckpt, device="cpu")
     assert pipe.components["vae"].config.is_residual
     video = pipe.generate(PROMPT, image=image, seed=6, progress=False, **kw).frames
