@@ -14,9 +14,11 @@ gives the same video; as for text-to-video, guidance batches the conditional and
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..errors import CheckpointError
 from . import wan
-from .base import GenerationRequest, PipelineSpec
+from .base import GenerationRequest
 from .stages import RunContext, Stage
 
 
@@ -62,18 +64,13 @@ def validate(pipe, request: GenerationRequest) -> None:
     wan.validate(pipe, request)
 
 
-WAN_I2V_SPEC = PipelineSpec(
-    family="wan",
+# Text-to-video's spec (defaults, components, index settings) with its own stages, validation and a required image.
+WAN_I2V_SPEC = dataclasses.replace(
+    wan.WAN_SPEC,
     pipeline_class="WanImageToVideoPipeline",
-    output="video",
-    components=("scheduler", "text_encoder", "tokenizer", "transformer", "vae"),
-    defaults={"height": 480, "width": 832, "num_frames": 81, "num_inference_steps": 50, "guidance_scale": 5.0,
-              "max_sequence_length": wan.UMT5_MAX_LENGTH},
     build_stages=build_stages,
     validate=validate,
-    uses_negative_prompt=True,
-    check_index=wan.check_index,
     image_input="required",
     optional_components=("image_encoder", "image_processor", "transformer_2"),
-    index_keys=("boundary_ratio", "expand_timesteps"),
+    for_config=None,
 )
