@@ -175,7 +175,9 @@ def markdown(result: dict[str, Any]) -> str:
     fwd = dit["dit_forward_ms"]
     lines = [f"# LoRA on {result['model']} ({env.get('gpu')}, {env['date']})", "",
              f"rank {dit['rank']} on {dit['modules']} projections ({DEFAULT_TARGETS}); adapter file "
-             f"{dit['file_bytes'] / 1e6:.0f} MB; copies of the touched weights {dit['host_copy_bytes'] / 1e9:.1f} GB on the host, {dit.get('device_copy_bytes', 0) / 1e9:.1f} GB on the GPU", "",
+             f"{dit['file_bytes'] / 1e6:.0f} MB; copies of the touched weights "
+             f"{dit['host_copy_bytes'] / 1e9:.1f} GB on the host, {dit.get('device_copy_bytes', 0) / 1e9:.1f} GB on the GPU",
+             "",
              "| measure | value | target |", "|---|---|---|",
              f"| set_lora, first load from disk | {dit['first_load_s']:.2f} s | ≤ 3 s |",
              f"| set_lora, second file from disk (switch) | {dit['second_load_s']:.2f} s | |",

@@ -209,7 +209,7 @@ class LoraManager:
             return {"loaded_adapters": [a.describe() for a in self.adapters.values()], "active": active,
                     "merged": {c: [{"nickname": n, "strength": s} for n, s in self.merged.get(c, ()) if n]
                                for c in self.available},
-                    "host_copy_bytes": self.stash.host_bytes, "device_copy_bytes": self.stash.device_bytes}
+                    **self.stash.describe()}
 
     # ---- merging ---------------------------------------------------------------------------------
     def _write(self, component: str, state: State) -> None:

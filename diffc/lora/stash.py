@@ -49,6 +49,10 @@ class WeightStash:
     def host_bytes(self) -> int:
         return self.nbytes - self.device_bytes
 
+    def describe(self) -> dict[str, int]:
+        """Bytes of copies on the host and on the GPU (what ``list_loras`` and the perf dump report)."""
+        return {"host_copy_bytes": self.host_bytes, "device_copy_bytes": self.device_bytes}
+
     def get(self, key: tuple[str, str]) -> torch.Tensor:
         return self._copies[key]
 

@@ -34,7 +34,7 @@ class LoraTransform:
     def describe(self) -> dict[str, Any]:
         merged = self.manager.merged.get(self.component, ())
         return {"kind": "lora", "merged": [{"nickname": n, "strength": s} for n, s in merged if n],
-                "host_copy_bytes": self.manager.stash.host_bytes, "device_copy_bytes": self.manager.stash.device_bytes}
+                **self.manager.stash.describe()}
 
 
 class ModuleWeights:

@@ -18,10 +18,11 @@ from PIL import Image
 
 import diffc
 from diffc.pipelines import flux_kontext
+from tests.compile.test_artifact import REGION_MATCHES
 from tests.helpers import psnr_uint8
 
-ZERO = {"canonicalize_casts": 14, "rms_norm": 0, "rms_norm_kernel": 0, "adaln_modulate": 0, "gelu_tanh": 0, "timestep_embedding": 0,
-        "silu_mul": 0, "gated_residual_adaln": 0}
+ZERO = {"canonicalize_casts": 14, "rms_norm": 0, "rms_norm_kernel": 0, "adaln_modulate": 0, "gelu_tanh": 0,
+        "timestep_embedding": 0, "silu_mul": 0, "gated_residual_adaln": 0}
 ZIMAGE_REGIONS = {
     # the sandwich RMSNorms around attention and the feed-forward: narrow rows at this tiny size = 4
     "noise_refiner": {**ZERO, "qk_norm_rope": 1, "gated_residual": 2, "rms_norm_kernel": 4},
@@ -29,14 +30,8 @@ ZIMAGE_REGIONS = {
     "layers": {**ZERO, "qk_norm_rope": 1, "gated_residual": 2, "rms_norm_kernel": 4},
 }
 ZIMAGE_BLOCKS = {"noise_refiner": 1, "context_refiner": 1, "layers": 2}
-FLUX_REGIONS = {  # as tests/compile/test_artifact.py: the same blocks, more tokens
-    "transformer_blocks": {"canonicalize_casts": 14, "rms_norm": 0, "rms_norm_kernel": 0, "qk_norm_rope": 1, "adaln_modulate": 4,
-                           "gated_residual": 4, "gelu_tanh": 2, "timestep_embedding": 0, "silu_mul": 0,
-                           "gated_residual_adaln": 2},
-    "single_transformer_blocks": {"canonicalize_casts": 14, "rms_norm": 0, "rms_norm_kernel": 0, "qk_norm_rope": 1, "adaln_modulate": 1,
-                                  "gated_residual": 1, "gelu_tanh": 1, "timestep_embedding": 0, "silu_mul": 0,
-                                  "gated_residual_adaln": 0},
-}
+# as tests/compile/test_artifact.py: the same blocks, more tokens
+FLUX_REGIONS = {name: REGION_MATCHES[name] for name in ("transformer_blocks", "single_transformer_blocks")}
 
 
 def _compile_and_compare(pipe, request: dict, expected: dict, bucket: dict | None = None):
