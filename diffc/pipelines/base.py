@@ -170,6 +170,17 @@ def input_images(request: GenerationRequest) -> list:
     return [im if im.mode == "RGB" else im.convert("RGB") for im in images if im is not None]
 
 
+def resize_image(image, height: int, width: int) -> torch.Tensor:
+    """PIL image -> (1, 3, height, width) float32 in [-1, 1], resized with Lanczos: diffusers' VaeImageProcessor
+    resize + preprocess, as editing and image-to-video pipelines feed an input image to the VAE."""
+    from PIL import Image
+
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
+
+
 def validate_image(spec: PipelineSpec, request: GenerationRequest) -> None:
     """``image`` is allowed by the family, a PIL image or a list of them, of a usable mode and size."""
     image = request.image

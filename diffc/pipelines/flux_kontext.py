@@ -12,12 +12,11 @@ works as in FLUX.1-dev.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
 from . import flux
-from .base import GenerationRequest, PipelineSpec, input_images
+from .base import GenerationRequest, PipelineSpec, input_images, resize_image
 from .denoise import denoise_loop
 from .stages import RunContext, Stage
 
@@ -38,16 +37,6 @@ def conditioning_size(image, multiple: int, resolutions=None) -> tuple[int, int]
     aspect = width / height
     _, width, height = min((abs(aspect - w / h), w, h) for w, h in resolutions)
     return height // multiple * multiple, width // multiple * multiple
-
-
-def resize_image(image, height: int, width: int) -> torch.Tensor:
-    """PIL image -> (1, 3, height, width) float32 in [-1, 1], resized with Lanczos (VaeImageProcessor's)."""
-    from PIL import Image
-
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
 def encode_image(ctx: RunContext, s):

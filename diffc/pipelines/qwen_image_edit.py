@@ -16,12 +16,11 @@ sample is what a one-prompt request with its seed gives.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..errors import InvalidArgumentError
-from .base import GenerationRequest, PipelineSpec, input_images
+from .base import GenerationRequest, PipelineSpec, input_images, resize_image
 from .denoise import denoise_loop
 from .flux import pack_latents, postprocess
 from .qwen_image import (ENCODED, STAGE_INPUTS, DENOISE_INPUTS, cfg_warnings, check_size, decode, guided_predict,
@@ -37,10 +36,7 @@ MAX_IMAGES_PLUS = 3  # Qwen-Image-Edit-2509 is trained on one to three input ima
 
 def _image_tensor(image: Image.Image, width: int, height: int, device, dtype) -> torch.Tensor:
     """(1, 3, 1, height, width) in [-1, 1]: diffusers' VaeImageProcessor resize + preprocess, then a frame axis."""
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
-    array = np.asarray(image).astype(np.float32) / 255.0  # (H, W, 3)
-    return (torch.from_numpy(array).permute(2, 0, 1)[None, :, None] * 2.0 - 1.0).to(device=device, dtype=dtype)
+    return resize_image(image, height, width)[:, :, None].to(device=device, dtype=dtype)
 
 
 def _plus(s) -> bool:

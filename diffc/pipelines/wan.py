@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, InvalidArgumentError
-from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
+from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid, resize_image
 from .denoise import cpu_generators, denoise_loop, seeded_noise
 from .stages import RunContext, Stage
 from .text import tokenize
@@ -97,8 +97,6 @@ def first_image(s):
 def image_latents(ctx: RunContext, image, batch: int, height: int, width: int, frames: int) -> torch.Tensor:
     """(B, z_dim, T_lat, h, w) float32: the normalized posterior mode of ``image`` resized to the video size,
     followed by ``frames - 1`` black frames, as diffusers' Wan image-to-video pipeline encodes it."""
-    from .flux_kontext import resize_image
-
     vae = ctx.components["vae"]
     pixels = resize_image(image, height, width).to(ctx.device, torch.float32)  # (1, 3, H, W) in [-1, 1]
     video = torch.cat([pixels[:, :, None], pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
