@@ -253,7 +253,7 @@ def serve(args: argparse.Namespace) -> int:
             load = _checking_cache(load, cache)
         return _preloading(load, lora) if lora is not None else load
 
-    load = [loader(dev) for dev in devices]
+    loads = [loader(dev) for dev in devices]  # one per replica
     if not args.api_key and not _is_loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     from ..serve.hardening import default_allowed_hosts, parse_allowed_hosts
@@ -264,12 +264,12 @@ def serve(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--allowed-hosts", "names no host; give host names, or '*' for any")
     sock = _listen(args.host, args.port)  # before anything loads: a port in use is reported at once
     try:
-        return _serve(args, uvicorn, sock, load, model_id, device, defaults, allowed_hosts)
+        return _serve(args, uvicorn, sock, loads, model_id, device, defaults, allowed_hosts)
     finally:
         sock.close()
 
 
-def _serve(args, uvicorn, sock: socket.socket, load, model_id: str, device, defaults: dict,
+def _serve(args, uvicorn, sock: socket.socket, loads: list, model_id: str, device, defaults: dict,
            allowed_hosts: list[str] | None) -> int:
     """Build the engine and the app, and serve on the already bound ``sock`` until shutdown."""
     from ..serve.app import create_app
@@ -282,15 +282,14 @@ def _serve(args, uvicorn, sock: socket.socket, load, model_id: str, device, defa
         if server is not None:
             server.should_exit = True
 
-    load, replicas = load[0], load[1:]
     limits = Limits(max_batch=args.max_batch, max_queue=args.max_queue, max_pixels=args.max_pixels, max_n=args.max_n,
                     max_steps=args.max_steps, max_frames=args.max_frames, max_prompt_chars=args.max_prompt_chars)
     # A warm-up pays a GPU's first-call costs (kernels, CUDA graphs) before the first request; on a CPU there
     # are none worth a full-size generation (minutes for a real model), so the server is ready once loaded.
     warmup = None if args.no_warmup or device.type == "cpu" else {}
-    engine = Engine(load, model_id=model_id, limits=limits, defaults=defaults, warmup=warmup,
+    engine = Engine(loads[0], model_id=model_id, limits=limits, defaults=defaults, warmup=warmup,
                     output_dir=args.output_dir, keep_outputs=args.keep_outputs, output_ttl_s=args.output_ttl,
-                    fps=args.fps, on_fatal=on_fatal, replicas=replicas)
+                    fps=args.fps, on_fatal=on_fatal, replicas=loads[1:])
     app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      shutdown_timeout_s=args.shutdown_timeout, lora_dirs=args.lora_dir or (), max_loras=args.max_loras,
                      allowed_hosts=allowed_hosts)
@@ -298,7 +297,7 @@ def _serve(args, uvicorn, sock: socket.socket, load, model_id: str, device, defa
                             timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)))
     server = uvicorn.Server(config)
     _print_requests()
-    where = device if not replicas else f"{len(replicas) + 1} replicas from {device}"
+    where = device if len(loads) == 1 else f"{len(loads)} replicas from {device}"
     print(f"diffc serve: loading {model_id} on {where}; {url} (GET /health answers 200 once ready"
           f"{'' if warmup is None else ' and warmed up'})", file=sys.stderr, flush=True)
     _announce_ready(engine, server, url)
