@@ -154,16 +154,17 @@ def experts(ctx: RunContext, s):
     return lambda t: (first, scale) if float(t) >= boundary else (second, scale_2)
 
 
-def token_timesteps(ctx: RunContext, mask: torch.Tensor, t: torch.Tensor, batch: int) -> torch.Tensor:
-    """Wan2.2 TI2V's per-token timesteps (B, tokens): ``t`` where the latents are denoised, 0 on a given first
-    frame (``mask``: (1, 1, T_lat, h, w), 0 there)."""
+def token_mask(ctx: RunContext, mask: torch.Tensor) -> torch.Tensor:
+    """(tokens,): the latent mask (1, 1, T_lat, h, w) at one value per DiT patch, as Wan2.2 TI2V's per-token
+    timesteps use it (0 on a given first frame, 1 where the latents are denoised)."""
     _, ph, pw = ctx.components["transformer"].config.patch_size
-    return (mask[0, 0][:, ::ph, ::pw] * t).flatten()[None].expand(batch, -1)
+    return mask[0, 0][:, ::ph, ::pw].flatten()
 
 
 def wan_predictor(ctx: RunContext, s, condition: torch.Tensor | None = None,
                   image_embeds: torch.Tensor | None = None):
-    """The Wan noise prediction for ``denoise_loop``. ``condition`` (image-to-video) is concatenated to the
+    """The Wan noise prediction for ``denoise_loop``, and the first-frame latent mask of ``expand_timesteps``
+    (None without). ``condition`` (image-to-video) is concatenated to the
     latents' channels (mask and first-frame latents), or with ``expand_timesteps`` (Wan2.2 TI2V) replaces
     the first latent frame, which then gets timestep 0; ``image_embeds`` (Wan2.1 I2V: CLIP image tokens) go
     to the image cross-attention. Guidance (on when ``guidance_scale > 1``, as diffusers decides it, for
@@ -175,18 +176,19 @@ def wan_predictor(ctx: RunContext, s, condition: torch.Tensor | None = None,
         extra["encoder_hidden_states_image"] = image_embeds if uncond is None else torch.cat([image_embeds] * 2)
     expert = experts(ctx, s)
     expand = bool(ctx.config.get("expand_timesteps"))
-    mask = None
+    mask = tokens = None
     if expand:
         mask = torch.ones(1, 1, *s["latents"].shape[2:], device=ctx.device)
         if condition is not None:
             mask[:, :, 0] = 0
+        tokens = token_mask(ctx, mask)
 
     def predict(x, t):
         transformer, scale = expert(t)
         if expand:
             if condition is not None:
                 x = (1 - mask) * condition + mask * x
-            timestep = token_timesteps(ctx, mask, t, x.shape[0])
+            timestep = (tokens * t)[None].expand(x.shape[0], -1)  # (B, tokens)
         else:
             if condition is not None:
                 x = torch.cat([x, condition], dim=1)
