@@ -125,16 +125,15 @@ def load_generic(root: Path, index: dict, device, dtype, scheduler: str | None, 
                  options: RuntimeOptions) -> Pipeline:
     """The generic backend: the diffusers pipeline ``model_index.json`` names, loaded by diffusers."""
     from ..pipelines.generic import GenericPipeline, import_diffusers, load_diffusers_pipeline
-    from ..pipelines.generic.loader import check_runtime
 
     import_diffusers()
     if scheduler is not None:
         raise InvalidArgumentError("scheduler", f"'{index.get('_class_name')}' runs on the generic (diffusers) backend, "
                                    "which uses the checkpoint's own scheduler; leave --scheduler unset")
-    options = check_runtime(options)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    pipe = GenericPipeline(load_diffusers_pipeline(root, index, dev, dt), dev, dt, source=str(root),
+    check_runtime_device(options, dev)
+    pipe = GenericPipeline(load_diffusers_pipeline(root, index, dev, dt, options.offload), dev, dt, source=str(root),
                            runtime_options=options)
     if compiled is not None:
         pipe.load_compiled(compiled)

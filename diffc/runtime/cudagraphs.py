@@ -94,13 +94,25 @@ def _layout(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
 
 
-def _value_key(value: Any) -> tuple | None:
-    """Hashable, type-tagged key of a non-tensor argument (``True`` and ``1`` differ); None if it has none."""
+def _value_key(value: Any, tensors: list[torch.Tensor] | None = None) -> tuple | None:
+    """Hashable, type-tagged key of a non-tensor argument (``True`` and ``1`` differ); None if it has none.
+
+    Tuples, lists and string-keyed dicts are keyed element by element. With ``tensors`` given, a tensor
+    inside one (a RoPE ``(cos, sin)`` pair) is keyed by its layout and appended to ``tensors``.
+    """
     if isinstance(value, _SCALARS):
         return (type(value), value)
+    if isinstance(value, torch.Tensor):
+        if tensors is None:
+            return None
+        tensors.append(value)
+        return (torch.Tensor, (tuple(value.shape), _layout(value), value.dtype, value.device))
     if isinstance(value, (tuple, list)):
-        parts = tuple(_value_key(v) for v in value)
+        parts = tuple(_value_key(v, tensors) for v in value)
         return None if any(p is None for p in parts) else (type(value), parts)
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        parts = tuple((k, _value_key(value[k], tensors)) for k in sorted(value))
+        return None if any(p is None for _, p in parts) else (dict, parts)
     return None
 
 
@@ -269,11 +281,19 @@ class CudaGraphModule:
                 parts.append((slot, tuple(value.shape), _layout(value), value.dtype, value.device))
                 tensors.append(value)
             else:
-                value_key = _value_key(value)
+                nested: list[torch.Tensor] = []
+                value_key = _value_key(value, nested)
                 if value_key is None:
                     return None, [], (f"argument '{self._name(slot)}' is a {type(value).__name__}, "
                                       "which cannot be part of a graph key")
+                for t in nested:
+                    if t.device.type not in self._device_types:
+                        return None, [], (f"argument '{self._name(slot)}' holds a tensor on {t.device.type}, "
+                                          "not a CUDA device")
+                    if t.requires_grad:
+                        return None, [], f"argument '{self._name(slot)}' holds a tensor that requires grad"
                 parts.append((slot, value_key))
+                tensors += nested
         if not tensors:
             return None, [], "no tensor arguments"
         if len({t.device for t in tensors}) > 1:
@@ -388,13 +408,28 @@ def _sample_weights(module: nn.Module) -> list[tuple[nn.Module, str, nn.Paramete
 
 
 def _substitute(args: tuple, kwargs: dict, tensors: list[torch.Tensor]) -> tuple[tuple, dict]:
-    """``args``/``kwargs`` with their tensors replaced, in key order, by ``tensors``."""
+    """``args``/``kwargs`` with their tensors (also those inside tuples, lists and dicts) replaced, in key
+    order, by ``tensors``."""
     feed = iter(tensors)
-    new_args = tuple(next(feed) if isinstance(a, torch.Tensor) else a for a in args)
-    new_kwargs = {k: kwargs[k] for k in kwargs}
+
+    def replace(value):
+        if isinstance(value, torch.Tensor):
+            return next(feed)
+        if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+            return type(value)(*(replace(v) for v in value))
+        if isinstance(value, (tuple, list)):
+            return type(value)(replace(v) for v in value)
+        if isinstance(value, dict):
+            new = dict(value)
+            for k in sorted(value):
+                new[k] = replace(value[k])
+            return new
+        return value
+
+    new_args = tuple(replace(a) for a in args)
+    new_kwargs = dict(kwargs)
     for k in sorted(kwargs):
-        if isinstance(kwargs[k], torch.Tensor):
-            new_kwargs[k] = next(feed)
+        new_kwargs[k] = replace(kwargs[k])
     return new_args, new_kwargs
 
 
@@ -423,6 +458,11 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _format_value(value_key: tuple) -> str:
     kind, value = value_key
+    if kind is torch.Tensor:
+        shape, _, dtype, device = value
+        return f"{shape} {str(dtype).removeprefix('torch.')} {device}"
+    if kind is dict:
+        return "{" + ", ".join(f"{k}: {_format_value(v)}" for k, v in value) + "}"
     if kind in (tuple, list):
         inner = ", ".join(_format_value(v) for v in value)
         return f"({inner})" if kind is tuple else f"[{inner}]"

@@ -280,7 +280,7 @@ class Executor:
         if mode != "none":
             self.offload = apply_offload(self.components, self.device, mode, prefetch=prefetch,
                                          resident_blocks=resident_blocks, text_encoders=text_encoders,
-                                         streams=streams, **placement)
+                                         streams=streams, dits=tuple(self.stacks), **placement)
         for name, stack in self.stacks.items():
             stack.set_placement(None if self.offload is None else _Placement(self.offload, name))
 

@@ -100,10 +100,13 @@ class OffloadCounters:
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks in run order: its regions' blocks (``_repeated_blocks``), concatenated."""
+    """The model's repeated blocks (its regions' blocks, ``_repeated_blocks``) in run order, taken to be
+    the order the model registers its modules in: a diffusers model may declare its embedders' blocks
+    after the blocks they feed (HunyuanVideo). A forward that runs them otherwise is refused by the ring."""
     if not has_regions(model):
         return []
-    return [block for region in dit_regions(model) for block in region.blocks]
+    position = {id(m): i for i, m in enumerate(model.modules())}
+    return sorted((block for region in dit_regions(model) for block in region.blocks), key=lambda b: position[id(b)])
 
 
 def _check_blocks_own_weights(name: str, model: nn.Module) -> None:
@@ -332,14 +335,17 @@ def _auto_resident(name, model, blocks_bytes, blocks_on_device, streams, device,
 def apply_offload(components: dict[str, Any], device: torch.device | str, mode: str, prefetch: int = 1,
                   resident_blocks: int | None = None, text_encoders: tuple[str, ...] = (), *,
                   placement: str = "spread", activation_reserve: int | None = None,
-                  memory_limit: int | None = None, streams=None) -> OffloadHandle:
+                  memory_limit: int | None = None, streams=None,
+                  dits: tuple[str, ...] | None = None) -> OffloadHandle:
     """Offload a loaded pipeline's components (see the module docstring for the modes).
 
     ``prefetch``: blocks copied ahead of the one computing (ring depth - 1). ``resident_blocks``:
     blocks kept on the GPU (None: as many as memory allows). ``text_encoders``: components offloaded
     after use in layerwise mode. ``placement``: where resident blocks go ("spread" or "first").
     ``activation_reserve``/``memory_limit``: bytes, for the automatic residency choice.
-    ``streams``: a stand-in for ``CudaStreams`` (tests). Raises ``InvalidArgumentError`` naming the
+    ``streams``: a stand-in for ``CudaStreams`` (tests). ``dits``: the components whose repeated blocks
+    layerwise offload streams (None: every model declaring repeated blocks; a diffusers VAE may declare
+    ``_no_split_modules`` too, and is offloaded whole like the other components). Raises ``InvalidArgumentError`` naming the
     field for bad values, and for offload on a device that is not a CUDA GPU.
     """
     _validate(components, mode, prefetch, resident_blocks, text_encoders, placement, activation_reserve,
@@ -361,7 +367,8 @@ def apply_offload(components: dict[str, Any], device: torch.device | str, mode: 
         c = unwrap(c)  # a DiT stack's module; the stack notices moved weights (its CUDA graphs recapture)
         if isinstance(c, nn.Module):
             modules[n] = c
-    dits = [n for n, m in modules.items() if n not in text_encoders and repeated_blocks(m)]
+    dits = [n for n, m in modules.items() if n not in text_encoders and (dits is None or n in dits)
+            and repeated_blocks(m)]
     if mode == "layerwise":
         if not dits:
             raise InvalidArgumentError("offload", "layerwise offload streams the repeated blocks of a model that "

@@ -195,20 +195,50 @@ def test_fallback_reasons(toy):
     wrapper = EmulatedGraphs(Loose())
     with torch.no_grad():
         wrapper(x.clone().requires_grad_(True))
-        wrapper(x, extra=[1.0, torch.ones(1)])  # a tensor inside a list
-        wrapper(x, extra={"a": 1.0})
+        wrapper(x, extra=[1.0, torch.ones(1, requires_grad=True)])  # a tensor inside a list
+        wrapper(x, extra={1: 1.0})  # a dict keyed by something else than names
+        wrapper(x, extra={"a": object()})
         wrapper(x, extra=[1.0, (2, "a", None)])  # plain values: a key
     assert wrapper.counters.fallback_reasons == {
         "argument 'x' requires grad": 1,
-        "argument 'extra' is a list, which cannot be part of a graph key": 1,
-        "argument 'extra' is a dict, which cannot be part of a graph key": 1,
+        "argument 'extra' holds a tensor that requires grad": 1,
+        "argument 'extra' is a dict, which cannot be part of a graph key": 2,
     }
-    assert counts(wrapper) == (1, 0, 3, 0)
+    assert counts(wrapper) == (1, 0, 4, 0)
     trainable = EmulatedGraphs(Toy())
     with torch.enable_grad():
         trainable(x, t)  # parameters require grad and autograd is on
         EmulatedGraphs(toy)(x, t)  # autograd on, but nothing requires grad: captured
     assert trainable.counters.fallback_reasons == {"autograd is on and the module has parameters that require grad": 1}
+
+
+class Nested(nn.Module):
+    """Takes its RoPE tables as a ``(cos, sin)`` tuple and options as a dict, as diffusers models do."""
+
+    def forward(self, x, rope, options=None):
+        cos, sin = rope
+        out = x * cos + x.flip(-1) * sin
+        if options is not None:
+            out = out * options["scale"] + options["bias"]
+        return out
+
+
+def test_tensors_inside_tuples_and_dicts_are_graph_inputs():
+    wrapper, model = EmulatedGraphs(Nested()), Nested()
+    with torch.inference_mode():
+        for seed in (0, 1, 2):  # capture, then replays that must see the new values of the nested tensors
+            g = torch.Generator().manual_seed(seed)
+            x, cos, sin, bias = (torch.randn(2, 4, 8, generator=g) for _ in range(4))
+            options = {"scale": 0.5, "bias": bias}
+            assert torch.equal(wrapper(x, (cos, sin), options=options), model(x, (cos, sin), options=options))
+        g = torch.Generator().manual_seed(3)
+        x, cos, sin = (torch.randn(2, 4, 8, generator=g) for _ in range(3))
+        assert torch.equal(wrapper(x, [cos, sin]), model(x, [cos, sin]))  # a list: another key
+        assert torch.equal(wrapper(x, (cos, sin[:, :1])), model(x, (cos, sin[:, :1])))  # another shape inside
+    assert counts(wrapper) == (3, 2, 0, 0)
+    keys = [g["key"] for g in wrapper.describe()["graphs"]]
+    assert keys[0] == ("#0=(2, 4, 8) float32 cpu, #1=((2, 4, 8) float32 cpu, (2, 4, 8) float32 cpu), "
+                       "options={bias: (2, 4, 8) float32 cpu, scale: 0.5}")
 
 
 def test_graph_wrapper_rejects_calls_without_tensors():

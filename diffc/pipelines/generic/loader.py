@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from ...errors import CheckpointError, DiffcError, InvalidArgumentError
-from ...runtime.options import RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +61,13 @@ def check_components(diffusers, index: dict[str, Any], where: Path) -> None:
                                   f"{', '.join(LIBRARIES)} only (never code from the checkpoint)")
 
 
-def check_runtime(options: RuntimeOptions) -> RuntimeOptions:
-    """The runtime features the generic backend has today: none of offload and CUDA graphs yet."""
-    if options.offload != "none":
-        raise InvalidArgumentError("offload", f"'{options.offload}' offload is not available on the generic "
-                                   "(diffusers) backend yet; use offload='none' / --offload none")
-    if options.cuda_graphs:
-        raise InvalidArgumentError("cuda_graphs", "CUDA graphs are not available on the generic (diffusers) "
-                                   "backend yet; leave them unset or use --cuda-graphs off")
-    return RuntimeOptions(cuda_graphs=False)
+def text_encoder_names(pipe) -> tuple[str, ...]:
+    """The components layerwise offload keeps in host memory between uses: the pipeline's transformers
+    models (text and image encoders), whatever the pipeline calls them."""
+    import transformers
+
+    return tuple(name for name, module in pipe.components.items()
+                 if isinstance(module, transformers.PreTrainedModel))
 
 
 @contextlib.contextmanager
@@ -90,9 +87,11 @@ def quiet_loading(diffusers):
                 lib.enable_progress_bar()
 
 
-def load_diffusers_pipeline(root: Path, index: dict[str, Any], device: torch.device, dtype: torch.dtype):
-    """``DiffusionPipeline.from_pretrained`` on ``root``, safetensors only, on ``device`` in ``dtype``
-    (diffusers keeps each model's ``_keep_in_fp32_modules`` in float32)."""
+def load_diffusers_pipeline(root: Path, index: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                            offload: str = "none"):
+    """``DiffusionPipeline.from_pretrained`` on ``root``, safetensors only, in ``dtype`` (diffusers keeps
+    each model's ``_keep_in_fp32_modules`` in float32), moved to ``device``; with ``offload`` the weights
+    stay in host memory, where diffc's offload places them (the GPU never holds the whole pipeline)."""
     diffusers = import_diffusers()
     where = root / "model_index.json"
     cls = pipeline_class(diffusers, index, where)
@@ -109,6 +108,7 @@ def load_diffusers_pipeline(root: Path, index: dict[str, Any], device: torch.dev
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{root}: diffusers could not load {cls.__name__} ({type(exc).__name__}: {first}); "
                               "weights must be safetensors") from exc
-    pipe.to(device)
+    if offload == "none":
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

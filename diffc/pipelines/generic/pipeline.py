@@ -24,6 +24,7 @@ from ...runtime.executor import Executor
 from ...runtime.options import RuntimeOptions
 from ..base import Pipeline
 from ..stages import RunContext, Stage
+from .loader import text_encoder_names
 from .spec import CALL_FIELDS, build_spec, call_kwargs
 from .timing import instrument
 
@@ -60,18 +61,36 @@ class DiffusersComponents(collections.abc.MutableMapping):
 
 
 class GenericExecutor(Executor):
-    """The runtime executor over a diffusers pipeline's components; its ``describe()`` (the perf dump's
-    ``runtime``) also names the backend, the pipeline class and diffusers' version under ``generic``."""
+    """The runtime executor over a diffusers pipeline's components (offload keeps the transformers
+    models in host memory between uses, as it does a native pipeline's text encoders); its
+    ``describe()`` (the perf dump's ``runtime``) also names the backend, the pipeline class and
+    diffusers' version under ``generic``."""
 
     def __init__(self, pipe, components: DiffusersComponents, device: torch.device, options: RuntimeOptions):
         import diffusers
 
         self.generic = {"backend": "diffusers", "pipeline_class": type(pipe).__name__,
                         "diffusers": diffusers.__version__}
-        super().__init__(components, device, options)
+        super().__init__(components, device, options, text_encoder_names(pipe))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "generic": dict(self.generic)}
+
+
+def pin_execution_device(pipe, device: torch.device) -> None:
+    """Make ``pipe`` create its latents and inputs on ``device`` wherever its weights are.
+
+    diffusers infers the device a call runs on from where the components' weights are (or from
+    accelerate's offload hooks); under diffc's offload they sit in host memory between uses, so the
+    instance's class becomes a subclass of its own (same name) whose ``_execution_device`` is ``device``.
+    """
+    cls = type(pipe)
+    if getattr(cls, "_diffc_device", None) == device:
+        return
+    base = cls.__dict__.get("_diffc_base", cls)
+    pipe.__class__ = type(base.__name__, (base,), {
+        "_diffc_base": base, "_diffc_device": device, "__module__": base.__module__, "__doc__": base.__doc__,
+        "_execution_device": property(lambda self: self._diffc_device)})
 
 
 def _field_in(message: str) -> str:
@@ -153,7 +172,8 @@ class GenericPipeline(Pipeline):
                  runtime_options: RuntimeOptions | None = None):
         self.diffusers_pipe = diffusers_pipe
         spec, self.call_parameters = build_spec(diffusers_pipe, self._stages)
-        options = runtime_options or RuntimeOptions(cuda_graphs=False)
+        options = runtime_options or RuntimeOptions()
+        pin_execution_device(diffusers_pipe, device)
         components = DiffusersComponents(diffusers_pipe)
         super().__init__(spec, components, device, dtype, source=source, runtime_options=options,
                          executor=GenericExecutor(diffusers_pipe, components, device, options))

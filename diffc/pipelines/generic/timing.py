@@ -123,16 +123,20 @@ class StepBar:
         pass
 
 
+_ABSENT = object()
+
+
 @contextlib.contextmanager
 def instrument(pipe, ctx: RunContext) -> Iterator[PhaseClock]:
     """Install the phase seams on ``pipe`` for one call (removed afterwards, whatever happens)."""
     clock = PhaseClock(ctx)
-    patched: list[tuple[Any, str]] = []
+    patched: list[tuple[Any, str, Any]] = []
     hooks = []
 
     def patch(owner, name: str, value) -> None:
+        # an instance attribute already there (offload's upload-on-decode wrapper) comes back afterwards
+        patched.append((owner, name, owner.__dict__.get(name, _ABSENT)))
         owner.__dict__[name] = value
-        patched.append((owner, name))
 
     patch(pipe, "progress_bar", lambda iterable=None, total=None: StepBar(clock, iterable, total))
     vae = getattr(pipe, "vae", None)
@@ -150,8 +154,11 @@ def instrument(pipe, ctx: RunContext) -> Iterator[PhaseClock]:
         yield clock
     finally:
         ctx.perf.end()
-        for owner, name in reversed(patched):
-            del owner.__dict__[name]
+        for owner, name, before in reversed(patched):
+            if before is _ABSENT:
+                del owner.__dict__[name]
+            else:
+                owner.__dict__[name] = before
         for hook in hooks:
             hook.remove()
         stages = ctx.perf.timings.stages

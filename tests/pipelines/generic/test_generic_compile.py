@@ -42,8 +42,10 @@ def test_compile_cli_then_run_compiled_is_lossless(generic_checkpoint, tmp_path,
     capsys.readouterr()
 
 
-def test_fast_tier_compiles_every_region_of_the_diffusers_dit(generic_checkpoint):
+def test_fast_tier_compiles_every_region_of_the_diffusers_dit(generic_checkpoint, monkeypatch):
+    import diffc.runtime.executor as executor_module
     from tests.compile.test_diffusers_blocks import EXPECTED, PASSES
+    from tests.runtime.test_cudagraphs import EmulatedGraphs
 
     pipe = diffc.load(generic_checkpoint("hunyuan"), device="cpu")
     request = {k: v for k, v in REQUESTS["hunyuan"].items() if k != "num_inference_steps"}
@@ -56,6 +58,15 @@ def test_fast_tier_compiles_every_region_of_the_diffusers_dit(generic_checkpoint
     out = pipe.generate("waves at sunset", seed=5, progress=False, **REQUESTS["hunyuan"])
     assert out.timings.runtime["compiled"] is not None and out.timings.runtime["generic"]["backend"] == "diffusers"
     assert psnr_uint8(out.frames, eager) >= 35.0
+    # the compiled graphs under CUDA graphs (emulated on the CPU): captured once, then replayed
+    monkeypatch.setattr(executor_module, "CudaGraphModule", EmulatedGraphs)
+    pipe.executor.set_cuda_graphs(True)
+    for _ in range(2):
+        replayed = pipe.generate("waves at sunset", seed=5, progress=False, **REQUESTS["hunyuan"])
+        assert np.array_equal(replayed.frames, out.frames)
+    graphs = replayed.timings.runtime["cuda_graphs"]
+    assert (graphs["captures"], graphs["replays"], graphs["fallbacks"]) == (1, 3, 0)
+    pipe.executor.set_cuda_graphs(None)
 
 
 def test_blocks_built_differently_get_their_own_region(generic_pipe):
@@ -65,10 +76,3 @@ def test_blocks_built_differently_get_their_own_region(generic_pipe):
     regions = dit_regions(generic_pipe("sd3").components["transformer"].module)
     assert [(r.name, len(r.blocks)) for r in regions] == [("transformer_blocks[0:1]", 1), ("transformer_blocks[1:2]", 1)]
     assert regions[1].blocks[0].context_pre_only and not regions[0].blocks[0].context_pre_only
-
-
-@pytest.mark.parametrize("flag", ["--offload", "--cuda-graphs"])
-def test_runtime_flags_the_generic_backend_lacks(generic_checkpoint, flag, capsys):
-    value = "layerwise" if flag == "--offload" else "on"
-    code = main(["run", "--model", str(generic_checkpoint("sd3")), "--prompt", "a cat", "--device", "cpu", flag, value])
-    assert code == 2 and "generic (diffusers) backend" in capsys.readouterr().err
