@@ -21,10 +21,13 @@ class RegionError(DiffcError):
 
 @dataclasses.dataclass(frozen=True)
 class Region:
-    """One repeated-block list: its name (the ``ModuleList``'s attribute path) and its blocks, in order."""
+    """One repeated-block list: its name (the ``ModuleList``'s attribute path) and its blocks, in order.
+    ``single``: a declared block class found outside any list (a diffusers patch embedder), a region of
+    one block that is no step of the residual stream."""
 
     name: str
     blocks: tuple[nn.Module, ...]
+    single: bool = False
 
 
 def declared_blocks(dit: nn.Module) -> tuple[str, ...]:
@@ -49,7 +52,9 @@ def dit_regions(dit: nn.Module) -> list[Region]:
                           "regional compilation needs them")
     regions, seen = [], set()
     for entry in declared:
-        found = _lists_named(dit, entry) or _lists_of_class(dit, entry) or _single_blocks(dit, entry)
+        found, single = _lists_named(dit, entry) or _lists_of_class(dit, entry), False
+        if not found:
+            found, single = _single_blocks(dit, entry), True
         if not found:
             raise RegionError(f"{type(dit).__name__}._repeated_blocks names {entry!r}, which is neither a "
                               "ModuleList attribute nor the class of a ModuleList's blocks")
@@ -57,8 +62,16 @@ def dit_regions(dit: nn.Module) -> list[Region]:
             for run_name, run in _alike_runs(name, list(blocks)):
                 if run_name not in seen and run:
                     seen.add(run_name)
-                    regions.append(Region(run_name, tuple(run)))
+                    regions.append(Region(run_name, tuple(run), single))
     return regions
+
+
+def residual_regions(dit: nn.Module) -> list[Region]:
+    """The regions whose blocks are steps of the residual stream (those in lists, not single embedder
+    blocks), in the order the model registers them, taken as their run order (a diffusers model may
+    declare its blocks in another): the blocks a step cache skips."""
+    position = {id(m): i for i, m in enumerate(dit.modules())}
+    return sorted((r for r in dit_regions(dit) if not r.single), key=lambda r: position[id(r.blocks[0])])
 
 
 def _structure(block: nn.Module) -> tuple:
@@ -131,13 +144,57 @@ class BlockStreams:
 
 def block_streams(dit: nn.Module, region: Region) -> BlockStreams:
     """The :class:`BlockStreams` ``dit`` declares for ``region`` (``_block_streams``, keyed by the
-    region's name or its blocks' class name); :class:`RegionError` when it declares none."""
+    region's name or its blocks' class name), else those read from the block's ``forward``
+    (:func:`inferred_block_streams`); :class:`RegionError` when neither gives them."""
     declared = getattr(dit, "_block_streams", None) or {}
     found = declared.get(region.name) or declared.get(type(region.blocks[0]).__name__)
-    if found is None:
+    if found is not None:
+        return found
+    try:
+        return inferred_block_streams(type(region.blocks[0]))
+    except RegionError as exc:
         raise RegionError(f"{type(dit).__name__} declares no block streams for its blocks '{region.name}' "
-                          "(_block_streams), which the step cache needs to skip blocks")
-    return found
+                          f"(_block_streams), which the step cache needs to skip blocks, and they cannot be read "
+                          f"from the block's code: {exc}") from None
+
+
+def inferred_block_streams(block_class: type) -> BlockStreams:
+    """A block's streams read from its ``forward``'s code: the parameters it returns, bare or as a tuple,
+    in the order it returns them (diffusers' joint blocks return ``(encoder_hidden_states, hidden_states)``
+    or the other way round; a block returning ``hidden_states`` alone takes the text as context). Every
+    ``return`` must give the same parameter names; the first stream compared between steps is
+    ``hidden_states`` when the block returns it."""
+    import ast
+    import inspect
+    import textwrap
+
+    forward = getattr(block_class, "forward", None)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+        params = list(inspect.signature(forward).parameters)[1:]
+    except (OSError, TypeError, SyntaxError, ValueError) as exc:
+        raise RegionError(f"{block_class.__name__}.forward's source cannot be read ({exc})") from None
+    returns, todo = [], list(ast.iter_child_nodes(tree.body[0]))
+    while todo:  # the forward's own returns, not those of functions defined inside it
+        node = todo.pop()
+        if isinstance(node, ast.Return):
+            returns.append(node)
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            todo += ast.iter_child_nodes(node)
+    returned = set()
+    for node in returns:
+        value = node.value
+        items = value.elts if isinstance(value, ast.Tuple) else [value]
+        names = tuple(item.id if isinstance(item, ast.Name) else None for item in items)
+        if None in names or not set(names) <= set(params):
+            raise RegionError(f"{block_class.__name__}.forward returns something else than its own arguments")
+        returned.add((isinstance(value, ast.Tuple), names))
+    if len(returned) != 1:
+        raise RegionError(f"{block_class.__name__}.forward returns {'nothing' if not returned else 'differently'} "
+                          "on different paths")
+    (is_tuple, names), = returned
+    inputs = tuple(sorted(names, key=lambda n: (n != "hidden_states", params.index(n))))
+    return BlockStreams(inputs=inputs, outputs=names if is_tuple else names[0])
 
 
 @dataclasses.dataclass(frozen=True)

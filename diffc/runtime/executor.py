@@ -206,7 +206,7 @@ class DiTStack:
                     forward = self.compiled.block_forward(region.name, block, forward)
                 blocks[(region.name, index)], forwards[(region.name, index)] = block, forward
         if not bare and isinstance(self.graphs, SegmentGraphs):
-            forwards = self.graphs.wrap(blocks, forwards)  # each segment's first block replays its graph
+            forwards = {**forwards, **self.graphs.wrap(blocks, forwards)}  # a segment's first block replays its graph
         for (name, index), block in blocks.items():
             forward = forwards[(name, index)]
             if self.cache is not None:

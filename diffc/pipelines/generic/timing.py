@@ -78,6 +78,8 @@ class StepBar:
     def _begin(self) -> None:
         if not self.stepping and (self.total is None or self.done < self.total):
             self.clock.ctx.perf.step_begin()
+            for hook in self.clock.ctx.step_hooks:  # the step cache: a denoising step starts
+                hook(self.done)
             self.stepping = True
 
     def _end(self) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ...errors import InvalidArgumentError
-from ...models.structure import block_streams, dit_regions
+from ...models.structure import block_streams, residual_regions
 from .config import CacheConfig
 from .state import BranchState, CacheCounters
 from .streams import StreamIO
@@ -56,7 +56,7 @@ class BlockStepCache:
     def __init__(self, config: CacheConfig, dit: nn.Module):
         self.config = config
         self.model = type(dit).__name__
-        regions = dit_regions(dit)
+        regions = residual_regions(dit)
         self.regions = [(r.name, len(r.blocks)) for r in regions]
         self.streams = {r.name: StreamIO(block_streams(dit, r), r.blocks[0]) for r in regions}
         self.total = sum(n for _, n in self.regions)
@@ -158,7 +158,10 @@ class BlockStepCache:
         return forward
 
     def wrap_block(self, region: str, index: int, block: nn.Module, forward: Callable) -> Callable:
-        """``block``'s forward under the cache (``forward``: the compiled or eager one beneath)."""
+        """``block``'s forward under the cache (``forward``: the compiled or eager one beneath); a block outside
+        the residual regions (a diffusers patch embedder) keeps ``forward``."""
+        if (region, index) not in self.roles:
+            return forward
         role, io = self.roles[(region, index)], self.streams[region]
         is_block0 = (region, index) == (self.regions[0][0], 0)
         decides_after = self.fn > 0 and self._global(region, index) == self.fn - 1
@@ -193,7 +196,8 @@ class BlockStepCache:
     # ---- residuals --------------------------------------------------------------------------------
 
     def _store_residual(self, fwd: _Forward, region: str, out: tuple[torch.Tensor, ...]) -> None:
-        residual = tuple(o - i for o, i in zip(out, fwd.middle_inputs.pop(region)))
+        # a stream the region's last block returns as None (SD3's last joint block drops the text) stays None
+        residual = tuple(None if o is None else o - i for o, i in zip(out, fwd.middle_inputs.pop(region)))
         fwd.branch.residuals[region] = residual
         if self.config.taylorseer:
             fwd.branch.extrapolators.setdefault(region, TaylorSeer(self.config.taylorseer_order)).update(
@@ -202,7 +206,7 @@ class BlockStepCache:
     def _add_residual(self, fwd: _Forward, region: str, values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         seer = fwd.branch.extrapolators.get(region)
         residual = seer.forecast(fwd.step) if seer is not None else fwd.branch.residuals[region]
-        return tuple(v + r for v, r in zip(values, residual))
+        return tuple(None if r is None else v + r for v, r in zip(values, residual))
 
     def _can_skip(self, fwd: _Forward) -> bool:
         """Every middle region has a residual cached by a forward of this branch with the same input shape."""

@@ -13,7 +13,8 @@ import torch
 
 
 class TaylorSeer:
-    """The derivative ladder of one region's residual streams (a tuple of tensors)."""
+    """The derivative ladder of one region's residual streams (a tuple of tensors; None for a stream the
+    region's last block does not return, e.g. the text of SD3's last joint block)."""
 
     def __init__(self, order: int = 1):
         self.order = order
@@ -24,10 +25,10 @@ class TaylorSeer:
         """Record the residual computed at ``step``."""
         ladder = [values]
         if self.step is not None and step > self.step and self.ladder \
-                and all(a.shape == b.shape for a, b in zip(values, self.ladder[0])):
+                and all(_alike(a, b) for a, b in zip(values, self.ladder[0])):
             window = step - self.step
             for i in range(min(self.order, len(self.ladder))):
-                ladder.append(tuple((a - b) / window for a, b in zip(ladder[i], self.ladder[i])))
+                ladder.append(tuple(None if a is None else (a - b) / window for a, b in zip(ladder[i], self.ladder[i])))
         self.step, self.ladder = step, ladder
 
     def forecast(self, step: int) -> tuple[torch.Tensor, ...]:
@@ -36,5 +37,9 @@ class TaylorSeer:
         out = list(self.ladder[0])
         for i in range(1, len(self.ladder)):
             scale = elapsed**i / math.factorial(i)
-            out = [o + d * scale for o, d in zip(out, self.ladder[i])]
+            out = [None if o is None else o + d * scale for o, d in zip(out, self.ladder[i])]
         return tuple(out)
+
+
+def _alike(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ...errors import InvalidArgumentError
-from ...models.structure import RegionError, dit_regions
+from ...models.structure import RegionError, residual_regions
 from .base import BlockStepCache, _Forward
 from .state import polynomial, rel_l1, teacache_skips
 from .streams import StreamIO
@@ -46,7 +46,7 @@ class TeaCache(BlockStepCache):
             self.coefficients, self.source = (1.0, 0.0), "none published for this configuration: raw relative L1"
         self.rescale = polynomial(self.coefficients)
         super().__init__(config, dit)
-        first = dit_regions(dit)[0].blocks[0]
+        first = residual_regions(dit)[0].blocks[0]
         names = [p.name for p in inspect.signature(type(first).forward).parameters.values()][1:]
         missing = [n for n in spec.args if n not in names]
         if missing:

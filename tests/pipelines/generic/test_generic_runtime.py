@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from diffc.errors import InvalidArgumentError
 from diffc.pipelines.generic.loader import text_encoder_names
 from diffc.pipelines.generic.pipeline import pin_execution_device
 from tests.generic_pipelines import REQUESTS
@@ -85,3 +86,93 @@ def test_the_execution_device_is_the_pipelines_wherever_the_weights_are(generic_
     assert type(pipe).__name__ == cls.__name__ and isinstance(pipe, cls) and type(pipe).__mro__[1] is cls
     pin_execution_device(pipe, torch.device("cpu"))  # pinned again: still one subclass of the original
     assert pipe._execution_device == torch.device("cpu") and type(pipe).__mro__[1] is cls
+
+
+# ---- the step cache --------------------------------------------------------------------------------------
+
+STEPS = 6
+
+
+def _cached(pipe, name: str, **cache) -> tuple[np.ndarray, dict]:
+    request = dict(REQUESTS[name], num_inference_steps=STEPS)
+    out = pipe.generate("a lighthouse at dusk", seed=4, progress=False, **cache, **request)
+    return (np.asarray(out.images[0]) if out.images else out.frames), out.timings.runtime["cache"]
+
+
+@pytest.mark.parametrize("name", ["sd3", "hunyuan"])
+def test_step_cache_on_the_diffusers_transformer(name, generic_pipe, monkeypatch):
+    """The streams come from the blocks' own code; threshold 0 never skips (the uncached pixels), a large one
+    skips every step after the warm-up, and CUDA graphs (emulated) capture the block segments around it."""
+    import diffc.runtime.executor as executor_module
+
+    pipe = generic_pipe(name)
+    plain, none = _cached(pipe, name)
+    assert none is None
+    exact, described = _cached(pipe, name, cache="fbcache", cache_options={"threshold": 0.0})
+    assert np.array_equal(exact, plain) and described["skipped_steps"] == []
+    assert described["blocks"] == {"first": 1, "middle": 1, "last": 0}
+    options = {"threshold": 100.0, "warmup_steps": 2, "max_skips_in_a_row": STEPS}
+    skipping, described = _cached(pipe, name, cache="fbcache", cache_options=options)
+    assert described["skipped_steps"] == list(range(2, STEPS)) and not np.array_equal(skipping, plain)
+    monkeypatch.setattr(executor_module, "CudaGraphModule", EmulatedGraphs)
+    try:
+        pipe.executor.set_cuda_graphs(True)
+        for _ in range(2):
+            replayed, _ = _cached(pipe, name, cache="fbcache", cache_options=options)
+            assert np.array_equal(replayed, skipping)
+        graphs = pipe.components["transformer"].describe()["cuda_graphs"]
+        assert graphs["mode"] == "block segments" and graphs["replays"] > 0 and graphs["fallbacks"] == 0
+    finally:
+        pipe.executor.set_cuda_graphs(None)
+        pipe.executor.set_cache(None)
+
+
+def test_step_cache_errors_on_the_generic_backend_name_the_option(generic_pipe):
+    with pytest.raises(InvalidArgumentError, match="leaves no middle block to skip") as info:
+        _cached(generic_pipe("ltx"), "ltx", cache="fbcache")  # the tiny LTX DiT has one block
+    assert info.value.field == "cache"
+    with pytest.raises(InvalidArgumentError, match="_teacache") as info:
+        _cached(generic_pipe("sd3"), "sd3", cache="teacache")
+    assert info.value.field == "cache"
+
+
+class _Joint(torch.nn.Module):
+    def forward(self, hidden_states, encoder_hidden_states, temb):
+        if temb is None:
+            return encoder_hidden_states, hidden_states
+        hidden_states = hidden_states + temb
+        return encoder_hidden_states, hidden_states
+
+
+class _CrossAttention(torch.nn.Module):
+    def forward(self, hidden_states, encoder_hidden_states, temb=None):
+        def helper():
+            return temb  # a nested function's return is not the block's
+
+        hidden_states = hidden_states + helper()
+        return hidden_states
+
+
+class _Renamed(torch.nn.Module):
+    def forward(self, hidden_states, temb):
+        out = hidden_states * temb
+        return out
+
+
+class _Divergent(torch.nn.Module):
+    def forward(self, hidden_states, encoder_hidden_states):
+        if encoder_hidden_states is None:
+            return hidden_states
+        return hidden_states, encoder_hidden_states
+
+
+def test_block_streams_are_read_from_the_blocks_code():
+    from diffc.models.structure import BlockStreams, RegionError, inferred_block_streams
+
+    assert inferred_block_streams(_Joint) == BlockStreams(("hidden_states", "encoder_hidden_states"),
+                                                          ("encoder_hidden_states", "hidden_states"))
+    assert inferred_block_streams(_CrossAttention) == BlockStreams(("hidden_states",), "hidden_states")
+    with pytest.raises(RegionError, match="returns something else than its own arguments"):
+        inferred_block_streams(_Renamed)
+    with pytest.raises(RegionError, match="differently on different paths"):
+        inferred_block_streams(_Divergent)
