@@ -54,6 +54,7 @@ class OpCounters:
 
 COUNTERS = OpCounters()
 REGISTERED: dict[str, torch.library.CustomOpDef] = {}
+HOST_READS: set = set()  # the ops (OpOverloads) that read device values on the host: no CUDA graph can hold them
 
 
 def interpreting() -> bool:
@@ -97,6 +98,7 @@ def register_op(
     fake: Callable,
     fallback: Callable,
     runs: Callable[[torch.device], bool] | None = None,
+    reads_host: bool = False,
 ) -> Callable[[Callable], torch.library.CustomOpDef]:
     """Decorator defining ``torch.ops.diffc.<name>`` from a Triton launcher.
 
@@ -109,6 +111,8 @@ def register_op(
         fallback: same signature as the launcher; writes the torch reference's result into the destinations.
         runs: whether the launcher can run on a device (default: :func:`kernel_runs_on`, for Triton
             kernels); where it cannot, the fallback runs.
+        reads_host: the op copies device values to the host to decide what to run (listed in
+            :data:`HOST_READS`, so that a graph calling it is never captured in a CUDA graph).
 
     The decorated launcher's annotations give the schema. Returns the ``CustomOpDef`` (callable as the op).
     """
@@ -143,6 +147,8 @@ def register_op(
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=tuple(mutates_args), schema=schema)(impl)
         op.register_fake(fake)
         REGISTERED[name] = op
+        if reads_host:
+            HOST_READS.add(getattr(getattr(torch.ops, NAMESPACE), name).default)
         return op
 
     return wrap

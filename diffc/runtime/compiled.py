@@ -11,6 +11,7 @@ block call (``region_calls`` / ``region_fallbacks``); ``describe()`` goes into t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Callable
 
@@ -45,6 +46,16 @@ class CompiledDiT:
         self._fell_back: bool | None = None  # during one DiT forward: did any block run eagerly
         self._outcome: dict[str, bool] = {}  # DiT key -> fell back (for forwards replayed by a CUDA graph)
         self._warned: set[str] = set()
+
+    @functools.cached_property
+    def host_reads(self) -> list[str]:
+        """The regions whose graphs call an op that reads device values on the host (a CUDA graph cannot
+        capture them: :data:`~diffc.ops.registry.HOST_READS`)."""
+        from ..ops.registry import HOST_READS
+
+        return sorted(region for region, per_key in self.graphs.items()
+                      if any(node.op == "call_function" and node.target in HOST_READS
+                             for graph in per_key.values() for node in graph.gm.graph.nodes))
 
     def block_forward(self, region: str, block: nn.Module, eager: Callable) -> Callable:
         """The forward of ``block`` (of ``region``): its graph for compiled keys, ``eager`` otherwise."""

@@ -236,6 +236,10 @@ class DiTStack:
         return "whole", None
 
     def _graphs_blocked(self, explicit: bool) -> str | None:
+        reads = getattr(self.compiled, "host_reads", None)
+        if reads:
+            return (f"the compiled graphs of {', '.join(reads)} read the attention mask on the host (attention "
+                    "over the keys a padding mask keeps), which a CUDA graph cannot capture")
         parallel = self.parallel
         if parallel is not None and not (explicit and parallel.graph_safe):
             return parallel.graphs_reason

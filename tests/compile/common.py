@@ -48,6 +48,7 @@ EXPECTED = {
         "timestep_embedding": 2,
         "silu_mul": 0,
         "gated_residual_adaln": 2 * FLUX_BLOCKS,
+        "key_padding_attention": 0,
         "concat_linear": 2 * FLUX_BLOCKS + FLUX_SINGLE,
     },
     "wan": {
@@ -60,6 +61,7 @@ EXPECTED = {
         "timestep_embedding": 1,
         "silu_mul": 0,
         "gated_residual_adaln": WAN_BLOCKS,
+        "key_padding_attention": 0,
         "concat_linear": 2 * WAN_BLOCKS,
     },
 }

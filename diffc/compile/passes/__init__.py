@@ -13,6 +13,7 @@ from .concat_linear import ConcatLinearPass
 from .gated_residual import GatedResidualPass
 from .gated_residual_adaln import GatedResidualAdaLNPass
 from .gelu_tanh import GeluTanhPass
+from .key_padding import KeyPaddingAttentionPass
 from .qk_norm_rope import QKNormRopePass
 from .rms_norm import RMSNormKernelPass, RMSNormPass
 from .silu_mul import SiluMulPass
@@ -20,7 +21,7 @@ from .timestep_embedding import TimestepEmbeddingPass
 
 FUSION_PASSES: tuple[type[FusionPass], ...] = (
     RMSNormPass, QKNormRopePass, RMSNormKernelPass, AdaLNModulatePass, GatedResidualPass, GeluTanhPass, TimestepEmbeddingPass, SiluMulPass,
-    GatedResidualAdaLNPass, ConcatLinearPass,
+    GatedResidualAdaLNPass, ConcatLinearPass, KeyPaddingAttentionPass,
 )
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "GatedResidualAdaLNPass",
     "GatedResidualPass",
     "GeluTanhPass",
+    "KeyPaddingAttentionPass",
     "Pattern",
     "QKNormRopePass",
     "RMSNormKernelPass",

@@ -58,14 +58,15 @@ def test_fast_tier_compiles_every_region_of_the_diffusers_dit(generic_checkpoint
     out = pipe.generate("waves at sunset", seed=5, progress=False, **REQUESTS["hunyuan"])
     assert out.timings.runtime["compiled"] is not None and out.timings.runtime["generic"]["backend"] == "diffusers"
     assert psnr_uint8(out.frames, eager) >= 35.0
-    # the compiled graphs under CUDA graphs (emulated on the CPU): captured once, then replayed
+    # the blocks' attention over the keys the prompt's padding mask keeps reads the mask on the host: no CUDA
+    # graphs, said so, even when asked for
     monkeypatch.setattr(executor_module, "CudaGraphModule", EmulatedGraphs)
     pipe.executor.set_cuda_graphs(True)
-    for _ in range(2):
-        replayed = pipe.generate("waves at sunset", seed=5, progress=False, **REQUESTS["hunyuan"])
-        assert np.array_equal(replayed.frames, out.frames)
-    graphs = replayed.timings.runtime["cuda_graphs"]
-    assert (graphs["captures"], graphs["replays"], graphs["fallbacks"]) == (1, 3, 0)
+    again = pipe.generate("waves at sunset", seed=5, progress=False, **REQUESTS["hunyuan"])
+    assert np.array_equal(again.frames, out.frames)
+    assert again.timings.runtime["cuda_graphs"] == {
+        "enabled": False, "reason": "the compiled graphs of single_transformer_blocks, transformer_blocks read the "
+        "attention mask on the host (attention over the keys a padding mask keeps), which a CUDA graph cannot capture"}
     pipe.executor.set_cuda_graphs(None)
 
 

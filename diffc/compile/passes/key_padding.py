@@ -1,0 +1,66 @@
+"""Masked attention whose boolean mask only drops keys -> ``diffc.attention_key_padding``.
+
+Before::
+
+    o = aten.scaled_dot_product_attention(q, k, v, mask[, scale=s])     # mask: bool (B or 1, 1, 1, S_kv)
+
+After::
+
+    o = diffc.attention_key_padding(q, k, v, mask[, s])
+
+The op runs unmasked attention over each row's kept keys when the mask is a prefix (prompt padding at
+the end of a joint sequence) and the masked attention otherwise (:mod:`diffc.ops.attention_key_padding`).
+Masks that vary over queries (a text refiner's pairwise mask), float masks, dropout, ``is_causal`` and
+``enable_gqa`` are left as they are. Not bit-exact: another kernel, over fewer keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ...ops.attention_key_padding import key_mask_ok
+from .attention import SDPA, _bound_args
+from .base import FusionPass, _propagate_val
+
+
+def _accepts(bound: dict) -> bool:
+    mask = bound.get("attn_mask")
+    if not isinstance(mask, fx.Node) or bound.get("dropout_p", 0.0) != 0.0 or bound.get("is_causal", False) \
+            or bound.get("enable_gqa", False):
+        return False
+    vals = [getattr(bound.get(n), "meta", {}).get("val") for n in ("query", "key", "value", "attn_mask")]
+    if not all(isinstance(t, torch.Tensor) for t in vals):
+        return False
+    q, k, v, m = vals
+    return (q.ndim == k.ndim == v.ndim == 4 and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]
+            and k.shape[3] == q.shape[3] and m.dtype == torch.bool and key_mask_ok(tuple(m.shape), q.shape, k.shape))
+
+
+class KeyPaddingAttentionPass(FusionPass):
+    """sdpa with a boolean key-only mask -> ``diffc.attention_key_padding`` (module docstring)."""
+
+    name = "key_padding_attention"
+    bit_exact = False
+
+    def __call__(self, gm: fx.GraphModule) -> int:
+        replaced = 0
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target != SDPA:
+                continue
+            bound = _bound_args(node)
+            if not _accepts(bound):
+                continue
+            with gm.graph.inserting_before(node):
+                call = gm.graph.call_function(torch.ops.diffc.attention_key_padding.default,
+                                              (bound["query"], bound["key"], bound["value"], bound["attn_mask"],
+                                               bound.get("scale")))
+                call.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})
+                _propagate_val(call)
+            node.replace_all_uses_with(call)
+            gm.graph.erase_node(node)
+            replaced += 1
+        if replaced:
+            gm.graph.lint()
+            gm.recompile()
+        return replaced

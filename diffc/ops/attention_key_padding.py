@@ -1,0 +1,91 @@
+"""Attention whose boolean mask only drops keys (prompt padding): ``diffc::attention_key_padding``.
+
+Joint-attention DiTs that pad the prompt to a fixed length pass SDPA a ``(B, 1, 1, S_kv)`` boolean mask
+that drops the padding's keys: after the image tokens in diffusers' HunyuanVideo, between the text and
+the image in Qwen-Image. With any mask, torch's fused kernels fall back to a masked variant: on an H200
+at HunyuanVideo's shape (24 heads x 128, 32,896 tokens, 180 valid text tokens) cuDNN's masked kernel
+takes 31.4 ms where the unmasked one over the kept keys takes 22.9 ms
+(``bench/results/h200-2026-12-04-hunyuanvideo-attention.json``).
+
+This op computes the same attention as ``scaled_dot_product_attention(q, k, v, attn_mask=mask)`` by
+running unmasked attention over each batch element's kept keys: a slice of k and v when they are a
+prefix (no copy), else the kept rows gathered (a copy of k and v, small beside the attention). Reading
+the mask costs a device-to-host copy per call (two when keys must be gathered), so a DiT whose compiled
+graphs call the op runs without CUDA graphs (the stack says so; at the sequence lengths where this op
+pays, a forward takes seconds and launch overhead is well under 1%). A batch
+element whose mask keeps no key runs the masked attention itself (whose output torch defines). The
+output is a (B, H, S_q, D) view of a (B, S_q, H, D) tensor, the layout the DiT's next transpose makes
+contiguous, as the other attention ops return it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidArgumentError
+from .attention_fa4 import bshd_output
+from .registry import expect_shape, register_op
+
+
+def key_padding_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    scale: float | None = None) -> torch.Tensor:
+    """The masked attention the op replaces: ``softmax(q k^T * scale, masked) v``."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def key_mask_ok(mask_shape, q_shape, k_shape) -> bool:
+    """Whether a mask of ``mask_shape`` only selects keys: ``(B or 1, 1, 1, S_kv)`` for q ``(B, H, S_q, D)``."""
+    return (len(mask_shape) == 4 and tuple(mask_shape[1:3]) == (1, 1) and mask_shape[0] in (1, q_shape[0])
+            and mask_shape[3] == k_shape[2])
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+           scale: float | None = None) -> torch.Tensor:
+    b, h, s_q, d = q.shape
+    expect_shape("k", k, (b, h, k.shape[2], d), f"({b}, {h}, seq_kv, {d})")
+    expect_shape("v", v, (b, h, k.shape[2], v.shape[3]), f"({b}, {h}, {k.shape[2]}, head_dim_v)")
+    if mask.dtype != torch.bool or not key_mask_ok(tuple(mask.shape), tuple(q.shape), tuple(k.shape)):
+        raise InvalidArgumentError("mask", f"expected a boolean key mask of shape ({b} or 1, 1, 1, {k.shape[2]}), "
+                                           f"got {mask.dtype} {tuple(mask.shape)}")
+    return q.new_empty(b, s_q, h, v.shape[3]).transpose(1, 2)
+
+
+def _fallback(q, k, v, mask, scale=None) -> torch.Tensor:
+    return bshd_output(q, key_padding_ref(q, k, v, mask, scale))
+
+
+def kept_keys(mask: torch.Tensor, batch: int) -> list[slice | torch.Tensor] | None:
+    """Per batch element, the keys its mask keeps: a slice when they are a prefix, else their indices; None
+    when an element keeps no key."""
+    rows = mask.reshape(mask.shape[0], mask.shape[-1]).expand(batch, mask.shape[-1])
+    counts = rows.sum(-1)
+    prefix = rows == (torch.arange(rows.shape[1], device=rows.device) < counts[:, None])
+    values = torch.cat([counts, prefix.all(-1).to(counts.dtype)]).tolist()
+    counts, prefixes = values[:batch], values[batch:]
+    if min(counts) == 0:
+        return None
+    return [slice(0, n) if is_prefix else rows[i].nonzero().squeeze(1)
+            for i, (n, is_prefix) in enumerate(zip(counts, prefixes))]
+
+
+def _kept(t: torch.Tensor, keys: slice | torch.Tensor) -> torch.Tensor:
+    return t[:, :, keys] if isinstance(keys, slice) else t.index_select(2, keys)
+
+
+@register_op("attention_key_padding", mutates_args=(), fake=_check, fallback=_fallback, runs=lambda device: True,
+             reads_host=True)
+def attention_key_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                          scale: float | None = None) -> torch.Tensor:
+    _check(q, k, v, mask, scale)
+    batch = q.shape[0]
+    keys = kept_keys(mask, batch)
+    if keys is None:
+        return _fallback(q, k, v, mask, scale)
+    if all(isinstance(s, slice) for s in keys) and len({s.stop for s in keys}) == 1:  # one prefix for the batch
+        return bshd_output(q, F.scaled_dot_product_attention(q, _kept(k, keys[0]), _kept(v, keys[0]), scale=scale))
+    out = q.new_empty(batch, q.shape[2], q.shape[1], v.shape[3])
+    for i, kept in enumerate(keys):
+        b = slice(i, i + 1)
+        out[i] = F.scaled_dot_product_attention(q[b], _kept(k[b], kept), _kept(v[b], kept), scale=scale)[0].transpose(0, 1)
+    return out.transpose(1, 2)
