@@ -202,3 +202,51 @@ def test_pickled_file_refused(diffc_pipe, lora_dir):
     path.write_bytes(b"not read")
     with pytest.raises(InvalidArgumentError, match="pickled checkpoints"):
         diffc_pipe("sd3").set_lora("pickled", path)
+
+
+# ---- the converter alone (no pipeline) ---------------------------------------------------------------
+def _file(tensors: dict[str, torch.Tensor], config=None):
+    from diffc.lora.files import LoraFile
+
+    return LoraFile(Path("adapter.safetensors"), tensors, config or {}, 0)
+
+
+def test_converter_keeps_alphas_config_and_the_files_own_dict():
+    import diffusers
+
+    from diffc.pipelines.generic.lora import diffusers_lora_converter
+
+    stem = "transformer.blocks.0.attn.to_q"
+    tensors = {f"{stem}.lora_A.weight": torch.ones(2, 4), f"{stem}.lora_B.weight": torch.ones(4, 2),
+               f"{stem}.alpha": torch.tensor(8.0)}
+    config = {"transformer.lora_alpha": 4}
+    # FLUX's mixin takes ``.alpha`` keys apart as network alphas: they come back as the same ``.alpha`` entries
+    out = diffusers_lora_converter(diffusers.FluxFillPipeline)(_file(dict(tensors), config))
+    assert out.tensors.keys() == tensors.keys() and out.tensors[f"{stem}.alpha"] is tensors[f"{stem}.alpha"]
+    assert out.converted_by is None and out.converter_error is None and out.config == config
+
+    block = "diffusion_model.double_blocks.0"  # diffusers converts a file with an ``img_attn_qkv`` key
+    original = {f"{block}.img_attn_qkv.lora_A.weight": torch.ones(2, 2), f"{block}.img_attn_qkv.lora_B.weight":
+                torch.ones(6, 2), f"{block}.img_attn_proj.lora_A.weight": torch.ones(2, 2),
+                f"{block}.img_attn_proj.lora_B.weight": torch.ones(2, 2)}
+    file = _file(original, config)
+    out = diffusers_lora_converter(diffusers.HunyuanVideoPipeline)(file)  # diffusers' converter pops its input
+    assert file.tensors is original and len(original) == 4
+    assert sorted(out.tensors) == [f"transformer.transformer_blocks.0.attn.{m}.lora_{ab}.weight"
+                                   for m in ("to_k", "to_out.0", "to_q", "to_v") for ab in "AB"]
+    assert out.converted_by == "diffusers:HunyuanVideoPipeline" and out.config == config
+
+
+def test_converter_falls_back_to_the_file_as_read():
+    from diffc.pipelines.generic.lora import diffusers_lora_converter
+
+    class Refuses:
+        @classmethod
+        def lora_state_dict(cls, state_dict, **kwargs):
+            raise ValueError("unknown format")
+
+    assert diffusers_lora_converter(object) is None  # no lora_state_dict: the file goes to diffc as read
+    file = _file({"x.lora_A.weight": torch.ones(1, 1)})
+    out = diffusers_lora_converter(Refuses)(file)
+    assert out.tensors is file.tensors and out.converted_by is None
+    assert out.converter_error == "diffusers:Refuses: ValueError: unknown format"
