@@ -250,3 +250,24 @@ def test_converter_falls_back_to_the_file_as_read():
     out = diffusers_lora_converter(Refuses)(file)
     assert out.tensors is file.tensors and out.converted_by is None
     assert out.converter_error == "diffusers:Refuses: ValueError: unknown format"
+
+
+def test_merge_reaches_the_compiled_transformer(generic_checkpoint, diffc_pipe, diffusers_pipeline, lora_dir):
+    import diffc
+
+    path = W.write_keys(hunyuan_original(diffusers_pipeline("hunyuan").transformer, seed=4),
+                        lora_dir / "hunyuan-compiled.safetensors")
+    eager = diffc_pipe("hunyuan")
+    eager.set_lora("original", path)
+    want = diffc_output(eager, "hunyuan")
+
+    pipe = diffc.load(generic_checkpoint("hunyuan"), device="cpu")  # its own: compiling changes the pipeline
+    request = {k: v for k, v in REQUESTS["hunyuan"].items() if k != "num_inference_steps"}
+    pipe.compile([request], quality="lossless", log=lambda line: None)
+    compiled = pipe.generate(PROMPT, seed=SEED, progress=False, **REQUESTS["hunyuan"])
+    base = compiled.frames
+    assert compiled.timings.runtime["compiled"] is not None
+    pipe.set_lora("original", path)  # merged in place: the compiled graphs read the same tensors
+    assert np.array_equal(diffc_output(pipe, "hunyuan"), want)
+    pipe.unmerge_lora_weights()
+    assert np.array_equal(diffc_output(pipe, "hunyuan"), base)
