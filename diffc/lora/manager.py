@@ -60,9 +60,12 @@ class Adapter:
 
     def describe(self) -> dict[str, Any]:
         conv = next(iter(self.conversions.values()), None)
-        formats = [self.file.converted_by] if self.file.converted_by else conv.formats if conv else None
-        return {"nickname": self.nickname, "path": str(self.path), "bytes": self.file.nbytes, "format": formats, "rank": conv.rank if conv else None,
-                "modules": conv.matched if conv else None, "warnings": conv.warnings if conv else []}
+        formats = conv.formats if conv else None
+        if self.file.converted_by:  # renamed before diffc's converter saw it (e.g. by diffusers' lora_state_dict)
+            formats = [self.file.converted_by]
+        return {"nickname": self.nickname, "path": str(self.path), "bytes": self.file.nbytes, "format": formats,
+                "rank": conv.rank if conv else None, "modules": conv.matched if conv else None,
+                "warnings": conv.warnings if conv else []}
 
 
 class LoraManager:
