@@ -20,7 +20,7 @@ def manager_for(pipe) -> LoraManager:
         if offload != "none":
             raise InvalidArgumentError("lora", f"LoRA adapters cannot be merged with --offload {offload} yet; "
                                        "load the pipeline without offload to use them")
-        manager = pipe._lora = LoraManager(pipe.components)
+        manager = pipe._lora = LoraManager(pipe.components, convert_file=pipe.lora_file_converter())
     return manager
 
 

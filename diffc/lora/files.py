@@ -25,12 +25,17 @@ METADATA_KEY = "lora_adapter_metadata"
 
 @dataclasses.dataclass
 class LoraFile:
-    """A LoRA file's tensors (on the CPU, in their stored dtype) and its diffusers LoRA config, if any."""
+    """A LoRA file's tensors (on the CPU, in their stored dtype) and its diffusers LoRA config, if any.
+
+    ``converted_by`` names what renamed the tensors after reading (the generic backend's diffusers
+    pipeline class, e.g. ``diffusers:HunyuanVideoPipeline``); ``converter_error`` says why it did not."""
 
     path: Path
     tensors: dict[str, torch.Tensor]
     config: dict[str, Any]
     nbytes: int
+    converted_by: str | None = None
+    converter_error: str | None = None
 
 
 def resolve_lora_file(path: str | os.PathLike) -> Path:

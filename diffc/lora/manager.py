@@ -18,11 +18,11 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import InvalidArgumentError
+from ..errors import CheckpointError, InvalidArgumentError
 from .convert import Conversion, convert
 from .families import NAMINGS
 from .files import LoraFile, read_lora_file
@@ -60,16 +60,22 @@ class Adapter:
 
     def describe(self) -> dict[str, Any]:
         conv = next(iter(self.conversions.values()), None)
-        return {"nickname": self.nickname, "path": str(self.path), "bytes": self.file.nbytes,
-                "format": conv.formats if conv else None, "rank": conv.rank if conv else None,
-                "modules": conv.matched if conv else None, "warnings": conv.warnings if conv else []}
+        formats = conv.formats if conv else None
+        if self.file.converted_by:  # renamed before diffc's converter saw it (e.g. by diffusers' lora_state_dict)
+            formats = [self.file.converted_by]
+        return {"nickname": self.nickname, "path": str(self.path), "bytes": self.file.nbytes, "format": formats,
+                "rank": conv.rank if conv else None, "modules": conv.matched if conv else None,
+                "warnings": conv.warnings if conv else []}
 
 
 class LoraManager:
-    """The LoRA state of one pipeline; see the module docstring. ``weights`` says where merges write."""
+    """The LoRA state of one pipeline; see the module docstring. ``weights`` says where merges write;
+    ``convert_file``, if given, rewrites every file right after it is read (the generic backend's
+    diffusers format conversion) and before diffc's converter maps it onto the model."""
 
     def __init__(self, components: dict[str, Any], weights: ModuleWeights | None = None,
-                 stash_reserve: int | None = None):
+                 stash_reserve: int | None = None, convert_file: Callable[[LoraFile], LoraFile] | None = None):
+        self.convert_file = convert_file
         self.weights = weights or ModuleWeights(components)
         self.weights.manager = self
         self.adapters: dict[str, Adapter] = {}
@@ -102,6 +108,8 @@ class LoraManager:
             return cached
         started = time.perf_counter()
         file = read_lora_file(path)
+        if self.convert_file is not None:
+            file = self.convert_file(file)
         adapter = Adapter(nickname, file.path, file)
         for component in targets or self.available:
             self._convert(adapter, component)
@@ -120,7 +128,12 @@ class LoraManager:
         if conv is None:
             model = self.weights.model(component)
             cls = type(model).__name__
-            conv = convert(adapter.file, self.weights.tensors(component), NAMINGS.get(cls), f"{component} ({cls})")
+            try:
+                conv = convert(adapter.file, self.weights.tensors(component), NAMINGS.get(cls), f"{component} ({cls})")
+            except CheckpointError as exc:
+                if adapter.file.converter_error is None:
+                    raise
+                raise CheckpointError(f"{exc}; {adapter.file.converter_error} (that conversion failed too)") from None
             adapter.conversions[component] = conv
             self.counters.conversions += 1
             for warning in conv.warnings:

@@ -305,6 +305,11 @@ class Pipeline:
 
         return manager_for(self)
 
+    def lora_file_converter(self):
+        """What rewrites a LoRA file's tensors after reading, before diffc's converter (``LoraFile ->
+        LoraFile``), or None: native pipelines map every format themselves (:mod:`diffc.lora.families`)."""
+        return None
+
     def set_lora(self, nickname: str | list[str], path=None, strength: float | list[float] = 1.0,
                  target: str | list[str] = "all") -> dict[str, Any]:
         """Load LoRA adapters (or reuse cached ones by nickname), make them the active set and merge them.

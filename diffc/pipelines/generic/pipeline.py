@@ -25,6 +25,7 @@ from ...runtime.options import RuntimeOptions
 from ..base import Pipeline
 from ..stages import RunContext, Stage
 from .loader import text_encoder_names
+from .lora import diffusers_lora_converter
 from .spec import CALL_FIELDS, build_spec, call_kwargs
 from .timing import instrument
 
@@ -196,6 +197,10 @@ class GenericPipeline(Pipeline):
         output = result[0] if isinstance(result, tuple) else getattr(result, "images", getattr(result, "frames", None))
         key = "images" if self.spec.output == "image" else "videos"
         return {key: to_uint8(output, self.spec.output)}
+
+    def lora_file_converter(self):
+        """LoRA files go through the diffusers pipeline class's own ``lora_state_dict`` (:mod:`.lora`)."""
+        return diffusers_lora_converter(type(self.diffusers_pipe))
 
     def __repr__(self) -> str:
         return (f"GenericPipeline({self.spec.pipeline_class} via diffusers, device={self.device}, dtype={self.dtype}, "

@@ -22,19 +22,30 @@ def generic_pipe(generic_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def diffusers_reference(generic_checkpoint):
-    """Factory: ``diffusers_reference(name, seed=0, **request) -> numpy output``: diffusers' own pipeline
-    loaded from the same folder, called as a diffusers user would (CPU generator, numpy output)."""
+def diffusers_pipeline(generic_checkpoint):
+    """Factory: ``diffusers_pipeline(name)``: diffusers' own pipeline loaded from the same folder (float32),
+    shared; a test that changes it (a LoRA) undoes the change."""
     import diffusers
 
     pipes = {}
 
-    def run(name: str, seed: int = 0, **request):
+    def make(name: str):
         if name not in pipes:
-            pipe = diffusers.DiffusionPipeline.from_pretrained(generic_checkpoint(name))  # float32
+            pipe = diffusers.DiffusionPipeline.from_pretrained(generic_checkpoint(name))
             pipe.set_progress_bar_config(disable=True)
             pipes[name] = pipe
+        return pipes[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def diffusers_reference(diffusers_pipeline):
+    """Factory: ``diffusers_reference(name, seed=0, **request) -> numpy output``: diffusers' own pipeline
+    called as a diffusers user would (CPU generator, numpy output)."""
+
+    def run(name: str, seed: int = 0, **request):
         generator = torch.Generator("cpu").manual_seed(seed)
-        return pipes[name](generator=generator, output_type="np", return_dict=False, **request)[0]
+        return diffusers_pipeline(name)(generator=generator, output_type="np", return_dict=False, **request)[0]
 
     return run
