@@ -5,7 +5,8 @@ that drops the padding's keys: after the image tokens in diffusers' HunyuanVideo
 the image in Qwen-Image. With any mask, torch's fused kernels fall back to a masked variant: on an H200
 at HunyuanVideo's shape (24 heads x 128, 32,896 tokens, 180 valid text tokens) cuDNN's masked kernel
 takes 31.4 ms where the unmasked one over the kept keys takes 22.9 ms
-(``bench/results/h200-2026-12-04-hunyuanvideo-attention.json``).
+(``bench/results/h200-2026-12-04-hunyuanvideo-attention.json``). The compile pass lowers onto it only long
+sequences (:mod:`diffc.compile.passes.key_padding`), where that gain outweighs the costs below.
 
 This op computes the same attention as ``scaled_dot_product_attention(q, k, v, attn_mask=mask)`` by
 running unmasked attention over each batch element's kept keys: a slice of k and v when they are a

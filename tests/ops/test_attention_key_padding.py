@@ -104,6 +104,19 @@ def _lowered(mask):
     return report
 
 
+@pytest.fixture
+def any_length(monkeypatch):
+    from diffc.compile.passes import key_padding
+
+    monkeypatch.setattr(key_padding, "MIN_KEYS", S)
+
+
+def test_short_sequences_keep_the_masked_attention():
+    """Below MIN_KEYS keys the per-call mask read and the lost CUDA graphs cost more than the masked kernel."""
+    assert _lowered(_prefix([20, 13])).matches["key_padding_attention"] == 0
+
+
+@pytest.mark.usefixtures("any_length")
 @pytest.mark.parametrize("mask, taken", [
     (_prefix([20, 13]), 1),
     (_prefix([9]), 1),  # broadcast over the batch

@@ -12,6 +12,11 @@ The op runs unmasked attention over each row's kept keys when the mask is a pref
 the end of a joint sequence) and the masked attention otherwise (:mod:`diffc.ops.attention_key_padding`).
 Masks that vary over queries (a text refiner's pairwise mask), float masks, dropout, ``is_causal`` and
 ``enable_gqa`` are left as they are. Not bit-exact: another kernel, over fewer keys.
+
+Only sequences of at least :data:`MIN_KEYS` keys are lowered: the op reads the mask on the host at every
+call, and a graph calling it runs without CUDA graphs. Measured on an H200 (``bench/results/h200-2026-12-04-*``):
+HunyuanVideo at 32,896 tokens, DiT forward 2847.6 -> 2258.8 ms; Qwen-Image at 4,224 tokens (a 40-token
+prompt padded to 128), 133.3 ms masked under CUDA graphs against 143.9 ms lowered, so it stays masked.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from torch import fx
 from ...ops.attention_key_padding import key_mask_ok
 from .attention import SDPA, _bound_args
 from .base import FusionPass, _propagate_val
+
+MIN_KEYS = 16384  # keys per attention call from which the unmasked kernel's gain outweighs losing CUDA graphs
 
 
 def _accepts(bound: dict) -> bool:
@@ -34,11 +41,13 @@ def _accepts(bound: dict) -> bool:
         return False
     q, k, v, m = vals
     return (q.ndim == k.ndim == v.ndim == 4 and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]
-            and k.shape[3] == q.shape[3] and m.dtype == torch.bool and key_mask_ok(tuple(m.shape), q.shape, k.shape))
+            and k.shape[3] == q.shape[3] and m.dtype == torch.bool and key_mask_ok(tuple(m.shape), q.shape, k.shape)
+            and k.shape[2] >= MIN_KEYS)
 
 
 class KeyPaddingAttentionPass(FusionPass):
-    """sdpa with a boolean key-only mask -> ``diffc.attention_key_padding`` (module docstring)."""
+    """sdpa with a boolean key-only mask over at least :data:`MIN_KEYS` keys -> ``diffc.attention_key_padding``
+    (module docstring)."""
 
     name = "key_padding_attention"
     bit_exact = False
