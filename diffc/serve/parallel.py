@@ -55,7 +55,7 @@ def plain(value: Any, field: str) -> Any:
 
     if isinstance(value, Image.Image):
         return {IMAGE: np.asarray(value), "mode": value.mode}
-    raise TypeError(f"{field}: a {type(value).__name__} cannot be sent to the other ranks (plain data only)")
+    raise TypeError(f"{field}: {type(value).__name__} values cannot be sent to the other ranks (plain data only)")
 
 
 def rebuilt(value: Any) -> Any:
