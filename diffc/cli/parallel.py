@@ -5,7 +5,8 @@ then starts N processes with ``torch.multiprocessing`` (spawn), each running the
 rank (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` set, as ``torchrun`` sets them: ``torchrun
 --nproc-per-node N -m diffc run ...`` takes the same path inside each process). Rank 0 alone writes
 outputs and prints progress. If a worker dies, the others are stopped and the command fails naming
-it; a collective that waits longer than ``--parallel-timeout`` seconds fails the same way.
+it; a collective that waits longer than ``--parallel-timeout`` seconds fails the same way. ``diffc serve``
+is the exception (:func:`launch_server`): rank 0, the server, outlives a dead worker to report it.
 """
 
 from __future__ import annotations
@@ -101,14 +102,21 @@ def _entry(rank: int, fn: Callable, fn_args: tuple, world: int, port: int, env: 
         sys.exit(rc)
 
 
+def start(fn: Callable, fn_args: tuple, world: int, env: dict[str, str] | None = None):
+    """Start ``fn(*fn_args)`` in ``world`` spawned ranks; their ``torch.multiprocessing`` context."""
+    import torch.multiprocessing as mp
+
+    env = {**(env or {}), "PYTHONUNBUFFERED": "1"}
+    return mp.start_processes(_entry, args=(fn, fn_args, world, free_port(), env), nprocs=world, join=False,
+                              start_method="spawn")
+
+
 def spawn(fn: Callable, fn_args: tuple, world: int, env: dict[str, str] | None = None) -> None:
     """Run ``fn(*fn_args)`` in ``world`` spawned ranks and wait; a rank that raises or exits non-zero stops
     the others and raises :class:`ParallelError` naming it."""
     import torch.multiprocessing as mp
 
-    env = {**(env or {}), "PYTHONUNBUFFERED": "1"}
-    ctx = mp.start_processes(_entry, args=(fn, fn_args, world, free_port(), env), nprocs=world, join=False,
-                             start_method="spawn")
+    ctx = start(fn, fn_args, world, env)
     try:
         while not ctx.join():
             pass
@@ -127,14 +135,64 @@ def _run_main(argv: list[str]) -> int:
     return main(argv)
 
 
+def _worker_env(device_kind: str) -> dict[str, str]:
+    if device_kind == "cpu":  # N processes on the same cores: one thread each unless told otherwise
+        return {"DIFFC_CPU_THREADS": os.environ.get("DIFFC_CPU_THREADS", "1")}
+    return {}
+
+
 def launch_command(argv: list[str], config: ParallelConfig, device_kind: str) -> int:
     """The parent of ``diffc <command> --num-gpus N``: spawn N ranks running ``argv`` and wait."""
-    env = {}
-    if device_kind == "cpu":  # N processes on the same cores: one thread each unless told otherwise
-        env["DIFFC_CPU_THREADS"] = os.environ.get("DIFFC_CPU_THREADS", "1")
     print(f"diffc: starting {config.text()} on {device_kind}", file=sys.stderr)
-    spawn(_run_main, (argv,), config.world, env)
+    spawn(_run_main, (argv,), config.world, _worker_env(device_kind))
     return 0
+
+
+STOP_GRACE_S = 30.0  # how long the parent of a server waits for workers to leave once rank 0 has exited
+
+
+def launch_server(argv: list[str], config: ParallelConfig, device_kind: str) -> int:
+    """The parent of ``diffc serve --num-gpus N``: spawn N ranks running ``argv``; rank 0 is the server.
+
+    Unlike a run, a worker that dies does not take rank 0 down: rank 0 fails the request that needed it and
+    reports it on /health until it is stopped. SIGINT and SIGTERM are passed to rank 0, which stops the
+    others. Returns rank 0's exit status once every rank has exited (stragglers are killed after
+    ``STOP_GRACE_S``)."""
+    import signal
+    import time
+
+    print(f"diffc: starting {config.text()} on {device_kind}", file=sys.stderr, flush=True)
+    ctx = start(_run_main, (argv,), config.world, _worker_env(device_kind))
+    server, workers = ctx.processes[0], ctx.processes[1:]
+
+    def forward(signum, frame):
+        if server.is_alive():
+            os.kill(server.pid, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    reported: set[int] = set()
+    try:
+        while server.is_alive():
+            server.join(0.2)
+            for rank, proc in enumerate(workers, 1):
+                if rank not in reported and proc.exitcode not in (None, 0):
+                    reported.add(rank)
+                    print(f"diffc serve: worker rank {rank} exited with code {proc.exitcode}", file=sys.stderr,
+                          flush=True)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in workers:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc in workers:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    code = server.exitcode
+    if code is not None and code < 0:
+        raise ParallelError(f"rank 0 (the HTTP server) was killed by signal {-code}; the workers were stopped")
+    return code or 0
 
 
 def with_seed(argv: list[str], seed: int | None) -> list[str]:

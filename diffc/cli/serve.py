@@ -14,10 +14,13 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from ..errors import DiffcError, InvalidArgumentError
 from .lora_flags import add_lora_flags, lora_settings
 from .options import (add_cache_flags, add_compiled_flag, add_model_flags, add_runtime_flags, cache_flag_errors,
                       cache_settings, resolve_model, runtime_options)
+from . import parallel as par
 
 SERVE_EXTRA = "pip install 'diffc[serve]'"
 
@@ -69,6 +72,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-warmup", action="store_true",
                    help="report ready without a warm-up generation (on a CPU there is none anyway)")
     add_lora_flags(p)
+    par.add_parallel_flags(p)
     p.add_argument("--lora-dir", action="append", metavar="DIR",
                    help="directory POST /v1/set_lora may load LoRA files from (repeatable; default: none, so set_lora "
                         "only reuses adapters preloaded with --lora-path)")
@@ -216,6 +220,19 @@ def _once(fn):
     return call
 
 
+def _check_parallel(args: argparse.Namespace) -> None:
+    """Flags that one engine over several GPUs cannot take yet."""
+    if args.data_parallel > 1:
+        raise InvalidArgumentError("--data-parallel", "cannot be combined with --num-gpus yet: give --num-gpus N "
+                                   "(every request on N GPUs) or --data-parallel D (D one-GPU replicas), not both")
+    if args.cache not in (None, "none"):
+        raise InvalidArgumentError("--cache", "the step cache decides per rank, which --num-gpus cannot keep in "
+                                   "step yet; serve multi-GPU without --cache")
+    if args.offload not in (None, "none"):
+        raise InvalidArgumentError("--offload", f"'{args.offload}' offload with --num-gpus is not supported yet: "
+                                   "each rank holds the whole DiT; use --offload none")
+
+
 def serve(args: argparse.Namespace) -> int:
     uvicorn = _import_serving()
     from ..loader.pipeline import load as load_pipeline
@@ -226,15 +243,22 @@ def serve(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("--port", f"must be from 0 to 65535, got {args.port}")
     if args.output_ttl is not None and args.output_ttl <= 0:
         raise InvalidArgumentError("--output-ttl", f"must be positive, got {args.output_ttl}")
+    layout = par.parallel_config(args)  # None: one process (--num-gpus 1 is plain serve)
+    if layout is not None:
+        _check_parallel(args)
+    parent = not par.in_worker()  # the command the user started (it prints notices); not a spawned rank
     cache = cache_settings(args)  # for requests that do not set their own
     choice = resolve_model(args)
-    if choice.notice:
+    if choice.notice and parent:
         print(choice.notice, file=sys.stderr)
     # requests that give no size get the compiled one, or the demo's (and so does the warm-up)
     defaults = {k: v for k, v in choice.defaults.items()
                 if k in ("height", "width", "num_frames") or (choice.demo and k == "num_inference_steps")}
     model_id = args.model_name or (f"diffc-demo-{choice.demo}" if choice.path is None else choice.path.resolve().name)
     device = resolve_device(choice.device)
+    if layout is not None:
+        kind = par.check_devices(layout, choice.device)
+        device = torch.device(kind) if parent else par.rank_device(kind)
     devices = replica_devices(device, args.data_parallel)
     checkpoint = _once(choice.checkpoint)  # replicas load on their own threads; the demo is built once
     resolve_dtype(args.dtype, device)
@@ -245,16 +269,31 @@ def serve(args: argparse.Namespace) -> int:
         if not Path(directory).expanduser().is_dir():
             raise InvalidArgumentError("--lora-dir", f"not a directory: {directory}")
 
+    fanout = mesh = None
+    if layout is not None and not parent:
+        from ..parallel import init_mesh
+        from ..serve.parallel import Channel, ParallelPipeline
+
+        mesh = init_mesh(layout, device)
+        channel = Channel(layout)
+        if not par.is_main():
+            return _follow(args, mesh, channel, checkpoint)
+        fanout = ParallelPipeline(channel)
+
     def loader(dev):
         def load():
-            return load_pipeline(checkpoint(), device=dev, dtype=args.dtype, compiled=args.compiled,
+            pipe = load_pipeline(checkpoint(), device=dev, dtype=args.dtype, compiled=args.compiled,
                                  **runtime_options(args))
+            if fanout is not None:
+                pipe.executor.set_parallel(mesh)
+                return fanout.attach(pipe)
+            return pipe
         if cache is not None:
             load = _checking_cache(load, cache)
         return _preloading(load, lora) if lora is not None else load
 
     loads = [loader(dev) for dev in devices]  # one per replica
-    if not args.api_key and not _is_loopback(args.host):
+    if not args.api_key and not _is_loopback(args.host) and parent:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     from ..serve.hardening import default_allowed_hosts, parse_allowed_hosts
 
@@ -262,16 +301,38 @@ def serve(args: argparse.Namespace) -> int:
                      else default_allowed_hosts(args.host))
     if allowed_hosts == []:
         raise InvalidArgumentError("--allowed-hosts", "names no host; give host names, or '*' for any")
+    if layout is not None and parent:
+        _listen(args.host, args.port).close()  # a port in use is reported before any worker starts
+        checkpoint()  # the demo is built once, before the workers read it
+        return par.launch_server(args._argv, layout, kind)
     sock = _listen(args.host, args.port)  # before anything loads: a port in use is reported at once
     try:
-        return _serve(args, uvicorn, sock, loads, model_id, device, defaults, allowed_hosts)
+        return _serve(args, uvicorn, sock, loads, model_id, device, defaults, allowed_hosts, fanout)
     finally:
         sock.close()
 
 
+def _follow(args, mesh, channel, checkpoint) -> int:
+    """Ranks 1..N-1 of ``serve --num-gpus``: load the pipeline, report to rank 0, then perform its calls."""
+    from ..loader.pipeline import load as load_pipeline
+    from ..serve.parallel import follow, report_loaded
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches rank 0 too, which stops the workers
+    try:
+        pipe = load_pipeline(checkpoint(), device=mesh.device, dtype=args.dtype, compiled=args.compiled,
+                             **runtime_options(args))
+        pipe.executor.set_parallel(mesh)
+    except Exception as exc:
+        report_loaded(channel, exc)
+        raise
+    report_loaded(channel)
+    return follow(pipe, channel)
+
+
 def _serve(args, uvicorn, sock: socket.socket, loads: list, model_id: str, device, defaults: dict,
-           allowed_hosts: list[str] | None) -> int:
-    """Build the engine and the app, and serve on the already bound ``sock`` until shutdown."""
+           allowed_hosts: list[str] | None, fanout=None) -> int:
+    """Build the engine and the app, and serve on the already bound ``sock`` until shutdown. ``fanout``: rank 0's
+    :class:`~diffc.serve.parallel.ParallelPipeline` under ``--num-gpus`` (stopped, with the workers, at the end)."""
     from ..serve.app import create_app
     from ..serve.engine import Engine, Limits
 
@@ -289,7 +350,10 @@ def _serve(args, uvicorn, sock: socket.socket, loads: list, model_id: str, devic
     warmup = None if args.no_warmup or device.type == "cpu" else {}
     engine = Engine(loads[0], model_id=model_id, limits=limits, defaults=defaults, warmup=warmup,
                     output_dir=args.output_dir, keep_outputs=args.keep_outputs, output_ttl_s=args.output_ttl,
-                    fps=args.fps, on_fatal=on_fatal, replicas=loads[1:])
+                    fps=args.fps, on_fatal=on_fatal, replicas=loads[1:],
+                    parallel=None if fanout is None else fanout.layout)
+    if fanout is not None:
+        fanout.on_broken = engine.fail
     app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      shutdown_timeout_s=args.shutdown_timeout, lora_dirs=args.lora_dir or (), max_loras=args.max_loras,
                      allowed_hosts=allowed_hosts)
@@ -298,6 +362,8 @@ def _serve(args, uvicorn, sock: socket.socket, loads: list, model_id: str, devic
     server = uvicorn.Server(config)
     _print_requests()
     where = device if len(loads) == 1 else f"{len(loads)} replicas from {device}"
+    if fanout is not None:
+        where = f"{device.type}, {fanout.layout}"
     print(f"diffc serve: loading {model_id} on {where}; {url} (GET /health answers 200 once ready"
           f"{'' if warmup is None else ' and warmed up'})", file=sys.stderr, flush=True)
     _announce_ready(engine, server, url)
@@ -309,8 +375,12 @@ def _serve(args, uvicorn, sock: socket.socket, loads: list, model_id: str, devic
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if fanout is not None:
+            fanout.close()
     if engine.load_error is not None:
         raise DiffcError(f"the model failed to load: {engine.load_error}")
+    if engine.fault is not None:
+        raise DiffcError(f"the server stopped after a failure: {engine.fault}")
     c = engine.counters
     print(f"diffc serve: shut down ({c.completed} completed, {c.failed} failed, {c.rejected} refused as the queue "
           "was full)", file=sys.stderr, flush=True)

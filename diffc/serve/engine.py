@@ -58,8 +58,9 @@ class Engine:
                  output_dir: str | Path | None = None, keep_outputs: int = 100, output_ttl_s: float | None = None,
                  metrics: ServerMetrics | None = None, fps: int = 16,
                  on_fatal: Callable[[BaseException], None] | None = None,
-                 replicas: Sequence[Callable[[], Any]] = ()):
+                 replicas: Sequence[Callable[[], Any]] = (), parallel: str | None = None):
         self._loads = [load, *replicas]  # one worker thread and one pipeline per loader
+        self.parallel = parallel  # the multi-GPU layout every generation runs on (serve --num-gpus), for /health
         self.model_id, self.limits = model_id, limits or Limits()
         self.defaults, self.warmup, self.fps, self.on_fatal = dict(defaults or {}), warmup, fps, on_fatal
         self.metrics = metrics or ServerMetrics()
@@ -68,6 +69,7 @@ class Engine:
         self.created = int(time.time())
         self.state = "starting"  # starting, loading, warming, ready, failed, stopping, stopped
         self.load_error: BaseException | None = None
+        self.fault: BaseException | None = None  # what broke a loaded engine for good (see fail)
         self.pipe = None  # the first replica's pipeline: the spec, validation, LoRA operations
         self._pipes: list[Any] = [None] * len(self._loads)
         self._loaded = 0
@@ -131,6 +133,20 @@ class Engine:
             self.state = "stopped"
         self._ready.set()
         self.store.close()
+
+    def fail(self, exc: BaseException) -> None:
+        """Stop serving after a fault the engine cannot recover from (a multi-GPU worker died): /health answers
+        503 naming ``exc``, queued jobs fail with it, new requests are refused; shutdown stays as it is."""
+        with self._cond:
+            if self.state != "ready":
+                return
+            self.fault, self.state = exc, "failed"
+            queued = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        self.metrics.ready.set(0)
+        for job in queued:
+            self._fail(job, JobError(503, self.not_ready_message(), "engine_failed", "server_error"))
 
     # ---- requests --------------------------------------------------------------------------------
     def prepare(self, kind: str, prompt: str, *, n: int = 1, seed: int | None = None,
@@ -560,6 +576,8 @@ class Engine:
         return self.defaults.get(key, (pipe or self.pipe).spec.defaults.get(key))
 
     def not_ready_message(self) -> str:
+        if self.fault is not None:
+            return f"the engine failed and serves no more requests: {self.fault}"
         if self.state == "failed":
             return f"the model failed to load: {self.load_error}"
         if self.state in ("stopping", "stopped"):

@@ -50,6 +50,8 @@ async def health(request: Request) -> JSONResponse:
     engine = engine_of(request)
     body: dict[str, Any] = {"status": "ok" if engine.state == "ready" else engine.state, "model": engine.model_id,
                             "queue_depth": engine.queue_depth, "replicas": engine.replicas}
+    if engine.parallel is not None:
+        body["parallel"] = engine.parallel
     if engine.state != "ready":
         body["message"] = engine.not_ready_message()
     return JSONResponse(body, status_code=200 if engine.state == "ready" else 503)
