@@ -36,12 +36,18 @@ def test_concurrent_mixed_sizes_each_get_their_own_answer(image_server, demo_ckp
         return client.images.generate(prompt=req["prompt"], size=req["size"], n=req["n"],
                                       response_format="b64_json", extra_body=extra)
 
-    # hold the worker until every request is queued, so they all compete for batches at once
+    # hold the worker until every request is queued, so they all compete for batches at once: the blocker
+    # must be the batch the worker holds before any request is sent (else a request could run alone first)
     image_server.pipe.gate.clear()
+    calls = image_server.pipe.calls
+    before = len(calls)
     with concurrent.futures.ThreadPoolExecutor(N_REQUESTS + 1) as pool:
         blocker = pool.submit(client.images.generate, prompt="blocker", size="32x32", extra_body={"seed": 0})
-        futures = [pool.submit(call, req) for req in requests]
         deadline = time.monotonic() + 120
+        while not any("blocker" in p for c in calls[before:] for p in c):
+            assert time.monotonic() < deadline and not blocker.done(), "the blocker did not reach the worker"
+            time.sleep(0.01)
+        futures = [pool.submit(call, req) for req in requests]
         while engine.queue_depth < N_REQUESTS:
             assert time.monotonic() < deadline and not any(f.done() for f in futures), "requests did not queue"
             time.sleep(0.01)
