@@ -55,22 +55,27 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig | None:
         if given:
             raise InvalidArgumentError("--" + given[0].replace("_", "-"), "needs --num-gpus N (or torchrun)")
         return None
-    if env_world is not None and env_world != world:
-        raise InvalidArgumentError("--num-gpus", f"{world} given, but {env_world} processes were started")
+    groups = getattr(args, "data_parallel", 1) or 1  # serve --data-parallel D: D groups of N ranks
+    if env_world is not None and env_world != world * groups:
+        raise InvalidArgumentError("--num-gpus", f"{world} given{f' x {groups} groups' if groups > 1 else ''}, but "
+                                   f"{env_world} processes were started")
     config = resolve(world, bool(getattr(args, "enable_cfg_parallel", None)), getattr(args, "ulysses_degree", None),
                      getattr(args, "ring_degree", None), getattr(args, "parallel_timeout", None))
     return None if config.world == 1 else config
 
 
-def check_devices(config: ParallelConfig, device: str | None) -> str:
-    """"cuda" or "cpu" for the workers; N GPUs must exist for a CUDA run."""
+def check_devices(config: ParallelConfig, device: str | None, groups: int = 1) -> str:
+    """"cuda" or "cpu" for the workers; N GPUs (N x ``groups`` under serve --data-parallel) must exist for a
+    CUDA run."""
     kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
     if device and torch.device(device).index is not None:
         raise InvalidArgumentError("--device", f"with --num-gpus give 'cuda' or 'cpu', not one device ({device}); "
                                    "rank r runs on cuda:r")
-    if kind == "cuda" and torch.cuda.device_count() < config.world:
-        raise InvalidArgumentError("--num-gpus", f"{config.world} GPUs asked for, {torch.cuda.device_count()} "
-                                   "visible (use --device cpu for CPU processes)")
+    if kind == "cuda" and torch.cuda.device_count() < config.world * groups:
+        asked = (f"{config.world} GPUs asked for" if groups == 1 else
+                 f"{config.world} x --data-parallel {groups} = {config.world * groups} GPUs needed")
+        raise InvalidArgumentError("--num-gpus", f"{asked}, {torch.cuda.device_count()} visible (use --device cpu "
+                                   "for CPU processes)")
     if kind not in ("cuda", "cpu"):
         raise InvalidArgumentError("--device", f"multi-GPU runs on cuda (NCCL) or cpu (gloo), not {kind}")
     return kind
@@ -151,8 +156,9 @@ def launch_command(argv: list[str], config: ParallelConfig, device_kind: str) ->
 STOP_GRACE_S = 30.0  # how long the parent of a server waits for workers to leave once rank 0 has exited
 
 
-def launch_server(argv: list[str], config: ParallelConfig, device_kind: str) -> int:
-    """The parent of ``diffc serve --num-gpus N``: spawn N ranks running ``argv``; rank 0 is the server.
+def launch_server(argv: list[str], config: ParallelConfig, device_kind: str, groups: int = 1) -> int:
+    """The parent of ``diffc serve --num-gpus N``: spawn N ranks (N x ``groups`` under --data-parallel) running
+    ``argv``; rank 0 is the server.
 
     Unlike a run, a worker that dies does not take rank 0 down: rank 0 fails the request that needed it and
     reports it on /health until it is stopped. SIGINT and SIGTERM are passed to rank 0, which stops the
@@ -161,8 +167,9 @@ def launch_server(argv: list[str], config: ParallelConfig, device_kind: str) -> 
     import signal
     import time
 
-    print(f"diffc: starting {config.text()} on {device_kind}", file=sys.stderr, flush=True)
-    ctx = start(_run_main, (argv,), config.world, _worker_env(device_kind))
+    layout = config.text() if groups == 1 else f"{groups} groups of {config.text()}"
+    print(f"diffc: starting {layout} on {device_kind}", file=sys.stderr, flush=True)
+    ctx = start(_run_main, (argv,), config.world * groups, _worker_env(device_kind))
     server, workers = ctx.processes[0], ctx.processes[1:]
 
     def forward(signum, frame):

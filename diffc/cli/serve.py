@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--data-parallel", type=_positive, default=1, metavar="D",
                    help="D copies of the model serving one queue behind one HTTP front, one per GPU from --device "
-                        "(cuda:N..N+D-1); with --device cpu, D CPU copies (default 1)")
+                        "(cuda:N..N+D-1); with --device cpu, D CPU copies; with --num-gpus N, D groups of N GPUs (N*D "
+                        "ranks, group g on cuda:g*N..) (default 1)")
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     add_runtime_flags(p)
     add_cache_flags(p)
@@ -222,9 +223,10 @@ def _once(fn):
 
 def _check_parallel(args: argparse.Namespace) -> None:
     """Flags that one engine over several GPUs cannot take yet."""
-    if args.data_parallel > 1:
-        raise InvalidArgumentError("--data-parallel", "cannot be combined with --num-gpus yet: give --num-gpus N "
-                                   "(every request on N GPUs) or --data-parallel D (D one-GPU replicas), not both")
+    if args.data_parallel > 1 and (args.lora_path or args.lora_dir):
+        flag = "--lora-path" if args.lora_path else "--lora-dir"
+        raise InvalidArgumentError(flag, "LoRA adapters cannot be served by --num-gpus with --data-parallel yet (each "
+                                   "group would need the adapter files); drop --data-parallel or serve without LoRA")
     if args.cache not in (None, "none"):
         raise InvalidArgumentError("--cache", "the step cache decides per rank, which --num-gpus cannot keep in "
                                    "step yet; serve multi-GPU without --cache")
@@ -257,9 +259,9 @@ def serve(args: argparse.Namespace) -> int:
     model_id = args.model_name or (f"diffc-demo-{choice.demo}" if choice.path is None else choice.path.resolve().name)
     device = resolve_device(choice.device)
     if layout is not None:
-        kind = par.check_devices(layout, choice.device)
+        kind = par.check_devices(layout, choice.device, args.data_parallel)
         device = torch.device(kind) if parent else par.rank_device(kind)
-    devices = replica_devices(device, args.data_parallel)
+    devices = [device] if layout is not None else replica_devices(device, args.data_parallel)
     checkpoint = _once(choice.checkpoint)  # replicas load on their own threads; the demo is built once
     resolve_dtype(args.dtype, device)
     if cache is not None:
@@ -270,15 +272,24 @@ def serve(args: argparse.Namespace) -> int:
             raise InvalidArgumentError("--lora-dir", f"not a directory: {directory}")
 
     fanout = mesh = None
+    proxies = []  # rank 0 under --data-parallel: one stand-in per other group of ranks
     if layout is not None and not parent:
-        from ..parallel import init_mesh
-        from ..serve.parallel import Channel, ParallelPipeline
+        from ..serve.groups import ProxyPipeline, connect
+        from ..serve.parallel import ParallelPipeline
 
-        mesh = init_mesh(layout, device)
-        channel = Channel(layout)
-        if not par.is_main():
-            return _follow(args, mesh, channel, checkpoint)
-        fanout = ParallelPipeline(channel)
+        net = connect(layout, device, args.data_parallel)
+        mesh = net.mesh
+        if net.role == "follower":
+            return _follow(args, mesh, net.channel, checkpoint)
+        if net.role == "leader":
+            return _lead(args, net, checkpoint)
+        fanout = ParallelPipeline(net.channel)
+
+        def replica_0():  # a loaded local pipeline for the proxies' reads (the warm-up's spec)
+            fanout.attached.wait(layout.timeout_s)
+            return fanout
+
+        proxies = [ProxyPipeline(link, g, layout, replica_0) for g, link in sorted(net.links.items())]
 
     def loader(dev):
         def load():
@@ -292,7 +303,7 @@ def serve(args: argparse.Namespace) -> int:
             load = _checking_cache(load, cache)
         return _preloading(load, lora) if lora is not None else load
 
-    loads = [loader(dev) for dev in devices]  # one per replica
+    loads = [loader(dev) for dev in devices] + [p.attach for p in proxies]  # one per replica
     if not args.api_key and not _is_loopback(args.host) and parent:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     from ..serve.hardening import default_allowed_hosts, parse_allowed_hosts
@@ -304,10 +315,10 @@ def serve(args: argparse.Namespace) -> int:
     if layout is not None and parent:
         _listen(args.host, args.port).close()  # a port in use is reported before any worker starts
         checkpoint()  # the demo is built once, before the workers read it
-        return par.launch_server(args._argv, layout, kind)
+        return par.launch_server(args._argv, layout, kind, args.data_parallel)
     sock = _listen(args.host, args.port)  # before anything loads: a port in use is reported at once
     try:
-        return _serve(args, uvicorn, sock, loads, model_id, device, defaults, allowed_hosts, fanout)
+        return _serve(args, uvicorn, sock, loads, model_id, device, defaults, allowed_hosts, fanout, proxies)
     finally:
         sock.close()
 
@@ -329,10 +340,39 @@ def _follow(args, mesh, channel, checkpoint) -> int:
     return follow(pipe, channel)
 
 
+def _lead(args, net, checkpoint) -> int:
+    """The first rank of group g > 0 under ``--data-parallel``: load, lead the group's ranks as rank 0 leads
+    group 0, and perform the calls rank 0 sends over the group's link."""
+    from ..loader.pipeline import load as load_pipeline
+    from ..serve.groups import lead, report_to_front
+    from ..serve.parallel import ParallelPipeline, report_loaded
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches rank 0 too, which stops the groups
+    link, attached = net.links[net.replica], False
+    try:
+        pipe = load_pipeline(checkpoint(), device=net.mesh.device, dtype=args.dtype, compiled=args.compiled,
+                             **runtime_options(args))
+        pipe.executor.set_parallel(net.mesh)
+        attached = True  # from here attach() gathers the followers' reports itself
+        fanout = ParallelPipeline(net.channel).attach(pipe)
+    except Exception as exc:
+        if not attached:
+            report_loaded(net.channel, exc)
+        report_to_front(link, exc)
+        raise
+    report_to_front(link)
+    try:
+        return lead(fanout, link)
+    finally:
+        fanout.close()
+
+
 def _serve(args, uvicorn, sock: socket.socket, loads: list, model_id: str, device, defaults: dict,
-           allowed_hosts: list[str] | None, fanout=None) -> int:
+           allowed_hosts: list[str] | None, fanout=None, proxies=()) -> int:
     """Build the engine and the app, and serve on the already bound ``sock`` until shutdown. ``fanout``: rank 0's
-    :class:`~diffc.serve.parallel.ParallelPipeline` under ``--num-gpus`` (stopped, with the workers, at the end)."""
+    :class:`~diffc.serve.parallel.ParallelPipeline` under ``--num-gpus`` (stopped, with the workers, at the end);
+    ``proxies``: the other groups' :class:`~diffc.serve.groups.ProxyPipeline` under ``--data-parallel``."""
+    from ..serve.groups import layout_text
     from ..serve.app import create_app
     from ..serve.engine import Engine, Limits
 
@@ -351,9 +391,9 @@ def _serve(args, uvicorn, sock: socket.socket, loads: list, model_id: str, devic
     engine = Engine(loads[0], model_id=model_id, limits=limits, defaults=defaults, warmup=warmup,
                     output_dir=args.output_dir, keep_outputs=args.keep_outputs, output_ttl_s=args.output_ttl,
                     fps=args.fps, on_fatal=on_fatal, replicas=loads[1:],
-                    parallel=None if fanout is None else fanout.layout)
-    if fanout is not None:
-        fanout.on_broken = engine.fail
+                    parallel=None if fanout is None else layout_text(fanout.config, len(loads)))
+    for part in ([fanout] if fanout is not None else []) + list(proxies):
+        part.on_broken = engine.fail
     app = create_app(engine, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      shutdown_timeout_s=args.shutdown_timeout, lora_dirs=args.lora_dir or (), max_loras=args.max_loras,
                      allowed_hosts=allowed_hosts)
@@ -363,7 +403,7 @@ def _serve(args, uvicorn, sock: socket.socket, loads: list, model_id: str, devic
     _print_requests()
     where = device if len(loads) == 1 else f"{len(loads)} replicas from {device}"
     if fanout is not None:
-        where = f"{device.type}, {fanout.layout}"
+        where = f"{device.type}, {engine.parallel}"
     print(f"diffc serve: loading {model_id} on {where}; {url} (GET /health answers 200 once ready"
           f"{'' if warmup is None else ' and warmed up'})", file=sys.stderr, flush=True)
     _announce_ready(engine, server, url)
@@ -375,8 +415,8 @@ def _serve(args, uvicorn, sock: socket.socket, loads: list, model_id: str, devic
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if fanout is not None:
-            fanout.close()
+        for part in list(proxies) + ([fanout] if fanout is not None else []):
+            part.close()
     if engine.load_error is not None:
         raise DiffcError(f"the model failed to load: {engine.load_error}")
     if engine.fault is not None:

@@ -13,6 +13,9 @@ One lock orders the calls of all of rank 0's threads (the engine's worker, LoRA 
 threads, the heartbeat that keeps idle followers' waits under ``--parallel-timeout``). A failed
 collective marks the pipeline broken for good: every later call raises the same :class:`ParallelError`
 at once and ``on_broken`` tells the engine, which then answers 503 on ``/health``.
+
+Under ``--data-parallel D`` there are D such groups; the first rank of each plays rank 0's part for its
+group (see :mod:`.groups`), so ranks below are a group's global ranks, led by its first.
 """
 
 from __future__ import annotations
@@ -83,37 +86,42 @@ def report_loaded(channel: "Channel", error: BaseException | None = None) -> lis
 
 
 class Channel:
-    """The control group of every rank (gloo, also beside NCCL) and the four messages sent over it."""
+    """The control group of one engine's ranks (gloo, also beside NCCL) and the four messages sent over it.
 
-    def __init__(self, config: ParallelConfig, group=None):
+    ``ranks``: the group's global ranks, its leader (rank 0's part above) first; by default every rank. Under
+    ``--data-parallel`` each group of ``--num-gpus`` ranks has its own channel (see :mod:`.groups`)."""
+
+    def __init__(self, config: ParallelConfig, group=None, ranks: list[int] | None = None):
         self.config = config
-        self.group = group if group is not None else dist.new_group(backend="gloo", timeout=config.timeout)
+        self.ranks = list(range(config.world)) if ranks is None else list(ranks)
+        self.leader = self.ranks[0]
+        self.group = group if group is not None else dist.new_group(ranks, backend="gloo", timeout=config.timeout)
         self.rank = dist.get_rank()
 
     def send(self, op: dict) -> None:
-        """Rank 0: broadcast one operation."""
+        """The leader: broadcast one operation."""
         with guarded("sending the next operation to the workers"):
-            dist.broadcast_object_list([op], src=0, group=self.group)
+            dist.broadcast_object_list([op], src=self.leader, group=self.group)
 
     def receive(self) -> dict:
-        """Ranks 1..N-1: the next operation from rank 0."""
+        """The other ranks: the next operation from the leader."""
         box = [None]
-        with guarded(f"worker rank {self.rank} waiting for rank 0"):
-            dist.broadcast_object_list(box, src=0, group=self.group)
+        with guarded(f"worker rank {self.rank} waiting for rank {self.leader}"):
+            dist.broadcast_object_list(box, src=self.leader, group=self.group)
         return box[0]
 
     def flag(self, value: bool = False) -> bool:
-        """Rank 0's ``value``, on every rank (rank 0 sends it, the others receive it)."""
+        """The leader's ``value``, on every rank (the leader sends it, the others receive it)."""
         box = torch.tensor([int(value)], dtype=torch.int32)
         with guarded("the per-step stop flag"):
-            dist.broadcast(box, src=0, group=self.group)
+            dist.broadcast(box, src=self.leader, group=self.group)
         return bool(box.item())
 
     def statuses(self, own: dict) -> list[dict] | None:
-        """Every rank's ``own`` report, on rank 0 (in rank order); None on the others."""
-        out = [None] * self.config.world if self.rank == 0 else None
+        """Every rank's ``own`` report, on the leader (in rank order); None on the others."""
+        out = [None] * self.config.world if self.rank == self.leader else None
         with guarded("collecting the workers' answers"):
-            dist.gather_object(own, out, dst=0, group=self.group)
+            dist.gather_object(own, out, dst=self.leader, group=self.group)
         return out
 
 
@@ -148,16 +156,19 @@ class ParallelPipeline:
         self._workers: dict[int, tuple[str, int]] = {}  # rank -> (host, pid)
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self.attached = threading.Event()  # set once the ranks have loaded (reads work from then on)
         self.heartbeat_s = min(10.0, self.config.timeout_s / 4)
+        self._first = getattr(channel, "leader", 0)  # the global rank of this group's leader (this process)
 
     def attach(self, pipe) -> "ParallelPipeline":
         """Take rank 0's loaded ``pipe`` once every follower reports its own load; start the heartbeat."""
         answers = report_loaded(self.channel)
-        failed = [f"worker rank {r}: {a['error']}" for r, a in enumerate(answers) if not a["ok"]]
+        failed = [f"worker rank {self._first + r}: {a['error']}" for r, a in enumerate(answers) if not a["ok"]]
         if failed:
             raise ParallelError("; ".join(failed))
-        self._workers = {r: (a["host"], a["pid"]) for r, a in enumerate(answers) if r}
+        self._workers = {self._first + r: (a["host"], a["pid"]) for r, a in enumerate(answers) if r}
         self._pipe = pipe
+        self.attached.set()
         threading.Thread(target=self._beat, name="diffc-parallel-heartbeat", daemon=True).start()
         return self
 
@@ -179,7 +190,7 @@ class ParallelPipeline:
         op = {"op": "generate", "kwargs": plain({"prompt": prompt, **kwargs}, "request")}
 
         def local():
-            with guarded("rank 0"):
+            with guarded(f"rank {self._first}"):
                 return self._pipe.generate(prompt, progress=progress, step_callback=self._leading(step_callback),
                                            decode_callback=decode_callback, **kwargs)
 
@@ -236,12 +247,12 @@ class ParallelPipeline:
                 answers = self.channel.statuses(status(error))
             except ParallelError as exc:
                 raise self._break(exc) from None
-            for rank, answer in enumerate(answers[1:], 1):
+            for rank, answer in enumerate(answers[1:], self._first + 1):
                 if answer["parallel"]:
                     raise self._break(ParallelError(f"worker rank {rank}: {answer['error']}"))
                 if changes_state and answer["ok"] != (error is None):
                     theirs = "succeeded" if answer["ok"] else f"failed ({answer['error']})"
-                    raise self._break(ParallelError(f"worker rank {rank} {theirs} where rank 0 "
+                    raise self._break(ParallelError(f"worker rank {rank} {theirs} where rank {self._first} "
                                                     f"{'did not' if error is None else 'failed'} on '{op['op']}': "
                                                     "the ranks' weights may differ"))
             if error is not None:
@@ -323,7 +334,7 @@ def follow(pipe, channel: Channel) -> int:
             elif kind == "lora" and op["method"] in LORA_CALLS:
                 getattr(pipe.lora, op["method"])(*rebuilt(op["args"]), **rebuilt(op["kwargs"]))
             elif kind != "ping":
-                raise ParallelError(f"unknown operation {kind!r} from rank 0")
+                raise ParallelError(f"unknown operation {kind!r} from rank {getattr(channel, 'leader', 0)}")
         except Exception as exc:  # noqa: BLE001 - reported to rank 0, which decides
             error = exc
         try:

@@ -170,7 +170,7 @@ def test_only_plain_data_crosses_ranks():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--num-gpus", "2", "--data-parallel", "2"], "--data-parallel: cannot be combined with --num-gpus"),
+    (["--num-gpus", "2", "--data-parallel", "2", "--lora-dir", "."], "--lora-dir: LoRA adapters cannot be served"),
     (["--num-gpus", "2", "--cache", "fbcache"], "--cache: the step cache decides per rank"),
     (["--num-gpus", "2", "--offload", "layerwise"], "--offload: 'layerwise' offload with --num-gpus"),
     (["--num-gpus", "2", "--ulysses-degree", "3"], "valid with 2"),
@@ -180,6 +180,18 @@ def test_only_plain_data_crosses_ranks():
 def test_bad_flag_combinations_are_refused(flags, message, capsys):
     assert main(["serve", "--device", "cpu", "--port", "0", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_groups_need_n_times_d_gpus(monkeypatch):
+    import torch
+
+    from diffc.cli.parallel import check_devices
+    from diffc.parallel import resolve
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert check_devices(resolve(2), "cuda", 1) == "cuda"
+    with pytest.raises(InvalidArgumentError, match=r"--num-gpus: 2 x --data-parallel 2 = 4 GPUs needed, 3 visible"):
+        check_devices(resolve(2), "cuda", 2)
 
 
 def test_num_gpus_1_is_plain_serve():
@@ -293,3 +305,65 @@ def test_a_killed_worker_fails_requests_clearly_and_health_says_so(demo_ckpt, tm
     assert "diffc serve: worker rank 1 exited with code -9" in err, err
     assert "error: the server stopped after a failure: worker rank 1" in err, err
     assert not Path(f"/proc/{ranks[0]}").exists()
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds process ``pid`` has used (user + system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_two_groups_of_two_ranks_answer_concurrent_requests_like_one_process(demo_ckpt, tmp_path):
+    import concurrent.futures
+
+    pipe = diffc.load(demo_ckpt("flux"), device="cpu")
+    want = {seed: _generate(pipe, seed) for seed in (3, 4)}
+    proc, url = _start(demo_ckpt, tmp_path, "--num-gpus", "2", "--ulysses-degree", "2", "--data-parallel", "2",
+                       "--max-batch", "1")
+    ranks = _ranks(proc.pid)
+    try:
+        assert len(ranks) == 4, ranks
+        health = httpx.get(f"{url}/health").json()
+        assert health["replicas"] == 2, health
+        assert health["parallel"] == "2 groups of 2 processes: cfg 1 x ulysses 2 x ring 1", health
+        idle = [_cpu_s(pid) for pid in ranks]
+
+        def post(seed):
+            return httpx.post(f"{url}/v1/images/generations", json={**REQUEST, "seed": seed}, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answers = dict(zip((3, 4), pool.map(post, (3, 4))))
+        busy = [_cpu_s(pid) - before for pid, before in zip(ranks, idle)]
+        for seed, r in answers.items():
+            assert r.status_code == 200, r.text
+            assert psnr_uint8(_decode(r.json()), want[seed]) >= MIN_PSNR
+        assert min(busy) > 0.05, busy  # both groups generated (one request each: --max-batch 1)
+    finally:
+        err = _stop(proc)
+    assert proc.returncode == 0, err
+    assert "starting 2 groups of 2 processes: cfg 1 x ulysses 2 x ring 1 on cpu" in err
+    assert "diffc serve: shut down (2 completed, 0 failed" in err, err
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks)
+
+
+def test_a_killed_rank_of_another_group_makes_the_server_unhealthy_naming_it(demo_ckpt, tmp_path):
+    proc, url = _start(demo_ckpt, tmp_path, "--num-gpus", "2", "--enable-cfg-parallel", "--data-parallel", "2",
+                       "--parallel-timeout", "8")
+    ranks = _ranks(proc.pid)
+    try:
+        assert len(ranks) == 4, ranks
+        os.kill(ranks[3], signal.SIGKILL)
+        deadline = time.monotonic() + 30  # group 1's heartbeat (2 s) notices, then rank 0's ping to its leader
+        while (health := httpx.get(f"{url}/health", timeout=10)).status_code == 200:
+            assert time.monotonic() < deadline, "the dead rank was never noticed"
+            time.sleep(0.5)
+        assert health.status_code == 503 and health.json()["status"] == "failed", health.text
+        message = health.json()["message"]
+        assert f"replica 1 (ranks 2..3): worker rank 3 (pid {ranks[3]}) has exited" in message, message
+        r = httpx.post(f"{url}/v1/images/generations", json={**REQUEST, "seed": 1}, timeout=60)
+        assert r.status_code == 503 and "worker rank 3" in r.text, r.text
+    finally:
+        err = _stop(proc)
+    assert proc.returncode == 2, err
+    assert "diffc serve: worker rank 3 exited with code -9" in err, err
+    assert not any(Path(f"/proc/{pid}").exists() for pid in ranks)
