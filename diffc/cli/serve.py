@@ -223,10 +223,6 @@ def _once(fn):
 
 def _check_parallel(args: argparse.Namespace) -> None:
     """Flags that one engine over several GPUs cannot take yet."""
-    if args.data_parallel > 1 and (args.lora_path or args.lora_dir):
-        flag = "--lora-path" if args.lora_path else "--lora-dir"
-        raise InvalidArgumentError(flag, "LoRA adapters cannot be served by --num-gpus with --data-parallel yet (each "
-                                   "group would need the adapter files); drop --data-parallel or serve without LoRA")
     if args.cache not in (None, "none"):
         raise InvalidArgumentError("--cache", "the step cache decides per rank, which --num-gpus cannot keep in "
                                    "step yet; serve multi-GPU without --cache")

@@ -133,7 +133,6 @@ class ProxyPipeline:
     ``reference()`` gives a local pipeline of the same model (replica 0's) for reads the engine makes
     (``spec`` for the warm-up); ``attach`` waits for the group's load report and is the replica's loader."""
 
-    _lora = None  # no adapters: LoRA with --data-parallel groups is refused at the command line
 
     def __init__(self, link, replica: int, config: ParallelConfig, reference: Callable[[], Any],
                  on_broken: Callable[[ParallelError], None] | None = None):
@@ -144,6 +143,7 @@ class ProxyPipeline:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self.heartbeat_s = min(10.0, config.timeout_s / 4)
+        self._loaded: dict[str, str] = {}  # nickname -> the file the group's leader loaded it from
 
     @property
     def where(self) -> str:
@@ -190,6 +190,29 @@ class ProxyPipeline:
     @property
     def lora(self) -> "_LoraForward":
         return _LoraForward(self)
+
+    @property
+    def _lora(self):
+        """What :func:`~diffc.lora.apply_snapshot` asks: None while the group's leader has loaded no adapter (a
+        batch without adapters then has nothing to undo), else the adapters it loaded (:meth:`provide`)."""
+        return self._loaded or None
+
+    def provide(self, snapshot) -> None:
+        """Have the group's leader load the adapters ``snapshot`` (a LoRA state the engine restores before a
+        batch) names, each once per file: the HTTP routes and ``--lora-path`` load them into replica 0's
+        cache, which says where each nickname's file is (a path the routes already checked)."""
+        names = {name for _, state in snapshot or () for name, _ in state if name}
+        if not names:
+            return
+        adapters = self.reference().lora.adapters
+        for name in sorted(names):
+            adapter = adapters.get(name)
+            if adapter is None:
+                continue  # the leader's restore names the missing adapter
+            path = str(adapter.path)
+            if self._loaded.get(name) != path:
+                self._call({"op": "lora", "method": "load", "args": [name, path], "kwargs": {}})
+                self._loaded[name] = path
 
     def close(self) -> None:
         """Tell the leader to stop its group (waits at most the collective timeout for a call in flight)."""
@@ -263,6 +286,8 @@ class _LoraForward:
             raise AttributeError(f"the LoRA manager of {self._owner.where} answers only {', '.join(LORA_CALLS)}")
 
         def call(*args, **kwargs):
+            if name == "restore":
+                self._owner.provide(args[0] if args else kwargs.get("snapshot"))
             op = {"op": "lora", "method": name, "args": plain(list(args), "lora"), "kwargs": plain(kwargs, "lora")}
             return rebuilt(self._owner._call(op)["result"])
 
@@ -299,8 +324,8 @@ def lead(pipe, link) -> int:
                                     decode_callback=relay("decode"))
                 result = output_data(out)
             elif kind == "lora" and op["method"] in LORA_CALLS:
-                result = plain(getattr(pipe.lora, op["method"])(*rebuilt(op["args"]), **rebuilt(op["kwargs"])),
-                               "lora")
+                result = getattr(pipe.lora, op["method"])(*rebuilt(op["args"]), **rebuilt(op["kwargs"]))
+                result = plain(result.describe() if hasattr(result, "describe") else result, "lora")  # an Adapter
             elif kind == "ping":  # a group broken while idle (its heartbeat found a dead rank) answers broken
                 if getattr(pipe, "error", None) is not None:
                     raise pipe.error

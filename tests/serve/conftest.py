@@ -192,3 +192,16 @@ def i2v_server(demo_ckpt, tmp_path_factory):
     server = LiveServer(engine).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def lora_file(demo_ckpt, tmp_path_factory):
+    """A diffusers-format LoRA on the demo FLUX DiT's double-stream blocks that visibly changes its pictures."""
+    from tests.lora import writers as W
+
+    root = tmp_path_factory.mktemp("parallel-loras")
+    dit = diffc.load(demo_ckpt("flux"), device="cpu").components["transformer"]
+    lora = W.random_lora(dit, W.linear_modules(dit, lambda n: n.startswith("transformer_blocks.")), seed=1,
+                         magnitude=0.4)
+    W.write_keys(W.diffusers_with_alpha_keys(lora), root / "a.safetensors")
+    return root / "a.safetensors"

@@ -70,6 +70,10 @@ class Leader:
 
         return self.pipe.generate(**kwargs, step_callback=counted)
 
+    @property
+    def lora(self):
+        return self.pipe.lora
+
     def stop(self) -> int:
         self.proxy.close()
         self.thread.join(30)
@@ -145,3 +149,26 @@ def test_a_lost_link_or_a_broken_group_breaks_the_proxy_for_good(pipe):
     assert len(broken) == 2
     leader.proxy.error = None  # let close() reach the leader thread
     assert leader.stop() == 0
+
+
+def test_the_leader_loads_the_adapters_a_batch_names_from_replica_zeros_cache(demo_ckpt, lora_file):
+    """An adapter set over HTTP lives in replica 0's cache; restoring a batch's LoRA state on another group makes
+    its leader load the file first, once, and merge it: the group's pixels are replica 0's."""
+    from diffc.lora import apply_snapshot, snapshot_of
+
+    front, group = diffc.load(demo_ckpt("flux"), device="cpu"), diffc.load(demo_ckpt("flux"), device="cpu")
+    front.set_lora("a", lora_file, strength=0.8)
+    leader = Leader(group)
+    leader.proxy.reference = lambda: front
+    try:
+        for _ in range(2):
+            apply_snapshot(leader.proxy, snapshot_of(front))
+            assert np.array_equal(_image(_generate(leader.proxy)), _image(_generate(front)))
+        ops = [(m["op"], m.get("method")) for m in leader.front.sent if isinstance(m, dict) and "op" in m]
+        assert ops.count(("lora", "load")) == 1 and ops.count(("lora", "restore")) == 2
+        assert group.lora.adapters["a"].path == front.lora.adapters["a"].path
+        apply_snapshot(leader.proxy, ())  # a request without adapters: the group's original weights
+        front.unmerge_lora_weights()
+        assert np.array_equal(_image(_generate(leader.proxy)), _image(_generate(front)))
+    finally:
+        assert leader.stop() == 0

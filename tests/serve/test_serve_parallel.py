@@ -28,7 +28,6 @@ from diffc.lora import apply_snapshot, snapshot_of
 from diffc.parallel import ParallelConfig, ParallelError
 from diffc.serve.parallel import ParallelPipeline, follow, plain, rebuilt, status
 from tests.helpers import psnr_uint8
-from tests.lora import writers as W
 from tests.serve.test_lora_routes import _decode
 
 MIN_PSNR = 40.0
@@ -75,16 +74,6 @@ class Replay:
 
     def statuses(self, own):
         self.reports.append(own)
-
-
-@pytest.fixture(scope="module")
-def lora_file(demo_ckpt, tmp_path_factory):
-    root = tmp_path_factory.mktemp("parallel-loras")
-    dit = diffc.load(demo_ckpt("flux"), device="cpu").components["transformer"]
-    lora = W.random_lora(dit, W.linear_modules(dit, lambda n: n.startswith("transformer_blocks.")), seed=1,
-                         magnitude=0.4)
-    W.write_keys(W.diffusers_with_alpha_keys(lora), root / "a.safetensors")
-    return root / "a.safetensors"
 
 
 def _generate(pipe, seed=3, **extra):
@@ -170,7 +159,6 @@ def test_only_plain_data_crosses_ranks():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--num-gpus", "2", "--data-parallel", "2", "--lora-dir", "."], "--lora-dir: LoRA adapters cannot be served"),
     (["--num-gpus", "2", "--cache", "fbcache"], "--cache: the step cache decides per rank"),
     (["--num-gpus", "2", "--offload", "layerwise"], "--offload: 'layerwise' offload with --num-gpus"),
     (["--num-gpus", "2", "--ulysses-degree", "3"], "valid with 2"),
@@ -313,13 +301,15 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def test_two_groups_of_two_ranks_answer_concurrent_requests_like_one_process(demo_ckpt, tmp_path):
+def test_two_groups_of_two_ranks_answer_concurrent_requests_like_one_process(demo_ckpt, lora_file, tmp_path):
     import concurrent.futures
 
     pipe = diffc.load(demo_ckpt("flux"), device="cpu")
     want = {seed: _generate(pipe, seed) for seed in (3, 4)}
+    pipe.set_lora("a", lora_file)
+    want_lora = {seed: _generate(pipe, seed) for seed in (3, 4)}
     proc, url = _start(demo_ckpt, tmp_path, "--num-gpus", "2", "--ulysses-degree", "2", "--data-parallel", "2",
-                       "--max-batch", "1")
+                       "--max-batch", "1", "--lora-dir", str(lora_file.parent))
     ranks = _ranks(proc.pid)
     try:
         assert len(ranks) == 4, ranks
@@ -338,11 +328,20 @@ def test_two_groups_of_two_ranks_answer_concurrent_requests_like_one_process(dem
             assert r.status_code == 200, r.text
             assert psnr_uint8(_decode(r.json()), want[seed]) >= MIN_PSNR
         assert min(busy) > 0.05, busy  # both groups generated (one request each: --max-batch 1)
+        # an adapter set over HTTP (loaded by replica 0) is merged by whichever group runs a request
+        r = httpx.post(f"{url}/v1/set_lora", json={"lora_nickname": "a", "lora_path": str(lora_file)}, timeout=120)
+        assert r.status_code == 200, r.text
+        for _ in range(2):  # four requests, two at a time: each group serves some
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                answers = dict(zip((3, 4), pool.map(post, (3, 4))))
+            for seed, r in answers.items():
+                assert r.status_code == 200, r.text
+                assert psnr_uint8(_decode(r.json()), want_lora[seed]) >= MIN_PSNR
     finally:
         err = _stop(proc)
     assert proc.returncode == 0, err
     assert "starting 2 groups of 2 processes: cfg 1 x ulysses 2 x ring 1 on cpu" in err
-    assert "diffc serve: shut down (2 completed, 0 failed" in err, err
+    assert "diffc serve: shut down (6 completed, 0 failed" in err, err
     assert not any(Path(f"/proc/{pid}").exists() for pid in ranks)
 
 
