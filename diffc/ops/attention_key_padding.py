@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
 from .attention_fa4 import bshd_output
-from .registry import expect_shape, register_op
+from .registry import expect_same_device, expect_shape, register_op
 
 
 def key_padding_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -49,6 +49,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if mask.dtype != torch.bool or not key_mask_ok(tuple(mask.shape), tuple(q.shape), tuple(k.shape)):
         raise InvalidArgumentError("mask", f"expected a boolean key mask of shape ({b} or 1, 1, 1, {k.shape[2]}), "
                                            f"got {mask.dtype} {tuple(mask.shape)}")
+    expect_same_device({"q": q, "k": k, "v": v, "mask": mask})
     return q.new_empty(b, s_q, h, v.shape[3]).transpose(1, 2)
 
 

@@ -76,6 +76,8 @@ def test_bad_arguments_name_the_field():
         op(q, k, v, torch.zeros(B, 1, 1, S), None)
     with pytest.raises(InvalidArgumentError, match=r"^k: expected shape"):
         op(q, k[:, :2], v, _prefix([S, S]), None)
+    with pytest.raises(InvalidArgumentError, match=r"mask"):
+        op(q, k, v, _prefix([S, S]).to("meta"), None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
