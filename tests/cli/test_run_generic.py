@@ -27,6 +27,20 @@ def test_image_output_and_perf_dump(generic_checkpoint, tmp_path, capsys):
     assert dump["total_s"] > 0 and dump["load_s"] > 0
 
 
+def test_step_cache_from_the_command_line(generic_checkpoint, tmp_path, capsys):
+    """`--cache fbcache` on a diffusers pipeline: the streams come from its blocks' code; the perf dump says what
+    was skipped."""
+    video, perf = tmp_path / "waves.mp4", tmp_path / "perf.json"
+    code = main(["run", "--model", str(generic_checkpoint("hunyuan")), "--prompt", "waves", "--height", "32",
+                 "--width", "32", "--num-frames", "5", "--steps", "5", "--seed", "2", "--max-sequence-length", "16",
+                 "--no-progress", "--cache", "fbcache", "--cache-threshold", "100", "--cache-warmup-steps", "2",
+                 "--output", str(video), "--perf-dump-path", str(perf)])
+    assert code == 0, capsys.readouterr().err
+    cache = json.loads(perf.read_text())["runtime"]["cache"]
+    assert cache["kind"] == "fbcache" and cache["skipped_steps"] == [2, 3, 4]
+    assert video.stat().st_size > 0
+
+
 def test_video_output(generic_checkpoint, tmp_path, capsys):
     import imageio_ffmpeg
 
