@@ -17,6 +17,7 @@ import torch
 from .build import build_diffusers_models, native_like
 from .compare import quiet_libraries
 from .families import FAMILIES
+from .measure import Interval
 from .report import environment
 from .specs import SPECS, Workload
 
@@ -58,13 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[float]] = {n: [] for n in forms}
         for _ in range(args.rounds):
             for name, run in runners.items():
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 for _ in range(args.per_round):
-                    start.record()
+                    interval = Interval(device)
+                    interval.start()
                     run(**inputs)
-                    end.record()
-                    torch.cuda.synchronize()
-                    times[name].append(start.elapsed_time(end))
+                    interval.stop()
+                    times[name].append(interval.ms())
     result = {"model": spec.name, "env": environment(device, ["-m", "bench.gelu_forms", *(argv or [])]),
               "median_ms": {n: statistics.median(t) for n, t in times.items()}, "rel_err": outs, "times_ms": times}
     for n, ms in result["median_ms"].items():

@@ -18,20 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .measure import Interval
 from .report import environment, gpu_slug
 
 
 def _time(fn, repeats: int) -> float:
+    """Mean ms of ``repeats`` calls issued back to back after two warm-ups (one pair of CUDA events)."""
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    interval = Interval(torch.device("cuda"))
+    interval.start()
     for _ in range(repeats):
         fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+    interval.stop()
+    return interval.ms() / repeats
 
 
 def main(argv: list[str] | None = None) -> int:

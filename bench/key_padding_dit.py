@@ -21,6 +21,7 @@ import torch
 from .build import build_diffusers_models, native_like
 from .compare import quiet_libraries
 from .families import FAMILIES
+from .measure import Interval
 from .report import environment, gpu_slug
 from .specs import SPECS, Workload
 
@@ -73,13 +74,12 @@ def main(argv: list[str] | None = None) -> int:
                 stack.set_compiled(layer)  # graphs (where allowed) are captured again by the first call
                 for _ in range(2):
                     stack(**inputs)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 for _ in range(args.per_round):
-                    start.record()
+                    interval = Interval(device)
+                    interval.start()
                     stack(**inputs)
-                    end.record()
-                    torch.cuda.synchronize()
-                    times[name].append(start.elapsed_time(end))
+                    interval.stop()
+                    times[name].append(interval.ms())
     env = environment(device, ["-m", "bench.key_padding_dit", *(argv or [])])
     result = {"model": spec.name, "env": env, "prompt_tokens": {"padded": wl.max_sequence_length, "kept": args.kept},
               "median_ms": {n: statistics.median(t) for n, t in times.items() if t}, "rel_err_vs_eager": errors,

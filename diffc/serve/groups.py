@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ..errors import DiffcError, InvalidArgumentError
 from ..parallel import Mesh, ParallelConfig, ParallelError, init_mesh
 from ..parallel.collectives import guarded
-from .parallel import LORA_CALLS, Channel, _exited, plain, rebuilt, status
+from .parallel import LORA_CALLS, Channel, Leading, _exited, plain, rebuilt, status
 
 
 class ReplicaError(DiffcError):
@@ -127,22 +127,18 @@ def output_from(data: dict[str, Any]):
                             sample_warnings={int(k): v for k, v in data["sample_warnings"].items()})
 
 
-class ProxyPipeline:
+class ProxyPipeline(Leading):
     """Rank 0's stand-in for the pipeline of group ``replica``, whose leader is at the other end of ``link``.
 
     ``reference()`` gives a local pipeline of the same model (replica 0's) for reads the engine makes
-    (``spec`` for the warm-up); ``attach`` waits for the group's load report and is the replica's loader."""
-
+    (``spec`` for the warm-up); ``attach`` waits for the group's load report and is the replica's loader.
+    ``close`` tells the leader to stop its group."""
 
     def __init__(self, link, replica: int, config: ParallelConfig, reference: Callable[[], Any],
                  on_broken: Callable[[ParallelError], None] | None = None):
-        self.link, self.replica, self.config = link, replica, config
-        self.reference, self.on_broken = reference, on_broken
-        self.error: ParallelError | None = None
+        super().__init__(config, on_broken)
+        self.link, self.replica, self.reference = link, replica, reference
         self._leader_pid: tuple[str, int] | None = None
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self.heartbeat_s = min(10.0, config.timeout_s / 4)
         self._loaded: dict[str, str] = {}  # nickname -> the file the group's leader loaded it from
 
     @property
@@ -214,25 +210,15 @@ class ProxyPipeline:
                 self._call({"op": "lora", "method": "load", "args": [name, path], "kwargs": {}})
                 self._loaded[name] = path
 
-    def close(self) -> None:
-        """Tell the leader to stop its group (waits at most the collective timeout for a call in flight)."""
-        self._closed.set()
-        if not self._lock.acquire(timeout=self.config.timeout_s):
-            return
-        try:
-            if self.error is None:
-                self.link.send({"op": "stop"})
-        except ParallelError:
-            pass
-        finally:
-            self._lock.release()
+    def _send(self, op: dict) -> None:
+        self.link.send(op)
+
+    def _ping(self) -> None:
+        self._call({"op": "ping"})
 
     def _call(self, op: dict, on_progress: Callable[[dict], None] | None = None, check: bool = True) -> dict:
         with self._lock:
-            if self.error is not None:
-                raise self.error
-            if self._closed.is_set():
-                raise ParallelError("the multi-GPU engine is shutting down")
+            self._usable()
             try:
                 self.link.send(op)
                 reply = self.link.receive()
@@ -260,19 +246,7 @@ class ProxyPipeline:
         text = str(exc)
         if "restart the server" not in text:
             text += f" (--parallel-timeout {self.config.timeout_s:g} s); restart the server"
-        self.error = ParallelError(f"{self.where}: {gone}{text}")
-        self._closed.set()
-        if self.on_broken is not None:
-            self.on_broken(self.error)
-        return self.error
-
-    def _beat(self) -> None:
-        """While idle, a ping every ``heartbeat_s``: the leader's wait stays short and a dead one is noticed."""
-        while not self._closed.wait(self.heartbeat_s):
-            try:
-                self._call({"op": "ping"})
-            except (ParallelError, ReplicaError):
-                return
+        return self._broken(f"{self.where}: {gone}{text}")
 
 
 class _LoraForward:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import DiffcError
 from ..parallel import ParallelConfig, ParallelError
 from ..parallel.collectives import guarded
 
@@ -145,19 +146,73 @@ def _exited(pid: int, wait_s: float = 1.0) -> bool:
         time.sleep(0.05)
 
 
-class ParallelPipeline:
+class Leading:
+    """What rank 0's stand-ins for other ranks share (:class:`ParallelPipeline` for its group's followers,
+    :class:`~.groups.ProxyPipeline` for another group's leader): one lock ordering the calls, a heartbeat while
+    idle, and a broken state that is final (``error``, told once to ``on_broken``). Subclasses give ``_send``
+    (one message to the other side) and ``_ping`` (a call that answers whether the other side is well)."""
+
+    def __init__(self, config: ParallelConfig, on_broken: Callable[[ParallelError], None] | None = None):
+        self.config, self.on_broken = config, on_broken
+        self.error: ParallelError | None = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self.heartbeat_s = min(10.0, config.timeout_s / 4)
+
+    def close(self) -> None:
+        """Tell the other side to stop; later calls fail. Waits at most the collective timeout for a call in
+        flight; past that the launcher stops the workers."""
+        self._closed.set()
+        if not self._lock.acquire(timeout=self.config.timeout_s):
+            return
+        try:
+            if self.error is None:
+                self._send({"op": "stop"})
+        except ParallelError:
+            pass
+        finally:
+            self._lock.release()
+
+    def _usable(self) -> None:
+        """Under the lock, before a call: raise the error that broke it, or say it is shutting down."""
+        if self.error is not None:
+            raise self.error
+        if self._closed.is_set():
+            raise ParallelError("the multi-GPU engine is shutting down")
+
+    def _broken(self, message: str) -> ParallelError:
+        """Mark it broken for good with ``message``; tell ``on_broken``."""
+        self.error = ParallelError(message)
+        self._closed.set()
+        if self.on_broken is not None:
+            self.on_broken(self.error)
+        return self.error
+
+    def _beat(self) -> None:
+        """While idle, a ping every ``heartbeat_s``: the other side's waits stay short and a dead rank is noticed."""
+        while not self._closed.wait(self.heartbeat_s):
+            try:
+                self._ping()
+            except DiffcError:  # it broke (a ParallelError), or the other group failed the ping
+                return
+
+    def _send(self, op: dict) -> None:
+        raise NotImplementedError
+
+    def _ping(self) -> None:
+        raise NotImplementedError
+
+
+class ParallelPipeline(Leading):
     """Rank 0's pipeline for the Engine: every state-changing call goes to the followers first (see the module
     docstring). Reads (``spec``, ``resolve``, ``check_cache``, ...) are the local pipeline's."""
 
     def __init__(self, channel: Channel, on_broken: Callable[[ParallelError], None] | None = None):
-        self.channel, self.config, self.on_broken = channel, channel.config, on_broken
-        self.error: ParallelError | None = None
+        super().__init__(channel.config, on_broken)
+        self.channel = channel
         self._pipe = None
         self._workers: dict[int, tuple[str, int]] = {}  # rank -> (host, pid)
-        self._lock = threading.Lock()
-        self._closed = threading.Event()
         self.attached = threading.Event()  # set once the ranks have loaded (reads work from then on)
-        self.heartbeat_s = min(10.0, self.config.timeout_s / 4)
         self._first = getattr(channel, "leader", 0)  # the global rank of this group's leader (this process)
 
     def attach(self, pipe) -> "ParallelPipeline":
@@ -212,27 +267,16 @@ class ParallelPipeline:
     def list_loras(self) -> dict[str, Any]:
         return self._pipe.lora.describe()
 
-    def close(self) -> None:
-        """Stop the followers (they return from :func:`follow`); later calls fail. Waits at most the collective
-        timeout for a call in flight; past that the launcher stops the workers."""
-        self._closed.set()
-        if not self._lock.acquire(timeout=self.config.timeout_s):
-            return
-        try:
-            if self.error is None:
-                self.channel.send({"op": "stop"})
-        except ParallelError:
-            pass
-        finally:
-            self._lock.release()
+    # ---- rank 0's side (``close`` stops the followers: they return from :func:`follow`) ---------------
+    def _send(self, op: dict) -> None:
+        self.channel.send(op)
 
-    # ---- rank 0's side -----------------------------------------------------------------------
+    def _ping(self) -> None:
+        self._run({"op": "ping"}, lambda: None)
+
     def _run(self, op: dict, local: Callable[[], Any], changes_state: bool = True):
         with self._lock:
-            if self.error is not None:
-                raise self.error
-            if self._closed.is_set():
-                raise ParallelError("the multi-GPU engine is shutting down")
+            self._usable()
             try:
                 self.channel.send(op)
             except ParallelError as exc:
@@ -278,20 +322,8 @@ class ParallelPipeline:
         here = socket.gethostname()
         gone = [f"worker rank {r} (pid {pid}) has exited" for r, (host, pid) in self._workers.items()
                 if host == here and _exited(pid)]
-        self.error = ParallelError("; ".join([*gone, str(exc)]) +
-                                   f" (--parallel-timeout {self.config.timeout_s:g} s); restart the server")
-        self._closed.set()
-        if self.on_broken is not None:
-            self.on_broken(self.error)
-        return self.error
-
-    def _beat(self) -> None:
-        """While idle, a ping every ``heartbeat_s``: followers' waits stay short and a dead one is noticed."""
-        while not self._closed.wait(self.heartbeat_s):
-            try:
-                self._run({"op": "ping"}, lambda: None)
-            except ParallelError:
-                return
+        return self._broken("; ".join([*gone, str(exc)]) +
+                            f" (--parallel-timeout {self.config.timeout_s:g} s); restart the server")
 
 
 class LoraFanout:
