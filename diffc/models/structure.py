@@ -66,12 +66,17 @@ def dit_regions(dit: nn.Module) -> list[Region]:
     return regions
 
 
+def regions_in_run_order(dit: nn.Module) -> list[Region]:
+    """:func:`dit_regions` in the order the model registers their blocks, taken as their run order: a
+    diffusers model may declare its embedders' blocks after the blocks they feed (HunyuanVideo)."""
+    position = {id(m): i for i, m in enumerate(dit.modules())}
+    return sorted(dit_regions(dit), key=lambda r: position[id(r.blocks[0])])
+
+
 def residual_regions(dit: nn.Module) -> list[Region]:
     """The regions whose blocks are steps of the residual stream (those in lists, not single embedder
-    blocks), in the order the model registers them, taken as their run order (a diffusers model may
-    declare its blocks in another): the blocks a step cache skips."""
-    position = {id(m): i for i, m in enumerate(dit.modules())}
-    return sorted((r for r in dit_regions(dit) if not r.single), key=lambda r: position[id(r.blocks[0])])
+    blocks), in run order: the blocks a step cache skips."""
+    return [r for r in regions_in_run_order(dit) if not r.single]
 
 
 def _structure(block: nn.Module) -> tuple:

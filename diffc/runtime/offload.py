@@ -64,7 +64,7 @@ import torch
 from torch import nn
 
 from ..errors import DiffcError, InvalidArgumentError
-from ..models.structure import dit_regions, has_regions
+from ..models.structure import dit_regions, has_regions, regions_in_run_order
 from .executor import unwrap
 from .offload_host import (ALIGN, CudaStreams, GiB, HostBuffer, HostResident, OneAtATime, _Packing, _tensors,
                            packed_bytes)
@@ -100,13 +100,12 @@ class OffloadCounters:
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks (its regions' blocks, ``_repeated_blocks``) in run order, taken to be
-    the order the model registers its modules in: a diffusers model may declare its embedders' blocks
-    after the blocks they feed (HunyuanVideo). A forward that runs them otherwise is refused by the ring."""
+    """The model's repeated blocks (its regions' blocks, ``_repeated_blocks``) in run order
+    (:func:`~diffc.models.structure.regions_in_run_order`). A forward that runs them otherwise is refused by
+    the ring."""
     if not has_regions(model):
         return []
-    position = {id(m): i for i, m in enumerate(model.modules())}
-    return sorted((block for region in dit_regions(model) for block in region.blocks), key=lambda b: position[id(b)])
+    return [block for region in regions_in_run_order(model) for block in region.blocks]
 
 
 def _check_blocks_own_weights(name: str, model: nn.Module) -> None:

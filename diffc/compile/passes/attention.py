@@ -96,24 +96,31 @@ def attention_shapes(gm: fx.GraphModule, dtype: torch.dtype | None = None) -> li
     return shapes
 
 
+def replace_node(gm: fx.GraphModule, node: fx.Node, op, args: tuple, kwargs: dict | None = None,
+                 output_index: int | None = None) -> fx.Node:
+    """Replace ``node`` by a call of ``op`` (and a getitem of its output ``output_index``, for an op returning
+    several), which keeps the node's metadata and gets export's fake value; returns the new output node."""
+    meta = {key: value for key, value in node.meta.items() if key not in ("val", "tensor_meta")}
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_function(op, args, kwargs or {})
+        call.meta.update(meta)
+        _propagate_val(call)
+        out = call
+        if output_index is not None:
+            out = gm.graph.call_function(operator.getitem, (call, output_index))
+            out.meta.update(meta)
+            if "val" in call.meta:
+                out.meta["val"] = call.meta["val"][output_index]
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    return out
+
+
 def lower_node(gm: fx.GraphModule, node: fx.Node, backend: AttentionBackend) -> fx.Node:
     """Replace one sdpa ``node`` by ``backend``'s op (+ getitem of its output); returns the new output node."""
     bound = _bound_args(node)
     args, kwargs = backend.graph_args(bound["query"], bound["key"], bound["value"], bound.get("scale"))
-    meta = {key: value for key, value in node.meta.items() if key not in ("val", "tensor_meta")}
-    with gm.graph.inserting_before(node):
-        call = gm.graph.call_function(backend.op, args, kwargs)
-        call.meta.update(meta)
-        _propagate_val(call)
-        out = call
-        if backend.output_index is not None:
-            out = gm.graph.call_function(operator.getitem, (call, backend.output_index))
-            out.meta.update(meta)
-            if "val" in call.meta:
-                out.meta["val"] = call.meta["val"][backend.output_index]
-    node.replace_all_uses_with(out)
-    gm.graph.erase_node(node)
-    return out
+    return replace_node(gm, node, backend.op, args, kwargs, backend.output_index)
 
 
 def _check_backend(name, field: str) -> str:

@@ -25,8 +25,8 @@ import torch
 from torch import fx
 
 from ...ops.attention_key_padding import key_mask_ok
-from .attention import SDPA, _bound_args
-from .base import FusionPass, _propagate_val
+from .attention import SDPA, _bound_args, replace_node
+from .base import FusionPass
 
 MIN_KEYS = 16384  # keys per attention call from which the unmasked kernel's gain outweighs losing CUDA graphs
 
@@ -60,14 +60,8 @@ class KeyPaddingAttentionPass(FusionPass):
             bound = _bound_args(node)
             if not _accepts(bound):
                 continue
-            with gm.graph.inserting_before(node):
-                call = gm.graph.call_function(torch.ops.diffc.attention_key_padding.default,
-                                              (bound["query"], bound["key"], bound["value"], bound["attn_mask"],
-                                               bound.get("scale")))
-                call.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})
-                _propagate_val(call)
-            node.replace_all_uses_with(call)
-            gm.graph.erase_node(node)
+            replace_node(gm, node, torch.ops.diffc.attention_key_padding.default,
+                         (bound["query"], bound["key"], bound["value"], bound["attn_mask"], bound.get("scale")))
             replaced += 1
         if replaced:
             gm.graph.lint()
