@@ -52,9 +52,14 @@ class BucketReport:
     fp8: dict[str, Any] | None = None  # the fp8 tier's lowering and per-layer errors (compile/fp8.py)
 
 
+# Steps of the fp8 tier's lowering that ``disable`` can leave out (no effect outside the tier):
+# ``fp8_quantize_rows`` keeps the linears whose input no fused kernel quantizes in bf16.
+FP8_STEPS = ("fp8_quantize_rows",)
+
+
 def fusion_passes(tier: str, disable: Sequence[str] = (), enable: Sequence[str] = ()) -> list:
     """The fusion passes a compile runs, in order: those on by default plus ``enable``, minus ``disable``."""
-    names = [cls.name for cls in FUSION_PASSES] + ["attention"]
+    names = [cls.name for cls in FUSION_PASSES] + ["attention", *FP8_STEPS]
     for field, given in (("disable", disable), ("enable", enable)):
         unknown = [n for n in given if n not in names]
         if unknown:
@@ -148,7 +153,7 @@ def _rewrite(program, *, device, dtype, tier, disable, enable, attention):
         counters.matches["attention"] = choice.pop("replaced")
     lowering = None
     if tier == "fp8":
-        lowering = Fp8LinearPass()(program)
+        lowering = Fp8LinearPass(standalone="fp8_quantize_rows" not in disable)(program)
         counters.matches[Fp8LinearPass.name] = lowering.replaced
     return dict(counters.matches), choice, lowering
 

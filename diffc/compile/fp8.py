@@ -12,10 +12,15 @@ same pass, and each linear becomes a rowwise-scaled fp8 GEMM on the weight's fp8
                                                      y = view(aten._scaled_mm(view(q, [rows, K]), t(W_fp8),
                                                                               qs, W_scale, b, None, bf16), [..., N])
 
-Quantizing as a separate op costs as much as fp8 saves (``GPU-NOTES.md``), so a linear whose input no
-fused kernel produces (the attention output, a text embedding, a concatenation) or whose producer has
-other readers stays bf16; :class:`Fp8Lowering` lists every such site with the reason. Only bf16 models
-are lowered (``_scaled_mm``'s rowwise mode writes bf16).
+A linear whose input no fused kernel produces (the attention output, a concatenation, a norm without an
+fp8 variant) or whose producer has other readers gets its input quantized by ``diffc.quantize_rows``, one
+pass over the activation (``standalone``), where that pays: :func:`standalone_pays` weighs the pass's
+memory traffic against the GEMM time fp8 saves, so large GEMMs (FLUX's single-block ``proj_out`` over
+its 15,360-wide concatenation, the attention output projections over the image tokens) go fp8 and small
+ones (the text tokens' output projection, the modulation MLPs) stay bf16. (Quantizing as separate torch
+ops, ``abs``/``amax``/``div``/``to``, costs as much as fp8 saves: ``GPU-NOTES.md``.) :class:`Fp8Lowering`
+lists every bf16 site with the reason. Only bf16 models are lowered (``_scaled_mm``'s rowwise mode writes
+bf16).
 """
 
 from __future__ import annotations
@@ -44,6 +49,22 @@ def _producers() -> dict[Any, tuple[Any, int]]:
     }
 
 
+# The cost model of a standalone quantization (H200 figures, GPU-NOTES.md): bf16 and rowwise fp8 GEMM rates,
+# the memory bandwidth the one-pass kernel reaches, a launch, and how much the saving must exceed the cost.
+BF16_FLOPS, FP8_FLOPS = 720e12, 1150e12
+BANDWIDTH = 3.0e12
+LAUNCH_S = 4e-6
+MARGIN = 1.25
+
+
+def standalone_pays(rows: int, k: int, outs: list[int], in_bytes: int = 2) -> bool:
+    """Whether quantizing a (rows, k) activation on its own (read it, write fp8 + scales) costs less than
+    running its readers' GEMMs (one per entry of ``outs``, their output widths) in fp8 saves, by ``MARGIN``."""
+    saving = 2.0 * rows * k * sum(outs) * (1.0 / BF16_FLOPS - 1.0 / FP8_FLOPS)
+    cost = rows * k * (in_bytes + 1) / BANDWIDTH + LAUNCH_S
+    return saving > MARGIN * cost
+
+
 @dataclasses.dataclass
 class Fp8Lowering:
     """What the lowering did to one graph: ``sites`` maps each lowered linear (its weight's name) to
@@ -52,6 +73,7 @@ class Fp8Lowering:
     sites: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
     kept: dict[str, str] = dataclasses.field(default_factory=dict)
     producers: int = 0
+    standalone: int = 0  # activations quantized by diffc.quantize_rows (their linears are in ``sites``)
     before: fx.GraphModule | None = None  # the graph before lowering (for the quality report)
 
     @property
@@ -93,9 +115,13 @@ def _linear_problem(user: fx.Node, out: fx.Node, names: dict[str, str], buffers:
 
 
 class Fp8LinearPass:
-    """Lower every eligible (producer -> linears) site of an ExportedProgram's graph to fp8 (module docstring)."""
+    """Lower every eligible (producer -> linears) site of an ExportedProgram's graph to fp8 (module docstring);
+    ``standalone=False`` leaves the linears whose input no fused kernel produces in bf16."""
 
     name = "fp8_linear"
+
+    def __init__(self, standalone: bool = True):
+        self.standalone = standalone
 
     def __call__(self, program: torch.export.ExportedProgram) -> Fp8Lowering:
         from .regions import _own_copy
@@ -125,6 +151,8 @@ class Fp8LinearPass:
                 continue
             self._lower(graph, node, fp8_op, out_index, out, linears, names, buffers, result)
             result.producers += 1
+        if self.standalone:
+            self._lower_standalone(graph, names, buffers, result)
         for node in graph.nodes:  # every other linear with an fp8 weight stays bf16: say why
             if node.op == "call_function" and node.target == aten.linear.default:
                 weight = _weight_name(node.args[1], names)
@@ -134,6 +162,40 @@ class Fp8LinearPass:
         graph.lint()
         gm.recompile()
         return result
+
+    @staticmethod
+    def _lower_standalone(graph, names, buffers, result) -> None:
+        """Quantize the input of each remaining fp8-capable linear with ``diffc.quantize_rows`` where that pays
+        (one quantization for the linears that share an input)."""
+        groups: dict[fx.Node, list[fx.Node]] = {}
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target == aten.linear.default and isinstance(node.args[0], fx.Node):
+                weight = _weight_name(node.args[1], names)
+                if weight is not None and weight not in result.sites:
+                    groups.setdefault(node.args[0], []).append(node)
+        for src, linears in groups.items():
+            eligible = [lin for lin in linears if _linear_problem(lin, src, names, buffers) is None]
+            val = src.meta.get("val")
+            if not eligible or not isinstance(val, torch.Tensor) or val.dtype != torch.bfloat16 or val.ndim < 1:
+                continue
+            rows = val.numel() // max(1, val.shape[-1])
+            outs = [lin.meta["val"].shape[-1] for lin in eligible]
+            if not standalone_pays(rows, val.shape[-1], outs):
+                for lin in eligible:
+                    result.kept[_weight_name(lin.args[1], names)] = (
+                        f"{_unfused_reason(src)}; quantizing it on its own ({rows}x{val.shape[-1]}) costs more than "
+                        f"its fp8 GEMM saves")
+                continue
+            with graph.inserting_before(eligible[0]):  # new_empty: contiguous, on the input's device
+                q = graph.call_function(aten.new_empty.default, (src, list(val.shape)), {"dtype": FP8})
+                qs = graph.call_function(aten.new_empty.default, (src, [rows, 1]), {"dtype": torch.float32})
+                fused = graph.call_function(torch.ops.diffc.quantize_rows.default, (src, q, qs))
+            for n in (q, qs, fused):
+                _propagate_val(n)
+            for lin in eligible:
+                result.kept.pop(_weight_name(lin.args[1], names), None)
+            Fp8LinearPass._replace_linears(graph, q, qs, list(val.shape), eligible, names, buffers, result)
+            result.standalone += 1
 
     @staticmethod
     def _lower(graph, producer, fp8_op, out_index, out, linears, names, buffers, result) -> None:
@@ -148,7 +210,20 @@ class Fp8LinearPass:
             args = list(producer.args)
             args[out_index] = q
             fused = graph.call_function(fp8_op, (*args, qs))
-        new_nodes = [q, qs, fused]
+        for n in (q, qs, fused):
+            _propagate_val(n)
+        Fp8LinearPass._replace_linears(graph, q, qs, shape, linears, names, buffers, result)
+        graph.erase_node(producer)
+        if not out.users:
+            graph.erase_node(out)
+
+    @staticmethod
+    def _replace_linears(graph, q, qs, shape, linears, names, buffers, result) -> None:
+        """Each linear reading the activation that (q, qs) quantize becomes a rowwise-scaled ``_scaled_mm``."""
+        rows = 1
+        for n in shape[:-1]:
+            rows *= n
+        new_nodes = []
         for lin in linears:
             weight = _weight_name(lin.args[1], names)
             owner = weight.rpartition(".")[0]
@@ -167,9 +242,6 @@ class Fp8LinearPass:
             graph.erase_node(lin)
         for n in new_nodes:
             _propagate_val(n)
-        graph.erase_node(producer)
-        if not out.users:
-            graph.erase_node(out)
 
 
 _RESHAPES = ("view", "reshape", "flatten", "contiguous", "transpose", "permute", "clone", "_unsafe_view", "to.dtype",
@@ -247,6 +319,7 @@ def lowering_report(lowering: Fp8Lowering, errors: dict[str, float]) -> dict[str
     """The ``fp8`` entry of a region's compile report (and the manifest)."""
     worst = max(errors.values(), default=None)
     return {"linears_fp8": lowering.replaced, "producers_fp8": lowering.producers,
+            "quantized_standalone": lowering.standalone,
             "linears_bf16": len(lowering.kept), "rel_err": errors, "max_rel_err": worst,
             "kept_bf16": dict(sorted(lowering.kept.items()))}
 

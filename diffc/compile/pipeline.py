@@ -315,6 +315,7 @@ def fp8_summary(bucket: DiTBucketReport) -> dict[str, Any]:
     return {"per_forward_rel_err": bucket.rel_err_vs_eager,
             "linears_fp8": sum(r.fp8["linears_fp8"] * r.blocks for r in regions),
             "linears_bf16": sum(r.fp8["linears_bf16"] * r.blocks for r in regions),
+            "quantized_standalone": sum(r.fp8.get("quantized_standalone", 0) * r.blocks for r in regions),
             "max_layer_rel_err": max(layer_errs, default=None),
             "mean_layer_rel_err": sum(layer_errs) / len(layer_errs) if layer_errs else None}
 
@@ -339,8 +340,10 @@ def describe_fp8(fp8: dict[str, Any]) -> str:
     """The compile log's per-layer fp8 report of one region."""
     errs = ", ".join(f"{name.removesuffix('.weight')} {err:.2e}" for name, err in fp8["rel_err"].items())
     kept = ", ".join(name.removesuffix(".weight") for name in fp8["kept_bf16"])
-    return (f"      fp8: {fp8['linears_fp8']} linear(s) fp8, {fp8['linears_bf16']} bf16; rel. error per layer vs bf16: "
-            f"{errs or 'none'}" + (f"; kept bf16 (no fused producer): {kept}" if kept else ""))
+    alone = fp8.get("quantized_standalone", 0)
+    return (f"      fp8: {fp8['linears_fp8']} linear(s) fp8 ({alone} input(s) quantized on their own), "
+            f"{fp8['linears_bf16']} bf16; rel. error per layer vs bf16: "
+            f"{errs or 'none'}" + (f"; kept bf16 (not worth quantizing on its own): {kept}" if kept else ""))
 
 
 __all__ = ["CompileReport", "DiTBucketReport", "capture_inputs", "compile_dit", "compile_pipeline", "build_manifest"]

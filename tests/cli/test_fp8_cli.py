@@ -50,8 +50,9 @@ def test_compile_fp8_writes_the_quality_report(artifact):
     path, code, out = artifact
     assert code == 0, out
     assert "quality fp8, 1 shape(s)" in out
-    assert "fp8: 10 linear(s) fp8, 4 bf16; rel. error per layer vs bf16: attn.add_k_proj" in out
-    assert "fp8: 4 linear(s) fp8, 2 bf16" in out and "kept bf16 (no fused producer): norm.linear, proj_out" in out
+    assert "fp8: 10 linear(s) fp8 (0 input(s) quantized on their own), 4 bf16; rel. error per layer vs bf16: attn.add_k_proj" in out
+    assert "fp8: 4 linear(s) fp8 (0 input(s) quantized on their own), 2 bf16" in out
+    assert "kept bf16 (not worth quantizing on its own): norm.linear, proj_out" in out
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["passes"]["tier"] == "fp8" and manifest["weights"]["quantization"] == "fp8"
     (bucket,) = manifest["stages"]["transformer"]["buckets"]

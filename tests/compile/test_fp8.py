@@ -181,3 +181,57 @@ def test_fp8_keeps_gelu_in_diffcs_kernel_on_every_device():
 
     assert LinearBiasGeluEpilogue in gelu_patterns("fast")
     assert LinearBiasGeluEpilogue not in gelu_patterns("fp8") and gelu_patterns("fp8")
+
+
+def test_standalone_quantization_pays_only_for_large_gemms():
+    """The cost model at production shapes: FLUX.1-dev 1024² (4,096 image + 512 text tokens), Wan2.1-1.3B."""
+    from diffc.compile.fp8 import standalone_pays
+
+    assert standalone_pays(4608, 15360, [3072])  # FLUX single block proj_out over its concatenation
+    assert standalone_pays(4096, 3072, [3072])  # FLUX double block attn.to_out over the image tokens
+    assert not standalone_pays(512, 3072, [3072])  # ... attn.to_add_out over the text tokens
+    assert not standalone_pays(1, 3072, [18432])  # a modulation MLP (one row per batch item)
+    assert not standalone_pays(4096, 64, [64])  # tiny layers: the launch costs more than fp8 saves
+
+
+def _compile(name: str, **options):
+    net, inputs = _model(name)
+    with torch.no_grad():
+        eager = net(**inputs)
+    Fp8Weights(net).apply()
+    graphs: dict = {}
+    report = compile_dit(net, inputs, graphs=graphs, device=CPU, dtype=BF16, tier="fp8", **options)
+    from diffc.compile.pipeline import _installed
+    from diffc.compile.regions import dit_regions
+
+    with _installed(dit_regions(net), graphs), torch.no_grad():
+        out = net(**inputs)
+    unwrap = lambda o: o[0] if isinstance(o, tuple) else getattr(o, "sample", o)  # noqa: E731
+    return report, graphs, unwrap(out), unwrap(eager)
+
+
+@pytest.mark.parametrize("name", ["flux", "wan"])
+def test_standalone_quantization_lowers_the_unfused_linears(monkeypatch, name):
+    """Where the cost model says it pays (forced here: tiny shapes never pay), each linear whose input no fused
+    kernel quantizes reads ``diffc.quantize_rows`` of it; ``--disable fp8_quantize_rows`` keeps them bf16."""
+    import diffc.compile.fp8 as lowering
+
+    monkeypatch.setattr(lowering, "standalone_pays", lambda rows, k, outs, in_bytes=2: True)
+    report, graphs, out, eager = _compile(name)
+    for region in report.regions:
+        lowered, kept = EXPECTED[name][region.region]
+        assert {k.removesuffix(".weight") for k in region.fp8["rel_err"]} == lowered | kept
+        assert region.fp8["kept_bf16"] == {} and region.fp8["quantized_standalone"] > 0
+        (graph,) = graphs[region.region].values()
+        targets = [str(n.target) for n in graph.program.graph_module.graph.nodes if n.op == "call_function"]
+        assert targets.count("diffc.quantize_rows.default") == region.fp8["quantized_standalone"]
+        assert targets.count("aten._scaled_mm.default") == len(lowered | kept)
+        assert "aten.linear.default" not in targets
+        assert all(0 < e < 0.1 for e in region.fp8["rel_err"].values())
+    assert _psnr(out, eager) >= MIN_PSNR_DB
+
+    report, _, _, _ = _compile(name, disable=("fp8_quantize_rows",))
+    for region in report.regions:
+        lowered, kept = EXPECTED[name][region.region]
+        assert region.fp8["quantized_standalone"] == 0
+        assert {k.removesuffix(".weight") for k in region.fp8["kept_bf16"]} == kept

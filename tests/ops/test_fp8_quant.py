@@ -81,6 +81,38 @@ def test_gelu_tanh_fp8_matches_reference(counters, shape, dtype, bias):
     assert_quantized_like(out, out_scale, gelu_tanh_ref(x, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 80), (5, 33), (7,)], ids=["b2s3n80", "r5n33", "one_row"])
+def test_quantize_rows_matches_reference(counters, shape, dtype):
+    x = randn(*shape, dtype=dtype, seed=5, scale=3.0) * torch.logspace(-3, 2, shape[0]).reshape(-1, *[1] * (len(shape) - 1))
+    x = x.to(dtype)
+    out, out_scale = fp8_out(shape)
+    torch.ops.diffc.quantize_rows(x, out, out_scale)
+    assert_kernel_ran()
+    assert_quantized_like(out, out_scale, x)
+
+
+def test_quantize_rows_reads_strided_rows(counters):
+    """A row-strided view (a slice of a wider activation, as of a concatenation) and a permuted view."""
+    wide = randn(4, 6, 96, dtype=torch.bfloat16, seed=6)
+    for view in (wide[..., 16:80], wide.transpose(0, 1)):
+        out, out_scale = fp8_out(tuple(view.shape))
+        torch.ops.diffc.quantize_rows(view, out, out_scale)
+        assert_quantized_like(out, out_scale, view.contiguous())
+
+
+def test_quantize_rows_refuses_bad_input():
+    with pytest.raises(InvalidArgumentError) as exc:
+        torch.ops.diffc.quantize_rows(torch.zeros(3, 4, dtype=FP8), *fp8_out((3, 4)))
+    assert exc.value.field == "x" and "already float8" in str(exc.value)
+    with pytest.raises(InvalidArgumentError) as exc:
+        torch.ops.diffc.quantize_rows(randn(3, 8, dtype=torch.bfloat16)[:, ::2], *fp8_out((3, 4)))
+    assert exc.value.field == "x" and "stride 1" in str(exc.value)
+    with pytest.raises(InvalidArgumentError) as exc:
+        torch.ops.diffc.quantize_rows(randn(3, 8, dtype=torch.bfloat16), *fp8_out((3, 4)))
+    assert exc.value.field == "out"
+
+
 def test_zero_rows_get_a_finite_scale(counters):
     x = torch.zeros(1, 3, 32, dtype=torch.bfloat16)
     out, out_scale = fp8_out((1, 3, 32))
@@ -104,6 +136,7 @@ def test_opcheck(counters):
                           (x, y, gate, scale, shift, EPS, torch.empty_like(x), out, out_scale),
                           test_utils=OPCHECKS)
     torch.library.opcheck(torch.ops.diffc.gelu_tanh_fp8.default, (x, None, out, out_scale), test_utils=OPCHECKS)
+    torch.library.opcheck(torch.ops.diffc.quantize_rows.default, (x, out, out_scale), test_utils=OPCHECKS)
 
 
 @pytest.mark.parametrize("field,out,out_scale,fragment", [
