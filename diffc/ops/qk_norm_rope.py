@@ -12,6 +12,11 @@
 As in eager, the normalised q/k is rounded to the activations' dtype before RoPE, which runs in
 float32 and rounds once more. One kernel launch handles q and k.
 
+The ``_fp8`` variants (``qk_norm_rope_per_head_fp8``, ``qk_norm_rope_across_heads_fp8``) feed fp8
+attention (:mod:`.attention_fp8`): the same kernel divides the rounded result by a static per-head scale
+and stores float8_e4m3 (``x ~= out * scale[h]``), so q and k never round-trip through memory in bf16.
+The scales come from the norm weights alone (:func:`qk_fp8_scales`): RMSNorm bounds its output.
+
 The kernel works on (tokens, heads, head_dim) tiles with head_dim contiguous, so every load and store is
 a full row; RoPE partners come from a reshape/split/join in registers. Heads are tiled by a power of two
 that divides H (FLUX 24 = 3 x 8, Wan 40 = 5 x 8), so no lanes pad to the next power of two; the Wan
@@ -24,12 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
+from .fp8 import FP8, FP8_MAX, SCALE_FLOOR
 from .registry import (
     cdiv,
     expect_dtype,
@@ -44,6 +51,7 @@ from .registry import (
 )
 
 RMS_NORM_EPS = 1e-6  # FLUX's NORM_EPS and Wan's config.eps
+FP8_SCALE_SLACK = 1.01  # qk_fp8_scales' margin over the exact bound, for rounding to bf16 and cos^2 + sin^2 != 1
 
 
 def qk_norm_rope_per_head_ref(q, k, q_weight, k_weight, cos, sin, eps: float = RMS_NORM_EPS, seq_offset: int = 0):
@@ -77,13 +85,47 @@ def qk_norm_rope_across_heads_ref(q, k, q_weight, k_weight, cos, sin, eps: float
     return one(q, q_weight), one(k, k_weight)
 
 
+def quantize_with_head_scales(y: torch.Tensor, scale: torch.Tensor, head_axis: int) -> torch.Tensor:
+    """The fp8 variants' quantization: ``clamp(y / scale[h], -448, 448)`` as float8_e4m3, y in the activations'
+    dtype with its heads along ``head_axis``, scale float32 (H,); ``y ~= out * scale[h]``."""
+    shape = [1] * y.ndim
+    shape[head_axis] = -1
+    return (y.float() / scale.reshape(shape)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def qk_fp8_scales(weight: torch.Tensor, heads: int, head_dim: int, across_heads: bool) -> torch.Tensor:
+    """Static per-head dequantization scales, float32 (H,), for the q or k the fp8 variants produce.
+
+    They depend on the RMSNorm weight alone, so they are computed once at compile time and no kernel has to
+    reduce over the output before it can quantize it. The bound: RMSNorm over N channels (N = head_dim per
+    head, heads * head_dim across heads) gives ``n_i = x_i * w_i / sqrt(mean(x^2) + eps)``, and since
+    ``x_i^2 <= sum_j x_j^2 = N * mean(x^2)`` (eps only shrinks n), ``|n_i| <= sqrt(N) * |w_i|``, reached
+    when channel i holds all the energy. RoPE rotates each pair (n_2j, n_2j+1), so an output is at most
+    the pair's length: ``out^2 <= n_2j^2 + n_2j+1^2 <= max(w_2j^2, w_2j+1^2) * (x_2j^2 + x_2j+1^2) /
+    mean(x^2) <= N * max(w^2)``. Hence ``|out| <= sqrt(N) * max|w|`` over the head's channels, for every
+    input, and ``scale[h] = sqrt(N) * max|w| * FP8_SCALE_SLACK / 448`` never clips. The slack covers
+    rounding n and out to bf16 (2^-9 relative each) and float32 tables with ``cos^2 + sin^2`` a few ulp
+    over 1. The price of a bound over an estimate: typical outputs use a fraction of e4m3's range, which
+    costs no relative precision while they stay above its normal minimum (2^-6 of 448 / scale).
+
+    Args:
+        weight: the RMSNorm weight of q or k: (head_dim,) per head (FLUX), (heads * head_dim,) across (Wan).
+    """
+    size = heads * head_dim if across_heads else head_dim
+    expect_shape("weight", weight, (size,), f"({size},) ({'heads * head_dim' if across_heads else 'head_dim'})")
+    w = weight.detach().float().abs()
+    peak = w.reshape(heads, head_dim).amax(dim=1) if across_heads else w.amax().expand(heads)
+    return (peak * (math.sqrt(size) * FP8_SCALE_SLACK / FP8_MAX)).clamp_min(SCALE_FLOOR).contiguous()
+
+
 @triton_kernel
 def qk_norm_rope_kernel(
-    q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
+    q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, qs_ptr, ks_ptr,
     T, S, H, seq_offset, eps,
     si_b, si_s, si_h, so_b, so_s, so_h, st,
     D: tl.constexpr, ACROSS_HEADS: tl.constexpr, FULL_TABLE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     # grid (cdiv(T, BLOCK_T), head blocks, 2): BLOCK_T of the T = B * S tokens of q (axis 2 == 0) or k (== 1)
     # tile (BLOCK_T, BLOCK_H, BLOCK_D): q, k (B, S, H, D) at strides (si_b, si_s, si_h, 1), D contiguous
@@ -92,6 +134,7 @@ def qk_norm_rope_kernel(
     # out: token (b, s) written at (b, s + seq_offset, h), strides (so_b, so_s, so_h, 1)
     # cos, sin: FULL_TABLE (S_total, D) at row s + seq_offset, column d; else (S, D/2) at row s, column d // 2
     # RoPE pairs channels (2j, 2j + 1): out[d] = n[d] * cos[d] + sign(d) * n[d ^ 1] * sin[d], sign(even) = -1
+    # QUANT: out is float8_e4m3 and gets clamp(round_to_x_dtype(result) / scale[h], -448, 448); qs, ks: (H,) fp32
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None, None]  # (BLOCK_T, 1, 1)
     b = (tok // S).to(tl.int64)  # 64-bit offsets: B * S * H * D can pass 2^31
     s = (tok % S).to(tl.int64)
@@ -100,9 +143,9 @@ def qk_norm_rope_kernel(
     d = tl.arange(0, BLOCK_D)[None, None, :]  # (1, 1, BLOCK_D)
     tdm = (tok < T) & (d < D)
     if tl.program_id(2) == 0:
-        x_ptr, w_ptr, o_ptr = q_ptr, qw_ptr, qo_ptr
+        x_ptr, w_ptr, o_ptr, s_ptr = q_ptr, qw_ptr, qo_ptr, qs_ptr
     else:
-        x_ptr, w_ptr, o_ptr = k_ptr, kw_ptr, ko_ptr
+        x_ptr, w_ptr, o_ptr, s_ptr = k_ptr, kw_ptr, ko_ptr, ks_ptr
     x_row = x_ptr + b * si_b + s * si_s  # (BLOCK_T, 1, 1)
     o_row = o_ptr + b * so_b + t * so_s
     act = x_ptr.dtype.element_ty
@@ -158,10 +201,13 @@ def qk_norm_rope_kernel(
             w_pair = tl.load(w_ptr + (w_at ^ 1), mask=mask, other=0.0).to(tl.float32)
             n_pair = (x_pair * rstd * w_pair).to(act).to(tl.float32)
             out = n * cos + tl.where(d % 2 == 0, -n_pair, n_pair) * sin
+        if QUANT:
+            head_scale = tl.load(s_ptr + h, mask=h < H, other=1.0)  # (1, BLOCK_H, 1)
+            out = tl.minimum(tl.maximum(out.to(act).to(tl.float32) / head_scale, -448.0), 448.0)
         tl.store(o_row + h * so_h + d, out.to(o_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_common(q, k, q_weight, k_weight, cos, sin, q_out, k_out, weight_shape, what) -> None:
+def _check_common(q, k, q_weight, k_weight, cos, sin, q_out, k_out, weight_shape, what, out_dtype) -> None:
     if q.ndim != 4 or q.shape[-1] % 2:
         raise InvalidArgumentError(
             "q", f"expected shape (batch, seq, heads, head_dim) with even head_dim, got {tuple(q.shape)}"
@@ -179,15 +225,16 @@ def _check_common(q, k, q_weight, k_weight, cos, sin, q_out, k_out, weight_shape
     expect_dtype("k_weight", k_weight, q.dtype)
     expect_float("cos", cos)
     expect_shape("sin", sin, tuple(cos.shape), f"cos's shape {tuple(cos.shape)}")
-    expect_dtype("q_out", q_out, q.dtype)
-    expect_dtype("k_out", k_out, q.dtype)
+    expect_dtype("q_out", q_out, out_dtype or q.dtype)
+    expect_dtype("k_out", k_out, out_dtype or q.dtype)
     expect_same_device({"q": q, "k": k, "q_weight": q_weight, "k_weight": k_weight, "cos": cos, "sin": sin,
                         "q_out": q_out, "k_out": k_out})
 
 
-def _check_per_head(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out) -> None:
+def _check_per_head(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, out_dtype=None) -> None:
     batch, seq, heads, head_dim = q.shape if q.ndim == 4 else (0, 0, 0, 0)
-    _check_common(q, k, q_weight, k_weight, cos, sin, q_out, k_out, (head_dim,), f"({head_dim},) (head_dim)")
+    _check_common(q, k, q_weight, k_weight, cos, sin, q_out, k_out, (head_dim,), f"({head_dim},) (head_dim)",
+                  out_dtype)
     if q_out.ndim != 4 or q_out.shape[:2] != (batch, heads) or q_out.shape[3] != head_dim:
         raise InvalidArgumentError(
             "q_out", f"expected shape ({batch}, {heads}, seq_total, {head_dim}), got {tuple(q_out.shape)}"
@@ -202,10 +249,11 @@ def _check_per_head(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, 
     _check_out_strides(q_out, k_out)
 
 
-def _check_across_heads(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out) -> None:
+def _check_across_heads(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out, out_dtype=None) -> None:
     _batch, seq, heads, head_dim = q.shape if q.ndim == 4 else (0, 0, 0, 0)
     inner = heads * head_dim
-    _check_common(q, k, q_weight, k_weight, cos, sin, q_out, k_out, (inner,), f"({inner},) (heads * head_dim)")
+    _check_common(q, k, q_weight, k_weight, cos, sin, q_out, k_out, (inner,), f"({inner},) (heads * head_dim)",
+                  out_dtype)
     expect_shape("q_out", q_out, tuple(q.shape))
     expect_shape("k_out", k_out, tuple(q.shape))
     if cos.numel() != seq * head_dim // 2 or cos.shape[-1] != head_dim // 2:
@@ -219,6 +267,28 @@ def _check_across_heads(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out) -
 def _check_out_strides(q_out, k_out) -> None:
     if q_out.stride() != k_out.stride():
         raise InvalidArgumentError("k_out", f"must have q_out's strides {q_out.stride()}, got {k_out.stride()}")
+
+
+def _check_head_scales(q, q_scale, k_scale) -> None:
+    """The fp8 variants' static dequantization scales: float32 (H,), contiguous, on q's device."""
+    heads = q.shape[2] if q.ndim == 4 else 0
+    for field, t in (("q_scale", q_scale), ("k_scale", k_scale)):
+        expect_shape(field, t, (heads,), f"({heads},): one scale per head")
+        expect_dtype(field, t, torch.float32)
+        if not t.is_contiguous():
+            raise InvalidArgumentError(field, "must be contiguous")
+    expect_same_device({"q": q, "q_scale": q_scale, "k_scale": k_scale})
+
+
+def _check_per_head_fp8(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_scale, k_scale, q_out,
+                        k_out) -> None:
+    _check_per_head(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, out_dtype=FP8)
+    _check_head_scales(q, q_scale, k_scale)
+
+
+def _check_across_heads_fp8(q, k, q_weight, k_weight, cos, sin, eps, q_scale, k_scale, q_out, k_out) -> None:
+    _check_across_heads(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out, out_dtype=FP8)
+    _check_head_scales(q, q_scale, k_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +367,9 @@ def tile_plan(tokens: int, heads: int, head_dim: int, across_heads: bool, config
     )
 
 
-def _launch(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, out_strides, across_heads) -> None:
+def _launch(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, out_strides, across_heads,
+            q_scale=None, k_scale=None) -> None:
+    """One launch for q and k; with ``q_scale``/``k_scale`` the outputs are float8_e4m3 (the QUANT path)."""
     if q.stride() != k.stride():
         q, k = q.contiguous(), k.contiguous()
     batch, seq, heads, head_dim = q.shape
@@ -309,13 +381,14 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, o
     cos, sin = cos.reshape(table_rows, -1), sin.reshape(table_rows, -1)
     if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
+    quant = q_scale is not None
     qk_norm_rope_kernel[(cdiv(batch * seq, plan.block_t), plan.head_blocks, 2)](
-        q, k, q_weight, k_weight, cos, sin, q_out, k_out,
+        q, k, q_weight, k_weight, cos, sin, q_out, k_out, q_scale if quant else cos, k_scale if quant else cos,
         batch * seq, seq, heads, seq_offset, eps,
         q.stride(0), q.stride(1), q.stride(2), *out_strides, cos.stride(0),
         D=head_dim, ACROSS_HEADS=across_heads, FULL_TABLE=full_table, SPLIT=plan.split,
         BLOCK_T=plan.block_t, BLOCK_H=plan.block_h, BLOCK_D=plan.block_d, NUM_CHUNKS=plan.num_chunks,
-        num_warps=plan.num_warps,
+        QUANT=quant, num_warps=plan.num_warps,
     )
 
 
@@ -373,6 +446,70 @@ def _across_heads_launch(
     _launch(q, k, q_weight, k_weight, cos, sin, eps, 0, q_out, k_out, strides, across_heads=True)
 
 
+def _per_head_fp8_into_ref(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_scale, k_scale, q_out,
+                           k_out) -> None:
+    q_ref, k_ref = qk_norm_rope_per_head_ref(q, k, q_weight, k_weight, cos, sin, eps, seq_offset)
+    q_out[:, :, seq_offset : seq_offset + q.shape[1]] = quantize_with_head_scales(q_ref, q_scale, head_axis=1)
+    k_out[:, :, seq_offset : seq_offset + q.shape[1]] = quantize_with_head_scales(k_ref, k_scale, head_axis=1)
+
+
+def _across_heads_fp8_into_ref(q, k, q_weight, k_weight, cos, sin, eps, q_scale, k_scale, q_out, k_out) -> None:
+    q_ref, k_ref = qk_norm_rope_across_heads_ref(q, k, q_weight, k_weight, cos, sin, eps)
+    q_out.copy_(quantize_with_head_scales(q_ref, q_scale, head_axis=2))
+    k_out.copy_(quantize_with_head_scales(k_ref, k_scale, head_axis=2))
+
+
+@register_op(
+    "qk_norm_rope_per_head_fp8",
+    mutates_args=("q_out", "k_out"),
+    fake=_check_per_head_fp8,
+    fallback=_per_head_fp8_into_ref,
+)
+def _per_head_fp8_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    seq_offset: int,
+    q_scale: torch.Tensor,
+    k_scale: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+) -> None:
+    _check_per_head_fp8(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_scale, k_scale, q_out, k_out)
+    strides = (q_out.stride(0), q_out.stride(2), q_out.stride(1))
+    _launch(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, strides, across_heads=False,
+            q_scale=q_scale, k_scale=k_scale)
+
+
+@register_op(
+    "qk_norm_rope_across_heads_fp8",
+    mutates_args=("q_out", "k_out"),
+    fake=_check_across_heads_fp8,
+    fallback=_across_heads_fp8_into_ref,
+)
+def _across_heads_fp8_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    q_scale: torch.Tensor,
+    k_scale: torch.Tensor,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+) -> None:
+    _check_across_heads_fp8(q, k, q_weight, k_weight, cos, sin, eps, q_scale, k_scale, q_out, k_out)
+    strides = (q_out.stride(0), q_out.stride(1), q_out.stride(2))
+    _launch(q, k, q_weight, k_weight, cos, sin, eps, 0, q_out, k_out, strides, across_heads=True,
+            q_scale=q_scale, k_scale=k_scale)
+
+
 def qk_norm_rope_per_head(q, k, q_weight, k_weight, cos, sin, eps: float = RMS_NORM_EPS):
     """``torch.ops.diffc.qk_norm_rope_per_head`` into new buffers: q, k (B, S, H, D) -> (B, H, S, D) each."""
     batch, seq, heads, head_dim = q.shape
@@ -387,4 +524,23 @@ def qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos, sin, eps: float = R
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     torch.ops.diffc.qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out)
+    return q_out, k_out
+
+
+def qk_norm_rope_per_head_fp8(q, k, q_weight, k_weight, cos, sin, q_scale, k_scale, eps: float = RMS_NORM_EPS):
+    """``torch.ops.diffc.qk_norm_rope_per_head_fp8`` into new buffers: q, k (B, S, H, D) -> fp8 (B, H, S, D) each."""
+    batch, seq, heads, head_dim = q.shape
+    q_out = torch.empty(batch, heads, seq, head_dim, dtype=FP8, device=q.device)
+    k_out = torch.empty(batch, heads, seq, head_dim, dtype=FP8, device=q.device)
+    torch.ops.diffc.qk_norm_rope_per_head_fp8(q, k, q_weight, k_weight, cos, sin, eps, 0, q_scale, k_scale,
+                                              q_out, k_out)
+    return q_out, k_out
+
+
+def qk_norm_rope_across_heads_fp8(q, k, q_weight, k_weight, cos, sin, q_scale, k_scale, eps: float = RMS_NORM_EPS):
+    """``torch.ops.diffc.qk_norm_rope_across_heads_fp8`` into new buffers: q, k (B, S, H, D) -> fp8 (B, S, H, D)."""
+    q_out = torch.empty(q.shape, dtype=FP8, device=q.device)
+    k_out = torch.empty(q.shape, dtype=FP8, device=q.device)
+    torch.ops.diffc.qk_norm_rope_across_heads_fp8(q, k, q_weight, k_weight, cos, sin, eps, q_scale, k_scale,
+                                                  q_out, k_out)
     return q_out, k_out

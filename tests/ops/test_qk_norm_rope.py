@@ -8,14 +8,18 @@ import torch
 import diffc.models.flux.blocks as flux_blocks
 import diffc.models.wan.blocks as wan_blocks
 from diffc.errors import InvalidArgumentError
+from diffc.ops.fp8 import FP8, FP8_MAX
 from diffc.ops.qk_norm_rope import (
     CONFIG_ENV,
     CONFIGS,
     KernelConfig,
+    qk_fp8_scales,
     qk_norm_rope_across_heads_ref,
     qk_norm_rope_per_head_ref,
+    quantize_with_head_scales,
     tile_plan,
 )
+from tests.fp8_interpreter import round_interpreter_fp8_to_nearest
 from tests.ops.common import (
     DTYPES,
     assert_kernel_ran,
@@ -24,6 +28,8 @@ from tests.ops.common import (
     poisoned,
     randn,
 )
+
+FP8_ROUNDS_TO_NEAREST = round_interpreter_fp8_to_nearest()
 
 EPS = 1e-6
 
@@ -299,3 +305,216 @@ def test_bad_config_names_the_field(counters, monkeypatch):
         tile_plan(8, 4, 16, False, KernelConfig(tile=3000))
     with pytest.raises(InvalidArgumentError, match="^head_dim: expected an integer >= 2, got 0"):
         tile_plan(8, 4, 0, False, KernelConfig())
+
+
+# ---- the fp8 variants: the same kernel quantizing with static per-head scales ----------------------------
+
+FP8_FLUX_SHAPES = {name: FLUX_SHAPES[name] for name in ("h3d16", "h5d8", "h24d32s37")}  # H 3, 5; S 37
+FP8_WAN_SHAPES = {name: WAN_SHAPES[name] for name in ("b2h2d12", "h5d24", "h40d24")}
+# Triton's CPU interpreter runs on CPU tensors: a CUDA run compiles the kernels (TRITON_INTERPRET=0)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def fp8_poisoned(*shape: int) -> torch.Tensor:
+    """An fp8 output buffer full of NaN (e4m3fn's 0x7f)."""
+    return torch.full(shape, float("nan")).to(FP8)
+
+
+def distinct_scales(weight, heads, head_dim, across, flip=False):
+    """The static scales times 1..2, different for every head (and for q and k), so a wrong head index shows."""
+    ramp = 1.0 + torch.arange(heads, dtype=torch.float32) / heads
+    return qk_fp8_scales(weight, heads, head_dim, across) * (ramp.flip(0) if flip else ramp)
+
+
+def assert_fp8_matches(out: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, head_axis: int) -> None:
+    """``out`` is ``ref`` (the bf16 op's result) quantized with the per-head scales: within one e4m3 ulp of
+    the reference's quantization (mostly equal), and dequantized within e4m3's rounding of ``ref``."""
+    assert out.dtype == FP8 and out.shape == ref.shape, (out.dtype, out.shape, ref.shape)
+    got, want = out.float(), quantize_with_head_scales(ref, scale.to(ref.device), head_axis).float()
+    assert not got.isnan().any(), f"{int(got.isnan().sum())} of {got.numel()} elements were not written"
+    # one ulp: 2^-3 of the value's binade above e4m3's normal minimum (2^-6), 2^-9 below
+    assert bool(((got - want).abs() <= 0.125 * want.abs() + 2.0 ** -9).all()), float((got - want).abs().max())
+    assert float((got != want).float().mean()) <= 0.02
+    shape = [1] * ref.ndim
+    shape[head_axis] = -1
+    scale = scale.to(ref.device).reshape(shape)
+    err = (got * scale - ref.float()).abs()
+    assert bool((err <= 0.07 * ref.float().abs() + 2.0 ** -9 * scale).all()), float(err.max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", FP8_FLUX_SHAPES.values(), ids=FP8_FLUX_SHAPES.keys())
+def test_per_head_fp8_matches_reference(counters, shape, dtype):
+    """Rows at seq_offset of a joint buffer, as the double-stream block fills it; the rows around stay untouched."""
+    batch, seq, heads, head_dim, axes = shape
+    offset, total = 2, seq + 3
+    q, k = qk(batch, seq, heads, head_dim, dtype)
+    wq, wk = norm_weight(head_dim, dtype, seed=4), norm_weight(head_dim, dtype, seed=5)
+    q_scale, k_scale = distinct_scales(wq, heads, head_dim, False), distinct_scales(wk, heads, head_dim, False, True)
+    cos, sin = flux_tables(total, axes)
+    q_out, k_out = fp8_poisoned(batch, heads, total, head_dim), fp8_poisoned(batch, heads, total, head_dim)
+    torch.ops.diffc.qk_norm_rope_per_head_fp8(q, k, wq, wk, cos, sin, EPS, offset, q_scale, k_scale, q_out, k_out)
+    assert_kernel_ran()
+    q_ref, k_ref = qk_norm_rope_per_head_ref(q, k, wq, wk, cos, sin, EPS, offset)
+    assert_fp8_matches(q_out[:, :, offset : offset + seq], q_ref, q_scale, head_axis=1)
+    assert_fp8_matches(k_out[:, :, offset : offset + seq], k_ref, k_scale, head_axis=1)
+    for out in (q_out, k_out):
+        assert out[:, :, :offset].float().isnan().all() and out[:, :, offset + seq :].float().isnan().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", FP8_WAN_SHAPES.values(), ids=FP8_WAN_SHAPES.keys())
+def test_across_heads_fp8_matches_reference(counters, shape, dtype):
+    batch, grid, heads, head_dim = shape
+    seq = grid[0] * grid[1] * grid[2]
+    q, k = qk(batch, seq, heads, head_dim, dtype)
+    wq, wk = norm_weight(heads * head_dim, dtype, seed=4), norm_weight(heads * head_dim, dtype, seed=5)
+    q_scale, k_scale = distinct_scales(wq, heads, head_dim, True), distinct_scales(wk, heads, head_dim, True, True)
+    cos, sin = wan_blocks.rope_frequencies(head_dim, grid, torch.device("cpu"))
+    q_out, k_out = fp8_poisoned(*q.shape), fp8_poisoned(*q.shape)
+    torch.ops.diffc.qk_norm_rope_across_heads_fp8(q, k, wq, wk, cos, sin, EPS, q_scale, k_scale, q_out, k_out)
+    assert_kernel_ran()
+    q_ref, k_ref = qk_norm_rope_across_heads_ref(q, k, wq, wk, cos, sin, EPS)
+    assert_fp8_matches(q_out, q_ref, q_scale, head_axis=2)
+    assert_fp8_matches(k_out, k_ref, k_scale, head_axis=2)
+
+
+def test_fp8_clamps_to_the_fp8_range(counters):
+    """Scales far under the bound: most values saturate at +-448, as the reference's clamp does."""
+    batch, seq, heads, head_dim = 1, 6, 3, 16
+    q, k = qk(batch, seq, heads, head_dim, torch.bfloat16)
+    w = norm_weight(heads * head_dim, torch.bfloat16)
+    scale = qk_fp8_scales(w, heads, head_dim, True) / 64
+    cos, sin = wan_blocks.rope_frequencies(head_dim, (1, 2, 3), torch.device("cpu"))
+    q_out, k_out = fp8_poisoned(*q.shape), fp8_poisoned(*q.shape)
+    torch.ops.diffc.qk_norm_rope_across_heads_fp8(q, k, w, w, cos, sin, EPS, scale, scale, q_out, k_out)
+    q_ref, _ = qk_norm_rope_across_heads_ref(q, k, w, w, cos, sin, EPS)
+    want = quantize_with_head_scales(q_ref, scale, head_axis=2).float()
+    assert float((want.abs() == FP8_MAX).float().mean()) > 0.3
+    torch.testing.assert_close(q_out.float(), want, rtol=0.125, atol=0)
+
+
+def adversarial_tokens(weight: torch.Tensor, heads: int, head_dim: int, across: bool) -> torch.Tensor:
+    """Tokens whose norm output reaches the bound: all energy in the channel of a head's largest |weight|.
+
+    Per head every head of one token peaks; across heads token t peaks in head t (its other heads are 0).
+    Returns (1, H, H, D) across heads, (1, 1, H, D) per head.
+    """
+    peak = weight.float().abs().reshape(-1, head_dim).argmax(dim=1)  # (H,) across, (1,) per head
+    x = torch.zeros(1, heads if across else 1, heads, head_dim)
+    for h in range(heads):
+        x[0, h if across else 0, h, peak[h if across else 0]] = 1000.0
+    return x.to(weight.dtype)
+
+
+@pytest.mark.parametrize("across", [False, True], ids=["per_head", "across_heads"])
+def test_static_scales_bound_every_output(counters, across):
+    """No input clips: random (heavy-tailed) tokens and adversarial ones; the latter reach the bound within 2%,
+    so it is tight. Unrotated tables (cos 1) for the adversarial tokens keep their peak in one channel."""
+    heads, head_dim, seq = 5, 16, 9
+    weight = randn(heads * head_dim if across else head_dim, dtype=torch.bfloat16, seed=3, scale=0.8)
+    scale = qk_fp8_scales(weight, heads, head_dim, across)
+    assert scale.shape == (heads,) and scale.dtype == torch.float32 and scale.is_contiguous()
+    heavy = randn(2, seq, heads, head_dim, seed=4) ** 3
+    peaks = adversarial_tokens(weight, heads, head_dim, across)
+    if across:
+        tables = wan_blocks.rope_frequencies(head_dim, (1, 3, 3), torch.device("cpu"))
+        flat = (torch.ones(heads, head_dim // 2), torch.zeros(heads, head_dim // 2))
+        run, ref, axis = torch.ops.diffc.qk_norm_rope_across_heads_fp8, qk_norm_rope_across_heads_ref, 2
+    else:
+        tables = flux_tables(seq, (4, 6, 6))
+        flat = (torch.ones(1, head_dim), torch.zeros(1, head_dim))
+        run, ref, axis = torch.ops.diffc.qk_norm_rope_per_head_fp8, qk_norm_rope_per_head_ref, 1
+    for x, (cos, sin) in ((heavy.bfloat16(), tables), (peaks, flat)):
+        y, _ = ref(x, x, weight, weight, cos, sin, EPS)
+        shape = [1, 1, 1, 1]
+        shape[axis] = heads
+        ratio = y.float().abs() / (FP8_MAX * scale.reshape(shape))
+        assert float(ratio.max()) <= 1.0
+        out = fp8_poisoned(*y.shape)
+        run(x, x, weight, weight, cos, sin, EPS, *(() if across else (0,)), scale, scale, out, fp8_poisoned(*y.shape))
+        assert_fp8_matches(out, y, scale, head_axis=axis)
+    peak_ratio = ratio.amax(dim=tuple(d for d in range(4) if d != axis))
+    assert bool((peak_ratio >= 0.98).all()), peak_ratio
+    assert_kernel_ran(2)
+
+
+def test_fp8_opcheck(counters):
+    # the fake-tensor and autograd-registration checks (tests/ops/test_fp8_quant.py says why not the schema one)
+    checks = ("test_faketensor", "test_autograd_registration")
+    q, k = qk(1, 5, 3, 8, torch.bfloat16)
+    cos, sin = flux_tables(7, (2, 2, 4))
+    w = norm_weight(8, torch.bfloat16)
+    scale = qk_fp8_scales(w, 3, 8, False)
+    outs = [torch.zeros(1, 3, 7, 8, dtype=FP8) for _ in range(2)]
+    torch.library.opcheck(torch.ops.diffc.qk_norm_rope_per_head_fp8.default,
+                          (q, k, w, w, cos, sin, EPS, 2, scale, scale, *outs), test_utils=checks)
+    cos, sin = wan_blocks.rope_frequencies(8, (1, 1, 5), torch.device("cpu"))
+    w = norm_weight(24, torch.bfloat16)
+    scale = qk_fp8_scales(w, 3, 8, True)
+    outs = [torch.zeros(1, 5, 3, 8, dtype=FP8) for _ in range(2)]
+    torch.library.opcheck(torch.ops.diffc.qk_norm_rope_across_heads_fp8.default,
+                          (q, k, w, w, cos, sin, EPS, scale, scale, *outs), test_utils=checks)
+
+
+FP8_BAD = {  # case -> (the argument it replaces, what the error says after the argument's name)
+    "q_out dtype": ("q_out", "expected dtype torch.float8_e4m3fn"),
+    "q_scale shape": ("q_scale", r"expected shape \(3,\): one scale per head"),
+    "k_scale dtype": ("k_scale", "expected dtype torch.float32"),
+    "k_scale strided": ("k_scale", "must be contiguous"),
+}
+
+
+@pytest.mark.parametrize("across", [False, True], ids=["per_head", "across_heads"])
+@pytest.mark.parametrize("case", FP8_BAD, ids=FP8_BAD.keys())
+def test_fp8_bad_arguments_name_the_field(case, across):
+    field, message = FP8_BAD[case]
+    q, k = qk(1, 5, 3, 8, torch.bfloat16)
+    w = norm_weight(24 if across else 8, torch.bfloat16)
+    args = {"q_scale": qk_fp8_scales(w, 3, 8, across), "k_scale": qk_fp8_scales(w, 3, 8, across),
+            "q_out": torch.zeros(1, 5, 3, 8, dtype=FP8) if across else torch.zeros(1, 3, 5, 8, dtype=FP8)}
+    args["k_out"] = args["q_out"].clone()
+    args[field] = {"q_out dtype": args["q_out"].bfloat16(), "q_scale shape": args["q_scale"][:2],
+                   "k_scale dtype": args["k_scale"].double(), "k_scale strided": torch.ones(6)[::2]}[case]
+    with pytest.raises(InvalidArgumentError, match=f"^{field}: {message}"):
+        if across:
+            cos, sin = wan_blocks.rope_frequencies(8, (1, 1, 5), torch.device("cpu"))
+            torch.ops.diffc.qk_norm_rope_across_heads_fp8(q, k, w, w, cos, sin, EPS, args["q_scale"],
+                                                          args["k_scale"], args["q_out"], args["k_out"])
+        else:
+            cos, sin = flux_tables(5, (2, 2, 4))
+            torch.ops.diffc.qk_norm_rope_per_head_fp8(q, k, w, w, cos, sin, EPS, 0, args["q_scale"],
+                                                      args["k_scale"], args["q_out"], args["k_out"])
+
+
+def test_fp8_scales_refuse_a_weight_of_the_wrong_size():
+    with pytest.raises(InvalidArgumentError, match=r"^weight: expected shape \(24,\) \(heads \* head_dim\)"):
+        qk_fp8_scales(norm_weight(8, torch.bfloat16), 3, 8, across_heads=True)
+    with pytest.raises(InvalidArgumentError, match=r"^weight: expected shape \(8,\) \(head_dim\)"):
+        qk_fp8_scales(norm_weight(24, torch.bfloat16), 3, 8, across_heads=False)
+
+
+@needs_cuda
+def test_fp8_kernels_on_the_gpu(monkeypatch):
+    """The compiled kernels at production head sizes (FLUX 24 x 128 per head, Wan-14B 40 x 128 across heads)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cuda = torch.device("cuda")
+    q, k = (t.to(cuda) for t in qk(1, 300, 24, 128, torch.bfloat16))
+    w = norm_weight(128, torch.bfloat16).to(cuda)
+    scale = qk_fp8_scales(w, 24, 128, False)
+    cos, sin = (t.to(cuda) for t in flux_tables(310, (16, 56, 56)))
+    outs = [torch.empty(1, 24, 310, 128, dtype=FP8, device=cuda) for _ in range(2)]
+    torch.ops.diffc.qk_norm_rope_per_head_fp8(q, k, w, w, cos, sin, EPS, 10, scale, scale, *outs)
+    q_ref, k_ref = qk_norm_rope_per_head_ref(q, k, w, w, cos, sin, EPS, 10)
+    assert_fp8_matches(outs[0][:, :, 10:], q_ref, scale, head_axis=1)
+    assert_fp8_matches(outs[1][:, :, 10:], k_ref, scale, head_axis=1)
+
+    q, k = (t.to(cuda) for t in qk(1, 300, 40, 128, torch.bfloat16))
+    w = norm_weight(40 * 128, torch.bfloat16).to(cuda)
+    scale = qk_fp8_scales(w, 40, 128, True)
+    cos, sin = wan_blocks.rope_frequencies(128, (1, 10, 30), cuda)
+    outs = [torch.empty(q.shape, dtype=FP8, device=cuda) for _ in range(2)]
+    torch.ops.diffc.qk_norm_rope_across_heads_fp8(q, k, w, w, cos, sin, EPS, scale, scale, *outs)
+    q_ref, k_ref = qk_norm_rope_across_heads_ref(q, k, w, w, cos, sin, EPS)
+    assert_fp8_matches(outs[0], q_ref, scale, head_axis=2)
+    assert_fp8_matches(outs[1], k_ref, scale, head_axis=2)
