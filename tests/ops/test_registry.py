@@ -18,10 +18,12 @@ EXPECTED_OPS = {
     "adaln_modulate", "gated_residual", "gated_residual_adaln", "gelu_tanh", "qk_norm_rope_per_head",
     "qk_norm_rope_across_heads", "rms_norm", "silu_mul", "timestep_embedding",
     "adaln_modulate_fp8", "gated_residual_adaln_fp8", "gelu_tanh_fp8",  # the fp8 tier's producers
+    "quantize_rows",  # the fp8 tier's quantization of an activation no fused kernel produces
+    "qk_norm_rope_per_head_fp8", "qk_norm_rope_across_heads_fp8", "quantize_heads",  # fp8 attention's inputs
 }
 # Ops around external library kernels (torch's SDPA included) that allocate their own output (functional: they
 # return it).
-EXTERNAL_OPS = {"attention_fa4", "attention_flashinfer", "attention_key_padding"}
+EXTERNAL_OPS = {"attention_fa4", "attention_flashinfer", "attention_flashinfer_fp8", "attention_key_padding"}
 
 
 def test_every_op_is_registered_with_destinations_and_no_return():
