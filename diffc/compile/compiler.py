@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
-from .fp8 import Fp8LinearPass, lowering_report, placeholder_values, site_errors
+from .fp8 import Fp8LinearPass, lowering_report, placeholder_values, site_errors, start_lowering
+from .fp8_attention import Fp8AttentionPass
 from .manager import TIERS, PassManager
 from .passes import FUSION_PASSES, graph_targets
 from .regions import Region, RegionGraph, call_key
@@ -53,8 +54,9 @@ class BucketReport:
 
 
 # Steps of the fp8 tier's lowering that ``disable`` can leave out (no effect outside the tier):
-# ``fp8_quantize_rows`` keeps the linears whose input no fused kernel quantizes in bf16.
-FP8_STEPS = ("fp8_quantize_rows",)
+# ``fp8_quantize_rows`` keeps the linears whose input no fused kernel quantizes in bf16, ``fp8_attention``
+# keeps attention in bf16.
+FP8_STEPS = ("fp8_quantize_rows", "fp8_attention")
 
 
 def fusion_passes(tier: str, disable: Sequence[str] = (), enable: Sequence[str] = ()) -> list:
@@ -89,6 +91,7 @@ def pass_sources() -> dict[str, str]:
     files["manager"] = inspect.getsourcefile(PassManager)
     files["regions"] = inspect.getsourcefile(RegionGraph)
     files["fp8_linear"] = inspect.getsourcefile(Fp8LinearPass)
+    files["fp8_attention"] = inspect.getsourcefile(Fp8AttentionPass)
     for name in sorted(ops.registry.REGISTERED):
         files[f"op:{name}"] = inspect.getsourcefile(ops.registry.REGISTERED[name]._init_fn)
     return {name: art.sha256_text(Path(path).read_text())[:16] for name, path in sorted(files.items())}
@@ -147,13 +150,17 @@ def rewrite(program: torch.export.ExportedProgram, *, device: torch.device, dtyp
 def _rewrite(program, *, device, dtype, tier, disable, enable, attention):
     """:func:`rewrite`, and under the ``fp8`` tier the fp8 lowering last; returns (matches, choice, lowering)."""
     counters = PassManager(passes=fusion_passes(tier, disable, enable), tier=tier).run(program)
+    lowering = None
+    if tier == "fp8":
+        lowering = start_lowering(program)
+        if "fp8_attention" not in disable:  # before the attention selection, which measures what stays bf16
+            counters.matches[Fp8AttentionPass.name] = Fp8AttentionPass(device)(program, lowering)
     choice = None
     if "attention" not in disable:
         choice = lower_attention(program, device, dtype, attention, tier)
         counters.matches["attention"] = choice.pop("replaced")
-    lowering = None
     if tier == "fp8":
-        lowering = Fp8LinearPass(standalone="fp8_quantize_rows" not in disable)(program)
+        Fp8LinearPass(standalone="fp8_quantize_rows" not in disable)(program, lowering)
         counters.matches[Fp8LinearPass.name] = lowering.replaced
     return dict(counters.matches), choice, lowering
 

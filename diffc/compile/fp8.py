@@ -75,6 +75,9 @@ class Fp8Lowering:
     producers: int = 0
     standalone: int = 0  # activations quantized by diffc.quantize_rows (their linears are in ``sites``)
     before: fx.GraphModule | None = None  # the graph before lowering (for the quality report)
+    # fp8 attention (diffc/compile/fp8_attention.py): site -> (bf16 sdpa node, fp8 attention node), or the reason
+    attention_sites: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    attention_kept: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def replaced(self) -> int:
@@ -114,6 +117,13 @@ def _linear_problem(user: fx.Node, out: fx.Node, names: dict[str, str], buffers:
     return None
 
 
+def start_lowering(program: torch.export.ExportedProgram) -> Fp8Lowering:
+    """An empty :class:`Fp8Lowering` holding a copy of ``program``'s graph before any fp8 rewrite."""
+    from .regions import _own_copy
+
+    return Fp8Lowering(before=_own_copy(program.graph_module))
+
+
 class Fp8LinearPass:
     """Lower every eligible (producer -> linears) site of an ExportedProgram's graph to fp8 (module docstring);
     ``standalone=False`` leaves the linears whose input no fused kernel produces in bf16."""
@@ -123,11 +133,10 @@ class Fp8LinearPass:
     def __init__(self, standalone: bool = True):
         self.standalone = standalone
 
-    def __call__(self, program: torch.export.ExportedProgram) -> Fp8Lowering:
-        from .regions import _own_copy
-
+    def __call__(self, program: torch.export.ExportedProgram, result: Fp8Lowering | None = None) -> Fp8Lowering:
+        """Lower ``program`` in place, adding to ``result`` (a new one, holding a copy of the graph before, if None)."""
         gm = program.graph_module
-        result = Fp8Lowering(before=_own_copy(gm))
+        result = result if result is not None else start_lowering(program)
         names, buffers = _state_names(program)
         producers = _producers()
         graph = gm.graph
@@ -305,23 +314,29 @@ def site_errors(lowering: Fp8Lowering, program: torch.export.ExportedProgram, va
     (the fp8 graph's value includes the error of fp8 sites earlier in the block)."""
     from .compiler import rel_err
 
-    if not lowering.sites or lowering.before is None:
+    sites = {**lowering.sites, **{f"{site} (attention)": pair for site, pair in lowering.attention_sites.items()}}
+    if not sites or lowering.before is None:
         return {}
     with torch.no_grad():
-        bf16 = _Recorder(lowering.before, {old for old, _ in lowering.sites.values()})
+        bf16 = _Recorder(lowering.before, {old for old, _ in sites.values()})
         bf16.run(*values)
-        fp8 = _Recorder(program.graph_module, {new for _, new in lowering.sites.values()})
+        fp8 = _Recorder(program.graph_module, {new for _, new in sites.values()})
         fp8.run(*values)
-    return {site: rel_err(fp8.seen[new], bf16.seen[old]) for site, (old, new) in sorted(lowering.sites.items())}
+    return {site: rel_err(fp8.seen[new], bf16.seen[old]) for site, (old, new) in sorted(sites.items())}
 
 
 def lowering_report(lowering: Fp8Lowering, errors: dict[str, float]) -> dict[str, Any]:
-    """The ``fp8`` entry of a region's compile report (and the manifest)."""
-    worst = max(errors.values(), default=None)
+    """The ``fp8`` entry of a region's compile report (and the manifest): ``rel_err`` has the linears' errors,
+    ``attention_rel_err`` the attention sites' (their output vs bf16 attention's, on the compile inputs)."""
+    attention = {k: v for k, v in errors.items() if k.endswith(" (attention)")}
+    linears = {k: v for k, v in errors.items() if k not in attention}
     return {"linears_fp8": lowering.replaced, "producers_fp8": lowering.producers,
             "quantized_standalone": lowering.standalone,
-            "linears_bf16": len(lowering.kept), "rel_err": errors, "max_rel_err": worst,
-            "kept_bf16": dict(sorted(lowering.kept.items()))}
+            "linears_bf16": len(lowering.kept), "rel_err": linears, "max_rel_err": max(linears.values(), default=None),
+            "kept_bf16": dict(sorted(lowering.kept.items())),
+            "attention_fp8": len(lowering.attention_sites),
+            "attention_rel_err": {k.removesuffix(" (attention)"): v for k, v in attention.items()},
+            "attention_bf16": dict(sorted(lowering.attention_kept.items()))}
 
 
-__all__ = ["Fp8LinearPass", "Fp8Lowering", "lowering_report", "placeholder_values", "site_errors"]
+__all__ = ["Fp8LinearPass", "Fp8Lowering", "lowering_report", "placeholder_values", "site_errors", "start_lowering"]

@@ -114,7 +114,8 @@ def test_lowering_sites_are_exact(compiled):
                 ops[str(node.target)] = ops.get(str(node.target), 0) + 1
         assert ops.get("aten._scaled_mm.default", 0) == len(lowered)
         assert ops.get("aten.linear.default", 0) == len(kept)
-        fp8_producers = sum(n for k, n in ops.items() if k.startswith("diffc.") and k.endswith("_fp8.default"))
+        fp8_producers = sum(n for k, n in ops.items() if k.startswith("diffc.") and k.endswith("_fp8.default")
+                            and "qk_norm_rope" not in k and "attention" not in k)
         assert fp8_producers == region.fp8["producers_fp8"] > 0
 
 
@@ -235,3 +236,71 @@ def test_standalone_quantization_lowers_the_unfused_linears(monkeypatch, name):
         lowered, kept = EXPECTED[name][region.region]
         assert region.fp8["quantized_standalone"] == 0
         assert {k.removesuffix(".weight") for k in region.fp8["kept_bf16"]} == kept
+
+
+# Attention sites on fp8 attention (q/k from the fused QK-norm + RoPE kernel) and the ones kept bf16.
+EXPECTED_ATTENTION = {"flux": {"transformer_blocks": 1, "single_transformer_blocks": 1},
+                      "wan": {"blocks": 1}}
+
+
+def test_self_attention_runs_fp8_with_its_error(compiled):
+    """q and k are written in fp8 by the QK-norm + RoPE kernel (static scales from the norm weights), v is
+    quantized per head, the attention runs ``diffc.attention_flashinfer_fp8`` (its reference on the CPU);
+    Wan's cross-attention (q/k not from that kernel) stays bf16 with the reason."""
+    name = _model_name(compiled)
+    for region in compiled.report.regions:
+        fp8 = region.fp8
+        assert fp8["attention_fp8"] == EXPECTED_ATTENTION[name][region.region]
+        assert len(fp8["attention_rel_err"]) == fp8["attention_fp8"]
+        assert all(0 < e < 0.15 for e in fp8["attention_rel_err"].values()), fp8["attention_rel_err"]
+        (graph,) = compiled.graphs[region.region].values()
+        targets = [str(n.target) for n in graph.program.graph_module.graph.nodes if n.op == "call_function"]
+        assert targets.count("diffc.attention_flashinfer_fp8.default") == fp8["attention_fp8"]
+        assert targets.count("diffc.quantize_heads.default") == fp8["attention_fp8"]
+        assert not any(t.startswith("diffc.qk_norm_rope") and not t.endswith("_fp8.default") for t in targets)
+        assert region.matches["fp8_attention"] == fp8["attention_fp8"]
+    if name == "wan":
+        (region,) = compiled.report.regions
+        (reason,) = region.fp8["attention_bf16"].values()
+        assert "not written by the fused QK-norm + RoPE kernel" in reason
+        assert "attn2" in next(iter(region.fp8["attention_bf16"]))
+
+
+@pytest.mark.parametrize("across", [True, False], ids=["across_heads", "per_head"])
+def test_graph_scales_equal_the_ops_bound(across):
+    """The scale nodes the lowering puts in the graph compute :func:`qk_fp8_scales` of the norm weight."""
+    from torch import fx
+
+    from diffc.compile.fp8_attention import _weight_scale
+    from diffc.ops.qk_norm_rope import qk_fp8_scales
+
+    heads, head_dim = 3, 8
+    weight = (torch.randn(heads * head_dim if across else head_dim) * 3).to(BF16)
+    graph = fx.Graph()
+    w = graph.placeholder("w")
+
+    def call(target, *args, **kwargs):
+        return graph.call_function(target, args, kwargs)
+
+    graph.output(_weight_scale(call, w, heads, head_dim, across))
+    got = fx.GraphModule(torch.nn.Module(), graph)(weight)
+    assert got.shape == (heads,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, qk_fp8_scales(weight, heads, head_dim, across))
+
+
+def test_fp8_attention_can_be_left_out_or_unavailable(monkeypatch):
+    """``--disable fp8_attention`` keeps bf16 attention; so does a device without the fp8 kernel, with the reason."""
+    report, graphs, out, eager = _compile("wan", disable=("fp8_attention",))
+    (region,) = report.regions
+    assert region.fp8["attention_fp8"] == 0 and region.fp8["attention_bf16"] == {}
+    assert _psnr(out, eager) >= MIN_PSNR_DB
+    import diffc.compile.fp8_attention as fa
+
+    monkeypatch.setattr(fa, "fp8_attention_unavailable", lambda device: "flashinfer cannot be imported (test)")
+    report, graphs, out, eager = _compile("flux")
+    for region in report.regions:
+        assert region.fp8["attention_fp8"] == 0
+        assert set(region.fp8["attention_bf16"].values()) == {"flashinfer cannot be imported (test)"}
+        (graph,) = graphs[region.region].values()
+        targets = {str(n.target) for n in graph.program.graph_module.graph.nodes if n.op == "call_function"}
+        assert "diffc.attention_flashinfer_fp8.default" not in targets
