@@ -37,6 +37,7 @@ from .passes.base import _propagate_val
 
 aten = torch.ops.aten
 FP8 = torch.float8_e4m3fn
+FA3_HEAD_DIMS = (64, 128, 256)  # the head dims flashinfer's FA3 fp8 prefill kernel is built for
 
 
 def _writers() -> dict:
@@ -122,6 +123,9 @@ class Fp8AttentionPass:
         q, k = bound["query"], bound["key"]
         if q.meta["val"].dtype != torch.bfloat16:
             return "fp8 attention writes bf16; q is not bf16"
+        head_dim = q.meta["val"].shape[-1]
+        if self.device.type == "cuda" and head_dim not in FA3_HEAD_DIMS:
+            return f"head_dim {head_dim}: flashinfer's FA3 fp8 kernel takes {', '.join(map(str, FA3_HEAD_DIMS))}"
         writers = _writers()
         q_nodes, k_nodes = _chain(q), _chain(k)
         found = [u for n in q_nodes for u in n.users if u.op == "call_function" and u.target in writers]

@@ -304,3 +304,18 @@ def test_fp8_attention_can_be_left_out_or_unavailable(monkeypatch):
         (graph,) = graphs[region.region].values()
         targets = {str(n.target) for n in graph.program.graph_module.graph.nodes if n.op == "call_function"}
         assert "diffc.attention_flashinfer_fp8.default" not in targets
+
+
+def test_head_dims_flashinfer_lacks_stay_bf16(traced, monkeypatch):
+    """On a GPU the lowering keeps attention whose head_dim has no FA3 fp8 kernel (the tiny models' 12) in bf16."""
+    import diffc.compile.fp8_attention as fa
+    from diffc.compile.compiler import fusion_passes
+    from diffc.compile.fp8 import start_lowering
+    from diffc.compile.manager import PassManager
+
+    t = traced("wan", BF16)
+    PassManager(passes=fusion_passes("fp8"), tier="fp8").run(t.program)
+    monkeypatch.setattr(fa, "fp8_attention_unavailable", lambda device: None)  # as on an H200 with flashinfer
+    lowering = start_lowering(t.program)
+    assert fa.Fp8AttentionPass(torch.device("cuda"))(t.program, lowering) == 0
+    assert any("head_dim 12" in why for why in lowering.attention_kept.values()), lowering.attention_kept

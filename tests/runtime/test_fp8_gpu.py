@@ -138,6 +138,16 @@ def test_flux_dev_block_at_real_width():
     print(json.dumps({r.region: r.fp8 for r in report.regions}, indent=1), "\nper forward", report.rel_err_vs_eager)
     assert report.rel_err_vs_eager < 0.05
     assert all(r.fp8["max_rel_err"] < 0.08 for r in report.regions)
+    # the attention output projection over 4,096 image tokens and the single block's proj_out pay for their
+    # own quantization pass; the text tokens' to_add_out does not
+    double, single = report.regions
+    assert "attn.to_out.0.weight" in double.fp8["rel_err"] and "attn.to_add_out.weight" in double.fp8["kept_bf16"]
+    assert "proj_out.weight" in single.fp8["rel_err"]
+    from diffc.compile.fp8_attention import fp8_attention_unavailable
+
+    if fp8_attention_unavailable(CUDA) is None:  # flashinfer on a Hopper GPU: both blocks' attention in fp8
+        assert [r.fp8["attention_fp8"] for r in report.regions] == [1, 1]
+        assert all(0 < e < 0.1 for r in report.regions for e in r.fp8["attention_rel_err"].values())
 
 
 def test_demo_artifact_round_trip_with_cuda_graphs(tmp_path, monkeypatch, capsys):
