@@ -12,8 +12,9 @@ item and head (what ``quantize_heads`` writes for v). Both are float32 and conti
 ``scale`` or ``scale[b]`` for batch item b.
 
 Layout as in :mod:`.attention_flashinfer`: q, k, v are (B, H, S, D) as SDPA's, transposed views of
-(B, S, H, D) buffers, and the bf16 output is a (B, H, S_q, D) view of a (B, S_q, H, D) tensor. Without a
-Hopper GPU or flashinfer the op runs its reference: dequantize, SDPA in float32, cast to bf16.
+(B, S, H, D) buffers, and the bf16 output is a (B, H, S_q, D) view of a (B, S_q, H, D) tensor. FA3 takes
+head_dim 64, 128 or 256 (the caller lowers onto this op only there). Without a Hopper GPU or flashinfer
+the op runs its reference: dequantize, SDPA in float32, cast to bf16.
 """
 
 from __future__ import annotations

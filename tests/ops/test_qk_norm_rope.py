@@ -20,6 +20,7 @@ from diffc.ops.qk_norm_rope import (
     tile_plan,
 )
 from tests.fp8_interpreter import round_interpreter_fp8_to_nearest
+from tests.ops.test_attention_fp8 import run_compiled
 from tests.ops.common import (
     DTYPES,
     assert_kernel_ran,
@@ -311,8 +312,6 @@ def test_bad_config_names_the_field(counters, monkeypatch):
 
 FP8_FLUX_SHAPES = {name: FLUX_SHAPES[name] for name in ("h3d16", "h5d8", "h24d32s37")}  # H 3, 5; S 37
 FP8_WAN_SHAPES = {name: WAN_SHAPES[name] for name in ("b2h2d12", "h5d24", "h40d24")}
-# Triton's CPU interpreter runs on CPU tensors: a CUDA run compiles the kernels (TRITON_INTERPRET=0)
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def fp8_poisoned(*shape: int) -> torch.Tensor:
@@ -494,10 +493,13 @@ def test_fp8_scales_refuse_a_weight_of_the_wrong_size():
         qk_fp8_scales(norm_weight(24, torch.bfloat16), 3, 8, across_heads=False)
 
 
-@needs_cuda
-def test_fp8_kernels_on_the_gpu(monkeypatch):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_kernels_on_the_gpu():
+    run_compiled(__name__, "check_fp8_kernels_on_the_gpu")
+
+
+def check_fp8_kernels_on_the_gpu():
     """The compiled kernels at production head sizes (FLUX 24 x 128 per head, Wan-14B 40 x 128 across heads)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     cuda = torch.device("cuda")
     q, k = (t.to(cuda) for t in qk(1, 300, 24, 128, torch.bfloat16))
     w = norm_weight(128, torch.bfloat16).to(cuda)
