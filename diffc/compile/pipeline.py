@@ -316,6 +316,9 @@ def fp8_summary(bucket: DiTBucketReport) -> dict[str, Any]:
             "linears_fp8": sum(r.fp8["linears_fp8"] * r.blocks for r in regions),
             "linears_bf16": sum(r.fp8["linears_bf16"] * r.blocks for r in regions),
             "quantized_standalone": sum(r.fp8.get("quantized_standalone", 0) * r.blocks for r in regions),
+            "attention_fp8": sum(r.fp8.get("attention_fp8", 0) * r.blocks for r in regions),
+            "max_attention_rel_err": max((e for r in regions for e in r.fp8.get("attention_rel_err", {}).values()),
+                                         default=None),
             "max_layer_rel_err": max(layer_errs, default=None),
             "mean_layer_rel_err": sum(layer_errs) / len(layer_errs) if layer_errs else None}
 
@@ -343,7 +346,15 @@ def describe_fp8(fp8: dict[str, Any]) -> str:
     alone = fp8.get("quantized_standalone", 0)
     return (f"      fp8: {fp8['linears_fp8']} linear(s) fp8 ({alone} input(s) quantized on their own), "
             f"{fp8['linears_bf16']} bf16; rel. error per layer vs bf16: "
-            f"{errs or 'none'}" + (f"; kept bf16 (not worth quantizing on its own): {kept}" if kept else ""))
+            f"{errs or 'none'}" + (f"; kept bf16 (not worth quantizing on its own): {kept}" if kept else "")
+            + _describe_fp8_attention(fp8))
+
+
+def _describe_fp8_attention(fp8: dict[str, Any]) -> str:
+    errs = ", ".join(f"{site} {err:.2e}" for site, err in fp8.get("attention_rel_err", {}).items())
+    kept = "; ".join(f"{site}: {why}" for site, why in fp8.get("attention_bf16", {}).items())
+    return ((f"; fp8 attention rel. error vs bf16: {errs}" if errs else "")
+            + (f"; attention kept bf16: {kept}" if kept else ""))
 
 
 __all__ = ["CompileReport", "DiTBucketReport", "capture_inputs", "compile_dit", "compile_pipeline", "build_manifest"]
