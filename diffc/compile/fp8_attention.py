@@ -17,7 +17,7 @@ After::
     o = diffc.attention_flashinfer_fp8(transpose(qo8, 1, 2), transpose(ko8, 1, 2), transpose(v8, 1, 2), qs, ks, vs, s)
 
 q and k need no pass over the data for their scales: an RMSNorm output is bounded by its weight
-(:func:`diffc.ops.qk_norm_rope.qk_fp8_scales`), so the scale is computed from the weights in the graph
+(:func:`diffc.ops.qk_norm_rope_fp8.qk_fp8_scales`), so the scale is computed from the weights in the graph
 (a few tiny ops on a (D,) or (H*D,) vector) and the kernel that writes q and k writes them in fp8. Two
 calls writing one buffer (FLUX's text and image rows) share the larger scale. v is quantized per head by
 ``diffc.quantize_heads`` (two passes: amax, cast). Quantizing q, k, v as separate torch ops costs more
@@ -201,9 +201,9 @@ class Fp8AttentionPass:
 
 
 def _weight_scale(call, weight: fx.Node, heads: int, head_dim: int, across: bool) -> fx.Node:
-    """Graph nodes computing :func:`~diffc.ops.qk_norm_rope.qk_fp8_scales` of one norm weight: (H,) float32."""
+    """Graph nodes computing :func:`~diffc.ops.qk_norm_rope_fp8.qk_fp8_scales` of one norm weight: (H,) float32."""
     from ..ops.fp8 import SCALE_FLOOR
-    from ..ops.qk_norm_rope import FP8_SCALE_SLACK
+    from ..ops.qk_norm_rope_fp8 import FP8_SCALE_SLACK
 
     a = call(aten.abs.default, weight)
     if across:

@@ -8,7 +8,8 @@ interpreter on CPU under ``TRITON_INTERPRET=1``, else the torch reference).
 """
 
 from . import (adaln_modulate, attention_fa4, attention_flashinfer, attention_fp8, attention_key_padding, fp8,
-               gated_residual, gelu_tanh, qk_norm_rope, quantize_rows, rms_norm, silu_mul, timestep_embedding)
+               gated_residual, gelu_tanh, qk_norm_rope, qk_norm_rope_fp8, quantize_rows, rms_norm, silu_mul,
+               timestep_embedding)
 from .registry import COUNTERS, REGISTERED, OpCounters, kernel_runs_on, register_op
 
 OPS = tuple(REGISTERED)  # names in the diffc namespace, e.g. "qk_norm_rope_per_head"
@@ -28,6 +29,7 @@ __all__ = [
     "gelu_tanh",
     "kernel_runs_on",
     "qk_norm_rope",
+    "qk_norm_rope_fp8",
     "quantize_rows",
     "register_op",
     "rms_norm",

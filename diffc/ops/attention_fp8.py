@@ -3,7 +3,7 @@
 flashinfer's FA3 kernel runs attention on float8_e4m3 q, k, v with one float32 dequantization scale per
 head (GPU-NOTES.md: 1.3x bf16 FA3 at Wan's and FLUX's sizes), provided q, k and v arrive in fp8 without
 a separate quantization pass, which costs more than fp8 saves. q and k come from the fused QK-norm +
-RoPE's fp8 variants with static scales (:func:`diffc.ops.qk_norm_rope.qk_fp8_scales`); v, which no norm
+RoPE's fp8 variants with static scales (:func:`diffc.ops.qk_norm_rope_fp8.qk_fp8_scales`); v, which no norm
 bounds, gets dynamic scales from :func:`quantize_heads` (two passes over v: amax, then cast).
 
 Scale convention, for all three: ``x[b, h] ~= x8[b, h].float() * scale``, where a scale tensor is either

@@ -12,10 +12,8 @@
 As in eager, the normalised q/k is rounded to the activations' dtype before RoPE, which runs in
 float32 and rounds once more. One kernel launch handles q and k.
 
-The ``_fp8`` variants (``qk_norm_rope_per_head_fp8``, ``qk_norm_rope_across_heads_fp8``) feed fp8
-attention (:mod:`.attention_fp8`): the same kernel divides the rounded result by a static per-head scale
-and stores float8_e4m3 (``x ~= out * scale[h]``), so q and k never round-trip through memory in bf16.
-The scales come from the norm weights alone (:func:`qk_fp8_scales`): RMSNorm bounds its output.
+The kernel also has a quantizing path (``QUANT``), which :mod:`.qk_norm_rope_fp8` registers as the
+``_fp8`` variants that feed fp8 attention.
 
 The kernel works on (tokens, heads, head_dim) tiles with head_dim contiguous, so every load and store is
 a full row; RoPE partners come from a reshape/split/join in registers. Heads are tiled by a power of two
@@ -29,14 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
-from .fp8 import FP8, FP8_MAX, SCALE_FLOOR
 from .registry import (
     cdiv,
     expect_dtype,
@@ -51,7 +47,7 @@ from .registry import (
 )
 
 RMS_NORM_EPS = 1e-6  # FLUX's NORM_EPS and Wan's config.eps
-FP8_SCALE_SLACK = 1.01  # qk_fp8_scales' margin over the exact bound, for rounding to bf16 and cos^2 + sin^2 != 1
+
 
 
 def qk_norm_rope_per_head_ref(q, k, q_weight, k_weight, cos, sin, eps: float = RMS_NORM_EPS, seq_offset: int = 0):
@@ -83,39 +79,6 @@ def qk_norm_rope_across_heads_ref(q, k, q_weight, k_weight, cos, sin, eps: float
         return rotated.flatten(-2).to(x.dtype)
 
     return one(q, q_weight), one(k, k_weight)
-
-
-def quantize_with_head_scales(y: torch.Tensor, scale: torch.Tensor, head_axis: int) -> torch.Tensor:
-    """The fp8 variants' quantization: ``clamp(y / scale[h], -448, 448)`` as float8_e4m3, y in the activations'
-    dtype with its heads along ``head_axis``, scale float32 (H,); ``y ~= out * scale[h]``."""
-    shape = [1] * y.ndim
-    shape[head_axis] = -1
-    return (y.float() / scale.reshape(shape)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-
-
-def qk_fp8_scales(weight: torch.Tensor, heads: int, head_dim: int, across_heads: bool) -> torch.Tensor:
-    """Static per-head dequantization scales, float32 (H,), for the q or k the fp8 variants produce.
-
-    They depend on the RMSNorm weight alone, so they are computed once at compile time and no kernel has to
-    reduce over the output before it can quantize it. The bound: RMSNorm over N channels (N = head_dim per
-    head, heads * head_dim across heads) gives ``n_i = x_i * w_i / sqrt(mean(x^2) + eps)``, and since
-    ``x_i^2 <= sum_j x_j^2 = N * mean(x^2)`` (eps only shrinks n), ``|n_i| <= sqrt(N) * |w_i|``, reached
-    when channel i holds all the energy. RoPE rotates each pair (n_2j, n_2j+1), so an output is at most
-    the pair's length: ``out^2 <= n_2j^2 + n_2j+1^2 <= max(w_2j^2, w_2j+1^2) * (x_2j^2 + x_2j+1^2) /
-    mean(x^2) <= N * max(w^2)``. Hence ``|out| <= sqrt(N) * max|w|`` over the head's channels, for every
-    input, and ``scale[h] = sqrt(N) * max|w| * FP8_SCALE_SLACK / 448`` never clips. The slack covers
-    rounding n and out to bf16 (2^-9 relative each) and float32 tables with ``cos^2 + sin^2`` a few ulp
-    over 1. The price of a bound over an estimate: typical outputs use a fraction of e4m3's range, which
-    costs no relative precision while they stay above its normal minimum (2^-6 of 448 / scale).
-
-    Args:
-        weight: the RMSNorm weight of q or k: (head_dim,) per head (FLUX), (heads * head_dim,) across (Wan).
-    """
-    size = heads * head_dim if across_heads else head_dim
-    expect_shape("weight", weight, (size,), f"({size},) ({'heads * head_dim' if across_heads else 'head_dim'})")
-    w = weight.detach().float().abs()
-    peak = w.reshape(heads, head_dim).amax(dim=1) if across_heads else w.amax().expand(heads)
-    return (peak * (math.sqrt(size) * FP8_SCALE_SLACK / FP8_MAX)).clamp_min(SCALE_FLOOR).contiguous()
 
 
 @triton_kernel
@@ -267,28 +230,6 @@ def _check_across_heads(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out, o
 def _check_out_strides(q_out, k_out) -> None:
     if q_out.stride() != k_out.stride():
         raise InvalidArgumentError("k_out", f"must have q_out's strides {q_out.stride()}, got {k_out.stride()}")
-
-
-def _check_head_scales(q, q_scale, k_scale) -> None:
-    """The fp8 variants' static dequantization scales: float32 (H,), contiguous, on q's device."""
-    heads = q.shape[2] if q.ndim == 4 else 0
-    for field, t in (("q_scale", q_scale), ("k_scale", k_scale)):
-        expect_shape(field, t, (heads,), f"({heads},): one scale per head")
-        expect_dtype(field, t, torch.float32)
-        if not t.is_contiguous():
-            raise InvalidArgumentError(field, "must be contiguous")
-    expect_same_device({"q": q, "q_scale": q_scale, "k_scale": k_scale})
-
-
-def _check_per_head_fp8(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_scale, k_scale, q_out,
-                        k_out) -> None:
-    _check_per_head(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, out_dtype=FP8)
-    _check_head_scales(q, q_scale, k_scale)
-
-
-def _check_across_heads_fp8(q, k, q_weight, k_weight, cos, sin, eps, q_scale, k_scale, q_out, k_out) -> None:
-    _check_across_heads(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out, out_dtype=FP8)
-    _check_head_scales(q, q_scale, k_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,70 +387,6 @@ def _across_heads_launch(
     _launch(q, k, q_weight, k_weight, cos, sin, eps, 0, q_out, k_out, strides, across_heads=True)
 
 
-def _per_head_fp8_into_ref(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_scale, k_scale, q_out,
-                           k_out) -> None:
-    q_ref, k_ref = qk_norm_rope_per_head_ref(q, k, q_weight, k_weight, cos, sin, eps, seq_offset)
-    q_out[:, :, seq_offset : seq_offset + q.shape[1]] = quantize_with_head_scales(q_ref, q_scale, head_axis=1)
-    k_out[:, :, seq_offset : seq_offset + q.shape[1]] = quantize_with_head_scales(k_ref, k_scale, head_axis=1)
-
-
-def _across_heads_fp8_into_ref(q, k, q_weight, k_weight, cos, sin, eps, q_scale, k_scale, q_out, k_out) -> None:
-    q_ref, k_ref = qk_norm_rope_across_heads_ref(q, k, q_weight, k_weight, cos, sin, eps)
-    q_out.copy_(quantize_with_head_scales(q_ref, q_scale, head_axis=2))
-    k_out.copy_(quantize_with_head_scales(k_ref, k_scale, head_axis=2))
-
-
-@register_op(
-    "qk_norm_rope_per_head_fp8",
-    mutates_args=("q_out", "k_out"),
-    fake=_check_per_head_fp8,
-    fallback=_per_head_fp8_into_ref,
-)
-def _per_head_fp8_launch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    eps: float,
-    seq_offset: int,
-    q_scale: torch.Tensor,
-    k_scale: torch.Tensor,
-    q_out: torch.Tensor,
-    k_out: torch.Tensor,
-) -> None:
-    _check_per_head_fp8(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_scale, k_scale, q_out, k_out)
-    strides = (q_out.stride(0), q_out.stride(2), q_out.stride(1))
-    _launch(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, strides, across_heads=False,
-            q_scale=q_scale, k_scale=k_scale)
-
-
-@register_op(
-    "qk_norm_rope_across_heads_fp8",
-    mutates_args=("q_out", "k_out"),
-    fake=_check_across_heads_fp8,
-    fallback=_across_heads_fp8_into_ref,
-)
-def _across_heads_fp8_launch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    eps: float,
-    q_scale: torch.Tensor,
-    k_scale: torch.Tensor,
-    q_out: torch.Tensor,
-    k_out: torch.Tensor,
-) -> None:
-    _check_across_heads_fp8(q, k, q_weight, k_weight, cos, sin, eps, q_scale, k_scale, q_out, k_out)
-    strides = (q_out.stride(0), q_out.stride(1), q_out.stride(2))
-    _launch(q, k, q_weight, k_weight, cos, sin, eps, 0, q_out, k_out, strides, across_heads=True,
-            q_scale=q_scale, k_scale=k_scale)
-
-
 def qk_norm_rope_per_head(q, k, q_weight, k_weight, cos, sin, eps: float = RMS_NORM_EPS):
     """``torch.ops.diffc.qk_norm_rope_per_head`` into new buffers: q, k (B, S, H, D) -> (B, H, S, D) each."""
     batch, seq, heads, head_dim = q.shape
@@ -524,23 +401,4 @@ def qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos, sin, eps: float = R
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     torch.ops.diffc.qk_norm_rope_across_heads(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out)
-    return q_out, k_out
-
-
-def qk_norm_rope_per_head_fp8(q, k, q_weight, k_weight, cos, sin, q_scale, k_scale, eps: float = RMS_NORM_EPS):
-    """``torch.ops.diffc.qk_norm_rope_per_head_fp8`` into new buffers: q, k (B, S, H, D) -> fp8 (B, H, S, D) each."""
-    batch, seq, heads, head_dim = q.shape
-    q_out = torch.empty(batch, heads, seq, head_dim, dtype=FP8, device=q.device)
-    k_out = torch.empty(batch, heads, seq, head_dim, dtype=FP8, device=q.device)
-    torch.ops.diffc.qk_norm_rope_per_head_fp8(q, k, q_weight, k_weight, cos, sin, eps, 0, q_scale, k_scale,
-                                              q_out, k_out)
-    return q_out, k_out
-
-
-def qk_norm_rope_across_heads_fp8(q, k, q_weight, k_weight, cos, sin, q_scale, k_scale, eps: float = RMS_NORM_EPS):
-    """``torch.ops.diffc.qk_norm_rope_across_heads_fp8`` into new buffers: q, k (B, S, H, D) -> fp8 (B, S, H, D)."""
-    q_out = torch.empty(q.shape, dtype=FP8, device=q.device)
-    k_out = torch.empty(q.shape, dtype=FP8, device=q.device)
-    torch.ops.diffc.qk_norm_rope_across_heads_fp8(q, k, q_weight, k_weight, cos, sin, eps, q_scale, k_scale,
-                                                  q_out, k_out)
     return q_out, k_out

@@ -272,7 +272,7 @@ def test_graph_scales_equal_the_ops_bound(across):
     from torch import fx
 
     from diffc.compile.fp8_attention import _weight_scale
-    from diffc.ops.qk_norm_rope import qk_fp8_scales
+    from diffc.ops.qk_norm_rope_fp8 import qk_fp8_scales
 
     heads, head_dim = 3, 8
     weight = (torch.randn(heads * head_dim if across else head_dim) * 3).to(BF16)

@@ -13,12 +13,11 @@ from diffc.ops.qk_norm_rope import (
     CONFIG_ENV,
     CONFIGS,
     KernelConfig,
-    qk_fp8_scales,
     qk_norm_rope_across_heads_ref,
     qk_norm_rope_per_head_ref,
-    quantize_with_head_scales,
     tile_plan,
 )
+from diffc.ops.qk_norm_rope_fp8 import qk_fp8_scales, quantize_with_head_scales
 from tests.fp8_interpreter import round_interpreter_fp8_to_nearest
 from tests.ops.test_attention_fp8 import run_compiled
 from tests.ops.common import (
