@@ -51,19 +51,9 @@ def _writers() -> dict:
 
 def fp8_attention_unavailable(device: torch.device) -> str | None:
     """Why fp8 attention does not run on ``device``, or None (on the CPU the ops run their references)."""
-    if device.type == "cpu":
-        return None
-    if device.type != "cuda":
-        return f"no fp8 attention kernel for {device.type}"
-    from ..ops.attention_flashinfer import flashinfer_unavailable
+    from ..ops.attention_fp8 import fp8_kernel_unavailable
 
-    why = flashinfer_unavailable()
-    if why is not None:
-        return why
-    major, minor = torch.cuda.get_device_capability(device)
-    if major != 9:
-        return f"flashinfer's FA3 fp8 kernel runs on Hopper (sm90), not sm{major}{minor}"
-    return None
+    return None if device.type == "cpu" else fp8_kernel_unavailable(device)
 
 
 def _chain(node) -> list[fx.Node]:

@@ -52,8 +52,8 @@ def fa4_unavailable() -> str | None:
     return None
 
 
-def _runs(device: torch.device) -> bool:
-    return device.type == "cuda" and fa4_unavailable() is None
+def _unavailable(device: torch.device) -> str | None:
+    return fa4_unavailable() if device.type == "cuda" else f"needs a CUDA GPU, not {device.type}"
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -67,7 +67,7 @@ def _fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     return bshd_output(q, attention_ref(q, k, v, scale))
 
 
-@register_op("attention_fa4", mutates_args=(), fake=_check, fallback=_fallback, runs=_runs)
+@register_op("attention_fa4", mutates_args=(), fake=_check, fallback=_fallback, unavailable=_unavailable)
 def attention_fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     from flash_attn.cute import flash_attn_func
 

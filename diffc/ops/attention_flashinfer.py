@@ -37,11 +37,11 @@ def flashinfer_unavailable() -> str | None:
     return None
 
 
-def _runs(device: torch.device) -> bool:
-    return device.type == "cuda" and flashinfer_unavailable() is None
+def _unavailable(device: torch.device) -> str | None:
+    return flashinfer_unavailable() if device.type == "cuda" else f"needs a CUDA GPU, not {device.type}"
 
 
-@register_op("attention_flashinfer", mutates_args=(), fake=_check, fallback=_fallback, runs=_runs)
+@register_op("attention_flashinfer", mutates_args=(), fake=_check, fallback=_fallback, unavailable=_unavailable)
 def attention_flashinfer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          scale: float | None = None) -> torch.Tensor:
     import flashinfer

@@ -186,14 +186,20 @@ def _attention_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_sca
     return bshd_output(q, attention_fp8_ref(q, k, v, q_scale, k_scale, v_scale, scale))
 
 
-def _runs(device: torch.device) -> bool:
-    """flashinfer's fp8 FA3 kernel: a Hopper (sm_90) GPU with flashinfer importable."""
-    return (device.type == "cuda" and flashinfer_unavailable() is None
-            and torch.cuda.get_device_capability(device)[0] == 9)
+def fp8_kernel_unavailable(device: torch.device) -> str | None:
+    """Why flashinfer's fp8 FA3 kernel cannot run on ``device`` (it needs a Hopper (sm_90) GPU with flashinfer
+    importable), or None."""
+    if device.type != "cuda":
+        return f"needs a Hopper GPU, not {device.type}"
+    why = flashinfer_unavailable()
+    if why is not None:
+        return why
+    major, minor = torch.cuda.get_device_capability(device)
+    return None if major == 9 else f"flashinfer's FA3 fp8 kernel runs on Hopper (sm90), not sm{major}{minor}"
 
 
 @register_op("attention_flashinfer_fp8", mutates_args=(), fake=_check_attention, fallback=_attention_fallback,
-             runs=_runs)
+             unavailable=fp8_kernel_unavailable)
 def attention_flashinfer_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_scale: torch.Tensor,
                              k_scale: torch.Tensor, v_scale: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     import flashinfer

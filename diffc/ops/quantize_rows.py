@@ -17,7 +17,15 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .fp8 import FP8, check_fp8_out, store_rows_ref
-from .registry import expect_float, expect_same_device, expect_unit_last_stride, next_pow2, register_op, tl, triton_kernel
+from .registry import (
+    expect_float,
+    expect_same_device,
+    expect_unit_last_stride,
+    next_pow2,
+    register_op,
+    tl,
+    triton_kernel,
+)
 
 
 @triton_kernel

@@ -55,6 +55,9 @@ class OpCounters:
 COUNTERS = OpCounters()
 REGISTERED: dict[str, torch.library.CustomOpDef] = {}
 HOST_READS: set = set()  # the ops (OpOverloads) that read device values on the host: no CUDA graph can hold them
+# ops around an external library's kernel (OpOverload -> why it cannot run on a device, or None): where it
+# cannot, the torch reference runs, which a compiled artifact's loader reports (diffc/runtime/artifacts.py)
+EXTERNAL: dict = {}
 
 
 def interpreting() -> bool:
@@ -98,6 +101,7 @@ def register_op(
     fake: Callable,
     fallback: Callable,
     runs: Callable[[torch.device], bool] | None = None,
+    unavailable: Callable[[torch.device], str | None] | None = None,
     reads_host: bool = False,
 ) -> Callable[[Callable], torch.library.CustomOpDef]:
     """Decorator defining ``torch.ops.diffc.<name>`` from a Triton launcher.
@@ -111,6 +115,9 @@ def register_op(
         fallback: same signature as the launcher; writes the torch reference's result into the destinations.
         runs: whether the launcher can run on a device (default: :func:`kernel_runs_on`, for Triton
             kernels); where it cannot, the fallback runs.
+        unavailable: for an op around an external library's kernel, why it cannot run on a device (None
+            when it can); it decides where the launcher runs (in place of ``runs``) and is listed in
+            :data:`EXTERNAL`.
         reads_host: the op copies device values to the host to decide what to run (listed in
             :data:`HOST_READS`, so that a graph calling it is never captured in a CUDA graph).
 
@@ -132,7 +139,10 @@ def register_op(
             raise ValueError(f"diffc::{name}: mutates_args {missing} are not arguments of the launcher")
         schema = torch.library.infer_schema(launcher, mutates_args=tuple(mutates_args))
 
-        can_run = kernel_runs_on if runs is None else runs
+        if unavailable is not None:
+            can_run = lambda device: unavailable(device) is None  # noqa: E731
+        else:
+            can_run = kernel_runs_on if runs is None else runs
 
         def impl(*args, **kwargs):
             device = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
@@ -149,6 +159,8 @@ def register_op(
         REGISTERED[name] = op
         if reads_host:
             HOST_READS.add(getattr(getattr(torch.ops, NAMESPACE), name).default)
+        if unavailable is not None:
+            EXTERNAL[getattr(getattr(torch.ops, NAMESPACE), name).default] = unavailable
         return op
 
     return wrap

@@ -9,6 +9,7 @@ and installs a :class:`~diffc.runtime.compiled.CompiledDiT` per denoiser. :func:
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,34 @@ from ..compile import artifact as art
 from ..compile.regions import RegionGraph, dit_regions
 from ..fileio import cache_dir
 from .compiled import CompiledDiT
+
+
+def unavailable_kernels(graphs, device) -> dict[str, str]:
+    """The external-library ops (FlashAttention-4, flashinfer) the graphs call that cannot run on ``device``
+    (op name -> why): those run their torch reference, correct but slower than what was compiled for."""
+    import torch
+
+    from ..ops.registry import EXTERNAL
+
+    device = torch.device(device)
+    found: dict[str, str] = {}
+    for graph in graphs:
+        for node in graph.gm.graph.nodes:
+            if node.op == "call_function" and node.target in EXTERNAL and str(node.target) not in found:
+                why = EXTERNAL[node.target](device)
+                if why is not None:
+                    found[str(node.target)] = why
+    return found
+
+
+def _warn_unavailable(graphs, device, where: str) -> None:
+    import torch
+
+    if torch.device(device).type != "cuda":  # on the CPU every attention op runs its reference by design
+        return
+    for op, why in unavailable_kernels(graphs, device).items():
+        warnings.warn(f"{where}: the compiled graphs call {op}, whose kernel cannot run here ({why}); its torch "
+                      f"reference runs instead, which is slower than what was compiled", stacklevel=3)
 
 
 def compiled_layers(graphs: dict[str, tuple[dict[str, dict[str, RegionGraph]], list[str]]],
@@ -76,6 +105,7 @@ def load_artifact(executor, root: str | Path, *, source: str | Path, device, dty
                 by_region.setdefault(region.name, {})[entry["key"]] = graph
         layers[name] = CompiledDiT(by_region, [b["key"] for b in buckets],
                                    {"artifact": where, "tier": manifest.get("passes", {}).get("tier")})
+    _warn_unavailable(read.values(), device, where)
     artifact.install_kernel_cache()
     executor.install_compiled(layers)
     return manifest

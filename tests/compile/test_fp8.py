@@ -319,3 +319,20 @@ def test_head_dims_flashinfer_lacks_stay_bf16(traced, monkeypatch):
     lowering = start_lowering(t.program)
     assert fa.Fp8AttentionPass(torch.device("cuda"))(t.program, lowering) == 0
     assert any("head_dim 12" in why for why in lowering.attention_kept.values()), lowering.attention_kept
+
+
+def test_loading_where_the_fp8_attention_kernel_is_missing_warns(compiled):
+    """An artifact whose graphs call flashinfer's fp8 kernel, loaded on a GPU without it: the loader says which
+    op runs its (slower) reference and why; on the CPU, where the references are the plan, it says nothing."""
+    import warnings
+
+    from diffc.runtime.artifacts import _warn_unavailable, unavailable_kernels
+
+    graphs = [g for by_key in compiled.graphs.values() for g in by_key.values()]
+    missing = unavailable_kernels(graphs, "cuda")  # this machine has no GPU: "no CUDA GPU"
+    assert set(missing) == {"diffc.attention_flashinfer_fp8.default"} and all(missing.values())
+    with pytest.warns(UserWarning, match=r"attention_flashinfer_fp8.*cannot run here"):
+        _warn_unavailable(graphs, "cuda", "flux-fp8.diffc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_unavailable(graphs, "cpu", "flux-fp8.diffc")

@@ -14,7 +14,11 @@ import torch.nn.functional as F
 
 from diffc.errors import InvalidArgumentError
 from diffc.ops import attention_fp8
-from diffc.ops.attention_fp8 import attention_fp8_ref, quantize_heads, quantize_heads_ref
+from diffc.ops.attention_fp8 import (
+    attention_fp8_ref,
+    quantize_heads,
+    quantize_heads_ref,
+)
 from diffc.ops.fp8 import FP8, FP8_MAX, SCALE_FLOOR
 from diffc.ops.registry import COUNTERS, OpCounters
 from tests.fp8_interpreter import round_interpreter_fp8_to_nearest
@@ -203,8 +207,8 @@ def check_quantize_heads_on_the_gpu():
     assert_quantized(out, out_scale, x[:, 3:], exact=False)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not attention_fp8._runs(torch.device("cuda")),
-                    reason="needs a Hopper GPU with flashinfer (pip install diffc[flashinfer])")
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or attention_fp8.fp8_kernel_unavailable(torch.device("cuda")) is not None, reason="needs a Hopper GPU with flashinfer (pip install diffc[flashinfer])")
 def test_flashinfer_fp8_matches_float32_reference():
     (q, k, v), fp8, scales = fp8_qkv(batch=2, heads=24, seq_q=1000, seq_kv=1100, head_dim=128, device="cuda")
     COUNTERS.reset()
