@@ -9,7 +9,8 @@ Before (after the fusion passes; FLUX writes text and image rows of one buffer w
 
 After::
 
-    qs = <static scale of q_w>; ks = <static scale of k_w>           # (H,) float32, from the norm weights
+    qs, ks = aten.new_empty(q_w, [H], dtype=float32) x 2
+    diffc.qk_fp8_head_scales(q_w, k_w, None, None, H, D, True, qs, ks)    # static: from the norm weights
     qo8 = aten.empty_like(q, dtype=fp8); ko8 = ...
     diffc.qk_norm_rope_across_heads_fp8(q, k, q_w, k_w, cos, sin, eps, qs, ks, qo8, ko8)
     v8 = aten.new_empty(v, [B, S, H, D], dtype=fp8); vs = aten.new_empty(v, [B, H], dtype=float32)
@@ -17,8 +18,9 @@ After::
     o = diffc.attention_flashinfer_fp8(transpose(qo8, 1, 2), transpose(ko8, 1, 2), transpose(v8, 1, 2), qs, ks, vs, s)
 
 q and k need no pass over the data for their scales: an RMSNorm output is bounded by its weight
-(:func:`diffc.ops.qk_norm_rope_fp8.qk_fp8_scales`), so the scale is computed from the weights in the graph
-(a few tiny ops on a (D,) or (H*D,) vector) and the kernel that writes q and k writes them in fp8. Two
+(:func:`diffc.ops.qk_norm_rope_fp8.qk_fp8_scales`), so the scales are computed from the weights in the graph
+(``diffc.qk_fp8_head_scales``: one tiny launch for q and k, from the weights the graph runs with, so a
+changed weight changes them) and the kernel that writes q and k writes them in fp8. Two
 calls writing one buffer (FLUX's text and image rows) share the larger scale. v is quantized per head by
 ``diffc.quantize_heads`` (two passes: amax, cast). Quantizing q, k, v as separate torch ops costs more
 than fp8 saves (``GPU-NOTES.md``), so attention whose q/k no fused kernel writes (cross-attention) stays
@@ -26,8 +28,6 @@ bf16, as does every site on a GPU without flashinfer or without Hopper's fp8 FA3
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import fx
@@ -126,6 +126,8 @@ class Fp8AttentionPass:
         found.sort(key=order.__getitem__)
         if any(w.args[writers[w.target][1] + 1] not in k_nodes for w in found):
             return "q and k are written by different kernels"
+        if len(found) > 2:
+            return f"{len(found)} kernels write q (the scale op takes two norms' weights)"
         kinds = {writers[w.target][2] for w in found}
         if len(kinds) != 1:
             return "q is written by two kinds of QK-norm kernels"
@@ -156,13 +158,12 @@ class Fp8AttentionPass:
             return n
 
         with graph.inserting_before(found[0]):
-            scales = []
-            for index in (2, 3):  # q_weight, k_weight of every writer: the larger bound where they share a buffer
-                per_writer = [_weight_scale(call, w.args[index], heads, head_dim, across) for w in found]
-                scale = per_writer[0]
-                for other in per_writer[1:]:
-                    scale = call(aten.maximum.default, scale, other)
-                scales.append(scale)
+            # one launch: the larger bound of the writers' norm weights where two norms write one buffer
+            second = found[1] if len(found) == 2 else None
+            scales = [call(aten.new_empty.default, found[0].args[2], [heads], dtype=torch.float32) for _ in "qk"]
+            call(torch.ops.diffc.qk_fp8_head_scales.default, found[0].args[2], found[0].args[3],
+                 second.args[2] if second else None, second.args[3] if second else None, heads, head_dim, across,
+                 *scales)
             clones = {}
             for operand in (q, k):
                 alloc = _allocation(operand)
@@ -188,22 +189,6 @@ class Fp8AttentionPass:
             v8t = call(aten.transpose.int, v8, 1, 2)
         return replace_node(graph.owning_module, node, torch.ops.diffc.attention_flashinfer_fp8.default,
                             (q8, k8, v8t, scales[0], scales[1], vs, bound.get("scale")))
-
-
-def _weight_scale(call, weight: fx.Node, heads: int, head_dim: int, across: bool) -> fx.Node:
-    """Graph nodes computing :func:`~diffc.ops.qk_norm_rope_fp8.qk_fp8_scales` of one norm weight: (H,) float32."""
-    from ..ops.fp8 import SCALE_FLOOR
-    from ..ops.qk_norm_rope_fp8 import FP8_SCALE_SLACK
-
-    a = call(aten.abs.default, weight)
-    if across:
-        m = call(aten.amax.default, call(aten.view.default, a, [heads, head_dim]), [1])
-    else:
-        m = call(aten.repeat.default, call(aten.amax.default, a, [0], True), [heads])
-    width = heads * head_dim if across else head_dim
-    f = call(aten._to_copy.default, m, dtype=torch.float32)
-    scaled = call(aten.mul.Tensor, f, math.sqrt(width) * FP8_SCALE_SLACK / 448.0)
-    return call(aten.clamp_min.default, scaled, SCALE_FLOOR)
 
 
 def _site_name(node: fx.Node) -> str:

@@ -3,7 +3,8 @@
 ``qk_norm_rope_per_head_fp8`` and ``qk_norm_rope_across_heads_fp8`` run :mod:`.qk_norm_rope`'s kernel on
 its quantizing path: it divides the rounded result by a static per-head scale and stores float8_e4m3
 (``x ~= out * scale[h]``), so q and k never round-trip through memory in bf16. The scales come from the
-norm weights alone (:func:`qk_fp8_scales`): RMSNorm bounds its output.
+norm weights alone (:func:`qk_fp8_scales`): RMSNorm bounds its output. ``qk_fp8_head_scales`` computes
+them for q and k in one launch, which is how compiled graphs get them (from the weights they run with).
 """
 
 from __future__ import annotations
@@ -22,7 +23,16 @@ from .qk_norm_rope import (
     qk_norm_rope_across_heads_ref,
     qk_norm_rope_per_head_ref,
 )
-from .registry import expect_dtype, expect_same_device, expect_shape, register_op
+from .registry import (
+    expect_dtype,
+    expect_float,
+    expect_same_device,
+    expect_shape,
+    next_pow2,
+    register_op,
+    tl,
+    triton_kernel,
+)
 
 FP8_SCALE_SLACK = 1.01  # qk_fp8_scales' margin over the exact bound, for rounding to bf16 and cos^2 + sin^2 != 1
 
@@ -58,6 +68,85 @@ def qk_fp8_scales(weight: torch.Tensor, heads: int, head_dim: int, across_heads:
     w = weight.detach().float().abs()
     peak = w.reshape(heads, head_dim).amax(dim=1) if across_heads else w.amax().expand(heads)
     return (peak * (math.sqrt(size) * FP8_SCALE_SLACK / FP8_MAX)).clamp_min(SCALE_FLOOR).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# qk_fp8_head_scales: qk_fp8_scales of q's and k's norm weights in one launch (the graph's scale source)
+# --------------------------------------------------------------------------------------------------
+
+
+@triton_kernel
+def qk_fp8_scales_kernel(qw_ptr, kw_ptr, qw2_ptr, kw2_ptr, qs_ptr, ks_ptr, H, D, factor,
+                         HAS_SECOND: tl.constexpr, ACROSS_HEADS: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grid (2 * H,): program i scales head i % H of q (i < H) or k; weights (H * D,) across heads, else (D,)
+    h = tl.program_id(0) % H
+    if tl.program_id(0) < H:
+        w_ptr, w2_ptr, o_ptr = qw_ptr, qw2_ptr, qs_ptr
+    else:
+        w_ptr, w2_ptr, o_ptr = kw_ptr, kw2_ptr, ks_ptr
+    d = tl.arange(0, BLOCK_D)
+    at = h * D + d if ACROSS_HEADS else d
+    peak = tl.max(tl.abs(tl.load(w_ptr + at, mask=d < D, other=0.0).to(tl.float32)), axis=0)
+    if HAS_SECOND:
+        peak = tl.maximum(peak, tl.max(tl.abs(tl.load(w2_ptr + at, mask=d < D, other=0.0).to(tl.float32)), axis=0))
+    tl.store(o_ptr + h, tl.maximum(peak * factor, 1e-12))
+
+
+def _scale_weight_size(heads: int, head_dim: int, across_heads: bool) -> int:
+    return heads * head_dim if across_heads else head_dim
+
+
+def _check_scale_op(q_weight, k_weight, q_weight2, k_weight2, heads, head_dim, across_heads, q_scale_out,
+                    k_scale_out) -> None:
+    if heads < 1 or head_dim < 1:
+        raise InvalidArgumentError("heads", f"heads and head_dim must be positive, got {heads} and {head_dim}")
+    size = _scale_weight_size(heads, head_dim, across_heads)
+    what = f"({size},) ({'heads * head_dim' if across_heads else 'head_dim'})"
+    if (q_weight2 is None) != (k_weight2 is None):
+        raise InvalidArgumentError("k_weight2" if k_weight2 is None else "q_weight2",
+                                   "give the second weights of both q and k (a buffer two norms write), or neither")
+    named = (("q_weight", q_weight), ("k_weight", k_weight), ("q_weight2", q_weight2), ("k_weight2", k_weight2))
+    for field, t in named:
+        if t is not None:
+            expect_shape(field, t, (size,), what)
+            expect_float(field, t)
+            if not t.is_contiguous():
+                raise InvalidArgumentError(field, "must be contiguous")
+    for field, t in (("q_scale_out", q_scale_out), ("k_scale_out", k_scale_out)):
+        expect_shape(field, t, (heads,), f"({heads},): one scale per head")
+        expect_dtype(field, t, torch.float32)
+        if not t.is_contiguous():
+            raise InvalidArgumentError(field, "must be contiguous")
+    expect_same_device({"q_weight": q_weight, "k_weight": k_weight, "q_weight2": q_weight2, "k_weight2": k_weight2,
+                        "q_scale_out": q_scale_out, "k_scale_out": k_scale_out})
+
+
+def _scale_op_ref(q_weight, k_weight, q_weight2, k_weight2, heads, head_dim, across_heads, q_scale_out,
+                  k_scale_out) -> None:
+    for out, first, second in ((q_scale_out, q_weight, q_weight2), (k_scale_out, k_weight, k_weight2)):
+        scale = qk_fp8_scales(first, heads, head_dim, across_heads)
+        if second is not None:
+            scale = torch.maximum(scale, qk_fp8_scales(second, heads, head_dim, across_heads))
+        out.copy_(scale)
+
+
+@register_op("qk_fp8_head_scales", mutates_args=("q_scale_out", "k_scale_out"), fake=_check_scale_op,
+             fallback=_scale_op_ref)
+def _scale_op_launch(q_weight: torch.Tensor, k_weight: torch.Tensor, q_weight2: torch.Tensor | None,
+                     k_weight2: torch.Tensor | None, heads: int, head_dim: int, across_heads: bool,
+                     q_scale_out: torch.Tensor, k_scale_out: torch.Tensor) -> None:
+    """:func:`qk_fp8_scales` of q's and k's norm weights (the larger of two weights' where two norms write one
+    buffer, FLUX's text and image tokens) into ``q_scale_out``/``k_scale_out``, in one launch."""
+    _check_scale_op(q_weight, k_weight, q_weight2, k_weight2, heads, head_dim, across_heads, q_scale_out,
+                    k_scale_out)
+    size = _scale_weight_size(heads, head_dim, across_heads)
+    second = q_weight2 is not None
+    qk_fp8_scales_kernel[(2 * heads,)](
+        q_weight, k_weight, q_weight2 if second else q_weight, k_weight2 if second else k_weight,
+        q_scale_out, k_scale_out,
+        heads, head_dim, math.sqrt(size) * FP8_SCALE_SLACK / FP8_MAX,
+        HAS_SECOND=second, ACROSS_HEADS=across_heads, BLOCK_D=next_pow2(head_dim), num_warps=1,
+    )
 
 
 def _check_head_scales(q, q_scale, k_scale) -> None:

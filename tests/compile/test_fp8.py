@@ -266,26 +266,19 @@ def test_self_attention_runs_fp8_with_its_error(compiled):
         assert "attn2" in next(iter(region.fp8["attention_bf16"]))
 
 
-@pytest.mark.parametrize("across", [True, False], ids=["across_heads", "per_head"])
-def test_graph_scales_equal_the_ops_bound(across):
-    """The scale nodes the lowering puts in the graph compute :func:`qk_fp8_scales` of the norm weight."""
-    from torch import fx
-
-    from diffc.compile.fp8_attention import _weight_scale
-    from diffc.ops.qk_norm_rope_fp8 import qk_fp8_scales
-
-    heads, head_dim = 3, 8
-    weight = (torch.randn(heads * head_dim if across else head_dim) * 3).to(BF16)
-    graph = fx.Graph()
-    w = graph.placeholder("w")
-
-    def call(target, *args, **kwargs):
-        return graph.call_function(target, args, kwargs)
-
-    graph.output(_weight_scale(call, w, heads, head_dim, across))
-    got = fx.GraphModule(torch.nn.Module(), graph)(weight)
-    assert got.shape == (heads,) and got.dtype == torch.float32
-    torch.testing.assert_close(got, qk_fp8_scales(weight, heads, head_dim, across))
+def test_graph_scales_come_from_the_norm_weights(compiled):
+    """One ``diffc.qk_fp8_head_scales`` per fp8 attention reads the q/k norm weights its QK-norm kernels use (both
+    writers' for FLUX's joint text + image buffer, which share the larger scale)."""
+    for region in compiled.report.regions:
+        (graph,) = compiled.graphs[region.region].values()
+        nodes = list(graph.program.graph_module.graph.nodes)
+        scales = [n for n in nodes if n.op == "call_function" and str(n.target) == "diffc.qk_fp8_head_scales.default"]
+        writers = [n for n in nodes if n.op == "call_function" and str(n.target).startswith("diffc.qk_norm_rope")]
+        assert len(scales) == region.fp8["attention_fp8"]
+        weights = {a.name for n in scales for a in n.args[:4] if a is not None}
+        assert weights == {w.args[i].name for w in writers for i in (2, 3)}
+        q_scale, k_scale = scales[0].args[-2:]
+        assert all(q_scale in w.args and k_scale in w.args for w in writers)
 
 
 def test_fp8_attention_can_be_left_out_or_unavailable(monkeypatch):

@@ -518,4 +518,49 @@ def check_fp8_kernels_on_the_gpu():
     torch.ops.diffc.qk_norm_rope_across_heads_fp8(q, k, w, w, cos, sin, EPS, scale, scale, *outs)
     q_ref, k_ref = qk_norm_rope_across_heads_ref(q, k, w, w, cos, sin, EPS)
     assert_fp8_matches(outs[0], q_ref, scale, head_axis=2)
+    # the graph's scale source, compiled: one launch for q and k, two norms' weights
+    w2 = norm_weight(40 * 128, torch.bfloat16).to(cuda) * 3
+    got = [torch.empty(40, device=cuda) for _ in range(2)]
+    torch.ops.diffc.qk_fp8_head_scales(w, w2, w2, w, 40, 128, True, *got)
+    want = torch.maximum(qk_fp8_scales(w, 40, 128, True), qk_fp8_scales(w2, 40, 128, True))
+    assert torch.equal(got[0], want) and torch.equal(got[1], want)
     assert_fp8_matches(outs[1], k_ref, scale, head_axis=2)
+
+
+@pytest.mark.parametrize("second", [False, True], ids=["one_norm", "two_norms"])
+@pytest.mark.parametrize("across", [True, False], ids=["across_heads", "per_head"])
+def test_qk_fp8_head_scales_op_matches_the_bound(counters, across, second):
+    """``diffc.qk_fp8_head_scales``: :func:`qk_fp8_scales` of q's and k's weights in one launch, the larger of
+    two norms' where two write one buffer; an all-zero weight gets the floor, never 0."""
+    heads, head_dim = 3, 10
+    size = heads * head_dim if across else head_dim
+    weights = [randn(size, dtype=torch.bfloat16, seed=s, scale=2.0) for s in range(4)]
+    weights[1][: size // 2] = 0
+    q2, k2 = (weights[2], torch.zeros(size, dtype=torch.bfloat16)) if second else (None, None)
+    q_scale, k_scale = torch.full((heads,), float("nan")), torch.full((heads,), float("nan"))
+    torch.ops.diffc.qk_fp8_head_scales(weights[0], weights[1], q2, k2, heads, head_dim, across, q_scale, k_scale)
+    assert_kernel_ran()
+    want_q = qk_fp8_scales(weights[0], heads, head_dim, across)
+    if second:
+        want_q = torch.maximum(want_q, qk_fp8_scales(q2, heads, head_dim, across))
+    assert torch.equal(q_scale, want_q)
+    assert torch.equal(k_scale, qk_fp8_scales(weights[1], heads, head_dim, across))
+    zero = torch.zeros(size, dtype=torch.bfloat16)
+    torch.ops.diffc.qk_fp8_head_scales(zero, zero, None, None, heads, head_dim, across, q_scale, k_scale)
+    assert bool((q_scale > 0).all()) and bool(q_scale.isfinite().all())
+
+
+@pytest.mark.parametrize("field,kwargs,fragment", [
+    ("q_weight", {"q_weight": torch.ones(7)}, "expected shape (8,)"),
+    ("k_weight2", {"q_weight2": torch.ones(8)}, "give the second weights of both"),
+    ("q_scale_out", {"q_scale_out": torch.zeros(2, dtype=torch.float64)}, "expected dtype torch.float32"),
+    ("k_scale_out", {"k_scale_out": torch.zeros(3)}, "(2,): one scale per head"),
+])
+def test_qk_fp8_head_scales_op_refuses_bad_arguments(field, kwargs, fragment):
+    args = {"q_weight": torch.ones(8), "k_weight": torch.ones(8), "q_weight2": None, "k_weight2": None,
+            "heads": 2, "head_dim": 8, "across_heads": False, "q_scale_out": torch.zeros(2),
+            "k_scale_out": torch.zeros(2)}
+    args.update(kwargs)
+    with pytest.raises(InvalidArgumentError) as exc:
+        torch.ops.diffc.qk_fp8_head_scales(*args.values())
+    assert exc.value.field == field and fragment in str(exc.value)

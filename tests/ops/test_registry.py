@@ -19,7 +19,8 @@ EXPECTED_OPS = {
     "qk_norm_rope_across_heads", "rms_norm", "silu_mul", "timestep_embedding",
     "adaln_modulate_fp8", "gated_residual_adaln_fp8", "gelu_tanh_fp8",  # the fp8 tier's producers
     "quantize_rows",  # the fp8 tier's quantization of an activation no fused kernel produces
-    "qk_norm_rope_per_head_fp8", "qk_norm_rope_across_heads_fp8", "quantize_heads",  # fp8 attention's inputs
+    # fp8 attention's inputs
+    "qk_norm_rope_per_head_fp8", "qk_norm_rope_across_heads_fp8", "quantize_heads", "qk_fp8_head_scales",
 }
 # Ops around external library kernels (torch's SDPA included) that allocate their own output (functional: they
 # return it).
