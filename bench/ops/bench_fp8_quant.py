@@ -1,0 +1,66 @@
+"""The fp8 tier's quantization ops: ``python -m bench.ops.bench_fp8_quant``.
+
+- ``quantize_rows``: an activation no fused kernel produces, rowwise (FLUX.1's single-block ``proj_out``
+  input: 4608 tokens x 15,360; Wan2.1's attention output: 32,760 x 1536 / 5120);
+- ``quantize_heads``: attention's v per (batch item, head) (Wan2.1-1.3B 12 x 128, -14B 40 x 128, FLUX.1 24 x 128);
+- ``qk_fp8_head_scales``: q's and k's static scales from their norm weights (one tiny launch per attention).
+
+The reference is the torch sequence the op replaces (``*_ref``), bf16 in, fp8 + float32 scales out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.ops import Case, nbytes, norm_weight, randn, run
+from diffc.ops.attention_fp8 import quantize_heads_ref
+from diffc.ops.fp8 import FP8, quantize_rows_ref
+from diffc.ops.qk_norm_rope_fp8 import qk_fp8_scales
+
+ROWS = {  # name: (tokens, width)
+    "flux single proj_out 4608x15360": (4608, 15360),
+    "wan-1.3b attn out 32760x1536": (32760, 1536),
+    "wan-14b attn out 32760x5120": (32760, 5120),
+}
+HEADS = {  # name: (tokens, heads)
+    "flux v 4608tok 24x128": (4608, 24),
+    "wan-1.3b v 32760tok 12x128": (32760, 12),
+    "wan-14b v 32760tok 40x128": (32760, 40),
+}
+
+
+def _scales_ref(qw, kw, heads, head_dim):
+    return qk_fp8_scales(qw, heads, head_dim, True), qk_fp8_scales(kw, heads, head_dim, True)
+
+
+def cases(dtype: torch.dtype, device="cuda") -> list[Case]:
+    out = []
+    for name, (tokens, width) in ROWS.items():
+        x = randn(1, tokens, width, dtype=dtype, device=device, seed=1)
+        outs = (torch.empty(x.shape, dtype=FP8, device=device), torch.empty(tokens, 1, device=device))
+
+        def rows(x=x, outs=outs):
+            torch.ops.diffc.quantize_rows(x, *outs)
+
+        out.append(Case(f"rows {name}", quantize_rows_ref, (x,), rows, outs, nbytes(x, *outs)))
+    for name, (tokens, heads) in HEADS.items():
+        v = randn(1, tokens, heads, 128, dtype=dtype, device=device, seed=2)
+        outs = (torch.empty(v.shape, dtype=FP8, device=device), torch.empty(1, heads, device=device))
+
+        def per_head(v=v, outs=outs):
+            torch.ops.diffc.quantize_heads(v, *outs)
+
+        out.append(Case(f"heads {name}", quantize_heads_ref, (v,), per_head, outs, nbytes(v, *outs)))
+    qw, kw = (norm_weight(40 * 128, dtype, device, seed=s) for s in (3, 4))
+    outs = (torch.empty(40, device=device), torch.empty(40, device=device))
+
+    def scales(qw=qw, kw=kw, outs=outs):
+        torch.ops.diffc.qk_fp8_head_scales(qw, kw, None, None, 40, 128, True, *outs)
+
+    out.append(Case("scales wan-14b 40x128", lambda q, k: _scales_ref(q, k, 40, 128), (qw, kw), scales, outs,
+                    nbytes(qw, kw, *outs)))
+    return out
+
+
+if __name__ == "__main__":
+    run("diffc::quantize_rows / quantize_heads / qk_fp8_head_scales", cases)

@@ -1,0 +1,31 @@
+"""The fused-op micro-benchmark modules: every ``bench/ops/bench_<op>.py`` with cases is in the pytest-benchmark
+run, and the fp8 quantization cases agree with their references (small sizes, on the CPU)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+import bench.ops
+from bench.ops import test_ops_benchmark
+
+
+def test_every_op_module_is_benchmarked():
+    found = {p.stem for p in Path(bench.ops.__file__).parent.glob("bench_*.py")
+             if hasattr(importlib.import_module(f"bench.ops.{p.stem}"), "cases")}
+    assert found == set(test_ops_benchmark.MODULES)
+
+
+def test_fp8_quant_cases_match_their_references(monkeypatch):
+    from bench.ops import bench_fp8_quant as b
+
+    monkeypatch.setattr(b, "ROWS", {"small": (6, 40)})
+    monkeypatch.setattr(b, "HEADS", {"small": (5, 3)})
+    for case in b.cases(torch.bfloat16, device="cpu"):
+        case.fused()
+        for out, ref in zip(case.outs, case.ref(*case.args)):
+            assert out.shape == ref.shape and out.dtype == ref.dtype, case.name
+            if out.dtype == torch.float32:  # scales: the same reduction, exactly
+                assert torch.equal(out, ref), case.name
