@@ -92,6 +92,8 @@ class Fp8AttentionPass:
         lowered = 0
         for node in sdpa:
             site = _site_name(node)
+            if site in lowering.attention_sites or site in lowering.attention_kept:  # two attentions in one module
+                site = f"{site} ({node.name})"
             problem = why or self._problem(node)
             if problem is not None:
                 lowering.attention_kept[site] = problem
