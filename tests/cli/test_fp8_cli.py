@@ -61,7 +61,12 @@ def test_compile_fp8_writes_the_quality_report(artifact):
     assert (summary["linears_fp8"], summary["linears_bf16"]) == (18, 8)
     assert 0 < summary["per_forward_rel_err"] == bucket["rel_err_vs_eager"] < 0.05
     assert 0 < summary["mean_layer_rel_err"] <= summary["max_layer_rel_err"] < 0.1
+    # self-attention on fp8 (the CPU runs the kernel's reference): every block's, with its error
+    assert "fp8 attention rel. error vs bf16: attn" in out
+    assert summary["attention_fp8"] == 3 and 0 < summary["max_attention_rel_err"] < 0.15
     regions = {r["region"]: r for r in bucket["regions"]}
+    graph = (path / regions["single_transformer_blocks"]["file"]).read_text()
+    assert "diffc.attention_flashinfer_fp8.default" in graph and "diffc.qk_fp8_head_scales.default" in graph
     assert set(regions["single_transformer_blocks"]["fp8"]["rel_err"]) == {
         "attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight", "proj_mlp.weight"}
     # weights are never stored: the graph records the fp8 buffers' names, shapes and dtypes only
