@@ -102,7 +102,12 @@ def _entry(rank: int, fn: Callable, fn_args: tuple, world: int, port: int, env: 
                        WORKER_ENV: "1"})
     if env.get("DIFFC_CPU_THREADS"):
         torch.set_num_threads(int(env["DIFFC_CPU_THREADS"]))
+    from ..parallel.mesh import shutdown
+
     rc = fn(*fn_args)
+    # a clean exit tears the process groups down here, not in the interpreter's exit: a gloo group left to the
+    # C++ destructors at exit can abort the process ("terminate called without an active exception")
+    shutdown()
     if rc:
         sys.exit(rc)
 
