@@ -134,7 +134,8 @@ def test_flux_dev_block_at_real_width():
     if config.guidance_embeds:
         inputs["guidance"] = torch.tensor([3.5], device=CUDA, dtype=BF16)
     Fp8Weights(net).apply()
-    report = compile_dit(net, inputs, graphs={}, device=CUDA, dtype=BF16, tier="fp8")
+    # attention="sdpa": the bf16 attention left (none here) is not measured, so no optional kernel is built
+    report = compile_dit(net, inputs, graphs={}, device=CUDA, dtype=BF16, tier="fp8", attention="sdpa")
     print(json.dumps({r.region: r.fp8 for r in report.regions}, indent=1), "\nper forward", report.rel_err_vs_eager)
     assert report.rel_err_vs_eager < 0.05
     assert all(r.fp8["max_rel_err"] < 0.08 for r in report.regions)
