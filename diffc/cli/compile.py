@@ -36,8 +36,11 @@ def add_parser(sub) -> None:
                    help="editing models: the input image size the runs will use (repeat for several input images)")
     p.add_argument("--quality", choices=("lossless", "fast", "fp8"), default="fast",
                    help="lossless: only bit-exact rewrites; fast (default): every fusion; fp8: fast plus float8_e4m3 "
-                        "GEMMs where a fused kernel produces the input (bf16 models; quality report in the log)")
-    p.add_argument("--disable", default="", help="comma-separated passes to leave out (for measuring each one)")
+                        "GEMMs (inputs quantized by the kernel that produces them, or on their own where that "
+                        "pays) and fp8 self-attention with flashinfer on Hopper (bf16 models; quality report in "
+                        "the log)")
+    p.add_argument("--disable", default="", help="comma-separated passes to leave out (for measuring each one; "
+                                                 "fp8_attention and fp8_quantize_rows leave out fp8 steps)")
     p.add_argument("--enable", default="", help="comma-separated opt-in passes to run too (concat_linear)")
     p.add_argument("--attention", default="auto",
                    help="attention backend: auto (measure and pick the fastest) or a backend name")
