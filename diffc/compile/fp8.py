@@ -218,7 +218,7 @@ class Fp8LinearPass:
             qs = graph.call_function(aten.new_empty.default, (src, [rows, 1]), {"dtype": torch.float32})
             args = list(producer.args)
             args[out_index] = q
-            fused = graph.call_function(fp8_op, (*args, qs))
+            fused = graph.call_function(fp8_op, (*args, qs), dict(producer.kwargs))  # kwargs: modulation biases
         for n in (q, qs, fused):
             _propagate_val(n)
         Fp8LinearPass._replace_linears(graph, q, qs, shape, linears, names, buffers, result)

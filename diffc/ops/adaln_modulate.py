@@ -58,15 +58,16 @@ def rounds_product(y: torch.Tensor, gate: torch.Tensor | None) -> bool:
 
 @triton_kernel
 def adaln_rows_kernel(
-    x_ptr, y_ptr, gate_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, qs_ptr,
+    x_ptr, y_ptr, gate_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, qs_ptr, scale_bias_ptr, shift_bias_ptr,
     S, C, eps,
     sx_b, sx_s, sy_b, sy_s, sg_b, sg_s, sc_b, sc_s, sh_b, sh_s, sr_b, sr_s, so_b, so_s,
     RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ROUND_PRODUCT: tl.constexpr, ROUND_MODULATE: tl.constexpr,
-    QUANT: tl.constexpr, BLOCK_C: tl.constexpr,
+    QUANT: tl.constexpr, MOD_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # one program per token row (b, s)
     # x, y, res, out: (B, S, C) with strides (s?_b, s?_s, 1); gate, scale, shift: (B, 1|S, C), stride 0 if 1
     # QUANT: out is float8_e4m3 and qs (B * S, 1) float32 gets the row's scale (diffc/ops/fp8.py)
+    # MOD_BIAS: scale and shift each get a float32 (C,) row added (a modulation table's row, in float32)
     row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * S * C can pass 2^31
     b = row // S
     s = row % S
@@ -91,6 +92,9 @@ def adaln_rows_kernel(
     h = xc * tl.rsqrt(var + eps)  # (BLOCK_C,) fp32
     scale = tl.load(scale_ptr + b * sc_b + s * sc_s + cols, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + b * sh_b + s * sh_s + cols, mask=mask, other=0.0).to(tl.float32)
+    if MOD_BIAS:
+        scale = tl.load(scale_bias_ptr + cols, mask=mask, other=0.0) + scale
+        shift = tl.load(shift_bias_ptr + cols, mask=mask, other=0.0) + shift
     if ROUND_MODULATE:
         h = h.to(act).to(tl.float32)
         h = (h * (1.0 + scale).to(act).to(tl.float32)).to(act).to(tl.float32)
@@ -135,15 +139,43 @@ def _check_inputs(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
     expect_dtype("shift", shift, scale.dtype)
 
 
-def _check(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+def check_bias(field: str, bias: torch.Tensor | None, x: torch.Tensor) -> None:
+    """A modulation table's row added to a modulation: float32 (C,), contiguous, or None."""
+    if bias is None:
+        return
+    expect_shape(field, bias, (x.shape[-1],), f"({x.shape[-1]},): one float32 value per channel")
+    expect_dtype(field, bias, torch.float32)
+    if not bias.is_contiguous():
+        raise InvalidArgumentError(field, "must be contiguous")
+
+
+def check_biases(x, scale_bias, shift_bias) -> None:
+    if (scale_bias is None) != (shift_bias is None):
+        raise InvalidArgumentError("shift_bias" if shift_bias is None else "scale_bias",
+                                   "give both scale_bias and shift_bias, or neither")
+    check_bias("scale_bias", scale_bias, x)
+    check_bias("shift_bias", shift_bias, x)
+
+
+def biased(t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``bias + t`` in float32 (what eager's ``table + temb.float()`` gives), or ``t`` without a bias."""
+    return t if bias is None else bias + t.float()
+
+
+def _check(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, out: torch.Tensor,
+           scale_bias: torch.Tensor | None = None, shift_bias: torch.Tensor | None = None) -> None:
     _check_inputs(x, scale, shift)
     check_rows("out", out, x)
-    expect_same_device({"x": x, "scale": scale, "shift": shift, "out": out})
+    check_biases(x, scale_bias, shift_bias)
+    expect_same_device({"x": x, "scale": scale, "shift": shift, "out": out, "scale_bias": scale_bias,
+                        "shift_bias": shift_bias})
 
 
-def launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale=None) -> None:
+def launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale=None, scale_bias=None,
+                shift_bias=None) -> None:
     """Launch ``adaln_rows_kernel``; ``y is None`` skips the residual prologue; ``out_scale`` given: ``out``
-    is float8_e4m3 and gets the rowwise-quantized result, ``out_scale`` its (B * S, 1) scales."""
+    is float8_e4m3 and gets the rowwise-quantized result, ``out_scale`` its (B * S, 1) scales; ``scale_bias``
+    and ``shift_bias`` (both or neither): float32 (C,) rows added to scale and shift (then float32 math)."""
     batch, seq, dim = x.shape
     block = next_pow2(dim)
     res = residual_out if residual_out is not None else out
@@ -151,6 +183,7 @@ def launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale=None
     g = gate if gate is not None else scale
     adaln_rows_kernel[(batch * seq,)](
         x, y_, g, scale, shift, res, out, out_scale if out_scale is not None else scale,
+        scale_bias if scale_bias is not None else scale, shift_bias if shift_bias is not None else shift,
         seq, dim, eps,
         x.stride(0), x.stride(1), y_.stride(0), y_.stride(1),
         broadcast_stride(g, 0), broadcast_stride(g, 1),
@@ -160,43 +193,49 @@ def launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale=None
         RESIDUAL=y is not None,
         HAS_GATE=gate is not None,
         ROUND_PRODUCT=y is not None and rounds_product(y, gate),
-        ROUND_MODULATE=rounds_modulation(x, scale, shift),
+        ROUND_MODULATE=scale_bias is None and rounds_modulation(x, scale, shift),
         QUANT=out_scale is not None,
+        MOD_BIAS=scale_bias is not None,
         BLOCK_C=block,
         num_warps=max(1, min(16, block // 512)),
     )
 
 
-def _adaln_modulate_into_ref(x, scale, shift, eps, out) -> None:
-    out.copy_(adaln_modulate_ref(x, scale, shift, eps))
+def _adaln_modulate_into_ref(x, scale, shift, eps, out, scale_bias=None, shift_bias=None) -> None:
+    out.copy_(adaln_modulate_ref(x, biased(scale, scale_bias), biased(shift, shift_bias), eps))
 
 
 @register_op("adaln_modulate", mutates_args=("out",), fake=_check, fallback=_adaln_modulate_into_ref)
 def _adaln_modulate_launch(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, out: torch.Tensor
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, out: torch.Tensor,
+    scale_bias: torch.Tensor | None = None, shift_bias: torch.Tensor | None = None,
 ) -> None:
-    _check(x, scale, shift, eps, out)
-    launch_rows(x, None, None, scale, shift, eps, None, out)
+    """``scale_bias`` / ``shift_bias``: float32 (C,) rows added to scale / shift in the kernel (a modulation
+    table's rows, which Wan adds to a per-token ``temb`` in float32: see passes/modulation_table.py)."""
+    _check(x, scale, shift, eps, out, scale_bias, shift_bias)
+    launch_rows(x, None, None, scale, shift, eps, None, out, scale_bias=scale_bias, shift_bias=shift_bias)
 
 
-def _check_fp8(x, scale, shift, eps, out, out_scale) -> None:
+def _check_fp8(x, scale, shift, eps, out, out_scale, scale_bias=None, shift_bias=None) -> None:
     _check_inputs(x, scale, shift)
     check_fp8_out(out, out_scale, tuple(x.shape))
-    expect_same_device({"x": x, "scale": scale, "shift": shift, "out": out, "out_scale": out_scale})
+    check_biases(x, scale_bias, shift_bias)
+    expect_same_device({"x": x, "scale": scale, "shift": shift, "out": out, "out_scale": out_scale,
+                        "scale_bias": scale_bias, "shift_bias": shift_bias})
 
 
-def _adaln_modulate_fp8_into_ref(x, scale, shift, eps, out, out_scale) -> None:
-    store_rows_ref(adaln_modulate_ref(x, scale, shift, eps), out, out_scale)
+def _adaln_modulate_fp8_into_ref(x, scale, shift, eps, out, out_scale, scale_bias=None, shift_bias=None) -> None:
+    store_rows_ref(adaln_modulate_ref(x, biased(scale, scale_bias), biased(shift, shift_bias), eps), out, out_scale)
 
 
 @register_op("adaln_modulate_fp8", mutates_args=("out", "out_scale"), fake=_check_fp8,
              fallback=_adaln_modulate_fp8_into_ref)
 def _adaln_modulate_fp8_launch(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, out: torch.Tensor,
-    out_scale: torch.Tensor,
+    out_scale: torch.Tensor, scale_bias: torch.Tensor | None = None, shift_bias: torch.Tensor | None = None,
 ) -> None:
-    _check_fp8(x, scale, shift, eps, out, out_scale)
-    launch_rows(x, None, None, scale, shift, eps, None, out, out_scale)
+    _check_fp8(x, scale, shift, eps, out, out_scale, scale_bias, shift_bias)
+    launch_rows(x, None, None, scale, shift, eps, None, out, out_scale, scale_bias, shift_bias)
 
 
 def adaln_modulate(

@@ -21,6 +21,9 @@ from ..errors import InvalidArgumentError
 from .adaln_modulate import (
     LAYER_NORM_EPS,
     adaln_modulate_ref,
+    biased,
+    check_bias,
+    check_biases,
     check_modulation,
     check_rows,
     launch_rows,
@@ -61,12 +64,13 @@ def gated_residual_adaln_ref(
 
 @triton_kernel
 def gated_residual_kernel(
-    x_ptr, y_ptr, gate_ptr, out_ptr,
+    x_ptr, y_ptr, gate_ptr, out_ptr, gate_bias_ptr,
     S, C,
     sx_b, sx_s, sy_b, sy_s, sg_b, sg_s, so_b, so_s,
-    HAS_GATE: tl.constexpr, ROUND_PRODUCT: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_GATE: tl.constexpr, ROUND_PRODUCT: tl.constexpr, GATE_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # grid (B * S, cdiv(C, BLOCK_C)); x, y, out: (B, S, C); gate: (B, 1|S, C), stride 0 where 1
+    # grid (B * S, cdiv(C, BLOCK_C)); x, y, out: (B, S, C); gate: (B, 1|S, C), stride 0 where 1;
+    # GATE_BIAS: the gate gets a float32 (C,) row added (a modulation table's row)
     row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * S * C can pass 2^31
     b = row // S
     s = row % S
@@ -77,6 +81,8 @@ def gated_residual_kernel(
     y = tl.load(y_ptr + b * sy_b + s * sy_s + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         g = tl.load(gate_ptr + b * sg_b + s * sg_s + cols, mask=mask, other=0.0).to(tl.float32)
+        if GATE_BIAS:
+            g = tl.load(gate_bias_ptr + cols, mask=mask, other=0.0) + g
         y = g * y
         if ROUND_PRODUCT:
             y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
@@ -95,46 +101,58 @@ def _check_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None)
         check_modulation("gate", gate, x)
 
 
-def _check(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, out: torch.Tensor) -> None:
+def _check(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, out: torch.Tensor,
+           gate_bias: torch.Tensor | None = None) -> None:
     _check_residual(x, y, gate)
     check_rows("out", out, x)
-    expect_same_device({"x": x, "y": y, "gate": gate, "out": out})
+    if gate_bias is not None and gate is None:
+        raise InvalidArgumentError("gate_bias", "is added to the gate; there is no gate")
+    check_bias("gate_bias", gate_bias, x)
+    expect_same_device({"x": x, "y": y, "gate": gate, "out": out, "gate_bias": gate_bias})
 
 
-def _gated_residual_into_ref(x, y, gate, out) -> None:
-    out.copy_(gated_residual_ref(x, y, gate))
+def _gated_residual_into_ref(x, y, gate, out, gate_bias=None) -> None:
+    out.copy_(gated_residual_ref(x, y, None if gate is None else biased(gate, gate_bias)))
 
 
 @register_op("gated_residual", mutates_args=("out",), fake=_check, fallback=_gated_residual_into_ref)
-def _gated_residual_launch(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, out: torch.Tensor) -> None:
-    _check(x, y, gate, out)
+def _gated_residual_launch(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, out: torch.Tensor,
+                           gate_bias: torch.Tensor | None = None) -> None:
+    """``gate_bias``: a float32 (C,) row added to the gate in the kernel (then the product is float32), as Wan
+    adds its modulation table's row to a per-token ``temb`` (see passes/modulation_table.py)."""
+    _check(x, y, gate, out, gate_bias)
     batch, seq, dim = x.shape
     g = gate if gate is not None else x
     gated_residual_kernel[(batch * seq, cdiv(dim, BLOCK_C))](
-        x, y, g, out,
+        x, y, g, out, gate_bias if gate_bias is not None else g,
         seq, dim,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         broadcast_stride(g, 0), broadcast_stride(g, 1), out.stride(0), out.stride(1),
         HAS_GATE=gate is not None,
-        ROUND_PRODUCT=rounds_product(y, gate),
+        ROUND_PRODUCT=gate_bias is None and rounds_product(y, gate),
+        GATE_BIAS=gate_bias is not None,
         BLOCK_C=BLOCK_C,
         num_warps=4,
     )
 
 
-def _check_fused(x, y, gate, scale, shift, eps, residual_out, out) -> None:
+def _check_fused(x, y, gate, scale, shift, eps, residual_out, out, scale_bias=None, shift_bias=None) -> None:
     _check_residual(x, y, gate)
     check_modulation("scale", scale, x)
     check_modulation("shift", shift, x)
     check_rows("residual_out", residual_out, x)
     check_rows("out", out, x)
+    check_biases(x, scale_bias, shift_bias)
     expect_same_device(
-        {"x": x, "y": y, "gate": gate, "scale": scale, "shift": shift, "residual_out": residual_out, "out": out}
+        {"x": x, "y": y, "gate": gate, "scale": scale, "shift": shift, "residual_out": residual_out, "out": out,
+         "scale_bias": scale_bias, "shift_bias": shift_bias}
     )
 
 
-def _gated_residual_adaln_into_ref(x, y, gate, scale, shift, eps, residual_out, out) -> None:
-    residual, modulated = gated_residual_adaln_ref(x, y, gate, scale, shift, eps)
+def _gated_residual_adaln_into_ref(x, y, gate, scale, shift, eps, residual_out, out, scale_bias=None,
+                                   shift_bias=None) -> None:
+    residual, modulated = gated_residual_adaln_ref(x, y, gate, biased(scale, scale_bias), biased(shift, shift_bias),
+                                                   eps)
     residual_out.copy_(residual)
     out.copy_(modulated)
 
@@ -154,23 +172,30 @@ def _gated_residual_adaln_launch(
     eps: float,
     residual_out: torch.Tensor,
     out: torch.Tensor,
+    scale_bias: torch.Tensor | None = None,
+    shift_bias: torch.Tensor | None = None,
 ) -> None:
-    _check_fused(x, y, gate, scale, shift, eps, residual_out, out)
-    launch_rows(x, y, gate, scale, shift, eps, residual_out, out)
+    _check_fused(x, y, gate, scale, shift, eps, residual_out, out, scale_bias, shift_bias)
+    launch_rows(x, y, gate, scale, shift, eps, residual_out, out, scale_bias=scale_bias, shift_bias=shift_bias)
 
 
-def _check_fused_fp8(x, y, gate, scale, shift, eps, residual_out, out, out_scale) -> None:
+def _check_fused_fp8(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scale_bias=None,
+                     shift_bias=None) -> None:
     _check_residual(x, y, gate)
     check_modulation("scale", scale, x)
     check_modulation("shift", shift, x)
     check_rows("residual_out", residual_out, x)
     check_fp8_out(out, out_scale, tuple(x.shape))
+    check_biases(x, scale_bias, shift_bias)
     expect_same_device({"x": x, "y": y, "gate": gate, "scale": scale, "shift": shift,
-                        "residual_out": residual_out, "out": out, "out_scale": out_scale})
+                        "residual_out": residual_out, "out": out, "out_scale": out_scale,
+                        "scale_bias": scale_bias, "shift_bias": shift_bias})
 
 
-def _gated_residual_adaln_fp8_into_ref(x, y, gate, scale, shift, eps, residual_out, out, out_scale) -> None:
-    residual, modulated = gated_residual_adaln_ref(x, y, gate, scale, shift, eps)
+def _gated_residual_adaln_fp8_into_ref(x, y, gate, scale, shift, eps, residual_out, out, out_scale,
+                                       scale_bias=None, shift_bias=None) -> None:
+    residual, modulated = gated_residual_adaln_ref(x, y, gate, biased(scale, scale_bias), biased(shift, shift_bias),
+                                                   eps)
     residual_out.copy_(residual)
     store_rows_ref(modulated, out, out_scale)
 
@@ -191,11 +216,13 @@ def _gated_residual_adaln_fp8_launch(
     residual_out: torch.Tensor,
     out: torch.Tensor,
     out_scale: torch.Tensor,
+    scale_bias: torch.Tensor | None = None,
+    shift_bias: torch.Tensor | None = None,
 ) -> None:
     """The fused pair with the modulated norm quantized rowwise to float8_e4m3 (``out``, ``out_scale``);
     the residual stays in x's dtype."""
-    _check_fused_fp8(x, y, gate, scale, shift, eps, residual_out, out, out_scale)
-    launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale)
+    _check_fused_fp8(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scale_bias, shift_bias)
+    launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scale_bias, shift_bias)
 
 
 def gated_residual(

@@ -48,6 +48,7 @@ EXPECTED = {
         "timestep_embedding": 2,
         "silu_mul": 0,
         "gated_residual_adaln": 2 * FLUX_BLOCKS,
+        "modulation_table": 0,
         "key_padding_attention": 0,
         "concat_linear": 2 * FLUX_BLOCKS + FLUX_SINGLE,
     },
@@ -61,6 +62,7 @@ EXPECTED = {
         "timestep_embedding": 1,
         "silu_mul": 0,
         "gated_residual_adaln": WAN_BLOCKS,
+        "modulation_table": 0,  # one timestep per sample here; per token in test_fp8.py
         "key_padding_attention": 0,
         "concat_linear": 2 * WAN_BLOCKS,
     },

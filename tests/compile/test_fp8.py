@@ -329,3 +329,38 @@ def test_loading_where_the_fp8_attention_kernel_is_missing_warns(compiled):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_unavailable(graphs, "cpu", "flux-fp8.diffc")
+
+
+@pytest.mark.parametrize("tier", ["fast", "fp8"])
+def test_per_token_modulation_table_is_added_in_the_kernels(tier):
+    """Wan2.2 TI2V's per-token timesteps: ``scale_shift_table + temb.float()`` is not materialised; the fused ops
+    read temb's chunks and add the table's rows (bit-exact against the materialising graph)."""
+    net, inputs = _model("wan")
+    inputs = {**inputs, "timestep": inputs["timestep"][:, None].expand(2, 12).contiguous()}  # one per token
+    with torch.no_grad():
+        eager = net(**inputs)
+    if tier == "fp8":
+        Fp8Weights(net).apply()
+    outs = []
+    for disable in ((), ("modulation_table",)):
+        graphs: dict = {}
+        report = compile_dit(net, inputs, graphs=graphs, device=CPU, dtype=BF16, tier=tier, disable=disable)
+        from diffc.compile.pipeline import _installed
+        from diffc.compile.regions import dit_regions
+
+        with _installed(dit_regions(net), graphs), torch.no_grad():
+            outs.append(net(**inputs))
+        (region,) = report.regions
+        (graph,) = graphs["blocks"].values()
+        nodes = [n for n in graph.program.graph_module.graph.nodes if n.op == "call_function"]
+        biased = [n for n in nodes if any(k.endswith("_bias") and v is not None for k, v in n.kwargs.items())]
+        table_adds = [n for n in nodes if str(n.target) == "aten.add.Tensor"
+                      and any(getattr(a, "name", "") == "p_scale_shift_table" for a in n.args)]
+        if disable:
+            assert "modulation_table" not in region.matches and not biased and len(table_adds) == 1
+        else:
+            assert region.matches["modulation_table"] == 1 and len(biased) == 4 and not table_adds
+    unwrap = lambda o: o[0] if isinstance(o, tuple) else getattr(o, "sample", o)  # noqa: E731
+    fused, materialised = (unwrap(o) for o in outs)
+    assert torch.equal(fused, materialised)
+    assert _psnr(fused, unwrap(eager)) >= MIN_PSNR_DB

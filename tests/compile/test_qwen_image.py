@@ -36,6 +36,7 @@ EXPECTED = {
     "timestep_embedding": 1,
     "silu_mul": 0,
     "gated_residual_adaln": 4 * BLOCKS - 1,
+    "modulation_table": 0,
     "key_padding_attention": 0,
 }
 SHAPES = ((1, 3, 4), (1, 2, 3))  # the generated image (12 tokens) and one input image (6 tokens)

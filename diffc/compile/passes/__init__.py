@@ -14,14 +14,16 @@ from .gated_residual import GatedResidualPass
 from .gated_residual_adaln import GatedResidualAdaLNPass
 from .gelu_tanh import GeluTanhPass
 from .key_padding import KeyPaddingAttentionPass
+from .modulation_table import ModulationTablePass
 from .qk_norm_rope import QKNormRopePass
 from .rms_norm import RMSNormKernelPass, RMSNormPass
 from .silu_mul import SiluMulPass
 from .timestep_embedding import TimestepEmbeddingPass
 
 FUSION_PASSES: tuple[type[FusionPass], ...] = (
-    RMSNormPass, QKNormRopePass, RMSNormKernelPass, AdaLNModulatePass, GatedResidualPass, GeluTanhPass, TimestepEmbeddingPass, SiluMulPass,
-    GatedResidualAdaLNPass, ConcatLinearPass, KeyPaddingAttentionPass,
+    RMSNormPass, QKNormRopePass, RMSNormKernelPass, AdaLNModulatePass, GatedResidualPass, GeluTanhPass,
+    TimestepEmbeddingPass, SiluMulPass, GatedResidualAdaLNPass, ModulationTablePass, ConcatLinearPass,
+    KeyPaddingAttentionPass,
 )
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "GatedResidualPass",
     "GeluTanhPass",
     "KeyPaddingAttentionPass",
+    "ModulationTablePass",
     "Pattern",
     "QKNormRopePass",
     "RMSNormKernelPass",
