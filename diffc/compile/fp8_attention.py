@@ -94,11 +94,11 @@ class Fp8AttentionPass:
             site = _site_name(node)
             if site in lowering.attention_sites or site in lowering.attention_kept:  # two attentions in one module
                 site = f"{site} ({node.name})"
-            problem = why or self._problem(node)
-            if problem is not None:
-                lowering.attention_kept[site] = problem
+            plan = why or self._plan(node)
+            if isinstance(plan, str):
+                lowering.attention_kept[site] = plan
                 continue
-            out = self._lower(gm.graph, node)
+            out = self._lower(gm.graph, node, plan)
             lowering.attention_sites[site] = (node.name, out.name)
             lowered += 1
         gm.graph.eliminate_dead_code()
@@ -142,12 +142,8 @@ class Fp8AttentionPass:
                 return "q or k is also read by another op"
         return found, q, k, kinds.pop()
 
-    def _problem(self, node: fx.Node) -> str | None:
-        plan = self._plan(node)
-        return plan if isinstance(plan, str) else None
-
-    def _lower(self, graph: fx.Graph, node: fx.Node) -> fx.Node:
-        found, q, k, across = self._plan(node)
+    def _lower(self, graph: fx.Graph, node: fx.Node, plan) -> fx.Node:
+        found, q, k, across = plan
         writers = _writers()
         bound = _bound_args(node)
         batch, heads, _seq, head_dim = q.meta["val"].shape

@@ -308,7 +308,7 @@ def tile_plan(tokens: int, heads: int, head_dim: int, across_heads: bool, config
     )
 
 
-def _launch(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, out_strides, across_heads,
+def _launch(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, across_heads,
             q_scale=None, k_scale=None) -> None:
     """One launch for q and k; with ``q_scale``/``k_scale`` the outputs are float8_e4m3 (the QUANT path)."""
     if q.stride() != k.stride():
@@ -316,6 +316,9 @@ def _launch(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, o
     batch, seq, heads, head_dim = q.shape
     if batch * seq * heads == 0:
         return
+    # the kernel steps outputs by (b, s, h): per head they are (B, H, S, D) buffers, across heads (B, S, H, D)
+    out_strides = ((q_out.stride(0), q_out.stride(2), q_out.stride(1)) if not across_heads
+                   else (q_out.stride(0), q_out.stride(1), q_out.stride(2)))
     plan = tile_plan(batch * seq, heads, head_dim, across_heads, kernel_config())
     full_table = not across_heads
     table_rows = cos.shape[0] if full_table else seq
@@ -361,8 +364,7 @@ def _per_head_launch(
     k_out: torch.Tensor,
 ) -> None:
     _check_per_head(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out)
-    strides = (q_out.stride(0), q_out.stride(2), q_out.stride(1))  # (b, s, h) of a (B, H, S, D) buffer
-    _launch(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, strides, across_heads=False)
+    _launch(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, across_heads=False)
 
 
 @register_op(
@@ -383,8 +385,7 @@ def _across_heads_launch(
     k_out: torch.Tensor,
 ) -> None:
     _check_across_heads(q, k, q_weight, k_weight, cos, sin, eps, q_out, k_out)
-    strides = (q_out.stride(0), q_out.stride(1), q_out.stride(2))
-    _launch(q, k, q_weight, k_weight, cos, sin, eps, 0, q_out, k_out, strides, across_heads=True)
+    _launch(q, k, q_weight, k_weight, cos, sin, eps, 0, q_out, k_out, across_heads=True)
 
 
 def qk_norm_rope_per_head(q, k, q_weight, k_weight, cos, sin, eps: float = RMS_NORM_EPS):

@@ -92,6 +92,15 @@ def qk_fp8_scales_kernel(qw_ptr, kw_ptr, qw2_ptr, kw2_ptr, qs_ptr, ks_ptr, H, D,
     tl.store(o_ptr + h, tl.maximum(peak * factor, 1e-12))
 
 
+def _expect_head_scales(heads: int, scales: dict[str, torch.Tensor]) -> None:
+    """Per-head scale vectors: float32 (H,), contiguous."""
+    for field, t in scales.items():
+        expect_shape(field, t, (heads,), f"({heads},): one scale per head")
+        expect_dtype(field, t, torch.float32)
+        if not t.is_contiguous():
+            raise InvalidArgumentError(field, "must be contiguous")
+
+
 def _scale_weight_size(heads: int, head_dim: int, across_heads: bool) -> int:
     return heads * head_dim if across_heads else head_dim
 
@@ -112,11 +121,7 @@ def _check_scale_op(q_weight, k_weight, q_weight2, k_weight2, heads, head_dim, a
             expect_float(field, t)
             if not t.is_contiguous():
                 raise InvalidArgumentError(field, "must be contiguous")
-    for field, t in (("q_scale_out", q_scale_out), ("k_scale_out", k_scale_out)):
-        expect_shape(field, t, (heads,), f"({heads},): one scale per head")
-        expect_dtype(field, t, torch.float32)
-        if not t.is_contiguous():
-            raise InvalidArgumentError(field, "must be contiguous")
+    _expect_head_scales(heads, {"q_scale_out": q_scale_out, "k_scale_out": k_scale_out})
     expect_same_device({"q_weight": q_weight, "k_weight": k_weight, "q_weight2": q_weight2, "k_weight2": k_weight2,
                         "q_scale_out": q_scale_out, "k_scale_out": k_scale_out})
 
@@ -151,12 +156,7 @@ def _scale_op_launch(q_weight: torch.Tensor, k_weight: torch.Tensor, q_weight2: 
 
 def _check_head_scales(q, q_scale, k_scale) -> None:
     """The fp8 variants' static dequantization scales: float32 (H,), contiguous, on q's device."""
-    heads = q.shape[2] if q.ndim == 4 else 0
-    for field, t in (("q_scale", q_scale), ("k_scale", k_scale)):
-        expect_shape(field, t, (heads,), f"({heads},): one scale per head")
-        expect_dtype(field, t, torch.float32)
-        if not t.is_contiguous():
-            raise InvalidArgumentError(field, "must be contiguous")
+    _expect_head_scales(q.shape[2] if q.ndim == 4 else 0, {"q_scale": q_scale, "k_scale": k_scale})
     expect_same_device({"q": q, "q_scale": q_scale, "k_scale": k_scale})
 
 
@@ -205,8 +205,7 @@ def _per_head_fp8_launch(
     k_out: torch.Tensor,
 ) -> None:
     _check_per_head_fp8(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_scale, k_scale, q_out, k_out)
-    strides = (q_out.stride(0), q_out.stride(2), q_out.stride(1))
-    _launch(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, strides, across_heads=False,
+    _launch(q, k, q_weight, k_weight, cos, sin, eps, seq_offset, q_out, k_out, across_heads=False,
             q_scale=q_scale, k_scale=k_scale)
 
 
@@ -230,8 +229,7 @@ def _across_heads_fp8_launch(
     k_out: torch.Tensor,
 ) -> None:
     _check_across_heads_fp8(q, k, q_weight, k_weight, cos, sin, eps, q_scale, k_scale, q_out, k_out)
-    strides = (q_out.stride(0), q_out.stride(1), q_out.stride(2))
-    _launch(q, k, q_weight, k_weight, cos, sin, eps, 0, q_out, k_out, strides, across_heads=True,
+    _launch(q, k, q_weight, k_weight, cos, sin, eps, 0, q_out, k_out, across_heads=True,
             q_scale=q_scale, k_scale=k_scale)
 
 

@@ -20,6 +20,7 @@ group (see :mod:`.groups`), so ranks below are a group's global ranks, led by it
 
 from __future__ import annotations
 
+import abc
 import os
 import socket
 import threading
@@ -146,7 +147,7 @@ def _exited(pid: int, wait_s: float = 1.0) -> bool:
         time.sleep(0.05)
 
 
-class Leading:
+class Leading(abc.ABC):
     """What rank 0's stand-ins for other ranks share (:class:`ParallelPipeline` for its group's followers,
     :class:`~.groups.ProxyPipeline` for another group's leader): one lock ordering the calls, a heartbeat while
     idle, and a broken state that is final (``error``, told once to ``on_broken``). Subclasses give ``_send``
@@ -196,11 +197,13 @@ class Leading:
             except DiffcError:  # it broke (a ParallelError), or the other group failed the ping
                 return
 
+    @abc.abstractmethod
     def _send(self, op: dict) -> None:
-        raise NotImplementedError
+        """Send one message to the other side."""
 
+    @abc.abstractmethod
     def _ping(self) -> None:
-        raise NotImplementedError
+        """One call that answers whether the other side is well (raises a ParallelError if not)."""
 
 
 class ParallelPipeline(Leading):

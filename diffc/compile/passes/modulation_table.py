@@ -82,9 +82,10 @@ def _plan(add: fx.Node):
             if slots is None or any(a is item for i, a in enumerate(user.args) if i not in slots):
                 return None
             consumers.add(user)
+    items = {item for item, _ in chunks}
     for user in consumers:  # every slot of a consumer comes from this table, and none has a bias yet
         slots = readers[user.target]
-        if any(not (isinstance(user.args[i], fx.Node) and user.args[i] in dict(chunks)) for i in slots):
+        if any(user.args[i] not in items for i in slots):
             return None
         if any(user.kwargs.get(kw) is not None for kw in slots.values()):
             return None
