@@ -85,3 +85,17 @@ def test_gated_residual_adaln_with_table_rows_matches_the_materialised_sum(count
     want_residual = gated_residual_ref(x, y, None)
     assert_matches(residual, want_residual)
     assert_matches(out, adaln_modulate_ref(want_residual, c_scale, c_shift, EPS))
+
+
+def test_opcheck_with_table_rows(counters):
+    """The bias arguments (optional tensors after the destinations) through torch's op checks."""
+    table, temb = table_and_temb(2, 5, 32, 5)
+    x, y = randn(2, 5, 32, dtype=torch.bfloat16, seed=1), randn(2, 5, 32, dtype=torch.bfloat16, seed=2)
+    rows = (table[0, 1].contiguous(), table[0, 0].contiguous())
+    torch.library.opcheck(torch.ops.diffc.adaln_modulate.default,
+                          (x, temb[:, :, 1], temb[:, :, 0], EPS, torch.empty_like(x), *rows))
+    torch.library.opcheck(torch.ops.diffc.gated_residual.default,
+                          (x, y, temb[:, :, 2], torch.empty_like(x), table[0, 2].contiguous()))
+    torch.library.opcheck(torch.ops.diffc.gated_residual_adaln.default,
+                          (x, y, None, temb[:, :, 1], temb[:, :, 0], EPS, torch.empty_like(x), torch.empty_like(x),
+                           *rows))

@@ -564,3 +564,9 @@ def test_qk_fp8_head_scales_op_refuses_bad_arguments(field, kwargs, fragment):
     with pytest.raises(InvalidArgumentError) as exc:
         torch.ops.diffc.qk_fp8_head_scales(*args.values())
     assert exc.value.field == field and fragment in str(exc.value)
+
+
+def test_qk_fp8_head_scales_opcheck(counters):
+    w = [randn(8, dtype=torch.bfloat16, seed=s) for s in range(4)]
+    torch.library.opcheck(torch.ops.diffc.qk_fp8_head_scales.default,
+                          (w[0], w[1], w[2], w[3], 2, 8, False, torch.zeros(2), torch.zeros(2)))
