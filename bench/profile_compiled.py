@@ -57,7 +57,7 @@ def profile(fn, steps: int) -> dict[str, Any]:
         ms = evt.device_time_total / 1000 / steps
         per_cat[category(evt.key)] = per_cat.get(category(evt.key), 0.0) + ms
         kernels[evt.key] = kernels.get(evt.key, 0.0) + ms
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:15]
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
     return {"total_ms": sum(per_cat.values()), "by_category_ms": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])),
             "top_kernels_ms": dict(top)}
 
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, choices=sorted(SPECS))
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("--tier", default="fast", choices=("fast", "fp8"), help="the compiled quality tier to profile")
+    p.add_argument("--skip-eager", action="store_true", help="profile the compiled forward only")
+    p.add_argument("--disable", default="", help="comma list of compile passes to leave out")
     args = p.parse_args(argv)
     quiet_libraries()
     from diffc.compile.pipeline import compile_dit
@@ -84,21 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"model": spec.name, "env": environment(device, ["-m", "bench.profile_compiled", *(argv or [])]),
                               "flops_tflop": family.dit_flops(spec, wl).total / 1e12}
     with torch.no_grad():
-        result["eager"] = profile(lambda: native(**inputs), args.steps)
+        empty = {"total_ms": 0.0, "by_category_ms": {}, "top_kernels_ms": {}}
+        result["eager"] = empty if args.skip_eager else profile(lambda: native(**inputs), args.steps)
         graphs: dict = {}
-        report = compile_dit(native, inputs, graphs=graphs, device=device, dtype=dtype)
+        disable = tuple(d for d in args.disable.split(",") if d)
         stack = DiTStack("transformer", native, device, cuda_graphs=False)
-        stack.set_compiled(CompiledDiT(graphs, [report.key], {"tier": "fast"}))
+        stack.set_weight_quantization("fp8" if args.tier == "fp8" else None)
+        with stack.bare() as eager:
+            report = compile_dit(eager, inputs, graphs=graphs, device=device, dtype=dtype, tier=args.tier,
+                                 disable=disable)
+        stack.set_compiled(CompiledDiT(graphs, [report.key], {"tier": args.tier, "disabled": list(disable)}))
         backends = sorted({(r.attention or {}).get("backend") for r in report.regions} - {None})
         result["compile"] = {"matches": report.matches, "attention": ",".join(backends)}
         result["compiled"] = profile(lambda: stack(**inputs), args.steps)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{gpu_slug(result['env']['gpu'])}-{result['env']['date']}-{spec.name}-profile"
+    suffix = ("" if args.tier == "fast" else f"-{args.tier}") + "".join(f"-no-{d}" for d in disable)
+    stem = out / f"{gpu_slug(result['env']['gpu'])}-{result['env']['date']}-{spec.name}{suffix}-profile"
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [f"# {spec.name} DiT forward, CUDA kernel time per category (ms per forward)", "",
              f"{result['env']['gpu']}, torch {result['env']['torch']}; {result['flops_tflop']:.1f} TFLOP per forward; "
-             f"compiled: {result['compile']['matches']}, attention {result['compile']['attention']}", "",
+             f"tier {args.tier}; compiled: {result['compile']['matches']}, attention {result['compile']['attention']}", "",
              "| category | eager ms | compiled ms |", "|---|---:|---:|"]
     cats = list(dict.fromkeys([*result["eager"]["by_category_ms"], *result["compiled"]["by_category_ms"]]))
     for c in cats:
