@@ -59,15 +59,16 @@ def rounds_product(y: torch.Tensor, gate: torch.Tensor | None) -> bool:
 @triton_kernel
 def adaln_rows_kernel(
     x_ptr, y_ptr, gate_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, qs_ptr, scale_bias_ptr, shift_bias_ptr,
-    S, C, eps,
+    gate_bias_ptr, S, C, eps,
     sx_b, sx_s, sy_b, sy_s, sg_b, sg_s, sc_b, sc_s, sh_b, sh_s, sr_b, sr_s, so_b, so_s,
     RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ROUND_PRODUCT: tl.constexpr, ROUND_MODULATE: tl.constexpr,
-    QUANT: tl.constexpr, MOD_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
+    QUANT: tl.constexpr, MOD_BIAS: tl.constexpr, GATE_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # one program per token row (b, s)
     # x, y, res, out: (B, S, C) with strides (s?_b, s?_s, 1); gate, scale, shift: (B, 1|S, C), stride 0 if 1
     # QUANT: out is float8_e4m3 and qs (B * S, 1) float32 gets the row's scale (diffc/ops/fp8.py)
-    # MOD_BIAS: scale and shift each get a float32 (C,) row added (a modulation table's row, in float32)
+    # MOD_BIAS: scale and shift each get a float32 (C,) row added (a modulation table's row, in float32);
+    # GATE_BIAS: the gate likewise (then the product is float32)
     row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * S * C can pass 2^31
     b = row // S
     s = row % S
@@ -80,6 +81,8 @@ def adaln_rows_kernel(
         y = tl.load(y_ptr + b * sy_b + s * sy_s + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
             g = tl.load(gate_ptr + b * sg_b + s * sg_s + cols, mask=mask, other=0.0).to(tl.float32)
+            if GATE_BIAS:
+                g = tl.load(gate_bias_ptr + cols, mask=mask, other=0.0) + g
             y = g * y
             if ROUND_PRODUCT:
                 y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
@@ -172,7 +175,7 @@ def _check(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float
 
 
 def launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale=None, scale_bias=None,
-                shift_bias=None) -> None:
+                shift_bias=None, gate_bias=None) -> None:
     """Launch ``adaln_rows_kernel``; ``y is None`` skips the residual prologue; ``out_scale`` given: ``out``
     is float8_e4m3 and gets the rowwise-quantized result, ``out_scale`` its (B * S, 1) scales; ``scale_bias``
     and ``shift_bias`` (both or neither): float32 (C,) rows added to scale and shift (then float32 math)."""
@@ -184,7 +187,7 @@ def launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale=None
     adaln_rows_kernel[(batch * seq,)](
         x, y_, g, scale, shift, res, out, out_scale if out_scale is not None else scale,
         scale_bias if scale_bias is not None else scale, shift_bias if shift_bias is not None else shift,
-        seq, dim, eps,
+        gate_bias if gate_bias is not None else g, seq, dim, eps,
         x.stride(0), x.stride(1), y_.stride(0), y_.stride(1),
         broadcast_stride(g, 0), broadcast_stride(g, 1),
         broadcast_stride(scale, 0), broadcast_stride(scale, 1),
@@ -192,10 +195,11 @@ def launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale=None
         res.stride(0), res.stride(1), out.stride(0), out.stride(1),
         RESIDUAL=y is not None,
         HAS_GATE=gate is not None,
-        ROUND_PRODUCT=y is not None and rounds_product(y, gate),
+        ROUND_PRODUCT=y is not None and gate_bias is None and rounds_product(y, gate),
         ROUND_MODULATE=scale_bias is None and rounds_modulation(x, scale, shift),
         QUANT=out_scale is not None,
         MOD_BIAS=scale_bias is not None,
+        GATE_BIAS=gate_bias is not None,
         BLOCK_C=block,
         num_warps=max(1, min(16, block // 512)),
     )

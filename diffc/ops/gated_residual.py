@@ -105,9 +105,7 @@ def _check(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, out: tor
            gate_bias: torch.Tensor | None = None) -> None:
     _check_residual(x, y, gate)
     check_rows("out", out, x)
-    if gate_bias is not None and gate is None:
-        raise InvalidArgumentError("gate_bias", "is added to the gate; there is no gate")
-    check_bias("gate_bias", gate_bias, x)
+    _check_gate_bias(x, gate, gate_bias)
     expect_same_device({"x": x, "y": y, "gate": gate, "out": out, "gate_bias": gate_bias})
 
 
@@ -136,8 +134,16 @@ def _gated_residual_launch(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor 
     )
 
 
-def _check_fused(x, y, gate, scale, shift, eps, residual_out, out, scale_bias=None, shift_bias=None) -> None:
+def _check_gate_bias(x, gate, gate_bias) -> None:
+    if gate_bias is not None and gate is None:
+        raise InvalidArgumentError("gate_bias", "is added to the gate; there is no gate")
+    check_bias("gate_bias", gate_bias, x)
+
+
+def _check_fused(x, y, gate, scale, shift, eps, residual_out, out, scale_bias=None, shift_bias=None,
+                 gate_bias=None) -> None:
     _check_residual(x, y, gate)
+    _check_gate_bias(x, gate, gate_bias)
     check_modulation("scale", scale, x)
     check_modulation("shift", shift, x)
     check_rows("residual_out", residual_out, x)
@@ -145,12 +151,13 @@ def _check_fused(x, y, gate, scale, shift, eps, residual_out, out, scale_bias=No
     check_biases(x, scale_bias, shift_bias)
     expect_same_device(
         {"x": x, "y": y, "gate": gate, "scale": scale, "shift": shift, "residual_out": residual_out, "out": out,
-         "scale_bias": scale_bias, "shift_bias": shift_bias}
+         "scale_bias": scale_bias, "shift_bias": shift_bias, "gate_bias": gate_bias}
     )
 
 
 def _gated_residual_adaln_into_ref(x, y, gate, scale, shift, eps, residual_out, out, scale_bias=None,
-                                   shift_bias=None) -> None:
+                                   shift_bias=None, gate_bias=None) -> None:
+    gate = None if gate is None else biased(gate, gate_bias)
     residual, modulated = gated_residual_adaln_ref(x, y, gate, biased(scale, scale_bias), biased(shift, shift_bias),
                                                    eps)
     residual_out.copy_(residual)
@@ -174,14 +181,19 @@ def _gated_residual_adaln_launch(
     out: torch.Tensor,
     scale_bias: torch.Tensor | None = None,
     shift_bias: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
 ) -> None:
-    _check_fused(x, y, gate, scale, shift, eps, residual_out, out, scale_bias, shift_bias)
-    launch_rows(x, y, gate, scale, shift, eps, residual_out, out, scale_bias=scale_bias, shift_bias=shift_bias)
+    """``scale_bias`` / ``shift_bias`` / ``gate_bias``: float32 (C,) modulation-table rows added in the kernel
+    (passes/modulation_table.py)."""
+    _check_fused(x, y, gate, scale, shift, eps, residual_out, out, scale_bias, shift_bias, gate_bias)
+    launch_rows(x, y, gate, scale, shift, eps, residual_out, out, scale_bias=scale_bias, shift_bias=shift_bias,
+                gate_bias=gate_bias)
 
 
 def _check_fused_fp8(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scale_bias=None,
-                     shift_bias=None) -> None:
+                     shift_bias=None, gate_bias=None) -> None:
     _check_residual(x, y, gate)
+    _check_gate_bias(x, gate, gate_bias)
     check_modulation("scale", scale, x)
     check_modulation("shift", shift, x)
     check_rows("residual_out", residual_out, x)
@@ -189,11 +201,12 @@ def _check_fused_fp8(x, y, gate, scale, shift, eps, residual_out, out, out_scale
     check_biases(x, scale_bias, shift_bias)
     expect_same_device({"x": x, "y": y, "gate": gate, "scale": scale, "shift": shift,
                         "residual_out": residual_out, "out": out, "out_scale": out_scale,
-                        "scale_bias": scale_bias, "shift_bias": shift_bias})
+                        "scale_bias": scale_bias, "shift_bias": shift_bias, "gate_bias": gate_bias})
 
 
 def _gated_residual_adaln_fp8_into_ref(x, y, gate, scale, shift, eps, residual_out, out, out_scale,
-                                       scale_bias=None, shift_bias=None) -> None:
+                                       scale_bias=None, shift_bias=None, gate_bias=None) -> None:
+    gate = None if gate is None else biased(gate, gate_bias)
     residual, modulated = gated_residual_adaln_ref(x, y, gate, biased(scale, scale_bias), biased(shift, shift_bias),
                                                    eps)
     residual_out.copy_(residual)
@@ -218,11 +231,12 @@ def _gated_residual_adaln_fp8_launch(
     out_scale: torch.Tensor,
     scale_bias: torch.Tensor | None = None,
     shift_bias: torch.Tensor | None = None,
+    gate_bias: torch.Tensor | None = None,
 ) -> None:
     """The fused pair with the modulated norm quantized rowwise to float8_e4m3 (``out``, ``out_scale``);
     the residual stays in x's dtype."""
-    _check_fused_fp8(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scale_bias, shift_bias)
-    launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scale_bias, shift_bias)
+    _check_fused_fp8(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scale_bias, shift_bias, gate_bias)
+    launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scale_bias, shift_bias, gate_bias)
 
 
 def gated_residual(

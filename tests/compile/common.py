@@ -22,7 +22,7 @@ GRAPH_TOL = {torch.float32: 1e-5, torch.bfloat16: REL_TOL[torch.bfloat16]}
 #   gelu_tanh: double 2 (ff, ff_context) + single 1 each (proj_mlp) = 4
 #   qk_norm_rope: double 1 (two op calls: text rows, image rows) + single 1 each = 3 matches, 4 calls
 # Wan, 2 blocks:
-#   adaln_modulate: norm1 and norm3 per block + norm_out = 5 (norm2 has an affine and stays a layer_norm)
+#   adaln_modulate: norm1, norm2 (affine: scale w - 1, shift b) and norm3 per block + norm_out = 7
 #   gated_residual: after attn1 and after ffn per block = 4 (the ungated ``x + attn2`` is not this op)
 #   gelu_tanh: ffn per block + the text projection = 3
 #   qk_norm_rope: self-attention per block = 2 (cross-attention normalises q/k without RoPE)
@@ -32,7 +32,8 @@ GRAPH_TOL = {torch.float32: 1e-5, torch.bfloat16: REL_TOL[torch.bfloat16]}
 # rms_norm: both call F.rms_norm (already aten.rms_norm), no hand-written RMSNorm = 0
 # gated_residual_adaln (after gated_residual and adaln_modulate, each site takes one of each):
 #   FLUX double block: image and text residual after attention feed the MLP norms = 2;
-#   Wan: each block's feed-forward residual feeds the next norm1 / norm_out = 2
+#   Wan: per block, the attn1 residual feeds norm2, the ungated ``x + attn2`` norm3 (as the op's gate=None
+#   form), the feed-forward residual the next norm1 / norm_out = 6
 # Passes that rewrite with aten ops only (no diffc op enters the graph):
 GRAPH_ONLY = ("concat_linear",)
 OPT_IN = ("concat_linear",)  # not in default_passes()
@@ -55,13 +56,13 @@ EXPECTED = {
     "wan": {
         "rms_norm": 0,
         "rms_norm_kernel": 2 * WAN_BLOCKS,  # the tiny cross-attention q/k norms are narrow rows
-        "adaln_modulate": 2 * WAN_BLOCKS + 1,
+        "adaln_modulate": 3 * WAN_BLOCKS + 1,
         "gated_residual": 2 * WAN_BLOCKS,
         "gelu_tanh": WAN_BLOCKS + 1,
         "qk_norm_rope": WAN_BLOCKS,
         "timestep_embedding": 1,
         "silu_mul": 0,
-        "gated_residual_adaln": WAN_BLOCKS,
+        "gated_residual_adaln": 3 * WAN_BLOCKS,
         "modulation_table": 0,  # one timestep per sample here; per token in test_fp8.py
         "key_padding_attention": 0,
         "concat_linear": 2 * WAN_BLOCKS,

@@ -35,8 +35,9 @@ EXPECTED = {
             {"attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"}, {"proj_out", "norm.linear"}),
     },
     "wan": {
-        "blocks": ({"attn1.to_q", "attn1.to_k", "attn1.to_v", "ffn.net.0.proj", "ffn.net.2"},
-                   {"attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"}),
+        # attn2.to_q reads norm2, an affine LayerNorm fused with the attention residual before it
+        "blocks": ({"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "ffn.net.0.proj", "ffn.net.2"},
+                   {"attn1.to_out.0", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"}),
     },
 }
 

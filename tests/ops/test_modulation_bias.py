@@ -99,3 +99,36 @@ def test_opcheck_with_table_rows(counters):
     torch.library.opcheck(torch.ops.diffc.gated_residual_adaln.default,
                           (x, y, None, temb[:, :, 1], temb[:, :, 0], EPS, torch.empty_like(x), torch.empty_like(x),
                            *rows))
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gated_residual_adaln_with_a_gate_row_matches_the_materialised_sum(counters, fp8):
+    """Wan's attention residual ``x + attn1 * gate`` (gate: the table's row + temb) then the affine ``norm2``,
+    which the adaLN op takes as ``scale = w - 1``, ``shift = b``: only the gate gets a table row."""
+    batch, seq, dim = 2, 5, 96
+    table, temb = table_and_temb(batch, seq, dim, seq)
+    x, y = randn(batch, seq, dim, dtype=torch.bfloat16, seed=1), randn(batch, seq, dim, dtype=torch.bfloat16, seed=2)
+    w, b = (1 + 0.2 * randn(dim, seed=6)), 0.1 * randn(dim, seed=7)
+    scale, shift = (w - 1).view(1, 1, dim), b.view(1, 1, dim)
+    gate = (table + temb.float()).unbind(2)[2]
+    residual = poisoned(batch, seq, dim, dtype=torch.bfloat16)
+    want_residual = gated_residual_ref(x, y, gate)
+    want = torch.nn.functional.layer_norm(want_residual.float(), (dim,), w, b, EPS).bfloat16()
+    if fp8:
+        out, out_scale = torch.zeros(batch, seq, dim, dtype=FP8), torch.full((batch * seq, 1), float("nan"))
+        torch.ops.diffc.gated_residual_adaln_fp8(x, y, temb[:, :, 2], scale, shift, EPS, residual, out, out_scale,
+                                                 None, None, table[0, 2])
+    else:
+        out = poisoned(batch, seq, dim, dtype=torch.bfloat16)
+        torch.ops.diffc.gated_residual_adaln(x, y, temb[:, :, 2], scale, shift, EPS, residual, out, None, None,
+                                             table[0, 2])
+    assert_kernel_ran()
+    assert_matches(residual, want_residual)
+    if fp8:
+        assert_quantized_like(out, out_scale, want)
+    else:
+        assert_matches(out, want)
+    with pytest.raises(InvalidArgumentError) as exc:
+        torch.ops.diffc.gated_residual_adaln(x, y, None, scale, shift, EPS, residual, x.clone(), None, None,
+                                             table[0, 2])
+    assert exc.value.field == "gate_bias" and "no gate" in str(exc.value)

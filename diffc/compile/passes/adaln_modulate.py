@@ -12,7 +12,9 @@ Fused::
     diffc.adaln_modulate(x, scale, shift, eps, out)
 
 Variants: an affine LayerNorm (weight and bias) modulated by a precomputed ``1 + scale`` folds its affine
-into the modulation (:class:`AdaLNModulateAffine`); FLUX's ``AdaNormContinuous`` unsqueezes after adding one (``(1 + scale)[:, None, :]``);
+into the modulation (:class:`AdaLNModulateAffine`); an affine float32 LayerNorm with no modulation is the op
+with ``scale = w - 1``, ``shift = b`` (:class:`AffineLayerNormUpcast`, :class:`AffineLayerNorm`: Wan's
+``norm2``; the modulated patterns come first, so an affine norm that is modulated folds as above); FLUX's ``AdaNormContinuous`` unsqueezes after adding one (``(1 + scale)[:, None, :]``);
 Wan in bf16/fp16 wraps the sequence in casts, ``to(layer_norm(to(x, float32)) * ... , x.dtype)``
 with float32 scale and shift, which the op computes the same way from the low-precision ``x``.
 """
@@ -195,10 +197,73 @@ class AdaLNModulateAffine(Pattern):
         )
 
 
+class AffineLayerNormUpcast(Pattern):
+    """An affine LayerNorm computed in float32 on low-precision activations, no modulation (Wan's ``norm2``
+    before cross-attention, diffusers' ``FP32LayerNorm``): ``to(layer_norm(to(x, float32), w, b), x.dtype)``
+    with float32 ``w``, ``b`` (C,). It is ``adaln_modulate`` with ``scale = w - 1`` and ``shift = b`` as
+    (1, 1, C) rows (``1 + (w - 1)`` is ``w`` exactly for weights in [0.5, 2], within a float32 rounding
+    otherwise), so the residual fusion downstream can pair it like the modulated norms, and the fp8 tier
+    quantizes its output in the same pass."""
+
+    def example_inputs(self) -> tuple:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 5, 8, generator=g).bfloat16()
+        w, b = 1 + 0.3 * torch.randn(8, generator=g), 0.1 * torch.randn(8, generator=g)
+        return x, w, b, [8], 1e-6, torch.float32, torch.bfloat16
+
+    @staticmethod
+    def pattern(x, weight, bias, shape, eps, upcast, downcast):
+        h = aten.layer_norm.default(aten.to.dtype(x, upcast), shape, weight, bias, eps, False)
+        return aten.to.dtype(h, downcast)
+
+    @staticmethod
+    def replacement(x, weight, bias, shape, eps, upcast, downcast):
+        scale = aten.unsqueeze.default(aten.unsqueeze.default(aten.sub.Tensor(weight, 1), 0), 0)
+        shift = aten.unsqueeze.default(aten.unsqueeze.default(bias, 0), 0)
+        out = aten.empty_like.default(x)
+        torch.ops.diffc.adaln_modulate.default(x, scale, shift, eps, out)
+        return out
+
+    def accepts(self, x, weight, bias, shape, eps, upcast, downcast) -> bool:
+        return (
+            _norm_ok(x, shape, eps)
+            and x.dtype in REDUCED
+            and upcast == torch.float32
+            and downcast == x.dtype
+            and all(isinstance(t, torch.Tensor) and tuple(t.shape) == (x.shape[-1],) and t.dtype == torch.float32
+                    and _dense_last(t) for t in (weight, bias))
+        )
+
+
+class AffineLayerNorm(AffineLayerNormUpcast):
+    """:class:`AffineLayerNormUpcast` on float32 activations (no casts around it): ``layer_norm(x, w, b)``."""
+
+    def example_inputs(self) -> tuple:
+        x, w, b, shape, eps, _, _ = super().example_inputs()
+        return x.float(), w, b, shape, eps
+
+    @staticmethod
+    def pattern(x, weight, bias, shape, eps):
+        return aten.layer_norm.default(x, shape, weight, bias, eps, False)
+
+    @staticmethod
+    def replacement(x, weight, bias, shape, eps):
+        return AffineLayerNormUpcast.replacement(x, weight, bias, shape, eps, None, None)
+
+    def accepts(self, x, weight, bias, shape, eps) -> bool:
+        return (
+            _norm_ok(x, shape, eps)
+            and x.dtype == torch.float32
+            and all(isinstance(t, torch.Tensor) and tuple(t.shape) == (x.shape[-1],) and t.dtype == torch.float32
+                    and _dense_last(t) for t in (weight, bias))
+        )
+
+
 class AdaLNModulatePass(FusionPass):
     """LayerNorm + ``* (1 + scale) + shift`` -> ``diffc.adaln_modulate``. Not bit-exact: the kernel's
     mean/variance reduction order differs from ATen's (within the bf16 tolerance)."""
 
     name = "adaln_modulate"
     bit_exact = False
-    patterns = (AdaLNModulateUpcast(), AdaLNModulateUnsqueezed(), AdaLNModulate(), AdaLNModulateAffine())
+    patterns = (AdaLNModulateUpcast(), AdaLNModulateUnsqueezed(), AdaLNModulate(), AdaLNModulateAffine(),
+                AffineLayerNormUpcast(), AffineLayerNorm())

@@ -18,9 +18,11 @@ Fused, one pass over each token writing both the residual stream and its modulat
 Sites in the models: FLUX's double-stream block, image and text streams each (the residual after
 attention feeds the MLP's norm); Wan, every block's feed-forward residual feeds the next block's
 ``norm1`` and the last one ``norm_out``. FLUX's single-stream output is sliced into text and image
-before the next norm, and Wan's attention residual feeds the affine ``norm2``: not these ops. Wan's
-ungated ``x + attn2`` before ``norm3`` is the op's ``gate=None`` form, but it stays an ``aten.add``
-(the gated-residual pass takes gated sums only), so it is not paired here.
+before the next norm: not these ops. Wan's attention residual feeds the affine ``norm2`` (an
+``adaln_modulate`` with ``scale = w - 1``, ``shift = b`` since :mod:`.adaln_modulate`'s
+``AffineLayerNormUpcast``), and its ungated ``x + attn2`` feeds ``norm3``: a plain ``aten.add`` of two
+activations of one shape and dtype read by the norm becomes the op's ``gate=None`` form first (the
+same sum, rounded once to the activations' dtype as eager rounds it), then pairs like the others.
 
 A pair is fused where ``res`` has one writer (the gated residual), ``x`` and ``res`` agree in shape and
 dtype, and every other reader of ``res`` comes after the point where all the fused op's inputs exist
@@ -68,6 +70,28 @@ def _same_rows(a, b) -> bool:
     )
 
 
+def _ungated_residual(graph: fx.Graph, norm: fx.Node) -> None:
+    """``res = aten.add(x, y)`` read by ``norm`` (x, y, res of one shape and dtype) -> ``diffc.gated_residual(x,
+    y, None, res)`` into a new buffer, which the pairing below takes like a gated one."""
+    res = norm.args[0] if norm.args else None
+    if not (isinstance(res, fx.Node) and res.op == "call_function" and res.target == aten.add.Tensor
+            and len(res.args) == 2 and not res.kwargs):
+        return
+    val = res.meta.get("val")
+    if not all(isinstance(n, fx.Node) and _same_rows(n.meta.get("val"), val) for n in res.args):
+        return
+    x, y = res.args
+    with graph.inserting_before(res):
+        buf = graph.call_function(aten.empty_like.default, (x,))
+        call = graph.call_function(diffc.gated_residual.default, (x, y, None, buf))
+    buf.meta = {k: v for k, v in res.meta.items() if k != "val"}
+    call.meta = dict(buf.meta)
+    _propagate_val(buf)
+    _propagate_val(call)
+    res.replace_all_uses_with(buf)
+    graph.erase_node(res)
+
+
 class GatedResidualAdaLNPass(FusionPass):
     """``diffc.gated_residual`` feeding ``diffc.adaln_modulate`` -> ``diffc.gated_residual_adaln``.
     Not bit-exact: it inherits the LayerNorm reduction order of ``adaln_modulate``'s kernel."""
@@ -81,6 +105,7 @@ class GatedResidualAdaLNPass(FusionPass):
             raise InvalidArgumentError("gm", f"expected a torch.fx.GraphModule, got {type(gm).__name__}")
         fused = 0
         for norm in [n for n in gm.graph.nodes if n.target == diffc.adaln_modulate.default]:
+            _ungated_residual(gm.graph, norm)
             fused += self._fuse(gm.graph, norm)
         if fused:
             gm.graph.lint()

@@ -34,7 +34,9 @@ def _readers() -> dict:
     """fused op -> {argument index: the bias keyword for it}."""
     d = torch.ops.diffc
     adaln = {1: "scale_bias", 2: "shift_bias"}
-    pair = {3: "scale_bias", 4: "shift_bias"}  # the ungated residual + adaLN pair (Wan's x + attn2, norm3)
+    # the residual + adaLN pairs: Wan's attn1 residual + norm2 (gate from the table, the norm's own affine),
+    # its ungated x + attn2 + norm3 (scale and shift from the table)
+    pair = {2: "gate_bias", 3: "scale_bias", 4: "shift_bias"}
     return {d.adaln_modulate.default: adaln, d.adaln_modulate_fp8.default: adaln,
             d.gated_residual.default: {2: "gate_bias"}, d.gated_residual_adaln.default: pair,
             d.gated_residual_adaln_fp8.default: pair}
@@ -83,11 +85,12 @@ def _plan(add: fx.Node):
                 return None
             consumers.add(user)
     items = {item for item, _ in chunks}
-    for user in consumers:  # every slot of a consumer comes from this table, and none has a bias yet
+    for user in consumers:  # none has a bias yet; scale and shift come from this table together or not at all
         slots = readers[user.target]
-        if any(user.args[i] not in items for i in slots):
-            return None
         if any(user.kwargs.get(kw) is not None for kw in slots.values()):
+            return None
+        paired = [user.args[i] in items for i, kw in slots.items() if kw in ("scale_bias", "shift_bias")]
+        if len(set(paired)) > 1:
             return None
     return table, temb, chunks, consumers
 
@@ -118,7 +121,8 @@ class ModulationTablePass(FusionPass):
             for user in consumers:
                 args, kwargs = list(user.args), dict(user.kwargs)
                 for index, kw in readers[user.target].items():
-                    args[index], kwargs[kw] = views[args[index]]
+                    if args[index] in views:
+                        args[index], kwargs[kw] = views[args[index]]
                 user.args, user.kwargs = tuple(args), kwargs
             rewritten += 1
         if rewritten:
