@@ -34,10 +34,13 @@ GRAPH_TOL = {torch.float32: 1e-5, torch.bfloat16: REL_TOL[torch.bfloat16]}
 #   FLUX double block: image and text residual after attention feed the MLP norms = 2;
 #   Wan: per block, the attn1 residual feeds norm2, the ungated ``x + attn2`` norm3 (as the op's gate=None
 #   form), the feed-forward residual the next norm1 / norm_out = 6
+# UNGATED_PAIRS (below): gated_residual_adaln sites whose residual was an ungated aten.add (Wan's x + attn2
+# before norm3), which take no diffc.gated_residual of the gated-residual pass.
 # Passes that rewrite with aten ops only (no diffc op enters the graph):
 GRAPH_ONLY = ("concat_linear",)
 OPT_IN = ("concat_linear",)  # not in default_passes()
 FLUX_BLOCKS, FLUX_SINGLE, WAN_BLOCKS = 1, 2, 2
+UNGATED_PAIRS = {"flux": 0, "wan": WAN_BLOCKS}
 EXPECTED = {
     "flux": {
         "rms_norm": 0,

@@ -36,7 +36,9 @@ ZERO = dict.fromkeys(PASSES, 0)
 #   (sequence_dim=1) = 1 qk_norm_rope; adaln 4, gated 4, gelu 2, pairs 2 as SD3.
 # HunyuanVideoSingleTransformerBlock: q/k RMSNorm = 2 (RoPE runs on the image slice of the joint sequence,
 #   not this pattern); AdaLayerNormZeroSingle = 1; ``gate * proj_out(h) + residual`` = 1; proj_mlp GELU-tanh 1.
-# HunyuanVideoTokenRefiner: its own timestep sinusoid = 1; the refiner block's two gated residuals = 2.
+# HunyuanVideoTokenRefiner: its own timestep sinusoid = 1; the refiner block's two gated residuals = 2; its
+#   two affine float32 LayerNorms (norm1, norm2) = 2 adaln (scale w - 1, shift b); the attention residual
+#   feeds norm2 = 1 pair.
 # LTXVideoTransformerBlock: affine-free RMSNorm before attention and FF = 2 rms_norm (its q/k norm is
 #   torch.nn.RMSNorm, already aten.rms_norm; its RoPE spans all heads' channels, which the op does not
 #   take); gated residuals after attn1 and FF = 2, and RoPE's ``x * cos + rot * sin`` on q and k, whose
@@ -57,7 +59,8 @@ EXPECTED = {
                                                   "gated_residual": 4, "gelu_tanh": 2, "gated_residual_adaln": 2},
     ("hunyuan", "HunyuanVideoSingleTransformerBlock"): {**ZERO, "rms_norm": 2, "rms_norm_kernel": 2, "adaln_modulate": 1,
                                                         "gated_residual": 1, "gelu_tanh": 1},
-    ("hunyuan", "HunyuanVideoTokenRefiner"): {**ZERO, "gated_residual": 2, "timestep_embedding": 1},
+    ("hunyuan", "HunyuanVideoTokenRefiner"): {**ZERO, "gated_residual": 2, "timestep_embedding": 1,
+                                               "adaln_modulate": 2, "gated_residual_adaln": 1},
     ("hunyuan", "HunyuanVideoPatchEmbed"): ZERO,
     ("ltx", "LTXVideoTransformerBlock"): {**ZERO, "rms_norm": 2, "rms_norm_kernel": 6, "gated_residual": 4,
                                           "gelu_tanh": 1},

@@ -14,7 +14,7 @@ from diffc.compile.passes import graph_targets
 from diffc.compile.passes.gated_residual_adaln import GatedResidualAdaLNPass
 from diffc.errors import InvalidArgumentError
 from diffc.ops import COUNTERS, OpCounters, kernel_runs_on
-from tests.compile.common import GRAPH_TOL, save_and_load
+from tests.compile.common import GRAPH_TOL, UNGATED_PAIRS, save_and_load
 from tests.compile.conftest import DTYPES, MODELS
 from tests.helpers import rel_err
 from tests.ops.common import round_interpreter_bf16_to_nearest
@@ -34,7 +34,7 @@ SITES = {
     "wan": tuple(f"blocks_{i}_{p}" for i in range(2) for p in ("attn1_to_out_0", "attn2_to_out_0", "ffn_net_2")),
 }
 EXPECTED = {model: len(sites) for model, sites in SITES.items()}
-UNGATED = {"flux": 0, "wan": 2}  # sites whose residual was an aten.add before the pass
+UNGATED = UNGATED_PAIRS  # sites whose residual was an aten.add before the pass
 
 
 def _default_passes() -> list:
