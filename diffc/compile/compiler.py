@@ -87,14 +87,17 @@ def pass_sources() -> dict[str, str]:
     from .. import ops
     from . import artifact as art
 
-    files = {cls.name: inspect.getsourcefile(cls) for cls in FUSION_PASSES}
-    files["manager"] = inspect.getsourcefile(PassManager)
-    files["regions"] = inspect.getsourcefile(RegionGraph)
-    files["fp8_linear"] = inspect.getsourcefile(Fp8LinearPass)
-    files["fp8_attention"] = inspect.getsourcefile(Fp8AttentionPass)
+    # a pass is its own file and the files its patterns live in (qk_norm_rope keeps its forms in two modules)
+    files = {cls.name: [inspect.getsourcefile(c) for c in (cls, *map(type, getattr(cls, "patterns", ())))]
+             for cls in FUSION_PASSES}
+    files["manager"] = [inspect.getsourcefile(PassManager)]
+    files["regions"] = [inspect.getsourcefile(RegionGraph)]
+    files["fp8_linear"] = [inspect.getsourcefile(Fp8LinearPass)]
+    files["fp8_attention"] = [inspect.getsourcefile(Fp8AttentionPass)]
     for name in sorted(ops.registry.REGISTERED):
-        files[f"op:{name}"] = inspect.getsourcefile(ops.registry.REGISTERED[name]._init_fn)
-    return {name: art.sha256_text(Path(path).read_text())[:16] for name, path in sorted(files.items())}
+        files[f"op:{name}"] = [inspect.getsourcefile(ops.registry.REGISTERED[name]._init_fn)]
+    return {name: art.sha256_text("".join(Path(p).read_text() for p in sorted(set(paths))))[:16]
+            for name, paths in sorted(files.items())}
 
 
 def kernel_configs() -> dict[str, Any]:
