@@ -22,7 +22,6 @@ from ..errors import InvalidArgumentError
 from .fp8 import FP8, check_fp8_out, store_rows_ref
 from .registry import (
     broadcast_stride,
-    cdiv,
     expect_dtype,
     expect_float,
     expect_same_device,
@@ -35,9 +34,6 @@ from .registry import (
 )
 
 LAYER_NORM_EPS = 1e-6  # FLUX's NORM_EPS and Wan's config.eps
-# Elements one program of the row kernel covers: rows narrower than this share a program (Wan2.1-1.3B's 1536
-# channels: two rows), so a program's fixed cost (two reductions, the scale/shift loads) is paid less often.
-ROW_ELEMENTS = 4096
 
 
 def adaln_modulate_ref(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = LAYER_NORM_EPS):
@@ -63,48 +59,45 @@ def rounds_product(y: torch.Tensor, gate: torch.Tensor | None) -> bool:
 @triton_kernel
 def adaln_rows_kernel(
     x_ptr, y_ptr, gate_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, qs_ptr, scale_bias_ptr, shift_bias_ptr,
-    gate_bias_ptr, R, S, C, eps,
+    gate_bias_ptr, S, C, eps,
     sx_b, sx_s, sy_b, sy_s, sg_b, sg_s, sc_b, sc_s, sh_b, sh_s, sr_b, sr_s, so_b, so_s,
     RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, ROUND_PRODUCT: tl.constexpr, ROUND_MODULATE: tl.constexpr,
-    QUANT: tl.constexpr, MOD_BIAS: tl.constexpr, GATE_BIAS: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    QUANT: tl.constexpr, MOD_BIAS: tl.constexpr, GATE_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # ROWS token rows (b, s) per program, R = B * S rows in all
+    # one program per token row (b, s)
     # x, y, res, out: (B, S, C) with strides (s?_b, s?_s, 1); gate, scale, shift: (B, 1|S, C), stride 0 if 1
-    # QUANT: out is float8_e4m3 and qs (B * S, 1) float32 gets each row's scale (diffc/ops/fp8.py)
+    # QUANT: out is float8_e4m3 and qs (B * S, 1) float32 gets the row's scale (diffc/ops/fp8.py)
     # MOD_BIAS: scale and shift each get a float32 (C,) row added (a modulation table's row, in float32);
     # GATE_BIAS: the gate likewise (then the product is float32)
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # 64-bit offsets: B * S * C can pass 2^31
-    b = (rows // S)[:, None]
-    s = (rows % S)[:, None]
+    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * S * C can pass 2^31
+    b = row // S
+    s = row % S
     cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    mask = (rows < R)[:, None] & col_ok[None, :]
-    c = cols[None, :]
+    mask = cols < C
     act = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + b * sx_b + s * sx_s + c, mask=mask, other=0.0)
+    x = tl.load(x_ptr + b * sx_b + s * sx_s + cols, mask=mask, other=0.0)
     if RESIDUAL:
         # res = x + gate * y, stored in x's dtype (the residual stream)
-        y = tl.load(y_ptr + b * sy_b + s * sy_s + c, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + b * sy_b + s * sy_s + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
-            g = tl.load(gate_ptr + b * sg_b + s * sg_s + c, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(gate_ptr + b * sg_b + s * sg_s + cols, mask=mask, other=0.0).to(tl.float32)
             if GATE_BIAS:
-                g = tl.load(gate_bias_ptr + cols, mask=col_ok, other=0.0)[None, :] + g
+                g = tl.load(gate_bias_ptr + cols, mask=mask, other=0.0) + g
             y = g * y
             if ROUND_PRODUCT:
                 y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
         x = (x.to(tl.float32) + y).to(act)
-        tl.store(res_ptr + b * sr_b + s * sr_s + c, x, mask=mask)
+        tl.store(res_ptr + b * sr_b + s * sr_s + cols, x, mask=mask)
     xf = x.to(tl.float32)
-    mean = tl.sum(xf, axis=1) / C
-    xc = tl.where(mask, xf - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / C
-    h = xc * tl.rsqrt(var + eps)[:, None]  # (ROWS, BLOCK_C) fp32
-    scale = tl.load(scale_ptr + b * sc_b + s * sc_s + c, mask=mask, other=0.0).to(tl.float32)
-    shift = tl.load(shift_ptr + b * sh_b + s * sh_s + c, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(xf, axis=0) / C
+    xc = tl.where(mask, xf - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / C
+    h = xc * tl.rsqrt(var + eps)  # (BLOCK_C,) fp32
+    scale = tl.load(scale_ptr + b * sc_b + s * sc_s + cols, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + b * sh_b + s * sh_s + cols, mask=mask, other=0.0).to(tl.float32)
     if MOD_BIAS:
-        scale = tl.load(scale_bias_ptr + cols, mask=col_ok, other=0.0)[None, :] + scale
-        shift = tl.load(shift_bias_ptr + cols, mask=col_ok, other=0.0)[None, :] + shift
+        scale = tl.load(scale_bias_ptr + cols, mask=mask, other=0.0) + scale
+        shift = tl.load(shift_bias_ptr + cols, mask=mask, other=0.0) + shift
     if ROUND_MODULATE:
         h = h.to(act).to(tl.float32)
         h = (h * (1.0 + scale).to(act).to(tl.float32)).to(act).to(tl.float32)
@@ -113,12 +106,12 @@ def adaln_rows_kernel(
         out = h * (1.0 + scale) + shift
     if QUANT:
         v = tl.where(mask, out.to(act).to(tl.float32), 0.0)  # what the bf16 op would have stored
-        qscale = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-12) / 448.0
-        q = tl.minimum(tl.maximum(v / qscale[:, None], -448.0), 448.0)
-        tl.store(out_ptr + b * so_b + s * so_s + c, q.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(qs_ptr + rows, qscale, mask=rows < R)
+        qscale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12) / 448.0
+        q = tl.minimum(tl.maximum(v / qscale, -448.0), 448.0)
+        tl.store(out_ptr + b * so_b + s * so_s + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(qs_ptr + row, qscale)
     else:
-        tl.store(out_ptr + b * so_b + s * so_s + c, out.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + b * so_b + s * so_s + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def check_modulation(field: str, t: torch.Tensor, x: torch.Tensor) -> None:
@@ -188,14 +181,13 @@ def launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale=None
     and ``shift_bias`` (both or neither): float32 (C,) rows added to scale and shift (then float32 math)."""
     batch, seq, dim = x.shape
     block = next_pow2(dim)
-    rows = max(1, min(16, ROW_ELEMENTS // block))  # narrow rows: several per program
     res = residual_out if residual_out is not None else out
     y_ = y if y is not None else x
     g = gate if gate is not None else scale
-    adaln_rows_kernel[(cdiv(batch * seq, rows),)](
+    adaln_rows_kernel[(batch * seq,)](
         x, y_, g, scale, shift, res, out, out_scale if out_scale is not None else scale,
         scale_bias if scale_bias is not None else scale, shift_bias if shift_bias is not None else shift,
-        gate_bias if gate_bias is not None else g, batch * seq, seq, dim, eps,
+        gate_bias if gate_bias is not None else g, seq, dim, eps,
         x.stride(0), x.stride(1), y_.stride(0), y_.stride(1),
         broadcast_stride(g, 0), broadcast_stride(g, 1),
         broadcast_stride(scale, 0), broadcast_stride(scale, 1),
@@ -208,9 +200,8 @@ def launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale=None
         QUANT=out_scale is not None,
         MOD_BIAS=scale_bias is not None,
         GATE_BIAS=gate_bias is not None,
-        ROWS=rows,
         BLOCK_C=block,
-        num_warps=max(1, min(16, rows * block // 512)),
+        num_warps=max(1, min(16, block // 512)),
     )
 
 

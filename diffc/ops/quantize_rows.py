@@ -2,8 +2,8 @@
 
 The fp8 tier quantizes most GEMM inputs inside the kernel that computes them (:mod:`.fp8`). A linear
 whose input comes from elsewhere (the attention output, a concatenation) gets this op instead: one
-program loads whole rows once (several narrow ones together), takes each row's amax, and writes the fp8
-rows and their scales. That costs one read of the activation and a write of half its size (GPU-NOTES.md: the same work as separate
+program per row loads the whole row once, takes its amax, and writes the fp8 row and its scale. That
+costs one read of the activation and a write of half its size (GPU-NOTES.md: the same work as separate
 torch ops, ``abs``/``amax``/``div``/``clamp``/``to``, costs as much as the fp8 GEMM saves); the fp8
 lowering weighs it against the GEMM's saving per site (``diffc/compile/fp8.py``).
 
@@ -17,9 +17,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .fp8 import FP8, check_fp8_out, store_rows_ref
-from .adaln_modulate import ROW_ELEMENTS
 from .registry import (
-    cdiv,
     expect_float,
     expect_same_device,
     expect_unit_last_stride,
@@ -31,18 +29,17 @@ from .registry import (
 
 
 @triton_kernel
-def quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, R, K, stride_row, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    # ROWS rows per program, R in all; x: (R, K) at stride (stride_row, 1); out: float8_e4m3 (R, K)
-    # contiguous; scale: (R, 1) float32
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+def quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, K, stride_row, BLOCK: tl.constexpr):
+    # one program per row; x: (rows, K) at stride (stride_row, 1); out: float8_e4m3 (rows, K) contiguous;
+    # scale: (rows, 1) float32
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    row_ok = rows < R
-    mask = row_ok[:, None] & (cols < K)[None, :]
-    y = tl.load(x_ptr + rows[:, None] * stride_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    qscale = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-12) / 448.0
-    q = tl.minimum(tl.maximum(y / qscale[:, None], -448.0), 448.0)
-    tl.store(out_ptr + rows[:, None] * K + cols[None, :], q.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + rows, qscale, mask=row_ok)
+    mask = cols < K
+    y = tl.load(x_ptr + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
+    qscale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
+    q = tl.minimum(tl.maximum(y / qscale, -448.0), 448.0)
+    tl.store(out_ptr + row * K + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, qscale)
 
 
 def _rows_stride(x: torch.Tensor) -> int | None:
@@ -84,10 +81,8 @@ def _quantize_rows_launch(x: torch.Tensor, out: torch.Tensor, out_scale: torch.T
     if stride is None:  # leading dimensions that do not flatten to one strided axis (a permuted view)
         x, stride = x.contiguous(), k
     block = next_pow2(k)
-    rows = max(1, min(16, ROW_ELEMENTS // block))
-    n = x.numel() // k
-    quantize_rows_kernel[(cdiv(n, rows),)](
-        x, out, out_scale, n, k, stride, ROWS=rows, BLOCK=block, num_warps=max(1, min(16, rows * block // 512)),
+    quantize_rows_kernel[(x.numel() // k,)](
+        x, out, out_scale, k, stride, BLOCK=block, num_warps=max(1, min(16, block // 512)),
     )
 
 
