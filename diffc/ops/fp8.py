@@ -17,6 +17,8 @@ kernels up to the bf16 kernels' own tolerance.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..errors import InvalidArgumentError
@@ -89,3 +91,32 @@ def store_rows_ref(y: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) 
 
 __all__ = ["FP8", "FP8_MAX", "check_fp8_out", "dequantize_rows", "fp8_linear_ok", "fp8_linear_ref",
            "quantize_rows_ref", "quantize_weight", "store_rows_ref"]
+
+
+@functools.lru_cache(maxsize=None)
+def _scaled_mm_refusal(device: str) -> str | None:
+    """What torch says when asked for one tiny rowwise-scaled fp8 GEMM on ``device`` (the fp8 tier's GEMM), or None."""
+    dev = torch.device(device)
+    try:
+        a = torch.zeros(16, 16, device=dev).to(FP8)
+        b = torch.zeros(16, 16, device=dev).to(FP8)
+        torch._scaled_mm(a, b.t(), torch.ones(16, 1, device=dev), torch.ones(1, 16, device=dev), None, None,
+                         torch.bfloat16, False)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return None
+
+
+def fp8_gemm_unavailable(device: torch.device) -> str | None:
+    """Why the fp8 tier's rowwise-scaled fp8 GEMMs (``torch._scaled_mm``) cannot run on ``device``, or None:
+    CUDA GPUs need compute capability 8.9 or newer (Ada, Hopper, Blackwell); elsewhere torch must take the
+    rowwise scales (its CPU kernel does from 2.12 on), which one tiny probe GEMM tells."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            return f"fp8 GEMMs need a GPU of compute capability 8.9 or newer (Ada, Hopper, Blackwell); this one is " \
+                   f"sm{major}{minor}"
+    why = _scaled_mm_refusal(str(device))
+    return None if why is None else f"torch {torch.__version__} cannot run rowwise-scaled fp8 GEMMs on " \
+                                    f"{device.type} ({why})"

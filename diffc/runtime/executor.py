@@ -329,6 +329,12 @@ class Executor:
         if scheme is not None and self.offload is not None:
             raise InvalidArgumentError("quality", f"the fp8 tier keeps fp8 copies of the DiT's weights on the device; "
                                        f"it does not run with offload {self.offload.mode!r} (use --offload none)")
+        if scheme is not None:
+            from ..ops.fp8 import fp8_gemm_unavailable
+
+            why = fp8_gemm_unavailable(self.device)
+            if why is not None:
+                raise InvalidArgumentError("quality", f"the fp8 tier cannot run here: {why}; use --quality fast")
         for stack in self.stacks.values():
             stack.set_weight_quantization(scheme)
 

@@ -135,3 +135,36 @@ def test_load_compiled_fp8_through_the_api_with_its_warm_up(artifact):
     assert (compiled.counters.compiled_calls, compiled.counters.region_calls) == (0, 0)
     pipe.generate("a kite", height=64, width=64, num_inference_steps=2, max_sequence_length=8, progress=False)
     assert (compiled.counters.compiled_calls, compiled.counters.eager_fallbacks) == (2, 0)
+
+
+def test_compile_fp8_where_fp8_gemms_cannot_run_exits_2(tmp_path, capsys, monkeypatch):
+    """A torch or device without rowwise-scaled fp8 GEMMs (torch < 2.12 on the CPU, a GPU older than sm89):
+    one line naming ``quality`` before any work, no artifact, instead of torch's error from inside a GEMM."""
+    import torch
+
+    from diffc.ops import fp8
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Now _scaled_mm only supports per-tensor scaling for CPU backend.")
+
+    fp8._scaled_mm_refusal.cache_clear()
+    monkeypatch.setattr(torch, "_scaled_mm", refuse)
+    out = tmp_path / "fp8.diffc"
+    try:
+        code = main(["compile", "--out", str(out), "--height", "64", "--width", "64", "--quality", "fp8", *SMALL])
+    finally:
+        fp8._scaled_mm_refusal.cache_clear()
+    err = capsys.readouterr().err
+    assert code == 2 and "quality: the fp8 tier cannot run here: torch" in err and "per-tensor scaling" in err, err
+    assert "use --quality fast" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_fp8_gemms_need_sm89_or_newer(monkeypatch):
+    import torch
+
+    from diffc.ops.fp8 import fp8_gemm_unavailable
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    why = fp8_gemm_unavailable(torch.device("cuda"))
+    assert "compute capability 8.9 or newer" in why and "sm80" in why
