@@ -25,6 +25,8 @@ from .specs import SPECS, Workload
 
 # First matching pattern names a kernel's category (kernel names as CUDA reports them).
 CATEGORIES = (
+    # cuDNN's convolutions and their layout transposes (a VAE), before "cudnn" counts as attention
+    ("conv", re.compile(r"fprop_implicit_gemm|dgrad|conv|nchwToNhwc|nhwcToNchw", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|cudnn|sdpa|softmax", re.I)),
     ("gemm", re.compile(r"gemm|cutlass|sm90_xmma|nvjet|matmul|cublas", re.I)),
     ("diffc triton", re.compile(r"_kernel$|qk_norm_rope|adaln|gated_residual|gelu_tanh|timestep|silu_mul", re.I)),
