@@ -11,6 +11,12 @@ from bench.profile_compiled import category
 from bench.profile_vae import main
 
 
+@pytest.fixture(autouse=True)
+def keep_library_logging(monkeypatch):
+    """The tool quiets diffc's, diffusers' and transformers' loggers for the process; not for the tests after."""
+    monkeypatch.setattr("bench.profile_vae.quiet_libraries", lambda: None)
+
+
 @pytest.mark.parametrize("model", ["wan-tiny", "flux-tiny"])
 def test_profile_vae_times_a_decode_and_writes_its_files(tmp_path, capsys, model):
     assert main(["--model", model, "--device", "cpu", "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
