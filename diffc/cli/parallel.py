@@ -102,14 +102,14 @@ def _entry(rank: int, fn: Callable, fn_args: tuple, world: int, port: int, env: 
                        WORKER_ENV: "1"})
     if env.get("DIFFC_CPU_THREADS"):
         torch.set_num_threads(int(env["DIFFC_CPU_THREADS"]))
-    from ..parallel.mesh import shutdown
-
     rc = fn(*fn_args)
-    # a clean exit tears the process groups down here, not in the interpreter's exit: a gloo group left to the
-    # C++ destructors at exit can abort the process ("terminate called without an active exception")
-    shutdown()
-    if rc:
-        sys.exit(rc)
+    # A clean exit leaves without the interpreter's teardown: gloo's process groups, torn down by their C++
+    # destructors then (or by destroy_process_group while the other ranks leave too), could abort the process
+    # ("terminate called without an active exception", signal 6) after everything had finished. What the rank
+    # wrote is flushed first; the OS closes its sockets. An exception still goes to torch's spawn wrapper.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc or 0)
 
 
 def start(fn: Callable, fn_args: tuple, world: int, env: dict[str, str] | None = None):

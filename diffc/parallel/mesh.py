@@ -100,8 +100,3 @@ def _all_groups(config: ParallelConfig):
     yield "seq", [[ci * seq + s for s in range(seq)] for ci in range(c)]
     yield "ulysses", [[ci * seq + ri * u + ui for ui in range(u)] for ci in range(c) for ri in range(r)]
     yield "ring", [[ci * seq + ri * u + ui for ri in range(r)] for ci in range(c) for ui in range(u)]
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
