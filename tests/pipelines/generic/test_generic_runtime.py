@@ -1,6 +1,7 @@
 """The runtime executor's layers on the generic backend, on the CPU: offload (with the recording stand-in for
 the CUDA streams of tests/runtime/test_offload.py) and CUDA graphs (emulated, tests/runtime/test_cudagraphs.py)
-give every tiny diffusers pipeline the pixels it gives without them. The CUDA path: test_generic_gpu.py."""
+give every tiny diffusers pipeline the pixels it gives without them (offload: up to a uint8 level on a few
+pixels, the CPU BLAS's alignment-dependent rounding; see _same_pixels). The CUDA path: test_generic_gpu.py."""
 
 from __future__ import annotations
 
@@ -22,6 +23,15 @@ TEXT_ENCODERS = {"sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"),
                  "cogvideox": ("text_encoder",)}
 
 
+def _same_pixels(out: np.ndarray, ref: np.ndarray) -> bool:
+    """The same image or video up to CPU BLAS rounding: MKL's and oneDNN's float results may depend on where
+    the weights sit in memory (alignment), and offload gives them new buffers, so a few pixels in ten thousand
+    can land one uint8 level apart (seen: 1 in 3 runs, up to 0.03% of pixels). A weight streamed wrong or
+    stale changes far more than that."""
+    diff = np.abs(out.astype(np.int16) - ref.astype(np.int16))
+    return out.shape == ref.shape and int(diff.max()) <= 1 and float((diff > 0).mean()) <= 1e-3
+
+
 def _output(pipe, name: str) -> np.ndarray:
     out = pipe.generate("a lighthouse at dusk", seed=4, progress=False, **REQUESTS[name])
     return np.asarray(out.images[0]) if out.images else out.frames
@@ -39,7 +49,7 @@ def test_offload_gives_the_resident_output(name, generic_pipe):
                             text_encoders=text_encoder_names(pipe.diffusers_pipe))
         handle = pipe.executor.offload
         assert list(handle.rings) == ["transformer"] and sorted(handle.components) == sorted(TEXT_ENCODERS[name])
-        assert np.array_equal(_output(pipe, name), resident)
+        assert _same_pixels(_output(pipe, name), resident)
         counters = handle.counters
         assert counters.blocks_resident == 0 and counters.blocks_streamed == counters.blocks_total > 0
         assert counters.ring_forwards > 0 and counters.component_loads == counters.component_unloads > 0
@@ -48,12 +58,12 @@ def test_offload_gives_the_resident_output(name, generic_pipe):
         vae = pipe.executor.offload.components["vae"]
         for _ in range(2):
             loads = pipe.executor.offload.counters.component_loads
-            assert np.array_equal(_output(pipe, name), resident)
+            assert _same_pixels(_output(pipe, name), resident)
             assert pipe.executor.offload.counters.component_loads > loads and vae.loaded  # the VAE ran last
         assert pipe.generate("x", progress=False, **REQUESTS[name]).timings.runtime["offload"]["mode"] == "model"
     finally:
         pipe.executor.place("none")
-    assert np.array_equal(_output(pipe, name), resident)
+    assert _same_pixels(_output(pipe, name), resident)
 
 
 @pytest.mark.parametrize("name", NAMES)
