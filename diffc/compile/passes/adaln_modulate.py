@@ -56,6 +56,17 @@ def _norm_ok(x, shape, eps) -> bool:
     return rows_ok(x) and list(shape) == [x.shape[-1]] and isinstance(eps, float)
 
 
+def _upcast_norm_ok(x, shape, eps, upcast, downcast) -> bool:
+    """A LayerNorm computed in float32 on bf16/fp16 activations, its result cast back to their dtype."""
+    return _norm_ok(x, shape, eps) and x.dtype in REDUCED and upcast == torch.float32 and downcast == x.dtype
+
+
+def _float32_affine_ok(x, weight, bias) -> bool:
+    """The LayerNorm's own weight and bias: float32 (C,), dense."""
+    return all(isinstance(t, torch.Tensor) and tuple(t.shape) == (x.shape[-1],) and t.dtype == torch.float32
+               and _dense_last(t) for t in (weight, bias))
+
+
 class AdaLNModulate(Pattern):
     """``layer_norm(x) * (1 + scale) + shift`` with scale, shift in x's dtype (FLUX; Wan in float32)."""
 
@@ -137,10 +148,7 @@ class AdaLNModulateUpcast(Pattern):
 
     def accepts(self, x, scale, shift, shape, eps, upcast, downcast) -> bool:
         return (
-            _norm_ok(x, shape, eps)
-            and x.dtype in REDUCED
-            and upcast == torch.float32
-            and downcast == x.dtype
+            _upcast_norm_ok(x, shape, eps, upcast, downcast)
             and modulation_ok(scale, x)
             and modulation_ok(shift, x)
             and scale.dtype == shift.dtype == torch.float32
@@ -225,14 +233,7 @@ class AffineLayerNormUpcast(Pattern):
         return out
 
     def accepts(self, x, weight, bias, shape, eps, upcast, downcast) -> bool:
-        return (
-            _norm_ok(x, shape, eps)
-            and x.dtype in REDUCED
-            and upcast == torch.float32
-            and downcast == x.dtype
-            and all(isinstance(t, torch.Tensor) and tuple(t.shape) == (x.shape[-1],) and t.dtype == torch.float32
-                    and _dense_last(t) for t in (weight, bias))
-        )
+        return _upcast_norm_ok(x, shape, eps, upcast, downcast) and _float32_affine_ok(x, weight, bias)
 
 
 class AffineLayerNorm(AffineLayerNormUpcast):
@@ -251,12 +252,7 @@ class AffineLayerNorm(AffineLayerNormUpcast):
         return AffineLayerNormUpcast.replacement(x, weight, bias, shape, eps, None, None)
 
     def accepts(self, x, weight, bias, shape, eps) -> bool:
-        return (
-            _norm_ok(x, shape, eps)
-            and x.dtype == torch.float32
-            and all(isinstance(t, torch.Tensor) and tuple(t.shape) == (x.shape[-1],) and t.dtype == torch.float32
-                    and _dense_last(t) for t in (weight, bias))
-        )
+        return _norm_ok(x, shape, eps) and x.dtype == torch.float32 and _float32_affine_ok(x, weight, bias)
 
 
 class AdaLNModulatePass(FusionPass):
