@@ -178,7 +178,8 @@ def launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale=None
                 shift_bias=None, gate_bias=None) -> None:
     """Launch ``adaln_rows_kernel``; ``y is None`` skips the residual prologue; ``out_scale`` given: ``out``
     is float8_e4m3 and gets the rowwise-quantized result, ``out_scale`` its (B * S, 1) scales; ``scale_bias``
-    and ``shift_bias`` (both or neither): float32 (C,) rows added to scale and shift (then float32 math)."""
+    and ``shift_bias`` (both or neither): float32 (C,) rows added to scale and shift (then float32 math);
+    ``gate_bias``: one added to the gate (then the product is float32)."""
     batch, seq, dim = x.shape
     block = next_pow2(dim)
     res = residual_out if residual_out is not None else out

@@ -89,10 +89,6 @@ def store_rows_ref(y: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) 
     out_scale.copy_(scale)
 
 
-__all__ = ["FP8", "FP8_MAX", "check_fp8_out", "dequantize_rows", "fp8_linear_ok", "fp8_linear_ref",
-           "quantize_rows_ref", "quantize_weight", "store_rows_ref"]
-
-
 @functools.lru_cache(maxsize=None)
 def _scaled_mm_refusal(device: str) -> str | None:
     """What torch says when asked for one tiny rowwise-scaled fp8 GEMM on ``device`` (the fp8 tier's GEMM), or None."""
@@ -120,3 +116,7 @@ def fp8_gemm_unavailable(device: torch.device) -> str | None:
     why = _scaled_mm_refusal(str(device))
     return None if why is None else f"torch {torch.__version__} cannot run rowwise-scaled fp8 GEMMs on " \
                                     f"{device.type} ({why})"
+
+
+__all__ = ["FP8", "FP8_MAX", "check_fp8_out", "dequantize_rows", "fp8_gemm_unavailable", "fp8_linear_ok",
+           "fp8_linear_ref", "quantize_rows_ref", "quantize_weight", "store_rows_ref"]

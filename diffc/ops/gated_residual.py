@@ -140,26 +140,37 @@ def _check_gate_bias(x, gate, gate_bias) -> None:
     check_bias("gate_bias", gate_bias, x)
 
 
-def _check_fused(x, y, gate, scale, shift, eps, residual_out, out, scale_bias=None, shift_bias=None,
-                 gate_bias=None) -> None:
+def _check_pair(x, y, gate, scale, shift, residual_out, out, out_scale, scale_bias, shift_bias, gate_bias) -> None:
+    """The residual + adaLN pair's arguments; ``out_scale`` given, ``out`` is its float8_e4m3 destination."""
     _check_residual(x, y, gate)
     _check_gate_bias(x, gate, gate_bias)
     check_modulation("scale", scale, x)
     check_modulation("shift", shift, x)
     check_rows("residual_out", residual_out, x)
-    check_rows("out", out, x)
+    if out_scale is None:
+        check_rows("out", out, x)
+    else:
+        check_fp8_out(out, out_scale, tuple(x.shape))
     check_biases(x, scale_bias, shift_bias)
-    expect_same_device(
-        {"x": x, "y": y, "gate": gate, "scale": scale, "shift": shift, "residual_out": residual_out, "out": out,
-         "scale_bias": scale_bias, "shift_bias": shift_bias, "gate_bias": gate_bias}
-    )
+    expect_same_device({"x": x, "y": y, "gate": gate, "scale": scale, "shift": shift,
+                        "residual_out": residual_out, "out": out, "out_scale": out_scale,
+                        "scale_bias": scale_bias, "shift_bias": shift_bias, "gate_bias": gate_bias})
+
+
+def _pair_ref(x, y, gate, scale, shift, eps, scale_bias, shift_bias, gate_bias):
+    """The pair's reference (residual, modulated norm) with the modulation table's rows added."""
+    gate = None if gate is None else biased(gate, gate_bias)
+    return gated_residual_adaln_ref(x, y, gate, biased(scale, scale_bias), biased(shift, shift_bias), eps)
+
+
+def _check_fused(x, y, gate, scale, shift, eps, residual_out, out, scale_bias=None, shift_bias=None,
+                 gate_bias=None) -> None:
+    _check_pair(x, y, gate, scale, shift, residual_out, out, None, scale_bias, shift_bias, gate_bias)
 
 
 def _gated_residual_adaln_into_ref(x, y, gate, scale, shift, eps, residual_out, out, scale_bias=None,
                                    shift_bias=None, gate_bias=None) -> None:
-    gate = None if gate is None else biased(gate, gate_bias)
-    residual, modulated = gated_residual_adaln_ref(x, y, gate, biased(scale, scale_bias), biased(shift, shift_bias),
-                                                   eps)
+    residual, modulated = _pair_ref(x, y, gate, scale, shift, eps, scale_bias, shift_bias, gate_bias)
     residual_out.copy_(residual)
     out.copy_(modulated)
 
@@ -192,23 +203,12 @@ def _gated_residual_adaln_launch(
 
 def _check_fused_fp8(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scale_bias=None,
                      shift_bias=None, gate_bias=None) -> None:
-    _check_residual(x, y, gate)
-    _check_gate_bias(x, gate, gate_bias)
-    check_modulation("scale", scale, x)
-    check_modulation("shift", shift, x)
-    check_rows("residual_out", residual_out, x)
-    check_fp8_out(out, out_scale, tuple(x.shape))
-    check_biases(x, scale_bias, shift_bias)
-    expect_same_device({"x": x, "y": y, "gate": gate, "scale": scale, "shift": shift,
-                        "residual_out": residual_out, "out": out, "out_scale": out_scale,
-                        "scale_bias": scale_bias, "shift_bias": shift_bias, "gate_bias": gate_bias})
+    _check_pair(x, y, gate, scale, shift, residual_out, out, out_scale, scale_bias, shift_bias, gate_bias)
 
 
 def _gated_residual_adaln_fp8_into_ref(x, y, gate, scale, shift, eps, residual_out, out, out_scale,
                                        scale_bias=None, shift_bias=None, gate_bias=None) -> None:
-    gate = None if gate is None else biased(gate, gate_bias)
-    residual, modulated = gated_residual_adaln_ref(x, y, gate, biased(scale, scale_bias), biased(shift, shift_bias),
-                                                   eps)
+    residual, modulated = _pair_ref(x, y, gate, scale, shift, eps, scale_bias, shift_bias, gate_bias)
     residual_out.copy_(residual)
     store_rows_ref(modulated, out, out_scale)
 
