@@ -64,6 +64,18 @@ def profile(fn, steps: int) -> dict[str, Any]:
             "top_kernels_ms": dict(top)}
 
 
+def top_kernel_lines(top: dict[str, float], title: str) -> list[str]:
+    """A profile's top kernels as markdown list lines under ``title``."""
+    return ["", f"{title}:", ""] + [f"- {ms:.2f} {name[:140]}" for name, ms in top.items()]
+
+
+def write_report(stem: Path, result: dict[str, Any], lines: list[str]) -> None:
+    """``result`` to ``<stem>.json``, ``lines`` to ``<stem>.md`` and the console."""
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile_compiled", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, choices=sorted(SPECS))
@@ -106,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     suffix = ("" if args.tier == "fast" else f"-{args.tier}") + "".join(f"-no-{d}" for d in disable)
     stem = out / f"{gpu_slug(result['env']['gpu'])}-{result['env']['date']}-{spec.name}{suffix}-profile"
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [f"# {spec.name} DiT forward, CUDA kernel time per category (ms per forward)", "",
              f"{result['env']['gpu']}, torch {result['env']['torch']}; {result['flops_tflop']:.1f} TFLOP per forward; "
              f"tier {args.tier}; compiled: {result['compile']['matches']}, attention {result['compile']['attention']}", "",
@@ -116,10 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {c} | {result['eager']['by_category_ms'].get(c, 0):.1f} | "
                      f"{result['compiled']['by_category_ms'].get(c, 0):.1f} |")
     lines.append(f"| total | {result['eager']['total_ms']:.1f} | {result['compiled']['total_ms']:.1f} |")
-    lines += ["", "Top compiled kernels (ms per forward):", ""]
-    lines += [f"- {ms:.2f} {name[:140]}" for name, ms in result["compiled"]["top_kernels_ms"].items()]
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    lines += top_kernel_lines(result["compiled"]["top_kernels_ms"], "Top compiled kernels (ms per forward)")
+    write_report(stem, result, lines)
     return 0
 
 

@@ -10,7 +10,6 @@ transposes, elementwise, copies) and the top kernels (``bench.profile_compiled``
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 from .build import default_dtype, keep_fp32, native_like
 from .compare import quiet_libraries
 from .families import FAMILIES
-from .profile_compiled import profile
+from .profile_compiled import profile, top_kernel_lines, write_report
 from .report import environment, gpu_slug
 from .specs import SPECS, Workload
 
@@ -77,17 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{gpu_slug(result['env']['gpu'])}-{result['env']['date']}-{spec.name}-vae-profile"
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=2))
     lines = [f"# {spec.name} VAE decode of a {tuple(z.shape)} latent", "",
              f"{result['env']['gpu']}, torch {result['env']['torch']}: "
              f"{result['decode_s'] * 1000:.1f} ms a decode (median of {args.repeats})"]
     if "kernels" in result:
         lines += ["", "| category | ms |", "|---|---:|"]
         lines += [f"| {c} | {ms:.1f} |" for c, ms in result["kernels"]["by_category_ms"].items()]
-        lines += ["", "Top kernels (ms per decode):", ""]
-        lines += [f"- {ms:.2f} {name[:140]}" for name, ms in result["kernels"]["top_kernels_ms"].items()]
-    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        lines += top_kernel_lines(result["kernels"]["top_kernels_ms"], "Top kernels (ms per decode)")
+    write_report(stem, result, lines)
     return 0
 
 
