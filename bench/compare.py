@@ -189,7 +189,8 @@ def open_engine(kind: str, run: Run, ckpt: str | None, shared: dict | None) -> t
 
 
 def measure_components(engine: Engine, run: Run, is_ref: bool) -> dict[str, Any]:
-    """VAE decode and text encode: once per engine (compiling the DiT does not change them)."""
+    """VAE decode and text encode: once per engine and VAE variant (compiling diffc's DiT on a GPU switches its
+    VAE to its fused kernels, as a compiled pipeline runs it; the text encoders do not change)."""
     warmup, repeats, dev = min(run.args.warmup, 2), min(run.args.repeats, 5), run.device
     out: dict[str, Any] = {}
     with peak_memory(dev) as peak:
@@ -235,10 +236,11 @@ def measure(config: Config, engine: Engine, run: Run, r: dict[str, Any]) -> None
     del out
     log(f"{config.name}: DiT forward {median:.2f} ms (first call {timed.first_call_s:.1f} s)")
 
-    if engine.kind not in run.components and not args.skip_vae:
+    key = engine.components_key
+    if key not in run.components and not args.skip_vae:
         log(f"{config.name}: VAE decode" + (" and text encode" if engine.has_pipeline else ""))
-        run.components[engine.kind] = dict(measure_components(engine, run, is_ref), measured_in=config.name)
-    r.update(run.components.get(engine.kind, {}))
+        run.components[key] = dict(measure_components(engine, run, is_ref), measured_in=config.name)
+    r.update(run.components.get(key, {}))
     free_memory(dev)
 
     if run.e2e and engine.has_pipeline and not config.dit_only:

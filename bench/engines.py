@@ -55,6 +55,11 @@ class Engine:
     def has_pipeline(self) -> bool:
         return self.pipe is not None
 
+    @property
+    def components_key(self) -> str:
+        """Configurations with the same key share one VAE decode / text encode measurement."""
+        return self.kind
+
     def close(self) -> None:
         """Remove what this engine installed on its modules (nothing, unless overridden)."""
 
@@ -180,6 +185,7 @@ class DiffcEngine(Engine):
                 self.compile_reports.append(report)
                 lines.append(" ".join(describe_bucket(report).split()))
         stack.set_compiled(CompiledDiT(by_region, keys, {"tier": tier, "disabled": list(disable)}))
+        self.fused_vae(self.device.type == "cuda")
         if graphs:
             self.cuda_graphs()
         return "diffc compile" + (f" {tier}" if tier != "fast" else "") + (f" without {', '.join(disable)}" if disable else "") + \
@@ -190,6 +196,18 @@ class DiffcEngine(Engine):
         """The DiT's blocks back to their own forwards, no CUDA graphs (the modules may be shared)."""
         self.transformer.set_compiled(None)
         self.transformer.set_cuda_graphs(False)
+        self.fused_vae(False)
+
+    def fused_vae(self, enabled: bool) -> None:
+        """The VAE's fused kernels on or off, as the executor switches them with a compiled DiT on a GPU
+        (``Executor.install_compiled``)."""
+        if hasattr(self.vae, "set_fused_kernels"):
+            self.vae.set_fused_kernels(enabled)
+
+    @property
+    def components_key(self) -> str:
+        fused = any(getattr(m, "fused_kernels", False) for m in self.vae.modules())
+        return self.kind + (" (fused VAE)" if fused else "")
 
     def ensure_compiled(self, inputs: dict[str, Any], wl: Workload, *, graphs: bool = False) -> str:
         """:meth:`compile` with the default passes, unless the engine is compiled so already (cache configs
@@ -209,6 +227,7 @@ class DiffcEngine(Engine):
         self.transformer.set_compiled(None)
         self.transformer.set_cuda_graphs(False)
         self.transformer.set_weight_quantization(None)
+        self.fused_vae(False)
         self.setup_key = ("eager",)
         return "eager"
 

@@ -42,47 +42,84 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+VARIANTS = ("eager", "fused")  # fused: the VAE's fused kernels (set_fused_kernels), as a compiled pipeline runs it
+
+
+def _measure(vae, z, device, repeats: int) -> dict[str, Any]:
+    with torch.no_grad():
+        out = vae.decode(z)  # warm-up: cuDNN plans, allocator, kernel builds
+        _sync(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            vae.decode(z)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        result: dict[str, Any] = {"decode_s": sorted(times)[len(times) // 2]}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            result["kernels"] = profile(lambda: vae.decode(z), 1)
+            result["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return result, out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile_vae", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, choices=sorted(SPECS))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", help="cuda (default when present) or cpu")
+    p.add_argument("--variants", default="eager",
+                   help=f"comma-separated, measured in this order on the same weights: {', '.join(VARIANTS)} "
+                        "(fused: the VAE's fused kernels, as a compiled pipeline decodes)")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its convolution algorithms")
     p.add_argument("--out-dir", default="bench/results")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants or any(v not in VARIANTS for v in variants):
+        p.error(f"--variants takes a comma-separated list of {', '.join(VARIANTS)}, got {args.variants!r}")
     quiet_libraries()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     spec = SPECS[args.model]
     family = FAMILIES[spec.family]
     vae = build_vae(spec, device, dtype)
+    if "fused" in variants and not hasattr(vae, "set_fused_kernels"):
+        p.error(f"{spec.name}'s VAE has no fused kernels (variant 'fused')")
     z = torch.randn(family.latent_shape(spec, Workload.from_spec(spec)), device=device, dtype=dtype)
-    result: dict[str, Any] = {"model": spec.name, "latent_shape": list(z.shape),
-                              "env": environment(device, ["-m", "bench.profile_vae", *(argv or [])])}
-    with torch.no_grad():
-        vae.decode(z)  # warm-up: cuDNN plans, allocator
-        _sync(device)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            vae.decode(z)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        result["decode_s"] = sorted(times)[len(times) // 2]
-        if device.type == "cuda":
-            result["kernels"] = profile(lambda: vae.decode(z), 1)
-            result["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{gpu_slug(result['env']['gpu'])}-{result['env']['date']}-{spec.name}-vae-profile"
+    result: dict[str, Any] = {"model": spec.name, "latent_shape": list(z.shape), "cudnn_benchmark": args.cudnn_benchmark,
+                              "env": environment(device, ["-m", "bench.profile_vae", *(argv or [])]), "variants": {}}
+    first = None
+    for variant in variants:
+        if hasattr(vae, "set_fused_kernels"):
+            vae.set_fused_kernels(variant == "fused")
+        measured, out = _measure(vae, z, device, args.repeats)
+        out = out.float()
+        if first is None:
+            first = out
+        else:
+            measured["rel_err_vs_first"] = float((out - first).norm() / first.norm())
+        result["variants"][variant] = measured
+    del first, out
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "-vae-profile" if variants == ["eager"] else f"-vae-{'-'.join(variants)}"
+    stem = out_dir / f"{gpu_slug(result['env']['gpu'])}-{result['env']['date']}-{spec.name}{suffix}"
     lines = [f"# {spec.name} VAE decode of a {tuple(z.shape)} latent", "",
-             f"{result['env']['gpu']}, torch {result['env']['torch']}: "
-             f"{result['decode_s'] * 1000:.1f} ms a decode (median of {args.repeats})"]
-    if "kernels" in result:
-        lines += ["", "| category | ms |", "|---|---:|"]
-        lines += [f"| {c} | {ms:.1f} |" for c, ms in result["kernels"]["by_category_ms"].items()]
-        lines += top_kernel_lines(result["kernels"]["top_kernels_ms"], "Top kernels (ms per decode)")
+             f"{result['env']['gpu']}, torch {result['env']['torch']}, cuDNN benchmark "
+             f"{'on' if args.cudnn_benchmark else 'off'}; median of {args.repeats} decodes after a warm-up.", "",
+             "| variant | decode ms | peak GB | rel err vs first |", "|---|---:|---:|---:|"]
+    for variant, m in result["variants"].items():
+        peak = f"{m['peak_gb']:.1f}" if "peak_gb" in m else "–"
+        err = f"{m['rel_err_vs_first']:.1e}" if "rel_err_vs_first" in m else "–"
+        lines.append(f"| {variant} | {m['decode_s'] * 1000:.1f} | {peak} | {err} |")
+    for variant, m in result["variants"].items():
+        if "kernels" in m:
+            lines += ["", f"## {variant}: kernel time per category", "", "| category | ms |", "|---|---:|"]
+            lines += [f"| {c} | {ms:.1f} |" for c, ms in m["kernels"]["by_category_ms"].items()]
+            lines += top_kernel_lines(m["kernels"]["top_kernels_ms"], f"Top kernels of {variant} (ms per decode)")
     write_report(stem, result, lines)
     return 0
 

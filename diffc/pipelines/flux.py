@@ -15,7 +15,7 @@ from ..errors import InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
 from .denoise import cpu_generators, denoise_loop, seeded_noise
 from .schedulers.flow_match_euler import calculate_shift
-from .stages import RunContext, Stage
+from .stages import RunContext, Stage, to_uint8
 from .text import tokenize
 
 T5_MAX_LENGTH = 512
@@ -151,8 +151,7 @@ def decode(ctx: RunContext, s):
 
 def postprocess(ctx: RunContext, s):
     image = (s["decoded"] / 2 + 0.5).clamp(0, 1)
-    array = image.cpu().permute(0, 2, 3, 1).float().numpy()
-    return {"images": list((array * 255).round().astype("uint8"))}
+    return {"images": list(to_uint8(image))}
 
 
 ENCODE_INPUTS = ("prompt", "max_sequence_length", "negative_prompt", "true_cfg_scale")

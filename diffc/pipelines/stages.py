@@ -81,3 +81,14 @@ class StageGraph:
                 )
             state.update(produced)
         return state
+
+
+def to_uint8(pixels: torch.Tensor):
+    """Pixels in [0, 1], channels at ``dim -3``, as a uint8 numpy array with channels last.
+
+    ``round(x * 255)`` in float32 (half to even, numpy's and diffusers' rounding), computed where the pixels are
+    (a GPU's decode output crosses to the host as uint8, a quarter of its float32 size) and then copied.
+    """
+    u8 = (pixels.float() * 255).round().to(torch.uint8)
+    return u8.movedim(-3, -1).contiguous().cpu().numpy()
+

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError, InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid, resize_image
 from .denoise import cpu_generators, denoise_loop, seeded_noise
-from .stages import RunContext, Stage
+from .stages import RunContext, Stage, to_uint8
 from .text import tokenize
 
 try:  # the `regex` module (a transformers dependency) is what Wan's own cleaning uses for \s
@@ -233,8 +233,7 @@ def postprocess(ctx: RunContext, s):
     videos = []
     for video in s["decoded"]:  # (3, F, H, W)
         frames = (video.permute(1, 0, 2, 3) * 0.5 + 0.5).clamp(0, 1)  # (F, 3, H, W) in [0, 1]
-        array = frames.cpu().permute(0, 2, 3, 1).float().numpy()
-        videos.append((array * 255).round().astype("uint8"))  # (F, H, W, 3)
+        videos.append(to_uint8(frames))  # (F, H, W, 3)
     return {"videos": videos}
 
 

@@ -312,9 +312,21 @@ class Executor:
             yield {name: stack.enter_context(s.bare()) for name, s in self.stacks.items()}
 
     def install_compiled(self, compiled: dict[str, Any]) -> None:
-        """Install a :class:`~diffc.runtime.compiled.CompiledDiT` per denoiser slot named in ``compiled``."""
+        """Install a :class:`~diffc.runtime.compiled.CompiledDiT` per denoiser slot named in ``compiled``.
+
+        On a GPU the VAE is lowered with the DiT: a VAE with fused kernels (``set_fused_kernels``, the Wan
+        VAEs) switches them on, so a compiled pipeline's decode runs them too.
+        """
         for name, layer in compiled.items():
             self.stacks[name].set_compiled(layer)
+        if compiled and self.device.type == "cuda":
+            self.set_fused_vae(True)
+
+    def set_fused_vae(self, enabled: bool) -> None:
+        """Switch the fused kernels of every VAE component that has them (``set_fused_kernels``)."""
+        for component in self.components.values():
+            if hasattr(component, "set_fused_kernels") and isinstance(component, nn.Module):
+                component.set_fused_kernels(enabled)
 
     def set_cuda_graphs(self, enabled: bool | None) -> None:
         for stack in self.stacks.values():

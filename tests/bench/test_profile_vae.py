@@ -22,8 +22,27 @@ def test_profile_vae_times_a_decode_and_writes_its_files(tmp_path, capsys, model
     assert main(["--model", model, "--device", "cpu", "--repeats", "1", "--out-dir", str(tmp_path)]) == 0
     (written,) = tmp_path.glob(f"cpu-*-{model}-vae-profile.json")
     result = json.loads(written.read_text())
-    assert result["model"] == model and result["decode_s"] > 0 and len(result["latent_shape"]) in (4, 5)
-    assert written.with_suffix(".md").exists() and "a decode (median of 1)" in capsys.readouterr().out
+    assert result["model"] == model and result["variants"]["eager"]["decode_s"] > 0
+    assert len(result["latent_shape"]) in (4, 5)
+    assert written.with_suffix(".md").exists() and "median of 1 decodes" in capsys.readouterr().out
+
+
+def test_profile_vae_compares_the_fused_kernels(tmp_path):
+    """The fused variant (interpreted kernels on the CPU) decodes the same latent within float32 rounding."""
+    assert main(["--model", "wan-tiny", "--device", "cpu", "--repeats", "1", "--variants", "eager,fused",
+                 "--out-dir", str(tmp_path)]) == 0
+    (written,) = tmp_path.glob("cpu-*-wan-tiny-vae-eager-fused.json")
+    variants = json.loads(written.read_text())["variants"]
+    assert list(variants) == ["eager", "fused"] and variants["fused"]["rel_err_vs_first"] < 1e-5
+
+
+def test_variants_are_checked(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "flux-tiny", "--device", "cpu", "--variants", "fused"])
+    assert exc.value.code == 2 and "has no fused kernels" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "wan-tiny", "--device", "cpu", "--variants", "eager,fast"])
+    assert exc.value.code == 2 and "--variants takes" in capsys.readouterr().err
 
 
 def test_cudnn_convolutions_are_not_counted_as_attention():

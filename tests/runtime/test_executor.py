@@ -148,3 +148,22 @@ def test_fallback_for_an_uncompiled_shape(compiled_tiny):
         assert torch.equal(out, _run(plain, other))
     assert (layer.counters.compiled_calls, layer.counters.eager_fallbacks) == (0, 1)
     assert layer.counters.region_fallbacks == layer.counters.region_calls > 0
+
+
+def test_installing_a_compiled_dit_fuses_the_vae_only_on_a_gpu(compiled_tiny):
+    """The VAE is lowered with the DiT where its fused kernels pay (a GPU); on the CPU it stays as diffusers runs it."""
+    from diffc.models.wan.vae import WAN_VAE_SPECS, AutoencoderKLWan
+
+    model, _, layer = compiled_tiny("wan")
+    vae = AutoencoderKLWan(WAN_VAE_SPECS["tiny"])
+    fused = lambda: {m.fused_kernels for m in vae.modules() if hasattr(m, "fused_kernels")}  # noqa: E731
+    executor = Executor({"transformer": model, "vae": vae}, CPU, RuntimeOptions())
+    executor.install_compiled({"transformer": layer})
+    assert fused() == {False}
+    executor.device = torch.device("cuda")  # what a GPU pipeline's executor holds (nothing runs here)
+    executor.install_compiled({"transformer": layer})
+    assert fused() == {True}
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in vae.modules()
+               if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
+    executor.set_fused_vae(False)
+    assert fused() == {False} and all(m.weight.is_contiguous() for m in vae.modules() if isinstance(m, torch.nn.Conv3d))

@@ -15,7 +15,7 @@ from torch import nn
 
 from ...errors import CheckpointError, InvalidArgumentError
 from ..config import ModelConfig
-from .vae_blocks import CausalConv3d, Decoder3d, Encoder3d, FeatureCache, patchify, unpatchify
+from .vae_blocks import CausalConv3d, Decoder3d, Encoder3d, FeatureCache, NormSiluConv, patchify, unpatchify
 
 _WAN21_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -155,6 +155,24 @@ class AutoencoderKLWan(nn.Module):
                 f"decoder_base_dim={c.decoder_base_dim}) does not fit the residual (Wan2.2) stages: {exc}"
             ) from None
 
+    def set_fused_kernels(self, enabled: bool) -> None:
+        """Run every ``silu(RMSNorm(x))`` before a cached causal conv as one fused kernel writing the conv's
+        padded input (``diffc::channel_rms_norm_silu``) where the kernel runs (a GPU, or Triton's interpreter),
+        with the convolutions' weights and activations channels-last (cuDNN's own layout: no transposes).
+
+        The compiled runtime turns this on with the compiled DiT. Off (the default), the VAE runs diffusers'
+        op sequence in its layout; on, values can differ from it by a rounding where the kernel's float32
+        norm sums in another order or cuDNN picks another algorithm for the other layout.
+        """
+        conv3d, conv2d = ((torch.channels_last_3d, torch.channels_last) if enabled else
+                          (torch.contiguous_format, torch.contiguous_format))
+        for module in self.modules():
+            if isinstance(module, NormSiluConv):
+                module.fused_kernels = bool(enabled)
+            elif isinstance(module, (nn.Conv3d, nn.Conv2d)):
+                layout = conv3d if isinstance(module, nn.Conv3d) else conv2d
+                module.weight.data = module.weight.data.contiguous(memory_format=layout)
+
     @property
     def patch_size(self) -> int:
         return self.config.patch_size or 1
@@ -235,7 +253,7 @@ class AutoencoderKLWan(nn.Module):
             outs.append(self.encoder(chunk, cache))
         h = self.quant_conv(torch.cat(outs, dim=2))
         mean, logvar = h.chunk(2, dim=1)
-        return mean, torch.clamp(logvar, -30.0, 20.0)
+        return mean.contiguous(), torch.clamp(logvar, -30.0, 20.0).contiguous()
 
     # ---- decode ---------------------------------------------------------------------------------
 
@@ -281,8 +299,9 @@ class AutoencoderKLWan(nn.Module):
             ratio = self.spatial_compression_ratio
             if z.shape[3] > tile_sample_min_height // ratio or z.shape[4] > tile_sample_min_width // ratio:
                 out = self._tiled_decode(z, *tile, progress=progress)
-                return torch.clamp(unpatchify(out, self.patch_size), min=-1.0, max=1.0)
-        return torch.clamp(unpatchify(self._decode_frames(z, progress), self.patch_size), min=-1.0, max=1.0)
+                return torch.clamp(unpatchify(out, self.patch_size), min=-1.0, max=1.0).contiguous()
+        out = torch.clamp(unpatchify(self._decode_frames(z, progress), self.patch_size), min=-1.0, max=1.0)
+        return out.contiguous()  # the fused kernels' channels-last chunks: returned in the usual layout
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Same as ``decode(z)`` (untiled): the VAE's job in a text-to-video pipeline."""

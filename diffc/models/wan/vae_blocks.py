@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...ops.channel_norm import channel_bias_residual, channel_rms_norm_silu, same_layout
+from ...ops.registry import kernel_runs_on
+
 CACHE_T = 2
 
 # Marks an upsample3d slot whose first chunk passed through without temporal upsampling.
@@ -79,6 +82,60 @@ def cached_conv(conv: CausalConv3d, x: torch.Tensor, cache: FeatureCache | None)
     out = conv(x, prev)
     cache.push(keep)
     return out
+
+
+def norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: FeatureCache | None, *,
+                   in_bias: torch.Tensor | None = None, conv_bias: bool = True) -> torch.Tensor:
+    """``cached_conv(conv, F.silu(norm(x + in_bias)), cache)`` through the fused ``diffc::channel_rms_norm_silu``
+    op; with ``conv_bias=False`` the convolution's bias is left for the caller to fuse into what comes next.
+
+    The op writes the normalised chunk straight into the convolution's padded input (the cached past frames
+    in front, a zero border in space), so no float32 copy, concatenation or pad is made. The input is
+    channels-last (NTHWC in memory), the layout cuDNN's convolutions run in, so they transpose nothing when the
+    weights are channels-last too (``AutoencoderKLWan.set_fused_kernels`` makes them so). The cache keeps the
+    input's last ``CACHE_T`` frames with their border: the previous chunk's (or a zero) frame before a
+    one-frame chunk is among them, which is what the unfused path keeps too. Use it for every chunk of a
+    call or for none (the two keep their cache entries in different shapes).
+    """
+    pw, _, ph, _, past, _ = conv._causal_padding
+    b, c, t, h, w = x.shape
+    buf = torch.empty((b, c, past + t, h + 2 * ph, w + 2 * pw), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last_3d)
+    prev = cache.peek() if cache is not None else None
+    if prev is None:
+        buf[:, :, :past].zero_()
+    else:
+        buf[:, :, :past].copy_(prev)
+    channel_rms_norm_silu(x, norm.gamma.view(-1), norm.scale, 1e-12, ph, pw, out=buf[:, :, past:], bias=in_bias)
+    if cache is not None:
+        cache.push(buf[:, :, past + t - CACHE_T :].clone())
+    return F.conv3d(buf, conv.weight, conv.bias if conv_bias else None, conv.stride, 0, conv.dilation, conv.groups)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 5 and x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last_3d)
+
+
+def fusable(conv: CausalConv3d) -> bool:
+    """Whether :func:`norm_silu_conv` can stand in for ``conv``: it pads CACHE_T past frames, symmetric in space."""
+    pw, pw2, ph, ph2, past, future = conv._causal_padding
+    return past == CACHE_T and future == 0 and pw == pw2 and ph == ph2
+
+
+class NormSiluConv:
+    """Modules that run ``silu(norm(x))`` into a cached causal conv: ``fused_kernels`` switches them to the
+    fused op (:func:`norm_silu_conv`) where its Triton kernel runs (set by ``AutoencoderKLWan.set_fused_kernels``)."""
+
+    fused_kernels = False
+
+    def norm_silu_conv(self, norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: FeatureCache | None,
+                       dropout: nn.Dropout | None = None):
+        drops = dropout is not None and dropout.training and dropout.p > 0
+        if self.fused_kernels and not drops and fusable(conv) and kernel_runs_on(x.device):
+            return norm_silu_conv(norm, conv, x, cache)
+        y = F.silu(norm(x))
+        return cached_conv(conv, dropout(y) if drops else y, cache)
 
 
 def fold_space_time(x: torch.Tensor, factor_t: int, factor_s: int) -> torch.Tensor:
@@ -173,10 +230,11 @@ class RMSNorm(nn.Module):
 
 
 class NearestUpsample2x(nn.Module):
-    """2x nearest-exact spatial upsampling computed in float32, returned in the input dtype."""
+    """2x nearest-exact spatial upsampling (diffusers computes it in float32; copying values, it is the same)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x.float(), scale_factor=(2.0, 2.0), mode="nearest-exact").type_as(x)
+        # nearest-neighbour copies values: interpolating in x's dtype gives the float32 round trip's result
+        return F.interpolate(x, scale_factor=(2.0, 2.0), mode="nearest-exact")
 
 
 class Resample(nn.Module):
@@ -216,8 +274,11 @@ class Resample(nn.Module):
         x = self.time_conv(x, None if prev is _FIRST_CHUNK else prev)
         cache.push(keep)
         b, c2, t, h, w = x.shape
-        # channel halves are the two output frames of each input frame
-        return x.reshape(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+        # channel halves are the two output frames of each input frame; one copy, keeping x's memory layout
+        layout = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
+        out = torch.empty((b, c2 // 2, 2 * t, h, w), dtype=x.dtype, device=x.device, memory_format=layout)
+        out.unflatten(2, (t, 2)).copy_(x.unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 1, 4, 5))
+        return out
 
     def _downsample_time(self, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
         # (b, c, t, h, w) -> (b, c, (t + 1 - 3) // 2 + 1, h, w) using the previous chunk's last frame
@@ -240,7 +301,7 @@ class Resample(nn.Module):
         return x
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(NormSiluConv, nn.Module):
     """(RMSNorm -> SiLU -> causal conv3d) x 2 plus a 1x1x1 projection shortcut when widths differ."""
 
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
@@ -254,10 +315,21 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
         h = self.conv_shortcut(x)
-        x = cached_conv(self.conv1, F.silu(self.norm1(x)), cache)
-        x = self.dropout(F.silu(self.norm2(x)))
-        x = cached_conv(self.conv2, x, cache)
+        if self.fused_path(x):
+            # conv1's bias joins norm2's kernel, conv2's the residual add: cuDNN's convolutions add none
+            y = norm_silu_conv(self.norm1, self.conv1, x, cache, conv_bias=False)
+            y = norm_silu_conv(self.norm2, self.conv2, y, cache, in_bias=self.conv1.bias, conv_bias=False)
+            if same_layout(y, h):
+                return channel_bias_residual(y, self.conv2.bias, h)
+            return (y + self.conv2.bias.view(1, -1, 1, 1, 1)) + h
+        x = self.norm_silu_conv(self.norm1, self.conv1, x, cache)
+        x = self.norm_silu_conv(self.norm2, self.conv2, x, cache, self.dropout)
         return x + h
+
+    def fused_path(self, x: torch.Tensor) -> bool:
+        drops = self.dropout.training and self.dropout.p > 0
+        return (self.fused_kernels and not drops and fusable(self.conv1) and fusable(self.conv2)
+                and self.conv1.bias is not None and self.conv2.bias is not None and kernel_runs_on(x.device))
 
 
 class AttentionBlock(nn.Module):
@@ -359,7 +431,7 @@ class ResidualDownBlock(nn.Module):
         return x + shortcut
 
 
-class Encoder3d(nn.Module):
+class Encoder3d(NormSiluConv, nn.Module):
     """Video (b, in_channels, t, H, W) -> (b, z_channels, t', H / 2^n, W / 2^n) for one chunk.
 
     ``is_residual`` (Wan2.2) builds one ``ResidualDownBlock`` per stage and, like diffusers, ignores
@@ -399,10 +471,10 @@ class Encoder3d(nn.Module):
         for layer in self.down_blocks:
             x = layer(x) if isinstance(layer, AttentionBlock) else layer(x, cache)
         x = self.mid_block(x, cache)
-        return cached_conv(self.conv_out, F.silu(self.norm_out(x)), cache)
+        return self.norm_silu_conv(self.norm_out, self.conv_out, x, cache)
 
 
-class Decoder3d(nn.Module):
+class Decoder3d(NormSiluConv, nn.Module):
     """Latents (b, z_dim, t, h, w) -> video (b, out_channels, t', h * 2^n, w * 2^n) for one chunk.
 
     ``is_residual`` (Wan2.2) uses ``ResidualUpBlock`` stages, whose upsamplers keep the channel count.
@@ -431,4 +503,4 @@ class Decoder3d(nn.Module):
         x = self.mid_block(x, cache)
         for up_block in self.up_blocks:
             x = up_block(x, cache)
-        return cached_conv(self.conv_out, F.silu(self.norm_out(x)), cache)
+        return self.norm_silu_conv(self.norm_out, self.conv_out, x, cache)

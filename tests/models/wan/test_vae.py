@@ -201,3 +201,33 @@ def test_bad_inputs_are_named():
         model.decode(torch.randn(1, 4, 1, 2, 2), tiled=True, tile_sample_stride_height=512)
     with pytest.raises(CheckpointError, match="latents_mean has 16 values"):
         AutoencoderKLWan(AutoencoderKLWanConfig(z_dim=4, base_dim=4, dim_mult=(1, 1))).denormalize(torch.zeros(1))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["wan21_like", "wan22_like"])
+def test_fused_kernels_match_diffusers(name):
+    """``set_fused_kernels(True)`` (what a compiled pipeline does on a GPU): every norm + SiLU before a cached conv
+    runs the fused op, writing the padded conv input, over several chunks (the cache keeps padded frames)."""
+    from diffc.ops.registry import COUNTERS, kernel_runs_on
+
+    if not kernel_runs_on(torch.device("cpu")):
+        pytest.skip("the fused kernels run on a GPU or under TRITON_INTERPRET=1 (as CI runs the tests)")
+    ref, model, config = _pair(name)
+    z = torch.randn(1, config.z_dim, 3, 2, 3, generator=torch.Generator().manual_seed(5))
+    spatial, _ = _ratios(config)
+    x = torch.rand(1, 3, 5, 2 * spatial, 2 * spatial, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    unfused = model.decode(z)
+    model.set_fused_kernels(True)
+    COUNTERS.reset()
+    out = model.decode(z)
+    resblocks = sum(type(m).__name__ == "ResidualBlock" for m in model.decoder.modules())
+    # three chunks: two norms a residual block and norm_out, and each block's residual add where its two branches
+    # share a memory layout (on the CPU some convolutions return channels-first maps)
+    assert 3 * (2 * resblocks + 1) < COUNTERS.kernel_launches <= 3 * (3 * resblocks + 1)
+    assert rel_err(out, ref.decode(z).sample) < TOL
+    assert rel_err(out, unfused) < 1e-5
+    mean, _ = model.encode(x)
+    assert rel_err(mean, ref.encode(x).latent_dist.mean) < TOL
+    model.set_fused_kernels(False)
+    COUNTERS.reset()
+    assert torch.equal(model.decode(z), unfused) and COUNTERS.kernel_launches == 0
