@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from . import artifact as art
 from .compiler import (BucketReport, check_attention, compile_region, fusion_passes, kernel_configs,
-                       output_rel_err, pass_sources)
+                       output_rel_err, pass_sources, triton_cache)
 from .regions import RegionGraph, call_key, capture_region_inputs, dit_regions
 
 EXAMPLE_PROMPT = "a compile-time example prompt"
@@ -220,7 +220,36 @@ def _compile_all(pipe, requests, writer, *, tier, disable, enable, attention, ve
                 keys.append(bucket.key)
                 reports.append(bucket)
                 log(describe_bucket(bucket))
+        with triton_cache(cache):
+            warm_vae_kernels(pipe, inputs)
     return CompileReport(tier, list(disable), reports, enabled=list(enable)), compiled
+
+
+def warm_vae_kernels(pipe, inputs: dict[str, dict[str, Any]], *, force: bool = False) -> bool:
+    """Decode two zero latent frames of a bucket's size with the VAE's fused kernels, as a compiled pipeline
+    decodes on a GPU (``Executor.install_compiled``): Triton builds their kernels (into the artifact while
+    compiling; from its cache at load) and cuDNN picks its plans before the first generation does.
+
+    Runs on CUDA (elsewhere only with ``force``) for a VAE with fused kernels whose weights are on the
+    device, given the DiT's 5-D latents; returns whether it decoded. The VAE's fused setting is kept.
+    """
+    vae = pipe.components.get("vae")
+    latents = inputs.get("transformer", {}).get("hidden_states")
+    if not hasattr(vae, "set_fused_kernels") or not isinstance(latents, torch.Tensor) or latents.dim() != 5:
+        return False
+    weight = next(vae.parameters())
+    if (pipe.device.type != "cuda" and not force) or weight.device != pipe.device:
+        return False
+    was = any(getattr(m, "fused_kernels", False) for m in vae.modules())
+    vae.set_fused_kernels(True)
+    try:
+        z = torch.zeros(1, vae.config.z_dim, min(2, latents.shape[2]), *latents.shape[3:], device=weight.device,
+                        dtype=weight.dtype)  # two frames: the first chunk's one-frame shapes and the later ones
+        with torch.inference_mode():
+            vae.decode(z)
+    finally:
+        vae.set_fused_kernels(was)
+    return True
 
 
 def compile_dit(dit: nn.Module, kwargs: dict[str, Any], *, graphs: dict[str, dict[str, RegionGraph]],

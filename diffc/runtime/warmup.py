@@ -4,8 +4,9 @@ The first DiT call after ``diffc run --compiled`` loads every Triton kernel from
 lets cuBLAS/cuDNN pick their GEMM and attention plans and captures the CUDA graph: on an H200 the first
 FLUX.1-dev step took 620 ms against 124 ms for the others. :func:`warm_up_compiled` pays that at load:
 for each compiled bucket it runs the pipeline up to its first DiT call (the text encoders warm up too),
-then calls each denoiser's stack once on those exact inputs (CUDA graphs capture there), and zeroes the
-compiled layer's counters so the perf dump counts the user's calls only. A stack with a step cache is
+then calls each denoiser's stack once on those exact inputs (CUDA graphs capture there), decodes two latent
+frames of the bucket's size with the VAE's fused kernels (where it has them), and zeroes the compiled layer's
+counters so the perf dump counts the user's calls only. A stack with a step cache is
 left alone (its state belongs to a generation).
 """
 
@@ -22,7 +23,7 @@ from .compiled import CompiledCounters
 
 def warm_up_compiled(pipe, manifest: dict[str, Any], *, force: bool = False) -> dict[str, Any]:
     """Run each compiled bucket's DiT call once (on CUDA; elsewhere only with ``force``); returns what it did."""
-    from ..compile.pipeline import capture_inputs
+    from ..compile.pipeline import capture_inputs, warm_vae_kernels
 
     if pipe.device.type != "cuda" and not force:
         return {"skipped": f"warm-up runs on CUDA devices (here {pipe.device.type})"}
@@ -35,7 +36,7 @@ def warm_up_compiled(pipe, manifest: dict[str, Any], *, force: bool = False) -> 
             if isinstance(request, dict) and key not in seen:
                 seen.add(key)
                 requests.append(request)
-    calls = 0
+    calls = decodes = 0
     stacks = pipe.executor.stacks
     for request in requests:
         inputs = capture_inputs(pipe, request)
@@ -44,12 +45,13 @@ def warm_up_compiled(pipe, manifest: dict[str, Any], *, force: bool = False) -> 
                 if stack.cache is None and name in inputs:
                     stack(**inputs[name])
                     calls += 1
+        decodes += warm_vae_kernels(pipe, inputs, force=force)
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
     for stack in stacks.values():
         if stack.compiled is not None:
             stack.compiled.counters = CompiledCounters()
-    return {"buckets": len(requests), "dit_calls": calls, "seconds": time.perf_counter() - start}
+    return {"buckets": len(requests), "dit_calls": calls, "vae_decodes": decodes, "seconds": time.perf_counter() - start}
 
 
 __all__ = ["warm_up_compiled"]

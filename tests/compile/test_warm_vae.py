@@ -1,0 +1,50 @@
+"""``warm_vae_kernels``: a compiled Wan pipeline's fused VAE kernels are built (and cuDNN planned) before the first
+generation, by ``diffc compile`` into the artifact and by the warm-up at load; the VAE's fused setting is kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffc
+from diffc.compile.pipeline import capture_inputs, warm_vae_kernels
+from diffc.demo import demo_checkpoint
+from diffc.ops.registry import COUNTERS, kernel_runs_on
+
+
+def _fused(vae) -> set:
+    return {m.fused_kernels for m in vae.modules() if hasattr(m, "fused_kernels")}
+
+
+def test_warm_vae_kernels_decodes_two_frames_with_the_fused_kernels():
+    if not kernel_runs_on(torch.device("cpu")):
+        pytest.skip("the fused kernels run on a GPU or under TRITON_INTERPRET=1 (as CI runs the tests)")
+    pipe = diffc.load(demo_checkpoint("wan"))
+    vae = pipe.components["vae"]
+    inputs = capture_inputs(pipe, {"height": 16, "width": 16, "num_frames": 5, "max_sequence_length": 8})
+    assert not warm_vae_kernels(pipe, inputs)  # a CPU pipeline decodes as diffusers does: nothing to warm
+    calls = []
+    vae.decode = lambda z, **kw: calls.append((tuple(z.shape), _fused(vae))) or type(vae).decode(vae, z, **kw)
+    COUNTERS.reset()
+    assert warm_vae_kernels(pipe, inputs, force=True)
+    assert calls == [((1, 16, 2, 2, 2), {True})] and COUNTERS.kernel_launches > 0
+    assert _fused(vae) == {False}  # the setting it found
+    assert not warm_vae_kernels(diffc.load(demo_checkpoint("flux")), inputs, force=True)  # no fused VAE kernels
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_wan_pipeline_ships_and_runs_the_fused_vae_on_a_gpu(tmp_path):
+    """On a GPU: ``compile`` writes the VAE kernels into the artifact, installing the DiT fuses the VAE, the warm-up
+    at load decodes once, and a generation decodes with the fused kernels."""
+    bucket = {"height": 32, "width": 32, "num_frames": 5, "max_sequence_length": 8}
+    pipe = diffc.load(demo_checkpoint("wan"), device="cuda", dtype="bf16")
+    pipe.compile([bucket], out=str(tmp_path / "art"), log=lambda _line: None)
+    names = {p.name.split(".")[0] for p in (tmp_path / "art").rglob("*.json")}
+    assert {"channel_rms_norm_silu_kernel", "channel_bias_residual_kernel"} <= names
+    assert _fused(pipe.components["vae"]) == {True}
+    fresh = diffc.load(demo_checkpoint("wan"), device="cuda", dtype="bf16")
+    fresh.load_compiled(str(tmp_path / "art"))
+    assert fresh.warmup_report["vae_decodes"] == 1 and _fused(fresh.components["vae"]) == {True}
+    COUNTERS.reset()
+    out = fresh.generate("a kite", num_inference_steps=2, progress=False, **bucket)
+    assert COUNTERS.kernel_launches > 0 and out.videos[0].shape == (5, 32, 32, 3)
