@@ -238,8 +238,9 @@ def warm_vae_kernels(pipe, inputs: dict[str, dict[str, Any]], *, force: bool = F
     if not hasattr(vae, "set_fused_kernels") or not isinstance(latents, torch.Tensor) or latents.dim() != 5:
         return False
     weight = next(vae.parameters())
-    if (pipe.device.type != "cuda" and not force) or weight.device != pipe.device:
-        return False
+    device = torch.device(pipe.device)
+    if (device.type != "cuda" and not force) or weight.device.type != device.type:
+        return False  # (a VAE under model offload waits on the host: nothing to warm on the device)
     was = any(getattr(m, "fused_kernels", False) for m in vae.modules())
     vae.set_fused_kernels(True)
     try:
