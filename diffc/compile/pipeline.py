@@ -221,31 +221,47 @@ def _compile_all(pipe, requests, writer, *, tier, disable, enable, attention, ve
                 reports.append(bucket)
                 log(describe_bucket(bucket))
         with triton_cache(cache):
-            warm_vae_kernels(pipe, inputs)
+            warm_vae_kernels(pipe, request, inputs)
     return CompileReport(tier, list(disable), reports, enabled=list(enable)), compiled
 
 
-def warm_vae_kernels(pipe, inputs: dict[str, dict[str, Any]], *, force: bool = False) -> bool:
-    """Decode two zero latent frames of a bucket's size with the VAE's fused kernels, as a compiled pipeline
-    decodes on a GPU (``Executor.install_compiled``): Triton builds their kernels (into the artifact while
-    compiling; from its cache at load) and cuDNN picks its plans before the first generation does.
+def _vae_latent_size(pipe, vae, request: dict[str, Any], inputs: dict[str, dict[str, Any]]):
+    """(frames, height, width) of the VAE latents a bucket decodes: from the DiT's 5-D latents (Wan: at most two
+    frames, the first chunk's one-frame shapes and the later ones), else one frame of the request's image size
+    (Qwen-Image packs its latents into tokens); None when neither says."""
+    latents = inputs.get("transformer", {}).get("hidden_states")
+    if isinstance(latents, torch.Tensor) and latents.dim() == 5:
+        return min(2, latents.shape[2]), latents.shape[3], latents.shape[4]
+    defaults = getattr(getattr(pipe, "spec", None), "defaults", {}) or {}
+    height, width = (request.get(k) if request.get(k) is not None else defaults.get(k) for k in ("height", "width"))
+    ratio = vae.spatial_compression_ratio
+    if not isinstance(height, int) or not isinstance(width, int) or height < ratio or width < ratio:
+        return None
+    return 1, height // ratio, width // ratio
 
-    Runs on CUDA (elsewhere only with ``force``) for a VAE with fused kernels whose weights are on the
-    device, given the DiT's 5-D latents; returns whether it decoded. The VAE's fused setting is kept.
+
+def warm_vae_kernels(pipe, request: dict[str, Any], inputs: dict[str, dict[str, Any]], *, force: bool = False) -> bool:
+    """Decode zero latents of a bucket's size with the VAE's fused kernels, as a compiled pipeline decodes on a
+    GPU (``Executor.install_compiled``): Triton builds their kernels (into the artifact while compiling; from its
+    cache at load) and cuDNN picks its plans before the first generation does.
+
+    Runs on CUDA (elsewhere only with ``force``) for a VAE with fused kernels whose weights are on the device;
+    returns whether it decoded. The VAE's fused setting is kept.
     """
     vae = pipe.components.get("vae")
-    latents = inputs.get("transformer", {}).get("hidden_states")
-    if not hasattr(vae, "set_fused_kernels") or not isinstance(latents, torch.Tensor) or latents.dim() != 5:
+    if not hasattr(vae, "set_fused_kernels"):
         return False
     weight = next(vae.parameters())
     device = torch.device(pipe.device)
     if (device.type != "cuda" and not force) or weight.device.type != device.type:
         return False  # (a VAE under model offload waits on the host: nothing to warm on the device)
+    size = _vae_latent_size(pipe, vae, request, inputs)
+    if size is None:
+        return False
     was = any(getattr(m, "fused_kernels", False) for m in vae.modules())
     vae.set_fused_kernels(True)
     try:
-        z = torch.zeros(1, vae.config.z_dim, min(2, latents.shape[2]), *latents.shape[3:], device=weight.device,
-                        dtype=weight.dtype)  # two frames: the first chunk's one-frame shapes and the later ones
+        z = torch.zeros(1, vae.config.z_dim, *size, device=weight.device, dtype=weight.dtype)
         with torch.inference_mode():
             vae.decode(z)
     finally:

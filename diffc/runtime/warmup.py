@@ -4,8 +4,8 @@ The first DiT call after ``diffc run --compiled`` loads every Triton kernel from
 lets cuBLAS/cuDNN pick their GEMM and attention plans and captures the CUDA graph: on an H200 the first
 FLUX.1-dev step took 620 ms against 124 ms for the others. :func:`warm_up_compiled` pays that at load:
 for each compiled bucket it runs the pipeline up to its first DiT call (the text encoders warm up too),
-then calls each denoiser's stack once on those exact inputs (CUDA graphs capture there), decodes two latent
-frames of the bucket's size with the VAE's fused kernels (where it has them), and zeroes the compiled layer's
+then calls each denoiser's stack once on those exact inputs (CUDA graphs capture there), decodes zero latents
+of the bucket's size with the VAE's fused kernels (where it has them), and zeroes the compiled layer's
 counters so the perf dump counts the user's calls only. A stack with a step cache is
 left alone (its state belongs to a generation).
 """
@@ -45,7 +45,7 @@ def warm_up_compiled(pipe, manifest: dict[str, Any], *, force: bool = False) -> 
                 if stack.cache is None and name in inputs:
                     stack(**inputs[name])
                     calls += 1
-        decodes += warm_vae_kernels(pipe, inputs, force=force)
+        decodes += warm_vae_kernels(pipe, request, inputs, force=force)
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
     for stack in stacks.values():

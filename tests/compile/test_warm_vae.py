@@ -3,6 +3,8 @@ generation, by ``diffc compile`` into the artifact and by the warm-up at load; t
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -21,15 +23,39 @@ def test_warm_vae_kernels_decodes_two_frames_with_the_fused_kernels():
         pytest.skip("the fused kernels run on a GPU or under TRITON_INTERPRET=1 (as CI runs the tests)")
     pipe = diffc.load(demo_checkpoint("wan"))
     vae = pipe.components["vae"]
-    inputs = capture_inputs(pipe, {"height": 16, "width": 16, "num_frames": 5, "max_sequence_length": 8})
-    assert not warm_vae_kernels(pipe, inputs)  # a CPU pipeline decodes as diffusers does: nothing to warm
-    calls = []
-    vae.decode = lambda z, **kw: calls.append((tuple(z.shape), _fused(vae))) or type(vae).decode(vae, z, **kw)
+    request = {"height": 16, "width": 16, "num_frames": 5, "max_sequence_length": 8}
+    inputs = capture_inputs(pipe, request)
+    assert not warm_vae_kernels(pipe, request, inputs)  # a CPU pipeline decodes as diffusers does: nothing to warm
+    calls = _record_decodes(vae)
     COUNTERS.reset()
-    assert warm_vae_kernels(pipe, inputs, force=True)
+    assert warm_vae_kernels(pipe, request, inputs, force=True)
     assert calls == [((1, 16, 2, 2, 2), {True})] and COUNTERS.kernel_launches > 0
     assert _fused(vae) == {False}  # the setting it found
-    assert not warm_vae_kernels(diffc.load(demo_checkpoint("flux")), inputs, force=True)  # no fused VAE kernels
+    flux = diffc.load(demo_checkpoint("flux"))
+    assert not warm_vae_kernels(flux, request, inputs, force=True)  # FLUX's VAE has no fused kernels
+
+
+def _record_decodes(vae) -> list:
+    calls = []
+    vae.decode = lambda z, **kw: calls.append((tuple(z.shape), _fused(vae))) or type(vae).decode(vae, z, **kw)
+    return calls
+
+
+def test_image_pipelines_warm_one_frame_of_the_request_size():
+    """Qwen-Image's VAE is a Wan VAE, its DiT reads packed tokens: the latent size comes from the request (or the
+    pipeline's default size)."""
+    from diffc.models.qwen_image.vae import QWEN_IMAGE_VAE_SPECS, AutoencoderKLQwenImage
+
+    vae = AutoencoderKLQwenImage(QWEN_IMAGE_VAE_SPECS["tiny"])
+    vae.set_fused_kernels = lambda enabled: None  # the decode itself is the Wan VAE's, tested above
+    pipe = SimpleNamespace(components={"vae": vae}, device=torch.device("cpu"),
+                           spec=SimpleNamespace(defaults={"height": 64, "width": 48}))
+    packed = {"transformer": {"hidden_states": torch.zeros(1, 16, 64)}}
+    calls = _record_decodes(vae)
+    assert warm_vae_kernels(pipe, {"height": 32, "width": None}, packed, force=True)
+    assert warm_vae_kernels(pipe, {}, packed, force=True)
+    assert calls == [((1, 16, 1, 4, 6), {False}), ((1, 16, 1, 8, 6), {False})]
+    assert not warm_vae_kernels(pipe, {"height": 4}, packed, force=True)  # smaller than one latent pixel
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
