@@ -185,7 +185,7 @@ class DiffcEngine(Engine):
                 self.compile_reports.append(report)
                 lines.append(" ".join(describe_bucket(report).split()))
         stack.set_compiled(CompiledDiT(by_region, keys, {"tier": tier, "disabled": list(disable)}))
-        self.fused_vae(self.device.type == "cuda")
+        self.fused_vae(self.device.type == "cuda" and tier != "lossless")  # as Executor.install_compiled
         if graphs:
             self.cuda_graphs()
         return "diffc compile" + (f" {tier}" if tier != "fast" else "") + (f" without {', '.join(disable)}" if disable else "") + \

@@ -220,9 +220,16 @@ def _compile_all(pipe, requests, writer, *, tier, disable, enable, attention, ve
                 keys.append(bucket.key)
                 reports.append(bucket)
                 log(describe_bucket(bucket))
-        with triton_cache(cache):
-            warm_vae_kernels(pipe, request, inputs)
+        if fused_vae_tier(tier):
+            with triton_cache(cache):
+                warm_vae_kernels(pipe, request, inputs)
     return CompileReport(tier, list(disable), reports, enabled=list(enable)), compiled
+
+
+def fused_vae_tier(tier: str | None) -> bool:
+    """Whether a compiled pipeline of quality ``tier`` decodes with the VAE's fused kernels: every tier but
+    ``lossless``, whose output stays bit-identical to eager (the fused VAE rounds where its float32 sums fall)."""
+    return tier != "lossless"
 
 
 def _vae_latent_size(pipe, vae, request: dict[str, Any], inputs: dict[str, dict[str, Any]]):

@@ -315,12 +315,15 @@ class Executor:
         """Install a :class:`~diffc.runtime.compiled.CompiledDiT` per denoiser slot named in ``compiled``.
 
         On a GPU the VAE is lowered with the DiT: a VAE with fused kernels (``set_fused_kernels``, the Wan
-        VAEs) switches them on, so a compiled pipeline's decode runs them too.
+        VAEs) switches them on, so a compiled pipeline's decode runs them too; not in the ``lossless`` tier,
+        whose output stays bit-identical to eager (the fused VAE rounds where its float32 sums fall).
         """
+        from ..compile.pipeline import fused_vae_tier
+
         for name, layer in compiled.items():
             self.stacks[name].set_compiled(layer)
         if compiled and self.device.type == "cuda":
-            self.set_fused_vae(True)
+            self.set_fused_vae(all(fused_vae_tier(getattr(layer, "info", {}).get("tier")) for layer in compiled.values()))
 
     def set_fused_vae(self, enabled: bool) -> None:
         """Switch the fused kernels of every VAE component that has them (``set_fused_kernels``)."""

@@ -45,7 +45,9 @@ def warm_up_compiled(pipe, manifest: dict[str, Any], *, force: bool = False) -> 
                 if stack.cache is None and name in inputs:
                     stack(**inputs[name])
                     calls += 1
-        decodes += warm_vae_kernels(pipe, request, inputs, force=force)
+        vae = pipe.components.get("vae")
+        if any(getattr(m, "fused_kernels", False) for m in getattr(vae, "modules", lambda: ())()):
+            decodes += warm_vae_kernels(pipe, request, inputs, force=force)
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)
     for stack in stacks.values():

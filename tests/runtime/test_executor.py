@@ -167,3 +167,6 @@ def test_installing_a_compiled_dit_fuses_the_vae_only_on_a_gpu(compiled_tiny):
                if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
     executor.set_fused_vae(False)
     assert fused() == {False} and all(m.weight.is_contiguous() for m in vae.modules() if isinstance(m, torch.nn.Conv3d))
+    lossless = CompiledDiT(layer.graphs, layer.buckets, {"tier": "lossless"})
+    executor.install_compiled({"transformer": lossless})
+    assert fused() == {False}  # the lossless tier stays bit-identical to eager, its VAE included
