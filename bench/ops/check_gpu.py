@@ -24,6 +24,7 @@ MODULES = (
     "bench_timestep_embedding",
     "bench_gelu_tanh",
     "bench_silu_mul",
+    "bench_channel_norm",
 )
 # Bounds on (max|out - ref| / max|ref|, ||out - ref|| / ||ref||) per dtype. bf16: a few ulps at most;
 # fp32: reduction order and the timestep angles (up to 1000 rad, ~1e-4 absolute).

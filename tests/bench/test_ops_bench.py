@@ -29,3 +29,14 @@ def test_fp8_quant_cases_match_their_references(monkeypatch):
             assert out.shape == ref.shape and out.dtype == ref.dtype, case.name
             if out.dtype == torch.float32:  # scales: the same reduction, exactly
                 assert torch.equal(out, ref), case.name
+
+
+def test_channel_norm_cases_match_their_references(monkeypatch):
+    from bench.ops import bench_channel_norm as b
+
+    monkeypatch.setattr(b, "SIZES", {"small": (40, 2, 3, 70)})
+    for case in b.cases(torch.float32, device="cpu"):
+        case.fused()
+        (out,), ref = case.outs, case.ref(*case.args)
+        assert out.shape == ref.shape, case.name
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

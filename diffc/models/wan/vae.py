@@ -15,7 +15,8 @@ from torch import nn
 
 from ...errors import CheckpointError, InvalidArgumentError
 from ..config import ModelConfig
-from .vae_blocks import CausalConv3d, Decoder3d, Encoder3d, FeatureCache, NormSiluConv, patchify, unpatchify
+from .vae_blocks import Decoder3d, Encoder3d, patchify, unpatchify
+from .vae_causal import CausalConv3d, FeatureCache, NormSiluConv
 
 _WAN21_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,

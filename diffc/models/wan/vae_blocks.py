@@ -1,10 +1,5 @@
-"""Building blocks of the Wan2.1 and Wan2.2 video VAEs: causal 3-D convolutions with a per-chunk feature cache.
-
-Video is processed in temporal chunks (the encoder takes 1 frame, then 4 at a time; the decoder one
-latent frame at a time). Every causal convolution keeps the last ``CACHE_T`` input frames of the
-previous chunk in a ``FeatureCache`` so that chunked processing equals a causal pass over the whole
-clip while memory stays bounded by one chunk. Slots are addressed by call order, which is the same
-for every chunk; a cache lives for one encode/decode call only.
+"""Building blocks of the Wan2.1 and Wan2.2 video VAEs: resampling, residual and attention blocks, the encoder
+and decoder, over the causal convolutions of :mod:`.vae_causal` (which explains the per-chunk feature cache).
 
 The Wan2.2 VAE adds parameter-free shortcuts around each resolution stage (``AvgDown3d`` in the
 encoder, ``DupUp3d`` in the decoder) and folds 2x2 pixel patches into channels around the whole model
@@ -17,125 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...ops.channel_norm import channel_bias_residual, channel_rms_norm_silu, same_layout
+from ...ops.channel_norm import channel_bias_residual, same_layout
 from ...ops.registry import kernel_runs_on
-
-CACHE_T = 2
+from .vae_causal import (CACHE_T, CausalConv3d, FeatureCache, NormSiluConv, RMSNorm, cached_conv, channels_last,
+                         fusable, norm_silu_conv)
 
 # Marks an upsample3d slot whose first chunk passed through without temporal upsampling.
 _FIRST_CHUNK = object()
-
-
-class FeatureCache:
-    """Per-call store of trailing frames, one slot per cached convolution in call order."""
-
-    def __init__(self) -> None:
-        self._slots: list = []
-        self._pos = 0
-        self._chunks = 0
-
-    def next_chunk(self) -> None:
-        self._pos = 0
-        self._chunks += 1
-
-    @property
-    def first_chunk(self) -> bool:
-        return self._chunks <= 1
-
-    def peek(self):
-        return self._slots[self._pos] if self._pos < len(self._slots) else None
-
-    def push(self, value) -> None:
-        if self._pos < len(self._slots):
-            self._slots[self._pos] = value
-        else:
-            self._slots.append(value)
-        self._pos += 1
-
-
-class CausalConv3d(nn.Conv3d):
-    """Conv3d padded only on the past side in time; ``cache`` supplies real past frames instead."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0)
-        pt, ph, pw = (padding,) * 3 if isinstance(padding, int) else padding
-        # F.pad order: (w_left, w_right, h_top, h_bottom, t_past, t_future)
-        self._causal_padding = (pw, pw, ph, ph, 2 * pt, 0)
-
-    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> torch.Tensor:
-        # x: (b, c, t, h, w); cache: (b, c, t_cache, h, w) frames preceding x
-        padding = list(self._causal_padding)
-        if cache is not None and padding[4] > 0:
-            x = torch.cat([cache.to(x.device), x], dim=2)
-            padding[4] -= cache.shape[2]
-        return super().forward(F.pad(x, padding))
-
-
-def cached_conv(conv: CausalConv3d, x: torch.Tensor, cache: FeatureCache | None) -> torch.Tensor:
-    """Run ``conv`` on one chunk, feeding it the previous chunk's trailing frames and saving this one's."""
-    if cache is None:
-        return conv(x)
-    prev = cache.peek()
-    keep = x[:, :, -CACHE_T:].clone()
-    if keep.shape[2] < CACHE_T and prev is not None:
-        keep = torch.cat([prev[:, :, -1:].to(keep.device), keep], dim=2)
-    out = conv(x, prev)
-    cache.push(keep)
-    return out
-
-
-def norm_silu_conv(norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: FeatureCache | None, *,
-                   in_bias: torch.Tensor | None = None, conv_bias: bool = True) -> torch.Tensor:
-    """``cached_conv(conv, F.silu(norm(x + in_bias)), cache)`` through the fused ``diffc::channel_rms_norm_silu``
-    op; with ``conv_bias=False`` the convolution's bias is left for the caller to fuse into what comes next.
-
-    The op writes the normalised chunk straight into the convolution's padded input (the cached past frames
-    in front, a zero border in space), so no float32 copy, concatenation or pad is made. The input is
-    channels-last (NTHWC in memory), the layout cuDNN's convolutions run in, so they transpose nothing when the
-    weights are channels-last too (``AutoencoderKLWan.set_fused_kernels`` makes them so). The cache keeps the
-    input's last ``CACHE_T`` frames with their border: the previous chunk's (or a zero) frame before a
-    one-frame chunk is among them, which is what the unfused path keeps too. Use it for every chunk of a
-    call or for none (the two keep their cache entries in different shapes).
-    """
-    pw, _, ph, _, past, _ = conv._causal_padding
-    b, c, t, h, w = x.shape
-    buf = torch.empty((b, c, past + t, h + 2 * ph, w + 2 * pw), dtype=x.dtype, device=x.device,
-                      memory_format=torch.channels_last_3d)
-    prev = cache.peek() if cache is not None else None
-    if prev is None:
-        buf[:, :, :past].zero_()
-    else:
-        buf[:, :, :past].copy_(prev)
-    channel_rms_norm_silu(x, norm.gamma.view(-1), norm.scale, 1e-12, ph, pw, out=buf[:, :, past:], bias=in_bias)
-    if cache is not None:
-        cache.push(buf[:, :, past + t - CACHE_T :].clone())
-    return F.conv3d(buf, conv.weight, conv.bias if conv_bias else None, conv.stride, 0, conv.dilation, conv.groups)
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 5 and x.shape[1] > 1 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last_3d)
-
-
-def fusable(conv: CausalConv3d) -> bool:
-    """Whether :func:`norm_silu_conv` can stand in for ``conv``: it pads CACHE_T past frames, symmetric in space."""
-    pw, pw2, ph, ph2, past, future = conv._causal_padding
-    return past == CACHE_T and future == 0 and pw == pw2 and ph == ph2
-
-
-class NormSiluConv:
-    """Modules that run ``silu(norm(x))`` into a cached causal conv: ``fused_kernels`` switches them to the
-    fused op (:func:`norm_silu_conv`) where its Triton kernel runs (set by ``AutoencoderKLWan.set_fused_kernels``)."""
-
-    fused_kernels = False
-
-    def norm_silu_conv(self, norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: FeatureCache | None,
-                       dropout: nn.Dropout | None = None):
-        drops = dropout is not None and dropout.training and dropout.p > 0
-        if self.fused_kernels and not drops and fusable(conv) and kernel_runs_on(x.device):
-            return norm_silu_conv(norm, conv, x, cache)
-        y = F.silu(norm(x))
-        return cached_conv(conv, dropout(y) if drops else y, cache)
 
 
 def fold_space_time(x: torch.Tensor, factor_t: int, factor_s: int) -> torch.Tensor:
@@ -216,19 +99,6 @@ class DupUp3d(nn.Module):
         return x[:, :, self.factor_t - 1 :] if first_chunk else x
 
 
-class RMSNorm(nn.Module):
-    """L2-normalise over channels (dim 1) times sqrt(dim) and a learned gain; 2-D or 3-D maps."""
-
-    def __init__(self, dim: int, images: bool = True) -> None:
-        super().__init__()
-        self.scale = dim**0.5
-        self.gamma = nn.Parameter(torch.ones(dim, 1, 1) if images else torch.ones(dim, 1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float() if x.element_size() < 4 else x
-        return F.normalize(x32, dim=1).to(x.dtype) * self.scale * self.gamma
-
-
 class NearestUpsample2x(nn.Module):
     """2x nearest-exact spatial upsampling (diffusers computes it in float32; copying values, it is the same)."""
 
@@ -275,7 +145,7 @@ class Resample(nn.Module):
         cache.push(keep)
         b, c2, t, h, w = x.shape
         # channel halves are the two output frames of each input frame; one copy, keeping x's memory layout
-        layout = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
+        layout = torch.channels_last_3d if channels_last(x) else torch.contiguous_format
         out = torch.empty((b, c2 // 2, 2 * t, h, w), dtype=x.dtype, device=x.device, memory_format=layout)
         out.unflatten(2, (t, 2)).copy_(x.unflatten(1, (2, c2 // 2)).permute(0, 2, 3, 1, 4, 5))
         return out
