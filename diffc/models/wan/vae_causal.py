@@ -132,7 +132,6 @@ class NormSiluConv:
         return cached_conv(conv, dropout(y) if drops else y, cache)
 
 
-
 class RMSNorm(nn.Module):
     """L2-normalise over channels (dim 1) times sqrt(dim) and a learned gain; 2-D or 3-D maps."""
 
