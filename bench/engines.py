@@ -163,7 +163,7 @@ class DiffcEngine(Engine):
         """diffc's compiler on the DiT's regions: graphs for the benchmark's DiT inputs and, with a
         pipeline, for the shapes its generation passes (Wan's CFG pair is batch 2). ``tier="fp8"`` adds
         the fp8 weight transform first (removed again by any other tier)."""
-        from diffc.compile.pipeline import capture_inputs, compile_dit, describe_bucket
+        from diffc.compile.pipeline import capture_inputs, compile_dit, describe_bucket, fused_vae_tier
         from diffc.compile.regions import call_key
         from diffc.runtime.compiled import CompiledDiT
 
@@ -185,7 +185,7 @@ class DiffcEngine(Engine):
                 self.compile_reports.append(report)
                 lines.append(" ".join(describe_bucket(report).split()))
         stack.set_compiled(CompiledDiT(by_region, keys, {"tier": tier, "disabled": list(disable)}))
-        self.fused_vae(self.device.type == "cuda" and tier != "lossless")  # as Executor.install_compiled
+        self.fused_vae(self.device.type == "cuda" and fused_vae_tier(tier))  # as Executor.install_compiled
         if graphs:
             self.cuda_graphs()
         return "diffc compile" + (f" {tier}" if tier != "fast" else "") + (f" without {', '.join(disable)}" if disable else "") + \
@@ -206,8 +206,7 @@ class DiffcEngine(Engine):
 
     @property
     def components_key(self) -> str:
-        fused = any(getattr(m, "fused_kernels", False) for m in self.vae.modules())
-        return self.kind + (" (fused VAE)" if fused else "")
+        return self.kind + (" (fused VAE)" if getattr(self.vae, "uses_fused_kernels", False) else "")
 
     def ensure_compiled(self, inputs: dict[str, Any], wl: Workload, *, graphs: bool = False) -> str:
         """:meth:`compile` with the default passes, unless the engine is compiled so already (cache configs

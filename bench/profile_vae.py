@@ -45,7 +45,8 @@ def _sync(device: torch.device) -> None:
 VARIANTS = ("eager", "fused")  # fused: the VAE's fused kernels (set_fused_kernels), as a compiled pipeline runs it
 
 
-def _measure(vae, z, device, repeats: int) -> dict[str, Any]:
+def _measure(vae, z, device, repeats: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """One variant: the warm-up decode's output, the median decode time and, on a GPU, its kernel profile."""
     with torch.no_grad():
         out = vae.decode(z)  # warm-up: cuDNN plans, allocator, kernel builds
         _sync(device)

@@ -265,7 +265,7 @@ def warm_vae_kernels(pipe, request: dict[str, Any], inputs: dict[str, dict[str, 
     size = _vae_latent_size(pipe, vae, request, inputs)
     if size is None:
         return False
-    was = any(getattr(m, "fused_kernels", False) for m in vae.modules())
+    was = vae.uses_fused_kernels
     vae.set_fused_kernels(True)
     try:
         z = torch.zeros(1, vae.config.z_dim, *size, device=weight.device, dtype=weight.dtype)

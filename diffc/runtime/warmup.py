@@ -38,6 +38,7 @@ def warm_up_compiled(pipe, manifest: dict[str, Any], *, force: bool = False) -> 
                 requests.append(request)
     calls = decodes = 0
     stacks = pipe.executor.stacks
+    fused_vae = getattr(pipe.components.get("vae"), "uses_fused_kernels", False)
     for request in requests:
         inputs = capture_inputs(pipe, request)
         with torch.inference_mode():
@@ -45,8 +46,7 @@ def warm_up_compiled(pipe, manifest: dict[str, Any], *, force: bool = False) -> 
                 if stack.cache is None and name in inputs:
                     stack(**inputs[name])
                     calls += 1
-        vae = pipe.components.get("vae")
-        if any(getattr(m, "fused_kernels", False) for m in getattr(vae, "modules", lambda: ())()):
+        if fused_vae:
             decodes += warm_vae_kernels(pipe, request, inputs, force=force)
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)

@@ -175,6 +175,11 @@ class AutoencoderKLWan(nn.Module):
                 module.weight.data = module.weight.data.contiguous(memory_format=layout)
 
     @property
+    def uses_fused_kernels(self) -> bool:
+        """Whether ``set_fused_kernels(True)`` is in effect."""
+        return any(m.fused_kernels for m in self.modules() if isinstance(m, NormSiluConv))
+
+    @property
     def patch_size(self) -> int:
         return self.config.patch_size or 1
 

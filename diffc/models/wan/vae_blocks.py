@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...ops.channel_norm import channel_bias_residual, same_layout
-from ...ops.registry import kernel_runs_on
+from ...ops.channel_norm import channel_bias_residual, channel_bias_residual_ref, same_layout
 from .vae_causal import (CACHE_T, CausalConv3d, FeatureCache, NormSiluConv, RMSNorm, cached_conv, channels_last,
-                         fusable, norm_silu_conv)
+                         norm_silu_conv)
 
 # Marks an upsample3d slot whose first chunk passed through without temporal upsampling.
 _FIRST_CHUNK = object()
@@ -191,15 +190,14 @@ class ResidualBlock(NormSiluConv, nn.Module):
             y = norm_silu_conv(self.norm2, self.conv2, y, cache, in_bias=self.conv1.bias, conv_bias=False)
             if same_layout(y, h):
                 return channel_bias_residual(y, self.conv2.bias, h)
-            return (y + self.conv2.bias.view(1, -1, 1, 1, 1)) + h
+            return channel_bias_residual_ref(y, self.conv2.bias, h)  # the branches' layouts differ
         x = self.norm_silu_conv(self.norm1, self.conv1, x, cache)
         x = self.norm_silu_conv(self.norm2, self.conv2, x, cache, self.dropout)
         return x + h
 
     def fused_path(self, x: torch.Tensor) -> bool:
-        drops = self.dropout.training and self.dropout.p > 0
-        return (self.fused_kernels and not drops and fusable(self.conv1) and fusable(self.conv2)
-                and self.conv1.bias is not None and self.conv2.bias is not None and kernel_runs_on(x.device))
+        return (self.fuses(x, self.conv1, self.conv2, dropout=self.dropout)
+                and self.conv1.bias is not None and self.conv2.bias is not None)
 
 
 class AttentionBlock(nn.Module):

@@ -19,6 +19,7 @@ from ...ops.registry import kernel_runs_on
 
 CACHE_T = 2
 
+
 class FeatureCache:
     """Per-call store of trailing frames, one slot per cached convolution in call order."""
 
@@ -123,13 +124,22 @@ class NormSiluConv:
 
     fused_kernels = False
 
+    def fuses(self, x: torch.Tensor, *convs: CausalConv3d, dropout: nn.Dropout | None = None) -> bool:
+        """Whether ``convs`` (and the norms before them) take the fused path for ``x``: switched on, no active
+        dropout in between, each conv :func:`fusable`, and the kernel runs on ``x``'s device."""
+        return (self.fused_kernels and not _drops(dropout) and all(fusable(conv) for conv in convs)
+                and kernel_runs_on(x.device))
+
     def norm_silu_conv(self, norm: RMSNorm, conv: CausalConv3d, x: torch.Tensor, cache: FeatureCache | None,
                        dropout: nn.Dropout | None = None):
-        drops = dropout is not None and dropout.training and dropout.p > 0
-        if self.fused_kernels and not drops and fusable(conv) and kernel_runs_on(x.device):
+        if self.fuses(x, conv, dropout=dropout):
             return norm_silu_conv(norm, conv, x, cache)
         y = F.silu(norm(x))
-        return cached_conv(conv, dropout(y) if drops else y, cache)
+        return cached_conv(conv, dropout(y) if _drops(dropout) else y, cache)
+
+
+def _drops(dropout: nn.Dropout | None) -> bool:
+    return dropout is not None and dropout.training and dropout.p > 0
 
 
 class RMSNorm(nn.Module):
