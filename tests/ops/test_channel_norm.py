@@ -134,6 +134,13 @@ def test_bias_residual_matches_two_adds(counters, layout, dtype):
     assert torch.equal(out, expected)  # both roundings where torch's two adds make them
 
 
+def test_bias_residual_opcheck(counters):
+    x = randn(1, 6, 2, 3, 4, seed=31).contiguous(memory_format=torch.channels_last_3d)
+    residual = torch.empty_like(x).copy_(randn(1, 6, 2, 3, 4, seed=32))
+    torch.library.opcheck(torch.ops.diffc.channel_bias_residual.default,
+                          (x, randn(6, seed=33), residual, torch.empty_like(x)))
+
+
 def test_bias_residual_checks_layouts():
     op = torch.ops.diffc.channel_bias_residual
     x = randn(1, 4, 2, 3, 3)
