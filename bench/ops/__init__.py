@@ -81,6 +81,8 @@ def run(title: str, make_cases: Callable[[torch.dtype], list[Case]]) -> None:
     Columns: the unfused torch sequence, ``torch.compile`` of it, the fused op called eagerly (Python
     dispatch and launch included, as without CUDA graphs), the fused op replayed from a CUDA graph
     (as diffc's runtime runs it); speedups of the eager fused op; achieved bandwidth of the graphed one.
+    Where the op ran a CUDA C++ kernel of ``csrc/``, ``triton`` is the graphed op with its Triton kernel
+    instead (``diffc.ops.csrc.disabled()``), else ``-``.
     """
     parser = argparse.ArgumentParser(description=title)
     parser.add_argument("--dtype", choices=[*DTYPES, "all"], default="bf16", help="activation dtype (default bf16)")
@@ -88,12 +90,13 @@ def run(title: str, make_cases: Callable[[torch.dtype], list[Case]]) -> None:
     require_cuda()
     from triton.testing import do_bench
 
+    from diffc.ops import csrc
     from diffc.ops.registry import COUNTERS
 
     print(header(title))
     print(
         f"{'case':34s} {'dtype':5s} {'unfused':>9s} {'compiled':>9s} {'fused':>9s} {'graphed':>9s} "
-        f"{'x unfused':>9s} {'x compile':>9s} {'GB/s':>6s}"
+        f"{'x unfused':>9s} {'x compile':>9s} {'GB/s':>6s} {'triton':>9s}"
     )
     for dtype_name in dtypes:
         for case in make_cases(DTYPES[dtype_name]):
@@ -108,8 +111,13 @@ def run(title: str, make_cases: Callable[[torch.dtype], list[Case]]) -> None:
             t_fused = do_bench(case.fused, warmup=25, rep=100, return_mode="median")
             t_graphed = do_bench(capture_graph(case.fused), warmup=25, rep=100, return_mode="median")
             gbps = case.bytes_moved / (t_graphed * 1e-3) / 1e9
+            triton_col = f"{'-':>9s}"
+            if COUNTERS.csrc_launches:
+                with csrc.disabled():
+                    t_triton = do_bench(capture_graph(case.fused), warmup=25, rep=100, return_mode="median")
+                triton_col = f"{t_triton:9.4f}"
             print(
                 f"{case.name:34s} {dtype_name:5s} {t_unfused:9.4f} {t_compiled:9.4f} {t_fused:9.4f} {t_graphed:9.4f} "
-                f"{t_unfused / t_fused:9.2f} {t_compiled / t_fused:9.2f} {gbps:6.0f}"
+                f"{t_unfused / t_fused:9.2f} {t_compiled / t_fused:9.2f} {gbps:6.0f} {triton_col}"
             )
             torch.cuda.empty_cache()

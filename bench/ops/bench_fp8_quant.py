@@ -3,7 +3,12 @@
 - ``quantize_rows``: an activation no fused kernel produces, rowwise (FLUX.1's single-block ``proj_out``
   input: 4608 tokens x 15,360; Wan2.1's attention output: 32,760 x 1536 / 5120);
 - ``quantize_heads``: attention's v per (batch item, head) (Wan2.1-1.3B 12 x 128, -14B 40 x 128, FLUX.1 24 x 128);
-- ``qk_fp8_head_scales``: q's and k's static scales from their norm weights (one tiny launch per attention).
+- ``qk_fp8_head_scales``: q's and k's static scales from their norm weights (one tiny launch per attention);
+- ``gelu_tanh_fp8``: the feed-forward's bias + tanh-GELU quantized rowwise (FLUX.1 4096 x 12,288; Wan2.1
+  32,760 x 8960 / 13,824), the fp8 tier's largest producer.
+
+``quantize_rows`` and ``gelu_tanh_fp8`` have CUDA C++ kernels (``csrc/``): the ``triton`` column times
+their Triton kernels on the same inputs.
 
 The reference is the torch sequence the op replaces (``*_ref``), bf16 in, fp8 + float32 scales out.
 """
@@ -15,6 +20,7 @@ import torch
 from bench.ops import Case, nbytes, norm_weight, randn, run
 from diffc.ops.attention_fp8 import quantize_heads_ref
 from diffc.ops.fp8 import FP8, quantize_rows_ref
+from diffc.ops.gelu_tanh import gelu_tanh_ref
 from diffc.ops.qk_norm_rope_fp8 import qk_fp8_scales
 
 ROWS = {  # name: (tokens, width)
@@ -22,11 +28,20 @@ ROWS = {  # name: (tokens, width)
     "wan-1.3b attn out 32760x1536": (32760, 1536),
     "wan-14b attn out 32760x5120": (32760, 5120),
 }
+GELU = {  # name: (tokens, hidden)
+    "flux ff 4096x12288": (4096, 12288),
+    "wan-1.3b ffn 32760x8960": (32760, 8960),
+    "wan-14b ffn 32760x13824": (32760, 13824),
+}
 HEADS = {  # name: (tokens, heads)
     "flux v 4608tok 24x128": (4608, 24),
     "wan-1.3b v 32760tok 12x128": (32760, 12),
     "wan-14b v 32760tok 40x128": (32760, 40),
 }
+
+
+def _gelu_fp8_ref(x, bias):
+    return quantize_rows_ref(gelu_tanh_ref(x, bias))
 
 
 def _scales_ref(qw, kw, heads, head_dim):
@@ -43,6 +58,15 @@ def cases(dtype: torch.dtype, device="cuda") -> list[Case]:
             torch.ops.diffc.quantize_rows(x, *outs)
 
         out.append(Case(f"rows {name}", quantize_rows_ref, (x,), rows, outs, nbytes(x, *outs)))
+    for name, (tokens, hidden) in GELU.items():
+        x = randn(1, tokens, hidden, dtype=dtype, device=device, seed=3)
+        bias = randn(hidden, dtype=dtype, device=device, seed=4)
+        outs = (torch.empty(x.shape, dtype=FP8, device=device), torch.empty(tokens, 1, device=device))
+
+        def gelu(x=x, bias=bias, outs=outs):
+            torch.ops.diffc.gelu_tanh_fp8(x, bias, *outs)
+
+        out.append(Case(f"gelu {name}", _gelu_fp8_ref, (x, bias), gelu, outs, nbytes(x, bias, *outs)))
     for name, (tokens, heads) in HEADS.items():
         v = randn(1, tokens, heads, 128, dtype=dtype, device=device, seed=2)
         outs = (torch.empty(v.shape, dtype=FP8, device=device), torch.empty(1, heads, device=device))

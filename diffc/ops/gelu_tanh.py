@@ -5,14 +5,20 @@ Wan's text projection apply ``F.gelu(linear(x), approximate="tanh")``. Splitting
 GEMM, the op computes ``gelu_tanh(x + bias)`` in float32 with one rounding, where eager rounds the
 sum to the activations' dtype first (within the bf16 tolerance; bit-identical in float32 up to the
 ``tanh``). ``tanh`` is written as ``2 * sigmoid(2u) - 1``: ``0.5 * v * (1 + tanh(u)) == v * sigmoid(2u)``.
+
+The fp8 variant (``gelu_tanh_fp8``, the fp8 tier's feed-forward) runs the CUDA C++ kernel of
+``csrc/gelu_tanh_fp8.cu`` on a GPU where it can (:mod:`.csrc`), else its Triton kernel; the same math,
+within float rounding of the fast ``exp`` and division both use.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
+from . import csrc
 from .fp8 import FP8, check_fp8_out, store_rows_ref
 from .registry import (cdiv, expect_dtype, expect_float, expect_same_device, expect_shape, next_pow2, register_op, tl,
                        triton_kernel)
@@ -135,12 +141,28 @@ def _gelu_tanh_fp8_launch(x: torch.Tensor, bias: torch.Tensor | None, out: torch
     if x.numel() == 0:
         return
     n = x.shape[-1]
+    if _cuda_fp8_launch(x, bias, out, out_scale):
+        return
     block_a = next_pow2(n + 1) // 2  # the largest power of two <= n
     block_b = next_pow2(n - block_a) if n > block_a else 0
     gelu_tanh_fp8_kernel[(x.numel() // n,)](
         x, bias if bias is not None else x, out, out_scale, n,
         HAS_BIAS=bias is not None, BLOCK_A=block_a, BLOCK_B=block_b, num_warps=max(1, min(16, block_a // 512)),
     )
+
+
+def _cuda_fp8_launch(x: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, out_scale: torch.Tensor) -> bool:
+    """Run csrc/gelu_tanh_fp8.cu when it applies (see :mod:`.csrc`); False leaves the rows to Triton."""
+    n = x.shape[-1]
+    shape = csrc.row_launch(n, x.dtype)
+    if shape is None or (bias is not None and bias.dtype != x.dtype) or not csrc.aligned(x, bias, out):
+        return False
+    nv, threads = shape
+    kern = csrc.kernel("gelu_tanh_fp8", f"gelu_tanh_fp8_{csrc.DTYPE_NAMES[x.dtype]}_{nv}", x.device)
+    if kern is None:
+        return False
+    csrc.launch(kern, x.device, x.numel() // n, threads, x, bias, out, out_scale, np.int32(n))
+    return True
 
 
 def gelu_tanh_fp8(x: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,13 +9,20 @@ lowering weighs it against the GEMM's saving per site (``diffc/compile/fp8.py``)
 
 The result equals :func:`diffc.ops.fp8.quantize_rows_ref` of ``x``: scale = amax / 448 (floor 1e-12),
 ``q = clamp(x / scale)`` cast to float8_e4m3fn.
+
+On a GPU the CUDA C++ kernel of ``csrc/quantize_rows.cu`` runs where it can (:mod:`.csrc`: cuda-python
+installed, sm_89 or newer, rows of whole 16-byte vectors): it keeps the row packed in registers from
+the 128-bit loads to the fp8 stores (bench/ops/bench_fp8_quant.py times both). Elsewhere the Triton
+kernel runs; both compute the same bits.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
+from . import csrc
 from .fp8 import FP8, check_fp8_out, store_rows_ref
 from .registry import (
     expect_float,
@@ -80,10 +87,25 @@ def _quantize_rows_launch(x: torch.Tensor, out: torch.Tensor, out_scale: torch.T
     stride = _rows_stride(x)
     if stride is None:  # leading dimensions that do not flatten to one strided axis (a permuted view)
         x, stride = x.contiguous(), k
+    if _cuda_launch(x, out, out_scale, k, stride):
+        return
     block = next_pow2(k)
     quantize_rows_kernel[(x.numel() // k,)](
         x, out, out_scale, k, stride, BLOCK=block, num_warps=max(1, min(16, block // 512)),
     )
+
+
+def _cuda_launch(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor, k: int, stride: int) -> bool:
+    """Run csrc/quantize_rows.cu when it applies (see :mod:`.csrc`); False leaves the row to Triton."""
+    shape = csrc.row_launch(k, x.dtype)
+    if shape is None or stride % (16 // x.element_size()) or not csrc.aligned(x, out):
+        return False
+    nv, threads = shape
+    kern = csrc.kernel("quantize_rows", f"quantize_rows_{csrc.DTYPE_NAMES[x.dtype]}_{nv}", x.device)
+    if kern is None:
+        return False
+    csrc.launch(kern, x.device, x.numel() // k, threads, x, out, out_scale, np.int32(k), np.int64(stride))
+    return True
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

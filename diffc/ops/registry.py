@@ -42,14 +42,17 @@ NAMESPACE = "diffc"
 
 @dataclasses.dataclass
 class OpCounters:
-    """How many fused-op calls ran a Triton kernel and how many fell back to the torch reference."""
+    """How many fused-op calls ran a kernel (Triton's, or of those ``csrc_launches`` a CUDA C++ one of
+    ``csrc/``) and how many fell back to the torch reference."""
 
     kernel_launches: int = 0
     reference_fallbacks: int = 0
+    csrc_launches: int = 0
 
     def reset(self) -> None:
         self.kernel_launches = 0
         self.reference_fallbacks = 0
+        self.csrc_launches = 0
 
 
 COUNTERS = OpCounters()

@@ -23,11 +23,14 @@ def test_fp8_quant_cases_match_their_references(monkeypatch):
 
     monkeypatch.setattr(b, "ROWS", {"small": (6, 40)})
     monkeypatch.setattr(b, "HEADS", {"small": (5, 3)})
+    monkeypatch.setattr(b, "GELU", {"small": (6, 48)})
     for case in b.cases(torch.bfloat16, device="cpu"):
         case.fused()
         for out, ref in zip(case.outs, case.ref(*case.args)):
             assert out.shape == ref.shape and out.dtype == ref.dtype, case.name
-            if out.dtype == torch.float32:  # scales: the same reduction, exactly
+            if out.dtype == torch.float32 and case.name.startswith("gelu"):  # eager rounds x + bias first
+                torch.testing.assert_close(out, ref, rtol=2 ** -7, atol=0)
+            elif out.dtype == torch.float32:  # scales: the same reduction, exactly
                 assert torch.equal(out, ref), case.name
 
 

@@ -1,0 +1,89 @@
+// Helpers shared by diffc's CUDA kernels (csrc/*.cu). Self-contained: no CUDA headers, so NVRTC needs
+// no include path. The loader (diffc/ops/csrc.py) pastes this file where a kernel file includes it.
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+struct bf16 { u16 bits; };
+struct f16 { u16 bits; };
+
+// Element types: bits <-> float32. bf16 and f16 round to nearest even, as torch's casts do.
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(bf16 v) { return __uint_as_float(((u32)v.bits) << 16); }
+__device__ __forceinline__ float to_float(f16 v) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+  return f;
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float f);
+template <> __device__ __forceinline__ float from_float<float>(float f) { return f; }
+template <> __device__ __forceinline__ bf16 from_float<bf16>(float f) {
+  bf16 r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+  return r;
+}
+template <> __device__ __forceinline__ f16 from_float<f16>(float f) {
+  f16 r;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+  return r;
+}
+
+// The value a tensor of dtype T would store: float32 rounded to T and back.
+template <typename T> __device__ __forceinline__ float round_to(float f) { return to_float(from_float<T>(f)); }
+
+// 16 bytes of T: the unit of every global load (one 128-bit transaction per thread).
+template <typename T> struct Vec {
+  static constexpr int N = 16 / sizeof(T);
+  T v[N];
+};
+
+template <typename T> __device__ __forceinline__ Vec<T> load16(const T* p) {
+  Vec<T> r;
+  *reinterpret_cast<uint4*>(r.v) = __ldg(reinterpret_cast<const uint4*>(p));
+  return r;
+}
+
+// float8_e4m3fn: two floats -> two bytes (round to nearest even, saturating; sm_89+). lo lands first in memory.
+__device__ __forceinline__ u16 fp8x2(float lo, float hi) {
+  u16 r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// Store N (4, 8 or 16) fp8 values of q[] at p (N-byte aligned).
+template <int N> __device__ __forceinline__ void store_fp8(u8* p, const float* q) {
+  u32 w[N / 4];
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i)
+    w[i] = (u32)fp8x2(q[4 * i], q[4 * i + 1]) | ((u32)fp8x2(q[4 * i + 2], q[4 * i + 3]) << 16);
+  if constexpr (N == 4) {
+    *reinterpret_cast<u32*>(p) = w[0];
+  } else if constexpr (N == 8) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
+  } else {
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Max of v over the block (every thread gets it). smem: 32 floats. blockDim.x a multiple of 32.
+__device__ __forceinline__ float block_max(float v, float* smem) {
+  v = warp_max(v);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  return warp_max(lane < warps ? smem[lane] : 0.0f);
+}
+
+#define FP8_MAX 448.0f
+#define SCALE_FLOOR 1e-12f

@@ -1,0 +1,70 @@
+// diffc::gelu_tanh_fp8 (diffc/ops/gelu_tanh.py): tanh-GELU of x + bias, rounded to x's dtype (what the
+// bf16 op would store), quantized rowwise to float8_e4m3 (scale = max(amax, 1e-12) / 448).
+// gelu_tanh(v) = v * sigmoid(2u) = v / (1 + exp(-2u)), u = sqrt(2 / pi) * (v + 0.044715 v^3), with the
+// fast exp and divisions Triton's kernel uses. One block per row; thread t computes the row's 16-byte
+// vectors t, t + blockDim.x, ... (NV of them) and keeps the rounded results packed until the store.
+#include "common.cuh"
+
+// x: (rows, N) contiguous; bias: (N,) of T (HAS_BIAS); N % (16 / sizeof(T)) == 0, 16-byte aligned
+// out: float8_e4m3 (rows, N) contiguous; scale: (rows,) float32
+template <typename T, int NV, bool HAS_BIAS>
+__device__ __forceinline__ void gelu_tanh_fp8(const T* __restrict__ x, const T* __restrict__ bias,
+                                              u8* __restrict__ out, float* __restrict__ scale, int N) {
+  constexpr int V = Vec<T>::N;
+  __shared__ float smem[32];
+  const i64 row = blockIdx.x;
+  const T* xr = x + row * (i64)N;
+  const int vectors = N / V;
+  Vec<T> a[NV];
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    if (c < vectors) a[i] = load16(xr + (i64)c * V);
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    if (c < vectors) {
+      Vec<T> b;
+      if constexpr (HAS_BIAS) b = load16(bias + (i64)c * V);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        float v = to_float(a[i].v[j]);
+        if constexpr (HAS_BIAS) v += to_float(b.v[j]);
+        const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+        const T y = from_float<T>(__fdividef(v, 1.0f + __expf(-2.0f * u)));
+        a[i].v[j] = y;
+        amax = fmaxf(amax, fabsf(to_float(y)));
+      }
+    }
+  }
+  const float s = __fdividef(fmaxf(block_max(amax, smem), SCALE_FLOOR), FP8_MAX);
+  const float inv = __fdividef(1.0f, s);
+  u8* orow = out + row * (i64)N;
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    if (c < vectors) {
+      float q[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) q[j] = fminf(fmaxf(to_float(a[i].v[j]) * inv, -FP8_MAX), FP8_MAX);
+      store_fp8<V>(orow + (i64)c * V, q);
+    }
+  }
+  if (threadIdx.x == 0) scale[row] = s;
+}
+
+#define GELU_FP8(T, NAME, NV, MAX_THREADS)                                                                  \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                              \
+      gelu_tanh_fp8_##NAME##_##NV(const T* x, const T* bias, u8* out, float* scale, int N) {             \
+    if (bias != nullptr) gelu_tanh_fp8<T, NV, true>(x, bias, out, scale, N);                             \
+    else gelu_tanh_fp8<T, NV, false>(x, bias, out, scale, N);                                             \
+  }
+#define GELU_FP8_ALL(T, NAME)                                                                   \
+  GELU_FP8(T, NAME, 1, 1024) GELU_FP8(T, NAME, 2, 1024) GELU_FP8(T, NAME, 4, 1024) GELU_FP8(T, NAME, 8, 512) \
+  GELU_FP8(T, NAME, 16, 256)
+
+GELU_FP8_ALL(bf16, bf16)
+GELU_FP8_ALL(f16, f16)
+GELU_FP8_ALL(float, f32)

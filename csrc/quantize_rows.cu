@@ -1,0 +1,58 @@
+// diffc::quantize_rows (diffc/ops/quantize_rows.py): rowwise float8_e4m3 quantization of an activation.
+// scale = max(amax(row), 1e-12) / 448; q = clamp(x / scale, -448, 448) rounded to nearest even; the two
+// divisions are the fast ones (div.full.f32) Triton's kernel uses, so both kernels give the same bits.
+// One block per row; thread t holds the row's 16-byte vectors t, t + blockDim.x, ... (NV of them), packed
+// in registers from the load to the store, so the row is read once.
+#include "common.cuh"
+
+// x: (rows, K) at row stride `stride` elements, unit column stride, rows 16-byte aligned, K % (16 / sizeof(T)) == 0
+// out: float8_e4m3 (rows, K) contiguous; scale: (rows,) float32
+template <typename T, int NV>
+__device__ __forceinline__ void quantize_rows(const T* __restrict__ x, u8* __restrict__ out, float* __restrict__ scale,
+                                              int K, i64 stride) {
+  constexpr int V = Vec<T>::N;
+  __shared__ float smem[32];
+  const i64 row = blockIdx.x;
+  const T* xr = x + row * stride;
+  const int vectors = K / V;
+  Vec<T> r[NV];
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    if (c < vectors) r[i] = load16(xr + (i64)c * V);
+  }
+  float amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    if (threadIdx.x + i * blockDim.x < vectors) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) amax = fmaxf(amax, fabsf(to_float(r[i].v[j])));
+    }
+  }
+  const float s = __fdividef(fmaxf(block_max(amax, smem), SCALE_FLOOR), FP8_MAX);
+  u8* orow = out + row * (i64)K;
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    if (c < vectors) {
+      float q[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) q[j] = fminf(fmaxf(__fdividef(to_float(r[i].v[j]), s), -FP8_MAX), FP8_MAX);
+      store_fp8<V>(orow + (i64)c * V, q);
+    }
+  }
+  if (threadIdx.x == 0) scale[row] = s;
+}
+
+#define QUANTIZE_ROWS(T, NAME, NV, MAX_THREADS)                                                             \
+  extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                              \
+      quantize_rows_##NAME##_##NV(const T* x, u8* out, float* scale, int K, i64 stride) {                \
+    quantize_rows<T, NV>(x, out, scale, K, stride);                                                     \
+  }
+#define QUANTIZE_ROWS_ALL(T, NAME)                                                                        \
+  QUANTIZE_ROWS(T, NAME, 1, 1024) QUANTIZE_ROWS(T, NAME, 2, 1024) QUANTIZE_ROWS(T, NAME, 4, 1024)        \
+  QUANTIZE_ROWS(T, NAME, 8, 512) QUANTIZE_ROWS(T, NAME, 16, 256)
+
+QUANTIZE_ROWS_ALL(bf16, bf16)
+QUANTIZE_ROWS_ALL(f16, f16)
+QUANTIZE_ROWS_ALL(float, f32)
