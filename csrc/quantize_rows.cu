@@ -1,25 +1,28 @@
-// diffc::quantize_rows (diffc/ops/quantize_rows.py): rowwise float8_e4m3 quantization of an activation.
-// scale = max(amax(row), 1e-12) / 448; q = clamp(x / scale, -448, 448) rounded to nearest even; the two
-// divisions are the fast ones (div.full.f32) Triton's kernel uses, so both kernels give the same bits.
+// diffc::quantize_rows and diffc::quantize_rows_cat (diffc/ops/quantize_rows.py): rowwise float8_e4m3
+// quantization of an activation, or of the concatenation [a | b] of two along their last dimension without
+// writing it. scale = max(amax(row), 1e-12) / 448; q = clamp(x / scale, -448, 448) rounded to nearest even;
+// the two divisions are the fast ones (div.full.f32) Triton's kernel uses, so both give the same bits.
 // One block per row; thread t holds the row's 16-byte vectors t, t + blockDim.x, ... (NV of them), packed
 // in registers from the load to the store, so the row is read once.
 #include "common.cuh"
 
-// x: (rows, K) at row stride `stride` elements, unit column stride, rows 16-byte aligned, K % (16 / sizeof(T)) == 0
-// out: float8_e4m3 (rows, K) contiguous; scale: (rows,) float32
+// a: (rows, KA) at row stride stride_a elements; b: (rows, KB) at row stride stride_b (KB = 0: no b); unit
+// column strides, rows 16-byte aligned, KA and KB multiples of 16 / sizeof(T)
+// out: float8_e4m3 (rows, KA + KB) contiguous; scale: (rows,) float32
 template <typename T, int NV>
-__device__ __forceinline__ void quantize_rows(const T* __restrict__ x, u8* __restrict__ out, float* __restrict__ scale,
-                                              int K, i64 stride) {
+__device__ __forceinline__ void quantize_rows(const T* __restrict__ a, i64 stride_a, int KA, const T* __restrict__ b,
+                                              i64 stride_b, int KB, u8* __restrict__ out, float* __restrict__ scale) {
   constexpr int V = Vec<T>::N;
   __shared__ float smem[32];
   const i64 row = blockIdx.x;
-  const T* xr = x + row * stride;
-  const int vectors = K / V;
+  const T* ar = a + row * stride_a;
+  const T* br = b + row * stride_b - KA;  // indexed by the column of the concatenation
+  const int split = KA / V, vectors = (KA + KB) / V;
   Vec<T> r[NV];
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
     const int c = threadIdx.x + i * blockDim.x;
-    if (c < vectors) r[i] = load16(xr + (i64)c * V);
+    if (c < vectors) r[i] = load16((c < split ? ar : br) + (i64)c * V);
   }
   float amax = 0.0f;
 #pragma unroll
@@ -30,7 +33,7 @@ __device__ __forceinline__ void quantize_rows(const T* __restrict__ x, u8* __res
     }
   }
   const float s = __fdividef(fmaxf(block_max(amax, smem), SCALE_FLOOR), FP8_MAX);
-  u8* orow = out + row * (i64)K;
+  u8* orow = out + row * (i64)(KA + KB);
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
     const int c = threadIdx.x + i * blockDim.x;
@@ -46,8 +49,9 @@ __device__ __forceinline__ void quantize_rows(const T* __restrict__ x, u8* __res
 
 #define QUANTIZE_ROWS(T, NAME, NV, MAX_THREADS)                                                             \
   extern "C" __global__ void __launch_bounds__(MAX_THREADS)                                              \
-      quantize_rows_##NAME##_##NV(const T* x, u8* out, float* scale, int K, i64 stride) {                \
-    quantize_rows<T, NV>(x, out, scale, K, stride);                                                     \
+      quantize_rows_##NAME##_##NV(const T* a, i64 stride_a, int KA, const T* b, i64 stride_b, int KB,     \
+                                  u8* out, float* scale) {                                                \
+    quantize_rows<T, NV>(a, stride_a, KA, b, stride_b, KB, out, scale);                                   \
   }
 #define QUANTIZE_ROWS_ALL(T, NAME)                                                                        \
   QUANTIZE_ROWS(T, NAME, 1, 1024) QUANTIZE_ROWS(T, NAME, 2, 1024) QUANTIZE_ROWS(T, NAME, 4, 1024)        \

@@ -2,6 +2,8 @@
 
 - ``quantize_rows``: an activation no fused kernel produces, rowwise (FLUX.1's single-block ``proj_out``
   input: 4608 tokens x 15,360; Wan2.1's attention output: 32,760 x 1536 / 5120);
+- ``quantize_rows_cat``: the same over ``cat([a, b], -1)`` without writing it (FLUX.1's single-block ``proj_out``
+  input: attention output 3072 + MLP 12,288 over 4608 tokens);
 - ``quantize_heads``: attention's v per (batch item, head) (Wan2.1-1.3B 12 x 128, -14B 40 x 128, FLUX.1 24 x 128);
 - ``qk_fp8_head_scales``: q's and k's static scales from their norm weights (one tiny launch per attention);
 - ``gelu_tanh_fp8``: the feed-forward's bias + tanh-GELU quantized rowwise (FLUX.1 4096 x 12,288; Wan2.1
@@ -27,6 +29,9 @@ ROWS = {  # name: (tokens, width)
     "flux single proj_out 4608x15360": (4608, 15360),
     "wan-1.3b attn out 32760x1536": (32760, 1536),
     "wan-14b attn out 32760x5120": (32760, 5120),
+}
+CATS = {  # name: (tokens, width of a, width of b)
+    "flux single 4608x(3072+12288)": (4608, 3072, 12288),
 }
 GELU = {  # name: (tokens, hidden)
     "flux ff 4096x12288": (4096, 12288),
@@ -58,6 +63,17 @@ def cases(dtype: torch.dtype, device="cuda") -> list[Case]:
             torch.ops.diffc.quantize_rows(x, *outs)
 
         out.append(Case(f"rows {name}", quantize_rows_ref, (x,), rows, outs, nbytes(x, *outs)))
+    for name, (tokens, ka, kb) in CATS.items():
+        wide = randn(1, tokens, 3 * ka, dtype=dtype, device=device, seed=9)
+        a = wide[..., :ka]  # a strided view, as the attention output sliced from a wider buffer
+        b = randn(1, tokens, kb, dtype=dtype, device=device, seed=10)
+        outs = (torch.empty(1, tokens, ka + kb, dtype=FP8, device=device), torch.empty(tokens, 1, device=device))
+
+        def cat(a=a, b=b, outs=outs):
+            torch.ops.diffc.quantize_rows_cat(a, b, *outs)
+
+        out.append(Case(f"rows-cat {name}", lambda a, b: quantize_rows_ref(torch.cat([a, b], -1)), (a, b), cat, outs,
+                        nbytes(a, b, *outs)))
     for name, (tokens, hidden) in GELU.items():
         x = randn(1, tokens, hidden, dtype=dtype, device=device, seed=3)
         bias = randn(hidden, dtype=dtype, device=device, seed=4)

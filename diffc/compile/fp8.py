@@ -17,7 +17,10 @@ fp8 variant) or whose producer has other readers gets its input quantized by ``d
 pass over the activation (``standalone``), where that pays: :func:`standalone_pays` weighs the pass's
 memory traffic against the GEMM time fp8 saves, so large GEMMs (FLUX's single-block ``proj_out`` over
 its 15,360-wide concatenation, the attention output projections over the image tokens) go fp8 and small
-ones (the text tokens' output projection, the modulation MLPs) stay bf16. (Quantizing as separate torch
+ones (the text tokens' output projection, the modulation MLPs) stay bf16. Where that input is a
+concatenation of two activations along the last dimension read by nothing else (FLUX's single block:
+attention output and MLP activation), ``diffc.quantize_rows_cat`` quantizes the two parts and the
+concatenation is never written (``concat``; ``--disable fp8_quantize_concat`` keeps the copy). (Quantizing as separate torch
 ops, ``abs``/``amax``/``div``/``to``, costs as much as fp8 saves: ``GPU-NOTES.md``.) :class:`Fp8Lowering`
 lists every bf16 site with the reason. Only bf16 models are lowered (``_scaled_mm``'s rowwise mode writes
 bf16).
@@ -74,6 +77,7 @@ class Fp8Lowering:
     kept: dict[str, str] = dataclasses.field(default_factory=dict)
     producers: int = 0
     standalone: int = 0  # activations quantized by diffc.quantize_rows (their linears are in ``sites``)
+    concat: int = 0  # of those, concatenations quantized from their two parts (diffc.quantize_rows_cat)
     before: fx.GraphModule | None = None  # the graph before lowering (for the quality report)
     # fp8 attention (diffc/compile/fp8_attention.py): site -> (bf16 sdpa node, fp8 attention node), or the reason
     attention_sites: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
@@ -130,8 +134,8 @@ class Fp8LinearPass:
 
     name = "fp8_linear"
 
-    def __init__(self, standalone: bool = True):
-        self.standalone = standalone
+    def __init__(self, standalone: bool = True, concat: bool = True):
+        self.standalone, self.concat = standalone, concat
 
     def __call__(self, program: torch.export.ExportedProgram, result: Fp8Lowering | None = None) -> Fp8Lowering:
         """Lower ``program`` in place, adding to ``result`` (a new one, holding a copy of the graph before, if None)."""
@@ -161,7 +165,7 @@ class Fp8LinearPass:
             self._lower(graph, node, fp8_op, out_index, out, linears, names, buffers, result)
             result.producers += 1
         if self.standalone:
-            self._lower_standalone(graph, names, buffers, result)
+            self._lower_standalone(graph, names, buffers, result, self.concat)
         for node in graph.nodes:  # every other linear with an fp8 weight stays bf16: say why
             if node.op == "call_function" and node.target == aten.linear.default:
                 weight = _weight_name(node.args[1], names)
@@ -173,9 +177,10 @@ class Fp8LinearPass:
         return result
 
     @staticmethod
-    def _lower_standalone(graph, names, buffers, result) -> None:
+    def _lower_standalone(graph, names, buffers, result, concat: bool = True) -> None:
         """Quantize the input of each remaining fp8-capable linear with ``diffc.quantize_rows`` where that pays
-        (one quantization for the linears that share an input)."""
+        (one quantization for the linears that share an input), from the parts of a concatenation only these
+        linears read with ``diffc.quantize_rows_cat`` (``concat``)."""
         groups: dict[fx.Node, list[fx.Node]] = {}
         for node in graph.nodes:
             if node.op == "call_function" and node.target == aten.linear.default and isinstance(node.args[0], fx.Node):
@@ -195,10 +200,16 @@ class Fp8LinearPass:
                         f"{_unfused_reason(src)}; quantizing it on its own ({rows}x{val.shape[-1]}) costs more than "
                         f"its fp8 GEMM saves")
                 continue
+            parts = _concat_parts(src, eligible) if concat else None
+            like = src if parts is None else parts[0]  # not the concatenation, which then has no reader left
             with graph.inserting_before(eligible[0]):  # new_empty: contiguous, on the input's device
-                q = graph.call_function(aten.new_empty.default, (src, list(val.shape)), {"dtype": FP8})
-                qs = graph.call_function(aten.new_empty.default, (src, [rows, 1]), {"dtype": torch.float32})
-                fused = graph.call_function(torch.ops.diffc.quantize_rows.default, (src, q, qs))
+                q = graph.call_function(aten.new_empty.default, (like, list(val.shape)), {"dtype": FP8})
+                qs = graph.call_function(aten.new_empty.default, (like, [rows, 1]), {"dtype": torch.float32})
+                if parts is None:
+                    fused = graph.call_function(torch.ops.diffc.quantize_rows.default, (src, q, qs))
+                else:
+                    fused = graph.call_function(torch.ops.diffc.quantize_rows_cat.default, (*parts, q, qs))
+                    result.concat += 1
             for n in (q, qs, fused):
                 _propagate_val(n)
             for lin in eligible:
@@ -251,6 +262,26 @@ class Fp8LinearPass:
             graph.erase_node(lin)
         for n in new_nodes:
             _propagate_val(n)
+
+
+def _concat_parts(src: fx.Node, readers: list[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """The two parts of ``src = aten.cat([a, b], -1)`` when only ``readers`` read it and both parts have its
+    dtype, its leading dimensions and a unit last stride (what ``diffc.quantize_rows_cat`` reads), else None."""
+    if src.op != "call_function" or src.target != aten.cat.default or set(src.users) != set(readers):
+        return None
+    tensors = src.args[0]
+    dim = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", 0)
+    val = src.meta.get("val")
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or not isinstance(val, torch.Tensor):
+        return None
+    if dim not in (-1, val.ndim - 1):
+        return None
+    for part in tensors:
+        p = part.meta.get("val") if isinstance(part, fx.Node) else None
+        if (not isinstance(p, torch.Tensor) or p.dtype != val.dtype or tuple(p.shape[:-1]) != tuple(val.shape[:-1])
+                or (p.shape[-1] > 1 and p.stride(-1) != 1)):
+            return None
+    return tensors[0], tensors[1]
 
 
 _RESHAPES = ("view", "reshape", "flatten", "contiguous", "transpose", "permute", "clone", "_unsafe_view", "to.dtype",
@@ -331,7 +362,7 @@ def lowering_report(lowering: Fp8Lowering, errors: dict[str, float]) -> dict[str
     attention = {k: v for k, v in errors.items() if k.endswith(" (attention)")}
     linears = {k: v for k, v in errors.items() if k not in attention}
     return {"linears_fp8": lowering.replaced, "producers_fp8": lowering.producers,
-            "quantized_standalone": lowering.standalone,
+            "quantized_standalone": lowering.standalone, "quantized_concat": lowering.concat,
             "linears_bf16": len(lowering.kept), "rel_err": linears, "max_rel_err": max(linears.values(), default=None),
             "kept_bf16": dict(sorted(lowering.kept.items())),
             "attention_fp8": len(lowering.attention_sites),

@@ -10,6 +10,10 @@ lowering weighs it against the GEMM's saving per site (``diffc/compile/fp8.py``)
 The result equals :func:`diffc.ops.fp8.quantize_rows_ref` of ``x``: scale = amax / 448 (floor 1e-12),
 ``q = clamp(x / scale)`` cast to float8_e4m3fn.
 
+``quantize_rows_cat(a, b)`` quantizes ``cat([a, b], -1)`` without writing the concatenation: FLUX.1's
+single-stream block concatenates its attention output (3072 wide) and MLP activation (12,288) before
+``proj_out``, a copy of 141 MB per block that the fp8 lowering drops (``diffc/compile/fp8.py``).
+
 On a GPU the CUDA C++ kernel of ``csrc/quantize_rows.cu`` runs where it can (:mod:`.csrc`: cuda-python
 installed, sm_89 or newer, rows of whole 16-byte vectors): it keeps the row packed in registers from
 the 128-bit loads to the fp8 stores (bench/ops/bench_fp8_quant.py times both). Elsewhere the Triton
@@ -36,16 +40,27 @@ from .registry import (
 
 
 @triton_kernel
-def quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, K, stride_row, BLOCK: tl.constexpr):
-    # one program per row; x: (rows, K) at stride (stride_row, 1); out: float8_e4m3 (rows, K) contiguous;
-    # scale: (rows, 1) float32
+def quantize_rows_kernel(a_ptr, b_ptr, out_ptr, scale_ptr, KA, KB, stride_a, stride_b,
+                         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    # one program per row of cat([a, b], -1) (BLOCK_B = 0: no b); a: (rows, KA) at stride (stride_a, 1);
+    # b: (rows, KB) at stride (stride_b, 1); out: float8_e4m3 (rows, KA + KB) contiguous; scale: (rows, 1) float32
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < K
-    y = tl.load(x_ptr + row * stride_row + cols, mask=mask, other=0.0).to(tl.float32)
-    qscale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
-    q = tl.minimum(tl.maximum(y / qscale, -448.0), 448.0)
-    tl.store(out_ptr + row * K + cols, q.to(out_ptr.dtype.element_ty), mask=mask)
+    cols_a = tl.arange(0, BLOCK_A)
+    mask_a = cols_a < KA
+    ya = tl.load(a_ptr + row * stride_a + cols_a, mask=mask_a, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(ya), axis=0)
+    if BLOCK_B > 0:
+        cols_b = tl.arange(0, BLOCK_B)
+        mask_b = cols_b < KB
+        yb = tl.load(b_ptr + row * stride_b + cols_b, mask=mask_b, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(yb), axis=0))
+    qscale = tl.maximum(amax, 1e-12) / 448.0
+    out_row = out_ptr + row * (KA + KB)
+    q = tl.minimum(tl.maximum(ya / qscale, -448.0), 448.0)
+    tl.store(out_row + cols_a, q.to(out_ptr.dtype.element_ty), mask=mask_a)
+    if BLOCK_B > 0:
+        q = tl.minimum(tl.maximum(yb / qscale, -448.0), 448.0)
+        tl.store(out_row + KA + cols_b, q.to(out_ptr.dtype.element_ty), mask=mask_b)
     tl.store(scale_ptr + row, qscale)
 
 
@@ -62,49 +77,92 @@ def _rows_stride(x: torch.Tensor) -> int | None:
     return stride
 
 
-def _check(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
-    expect_float("x", x)
+def _check_part(field: str, x: torch.Tensor) -> None:
+    expect_float(field, x)
     if x.ndim < 1 or x.shape[-1] < 1:
-        raise InvalidArgumentError("x", f"expected a tensor of rank >= 1 with rows of at least one element, "
-                                        f"got shape {tuple(x.shape)}")
+        raise InvalidArgumentError(field, f"expected a tensor of rank >= 1 with rows of at least one element, "
+                                          f"got shape {tuple(x.shape)}")
     if x.dtype == FP8:
-        raise InvalidArgumentError("x", "is already float8_e4m3fn")
-    expect_unit_last_stride("x", x)
+        raise InvalidArgumentError(field, "is already float8_e4m3fn")
+    expect_unit_last_stride(field, x)
+
+
+def _check(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    _check_part("x", x)
     check_fp8_out(out, out_scale, tuple(x.shape))
     expect_same_device({"x": x, "out": out, "out_scale": out_scale})
+
+
+def _check_cat(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    _check_part("a", a)
+    _check_part("b", b)
+    if b.dtype != a.dtype:
+        raise InvalidArgumentError("b", f"expected a's dtype {a.dtype}, got {b.dtype}")
+    if tuple(b.shape[:-1]) != tuple(a.shape[:-1]):
+        raise InvalidArgumentError("b", f"expected the leading dimensions of a {tuple(a.shape[:-1])}, got shape "
+                                        f"{tuple(b.shape)}")
+    check_fp8_out(out, out_scale, (*a.shape[:-1], a.shape[-1] + b.shape[-1]))
+    expect_same_device({"a": a, "b": b, "out": out, "out_scale": out_scale})
 
 
 def _quantize_rows_into_ref(x, out, out_scale) -> None:
     store_rows_ref(x, out, out_scale)
 
 
-@register_op("quantize_rows", mutates_args=("out", "out_scale"), fake=_check, fallback=_quantize_rows_into_ref)
-def _quantize_rows_launch(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
-    _check(x, out, out_scale)
-    if x.numel() == 0:
-        return
-    k = x.shape[-1]
+def _quantize_rows_cat_into_ref(a, b, out, out_scale) -> None:
+    store_rows_ref(torch.cat([a, b], -1), out, out_scale)
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x and the stride between its rows (a contiguous copy where its leading dimensions do not flatten)."""
     stride = _rows_stride(x)
-    if stride is None:  # leading dimensions that do not flatten to one strided axis (a permuted view)
-        x, stride = x.contiguous(), k
-    if _cuda_launch(x, out, out_scale, k, stride):
+    return (x, stride) if stride is not None else (x.contiguous(), x.shape[-1])
+
+
+def _quantize(a: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    """Quantize the rows of ``a`` (``b`` None) or of ``cat([a, b], -1)`` into ``out`` / ``out_scale``."""
+    if out.numel() == 0:
         return
-    block = next_pow2(k)
-    quantize_rows_kernel[(x.numel() // k,)](
-        x, out, out_scale, k, stride, BLOCK=block, num_warps=max(1, min(16, block // 512)),
+    ka, kb = a.shape[-1], 0 if b is None else b.shape[-1]
+    a, stride_a = _rows(a)
+    b, stride_b = (a, 0) if b is None else _rows(b)  # no b: a stands in for the pointer, never read
+    if _cuda_launch(a, stride_a, ka, b, stride_b, kb, out, out_scale):
+        return
+    block_a = next_pow2(ka)
+    block_b = next_pow2(kb) if kb else 0
+    quantize_rows_kernel[(out.numel() // (ka + kb),)](
+        a, b, out, out_scale, ka, kb, stride_a, stride_b, BLOCK_A=block_a, BLOCK_B=block_b,
+        num_warps=max(1, min(16, (block_a + block_b) // 512)),
     )
 
 
-def _cuda_launch(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor, k: int, stride: int) -> bool:
-    """Run csrc/quantize_rows.cu when it applies (see :mod:`.csrc`); False leaves the row to Triton."""
-    shape = csrc.row_launch(k, x.dtype)
-    if shape is None or stride % (16 // x.element_size()) or not csrc.aligned(x, out):
+@register_op("quantize_rows", mutates_args=("out", "out_scale"), fake=_check, fallback=_quantize_rows_into_ref)
+def _quantize_rows_launch(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    _check(x, out, out_scale)
+    _quantize(x, None, out, out_scale)
+
+
+@register_op("quantize_rows_cat", mutates_args=("out", "out_scale"), fake=_check_cat,
+             fallback=_quantize_rows_cat_into_ref)
+def _quantize_rows_cat_launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    """The rows of ``cat([a, b], -1)`` quantized without writing the concatenation."""
+    _check_cat(a, b, out, out_scale)
+    _quantize(a, b, out, out_scale)
+
+
+def _cuda_launch(a, stride_a: int, ka: int, b, stride_b: int, kb: int, out, out_scale) -> bool:
+    """Run csrc/quantize_rows.cu when it applies (see :mod:`.csrc`); False leaves the rows to Triton."""
+    per_vector = 16 // a.element_size()
+    shape = csrc.row_launch(ka + kb, a.dtype)
+    if (shape is None or ka % per_vector or kb % per_vector or stride_a % per_vector or stride_b % per_vector
+            or not csrc.aligned(a, b, out)):
         return False
     nv, threads = shape
-    kern = csrc.kernel("quantize_rows", f"quantize_rows_{csrc.DTYPE_NAMES[x.dtype]}_{nv}", x.device)
+    kern = csrc.kernel("quantize_rows", f"quantize_rows_{csrc.DTYPE_NAMES[a.dtype]}_{nv}", a.device)
     if kern is None:
         return False
-    csrc.launch(kern, x.device, x.numel() // k, threads, x, out, out_scale, np.int32(k), np.int64(stride))
+    csrc.launch(kern, a.device, out.numel() // (ka + kb), threads, a, np.int64(stride_a), np.int32(ka), b,
+                np.int64(stride_b), np.int32(kb), out, out_scale)
     return True
 
 
@@ -116,4 +174,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, out_scale
 
 
-__all__ = ["quantize_rows", "quantize_rows_kernel"]
+def quantize_rows_cat(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.ops.diffc.quantize_rows_cat``: a (..., Ka), b (..., Kb) -> (fp8 (..., Ka + Kb), (rows, 1) scales)."""
+    out = torch.empty(*a.shape[:-1], a.shape[-1] + b.shape[-1], dtype=FP8, device=a.device)
+    out_scale = torch.empty(out.numel() // max(1, out.shape[-1]), 1, dtype=torch.float32, device=a.device)
+    torch.ops.diffc.quantize_rows_cat(a, b, out, out_scale)
+    return out, out_scale
+
+
+__all__ = ["quantize_rows", "quantize_rows_cat", "quantize_rows_kernel"]

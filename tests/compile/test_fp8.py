@@ -212,6 +212,10 @@ def _compile(name: str, **options):
     return report, graphs, unwrap(out), unwrap(eager)
 
 
+# quantizations read from a concatenation's two parts per region (diffc.quantize_rows_cat)
+EXPECTED_CONCAT = {"flux": {"transformer_blocks": 0, "single_transformer_blocks": 1}, "wan": {"blocks": 0}}
+
+
 @pytest.mark.parametrize("name", ["flux", "wan"])
 def test_standalone_quantization_lowers_the_unfused_linears(monkeypatch, name):
     """Where the cost model says it pays (forced here: tiny shapes never pay), each linear whose input no fused
@@ -220,16 +224,29 @@ def test_standalone_quantization_lowers_the_unfused_linears(monkeypatch, name):
 
     monkeypatch.setattr(lowering, "standalone_pays", lambda rows, k, outs, in_bytes=2: True)
     report, graphs, out, eager = _compile(name)
+    cats = {}
     for region in report.regions:
         lowered, kept = EXPECTED[name][region.region]
         assert {k.removesuffix(".weight") for k in region.fp8["rel_err"]} == lowered | kept
         assert region.fp8["kept_bf16"] == {} and region.fp8["quantized_standalone"] > 0
         (graph,) = graphs[region.region].values()
         targets = [str(n.target) for n in graph.program.graph_module.graph.nodes if n.op == "call_function"]
-        assert targets.count("diffc.quantize_rows.default") == region.fp8["quantized_standalone"]
+        concat = EXPECTED_CONCAT[name][region.region]  # FLUX's single block: proj_out reads cat([attn, mlp])
+        assert region.fp8["quantized_concat"] == concat
+        assert targets.count("diffc.quantize_rows_cat.default") == concat
+        cats[region.region] = targets.count("aten.cat.default")
+        assert targets.count("diffc.quantize_rows.default") == region.fp8["quantized_standalone"] - concat
         assert targets.count("aten._scaled_mm.default") == len(lowered | kept)
         assert "aten.linear.default" not in targets
         assert all(0 < e < 0.1 for e in region.fp8["rel_err"].values())
+    assert _psnr(out, eager) >= MIN_PSNR_DB
+
+    report, graphs, out, _ = _compile(name, disable=("fp8_quantize_concat",))  # the concatenation written, then read
+    for region in report.regions:
+        (graph,) = graphs[region.region].values()
+        targets = [str(n.target) for n in graph.program.graph_module.graph.nodes if n.op == "call_function"]
+        assert region.fp8["quantized_concat"] == 0 and "diffc.quantize_rows_cat.default" not in targets
+        assert targets.count("aten.cat.default") == cats[region.region] + EXPECTED_CONCAT[name][region.region]
     assert _psnr(out, eager) >= MIN_PSNR_DB
 
     report, _, _, _ = _compile(name, disable=("fp8_quantize_rows",))

@@ -113,6 +113,36 @@ def test_quantize_rows_refuses_bad_input():
     assert exc.value.field == "out"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("widths", [(24, 80), (3, 5), (64, 1)], ids=["24+80", "3+5", "64+1"])
+def test_quantize_rows_cat_quantizes_the_concatenation(counters, widths, dtype):
+    """Rows of ``cat([a, b], -1)`` with one scale over both parts; a as a row-strided view (an attention output
+    slice), b contiguous (production: FLUX.1's single block, 3072 + 12,288 over 4608 tokens)."""
+    rows = torch.logspace(-2, 2, 6).reshape(2, 3, 1)
+    a = (randn(2, 3, widths[0] + 8, dtype=torch.float32, seed=7) * rows).to(dtype)[..., 4 : 4 + widths[0]]
+    b = (randn(2, 3, widths[1], dtype=torch.float32, seed=8) * 3 * rows).to(dtype)
+    out, out_scale = fp8_out((2, 3, sum(widths)))
+    torch.ops.diffc.quantize_rows_cat(a, b, out, out_scale)
+    assert_kernel_ran()
+    assert_quantized_like(out, out_scale, torch.cat([a, b], -1))
+    single, single_scale = fp8_out((2, 3, sum(widths)))
+    torch.ops.diffc.quantize_rows(torch.cat([a, b], -1), single, single_scale)
+    assert torch.equal(out_scale, single_scale) and torch.equal(out.view(torch.uint8), single.view(torch.uint8))
+
+
+def test_quantize_rows_cat_refuses_bad_input():
+    a, b = randn(3, 8, dtype=torch.bfloat16), randn(3, 4, dtype=torch.bfloat16)
+    with pytest.raises(InvalidArgumentError) as exc:
+        torch.ops.diffc.quantize_rows_cat(a, randn(4, 4, dtype=torch.bfloat16), *fp8_out((3, 12)))
+    assert exc.value.field == "b" and "leading dimensions" in str(exc.value)
+    with pytest.raises(InvalidArgumentError) as exc:
+        torch.ops.diffc.quantize_rows_cat(a, b.float(), *fp8_out((3, 12)))
+    assert exc.value.field == "b" and "dtype" in str(exc.value)
+    with pytest.raises(InvalidArgumentError) as exc:
+        torch.ops.diffc.quantize_rows_cat(a, b, *fp8_out((3, 8)))
+    assert exc.value.field == "out"
+
+
 def test_zero_rows_get_a_finite_scale(counters):
     x = torch.zeros(1, 3, 32, dtype=torch.bfloat16)
     out, out_scale = fp8_out((1, 3, 32))
@@ -137,6 +167,8 @@ def test_opcheck(counters):
                           test_utils=OPCHECKS)
     torch.library.opcheck(torch.ops.diffc.gelu_tanh_fp8.default, (x, None, out, out_scale), test_utils=OPCHECKS)
     torch.library.opcheck(torch.ops.diffc.quantize_rows.default, (x, out, out_scale), test_utils=OPCHECKS)
+    torch.library.opcheck(torch.ops.diffc.quantize_rows_cat.default, (x[..., :8], x[..., 8:], out, out_scale),
+                          test_utils=OPCHECKS)
 
 
 @pytest.mark.parametrize("field,out,out_scale,fragment", [

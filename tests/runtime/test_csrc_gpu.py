@@ -25,8 +25,9 @@ def _outs(rows: int, width: int):
 
 
 def _run(op, *args, csrc_on: bool):
-    """The op's outputs and whether it ran the csrc kernel."""
-    rows, width = args[0].shape[0], args[0].shape[-1]
+    """The op's outputs and whether it ran the csrc kernel (quantize_rows_cat: the width of both parts)."""
+    rows = args[0].shape[0]
+    width = args[0].shape[-1] + (args[1].shape[-1] if op is torch.ops.diffc.quantize_rows_cat else 0)
     out, scale = _outs(rows, width)
     COUNTERS.reset()
     if csrc_on:
@@ -57,6 +58,21 @@ def test_quantize_rows_cuda_equals_triton_and_reference(shape, dtype):
         rq, rs = quantize_rows_ref(x)
         torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
         assert float((q.float() != rq.float()).float().mean()) <= 1e-3  # x / scale in another rounding order
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("widths", [(3072, 12288), (8, 4096), (4096, 8)], ids=str)
+def test_quantize_rows_cat_cuda_equals_triton_and_its_single_form(widths, dtype):
+    """FLUX.1's single block: the attention output (a strided slice here) and the MLP activation, one row scale."""
+    ka, kb = widths
+    a = _randn(37, 2 * ka, dtype=dtype, seed=ka)[:, ka:]
+    b = _randn(37, kb, dtype=dtype, seed=kb, scale=0.5)
+    q, s, launched = _run(torch.ops.diffc.quantize_rows_cat, a, b, csrc_on=True)
+    tq, ts, _ = _run(torch.ops.diffc.quantize_rows_cat, a, b, csrc_on=False)
+    sq, ss, _ = _run(torch.ops.diffc.quantize_rows, torch.cat([a, b], -1), csrc_on=True)
+    assert launched == 1
+    for other_q, other_s in ((tq, ts), (sq, ss)):
+        assert torch.equal(s, other_s) and torch.equal(q.view(torch.uint8), other_q.view(torch.uint8))
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
