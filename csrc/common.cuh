@@ -85,5 +85,12 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
   return warp_max(lane < warps ? smem[lane] : 0.0f);
 }
 
+// tanh-GELU as the Triton kernels compute it: v * sigmoid(2u) = v / (1 + exp(-2u)), u = sqrt(2 / pi) *
+// (v + 0.044715 v^3), with the fast exp and division (ex2.approx, div.full), rounded to T (what a T op stores).
+template <typename T> __device__ __forceinline__ T gelu_tanh(float v) {
+  const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+  return from_float<T>(__fdividef(v, 1.0f + __expf(-2.0f * u)));
+}
+
 #define FP8_MAX 448.0f
 #define SCALE_FLOOR 1e-12f

@@ -1,7 +1,6 @@
 // diffc::gelu_tanh_fp8 (diffc/ops/gelu_tanh.py): tanh-GELU of x + bias, rounded to x's dtype (what the
 // bf16 op would store), quantized rowwise to float8_e4m3 (scale = max(amax, 1e-12) / 448).
-// gelu_tanh(v) = v * sigmoid(2u) = v / (1 + exp(-2u)), u = sqrt(2 / pi) * (v + 0.044715 v^3), with the
-// fast exp and divisions Triton's kernel uses. One block per row; thread t computes the row's 16-byte
+// gelu_tanh (common.cuh) and the scale's divisions are the fast ones Triton's kernel uses. One block per row; thread t computes the row's 16-byte
 // vectors t, t + blockDim.x, ... (NV of them) and keeps the rounded results packed until the store.
 #include "common.cuh"
 
@@ -32,8 +31,7 @@ __device__ __forceinline__ void gelu_tanh_fp8(const T* __restrict__ x, const T* 
       for (int j = 0; j < V; ++j) {
         float v = to_float(a[i].v[j]);
         if constexpr (HAS_BIAS) v += to_float(b.v[j]);
-        const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-        const T y = from_float<T>(__fdividef(v, 1.0f + __expf(-2.0f * u)));
+        const T y = gelu_tanh<T>(v);
         a[i].v[j] = y;
         amax = fmaxf(amax, fabsf(to_float(y)));
       }

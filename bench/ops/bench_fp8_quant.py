@@ -3,7 +3,8 @@
 - ``quantize_rows``: an activation no fused kernel produces, rowwise (FLUX.1's single-block ``proj_out``
   input: 4608 tokens x 15,360; Wan2.1's attention output: 32,760 x 1536 / 5120);
 - ``quantize_rows_cat``: the same over ``cat([a, b], -1)`` without writing it (FLUX.1's single-block ``proj_out``
-  input: attention output 3072 + MLP 12,288 over 4608 tokens);
+  input: attention output 3072 + MLP 12,288 over 4608 tokens); ``quantize_rows_cat_gelu``: with b the MLP's
+  ``gelu_tanh(h + bias)``, computed on the way;
 - ``quantize_heads``: attention's v per (batch item, head) (Wan2.1-1.3B 12 x 128, -14B 40 x 128, FLUX.1 24 x 128);
 - ``qk_fp8_head_scales``: q's and k's static scales from their norm weights (one tiny launch per attention);
 - ``gelu_tanh_fp8``: the feed-forward's bias + tanh-GELU quantized rowwise (FLUX.1 4096 x 12,288; Wan2.1
@@ -23,6 +24,7 @@ from bench.ops import Case, nbytes, norm_weight, randn, run
 from diffc.ops.attention_fp8 import quantize_heads_ref
 from diffc.ops.fp8 import FP8, quantize_rows_ref
 from diffc.ops.gelu_tanh import gelu_tanh_ref
+from diffc.ops.quantize_rows import quantize_rows_cat_gelu_ref
 from diffc.ops.qk_norm_rope_fp8 import qk_fp8_scales
 
 ROWS = {  # name: (tokens, width)
@@ -74,6 +76,14 @@ def cases(dtype: torch.dtype, device="cuda") -> list[Case]:
 
         out.append(Case(f"rows-cat {name}", lambda a, b: quantize_rows_ref(torch.cat([a, b], -1)), (a, b), cat, outs,
                         nbytes(a, b, *outs)))
+        bias = randn(kb, dtype=dtype, device=device, seed=11)
+        outs = (torch.empty(1, tokens, ka + kb, dtype=FP8, device=device), torch.empty(tokens, 1, device=device))
+
+        def cat_gelu(a=a, h=b, bias=bias, outs=outs):
+            torch.ops.diffc.quantize_rows_cat_gelu(a, h, bias, *outs)
+
+        out.append(Case(f"rows-cat-gelu {name}", quantize_rows_cat_gelu_ref, (a, b, bias), cat_gelu, outs,
+                        nbytes(a, b, bias, *outs)))
     for name, (tokens, hidden) in GELU.items():
         x = randn(1, tokens, hidden, dtype=dtype, device=device, seed=3)
         bias = randn(hidden, dtype=dtype, device=device, seed=4)

@@ -20,7 +20,9 @@ its 15,360-wide concatenation, the attention output projections over the image t
 ones (the text tokens' output projection, the modulation MLPs) stay bf16. Where that input is a
 concatenation of two activations along the last dimension read by nothing else (FLUX's single block:
 attention output and MLP activation), ``diffc.quantize_rows_cat`` quantizes the two parts and the
-concatenation is never written (``concat``; ``--disable fp8_quantize_concat`` keeps the copy). (Quantizing as separate torch
+concatenation is never written (``concat``; ``--disable fp8_quantize_concat`` keeps the copy); where the
+second part is a ``diffc.gelu_tanh`` read by nothing else, ``diffc.quantize_rows_cat_gelu`` computes that
+GELU in the same pass (``concat_gelu``). (Quantizing as separate torch
 ops, ``abs``/``amax``/``div``/``to``, costs as much as fp8 saves: ``GPU-NOTES.md``.) :class:`Fp8Lowering`
 lists every bf16 site with the reason. Only bf16 models are lowered (``_scaled_mm``'s rowwise mode writes
 bf16).
@@ -77,7 +79,8 @@ class Fp8Lowering:
     kept: dict[str, str] = dataclasses.field(default_factory=dict)
     producers: int = 0
     standalone: int = 0  # activations quantized by diffc.quantize_rows (their linears are in ``sites``)
-    concat: int = 0  # of those, concatenations quantized from their two parts (diffc.quantize_rows_cat)
+    concat: int = 0  # of those, concatenations quantized from their two parts (diffc.quantize_rows_cat[_gelu])
+    concat_gelu: int = 0  # of those, with the GELU producing the second part folded in (quantize_rows_cat_gelu)
     before: fx.GraphModule | None = None  # the graph before lowering (for the quality report)
     # fp8 attention (diffc/compile/fp8_attention.py): site -> (bf16 sdpa node, fp8 attention node), or the reason
     attention_sites: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
@@ -205,16 +208,26 @@ class Fp8LinearPass:
             with graph.inserting_before(eligible[0]):  # new_empty: contiguous, on the input's device
                 q = graph.call_function(aten.new_empty.default, (like, list(val.shape)), {"dtype": FP8})
                 qs = graph.call_function(aten.new_empty.default, (like, [rows, 1]), {"dtype": torch.float32})
+                gelu = _gelu_producer(parts[1], src) if parts is not None else None
                 if parts is None:
                     fused = graph.call_function(torch.ops.diffc.quantize_rows.default, (src, q, qs))
-                else:
+                elif gelu is None:
                     fused = graph.call_function(torch.ops.diffc.quantize_rows_cat.default, (*parts, q, qs))
-                    result.concat += 1
+                else:
+                    h, bias = gelu.args[0], gelu.args[1]
+                    fused = graph.call_function(torch.ops.diffc.quantize_rows_cat_gelu.default, (parts[0], h, bias, q, qs))
+                result.concat += parts is not None
+                result.concat_gelu += gelu is not None
             for n in (q, qs, fused):
                 _propagate_val(n)
             for lin in eligible:
                 result.kept.pop(_weight_name(lin.args[1], names), None)
             Fp8LinearPass._replace_linears(graph, q, qs, list(val.shape), eligible, names, buffers, result)
+            if gelu is not None:  # its output was read by the concatenation only, which has no reader left
+                out = gelu.args[2]
+                graph.erase_node(src)
+                graph.erase_node(gelu)
+                graph.erase_node(out)
             result.standalone += 1
 
     @staticmethod
@@ -282,6 +295,22 @@ def _concat_parts(src: fx.Node, readers: list[fx.Node]) -> tuple[fx.Node, fx.Nod
                 or (p.shape[-1] > 1 and p.stride(-1) != 1)):
             return None
     return tensors[0], tensors[1]
+
+
+def _gelu_producer(part: fx.Node, concat: fx.Node) -> fx.Node | None:
+    """The ``diffc.gelu_tanh(h, bias, part)`` node that writes ``part``, when ``part`` is its own ``empty_like``
+    buffer read by nothing but that op and ``concat``; else None."""
+    writers = [u for u in part.users if u is not concat]
+    if (part.op != "call_function" or part.target != aten.empty_like.default or len(writers) != 1
+            or writers[0].target != torch.ops.diffc.gelu_tanh.default or writers[0].args[2] is not part
+            or writers[0].users):
+        return None
+    h = writers[0].args[0]
+    val, h_val = part.meta.get("val"), getattr(h, "meta", {}).get("val")
+    if (not isinstance(h_val, torch.Tensor) or h_val.shape != val.shape or h_val.dtype != val.dtype
+            or (h_val.shape[-1] > 1 and h_val.stride(-1) != 1)):
+        return None
+    return writers[0]
 
 
 _RESHAPES = ("view", "reshape", "flatten", "contiguous", "transpose", "permute", "clone", "_unsafe_view", "to.dtype",
@@ -363,6 +392,7 @@ def lowering_report(lowering: Fp8Lowering, errors: dict[str, float]) -> dict[str
     linears = {k: v for k, v in errors.items() if k not in attention}
     return {"linears_fp8": lowering.replaced, "producers_fp8": lowering.producers,
             "quantized_standalone": lowering.standalone, "quantized_concat": lowering.concat,
+            "quantized_concat_gelu": lowering.concat_gelu,
             "linears_bf16": len(lowering.kept), "rel_err": linears, "max_rel_err": max(linears.values(), default=None),
             "kept_bf16": dict(sorted(lowering.kept.items())),
             "attention_fp8": len(lowering.attention_sites),

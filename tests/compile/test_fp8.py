@@ -232,8 +232,9 @@ def test_standalone_quantization_lowers_the_unfused_linears(monkeypatch, name):
         (graph,) = graphs[region.region].values()
         targets = [str(n.target) for n in graph.program.graph_module.graph.nodes if n.op == "call_function"]
         concat = EXPECTED_CONCAT[name][region.region]  # FLUX's single block: proj_out reads cat([attn, mlp])
-        assert region.fp8["quantized_concat"] == concat
-        assert targets.count("diffc.quantize_rows_cat.default") == concat
+        assert region.fp8["quantized_concat"] == concat and region.fp8["quantized_concat_gelu"] == concat
+        assert targets.count("diffc.quantize_rows_cat_gelu.default") == concat  # its MLP's GELU folded in
+        assert targets.count("diffc.gelu_tanh.default") == 0
         cats[region.region] = targets.count("aten.cat.default")
         assert targets.count("diffc.quantize_rows.default") == region.fp8["quantized_standalone"] - concat
         assert targets.count("aten._scaled_mm.default") == len(lowered | kept)

@@ -130,6 +130,24 @@ def test_quantize_rows_cat_quantizes_the_concatenation(counters, widths, dtype):
     assert torch.equal(out_scale, single_scale) and torch.equal(out.view(torch.uint8), single.view(torch.uint8))
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_quantize_rows_cat_gelu_computes_the_mlp_on_the_way(counters, dtype, bias):
+    """``cat([a, gelu_tanh(h + bias)])`` quantized: what diffc::gelu_tanh then quantize_rows_cat give."""
+    a = randn(2, 5, 24, dtype=dtype, seed=9, scale=2.0)
+    h = randn(2, 5, 40, dtype=dtype, seed=10, scale=3.0)
+    b = randn(40, dtype=dtype, seed=11) if bias else None
+    out, out_scale = fp8_out((2, 5, 64))
+    torch.ops.diffc.quantize_rows_cat_gelu(a, h, b, out, out_scale)
+    assert_kernel_ran()
+    g = torch.empty_like(h)
+    torch.ops.diffc.gelu_tanh(h, b, g)
+    two, two_scale = fp8_out((2, 5, 64))
+    torch.ops.diffc.quantize_rows_cat(a, g, two, two_scale)
+    assert torch.equal(out_scale, two_scale) and torch.equal(out.view(torch.uint8), two.view(torch.uint8))
+    assert_quantized_like(out, out_scale, torch.cat([a, gelu_tanh_ref(h, b)], -1))
+
+
 def test_quantize_rows_cat_refuses_bad_input():
     a, b = randn(3, 8, dtype=torch.bfloat16), randn(3, 4, dtype=torch.bfloat16)
     with pytest.raises(InvalidArgumentError) as exc:
@@ -141,6 +159,12 @@ def test_quantize_rows_cat_refuses_bad_input():
     with pytest.raises(InvalidArgumentError) as exc:
         torch.ops.diffc.quantize_rows_cat(a, b, *fp8_out((3, 8)))
     assert exc.value.field == "out"
+    with pytest.raises(InvalidArgumentError) as exc:
+        torch.ops.diffc.quantize_rows_cat_gelu(a, b, randn(5, dtype=torch.bfloat16), *fp8_out((3, 12)))
+    assert exc.value.field == "bias" and "(4,)" in str(exc.value)
+    with pytest.raises(InvalidArgumentError) as exc:
+        torch.ops.diffc.quantize_rows_cat_gelu(a, b[:2], None, *fp8_out((3, 12)))
+    assert exc.value.field == "h"
 
 
 def test_zero_rows_get_a_finite_scale(counters):
@@ -169,6 +193,8 @@ def test_opcheck(counters):
     torch.library.opcheck(torch.ops.diffc.quantize_rows.default, (x, out, out_scale), test_utils=OPCHECKS)
     torch.library.opcheck(torch.ops.diffc.quantize_rows_cat.default, (x[..., :8], x[..., 8:], out, out_scale),
                           test_utils=OPCHECKS)
+    torch.library.opcheck(torch.ops.diffc.quantize_rows_cat_gelu.default,
+                          (x[..., :8], x[..., 8:], randn(24, dtype=torch.bfloat16), out, out_scale), test_utils=OPCHECKS)
 
 
 @pytest.mark.parametrize("field,out,out_scale,fragment", [

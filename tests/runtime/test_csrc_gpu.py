@@ -27,7 +27,8 @@ def _outs(rows: int, width: int):
 def _run(op, *args, csrc_on: bool):
     """The op's outputs and whether it ran the csrc kernel (quantize_rows_cat: the width of both parts)."""
     rows = args[0].shape[0]
-    width = args[0].shape[-1] + (args[1].shape[-1] if op is torch.ops.diffc.quantize_rows_cat else 0)
+    two_parts = op in (torch.ops.diffc.quantize_rows_cat, torch.ops.diffc.quantize_rows_cat_gelu)
+    width = args[0].shape[-1] + (args[1].shape[-1] if two_parts else 0)
     out, scale = _outs(rows, width)
     COUNTERS.reset()
     if csrc_on:
@@ -73,6 +74,24 @@ def test_quantize_rows_cat_cuda_equals_triton_and_its_single_form(widths, dtype)
     assert launched == 1
     for other_q, other_s in ((tq, ts), (sq, ss)):
         assert torch.equal(s, other_s) and torch.equal(q.view(torch.uint8), other_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_rows_cat_gelu_cuda_matches_triton_and_the_two_ops(dtype, bias):
+    """FLUX.1's single block with its MLP's GELU folded in: CUDA against Triton and against gelu_tanh then cat."""
+    a = _randn(37, 6144, dtype=dtype, seed=1)[:, 3072:]
+    h = _randn(37, 12288, dtype=dtype, seed=2)
+    b = _randn(12288, dtype=dtype, seed=3, scale=1.0) if bias else None
+    q, s, launched = _run(torch.ops.diffc.quantize_rows_cat_gelu, a, h, b, csrc_on=True)
+    tq, ts, _ = _run(torch.ops.diffc.quantize_rows_cat_gelu, a, h, b, csrc_on=False)
+    g = torch.empty_like(h)
+    torch.ops.diffc.gelu_tanh(h, b, g)
+    gq, gs, _ = _run(torch.ops.diffc.quantize_rows_cat, a, g, csrc_on=True)
+    assert launched == 1
+    for other_q, other_s in ((tq, ts), (gq, gs)):  # the fast exp may round a GELU value differently
+        torch.testing.assert_close(s, other_s, rtol=2 ** -7, atol=0)
+        assert float((q.view(torch.uint8) != other_q.view(torch.uint8)).float().mean()) <= 2e-3
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
