@@ -29,7 +29,9 @@ CATEGORIES = (
     ("conv", re.compile(r"fprop_implicit_gemm|dgrad|conv|nchwToNhwc|nhwcToNchw", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|cudnn|sdpa|softmax", re.I)),
     ("gemm", re.compile(r"gemm|cutlass|sm90_xmma|nvjet|matmul|cublas", re.I)),
-    ("diffc triton", re.compile(r"_kernel$|qk_norm_rope|adaln|gated_residual|gelu_tanh|timestep|silu_mul", re.I)),
+    # diffc's fused ops: Triton kernels (``*_kernel``) and the CUDA C++ ones of csrc/ (``<op>_<dtype>_<n>``)
+    ("diffc triton", re.compile(r"_kernel$|qk_norm_rope|adaln|gated_residual|gelu_tanh|timestep|silu_mul|"
+                                r"quantize_rows", re.I)),
     ("copy/cat", re.compile(r"copy|cat|elementwise_kernel_with_index|CatArray", re.I)),
 )
 
