@@ -55,6 +55,7 @@ def profile(fn, steps: int) -> dict[str, Any]:
         torch.cuda.synchronize()
     per_cat: dict[str, float] = {}
     kernels: dict[str, float] = {}
+    idle = timeline(prof, steps)
     for evt in prof.key_averages():
         if evt.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -63,7 +64,28 @@ def profile(fn, steps: int) -> dict[str, Any]:
         kernels[evt.key] = kernels.get(evt.key, 0.0) + ms
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
     return {"total_ms": sum(per_cat.values()), "by_category_ms": dict(sorted(per_cat.items(), key=lambda kv: -kv[1])),
-            "top_kernels_ms": dict(top)}
+            "top_kernels_ms": dict(top), **idle}
+
+
+def timeline(prof, steps: int) -> dict[str, Any]:
+    """The GPU's time line over the profiled forwards: ``span_ms`` (first kernel start to last kernel end) and
+    ``idle_ms`` (no kernel running) per forward, and ``idle_between_ms``: the idle time per forward after each
+    kind of kernel before the next one, the largest 15 (``"previous -> next"``)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and getattr(e, "time_range", None) is not None)
+    if not spans:
+        return {}
+    between: dict[str, float] = {}
+    idle, end = 0.0, spans[0][1]
+    for (start, stop, name), (_, _, previous) in zip(spans[1:], spans):
+        if start > end:  # microseconds
+            idle += start - end
+            key = f"{previous[:60]} -> {name[:60]}"
+            between[key] = between.get(key, 0.0) + (start - end) / 1000 / steps
+        end = max(end, stop)
+    top = sorted(between.items(), key=lambda kv: -kv[1])[:15]
+    return {"span_ms": (end - spans[0][0]) / 1000 / steps, "idle_ms": idle / 1000 / steps,
+            "idle_between_ms": dict(top)}
 
 
 def top_kernel_lines(top: dict[str, float], title: str) -> list[str]:
@@ -86,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tier", default="fast", choices=("fast", "fp8"), help="the compiled quality tier to profile")
     p.add_argument("--skip-eager", action="store_true", help="profile the compiled forward only")
     p.add_argument("--disable", default="", help="comma list of compile passes to leave out")
+    p.add_argument("--graphs", action="store_true", help="replay the compiled forward from a CUDA graph, as the "
+                                                         "runtime does (default: launched one kernel at a time)")
     args = p.parse_args(argv)
     quiet_libraries()
     from diffc.compile.pipeline import compile_dit
@@ -107,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         result["eager"] = empty if args.skip_eager else profile(lambda: native(**inputs), args.steps)
         graphs: dict = {}
         disable = tuple(d for d in args.disable.split(",") if d)
-        stack = DiTStack("transformer", native, device, cuda_graphs=False)
+        stack = DiTStack("transformer", native, device, cuda_graphs=args.graphs)
         stack.set_weight_quantization("fp8" if args.tier == "fp8" else None)
         with stack.bare() as eager:
             report = compile_dit(eager, inputs, graphs=graphs, device=device, dtype=dtype, tier=args.tier,
@@ -118,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         result["compiled"] = profile(lambda: stack(**inputs), args.steps)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = ("" if args.tier == "fast" else f"-{args.tier}") + "".join(f"-no-{d}" for d in disable)
+    suffix = (("" if args.tier == "fast" else f"-{args.tier}") + "".join(f"-no-{d}" for d in disable)
+              + ("-graphs" if args.graphs else ""))
     stem = out / f"{gpu_slug(result['env']['gpu'])}-{result['env']['date']}-{spec.name}{suffix}-profile"
     lines = [f"# {spec.name} DiT forward, CUDA kernel time per category (ms per forward)", "",
              f"{result['env']['gpu']}, torch {result['env']['torch']}; {result['flops_tflop']:.1f} TFLOP per forward; "
@@ -129,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {c} | {result['eager']['by_category_ms'].get(c, 0):.1f} | "
                      f"{result['compiled']['by_category_ms'].get(c, 0):.1f} |")
     lines.append(f"| total | {result['eager']['total_ms']:.1f} | {result['compiled']['total_ms']:.1f} |")
+    compiled = result["compiled"]
+    if "span_ms" in compiled:
+        lines += ["", f"Compiled forward{' (CUDA graph replay)' if args.graphs else ''}: {compiled['span_ms']:.1f} ms "
+                      f"from the first kernel's start to the last one's end, {compiled['idle_ms']:.1f} ms of it with no "
+                      "kernel running. Idle time per forward after a kernel, before the next:", ""]
+        lines += [f"- {ms:.2f} {pair}" for pair, ms in compiled["idle_between_ms"].items()]
     lines += top_kernel_lines(result["compiled"]["top_kernels_ms"], "Top compiled kernels (ms per forward)")
     write_report(stem, result, lines)
     return 0
