@@ -84,7 +84,8 @@ def _make_pass(cls, tier: str):
 
 
 def pass_sources() -> dict[str, str]:
-    """Hash of each pass's and each fused op's source file: an edit to either invalidates artifacts."""
+    """Hash of each pass's and each fused op's source file, and of the CUDA C++ sources of ``csrc/`` the ops
+    run: an edit to any invalidates artifacts."""
     from .. import ops
     from . import artifact as art
 
@@ -97,6 +98,7 @@ def pass_sources() -> dict[str, str]:
     files["fp8_attention"] = [inspect.getsourcefile(Fp8AttentionPass)]
     for name in sorted(ops.registry.REGISTERED):
         files[f"op:{name}"] = [inspect.getsourcefile(ops.registry.REGISTERED[name]._init_fn)]
+    files["csrc"] = sorted(str(p) for p in ops.csrc_sources.source_dir().glob("*.cu*"))  # the ops' CUDA C++ kernels
     return {name: art.sha256_text("".join(Path(p).read_text() for p in sorted(set(paths))))[:16]
             for name, paths in sorted(files.items())}
 

@@ -5,11 +5,12 @@ math), the kernel, the launcher and a functional wrapper, e.g. ``diffc.ops.gelu_
 Compile passes swap the models' unfused sequences for these ops; eager models never call them, except
 the Wan VAEs' fused path (:mod:`.channel_norm`), which a compiled pipeline switches on for its decode.
 :mod:`diffc.ops.registry` describes how an op is declared and dispatched (Triton on CUDA, Triton's
-interpreter on CPU under ``TRITON_INTERPRET=1``, else the torch reference).
+interpreter on CPU under ``TRITON_INTERPRET=1``, else the torch reference); a few ops run a CUDA C++
+kernel of ``csrc/`` on the GPU where it measured faster (:mod:`.csrc`).
 """
 
 from . import (adaln_modulate, attention_fa4, attention_flashinfer, attention_fp8, attention_key_padding,
-               channel_norm, fp8, gated_residual, gelu_tanh, qk_norm_rope, qk_norm_rope_fp8, quantize_rows, rms_norm,
+               channel_norm, csrc, csrc_sources, fp8, gated_residual, gelu_tanh, qk_norm_rope, qk_norm_rope_fp8, quantize_rows, rms_norm,
                silu_mul, timestep_embedding)
 from .registry import COUNTERS, REGISTERED, OpCounters, kernel_runs_on, register_op
 
@@ -26,6 +27,8 @@ __all__ = [
     "attention_fp8",
     "attention_key_padding",
     "channel_norm",
+    "csrc",
+    "csrc_sources",
     "fp8",
     "gated_residual",
     "gelu_tanh",

@@ -126,3 +126,17 @@ def test_cpu_tensors_and_the_switch_leave_the_triton_kernels(monkeypatch, counte
     q, s = torch.empty(3, 64, dtype=torch.float8_e4m3fn), torch.empty(3, 1)
     torch.ops.diffc.quantize_rows(x, q, s)
     assert counters.kernel_launches == 1 and counters.csrc_launches == 0
+
+
+def test_an_edit_to_a_cuda_source_invalidates_compiled_artifacts(tmp_path, monkeypatch):
+    """The artifact's source hashes (``pass_sources``) cover csrc/: a changed kernel is a stale artifact."""
+    from diffc.compile.compiler import pass_sources
+
+    for path in csrc_sources.source_dir().glob("*.cu*"):
+        (tmp_path / path.name).write_text(path.read_text())
+    monkeypatch.setattr(csrc_sources, "source_dir", lambda: tmp_path)
+    before = pass_sources()
+    (tmp_path / "common.cuh").write_text((tmp_path / "common.cuh").read_text() + "\n// edited\n")
+    after = pass_sources()
+    assert after["csrc"] != before["csrc"] and {k: v for k, v in after.items() if k != "csrc"} == {
+        k: v for k, v in before.items() if k != "csrc"}
