@@ -37,7 +37,9 @@ MIN_CAPABILITY = (8, 9)
 _lock = threading.Lock()
 _modules: dict[tuple[str, int], object] = {}  # (stem, device index) -> ObjectCode, or None once it failed
 ORIGINS: dict[tuple[str, int], str] = {}  # (stem, device index) -> where its binary came from, or why it failed
-_streams: dict[int, object] = {}  # torch stream handle -> cuda.core Stream
+_kernels: dict[tuple[str, int, str], object] = {}  # (stem, device index, kernel name) -> cuda.core Kernel
+_streams: dict[int, object] = {}  # torch stream handle -> cuda.core Stream (a wrapper; torch owns the stream)
+_MAX_STREAMS = 64
 _enabled = True
 
 
@@ -129,16 +131,23 @@ def kernel(stem: str, name: str, device: torch.device):
     """The ``extern "C"`` kernel ``name`` of ``csrc/<stem>.cu`` for ``device``, or None (see module doc)."""
     if unavailable(device) is not None:
         return None
-    module = _load(stem, torch.device(device))
-    if module is None:
-        return None
-    return module.get_kernel(name)
+    device = torch.device(device)
+    key = (stem, device.index if device.index is not None else torch.cuda.current_device(), name)
+    found = _kernels.get(key)
+    if found is None:
+        module = _load(stem, device)
+        if module is None:
+            return None
+        found = _kernels[key] = module.get_kernel(name)
+    return found
 
 
 def _stream(device: torch.device):
     handle = torch.cuda.current_stream(device).cuda_stream
     stream = _streams.get(handle)
     if stream is None:
+        if len(_streams) >= _MAX_STREAMS:  # handles of streams torch has since destroyed
+            _streams.clear()
         stream = _streams[handle] = _cuda_core().Stream.from_handle(handle)
     return stream
 
