@@ -108,23 +108,25 @@ def _load(stem: str, device: torch.device):
             return _modules[key]
         module, cc = None, _cuda_core()
         try:
-            cc.Device(index).set_current()  # torch's primary context, made current for cuda.core
-            directory = csrc_sources.source_dir()
-            text = csrc_sources.source(stem, directory)
-            target = arch(device)
-            built = csrc_sources.ahead_of_time(stem, target, directory, text)
-            if built is not None:
-                module = cc.ObjectCode.from_cubin(built.read_bytes(), name=stem)
-                ORIGINS[key] = f"ahead-of-time cubin {built}"
-            else:
-                module = _compile(stem, text, target)
-                ORIGINS[key] = f"NVRTC ({target})"
+            with torch.cuda.device(index):  # torch restores its current device (and context) afterwards
+                module, ORIGINS[key] = _build(stem, cc, index, arch(device))
         except Exception as exc:  # NVRTC's log, a driver error: the Triton kernels serve, said once
             ORIGINS[key] = f"failed: {exc}"
             warnings.warn(f"diffc: csrc/{stem}.cu could not be built or loaded for {device} ({exc}); "
                           f"its ops run their Triton kernels", RuntimeWarning, stacklevel=3)
         _modules[key] = module
         return module
+
+
+def _build(stem: str, cc, index: int, target: str):
+    """(the loaded module of ``csrc/<stem>.cu`` for GPU ``index``, where its binary came from)."""
+    cc.Device(index).set_current()  # torch's primary context, made current for cuda.core
+    directory = csrc_sources.source_dir()
+    text = csrc_sources.source(stem, directory)
+    built = csrc_sources.ahead_of_time(stem, target, directory, text)
+    if built is not None:
+        return cc.ObjectCode.from_cubin(built.read_bytes(), name=stem), f"ahead-of-time cubin {built}"
+    return _compile(stem, text, target), f"NVRTC ({target})"
 
 
 def kernel(stem: str, name: str, device: torch.device):
