@@ -33,8 +33,6 @@ template <> __device__ __forceinline__ f16 from_float<f16>(float f) {
   return r;
 }
 
-// The value a tensor of dtype T would store: float32 rounded to T and back.
-template <typename T> __device__ __forceinline__ float round_to(float f) { return to_float(from_float<T>(f)); }
 
 // 16 bytes of T: the unit of every global load (one 128-bit transaction per thread).
 template <typename T> struct Vec {
@@ -85,6 +83,36 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
   return warp_max(lane < warps ? smem[lane] : 0.0f);
 }
 
+
+#define FP8_MAX 448.0f
+#define SCALE_FLOOR 1e-12f
+
+// The end of every rowwise fp8 kernel (one block per row): the row's scale max(amax, 1e-12) / 448 from each
+// thread's amax, the thread's vectors r[i] (vector threadIdx.x + i * blockDim.x of the row, those < vectors)
+// quantized into out_row, the scale into *scale_out. BY_INVERSE: q = x * (1 / scale), else q = x / scale; the
+// divisions are the fast ones (div.full.f32), so each kernel computes what its Triton twin does.
+template <bool BY_INVERSE, typename T, int NV>
+__device__ __forceinline__ void store_row_fp8(const Vec<T> (&r)[NV], int vectors, float amax, float* smem,
+                                              u8* out_row, float* scale_out) {
+  constexpr int V = Vec<T>::N;
+  const float s = __fdividef(fmaxf(block_max(amax, smem), SCALE_FLOOR), FP8_MAX);
+  const float inv = __fdividef(1.0f, s);
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    if (c < vectors) {
+      float q[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float x = to_float(r[i].v[j]);
+        q[j] = fminf(fmaxf(BY_INVERSE ? x * inv : __fdividef(x, s), -FP8_MAX), FP8_MAX);
+      }
+      store_fp8<V>(out_row + (i64)c * V, q);
+    }
+  }
+  if (threadIdx.x == 0) *scale_out = s;
+}
+
 // tanh-GELU as the Triton kernels compute it: v * sigmoid(2u) = v / (1 + exp(-2u)), u = sqrt(2 / pi) *
 // (v + 0.044715 v^3), with the fast exp and division (ex2.approx, div.full), rounded to T (what a T op stores).
 template <typename T> __device__ __forceinline__ T gelu_tanh(float v) {
@@ -92,5 +120,3 @@ template <typename T> __device__ __forceinline__ T gelu_tanh(float v) {
   return from_float<T>(__fdividef(v, 1.0f + __expf(-2.0f * u)));
 }
 
-#define FP8_MAX 448.0f
-#define SCALE_FLOOR 1e-12f

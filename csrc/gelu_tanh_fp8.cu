@@ -1,7 +1,8 @@
 // diffc::gelu_tanh_fp8 (diffc/ops/gelu_tanh.py): tanh-GELU of x + bias, rounded to x's dtype (what the
 // bf16 op would store), quantized rowwise to float8_e4m3 (scale = max(amax, 1e-12) / 448).
-// gelu_tanh (common.cuh) and the scale's divisions are the fast ones Triton's kernel uses. One block per row; thread t computes the row's 16-byte
-// vectors t, t + blockDim.x, ... (NV of them) and keeps the rounded results packed until the store.
+// gelu_tanh (common.cuh) and the scale's divisions are the fast ones Triton's kernel uses. One block per
+// row; thread t computes the row's 16-byte vectors t, t + blockDim.x, ... (NV of them) and keeps the rounded
+// results packed until the store.
 #include "common.cuh"
 
 // x: (rows, N) contiguous; bias: (N,) of T (HAS_BIAS); N % (16 / sizeof(T)) == 0, 16-byte aligned
@@ -37,20 +38,7 @@ __device__ __forceinline__ void gelu_tanh_fp8(const T* __restrict__ x, const T* 
       }
     }
   }
-  const float s = __fdividef(fmaxf(block_max(amax, smem), SCALE_FLOOR), FP8_MAX);
-  const float inv = __fdividef(1.0f, s);
-  u8* orow = out + row * (i64)N;
-#pragma unroll
-  for (int i = 0; i < NV; ++i) {
-    const int c = threadIdx.x + i * blockDim.x;
-    if (c < vectors) {
-      float q[V];
-#pragma unroll
-      for (int j = 0; j < V; ++j) q[j] = fminf(fmaxf(to_float(a[i].v[j]) * inv, -FP8_MAX), FP8_MAX);
-      store_fp8<V>(orow + (i64)c * V, q);
-    }
-  }
-  if (threadIdx.x == 0) scale[row] = s;
+  store_row_fp8<true>(a, vectors, amax, smem, out + row * (i64)N, scale + row);  // q = y * (1 / scale)
 }
 
 #define GELU_FP8(T, NAME, NV, MAX_THREADS)                                                                  \

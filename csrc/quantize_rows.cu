@@ -1,7 +1,9 @@
 // diffc::quantize_rows, quantize_rows_cat and quantize_rows_cat_gelu (diffc/ops/quantize_rows.py): rowwise
 // float8_e4m3 quantization of an activation, or of the concatenation [a | b] of two along their last dimension
-// without writing it, b optionally the tanh-GELU of h + bias (GELU_B: FLUX.1's single-block MLP). scale = max(amax(row), 1e-12) / 448; q = clamp(x / scale, -448, 448) rounded to nearest even;
-// the two divisions are the fast ones (div.full.f32) Triton's kernel uses, so both give the same bits.
+// without writing it, b optionally the tanh-GELU of h + bias (GELU_B: FLUX.1's single-block MLP).
+// scale = max(amax(row), 1e-12) / 448; q = clamp(x / scale, -448, 448) rounded to nearest even; the two
+// divisions are the fast ones (div.full.f32) Triton's kernel uses, so both give the same bits
+// (store_row_fp8, common.cuh).
 // One block per row; thread t holds the row's 16-byte vectors t, t + blockDim.x, ... (NV of them), packed
 // in registers from the load to the store, so the row is read once.
 #include "common.cuh"
@@ -47,19 +49,7 @@ __device__ __forceinline__ void quantize_rows(const T* __restrict__ a, i64 strid
       for (int j = 0; j < V; ++j) amax = fmaxf(amax, fabsf(to_float(r[i].v[j])));
     }
   }
-  const float s = __fdividef(fmaxf(block_max(amax, smem), SCALE_FLOOR), FP8_MAX);
-  u8* orow = out + row * (i64)(KA + KB);
-#pragma unroll
-  for (int i = 0; i < NV; ++i) {
-    const int c = threadIdx.x + i * blockDim.x;
-    if (c < vectors) {
-      float q[V];
-#pragma unroll
-      for (int j = 0; j < V; ++j) q[j] = fminf(fmaxf(__fdividef(to_float(r[i].v[j]), s), -FP8_MAX), FP8_MAX);
-      store_fp8<V>(orow + (i64)c * V, q);
-    }
-  }
-  if (threadIdx.x == 0) scale[row] = s;
+  store_row_fp8<false>(r, vectors, amax, smem, out + row * (i64)(KA + KB), scale + row);
 }
 
 // quantize_rows_<dtype>_<NV> (b as it is) and quantize_rows_gelu_<dtype>_<NV> (b = gelu_tanh(h + bias))
