@@ -215,7 +215,8 @@ class Fp8LinearPass:
                     fused = graph.call_function(torch.ops.diffc.quantize_rows_cat.default, (*parts, q, qs))
                 else:
                     h, bias = gelu.args[0], gelu.args[1]
-                    fused = graph.call_function(torch.ops.diffc.quantize_rows_cat_gelu.default, (parts[0], h, bias, q, qs))
+                    fused = graph.call_function(torch.ops.diffc.quantize_rows_cat_gelu.default,
+                                                (parts[0], h, bias, q, qs))
                 result.concat += parts is not None
                 result.concat_gelu += gelu is not None
             for n in (q, qs, fused):

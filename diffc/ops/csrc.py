@@ -31,7 +31,7 @@ import torch
 
 from ..fileio import cache_dir
 from . import csrc_sources
-from .registry import COUNTERS
+from .registry import COUNTERS, cdiv
 
 MIN_CAPABILITY = (8, 9)
 _lock = threading.Lock()
@@ -189,13 +189,13 @@ def row_launch(width: int, dtype: torch.dtype) -> tuple[int, int] | None:
     (32,768 bfloat16 values)."""
     if dtype not in DTYPE_NAMES or width < 1:
         return None
-    per_vector = 16 // torch.empty((), dtype=dtype).element_size()
+    per_vector = 16 // dtype.itemsize
     if width % per_vector or width // per_vector < MIN_VECTORS:
         return None
     vectors = width // per_vector
     for nv, most in MAX_THREADS.items():
-        threads = -(-(-(-vectors // nv)) // 32) * 32  # whole warps
-        if threads <= min(TARGET_THREADS, most) or (nv == 16 and threads <= most):
+        threads = cdiv(cdiv(vectors, nv), 32) * 32  # whole warps
+        if threads <= min(TARGET_THREADS, most) or (nv == max(MAX_THREADS) and threads <= most):
             return nv, threads
     return None
 

@@ -103,7 +103,8 @@ def _check(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
     expect_same_device({"x": x, "out": out, "out_scale": out_scale})
 
 
-def _check_cat(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor, b_field: str = "b") -> None:
+def _check_cat(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor,
+               b_field: str = "b") -> None:
     _check_part("a", a)
     _check_part(b_field, b)
     if b.dtype != a.dtype:
