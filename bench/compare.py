@@ -75,7 +75,8 @@ def _cache_configs() -> list["Config"]:
 
 # The compiler's passes, each left out in one configuration to measure its own contribution.
 ABLATIONS = ("rms_norm", "qk_norm_rope", "adaln_modulate", "gated_residual", "gelu_tanh", "timestep_embedding",
-             "gated_residual_adaln", "modulation_table", "key_padding_attention", "attention")
+             "gated_residual_adaln", "modulation_table", "key_padding_attention", "gemv", "cat_transposed",
+             "attention")
 OPT_IN = ("concat_linear",)  # passes off by default, each measured switched on
 
 # In run order: the eager pair first, so that a run cut short still has diffc against diffusers (this
@@ -92,7 +93,7 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     # the fp8 tier without one of its steps (fp8 attention, the standalone quantization of unfused inputs)
     *(Config(f"diffc-compiled-fp8-no-{name}", "diffc", dit_only=True, on_cpu_by_default=False, base="diffc-compiled",
              setup=lambda e, r, name=name: e.compile(r.inputs, r.wl, tier="fp8", disable=(name,), graphs=True))
-      for name in ("fp8_attention", "fp8_quantize_rows", "fp8_quantize_concat")),
+      for name in ("fp8_attention", "fp8_quantize_rows", "fp8_quantize_concat", "fp8_gemv")),
     *(Config(f"diffc-compiled-no-{name}", "diffc", dit_only=True, on_cpu_by_default=False,
              setup=lambda e, r, name=name: e.compile(r.inputs, r.wl, disable=(name,), graphs=True))
       for name in ABLATIONS),

@@ -40,8 +40,8 @@ def add_parser(sub) -> None:
                         "pays) and fp8 self-attention with flashinfer on Hopper (bf16 models; quality report in "
                         "the log)")
     p.add_argument("--disable", default="", help="comma-separated passes to leave out (for measuring each one; "
-                                                 "fp8_attention, fp8_quantize_rows and fp8_quantize_concat leave "
-                                                 "out fp8 steps)")
+                                                 "fp8_attention, fp8_quantize_rows, fp8_quantize_concat and "
+                                                 "fp8_gemv leave out fp8 steps)")
     p.add_argument("--enable", default="", help="comma-separated opt-in passes to run too (concat_linear)")
     p.add_argument("--attention", default="auto",
                    help="attention backend: auto (measure and pick the fastest) or a backend name")

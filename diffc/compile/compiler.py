@@ -55,9 +55,10 @@ class BucketReport:
 
 # Steps of the fp8 tier's lowering that ``disable`` can leave out (no effect outside the tier):
 # ``fp8_quantize_rows`` keeps the linears whose input no fused kernel quantizes in bf16,
-# ``fp8_quantize_concat`` quantizes a concatenation after writing it (not from its parts), ``fp8_attention``
+# ``fp8_quantize_concat`` quantizes a concatenation after writing it (not from its parts), ``fp8_gemv`` keeps
+# the bf16 weights of the few-row linears ``diffc.gemv`` runs (the adaptive norms' projections), ``fp8_attention``
 # keeps attention in bf16.
-FP8_STEPS = ("fp8_quantize_rows", "fp8_quantize_concat", "fp8_attention")
+FP8_STEPS = ("fp8_quantize_rows", "fp8_quantize_concat", "fp8_gemv", "fp8_attention")
 
 
 def fusion_passes(tier: str, disable: Sequence[str] = (), enable: Sequence[str] = ()) -> list:
@@ -167,7 +168,8 @@ def _rewrite(program, *, device, dtype, tier, disable, enable, attention):
         counters.matches["attention"] = choice.pop("replaced")
     if tier == "fp8":
         Fp8LinearPass(standalone="fp8_quantize_rows" not in disable,
-                      concat="fp8_quantize_concat" not in disable)(program, lowering)
+                      concat="fp8_quantize_concat" not in disable,
+                      gemv="fp8_gemv" not in disable)(program, lowering)
         counters.matches[Fp8LinearPass.name] = lowering.replaced
     return dict(counters.matches), choice, lowering
 

@@ -81,6 +81,8 @@ class Fp8Lowering:
     standalone: int = 0  # activations quantized by diffc.quantize_rows (their linears are in ``sites``)
     concat: int = 0  # of those, concatenations quantized from their two parts (diffc.quantize_rows_cat[_gelu])
     concat_gelu: int = 0  # of those, with the GELU producing the second part folded in (quantize_rows_cat_gelu)
+    gemv: int = 0  # diffc.gemv sites switched to the fp8 weight (their sites' nodes are the buffers they write)
+    written: set[str] = dataclasses.field(default_factory=set)  # site nodes that are buffers an op writes later
     before: fx.GraphModule | None = None  # the graph before lowering (for the quality report)
     # fp8 attention (diffc/compile/fp8_attention.py): site -> (bf16 sdpa node, fp8 attention node), or the reason
     attention_sites: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
@@ -137,8 +139,8 @@ class Fp8LinearPass:
 
     name = "fp8_linear"
 
-    def __init__(self, standalone: bool = True, concat: bool = True):
-        self.standalone, self.concat = standalone, concat
+    def __init__(self, standalone: bool = True, concat: bool = True, gemv: bool = True):
+        self.standalone, self.concat, self.gemv = standalone, concat, gemv
 
     def __call__(self, program: torch.export.ExportedProgram, result: Fp8Lowering | None = None) -> Fp8Lowering:
         """Lower ``program`` in place, adding to ``result`` (a new one, holding a copy of the graph before, if None)."""
@@ -169,6 +171,8 @@ class Fp8LinearPass:
             result.producers += 1
         if self.standalone:
             self._lower_standalone(graph, names, buffers, result, self.concat)
+        if self.gemv:
+            self._lower_gemv(graph, names, buffers, result)
         for node in graph.nodes:  # every other linear with an fp8 weight stays bf16: say why
             if node.op == "call_function" and node.target == aten.linear.default:
                 weight = _weight_name(node.args[1], names)
@@ -230,6 +234,31 @@ class Fp8LinearPass:
                 graph.erase_node(gelu)
                 graph.erase_node(out)
             result.standalone += 1
+
+    @staticmethod
+    def _lower_gemv(graph, names, buffers, result) -> None:
+        """Each ``diffc.gemv`` over a bf16 block weight with fp8 copies reads those instead (weight-only fp8: the
+        few rows it multiplies stay bf16; it reads half the bytes, which is all its time)."""
+        for node in list(graph.nodes):
+            if node.op != "call_function" or node.target != torch.ops.diffc.gemv.default or node.args[2] is not None:
+                continue
+            weight = _weight_name(node.args[1], names)
+            if weight is None:
+                continue
+            owner = weight.rpartition(".")[0]
+            if f"{owner}.{WEIGHT}" not in buffers or f"{owner}.{SCALE}" not in buffers:
+                result.kept[weight] = "the layer has no fp8 weight (dimensions not multiples of 16, or not quantized)"
+                continue
+            if node.args[0].meta["val"].dtype != torch.bfloat16:
+                result.kept[weight] = "the fp8 tier lowers bf16 layers; the input is not bf16"
+                continue
+            args = list(node.args)
+            args[1], args[2] = buffers[f"{owner}.{WEIGHT}"], buffers[f"{owner}.{SCALE}"]
+            node.args = tuple(args)
+            out = args[5]
+            result.sites[weight] = (out.name, out.name)  # the same buffer node, recorded after the gemv writes it
+            result.written.add(out.name)
+            result.gemv += 1
 
     @staticmethod
     def _lower(graph, producer, fp8_op, out_index, out, linears, names, buffers, result) -> None:
@@ -359,14 +388,20 @@ def placeholder_values(program: torch.export.ExportedProgram, block: torch.nn.Mo
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, keep: set[str]):
+    """Runs a graph and keeps the values of the nodes named in ``keep``; a node named in ``written`` is a buffer
+    an op writes after it is allocated: its value is taken again after each op that takes it."""
+
+    def __init__(self, gm: fx.GraphModule, keep: set[str], written: set[str] = frozenset()):
         super().__init__(gm)
-        self.keep, self.seen = keep, {}
+        self.keep, self.written, self.seen = keep, written, {}
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         if n.name in self.keep:
             self.seen[n.name] = out.detach().clone()
+        for arg in n.all_input_nodes:
+            if arg.name in self.written and arg.name in self.keep:
+                self.seen[arg.name] = self.env[arg].detach().clone()
         return out
 
 
@@ -379,9 +414,9 @@ def site_errors(lowering: Fp8Lowering, program: torch.export.ExportedProgram, va
     if not sites or lowering.before is None:
         return {}
     with torch.no_grad():
-        bf16 = _Recorder(lowering.before, {old for old, _ in sites.values()})
+        bf16 = _Recorder(lowering.before, {old for old, _ in sites.values()}, lowering.written)
         bf16.run(*values)
-        fp8 = _Recorder(program.graph_module, {new for _, new in sites.values()})
+        fp8 = _Recorder(program.graph_module, {new for _, new in sites.values()}, lowering.written)
         fp8.run(*values)
     return {site: rel_err(fp8.seen[new], bf16.seen[old]) for site, (old, new) in sorted(sites.items())}
 
@@ -393,7 +428,7 @@ def lowering_report(lowering: Fp8Lowering, errors: dict[str, float]) -> dict[str
     linears = {k: v for k, v in errors.items() if k not in attention}
     return {"linears_fp8": lowering.replaced, "producers_fp8": lowering.producers,
             "quantized_standalone": lowering.standalone, "quantized_concat": lowering.concat,
-            "quantized_concat_gelu": lowering.concat_gelu,
+            "quantized_concat_gelu": lowering.concat_gelu, "gemv_fp8": lowering.gemv,
             "linears_bf16": len(lowering.kept), "rel_err": linears, "max_rel_err": max(linears.values(), default=None),
             "kept_bf16": dict(sorted(lowering.kept.items())),
             "attention_fp8": len(lowering.attention_sites),

@@ -37,7 +37,7 @@ GRAPH_TOL = {torch.float32: 1e-5, torch.bfloat16: REL_TOL[torch.bfloat16]}
 # UNGATED_PAIRS (below): gated_residual_adaln sites whose residual was an ungated aten.add (Wan's x + attn2
 # before norm3), which take no diffc.gated_residual of the gated-residual pass.
 # Passes that rewrite with aten ops only (no diffc op enters the graph):
-GRAPH_ONLY = ("concat_linear",)
+GRAPH_ONLY = ("concat_linear", "cat_transposed")  # passes that rewrite into aten ops, no diffc op
 OPT_IN = ("concat_linear",)  # not in default_passes()
 FLUX_BLOCKS, FLUX_SINGLE, WAN_BLOCKS = 1, 2, 2
 UNGATED_PAIRS = {"flux": 0, "wan": WAN_BLOCKS}
@@ -54,6 +54,8 @@ EXPECTED = {
         "gated_residual_adaln": 2 * FLUX_BLOCKS,
         "modulation_table": 0,
         "key_padding_attention": 0,
+        "gemv": 0,  # batch 2: the adaptive norms' projections keep their GEMM (one row only)
+        "cat_transposed": FLUX_BLOCKS,  # the double block's joint value concatenation
         "concat_linear": 2 * FLUX_BLOCKS + FLUX_SINGLE,
     },
     "wan": {
@@ -68,6 +70,8 @@ EXPECTED = {
         "gated_residual_adaln": 3 * WAN_BLOCKS,
         "modulation_table": 0,  # one timestep per sample here; per token in test_fp8.py
         "key_padding_attention": 0,
+        "gemv": 0,
+        "cat_transposed": 0,
         "concat_linear": 2 * WAN_BLOCKS,
     },
 }
