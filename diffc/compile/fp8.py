@@ -171,8 +171,7 @@ class Fp8LinearPass:
             result.producers += 1
         if self.standalone:
             self._lower_standalone(graph, names, buffers, result, self.concat)
-        if self.gemv:
-            self._lower_gemv(graph, names, buffers, result)
+        self._lower_gemv(graph, names, buffers, result, self.gemv)
         for node in graph.nodes:  # every other linear with an fp8 weight stays bf16: say why
             if node.op == "call_function" and node.target == aten.linear.default:
                 weight = _weight_name(node.args[1], names)
@@ -236,9 +235,10 @@ class Fp8LinearPass:
             result.standalone += 1
 
     @staticmethod
-    def _lower_gemv(graph, names, buffers, result) -> None:
+    def _lower_gemv(graph, names, buffers, result, enabled: bool = True) -> None:
         """Each ``diffc.gemv`` over a bf16 block weight with fp8 copies reads those instead (weight-only fp8: the
-        few rows it multiplies stay bf16; it reads half the bytes, which is all its time)."""
+        few rows it multiplies stay bf16; it reads half the bytes, which is all its time). Not ``enabled``
+        (``--disable fp8_gemv``): each keeps its bf16 weight, with that reason."""
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target != torch.ops.diffc.gemv.default or node.args[2] is not None:
                 continue
@@ -251,6 +251,9 @@ class Fp8LinearPass:
                 continue
             if node.args[0].meta["val"].dtype != torch.bfloat16:
                 result.kept[weight] = "the fp8 tier lowers bf16 layers; the input is not bf16"
+                continue
+            if not enabled:
+                result.kept[weight] = "a one-row linear (diffc.gemv) and fp8_gemv is disabled"
                 continue
             args = list(node.args)
             args[1], args[2] = buffers[f"{owner}.{WEIGHT}"], buffers[f"{owner}.{SCALE}"]

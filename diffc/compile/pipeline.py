@@ -397,7 +397,8 @@ def describe_fp8(fp8: dict[str, Any]) -> str:
     errs = ", ".join(f"{name.removesuffix('.weight')} {err:.2e}" for name, err in fp8["rel_err"].items())
     kept = ", ".join(name.removesuffix(".weight") for name in fp8["kept_bf16"])
     alone = fp8.get("quantized_standalone", 0)
-    return (f"      fp8: {fp8['linears_fp8']} linear(s) fp8 ({alone} input(s) quantized on their own), "
+    rows = f"; {fp8['gemv_fp8']} one-row, weight-only" if fp8.get("gemv_fp8") else ""
+    return (f"      fp8: {fp8['linears_fp8']} linear(s) fp8 ({alone} input(s) quantized on their own{rows}), "
             f"{fp8['linears_bf16']} bf16; rel. error per layer vs bf16: "
             f"{errs or 'none'}" + (f"; kept bf16 (not worth quantizing on its own): {kept}" if kept else "")
             + _describe_fp8_attention(fp8))

@@ -196,8 +196,10 @@ def test_standalone_quantization_pays_only_for_large_gemms():
     assert not standalone_pays(4096, 64, [64])  # tiny layers: the launch costs more than fp8 saves
 
 
-def _compile(name: str, **options):
+def _compile(name: str, batch: int | None = None, **options):
     net, inputs = _model(name)
+    if batch is not None:  # the first ``batch`` items of every batched input (FLUX's position ids have none)
+        inputs = {k: v[:batch] if k not in ("img_ids", "txt_ids") else v for k, v in inputs.items()}
     with torch.no_grad():
         eager = net(**inputs)
     Fp8Weights(net).apply()
@@ -383,3 +385,34 @@ def test_per_token_modulation_table_is_added_in_the_kernels(tier):
     fused, materialised = (unwrap(o) for o in outs)
     assert torch.equal(fused, materialised)
     assert _psnr(fused, unwrap(eager)) >= MIN_PSNR_DB
+
+
+# the one-row linears per region (diffc.gemv at batch 1): FLUX's adaptive norms' projections of the conditioning
+GEMV_SITES = {"transformer_blocks": {"norm1.linear.weight", "norm1_context.linear.weight"},
+              "single_transformer_blocks": {"norm.linear.weight"}}
+
+
+@pytest.mark.parametrize("disable", [(), ("fp8_gemv",)], ids=["fp8-weights", "fp8_gemv-disabled"])
+def test_one_row_linears_read_the_fp8_weights(disable):
+    """At batch 1 the modulation projections run diffc.gemv on the fp8 weight copies (weight-only fp8), with their
+    errors in the report; ``--disable fp8_gemv`` keeps the bf16 weights and says so."""
+    report, graphs, out, eager = _compile("flux", batch=1, disable=disable)
+    for region in report.regions:
+        sites = GEMV_SITES[region.region]
+        (graph,) = graphs[region.region].values()
+        gemvs = [n for n in graph.program.graph_module.graph.nodes if n.target == torch.ops.diffc.gemv.default]
+        assert len(gemvs) == len(sites)
+        weights = {n.args[1].name for n in gemvs}
+        if disable:
+            assert region.fp8["gemv_fp8"] == 0 and all(n.args[2] is None for n in gemvs)
+            assert all(w.startswith("p_") for w in weights)
+            assert {k: region.fp8["kept_bf16"][k] for k in sites} == {
+                k: "a one-row linear (diffc.gemv) and fp8_gemv is disabled" for k in sites}
+            assert not sites & set(region.fp8["rel_err"])
+        else:
+            assert region.fp8["gemv_fp8"] == len(sites) and all(w.endswith("_weight_fp8") for w in weights)
+            assert all(n.args[2].name.endswith("_weight_fp8_scale") for n in gemvs)
+            errors = {k: region.fp8["rel_err"][k] for k in sites}
+            assert all(0 < e < 0.05 for e in errors.values()), errors
+            assert not sites & set(region.fp8["kept_bf16"])
+    assert _psnr(out, eager) >= MIN_PSNR_DB

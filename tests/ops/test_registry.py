@@ -22,6 +22,7 @@ EXPECTED_OPS = {
     # fp8 attention's inputs
     "qk_norm_rope_per_head_fp8", "qk_norm_rope_across_heads_fp8", "quantize_heads", "qk_fp8_head_scales",
     "channel_rms_norm_silu", "channel_bias_residual",  # the Wan VAE's fused path
+    "gemv",  # one-row linears (the adaptive norms' projections)
 }
 # Ops around external library kernels (torch's SDPA included) that allocate their own output (functional: they
 # return it).
