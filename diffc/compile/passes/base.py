@@ -26,6 +26,7 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 from torch.fx.subgraph_rewriter import replace_pattern_with_filters
+from torch.utils import _pytree as pytree
 
 aten = torch.ops.aten
 
@@ -122,7 +123,8 @@ def _propagate_val(node: fx.Node) -> None:
     if node.op != "call_function" or "val" in node.meta:
         return
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
-    mode = detect_fake_mode([v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)])
+    # the leaves: a list argument (aten.cat's tensors) holds fake tensors too
+    mode = detect_fake_mode([v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)])
     if mode is None:
         return
     with mode:

@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import torch
 from torch import fx
-from torch._guards import detect_fake_mode
 
-from .base import FusionPass
+from .base import FusionPass, _propagate_val
 
 aten = torch.ops.aten
 
@@ -78,13 +77,9 @@ class CatTransposedPass(FusionPass):
             with gm.graph.inserting_before(node):
                 cat = gm.graph.call_function(aten.cat.default, ([p.args[0] for p in parts], source_dim))
                 out = gm.graph.call_function(aten.transpose.int, (cat, a, b))
-            mode = detect_fake_mode([p.args[0].meta.get("val") for p in parts])
             for new in (cat, out):
                 new.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "tensor_meta")})
-                if mode is not None:  # the list argument hides the fake tensors from _propagate_val
-                    with mode:
-                        args = fx.node.map_arg(new.args, lambda n: n.meta["val"])
-                        new.meta["val"] = new.target(*args)
+                _propagate_val(new)
             node.replace_all_uses_with(out)
             gm.graph.erase_node(node)
             for p in parts:
