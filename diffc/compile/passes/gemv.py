@@ -22,19 +22,24 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from .base import FusionPass, _propagate_val
+from .concat_linear import block_of
+
+aten = torch.ops.aten
 # The op takes up to diffc.ops.gemv.MAX_ROWS rows, but measured faster than cuBLAS for one row only (H200,
 # bench/results/ops/h200-2026-12-04-gemv.txt: two rows 1.28x slower in bf16); more rows keep their GEMM.
 MAX_ROWS = 1
-from .base import FusionPass, _propagate_val
-
-aten = torch.ops.aten
-LIFTED_PARAMETER_PREFIXES = ("p_", "b_", "c_")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _parameter(node) -> bool:
-    return isinstance(node, fx.Node) and (node.op == "get_attr" or (
-        node.op == "placeholder" and node.name.startswith(LIFTED_PARAMETER_PREFIXES)))
+    """A lifted parameter or ``get_attr`` node (one that has a block: :func:`.concat_linear.block_of`)."""
+    return isinstance(node, fx.Node) and block_of(node) is not None
+
+
+def _reads_as_2d(val: torch.Tensor) -> bool:
+    """What the kernel reads: 2-D with a unit last stride, or contiguous with more dimensions (viewed as 2-D)."""
+    return val.stride(-1) == 1 if val.ndim == 2 else val.is_contiguous()
 
 
 def _taken(node: fx.Node) -> bool:
@@ -47,9 +52,8 @@ def _taken(node: fx.Node) -> bool:
     if bias is not None and not _parameter(bias):
         return False
     rows = xv.numel() // max(1, xv.shape[-1]) if xv.ndim >= 2 else 0
-    layout_ok = xv.stride(-1) == 1 if xv.ndim == 2 else xv.is_contiguous()  # more dimensions: viewed as 2-D
-    return (0 < rows <= MAX_ROWS and xv.shape[-1] > 0 and layout_ok and xv.dtype in DTYPES and wv.dtype == xv.dtype
-            and wv.ndim == 2 and wv.stride(1) == 1)
+    return (0 < rows <= MAX_ROWS and xv.shape[-1] > 0 and _reads_as_2d(xv) and xv.dtype in DTYPES
+            and wv.dtype == xv.dtype and wv.ndim == 2 and wv.stride(1) == 1)
 
 
 class GemvPass(FusionPass):
@@ -93,7 +97,7 @@ class GemvPass(FusionPass):
 
 
 def _same_layout(a: fx.Node, b: fx.Node) -> bool:
-    """Whether the SiLU's input has its output's shape, dtype and unit last stride (what the kernel reads)."""
+    """Whether the SiLU's input has its output's shape and dtype and a layout the kernel reads."""
     av, bv = a.meta.get("val"), b.meta.get("val")
     return (isinstance(av, torch.Tensor) and isinstance(bv, torch.Tensor) and av.shape == bv.shape
-            and av.dtype == bv.dtype and (av.stride(-1) == 1 if av.ndim == 2 else av.is_contiguous()))
+            and av.dtype == bv.dtype and _reads_as_2d(av))
