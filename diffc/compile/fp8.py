@@ -105,6 +105,16 @@ def _weight_name(node: fx.Node, names: dict[str, str]) -> str | None:
     return names.get(node.name) if isinstance(node, fx.Node) and node.op == "placeholder" else None
 
 
+NO_FP8_WEIGHT = "the layer has no fp8 weight (dimensions not multiples of 16, or not quantized)"
+
+
+def _fp8_copies(weight: str, buffers: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """The (fp8 weight, scale) buffer nodes beside parameter ``weight`` (``blocks.0.x.weight``), or None."""
+    owner = weight.rpartition(".")[0]
+    w8, scale = buffers.get(f"{owner}.{WEIGHT}"), buffers.get(f"{owner}.{SCALE}")
+    return (w8, scale) if w8 is not None and scale is not None else None
+
+
 def _linear_problem(user: fx.Node, out: fx.Node, names: dict[str, str], buffers: dict[str, fx.Node]) -> str | None:
     """Why ``user`` (a reader of a producer's ``out``) cannot become an fp8 GEMM, or None."""
     if user.op != "call_function" or user.target != aten.linear.default:
@@ -114,9 +124,8 @@ def _linear_problem(user: fx.Node, out: fx.Node, names: dict[str, str], buffers:
     weight = _weight_name(user.args[1], names)
     if weight is None:
         return "the weight is computed in the graph (e.g. concatenated), not a block parameter"
-    owner = weight.rpartition(".")[0]
-    if f"{owner}.{WEIGHT}" not in buffers or f"{owner}.{SCALE}" not in buffers:
-        return "the layer has no fp8 weight (dimensions not multiples of 16, or not quantized)"
+    if _fp8_copies(weight, buffers) is None:
+        return NO_FP8_WEIGHT
     val = user.meta.get("val")
     if not isinstance(val, torch.Tensor) or val.dtype != torch.bfloat16:
         return "fp8 GEMMs write bf16; the layer's output is not bf16"
@@ -245,9 +254,9 @@ class Fp8LinearPass:
             weight = _weight_name(node.args[1], names)
             if weight is None:
                 continue
-            owner = weight.rpartition(".")[0]
-            if f"{owner}.{WEIGHT}" not in buffers or f"{owner}.{SCALE}" not in buffers:
-                result.kept[weight] = "the layer has no fp8 weight (dimensions not multiples of 16, or not quantized)"
+            copies = _fp8_copies(weight, buffers)
+            if copies is None:
+                result.kept[weight] = NO_FP8_WEIGHT
                 continue
             if node.args[0].meta["val"].dtype != torch.bfloat16:
                 result.kept[weight] = "the fp8 tier lowers bf16 layers; the input is not bf16"
@@ -256,7 +265,7 @@ class Fp8LinearPass:
                 result.kept[weight] = "a one-row linear (diffc.gemv) and fp8_gemv is disabled"
                 continue
             args = list(node.args)
-            args[1], args[2] = buffers[f"{owner}.{WEIGHT}"], buffers[f"{owner}.{SCALE}"]
+            args[1], args[2] = copies
             node.args = tuple(args)
             out = args[5]
             result.sites[weight] = (out.name, out.name)  # the same buffer node, recorded after the gemv writes it
@@ -292,14 +301,13 @@ class Fp8LinearPass:
         new_nodes = []
         for lin in linears:
             weight = _weight_name(lin.args[1], names)
-            owner = weight.rpartition(".")[0]
+            w8, w_scale = _fp8_copies(weight, buffers)
             bias = lin.args[2] if len(lin.args) > 2 else None
             n_out = lin.meta["val"].shape[-1]
             with graph.inserting_before(lin):
                 a = graph.call_function(aten.view.default, (q, [rows, shape[-1]]))
-                wt = graph.call_function(aten.t.default, (buffers[f"{owner}.{WEIGHT}"],))
-                mm = graph.call_function(aten._scaled_mm.default,
-                                         (a, wt, qs, buffers[f"{owner}.{SCALE}"], bias, None, torch.bfloat16, False))
+                wt = graph.call_function(aten.t.default, (w8,))
+                mm = graph.call_function(aten._scaled_mm.default, (a, wt, qs, w_scale, bias, None, torch.bfloat16, False))
                 y = graph.call_function(aten.view.default, (mm, [*shape[:-1], n_out]))
             new_nodes += [a, wt, mm, y]
             y.meta.update({k: v for k, v in lin.meta.items() if k != "val"})
