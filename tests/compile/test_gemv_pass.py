@@ -65,3 +65,18 @@ def test_silu_read_elsewhere_stays():
 def test_a_computed_weight_keeps_the_gemm():
     taken, targets, _, _ = _rewritten((1, 24), computed_weight=True)
     assert taken == 0 and targets.get(LINEAR) == 1
+
+
+def test_a_bias_given_by_keyword_is_kept():
+    torch.manual_seed(0)
+    net = Modulation().eval()
+    inputs = {"temb": torch.randn(1, 24)}
+    program = trace_module(net, inputs)
+    (linear,) = [n for n in program.graph_module.graph.nodes if str(n.target) == LINEAR]
+    linear.args, linear.kwargs = linear.args[:2], {"bias": linear.args[2]}
+    program.graph_module.recompile()
+    with torch.no_grad():
+        ref = program.module()(**inputs)
+    assert GemvPass()(program.graph_module) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(**inputs), ref)
