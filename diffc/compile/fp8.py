@@ -38,7 +38,7 @@ from torch import fx
 from torch.export.graph_signature import InputKind
 
 from ..ops.fp8 import FP8, fp8_linear_ok
-from .passes.base import _propagate_val
+from .passes.base import _propagate_val, linear_bias
 
 aten = torch.ops.aten
 WEIGHT, SCALE = "weight_fp8", "weight_fp8_scale"  # the buffers diffc.runtime.fp8 adds beside a weight
@@ -302,7 +302,7 @@ class Fp8LinearPass:
         for lin in linears:
             weight = _weight_name(lin.args[1], names)
             w8, w_scale = _fp8_copies(weight, buffers)
-            bias = lin.args[2] if len(lin.args) > 2 else None
+            bias = linear_bias(lin)
             n_out = lin.meta["val"].shape[-1]
             with graph.inserting_before(lin):
                 a = graph.call_function(aten.view.default, (q, [rows, shape[-1]]))

@@ -416,3 +416,34 @@ def test_one_row_linears_read_the_fp8_weights(disable):
             assert all(0 < e < 0.05 for e in errors.values()), errors
             assert not sites & set(region.fp8["kept_bf16"])
     assert _psnr(out, eager) >= MIN_PSNR_DB
+
+
+def test_a_bias_given_by_keyword_stays_in_the_fp8_gemm(monkeypatch):
+    """The lowering reads a linear's bias whether the graph passes it by position or by keyword."""
+    import diffc.compile.fp8 as lowering
+    from diffc.compile.fp8 import Fp8LinearPass
+    from diffc.compile.trace import trace_module
+    from diffc.ops.fp8 import quantize_weight
+
+    monkeypatch.setattr(lowering, "standalone_pays", lambda rows, k, outs, in_bytes=2: True)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 48)).to(BF16).eval()  # the layer is "0", its buffers "0.weight_fp8"
+    with torch.no_grad():
+        net[0].bias.fill_(4.0)  # large against the product: a dropped bias cannot hide in the fp8 error
+    w8, scale = quantize_weight(net[0].weight)
+    net[0].register_buffer(WEIGHT, w8)
+    net[0].register_buffer(SCALE, scale)
+    x = torch.randn(6, 32).to(BF16)
+    program = trace_module(net, {"input": x})
+    (linear,) = [n for n in program.graph_module.graph.nodes if n.target == torch.ops.aten.linear.default]
+    bias = linear.args[2]
+    linear.args, linear.kwargs = linear.args[:2], {"bias": bias}
+    program.graph_module.recompile()
+    result = Fp8LinearPass()(program)
+    assert list(result.sites) == ["0.weight"] and result.standalone == 1
+    (mm,) = [n for n in program.graph_module.graph.nodes if n.target == torch.ops.aten._scaled_mm.default]
+    assert mm.args[4] is bias
+    with torch.no_grad():
+        out = program.module()(input=x)
+    ref = net(x).float()
+    assert float((out.float() - ref).norm() / ref.norm()) < 0.05

@@ -131,6 +131,11 @@ def _propagate_val(node: fx.Node) -> None:
         node.meta["val"] = node.target(*args, **kwargs)
 
 
+def linear_bias(node: fx.Node) -> Any:
+    """An ``aten.linear`` node's bias, given by position or by keyword (None where it has none)."""
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+
+
 def graph_targets(gm: fx.GraphModule) -> dict[str, int]:
     """How many ``call_function`` nodes of each op the graph holds, e.g. ``{"aten.layer_norm.default": 7}``."""
     counts: dict[str, int] = {}

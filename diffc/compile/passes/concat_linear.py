@@ -45,7 +45,7 @@ from torch import fx
 from torch._guards import detect_fake_mode
 
 from ...errors import InvalidArgumentError
-from .base import FusionPass
+from .base import FusionPass, linear_bias
 
 aten = torch.ops.aten
 LIFTED_PARAMETER_PREFIXES = ("p_", "b_", "c_")  # torch.export's names for lifted parameters, buffers, constants
@@ -87,7 +87,7 @@ def _member(node: fx.Node) -> tuple[tuple, _Member] | None:
     if node.op != "call_function" or node.target != aten.linear.default or len(node.args) < 2:
         return None
     x, weight = node.args[0], node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    bias = linear_bias(node)
     if not isinstance(x, fx.Node) or not isinstance(weight, fx.Node):
         return None
     block = block_of(weight)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .base import FusionPass, _propagate_val
+from .base import FusionPass, _propagate_val, linear_bias
 from .concat_linear import block_of
 
 aten = torch.ops.aten
@@ -42,14 +42,9 @@ def _reads_as_2d(val: torch.Tensor) -> bool:
     return val.stride(-1) == 1 if val.ndim == 2 else val.is_contiguous()
 
 
-def _bias(node: fx.Node):
-    """The linear's bias, given by position or by keyword (or None)."""
-    return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-
-
 def _taken(node: fx.Node) -> bool:
     x, weight = node.args[0], node.args[1]
-    bias = _bias(node)
+    bias = linear_bias(node)
     xv = x.meta.get("val") if isinstance(x, fx.Node) else None
     wv = weight.meta.get("val") if isinstance(weight, fx.Node) else None
     if not isinstance(xv, torch.Tensor) or not isinstance(wv, torch.Tensor) or not _parameter(weight):
@@ -72,7 +67,7 @@ class GemvPass(FusionPass):
         for node in list(graph.nodes):
             if node.op != "call_function" or node.target != aten.linear.default or not _taken(node):
                 continue
-            x, weight, bias = node.args[0], node.args[1], _bias(node)
+            x, weight, bias = node.args[0], node.args[1], linear_bias(node)
             act = "none"
             if (x.op == "call_function" and x.target == aten.silu.default and len(x.args) == 1
                     and isinstance(x.args[0], fx.Node) and _same_layout(x.args[0], x)):
