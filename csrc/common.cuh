@@ -46,6 +46,25 @@ template <typename T> __device__ __forceinline__ Vec<T> load16(const T* p) {
   return r;
 }
 
+template <typename T> __device__ __forceinline__ void store16(T* p, const Vec<T>& v) {
+  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(v.v);
+}
+
+// f rounded to T and back (what a T tensor between two ops holds)
+template <typename T> __device__ __forceinline__ float round_to(float f) { return to_float(from_float<T>(f)); }
+
+// V values of M at p as floats; p 16-byte aligned, 16 / sizeof(M) divides V
+template <typename M, int V> __device__ __forceinline__ void load_floats(const M* p, float (&out)[V]) {
+  constexpr int PER = Vec<M>::N;
+  static_assert(V % PER == 0, "whole 16-byte vectors of M");
+#pragma unroll
+  for (int k = 0; k < V; k += PER) {
+    const Vec<M> v = load16(p + k);
+#pragma unroll
+    for (int j = 0; j < PER; ++j) out[k + j] = to_float(v.v[j]);
+  }
+}
+
 // float8_e4m3fn: two floats -> two bytes (round to nearest even, saturating; sm_89+). lo lands first in memory.
 __device__ __forceinline__ u16 fp8x2(float lo, float hi) {
   u16 r;
@@ -83,6 +102,21 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
   return warp_max(lane < warps ? smem[lane] : 0.0f);
 }
 
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum of v over the block (every thread gets it). smem: 32 floats, not reused by the block before every
+// thread has returned (a second reduction takes its own). blockDim.x a multiple of 32.
+__device__ __forceinline__ float block_sum(float v, float* smem) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  return warp_sum(lane < warps ? smem[lane] : 0.0f);
+}
 
 #define FP8_MAX 448.0f
 #define SCALE_FLOOR 1e-12f

@@ -11,14 +11,20 @@ One rule covers both: the computation dtype is ``promote(x, scale, shift)``. The
 float32 and rounds where eager rounds (to bf16 after the LayerNorm, ``1 + scale``, the product and
 the sum when that dtype is bf16), so it matches eager up to the reduction order. The row kernel
 here also serves ``gated_residual_adaln`` through its residual prologue.
+
+On a GPU the CUDA C++ twin of the row kernel (``csrc/adaln_rows.cu``, :mod:`.csrc`) runs where it measured
+faster (``CSRC_MIN_VECTORS`` and the constants after it); both round each multiply and add on its own, as
+eager's separate ops do (no FMA: the Triton launch passes ``enable_fp_fusion=False``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
+from . import csrc
 from .fp8 import FP8, check_fp8_out, store_rows_ref
 from .registry import (
     broadcast_stride,
@@ -181,6 +187,11 @@ def launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale=None
     and ``shift_bias`` (both or neither): float32 (C,) rows added to scale and shift (then float32 math);
     ``gate_bias``: one added to the gate (then the product is float32)."""
     batch, seq, dim = x.shape
+    round_product = y is not None and gate_bias is None and rounds_product(y, gate)
+    round_modulate = scale_bias is None and rounds_modulation(x, scale, shift)
+    if _cuda_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scale_bias, shift_bias, gate_bias,
+                  round_product, round_modulate):
+        return
     block = next_pow2(dim)
     res = residual_out if residual_out is not None else out
     y_ = y if y is not None else x
@@ -196,14 +207,76 @@ def launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale=None
         res.stride(0), res.stride(1), out.stride(0), out.stride(1),
         RESIDUAL=y is not None,
         HAS_GATE=gate is not None,
-        ROUND_PRODUCT=y is not None and gate_bias is None and rounds_product(y, gate),
-        ROUND_MODULATE=scale_bias is None and rounds_modulation(x, scale, shift),
+        ROUND_PRODUCT=round_product,
+        ROUND_MODULATE=round_modulate,
         QUANT=out_scale is not None,
         MOD_BIAS=scale_bias is not None,
         GATE_BIAS=gate_bias is not None,
         BLOCK_C=block,
         num_warps=max(1, min(16, block // 512)),
-    )
+        enable_fp_fusion=False,  # each multiply and add rounded on its own as in eager (an FMA skipped the
+    )                            # rounding of bf16 products on an H200: tests/runtime/test_csrc_gpu.py)
+
+
+# csrc/adaln_rows.cu's flags (its F_* bits)
+_RESIDUAL, _GATE, _ROUND_PRODUCT, _ROUND_MODULATE, _QUANT, _MOD_BIAS, _GATE_BIAS = (1 << i for i in range(7))
+# Where the CUDA kernel runs, from python -m bench.ops.sweep_csrc_adaln on an H200
+# (bench/results/ops/h200-2026-12-04-csrc-adaln.txt), each thread holding CSRC_VECTORS_PER_THREAD 16-byte
+# vectors (the fastest there): rows of at least CSRC_MIN_VECTORS vectors (None: csrc.MIN_VECTORS, 4096 bfloat16
+# values; Wan2.1-14B's 5120-wide rows: 242-450 us where Triton took 399-692), and the fp8 forms on rows of at
+# least CSRC_FP8_MIN_VECTORS when a call has CSRC_FP8_MIN_ROWS rows or more (Wan2.1-1.3B's 32,760 x 1536: 92 / 138
+# us where Triton took 121 / 168). Triton kept the rest: the bf16 forms at 1536, and every form on FLUX.1's,
+# SD3.5's and Z-Image's 2432-3840-wide calls of 4096-4608 rows (csrc 5-45% slower there).
+CSRC_MIN_VECTORS: int | None = None
+CSRC_FP8_MIN_VECTORS = 192
+CSRC_FP8_MIN_ROWS = 16384
+CSRC_VECTORS_PER_THREAD = 4
+
+
+def _cuda_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scale_bias, shift_bias, gate_bias,
+               round_product: bool, round_modulate: bool) -> bool:
+    """Run csrc/adaln_rows.cu when it applies (see :mod:`.csrc`): bf16/fp16 activations, the gate in the
+    modulation's dtype (the activations' or float32), rows of whole 16-byte vectors starting 16-byte aligned.
+    False leaves the rows to Triton."""
+    batch, seq, dim = x.shape
+    if x.dtype not in (torch.bfloat16, torch.float16) or scale.dtype not in (x.dtype, torch.float32):
+        return False
+    if gate is not None and gate.dtype != scale.dtype:
+        return False
+    shape = csrc.row_launch(dim, x.dtype, min_vectors=CSRC_MIN_VECTORS, vectors_per_thread=CSRC_VECTORS_PER_THREAD)
+    if shape is None and out_scale is not None and batch * seq >= CSRC_FP8_MIN_ROWS:
+        shape = csrc.row_launch(dim, x.dtype, min_vectors=CSRC_FP8_MIN_VECTORS,
+                                vectors_per_thread=CSRC_VECTORS_PER_THREAD)
+    if shape is None:
+        return False
+    act_vec, mod_vec = 16 // x.dtype.itemsize, 16 // scale.dtype.itemsize
+    rows = [t for t in (x, y, residual_out) if t is not None]
+    mods = [t for t in (gate, scale, shift) if t is not None]
+    out_vec = 8 if out_scale is not None else act_vec  # an fp8 row is stored 8 bytes at a time
+    strides_ok = (all(t.stride(i) % act_vec == 0 for t in rows for i in (0, 1))
+                  and all(broadcast_stride(t, i) % mod_vec == 0 for t in mods for i in (0, 1))
+                  and all(out.stride(i) % out_vec == 0 for i in (0, 1)))
+    if not strides_ok or not csrc.aligned(*rows, *mods, out, scale_bias, shift_bias, gate_bias):
+        return False
+    nv, threads = shape
+    kern = csrc.kernel("adaln_rows", f"adaln_rows_{csrc.DTYPE_NAMES[x.dtype]}_{csrc.DTYPE_NAMES[scale.dtype]}_{nv}",
+                       x.device)
+    if kern is None:
+        return False
+    flags = ((_RESIDUAL if y is not None else 0) | (_GATE if gate is not None else 0)
+             | (_ROUND_PRODUCT if round_product else 0) | (_ROUND_MODULATE if round_modulate else 0)
+             | (_QUANT if out_scale is not None else 0) | (_MOD_BIAS if scale_bias is not None else 0)
+             | (_GATE_BIAS if gate_bias is not None else 0))
+    y_ = y if y is not None else x
+    g = gate if gate is not None else scale
+    res = residual_out if residual_out is not None else x
+    strides = (x.stride(0), x.stride(1), y_.stride(0), y_.stride(1), broadcast_stride(g, 0), broadcast_stride(g, 1),
+               broadcast_stride(scale, 0), broadcast_stride(scale, 1), broadcast_stride(shift, 0),
+               broadcast_stride(shift, 1), res.stride(0), res.stride(1), out.stride(0), out.stride(1))
+    csrc.launch(kern, x.device, batch * seq, threads, x, y, gate, scale, shift, residual_out, out, out_scale,
+                scale_bias, shift_bias, gate_bias, np.int32(seq), np.int32(dim), np.float32(eps),
+                *(np.int64(st) for st in strides), np.int32(flags))
+    return True
 
 
 def _adaln_modulate_into_ref(x, scale, shift, eps, out, scale_bias=None, shift_bias=None) -> None:

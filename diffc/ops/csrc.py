@@ -182,17 +182,24 @@ MIN_VECTORS = 512
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 
 
-def row_launch(width: int, dtype: torch.dtype) -> tuple[int, int] | None:
+def row_launch(width: int, dtype: torch.dtype, min_vectors: int | None = None,
+               vectors_per_thread: int | None = None) -> tuple[int, int] | None:
     """``(vectors per thread, threads)`` of the block that quantizes a row of ``width`` elements, or None
     where the rowwise kernels are not used: a dtype they lack, a width not a whole number of 16-byte
-    vectors, a row shorter than :data:`MIN_VECTORS` vectors or longer than the largest instance holds
-    (32,768 bfloat16 values)."""
+    vectors, a row shorter than ``min_vectors`` vectors (:data:`MIN_VECTORS` unless an op measured its
+    own) or longer than the largest instance holds (32,768 bfloat16 values). ``vectors_per_thread``
+    (one of :data:`MAX_THREADS`): the block an op measured fastest, where its instance holds the row;
+    otherwise the narrowest block up to :data:`TARGET_THREADS` wide."""
     if dtype not in DTYPE_NAMES or width < 1:
         return None
     per_vector = 16 // dtype.itemsize
-    if width % per_vector or width // per_vector < MIN_VECTORS:
+    if width % per_vector or width // per_vector < (MIN_VECTORS if min_vectors is None else min_vectors):
         return None
     vectors = width // per_vector
+    if vectors_per_thread is not None:
+        threads = cdiv(cdiv(vectors, vectors_per_thread), 32) * 32
+        if threads <= MAX_THREADS[vectors_per_thread]:
+            return vectors_per_thread, threads
     for nv, most in MAX_THREADS.items():
         threads = cdiv(cdiv(vectors, nv), 32) * 32  # whole warps
         if threads <= min(TARGET_THREADS, most) or (nv == max(MAX_THREADS) and threads <= most):

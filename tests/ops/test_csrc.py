@@ -15,6 +15,9 @@ from tests.ops.common import randn
 # stem -> the kernel names its launcher builds: f"{stem}_{dtype}_{vectors per thread}"
 KERNELS = {stem: [f"{stem}_{dt}_{nv}" for dt in csrc.DTYPE_NAMES.values() for nv in csrc.MAX_THREADS]
            for stem in ("quantize_rows", "gelu_tanh_fp8")}
+# adaln_rows_<activation dtype>_<modulation dtype>_<NV>: bf16/fp16 rows, modulation of their dtype or float32
+KERNELS["adaln_rows"] = [f"adaln_rows_{act}_{mod}_{nv}" for act in ("bf16", "f16") for mod in (act, "f32")
+                         for nv in csrc.MAX_THREADS]
 
 
 def _nvrtc():
@@ -105,6 +108,14 @@ def test_row_launch_covers_the_row_in_whole_warps(width):
     assert (nv, threads) == ROW_LAUNCHES[width]
     assert threads % 32 == 0 and threads <= min(csrc.MAX_THREADS[nv], csrc.TARGET_THREADS)
     assert nv * threads * 8 >= width > nv * (threads - 32) * 8  # the fewest whole warps
+
+
+@pytest.mark.parametrize("width,nv,expected", [(5120, 4, (4, 160)), (1536, 4, (4, 64)), (4096, 1, (1, 512)),
+                                               (32768, 4, (4, 1024)), (1536, 16, (16, 32)), (16384, 1, (4, 512))])
+def test_row_launch_takes_the_vectors_per_thread_an_op_measured(width, nv, expected):
+    """(4, 160) for Wan2.1-14B's 5120-wide rows; where nv vectors a thread need more threads than its instance
+    allows, the default search decides."""
+    assert csrc.row_launch(width, torch.bfloat16, min_vectors=0, vectors_per_thread=nv) == expected
 
 
 @pytest.mark.parametrize("width,dtype", [(7, torch.bfloat16), (1536, torch.bfloat16), (4092, torch.bfloat16),

@@ -168,3 +168,155 @@ def test_cuda_kernels_replay_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert all(torch.equal(a.view(torch.uint8) if a.dtype == FP8 else a, b.view(torch.uint8) if b.dtype == FP8 else b)
                for a, b in zip((q1, s1, q2, s2), eager))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# csrc/adaln_rows.cu: adaln_modulate(_fp8) and gated_residual_adaln(_fp8)
+# ------------------------------------------------------------------------------------------------------------
+
+def _adaln_args(batch: int, seq: int, width: int, dtype, modulation: str, per_token: bool, seed: int):
+    """x, y, gate, scale, shift, biases for one case. modulation: "act" (the activations' dtype: FLUX's rounded
+    math), "table" (that plus float32 bias rows: Wan's modulation table), "f32" (float32 modulation)."""
+    mod_dtype = torch.float32 if modulation == "f32" else dtype
+    rows = seq if per_token else 1
+    x = _randn(batch, seq, width, dtype=dtype, seed=seed, scale=3.0)
+    y = _randn(batch, seq, width, dtype=dtype, seed=seed + 1, scale=1.0)
+    gate, scale, shift = (_randn(batch, rows, width, dtype=mod_dtype, seed=seed + 2 + i, scale=0.3) for i in range(3))
+    biases = {}
+    if modulation == "table":
+        biases = {k: _randn(width, dtype=torch.float32, seed=seed + 5 + i, scale=0.3)
+                  for i, k in enumerate(("scale_bias", "shift_bias", "gate_bias"))}
+    return x, y, gate, scale, shift, biases
+
+
+def _adaln_call(form: str, x, y, gate, scale, shift, biases):
+    """Run one op form into fresh NaN-filled outputs -> (outputs, csrc launches)."""
+    mod = {k: v for k, v in biases.items() if k != "gate_bias"}
+    rows = x.shape[0] * x.shape[1]
+    res, out = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    q, qs = _outs(rows, x.shape[-1])
+    q = q.view(x.shape)
+    d = torch.ops.diffc
+    COUNTERS.reset()
+    if form == "adaln":
+        d.adaln_modulate(x, scale, shift, 1e-6, out, **mod)
+        outs = (out,)
+    elif form == "adaln_fp8":
+        d.adaln_modulate_fp8(x, scale, shift, 1e-6, q, qs, **mod)
+        outs = (q, qs)
+    elif form == "pair":
+        d.gated_residual_adaln(x, y, gate, scale, shift, 1e-6, res, out, **biases)
+        outs = (res, out)
+    else:
+        d.gated_residual_adaln_fp8(x, y, gate, scale, shift, 1e-6, res, q, qs, **biases)
+        outs = (res, q, qs)
+    torch.cuda.synchronize()
+    return outs, COUNTERS.csrc_launches
+
+
+def _assert_adaln_outputs_agree(got, want):
+    for a, b in zip(got, want):
+        if a.dtype == FP8:
+            assert float((a.view(torch.uint8) != b.view(torch.uint8)).float().mean()) <= 2e-3
+        elif a.dtype == torch.float32:  # fp8 row scales
+            torch.testing.assert_close(a, b, rtol=2 ** -7, atol=0)
+        else:  # the residual is exact; the modulated norm differs by the sums' order: one last place at most
+            torch.testing.assert_close(a, b, rtol=2 ** -7, atol=2 ** -7)
+
+
+@pytest.mark.parametrize("form", ["adaln", "adaln_fp8", "pair", "pair_fp8"])
+@pytest.mark.parametrize("modulation", ["act", "table", "f32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("width", [1536, 3072, 5120])
+def test_adaln_rows_cuda_matches_triton_and_reference(form, modulation, dtype, width, monkeypatch):
+    from diffc.ops import adaln_modulate
+    from diffc.ops.adaln_modulate import adaln_modulate_ref, biased
+    from diffc.ops.fp8 import quantize_rows_ref
+
+    monkeypatch.setattr(adaln_modulate, "CSRC_MIN_VECTORS", 0)  # every width takes the CUDA kernel
+    args = _adaln_args(2, 37, width, dtype, modulation, per_token=False, seed=width)
+    got, launched = _adaln_call(form, *args)
+    with csrc.disabled():
+        want, _ = _adaln_call(form, *args)
+    assert launched == 1
+    _assert_adaln_outputs_agree(got, want)
+    x, y, gate, scale, shift, biases = args
+    if form.startswith("pair"):  # the residual as eager computes it, exactly
+        product = biased(gate, biases.get("gate_bias")) * y.float()
+        if modulation == "act":
+            product = (gate * y).float()
+        assert torch.equal(got[0], (x.float() + product).to(dtype))
+        x = got[0]
+    ref = adaln_modulate_ref(x, biased(scale, biases.get("scale_bias")), biased(shift, biases.get("shift_bias")))
+    if form.endswith("fp8"):
+        rq, rs = quantize_rows_ref(ref.reshape(-1, width))
+        torch.testing.assert_close(got[-1], rs, rtol=2 ** -6, atol=0)
+        value, want_value = got[-2].float().reshape(-1, width) * got[-1], rq.float() * rs
+        assert bool(((value - want_value).abs() <= 0.13 * want_value.abs() + rs * 2 ** -8).all())
+    else:
+        torch.testing.assert_close(got[-1], ref, rtol=2 ** -6, atol=2 ** -6)
+
+
+@pytest.mark.parametrize("form", ["adaln_fp8", "pair"])
+def test_adaln_rows_cuda_per_token_modulation_and_strided_rows(form, monkeypatch):
+    """Per-token modulation (B, S, C) and x a strided view (rows of a wider buffer) take the CUDA kernel too."""
+    from diffc.ops import adaln_modulate
+
+    monkeypatch.setattr(adaln_modulate, "CSRC_MIN_VECTORS", 0)
+    x, y, gate, scale, shift, biases = _adaln_args(2, 19, 3072, torch.bfloat16, "table", per_token=True, seed=11)
+    wide = _randn(2, 19, 3072 + 64, dtype=torch.bfloat16, seed=12)
+    wide[..., :3072] = x
+    x = wide[..., :3072]
+    assert not x.is_contiguous()
+    got, launched = _adaln_call(form, x, y, gate, scale, shift, biases)
+    with csrc.disabled():
+        want, _ = _adaln_call(form, x, y, gate, scale, shift, biases)
+    assert launched == 1
+    _assert_adaln_outputs_agree(got, want)
+
+
+@pytest.mark.parametrize("what", ["float32 rows", "gate of another dtype", "misaligned rows", "narrow rows"])
+def test_adaln_rows_the_cuda_kernel_leaves_to_triton(what, monkeypatch):
+    from diffc.ops import adaln_modulate
+
+    monkeypatch.setattr(adaln_modulate, "CSRC_MIN_VECTORS", None if what == "narrow rows" else 0)
+    dtype = torch.float32 if what == "float32 rows" else torch.bfloat16
+    x, y, gate, scale, shift, biases = _adaln_args(1, 9, 1536, dtype, "act", per_token=False, seed=21)
+    if what == "gate of another dtype":
+        gate = gate.float()
+    if what == "misaligned rows":
+        x = _randn(1, 9, 1540, dtype=dtype, seed=22)[..., 4:]
+    form = "pair"
+    got, launched = _adaln_call(form, x, y, gate, scale, shift, biases)
+    with csrc.disabled():
+        want, _ = _adaln_call(form, x, y, gate, scale, shift, biases)
+    assert launched == 0
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("form", ["pair", "pair_fp8"])
+def test_adaln_rows_triton_rounds_where_eager_rounds(form):
+    """FLUX's bf16 math: the product gate * y and the modulation are rounded to bf16 as eager rounds them. With
+    FMA contraction the compiled Triton kernel skipped the product's rounding (7.6% of an H200's residuals were
+    one step off); the launches turn contraction off where a rounding sits between a multiply and an add."""
+    from diffc.ops.gated_residual import gated_residual_ref
+
+    x, y, gate, scale, shift, biases = _adaln_args(1, 256, 3072, torch.bfloat16, "act", per_token=False, seed=31)
+    with csrc.disabled():
+        got, launched = _adaln_call(form, x, y, gate, scale, shift, biases)
+    assert launched == 0
+    assert torch.equal(got[0], gated_residual_ref(x, y, gate))
+    out = torch.full_like(x, float("nan"))
+    with csrc.disabled():
+        torch.ops.diffc.gated_residual(x, y, gate, out)
+    assert torch.equal(out, gated_residual_ref(x, y, gate))
+
+
+@pytest.mark.parametrize("rows,cuda", [(16384, True), (4096, False)])
+def test_adaln_rows_fp8_forms_of_many_narrow_rows_take_the_cuda_kernel(rows, cuda):
+    """1536-wide rows: the fp8 forms run the CUDA kernel from CSRC_FP8_MIN_ROWS rows (Wan2.1-1.3B's 32,760), the bf16
+    forms stay with Triton."""
+    x, y, gate, scale, shift, biases = _adaln_args(1, rows, 1536, torch.bfloat16, "table", per_token=False, seed=41)
+    (_, launched_fp8), (_, launched_bf16) = (_adaln_call(form, x, y, gate, scale, shift, biases)
+                                             for form in ("pair_fp8", "pair"))
+    assert launched_fp8 == int(cuda) and launched_bf16 == 0
