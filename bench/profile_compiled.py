@@ -88,6 +88,18 @@ def timeline(prof, steps: int) -> dict[str, Any]:
             "idle_between_ms": dict(top)}
 
 
+def batched(inputs: dict[str, Any], batch: int) -> dict[str, Any]:
+    """The DiT's batch-1 inputs as a batch of ``batch`` (a pipeline's classifier-free-guidance pair runs as one
+    batch-2 forward): each tensor whose first dimension is 1 repeated along it; the others (FLUX.1's position
+    ids, which have no batch dimension) and non-tensors as they are."""
+    if batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {batch}")
+    if batch == 1:
+        return dict(inputs)
+    return {k: v.repeat(batch, *([1] * (v.ndim - 1))) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 1
+            else v for k, v in inputs.items()}
+
+
 def top_kernel_lines(top: dict[str, float], title: str) -> list[str]:
     """A profile's top kernels as markdown list lines under ``title``."""
     return ["", f"{title}:", ""] + [f"- {ms:.2f} {name[:140]}" for name, ms in top.items()]
@@ -108,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tier", default="fast", choices=("fast", "fp8"), help="the compiled quality tier to profile")
     p.add_argument("--skip-eager", action="store_true", help="profile the compiled forward only")
     p.add_argument("--disable", default="", help="comma list of compile passes to leave out")
+    p.add_argument("--batch", type=int, default=1, help="the forward's batch (2: a pipeline's CFG pair, as Wan's "
+                                                       "generation runs it); the FLOP count stays batch 1's")
     p.add_argument("--graphs", action="store_true", help="replay the compiled forward from a CUDA graph, as the "
                                                          "runtime does (default: launched one kernel at a time)")
     args = p.parse_args(argv)
@@ -123,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     native = shared.pop("transformer")
     if family.native_transformer is not None:  # the generic backend compiles diffusers' own module
         native = native_like(native, family.native_transformer, spec.transformer)
-    inputs = family.dit_inputs(spec, wl, device, dtype)
+    inputs = batched(family.dit_inputs(spec, wl, device, dtype), args.batch)
     result: dict[str, Any] = {"model": spec.name, "env": environment(device, ["-m", "bench.profile_compiled", *(argv or [])]),
                               "flops_tflop": family.dit_flops(spec, wl).total / 1e12}
     with torch.no_grad():
@@ -143,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = (("" if args.tier == "fast" else f"-{args.tier}") + "".join(f"-no-{d}" for d in disable)
-              + ("-graphs" if args.graphs else ""))
+              + (f"-batch{args.batch}" if args.batch != 1 else "") + ("-graphs" if args.graphs else ""))
     stem = out / f"{gpu_slug(result['env']['gpu'])}-{result['env']['date']}-{spec.name}{suffix}-profile"
     lines = [f"# {spec.name} DiT forward, CUDA kernel time per category (ms per forward)", "",
-             f"{result['env']['gpu']}, torch {result['env']['torch']}; {result['flops_tflop']:.1f} TFLOP per forward; "
+             f"{result['env']['gpu']}, torch {result['env']['torch']}; batch {args.batch}; "
+             f"{result['flops_tflop']:.1f} TFLOP per batch-1 forward; "
              f"tier {args.tier}; compiled: {result['compile']['matches']}, attention {result['compile']['attention']}", "",
              "| category | eager ms | compiled ms |", "|---|---:|---:|"]
     cats = list(dict.fromkeys([*result["eager"]["by_category_ms"], *result["compiled"]["by_category_ms"]]))
