@@ -55,4 +55,3 @@ def test_repeats_must_be_positive(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--model", "wan-tiny", "--device", "cpu", "--repeats", "0"])
     assert exc.value.code == 2 and "--repeats must be at least 1" in capsys.readouterr().err
-
