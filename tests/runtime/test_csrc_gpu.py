@@ -320,3 +320,13 @@ def test_adaln_rows_fp8_forms_of_many_narrow_rows_take_the_cuda_kernel(rows, cud
     (_, launched_fp8), (_, launched_bf16) = (_adaln_call(form, x, y, gate, scale, shift, biases)
                                              for form in ("pair_fp8", "pair"))
     assert launched_fp8 == int(cuda) and launched_bf16 == 0
+
+
+def test_adaln_rows_with_no_rows_launch_nothing():
+    x = torch.zeros(2, 0, 5120, dtype=torch.bfloat16, device="cuda")
+    scale = torch.zeros(2, 1, 5120, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(x)
+    COUNTERS.reset()
+    torch.ops.diffc.adaln_modulate(x, scale, scale, 1e-6, out)
+    torch.cuda.synchronize()
+    assert COUNTERS.csrc_launches == 0
