@@ -239,8 +239,10 @@ def _cuda_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scal
     modulation's dtype (the activations' or float32), rows of whole 16-byte vectors starting 16-byte aligned.
     False leaves the rows to Triton."""
     batch, seq, dim = x.shape
-    if batch * seq == 0 or x.dtype not in (torch.bfloat16, torch.float16) or scale.dtype not in (x.dtype, torch.float32):
-        return False  # (no rows: nothing to launch)
+    if batch * seq == 0:  # no rows (an empty grid is not a valid launch); Triton launches nothing either
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) or scale.dtype not in (x.dtype, torch.float32):
+        return False
     if gate is not None and gate.dtype != scale.dtype:
         return False
     shape = csrc.row_launch(dim, x.dtype, min_vectors=CSRC_MIN_VECTORS, vectors_per_thread=CSRC_VECTORS_PER_THREAD)
