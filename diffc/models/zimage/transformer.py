@@ -111,9 +111,12 @@ class ZImageTransformer2DModel(nn.Module):
 
     # ------------------------------------------------------------------------------------ helpers
 
-    def _tables(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tables(self, ids: torch.Tensor, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables of ``ids`` (B, S, 3); ``shared``: every sample's ids are the same (then one table for the
+        batch). The caller knows that on the host (the ids follow from the padded caption lengths), so no
+        comparison of device tensors stalls the forward (or a CUDA graph capture) on a device-to-host read."""
         cos, sin = rope_tables(ids, self.config.axes_dims, self.config.rope_theta)  # (B, S, head_dim)
-        if all(torch.equal(ids[0], i) for i in ids[1:]):
+        if shared:
             cos, sin = cos[:1], sin[:1]  # one table for the batch
         return cos[:, :, None, :].contiguous(), sin[:, :, None, :].contiguous()  # (B or 1, S, 1, head_dim)
 
@@ -174,11 +177,12 @@ class ZImageTransformer2DModel(nn.Module):
             img_ids[i, :n_img, 0] = padded + 1
             img_ids[i, :n_img, 1], img_ids[i, :n_img, 2] = rows, cols
 
-        img_cos, img_sin = self._tables(img_ids)
+        shared = len(set(cap_padded)) == 1  # same padded caption length: the same ids in every sample
+        img_cos, img_sin = self._tables(img_ids, shared)
         for block in self.noise_refiner:
             x = block(x, None, img_cos, img_sin, adaln)
         cap_mask = self._mask(cap_padded, cap_total, device)
-        cap_cos, cap_sin = self._tables(cap_ids)
+        cap_cos, cap_sin = self._tables(cap_ids, shared)
         for block in self.context_refiner:
             cap = block(cap, cap_mask, cap_cos, cap_sin)
 
@@ -187,7 +191,7 @@ class ZImageTransformer2DModel(nn.Module):
         unified = torch.cat([x, cap], dim=1)
         ids = torch.cat([img_ids, cap_ids], dim=1)
         mask = self._mask(lengths, max(lengths), device)
-        cos, sin = self._tables(ids)
+        cos, sin = self._tables(ids, shared)
         for block in self.layers:
             unified = block(unified, mask, cos, sin, adaln)
 
