@@ -223,9 +223,9 @@ _RESIDUAL, _GATE, _ROUND_PRODUCT, _ROUND_MODULATE, _QUANT, _MOD_BIAS, _GATE_BIAS
 # Where the CUDA kernel runs, from python -m bench.ops.sweep_csrc_adaln on an H200
 # (bench/results/ops/h200-2026-12-04-csrc-adaln.txt), each thread holding CSRC_VECTORS_PER_THREAD 16-byte
 # vectors (the fastest there): rows of at least CSRC_MIN_VECTORS vectors (None: csrc.MIN_VECTORS, 4096 bfloat16
-# values; Wan2.1-14B's 5120-wide rows: 242-450 us where Triton took 399-692), and the fp8 forms on rows of at
-# least CSRC_FP8_MIN_VECTORS when a call has CSRC_FP8_MIN_ROWS rows or more (Wan2.1-1.3B's 32,760 x 1536: 92 / 138
-# us where Triton took 121 / 168). Triton kept the rest: the bf16 forms at 1536, and every form on FLUX.1's,
+# values; Wan2.1-14B's 5120-wide rows: 245-456 us where Triton took 394-704), and the fp8 forms on rows of at
+# least CSRC_FP8_MIN_VECTORS when a call has CSRC_FP8_MIN_ROWS rows or more (Wan2.1-1.3B's 32,760 x 1536: 94 / 144
+# us where Triton took 126 / 170). Triton kept the rest: the bf16 forms at 1536, and every form on FLUX.1's,
 # SD3.5's and Z-Image's 2432-3840-wide calls of 4096-4608 rows (csrc 5-45% slower there).
 CSRC_MIN_VECTORS: int | None = None
 CSRC_FP8_MIN_VECTORS = 192
