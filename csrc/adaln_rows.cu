@@ -72,7 +72,7 @@ __device__ __forceinline__ void adaln_rows(const T* __restrict__ x, const T* __r
       for (int j = 0; j < V; ++j) sum += to_float(r[i].v[j]);
     }
   }
-  const float mean = block_sum(sum, smem[0]) / C;
+  const float mean = block_reduce(sum, smem[0], SumOp()) / C;
   float sq = 0.0f;
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
@@ -84,7 +84,7 @@ __device__ __forceinline__ void adaln_rows(const T* __restrict__ x, const T* __r
       }
     }
   }
-  const float rstd = rsqrtf(block_sum(sq, smem[1]) / C + eps);
+  const float rstd = rsqrtf(block_reduce(sq, smem[1], SumOp()) / C + eps);
   float amax = 0.0f;
 #pragma unroll
   for (int i = 0; i < NV; ++i) {

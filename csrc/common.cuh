@@ -87,35 +87,28 @@ template <int N> __device__ __forceinline__ void store_fp8(u8* p, const float* q
   }
 }
 
-__device__ __forceinline__ float warp_max(float v) {
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+
+template <typename Op> __device__ __forceinline__ float warp_reduce(float v, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
-// Max of v over the block (every thread gets it). smem: 32 floats. blockDim.x a multiple of 32.
-__device__ __forceinline__ float block_max(float v, float* smem) {
-  v = warp_max(v);
+// op (MaxOp, SumOp) of v over the block; every thread gets it. smem: 32 floats, not reused by the block
+// before every thread has returned (a second reduction takes its own). blockDim.x a multiple of 32; the
+// lanes past the last warp contribute 0 (the identity of both: maxima here are of absolute values).
+template <typename Op> __device__ __forceinline__ float block_reduce(float v, float* smem, Op op) {
+  v = warp_reduce(v, op);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
   if (lane == 0) smem[warp] = v;
   __syncthreads();
-  return warp_max(lane < warps ? smem[lane] : 0.0f);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Sum of v over the block (every thread gets it). smem: 32 floats, not reused by the block before every
-// thread has returned (a second reduction takes its own). blockDim.x a multiple of 32.
-__device__ __forceinline__ float block_sum(float v, float* smem) {
-  v = warp_sum(v);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  return warp_sum(lane < warps ? smem[lane] : 0.0f);
+  return warp_reduce(lane < warps ? smem[lane] : 0.0f, op);
 }
 
 #define FP8_MAX 448.0f
@@ -129,7 +122,7 @@ template <bool BY_INVERSE, typename T, int NV>
 __device__ __forceinline__ void store_row_fp8(const Vec<T> (&r)[NV], int vectors, float amax, float* smem,
                                               u8* out_row, float* scale_out) {
   constexpr int V = Vec<T>::N;
-  const float s = __fdividef(fmaxf(block_max(amax, smem), SCALE_FLOOR), FP8_MAX);
+  const float s = __fdividef(fmaxf(block_reduce(amax, smem, MaxOp()), SCALE_FLOOR), FP8_MAX);
   const float inv = __fdividef(1.0f, s);
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
