@@ -75,6 +75,13 @@ def capture_graph(fn: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
+def graphed_ms(fn: Callable[[], None], warmup: int = 25, rep: int = 100) -> float:
+    """``do_bench`` median (ms) of ``fn`` replayed from a CUDA graph (:func:`capture_graph`)."""
+    from triton.testing import do_bench
+
+    return do_bench(capture_graph(fn), warmup=warmup, rep=rep, return_mode="median")
+
+
 def run(title: str, make_cases: Callable[[torch.dtype], list[Case]]) -> None:
     """Time every case of ``make_cases(dtype)`` and print a table.
 
@@ -109,12 +116,12 @@ def run(title: str, make_cases: Callable[[torch.dtype], list[Case]]) -> None:
             t_unfused = do_bench(lambda c=case: c.ref(*c.args), warmup=25, rep=100, return_mode="median")
             t_compiled = do_bench(lambda c=case, f=compiled: f(*c.args), warmup=25, rep=100, return_mode="median")
             t_fused = do_bench(case.fused, warmup=25, rep=100, return_mode="median")
-            t_graphed = do_bench(capture_graph(case.fused), warmup=25, rep=100, return_mode="median")
+            t_graphed = graphed_ms(case.fused)
             gbps = case.bytes_moved / (t_graphed * 1e-3) / 1e9
             triton_col = f"{'-':>9s}"
             if COUNTERS.csrc_launches:
                 with csrc.disabled():
-                    t_triton = do_bench(capture_graph(case.fused), warmup=25, rep=100, return_mode="median")
+                    t_triton = graphed_ms(case.fused)
                 triton_col = f"{t_triton:9.4f}"
             print(
                 f"{case.name:34s} {dtype_name:5s} {t_unfused:9.4f} {t_compiled:9.4f} {t_fused:9.4f} {t_graphed:9.4f} "

@@ -15,7 +15,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from bench.ops import capture_graph, require_cuda
+from bench.ops import graphed_ms, require_cuda
 from diffc.ops import gemv as gemv_mod
 from diffc.ops.fp8 import quantize_weight
 
@@ -31,10 +31,9 @@ TILES = list(itertools.product((8, 16, 32), (256, 512, 1024), (4, 8)))  # BLOCK_
 def main() -> None:
     require_cuda()
     import triton
-    from triton.testing import do_bench
 
     def per_call(fn) -> float:
-        return do_bench(capture_graph(fn), warmup=10, rep=100, return_mode="median") / COPIES
+        return graphed_ms(fn, warmup=10, rep=100) / COPIES
 
     print(f"# diffc.gemv vs cuBLAS: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}; CUDA-graph replay of {COPIES} calls on different weights, median us per call")

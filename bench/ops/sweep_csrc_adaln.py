@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.ops import capture_graph, require_cuda
+from bench.ops import graphed_ms, require_cuda
 from diffc.ops import adaln_modulate, csrc
 from diffc.ops.fp8 import FP8
 
@@ -84,10 +84,9 @@ def _differ(outs, refs) -> str:
 def main() -> None:
     require_cuda()
     import triton
-    from triton.testing import do_bench
 
     def timed(fn) -> float:
-        return do_bench(capture_graph(fn), warmup=25, rep=200, return_mode="median")
+        return graphed_ms(fn, rep=200)
 
     print(f"# adaLN rows, csrc/adaln_rows.cu vs Triton: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {triton.__version__}; CUDA-graph replay, do_bench median us (bandwidth: rows read and written "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.ops import capture_graph, require_cuda
+from bench.ops import graphed_ms, require_cuda
 from diffc.ops import csrc
 from diffc.ops.fp8 import FP8
 
@@ -29,10 +29,9 @@ TARGETS = (256, 512, 1024)
 def main() -> None:
     require_cuda()
     import triton
-    from triton.testing import do_bench
 
     def timed(fn) -> float:
-        return do_bench(capture_graph(fn), warmup=25, rep=200, return_mode="median")
+        return graphed_ms(fn, rep=200)
 
     print(f"# csrc rowwise kernels vs Triton: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
           f"{triton.__version__}; CUDA-graph replay, do_bench median us (bandwidth counts x read once, fp8 + scales "
