@@ -189,22 +189,21 @@ def launch_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale=None
     batch, seq, dim = x.shape
     round_product = y is not None and gate_bias is None and rounds_product(y, gate)
     round_modulate = scale_bias is None and rounds_modulation(x, scale, shift)
-    if _cuda_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scale_bias, shift_bias, gate_bias,
-                  round_product, round_modulate):
-        return
-    block = next_pow2(dim)
+    # tensors standing in for absent ones (the kernels read them only under their flags), then the (b, s) strides
     res = residual_out if residual_out is not None else out
     y_ = y if y is not None else x
     g = gate if gate is not None else scale
+    strides = (x.stride(0), x.stride(1), y_.stride(0), y_.stride(1), broadcast_stride(g, 0), broadcast_stride(g, 1),
+               broadcast_stride(scale, 0), broadcast_stride(scale, 1), broadcast_stride(shift, 0),
+               broadcast_stride(shift, 1), res.stride(0), res.stride(1), out.stride(0), out.stride(1))
+    if _cuda_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scale_bias, shift_bias, gate_bias,
+                  round_product, round_modulate, strides):
+        return
+    block = next_pow2(dim)
     adaln_rows_kernel[(batch * seq,)](
         x, y_, g, scale, shift, res, out, out_scale if out_scale is not None else scale,
         scale_bias if scale_bias is not None else scale, shift_bias if shift_bias is not None else shift,
-        gate_bias if gate_bias is not None else g, seq, dim, eps,
-        x.stride(0), x.stride(1), y_.stride(0), y_.stride(1),
-        broadcast_stride(g, 0), broadcast_stride(g, 1),
-        broadcast_stride(scale, 0), broadcast_stride(scale, 1),
-        broadcast_stride(shift, 0), broadcast_stride(shift, 1),
-        res.stride(0), res.stride(1), out.stride(0), out.stride(1),
+        gate_bias if gate_bias is not None else g, seq, dim, eps, *strides,
         RESIDUAL=y is not None,
         HAS_GATE=gate is not None,
         ROUND_PRODUCT=round_product,
@@ -234,10 +233,10 @@ CSRC_VECTORS_PER_THREAD = 4
 
 
 def _cuda_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scale_bias, shift_bias, gate_bias,
-               round_product: bool, round_modulate: bool) -> bool:
+               round_product: bool, round_modulate: bool, strides: tuple[int, ...]) -> bool:
     """Run csrc/adaln_rows.cu when it applies (see :mod:`.csrc`): bf16/fp16 activations, the gate in the
     modulation's dtype (the activations' or float32), rows of whole 16-byte vectors starting 16-byte aligned.
-    False leaves the rows to Triton."""
+    ``strides``: the 14 (b, s) strides :func:`launch_rows` hands both kernels. False leaves the rows to Triton."""
     batch, seq, dim = x.shape
     if batch * seq == 0:  # no rows (an empty grid is not a valid launch); Triton launches nothing either
         return False
@@ -269,12 +268,6 @@ def _cuda_rows(x, y, gate, scale, shift, eps, residual_out, out, out_scale, scal
              | (_ROUND_PRODUCT if round_product else 0) | (_ROUND_MODULATE if round_modulate else 0)
              | (_QUANT if out_scale is not None else 0) | (_MOD_BIAS if scale_bias is not None else 0)
              | (_GATE_BIAS if gate_bias is not None else 0))
-    y_ = y if y is not None else x
-    g = gate if gate is not None else scale
-    res = residual_out if residual_out is not None else x
-    strides = (x.stride(0), x.stride(1), y_.stride(0), y_.stride(1), broadcast_stride(g, 0), broadcast_stride(g, 1),
-               broadcast_stride(scale, 0), broadcast_stride(scale, 1), broadcast_stride(shift, 0),
-               broadcast_stride(shift, 1), res.stride(0), res.stride(1), out.stride(0), out.stride(1))
     csrc.launch(kern, x.device, batch * seq, threads, x, y, gate, scale, shift, residual_out, out, out_scale,
                 scale_bias, shift_bias, gate_bias, np.int32(seq), np.int32(dim), np.float32(eps),
                 *(np.int64(st) for st in strides), np.int32(flags))
