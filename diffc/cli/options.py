@@ -27,7 +27,8 @@ def add_model_flags(p: argparse.ArgumentParser, verb: str) -> None:
 def add_runtime_flags(p: argparse.ArgumentParser) -> None:
     """Flags for ``diffc.runtime.options.RuntimeOptions``, shared by ``run`` and ``serve``."""
     p.add_argument("--cuda-graphs", choices=("on", "off"),
-                   help="capture and replay the DiT forward in CUDA graphs (default: on for a GPU, off on CPU)")
+                   help="capture and replay the DiT forward and the text encoders in CUDA graphs (default: on for a "
+                        "GPU, off on CPU)")
     p.add_argument("--offload", choices=("none", "layerwise", "model"),
                    help="layerwise: stream the DiT's blocks from pinned host memory; model: whole components "
                         "move to the GPU only while used (default: none)")

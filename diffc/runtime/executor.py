@@ -31,14 +31,16 @@ from torch import nn
 from ..models.structure import RegionError, dit_regions, has_regions
 from .cache.graphs import SegmentGraphs
 from .cudagraphs import CudaGraphModule
+from .encoders import EncoderGraphs
 from .options import RuntimeOptions
 
 DENOISERS = ("transformer", "transformer_2")
 
 
 def unwrap(component: Any) -> Any:
-    """The eager module behind a pipeline component (a :class:`DiTStack`'s ``module``), else the component."""
-    return component.module if isinstance(component, DiTStack) else component
+    """The eager module behind a pipeline component (a :class:`DiTStack`'s or a graphed encoder's ``module``),
+    else the component."""
+    return component.module if isinstance(component, (DiTStack, CudaGraphModule)) else component
 
 
 class DiTStack:
@@ -252,7 +254,9 @@ class DiTStack:
 
 
 class Executor:
-    """Builds and owns every denoiser slot's :class:`DiTStack` and the pipeline's offload."""
+    """Builds and owns every denoiser slot's :class:`DiTStack`, the encoders' CUDA graphs and the offload."""
+
+    graph_encoders = True  # the encoders named in ``text_encoders`` replay CUDA graphs where they can (.encoders)
 
     def __init__(self, components: dict[str, Any], device: torch.device, options: RuntimeOptions,
                  text_encoders: tuple[str, ...] = (), *, streams=None):
@@ -265,6 +269,8 @@ class Executor:
                 stack = DiTStack(name, module, self.device, options.cuda_graphs)
                 self.stacks[name] = stack
                 components[name] = stack
+        self.encoders = EncoderGraphs(components, text_encoders if self.graph_encoders else (), self.device,
+                                      options.cuda_graphs)
         if options.offload != "none":
             self.place(options.offload, prefetch=options.offload_prefetch, resident_blocks=options.resident_blocks,
                        text_encoders=text_encoders, streams=streams)
@@ -281,6 +287,8 @@ class Executor:
         if self.offload is not None:
             self.offload.remove()
             self.offload = None
+        # offload hooks go on the eager encoders, which then move between host and device at every call
+        self.encoders.set_blocked(None if mode == "none" else f"{mode} offload moves the encoders' weights")
         if mode != "none":
             self.offload = apply_offload(self.components, self.device, mode, prefetch=prefetch,
                                          resident_blocks=resident_blocks, text_encoders=text_encoders,
@@ -298,6 +306,7 @@ class Executor:
         out["compiled"] = first.compiled.describe() if first is not None and first.compiled is not None else None
         out["cache"] = first.cache.describe() if first is not None and first.cache is not None else None
         out["dit"] = {name: stack.describe() for name, stack in self.stacks.items()}
+        out["encoders"] = self.encoders.describe()
         return out
 
     def compiled(self):
@@ -334,6 +343,7 @@ class Executor:
     def set_cuda_graphs(self, enabled: bool | None) -> None:
         for stack in self.stacks.values():
             stack.set_cuda_graphs(enabled)
+        self.encoders.set_cuda_graphs(enabled)
 
     def set_weight_quantization(self, scheme: str | None) -> None:
         """Add (``"fp8"``) or remove (None) the fp8 weight transform on every DiT (:mod:`.fp8`)."""
