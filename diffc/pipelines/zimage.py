@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidArgumentError
+from ..models.zimage.transformer import caption_layout
 from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
 from .denoise import cpu_generators, denoise_loop, seeded_noise
 from .flux import postprocess, vae_scale_factor
@@ -86,7 +87,8 @@ def denoise(ctx: RunContext, s):
     embeds, mask = s["prompt_embeds"], s["prompt_mask"]
     batch = s["latents"].shape[0]
     guided = embeds.shape[0] == 2 * batch
-    mask = None if bool(mask.all()) else mask
+    # the caption lengths, read on the host once: the DiT's forward then reads nothing back (CUDA graphs)
+    embeds, mask, padded = caption_layout(embeds, mask)
 
     def predict(x, t):
         x = x.to(ctx.dtype)
@@ -94,7 +96,7 @@ def denoise(ctx: RunContext, s):
             x = torch.cat([x, x])
         timestep = ((1000 - t.expand(x.shape[0])) / 1000).to(torch.float32)
         out = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
-                          encoder_attention_mask=mask).float()
+                          encoder_attention_mask=mask, padded_caption_lengths=padded).float()
         if guided:
             cond, uncond = out.chunk(2)
             out = cond + scale * (cond - uncond)

@@ -129,3 +129,100 @@ def test_dit_shares_rope_tables_without_comparing_device_tensors(zimage_checkpoi
     assert len(ids_seen) == 3  # image, caption and joint tables
     shared = lengths[0] == lengths[1] or (lengths[0] + 31) // 32 == (lengths[1] + 31) // 32
     assert all(torch.equal(ids[0], ids[1]) == shared for ids in ids_seen)
+
+
+HOST_READS = {"aten._local_scalar_dense.default", "aten.equal.default", "aten.nonzero.default",
+              "aten.lift_fresh.default", "aten.is_nonzero.default"}
+
+
+def _ops_of(fn) -> set[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    ops = Ops()
+    with torch.no_grad(), ops:
+        fn()
+    return ops.seen
+
+
+# (caption tokens, each sample's kept positions): all kept, right padding, left padding, more tokens than kept
+MASKS = {"all": (40, [range(40), range(40)]), "right": (40, [range(40), range(17)]),
+         "left": (40, [range(33), range(3, 20)]), "long": (96, [range(5, 21), range(64)])}
+
+
+@pytest.mark.parametrize("layout", list(MASKS))
+def test_dit_with_padded_caption_lengths_reads_nothing_back_and_matches(zimage_checkpoint, layout):
+    """With caption_layout's padded lengths the forward reads nothing from the device (no item/tolist, no
+    comparison, no boolean indexing, no host-to-device copy: what a CUDA graph capture refuses) and gives the
+    output of the forward that reads the mask itself, bit for bit."""
+    from diffc.models.zimage.transformer import caption_layout
+
+    dit = diffc.load(zimage_checkpoint("tiny")).components["transformer"]
+    tokens, kept = MASKS[layout]
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 8, 6, generator=gen)
+    caps = torch.randn(2, tokens, dit.config.cap_feat_dim, generator=gen)
+    mask = torch.zeros(2, tokens, dtype=torch.bool)
+    for row, positions in enumerate(kept):
+        mask[row, list(positions)] = True
+    t = torch.tensor([0.3, 0.3])
+    captions, prefix, padded = caption_layout(caps, mask)
+    assert padded == tuple(-(-len(p) // 32) * 32 for p in kept)
+    for row, positions in enumerate(kept):
+        assert torch.equal(captions[row, :len(positions)], caps[row, list(positions)])  # kept tokens first, in order
+    outs = {}
+    host = _ops_of(lambda: outs.setdefault("reads", dit(hidden_states=x, timestep=t, encoder_hidden_states=caps,
+                                                        encoder_attention_mask=mask)))
+    fixed = _ops_of(lambda: outs.setdefault("fixed", dit(hidden_states=x, timestep=t, encoder_hidden_states=captions,
+                                                         encoder_attention_mask=prefix, padded_caption_lengths=padded)))
+    assert host & HOST_READS  # the check sees host reads where there are some
+    assert not fixed & HOST_READS, fixed & HOST_READS
+    assert torch.equal(outs["fixed"], outs["reads"])
+
+
+@pytest.mark.parametrize("padded,mask_kind,fragment", [
+    ((64,), "right", "expected 2 multiple"),
+    ((64, 40), "right", "got \\(64, 40\\)"),
+    ((64, 96), "right", "from 32 to 64"),
+    ((64, True), "right", "multiple"),
+    ([32, 32], "none", "expected 64 each"),
+    ("64", "right", "multiple"),
+])
+def test_bad_padded_caption_lengths_name_the_field(zimage_checkpoint, padded, mask_kind, fragment):
+    dit = diffc.load(zimage_checkpoint("tiny")).components["transformer"]
+    mask = None
+    if mask_kind == "right":
+        mask = torch.zeros(2, 40, dtype=torch.bool)
+        mask[:, :17] = True
+    with pytest.raises(InvalidArgumentError, match=fragment) as err:
+        dit(hidden_states=torch.zeros(2, 4, 8, 6), timestep=torch.tensor([0.3, 0.3]),
+            encoder_hidden_states=torch.zeros(2, 40, dit.config.cap_feat_dim), encoder_attention_mask=mask,
+            padded_caption_lengths=padded)
+    assert err.value.field == "padded_caption_lengths"
+
+
+def test_guided_generation_replays_one_dit_graph(zimage_checkpoint, monkeypatch):
+    """Prompt and negative prompt of other lengths (a padding mask): the DiT call's signature holds the padded
+    caption lengths (host values), so every step after the first replays the graph, with the eager pixels."""
+    import diffc.runtime.executor as executor_module
+    from tests.runtime.test_cudagraphs import EmulatedGraphs
+
+    pipe = diffc.load(zimage_checkpoint("tiny"), device="cpu")
+    kw = dict(height=32, width=32, num_inference_steps=3, guidance_scale=2.5, max_sequence_length=64,
+              negative_prompt="blurry", seed=5, progress=False)
+    eager = pipe.generate(PROMPT, **kw).images[0]
+    monkeypatch.setattr(executor_module, "CudaGraphModule", EmulatedGraphs)
+    stack = pipe.components["transformer"]
+    stack.set_cuda_graphs(True)
+    assert np.array_equal(pipe.generate(PROMPT, **kw).images[0], eager)
+    graphs = stack.describe_graphs()
+    assert (graphs["captures"], graphs["replays"], graphs["fallbacks"]) == (1, 2, 0)
+    assert "padded_caption_lengths=(32, 32)" in graphs["graphs"][0]["key"]

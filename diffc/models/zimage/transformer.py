@@ -6,6 +6,11 @@ unmodulated); run ``layers`` over the per-sample sequence ``[image, caption]``; 
 Each token sequence is padded to a multiple of 32 with a learned pad token (these pad tokens are
 attended to, as in Z-Image); samples of one batch whose sequences differ in length (captions of other
 lengths, e.g. the two halves of classifier-free guidance) are right-padded and masked out of attention.
+
+A caption's length decides the sequence's shape, so it has to be known on the host. :func:`caption_layout`
+reads it once (the pipeline calls it once a generation) and hands the forward ``padded_caption_lengths``;
+with them the forward reads nothing back from the device and a CUDA graph can capture it. Without them the
+forward reads the mask itself, at every call.
 """
 
 from __future__ import annotations
@@ -77,6 +82,28 @@ def _ceil(n: int, multiple: int = SEQ_MULTI_OF) -> int:
     return -(-n // multiple) * multiple
 
 
+def caption_layout(captions: torch.Tensor, mask: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
+    """``(captions, mask, padded lengths)`` for a forward that reads nothing back from the device.
+
+    ``captions`` (B, L, ...) and ``mask`` (B, L) bool (None: every token kept) become: each sample's kept tokens
+    first, in their order; the mask then keeps a prefix of each row (None when it keeps every token); and each
+    sample's kept-token count rounded up to a multiple of 32 (the forward's ``padded_caption_lengths``).
+    Reads the mask on the host.
+    """
+    b, length = captions.shape[:2]
+    if mask is None:
+        return captions, None, (_ceil(length),) * b
+    counts = [int(n) for n in mask.sum(dim=1).tolist()]
+    padded = tuple(_ceil(n) for n in counts)
+    if all(n == length for n in counts):
+        return captions, None, padded
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # kept tokens first, in order
+    captions = torch.gather(captions, 1, order.reshape(b, length, *[1] * (captions.ndim - 2)).expand_as(captions))
+    prefix = torch.stack([torch.arange(length, device=mask.device) < n for n in counts])  # (B, L)
+    return captions, prefix, padded
+
+
 class ZImageTransformer2DModel(nn.Module):
     """Z-Image single-stream DiT.
 
@@ -122,9 +149,31 @@ class ZImageTransformer2DModel(nn.Module):
 
     @staticmethod
     def _mask(lengths: list[int], total: int, device) -> torch.Tensor | None:
+        """(B, total) bool, True before each sample's length; None when every length is ``total``. Built from
+        host integers on the device (no host-to-device copy, which a CUDA graph cannot capture)."""
         if all(n == total for n in lengths):
             return None
-        return torch.arange(total, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        positions = torch.arange(total, device=device)
+        return torch.stack([positions < n for n in lengths])
+
+    def _caption_tokens(self, feats: torch.Tensor, keep: torch.Tensor | None, padded: list[int]) -> torch.Tensor:
+        """(B, max(padded), dim): each sample's kept features (a prefix: ``keep``), then the pad token up to its
+        padded length, then zeros (masked out of attention)."""
+        total, length = max(padded), feats.shape[1]
+        if length < total:
+            if keep is None:
+                keep = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+            feats = torch.nn.functional.pad(feats, (0, 0, 0, total - length))
+            keep = torch.nn.functional.pad(keep, (0, total - length), value=False)
+        elif length > total:  # every kept token lies in the first ``total`` (a prefix)
+            feats, keep = feats[:, :total], keep[:, :total]
+        cap = feats
+        if keep is not None:
+            cap = torch.where(keep[..., None], feats, self.cap_pad_token.to(feats.dtype))
+        inside = self._mask(padded, total, feats.device)
+        if inside is not None:
+            cap = torch.where(inside[..., None], cap, torch.zeros((), dtype=cap.dtype, device=cap.device))
+        return cap
 
     def _patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         # (B, C, H, W) -> (B, F*H/p*W/p, pf*p*p*C), feature order (pf, ph, pw, C) as Z-Image
@@ -144,8 +193,12 @@ class ZImageTransformer2DModel(nn.Module):
     # ------------------------------------------------------------------------------------ forward
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask)
+                encoder_attention_mask: torch.Tensor | None = None,
+                padded_caption_lengths: tuple[int, ...] | None = None) -> torch.Tensor:
+        """``padded_caption_lengths`` (from :func:`caption_layout`): the mask then keeps a prefix of each row, and
+        the forward reads nothing back from the device. Without them it reads the mask, which may keep any tokens."""
+        self._check_inputs(hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                           padded_caption_lengths)
         cfg = self.config
         device, b = hidden_states.device, hidden_states.shape[0]
         adaln = self.t_embedder(timestep * cfg.t_scale).type_as(hidden_states)  # (B, 256)
@@ -158,23 +211,20 @@ class ZImageTransformer2DModel(nn.Module):
         x = torch.cat([x, self.x_pad_token.to(x.dtype).expand(b, img_len - n_img, -1)], dim=1)
 
         # caption tokens: each sample's own length, padded to a multiple of 32 with the pad token
-        if encoder_attention_mask is None:
-            cap_lens = [encoder_hidden_states.shape[1]] * b
-        else:
-            cap_lens = [int(n) for n in encoder_attention_mask.sum(dim=1).tolist()]
-        cap_padded = [_ceil(n) for n in cap_lens]
-        cap_total = max(cap_padded)
         feats = self.cap_embedder(encoder_hidden_states)  # (B, L, dim)
-        cap = feats.new_zeros(b, cap_total, feats.shape[-1])
+        keep = encoder_attention_mask
+        if padded_caption_lengths is None:
+            feats, keep, padded_caption_lengths = caption_layout(feats, keep)  # reads the mask on the host
+        cap_padded = list(padded_caption_lengths)
+        cap_total = max(cap_padded)
+        cap = self._caption_tokens(feats, keep, cap_padded)
         cap_ids = torch.zeros(b, cap_total, 3, dtype=torch.int64, device=device)
         img_ids = torch.zeros(b, img_len, 3, dtype=torch.int64, device=device)
         rows = torch.arange(grid[1], device=device).repeat_interleave(grid[2])
         cols = torch.arange(grid[2], device=device).repeat(grid[1])
-        for i, (n, padded) in enumerate(zip(cap_lens, cap_padded)):
-            cap[i, :n] = self._caption(feats[i], encoder_attention_mask, i)[:n]
-            cap[i, n:padded] = self.cap_pad_token.to(cap.dtype)
+        for i, padded in enumerate(cap_padded):
             cap_ids[i, :padded, 0] = torch.arange(1, padded + 1, device=device)
-            img_ids[i, :n_img, 0] = padded + 1
+            img_ids[i, :n_img, 0].fill_(padded + 1)  # fill_, not setitem: a Python number is no host tensor
             img_ids[i, :n_img, 1], img_ids[i, :n_img, 2] = rows, cols
 
         shared = len(set(cap_padded)) == 1  # same padded caption length: the same ids in every sample
@@ -198,12 +248,8 @@ class ZImageTransformer2DModel(nn.Module):
         out = self.all_final_layer[f"{cfg.patch_size}-{cfg.f_patch_size}"](unified[:, :n_img], adaln)
         return self._unpatchify(out, grid)
 
-    @staticmethod
-    def _caption(feats: torch.Tensor, mask: torch.Tensor | None, i: int) -> torch.Tensor:
-        """Sample ``i``'s caption features in order, its masked-out positions dropped."""
-        return feats if mask is None else feats[mask[i]]
-
-    def _check_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask) -> None:
+    def _check_inputs(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask,
+                      padded_caption_lengths) -> None:
         cfg = self.config
         p = cfg.patch_size
         if hidden_states.ndim != 4 or hidden_states.shape[1] != cfg.in_channels:
@@ -227,8 +273,22 @@ class ZImageTransformer2DModel(nn.Module):
                 raise InvalidArgumentError("encoder_attention_mask", f"expected shape "
                                            f"{tuple(encoder_hidden_states.shape[:2])}, got "
                                            f"{tuple(encoder_attention_mask.shape)}")
-            if encoder_attention_mask.dtype != torch.bool or not encoder_attention_mask.any(dim=1).all():
-                raise InvalidArgumentError("encoder_attention_mask", "must be bool with at least one token per sample")
+            if encoder_attention_mask.dtype != torch.bool:
+                raise InvalidArgumentError("encoder_attention_mask", f"must be bool, got {encoder_attention_mask.dtype}")
+            if padded_caption_lengths is None and not encoder_attention_mask.any(dim=1).all():  # a host read
+                raise InvalidArgumentError("encoder_attention_mask", "must keep at least one token per sample")
+        if padded_caption_lengths is not None:
+            most = _ceil(encoder_hidden_states.shape[1])
+            if (not isinstance(padded_caption_lengths, (tuple, list)) or len(padded_caption_lengths) != b
+                    or any(isinstance(n, bool) or not isinstance(n, int) or n < SEQ_MULTI_OF or n > most
+                           or n % SEQ_MULTI_OF for n in padded_caption_lengths)):
+                raise InvalidArgumentError("padded_caption_lengths", f"expected {b} multiple(s) of {SEQ_MULTI_OF} "
+                                           f"from {SEQ_MULTI_OF} to {most} (caption_layout gives them), "
+                                           f"got {padded_caption_lengths!r}")
+            if encoder_attention_mask is None and any(n != most for n in padded_caption_lengths):
+                raise InvalidArgumentError("padded_caption_lengths", f"without a mask every caption keeps its "
+                                           f"{encoder_hidden_states.shape[1]} tokens: expected {most} each, "
+                                           f"got {padded_caption_lengths!r}")
         if _ceil(encoder_hidden_states.shape[1]) + 1 >= cfg.axes_lens[0]:
             raise InvalidArgumentError("encoder_hidden_states", f"at most {cfg.axes_lens[0] - SEQ_MULTI_OF - 1} "
                                        f"caption tokens for this checkpoint's RoPE, got {encoder_hidden_states.shape[1]}")
