@@ -196,7 +196,14 @@ class DiffcEngine(Engine):
         """The DiT's blocks back to their own forwards, no CUDA graphs (the modules may be shared)."""
         self.transformer.set_compiled(None)
         self.transformer.set_cuda_graphs(False)
+        self.encoder_graphs(False)
         self.fused_vae(False)
+
+    def encoder_graphs(self, enabled: bool) -> None:
+        """The pipeline's text encoders replaying CUDA graphs or eager (the executor's ``encoders``; a pipeline
+        loaded with CUDA graphs on runs them graphed)."""
+        if self.pipe is not None:
+            self.pipe.executor.encoders.set_cuda_graphs(enabled)
 
     def fused_vae(self, enabled: bool) -> None:
         """The VAE's fused kernels on or off, as the executor switches them with a compiled DiT on a GPU
@@ -206,7 +213,9 @@ class DiffcEngine(Engine):
 
     @property
     def components_key(self) -> str:
-        return self.kind + (" (fused VAE)" if getattr(self.vae, "uses_fused_kernels", False) else "")
+        graphed = self.pipe is not None and self.pipe.executor.encoders.reason is None
+        return self.kind + (" (fused VAE)" if getattr(self.vae, "uses_fused_kernels", False) else "") + \
+            (" (graphed encoders)" if graphed else "")
 
     def ensure_compiled(self, inputs: dict[str, Any], wl: Workload, *, graphs: bool = False) -> str:
         """:meth:`compile` with the default passes, unless the engine is compiled so already (cache configs
@@ -226,13 +235,16 @@ class DiffcEngine(Engine):
         self.transformer.set_compiled(None)
         self.transformer.set_cuda_graphs(False)
         self.transformer.set_weight_quantization(None)
+        self.encoder_graphs(False)
         self.fused_vae(False)
         self.setup_key = ("eager",)
         return "eager"
 
     def cuda_graphs(self) -> str:
-        """Capture and replay the DiT forward in CUDA graphs (the executor's graph layer)."""
+        """Capture and replay the DiT forward and the text encoders in CUDA graphs (the executor's graph layers,
+        as a pipeline loaded with CUDA graphs on runs them)."""
         self.transformer.set_cuda_graphs(True)
+        self.encoder_graphs(True)
         return "CUDA graphs"
 
     def forward(self, inputs: dict[str, Any]) -> torch.Tensor:

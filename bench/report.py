@@ -180,8 +180,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Components and memory",
         "",
-        "Text encode and VAE decode are measured once per engine and VAE variant (a compiled diffc pipeline on a "
-        "GPU decodes with the VAE's fused kernels; compiling does not change the text encoders). "
+        "Text encode and VAE decode are measured once per engine, VAE variant and encoder mode (a compiled diffc "
+        "pipeline on a GPU decodes with the VAE's fused kernels; with CUDA graphs, diffc's text encoders replay "
+        "graphs too). "
         "Peak memory is what was allocated on the GPU during that stage, resident weights included. "
         "Rel err: relative L2 distance of the output from the reference configuration's on the same inputs.",
         "",
