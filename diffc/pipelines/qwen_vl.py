@@ -121,7 +121,8 @@ def encode_texts(ctx: RunContext, texts: list[str], images: list | None, drop_id
         inputs = c["processor"](texts, images)
     device = ctx.device
     mask = inputs["attention_mask"].to(device)
-    kwargs = {"input_ids": inputs["input_ids"].to(device), "attention_mask": mask, "output_hidden_states": True}
+    kwargs = {"input_ids": inputs["input_ids"].to(device), "attention_mask": mask, "output_hidden_states": True,
+              "use_cache": False}  # an encoder pass: no K/V kept for later tokens
     if "pixel_values" in inputs:
         kwargs["pixel_values"] = inputs["pixel_values"].to(device=device, dtype=encoder.dtype)
         kwargs["image_grid_thw"] = inputs["image_grid_thw"].to(device)

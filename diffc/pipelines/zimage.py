@@ -36,7 +36,8 @@ def _embed(ctx: RunContext, prompts: list[str], max_length: int, label: str):
     tokenizer, encoder = ctx.components["tokenizer"], ctx.components["text_encoder"]
     ids, mask = tokenize(ctx, tokenizer, [chat_prompt(tokenizer, p) for p in prompts], max_length, label)
     ids, mask = ids.to(ctx.device), mask.to(ctx.device).bool()
-    states = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+    # no KV cache: an encoder pass keeps nothing for later tokens (Qwen3Model would concatenate every layer's K/V)
+    states = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states[-2]
     return states.to(ctx.dtype), mask
 
 
