@@ -13,6 +13,10 @@ eagerly. A forward that cannot be captured (a host read, e.g. a transformers rel
 mask on the host) runs eagerly for that signature, with a warning, and ``describe()`` shows why.
 Qwen-Image's Qwen2.5-VL is called through its inner model at each prompt's own length and stays eager.
 
+The replays compute what the eager forward computes: transformers builds the same attention inputs while a
+capture is underway (T5/UMT5 pass their position bias as a mask either way, CLIP its causal flag), except for
+a causal encoder (Qwen3) whose prompt fills every position: eagerly it skips the all-ones padding mask for
+SDPA's causal flag, under capture it keeps an explicit mask (the same math through another SDPA kernel).
 The graphs' memory pool keeps one encoder forward's activations (the largest signature's) reserved.
 """
 
