@@ -283,3 +283,41 @@ def test_configs_keep_diffusers_defaults():
         ours = native_cls.from_config({}).config.to_dict()
         theirs = {k: v for k, v in ref_cls().config.items() if not k.startswith("_")}
         assert ours == theirs
+
+
+HOST_SYNCS = {"aten._local_scalar_dense.default", "aten._linalg_check_errors.default", "aten.is_nonzero.default",
+              "aten.equal.default", "aten.nonzero.default"}
+
+
+@pytest.mark.parametrize("native_cls, config, order", [
+    (FlowMatchEulerDiscreteScheduler, EULER_CONFIGS["flux-dev"], None),
+    (UniPCMultistepScheduler, WAN_UNIPC["480p"], 2),
+    (UniPCMultistepScheduler, WAN_UNIPC["480p"], 3),
+])
+def test_steps_wait_for_nothing_on_the_host(native_cls, config, order):
+    """On a device other than the schedule's, a step copies nothing from the host and reads nothing back (each
+    would synchronize the stream and leave the GPU idle while the host issues the next DiT call): the sigmas
+    cross once a generation. The samples live on the meta device, where every crossing is an explicit copy."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Traffic(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.crossings, self.syncs = 0, set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and "device" in kwargs and args[0].device != kwargs["device"]:
+                self.crossings += 1
+            if str(func) in HOST_SYNCS:
+                self.syncs.add(str(func))
+            return func(*args, **kwargs)
+
+    sched = native_cls.from_config({**config, **({"solver_order": order} if order else {})})
+    sched.set_timesteps(8, mu=calculate_shift(1024))
+    x = torch.zeros(WAN_LATENT, device="meta")
+    traffic = Traffic()
+    with traffic:
+        for t in sched.timesteps:
+            x = sched.step(torch.zeros(WAN_LATENT, device="meta"), t, x)
+    assert traffic.crossings <= 1 and not traffic.syncs, (traffic.crossings, traffic.syncs)

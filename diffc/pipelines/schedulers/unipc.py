@@ -4,6 +4,11 @@ Each step first corrects the current sample with the new model output (UniC), th
 next sample from the last ``order`` outputs (UniP). Both work in log-SNR time
 ``lambda = log(alpha) - log(sigma)``: flow models use ``alpha = 1 - sigma``; DDPM-style models use
 ``alpha = 1 / sqrt(sigma^2 + 1)`` with ``sigma`` the noise-to-signal ratio.
+
+A step waits for nothing on the host: the schedule's sigmas go to the sample's device once a generation
+(a per-step copy of a host scalar synchronizes the stream, so the GPU would idle while the host issues the
+rest of the step and the next DiT call), and the corrector's small linear system is solved without the
+error check that reads its status back (the system is a Vandermonde matrix of distinct log-SNR ratios).
 """
 
 from __future__ import annotations
@@ -79,6 +84,12 @@ SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
 
 # Solver types diffusers accepts; the legacy DPM-Solver names all mean bh2.
 _SOLVER_TYPES = {"bh1": "bh1", "bh2": "bh2", "midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}
+
+
+def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.solve(a, b)`` (the same kernel) without its singularity check, which reads the status
+    back to the host; UniPC's systems are Vandermonde matrices of distinct nodes, never singular."""
+    return torch.linalg.solve_ex(a, b).result
 
 
 class UniPCMultistepScheduler(Scheduler):
@@ -168,6 +179,7 @@ class UniPCMultistepScheduler(Scheduler):
         self._last_sample: torch.Tensor | None = None
         self._this_order = 0
         self._step_index = 0
+        self._device_sigmas: torch.Tensor | None = None  # self.sigmas on the samples' device, copied at the first step
 
     def _flow_sigmas(self, n: int, sigmas: Sequence[float] | None, mu: float | None):
         c = self.config
@@ -205,9 +217,15 @@ class UniPCMultistepScheduler(Scheduler):
         alpha = 1 / ((sigma**2 + 1) ** 0.5)
         return alpha, sigma * alpha
 
+    def _sigma_on(self, index: int, device: torch.device) -> torch.Tensor:
+        """``self.sigmas[index]`` as a 0-dim tensor on ``device`` (the schedule crosses once a generation)."""
+        if self._device_sigmas is None or self._device_sigmas.device != torch.device(device):
+            self._device_sigmas = self.sigmas.to(device)
+        return self._device_sigmas[index]
+
     def _lambda(self, index: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(alpha, sigma, log-SNR) at schedule position ``index``, as 0-dim tensors on ``device``."""
-        alpha, sigma = self._alpha_sigma(self.sigmas[index].to(device))
+        alpha, sigma = self._alpha_sigma(self._sigma_on(index, device))
         return alpha, sigma, torch.log(alpha) - torch.log(sigma)
 
     def _to_data(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> torch.Tensor:
@@ -267,14 +285,14 @@ class UniPCMultistepScheduler(Scheduler):
             if order == 2:
                 rhos = torch.ones(1, dtype=x.dtype, device=device) * 0.5
             else:
-                rhos = torch.linalg.solve(r_mat[:-1, :-1], b[:-1]).to(device).to(x.dtype)
+                rhos = _solve(r_mat[:-1, :-1], b[:-1]).to(device).to(x.dtype)
             res = torch.einsum("k,bkc...->bc...", rhos, d1s)
             return (x_t - alpha_t * b_h * res).to(x.dtype)
 
         if order == 1:
             rhos = torch.ones(1, dtype=x.dtype, device=device) * 0.5
         else:
-            rhos = torch.linalg.solve(r_mat, b).to(device).to(x.dtype)
+            rhos = _solve(r_mat, b).to(device).to(x.dtype)
         res = torch.einsum("k,bkc...->bc...", rhos[:-1], d1s) if d1s is not None else 0
         d1_t = corrector_output - m0
         return (x_t - alpha_t * b_h * (res + rhos[-1] * d1_t)).to(x.dtype)
