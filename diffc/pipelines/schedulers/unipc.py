@@ -5,7 +5,7 @@ next sample from the last ``order`` outputs (UniP). Both work in log-SNR time
 ``lambda = log(alpha) - log(sigma)``: flow models use ``alpha = 1 - sigma``; DDPM-style models use
 ``alpha = 1 / sqrt(sigma^2 + 1)`` with ``sigma`` the noise-to-signal ratio.
 
-A step waits for nothing on the host: the schedule's sigmas go to the sample's device once a generation
+A step waits for nothing on the host: the schedule's sigmas go to the samples' device once a generation
 (a per-step copy of a host scalar synchronizes the stream, so the GPU would idle while the host issues the
 rest of the step and the next DiT call), and the corrector's small linear system is solved without the
 error check that reads its status back (the system is a Vandermonde matrix of distinct log-SNR ratios).
@@ -179,7 +179,8 @@ class UniPCMultistepScheduler(Scheduler):
         self._last_sample: torch.Tensor | None = None
         self._this_order = 0
         self._step_index = 0
-        self._device_sigmas: torch.Tensor | None = None  # self.sigmas on the samples' device, copied at the first step
+        # self.sigmas on the samples' device: copied here when the device is given, else at the first step
+        self._device_sigmas = None if device is None else self.sigmas.to(device)
 
     def _flow_sigmas(self, n: int, sigmas: Sequence[float] | None, mu: float | None):
         c = self.config
