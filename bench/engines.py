@@ -213,7 +213,8 @@ class DiffcEngine(Engine):
 
     @property
     def components_key(self) -> str:
-        graphed = self.pipe is not None and self.pipe.executor.encoders.reason is None
+        encoders = None if self.pipe is None else self.pipe.executor.encoders
+        graphed = encoders is not None and bool(encoders.modules) and encoders.reason is None
         return self.kind + (" (fused VAE)" if getattr(self.vae, "uses_fused_kernels", False) else "") + \
             (" (graphed encoders)" if graphed else "")
 
