@@ -1,4 +1,4 @@
-"""CUDA graphs for a native pipeline's text and image encoders (transformers models), one per call signature.
+"""CUDA graphs for a pipeline's text and image encoders (transformers models), one per call signature.
 
 An encoder runs once or twice a generation, but transformers' eager forward is a long chain of small kernels
 launched from Python: T5-XXL over 512 tokens is ~800 kernels (ATen calls counted) for 4.8 TFLOP of matmuls (~7 ms at an

@@ -256,8 +256,6 @@ class DiTStack:
 class Executor:
     """Builds and owns every denoiser slot's :class:`DiTStack`, the encoders' CUDA graphs and the offload."""
 
-    graph_encoders = True  # the encoders named in ``text_encoders`` replay CUDA graphs where they can (.encoders)
-
     def __init__(self, components: dict[str, Any], device: torch.device, options: RuntimeOptions,
                  text_encoders: tuple[str, ...] = (), *, streams=None):
         self.components, self.device, self.options = components, torch.device(device), options
@@ -269,8 +267,8 @@ class Executor:
                 stack = DiTStack(name, module, self.device, options.cuda_graphs)
                 self.stacks[name] = stack
                 components[name] = stack
-        self.encoders = EncoderGraphs(components, text_encoders if self.graph_encoders else (), self.device,
-                                      options.cuda_graphs)
+        # the encoders named in ``text_encoders`` replay CUDA graphs where they can
+        self.encoders = EncoderGraphs(components, text_encoders, self.device, options.cuda_graphs)
         if options.offload != "none":
             self.place(options.offload, prefetch=options.offload_prefetch, resident_blocks=options.resident_blocks,
                        text_encoders=text_encoders, streams=streams)

@@ -11,7 +11,6 @@ import pytest
 import torch
 from transformers import T5Config, T5EncoderModel
 
-import diffc
 import diffc.runtime.encoders as encoders_module
 from diffc.runtime.executor import Executor, unwrap
 from diffc.runtime.options import RuntimeOptions
@@ -60,11 +59,3 @@ def test_switch_and_offload_put_the_modules_back(emulated):
     executor.set_cuda_graphs(False)
     assert components["text_encoder"] is encoder
     assert executor.describe()["encoders"]["text_encoder"] == {"enabled": False, "reason": "turned off"}
-
-
-def test_generic_backend_keeps_its_encoders(generic_checkpoint, emulated):
-    """diffusers calls a generic pipeline's encoders as its own attributes: they stay the modules it holds."""
-    pipe = diffc.load(generic_checkpoint("sd3"), device="cpu")
-    pipe.executor.set_cuda_graphs(True)
-    assert pipe.executor.encoders.modules == {} and pipe.executor.describe()["encoders"] == {}
-    assert not any(isinstance(c, EmulatedGraphs) for c in pipe.executor.components.values())

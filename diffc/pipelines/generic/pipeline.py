@@ -65,10 +65,9 @@ class GenericExecutor(Executor):
     """The runtime executor over a diffusers pipeline's components (offload keeps the transformers
     models in host memory between uses, as it does a native pipeline's text encoders); its
     ``describe()`` (the perf dump's ``runtime``) also names the backend, the pipeline class and
-    diffusers' version under ``generic``. The encoders stay eager: diffusers calls them as its pipeline's
-    attributes, which must stay the modules it registered."""
-
-    graph_encoders = False
+    diffusers' version under ``generic``. The encoders replay CUDA graphs as a native pipeline's do:
+    assigning ``components[name]`` sets the attribute the diffusers pipeline calls (as for the transformer's
+    ``DiTStack``)."""
 
     def __init__(self, pipe, components: DiffusersComponents, device: torch.device, options: RuntimeOptions):
         import diffusers

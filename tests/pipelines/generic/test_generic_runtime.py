@@ -86,6 +86,30 @@ def test_cuda_graphs_replay_the_diffusers_transformer(name, generic_pipe, monkey
     assert all(np.array_equal(o, resident) for o in outs)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_graphs_replay_the_diffusers_encoders(name, generic_pipe, monkeypatch):
+    """Assigning an encoder component sets the attribute the diffusers pipeline calls: its text encoders replay
+    graphs as a native pipeline's do (one capture per encoder; the negative prompt and the next generation replay)."""
+    import diffc.runtime.encoders as encoders_module
+
+    monkeypatch.setattr(encoders_module, "CudaGraphModule", EmulatedGraphs)
+    pipe = generic_pipe(name)
+    resident = _output(pipe, name)
+    try:
+        pipe.executor.encoders.set_cuda_graphs(True)
+        outs = [_output(pipe, name) for _ in range(2)]
+        described = pipe.executor.describe()["encoders"]
+        assert sorted(described) == sorted(TEXT_ENCODERS[name])
+        for encoder in TEXT_ENCODERS[name]:
+            assert isinstance(getattr(pipe.diffusers_pipe, encoder), EmulatedGraphs)
+            c = described[encoder]
+            assert (c["captures"], c["fallbacks"]) == (1, 0) and c["replays"] >= 1
+    finally:
+        pipe.executor.encoders.set_cuda_graphs(None)
+    assert all(np.array_equal(o, resident) for o in outs)
+    assert not isinstance(pipe.diffusers_pipe.text_encoder, EmulatedGraphs)
+
+
 def test_the_execution_device_is_the_pipelines_wherever_the_weights_are(generic_checkpoint):
     import diffusers
 
