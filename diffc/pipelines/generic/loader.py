@@ -63,11 +63,13 @@ def check_components(diffusers, index: dict[str, Any], where: Path) -> None:
 
 def text_encoder_names(pipe) -> tuple[str, ...]:
     """The components layerwise offload keeps in host memory between uses: the pipeline's transformers
-    models (text and image encoders), whatever the pipeline calls them."""
+    models (text and image encoders), whatever the pipeline calls them (also while they replay CUDA graphs)."""
     import transformers
 
+    from ...runtime.executor import unwrap
+
     return tuple(name for name, module in pipe.components.items()
-                 if isinstance(module, transformers.PreTrainedModel))
+                 if isinstance(unwrap(module), transformers.PreTrainedModel))
 
 
 @contextlib.contextmanager
