@@ -150,8 +150,18 @@ def experts(ctx: RunContext, s):
     ratio = ctx.config.get("boundary_ratio")
     if second is None or ratio is None:
         return lambda t: (first, scale)
-    boundary = ratio * ctx.components["scheduler"].config.num_train_timesteps
-    return lambda t: (first, scale) if float(t) >= boundary else (second, scale_2)
+    scheduler = ctx.components["scheduler"]
+    boundary = ratio * scheduler.config.num_train_timesteps
+    # which expert each step takes, read once a generation: a read of ``t`` at every step would make the host
+    # wait for the device there (``t`` is the schedule's entry at the scheduler's step index)
+    high = [value >= boundary for value in s["timesteps"].tolist()] if "timesteps" in s else None
+
+    def pick(t):
+        i = scheduler.step_index
+        is_high = high[i] if high is not None and i is not None and i < len(high) else float(t) >= boundary
+        return (first, scale) if is_high else (second, scale_2)
+
+    return pick
 
 
 def token_mask(ctx: RunContext, mask: torch.Tensor) -> torch.Tensor:

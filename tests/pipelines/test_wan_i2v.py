@@ -88,6 +88,24 @@ def test_two_expert_text_to_video_matches_diffusers(wan22_checkpoint):
     assert psnr_uint8(changed, video) < 60.0
 
 
+def test_the_expert_switch_reads_no_timestep_on_the_device(wan22_checkpoint, monkeypatch):
+    """Each step's expert comes from the schedule read once a generation, not from ``float(t)`` (a device read
+    that makes the host wait at every step on a GPU): a timestep that refuses to be read changes nothing."""
+    pipe = diffc.load(wan22_checkpoint("t2v-a14b"), device="cpu")
+    calls = _dit_calls(pipe)
+    real_float = torch.Tensor.__float__
+
+    def no_read(t):
+        if t.ndim == 0 and t.dtype == torch.int64:  # UniPC's timesteps
+            raise AssertionError("a timestep was read on the host")
+        return real_float(t)
+
+    monkeypatch.setattr(torch.Tensor, "__float__", no_read)
+    kw = dict(height=32, width=48, num_frames=5, num_inference_steps=4, guidance_scale=5.0, max_sequence_length=16)
+    pipe.generate(PROMPT, seed=7, progress=False, **kw)
+    assert calls == ["transformer", "transformer", "transformer_2", "transformer_2"]
+
+
 def test_image_is_required_and_checked(wan22_checkpoint):
     pipe = diffc.load(wan22_checkpoint("i2v"), device="cpu")
     small = dict(height=16, width=16, num_frames=1, num_inference_steps=1)
