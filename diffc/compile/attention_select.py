@@ -5,7 +5,8 @@
 (positional arguments after q, k, v; which output is attention's) or, for a backend with no ATen op,
 an eager adapter, and when it is available. :func:`select_attention_backend` runs each available
 candidate on random inputs of each shape, rejects the ones whose output disagrees with a float32
-``softmax(q k^T * scale) v`` reference, times the rest and returns an :class:`AttentionChoice` that
+``softmax(q k^T * scale) v`` reference, times the rest (on a GPU replayed from a CUDA graph, as the runtime
+runs a compiled DiT; a kernel that cannot be captured is rejected) and returns an :class:`AttentionChoice` that
 :class:`diffc.compile.passes.attention.AttentionLoweringPass` lowers onto and the artifact records.
 
 Rule: one choice per shape (sequence lengths change the winner: Wan's cross-attention over 512 text
@@ -25,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from .. import ops  # noqa: F401  (registers torch.ops.diffc.attention_*)
+from ..capture import capture
 from ..errors import InvalidArgumentError
 
 aten = torch.ops.aten
@@ -220,6 +222,18 @@ def _reference_rel_err(out: torch.Tensor, q, k, v, scale: float) -> float:
 
 
 def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median milliseconds of one ``fn()``. On CUDA the call is replayed from a CUDA graph, as the runtime
+    replays a compiled DiT: timed plainly, a call also counts its Python launch, which the graph removes
+    (FlashAttention-4's wrapper adds ~0.13 ms a call, a third of its kernel at FLUX.1's shape, where its
+    kernel is faster than cuDNN's but its plainly timed call lost to it). On the CPU: wall clock."""
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)  # warmed up where it is captured (per-stream workspaces)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph, _ = capture(fn, device, stream=stream)
+        fn = graph.replay
     for _ in range(warmup):
         fn()
     times = []

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..capture import capture
 from ..errors import InvalidArgumentError
 
 DEFAULT_MAX_GRAPHS = 4
@@ -355,41 +356,15 @@ class CudaGraphModule:
         return out
 
     def _capture(self, device: torch.device, args: tuple, kwargs: dict) -> tuple[Any, Any]:
-        """Capture ``module(*args, **kwargs)``; returns the graph and its static output.
-
-        The pool is always an explicit handle (shared with clones, one per graph without), so that a failed
-        capture can be undone: torch's ``capture_end`` raises before it tells the allocator the capture is
-        over, which would leave the allocator believing a capture is underway (the next ``empty_cache``
-        then fails an internal assert) and the pool never released.
-        """
-        graph = torch.cuda.CUDAGraph()
+        """Capture ``module(*args, **kwargs)``; returns the graph and its static output. The pool is shared
+        with clones, one per graph without (:func:`diffc.capture.capture` undoes a failed capture)."""
         if self.clone_outputs and device not in self._pools:
             self._pools[device] = torch.cuda.graph_pool_handle()
         pool = self._pools[device] if self.clone_outputs else torch.cuda.graph_pool_handle()
-        previous = torch.cuda.current_stream(device)
-        try:
-            with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool, stream=self._capture_stream(device)):
-                out = self.module(*args, **kwargs)
-        except BaseException:
-            _abandon_capture(device, pool)
-            raise
-        finally:
-            torch.cuda.set_stream(previous)  # torch.cuda.graph leaves its stream current if capture_end raises
-        return graph, out
+        return capture(lambda: self.module(*args, **kwargs), device, pool=pool, stream=self._capture_stream(device))
 
     def _weights_unchanged(self) -> bool:
         return all(owner._parameters.get(name) is p and p.data_ptr() == ptr for owner, name, p, ptr in self._weights)
-
-
-def _abandon_capture(device: torch.device, pool: tuple[int, int]) -> None:
-    """Do the allocator's half of ``capture_end`` for a capture that failed: stop routing to ``pool`` and
-    release the use ``capture_begin`` took of it. Nothing to do when the capture never began or ended."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    try:
-        torch._C._cuda_endAllocateToPool(index, pool)
-    except RuntimeError:  # "not currently recording to mempool_id"
-        return
-    torch._C._cuda_releasePool(index, pool)
 
 
 def _positional_names(module: nn.Module) -> list[str]:
