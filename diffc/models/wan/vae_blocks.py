@@ -99,9 +99,19 @@ class DupUp3d(nn.Module):
 
 
 class NearestUpsample2x(nn.Module):
-    """2x nearest-exact spatial upsampling (diffusers computes it in float32; copying values, it is the same)."""
+    """2x nearest-exact spatial upsampling (diffusers computes it in float32; copying values, it is the same).
+
+    A channels-last map (the fused path's layout) is upsampled as one copy of a broadcast view, each pixel's
+    channels written to its four targets: torch's channels-last nearest kernel computes every element's source
+    index on its own (67.8 ms of the fused Wan2.1 decode on an H200, against 24.7 ms for the contiguous
+    kernel on the eager path). At scale 2, nearest-exact's source pixel is ``target // 2``: the same values.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
+            n, c, h, w = x.shape
+            pixels = x.permute(0, 2, 3, 1)[:, :, None, :, None, :]  # (N, H, 1, W, 1, C), a view
+            return pixels.expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
         # nearest-neighbour copies values: interpolating in x's dtype gives the float32 round trip's result
         return F.interpolate(x, scale_factor=(2.0, 2.0), mode="nearest-exact")
 

@@ -231,3 +231,20 @@ def test_fused_kernels_match_diffusers(name):
     model.set_fused_kernels(False)
     COUNTERS.reset()
     assert torch.equal(model.decode(z), unfused) and COUNTERS.kernel_launches == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 96, 6, 10), (3, 5, 7, 9), (2, 4, 1, 3)], ids=["wan-like", "odd", "one-row"])
+def test_channels_last_upsample_copies_nearest_exact(shape, dtype):
+    """The fused path's channels-last 2x upsampling (one copy of a broadcast view) gives nearest-exact's values
+    and keeps the channels-last layout the next convolution reads; channels-first maps take torch's kernel."""
+    import torch.nn.functional as F
+
+    from diffc.models.wan.vae_blocks import NearestUpsample2x
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        inp = x.contiguous(memory_format=layout)
+        out = NearestUpsample2x()(inp)
+        assert torch.equal(out, F.interpolate(x, scale_factor=(2.0, 2.0), mode="nearest-exact"))
+        assert out.is_contiguous(memory_format=layout)
