@@ -32,13 +32,18 @@ def capture(fn: Callable[[], Any], device: torch.device, *, pool: tuple[int, int
     raises before it tells the allocator the capture is over, which would leave the allocator believing a
     capture is underway (the next ``empty_cache`` then fails an internal assert) and the pool never released.
     The error propagates; the current stream is restored either way.
+
+    The capture restricts this thread only (``thread_local``): under torch's default ("global") mode another
+    thread's allocation or synchronization fails while any thread captures, and ``diffc serve`` runs a
+    worker thread per replica, whose first requests capture concurrently, beside its HTTP threads.
     """
     device = torch.device(device)
     graph = torch.cuda.CUDAGraph()
     pool = torch.cuda.graph_pool_handle() if pool is None else pool
     previous = torch.cuda.current_stream(device)
     try:
-        with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool, stream=stream):
+        with torch.cuda.device(device), torch.cuda.graph(graph, pool=pool, stream=stream,
+                                                         capture_error_mode="thread_local"):
             out = fn()
     except BaseException:
         abandon_capture(device, pool)
