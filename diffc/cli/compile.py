@@ -31,6 +31,10 @@ def add_parser(sub) -> None:
     p.add_argument("--guidance", type=float, dest="guidance_scale",
                    help="guidance scale the runs will use (Wan: > 1 compiles the batched CFG pair)")
     p.add_argument("--batch", type=int, default=1, help="images or videos per prompt the runs will make (default 1)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="an example of the prompts the runs will use; repeatable (default: a short built-in one). "
+                        "Z-Image holds the prompt in the DiT's sequence at its own length (a multiple of 32 "
+                        "tokens): give one example per length to compile; other models compile one shape for any")
     p.add_argument("--max-sequence-length", type=int, help="text tokens the runs will use")
     p.add_argument("--image-size", action="append", metavar="WxH",
                    help="editing models: the input image size the runs will use (repeat for several input images)")
@@ -55,11 +59,17 @@ def add_parser(sub) -> None:
 
 
 def parse_buckets(args: argparse.Namespace, video: bool) -> list[dict]:
-    """The requests to compile: --height/--width[/--num-frames] first, then each --bucket."""
+    """The requests to compile: --height/--width[/--num-frames] first, then each --bucket; each with every
+    --prompt."""
+    from ..compile.pipeline import EXAMPLE_PROMPT
+
     common = {"guidance_scale": args.guidance_scale, "max_sequence_length": args.max_sequence_length}
     if args.batch < 1:
         raise InvalidArgumentError("--batch", f"must be at least 1, got {args.batch}")
-    common["prompt"] = ["a compile-time example prompt"] * args.batch
+    prompts = list(args.prompt) or [EXAMPLE_PROMPT]
+    for text in prompts:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidArgumentError("--prompt", f"expected a non-empty example prompt, got {text!r}")
     if args.image_size:
         common["image_size"] = args.image_size[0] if len(args.image_size) == 1 else list(args.image_size)
     buckets = []
@@ -77,7 +87,8 @@ def parse_buckets(args: argparse.Namespace, video: bool) -> list[dict]:
     for b in buckets:
         if b["num_frames"] is not None and not video:
             raise InvalidArgumentError("--num-frames", "applies to video models only")
-        out.append({k: v for k, v in {**common, **b}.items() if v is not None})
+        for text in prompts:  # each shape with each example prompt (the compiler keeps distinct DiT shapes)
+            out.append({k: v for k, v in {**common, **b, "prompt": [text] * args.batch}.items() if v is not None})
     return out
 
 

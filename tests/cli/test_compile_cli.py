@@ -79,7 +79,19 @@ def test_compile_two_buckets(tmp_path, capsys):
     assert [b["key"] for b in json.loads(report.read_text())["buckets"]] == [b["key"] for b in buckets]
 
 
+def test_example_prompts_of_one_padded_length_compile_once(tmp_path, capsys):
+    """FLUX pads every prompt to --max-sequence-length: two example prompts give one DiT shape, compiled once."""
+    out = tmp_path / "prompts.diffc"
+    assert main(["compile", "--out", str(out), "--height", "32", "--width", "32", *SMALL, "--prompt", "a fox",
+                 "--prompt", "an old lighthouse on a cliff at dusk"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 shape(s)" in printed and "the same DiT input shapes as an earlier bucket, compiled once" in printed
+    (bucket,) = _manifest(out)["stages"]["transformer"]["buckets"]
+    assert bucket["request"]["prompt"] == ["a fox"]
+
+
 @pytest.mark.parametrize("argv,fragment", [
+    (["--prompt", " "], "--prompt: expected a non-empty example prompt, got ' '"),
     (["--bucket", "64by32"], "--bucket: expected WIDTHxHEIGHT or WIDTHxHEIGHTxFRAMES, got '64by32'"),
     (["--bucket", "64x32x5"], "--bucket: '64x32x5' gives frames, but this is an image model"),
     (["--num-frames", "5"], "--num-frames: applies to video models only"),

@@ -75,3 +75,25 @@ def test_kontext_edit_compiles_like_flux(flux_checkpoint, tmp_path, monkeypatch)
                                   bucket={"image_size": "32x32", "max_sequence_length": 8})
     # the DiT call holds the 8x8 output tokens and the 8x8 input-image tokens
     assert "hidden_states=1x128x16" in bucket.key
+
+
+def test_zimage_compiles_one_shape_per_example_prompt_length(zimage_checkpoint):
+    """Z-Image's DiT holds the prompt at its own length (padded to 32 tokens): each example prompt of another
+    padded length compiles its own shape, one of an equal length is compiled once, and a run whose prompt has one
+    of the compiled lengths runs compiled."""
+    pipe = diffc.load(zimage_checkpoint("tiny"))
+    size = {"height": 32, "width": 32, "max_sequence_length": 128}
+    long = "portrait of an old sailor with a white beard, oil painting, golden hour light, dramatic clouds"
+    lines: list[str] = []
+    report = pipe.compile([{**size, "prompt": ["a lighthouse"]}, {**size, "prompt": [long]},
+                           {**size, "prompt": ["a red fox"]}], log=lines.append)
+    keys = [b.key for b in report.buckets]
+    assert len(keys) == 2 and "padded_caption_lengths=(int=32)" in keys[0] and "(int=96)" in keys[1]
+    assert any("the same DiT input shapes as an earlier bucket, compiled once" in line for line in lines)
+    kw = dict(num_inference_steps=2, seed=5, progress=False, **size)
+    counters = pipe.executor.compiled().counters
+    out = pipe.generate(long, **kw)
+    assert counters.compiled_calls == 2 and counters.eager_fallbacks == 0
+    with pipe.executor.bare():
+        eager = np.asarray(pipe.generate(long, **kw).images[0])
+    assert eager.std() > 1.0 and psnr_uint8(out.images[0], eager) >= 40.0
