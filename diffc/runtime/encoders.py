@@ -3,7 +3,7 @@
 An encoder runs once or twice a generation, but transformers' eager forward is a long chain of small kernels
 launched from Python: T5-XXL over 512 tokens is ~800 kernels (ATen calls counted) for 4.8 TFLOP of matmuls (~7 ms at an
 H200's matmul rate), and FLUX.1's CLIP + T5 encode measured 43.9 ms there (``bench/results/h200-2026-12-04-flux-dev.md``),
-so the GPU mostly waits for the host. On a CUDA device with CUDA graphs on (the default) and the encoders
+which suggests the GPU mostly waits for the host. On a CUDA device with CUDA graphs on (the default) and the encoders
 resident (offload moves their weights at every call), each encoder component is wrapped in a
 :class:`~.cudagraphs.CudaGraphModule`: the first call with a new signature (batch, tokens, flags) runs eagerly
 and is captured, later calls with it (the negative prompt, the next generation, a server's next request) replay
