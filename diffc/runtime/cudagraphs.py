@@ -444,6 +444,14 @@ def _format_value(value_key: tuple) -> str:
     return repr(value)
 
 
+def graphs_off_reason(requested: bool | None, device: torch.device) -> str | None:
+    """Why the ``cuda_graphs`` option keeps CUDA graphs off on ``device`` (None: on by default for CUDA), or None."""
+    enabled = device.type == "cuda" if requested is None else requested
+    if enabled:
+        return None
+    return "turned off" if requested is False else f"off on {device.type}"
+
+
 def unwrap(module: Any) -> Any:
     """The module inside a ``CudaGraphModule``, or ``module`` itself."""
     return module.module if isinstance(module, CudaGraphModule) else module

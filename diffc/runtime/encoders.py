@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cudagraphs import DEFAULT_MAX_GRAPHS, CudaGraphModule
+from .cudagraphs import DEFAULT_MAX_GRAPHS, CudaGraphModule, graphs_off_reason
 
 
 class EncoderGraphs:
@@ -60,15 +60,8 @@ class EncoderGraphs:
                          else {"enabled": False, "reason": self.reason})
         return out
 
-    def _plan(self) -> str | None:
-        """None when graphs run, else why not."""
-        enabled = self.device.type == "cuda" if self.requested is None else self.requested
-        if not enabled:
-            return "turned off" if self.requested is False else f"off on {self.device.type}"
-        return self.blocked
-
     def _apply(self) -> None:
-        self.reason = self._plan()
+        self.reason = graphs_off_reason(self.requested, self.device) or self.blocked  # None: graphs run
         for name, module in self.modules.items():
             current = self.components.get(name)
             if self.reason is None:

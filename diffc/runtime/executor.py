@@ -30,7 +30,7 @@ from torch import nn
 
 from ..models.structure import RegionError, dit_regions, has_regions
 from .cache.graphs import SegmentGraphs
-from .cudagraphs import CudaGraphModule
+from .cudagraphs import CudaGraphModule, graphs_off_reason
 from .encoders import EncoderGraphs
 from .options import RuntimeOptions
 
@@ -225,9 +225,9 @@ class DiTStack:
         """How CUDA graphs run: "whole" (one graph per forward), "blocks" (per block segment, when the
         cache decides between blocks) or None with the reason."""
         requested = self.cuda_graphs
-        enabled = self.device.type == "cuda" if requested is None else requested
-        if not enabled:
-            return None, "turned off" if requested is False else f"off on {self.device.type}"
+        off = graphs_off_reason(requested, self.device)
+        if off is not None:
+            return None, off
         reason = self._graphs_blocked(explicit=requested is True)
         if reason is not None:
             return None, reason
