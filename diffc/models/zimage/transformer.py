@@ -82,6 +82,15 @@ def _ceil(n: int, multiple: int = SEQ_MULTI_OF) -> int:
     return -(-n // multiple) * multiple
 
 
+def _prefix_mask(lengths: list[int], total: int, device) -> torch.Tensor | None:
+    """(B, total) bool, True before each sample's length; None when every length is ``total``. Built from host
+    integers on the device (no host-to-device copy, which a CUDA graph cannot capture)."""
+    if all(n == total for n in lengths):
+        return None
+    positions = torch.arange(total, device=device)
+    return torch.stack([positions < n for n in lengths])
+
+
 def caption_layout(captions: torch.Tensor, mask: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
     """``(captions, mask, padded lengths)`` for a forward that reads nothing back from the device.
@@ -96,11 +105,11 @@ def caption_layout(captions: torch.Tensor, mask: torch.Tensor | None
         return captions, None, (_ceil(length),) * b
     counts = [int(n) for n in mask.sum(dim=1).tolist()]
     padded = tuple(_ceil(n) for n in counts)
-    if all(n == length for n in counts):
+    prefix = _prefix_mask(counts, length, mask.device)  # (B, L); None when every token is kept
+    if prefix is None:
         return captions, None, padded
     order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # kept tokens first, in order
     captions = torch.gather(captions, 1, order.reshape(b, length, *[1] * (captions.ndim - 2)).expand_as(captions))
-    prefix = torch.stack([torch.arange(length, device=mask.device) < n for n in counts])  # (B, L)
     return captions, prefix, padded
 
 
@@ -147,30 +156,20 @@ class ZImageTransformer2DModel(nn.Module):
             cos, sin = cos[:1], sin[:1]  # one table for the batch
         return cos[:, :, None, :].contiguous(), sin[:, :, None, :].contiguous()  # (B or 1, S, 1, head_dim)
 
-    @staticmethod
-    def _mask(lengths: list[int], total: int, device) -> torch.Tensor | None:
-        """(B, total) bool, True before each sample's length; None when every length is ``total``. Built from
-        host integers on the device (no host-to-device copy, which a CUDA graph cannot capture)."""
-        if all(n == total for n in lengths):
-            return None
-        positions = torch.arange(total, device=device)
-        return torch.stack([positions < n for n in lengths])
-
     def _caption_tokens(self, feats: torch.Tensor, keep: torch.Tensor | None, padded: list[int]) -> torch.Tensor:
         """(B, max(padded), dim): each sample's kept features (a prefix: ``keep``), then the pad token up to its
         padded length, then zeros (masked out of attention)."""
         total, length = max(padded), feats.shape[1]
         if length < total:
-            if keep is None:
-                keep = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
             feats = torch.nn.functional.pad(feats, (0, 0, 0, total - length))
-            keep = torch.nn.functional.pad(keep, (0, total - length), value=False)
+            keep = (_prefix_mask([length] * feats.shape[0], total, feats.device) if keep is None
+                    else torch.nn.functional.pad(keep, (0, total - length), value=False))
         elif length > total:  # every kept token lies in the first ``total`` (a prefix)
             feats, keep = feats[:, :total], keep[:, :total]
         cap = feats
         if keep is not None:
             cap = torch.where(keep[..., None], feats, self.cap_pad_token.to(feats.dtype))
-        inside = self._mask(padded, total, feats.device)
+        inside = _prefix_mask(padded, total, feats.device)
         if inside is not None:
             cap = torch.where(inside[..., None], cap, torch.zeros((), dtype=cap.dtype, device=cap.device))
         return cap
@@ -231,7 +230,7 @@ class ZImageTransformer2DModel(nn.Module):
         img_cos, img_sin = self._tables(img_ids, shared)
         for block in self.noise_refiner:
             x = block(x, None, img_cos, img_sin, adaln)
-        cap_mask = self._mask(cap_padded, cap_total, device)
+        cap_mask = _prefix_mask(cap_padded, cap_total, device)
         cap_cos, cap_sin = self._tables(cap_ids, shared)
         for block in self.context_refiner:
             cap = block(cap, cap_mask, cap_cos, cap_sin)
@@ -240,7 +239,7 @@ class ZImageTransformer2DModel(nn.Module):
         lengths = [img_len + n for n in cap_padded]
         unified = torch.cat([x, cap], dim=1)
         ids = torch.cat([img_ids, cap_ids], dim=1)
-        mask = self._mask(lengths, max(lengths), device)
+        mask = _prefix_mask(lengths, max(lengths), device)
         cos, sin = self._tables(ids, shared)
         for block in self.layers:
             unified = block(unified, mask, cos, sin, adaln)
