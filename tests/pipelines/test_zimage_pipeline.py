@@ -94,48 +94,12 @@ def test_bad_requests_name_the_field(zimage_checkpoint, kwargs, field, fragment)
     assert err.value.field == field
 
 
-@pytest.mark.parametrize("lengths", [(40, 40), (40, 33), (40, 17)], ids=["same", "same-padded", "different"])
-def test_dit_shares_rope_tables_without_comparing_device_tensors(zimage_checkpoint, lengths, monkeypatch):
-    """Whether one RoPE table serves the batch follows from the padded caption lengths on the host: the forward
-    compares no device tensors (aten.equal, a device-to-host read that stalls the stream and breaks CUDA graph
-    capture), and decides as comparing the ids would."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    import diffc.models.zimage.transformer as zimage_transformer
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen: set[str] = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.add(str(func))
-            return func(*args, **(kwargs or {}))
-
-    ids_seen = []
-    real = zimage_transformer.rope_tables
-    monkeypatch.setattr(zimage_transformer, "rope_tables", lambda ids, *a: (ids_seen.append(ids), real(ids, *a))[1])
-    dit = diffc.load(zimage_checkpoint("tiny")).components["transformer"]
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 8, 6, generator=gen)
-    caps = torch.randn(2, 40, dit.config.cap_feat_dim, generator=gen)
-    mask = torch.zeros(2, 40, dtype=torch.bool)
-    mask[0, :lengths[0]], mask[1, :lengths[1]] = True, True
-    ops = Ops()
-    with torch.no_grad(), ops:
-        dit(hidden_states=x, timestep=torch.tensor([0.3, 0.3]), encoder_hidden_states=caps,
-            encoder_attention_mask=mask)
-    assert "aten.equal.default" not in ops.seen
-    assert len(ids_seen) == 3  # image, caption and joint tables
-    shared = lengths[0] == lengths[1] or (lengths[0] + 31) // 32 == (lengths[1] + 31) // 32
-    assert all(torch.equal(ids[0], ids[1]) == shared for ids in ids_seen)
-
-
 HOST_READS = {"aten._local_scalar_dense.default", "aten.equal.default", "aten.nonzero.default",
               "aten.lift_fresh.default", "aten.is_nonzero.default"}
 
 
 def _ops_of(fn) -> set[str]:
+    """The ATen ops ``fn()`` dispatches (under no_grad)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -151,6 +115,30 @@ def _ops_of(fn) -> set[str]:
     with torch.no_grad(), ops:
         fn()
     return ops.seen
+
+
+@pytest.mark.parametrize("lengths", [(40, 40), (40, 33), (40, 17)], ids=["same", "same-padded", "different"])
+def test_dit_shares_rope_tables_without_comparing_device_tensors(zimage_checkpoint, lengths, monkeypatch):
+    """Whether one RoPE table serves the batch follows from the padded caption lengths on the host: the forward
+    compares no device tensors (aten.equal, a device-to-host read that stalls the stream and breaks CUDA graph
+    capture), and decides as comparing the ids would."""
+    import diffc.models.zimage.transformer as zimage_transformer
+
+    ids_seen = []
+    real = zimage_transformer.rope_tables
+    monkeypatch.setattr(zimage_transformer, "rope_tables", lambda ids, *a: (ids_seen.append(ids), real(ids, *a))[1])
+    dit = diffc.load(zimage_checkpoint("tiny")).components["transformer"]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 6, generator=gen)
+    caps = torch.randn(2, 40, dit.config.cap_feat_dim, generator=gen)
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[0, :lengths[0]], mask[1, :lengths[1]] = True, True
+    seen = _ops_of(lambda: dit(hidden_states=x, timestep=torch.tensor([0.3, 0.3]), encoder_hidden_states=caps,
+                               encoder_attention_mask=mask))
+    assert "aten.equal.default" not in seen
+    assert len(ids_seen) == 3  # image, caption and joint tables
+    shared = lengths[0] == lengths[1] or (lengths[0] + 31) // 32 == (lengths[1] + 31) // 32
+    assert all(torch.equal(ids[0], ids[1]) == shared for ids in ids_seen)
 
 
 # (caption tokens, each sample's kept positions): all kept, right padding, left padding, more tokens than kept
