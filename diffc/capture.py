@@ -1,7 +1,7 @@
 """Capturing work into a CUDA graph, cleanly undone when the capture fails.
 
-Shared by the runtime's CUDA graphs (:mod:`diffc.runtime.cudagraphs`) and the compiler, which times kernels
-as the runtime replays them (:mod:`diffc.compile.attention_select`).
+Shared by the runtime's CUDA graphs (:mod:`diffc.runtime.cudagraphs`) and the compiler and benchmarks, which time
+kernels as the runtime replays them (:mod:`diffc.compile.attention_select`, ``bench.ops``).
 """
 
 from __future__ import annotations
@@ -51,3 +51,17 @@ def capture(fn: Callable[[], Any], device: torch.device, *, pool: tuple[int, int
     finally:
         torch.cuda.set_stream(previous)  # torch.cuda.graph leaves its stream current if capture_end raises
     return graph, out
+
+
+def replayer(fn: Callable[[], Any], device: torch.device) -> Callable[[], None]:
+    """``fn`` warmed up once on a side stream (its per-stream workspaces made there), then captured on that
+    stream; returns the graph's ``replay`` (the compiler and the benchmarks time kernels this way)."""
+    device = torch.device(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph, _ = capture(fn, device, stream=stream)
+    return graph.replay
+

@@ -63,16 +63,11 @@ def header(title: str) -> str:
 
 
 def capture_graph(fn: Callable[[], None]) -> Callable[[], None]:
-    """Warm ``fn`` up on a side stream, capture it in a CUDA graph, return the graph's ``replay``."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+    """Warm ``fn`` up on a side stream, capture it in a CUDA graph, return the graph's ``replay``
+    (:func:`diffc.capture.replayer`, as the compiler times attention kernels)."""
+    from diffc.capture import replayer
+
+    return replayer(fn, torch.device("cuda", torch.cuda.current_device()))
 
 
 def graphed_ms(fn: Callable[[], None], warmup: int = 25, rep: int = 100) -> float:

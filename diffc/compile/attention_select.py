@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from .. import ops  # noqa: F401  (registers torch.ops.diffc.attention_*)
-from ..capture import capture
+from ..capture import replayer
 from ..errors import InvalidArgumentError
 
 aten = torch.ops.aten
@@ -227,13 +227,7 @@ def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iter
     (FlashAttention-4's wrapper adds ~0.13 ms a call, a third of its kernel at FLUX.1's shape, where its
     kernel is faster than cuDNN's but its plainly timed call lost to it). On the CPU: wall clock."""
     if device.type == "cuda":
-        stream = torch.cuda.Stream(device)  # warmed up where it is captured (per-stream workspaces)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph, _ = capture(fn, device, stream=stream)
-        fn = graph.replay
+        fn = replayer(fn, device)
     for _ in range(warmup):
         fn()
     times = []
