@@ -33,8 +33,13 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=1, help="images or videos per prompt the runs will make (default 1)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="an example of the prompts the runs will use; repeatable (default: a short built-in one). "
-                        "Z-Image holds the prompt in the DiT's sequence at its own length (a multiple of 32 "
-                        "tokens): give one example per length to compile; other models compile one shape for any")
+                        "Z-Image and Qwen-Image hold the prompt in the DiT's sequence at its own length (a multiple "
+                        "of 32 and 128 tokens): each example compiles its length (see --prompt-lengths); other "
+                        "models compile one shape for any prompt")
+    p.add_argument("--prompt-lengths", choices=("all", "examples"),
+                   help="Z-Image, Qwen-Image: all (the default without --prompt) compiles every text length a "
+                        "prompt can have up to --max-sequence-length, so the artifact serves any prompt; examples "
+                        "(the default with --prompt) compiles the lengths of the --prompt examples only")
     p.add_argument("--max-sequence-length", type=int, help="text tokens the runs will use")
     p.add_argument("--image-size", action="append", metavar="WxH",
                    help="editing models: the input image size the runs will use (repeat for several input images)")
@@ -92,9 +97,30 @@ def parse_buckets(args: argparse.Namespace, video: bool) -> list[dict]:
     return out
 
 
+def with_prompt_lengths(args: argparse.Namespace, pipe, buckets: list[dict]) -> list[dict]:
+    """``buckets`` asking for every prompt length (``--prompt-lengths all``, the default without ``--prompt`` on a
+    model that counts its prompts' tokens), or as they are."""
+    from ..compile.prompt_lengths import counts_prompts
+
+    mode = args.prompt_lengths
+    if mode == "all" and args.prompt:
+        raise InvalidArgumentError("--prompt-lengths", "all compiles every prompt length; give either it or "
+                                   "--prompt examples (with --prompt-lengths examples)")
+    if mode == "all" or (mode is None and not args.prompt and counts_prompts(pipe)):
+        seen, out = set(), []
+        for b in buckets:  # the example prompt no longer sets a length: one request per shape
+            shape = {k: v for k, v in b.items() if k != "prompt"}
+            key = json.dumps(shape, sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                out.append({**b, "prompt_lengths": "all"})
+        return out
+    return buckets
+
+
 def compile_command(args: argparse.Namespace) -> int:
     from ..loader.pipeline import load as load_pipeline
-    from ..compile.pipeline import example_request
+    from ..compile.pipeline import example_request, expand_prompt_lengths
 
     merge_config(args, args._parser)
     disable = tuple(n.strip() for n in args.disable.split(",") if n.strip())
@@ -111,9 +137,11 @@ def compile_command(args: argparse.Namespace) -> int:
                       **runtime_options(args))
     if buckets is None:
         buckets = parse_buckets(args, video=pipe.spec.output == "video")
+    buckets = with_prompt_lengths(args, pipe, buckets)
     if choice.demo:
         defaults = {k: v for k, v in choice.defaults.items() if k != "num_inference_steps"}
         buckets = [{**defaults, **b} for b in buckets]
+    buckets = expand_prompt_lengths(pipe, buckets)
     for b in buckets:
         pipe.resolve(**example_request(pipe, b))  # refuse an invalid size before any tracing
     print(f"diffc compile: {pipe.spec.pipeline_class} from {model_path} on {pipe.device} "

@@ -152,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
             bucket["image_size"] = sizes[0] if len(sizes) == 1 else sizes
         if "true_cfg_scale" in bucket and options.get("negative_prompt") is not None:
             bucket["negative_prompt"] = options["negative_prompt"]  # true CFG doubles the DiT batch
+        if getattr(pipe.spec, "prompt_shapes", False):  # the DiT holds the prompts at their own length
+            bucket["prompt"] = request.prompts
+            if options.get("negative_prompt") is not None:
+                bucket["negative_prompt"] = options["negative_prompt"]
         log = (lambda line: print(line, file=sys.stderr)) if main_rank else (lambda line: None)
         if mesh is not None:  # each rank compiles its own shard's shapes, in process (nothing cached)
             pipe.compile([bucket], quality=args.quality or "fast", log=log)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from . import artifact as art
+from . import prompt_lengths
 from .compiler import (BucketReport, check_attention, compile_region, fusion_passes, kernel_configs,
                        output_rel_err, pass_sources, triton_cache)
 from .regions import RegionGraph, call_key, capture_region_inputs, dit_regions
@@ -47,6 +48,7 @@ class DiTBucketReport:
     request: dict[str, Any]
     regions: list[BucketReport]
     rel_err_vs_eager: float | None
+    reused: list[str] = dataclasses.field(default_factory=list)  # regions whose graph an earlier bucket compiled
 
     @property
     def matches(self) -> dict[str, int]:
@@ -120,10 +122,57 @@ def capture_inputs(pipe, request: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return recorded
 
 
+def expand_prompt_lengths(pipe, requests: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``requests`` with each ``prompt_lengths`` ("all", or a list of padded text lengths) made into one request
+    per length (``prompt_length``), for models whose DiT holds the prompt at its own padded length (Z-Image,
+    Qwen-Image); other models serve every prompt with one shape, and keep one request."""
+    out = []
+    for request in requests:
+        if "prompt_lengths" not in request:
+            out.append(request)
+            continue
+        wanted = request["prompt_lengths"]
+        rest = {k: v for k, v in request.items() if k != "prompt_lengths"}
+        if not prompt_lengths.counts_prompts(pipe):
+            if getattr(pipe.spec, "prompt_shapes", False):
+                raise InvalidArgumentError("prompt_lengths", f"{pipe.spec.pipeline_class}'s text length follows its "
+                                           "input images too: give example prompts of the lengths to compile")
+            out.append(rest)  # one DiT shape serves every prompt
+            continue
+        longest = _max_sequence_length(pipe, request)
+        if wanted == "all":
+            lengths = prompt_lengths.lengths(pipe, longest)
+        elif (isinstance(wanted, (list, tuple)) and wanted
+              and all(isinstance(n, int) and not isinstance(n, bool) for n in wanted)):
+            lengths = list(dict.fromkeys(wanted))
+        else:
+            raise InvalidArgumentError("prompt_lengths", f'expected "all" or a list of text lengths, got {wanted!r}')
+        out += [{**rest, "prompt_length": n} for n in lengths]
+    return out
+
+
+def _max_sequence_length(pipe, request: dict[str, Any]) -> int:
+    """The request's ``max_sequence_length`` (else the family's default), validated with the rest of it."""
+    fields = {k: v for k, v in example_images(request).items() if k not in ("prompt_length", "prompt_lengths")}
+    return pipe.resolve(**{"prompt": EXAMPLE_PROMPT, **fields}).max_sequence_length
+
+
 def example_request(pipe, request: dict[str, Any]) -> dict[str, Any]:
-    """A bucket as generation arguments: its ``image_size`` as example images, and for a model that needs an
-    input image (editing, image-to-video) without ``image_size``, a grey one at the bucket's own size."""
+    """A bucket as generation arguments: its ``image_size`` as example images, its ``prompt_length`` as example
+    prompts of that padded text length, and for a model that needs an input image (editing, image-to-video)
+    without ``image_size``, a grey one at the bucket's own size."""
     request = example_images(request)
+    if "prompt_length" in request:
+        request = dict(request)
+        length = request.pop("prompt_length")
+        if not prompt_lengths.counts_prompts(pipe):
+            raise InvalidArgumentError("prompt_length", f"{pipe.spec.pipeline_class} does not count its prompts' "
+                                       "text tokens; give an example prompt instead")
+        if isinstance(length, bool) or not isinstance(length, int):
+            raise InvalidArgumentError("prompt_length", f"expected an integer text length, got {length!r}")
+        text = prompt_lengths.example_prompt(pipe, length, _max_sequence_length(pipe, request))
+        batch = request.get("prompt")
+        request["prompt"] = [text] * (len(batch) if isinstance(batch, list) and batch else 1)
     if getattr(pipe.spec, "image_input", "none") == "required" and request.get("image") is None:
         request = {**request, "image": example_image(request)}
     return request
@@ -169,6 +218,7 @@ def compile_pipeline(pipe, requests: Sequence[dict[str, Any]], *, out: str | Pat
     Returns ``(CompileReport, {denoiser: (region graphs, DiT-level bucket keys)})``; installing the graphs
     is the caller's (the executor's) job.
     """
+    requests = expand_prompt_lengths(pipe, requests)
     if not requests:
         raise InvalidArgumentError("bucket", "give at least one shape to compile (height/width[/num_frames])")
     fusion_passes(tier, disable, enable)  # validate names before any work
@@ -291,13 +341,14 @@ def compile_dit(dit: nn.Module, kwargs: dict[str, Any], *, graphs: dict[str, dic
     request = dict(request or {})
     regions = dit_regions(dit)
     captured, reference = capture_region_inputs(dit, kwargs, regions)
-    region_reports = []
+    region_reports, reused = [], []
     for region in regions:
         args, kw = captured[region.name]
         ident = (type(dit).__name__, repr(getattr(dit, "config", None)), region.name, call_key(args, kw))
         if ident in shared:
             report, graph = shared[ident]
             report = dataclasses.replace(report, request=request)
+            reused.append(region.name)
         else:
             program, report, graph = compile_region(region, args, kw, verify=verify, **options)
             report.request = request
@@ -311,7 +362,7 @@ def compile_dit(dit: nn.Module, kwargs: dict[str, Any], *, graphs: dict[str, dic
     if verify:
         with _installed(regions, graphs), torch.no_grad():
             rel = output_rel_err(dit(**kwargs), reference)
-    return DiTBucketReport(stage, call_key((), kwargs), request, region_reports, rel)
+    return DiTBucketReport(stage, call_key((), kwargs), request, region_reports, rel, reused)
 
 
 @contextlib.contextmanager
@@ -394,6 +445,9 @@ def describe_bucket(b: DiTBucketReport) -> str:
     err = "" if b.rel_err_vs_eager is None else f", rel. error vs eager {b.rel_err_vs_eager:.2e}"
     lines = [f"  {b.stage} {_request_text(b.request)}: {len(b.regions)} region(s){err}"]
     for r in b.regions:
+        if r.region in b.reused:
+            lines.append(f"    {r.region} x{r.blocks}: the graph of an earlier bucket (the same block inputs)")
+            continue
         fused = ", ".join(f"{k} {v}" for k, v in r.matches.items())
         att = f"; attention -> {r.attention.get('backend')}" if r.attention else ""
         lines.append(f"    {r.region} x{r.blocks}: traced {r.nodes_before} nodes in {r.trace_s:.1f}s; passes "

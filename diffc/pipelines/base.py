@@ -74,6 +74,12 @@ class PipelineSpec:
     index_keys: tuple[str, ...] = ()  # model_index.json settings the stages read (``ctx.config``)
     # the spec of one checkpoint, from its index_keys settings (e.g. Wan2.2 TI2V: an optional input image)
     for_config: Callable[[dict[str, Any]], "PipelineSpec"] | None = None
+    # whether the DiT's shapes follow the prompt's length (its text tokens are part of the DiT's sequence)
+    prompt_shapes: bool = False
+    # tokens of the DiT's text sequence that one prompt fills, ``(pipe, prompt, max_sequence_length) -> int``, and
+    # the multiple the sequence is padded to: a compile then covers every prompt (``prompt_lengths``)
+    prompt_tokens: Callable[["Pipeline", str, int], int] | None = None
+    prompt_multiple: int = 1
 
 
 _SPECS = {
@@ -261,7 +267,8 @@ class Pipeline:
                 disable: tuple[str, ...] = (), enable: tuple[str, ...] = (), attention: str = "auto",
                 log: Callable[[str], None] = print):
         """Compile the DiT(s) for ``buckets`` (request fields: height, width, num_frames, guidance_scale,
-        one prompt per image), install the graphs, and write an artifact at ``out`` if given.
+        one prompt per image; ``prompt_lengths="all"``: one shape per padded text length, for models whose DiT
+        holds the prompt at its own length), install the graphs, and write an artifact at ``out`` if given.
 
         ``buckets`` defaults to one bucket of the family's default size. Returns the
         ``diffc.compile.pipeline.CompileReport``.

@@ -19,7 +19,7 @@ from ..errors import InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
 from .denoise import cpu_generators, denoise_loop, seeded_noise
 from .flux import pack_latents, postprocess
-from .qwen_vl import T2I_DROP, T2I_TEMPLATE, TOKENIZER_MAX_LENGTH, encode_texts, pad_to_bucket
+from .qwen_vl import T2I_DROP, T2I_TEMPLATE, TEXT_BUCKET, TOKENIZER_MAX_LENGTH, encode_texts, pad_to_bucket
 from .schedulers.flow_match_euler import calculate_shift
 from .stages import RunContext, Stage
 
@@ -55,6 +55,13 @@ def cfg_warnings(ctx: RunContext, s) -> None:
     elif s["negative_prompt"] is None and s.get("true_cfg_scale") is not None and scale > 1:
         ctx.warnings.append(f"true_cfg_scale={scale} has no effect without a negative prompt "
                             "(Qwen-Image's usual one is \" \")")
+
+
+def prompt_tokens(pipe, prompt: str, max_sequence_length: int) -> int:
+    """Text tokens the DiT holds for ``prompt`` (before :func:`pad_to_bucket`): the template's, minus its prefix."""
+    ids = pipe.components["tokenizer"](T2I_TEMPLATE.format(prompt), max_length=TOKENIZER_MAX_LENGTH + T2I_DROP,
+                                       truncation=True).input_ids
+    return min(len(ids) - T2I_DROP, max_sequence_length)
 
 
 def encode_prompt(ctx: RunContext, s):
@@ -192,4 +199,7 @@ QWEN_IMAGE_SPEC = PipelineSpec(
     validate=validate,
     uses_negative_prompt=True,
     true_cfg=True,
+    prompt_shapes=True,
+    prompt_tokens=prompt_tokens,
+    prompt_multiple=TEXT_BUCKET,
 )

@@ -141,6 +141,7 @@ _EDIT_COMMON = dict(
     uses_negative_prompt=True,
     image_input="required",
     true_cfg=True,
+    prompt_shapes=True,  # the prompt's states (after the input images' tokens) padded to a multiple of 128
 )
 
 QWEN_IMAGE_EDIT_SPEC = PipelineSpec(pipeline_class="QwenImageEditPipeline", build_stages=build_stages("edit"),

@@ -31,6 +31,12 @@ def chat_prompt(tokenizer, prompt: str) -> str:
                                          add_generation_prompt=True, enable_thinking=True)
 
 
+def prompt_tokens(pipe, prompt: str, max_sequence_length: int) -> int:
+    """Caption tokens the DiT holds for ``prompt`` (before its padding to a multiple of 32)."""
+    tokenizer = pipe.components["tokenizer"]
+    return len(tokenizer(chat_prompt(tokenizer, prompt), max_length=max_sequence_length, truncation=True).input_ids)
+
+
 def _embed(ctx: RunContext, prompts: list[str], max_length: int, label: str):
     """Qwen3's second-to-last hidden states (B, max_length, hidden) and the token mask (B, max_length) bool."""
     tokenizer, encoder = ctx.components["tokenizer"], ctx.components["text_encoder"]
@@ -152,4 +158,7 @@ ZIMAGE_SPEC = PipelineSpec(
     build_stages=build_stages,
     validate=validate,
     uses_negative_prompt=True,
+    prompt_shapes=True,
+    prompt_tokens=prompt_tokens,
+    prompt_multiple=32,
 )

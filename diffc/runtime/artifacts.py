@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..compile import artifact as art
-from ..compile.regions import RegionGraph, dit_regions
+from ..compile.regions import RegionGraph, call_key, dit_regions
 from ..fileio import cache_dir
 from .compiled import CompiledDiT
 
@@ -119,8 +119,17 @@ def compile_cached(pipe, bucket: dict[str, Any], *, tier: str = "fast", log=prin
     """
     from ..compile.compiler import pass_sources
 
+    shape = bucket
+    if "prompt" in bucket or "negative_prompt" in bucket:
+        # the prompts (a model whose DiT holds them at their own length) count by the DiT inputs they make:
+        # another prompt of the same padded length finds this artifact
+        from ..compile.pipeline import capture_inputs
+
+        inputs = capture_inputs(pipe, bucket)
+        shape = {**{k: v for k, v in bucket.items() if k not in ("prompt", "negative_prompt")},
+                 "dit_inputs": {name: call_key((), kwargs) for name, kwargs in sorted(inputs.items())}}
     key_source = json.dumps({"model": art.config_hash(Path(pipe.source)), "dtype": str(pipe.dtype), "tier": tier,
-                             "bucket": bucket, "passes": pass_sources(), "env": art.environment(pipe.device),
+                             "bucket": shape, "passes": pass_sources(), "env": art.environment(pipe.device),
                              "format": art.FORMAT_VERSION}, sort_keys=True, default=str)
     path = cache_dir() / "compiled" / art.sha256_text(key_source)[:20]
     if (path / art.MANIFEST).is_file():

@@ -100,3 +100,26 @@ def test_true_cfg_scale_is_refused_by_families_without_it(zimage_checkpoint):
     pipe = diffc.load(zimage_checkpoint(), device="cpu")  # Z-Image's CFG is guidance_scale with a negative prompt
     with pytest.raises(InvalidArgumentError, match="^true_cfg_scale: ZImagePipeline has no true classifier-free"):
         pipe.resolve(prompt=PROMPT, true_cfg_scale=4.0)
+
+
+def test_prompt_lengths_match_the_dit_and_compile_for_any_prompt(t2i):
+    """Qwen-Image pads prompt states to a multiple of 128: the spec's token count agrees with the DiT's text
+    length, and compiling every length (``prompt_lengths``) leaves no prompt running eagerly."""
+    from diffc.compile import prompt_lengths
+    from diffc.compile.pipeline import capture_inputs
+
+    _, _, pipe = t2i
+    assert prompt_lengths.lengths(pipe, 512) == [128, 256, 384, 512]
+    assert prompt_lengths.lengths(pipe, 100) == [128]
+    long = " ".join(["lighthouse"] * 150)
+    assert prompt_lengths.prompt_length(pipe, long, 256) == 256
+    for prompt in ("a fox", long):
+        inputs = capture_inputs(pipe, {"height": 32, "width": 32, "max_sequence_length": 512, "prompt": [prompt]})
+        assert inputs["transformer"]["encoder_hidden_states"].shape[1] == prompt_lengths.prompt_length(pipe, prompt, 512)
+    fresh = diffc.load(pipe.source, device="cpu")
+    report = fresh.compile([{"height": 32, "width": 32, "max_sequence_length": 256, "prompt_lengths": "all"}],
+                           log=lambda line: None)
+    assert [b.request["prompt_length"] for b in report.buckets] == [128, 256]
+    counters = fresh.executor.compiled().counters
+    fresh.generate(long, height=32, width=32, max_sequence_length=256, num_inference_steps=2, seed=1, progress=False)
+    assert counters.compiled_calls == 2 and counters.eager_fallbacks == 0
