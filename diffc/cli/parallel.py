@@ -16,12 +16,13 @@ import os
 import random
 import socket
 import sys
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import InvalidArgumentError
-from ..parallel import ParallelConfig, ParallelError, resolve
+from ..parallel import ParallelConfig, resolve
+
+if TYPE_CHECKING:  # torch loads when a command runs, not for --help
+    import torch
 
 WORKER_ENV = "DIFFC_PARALLEL_WORKER"
 
@@ -67,6 +68,8 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig | None:
 def check_devices(config: ParallelConfig, device: str | None, groups: int = 1) -> str:
     """"cuda" or "cpu" for the workers; N GPUs (N x ``groups`` under serve --data-parallel) must exist for a
     CUDA run."""
+    import torch
+
     kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
     if device and torch.device(device).index is not None:
         raise InvalidArgumentError("--device", f"with --num-gpus give 'cuda' or 'cpu', not one device ({device}); "
@@ -82,6 +85,8 @@ def check_devices(config: ParallelConfig, device: str | None, groups: int = 1) -
 
 
 def rank_device(kind: str) -> torch.device:
+    import torch
+
     if kind == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -101,6 +106,8 @@ def _entry(rank: int, fn: Callable, fn_args: tuple, world: int, port: int, env: 
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        WORKER_ENV: "1"})
     if env.get("DIFFC_CPU_THREADS"):
+        import torch
+
         torch.set_num_threads(int(env["DIFFC_CPU_THREADS"]))
     rc = fn(*fn_args)
     # A clean exit leaves without the interpreter's teardown: gloo's process groups, torn down by their C++
@@ -125,6 +132,8 @@ def spawn(fn: Callable, fn_args: tuple, world: int, env: dict[str, str] | None =
     """Run ``fn(*fn_args)`` in ``world`` spawned ranks and wait; a rank that raises or exits non-zero stops
     the others and raises :class:`ParallelError` naming it."""
     import torch.multiprocessing as mp
+
+    from ..parallel import ParallelError
 
     ctx = start(fn, fn_args, world, env)
     try:
@@ -203,6 +212,8 @@ def launch_server(argv: list[str], config: ParallelConfig, device_kind: str, gro
             signal.signal(s, handler)
     code = server.exitcode
     if code is not None and code < 0:
+        from ..parallel import ParallelError
+
         raise ParallelError(f"rank 0 (the HTTP server) was killed by signal {-code}; the workers were stopped")
     return code or 0
 

@@ -14,8 +14,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 from ..errors import DiffcError, InvalidArgumentError
 from .lora_flags import add_lora_flags, lora_settings
 from .options import (add_cache_flags, add_compiled_flag, add_model_flags, add_runtime_flags, cache_flag_errors,
@@ -232,6 +230,8 @@ def _check_parallel(args: argparse.Namespace) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import torch
+
     uvicorn = _import_serving()
     from ..loader.pipeline import load as load_pipeline
 

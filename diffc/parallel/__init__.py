@@ -5,7 +5,17 @@ Ulysses / ring attention and its graph op, :mod:`.layer` the DiT stack's paralle
 Launching the workers is the CLI's (``diffc/cli/parallel.py``).
 """
 
+import importlib
+
 from .config import ParallelConfig, resolve, valid_layouts
-from .mesh import Mesh, ParallelError, init_mesh
+
+_MESH = ("Mesh", "ParallelError", "init_mesh")  # imported on first use: the CLI's parser must not wait for torch
+
+
+def __getattr__(name: str):
+    if name in _MESH:
+        return getattr(importlib.import_module(f"{__name__}.mesh"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Mesh", "ParallelConfig", "ParallelError", "init_mesh", "resolve", "valid_layouts"]
