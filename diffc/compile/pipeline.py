@@ -139,14 +139,14 @@ def expand_prompt_lengths(pipe, requests: Sequence[dict[str, Any]]) -> list[dict
                                            "input images too: give example prompts of the lengths to compile")
             out.append(rest)  # one DiT shape serves every prompt
             continue
-        longest = _max_sequence_length(pipe, request)
+        possible = prompt_lengths.lengths(pipe, _max_sequence_length(pipe, request))
         if wanted == "all":
-            lengths = prompt_lengths.lengths(pipe, longest)
-        elif (isinstance(wanted, (list, tuple)) and wanted
-              and all(isinstance(n, int) and not isinstance(n, bool) for n in wanted)):
+            lengths = possible
+        elif isinstance(wanted, (list, tuple)) and wanted and all(n in possible for n in wanted):
             lengths = list(dict.fromkeys(wanted))
         else:
-            raise InvalidArgumentError("prompt_lengths", f'expected "all" or a list of text lengths, got {wanted!r}')
+            raise InvalidArgumentError("prompt_lengths", f'expected "all" or a list of text lengths from '
+                                       f'{", ".join(map(str, possible))}, got {wanted!r}')
         out += [{**rest, "prompt_length": n} for n in lengths]
     return out
 

@@ -61,9 +61,10 @@ def test_expanding_and_refusing_prompt_lengths(zimage, flux_checkpoint):
     assert len(example["prompt"]) == 2 and example["prompt"][0] == example["prompt"][1]
     assert prompt_lengths.prompt_length(pipe, example["prompt"][0], 64) == 64
     assert [r["prompt_length"] for r in expand_prompt_lengths(pipe, [{**SIZE, "prompt_lengths": [64, 32, 64]}])] == [64, 32]
-    with pytest.raises(InvalidArgumentError) as err:
-        expand_prompt_lengths(pipe, [{**SIZE, "prompt_lengths": "most"}])
-    assert err.value.field == "prompt_lengths" and "'most'" in str(err.value)
+    for bad in ("most", [], [64, 40], [True], 64):
+        with pytest.raises(InvalidArgumentError) as err:
+            expand_prompt_lengths(pipe, [{**SIZE, "max_sequence_length": 64, "prompt_lengths": bad}])
+        assert err.value.field == "prompt_lengths" and "from 32, 64" in str(err.value), bad
     for bad in (40, 544, "64", True):
         with pytest.raises(InvalidArgumentError) as err:
             example_request(pipe, {**SIZE, "max_sequence_length": 512, "prompt_length": bad})
