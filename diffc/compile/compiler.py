@@ -70,6 +70,10 @@ def fusion_passes(tier: str, disable: Sequence[str] = (), enable: Sequence[str] 
             raise InvalidArgumentError(field, f"unknown pass {unknown[0]!r}; passes: {', '.join(names)}")
     if tier not in TIERS:
         raise InvalidArgumentError("quality", f"expected one of {', '.join(TIERS)}, got {tier!r}")
+    refused = [cls.name for cls in FUSION_PASSES if cls.name in enable and tier == "fp8" and not cls.fp8]
+    if refused:
+        raise InvalidArgumentError("enable", f"{refused[0]} does not run under the fp8 tier (its fp8 steps rewrite "
+                                   "the same ops); use it with --quality fast")
     return [_make_pass(cls, tier) for cls in FUSION_PASSES
             if (cls.default_enabled or cls.name in enable) and cls.name not in disable]
 

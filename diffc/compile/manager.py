@@ -64,6 +64,8 @@ class PassManager:
         self.counters = CompileCounters()
 
     def enabled(self, fusion: FusionPass) -> bool:
+        if self.tier == "fp8" and not fusion.fp8:
+            return False
         return fusion.bit_exact or self.tier != "lossless"
 
     def run(self, gm: fx.GraphModule | torch.export.ExportedProgram) -> CompileCounters:

@@ -25,7 +25,6 @@ from diffc.compile.artifact import ArtifactError
 from diffc.compile.passes import FUSION_PASSES
 from diffc.compile.pipeline import CompileReport
 from diffc.errors import DiffcError, InvalidArgumentError
-from tests.compile.common import OPT_IN
 from tests.helpers import psnr_uint8
 
 STEPS = 2
@@ -427,7 +426,7 @@ def test_two_buckets_replace_an_artifact_and_share_packed_weights(built, tmp_pat
     eager = [pixels(generate(eager_pipe, r)) for r in requests]
 
     pipe = diffc.load(b.checkpoint, device="cpu")
-    report = pipe.compile(requests, out=str(path), enable=OPT_IN, log=lambda line: None)  # concat_linear packs
+    report = pipe.compile(requests, out=str(path), enable=("concat_linear",), log=lambda line: None)  # it packs
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # replaced in place, no temp dirs left
     manifest = json.loads((path / art.MANIFEST).read_text())
     buckets = manifest["stages"]["transformer"]["buckets"]

@@ -34,7 +34,7 @@ def test_fast_tier_runs_every_pass(traced, model):
     qk_op = "per_head" if model == "flux" else "across_heads"
     op_of = {"rms_norm_kernel": "rms_norm"}  # the pass's name where it differs from its op's
     ops = {f"diffc.{op_of.get(name, name)}.default": n for name, n in EXPECTED[model].items()
-           if name != "qk_norm_rope" and name not in GRAPH_ONLY and n}
+           if name != "qk_norm_rope" and name not in GRAPH_ONLY and name not in OPT_IN and n}
     pairs = EXPECTED[model]["gated_residual_adaln"]  # each took one adaln_modulate and, unless ungated, one
     ops["diffc.gated_residual.default"] -= pairs - UNGATED_PAIRS[model]  # gated_residual
     ops["diffc.adaln_modulate.default"] -= pairs

@@ -23,6 +23,7 @@ EXPECTED_OPS = {
     "qk_norm_rope_per_head_fp8", "qk_norm_rope_across_heads_fp8", "quantize_heads", "qk_fp8_head_scales",
     "channel_rms_norm_silu", "channel_bias_residual",  # the Wan VAE's fused path
     "gemv",  # one-row linears (the adaptive norms' projections)
+    "linear_accumulate",  # a linear split over a feature concatenation (cuBLAS, beta = 1)
 }
 # Ops around external library kernels (torch's SDPA included) that allocate their own output (functional: they
 # return it).

@@ -21,12 +21,13 @@ from .modulation_table import ModulationTablePass
 from .qk_norm_rope import QKNormRopePass
 from .rms_norm import RMSNormKernelPass, RMSNormPass
 from .silu_mul import SiluMulPass
+from .split_cat_linear import SplitCatLinearPass
 from .timestep_embedding import TimestepEmbeddingPass
 
 FUSION_PASSES: tuple[type[FusionPass], ...] = (
     RMSNormPass, QKNormRopePass, RMSNormKernelPass, AdaLNModulatePass, GatedResidualPass, GeluTanhPass,
     TimestepEmbeddingPass, SiluMulPass, GatedResidualAdaLNPass, ModulationTablePass, GemvPass, ConcatLinearPass,
-    KeyPaddingAttentionPass, CatTransposedPass,
+    SplitCatLinearPass, KeyPaddingAttentionPass, CatTransposedPass,
 )
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "RMSNormKernelPass",
     "RMSNormPass",
     "SiluMulPass",
+    "SplitCatLinearPass",
     "TimestepEmbeddingPass",
     "graph_targets",
 ]

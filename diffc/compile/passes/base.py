@@ -73,6 +73,7 @@ class FusionPass:
     name: str = ""
     bit_exact: bool = False
     default_enabled: bool = True  # False: runs only when asked for (``enable``), e.g. where it measured slower
+    fp8: bool = True  # False: not under the fp8 tier (whose own steps rewrite what it would)
     patterns: tuple[Pattern, ...] = ()
 
     def __call__(self, gm: fx.GraphModule) -> int:
