@@ -108,14 +108,7 @@ def with_prompt_lengths(args: argparse.Namespace, pipe, buckets: list[dict]) -> 
         raise InvalidArgumentError("--prompt-lengths", "all compiles every prompt length; give either it or "
                                    "--prompt examples (with --prompt-lengths examples)")
     if mode == "all" or (mode is None and not args.prompt and counts_prompts(pipe)):
-        seen, out = set(), []
-        for b in buckets:  # the example prompt no longer sets a length: one request per shape
-            shape = {k: v for k, v in b.items() if k != "prompt"}
-            key = json.dumps(shape, sort_keys=True, default=str)
-            if key not in seen:
-                seen.add(key)
-                out.append({**b, "prompt_lengths": "all"})
-        return out
+        return [{**b, "prompt_lengths": "all"} for b in buckets]  # no --prompt: one bucket per shape already
     return buckets
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidArgumentError
-from ..models.zimage.transformer import caption_layout
+from ..models.zimage.transformer import SEQ_MULTI_OF, caption_layout
 from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
 from .denoise import cpu_generators, denoise_loop, seeded_noise
 from .flux import postprocess, vae_scale_factor
@@ -160,5 +160,5 @@ ZIMAGE_SPEC = PipelineSpec(
     uses_negative_prompt=True,
     prompt_shapes=True,
     prompt_tokens=prompt_tokens,
-    prompt_multiple=32,
+    prompt_multiple=SEQ_MULTI_OF,
 )
