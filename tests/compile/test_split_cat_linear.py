@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 from diffc.compile import PassManager
 from diffc.compile.compiler import fusion_passes
-from diffc.compile.passes import CanonicalizeCasts, graph_targets
+from diffc.compile.passes import graph_targets
 from diffc.compile.passes.split_cat_linear import SplitCatLinearPass
 from diffc.errors import InvalidArgumentError
 from diffc.ops.linear_accumulate import linear_accumulate, linear_accumulate_ref
-from tests.compile.common import EXPECTED, GRAPH_TOL, save_and_load
+from tests.compile.common import EXPECTED, GRAPH_TOL, check_pass, save_and_load
 from tests.compile.conftest import DTYPES, MODELS
 from tests.helpers import rel_err
 
@@ -28,18 +28,13 @@ EMBEDDERS = {"flux": 2, "wan": 0}
 @pytest.mark.parametrize("model", MODELS)
 def test_single_blocks_project_without_the_concatenation(traced, model, dtype):
     t = traced(model, dtype)
-    gm = t.program.graph_module
-    CanonicalizeCasts()(gm)
-    before = graph_targets(gm)
     n = EXPECTED[model]["split_cat_linear"] + (EMBEDDERS[model] if dtype == torch.float32 else 0)
-    assert SplitCatLinearPass()(gm) == n
-    after = graph_targets(gm)
-    assert after.get(OP, 0) == n  # one accumulation each: [attention, MLP], [cos, sin]
-    assert after.get(CAT, 0) == before.get(CAT, 0) - n and after.get(LINEAR, 0) == before.get(LINEAR, 0)
+    # each site: its cat goes, its linear stays (on the first input), one accumulation each: [attention, MLP],
+    # [cos, sin]; numerics against the unfused graph
+    check_pass(t, SplitCatLinearPass(), n, dtype, left={CAT: n, LINEAR: 0}, entered=OP)
+    gm = t.program.graph_module
     assert not any(node.target == torch.ops.aten.linear.default and node.args[0].target == torch.ops.aten.cat.default
                    for node in gm.graph.nodes if node.op == "call_function" and isinstance(node.args[0], torch.fx.Node))
-    out = t.run()
-    assert out.dtype == t.unfused.dtype and rel_err(out, t.unfused) < GRAPH_TOL[dtype]
     assert SplitCatLinearPass()(gm) == 0
 
 
