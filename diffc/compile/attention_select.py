@@ -116,10 +116,9 @@ BACKENDS: dict[str, AttentionBackend] = {
     b.name: b
     for b in (
         AttentionBackend("sdpa", "any", aten.scaled_dot_product_attention.default),
-        # (q, k, v, dropout_p, is_causal, return_debug_mask, *, scale) -> (output, logsumexp, ...)
-        AttentionBackend(
-            "sdpa_flash", "cuda", aten._scaled_dot_product_flash_attention.default, (0.0, False, False), 0
-        ),
+        # aten._scaled_dot_product_flash_attention's kernel, its output alone (the op's uint64 RNG state cannot
+        # be written by torch.export's serializer before torch 2.13), see diffc/ops/attention_sdpa_flash.py
+        AttentionBackend("sdpa_flash", "cuda", torch.ops.diffc.attention_sdpa_flash.default),
         # (q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask, *, scale)
         AttentionBackend(
             "sdpa_cudnn", "cuda", aten._scaled_dot_product_cudnn_attention.default,

@@ -10,7 +10,7 @@ kernel of ``csrc/`` on the GPU where it measured faster (:mod:`.csrc`).
 """
 
 from . import (adaln_modulate, attention_fa4, attention_flashinfer, attention_fp8, attention_key_padding,
-               channel_norm, csrc, csrc_sources, fp8, gated_residual, gelu_tanh, gemv, linear_accumulate, qk_norm_rope,
+               attention_sdpa_flash, channel_norm, csrc, csrc_sources, fp8, gated_residual, gelu_tanh, gemv, linear_accumulate, qk_norm_rope,
                qk_norm_rope_fp8, quantize_rows, rms_norm, silu_mul, timestep_embedding)
 from .registry import COUNTERS, REGISTERED, OpCounters, kernel_runs_on, register_op
 
@@ -26,6 +26,7 @@ __all__ = [
     "attention_flashinfer",
     "attention_fp8",
     "attention_key_padding",
+    "attention_sdpa_flash",
     "channel_norm",
     "csrc",
     "csrc_sources",

@@ -45,3 +45,34 @@ def test_host_launch_cost_is_not_timed_and_uncapturable_kernels_are_rejected():
     torch.cuda.empty_cache()  # the failed capture was undone: the allocator is not left mid-capture
     x = torch.randn(4, 4, device="cuda")
     assert torch.isfinite(x @ x).all()
+
+
+class _Attention(torch.nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("name", ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient"])
+def test_lowered_torch_kernels_write_artifacts_and_match_sdpa(name, tmp_path):
+    """A program lowered onto each of torch's kernels is written and read back as an artifact (aten's flash
+    op returned a uint64 RNG state older torch could not write) and computes SDPA's attention; onto the
+    kernel torch's dispatcher picks, bit for bit."""
+    from diffc.compile.attention_select import dispatcher_pick
+    from diffc.compile.passes.attention import AttentionLoweringPass
+    from tests.compile.common import save_and_load
+
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, SHAPE.heads, SHAPE.seq_q, SHAPE.head_dim, device="cuda", dtype=torch.bfloat16,
+                           generator=g).transpose(1, 2).contiguous().transpose(1, 2) for _ in range(3))
+    program = torch.export.export(_Attention(), (q, k, v))
+    fusion = AttentionLoweringPass(name)
+    if fusion(program.graph_module) == 0:
+        pytest.skip(f"{name}: {fusion.report.refused}")
+    program.graph_module.recompile()
+    _loaded, module = save_and_load(program, tmp_path)
+    want = _Attention()(q, k, v)
+    with torch.no_grad():
+        got = module(q, k, v)
+    assert got.shape == want.shape and (got.float() - want.float()).norm() / want.float().norm() < 2e-2
+    if dispatcher_pick(q, k, v) == name:
+        assert torch.equal(got, want)

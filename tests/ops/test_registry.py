@@ -27,7 +27,8 @@ EXPECTED_OPS = {
 }
 # Ops around external library kernels (torch's SDPA included) that allocate their own output (functional: they
 # return it).
-EXTERNAL_OPS = {"attention_fa4", "attention_flashinfer", "attention_flashinfer_fp8", "attention_key_padding"}
+EXTERNAL_OPS = {"attention_fa4", "attention_flashinfer", "attention_flashinfer_fp8", "attention_key_padding",
+                "attention_sdpa_flash"}
 
 
 def test_every_op_is_registered_with_destinations_and_no_return():

@@ -4,9 +4,11 @@ Before (after :mod:`.canonicalize`)::
 
     o = aten.scaled_dot_product_attention(q, k, v[, scale=s])        # q: (B, H, S_q, D), k/v: (B, H, S_kv, D)
 
-After, for a shape whose chosen backend is e.g. ``sdpa_flash`` (:data:`~diffc.compile.attention_select.BACKENDS`)::
+After, for a shape whose chosen backend is e.g. ``sdpa_cudnn`` (:data:`~diffc.compile.attention_select.BACKENDS`)::
 
-    o = getitem(aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False[, scale=s]), 0)
+    o = getitem(aten._scaled_dot_product_cudnn_attention(q, k, v, None, False, 0.0, False, False[, scale=s]), 0)
+
+or, for a backend that is a diffc op (``sdpa_flash``, ``fa4``, ``flashinfer``), ``o = diffc.attention_<name>(q, k, v, s)``,
 
 so the saved program names the kernel that runs instead of leaving it to torch's dispatcher at run
 time. A backend of ``"sdpa"`` leaves the node as it is. Nodes with an ``attn_mask``, dropout,
