@@ -30,7 +30,7 @@ from torch import nn
 
 from ..models.structure import RegionError, dit_regions, has_regions
 from .cache.graphs import SegmentGraphs
-from .cudagraphs import CudaGraphModule, graphs_off_reason
+from .cudagraphs import DEFAULT_MAX_GRAPHS, CudaGraphModule, graphs_off_reason
 from .encoders import EncoderGraphs
 from .options import RuntimeOptions
 
@@ -185,6 +185,9 @@ class DiTStack:
             graphs = self.cache.segment_graphs(CudaGraphModule)
         elif mode == "whole":
             graphs = old if old is not None and not isinstance(old, SegmentGraphs) else CudaGraphModule(self.module)
+            # one graph per compiled call key (Z-Image compiles one per prompt length): past the limit, a key
+            # would run without its graph; the graphs share one memory pool, so each costs its static buffers
+            graphs.max_graphs = max(DEFAULT_MAX_GRAPHS, len(getattr(self.compiled, "buckets", ())))
         else:
             graphs = None
         self.__dict__.update(graphs=graphs, graphs_off_reason=reason)

@@ -96,8 +96,7 @@ def test_composed_with_default_passes(traced, model, order, dtype):
     passes = [*others_passes, fusion] if order == "concat_last" else [fusion, *others_passes]
     counters = PassManager(passes=passes).run(t.program)
     sizes = (GROUP_SIZES_AFTER_DEFAULTS if order == "concat_last" else GROUP_SIZES)[model]
-    others = {k: v for k, v in (EXPECTED if order == "concat_last" else EXPECTED_AFTER_CONCAT)[model].items()
-              if k != "split_cat_linear"}  # opt-in, not among default_passes()
+    others = (EXPECTED if order == "concat_last" else EXPECTED_AFTER_CONCAT)[model]
     assert counters.matches == {"canonicalize_casts": 0, **others, "concat_linear": len(sizes)}
     assert [len(g) for g in fusion.groups] == sizes
     assert count_delta(before, graph_targets(gm), LINEAR) == -sum(n - 1 for n in sizes)

@@ -23,7 +23,8 @@ from tests.helpers import psnr_uint8
 
 ZERO = {"canonicalize_casts": 14, "rms_norm": 0, "rms_norm_kernel": 0, "adaln_modulate": 0, "gelu_tanh": 0,
         "timestep_embedding": 0, "silu_mul": 0, "gated_residual_adaln": 0, "modulation_table": 0,
-        "key_padding_attention": 0, "gemv": 0, "cat_transposed": 0}
+        "key_padding_attention": 0, "gemv": 0, "cat_transposed": 0,
+        "split_cat_linear": 0}
 ZIMAGE_REGIONS = {
     # the sandwich RMSNorms around attention and the feed-forward: narrow rows at this tiny size = 4
     "noise_refiner": {**ZERO, "qk_norm_rope": 1, "gated_residual": 2, "rms_norm_kernel": 4, "gemv": 1},

@@ -32,7 +32,7 @@ def test_fast_tier_runs_every_pass(traced, model):
     targets = graph_targets(t.program.graph_module)
     entered = {k: v for k, v in targets.items() if k.startswith("diffc.")}
     qk_op = "per_head" if model == "flux" else "across_heads"
-    op_of = {"rms_norm_kernel": "rms_norm"}  # the pass's name where it differs from its op's
+    op_of = {"rms_norm_kernel": "rms_norm", "split_cat_linear": "linear_accumulate"}  # where a pass's op has another name
     ops = {f"diffc.{op_of.get(name, name)}.default": n for name, n in EXPECTED[model].items()
            if name != "qk_norm_rope" and name not in GRAPH_ONLY and name not in OPT_IN and n}
     pairs = EXPECTED[model]["gated_residual_adaln"]  # each took one adaln_modulate and, unless ungated, one

@@ -39,6 +39,7 @@ EXPECTED = {
     "modulation_table": 0,
     "key_padding_attention": 0,
     "cat_transposed": BLOCKS,  # the joint attention's value concatenation
+    "split_cat_linear": 0,
 }
 # One row (batch 1): the blocks' img_mod / txt_mod projections, norm_out's and the timestep MLP's two linears.
 # Batch 2 keeps every GEMM (diffc.gemv measured faster for one row only).

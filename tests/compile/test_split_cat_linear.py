@@ -42,7 +42,7 @@ def test_after_the_default_passes_and_through_save_and_load(traced, tmp_path):
     """With every default pass first (the MLP half then comes from the GELU op), as a compile runs it; the program
     keeps serialising."""
     t = traced("flux")
-    manager = PassManager(fusion_passes("fast", enable=("split_cat_linear",)))
+    manager = PassManager(fusion_passes("fast"))
     counters = manager.run(t.program)
     assert counters.matches["split_cat_linear"] == EXPECTED["flux"]["split_cat_linear"]
     assert rel_err(t.run(), t.unfused) < GRAPH_TOL[torch.float32]
@@ -52,8 +52,11 @@ def test_after_the_default_passes_and_through_save_and_load(traced, tmp_path):
         assert torch.equal(module(**t.inputs), t.run())
 
 
-def test_off_by_default_and_not_under_fp8(traced):
-    assert "split_cat_linear" not in [p.name for p in fusion_passes("fast")]
+def test_on_by_default_except_under_lossless_fp8_or_disable(traced):
+    assert "split_cat_linear" in [p.name for p in fusion_passes("fast")]
+    assert "split_cat_linear" not in [p.name for p in fusion_passes("fast", disable=("split_cat_linear",))]
+    counters = PassManager(fusion_passes("fp8"), tier="fp8").run(traced("flux").program)
+    assert "split_cat_linear" not in counters.matches  # the fp8 tier's quantizing concatenation takes the site
     with pytest.raises(InvalidArgumentError) as err:
         fusion_passes("fp8", enable=("split_cat_linear",))
     assert err.value.field == "enable" and "--quality fast" in str(err.value)
@@ -127,8 +130,8 @@ def test_op_names_a_bad_argument(field, args):
 
 
 def test_compiled_artifact_with_the_pass_runs_a_fresh_pipeline(flux_checkpoint, tmp_path):
-    """``enable=("split_cat_linear",)`` end to end: recorded in the manifest, loaded by another pipeline, no
-    block falls back, and the image is eager's."""
+    """A default compile end to end: the single blocks' projections are split, the artifact loads in another
+    pipeline, no block falls back, and the image is eager's."""
     import json
 
     import numpy as np
@@ -141,10 +144,10 @@ def test_compiled_artifact_with_the_pass_runs_a_fresh_pipeline(flux_checkpoint, 
     eager = np.asarray(diffc.load(path).generate("a kite", **request).images[0])
     pipe = diffc.load(path)
     report = pipe.compile([{"height": 32, "width": 32, "max_sequence_length": 8}], out=str(tmp_path / "art"),
-                          enable=("split_cat_linear",), log=lambda line: None)
+                          log=lambda line: None)
     regions = {r.region: r.matches["split_cat_linear"] for r in report.buckets[0].regions}
     assert regions == {"transformer_blocks": 0, "single_transformer_blocks": 1}
-    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["passes"]["enabled"] == ["split_cat_linear"]
+    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["passes"]["disabled"] == []
     fresh = diffc.load(path, compiled=str(tmp_path / "art"))
     out = np.asarray(fresh.generate("a kite", **request).images[0])
     counters = fresh.executor.compiled().counters

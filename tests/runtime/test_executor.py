@@ -109,6 +109,26 @@ def test_compiled_with_cuda_graphs(compiled_tiny, monkeypatch):
     assert stack.graphs is None and stack.describe_graphs() == {"enabled": False, "reason": "turned off"}
 
 
+def test_one_graph_per_compiled_key(compiled_tiny, monkeypatch):
+    """A compile of many call keys (Z-Image: one per prompt length) keeps a whole-forward graph for each; the
+    default limit stays for fewer; the limit follows the compiled layer in place."""
+    import diffc.runtime.executor as executor_module
+    from diffc.runtime.cudagraphs import DEFAULT_MAX_GRAPHS
+
+    monkeypatch.setattr(executor_module, "CudaGraphModule", EmulatedGraphs)
+    model, inputs, layer = compiled_tiny("flux")
+    stack = _stack(model)
+    stack.set_cuda_graphs(True)
+    assert stack.graphs.max_graphs == DEFAULT_MAX_GRAPHS
+    many = CompiledDiT(layer.graphs, [*layer.buckets, *(f"other-{i}" for i in range(2 * DEFAULT_MAX_GRAPHS))],
+                       layer.info)
+    stack.set_compiled(many)
+    assert stack.graphs.max_graphs == len(many.buckets) == 2 * DEFAULT_MAX_GRAPHS + 1
+    assert stack.describe_graphs()["max_graphs"] == len(many.buckets)
+    stack.set_compiled(layer)
+    assert stack.graphs.max_graphs == DEFAULT_MAX_GRAPHS
+
+
 def test_in_place_weight_change_needs_no_rebuild(compiled_tiny):
     """A weight transform (LoRA) updates tensors in place: the compiled graphs see it at the next call."""
     model, inputs, layer = compiled_tiny("wan")

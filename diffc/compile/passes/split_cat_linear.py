@@ -14,7 +14,8 @@ The concatenation's copy of both inputs goes; the accumulating GEMM reads and wr
 (:mod:`diffc.ops.linear_accumulate`). Only where the concatenation has no other reader, runs along the last
 dimension, and its inputs and the weight share one dtype. Not bit-exact (the output is rounded once per
 GEMM); not under the fp8 tier, whose ``fp8_quantize_concat`` step quantizes the concatenation in one kernel
-for an fp8 GEMM. Off by default until measured (``--enable split_cat_linear``).
+for an fp8 GEMM. On by default in the ``fast`` tier (FLUX.1-dev on an H200: 120.2 -> 118.3 ms a forward, peak
+34.0 -> 31.9 GB); ``--disable split_cat_linear`` leaves it out.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class SplitCatLinearPass(FusionPass):
 
     name = "split_cat_linear"
     bit_exact = False
-    default_enabled = False
+    default_enabled = True
     fp8 = False  # the fp8 tier quantizes the concatenation for its fp8 GEMM instead
 
     def __call__(self, gm: fx.GraphModule) -> int:
