@@ -132,7 +132,7 @@ __device__ __forceinline__ void store_row_fp8(const Vec<T> (&r)[NV], int vectors
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const float x = to_float(r[i].v[j]);
-        q[j] = fminf(fmaxf(BY_INVERSE ? x * inv : __fdividef(x, s), -FP8_MAX), FP8_MAX);
+        q[j] = BY_INVERSE ? x * inv : __fdividef(x, s);  // |q| <= 448 but for rounding: the cvt saturates
       }
       store_fp8<V>(out_row + (i64)c * V, q);
     }
@@ -140,10 +140,19 @@ __device__ __forceinline__ void store_row_fp8(const Vec<T> (&r)[NV], int vectors
   if (threadIdx.x == 0) *scale_out = s;
 }
 
-// tanh-GELU as the Triton kernels compute it: v * sigmoid(2u) = v / (1 + exp(-2u)), u = sqrt(2 / pi) *
-// (v + 0.044715 v^3), with the fast exp and division (ex2.approx, div.full), rounded to T (what a T op stores).
+// tanh-GELU: v * sigmoid(2u) = v / (1 + 2^t), u = sqrt(2 / pi) * (v + 0.044715 v^3), t = -2 u log2(e) =
+// v * (GELU_K0 + GELU_K1 v^2) with the constants folded (3 operations instead of 7), 2^t and the reciprocal the
+// approximate special-function instructions (ex2.approx, rcp.approx, each one ulp or two), rounded to T (what a
+// T op stores). The special-function unit is what bounds an fp8 feed-forward's GELU + quantize kernel (two of
+// its instructions a value, at an eighth of the float32 rate), so nothing else goes to it; the float32 error
+// of this form, a few ulps, is far below T's rounding. The fp8 Triton kernels compute the same expression
+// (gelu_tanh_fast, diffc/ops/gelu_tanh.py).
+#define GELU_K0 -2.302208198144325f    // -2 sqrt(2 / pi) log2(e)
+#define GELU_K1 -0.1029432395800235f   // GELU_K0 * 0.044715
 template <typename T> __device__ __forceinline__ T gelu_tanh(float v) {
-  const float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
-  return from_float<T>(__fdividef(v, 1.0f + __expf(-2.0f * u)));
+  const float t = v * fmaf(GELU_K1, v * v, GELU_K0);
+  float e, r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(t));
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + e));
+  return from_float<T>(v * r);
 }
-

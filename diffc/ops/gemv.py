@@ -10,14 +10,22 @@ with one float32 scale per output channel (``weight ~= weight_fp8 * scale``): ha
 
 Numerics as eager's: ``act(x)`` rounded to x's dtype, products summed in float32, ``* scale`` then ``+ bias``
 in float32, one rounding to x's dtype (the summation order differs: within float32 rounding).
+
+One row (what the fused pass lowers) with fp8 weights runs the CUDA C++ kernel of ``csrc/gemv.cu`` where it
+can (:mod:`.csrc`): a warp per four output channels streaming their weight rows in 16-byte vectors, which
+keeps more of the weight in flight than the Triton tile does (FLUX.1's 3072 -> 18432 on an H200: 22.0 us,
+2.6 TB/s, against Triton's 28.6 us). bf16 weights, more rows, a K past ``CSRC_MAX_K``, misaligned weight
+rows and machines without the csrc kernels run the Triton kernel.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
+from . import csrc
 from .fp8 import FP8
 from .registry import (
     cdiv,
@@ -38,6 +46,16 @@ ACTIVATIONS = ("none", "silu")
 BLOCK_N = 8
 BLOCK_K_ELEMS = 1024  # BLOCK_K * rows (padded): the accumulator tile per output channel stays this wide
 NUM_WARPS = 4
+# csrc/gemv.cu: output channels per warp, 16-byte vectors of each weight row in flight per lane, warps per block
+# (from ``python -m bench.ops.bench_gemv`` on an H200), and the longest row it stages in shared memory
+CSRC_ROWS_PER_WARP = 4
+CSRC_VECTORS_IN_FLIGHT = 1
+CSRC_WARPS = 8
+CSRC_MAX_K = 8192
+# The weights csrc/gemv.cu serves: the fp8 tier's, where it ran 1.30x / 1.24x the Triton kernel at FLUX.1's two
+# widths on an H200; with bf16 weights it was within 5% of Triton and cuBLAS either way, so they stay on Triton
+# (bench/results/ops/h200-2026-12-05-gemv-csrc.txt)
+CSRC_WEIGHT_DTYPES = (FP8,)
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, bias: torch.Tensor | None,
@@ -138,6 +156,8 @@ def _gemv_launch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     if rows > MAX_ROWS or k == 0:  # a GEMM's shape (or nothing to sum): the reference
         _gemv_into_ref(x, weight, weight_scale, bias, act, out)
         return
+    if _csrc_launch(x, weight, weight_scale, bias, act, out):
+        return
     m_pad = next_pow2(rows)
     block_k = min(BLOCK_K_ELEMS // m_pad, next_pow2(k))
     gemv_kernel[(cdiv(n, BLOCK_N),)](
@@ -146,6 +166,25 @@ def _gemv_launch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
         M=rows, M_PAD=m_pad, SILU=act == "silu", HAS_SCALE=weight_scale is not None, HAS_BIAS=bias is not None,
         BLOCK_N=BLOCK_N, BLOCK_K=block_k, num_warps=NUM_WARPS,
     )
+
+
+def _csrc_launch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, bias: torch.Tensor | None,
+                 act: str, out: torch.Tensor) -> bool:
+    """Run csrc/gemv.cu where it serves (one row; see the module doc); False where the Triton kernel must."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    if (rows != 1 or weight.dtype not in CSRC_WEIGHT_DTYPES or x.dtype not in csrc.DTYPE_NAMES or k > CSRC_MAX_K or k % (16 // weight.element_size())
+            or (n > 1 and weight.stride(0) % (16 // weight.element_size())) or not x.is_contiguous()
+            or not out.is_contiguous() or not csrc.aligned(x, weight)):
+        return False
+    rows_per_warp, in_flight = CSRC_ROWS_PER_WARP, CSRC_VECTORS_IN_FLIGHT
+    wname = "fp8" if weight.dtype == FP8 else csrc.DTYPE_NAMES[weight.dtype]
+    kern = csrc.kernel("gemv", f"gemv_{csrc.DTYPE_NAMES[x.dtype]}_{wname}_{rows_per_warp}_{in_flight}", x.device)
+    if kern is None:
+        return False
+    csrc.launch(kern, x.device, cdiv(n, CSRC_WARPS * rows_per_warp), 32 * CSRC_WARPS, x, weight,
+                np.int64(weight.stride(0)), weight_scale, bias, out, np.int32(n), np.int32(k), np.int32(act == "silu"))
+    return True
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

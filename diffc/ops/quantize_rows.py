@@ -57,11 +57,11 @@ def quantize_rows_kernel(a_ptr, b_ptr, bias_ptr, out_ptr, scale_ptr, KA, KB, str
         cols_b = tl.arange(0, BLOCK_B)
         mask_b = cols_b < KB
         yb = tl.load(b_ptr + row * stride_b + cols_b, mask=mask_b, other=0.0).to(tl.float32)
-        if GELU_B:  # diffc::gelu_tanh's math (gelu_tanh.py), the sum in float32, the result in b's dtype
+        if GELU_B:  # gelu_tanh_fp8's math (gelu_tanh.py), the sum in float32, the result in b's dtype
             if HAS_BIAS:
                 yb += tl.load(bias_ptr + cols_b, mask=mask_b, other=0.0).to(tl.float32)
-            u = 0.7978845608028654 * (yb + 0.044715 * yb * yb * yb)
-            yb = tl.fdiv(yb, 1.0 + tl.exp(-2.0 * u), ieee_rounding=False)
+            yb = tl.fdiv(yb, 1.0 + tl.exp2(yb * (-0.1029432395800235 * yb * yb - 2.302208198144325)),
+                         ieee_rounding=False)
             yb = tl.where(mask_b, yb.to(b_ptr.dtype.element_ty).to(tl.float32), 0.0)
         amax = tl.maximum(amax, tl.max(tl.abs(yb), axis=0))
     qscale = tl.maximum(amax, 1e-12) / 448.0

@@ -44,3 +44,15 @@ def test_channel_norm_cases_match_their_references(monkeypatch):
         (out,), ref = case.outs, case.ref(*case.args)
         assert out.shape == ref.shape, case.name
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_cases_match_their_references(monkeypatch):
+    from bench.ops import bench_gemv as b
+
+    monkeypatch.setattr(b, "SHAPES", {"small": (1, 64, 40), "two rows": (2, 64, 40)})
+    cases = b.cases(torch.bfloat16, device="cpu")
+    assert [c.name for c in cases] == ["small weights", "small fp8 weights"]  # one row only, both weights
+    for case in cases:
+        case.fused()
+        (out,), ref = case.outs, case.ref(*case.args)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -7, atol=1e-2)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from diffc.ops import csrc, csrc_sources
+from diffc.ops import csrc, csrc_sources, gemv
 from tests.ops.common import randn
 
 # stem -> the kernel names its launcher builds: f"{stem}_{dtype}_{vectors per thread}"
@@ -18,6 +18,9 @@ KERNELS = {stem: [f"{stem}_{dt}_{nv}" for dt in csrc.DTYPE_NAMES.values() for nv
 # adaln_rows_<activation dtype>_<modulation dtype>_<NV>: bf16/fp16 rows, modulation of their dtype or float32
 KERNELS["adaln_rows"] = [f"adaln_rows_{act}_{mod}_{nv}" for act in ("bf16", "f16") for mod in (act, "f32")
                          for nv in csrc.MAX_THREADS]
+# gemv_<activation dtype>_<weight dtype>_<rows per warp>_<vectors in flight>: the instance diffc.ops.gemv launches
+KERNELS["gemv"] = [f"gemv_{x}_{w}_{gemv.CSRC_ROWS_PER_WARP}_{gemv.CSRC_VECTORS_IN_FLIGHT}"
+                   for x in csrc.DTYPE_NAMES.values() for w in (x, "fp8")]
 
 
 def _nvrtc():

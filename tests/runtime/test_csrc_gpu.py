@@ -330,3 +330,96 @@ def test_adaln_rows_with_no_rows_launch_nothing():
     torch.ops.diffc.adaln_modulate(x, scale, scale, 1e-6, out)
     torch.cuda.synchronize()
     assert COUNTERS.csrc_launches == 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# csrc/gemv.cu: diffc.gemv over one row (the adaLN projections of the conditioning)
+# ------------------------------------------------------------------------------------------------------------
+
+# (in_features, out_features): FLUX.1's norm1.linear 3072 -> 18432 and single-block 3072 -> 9216; N not a
+# multiple of a block's channels; K not a multiple of the vectors a warp has in flight; the longest row staged
+GEMV_SHAPES = [(3072, 18432), (3072, 9216), (1536, 37), (4112, 1000), (64, 5), (8192, 300)]
+
+
+def _gemv(x, w, s, b, act, *, csrc_on: bool):
+    out = torch.full((x.shape[0], w.shape[0]), float("nan"), dtype=x.dtype, device="cuda")
+    COUNTERS.reset()
+    if csrc_on:
+        torch.ops.diffc.gemv(x, w, s, b, act, out)
+    else:
+        with csrc.disabled():
+            torch.ops.diffc.gemv(x, w, s, b, act, out)
+    torch.cuda.synchronize()
+    return out, COUNTERS.csrc_launches
+
+
+@pytest.mark.parametrize("act", ["silu", "none"])
+@pytest.mark.parametrize("weights", ["same dtype", "fp8"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GEMV_SHAPES, ids=str)
+def test_gemv_cuda_matches_triton_and_reference(shape, dtype, weights, act, monkeypatch):
+    from diffc.ops import gemv as gemv_mod
+    from diffc.ops.fp8 import quantize_weight
+    from diffc.ops.gemv import gemv_ref
+
+    monkeypatch.setattr(gemv_mod, "CSRC_WEIGHT_DTYPES", (FP8, dtype))  # the instances bf16 weights leave unused
+
+    k, n = shape
+    x = _randn(1, k, dtype=dtype, seed=k)
+    w = _randn(n, k, dtype=dtype, seed=n, scale=0.05)
+    b = _randn(n, dtype=dtype, seed=3, scale=1.0) if act == "silu" else None
+    s = None
+    if weights == "fp8":  # the fp8 tier's copy: float8_e4m3 with a float32 scale per output channel
+        w, s = quantize_weight(w)
+    got, launched = _gemv(x, w, s, b, act, csrc_on=True)
+    triton_out, triton_launched = _gemv(x, w, s, b, act, csrc_on=False)
+    assert launched == 1 and triton_launched == 0
+    want = gemv_ref(x, w, s, b, act)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    scale = want.float().abs().max().item() + 1e-6
+    for out in (got, triton_out):  # float32 sums in different orders: one rounding of the output apart
+        assert torch.isfinite(out).all()
+        assert (out.float() - want.float()).abs().max().item() <= tol * scale
+
+
+def test_gemv_the_cuda_kernel_leaves_to_triton():
+    from diffc.ops.fp8 import quantize_weight
+    from diffc.ops.gemv import CSRC_MAX_K
+
+    x = _randn(2, 256, dtype=torch.bfloat16, seed=1)
+    w = _randn(64, 256, dtype=torch.bfloat16, seed=2)
+    wide = _randn(1, CSRC_MAX_K + 16, dtype=torch.bfloat16, seed=3)
+    wide_w = quantize_weight(_randn(16, CSRC_MAX_K + 16, dtype=torch.bfloat16, seed=4))
+    odd_w = quantize_weight(_randn(16, 272, dtype=torch.bfloat16, seed=5))
+    pair = torch.cat([odd_w[0].view(torch.uint8)] * 2, 1)
+    odd_w = (pair[:, 8:264].view(FP8), odd_w[1])  # rows 8 bytes off the 16-byte grid
+    cases = {"two rows": (x, (quantize_weight(w))), "bf16 weights": (x[:1], (w, None)), "K too long": (wide, wide_w),
+             "misaligned weight rows": (x[:1], odd_w)}
+    for what, (xx, (ww, ss)) in cases.items():
+        got, launched = _gemv(xx, ww, ss, None, "silu", csrc_on=True)
+        want, _ = _gemv(xx, ww, ss, None, "silu", csrc_on=False)
+        assert launched == 0 and torch.equal(got, want), what
+
+
+def test_gemv_cuda_kernel_replays_in_a_cuda_graph():
+    from diffc.ops.fp8 import quantize_weight
+
+    x = _randn(1, 3072, dtype=torch.bfloat16, seed=1)
+    w, s = quantize_weight(_randn(9216, 3072, dtype=torch.bfloat16, seed=2, scale=0.05))
+    b = _randn(9216, dtype=torch.bfloat16, seed=3)
+    out = torch.empty(1, 9216, dtype=torch.bfloat16, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.ops.diffc.gemv(x, w, s, b, "silu", out)
+    torch.cuda.current_stream().wait_stream(stream)
+    eager = out.clone()
+    graph = torch.cuda.CUDAGraph()
+    COUNTERS.reset()
+    with torch.cuda.graph(graph):
+        torch.ops.diffc.gemv(x, w, s, b, "silu", out)
+    assert COUNTERS.csrc_launches == 1
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
