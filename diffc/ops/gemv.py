@@ -11,14 +11,16 @@ with one float32 scale per output channel (``weight ~= weight_fp8 * scale``): ha
 Numerics as eager's: ``act(x)`` rounded to x's dtype, products summed in float32, ``* scale`` then ``+ bias``
 in float32, one rounding to x's dtype (the summation order differs: within float32 rounding).
 
-One row (what the fused pass lowers) with fp8 weights runs the CUDA C++ kernel of ``csrc/gemv.cu`` where it
-can (:mod:`.csrc`): a warp per four output channels streaming their weight rows in 16-byte vectors, which
-keeps more of the weight in flight than the Triton tile does (FLUX.1's 3072 -> 18432 on an H200: 22.0 us,
-2.6 TB/s, against Triton's 28.6 us). bf16 weights, more rows, a K past ``CSRC_MAX_K``, misaligned weight
-rows and machines without the csrc kernels run the Triton kernel.
+One row (what the fused pass lowers) with fp8 weights runs the CUDA C++ kernel of ``csrc/gemv.cu`` on the GPUs
+it measured faster on (:data:`CSRC_GPUS`) where it can (:mod:`.csrc`): a warp per four output channels streaming
+their weight rows in 16-byte vectors (FLUX.1's 3072 -> 18432 on an H200: 22.0 us, 2.6 TB/s, against Triton's
+28.6 us; on an H100 it was 10% slower than Triton, which serves there). bf16 weights, more rows, a K past
+``CSRC_MAX_K``, misaligned weight rows, other GPUs and machines without the csrc kernels run the Triton kernel.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -56,6 +58,10 @@ CSRC_MAX_K = 8192
 # widths on an H200; with bf16 weights it was within 5% of Triton and cuBLAS either way, so they stay on Triton
 # (bench/results/ops/h200-2026-12-05-gemv-csrc.txt)
 CSRC_WEIGHT_DTYPES = (FP8,)
+# The GPUs (a part of torch's device name) it serves: those where it measured faster. On an H100 the same
+# instance ran 0.90x / 0.82x Triton (bench/results/ops/h100-2026-12-05-gemv-csrc.txt), so H100s and GPUs not
+# measured keep the Triton kernel.
+CSRC_GPUS = ("H200",)
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, bias: torch.Tensor | None,
@@ -168,12 +174,23 @@ def _gemv_launch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     )
 
 
+def _measured_faster_on(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU the CUDA kernel measured faster on (:data:`CSRC_GPUS`)."""
+    return device.type == "cuda" and any(name in _device_name(device.index) for name in CSRC_GPUS)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int | None) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def _csrc_launch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None, bias: torch.Tensor | None,
                  act: str, out: torch.Tensor) -> bool:
     """Run csrc/gemv.cu where it serves (one row; see the module doc); False where the Triton kernel must."""
     rows, k = x.shape
     n = weight.shape[0]
-    if (rows != 1 or weight.dtype not in CSRC_WEIGHT_DTYPES or x.dtype not in csrc.DTYPE_NAMES or k > CSRC_MAX_K or k % (16 // weight.element_size())
+    if (rows != 1 or weight.dtype not in CSRC_WEIGHT_DTYPES or not _measured_faster_on(x.device)
+            or x.dtype not in csrc.DTYPE_NAMES or k > CSRC_MAX_K or k % (16 // weight.element_size())
             or (n > 1 and weight.stride(0) % (16 // weight.element_size())) or not x.is_contiguous()
             or not out.is_contiguous() or not csrc.aligned(x, weight)):
         return False

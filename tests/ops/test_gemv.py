@@ -85,3 +85,9 @@ def test_bad_arguments_name_the_field():
         op(x, w, None, None, "none", torch.empty(4, 2))
     with pytest.raises(InvalidArgumentError, match=r"^weight: expected dtype"):
         op(x, w.bfloat16(), None, None, "none", torch.empty(2, 4))
+
+
+def test_the_cuda_kernel_serves_only_the_gpus_it_was_measured_faster_on():
+    from diffc.ops import gemv as gemv_mod
+
+    assert gemv_mod.CSRC_GPUS and not gemv_mod._measured_faster_on(torch.device("cpu"))

@@ -363,6 +363,7 @@ def test_gemv_cuda_matches_triton_and_reference(shape, dtype, weights, act, monk
     from diffc.ops.gemv import gemv_ref
 
     monkeypatch.setattr(gemv_mod, "CSRC_WEIGHT_DTYPES", (FP8, dtype))  # the instances bf16 weights leave unused
+    monkeypatch.setattr(gemv_mod, "CSRC_GPUS", ("",))  # whatever GPU runs the test
 
     k, n = shape
     x = _randn(1, k, dtype=dtype, seed=k)
@@ -382,9 +383,12 @@ def test_gemv_cuda_matches_triton_and_reference(shape, dtype, weights, act, monk
         assert (out.float() - want.float()).abs().max().item() <= tol * scale
 
 
-def test_gemv_the_cuda_kernel_leaves_to_triton():
+def test_gemv_the_cuda_kernel_leaves_to_triton(monkeypatch):
+    from diffc.ops import gemv as gemv_mod
     from diffc.ops.fp8 import quantize_weight
     from diffc.ops.gemv import CSRC_MAX_K
+
+    monkeypatch.setattr(gemv_mod, "CSRC_GPUS", ("",))  # every GPU: what is left to Triton is for other reasons
 
     x = _randn(2, 256, dtype=torch.bfloat16, seed=1)
     w = _randn(64, 256, dtype=torch.bfloat16, seed=2)
@@ -399,10 +403,25 @@ def test_gemv_the_cuda_kernel_leaves_to_triton():
         got, launched = _gemv(xx, ww, ss, None, "silu", csrc_on=True)
         want, _ = _gemv(xx, ww, ss, None, "silu", csrc_on=False)
         assert launched == 0 and torch.equal(got, want), what
+    served = (x[:1], quantize_weight(w))
+    assert _gemv(served[0], *served[1], None, "silu", csrc_on=True)[1] == 1
+    monkeypatch.setattr(gemv_mod, "CSRC_GPUS", ("a GPU it was not measured on",))
+    assert _gemv(served[0], *served[1], None, "silu", csrc_on=True)[1] == 0
 
 
-def test_gemv_cuda_kernel_replays_in_a_cuda_graph():
+def test_gemv_cuda_kernel_serves_the_gpus_it_measured_faster_on():
+    from diffc.ops import gemv as gemv_mod
+
+    name = torch.cuda.get_device_name()
+    assert gemv_mod._measured_faster_on(torch.device("cuda")) == any(n in name for n in gemv_mod.CSRC_GPUS)
+    assert not gemv_mod._measured_faster_on(torch.device("cpu"))
+
+
+def test_gemv_cuda_kernel_replays_in_a_cuda_graph(monkeypatch):
+    from diffc.ops import gemv as gemv_mod
     from diffc.ops.fp8 import quantize_weight
+
+    monkeypatch.setattr(gemv_mod, "CSRC_GPUS", ("",))
 
     x = _randn(1, 3072, dtype=torch.bfloat16, seed=1)
     w, s = quantize_weight(_randn(9216, 3072, dtype=torch.bfloat16, seed=2, scale=0.05))
