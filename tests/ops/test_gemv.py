@@ -87,7 +87,10 @@ def test_bad_arguments_name_the_field():
         op(x, w.bfloat16(), None, None, "none", torch.empty(2, 4))
 
 
-def test_the_cuda_kernel_serves_only_the_gpus_it_was_measured_faster_on():
+def test_the_cuda_kernel_serves_only_the_gpus_it_was_measured_faster_on(monkeypatch):
     from diffc.ops import gemv as gemv_mod
 
     assert gemv_mod.CSRC_GPUS and not gemv_mod._measured_faster_on(torch.device("cpu"))
+    for name, served in (("NVIDIA H200", True), ("NVIDIA H100 80GB HBM3", False), ("NVIDIA B200", False)):
+        monkeypatch.setattr(gemv_mod, "_device_name", lambda index, name=name: name)
+        assert gemv_mod._measured_faster_on(torch.device("cuda", 0)) is served, name
