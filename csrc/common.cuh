@@ -146,7 +146,8 @@ __device__ __forceinline__ void store_row_fp8(const Vec<T> (&r)[NV], int vectors
 // T op stores). The special-function unit is what bounds an fp8 feed-forward's GELU + quantize kernel (two of
 // its instructions a value, at an eighth of the float32 rate), so nothing else goes to it; the float32 error
 // of this form, a few ulps, is far below T's rounding. The fp8 Triton kernels compute the same expression
-// (gelu_tanh_fast, diffc/ops/gelu_tanh.py).
+// (gelu_tanh_fp8_kernel in diffc/ops/gelu_tanh.py, quantize_rows_kernel in quantize_rows.py: the constants
+// written out in each, as diffc's Triton kernels call no jitted helper).
 #define GELU_K0 -2.302208198144325f    // -2 sqrt(2 / pi) log2(e)
 #define GELU_K1 -0.1029432395800235f   // GELU_K0 * 0.044715
 template <typename T> __device__ __forceinline__ T gelu_tanh(float v) {

@@ -12,7 +12,7 @@
 // float8_e4m3 weights (the fp8 tier's copies), 16 to a vector
 struct fp8e4 { u8 bits; };
 
-// the 16-byte vector at p (global memory) as floats: Vec<W>::N of them
+// a 16-byte vector of weights as floats: Vec<W>::N of them
 template <typename W> __device__ __forceinline__ void decode(const Vec<W>& v, float (&out)[Vec<W>::N]) {
 #pragma unroll
   for (int j = 0; j < Vec<W>::N; ++j) out[j] = to_float(v.v[j]);
@@ -43,8 +43,6 @@ template <typename T, int N> __device__ __forceinline__ void load_shared(const T
   }
 }
 
-// x: (K,) of T; w: (N, K) of W at row stride sw (unit column stride, rows 16-byte aligned, K a multiple of
-// 16 / sizeof(W), K <= GEMV_MAX_K); scale: (N,) float32 or null; bias: (N,) of T or null; out: (N,) of T
 // x: (K,) of T; w: (N, K) of W at row stride sw (unit column stride, rows 16-byte aligned, K a multiple of
 // 16 / sizeof(W), K <= GEMV_MAX_K); scale: (N,) float32 or null; bias: (N,) of T or null; out: (N,) of T
 template <typename T, typename W, int R, int U>

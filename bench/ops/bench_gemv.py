@@ -61,12 +61,9 @@ def _sweep_module():
     """csrc/gemv.cu with every instance of its sweep, compiled for this GPU (None without cuda-python)."""
     if csrc.unavailable(torch.device("cuda")) is not None:
         return None
-    cc = csrc._cuda_core()
-    cc.Device(torch.cuda.current_device()).set_current()
-    text = csrc_sources.source("gemv", csrc_sources.source_dir())
-    options = cc.ProgramOptions(arch=csrc.arch(torch.device("cuda")), std="c++17", name="gemv_sweep",
-                                define_macro="GEMV_SWEEP")
-    return cc.Program(text, "c++", options).compile("cubin")
+    csrc._cuda_core().Device(torch.cuda.current_device()).set_current()
+    text = "#define GEMV_SWEEP\n" + csrc_sources.source("gemv", csrc_sources.source_dir())
+    return csrc._compile("gemv_sweep", text, csrc.arch(torch.device("cuda")))
 
 
 def main() -> None:

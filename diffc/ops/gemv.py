@@ -189,9 +189,10 @@ def _csrc_launch(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tens
     """Run csrc/gemv.cu where it serves (one row; see the module doc); False where the Triton kernel must."""
     rows, k = x.shape
     n = weight.shape[0]
+    per_vector = 16 // weight.element_size()  # the kernel reads the weight rows in 16-byte vectors
     if (rows != 1 or weight.dtype not in CSRC_WEIGHT_DTYPES or not _measured_faster_on(x.device)
-            or x.dtype not in csrc.DTYPE_NAMES or k > CSRC_MAX_K or k % (16 // weight.element_size())
-            or (n > 1 and weight.stride(0) % (16 // weight.element_size())) or not x.is_contiguous()
+            or x.dtype not in csrc.DTYPE_NAMES or k > CSRC_MAX_K or k % per_vector
+            or (n > 1 and weight.stride(0) % per_vector) or not x.is_contiguous()
             or not out.is_contiguous() or not csrc.aligned(x, weight)):
         return False
     rows_per_warp, in_flight = CSRC_ROWS_PER_WARP, CSRC_VECTORS_IN_FLIGHT
