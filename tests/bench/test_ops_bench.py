@@ -56,3 +56,13 @@ def test_gemv_cases_match_their_references(monkeypatch):
         case.fused()
         (out,), ref = case.outs, case.ref(*case.args)
         torch.testing.assert_close(out.float(), ref.float(), rtol=2 ** -7, atol=1e-2)
+
+
+def test_compare_csrc_sources_names_a_bad_old_folder(tmp_path, monkeypatch):
+    import pytest
+
+    from bench.ops import compare_csrc_sources
+
+    monkeypatch.setattr("sys.argv", ["compare_csrc_sources", "--old", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"^--old: .* holds no common\.cuh; expected a csrc/ folder"):
+        compare_csrc_sources.main()
