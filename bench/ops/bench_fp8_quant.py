@@ -6,6 +6,8 @@
   input: attention output 3072 + MLP 12,288 over 4608 tokens); ``quantize_rows_cat_gelu``: with b the MLP's
   ``gelu_tanh(h + bias)``, computed on the way;
 - ``quantize_heads``: attention's v per (batch item, head) (Wan2.1-1.3B 12 x 128, -14B 40 x 128, FLUX.1 24 x 128);
+  ``quantize_heads_cat``: the same over FLUX.1's joint text + image values (512 + 4096 tokens) without
+  concatenating them (against ``heads flux v 4608tok``: what reading two pieces costs);
 - ``qk_fp8_head_scales``: q's and k's static scales from their norm weights (one tiny launch per attention);
 - ``gelu_tanh_fp8``: the feed-forward's bias + tanh-GELU quantized rowwise (FLUX.1 4096 x 12,288; Wan2.1
   32,760 x 8960 / 13,824), the fp8 tier's largest producer.
@@ -44,6 +46,10 @@ HEADS = {  # name: (tokens, heads)
     "flux v 4608tok 24x128": (4608, 24),
     "wan-1.3b v 32760tok 12x128": (32760, 12),
     "wan-14b v 32760tok 40x128": (32760, 40),
+}
+
+HEAD_CATS = {  # name: (text tokens, image tokens, heads)
+    "flux v 512+4096tok 24x128": (512, 4096, 24),
 }
 
 
@@ -101,6 +107,17 @@ def cases(dtype: torch.dtype, device="cuda") -> list[Case]:
             torch.ops.diffc.quantize_heads(v, *outs)
 
         out.append(Case(f"heads {name}", quantize_heads_ref, (v,), per_head, outs, nbytes(v, *outs)))
+    for name, (text, image, heads) in HEAD_CATS.items():
+        a = randn(1, text, heads, 128, dtype=dtype, device=device, seed=5)
+        b = randn(1, image, heads, 128, dtype=dtype, device=device, seed=6)
+        outs = (torch.empty(1, text + image, heads, 128, dtype=FP8, device=device),
+                torch.empty(1, heads, device=device))
+
+        def joint(a=a, b=b, outs=outs):
+            torch.ops.diffc.quantize_heads_cat(a, b, *outs)
+
+        out.append(Case(f"heads-cat {name}", lambda a, b: quantize_heads_ref(torch.cat([a, b], 1)), (a, b), joint,
+                        outs, nbytes(a, b, *outs)))
     qw, kw = (norm_weight(40 * 128, dtype, device, seed=s) for s in (3, 4))
     outs = (torch.empty(40, device=device), torch.empty(40, device=device))
 

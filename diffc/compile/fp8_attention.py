@@ -22,8 +22,10 @@ q and k need no pass over the data for their scales: an RMSNorm output is bounde
 (``diffc.qk_fp8_head_scales``: one tiny launch for q and k, from the weights the graph runs with, so a
 changed weight changes them) and the kernel that writes q and k writes them in fp8. Two
 calls writing one buffer (FLUX's text and image rows) share the larger scale. v is quantized per head by
-``diffc.quantize_heads`` (two passes: amax, cast). Quantizing q, k, v as separate torch ops costs more
-than fp8 saves (``GPU-NOTES.md``), so attention whose q/k no fused kernel writes (cross-attention) stays
+``diffc.quantize_heads`` (two passes: amax, cast); where v is a joint attention's concatenation of text and
+image values read by nothing else, ``diffc.quantize_heads_cat`` reads the two pieces where they are and the
+concatenation is never written (in FLUX.1's double-stream blocks, a copy of 4608 x 3072 values a block).
+Quantizing q, k, v as separate torch ops costs more than fp8 saves (``GPU-NOTES.md``), so attention whose q/k no fused kernel writes (cross-attention) stays
 bf16, as does every site on a GPU without flashinfer or without Hopper's fp8 FA3 kernel.
 """
 
@@ -177,16 +179,40 @@ class Fp8AttentionPass:
                 call(fp8_op, *args[:q_index], scales[0], scales[1], clones[q_out], clones[k_out])
             graph.erase_node(w)
         v = bound["value"]
+        pieces = _joint_pieces(v, node)
         with graph.inserting_before(node):
             v_bshd = call(aten.transpose.int, v, 1, 2)
-            v8 = call(aten.new_empty.default, v, list(v_bshd.meta["val"].shape), dtype=FP8)
-            vs = call(aten.new_empty.default, v, [batch, heads], dtype=torch.float32)
-            call(torch.ops.diffc.quantize_heads.default, v_bshd, v8, vs)
+            like = v if pieces is None else pieces[0]  # nothing may read the concatenation, or it stays
+            v8 = call(aten.new_empty.default, like, list(v_bshd.meta["val"].shape), dtype=FP8)
+            vs = call(aten.new_empty.default, like, [batch, heads], dtype=torch.float32)
+            if pieces is None:
+                call(torch.ops.diffc.quantize_heads.default, v_bshd, v8, vs)
+            else:  # the concatenation is read by nothing else: the kernel reads its two pieces (it goes dead)
+                call(torch.ops.diffc.quantize_heads_cat.default, *pieces, v8, vs)
             q8 = clones[q] if q in clones else call(aten.transpose.int, clones[_allocation(q)], 1, 2)
             k8 = clones[k] if k in clones else call(aten.transpose.int, clones[_allocation(k)], 1, 2)
             v8t = call(aten.transpose.int, v8, 1, 2)
         return replace_node(graph.owning_module, node, torch.ops.diffc.attention_flashinfer_fp8.default,
                             (q8, k8, v8t, scales[0], scales[1], vs, bound.get("scale")))
+
+
+def _joint_pieces(v: fx.Node, sdpa: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(a, b) where v is ``transpose(cat([a, b], 1), 1, 2)`` (a joint attention's text and image values in
+    :mod:`.passes.cat_transposed`'s form: (B, S, H, D) pieces) read by this attention alone, else None."""
+    if not (v.op == "call_function" and v.target == aten.transpose.int and tuple(v.args[1:]) in ((1, 2), (2, 1))):
+        return None
+    cat = v.args[0]
+    if not (isinstance(cat, fx.Node) and cat.op == "call_function" and cat.target == aten.cat.default):
+        return None
+    pieces = cat.args[0]
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if len(pieces) != 2 or dim not in (1, -3) or set(cat.users) != {v} or set(v.users) != {sdpa}:
+        return None
+    vals = [p.meta.get("val") if isinstance(p, fx.Node) else None for p in pieces]
+    joint = cat.meta.get("val")
+    if joint is None or any(x is None or x.ndim != 4 or x.dtype != joint.dtype for x in vals):
+        return None  # a piece cat promotes to the joint dtype, or of unknown shape: the concatenation stays
+    return pieces[0], pieces[1]
 
 
 def _site_name(node: fx.Node) -> str:

@@ -56,12 +56,15 @@ def quantize_heads_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @triton_kernel
 def quantize_heads_kernel(
-    x_ptr, out_ptr, scale_ptr,
-    S, H, sx_b, sx_s, sx_h,
-    D: tl.constexpr, CAST: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, y_ptr, out_ptr, scale_ptr,
+    S, S_X, H, sx_b, sx_s, sx_h, sy_b, sy_s, sy_h,
+    D: tl.constexpr, CAST: tl.constexpr, CAT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # grid (cdiv(S, BLOCK_T), cdiv(H, BLOCK_H), B): tile (BLOCK_T, BLOCK_H, BLOCK_D) of batch item b
     # x: (B, S, H, D) at strides (sx_b, sx_s, sx_h, 1); out: fp8 (B, S, H, D) contiguous; scale: (B, H) fp32
+    # CAT: the rows are the concatenation along the sequence of x (its S_X rows) and y (the S - S_X after them,
+    #   at strides (sy_b, sy_s, sy_h, 1)), read where they are (no concatenated copy)
     # not CAST: atomic max of max(amax, 1e-12) / 448 into scale (zeroed); both maps are monotonic, so the
     #   result is exactly the max over tiles of amax, floored and divided; CAST: out = clamp(x / scale[b, h])
     b = tl.program_id(2).to(tl.int64)
@@ -69,7 +72,13 @@ def quantize_heads_kernel(
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :, None]  # (1, BLOCK_H, 1)
     d = tl.arange(0, BLOCK_D)[None, None, :]  # (1, 1, BLOCK_D)
     mask = (s < S) & (h < H) & (d < D)
-    x = tl.load(x_ptr + b * sx_b + s * sx_s + h * sx_h + d, mask=mask, other=0.0).to(tl.float32)
+    if CAT:
+        in_x = s < S_X
+        xa = tl.load(x_ptr + b * sx_b + s * sx_s + h * sx_h + d, mask=mask & in_x, other=0.0)
+        xb = tl.load(y_ptr + b * sy_b + (s - S_X) * sy_s + h * sy_h + d, mask=mask & (s >= S_X), other=0.0)
+        x = tl.where(in_x, xa, xb).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + b * sx_b + s * sx_s + h * sx_h + d, mask=mask, other=0.0).to(tl.float32)
     if CAST:
         scale = tl.load(scale_ptr + b * H + h, mask=h < H, other=1.0)  # (1, BLOCK_H, 1)
         q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
@@ -80,25 +89,33 @@ def quantize_heads_kernel(
         tl.atomic_max(scale_ptr + b * H + hv, tl.maximum(amax, 1e-12) / 448.0, mask=hv < H)
 
 
-def _check_quantize_heads(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+def _check_heads(field: str, x: torch.Tensor) -> None:
     if x.ndim != 4:
-        raise InvalidArgumentError("x", f"expected shape (batch, seq, heads, head_dim), got {tuple(x.shape)}")
-    expect_float("x", x)
+        raise InvalidArgumentError(field, f"expected shape (batch, seq, heads, head_dim), got {tuple(x.shape)}")
+    expect_float(field, x)
     if x.dtype == FP8:
-        raise InvalidArgumentError("x", "is already float8_e4m3fn")
-    expect_unit_last_stride("x", x)
-    expect_shape("out", out, tuple(x.shape))
+        raise InvalidArgumentError(field, "is already float8_e4m3fn")
+    expect_unit_last_stride(field, x)
+
+
+def _check_outputs(shape: tuple[int, ...], out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    expect_shape("out", out, shape)
     expect_dtype("out", out, FP8)
-    batch, _seq, heads, _dim = x.shape
+    batch, _seq, heads, _dim = shape
     expect_shape("out_scale", out_scale, (batch, heads), f"({batch}, {heads}): one scale per batch item and head")
     expect_dtype("out_scale", out_scale, torch.float32)
     for field, t in (("out", out), ("out_scale", out_scale)):
         if not t.is_contiguous():
             raise InvalidArgumentError(field, "must be contiguous")
+
+
+def _check_quantize_heads(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    _check_heads("x", x)
+    _check_outputs(tuple(x.shape), out, out_scale)
     expect_same_device({"x": x, "out": out, "out_scale": out_scale})
 
 
-def _quantize_heads_into_ref(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+def _quantize_into_ref(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
     if x.numel() == 0:
         out_scale.fill_(SCALE_FLOOR / FP8_MAX)
         return
@@ -107,22 +124,63 @@ def _quantize_heads_into_ref(x: torch.Tensor, out: torch.Tensor, out_scale: torc
     out_scale.copy_(scale)
 
 
+def _quantize_heads_into_ref(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    _quantize_into_ref(x, out, out_scale)
+
+
+def _launch_heads(x: torch.Tensor, y: torch.Tensor | None, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    """The two passes (amax, cast) over x, or over x then y along the sequence."""
+    if out.numel() == 0:
+        out_scale.fill_(SCALE_FLOOR / FP8_MAX)
+        return
+    batch, seq, heads, head_dim = out.shape
+    plan = tile_plan(seq, heads, head_dim, False, KernelConfig())  # the QK-norm kernel's tiles: no padded heads
+    y_ = x if y is None else y
+    out_scale.zero_()
+    for cast in (False, True):
+        quantize_heads_kernel[(cdiv(seq, plan.block_t), plan.head_blocks, batch)](
+            x, y_, out, out_scale, seq, x.shape[1], heads, x.stride(0), x.stride(1), x.stride(2),
+            y_.stride(0), y_.stride(1), y_.stride(2),
+            D=head_dim, CAST=cast, CAT=y is not None, BLOCK_T=plan.block_t, BLOCK_H=plan.block_h,
+            BLOCK_D=plan.block_d, num_warps=plan.num_warps,
+        )
+
+
 @register_op("quantize_heads", mutates_args=("out", "out_scale"), fake=_check_quantize_heads,
              fallback=_quantize_heads_into_ref)
 def _quantize_heads_launch(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
     _check_quantize_heads(x, out, out_scale)
-    if x.numel() == 0:
-        out_scale.fill_(SCALE_FLOOR / FP8_MAX)
-        return
-    batch, seq, heads, head_dim = x.shape
-    plan = tile_plan(seq, heads, head_dim, False, KernelConfig())  # the QK-norm kernel's tiles: no padded heads
-    out_scale.zero_()
-    for cast in (False, True):
-        quantize_heads_kernel[(cdiv(seq, plan.block_t), plan.head_blocks, batch)](
-            x, out, out_scale, seq, heads, x.stride(0), x.stride(1), x.stride(2),
-            D=head_dim, CAST=cast, BLOCK_T=plan.block_t, BLOCK_H=plan.block_h, BLOCK_D=plan.block_d,
-            num_warps=plan.num_warps,
-        )
+    _launch_heads(x, None, out, out_scale)
+
+
+# quantize_heads_cat: quantize_heads of cat([a, b], 1), reading a and b where they are (a joint attention's
+# text and image values: FLUX.1's double-stream blocks, Qwen-Image), so the concatenation is never written
+
+
+def _check_quantize_heads_cat(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    _check_heads("a", a)
+    _check_heads("b", b)
+    expect_dtype("b", b, a.dtype)
+    batch, seq_a, heads, head_dim = a.shape
+    if b.shape[0] != batch or b.shape[2:] != a.shape[2:]:
+        raise InvalidArgumentError("b", f"expected shape ({batch}, seq, {heads}, {head_dim}) (a's batch, heads and "
+                                        f"head_dim), got {tuple(b.shape)}")
+    _check_outputs((batch, seq_a + b.shape[1], heads, head_dim), out, out_scale)
+    expect_same_device({"a": a, "b": b, "out": out, "out_scale": out_scale})
+
+
+def _quantize_heads_cat_into_ref(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    _quantize_into_ref(torch.cat([a, b], 1), out, out_scale)
+
+
+@register_op("quantize_heads_cat", mutates_args=("out", "out_scale"), fake=_check_quantize_heads_cat,
+             fallback=_quantize_heads_cat_into_ref)
+def _quantize_heads_cat_launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+    _check_quantize_heads_cat(a, b, out, out_scale)
+    if a.shape[1] == 0 or b.shape[1] == 0:  # one side empty: the other alone
+        _launch_heads(b if a.shape[1] == 0 else a, None, out, out_scale)
+    else:
+        _launch_heads(a, b, out, out_scale)
 
 
 def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

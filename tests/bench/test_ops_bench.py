@@ -25,6 +25,7 @@ def test_fp8_quant_cases_match_their_references(monkeypatch):
     monkeypatch.setattr(b, "HEADS", {"small": (5, 3)})
     monkeypatch.setattr(b, "GELU", {"small": (6, 48)})
     monkeypatch.setattr(b, "CATS", {"small": (6, 16, 40)})
+    monkeypatch.setattr(b, "HEAD_CATS", {"small": (3, 4, 2)})
     for case in b.cases(torch.bfloat16, device="cpu"):
         case.fused()
         for out, ref in zip(case.outs, case.ref(*case.args)):

@@ -262,6 +262,11 @@ def test_standalone_quantization_lowers_the_unfused_linears(monkeypatch, name):
 # Attention sites on fp8 attention (q/k from the fused QK-norm + RoPE kernel) and the ones kept bf16.
 EXPECTED_ATTENTION = {"flux": {"transformer_blocks": 1, "single_transformer_blocks": 1},
                       "wan": {"blocks": 1}}
+# What quantizes v: FLUX's double-stream blocks concatenate text and image values, which quantize_heads_cat reads
+# where they are (the concatenation goes); a single-stream block's v is one projection's
+V_QUANTIZER = {"flux": {"transformer_blocks": "diffc.quantize_heads_cat.default",
+                        "single_transformer_blocks": "diffc.quantize_heads.default"},
+               "wan": {"blocks": "diffc.quantize_heads.default"}}
 
 
 def test_self_attention_runs_fp8_with_its_error(compiled):
@@ -277,7 +282,12 @@ def test_self_attention_runs_fp8_with_its_error(compiled):
         (graph,) = compiled.graphs[region.region].values()
         targets = [str(n.target) for n in graph.program.graph_module.graph.nodes if n.op == "call_function"]
         assert targets.count("diffc.attention_flashinfer_fp8.default") == fp8["attention_fp8"]
-        assert targets.count("diffc.quantize_heads.default") == fp8["attention_fp8"]
+        quantizer = V_QUANTIZER[name][region.region]
+        assert targets.count(quantizer) == fp8["attention_fp8"]
+        assert sum(t.startswith("diffc.quantize_heads") for t in targets) == fp8["attention_fp8"]
+        if quantizer.endswith("_cat.default"):
+            cats = [n for n in graph.program.graph_module.graph.nodes if str(n.target) == "aten.cat.default"]
+            assert not any(n.meta["val"].ndim == 4 for n in cats), cats  # the values' concatenation is gone
         assert not any(t.startswith("diffc.qk_norm_rope") and not t.endswith("_fp8.default") for t in targets)
         assert region.matches["fp8_attention"] == fp8["attention_fp8"]
     if name == "wan":

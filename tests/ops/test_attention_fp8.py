@@ -128,6 +128,74 @@ def test_quantize_heads_bad_arguments_name_the_field(case):
         torch.ops.diffc.quantize_heads(args["x"], args["out"], args["out_scale"])
 
 
+# ---- quantize_heads_cat ----------------------------------------------------------------------------------
+
+# (batch, text rows, image rows, heads, head_dim): the boundary inside a tile, on a tile's edge, one side one row
+CAT_SHAPES = {
+    "b2a5b9h5d24": (2, 5, 9, 5, 24),
+    "a16b16h3d16": (1, 16, 16, 3, 16),
+    "a1b40h24d32": (1, 1, 40, 24, 32),
+    "b2a37b3h3d16": (2, 37, 3, 3, 16),
+}
+
+
+@pytest.mark.parametrize("shape", CAT_SHAPES.values(), ids=CAT_SHAPES.keys())
+def test_quantize_heads_cat_is_quantize_heads_of_the_concatenation(counters, shape):
+    """The text and image values read where they are (as FLUX's joint attention holds them: (B, S, H, D) views
+    of each projection's output), the bytes and scales of quantize_heads of their concatenation; a head whose
+    largest value sits in the text part gets its scale from there."""
+    batch, seq_a, seq_b, heads, head_dim = shape
+    a = randn(batch, seq_a, heads * head_dim, dtype=torch.bfloat16, seed=7).unflatten(-1, (heads, head_dim))
+    b = randn(batch, seq_b, 2 * heads * head_dim, dtype=torch.bfloat16, seed=8)[..., heads * head_dim:]
+    b = b.unflatten(-1, (heads, head_dim))  # a column slice: strides unlike a's
+    a[:, 0, 0, 0] = 40.0  # head 0's amax in the text rows
+    out = torch.full((batch, seq_a + seq_b, heads, head_dim), float("nan")).to(FP8)
+    out_scale = torch.full((batch, heads), 1e9)
+    torch.ops.diffc.quantize_heads_cat(a, b, out, out_scale)
+    assert_kernel_ran()
+    joint = torch.cat([a, b], 1)
+    assert_quantized(out, out_scale, joint)
+    want, _ = quantize_heads_ref(joint)
+    assert torch.equal(out.view(torch.uint8), want.view(torch.uint8))  # signed zeros included
+    assert float(out_scale[0, 0]) == pytest.approx(40.0 / FP8_MAX)
+
+
+def test_quantize_heads_cat_with_an_empty_side(counters):
+    a = randn(1, 0, 3, 16, dtype=torch.bfloat16)
+    b = randn(1, 6, 3, 16, dtype=torch.bfloat16, seed=2)
+    out, out_scale = torch.empty(1, 6, 3, 16, dtype=FP8), torch.empty(1, 3)
+    torch.ops.diffc.quantize_heads_cat(a, b, out, out_scale)
+    assert_quantized(out, out_scale, b)
+    torch.ops.diffc.quantize_heads_cat(b, a, out, out_scale)
+    assert_quantized(out, out_scale, b)
+
+
+def test_quantize_heads_cat_opcheck(counters):
+    a, b = randn(2, 3, 3, 8, dtype=torch.bfloat16), randn(2, 4, 3, 8, dtype=torch.bfloat16, seed=1)
+    torch.library.opcheck(torch.ops.diffc.quantize_heads_cat.default,
+                          (a, b, torch.zeros(2, 7, 3, 8, dtype=FP8), torch.zeros(2, 3)), test_utils=OPCHECKS)
+
+
+CAT_BAD = {  # case -> (field, replacement for a / b / out / out_scale, what the error says after the field)
+    "a 3-d": ("a", torch.zeros(2, 3, 24, dtype=torch.bfloat16), r"expected shape \(batch, seq, heads, head_dim\)"),
+    "b dtype": ("b", torch.zeros(2, 4, 3, 8, dtype=torch.float16), "expected dtype torch.bfloat16"),
+    "b heads": ("b", torch.zeros(2, 4, 2, 8, dtype=torch.bfloat16), r"expected shape \(2, seq, 3, 8\)"),
+    "b fp8": ("b", torch.zeros(2, 4, 3, 8, dtype=FP8), "is already float8_e4m3fn"),
+    "out rows": ("out", torch.zeros(2, 4, 3, 8, dtype=FP8), r"expected shape \(2, 7, 3, 8\)"),
+    "out_scale shape": ("out_scale", torch.zeros(3), r"expected shape \(2, 3\)"),
+}
+
+
+@pytest.mark.parametrize("case", CAT_BAD, ids=CAT_BAD.keys())
+def test_quantize_heads_cat_bad_arguments_name_the_field(case):
+    field, bad, message = CAT_BAD[case]
+    args = {"a": randn(2, 3, 3, 8, dtype=torch.bfloat16), "b": randn(2, 4, 3, 8, dtype=torch.bfloat16),
+            "out": torch.zeros(2, 7, 3, 8, dtype=FP8), "out_scale": torch.zeros(2, 3)}
+    args[field] = bad
+    with pytest.raises(InvalidArgumentError, match=f"^{field}: {message}"):
+        torch.ops.diffc.quantize_heads_cat(args["a"], args["b"], args["out"], args["out_scale"])
+
+
 # ---- attention_flashinfer_fp8 ---------------------------------------------------------------------------
 
 
@@ -201,10 +269,19 @@ def test_quantize_heads_on_the_gpu():
 
 
 def check_quantize_heads_on_the_gpu():
-    """The compiled kernels (float atomic max, fp8 cast) at FLUX's head layout."""
+    """The compiled kernels (float atomic max, fp8 cast) at FLUX's head layout; the joint form on FLUX.1's text and
+    image values (512 + 4096 rows, the image part a column slice of a wider projection)."""
     x = randn(2, 1000, 24, 128, dtype=torch.bfloat16, seed=5).cuda() * torch.rand(24, 1, device="cuda").bfloat16()
     out, out_scale = quantize_heads(x[:, 3:])  # a view starting mid-buffer
     assert_quantized(out, out_scale, x[:, 3:], exact=False)
+    a = randn(1, 512, 24, 128, dtype=torch.bfloat16, seed=6).cuda() * 3
+    b = randn(1, 4096, 2 * 3072, dtype=torch.bfloat16, seed=7).cuda()[..., 3072:].unflatten(-1, (24, 128))
+    out, out_scale = torch.empty(1, 4608, 24, 128, dtype=FP8, device="cuda"), torch.empty(1, 24, device="cuda")
+    torch.ops.diffc.quantize_heads_cat(a, b, out, out_scale)
+    joint = torch.cat([a, b], 1)
+    assert_quantized(out, out_scale, joint, exact=False)
+    single, single_scale = quantize_heads(joint)  # the same kernel's arithmetic on the concatenation: same bytes
+    assert torch.equal(out.view(torch.uint8), single.view(torch.uint8)) and torch.equal(out_scale, single_scale)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available()

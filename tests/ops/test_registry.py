@@ -20,7 +20,7 @@ EXPECTED_OPS = {
     "adaln_modulate_fp8", "gated_residual_adaln_fp8", "gelu_tanh_fp8",  # the fp8 tier's producers
     "quantize_rows", "quantize_rows_cat", "quantize_rows_cat_gelu",  # the fp8 tier's quantization of an activation no fused kernel produces
     # fp8 attention's inputs
-    "qk_norm_rope_per_head_fp8", "qk_norm_rope_across_heads_fp8", "quantize_heads", "qk_fp8_head_scales",
+    "qk_norm_rope_per_head_fp8", "qk_norm_rope_across_heads_fp8", "quantize_heads", "quantize_heads_cat", "qk_fp8_head_scales",
     "channel_rms_norm_silu", "channel_bias_residual",  # the Wan VAE's fused path
     "gemv",  # one-row linears (the adaptive norms' projections)
     "linear_accumulate",  # a linear split over a feature concatenation (cuBLAS, beta = 1)
