@@ -128,13 +128,20 @@ def _quantize_heads_into_ref(x: torch.Tensor, out: torch.Tensor, out_scale: torc
     _quantize_into_ref(x, out, out_scale)
 
 
+# The (tokens, heads, head_dim) tile of both passes: 8192 elements, 32 a thread (FLUX.1's v: 8 tokens x 8 heads x
+# 128, 8 warps). On an H100 (python -m bench.ops.sweep_quantize_heads ->
+# bench/results/ops/h100-2026-12-05-quantize-heads-tiles.txt): FLUX.1 33.6 us, Wan2.1-1.3B 97.1, Wan2.1-14B 296.0,
+# where the QK-norm kernel's 2048-element tile took 35.6 / 101.8 / 339.9; the same bytes.
+HEADS_CONFIG = KernelConfig(tile=8192, per_thread=32)
+
+
 def _launch_heads(x: torch.Tensor, y: torch.Tensor | None, out: torch.Tensor, out_scale: torch.Tensor) -> None:
     """The two passes (amax, cast) over x, or over x then y along the sequence."""
     if out.numel() == 0:
         out_scale.fill_(SCALE_FLOOR / FP8_MAX)
         return
     batch, seq, heads, head_dim = out.shape
-    plan = tile_plan(seq, heads, head_dim, False, KernelConfig())  # the QK-norm kernel's tiles: no padded heads
+    plan = tile_plan(seq, heads, head_dim, False, HEADS_CONFIG)  # tiles as the QK-norm kernel's: no padded heads
     y_ = x if y is None else y
     out_scale.zero_()
     for cast in (False, True):
