@@ -18,6 +18,28 @@ import pytest  # noqa: E402
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+INTERPRETED_GPU_REASON = (
+    "Triton runs interpreted in this process (TRITON_INTERPRET=1, which tests/ops/conftest.py sets when tests/ops is "
+    "collected), so the GPU tests cannot compile its kernels: run them in a pytest process of their own, without "
+    "tests/ops (python -m pytest tests/runtime)")
+
+
+def interpreted_gpu_tests(paths: list[Path], cuda: bool, interpret: str | None) -> list[bool]:
+    """Which test files (by path) to skip: on a CUDA machine with Triton's interpreter on, every ``*_gpu.py``
+    outside tests/ops (whose GPU checks run in a subprocess of their own), which would fail inside Triton."""
+    if not cuda or interpret != "1":
+        return [False] * len(paths)
+    tests = Path(__file__).resolve().parent
+    return [p.name.endswith("_gpu.py") and not p.resolve().is_relative_to(tests / "ops") for p in paths]
+
+
+def pytest_collection_modifyitems(config, items):
+    skips = interpreted_gpu_tests([Path(str(item.fspath)) for item in items], torch.cuda.is_available(),
+                                  os.environ.get("TRITON_INTERPRET"))
+    for item, skip in zip(items, skips):
+        if skip:
+            item.add_marker(pytest.mark.skip(reason=INTERPRETED_GPU_REASON))
+
 
 @dataclasses.dataclass(frozen=True)
 class TinyFlux:
