@@ -25,8 +25,9 @@ calls writing one buffer (FLUX's text and image rows) share the larger scale. v 
 ``diffc.quantize_heads`` (two passes: amax, cast); where v is a joint attention's concatenation of text and
 image values read by nothing else, ``diffc.quantize_heads_cat`` reads the two pieces where they are and the
 concatenation is never written (in FLUX.1's double-stream blocks, a copy of 4608 x 3072 values a block).
-Quantizing q, k, v as separate torch ops costs more than fp8 saves (``GPU-NOTES.md``), so attention whose q/k no fused kernel writes (cross-attention) stays
-bf16, as does every site on a GPU without flashinfer or without Hopper's fp8 FA3 kernel.
+Quantizing q, k, v as separate torch ops costs more than fp8 saves (``GPU-NOTES.md``), so attention whose q/k
+no fused kernel writes (cross-attention) stays bf16, as does every site on a GPU without flashinfer or without
+Hopper's fp8 FA3 kernel.
 """
 
 from __future__ import annotations

@@ -115,17 +115,13 @@ def _check_quantize_heads(x: torch.Tensor, out: torch.Tensor, out_scale: torch.T
     expect_same_device({"x": x, "out": out, "out_scale": out_scale})
 
 
-def _quantize_into_ref(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
+def _quantize_heads_into_ref(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
     if x.numel() == 0:
         out_scale.fill_(SCALE_FLOOR / FP8_MAX)
         return
     q, scale = quantize_heads_ref(x)
     out.copy_(q)
     out_scale.copy_(scale)
-
-
-def _quantize_heads_into_ref(x: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
-    _quantize_into_ref(x, out, out_scale)
 
 
 # The (tokens, heads, head_dim) tile of both passes: 8192 elements, 32 a thread (FLUX.1's v: 8 tokens x 8 heads x
@@ -177,14 +173,14 @@ def _check_quantize_heads_cat(a: torch.Tensor, b: torch.Tensor, out: torch.Tenso
 
 
 def _quantize_heads_cat_into_ref(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
-    _quantize_into_ref(torch.cat([a, b], 1), out, out_scale)
+    _quantize_heads_into_ref(torch.cat([a, b], 1), out, out_scale)
 
 
 @register_op("quantize_heads_cat", mutates_args=("out", "out_scale"), fake=_check_quantize_heads_cat,
              fallback=_quantize_heads_cat_into_ref)
 def _quantize_heads_cat_launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) -> None:
     _check_quantize_heads_cat(a, b, out, out_scale)
-    if a.shape[1] == 0 or b.shape[1] == 0:  # one side empty: the other alone
+    if a.shape[1] == 0 or b.shape[1] == 0:  # one side empty (its pointer may be null): the other alone
         _launch_heads(b if a.shape[1] == 0 else a, None, out, out_scale)
     else:
         _launch_heads(a, b, out, out_scale)
