@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import shlex
@@ -33,7 +34,9 @@ def environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
         "date": now.strftime("%Y-%m-%d"), "time_utc": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "python": platform.python_version(), "torch": torch.__version__, "triton": _version("triton"),
         "diffusers": _version("diffusers"), "transformers": _version("transformers"), "diffc": diffc.__version__,
-        "device": str(device), "command": "python3 " + shlex.join(argv if argv[:1] == ["-m"] else ["-m", "bench.compare", *argv[1:]]),
+        "device": str(device),
+        "cublaslt_workspace_kib": os.environ.get("CUBLASLT_WORKSPACE_SIZE", "torch's default"),
+        "command": "python3 " + shlex.join(argv if argv[:1] == ["-m"] else ["-m", "bench.compare", *argv[1:]]),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

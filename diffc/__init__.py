@@ -4,6 +4,10 @@
 or videos; see README.md.
 """
 
+from . import blas_env
+
+blas_env.configure()  # before the process's first GEMM: see diffc/blas_env.py
+
 from .errors import CheckpointError, DiffcError, InvalidArgumentError, WeightMismatchError  # noqa: E402
 
 
