@@ -77,7 +77,7 @@ def _cache_configs() -> list["Config"]:
 ABLATIONS = ("rms_norm", "qk_norm_rope", "adaln_modulate", "gated_residual", "gelu_tanh", "timestep_embedding",
              "gated_residual_adaln", "modulation_table", "key_padding_attention", "gemv", "cat_transposed",
              "attention", "split_cat_linear")
-OPT_IN = ("concat_linear",)  # passes off by default, each measured switched on
+OPT_IN = ("concat_linear", "cat_linear_rows")  # passes off by default, each measured switched on
 
 # In run order: the eager pair first, so that a run cut short still has diffc against diffusers (this
 # costs a second diffusers load when compile is measured too).

@@ -10,8 +10,8 @@ kernel of ``csrc/`` on the GPU where it measured faster (:mod:`.csrc`).
 """
 
 from . import (adaln_modulate, attention_fa4, attention_flashinfer, attention_fp8, attention_key_padding,
-               attention_sdpa_flash, channel_norm, csrc, csrc_sources, fp8, gated_residual, gelu_tanh, gemv, linear_accumulate, qk_norm_rope,
-               qk_norm_rope_fp8, quantize_rows, rms_norm, silu_mul, timestep_embedding)
+               attention_sdpa_flash, channel_norm, csrc, csrc_sources, fp8, gated_residual, gelu_tanh, gemv, linear_accumulate,
+               linear_into, qk_norm_rope, qk_norm_rope_fp8, quantize_rows, rms_norm, silu_mul, timestep_embedding)
 from .registry import COUNTERS, REGISTERED, OpCounters, kernel_runs_on, register_op
 
 OPS = tuple(REGISTERED)  # names in the diffc namespace, e.g. "qk_norm_rope_per_head"
@@ -36,6 +36,7 @@ __all__ = [
     "gemv",
     "kernel_runs_on",
     "linear_accumulate",
+    "linear_into",
     "qk_norm_rope",
     "qk_norm_rope_fp8",
     "quantize_rows",

@@ -31,7 +31,9 @@ def linear_accumulate_ref(x: torch.Tensor, weight: torch.Tensor, out: torch.Tens
     return (out.float() + x.float() @ weight.float().t()).to(out.dtype)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+def check_linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """The checks a GEMM op writing ``out = x @ weight^T (...)`` shares: x (..., rows, K) float, weight (N, K) of x's
+    dtype with a unit last stride, out (..., rows, N) of x's dtype."""
     expect_float("x", x)
     if x.ndim < 2:
         raise InvalidArgumentError("x", f"expected (..., rows, in_features), got shape {tuple(x.shape)}")
@@ -42,6 +44,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
     expect_unit_last_stride("weight", weight)
     expect_shape("out", out, (*x.shape[:-1], weight.shape[0]))
     expect_dtype("out", out, x.dtype)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    check_linear(x, weight, out)
     if not out.is_contiguous():
         raise InvalidArgumentError("out", "must be contiguous (the GEMM accumulates into it in place)")
     expect_same_device({"x": x, "weight": weight, "out": out})

@@ -38,7 +38,7 @@ GRAPH_TOL = {torch.float32: 1e-5, torch.bfloat16: REL_TOL[torch.bfloat16]}
 # before norm3), which take no diffc.gated_residual of the gated-residual pass.
 # Passes that rewrite with aten ops only (no diffc op enters the graph):
 GRAPH_ONLY = ("concat_linear", "cat_transposed")  # passes that rewrite into aten ops, no diffc op
-OPT_IN = ("concat_linear",)  # not in default_passes()
+OPT_IN = ("concat_linear", "cat_linear_rows")  # not in default_passes()
 FLUX_BLOCKS, FLUX_SINGLE, WAN_BLOCKS = 1, 2, 2
 UNGATED_PAIRS = {"flux": 0, "wan": WAN_BLOCKS}
 EXPECTED = {
@@ -58,6 +58,7 @@ EXPECTED = {
         "cat_transposed": FLUX_BLOCKS,  # the double block's joint value concatenation
         "concat_linear": 2 * FLUX_BLOCKS + FLUX_SINGLE,
         "split_cat_linear": FLUX_SINGLE,  # the single blocks' proj_out over [attention, MLP]
+        "cat_linear_rows": FLUX_BLOCKS,  # the double block's value projections, written into their concatenation
     },
     "wan": {
         "rms_norm": 0,
@@ -75,6 +76,7 @@ EXPECTED = {
         "cat_transposed": 0,
         "concat_linear": 2 * WAN_BLOCKS,
         "split_cat_linear": 0,
+        "cat_linear_rows": 0,
     },
 }
 

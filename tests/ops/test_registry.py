@@ -24,6 +24,7 @@ EXPECTED_OPS = {
     "channel_rms_norm_silu", "channel_bias_residual",  # the Wan VAE's fused path
     "gemv",  # one-row linears (the adaptive norms' projections)
     "linear_accumulate",  # a linear split over a feature concatenation (cuBLAS, beta = 1)
+    "linear_into",  # a linear writing its rows of a concatenation (cuBLAS, the output given)
 }
 # Ops around external library kernels (torch's SDPA included) that allocate their own output (functional: they
 # return it).

@@ -3,13 +3,15 @@
 :data:`FUSION_PASSES` lists them in the order the pass manager runs them, after
 :class:`CanonicalizeCasts`: :class:`RMSNormPass` first (it gives hand-written norms the one spelling
 the fusions match), then larger fusions first, so a smaller one cannot take part of a larger one's
-sequence. :class:`CatTransposedPass` runs last: the QK-norm fusion matches q's and k's concatenations in the
-transposed form it rewrites.
+sequence. :class:`CatTransposedPass` runs last but one: the QK-norm fusion matches q's and k's concatenations in
+the transposed form it rewrites; :class:`CatLinearRowsPass` (opt-in) then lets the value projections write the
+concatenation it leaves.
 """
 
 from .adaln_modulate import AdaLNModulatePass
 from .base import FusionPass, Pattern, graph_targets
 from .canonicalize import CanonicalizeCasts
+from .cat_linear_rows import CatLinearRowsPass
 from .cat_transposed import CatTransposedPass
 from .concat_linear import ConcatLinearPass
 from .gated_residual import GatedResidualPass
@@ -27,13 +29,14 @@ from .timestep_embedding import TimestepEmbeddingPass
 FUSION_PASSES: tuple[type[FusionPass], ...] = (
     RMSNormPass, QKNormRopePass, RMSNormKernelPass, AdaLNModulatePass, GatedResidualPass, GeluTanhPass,
     TimestepEmbeddingPass, SiluMulPass, GatedResidualAdaLNPass, ModulationTablePass, GemvPass, ConcatLinearPass,
-    SplitCatLinearPass, KeyPaddingAttentionPass, CatTransposedPass,
+    SplitCatLinearPass, KeyPaddingAttentionPass, CatTransposedPass, CatLinearRowsPass,
 )
 
 __all__ = [
     "FUSION_PASSES",
     "AdaLNModulatePass",
     "CanonicalizeCasts",
+    "CatLinearRowsPass",
     "CatTransposedPass",
     "ConcatLinearPass",
     "FusionPass",
