@@ -49,3 +49,31 @@ def test_replays_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_linear_into_writes_flux_values_rows_as_the_linear_does(batch):
+    """``diffc.linear_into`` at FLUX.1's double-block value projections (512 text + 4096 image rows, 3072 wide)
+    into one joint buffer: at batch 1 the very bytes of ``F.linear`` (the same GEMM, the output given), at batch 2
+    (one GEMM a batch item) within bf16 rounding of it; captured in a CUDA graph it replays the same."""
+    from diffc.ops.linear_into import linear_into
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    txt, img = (torch.randn(batch, s, 3072, device="cuda", generator=g).to(torch.bfloat16) for s in (512, 4096))
+    w_t, w_i = ((torch.randn(3072, 3072, device="cuda", generator=g) * 0.02).to(torch.bfloat16) for _ in range(2))
+    b_t, b_i = (torch.randn(3072, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+    want = torch.cat([F.linear(txt, w_t, b_t), F.linear(img, w_i, b_i)], 1)
+    joint = torch.empty(batch, 4608, 3072, device="cuda", dtype=torch.bfloat16)
+
+    def write():
+        linear_into(txt, w_t, b_t, joint[:, :512])
+        linear_into(img, w_i, b_i, joint[:, 512:])
+
+    write()
+    assert torch.equal(joint, want) if batch == 1 else _rel(joint, want) < 1e-2
+    first = joint.clone()
+    joint.zero_()
+    graph = capture(write, torch.device("cuda"))[0]
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(joint, first)
