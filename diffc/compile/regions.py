@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
@@ -314,7 +315,8 @@ def joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
     """``torch.cat(pieces, dim)``, as a view of the pieces' buffer where they already lie end to end in it
     (slices of one contiguous tensor along ``dim``, in order), so nothing is copied; a copy otherwise."""
     first = pieces[0]
-    if not all(isinstance(p, torch.Tensor) for p in pieces) or first.dim() == 0:
+    if (not all(isinstance(p, torch.Tensor) for p in pieces) or first.dim() == 0
+            or any(p.device.type == "meta" or is_fake(p) for p in pieces)):  # no memory to share: trace the copy
         return torch.cat(pieces, dim)
     dim %= first.dim()
     offset = first.storage_offset()

@@ -152,3 +152,16 @@ def test_flux_single_blocks_join_their_streams_bit_exactly(monkeypatch):
         with _installed(dit_regions(net), graphs), torch.no_grad():
             outs.append(net(**inputs)[0])
     assert torch.equal(outs[0], outs[1])
+
+
+def test_traced_pieces_are_concatenated_without_reading_pointers(recwarn):
+    """Meta and fake tensors (a trace through the runner) have no memory to share: the copy, and no warning
+    about a fake tensor's data pointer."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    meta = torch.empty(2, 10, 4, device="meta")
+    assert joined([meta[:, :3], meta[:, 3:]], 1).shape == (2, 10, 4)
+    with FakeTensorMode():
+        fake = torch.empty(2, 10, 4)
+        assert joined([fake[:, :3], fake[:, 3:]], 1).shape == (2, 10, 4)
+    assert not [w for w in recwarn if "data pointer" in str(w.message)]
