@@ -51,7 +51,8 @@ def add_parser(sub) -> None:
     p.add_argument("--disable", default="", help="comma-separated passes to leave out (for measuring each one; "
                                                  "fp8_attention, fp8_quantize_rows, fp8_quantize_concat and "
                                                  "fp8_gemv leave out fp8 steps)")
-    p.add_argument("--enable", default="", help="comma-separated opt-in passes to run too (concat_linear, cat_linear_rows)")
+    p.add_argument("--enable", default="",
+                   help="comma-separated opt-in passes to run too (concat_linear, cat_linear_rows)")
     p.add_argument("--attention", default="auto",
                    help="attention backend: auto (measure and pick the fastest) or a backend name")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
