@@ -131,3 +131,23 @@ def test_bad_arguments_name_the_field(field, args):
     with pytest.raises(InvalidArgumentError) as err:
         linear_into(*args)
     assert err.value.field == field
+
+
+def test_qwen_image_blocks_write_their_values_too():
+    """Qwen-Image's double-stream blocks (text and image values, joined for attention): one site a block."""
+    from diffc.compile import trace_module
+    from diffc.models.qwen_image.transformer import QWEN_IMAGE_TRANSFORMER_SPECS, QwenImageTransformer2DModel
+    from tests.compile.test_qwen_image import _inputs
+
+    torch.manual_seed(0)
+    net = QwenImageTransformer2DModel(QWEN_IMAGE_TRANSFORMER_SPECS["tiny"]).eval()
+    inputs = _inputs(1, False)
+    program = trace_module(net, inputs)
+    with torch.no_grad():
+        unfused = program.module()(**inputs)
+    counters = PassManager(fusion_passes("fast", enable=("cat_linear_rows",))).run(program)
+    assert counters.matches["cat_linear_rows"] == QWEN_IMAGE_TRANSFORMER_SPECS["tiny"].num_layers
+    with torch.no_grad():
+        fused = program.module()(**inputs)
+    unwrap = lambda o: o[0] if isinstance(o, tuple) else getattr(o, "sample", o)  # noqa: E731
+    assert rel_err(unwrap(fused), unwrap(unfused)) < GRAPH_TOL[torch.float32]

@@ -13,8 +13,9 @@ Rewritten (each GEMM writes its rows of one buffer; :mod:`diffc.ops.linear_into`
     diffc.linear_into(x_img, w_img, b_img, aten.slice(joint, 1, S_txt, S_txt + S_img))
     v = aten.unflatten(joint, -1, [H, D])
 
-FLUX.1-dev at 1024²: a copy of 4608 x 3072 values in each of its 19 double blocks (on an H100 the forward's
-remaining concatenation kernels took 0.35 ms, `bench/results/h100-2026-12-05-flux-dev-graphs-profile-joined-inputs-after.md`).
+FLUX.1-dev at 1024²: a copy of 4608 x 3072 values in each of its 19 double blocks, the forward's last concatenation
+kernels (0.35 ms on an H100, ``bench/results/h100-2026-12-05-flux-dev-graphs-profile-joined-inputs-after.md``);
+Qwen-Image's double-stream blocks have the same site.
 Applies where every piece is a 3-D linear output (or a split of its last dimension, ``unflatten``), read only by the
 concatenation, the concatenation runs along the rows (dimension 1) and the pieces share batch, width, dtype and
 device. Not bit-exact in general (at a batch above one each GEMM runs per batch item); not under the fp8 tier, whose
