@@ -190,6 +190,19 @@ class RegionGraph:
             raise RegionError("compiled block called with arguments of another structure than it was traced with")
         return flat
 
+    def _to_placeholder(self, node: torch.fx.Node, placeholders: list[torch.fx.Node], name: str,
+                        source: tuple) -> None:
+        """Replace ``node`` by a new first placeholder ``name``, whose value :meth:`__call__` takes from ``source``
+        (an entry of ``self.sources``); ``placeholders`` (the graph's, in order) is kept up to date."""
+        graph = self.gm.graph
+        with graph.inserting_before(placeholders[0]):
+            new = graph.placeholder(name)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        placeholders.insert(0, new)
+        self.sources.insert(0, source)
+
     # ---- weight concatenations (concat_linear) ---------------------------------------------------
 
     def _fold_weight_concats(self) -> None:
@@ -219,13 +232,8 @@ class RegionGraph:
             recipes = [recipe(i) if isinstance(i, torch.fx.Node) else None for i in inputs]
             if dim != 0 or not recipes or any(r is None for r in recipes):
                 continue
-            with graph.inserting_before(placeholders[0]):
-                new = graph.placeholder(f"_diffc_packed_{len(self._packed_specs)}")
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-            placeholders.insert(0, new)
-            self.sources.insert(0, ("packed", len(self._packed_specs)))
+            self._to_placeholder(node, placeholders, f"_diffc_packed_{len(self._packed_specs)}",
+                                 ("packed", len(self._packed_specs)))
             self._packed_specs.append(tuple(recipes))
         self._has_packed = bool(self._packed_specs)
         if self._has_packed:
@@ -253,13 +261,8 @@ class RegionGraph:
             if (len(inputs) < 2 or len(set(inputs)) != len(inputs)
                     or any(i not in user_of or len(i.users) != 1 for i in inputs) or _written(node)):
                 continue
-            with graph.inserting_before(placeholders[0]):
-                new = graph.placeholder(f"_diffc_joined_{node.name}")
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-            placeholders.insert(0, new)
-            self.sources.insert(0, ("joined", (tuple(user_of[i] for i in inputs), dim)))
+            self._to_placeholder(node, placeholders, f"_diffc_joined_{node.name}",
+                                 ("joined", (tuple(user_of[i] for i in inputs), dim)))
             for piece in inputs:  # read by nothing now: the runner passes the pieces only through the join
                 index = placeholders.index(piece)
                 graph.erase_node(piece)
