@@ -25,6 +25,7 @@ from ..errors import InvalidArgumentError
 from .fp8 import Fp8LinearPass, lowering_report, placeholder_values, site_errors, start_lowering
 from .fp8_attention import Fp8AttentionPass
 from .manager import TIERS, PassManager
+from .numerics import output_rel_err
 from .passes import FUSION_PASSES, graph_targets
 from .regions import Region, RegionGraph, call_key
 from .trace import trace_module
@@ -132,18 +133,6 @@ def triton_cache(directory: Path | None):
             os.environ.pop("TRITON_CACHE_DIR", None)
         else:
             os.environ["TRITON_CACHE_DIR"] = old
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
-
-
-def output_rel_err(out: Any, ref: Any) -> float:
-    """The largest relative error over the tensors of two outputs of the same structure."""
-    outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-    refs = [t for t in torch.utils._pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
-    return max((rel_err(o, r) for o, r in zip(outs, refs)), default=0.0)
 
 
 def _fused_ops(gm) -> dict[str, int]:

@@ -38,6 +38,7 @@ from torch import fx
 from torch.export.graph_signature import InputKind
 
 from ..ops.fp8 import FP8, fp8_linear_ok
+from .numerics import rel_err
 from .passes.base import _propagate_val, linear_bias
 
 aten = torch.ops.aten
@@ -419,8 +420,6 @@ class _Recorder(fx.Interpreter):
 def site_errors(lowering: Fp8Lowering, program: torch.export.ExportedProgram, values: list) -> dict[str, float]:
     """Relative L2 error of each lowered linear's output vs the bf16 graph's, on the same block inputs
     (the fp8 graph's value includes the error of fp8 sites earlier in the block)."""
-    from .compiler import rel_err
-
     sites = {**lowering.sites, **{f"{site} (attention)": pair for site, pair in lowering.attention_sites.items()}}
     if not sites or lowering.before is None:
         return {}

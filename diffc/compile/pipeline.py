@@ -32,8 +32,9 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from . import artifact as art
 from . import prompt_lengths
-from .compiler import (BucketReport, check_attention, compile_region, fusion_passes, kernel_configs,
-                       output_rel_err, pass_sources, triton_cache)
+from .compiler import (BucketReport, check_attention, compile_region, fusion_passes, kernel_configs, pass_sources,
+                       triton_cache)
+from .numerics import output_rel_err
 from .regions import RegionGraph, call_key, capture_region_inputs, dit_regions
 
 EXAMPLE_PROMPT = "a compile-time example prompt"

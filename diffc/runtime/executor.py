@@ -291,7 +291,8 @@ class Executor:
         # offload hooks go on the eager encoders, which then move between host and device at every call
         self.encoders.set_blocked(None if mode == "none" else f"{mode} offload moves the encoders' weights")
         if mode != "none":
-            self.offload = apply_offload(self.components, self.device, mode, prefetch=prefetch,
+            eager = {name: unwrap(c) for name, c in self.components.items()}  # the stacks notice moved weights
+            self.offload = apply_offload(eager, self.device, mode, prefetch=prefetch,
                                          resident_blocks=resident_blocks, text_encoders=text_encoders,
                                          streams=streams, dits=tuple(self.stacks), **placement)
         for name, stack in self.stacks.items():

@@ -65,7 +65,6 @@ from torch import nn
 
 from ..errors import DiffcError, InvalidArgumentError
 from ..models.structure import dit_regions, has_regions, regions_in_run_order
-from .executor import unwrap
 from .offload_host import (ALIGN, CudaStreams, GiB, HostBuffer, HostResident, OneAtATime, _Packing, _tensors,
                            packed_bytes)
 from .offload_plan import (PLACEMENTS, START, Copy, Record, RingPlan, choose_resident_count, computed, copied,
@@ -336,7 +335,8 @@ def apply_offload(components: dict[str, Any], device: torch.device | str, mode: 
                   placement: str = "spread", activation_reserve: int | None = None,
                   memory_limit: int | None = None, streams=None,
                   dits: tuple[str, ...] | None = None) -> OffloadHandle:
-    """Offload a loaded pipeline's components (see the module docstring for the modes).
+    """Offload a loaded pipeline's components (see the module docstring for the modes): eager modules (the
+    executor hands over its DiT stacks' and graphed encoders' own modules); other values are left alone.
 
     ``prefetch``: blocks copied ahead of the one computing (ring depth - 1). ``resident_blocks``:
     blocks kept on the GPU (None: as many as memory allows). ``text_encoders``: components offloaded
@@ -361,11 +361,7 @@ def apply_offload(components: dict[str, Any], device: torch.device | str, mode: 
                 "offload", f"--offload {mode} needs a CUDA GPU (it keeps weights in pinned host memory and "
                 f"copies them to GPU memory when needed); this pipeline runs on '{device}', use --offload none")
         streams = CudaStreams(device)
-    modules = {}
-    for n, c in components.items():
-        c = unwrap(c)  # a DiT stack's module; the stack notices moved weights (its CUDA graphs recapture)
-        if isinstance(c, nn.Module):
-            modules[n] = c
+    modules = {n: c for n, c in components.items() if isinstance(c, nn.Module)}
     dits = [n for n, m in modules.items() if n not in text_encoders and (dits is None or n in dits)
             and repeated_blocks(m)]
     if mode == "layerwise":

@@ -8,7 +8,7 @@ import ipaddress
 import json
 from typing import Any, Iterable
 
-from .protocol import APIError
+from .api_error import APIError
 
 # Methods counted under their own name in /metrics; any other is "other" (a client picks the method).
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

@@ -1,4 +1,4 @@
-"""The wire format: request models, the OpenAI error body, and request-body parsing (JSON or form data).
+"""The wire format: request models and request-body parsing (JSON or form data); errors are :mod:`.api_error`'s.
 
 Request models accept the OpenAI fields (those diffc cannot honour are refused by name, the rest are
 accepted and ignored) plus diffc's own generation fields. Any other field is an error naming it.
@@ -11,24 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from .api_error import APIError, invalid
+from .hardening import check_values, load_json
+
 SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's format: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def invalid(param: str | None, message: str, code: str = "invalid_value") -> APIError:
-    return APIError(400, message, param=param, code=code)
 
 
 NUMBER_FIELDS = ("n", "num_inference_steps", "guidance_scale", "true_cfg_scale", "seed", "num_frames", "fps", "seconds",
@@ -176,8 +162,6 @@ async def read_payload(request, files: tuple[str, ...] = ()) -> Any:
     ``{"filename": ..., "data": bytes}``; any other upload is kept as ``{"filename": ...}`` so the
     request model can refuse it by name.
     """
-    from .hardening import check_values, load_json
-
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
         try:
