@@ -112,6 +112,17 @@ def with_prompt_lengths(args: argparse.Namespace, pipe, buckets: list[dict]) -> 
     return buckets
 
 
+def check_passes(quality: str, disable: tuple[str, ...], enable: tuple[str, ...]) -> None:
+    """Refuse an unknown ``--disable``/``--enable`` pass, or one the ``--quality`` tier does not run, by the flag."""
+    from ..compile.compiler import fusion_passes
+
+    try:
+        fusion_passes(quality, disable, enable)
+    except InvalidArgumentError as exc:
+        flag = {"disable": "--disable", "enable": "--enable", "quality": "--quality"}.get(exc.field, exc.field)
+        raise InvalidArgumentError(flag, str(exc).removeprefix(f"{exc.field}: ")) from None
+
+
 def compile_command(args: argparse.Namespace) -> int:
     from ..loader.pipeline import load as load_pipeline
     from ..compile.pipeline import example_request, expand_prompt_lengths
@@ -119,6 +130,7 @@ def compile_command(args: argparse.Namespace) -> int:
     merge_config(args, args._parser)
     disable = tuple(n.strip() for n in args.disable.split(",") if n.strip())
     enable = tuple(n.strip() for n in args.enable.split(",") if n.strip())
+    check_passes(args.quality, disable, enable)  # a misspelt pass fails now, not after the model has loaded
     choice = resolve_model(args)
     out = check_artifact_output(args.out, "--out")  # before the minutes of loading and compiling
     report_path = check_json_output(args.report, "--report") if args.report else None

@@ -111,6 +111,25 @@ def test_compile_bad_input_exits_2(tmp_path, capsys, argv, fragment):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv,fragment", [
+    (["--enable", "cat_linear_row"], "--enable: unknown pass 'cat_linear_row'; passes: "),
+    (["--disable", "gemv,no_such_pass"], "--disable: unknown pass 'no_such_pass'"),
+    (["--quality", "fp8", "--enable", "cat_linear_rows"], "--enable: cat_linear_rows does not run under the fp8 tier"),
+])
+def test_compile_refuses_a_pass_before_loading_the_model(tmp_path, capsys, monkeypatch, argv, fragment):
+    """A misspelt or refused pass is named by its flag before the checkpoint loads (minutes for a real model)."""
+    import diffc.loader.pipeline
+
+    def no_load(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the passes were checked")
+
+    monkeypatch.setattr(diffc.loader.pipeline, "load", no_load)
+    out = tmp_path / "bad.diffc"
+    assert main(["compile", "--out", str(out), *argv]) == 2
+    assert fragment in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_run_compiled_uses_the_artifact_size(artifact, tmp_path, capsys):
     path = artifact[0]
     image, perf = tmp_path / "out.png", tmp_path / "perf.json"
