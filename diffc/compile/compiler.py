@@ -252,7 +252,7 @@ def lower_attention(program, device: torch.device, dtype: torch.dtype, attention
     ``attention`` is "auto" (every backend available here) or one backend name (measured and checked
     all the same, so a wrong or failing kernel falls back to "sdpa"). Under ``lossless`` a choice that
     is not torch's own kernel is measured and reported but not applied. Returns the choice as a dict
-    with ``backend`` (a summary), ``replaced`` and ``applied``.
+    with ``backend`` (a summary), ``requested``, ``replaced`` and ``applied``.
     """
     from .attention_select import select_attention_backend
     from .passes.attention import AttentionLoweringPass, attention_shapes
@@ -268,7 +268,8 @@ def lower_attention(program, device: torch.device, dtype: torch.dtype, attention
     applied = tier != "lossless" or lowering.bit_exact
     replaced = lowering(gm) if applied else 0
     picked = sorted(set(choice.backends.values()))
-    return {"backend": ",".join(picked), "replaced": replaced, "applied": applied, **choice.to_dict()}
+    return {"backend": ",".join(picked), "requested": attention, "replaced": replaced, "applied": applied,
+            **choice.to_dict()}
 
 
 def check_attention(attention: str) -> None:

@@ -450,12 +450,35 @@ def describe_bucket(b: DiTBucketReport) -> str:
             lines.append(f"    {r.region} x{r.blocks}: the graph of an earlier bucket (the same block inputs)")
             continue
         fused = ", ".join(f"{k} {v}" for k, v in r.matches.items())
-        att = f"; attention -> {r.attention.get('backend')}" if r.attention else ""
+        att = f"; attention -> {r.attention.get('backend')}{_passed_over(r.attention)}" if r.attention else ""
         lines.append(f"    {r.region} x{r.blocks}: traced {r.nodes_before} nodes in {r.trace_s:.1f}s; passes "
                      f"{r.passes_s:.1f}s ({fused}); {r.nodes_after} nodes{att}; warm-up {r.warmup_s:.1f}s")
         if r.fp8:
             lines.append(describe_fp8(r.fp8))
     return "\n".join(lines)
+
+
+def _passed_over(attention: dict[str, Any]) -> str:
+    """Why a backend asked for by name (``--attention NAME``) runs none of the region's attention shapes it
+    does not: unavailable here, failed, wrong, or not faster than torch's own by the selection's margin."""
+    name = attention.get("requested")
+    if name in (None, "auto"):
+        return ""
+    reasons = []
+    for shape in attention.get("shapes", []):
+        result = shape["candidates"].get(name) or {}
+        if name in (shape["backend"], shape.get("torch_default")) or not result:
+            continue  # chosen, or the very kernel torch's dispatcher runs for the node left to it
+        if result.get("status") == "ok":
+            ms, sdpa = result.get("median_ms"), (shape["candidates"].get("sdpa") or {}).get("median_ms")
+            why = (f"{ms:.3g} ms against sdpa's {sdpa:.3g}, not faster by the margin" if ms and sdpa
+                   else result.get("reason") or "not faster than sdpa")
+        else:
+            why = f"{result.get('status')}: {result.get('reason')}"
+        reasons.append(why)
+    if not attention.get("applied", True) and name in str(attention.get("backend")).split(","):
+        reasons.append("measured, not applied under --quality lossless")
+    return f" ({name} not used: {'; '.join(dict.fromkeys(reasons))})" if reasons else ""
 
 
 def describe_fp8(fp8: dict[str, Any]) -> str:

@@ -115,9 +115,11 @@ def test_compile_bad_input_exits_2(tmp_path, capsys, argv, fragment):
     (["--enable", "cat_linear_row"], "--enable: unknown pass 'cat_linear_row'; passes: "),
     (["--disable", "gemv,no_such_pass"], "--disable: unknown pass 'no_such_pass'"),
     (["--quality", "fp8", "--enable", "cat_linear_rows"], "--enable: cat_linear_rows does not run under the fp8 tier"),
+    (["--attention", "fa5"], "--attention: unknown backend 'fa5'; accepted: auto, sdpa"),
 ])
 def test_compile_refuses_a_pass_before_loading_the_model(tmp_path, capsys, monkeypatch, argv, fragment):
-    """A misspelt or refused pass is named by its flag before the checkpoint loads (minutes for a real model)."""
+    """A misspelt or refused pass or attention backend is named by its flag before the checkpoint loads (minutes
+    for a real model)."""
     import diffc.loader.pipeline
 
     def no_load(*_args, **_kwargs):

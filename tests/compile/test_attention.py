@@ -264,3 +264,36 @@ def test_external_kernels_lower_onto_diffc_ops(traced, name):
     assert rel_err(t.run(), t.unfused) < 1e-5
     q, k, v = (torch.randn(2, 3, n, 8) for n in (5, 7, 7))
     torch.library.opcheck(getattr(torch.ops.diffc, f"attention_{name}").default, (q, k, v), {"scale": 0.5})
+
+
+def _summary(choice, requested: str, applied: bool = True) -> dict:
+    """``lower_attention``'s record of a choice (what the compile log reads)."""
+    picked = ",".join(sorted(set(choice.backends.values())))
+    return {"backend": picked, "requested": requested, "applied": applied,
+            **json.loads(json.dumps(choice.to_dict()))}
+
+
+def test_the_log_says_why_a_backend_asked_for_is_not_used():
+    """``--attention NAME``: the compile log names why NAME runs none of a shape's attention, from the measured
+    results: unavailable here, failing, or wrong; nothing when it was chosen or is the kernel torch runs anyway."""
+    from diffc.compile.pipeline import _passed_over
+
+    table = {**BACKENDS, "causal": AttentionBackend("causal", "any", SDPA_OP, (None, 0.0, True)),
+             "raises": AttentionBackend("raises", "any", adapter=_raise)}
+    for name, expected in (("fa4", "fa4 not used: unavailable: needs a CUDA device"),
+                           ("raises", "raises not used: error: RuntimeError: no kernel for this head_dim"),
+                           ("causal", "causal not used: wrong: relative error")):
+        choice = select_attention_backend(SHAPES["flux"], "cpu", torch.float32, ["sdpa", name], backends=table,
+                                          **FAST)
+        assert expected in _passed_over(_summary(choice, name))
+        assert _passed_over(_summary(choice, "auto")) == ""
+    choice = select_attention_backend(SHAPES["flux"], "cpu", torch.float32, ["sdpa", "sdpa_flash_cpu"], **FAST)
+    record = _summary(choice, "sdpa_flash_cpu")
+    assert _passed_over(record) == ""  # chosen, or the node left to torch runs that very kernel
+    shape = record["shapes"][0]
+    shape.update(backend="sdpa", torch_default="math")
+    shape["candidates"]["sdpa"]["median_ms"], shape["candidates"]["sdpa_flash_cpu"]["median_ms"] = 1.0, 0.99
+    assert _passed_over(record) == " (sdpa_flash_cpu not used: 0.99 ms against sdpa's 1, not faster by the margin)"
+    shape["backend"] = "sdpa_flash_cpu"
+    lossless = {**_summary(choice, "sdpa_flash_cpu", applied=False), "backend": "sdpa_flash_cpu", "shapes": [shape]}
+    assert _passed_over(lossless) == " (sdpa_flash_cpu not used: measured, not applied under --quality lossless)"
