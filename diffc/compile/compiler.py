@@ -14,7 +14,7 @@ import dataclasses
 import inspect
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -182,29 +182,14 @@ def compile_module(dit: nn.Module, kwargs: dict[str, Any], *, args: tuple = (), 
     runnable unlifted graph sharing ``dit``'s weights (weight concatenations folded, Triton kernels
     compiled).
     """
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        program = trace_module(dit, kwargs, args)
-    t1 = time.perf_counter()
-    nodes_before = len(program.graph.nodes)
-    matches, choice, lowering = _rewrite(program, device=device, dtype=dtype, tier=tier, disable=disable,
-                                         enable=enable, attention=attention)
-    t2 = time.perf_counter()
-    rel = fp8 = None
-    with torch.no_grad(), triton_cache(kernel_cache):
+    def build(program):
         graph = program.module()
         fold_weights(graph)
-        out = graph(*args, **kwargs)
-        _sync(device)
-        t3 = time.perf_counter()
-        if verify:
-            rel = output_rel_err(out, dit(*args, **kwargs))
-            fp8 = _fp8_report(lowering, program, dit, args, kwargs)
-    report = BucketReport(key=call_key(args, kwargs), request={}, file="", trace_s=t1 - t0, passes_s=t2 - t1,
-                          warmup_s=t3 - t2, matches=matches, nodes_before=nodes_before,
-                          nodes_after=len(program.graph.nodes), fused_ops=_fused_ops(program.graph_module),
-                          attention=choice, rel_err_vs_eager=rel, fp8=fp8)
-    return program, report, graph
+        return graph
+
+    return _compile(dit, args, kwargs, build, lambda graph: graph(*args, **kwargs), {}, device=device, dtype=dtype,
+                    tier=tier, disable=disable, enable=enable, attention=attention, kernel_cache=kernel_cache,
+                    verify=verify)
 
 
 def compile_region(region: Region, args: tuple, kwargs: dict[str, Any], *, device: torch.device,
@@ -216,28 +201,36 @@ def compile_region(region: Region, args: tuple, kwargs: dict[str, Any], *, devic
     (compiling its Triton kernels) and, with ``verify``, measures its error against that block eagerly.
     """
     block = region.blocks[0]
+    return _compile(block, args, kwargs, RegionGraph, lambda graph: graph(block, args, kwargs),
+                    {"region": region.name, "blocks": len(region.blocks)}, device=device, dtype=dtype, tier=tier,
+                    disable=disable, enable=enable, attention=attention, kernel_cache=kernel_cache, verify=verify)
+
+
+def _compile(module: nn.Module, args: tuple, kwargs: dict[str, Any], build: Callable, run: Callable,
+             report_fields: dict[str, Any], *, device, dtype, tier, disable, enable, attention, kernel_cache, verify):
+    """Trace ``module(*args, **kwargs)``, rewrite the program, ``build`` its runnable graph and ``run`` it once
+    (the warm-up that compiles its kernels); with ``verify``, measure the output against ``module``'s own."""
     t0 = time.perf_counter()
     with torch.no_grad():
-        program = trace_module(block, kwargs, args)
+        program = trace_module(module, kwargs, args)
     t1 = time.perf_counter()
     nodes_before = len(program.graph.nodes)
     matches, choice, lowering = _rewrite(program, device=device, dtype=dtype, tier=tier, disable=disable,
                                          enable=enable, attention=attention)
     t2 = time.perf_counter()
-    graph = RegionGraph(program)
     rel = fp8 = None
     with torch.no_grad(), triton_cache(kernel_cache):
-        out = graph(block, args, kwargs)
+        graph = build(program)
+        out = run(graph)
         _sync(device)
         t3 = time.perf_counter()
         if verify:
-            rel = output_rel_err(out, block(*args, **kwargs))
-            fp8 = _fp8_report(lowering, program, block, args, kwargs)
+            rel = output_rel_err(out, module(*args, **kwargs))
+            fp8 = _fp8_report(lowering, program, module, args, kwargs)
     report = BucketReport(key=call_key(args, kwargs), request={}, file="", trace_s=t1 - t0, passes_s=t2 - t1,
                           warmup_s=t3 - t2, matches=matches, nodes_before=nodes_before,
                           nodes_after=len(program.graph.nodes), fused_ops=_fused_ops(program.graph_module),
-                          attention=choice, rel_err_vs_eager=rel, region=region.name, blocks=len(region.blocks),
-                          fp8=fp8)
+                          attention=choice, rel_err_vs_eager=rel, fp8=fp8, **report_fields)
     return program, report, graph
 
 
