@@ -6,10 +6,13 @@ class DiffcError(Exception):
 
 
 class InvalidArgumentError(DiffcError, ValueError):
-    """A user-supplied value is out of range; the message names the field and what is accepted."""
+    """A user-supplied value is out of range; the message names the field and what is accepted.
+
+    ``field`` and ``message`` are kept apart, so a caller can raise the same message under another name (a CLI
+    flag for a Python argument)."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.message = field, message
         super().__init__(f"{field}: {message}")
 
 

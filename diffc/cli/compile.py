@@ -121,10 +121,8 @@ def check_passes(quality: str, disable: tuple[str, ...], enable: tuple[str, ...]
     try:
         fusion_passes(quality, disable, enable)
         check_attention(attention)
-    except InvalidArgumentError as exc:
-        flag = {"disable": "--disable", "enable": "--enable", "quality": "--quality",
-                "attention": "--attention"}.get(exc.field, exc.field)
-        raise InvalidArgumentError(flag, str(exc).removeprefix(f"{exc.field}: ")) from None
+    except InvalidArgumentError as exc:  # its field is the Python argument each of these flags sets
+        raise InvalidArgumentError(f"--{exc.field}", exc.message) from None
 
 
 def compile_command(args: argparse.Namespace) -> int:

@@ -105,7 +105,7 @@ def cache_flag_errors() -> Iterator[None]:
         option = exc.field.split(".", 1)[1].split("[", 1)[0] if "." in exc.field else None
         if option not in CACHE_FLAGS:
             raise
-        raise InvalidArgumentError(CACHE_FLAGS[option], str(exc)[len(exc.field) + 2:]) from None
+        raise InvalidArgumentError(CACHE_FLAGS[option], exc.message) from None
 
 
 def add_compiled_flag(p: argparse.ArgumentParser) -> None:

@@ -215,7 +215,7 @@ class Engine(BatchRunner):
             return self.pipe.check_cache(field)
         except InvalidArgumentError as exc:
             if exc.field.startswith("cache_options."):
-                raise InvalidArgumentError("cache." + exc.field.split(".", 1)[1], str(exc)[len(exc.field) + 2:]) from None
+                raise InvalidArgumentError("cache." + exc.field.split(".", 1)[1], exc.message) from None
             raise
 
     def submit(self, job: Job) -> Job:
