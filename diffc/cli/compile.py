@@ -68,7 +68,7 @@ def add_parser(sub) -> None:
 def parse_buckets(args: argparse.Namespace, video: bool) -> list[dict]:
     """The requests to compile: --height/--width[/--num-frames] first, then each --bucket; each with every
     --prompt."""
-    from ..compile.pipeline import EXAMPLE_PROMPT
+    from ..compile.examples import EXAMPLE_PROMPT
 
     common = {"guidance_scale": args.guidance_scale, "max_sequence_length": args.max_sequence_length}
     if args.batch < 1:
@@ -127,7 +127,7 @@ def check_passes(quality: str, disable: tuple[str, ...], enable: tuple[str, ...]
 
 def compile_command(args: argparse.Namespace) -> int:
     from ..loader.pipeline import load as load_pipeline
-    from ..compile.pipeline import example_request, expand_prompt_lengths
+    from ..compile.examples import example_request, expand_prompt_lengths
 
     merge_config(args, args._parser)
     disable = tuple(n.strip() for n in args.disable.split(",") if n.strip())

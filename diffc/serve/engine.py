@@ -396,7 +396,7 @@ class Engine(BatchRunner):
             options["num_frames"] = self._default("num_frames", pipe)
         options.update(self.warmup)
         if pipe.spec.image_input == "required" and options.get("image") is None:
-            from ..compile.pipeline import example_image  # editing, image-to-video: a grey input image
+            from ..compile.examples import example_image  # editing, image-to-video: a grey input image
 
             options["image"] = example_image(options)
         start = time.perf_counter()

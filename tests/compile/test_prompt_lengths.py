@@ -16,7 +16,7 @@ import pytest
 import diffc
 from diffc.cli.main import main
 from diffc.compile import prompt_lengths
-from diffc.compile.pipeline import example_request, expand_prompt_lengths
+from diffc.compile.examples import example_request, expand_prompt_lengths
 from diffc.errors import InvalidArgumentError
 from diffc.runtime.warmup import warm_up_compiled
 from tests.helpers import psnr_uint8
