@@ -92,6 +92,12 @@ def _value(arg: Any) -> Any:
     return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
 
 
+def tensor_val(node: Any) -> torch.Tensor | None:
+    """The tensor a graph node's value is (its ``meta["val"]``); None for anything else."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
 def replace_all(gm: fx.GraphModule, variant: Pattern) -> int:
     """Replace every accepted, non-overlapping match of ``variant`` in ``gm``; returns the count."""
     names = _arg_names(variant.pattern)

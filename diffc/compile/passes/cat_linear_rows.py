@@ -28,27 +28,22 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .base import FusionPass, _propagate_val, linear_bias
+from .base import FusionPass, _propagate_val, linear_bias, tensor_val
 
 aten = torch.ops.aten
-
-
-def _val(node) -> torch.Tensor | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val if isinstance(val, torch.Tensor) else None
 
 
 def _piece(node: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
     """(the linear, the ``unflatten`` of its last dimension or None) a concatenation piece is made of."""
     view = None
     if node.op == "call_function" and node.target == aten.unflatten.int:
-        val = _val(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        val = tensor_val(node.args[0])
         if val is None or node.args[1] % val.ndim != val.ndim - 1 or len(node.users) != 1:
             return None
         view, node = node, node.args[0]
     if node.op != "call_function" or node.target != aten.linear.default or len(node.users) != 1:
         return None
-    out, x = _val(node), _val(node.args[0])
+    out, x = tensor_val(node), tensor_val(node.args[0])
     if out is None or x is None or out.ndim != 3 or x.ndim != 3 or out.dtype != x.dtype:
         return None  # the buffer is made like x (new_empty)
     return node, view
@@ -58,14 +53,14 @@ def _rows_concatenation(cat: fx.Node) -> list[tuple[fx.Node, fx.Node | None]] | 
     """The pieces of ``cat`` where the rewrite applies (module docstring), else None."""
     if cat.op != "call_function" or cat.target != aten.cat.default or len(cat.args[0]) < 2:
         return None
-    out = _val(cat)
+    out = tensor_val(cat)
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     if out is None or dim % out.ndim != 1:
         return None
     pieces = [_piece(p) if isinstance(p, fx.Node) else None for p in cat.args[0]]
     if any(p is None for p in pieces) or len({id(p[0]) for p in pieces}) != len(pieces):
         return None
-    outs = [_val(linear) for linear, _ in pieces]
+    outs = [tensor_val(linear) for linear, _ in pieces]
     first = outs[0]
     if any(o.shape[0] != first.shape[0] or o.shape[2] != first.shape[2] or o.dtype != first.dtype
            or o.device != first.device for o in outs):
@@ -94,7 +89,7 @@ class CatLinearRowsPass(FusionPass):
             pieces = _rows_concatenation(cat)
             if pieces is None:
                 continue
-            outs = [_val(linear) for linear, _ in pieces]
+            outs = [tensor_val(linear) for linear, _ in pieces]
             batch, width = int(outs[0].shape[0]), int(outs[0].shape[2])
             made = []
             with graph.inserting_before(cat):

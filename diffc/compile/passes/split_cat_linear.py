@@ -23,14 +23,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .base import FusionPass, _propagate_val, linear_bias
+from .base import FusionPass, _propagate_val, linear_bias, tensor_val
 
 aten = torch.ops.aten
-
-
-def _tensor(node) -> torch.Tensor | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val if isinstance(val, torch.Tensor) else None
 
 
 def _split(node: fx.Node) -> tuple[fx.Node, list[fx.Node], list[int]] | None:
@@ -41,16 +36,16 @@ def _split(node: fx.Node) -> tuple[fx.Node, list[fx.Node], list[int]] | None:
     if cat.op != "call_function" or cat.target != aten.cat.default or len(cat.users) != 1:
         return None
     parts = cat.args[0]
-    out, w = _tensor(cat), _tensor(weight)
+    out, w = tensor_val(cat), tensor_val(weight)
     if out is None or w is None or w.ndim != 2 or w.stride(-1) != 1 or len(parts) < 2:
         return None
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     if dim % out.ndim != out.ndim - 1:
         return None
-    values = [_tensor(p) for p in parts]
+    values = [tensor_val(p) for p in parts]
     if any(v is None or v.dtype != w.dtype or v.ndim != out.ndim or v.shape[-1] == 0 for v in values):
         return None
-    bias = _tensor(linear_bias(node))
+    bias = tensor_val(linear_bias(node))
     if linear_bias(node) is not None and (bias is None or bias.dtype != w.dtype):
         return None
     widths = [int(v.shape[-1]) for v in values]
