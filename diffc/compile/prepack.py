@@ -50,16 +50,27 @@ def _constant(node: fx.Node) -> bool:
     )
 
 
-def _written(node: fx.Node) -> bool:
-    """Whether any user of ``node`` writes it (an op whose schema marks that argument as mutated)."""
-    for user in node.users:
-        schema = getattr(user.target, "_schema", None)
-        if user.op != "call_function" or schema is None:
-            continue
-        for i, arg in enumerate(schema.arguments):
-            value = user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)
-            if value is node and arg.alias_info is not None and arg.alias_info.is_write:
-                return True
+def written(node: fx.Node) -> bool:
+    """Whether an op writes into ``node``'s value or a view of it (a split's pieces included): a mutated weight
+    cannot be packed, a concatenation written in place cannot be another block's output joined (regions.py)."""
+    seen, todo = set(), [node]
+    while todo:
+        value = todo.pop()
+        for user in value.users:
+            if user.target is operator.getitem and user not in seen:  # a piece of a split's views
+                seen.add(user)
+                todo.append(user)
+                continue
+            schema = getattr(user.target, "_schema", None)
+            if schema is None:
+                continue
+            for i, arg in enumerate(schema.arguments):
+                given = user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)
+                if given is value and arg.alias_info is not None and arg.alias_info.is_write:
+                    return True
+            if any(r.alias_info is not None for r in schema.returns) and user not in seen:  # a view
+                seen.add(user)
+                todo.append(user)
     return False
 
 
@@ -71,7 +82,7 @@ def _foldable(node: fx.Node) -> bool:
         isinstance(inputs, (list, tuple))
         and len(inputs) > 0
         and all(isinstance(a, fx.Node) and _constant(a) for a in inputs)
-        and not any(_written(a) for a in inputs if a.op == "get_attr")
+        and not any(written(a) for a in inputs if a.op == "get_attr")
     )
 
 
@@ -140,21 +151,33 @@ def _erase_unused(graph: fx.Graph, inputs: list[fx.Node]) -> None:
             graph.erase_node(node)
 
 
-def _adjacent_view(values: list[torch.Tensor], dim: int) -> torch.Tensor | None:
-    """The dim-0 concatenation of ``values`` as a view, where they already lie back to back in one
-    storage (an earlier fold, e.g. another shape bucket's graph over the same weights, packed them):
-    the second graph then shares the first one's packed tensor instead of copying it."""
-    first = values[0]
-    if dim not in (0, -first.ndim) or not all(v.is_contiguous() for v in values):
+def adjacent_view(pieces: list[torch.Tensor], dim: int) -> torch.Tensor | None:
+    """``torch.cat(pieces, dim)`` as a view, where the pieces already lie end to end in one storage (slices of one
+    contiguous tensor along ``dim``, in order); None where they do not."""
+    first = pieces[0]
+    if first.dim() == 0:
         return None
-    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
-    for v in values:
-        if v.untyped_storage().data_ptr() != storage or v.dtype != first.dtype or v.storage_offset() != offset \
-                or v.shape[1:] != first.shape[1:]:
+    dim %= first.dim()
+    offset = first.storage_offset()
+    storage = first.untyped_storage().data_ptr()
+    for p in pieces:
+        if (p.dtype != first.dtype or p.device != first.device or p.dim() != first.dim()
+                or p.stride() != first.stride() or p.storage_offset() != offset
+                or p.untyped_storage().data_ptr() != storage
+                or any(p.shape[d] != first.shape[d] for d in range(first.dim()) if d != dim)):
             return None
-        offset += v.numel()
-    shape = (sum(v.shape[0] for v in values), *first.shape[1:])
-    return first.as_strided(shape, torch.empty(shape, device="meta").stride(), first.storage_offset())
+        offset += p.shape[dim] * p.stride(dim)
+    size = list(first.shape)
+    size[dim] = sum(p.shape[dim] for p in pieces)
+    view = first.as_strided(size, first.stride(), first.storage_offset())
+    return view if view.is_contiguous() else None
+
+
+def _adjacent_view(values: list[torch.Tensor], dim: int) -> torch.Tensor | None:
+    """The dim-0 concatenation of ``values`` as a view (:func:`adjacent_view`), where they already lie back to
+    back in one storage (an earlier fold, e.g. another shape bucket's graph over the same weights, packed them):
+    the second graph then shares the first one's packed tensor instead of copying it."""
+    return adjacent_view(values, dim) if dim in (0, -values[0].ndim) else None
 
 
 def fold_weight_concats(gm: fx.GraphModule) -> int:

@@ -15,7 +15,6 @@ and every other value's type and value; a region holds one graph per key it was 
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 from ..models.structure import Region, RegionError, dit_regions  # noqa: F401  (re-exported)
+from .prepack import adjacent_view, written
 
 aten = torch.ops.aten
 
@@ -259,7 +259,7 @@ class RegionGraph:
             inputs = node.args[0]
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             if (len(inputs) < 2 or len(set(inputs)) != len(inputs)
-                    or any(i not in user_of or len(i.users) != 1 for i in inputs) or _written(node)):
+                    or any(i not in user_of or len(i.users) != 1 for i in inputs) or written(node)):
                 continue
             self._to_placeholder(node, placeholders, f"_diffc_joined_{node.name}",
                                  ("joined", (tuple(user_of[i] for i in inputs), dim)))
@@ -290,51 +290,14 @@ class RegionGraph:
         return packed
 
 
-def _written(node: torch.fx.Node) -> bool:
-    """Whether an op writes into ``node``'s value or a view of it (which, joined, would be another block's
-    output)."""
-    seen, todo = set(), [node]
-    while todo:
-        value = todo.pop()
-        for user in value.users:
-            if user.target is operator.getitem and user not in seen:  # a piece of a split's views
-                seen.add(user)
-                todo.append(user)
-                continue
-            schema = getattr(user.target, "_schema", None)
-            if schema is None:
-                continue
-            for i, arg in enumerate(schema.arguments):
-                given = user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)
-                if given is value and arg.alias_info is not None and arg.alias_info.is_write:
-                    return True
-            if any(r.alias_info is not None for r in schema.returns) and user not in seen:  # a view
-                seen.add(user)
-                todo.append(user)
-    return False
-
-
 def joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
     """``torch.cat(pieces, dim)``, as a view of the pieces' buffer where they already lie end to end in it
     (slices of one contiguous tensor along ``dim``, in order), so nothing is copied; a copy otherwise."""
-    first = pieces[0]
-    if (not all(isinstance(p, torch.Tensor) for p in pieces) or first.dim() == 0
+    if (not all(isinstance(p, torch.Tensor) for p in pieces)
             or any(p.device.type == "meta" or is_fake(p) for p in pieces)):  # no memory to share: trace the copy
         return torch.cat(pieces, dim)
-    dim %= first.dim()
-    offset = first.storage_offset()
-    storage = first.untyped_storage().data_ptr()
-    for p in pieces:
-        if (p.dtype != first.dtype or p.device != first.device or p.dim() != first.dim()
-                or p.stride() != first.stride() or p.storage_offset() != offset
-                or p.untyped_storage().data_ptr() != storage
-                or any(p.shape[d] != first.shape[d] for d in range(first.dim()) if d != dim)):
-            return torch.cat(pieces, dim)
-        offset += p.shape[dim] * p.stride(dim)
-    size = list(first.shape)
-    size[dim] = sum(p.shape[dim] for p in pieces)
-    view = first.as_strided(size, first.stride(), first.storage_offset())
-    return view if view.is_contiguous() else torch.cat(pieces, dim)
+    view = adjacent_view(pieces, dim)
+    return torch.cat(pieces, dim) if view is None else view
 
 
 def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -11,7 +11,8 @@ from torch import fx, nn
 
 from diffc.compile import trace_module
 from diffc.compile.pipeline import _installed, compile_dit
-from diffc.compile.regions import RegionGraph, _written, dit_regions, joined
+from diffc.compile.prepack import written
+from diffc.compile.regions import RegionGraph, dit_regions, joined
 from tests.compile.conftest import build
 
 aten = torch.ops.aten
@@ -123,17 +124,17 @@ def test_an_input_read_besides_the_concatenation_keeps_the_copy():
 
 
 def test_a_concatenation_written_in_place_is_not_joined():
-    """A view of another block's output must never be written: ``_written`` follows views and split pieces."""
+    """A view of another block's output must never be written: ``written`` follows views and split pieces."""
     graph = fx.Graph()
     a, b, other = graph.placeholder("a"), graph.placeholder("b"), graph.placeholder("other")
     cat = graph.call_function(aten.cat.default, ([a, b], 1))
     view = graph.call_function(aten.view.default, (cat, [-1]))
     graph.call_function(aten.add.Tensor, (view, other))  # reads only
-    assert not _written(cat)
+    assert not written(cat)
     pieces = graph.call_function(aten.split.Tensor, (view, 2))
     first = graph.call_function(operator.getitem, (pieces, 0))
     graph.call_function(aten.copy_.default, (first, other))
-    assert _written(cat)
+    assert written(cat)
 
 
 def test_flux_single_blocks_join_their_streams_bit_exactly(monkeypatch):
