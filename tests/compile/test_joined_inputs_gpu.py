@@ -32,14 +32,17 @@ def _forward(monkeypatch, fold: bool, graphs: bool, batch: int) -> torch.Tensor:
     compiled: dict = {}
     with torch.no_grad():
         with stack.bare() as eager:
-            report = compile_dit(eager, inputs, graphs=compiled, device=device, dtype=torch.bfloat16, tier="fast")
+            # attention="sdpa": the selection times the kernels, so two compiles may choose different ones (and
+            # write different bytes); the fold is what this compares
+            report = compile_dit(eager, inputs, graphs=compiled, device=device, dtype=torch.bfloat16, tier="fast",
+                                 attention="sdpa")
         single = next(iter(compiled["single_transformer_blocks"].values()))
         assert any(kind == "joined" for kind, _ in single.sources) == fold
         stack.set_compiled(CompiledDiT(compiled, [report.key], {"tier": "fast", "disabled": []}))
         outs = [stack(**inputs) for _ in range(3)]  # eager warm-up, capture, replay
     monkeypatch.undo()
     out = [o if isinstance(o, torch.Tensor) else o[0] if isinstance(o, tuple) else o.sample for o in outs]
-    assert all(torch.equal(out[0], o) for o in out[1:])
+    assert all(torch.equal(out[0], o) for o in out[1:]), [(out[0] - o).abs().max().item() for o in out[1:]]
     return out[-1]
 
 
@@ -47,5 +50,6 @@ def _forward(monkeypatch, fold: bool, graphs: bool, batch: int) -> torch.Tensor:
 def test_joined_streams_replay_with_the_copying_graphs_bytes(monkeypatch, batch):
     joined = _forward(monkeypatch, fold=True, graphs=True, batch=batch)
     copied = _forward(monkeypatch, fold=False, graphs=True, batch=batch)
-    assert torch.equal(joined, copied)
-    assert torch.equal(joined, _forward(monkeypatch, fold=True, graphs=False, batch=batch))
+    assert torch.equal(joined, copied), (joined - copied).abs().max().item()
+    ungraphed = _forward(monkeypatch, fold=True, graphs=False, batch=batch)
+    assert torch.equal(joined, ungraphed), (joined - ungraphed).abs().max().item()
