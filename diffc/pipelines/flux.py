@@ -191,7 +191,8 @@ def check_true_cfg(request: GenerationRequest, pipeline_class: str) -> None:
         raise InvalidArgumentError("true_cfg_scale", f"must be a number from 0 to 100, got {g!r}")
     if request.negative_prompt is not None and not (g is not None and g > 1):
         raise InvalidArgumentError("negative_prompt", f"{pipeline_class} uses a negative prompt only with "
-                                   f"true_cfg_scale > 1 (true classifier-free guidance), got {g}")
+                                   f"true_cfg_scale > 1 (true classifier-free guidance); true_cfg_scale is "
+                                   f"{'not set' if g is None else g}")
     if g is not None and g > 1 and request.negative_prompt is None:
         raise InvalidArgumentError("true_cfg_scale", f"{g} > 1 turns on true classifier-free guidance, which needs "
                                    "a negative_prompt (it may be \"\")")

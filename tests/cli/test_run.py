@@ -71,7 +71,9 @@ def test_config_file_with_flag_override(flux_checkpoint, tmp_path, suffix, capsy
     (["--guidance", "-2"], "guidance_scale: must be a number from 0 to 100"),
     (["--output", "x.mp4"], "--output: an image model writes .png, .jpg, .jpeg, .webp files"),
     (["--output", "/nonexistent/dir/x.png"], "--output: directory does not exist"),
-    (["--negative-prompt", "blurry"], "negative_prompt: FluxPipeline uses a negative prompt only with true_cfg_scale > 1"),
+    (["--negative-prompt", "blurry"], "negative_prompt: FluxPipeline uses a negative prompt only with true_cfg_scale > 1 "
+                                      "(true classifier-free guidance); true_cfg_scale is not set"),
+    (["--negative-prompt", "blurry", "--true-cfg-scale", "1"], "; true_cfg_scale is 1.0"),
     (["--fps", "8"], "--fps: applies to video models only"),
     (["--device", "tpu"], "device: 'tpu' is not a device; use 'cpu', 'cuda' or 'cuda:N'"),
     (["--dtype", "int4"], "dtype: 'int4' is not supported"),
