@@ -336,7 +336,8 @@ def apply_offload(components: dict[str, Any], device: torch.device | str, mode: 
                   memory_limit: int | None = None, streams=None,
                   dits: tuple[str, ...] | None = None) -> OffloadHandle:
     """Offload a loaded pipeline's components (see the module docstring for the modes): eager modules (the
-    executor hands over its DiT stacks' and graphed encoders' own modules); other values are left alone.
+    executor hands over its DiT stacks' and graphed encoders' own modules; a wrapper given here is refused);
+    other values are left alone.
 
     ``prefetch``: blocks copied ahead of the one computing (ring depth - 1). ``resident_blocks``:
     blocks kept on the GPU (None: as many as memory allows). ``text_encoders``: components offloaded
@@ -361,6 +362,12 @@ def apply_offload(components: dict[str, Any], device: torch.device | str, mode: 
                 "offload", f"--offload {mode} needs a CUDA GPU (it keeps weights in pinned host memory and "
                 f"copies them to GPU memory when needed); this pipeline runs on '{device}', use --offload none")
         streams = CudaStreams(device)
+    wrapped = [n for n, c in components.items()
+               if not isinstance(c, nn.Module) and isinstance(getattr(c, "module", None), nn.Module)]
+    if wrapped:  # a DiT stack or graphed encoder: offloading its module behind its back would leave it stale
+        raise InvalidArgumentError("offload", f"{', '.join(wrapped)} wrap their modules (a pipeline's DiT stacks "
+                                   "and graphed encoders); offload a loaded pipeline with pipe.executor.place(mode, "
+                                   "...) or diffc.load(..., offload=mode), which hand over the eager modules")
     modules = {n: c for n, c in components.items() if isinstance(c, nn.Module)}
     dits = [n for n, m in modules.items() if n not in text_encoders and (dits is None or n in dits)
             and repeated_blocks(m)]

@@ -350,6 +350,20 @@ def test_text_encoders_visit_the_device_for_their_forward():
     assert handle.describe()["offloaded_components"] == ["text_encoder"]
 
 
+def test_a_wrapped_dit_is_refused_not_left_on_the_device():
+    """A pipeline's components hold DiT stacks (the module behind them): apply_offload given them says so instead
+    of offloading everything but the DiT; the executor's placement hands it the eager modules."""
+    from diffc.runtime.executor import DiTStack
+
+    comps, inputs = _components()
+    comps["transformer"] = DiTStack("transformer", comps["transformer"], CPU)
+    for mode in ("layerwise", "model"):
+        with pytest.raises(InvalidArgumentError, match=r"offload: transformer wrap their modules .*executor.place"):
+            apply_offload(comps, CPU, mode, streams=RecordingStreams())
+    encoder = comps["text_encoder"]  # refused before anything was hooked
+    assert not encoder._forward_pre_hooks and not encoder._forward_hooks and "forward" not in vars(encoder)
+
+
 def test_model_mode_keeps_one_component_on_the_device():
     comps, inputs = _components()
     ids, z = torch.tensor([[1, 2, 3]]), torch.randn(1, 2, 4, 4)

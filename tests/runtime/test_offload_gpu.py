@@ -117,10 +117,11 @@ def test_flux_pipeline_offload(mode):
     pipe = diffc.load(demo_checkpoint("flux"), device="cuda", dtype="bf16", cuda_graphs=False)
     kw = dict(height=64, width=64, num_inference_steps=3)
     ref = np.asarray(_generate(pipe, **kw).images[0])
-    handle = apply_offload(pipe.components, DEV, mode, 1, 0, ("text_encoder", "text_encoder_2"))
+    # the executor's placement layer (what --offload builds): it hands offload the DiT stack's eager module
+    pipe.executor.place(mode, prefetch=1, resident_blocks=0, text_encoders=("text_encoder", "text_encoder_2"))
     for _ in range(2):
         assert np.array_equal(np.asarray(_generate(pipe, **kw).images[0]), ref)
-    c = handle.counters
+    c = pipe.executor.offload.counters
     if mode == "layerwise":
         assert (c.component_loads, c.component_unloads) == (4, 4)
         assert next(pipe.components["text_encoder_2"].parameters()).device.type == "cpu"
@@ -128,7 +129,8 @@ def test_flux_pipeline_offload(mode):
         assert (c.component_loads, c.component_unloads) == (8, 7)  # clip, t5, dit, vae per generation; vae stays
         assert next(pipe.components["transformer"].module.parameters()).device.type == "cpu"
         assert next(pipe.components["vae"].parameters()).device.type == "cuda"
-    handle.remove()
+    pipe.executor.place("none")
+    assert next(pipe.components["transformer"].module.parameters()).device.type == "cuda"
     assert np.array_equal(np.asarray(_generate(pipe, **kw).images[0]), ref)
 
 
@@ -139,9 +141,10 @@ def test_wan_pipeline_layerwise_offload():
     pipe = diffc.load(demo_checkpoint("wan"), device="cuda", dtype="bf16", cuda_graphs=False)
     kw = dict(height=64, width=64, num_frames=5, num_inference_steps=3)
     ref = _generate(pipe, **kw).frames
-    handle = apply_offload(pipe.components, DEV, "layerwise", 2, 0, ("text_encoder",))
+    pipe.executor.place("layerwise", prefetch=2, resident_blocks=0, text_encoders=("text_encoder",))
     assert np.array_equal(_generate(pipe, **kw).frames, ref)
-    assert handle.counters.component_loads == 2  # UMT5 runs for the prompt, then for the negative prompt
+    assert pipe.executor.offload.counters.ring_forwards == 3  # 3 steps, one batch-2 forward each (CFG)
+    assert pipe.executor.offload.counters.component_loads == 2  # UMT5 runs for the prompt, then for the negative prompt
 
 
 def test_compiled_dit_with_layerwise_offload():
