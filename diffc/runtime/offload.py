@@ -365,9 +365,11 @@ def apply_offload(components: dict[str, Any], device: torch.device | str, mode: 
     wrapped = [n for n, c in components.items()
                if not isinstance(c, nn.Module) and isinstance(getattr(c, "module", None), nn.Module)]
     if wrapped:  # a DiT stack or graphed encoder: offloading its module behind its back would leave it stale
-        raise InvalidArgumentError("offload", f"{', '.join(wrapped)} wrap their modules (a pipeline's DiT stacks "
-                                   "and graphed encoders); offload a loaded pipeline with pipe.executor.place(mode, "
-                                   "...) or diffc.load(..., offload=mode), which hand over the eager modules")
+        verb = "is a wrapper" if len(wrapped) == 1 else "are wrappers"
+        raise InvalidArgumentError("offload", f"{', '.join(wrapped)} {verb} of a module (a pipeline's DiT stacks "
+                                   "and graphed encoders are); offload a loaded pipeline with "
+                                   "pipe.executor.place(mode, ...) or diffc.load(..., offload=mode), which hand over "
+                                   "the eager modules")
     modules = {n: c for n, c in components.items() if isinstance(c, nn.Module)}
     dits = [n for n, m in modules.items() if n not in text_encoders and (dits is None or n in dits)
             and repeated_blocks(m)]

@@ -358,7 +358,7 @@ def test_a_wrapped_dit_is_refused_not_left_on_the_device():
     comps, inputs = _components()
     comps["transformer"] = DiTStack("transformer", comps["transformer"], CPU)
     for mode in ("layerwise", "model"):
-        with pytest.raises(InvalidArgumentError, match=r"offload: transformer wrap their modules .*executor.place"):
+        with pytest.raises(InvalidArgumentError, match=r"offload: transformer is a wrapper of a module .*executor.place"):
             apply_offload(comps, CPU, mode, streams=RecordingStreams())
     encoder = comps["text_encoder"]  # refused before anything was hooked
     assert not encoder._forward_pre_hooks and not encoder._forward_hooks and "forward" not in vars(encoder)
