@@ -12,7 +12,9 @@ runs a compiled DiT; a kernel that cannot be captured is rejected) and returns a
 Rule: one choice per shape (sequence lengths change the winner: Wan's cross-attention over 512 text
 tokens is not its self-attention over 32,760), the fastest correct candidate that has a graph op,
 except that ``"sdpa"`` (leave the node to torch's dispatcher) is kept unless another kernel beats it by
-more than ``margin``: below that the difference is timing noise, and the untouched node is bit-exact.
+more than ``margin`` and by more than :data:`MIN_GAIN_MS` a call: below that the difference is timing noise
+(at small shapes, where calls take microseconds, two compiles would otherwise choose different kernels by it),
+and the untouched node is bit-exact.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ aten = torch.ops.aten
 # Relative error ||out - ref|| / ||ref|| against the float32 reference a correct kernel stays within.
 REL_TOL = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 REF_ROWS, REF_HEADS = 256, 4  # the reference checks batch item 0, these many heads and query rows
+
+# The least a kernel must save a call over torch's own to replace it (CUDA-event timings of calls of ~10 us
+# spread by about this much between measurements)
+MIN_GAIN_MS = 1e-3
 
 # torch's own pick for aten.scaled_dot_product_attention (aten._fused_sdp_choice's SDPBackend enum).
 _DISPATCHER = {0: "math", 1: "sdpa_flash", 2: "sdpa_efficient", 3: "sdpa_cudnn", 4: "overrideable"}
@@ -269,7 +275,7 @@ def _choose(results: dict[str, CandidateResult], table: Mapping[str, AttentionBa
     if not timed:
         return "sdpa"
     best = min(timed, key=timed.get)
-    if "sdpa" in timed and timed[best] > timed["sdpa"] * (1.0 - margin):
+    if "sdpa" in timed and timed["sdpa"] - timed[best] <= max(timed["sdpa"] * margin, MIN_GAIN_MS):
         return "sdpa"
     return best
 
