@@ -132,6 +132,17 @@ class RegionGraph:
             names += [r[1] for r in recipes if r[0] == "state"]
         return list(dict.fromkeys(names))
 
+    @property
+    def read_state_names(self) -> set[str]:
+        """The names in :attr:`state_names` the graph really reads: a rewrite can leave a weight's placeholder
+        with no reader (the fp8 tier's linears read the fp8 copies beside their weight), and the runtime may
+        then keep that weight off the device (:mod:`diffc.runtime.fp8`)."""
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        names = {value for node, (kind, value) in zip(placeholders, self.sources) if kind == "state" and node.users}
+        for recipes in self._packed_specs:  # packing reads every tensor its recipes name
+            names.update(_recipe_states(recipes))
+        return names
+
     def check_block(self, block: nn.Module) -> list[str]:
         """What in ``block`` does not fit the graph: missing tensors, or shapes/dtypes that differ."""
         expected = self.program.state_dict
@@ -298,6 +309,17 @@ def joined(pieces: list[torch.Tensor], dim: int) -> torch.Tensor:
         return torch.cat(pieces, dim)
     view = adjacent_view(pieces, dim)
     return torch.cat(pieces, dim) if view is None else view
+
+
+def _recipe_states(value: Any) -> set[str]:
+    """The block tensors a packing recipe (nested tuples, dicts and ``("state", name)`` pairs) names."""
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "state" and isinstance(value[1], str):
+        return {value[1]}
+    if isinstance(value, dict):
+        value = tuple(value.values())
+    if isinstance(value, (tuple, list)):
+        return set().union(*map(_recipe_states, value)) if value else set()
+    return set()
 
 
 def _own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -239,6 +239,7 @@ class LoraManager:
                 plan.setdefault(name, []).extend((p, strength) for p in pieces)
         modified = self.modified.setdefault(component, set())
         restored = [n for n in modified if n not in plan]
+        self.weights.prepare(component, sorted(set(plan) | set(restored)))
         with torch.no_grad():
             for name in restored:
                 tensors[name].copy_(self.stash.get((component, name)))

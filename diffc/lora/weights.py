@@ -55,6 +55,13 @@ class ModuleWeights:
         """Name -> the tensor a merge updates in place."""
         return dict(self.model(component).named_parameters())
 
+    def prepare(self, component: str, names: Iterable[str]) -> None:
+        """Called before a merge or unmerge writes ``names`` of ``component``: a weight transform that keeps
+        originals off the device (the fp8 tier's host copies) brings those back to be written in place."""
+        for t in getattr(self.components.get(component), "transforms", ()):
+            if hasattr(t, "weights_needed"):
+                t.weights_needed(tuple(names))
+
     def written(self, component: str, names: Iterable[str]) -> None:
         """Called after a merge or unmerge changed ``names`` of ``component``: the first time, the LoRA
         joins the executor stack's weight transforms (a no-op for a plain module)."""

@@ -164,6 +164,9 @@ class DiTStack:
     def bare(self) -> Iterator[nn.Module]:
         """Run the plain eager module inside the block (compile-time capture and reference outputs)."""
         self.__dict__["_bare"] += 1
+        fp8 = self._fp8()
+        if fp8 is not None:
+            fp8.restore()  # a compile traces the layers and computes its bf16 reference on the originals
         self._install_block_forwards(bare=True)
         self.__dict__["_entry"] = self.module
         try:
@@ -193,6 +196,26 @@ class DiTStack:
         self.__dict__.update(graphs=graphs, graphs_off_reason=reason)
         self._install_block_forwards(bare=False)
         self._build_entry()
+        self._place_originals()
+
+    def _fp8(self):
+        from .fp8 import Fp8Weights
+
+        return next((t for t in self.transforms if isinstance(t, Fp8Weights)), None)
+
+    def _place_originals(self) -> None:
+        """With the fp8 weight transform and compiled graphs on a GPU, resident: the bf16 weights no graph reads
+        go to host memory (:meth:`~diffc.runtime.fp8.Fp8Weights.release`); otherwise every one is on the device."""
+        fp8 = self._fp8()
+        if fp8 is None:
+            return
+        unread: set[str] = set()
+        if self.compiled is not None and self.placement is None and self.device.type == "cuda":
+            from .fp8 import unread_linears
+
+            unread = unread_linears(self.module, fp8.linears, self.compiled.graphs)
+        fp8.restore(fp8.released - unread)
+        fp8.release(unread)
 
     def _install_block_forwards(self, bare: bool) -> None:
         if not has_regions(self.module):
@@ -291,6 +314,10 @@ class Executor:
         # offload hooks go on the eager encoders, which then move between host and device at every call
         self.encoders.set_blocked(None if mode == "none" else f"{mode} offload moves the encoders' weights")
         if mode != "none":
+            for stack in self.stacks.values():  # offload streams every weight from the device's copy
+                fp8 = stack._fp8()
+                if fp8 is not None:
+                    fp8.restore()
             eager = {name: unwrap(c) for name, c in self.components.items()}  # the stacks notice moved weights
             self.offload = apply_offload(eager, self.device, mode, prefetch=prefetch,
                                          resident_blocks=resident_blocks, text_encoders=text_encoders,

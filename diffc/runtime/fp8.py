@@ -8,17 +8,28 @@ whose dimensions ``_scaled_mm`` accepts (multiples of 16) gets two buffers besid
 - ``weight_fp8``: float8_e4m3fn (out, in), and
 - ``weight_fp8_scale``: float32 (1, out), one scale per output channel (``weight ~= weight_fp8 * scale``),
 
-which the compiled block graphs read by name like any other tensor of the block. The bf16 ``weight``
-stays: eager fallbacks, the compile-time reference and the sites a compile keeps in bf16 use it.
-Merging a LoRA re-quantizes the layers it wrote (in place: compiled graphs and CUDA graphs keep
-their addresses). The transform is data, computed again at every load; artifacts never store it.
+which the compiled block graphs read by name like any other tensor of the block. Merging a LoRA
+re-quantizes the layers it wrote (in place: compiled graphs and CUDA graphs keep their addresses). The
+transform is data, computed again at every load; artifacts never store it.
+
+The bf16 ``weight`` of a layer no compiled graph reads (every call of it runs on the fp8 copy) leaves the
+GPU: :meth:`Fp8Weights.release` moves it to host memory, so a compiled fp8 DiT holds about one byte per
+weight on the device instead of three. The parameter keeps its name and stays the exact original; the
+layer's forward, should a block run eagerly (a shape no graph was compiled for), multiplies the fp8 copy
+out (``weight_fp8 * scale``, fp8 quality). :meth:`Fp8Weights.restore` brings originals back where
+something needs them on the device: a compile (its trace and bf16 reference), removing the tier, and a
+LoRA merge, whose layers then stay on the device (it writes into the bf16 weight and stashes the
+original there, as without fp8). The DiT stack decides which layers go (:mod:`diffc.runtime.executor`).
 """
 
 from __future__ import annotations
 
+import time
+import types
 from typing import Any, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidArgumentError
@@ -47,6 +58,24 @@ def fp8_linears(module: nn.Module) -> dict[str, nn.Linear]:
     return found
 
 
+def unread_linears(module: nn.Module, linears: dict[str, nn.Linear], graphs: dict[str, dict[str, Any]]) -> set[str]:
+    """The layers of ``linears`` (by ``module``'s names) whose ``weight`` no graph of their region reads:
+    ``graphs[region][key]`` are :class:`~diffc.compile.regions.RegionGraph`; a region without graphs runs
+    its blocks eagerly, so all of its layers are read."""
+    owner = {id(m): n for n, m in module.named_modules()}
+    unread = set()
+    for region in dit_regions(module):
+        per_key = graphs.get(region.name)
+        if not per_key:
+            continue
+        read = set().union(*(graph.read_state_names for graph in per_key.values()))
+        for block in region.blocks:
+            prefix = owner[id(block)] + "."
+            unread.update(name for name in linears
+                          if name.startswith(prefix) and f"{name[len(prefix):]}.weight" not in read)
+    return unread
+
+
 class Fp8Weights:
     """One DiT's fp8 weight transform: :meth:`apply` adds the buffers, :meth:`remove` takes them away."""
 
@@ -56,6 +85,9 @@ class Fp8Weights:
         self.module = module
         self.linears = fp8_linears(module)
         self.requantized = 0
+        self.released: set[str] = set()  # layers whose bf16 weight is in host memory (``release``)
+        self.held: set[str] = set()  # layers a LoRA wrote: their bf16 weight stays on the device
+        self.release_s = 0.0  # time spent moving originals to the host
 
     def apply(self) -> Fp8Weights:
         with torch.no_grad():
@@ -66,9 +98,50 @@ class Fp8Weights:
         return self
 
     def remove(self) -> None:
+        self.restore()
         for linear in self.linears.values():
             linear._buffers.pop(WEIGHT, None)
             linear._buffers.pop(SCALE, None)
+
+    # ---- where the bf16 originals live ----------------------------------------------------------
+
+    def release(self, names: Iterable[str], host: torch.device | str = "cpu") -> int:
+        """Move the bf16 weight of each layer in ``names`` (the DiT's module names) to ``host``, where no
+        compiled graph reads it; an eager call of the layer multiplies its fp8 copy out. Layers a LoRA wrote
+        stay. Returns the bytes moved."""
+        moved, started = 0, time.perf_counter()
+        with torch.no_grad():
+            for name in names:
+                linear = self.linears.get(name)
+                if linear is None or name in self.released or name in self.held or WEIGHT not in linear._buffers:
+                    continue
+                weight = linear.weight
+                moved += weight.numel() * weight.element_size()
+                weight.data = weight.data.to(host)
+                linear.forward = types.MethodType(_fp8_weight_forward, linear)
+                self.released.add(name)
+        if moved:
+            self.release_s += time.perf_counter() - started
+        return moved
+
+    def restore(self, names: Iterable[str] | None = None) -> None:
+        """Bring the bf16 weights of released layers (``names``; None: all) back beside their fp8 copies."""
+        with torch.no_grad():
+            for name in sorted(self.released if names is None else set(names) & self.released):
+                linear = self.linears[name]
+                linear.weight.data = linear.weight.data.to(linear._buffers[WEIGHT].device)
+                linear.__dict__.pop("forward", None)
+                self.released.discard(name)
+
+    def weights_needed(self, names: Iterable[str]) -> None:
+        """Parameters ``names`` are about to be written in place (a LoRA merge): their layers' bf16 weights
+        come back to the device and stay there."""
+        layers = {name.rpartition(".")[0] for name in names if name.endswith(".weight")} & set(self.linears)
+        self.restore(layers)
+        self.held |= layers
+
+    def host_bytes(self) -> int:
+        return sum(self.linears[n].weight.numel() * self.linears[n].weight.element_size() for n in self.released)
 
     def weights_written(self, names: Iterable[str]) -> None:
         """Parameters ``names`` (by the DiT's names) changed in place (a LoRA merge): re-quantize their layers."""
@@ -78,7 +151,7 @@ class Fp8Weights:
                 linear = self.linears.get(owner)
                 if attr != "weight" or linear is None or WEIGHT not in linear._buffers:
                     continue
-                w8, scale = quantize_weight(linear.weight)
+                w8, scale = quantize_weight(linear.weight.to(linear._buffers[WEIGHT].device))
                 linear._buffers[WEIGHT].copy_(w8)
                 linear._buffers[SCALE].copy_(scale)
                 self.requantized += 1
@@ -89,7 +162,16 @@ class Fp8Weights:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "format": f"{str(FP8).removeprefix('torch.')}, per-output-channel float32 scales",
-                "linears": len(self.linears), "bytes": self.nbytes(), "requantized": self.requantized}
+                "linears": len(self.linears), "bytes": self.nbytes(), "requantized": self.requantized,
+                "originals_on_host": len(self.released), "host_bytes": self.host_bytes(),
+                "release_s": round(self.release_s, 3)}
+
+
+def _fp8_weight_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A released layer's eager forward: its fp8 copy multiplied out (the bf16 original is in host memory)."""
+    w8, scale = self._buffers[WEIGHT], self._buffers[SCALE]
+    weight = (w8.to(torch.float32) * scale.reshape(-1, 1)).to(x.dtype)
+    return F.linear(x, weight, self.bias)
 
 
 def check_scheme(scheme: str | None) -> None:
@@ -97,4 +179,4 @@ def check_scheme(scheme: str | None) -> None:
         raise InvalidArgumentError("quality", f"no weight quantization {scheme!r}; accepted: {', '.join(SCHEMES)}")
 
 
-__all__ = ["SCALE", "SCHEMES", "WEIGHT", "Fp8Weights", "check_scheme", "fp8_linears"]
+__all__ = ["SCALE", "SCHEMES", "WEIGHT", "Fp8Weights", "check_scheme", "fp8_linears", "unread_linears"]

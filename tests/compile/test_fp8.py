@@ -156,6 +156,109 @@ def test_lora_style_in_place_writes_requantize(compiled):
         c.transform.weights_written([f"{name}.weight"])
 
 
+def _expected_unread(c: Compiled) -> set[str]:
+    """The layers whose bf16 weight no graph reads: every lowered site of every block of its region."""
+    out = set()
+    for region in c.report.regions:
+        blocks = len(getattr(c.net, region.region))
+        out |= {f"{region.region}.{i}.{k.removesuffix('.weight')}" for i in range(blocks) for k in region.fp8["rel_err"]}
+    return out
+
+
+def test_graphs_read_no_bf16_weight_of_a_lowered_site(compiled):
+    """What the runtime may keep off the device: the weights of the lowered sites, never a bf16 site's."""
+    from diffc.runtime.fp8 import unread_linears
+
+    c = compiled
+    for region in c.report.regions:
+        (graph,) = c.graphs[region.region].values()
+        read = graph.read_state_names
+        assert read < set(graph.state_names)  # the lowered sites' weights are still graph inputs, unread
+        assert not read & set(region.fp8["rel_err"])
+        assert set(region.fp8["kept_bf16"]) <= read
+    unread = unread_linears(c.net, c.transform.linears, c.graphs)
+    assert unread == _expected_unread(c) and unread
+    first = c.report.regions[0].region  # a region without graphs runs eagerly: all of its weights are read
+    others = {k: v for k, v in c.graphs.items() if k != first}
+    assert unread_linears(c.net, c.transform.linears, others) == {n for n in unread if not n.startswith(first + ".")}
+
+
+def _output(out):
+    return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+
+
+def test_released_layers_run_their_fp8_copy_eagerly_and_restore_exactly(compiled):
+    """A released layer's bf16 weight goes to the host (here the same CPU); run eagerly (no graph for a shape),
+    it computes with its fp8 copy multiplied out; compiled graphs give the same output as before; restoring
+    brings back the exact weight and the plain forward."""
+    from diffc.compile.pipeline import _installed
+    from diffc.compile.regions import dit_regions
+
+    c = compiled
+    names = _expected_unread(c)
+    originals = {n: c.transform.linears[n].weight.detach().clone() for n in names}
+    with torch.no_grad():
+        moved = c.transform.release(sorted(names), host="cpu")
+        try:
+            assert moved == sum(w.numel() * 2 for w in originals.values())
+            assert c.transform.released == names and c.transform.describe()["originals_on_host"] == len(names)
+            assert all("forward" in c.transform.linears[n].__dict__ for n in names)
+            eager_fp8 = _output(c.net(**c.inputs))
+            with _installed(dit_regions(c.net), c.graphs):
+                assert torch.equal(_output(c.net(**c.inputs)), c.compiled)
+        finally:
+            c.transform.restore()
+        assert not c.transform.released and not any("forward" in m.__dict__ for m in c.transform.linears.values())
+        assert all(torch.equal(c.transform.linears[n].weight, w) for n, w in originals.items())
+        assert torch.equal(_output(c.net(**c.inputs)), c.eager)
+        try:  # the reference: the same layers' weights replaced by their fp8 copies multiplied out
+            for n in names:
+                m = c.transform.linears[n]
+                m.weight.copy_((getattr(m, WEIGHT).float() * getattr(m, SCALE).reshape(-1, 1)).to(BF16))
+            want = _output(c.net(**c.inputs))
+        finally:
+            for n, w in originals.items():
+                c.transform.linears[n].weight.copy_(w)
+    assert torch.equal(eager_fp8, want) and not torch.equal(eager_fp8, c.eager)
+    assert _psnr(eager_fp8, c.eager) >= MIN_PSNR_DB
+
+
+def test_a_lora_merge_brings_its_layers_back_and_keeps_them():
+    """A LoRA writes into the bf16 weights in place: the layers it touches come back from the host before the
+    merge (and stay), are re-quantized from the merged weights, and unmerge bit for bit; the rest stay released."""
+    from diffc.lora import LoraManager
+    from diffc.ops.fp8 import quantize_weight
+    from diffc.runtime.executor import DiTStack
+    from tests.lora import writers as W
+
+    net, _ = _model("wan")
+    stack = DiTStack("transformer", net, CPU)
+    stack.set_weight_quantization("fp8")
+    fp8 = stack._fp8()
+    base = {k: v.clone() for k, v in net.state_dict().items()}
+    fp8.release(list(fp8.linears), host="cpu")
+    touched = ["blocks.0.attn1.to_q", "blocks.1.ffn.net.2"]
+    lora = W.random_lora(net, touched, seed=3)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = W.write_wan_original(lora, Path(tmp) / "wan.safetensors")
+        manager = LoraManager({"transformer": stack})
+        manager.set("style", path, strength=0.7)
+    assert fp8.held == set(touched) and fp8.released == set(fp8.linears) - set(touched)
+    for name in touched:
+        m = fp8.linears[name]
+        assert "forward" not in m.__dict__ and not torch.equal(m.weight, base[f"{name}.weight"])
+        w8, scale = quantize_weight(m.weight)
+        assert torch.equal(getattr(m, WEIGHT).float(), w8.float()) and torch.equal(getattr(m, SCALE), scale)
+    assert fp8.release(touched) == 0  # held: a later release leaves them on the device
+    manager.unmerge()
+    assert all(torch.equal(v, base[k]) for k, v in net.state_dict().items())
+    stack.set_weight_quantization(None)
+    assert not fp8.released and not any("forward" in m.__dict__ for m in fp8.linears.values())
+
+
 def test_remove_takes_the_buffers_away():
     net, _ = _model("wan")
     transform = Fp8Weights(net).apply()

@@ -27,6 +27,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
+def _sample(out):
+    return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
+
+
 def _psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
     mse = float(((out.float() - ref.float()) ** 2).mean())
     return 10 * np.log10(float(ref.float().abs().max()) ** 2 / max(mse, 1e-20))
@@ -151,6 +155,71 @@ def test_flux_dev_block_at_real_width():
         assert all(0 < e < 0.1 for r in report.regions for e in r.fp8["attention_rel_err"].values())
 
 
+def test_compiled_fp8_dit_keeps_the_unread_bf16_weights_on_the_host():
+    """FLUX.1-dev's width (one block of each kind, random weights, a small image): once the fp8 graphs are
+    installed, the bf16 weights they do not read leave the GPU (the memory drops by their bytes), the output is
+    unchanged, an uncompiled shape runs on the fp8 copies, and removing the tier brings the exact weights back."""
+    import dataclasses
+
+    from diffc.compile.pipeline import _installed, compile_dit
+    from diffc.compile.regions import dit_regions
+    from diffc.models.flux.transformer import FLUX_TRANSFORMER_SPECS, FluxTransformer2DModel
+    from diffc.runtime.compiled import CompiledDiT
+    from diffc.runtime.executor import DiTStack
+
+    spec = next((s for k, s in FLUX_TRANSFORMER_SPECS.items() if "dev" in k), None)
+    if spec is None:
+        pytest.skip("no FLUX.1-dev spec")
+    torch.manual_seed(0)
+    config = dataclasses.replace(spec, num_layers=2, num_single_layers=2)
+    net = FluxTransformer2DModel(config).to(CUDA, BF16).eval().requires_grad_(False)
+
+    def inputs(side: int, text: int) -> dict:
+        g = torch.Generator().manual_seed(side)
+        ids = torch.zeros(side, side, 3)
+        ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+        out = {"hidden_states": torch.randn(1, side * side, config.in_channels, generator=g).to(CUDA, BF16),
+               "encoder_hidden_states": torch.randn(1, text, config.joint_attention_dim, generator=g).to(CUDA, BF16),
+               "pooled_projections": torch.randn(1, config.pooled_projection_dim, generator=g).to(CUDA, BF16),
+               "timestep": torch.tensor([0.5], device=CUDA, dtype=BF16),
+               "img_ids": ids.reshape(-1, 3).to(CUDA, BF16), "txt_ids": torch.zeros(text, 3, device=CUDA, dtype=BF16)}
+        if config.guidance_embeds:
+            out["guidance"] = torch.tensor([3.5], device=CUDA, dtype=BF16)
+        return out
+
+    small, other = inputs(32, 128), inputs(24, 96)
+    stack = DiTStack("transformer", net, CUDA, cuda_graphs=False)
+    originals = {k: v.detach().to("cpu", copy=True) for k, v in net.named_parameters()}
+    with torch.no_grad():
+        eager_other = _sample(stack(**other))
+    stack.set_weight_quantization("fp8")
+    graphs: dict = {}
+    with stack.bare() as eager:
+        report = compile_dit(eager, small, graphs=graphs, device=CUDA, dtype=BF16, tier="fp8", attention="sdpa")
+    fp8 = stack._fp8()
+    with torch.no_grad(), _installed(dit_regions(net), graphs):
+        ref = _sample(net(**small))  # the graphs with every weight on the device
+    torch.cuda.synchronize()
+    full = torch.cuda.memory_allocated()
+    stack.set_compiled(CompiledDiT(graphs, [report.key], {"tier": "fp8"}))
+    torch.cuda.synchronize()
+    resident = torch.cuda.memory_allocated()
+    moved = fp8.host_bytes()
+    linear_bytes = sum(m.weight.numel() * 2 for m in fp8.linears.values())
+    assert moved > 0.8 * linear_bytes and full - resident >= moved, (moved, linear_bytes, full - resident)
+    assert fp8.describe()["originals_on_host"] == len(fp8.released) and all(
+        fp8.linears[n].weight.device.type == "cpu" for n in fp8.released)
+    with torch.no_grad():
+        again = _sample(stack(**small))
+        fell_back = _sample(stack(**other))  # no graph for this shape: the blocks run eagerly on the fp8 copies
+    assert torch.equal(again, ref)
+    assert stack.compiled.counters.eager_fallbacks == 1
+    assert _psnr(fell_back, eager_other) >= 30 and not torch.equal(fell_back, eager_other)
+    stack.set_weight_quantization(None)
+    assert not fp8.released
+    assert all(torch.equal(v.to("cpu"), originals[k]) and v.device.type == "cuda" for k, v in net.named_parameters())
+
+
 def test_demo_artifact_round_trip_with_cuda_graphs(tmp_path, monkeypatch, capsys):
     from PIL import Image
 
@@ -170,6 +239,8 @@ def test_demo_artifact_round_trip_with_cuda_graphs(tmp_path, monkeypatch, capsys
     dump = json.loads(perf.read_text())
     dit = dump["runtime"]["dit"]["transformer"]
     assert "weights: fp8" in dit["layers"] and dit["cuda_graphs"].get("enabled", True) is not False
+    (fp8,) = [t for t in dit["transforms"] if t.get("kind") == "fp8"]
+    assert fp8["originals_on_host"] > 0 and fp8["host_bytes"] > 0  # the bf16 weights the graphs do not read
     assert dit["compiled"]["eager_fallbacks"] == 0 and dit["compiled"]["compiled_calls"] == 4
     assert dump["warmup"]["dit_calls"] == 1  # the CUDA graph was captured at load
     print("step ms (first step after a warmed-up load first):", dump.get("step_ms"))
