@@ -70,9 +70,8 @@ def load_artifact(executor, root: str | Path, *, source: str | Path, device, dty
     if not isinstance(stages, dict) or not stages:
         raise art.ArtifactError(f"{where}/{art.MANIFEST}: no compiled stages")
     tier = manifest.get("passes", {}).get("tier")
-    executor.set_weight_quantization("fp8" if tier == "fp8" else None)  # fp8 graphs read the fp8 weight copies
     read: dict[str, RegionGraph] = {}
-    layers = {}
+    layers, checks = {}, []
     for name in stages:
         stack = executor.stacks.get(name)
         if stack is None:
@@ -96,15 +95,24 @@ def load_artifact(executor, root: str | Path, *, source: str | Path, device, dty
                 if file not in read:
                     read[file] = RegionGraph(artifact.load_program(file, device=device))
                 graph = read[file]
-                for index in (0, len(region.blocks) - 1):
-                    problems = graph.check_block(region.blocks[index])
-                    if problems:
-                        raise art.ArtifactError(
-                            f"{where}/{file}: the graph's weights do not match {region.name}.{index} of the loaded "
-                            f"model ({'; '.join(problems[:3])}); was the artifact compiled for another checkpoint?")
+                checks.append((file, graph, region))
                 by_region.setdefault(region.name, {})[entry["key"]] = graph
         layers[name] = CompiledDiT(by_region, [b["key"] for b in buckets],
                                    {"artifact": where, "tier": manifest.get("passes", {}).get("tier")})
+    # fp8 graphs read the fp8 weight copies; the bf16 weights they do not read leave the device as they are quantized
+    executor.set_weight_quantization("fp8" if tier == "fp8" else None,
+                                     graphs={name: layer.graphs for name, layer in layers.items()})
+    try:
+        for file, graph, region in checks:
+            for index in (0, len(region.blocks) - 1):
+                problems = graph.check_block(region.blocks[index])
+                if problems:
+                    raise art.ArtifactError(
+                        f"{where}/{file}: the graph's weights do not match {region.name}.{index} of the loaded "
+                        f"model ({'; '.join(problems[:3])}); was the artifact compiled for another checkpoint?")
+    except BaseException:
+        executor.place_originals()  # the graphs are not installed: their weights' originals come back
+        raise
     _warn_unavailable(read.values(), device, where)
     artifact.install_kernel_cache()
     executor.install_compiled(layers)

@@ -96,9 +96,10 @@ class DiTStack:
         self.__dict__["cuda_graphs"] = enabled
         self._rebuild()
 
-    def set_weight_quantization(self, scheme: str | None) -> None:
+    def set_weight_quantization(self, scheme: str | None, graphs: dict[str, dict[str, Any]] | None = None) -> None:
         """Add (``"fp8"``) or remove (None) the fp8 weight transform (:mod:`.fp8`): buffers beside the
-        weights, so no forward changes and nothing is rebuilt."""
+        weights, so no forward changes and nothing is rebuilt. ``graphs`` (by region, the compiled graphs
+        about to be installed) lets the weights they do not read leave the device as they are quantized."""
         from .fp8 import Fp8Weights, check_scheme
 
         check_scheme(scheme)
@@ -108,7 +109,8 @@ class DiTStack:
                 t.remove()
                 self.remove_transform(t)
         elif not current:
-            self.add_transform(Fp8Weights(self.module).apply())
+            fp8 = Fp8Weights(self.module)
+            self.add_transform(fp8.apply(release=self._unread(fp8.linears, graphs)))
 
     def set_parallel(self, parallel) -> None:
         """Install a :class:`~diffc.parallel.layer.ParallelDiT` (attached: its hooks are on the module), or None."""
@@ -209,13 +211,17 @@ class DiTStack:
         fp8 = self._fp8()
         if fp8 is None:
             return
-        unread: set[str] = set()
-        if self.compiled is not None and self.placement is None and self.device.type == "cuda":
-            from .fp8 import unread_linears
-
-            unread = unread_linears(self.module, fp8.linears, self.compiled.graphs)
+        unread = self._unread(fp8.linears, None if self.compiled is None else self.compiled.graphs)
         fp8.restore(fp8.released - unread)
         fp8.release(unread)
+
+    def _unread(self, linears: dict[str, nn.Module], graphs: dict[str, dict[str, Any]] | None) -> set[str]:
+        """The layers whose bf16 weight can live on the host under ``graphs``: on a GPU, resident, not bare."""
+        if graphs is None or self._bare or self.placement is not None or self.device.type != "cuda":
+            return set()
+        from .fp8 import unread_linears
+
+        return unread_linears(self.module, linears, graphs)
 
     def _install_block_forwards(self, bare: bool) -> None:
         if not has_regions(self.module):
@@ -374,8 +380,10 @@ class Executor:
             stack.set_cuda_graphs(enabled)
         self.encoders.set_cuda_graphs(enabled)
 
-    def set_weight_quantization(self, scheme: str | None) -> None:
-        """Add (``"fp8"``) or remove (None) the fp8 weight transform on every DiT (:mod:`.fp8`)."""
+    def set_weight_quantization(self, scheme: str | None, graphs: dict[str, dict[str, dict[str, Any]]] | None = None
+                                ) -> None:
+        """Add (``"fp8"``) or remove (None) the fp8 weight transform on every DiT (:mod:`.fp8`); ``graphs``:
+        per DiT, the compiled graphs by region about to be installed (see :meth:`DiTStack.set_weight_quantization`)."""
         from ..errors import InvalidArgumentError
         from .fp8 import check_scheme
 
@@ -389,8 +397,13 @@ class Executor:
             why = fp8_gemm_unavailable(self.device)
             if why is not None:
                 raise InvalidArgumentError("quality", f"the fp8 tier cannot run here: {why}; use --quality fast")
+        for name, stack in self.stacks.items():
+            stack.set_weight_quantization(scheme, None if graphs is None else graphs.get(name))
+
+    def place_originals(self) -> None:
+        """Every DiT's fp8 bf16 originals where its installed graphs need them (after a failed artifact load)."""
         for stack in self.stacks.values():
-            stack.set_weight_quantization(scheme)
+            stack._place_originals()
 
     def weight_quantization(self) -> str | None:
         """"fp8" when the DiTs carry the fp8 weight transform, else None."""

@@ -89,12 +89,17 @@ class Fp8Weights:
         self.held: set[str] = set()  # layers a LoRA wrote: their bf16 weight stays on the device
         self.release_s = 0.0  # time spent moving originals to the host
 
-    def apply(self) -> Fp8Weights:
+    def apply(self, release: Iterable[str] = ()) -> Fp8Weights:
+        """Quantize every layer; those in ``release`` (graphs known before the transform, e.g. an artifact's)
+        move their bf16 weight to the host as soon as their copy exists, so the device never holds both."""
+        release = set(release)
         with torch.no_grad():
-            for linear in self.linears.values():
+            for name, linear in self.linears.items():
                 w8, scale = quantize_weight(linear.weight)
                 linear.register_buffer(WEIGHT, w8)
                 linear.register_buffer(SCALE, scale)
+                if name in release:
+                    self.release([name])
         return self
 
     def remove(self) -> None:

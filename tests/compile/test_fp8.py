@@ -259,6 +259,16 @@ def test_a_lora_merge_brings_its_layers_back_and_keeps_them():
     assert not fp8.released and not any("forward" in m.__dict__ for m in fp8.linears.values())
 
 
+def test_layers_known_unread_at_load_are_released_as_they_are_quantized():
+    net, _ = _model("wan")
+    names = {n for n in Fp8Weights(net).linears if n.startswith("blocks.1.")}
+    transform = Fp8Weights(net).apply(release=names)
+    assert transform.released == names and names
+    assert all(("forward" in m.__dict__) == (n in names) for n, m in transform.linears.items())
+    transform.remove()
+    assert not transform.released and not any("forward" in m.__dict__ for m in transform.linears.values())
+
+
 def test_remove_takes_the_buffers_away():
     net, _ = _model("wan")
     transform = Fp8Weights(net).apply()
