@@ -99,7 +99,8 @@ class Fp8Weights:
                 linear.register_buffer(WEIGHT, w8)
                 linear.register_buffer(SCALE, scale)
                 if name in release:
-                    self.release([name])
+                    self.release([name], free_cache=False)
+        _free_cache(self.linears.values())
         return self
 
     def remove(self) -> None:
@@ -110,10 +111,11 @@ class Fp8Weights:
 
     # ---- where the bf16 originals live ----------------------------------------------------------
 
-    def release(self, names: Iterable[str], host: torch.device | str = "cpu") -> int:
+    def release(self, names: Iterable[str], host: torch.device | str = "cpu", free_cache: bool = True) -> int:
         """Move the bf16 weight of each layer in ``names`` (the DiT's module names) to ``host``, where no
         compiled graph reads it; an eager call of the layer multiplies its fp8 copy out. Layers a LoRA wrote
-        stay. Returns the bytes moved."""
+        stay. ``free_cache``: hand the freed GPU memory back to the driver (what ``nvidia-smi`` shows).
+        Returns the bytes moved."""
         moved, started = 0, time.perf_counter()
         with torch.no_grad():
             for name in names:
@@ -126,6 +128,8 @@ class Fp8Weights:
                 linear.forward = types.MethodType(_fp8_weight_forward, linear)
                 self.released.add(name)
         if moved:
+            if free_cache:
+                _free_cache(self.linears.values())
             self.release_s += time.perf_counter() - started
         return moved
 
@@ -170,6 +174,13 @@ class Fp8Weights:
                 "linears": len(self.linears), "bytes": self.nbytes(), "requantized": self.requantized,
                 "originals_on_host": len(self.released), "host_bytes": self.host_bytes(),
                 "release_s": round(self.release_s, 3)}
+
+
+def _free_cache(linears: Iterable[nn.Linear]) -> None:
+    """Return the caching allocator's unused blocks to the driver when the fp8 copies are on a GPU."""
+    first = next((m._buffers.get(WEIGHT) for m in linears), None)
+    if first is not None and first.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _fp8_weight_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
