@@ -29,3 +29,14 @@ def test_report_shows_the_psnr_against_bf16():
     rows = {r["config"]: r for r in _rows(result)}
     assert rows["diffc-compiled-fp8"]["PSNR dB"] == "33.1 (34.5 vs bf16)"
     assert rows["diffc-compiled"]["PSNR dB"] == "48.2"
+
+
+def test_fp8_memory_bench_says_it_needs_a_gpu():
+    import torch
+
+    from bench import fp8_memory
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the bench would run")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        fp8_memory.main([])
