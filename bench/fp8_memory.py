@@ -19,8 +19,6 @@ from pathlib import Path
 
 import torch
 
-GB = 1 << 30
-
 
 def main(argv=None) -> int:
     from diffc.compile.pipeline import _installed, compile_dit
@@ -28,6 +26,8 @@ def main(argv=None) -> int:
     from diffc.models.flux.transformer import FLUX_TRANSFORMER_SPECS, FluxTransformer2DModel
     from diffc.runtime.compiled import CompiledDiT
     from diffc.runtime.executor import DiTStack
+
+    from .measure import GB, allocated_gb, peak_memory, sync, time_calls
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--side", type=int, default=64, help="latent tokens per side (64: 1024x1024)")
@@ -60,27 +60,17 @@ def main(argv=None) -> int:
          "workload": f"FLUX.1-dev DiT, {side * side} image + {text} text tokens, batch 1, random weights"}
 
     def mem(key):
-        torch.cuda.synchronize()
-        r[key] = round(torch.cuda.memory_allocated() / GB, 2)
+        sync(C)
+        r[key] = round(allocated_gb(C), 2)
 
     def timed(f, n):
         with torch.no_grad():
-            f()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(n):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                f()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-        return round(sorted(times)[len(times) // 2], 2)
+            return round(time_calls(f, warmup=1, repeats=n, device=C).median_ms, 2)
 
     def peak(f):
-        torch.cuda.reset_peak_memory_stats()
-        timed(f, 1)
-        return round(torch.cuda.max_memory_allocated() / GB, 2)
+        with torch.no_grad(), peak_memory(C) as box:
+            f()
+        return round(box["peak_gb"], 2)
 
     mem("bf16_weights_gb")
     stack = DiTStack("transformer", net, C, cuda_graphs=False)

@@ -103,14 +103,13 @@ class DiTStack:
         from .fp8 import Fp8Weights, check_scheme
 
         check_scheme(scheme)
-        current = [t for t in self.transforms if isinstance(t, Fp8Weights)]
-        if scheme is None:
-            for t in current:
-                t.remove()
-                self.remove_transform(t)
-        elif not current:
+        current = self._fp8()
+        if scheme is None and current is not None:
+            current.remove()
+            self.remove_transform(current)
+        elif scheme is not None and current is None:
             fp8 = Fp8Weights(self.module)
-            self.add_transform(fp8.apply(release=self._unread(fp8.linears, graphs)))
+            self.add_transform(fp8.apply(release=fp8.unread(self._host_graphs(graphs))))
 
     def set_parallel(self, parallel) -> None:
         """Install a :class:`~diffc.parallel.layer.ParallelDiT` (attached: its hooks are on the module), or None."""
@@ -207,21 +206,16 @@ class DiTStack:
 
     def _place_originals(self) -> None:
         """With the fp8 weight transform and compiled graphs on a GPU, resident: the bf16 weights no graph reads
-        go to host memory (:meth:`~diffc.runtime.fp8.Fp8Weights.release`); otherwise every one is on the device."""
+        go to host memory (:meth:`~diffc.runtime.fp8.Fp8Weights.place`); otherwise every one is on the device."""
         fp8 = self._fp8()
-        if fp8 is None:
-            return
-        unread = self._unread(fp8.linears, None if self.compiled is None else self.compiled.graphs)
-        fp8.restore(fp8.released - unread)
-        fp8.release(unread)
+        if fp8 is not None:
+            fp8.place(self._host_graphs(None if self.compiled is None else self.compiled.graphs))
 
-    def _unread(self, linears: dict[str, nn.Module], graphs: dict[str, dict[str, Any]] | None) -> set[str]:
-        """The layers whose bf16 weight can live on the host under ``graphs``: on a GPU, resident, not bare."""
-        if graphs is None or self._bare or self.placement is not None or self.device.type != "cuda":
-            return set()
-        from .fp8 import unread_linears
-
-        return unread_linears(self.module, linears, graphs)
+    def _host_graphs(self, graphs: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
+        """``graphs`` where the weights they do not read may live on the host (a GPU, resident, not bare), else None."""
+        if self._bare or self.placement is not None or self.device.type != "cuda":
+            return None
+        return graphs
 
     def _install_block_forwards(self, bare: bool) -> None:
         if not has_regions(self.module):
@@ -407,10 +401,7 @@ class Executor:
 
     def weight_quantization(self) -> str | None:
         """"fp8" when the DiTs carry the fp8 weight transform, else None."""
-        from .fp8 import Fp8Weights
-
-        found = any(isinstance(t, Fp8Weights) for s in self.stacks.values() for t in s.transforms)
-        return "fp8" if found else None
+        return "fp8" if any(s._fp8() is not None for s in self.stacks.values()) else None
 
     def check_cache(self, config) -> None:
         """Raise ``InvalidArgumentError`` if a :class:`~diffc.runtime.cache.CacheConfig` cannot run on these DiTs."""

@@ -100,8 +100,19 @@ class Fp8Weights:
                 linear.register_buffer(SCALE, scale)
                 if name in release:
                     self.release([name], free_cache=False)
-        _free_cache(self.linears.values())
+        if self.released:
+            _free_cache(self.linears.values())
         return self
+
+    def unread(self, graphs: dict[str, dict[str, Any]] | None) -> set[str]:
+        """The layers whose bf16 weight none of ``graphs`` (by region; None: no graphs) reads."""
+        return set() if graphs is None else unread_linears(self.module, self.linears, graphs)
+
+    def place(self, graphs: dict[str, dict[str, Any]] | None) -> None:
+        """Originals where ``graphs`` need them: the unread ones on the host, every other one on the device."""
+        unread = self.unread(graphs)
+        self.restore(self.released - unread)
+        self.release(unread)
 
     def remove(self) -> None:
         self.restore()
