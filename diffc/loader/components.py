@@ -12,6 +12,7 @@ import torch
 from ..errors import CheckpointError, WeightMismatchError
 from ..models import registry
 from ..models.config import check_size_fields
+from ..stored import StoredWeights, attach
 from .weights import iter_tensors, tensor_shapes, weight_files
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,16 @@ def load_native_model(folder: Path, class_name: str, device: torch.device, dtype
                               + "; ".join(wrong[:5]) + ("; ..." if len(wrong) > 5 else ""))
 
     keep_fp32 = _fp32_matcher(model_cls)
-    state = dict(iter_tensors(files, device, lambda n: torch.float32 if keep_fp32(n) else dtype))
+    files_of: dict[str, Path] = {}
+    state = dict(iter_tensors(files, device, lambda n: torch.float32 if keep_fp32(n) else dtype, stored=files_of))
     model.load_state_dict(state, strict=True, assign=True)
     del state
+    if device.type != "meta":  # the parameters still equal to their file tensors (diffc.stored)
+        stored = StoredWeights()
+        for name, param in model.named_parameters():
+            if name in files_of:
+                stored.add(name, files_of[name], name, param)
+        attach(model, stored)
 
     if hasattr(model, "init_non_persistent_buffers"):
         model.init_non_persistent_buffers(device)

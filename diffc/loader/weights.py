@@ -109,12 +109,14 @@ def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 
 
 def iter_tensors(
-    files: list[Path], device: torch.device, dtype_for: "callable[[str], torch.dtype | None]"
+    files: list[Path], device: torch.device, dtype_for: "callable[[str], torch.dtype | None]",
+    stored: dict[str, Path] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` one tensor at a time, read directly onto ``device``.
 
     ``dtype_for(name)`` gives the target dtype for a floating-point tensor (``None`` keeps the
-    stored dtype). Only one tensor at a time is ever held in its stored dtype.
+    stored dtype). Only one tensor at a time is ever held in its stored dtype. ``stored``, if given,
+    receives the file of every tensor yielded exactly as stored (no dtype conversion).
     """
     load_device = "cpu" if device.type == "meta" else str(device)
     for path in files:
@@ -127,4 +129,6 @@ def iter_tensors(
                 target = dtype_for(name)
                 if target is not None and tensor.is_floating_point() and tensor.dtype != target:
                     tensor = tensor.to(target)
+                elif stored is not None:
+                    stored[name] = path
                 yield name, tensor

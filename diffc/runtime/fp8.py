@@ -16,7 +16,9 @@ The bf16 ``weight`` of a layer no compiled graph reads (every call of it runs on
 GPU: :meth:`Fp8Weights.release` moves it to host memory, so a compiled fp8 DiT holds about one byte per
 weight on the device instead of three. The parameter keeps its name and stays the exact original; the
 layer's forward, should a block run eagerly (a shape no graph was compiled for), multiplies the fp8 copy
-out (``weight_fp8 * scale``, fp8 quality). :meth:`Fp8Weights.restore` brings originals back where
+out (``weight_fp8 * scale``, fp8 quality). A weight the loader read from a checkpoint and nothing wrote
+since becomes a memory-mapped view of its file (:mod:`diffc.stored`): no copy, no time, no host memory
+beyond the page cache; any other weight is copied. :meth:`Fp8Weights.restore` brings originals back where
 something needs them on the device: a compile (its trace and bf16 reference), removing the tier, and a
 LoRA merge, whose layers then stay on the device (it writes into the bf16 weight and stashes the
 original there, as without fp8). The DiT stack decides which layers go (:mod:`diffc.runtime.executor`).
@@ -35,6 +37,7 @@ from torch import nn
 from ..errors import InvalidArgumentError
 from ..models.structure import dit_regions, has_regions
 from ..ops.fp8 import FP8, fp8_linear_ok, quantize_weight
+from ..stored import stored_weights
 
 WEIGHT = "weight_fp8"
 SCALE = "weight_fp8_scale"
@@ -86,6 +89,7 @@ class Fp8Weights:
         self.linears = fp8_linears(module)
         self.requantized = 0
         self.released: set[str] = set()  # layers whose bf16 weight is in host memory (``release``)
+        self.mapped: set[str] = set()  # those of them whose host weight is a view of the checkpoint file
         self.held: set[str] = set()  # layers a LoRA wrote: their bf16 weight stays on the device
         self.release_s = 0.0  # time spent moving originals to the host
 
@@ -125,9 +129,11 @@ class Fp8Weights:
     def release(self, names: Iterable[str], host: torch.device | str = "cpu", free_cache: bool = True) -> int:
         """Move the bf16 weight of each layer in ``names`` (the DiT's module names) to ``host``, where no
         compiled graph reads it; an eager call of the layer multiplies its fp8 copy out. Layers a LoRA wrote
-        stay. ``free_cache``: hand the freed GPU memory back to the driver (what ``nvidia-smi`` shows).
-        Returns the bytes moved."""
+        stay. A weight still equal to its checkpoint tensor becomes a view of the file (:mod:`diffc.stored`)
+        rather than a copy. ``free_cache``: hand the freed GPU memory back to the driver (what ``nvidia-smi``
+        shows). Returns the bytes that left the device."""
         moved, started = 0, time.perf_counter()
+        stored = stored_weights(self.module) if torch.device(host).type == "cpu" else None
         with torch.no_grad():
             for name in names:
                 linear = self.linears.get(name)
@@ -135,7 +141,12 @@ class Fp8Weights:
                     continue
                 weight = linear.weight
                 moved += weight.numel() * weight.element_size()
-                weight.data = weight.data.to(host)
+                view = None if stored is None else stored.view(f"{name}.weight", weight)
+                if view is not None:  # still the checkpoint's tensor: map the file instead of copying
+                    weight.data = view
+                    self.mapped.add(name)
+                else:
+                    weight.data = weight.data.to(host)
                 linear.forward = types.MethodType(_fp8_weight_forward, linear)
                 self.released.add(name)
         if moved:
@@ -146,10 +157,16 @@ class Fp8Weights:
 
     def restore(self, names: Iterable[str] | None = None) -> None:
         """Bring the bf16 weights of released layers (``names``; None: all) back beside their fp8 copies."""
+        stored = stored_weights(self.module)
         with torch.no_grad():
             for name in sorted(self.released if names is None else set(names) & self.released):
                 linear = self.linears[name]
+                if name in self.mapped:
+                    stored.check_unchanged(f"{name}.weight")
                 linear.weight.data = linear.weight.data.to(linear._buffers[WEIGHT].device)
+                if name in self.mapped:  # the file's values again: a later release may map it anew
+                    stored.renew(f"{name}.weight", linear.weight)
+                    self.mapped.discard(name)
                 linear.__dict__.pop("forward", None)
                 self.released.discard(name)
 
@@ -160,8 +177,10 @@ class Fp8Weights:
         self.restore(layers)
         self.held |= layers
 
-    def host_bytes(self) -> int:
-        return sum(self.linears[n].weight.numel() * self.linears[n].weight.element_size() for n in self.released)
+    def host_bytes(self, mapped: bool = False) -> int:
+        """Bytes of the released originals copied to host memory (``mapped``: those viewing the checkpoint)."""
+        return sum(self.linears[n].weight.numel() * self.linears[n].weight.element_size() for n in self.released
+                   if (n in self.mapped) == mapped)
 
     def weights_written(self, names: Iterable[str]) -> None:
         """Parameters ``names`` (by the DiT's names) changed in place (a LoRA merge): re-quantize their layers."""
@@ -184,6 +203,7 @@ class Fp8Weights:
         return {"kind": self.kind, "format": f"{str(FP8).removeprefix('torch.')}, per-output-channel float32 scales",
                 "linears": len(self.linears), "bytes": self.nbytes(), "requantized": self.requantized,
                 "originals_on_host": len(self.released), "host_bytes": self.host_bytes(),
+                "originals_mapped": len(self.mapped), "mapped_bytes": self.host_bytes(mapped=True),
                 "release_s": round(self.release_s, 3)}
 
 

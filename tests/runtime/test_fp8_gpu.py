@@ -155,10 +155,12 @@ def test_flux_dev_block_at_real_width():
         assert all(0 < e < 0.1 for r in report.regions for e in r.fp8["attention_rel_err"].values())
 
 
-def test_compiled_fp8_dit_keeps_the_unread_bf16_weights_on_the_host():
+@pytest.mark.parametrize("source", ["memory", "checkpoint"])
+def test_compiled_fp8_dit_keeps_the_unread_bf16_weights_on_the_host(source, tmp_path):
     """FLUX.1-dev's width (one block of each kind, random weights, a small image): once the fp8 graphs are
     installed, the bf16 weights they do not read leave the GPU (the memory drops by their bytes), the output is
-    unchanged, an uncompiled shape runs on the fp8 copies, and removing the tier brings the exact weights back."""
+    unchanged, an uncompiled shape runs on the fp8 copies, and removing the tier brings the exact weights back.
+    Built in memory, the originals are copied to the host; loaded from a bf16 checkpoint, they map its file."""
     import dataclasses
 
     from diffc.compile.pipeline import _installed, compile_dit
@@ -173,6 +175,13 @@ def test_compiled_fp8_dit_keeps_the_unread_bf16_weights_on_the_host():
     torch.manual_seed(0)
     config = dataclasses.replace(spec, num_layers=2, num_single_layers=2)
     net = FluxTransformer2DModel(config).to(CUDA, BF16).eval().requires_grad_(False)
+    if source == "checkpoint":
+        from diffc.demo.writer import save_native
+        from diffc.loader.components import load_native_model
+
+        save_native(tmp_path / "transformer", "FluxTransformer2DModel", net)
+        del net
+        net = load_native_model(tmp_path / "transformer", "FluxTransformer2DModel", CUDA, BF16)
 
     def inputs(side: int, text: int) -> dict:
         g = torch.Generator().manual_seed(side)
@@ -204,7 +213,8 @@ def test_compiled_fp8_dit_keeps_the_unread_bf16_weights_on_the_host():
     stack.set_compiled(CompiledDiT(graphs, [report.key], {"tier": "fp8"}))
     torch.cuda.synchronize()
     resident = torch.cuda.memory_allocated()
-    moved = fp8.host_bytes()
+    moved = fp8.host_bytes() + fp8.host_bytes(mapped=True)
+    assert fp8.mapped == (fp8.released if source == "checkpoint" else set())
     linear_bytes = sum(m.weight.numel() * 2 for m in fp8.linears.values())
     assert moved > 0.8 * linear_bytes and full - resident >= moved, (moved, linear_bytes, full - resident)
     assert fp8.describe()["originals_on_host"] == len(fp8.released) and all(
@@ -240,7 +250,8 @@ def test_demo_artifact_round_trip_with_cuda_graphs(tmp_path, monkeypatch, capsys
     dit = dump["runtime"]["dit"]["transformer"]
     assert "weights: fp8" in dit["layers"] and dit["cuda_graphs"].get("enabled", True) is not False
     (fp8,) = [t for t in dit["transforms"] if t.get("kind") == "fp8"]
-    assert fp8["originals_on_host"] > 0 and fp8["host_bytes"] > 0  # the bf16 weights the graphs do not read
+    # the bf16 weights the graphs do not read; the demo checkpoint is float32, so they are converted copies
+    assert fp8["originals_on_host"] > 0 and fp8["host_bytes"] > 0 and fp8["originals_mapped"] == 0
     assert dit["compiled"]["eager_fallbacks"] == 0 and dit["compiled"]["compiled_calls"] == 4
     assert dump["warmup"]["dit_calls"] == 1  # the CUDA graph was captured at load
     print("step ms (first step after a warmed-up load first):", dump.get("step_ms"))
