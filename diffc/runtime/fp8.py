@@ -26,6 +26,7 @@ original there, as without fp8). The DiT stack decides which layers go (:mod:`di
 
 from __future__ import annotations
 
+import contextlib
 import time
 import types
 from typing import Any, Iterable
@@ -38,10 +39,12 @@ from ..errors import InvalidArgumentError
 from ..models.structure import dit_regions, has_regions
 from ..ops.fp8 import FP8, fp8_linear_ok, quantize_weight
 from ..stored import stored_weights
+from .staged_copy import Ring
 
 WEIGHT = "weight_fp8"
 SCALE = "weight_fp8_scale"
 SCHEMES = ("fp8",)
+RELEASE_BATCH_BYTES = 1 << 30  # bf16 originals copied to the host together while the transform is applied
 
 
 def fp8_linears(module: nn.Module) -> dict[str, nn.Linear]:
@@ -97,13 +100,19 @@ class Fp8Weights:
         """Quantize every layer; those in ``release`` (graphs known before the transform, e.g. an artifact's)
         move their bf16 weight to the host as soon as their copy exists, so the device never holds both."""
         release = set(release)
-        with torch.no_grad():
+        batch, size = [], 0
+        with torch.no_grad(), Ring() as ring:
             for name, linear in self.linears.items():
                 w8, scale = quantize_weight(linear.weight)
                 linear.register_buffer(WEIGHT, w8)
                 linear.register_buffer(SCALE, scale)
-                if name in release:
-                    self.release([name], free_cache=False)
+                if name in release:  # in batches: the device holds at most one batch's bf16 beside its fp8
+                    batch.append(name)
+                    size += linear.weight.numel() * linear.weight.element_size()
+                    if size >= RELEASE_BATCH_BYTES:
+                        self.release(batch, free_cache=False, ring=ring)
+                        batch, size = [], 0
+            self.release(batch, free_cache=False, ring=ring)
         if self.released:
             _free_cache(self.linears.values())
         return self
@@ -126,14 +135,18 @@ class Fp8Weights:
 
     # ---- where the bf16 originals live ----------------------------------------------------------
 
-    def release(self, names: Iterable[str], host: torch.device | str = "cpu", free_cache: bool = True) -> int:
+    def release(self, names: Iterable[str], host: torch.device | str = "cpu", free_cache: bool = True,
+                ring: Ring | None = None) -> int:
         """Move the bf16 weight of each layer in ``names`` (the DiT's module names) to ``host``, where no
         compiled graph reads it; an eager call of the layer multiplies its fp8 copy out. Layers a LoRA wrote
         stay. A weight still equal to its checkpoint tensor becomes a view of the file (:mod:`diffc.stored`)
-        rather than a copy. ``free_cache``: hand the freed GPU memory back to the driver (what ``nvidia-smi``
-        shows). Returns the bytes that left the device."""
+        rather than a copy; the others are copied through page-locked staging buffers (``ring``, else a
+        ring of this call's). ``free_cache``: hand the freed GPU memory back to the driver (what
+        ``nvidia-smi`` shows). Returns the bytes that left the device."""
         moved, started = 0, time.perf_counter()
-        stored = stored_weights(self.module) if torch.device(host).type == "cpu" else None
+        host = torch.device(host)
+        stored = stored_weights(self.module) if host.type == "cpu" else None
+        copies: list[str] = []
         with torch.no_grad():
             for name in names:
                 linear = self.linears.get(name)
@@ -146,9 +159,18 @@ class Fp8Weights:
                     weight.data = view
                     self.mapped.add(name)
                 else:
-                    weight.data = weight.data.to(host)
+                    copies.append(name)
                 linear.forward = types.MethodType(_fp8_weight_forward, linear)
                 self.released.add(name)
+            if copies:
+                weights = [self.linears[n].weight for n in copies]
+                if host.type == "cpu":
+                    with contextlib.nullcontext(ring) if ring is not None else Ring() as staging:
+                        hosted = staging.to_host([w.data for w in weights])
+                else:
+                    hosted = [w.data.to(host) for w in weights]
+                for weight, data in zip(weights, hosted):
+                    weight.data = data
         if moved:
             if free_cache:
                 _free_cache(self.linears.values())
@@ -158,12 +180,20 @@ class Fp8Weights:
     def restore(self, names: Iterable[str] | None = None) -> None:
         """Bring the bf16 weights of released layers (``names``; None: all) back beside their fp8 copies."""
         stored = stored_weights(self.module)
-        with torch.no_grad():
-            for name in sorted(self.released if names is None else set(names) & self.released):
+        back = sorted(self.released if names is None else set(names) & self.released)
+        for name in back:
+            if name in self.mapped:
+                stored.check_unchanged(f"{name}.weight")
+        with torch.no_grad(), Ring() as ring:
+            by_device: dict[torch.device, list[str]] = {}
+            for name in back:
+                by_device.setdefault(self.linears[name]._buffers[WEIGHT].device, []).append(name)
+            for device, group in by_device.items():
+                weights = [self.linears[n].weight for n in group]
+                for weight, data in zip(weights, ring.to_device([w.data for w in weights], device)):
+                    weight.data = data
+            for name in back:
                 linear = self.linears[name]
-                if name in self.mapped:
-                    stored.check_unchanged(f"{name}.weight")
-                linear.weight.data = linear.weight.data.to(linear._buffers[WEIGHT].device)
                 if name in self.mapped:  # the file's values again: a later release may map it anew
                     stored.renew(f"{name}.weight", linear.weight)
                     self.mapped.discard(name)

@@ -43,6 +43,23 @@ def _unregister(ptr: int, raw: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
+def pin(nbytes: int, purpose: str = "offload", remedy: str = "use --offload none") -> HostBuffer:
+    """Page-locked host memory of exactly ``nbytes`` (page-rounded), registered with CUDA.
+
+    Registering a plain allocation avoids the pinned caching allocator's power-of-two rounding (a 0.7 GB
+    block would take 1 GiB), and ``release()`` gives it back to the system (the caching allocator keeps it)."""
+    page = mmap.PAGESIZE
+    size = max(page, -(-nbytes // page) * page)
+    raw = torch.empty(size + page, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % page
+    region = raw[start : start + size]
+    rc = int(torch.cuda.cudart().cudaHostRegister(region.data_ptr(), size, 0))
+    if rc != 0:
+        raise DiffcError(f"{purpose}: could not page-lock {size / GiB:.2f} GiB of host memory "
+                         f"(cudaHostRegister error {rc}); free host memory or {remedy}")
+    return HostBuffer(region[:nbytes], functools.partial(_unregister, region.data_ptr(), raw))
+
+
 class CudaStreams:
     """The CUDA operations offload needs; tests substitute a recording stand-in with the same methods."""
 
@@ -51,20 +68,8 @@ class CudaStreams:
         self.copy_stream = torch.cuda.Stream(device)
 
     def pin(self, nbytes: int) -> HostBuffer:
-        """Page-locked host memory of exactly ``nbytes`` (page-rounded), registered with CUDA.
-
-        Registering a plain allocation avoids the pinned caching allocator's power-of-two rounding
-        (a 0.7 GB block would take 1 GiB)."""
-        page = mmap.PAGESIZE
-        size = max(page, -(-nbytes // page) * page)
-        raw = torch.empty(size + page, dtype=torch.uint8)
-        start = (-raw.data_ptr()) % page
-        region = raw[start : start + size]
-        rc = int(torch.cuda.cudart().cudaHostRegister(region.data_ptr(), size, 0))
-        if rc != 0:
-            raise DiffcError(f"offload: could not page-lock {size / GiB:.2f} GiB of host memory "
-                             f"(cudaHostRegister error {rc}); free host memory or use --offload none")
-        return HostBuffer(region[:nbytes], functools.partial(_unregister, region.data_ptr(), raw))
+        """Page-locked host memory of exactly ``nbytes`` (:func:`pin`)."""
+        return pin(nbytes)
 
     def empty(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
