@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     del back
     with Ring() as ring:
         timed("to device: staging ring", lambda: ring.to_device(hosted, device), hosted)
-    result = {"env": environment(device, ["python", "-m", "bench.runtime.bench_staged_copy", *(argv or [])]), "gb": round(total / 1e9, 2), "tensors": len(shapes), "rows": rows}
+    result = {"env": environment(device, ["-m", "bench.runtime.bench_staged_copy", *argv]),
+              "gb": round(total / 1e9, 2), "tensors": len(shapes), "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,8 +1,9 @@
 """Copies of many large tensors between a GPU and pageable host memory, through page-locked staging buffers.
 
-A plain ``tensor.to("cpu")`` into pageable memory runs at 1.7-1.9 GB/s on the lent H100 (the driver stages
-it in small synchronous pieces); a ring of four 128 MiB page-locked buffers, the copy engine filling one while
-the CPU threads drain another, ran the same 8.4 GB at 19.2 GB/s (``bench/results/h100-2026-12-06-notes.md``).
+A plain ``tensor.to("cpu")`` into pageable memory ran at 0.98 GB/s on the lent H100 (the driver stages it in
+small synchronous pieces); a ring of four 128 MiB page-locked buffers, the copy engine filling one while the
+CPU threads drain another, ran the same 8 GB at 8.1 GB/s, and 12.8 GB/s against 5.1 the other way
+(``python -m bench.runtime.bench_staged_copy``, ``bench/results/h100-80gb-hbm3-2026-12-06-staged-copy.json``).
 The destinations stay ordinary (pageable) memory: only the ring is page-locked, and only while it copies
 (registered with CUDA and unregistered after, :func:`diffc.runtime.offload_host.pin`).
 """
