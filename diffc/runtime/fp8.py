@@ -98,7 +98,8 @@ class Fp8Weights:
 
     def apply(self, release: Iterable[str] = ()) -> Fp8Weights:
         """Quantize every layer; those in ``release`` (graphs known before the transform, e.g. an artifact's)
-        move their bf16 weight to the host as soon as their copy exists, so the device never holds both."""
+        move their bf16 weight to the host in batches (``RELEASE_BATCH_BYTES``) as their copies are made, so the
+        device never holds both for more than one batch."""
         release = set(release)
         batch, size = [], 0
         with torch.no_grad(), Ring() as ring:
