@@ -80,7 +80,17 @@ def test_small_joint_values(heads, batch):
     assert CatLinearRowsPass()(gm) == 1
     assert graph_targets(gm)[OP] == 2 and CAT not in graph_targets(gm)
     with torch.no_grad():
-        assert torch.equal(program.module()(x, y), net(x, y))
+        _same_gemm(program.module()(x, y), net(x, y), rows_per_gemm=batch == 1)
+
+
+def _same_gemm(got: torch.Tensor, want: torch.Tensor, rows_per_gemm: bool) -> None:
+    """Bit for bit where the rewritten graph runs the very GEMM ``aten.linear`` runs (one over all rows); where
+    it runs one GEMM a leading index, a CPU BLAS may pick another kernel for fewer rows (AVX-512 and AVX2
+    machines differ): float32 rounding apart, never more (the GPU tests hold cuBLAS to bit equality)."""
+    if rows_per_gemm:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["reread", "features"])
@@ -110,7 +120,8 @@ def test_op_takes_more_leading_dimensions():
     w, b = torch.randn(6, 5, generator=g), torch.randn(6, generator=g)
     joint = torch.zeros(2, 3, 7, 6)
     linear_into(x, w, b, joint[:, :, 1:5])
-    assert torch.equal(joint[:, :, 1:5], F.linear(x, w, b)) and not joint[:, :, :1].any()
+    _same_gemm(joint[:, :, 1:5], F.linear(x, w, b), rows_per_gemm=False)
+    assert not joint[:, :, :1].any() and not joint[:, :, 5:].any()
 
 
 def test_opcheck():
