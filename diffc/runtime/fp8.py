@@ -29,22 +29,24 @@ from __future__ import annotations
 import contextlib
 import time
 import types
+import warnings
 from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidArgumentError
+from ..errors import DiffcError, InvalidArgumentError
 from ..models.structure import dit_regions, has_regions
 from ..ops.fp8 import FP8, fp8_linear_ok, quantize_weight
 from ..stored import stored_weights
-from .staged_copy import Ring
+from .staged_copy import Ring, host_available_bytes
 
 WEIGHT = "weight_fp8"
 SCALE = "weight_fp8_scale"
 SCHEMES = ("fp8",)
 RELEASE_BATCH_BYTES = 1 << 30  # bf16 originals copied to the host together while the transform is applied
+HOST_RESERVE_BYTES = 4 << 30  # host memory the originals' copies leave free for everything else
 
 
 def fp8_linears(module: nn.Module) -> dict[str, nn.Linear]:
@@ -93,6 +95,7 @@ class Fp8Weights:
         self.requantized = 0
         self.released: set[str] = set()  # layers whose bf16 weight is in host memory (``release``)
         self.mapped: set[str] = set()  # those of them whose host weight is a view of the checkpoint file
+        self.kept: set[str] = set()  # unread layers left on the device: too little host memory for their copies
         self.held: set[str] = set()  # layers a LoRA wrote: their bf16 weight stays on the device
         self.release_s = 0.0  # time spent moving originals to the host
 
@@ -125,11 +128,13 @@ class Fp8Weights:
     def place(self, graphs: dict[str, dict[str, Any]] | None) -> None:
         """Originals where ``graphs`` need them: the unread ones on the host, every other one on the device."""
         unread = self.unread(graphs)
+        self.kept &= unread
         self.restore(self.released - unread)
         self.release(unread)
 
     def remove(self) -> None:
         self.restore()
+        self.kept.clear()
         for linear in self.linears.values():
             linear._buffers.pop(WEIGHT, None)
             linear._buffers.pop(SCALE, None)
@@ -153,16 +158,15 @@ class Fp8Weights:
                 linear = self.linears.get(name)
                 if linear is None or name in self.released or name in self.held or WEIGHT not in linear._buffers:
                     continue
-                weight = linear.weight
-                moved += weight.numel() * weight.element_size()
-                view = None if stored is None else stored.view(f"{name}.weight", weight)
-                if view is not None:  # still the checkpoint's tensor: map the file instead of copying
-                    weight.data = view
-                    self.mapped.add(name)
-                else:
+                view = None if stored is None else stored.view(f"{name}.weight", linear.weight)
+                if view is None:
                     copies.append(name)
-                linear.forward = types.MethodType(_fp8_weight_forward, linear)
-                self.released.add(name)
+                    continue
+                moved += _nbytes(linear.weight)
+                linear.weight.data = view  # still the checkpoint's tensor: map the file instead of copying
+                self.mapped.add(name)
+                self._released(name)
+            copies = self._room_for(copies) if host.type == "cpu" else copies
             if copies:
                 weights = [self.linears[n].weight for n in copies]
                 if host.type == "cpu":
@@ -170,13 +174,42 @@ class Fp8Weights:
                         hosted = staging.to_host([w.data for w in weights])
                 else:
                     hosted = [w.data.to(host) for w in weights]
-                for weight, data in zip(weights, hosted):
+                for name, weight, data in zip(copies, weights, hosted):
+                    moved += _nbytes(weight)
                     weight.data = data
+                    self._released(name)
         if moved:
             if free_cache:
                 _free_cache(self.linears.values())
             self.release_s += time.perf_counter() - started
         return moved
+
+    def _released(self, name: str) -> None:
+        linear = self.linears[name]
+        linear.forward = types.MethodType(_fp8_weight_forward, linear)
+        self.released.add(name)
+        self.kept.discard(name)
+
+    def _room_for(self, names: list[str]) -> list[str]:
+        """Those of ``names`` whose copies fit in the host memory available (less ``HOST_RESERVE_BYTES``); the
+        rest stay on the device (``kept``, with a warning): running out of host memory would end the process."""
+        room = host_available_bytes()
+        if room is None:
+            return names
+        room -= HOST_RESERVE_BYTES
+        fit, kept = [], []
+        for name in names:
+            size = _nbytes(self.linears[name].weight)
+            (fit if size <= room else kept).append(name)
+            room -= size if size <= room else 0
+        if kept and not set(kept) <= self.kept:
+            gb = sum(_nbytes(self.linears[n].weight) for n in kept) / 1e9
+            warnings.warn(f"fp8: {len(kept)} bf16 weights ({gb:.1f} GB) the compiled graphs do not read stay on the "
+                          f"GPU: the host has too little memory available for them (diffc keeps "
+                          f"{HOST_RESERVE_BYTES >> 30} GiB free); free host memory to save that GPU memory",
+                          stacklevel=4)
+        self.kept.update(kept)
+        return fit
 
     def restore(self, names: Iterable[str] | None = None) -> None:
         """Bring the bf16 weights of released layers (``names``; None: all) back beside their fp8 copies."""
@@ -191,7 +224,15 @@ class Fp8Weights:
                 by_device.setdefault(self.linears[name]._buffers[WEIGHT].device, []).append(name)
             for device, group in by_device.items():
                 weights = [self.linears[n].weight for n in group]
-                for weight, data in zip(weights, ring.to_device([w.data for w in weights], device)):
+                try:
+                    back_on_device = ring.to_device([w.data for w in weights], device)
+                except torch.OutOfMemoryError:
+                    gb = sum(_nbytes(w) for w in weights) / 1e9
+                    raise DiffcError(f"fp8: bringing {len(weights)} bf16 weights ({gb:.1f} GB) back to {device} "
+                                     f"(for a compile, another quality tier, offload or a LoRA) needs more GPU "
+                                     f"memory than is free; free GPU memory, or keep --quality fp8 and the "
+                                     f"compiled graphs as they are") from None
+                for weight, data in zip(weights, back_on_device):
                     weight.data = data
             for name in back:
                 linear = self.linears[name]
@@ -235,7 +276,12 @@ class Fp8Weights:
                 "linears": len(self.linears), "bytes": self.nbytes(), "requantized": self.requantized,
                 "originals_on_host": len(self.released), "host_bytes": self.host_bytes(),
                 "originals_mapped": len(self.mapped), "mapped_bytes": self.host_bytes(mapped=True),
+                "kept_for_host_memory": len(self.kept),
                 "release_s": round(self.release_s, 3)}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _free_cache(linears: Iterable[nn.Linear]) -> None:

@@ -21,6 +21,18 @@ CHUNK_BYTES = 128 << 20
 BUFFERS = 4
 
 
+def host_available_bytes() -> int | None:
+    """The host memory the system can give without swapping (Linux ``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
@@ -119,4 +131,4 @@ def _drain(buffer: torch.Tensor, pending: tuple[torch.Tensor, int] | None) -> No
         dst.copy_(buffer[:n])
 
 
-__all__ = ["Ring"]
+__all__ = ["Ring", "host_available_bytes"]

@@ -1,14 +1,17 @@
-"""The fp8 tier's released bf16 originals as views of the checkpoint file (``diffc/stored.py``).
+"""Where the fp8 tier's released bf16 originals go: views of the checkpoint file (``diffc/stored.py``), or copies
+in host memory where it has room, and back to the device.
 
 A tiny Wan DiT saved in bf16 and loaded with diffc's loader: the layers' weights are still the file's tensors, so
 releasing them maps the file instead of copying (no host memory, no copy time); anything written or swapped since
-the load, or a file rewritten on disk, is copied or refused instead, never silently different.
+the load, or a file rewritten on disk, is copied or refused instead, never silently different. Copies that the
+host has no room for stay on the device; no room on the device to bring them back is a clear error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import pytest
 import torch
@@ -126,3 +129,55 @@ def test_a_model_built_in_memory_copies_its_originals():
     fp8 = Fp8Weights(net).apply()
     fp8.release(sorted(fp8.linears), host="cpu")
     assert stored_weights(net) is None and not fp8.mapped and fp8.host_bytes() > 0
+
+
+def test_copies_that_do_not_fit_in_host_memory_stay_on_the_device(monkeypatch):
+    """Copying more than the host has available would end the process: what does not fit (less the reserve) stays
+    on the device, with one warning, and goes once there is room."""
+    from diffc.runtime import fp8 as fp8_module
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(WAN_TRANSFORMER_SPECS["tiny"], attention_head_dim=16, ffn_dim=64)
+    net = _cast_like_loader(WanTransformer3DModel(config).eval(), BF16)
+    fp8 = Fp8Weights(net).apply()
+    names = sorted(fp8.linears)
+    sizes = {n: fp8.linears[n].weight.numel() * 2 for n in names}
+    room = sizes[names[0]] + sizes[names[1]]
+    monkeypatch.setattr(fp8_module, "host_available_bytes", lambda: fp8_module.HOST_RESERVE_BYTES + room)
+    with pytest.warns(UserWarning, match="stay on the GPU: the host has too little memory"):
+        moved = fp8.release(names, host="cpu")
+    assert moved == sum(sizes[n] for n in fp8.released) <= room and len(fp8.released) >= 2
+    assert fp8.kept == set(names) - fp8.released and fp8.describe()["kept_for_host_memory"] == len(fp8.kept)
+    assert all("forward" not in fp8.linears[n].__dict__ for n in fp8.kept)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same layers kept again: no second warning
+        fp8.release(sorted(fp8.kept), host="cpu")
+    monkeypatch.setattr(fp8_module, "host_available_bytes", lambda: None)  # unknown: no limit
+    fp8.release(sorted(fp8.kept), host="cpu")
+    assert fp8.released == set(names) and not fp8.kept
+
+
+def test_host_memory_available_is_read_on_linux():
+    from diffc.runtime.staged_copy import host_available_bytes
+
+    found = host_available_bytes()
+    assert found is None if not os.path.exists("/proc/meminfo") else found > 0
+
+
+def test_no_room_on_the_device_to_restore_is_a_clear_error_and_changes_nothing(checkpoint, monkeypatch):
+    from diffc.errors import DiffcError
+    from diffc.runtime.staged_copy import Ring
+
+    folder, state = checkpoint
+    net, fp8 = _loaded(folder)
+    names = sorted(fp8.linears)
+    fp8.release(names, host="cpu")
+
+    def out_of_memory(self, tensors, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate ...")
+
+    monkeypatch.setattr(Ring, "to_device", out_of_memory)
+    with pytest.raises(DiffcError, match=r"fp8: bringing \d+ bf16 weights .* needs more GPU memory than is free"):
+        fp8.restore()
+    assert fp8.released == fp8.mapped == set(names)
+    assert all("forward" in fp8.linears[n].__dict__ for n in names)
