@@ -58,20 +58,28 @@ class StoredWeights:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
-    def view(self, name: str, param: torch.Tensor) -> torch.Tensor | None:
-        """A memory-mapped CPU view of the file tensor ``param`` (parameter ``name``) still equals, or None
-        when it may not (written or swapped since, the file changed on disk, another shape or dtype)."""
-        entry = self.entries.get(name)
-        if entry is None or entry.mark != _mark(param) or entry.identity != _identity(entry.path):
-            return None
+    def views(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Memory-mapped CPU views of the file tensors that ``params`` (by name) still equal; a parameter that
+        may not (written or swapped since, its file changed on disk, another shape or dtype) has none. Each
+        file is opened once."""
         from safetensors import SafetensorError, safe_open
 
-        try:
-            with safe_open(str(entry.path), framework="pt", device="cpu") as f:
-                tensor = f.get_tensor(entry.key)
-        except (SafetensorError, OSError, RuntimeError, ValueError):
-            return None
-        return tensor if tensor.shape == param.shape and tensor.dtype == param.dtype else None
+        by_file: dict[Path, list[str]] = {}
+        for name, param in params.items():
+            entry = self.entries.get(name)
+            if entry is not None and entry.mark == _mark(param) and entry.identity == _identity(entry.path):
+                by_file.setdefault(entry.path, []).append(name)
+        found = {}
+        for path, names in by_file.items():
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    for name in names:
+                        tensor = f.get_tensor(self.entries[name].key)
+                        if tensor.shape == params[name].shape and tensor.dtype == params[name].dtype:
+                            found[name] = tensor
+            except (SafetensorError, OSError, RuntimeError, ValueError):
+                continue
+        return found
 
     def check_unchanged(self, name: str) -> None:
         """Before a view of ``name``'s file is read back: the file must be the one the view was made of."""

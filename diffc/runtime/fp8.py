@@ -152,18 +152,19 @@ class Fp8Weights:
         moved, started = 0, time.perf_counter()
         host = torch.device(host)
         stored = stored_weights(self.module) if host.type == "cpu" else None
+        todo = [n for n in dict.fromkeys(names) if n in self.linears and n not in self.released
+                and n not in self.held and WEIGHT in self.linears[n]._buffers]
+        views = {} if stored is None else stored.views({f"{n}.weight": self.linears[n].weight for n in todo})
         copies: list[str] = []
         with torch.no_grad():
-            for name in names:
-                linear = self.linears.get(name)
-                if linear is None or name in self.released or name in self.held or WEIGHT not in linear._buffers:
-                    continue
-                view = None if stored is None else stored.view(f"{name}.weight", linear.weight)
+            for name in todo:
+                view = views.get(f"{name}.weight")
                 if view is None:
                     copies.append(name)
                     continue
-                moved += _nbytes(linear.weight)
-                linear.weight.data = view  # still the checkpoint's tensor: map the file instead of copying
+                weight = self.linears[name].weight
+                moved += _nbytes(weight)
+                weight.data = view  # still the checkpoint's tensor: map the file instead of copying
                 self.mapped.add(name)
                 self._released(name)
             copies = self._room_for(copies) if host.type == "cpu" else copies
