@@ -233,15 +233,13 @@ class Fp8Weights:
                                      f"(for a compile, another quality tier, offload or a LoRA) needs more GPU "
                                      f"memory than is free; free GPU memory, or keep --quality fp8 and the "
                                      f"compiled graphs as they are") from None
-                for weight, data in zip(weights, back_on_device):
+                for name, weight, data in zip(group, weights, back_on_device):
                     weight.data = data
-            for name in back:
-                linear = self.linears[name]
-                if name in self.mapped:  # the file's values again: a later release may map it anew
-                    stored.renew(f"{name}.weight", linear.weight)
-                    self.mapped.discard(name)
-                linear.__dict__.pop("forward", None)
-                self.released.discard(name)
+                    if name in self.mapped:  # the file's values again: a later release may map it anew
+                        stored.renew(f"{name}.weight", weight)
+                        self.mapped.discard(name)
+                    self.linears[name].__dict__.pop("forward", None)
+                    self.released.discard(name)
 
     def weights_needed(self, names: Iterable[str]) -> None:
         """Parameters ``names`` are about to be written in place (a LoRA merge): their layers' bf16 weights
