@@ -55,9 +55,6 @@ class StoredWeights:
     def add(self, name: str, path: Path, key: str, param: torch.Tensor) -> None:
         self.entries[name] = _Entry(Path(path), key, _identity(Path(path)), _mark(param))
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
     def views(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Memory-mapped CPU views of the file tensors that ``params`` (by name) still equal; a parameter that
         may not (written or swapped since, its file changed on disk, another shape or dtype) has none. Each
@@ -67,10 +64,12 @@ class StoredWeights:
         by_file: dict[Path, list[str]] = {}
         for name, param in params.items():
             entry = self.entries.get(name)
-            if entry is not None and entry.mark == _mark(param) and entry.identity == _identity(entry.path):
+            if entry is not None and entry.mark == _mark(param):
                 by_file.setdefault(entry.path, []).append(name)
         found = {}
         for path, names in by_file.items():
+            identity = _identity(path)
+            names = [n for n in names if self.entries[n].identity == identity]
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
                     for name in names:

@@ -112,7 +112,7 @@ class Fp8Weights:
                 linear.register_buffer(SCALE, scale)
                 if name in release:  # in batches: the device holds at most one batch's bf16 beside its fp8
                     batch.append(name)
-                    size += linear.weight.numel() * linear.weight.element_size()
+                    size += _nbytes(linear.weight)
                     if size >= RELEASE_BATCH_BYTES:
                         self.release(batch, free_cache=False, ring=ring)
                         batch, size = [], 0
@@ -201,8 +201,11 @@ class Fp8Weights:
         fit, kept = [], []
         for name in names:
             size = _nbytes(self.linears[name].weight)
-            (fit if size <= room else kept).append(name)
-            room -= size if size <= room else 0
+            if size <= room:
+                fit.append(name)
+                room -= size
+            else:
+                kept.append(name)
         if kept and not set(kept) <= self.kept:
             gb = sum(_nbytes(self.linears[n].weight) for n in kept) / 1e9
             warnings.warn(f"fp8: {len(kept)} bf16 weights ({gb:.1f} GB) the compiled graphs do not read stay on the "
@@ -250,8 +253,7 @@ class Fp8Weights:
 
     def host_bytes(self, mapped: bool = False) -> int:
         """Bytes of the released originals copied to host memory (``mapped``: those viewing the checkpoint)."""
-        return sum(self.linears[n].weight.numel() * self.linears[n].weight.element_size() for n in self.released
-                   if (n in self.mapped) == mapped)
+        return sum(_nbytes(self.linears[n].weight) for n in self.released if (n in self.mapped) == mapped)
 
     def weights_written(self, names: Iterable[str]) -> None:
         """Parameters ``names`` (by the DiT's names) changed in place (a LoRA merge): re-quantize their layers."""

@@ -43,7 +43,7 @@ def _unregister(ptr: int, raw: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
-def pin(nbytes: int, purpose: str = "offload", remedy: str = "use --offload none") -> HostBuffer:
+def pin(nbytes: int) -> HostBuffer:
     """Page-locked host memory of exactly ``nbytes`` (page-rounded), registered with CUDA.
 
     Registering a plain allocation avoids the pinned caching allocator's power-of-two rounding (a 0.7 GB
@@ -55,8 +55,8 @@ def pin(nbytes: int, purpose: str = "offload", remedy: str = "use --offload none
     region = raw[start : start + size]
     rc = int(torch.cuda.cudart().cudaHostRegister(region.data_ptr(), size, 0))
     if rc != 0:
-        raise DiffcError(f"{purpose}: could not page-lock {size / GiB:.2f} GiB of host memory "
-                         f"(cudaHostRegister error {rc}); free host memory or {remedy}")
+        raise DiffcError(f"offload: could not page-lock {size / GiB:.2f} GiB of host memory "
+                         f"(cudaHostRegister error {rc}); free host memory or use --offload none")
     return HostBuffer(region[:nbytes], functools.partial(_unregister, region.data_ptr(), raw))
 
 

@@ -84,8 +84,8 @@ class Ring:
         size = min(CHUNK_BYTES, -(-total // (2 << 20)) * (2 << 20))
         try:
             for _ in range(min(BUFFERS, -(-total // size))):
-                self.pinned.append(pin(size, "copying weights"))
-        except DiffcError:
+                self.pinned.append(pin(size))
+        except DiffcError:  # as many buffers as could be had; none: the caller copies plainly
             if not self.pinned:
                 return False
         self.buffers = [b.tensor for b in self.pinned]

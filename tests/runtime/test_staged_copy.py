@@ -36,8 +36,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.uint8])
 def test_every_byte_crosses_both_ways_across_chunk_and_ring_boundaries(monkeypatch, dtype):
     monkeypatch.setattr(staged_copy, "CHUNK_BYTES", 64 << 10)  # many chunks a tensor, the ring reused many times
-    src = [t if dtype != torch.uint8 else (t.float() * 40).to(torch.uint8) for t in _tensors("cuda", torch.float32)]
-    src = [t.to(dtype) for t in src]
+    src = [(t * 40 if dtype == torch.uint8 else t).to(dtype) for t in _tensors("cuda", torch.float32)]
     with Ring() as ring:
         hosted = ring.to_host(src)
         assert all(h.device.type == "cpu" and not h.is_pinned() for h in hosted)
