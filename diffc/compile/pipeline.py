@@ -235,7 +235,10 @@ def warm_vae_kernels(pipe, request: dict[str, Any], inputs: dict[str, dict[str, 
     was = vae.uses_fused_kernels
     vae.set_fused_kernels(True)
     try:
-        z = torch.zeros(1, vae.config.z_dim, *size, device=weight.device, dtype=weight.dtype)
+        frames, height, width = size
+        video = hasattr(vae, "temporal_compression_ratio")  # Wan's (batch, z_dim, frames, h, w); else one image
+        shape = (1, vae.config.z_dim, frames, height, width) if video else (1, vae.config.latent_channels, height, width)
+        z = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         with torch.inference_mode():
             vae.decode(z)
     finally:

@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from ..ops.channel_norm import channel_bias_residual, same_layout
+from ..ops.group_norm import group_norm
+from ..ops.registry import kernel_runs_on
 
 # act_fn name in config.json -> activation module (diffusers' accepted names).
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -26,6 +29,51 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 VAE_NORM_EPS = 1e-6
 
 
+class FusedKernels:
+    """Blocks with a fused path: ``fused_kernels`` (set by ``AutoencoderKL.set_fused_kernels``) switches them to
+    diffc's group norm (``diffc::group_norm``, SiLU and the producing convolution's bias folded in) on
+    channels-last maps, where its Triton kernels run (a GPU, or Triton's interpreter)."""
+
+    fused_kernels = False
+
+    def fuses(self, x: torch.Tensor) -> bool:
+        return self.fused_kernels and kernel_runs_on(x.device)
+
+
+def norm_act(norm: nn.GroupNorm, act: nn.Module | None, x: torch.Tensor,
+             in_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(norm(x + in_bias))`` through ``diffc::group_norm``: a SiLU runs inside it, another activation after."""
+    silu = isinstance(act, nn.SiLU)
+    y = group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu, in_bias=in_bias)
+    return y if silu or act is None else act(y)
+
+
+def conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv`` without its bias (the caller adds it inside the next fused op)."""
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def bias_residual(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+    """``(x + bias) + residual`` in one pass (``diffc::channel_bias_residual``) where the two share a layout."""
+    if bias is None:
+        return x + residual
+    if same_layout(x, residual):
+        return channel_bias_residual(x, bias, residual)
+    return (x + bias.view(1, -1, 1, 1)) + residual
+
+
+def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
+    """2x nearest-neighbour upsampling of a (N, C, H, W) map. A channels-last map is upsampled as one copy of a
+    broadcast view, each pixel's channels written to its four targets (torch's channels-last nearest kernel ran
+    2.7 ms of a FLUX.1 1024² decode against 1.0 ms for the contiguous one: H100, 2026-12-06). At scale 2 the
+    source pixel of target ``i`` is ``i // 2`` for ``nearest`` and ``nearest-exact`` alike."""
+    if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = x.shape
+        pixels = x.permute(0, 2, 3, 1)[:, :, None, :, None, :]  # (N, H, 1, W, 1, C), a view
+        return pixels.expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+    return F.interpolate(x, scale_factor=2.0, mode="nearest")
+
+
 def activation(name: str) -> nn.Module:
     """Activation module for a config's ``act_fn`` name."""
     if name not in ACTIVATIONS:
@@ -33,7 +81,7 @@ def activation(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-class ResnetBlock2D(nn.Module):
+class ResnetBlock2D(FusedKernels, nn.Module):
     """Pre-norm residual block: GroupNorm -> act -> conv3x3 -> GroupNorm -> act -> conv3x3, plus skip.
 
     The skip path gets a 1x1 ``conv_shortcut`` when the channel count changes.
@@ -54,6 +102,10 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C_in, H, W) -> (B, C_out, H, W)
+        if self.fuses(x):  # conv1's bias goes into norm2, conv2's into the residual add
+            h = conv_without_bias(self.conv1, norm_act(self.norm1, self.nonlinearity, x))
+            h = conv_without_bias(self.conv2, norm_act(self.norm2, self.nonlinearity, h, in_bias=self.conv1.bias))
+            return bias_residual(h, self.conv2.bias, x if self.conv_shortcut is None else self.conv_shortcut(x))
         h = self.conv1(self.nonlinearity(self.norm1(x)))
         h = self.conv2(self.nonlinearity(self.norm2(h)))
         if self.conv_shortcut is not None:
@@ -61,7 +113,7 @@ class ResnetBlock2D(nn.Module):
         return x + h
 
 
-class Attention(nn.Module):
+class Attention(FusedKernels, nn.Module):
     """Spatial self-attention over all H*W positions, with a GroupNorm on its input and a residual.
 
     In the VAE mid block the head dimension equals the channel count, so there is a single head.
@@ -82,7 +134,11 @@ class Attention(nn.Module):
         # x: (B, C, H, W)
         b, c, h, w = x.shape
         head_dim = c // self.heads
-        tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        fused = self.fuses(x)
+        if fused:  # a channels-last map is (B, H, W, C) in memory: its tokens are a view
+            tokens = norm_act(self.group_norm, None, x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        else:
+            tokens = self.group_norm(x).view(b, c, h * w).transpose(1, 2)  # (B, HW, C)
         # q, k, v: (B, heads, HW, head_dim)
         q = self.to_q(tokens).view(b, -1, self.heads, head_dim).transpose(1, 2)
         k = self.to_k(tokens).view(b, -1, self.heads, head_dim).transpose(1, 2)
@@ -90,7 +146,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(b, -1, c).to(q.dtype)  # (B, HW, C)
         out = self.to_out[0](out)
-        out = out.transpose(1, 2).reshape(b, c, h, w)
+        out = out.view(b, h, w, c).permute(0, 3, 1, 2) if fused else out.transpose(1, 2).reshape(b, c, h, w)
         return out + x
 
 
@@ -106,7 +162,7 @@ class Downsample2D(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
 
 
-class Upsample2D(nn.Module):
+class Upsample2D(FusedKernels, nn.Module):
     """Doubles H and W: nearest-neighbour interpolation, then a 3x3 conv."""
 
     def __init__(self, channels: int):
@@ -115,6 +171,8 @@ class Upsample2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, H, W) -> (B, C, 2H, 2W)
+        if self.fuses(x):
+            return self.conv(upsample_nearest2x(x))
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -175,7 +233,7 @@ class UNetMidBlock2D(nn.Module):
         return self.resnets[1](x)
 
 
-class Encoder(nn.Module):
+class Encoder(FusedKernels, nn.Module):
     """Image (B, in_channels, H, W) -> Gaussian parameters (B, 2 * latent_channels, H/f, W/f).
 
     ``f = 2 ** (len(block_out_channels) - 1)``; every block but the last halves the resolution.
@@ -204,10 +262,12 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
+        if self.fuses(x):
+            return self.conv_out(norm_act(self.conv_norm_out, self.conv_act, x))
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 
-class Decoder(nn.Module):
+class Decoder(FusedKernels, nn.Module):
     """Latents (B, latent_channels, h, w) -> image (B, out_channels, h*f, w*f).
 
     Up blocks run from the widest channel count down to ``block_out_channels[0]`` and hold
@@ -236,4 +296,6 @@ class Decoder(nn.Module):
         x = self.mid_block(x)
         for block in self.up_blocks:
             x = block(x)
+        if self.fuses(x):
+            return self.conv_out(norm_act(self.conv_norm_out, self.conv_act, x))
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))

@@ -1,5 +1,6 @@
-"""``warm_vae_kernels``: a compiled Wan pipeline's fused VAE kernels are built (and cuDNN planned) before the first
-generation, by ``diffc compile`` into the artifact and by the warm-up at load; the VAE's fused setting is kept."""
+"""``warm_vae_kernels``: a compiled pipeline's fused VAE kernels (Wan, Qwen-Image, FLUX.1) are built (and cuDNN
+planned) before the first generation, by ``diffc compile`` into the artifact and by the warm-up at load; the VAE's
+fused setting is kept."""
 
 from __future__ import annotations
 
@@ -31,8 +32,24 @@ def test_warm_vae_kernels_decodes_two_frames_with_the_fused_kernels():
     assert warm_vae_kernels(pipe, request, inputs, force=True)
     assert calls == [((1, 16, 2, 2, 2), {True})] and COUNTERS.kernel_launches > 0
     assert _fused(vae) == {False}  # the setting it found
+
+
+
+def test_warm_vae_kernels_decodes_one_image_for_a_2d_vae():
+    """FLUX.1's VAE (a 2-D AutoencoderKL) warms its fused group norms on (1, latent_channels, h, w) zeros of the
+    request's size; the VAE's fused setting is kept."""
+    if not kernel_runs_on(torch.device("cpu")):
+        pytest.skip("the fused kernels run on a GPU or under TRITON_INTERPRET=1 (as CI runs the tests)")
     flux = diffc.load(demo_checkpoint("flux"))
-    assert not warm_vae_kernels(flux, request, inputs, force=True)  # FLUX's VAE has no fused kernels
+    vae = flux.components["vae"]
+    request = {"height": 32, "width": 48, "max_sequence_length": 8}
+    inputs = capture_inputs(flux, request)
+    calls = _record_decodes(vae)
+    COUNTERS.reset()
+    assert warm_vae_kernels(flux, request, inputs, force=True)
+    f = vae.spatial_compression_ratio
+    assert calls == [((1, vae.config.latent_channels, 32 // f, 48 // f), {True})] and COUNTERS.kernel_launches > 0
+    assert _fused(vae) == {False}
 
 
 def _record_decodes(vae) -> list:

@@ -182,3 +182,57 @@ def test_wrong_input_shapes_are_rejected():
         native.decode(torch.randn(1, 3, 4, 4))
     with pytest.raises(InvalidArgumentError, match=r"^x: .*\(batch, 3, height, width\)"):
         native.encode(torch.randn(3, 8, 8))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("case", ["one_block_quant_attn", "three_blocks_mixed_quant", "tiny_spec"])
+def test_fused_kernels_match_diffusers(case):
+    """``set_fused_kernels(True)`` (what a compiled pipeline does on a GPU): every norm (+ SiLU) runs
+    ``diffc::group_norm`` on channels-last maps, the convolutions' biases folded into the next norm or residual add;
+    decode and encode still match diffusers, and switching back restores the eager path exactly."""
+    from diffc.ops.registry import COUNTERS, kernel_runs_on
+
+    if not kernel_runs_on(torch.device("cpu")):
+        pytest.skip("the fused kernels run on a GPU or under TRITON_INTERPRET=1 (as CI runs the tests)")
+    config, (H, W), (h, w) = CASES[case]
+    ref, native = _pair(config, seed=2)
+    z = torch.randn(2, config.latent_channels, h, w, generator=torch.Generator().manual_seed(3))
+    x = torch.rand(2, config.in_channels, H, W, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    unfused = native.decode(z)
+    native.set_fused_kernels(True)
+    assert native.uses_fused_kernels
+    convs = [m for m in native.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    COUNTERS.reset()
+    out = native.decode(z)
+    assert out.is_contiguous() and out.shape == unfused.shape
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in native.decoder.modules())
+    resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in native.decoder.modules())
+    assert COUNTERS.kernel_launches == norms + resnets  # every norm, and every resnet's bias + residual add
+    assert rel_err(out, ref.decode(z).sample) < REL_TOL[torch.float32]
+    assert rel_err(out, unfused) < 1e-5
+    mean, logvar = native.encode(x)
+    dist = ref.encode(x).latent_dist
+    assert rel_err(mean, dist.mean) < REL_TOL[torch.float32]
+    assert rel_err(logvar, dist.logvar) < REL_TOL[torch.float32]
+    native.set_fused_kernels(False)
+    assert not native.uses_fused_kernels and all(m.weight.is_contiguous() for m in convs)
+    COUNTERS.reset()
+    assert torch.equal(native.decode(z), unfused) and COUNTERS.kernel_launches == 0
+    assert mean.stride() == native.encode(x)[0].stride()  # the moments in the eager path's layout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64, 6, 10), (3, 5, 7, 9), (2, 4, 1, 3)], ids=["flux-like", "odd", "one-row"])
+def test_channels_last_upsample_copies_nearest(shape, dtype):
+    """The fused path's 2x upsampling of a channels-last map (one copy of a broadcast view) gives ``nearest``'s
+    values and keeps the layout the next convolution reads; other maps take torch's kernel."""
+    import torch.nn.functional as F
+
+    from diffc.models.vae_blocks import upsample_nearest2x
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        out = upsample_nearest2x(x.contiguous(memory_format=layout))
+        assert torch.equal(out, F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        assert out.is_contiguous(memory_format=layout)

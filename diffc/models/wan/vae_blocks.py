@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...ops.channel_norm import channel_bias_residual, channel_bias_residual_ref, same_layout
+from ..vae_blocks import upsample_nearest2x
 from .vae_causal import (CACHE_T, CausalConv3d, FeatureCache, NormSiluConv, RMSNorm, cached_conv, channels_last,
                          norm_silu_conv)
 
@@ -109,9 +110,7 @@ class NearestUpsample2x(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4 and x.shape[1] > 1 and x.is_contiguous(memory_format=torch.channels_last):
-            n, c, h, w = x.shape
-            pixels = x.permute(0, 2, 3, 1)[:, :, None, :, None, :]  # (N, H, 1, W, 1, C), a view
-            return pixels.expand(n, h, 2, w, 2, c).reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+            return upsample_nearest2x(x)
         # nearest-neighbour copies values: interpolating in x's dtype gives the float32 round trip's result
         return F.interpolate(x, scale_factor=(2.0, 2.0), mode="nearest-exact")
 
