@@ -21,7 +21,8 @@ import torch
 from bench.ops import capture_graph
 
 MODULES = ("bench_qk_norm_rope", "bench_adaln_modulate", "bench_gated_residual", "bench_timestep_embedding",
-           "bench_gelu_tanh", "bench_silu_mul", "bench_fp8_quant", "bench_channel_norm", "bench_gemv")
+           "bench_gelu_tanh", "bench_silu_mul", "bench_fp8_quant", "bench_channel_norm", "bench_gemv",
+           "bench_group_norm")
 REPLAYS = 20
 _BUILT: dict[str, list] = {}
 

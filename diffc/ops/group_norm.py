@@ -11,7 +11,8 @@ copies the input to the contiguous layout first. This op splits each row's reduc
 2. ``group_norm_stats_kernel``: one program per (sample, group) merges its channels' partials into the group's
    mean and 1/std;
 3. ``group_norm_apply_kernel``: ``x * a + b`` per channel (``a = rstd * weight``, ``b = bias - mean * a``, as
-   torch's kernel computes it), rounded to x's dtype, then SiLU (as torch applies it to the rounded norm).
+   torch's kernel computes it, from the mean and 1/std rounded to x's dtype, as torch's CUDA group norm keeps
+   them), rounded to x's dtype, then SiLU (as torch applies it to the rounded norm).
 
 An optional ``in_bias`` (the producing convolution's bias, per channel) is added first and rounded to x's
 dtype, as torch's separate add after cuDNN's convolution rounds it, in the partials and in the apply pass: the
@@ -37,10 +38,23 @@ BLOCK_S = 64  # partial rows merged per step of the stats pass
 
 def group_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
                    eps: float, silu: bool, in_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Eager torch: ``silu(F.group_norm(x + in_bias, groups, weight, bias, eps))`` in x's dtype and layout."""
+    """``silu(F.group_norm(x + in_bias, groups, weight, bias, eps))`` in x's dtype and layout, rounded where torch's
+    CUDA kernels round: the sum ``x + in_bias``; the float32 mean and 1/std, stored in x's dtype
+    (``native_group_norm`` returns them so); ``x * a + b`` (``a = rstd * weight``, ``b = bias - mean * a``); SiLU.
+    (torch's CPU kernel keeps the statistics in float32: its bf16 results can differ by a rounding.)"""
     if in_bias is not None:
-        x = x + in_bias.view(1, -1, *([1] * (x.dim() - 2)))
-    y = F.group_norm(x, groups, weight, bias, eps)
+        x = x + in_bias.view(1, -1, 1, 1)
+    b, c = x.shape[:2]
+    rows = x.float().reshape(b, groups, -1)
+    mean = rows.mean(-1).to(x.dtype).float()
+    rstd = torch.rsqrt(rows.var(-1, unbiased=False) + eps).to(x.dtype).float()
+    a = rstd.repeat_interleave(c // groups, dim=1)  # (b, c)
+    if weight is not None:
+        a = a * weight.float()
+    shift = -a * mean.repeat_interleave(c // groups, dim=1)
+    if bias is not None:
+        shift = shift + bias.float()
+    y = (x.float() * a[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
     return F.silu(y) if silu else y
 
 
@@ -146,8 +160,9 @@ def group_norm_apply_kernel(
     w = p - h * W
     cpg = C // G
     g = b * G + c // cpg
-    mean = tl.load(gmean_ptr + g, mask=c_ok, other=0.0)
-    rstd = tl.load(grstd_ptr + g, mask=c_ok, other=0.0)
+    dt = out_ptr.dtype.element_ty
+    mean = tl.load(gmean_ptr + g, mask=c_ok, other=0.0).to(dt).to(tl.float32)  # kept in x's dtype, as torch does
+    rstd = tl.load(grstd_ptr + g, mask=c_ok, other=0.0).to(dt).to(tl.float32)
     if HAS_WEIGHT:
         a = rstd * tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
     else:
@@ -155,7 +170,6 @@ def group_norm_apply_kernel(
     shift = -mean * a
     if HAS_BIAS:
         shift += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    dt = out_ptr.dtype.element_ty
     x_offs = (b.to(tl.int64) * sxb + h.to(tl.int64)[:, None] * sxh + w.to(tl.int64)[:, None] * sxw
               + c.to(tl.int64)[None, :] * sxc)
     v = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)

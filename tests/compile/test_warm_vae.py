@@ -91,3 +91,20 @@ def test_compiled_wan_pipeline_ships_and_runs_the_fused_vae_on_a_gpu(tmp_path):
     COUNTERS.reset()
     out = fresh.generate("a kite", num_inference_steps=2, progress=False, **bucket)
     assert COUNTERS.kernel_launches > 0 and out.videos[0].shape == (5, 32, 32, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_flux_pipeline_ships_and_runs_the_fused_vae_on_a_gpu(tmp_path):
+    """The same for FLUX.1's 2-D VAE: its group-norm kernels are in the artifact, and a generation decodes with them."""
+    bucket = {"height": 64, "width": 64, "max_sequence_length": 8}
+    pipe = diffc.load(demo_checkpoint("flux"), device="cuda", dtype="bf16")
+    pipe.compile([bucket], out=str(tmp_path / "art"), log=lambda _line: None)
+    names = {p.name.split(".")[0] for p in (tmp_path / "art").rglob("*.json")}
+    assert {"group_norm_partials_kernel", "group_norm_stats_kernel", "group_norm_apply_kernel"} <= names
+    assert _fused(pipe.components["vae"]) == {True}
+    fresh = diffc.load(demo_checkpoint("flux"), device="cuda", dtype="bf16")
+    fresh.load_compiled(str(tmp_path / "art"))
+    assert fresh.warmup_report["vae_decodes"] == 1 and _fused(fresh.components["vae"]) == {True}
+    COUNTERS.reset()
+    out = fresh.generate("a kite", num_inference_steps=2, progress=False, **bucket)
+    assert COUNTERS.kernel_launches > 0 and out.images[0].size == (64, 64)

@@ -44,13 +44,13 @@ def test_matches_group_norm_then_silu(counters, name, dtype, silu):
     torch.ops.diffc.group_norm(x, weight, bias, None, groups, 1e-6, silu, out)
     assert_kernel_ran()
     assert_matches(out, group_norm_ref(x, weight, bias, groups, 1e-6, silu))
-    # the reference is the VAE's modules: nn.GroupNorm, then nn.SiLU
+    # the VAE's modules: nn.GroupNorm, then nn.SiLU (on the CPU, with float32 statistics: a rounding apart in bf16)
     norm = torch.nn.GroupNorm(groups, c, eps=1e-6).to(dtype)
     norm.weight.data.copy_(weight)
     norm.bias.data.copy_(bias)
     with torch.no_grad():
         expected = F.silu(norm(x)) if silu else norm(x)
-    assert_matches(out, expected)
+    assert_matches(out, expected, **({"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -63,7 +63,7 @@ def test_in_bias_is_added_first_and_rounded(counters, dtype):
     out = group_norm(x, 8, weight, bias, 1e-6, silu=True, in_bias=in_bias)
     assert_kernel_ran()
     assert out.is_contiguous(memory_format=torch.channels_last)  # a new output keeps x's layout
-    assert_matches(out, F.silu(F.group_norm(x + in_bias.view(1, -1, 1, 1), 8, weight, bias, 1e-6)))
+    assert_matches(out, group_norm_ref(x + in_bias.view(1, -1, 1, 1), weight, bias, 8, 1e-6, True))
 
 
 def test_rows_merged_over_many_chunks_and_programs(counters, monkeypatch):
