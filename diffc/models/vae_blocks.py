@@ -162,7 +162,7 @@ class Downsample2D(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0))
 
 
-class Upsample2D(FusedKernels, nn.Module):
+class Upsample2D(nn.Module):
     """Doubles H and W: nearest-neighbour interpolation, then a 3x3 conv."""
 
     def __init__(self, channels: int):
@@ -171,9 +171,7 @@ class Upsample2D(FusedKernels, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, C, H, W) -> (B, C, 2H, 2W)
-        if self.fuses(x):
-            return self.conv(upsample_nearest2x(x))
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(upsample_nearest2x(x))
 
 
 class DownEncoderBlock2D(nn.Module):

@@ -1,4 +1,4 @@
-"""Group norm (+ SiLU) of an image feature map in any memory layout: ``diffc::group_norm``.
+"""Group norm (+ SiLU) of a feature map in any memory layout: ``diffc::group_norm``.
 
 The 2-D KL autoencoders (FLUX.1, Stable Diffusion, Z-Image) run ``GroupNorm(32)`` and SiLU before most of
 their convolutions. torch's CUDA group norm reduces each (sample, group) row in one thread block: 32 blocks
@@ -16,9 +16,10 @@ copies the input to the contiguous layout first. This op splits each row's reduc
 
 An optional ``in_bias`` (the producing convolution's bias, per channel) is added first and rounded to x's
 dtype, as torch's separate add after cuDNN's convolution rounds it, in the partials and in the apply pass: the
-convolution then runs without its bias and no pass of its own adds it. The tiles put channels last, so a
-channels-last map (NHWC in memory, cuDNN's own layout) is read and written in whole rows; other layouts
-work, more slowly.
+convolution then runs without its bias and no pass of its own adds it. A map is (batch, channels, ...): its
+spatial dimensions are read as one pixel dimension (a view where they merge, as in a contiguous or a channels-last
+map; a copy otherwise), so the kernels see one pixel stride, and their loads run along whichever of channels
+(channels-last) or pixels (channels-first) is contiguous.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def group_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     CUDA kernels round: the sum ``x + in_bias``; the float32 mean and 1/std, stored in x's dtype
     (``native_group_norm`` returns them so); ``x * a + b`` (``a = rstd * weight``, ``b = bias - mean * a``); SiLU.
     (torch's CPU kernel keeps the statistics in float32: its bf16 results can differ by a rounding.)"""
+    spatial = [1] * (x.dim() - 2)
     if in_bias is not None:
-        x = x + in_bias.view(1, -1, 1, 1)
+        x = x + in_bias.view(1, -1, *spatial)
     b, c = x.shape[:2]
     rows = x.float().reshape(b, groups, -1)
     mean = rows.mean(-1).to(x.dtype).float()
@@ -54,15 +56,15 @@ def group_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     shift = -a * mean.repeat_interleave(c // groups, dim=1)
     if bias is not None:
         shift = shift + bias.float()
-    y = (x.float() * a[:, :, None, None] + shift[:, :, None, None]).to(x.dtype)
+    y = (x.float() * a.view(b, c, *spatial) + shift.view(b, c, *spatial)).to(x.dtype)
     return F.silu(y) if silu else y
 
 
 @triton_kernel
 def group_norm_partials_kernel(
     x_ptr, in_bias_ptr, mean_ptr, m2_ptr,
-    C, W, HW, PIX, S,
-    sxb, sxc, sxh, sxw,
+    C, HW, PIX, S,
+    sxb, sxc, sxp,
     HAS_IN_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # grid (B, S, cdiv(C, BLOCK_C)); one program: pixels [s * PIX, (s + 1) * PIX) of sample b, BLOCK_C channels
@@ -82,11 +84,8 @@ def group_norm_partials_kernel(
     for p0 in range(start, end, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         p_ok = p < end
-        h = p // W
-        w = p - h * W
         mask = p_ok[:, None] & c_ok[None, :]
-        offs = h.to(tl.int64)[:, None] * sxh + w.to(tl.int64)[:, None] * sxw
-        v = tl.load(x_base + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(x_base + p.to(tl.int64)[:, None] * sxp, mask=mask, other=0.0).to(tl.float32)
         if HAS_IN_BIAS:
             v = (v + inb[None, :]).to(dt).to(tl.float32)
         k = tl.sum(p_ok.to(tl.float32), axis=0)
@@ -144,8 +143,8 @@ def group_norm_stats_kernel(
 @triton_kernel
 def group_norm_apply_kernel(
     x_ptr, w_ptr, bias_ptr, in_bias_ptr, gmean_ptr, grstd_ptr, out_ptr,
-    C, G, W, HW,
-    sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+    C, G, HW,
+    sxb, sxc, sxp, sob, soc, sop,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IN_BIAS: tl.constexpr, SILU: tl.constexpr,
     LIBDEVICE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -156,8 +155,6 @@ def group_norm_apply_kernel(
     p_ok = p < HW
     c_ok = c < C
     mask = p_ok[:, None] & c_ok[None, :]
-    h = p // W
-    w = p - h * W
     cpg = C // G
     g = b * G + c // cpg
     dt = out_ptr.dtype.element_ty
@@ -170,8 +167,7 @@ def group_norm_apply_kernel(
     shift = -mean * a
     if HAS_BIAS:
         shift += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-    x_offs = (b.to(tl.int64) * sxb + h.to(tl.int64)[:, None] * sxh + w.to(tl.int64)[:, None] * sxw
-              + c.to(tl.int64)[None, :] * sxc)
+    x_offs = b.to(tl.int64) * sxb + p.to(tl.int64)[:, None] * sxp + c.to(tl.int64)[None, :] * sxc
     v = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_IN_BIAS:
         v = (v + tl.load(in_bias_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]).to(dt).to(tl.float32)
@@ -182,16 +178,15 @@ def group_norm_apply_kernel(
         else:
             e = tl.exp(-y)
         y = tl.math.div_rn(y, 1.0 + e)  # SiLU as torch computes it: x / (1 + exp(-x))
-    o_offs = (b.to(tl.int64) * sob + h.to(tl.int64)[:, None] * soh + w.to(tl.int64)[:, None] * sow
-              + c.to(tl.int64)[None, :] * soc)
+    o_offs = b.to(tl.int64) * sob + p.to(tl.int64)[:, None] * sop + c.to(tl.int64)[None, :] * soc
     tl.store(out_ptr + o_offs, y.to(dt), mask=mask)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, in_bias: torch.Tensor | None,
            groups: int, eps: float, silu: bool, out: torch.Tensor) -> None:
     expect_float("x", x)
-    if x.ndim != 4:
-        raise InvalidArgumentError("x", f"expected a (batch, channels, height, width) map, got shape {tuple(x.shape)}")
+    if x.ndim < 2:
+        raise InvalidArgumentError("x", f"expected a (batch, channels, ...) map, got shape {tuple(x.shape)}")
     c = x.shape[1]
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or c % groups:
         raise InvalidArgumentError("groups", f"expected a positive integer dividing the {c} channels, got {groups!r}")
@@ -230,8 +225,13 @@ def _group_norm_launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     _check(x, weight, bias, in_bias, groups, eps, silu, out)
     if out.numel() == 0:
         return
-    b, c, h, w = x.shape
-    hw = h * w
+    b, c = x.shape[:2]
+    hw = out[0, 0].numel()  # the pixels (any number of spatial dimensions, flattened)
+    xf = x.reshape(b, c, hw)  # a view where the spatial dimensions merge (contiguous, channels-last), else a copy
+    try:
+        of, through_copy = out.view(b, c, hw), False
+    except RuntimeError:  # a destination whose spatial dimensions do not merge: written through a copy
+        of, through_copy = torch.empty((b, c, hw), dtype=out.dtype, device=out.device), True
     block_c = min(BLOCK_C, next_pow2(c))
     n_cb = cdiv(c, block_c)
     s, pix = splits(b, hw, n_cb)
@@ -239,27 +239,30 @@ def _group_norm_launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     m2 = torch.empty_like(mean)
     group_mean = torch.empty((b * groups,), dtype=torch.float32, device=x.device)
     group_rstd = torch.empty_like(group_mean)
-    anything = x  # a valid pointer for the arguments a specialization never reads
+    anything = xf  # a valid pointer for the arguments a specialization never reads
     group_norm_partials_kernel[(b, s, n_cb)](
-        x, in_bias if in_bias is not None else anything, mean, m2,
-        c, w, hw, pix, s, *x.stride(),
+        xf, in_bias if in_bias is not None else anything, mean, m2,
+        c, hw, pix, s, *xf.stride(),
         HAS_IN_BIAS=in_bias is not None, BLOCK_P=BLOCK_P, BLOCK_C=block_c, num_warps=4)
     group_norm_stats_kernel[(b * groups,)](
         mean, m2, group_mean, group_rstd, c, groups, hw, pix, s, eps,
         BLOCK_S=min(BLOCK_S, next_pow2(s)), BLOCK_CG=next_pow2(c // groups), num_warps=4)
     group_norm_apply_kernel[(b, cdiv(hw, BLOCK_P), n_cb)](
-        x, weight if weight is not None else anything, bias if bias is not None else anything,
-        in_bias if in_bias is not None else anything, group_mean, group_rstd, out,
-        c, groups, w, hw, *x.stride(), *out.stride(),
+        xf, weight if weight is not None else anything, bias if bias is not None else anything,
+        in_bias if in_bias is not None else anything, group_mean, group_rstd, of,
+        c, groups, hw, *xf.stride(), *of.stride(),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_IN_BIAS=in_bias is not None, SILU=silu,
         LIBDEVICE=not interpreting() and libdevice is not None, BLOCK_P=BLOCK_P, BLOCK_C=block_c, num_warps=4)
+    if through_copy:
+        out.copy_(of.view(out.shape))
 
 
 def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                eps: float = 1e-5, *, silu: bool = False, in_bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.ops.diffc.group_norm``: ``[silu](F.group_norm(x [+ in_bias], groups, weight, bias, eps))`` of a
-    (batch, channels, height, width) map, into ``out`` (any strides) or a new tensor of x's memory layout."""
+    (batch, channels, ...) map (images, videos, token rows), into ``out`` (any strides) or a new tensor of x's
+    memory layout."""
     if out is None:
         out = torch.empty_like(x)
     torch.ops.diffc.group_norm(x, weight, bias, in_bias, int(groups), float(eps), bool(silu), out)

@@ -29,6 +29,11 @@ INPUTS = {
     "sliced-g4": (_sliced, 4),
     "permuted-g3": (lambda dt: randn(1, 7, 10, 9, dtype=dt, seed=6).permute(0, 3, 1, 2), 3),
     "one-pixel": (lambda dt: randn(2, 8, 1, 1, dtype=dt, seed=7), 2),
+    # a video map (batch, channels, frames, height, width) and the (batch, channels, tokens) rows diffusers' VAE
+    # attention normalises (a transposed view), and rows with no spatial dimension
+    "video-g4": (lambda dt: randn(1, 16, 3, 5, 7, dtype=dt, seed=8, offset=0.5), 4),
+    "token-rows-g2": (lambda dt: randn(2, 45, 12, dtype=dt, seed=9).transpose(1, 2), 2),
+    "no-spatial-g3": (lambda dt: randn(5, 12, dtype=dt, seed=10), 3),
 }
 
 
@@ -98,6 +103,17 @@ def test_a_constant_map_normalises_to_the_bias(counters):
     torch.testing.assert_close(out, bias.view(1, -1, 1, 1).expand_as(out), rtol=0, atol=1e-3)
 
 
+def test_writes_into_a_destination_whose_pixels_do_not_merge(counters):
+    """A sliced destination (its rows and columns not one stride apart) is written through a copy, nothing around it."""
+    x = randn(1, 8, 5, 6, seed=22).contiguous(memory_format=torch.channels_last)
+    buf = torch.full((1, 8, 7, 9), float("nan"))
+    group_norm(x, 4, silu=True, out=buf[:, :, 1:6, 2:8])
+    assert_kernel_ran()
+    assert_matches(buf[:, :, 1:6, 2:8].contiguous(), group_norm_ref(x, None, None, 4, 1e-5, True))
+    buf[:, :, 1:6, 2:8] = 0
+    assert buf.isnan().sum() == buf.numel() - 8 * 5 * 6
+
+
 def test_empty_map_writes_nothing(counters):
     x = torch.empty(0, 8, 3, 3)
     assert group_norm(x, 4).shape == (0, 8, 3, 3)
@@ -114,8 +130,8 @@ def test_bad_arguments_name_the_field():
     op = torch.ops.diffc.group_norm
     x = randn(1, 4, 3, 3)
     good = torch.empty(1, 4, 3, 3)
-    with pytest.raises(InvalidArgumentError, match=r"^x: expected a \(batch, channels, height, width\) map"):
-        op(randn(4, 3, 3), None, None, None, 2, 1e-6, False, torch.empty(4, 3, 3))
+    with pytest.raises(InvalidArgumentError, match=r"^x: expected a \(batch, channels, ...\) map"):
+        op(randn(4), None, None, None, 2, 1e-6, False, torch.empty(4))
     with pytest.raises(InvalidArgumentError, match=r"^groups: expected a positive integer dividing the 4 channels"):
         op(x, None, None, None, 3, 1e-6, False, good)
     with pytest.raises(InvalidArgumentError, match=r"^groups: expected a positive integer"):
