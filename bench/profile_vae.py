@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from diffc.models.vae_blocks import has_fused_path, set_fused_vae
+
 from .build import default_dtype, keep_fp32, native_like
 from .compare import quiet_libraries
 from .families import FAMILIES
@@ -42,7 +44,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-VARIANTS = ("eager", "fused")  # fused: the VAE's fused kernels (set_fused_kernels), as a compiled pipeline runs it
+VARIANTS = ("eager", "fused")  # fused: the VAE's fused kernels (set_fused_vae), as a compiled pipeline runs it
 
 
 def _measure(vae, z, device, repeats: int) -> tuple[dict[str, Any], torch.Tensor]:
@@ -87,17 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     spec = SPECS[args.model]
     family = FAMILIES[spec.family]
     vae = build_vae(spec, device, dtype)
-    if "fused" in variants and not hasattr(vae, "set_fused_kernels"):
+    if "fused" in variants and not has_fused_path(vae):
         p.error(f"{spec.name}'s VAE has no fused kernels (variant 'fused')")
     z = torch.randn(family.latent_shape(spec, Workload.from_spec(spec)), device=device, dtype=dtype)
     result: dict[str, Any] = {"model": spec.name, "latent_shape": list(z.shape), "cudnn_benchmark": args.cudnn_benchmark,
                               "env": environment(device, ["-m", "bench.profile_vae", *(argv or [])]), "variants": {}}
     first = None
     for variant in variants:
-        if hasattr(vae, "set_fused_kernels"):
-            vae.set_fused_kernels(variant == "fused")
+        if has_fused_path(vae):
+            set_fused_vae(vae, variant == "fused")
         measured, out = _measure(vae, z, device, args.repeats)
-        out = out.float()
+        out = getattr(out, "sample", out).float()  # a diffusers VAE returns a DecoderOutput
         if first is None:
             first = out
         else:

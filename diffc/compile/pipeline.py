@@ -208,7 +208,9 @@ def _vae_latent_size(pipe, vae, request: dict[str, Any], inputs: dict[str, dict[
         return min(2, latents.shape[2]), latents.shape[3], latents.shape[4]
     defaults = getattr(getattr(pipe, "spec", None), "defaults", {}) or {}
     height, width = (request.get(k) if request.get(k) is not None else defaults.get(k) for k in ("height", "width"))
-    ratio = vae.spatial_compression_ratio
+    ratio = getattr(vae, "spatial_compression_ratio", None)
+    if ratio is None:  # a diffusers AutoencoderKL: every block but the last halves the size
+        ratio = 2 ** (len(vae.config.block_out_channels) - 1)
     if not isinstance(height, int) or not isinstance(width, int) or height < ratio or width < ratio:
         return None
     return 1, height // ratio, width // ratio
@@ -219,12 +221,16 @@ def warm_vae_kernels(pipe, request: dict[str, Any], inputs: dict[str, dict[str, 
     GPU (``Executor.install_compiled``): Triton builds their kernels (into the artifact while compiling; from its
     cache at load) and cuDNN picks its plans before the first generation does.
 
-    Runs on CUDA (elsewhere only with ``force``) for a VAE with fused kernels whose weights are on the device;
-    returns whether it decoded. The VAE's fused setting is kept.
+    Runs on CUDA (elsewhere only with ``force``) for a VAE with fused kernels whose weights are on the device
+    (diffc's VAEs, and the generic backend's 2-D diffusers autoencoders); returns whether it decoded. The VAE's
+    fused setting is kept.
     """
+    from ..models.vae_blocks import has_fused_path, set_fused_vae, uses_fused_vae
+
     vae = pipe.components.get("vae")
-    if not hasattr(vae, "set_fused_kernels"):
-        return False
+    video = hasattr(vae, "temporal_compression_ratio")  # (batch, channels, frames, h, w) latents; else one image
+    if not has_fused_path(vae) or (video and not hasattr(vae, "set_fused_kernels")):
+        return False  # (the generic backend's video autoencoders: their first decode builds the kernels)
     weight = next(vae.parameters())
     device = torch.device(pipe.device)
     if (device.type != "cuda" and not force) or weight.device.type != device.type:
@@ -232,17 +238,16 @@ def warm_vae_kernels(pipe, request: dict[str, Any], inputs: dict[str, dict[str, 
     size = _vae_latent_size(pipe, vae, request, inputs)
     if size is None:
         return False
-    was = vae.uses_fused_kernels
-    vae.set_fused_kernels(True)
+    was = uses_fused_vae(vae)
+    set_fused_vae(vae, True)
     try:
         frames, height, width = size
-        video = hasattr(vae, "temporal_compression_ratio")  # Wan's (batch, z_dim, frames, h, w); else one image
         shape = (1, vae.config.z_dim, frames, height, width) if video else (1, vae.config.latent_channels, height, width)
         z = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         with torch.inference_mode():
             vae.decode(z)
     finally:
-        vae.set_fused_kernels(was)
+        set_fused_vae(vae, was)
     return True
 
 

@@ -40,6 +40,58 @@ class FusedKernels:
         return self.fused_kernels and kernel_runs_on(x.device)
 
 
+class FusedGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` through ``diffc::group_norm`` where its kernels run on the input's device (else torch's).
+
+    :func:`fuse_group_norms` gives a model's own ``nn.GroupNorm`` modules this class (same parameters, same
+    state dict): the fused path for VAEs diffc runs as their authors wrote them (the generic backend's)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() >= 2 and x.is_floating_point() and kernel_runs_on(x.device):
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+def fuse_group_norms(module: nn.Module, enabled: bool) -> int:
+    """Switch every plain ``nn.GroupNorm`` of ``module`` to :class:`FusedGroupNorm` (or back); returns how many
+    modules are fused afterwards. Subclasses of ``nn.GroupNorm`` (their own forward) are left as they are."""
+    fused = 0
+    for m in module.modules():
+        if enabled and type(m) is nn.GroupNorm:
+            m.__class__ = FusedGroupNorm
+        elif not enabled and type(m) is FusedGroupNorm:
+            m.__class__ = nn.GroupNorm
+        fused += type(m) is FusedGroupNorm
+    return fused
+
+
+def has_fused_path(vae) -> bool:
+    """Whether :func:`set_fused_vae` changes ``vae``: diffc's native VAEs (``set_fused_kernels``), and the other
+    autoencoders (diffusers classes the generic backend runs) that have plain group norms."""
+    if hasattr(vae, "set_fused_kernels"):
+        return True
+    return (isinstance(vae, nn.Module) and type(vae).__name__.startswith("Autoencoder")
+            and any(type(m) in (nn.GroupNorm, FusedGroupNorm) for m in vae.modules()))
+
+
+def set_fused_vae(vae: nn.Module, enabled: bool) -> None:
+    """A VAE's fused path on (or off): its own ``set_fused_kernels`` (diffc's native VAEs), else its group norms
+    (:func:`fuse_group_norms`) where :func:`has_fused_path` says it has them."""
+    if hasattr(vae, "set_fused_kernels"):
+        vae.set_fused_kernels(enabled)
+    elif has_fused_path(vae):
+        fuse_group_norms(vae, enabled)
+
+
+def uses_fused_vae(vae: nn.Module | None) -> bool:
+    """Whether ``vae``'s fused path (:func:`set_fused_vae`) is on."""
+    if vae is None:
+        return False
+    if hasattr(vae, "uses_fused_kernels"):
+        return bool(vae.uses_fused_kernels)
+    return isinstance(vae, nn.Module) and any(type(m) is FusedGroupNorm for m in vae.modules())
+
+
 def norm_act(norm: nn.GroupNorm, act: nn.Module | None, x: torch.Tensor,
              in_bias: torch.Tensor | None = None) -> torch.Tensor:
     """``act(norm(x + in_bias))`` through ``diffc::group_norm``: a SiLU runs inside it, another activation after."""

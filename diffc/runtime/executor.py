@@ -352,9 +352,10 @@ class Executor:
     def install_compiled(self, compiled: dict[str, Any]) -> None:
         """Install a :class:`~diffc.runtime.compiled.CompiledDiT` per denoiser slot named in ``compiled``.
 
-        On a GPU the VAE is lowered with the DiT: a VAE with fused kernels (``set_fused_kernels``, the Wan
-        VAEs) switches them on, so a compiled pipeline's decode runs them too; not in the ``lossless`` tier,
-        whose output stays bit-identical to eager (the fused VAE rounds where its float32 sums fall).
+        On a GPU the VAE is lowered with the DiT: a VAE with fused kernels (``set_fused_kernels``: diffc's Wan and
+        2-D KL VAEs; the generic backend's diffusers autoencoders: their group norms) switches them on, so a
+        compiled pipeline's decode runs them too; not in the ``lossless`` tier, whose output stays bit-identical to
+        eager (the fused VAE rounds where its float32 sums fall).
         """
         from ..compile.pipeline import fused_vae_tier
 
@@ -364,10 +365,12 @@ class Executor:
             self.set_fused_vae(all(fused_vae_tier(getattr(layer, "info", {}).get("tier")) for layer in compiled.values()))
 
     def set_fused_vae(self, enabled: bool) -> None:
-        """Switch the fused kernels of every VAE component that has them (``set_fused_kernels``)."""
+        """Switch the fused path of every VAE component that has one (:func:`~diffc.models.vae_blocks.set_fused_vae`)."""
+        from ..models.vae_blocks import has_fused_path, set_fused_vae
+
         for component in self.components.values():
-            if hasattr(component, "set_fused_kernels") and isinstance(component, nn.Module):
-                component.set_fused_kernels(enabled)
+            if isinstance(component, nn.Module) and has_fused_path(component):
+                set_fused_vae(component, enabled)
 
     def set_cuda_graphs(self, enabled: bool | None) -> None:
         for stack in self.stacks.values():

@@ -24,6 +24,7 @@ from .compiled import CompiledCounters
 def warm_up_compiled(pipe, manifest: dict[str, Any], *, force: bool = False) -> dict[str, Any]:
     """Run each compiled bucket's DiT call once (on CUDA; elsewhere only with ``force``); returns what it did."""
     from ..compile.pipeline import capture_inputs, warm_vae_kernels
+    from ..models.vae_blocks import uses_fused_vae
 
     if pipe.device.type != "cuda" and not force:
         return {"skipped": f"warm-up runs on CUDA devices (here {pipe.device.type})"}
@@ -41,7 +42,7 @@ def warm_up_compiled(pipe, manifest: dict[str, Any], *, force: bool = False) -> 
                 requests.append(request)
     calls = decodes = 0
     stacks = pipe.executor.stacks
-    fused_vae = getattr(pipe.components.get("vae"), "uses_fused_kernels", False)
+    fused_vae = uses_fused_vae(pipe.components.get("vae"))
     for request in requests:
         inputs = capture_inputs(pipe, request)
         with torch.inference_mode():

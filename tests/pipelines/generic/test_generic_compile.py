@@ -83,3 +83,64 @@ def test_blocks_built_differently_get_their_own_region(generic_pipe):
     regions = dit_regions(generic_pipe("sd3").components["transformer"].module)
     assert [(r.name, len(r.blocks)) for r in regions] == [("transformer_blocks[0:1]", 1), ("transformer_blocks[1:2]", 1)]
     assert regions[1].blocks[0].context_pre_only and not regions[0].blocks[0].context_pre_only
+
+
+def test_the_diffusers_vae_decodes_with_fused_group_norms(generic_checkpoint):
+    """What a compiled generic pipeline does to its diffusers VAE on a GPU (``Executor.set_fused_vae``): its plain
+    group norms run ``diffc::group_norm`` (same modules, same state dict), its output stays within float32
+    rounding; off again, it is the eager VAE, bit for bit. The zero-latent warm-up decodes through them."""
+    import torch
+
+    from diffc.compile.pipeline import capture_inputs, warm_vae_kernels
+    from diffc.models.vae_blocks import FusedGroupNorm, uses_fused_vae
+    from diffc.ops.registry import COUNTERS, kernel_runs_on
+
+    if not kernel_runs_on(torch.device("cpu")):
+        pytest.skip("the fused kernels run on a GPU or under TRITON_INTERPRET=1 (as CI runs the tests)")
+    pipe = diffc.load(generic_checkpoint("sd3"), device="cpu")
+    vae = pipe.components["vae"]
+    keys = list(vae.state_dict())
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in vae.decoder.modules())
+    z = torch.randn(1, vae.config.latent_channels, 5, 7, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager = vae.decode(z).sample
+    pipe.executor.set_fused_vae(True)
+    assert uses_fused_vae(vae) and list(vae.state_dict()) == keys
+    COUNTERS.reset()
+    with torch.no_grad():
+        fused = vae.decode(z).sample
+    assert COUNTERS.kernel_launches == norms > 0
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
+    pipe.executor.set_fused_vae(False)
+    assert not any(type(m) is FusedGroupNorm for m in vae.modules())
+    with torch.no_grad():
+        assert torch.equal(vae.decode(z).sample, eager)
+    request = {"height": 32, "width": 32, "max_sequence_length": 16}
+    inputs = capture_inputs(pipe, request)
+    COUNTERS.reset()
+    assert warm_vae_kernels(pipe, request, inputs, force=True)
+    assert COUNTERS.kernel_launches == norms and not uses_fused_vae(vae)  # warmed through them, the setting kept
+
+
+@pytest.mark.parametrize("name", ["hunyuan", "cogvideox"])
+def test_video_autoencoders_fuse_their_group_norms_too(name, generic_checkpoint):
+    """The generic backend's video VAEs normalise 5-D maps: the fused group norms read them as (batch, channels,
+    pixels); the decode stays within float32 rounding of the eager one."""
+    import torch
+
+    from diffc.models.vae_blocks import has_fused_path, set_fused_vae
+    from diffc.ops.registry import COUNTERS, kernel_runs_on
+
+    if not kernel_runs_on(torch.device("cpu")):
+        pytest.skip("the fused kernels run on a GPU or under TRITON_INTERPRET=1 (as CI runs the tests)")
+    vae = diffc.load(generic_checkpoint(name), device="cpu").components["vae"]
+    assert has_fused_path(vae)
+    z = torch.randn(1, vae.config.latent_channels, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        eager = vae.decode(z).sample
+        set_fused_vae(vae, True)
+        COUNTERS.reset()
+        fused = vae.decode(z).sample
+        set_fused_vae(vae, False)
+    assert COUNTERS.kernel_launches > 0
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
