@@ -208,14 +208,18 @@ class DiffcEngine(Engine):
     def fused_vae(self, enabled: bool) -> None:
         """The VAE's fused kernels on or off, as the executor switches them with a compiled DiT on a GPU
         (``Executor.install_compiled``)."""
-        if hasattr(self.vae, "set_fused_kernels"):
-            self.vae.set_fused_kernels(enabled)
+        from diffc.models.vae_blocks import has_fused_path, set_fused_vae
+
+        if has_fused_path(self.vae):
+            set_fused_vae(self.vae, enabled)
 
     @property
     def components_key(self) -> str:
+        from diffc.models.vae_blocks import uses_fused_vae
+
         encoders = None if self.pipe is None else self.pipe.executor.encoders
         graphed = encoders is not None and bool(encoders.modules) and encoders.reason is None
-        return self.kind + (" (fused VAE)" if getattr(self.vae, "uses_fused_kernels", False) else "") + \
+        return self.kind + (" (fused VAE)" if uses_fused_vae(self.vae) else "") + \
             (" (graphed encoders)" if graphed else "")
 
     def ensure_compiled(self, inputs: dict[str, Any], wl: Workload, *, graphs: bool = False) -> str:
