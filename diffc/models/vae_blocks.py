@@ -47,9 +47,10 @@ class FusedGroupNorm(nn.GroupNorm):
     state dict): the fused path for VAEs diffc runs as their authors wrote them (the generic backend's)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() >= 2 and x.is_floating_point() and kernel_runs_on(x.device):
+        if (x.dim() >= 2 and x.shape[1] == self.num_channels and x.is_floating_point() and kernel_runs_on(x.device)
+                and all(p is None or p.dtype == x.dtype for p in (self.weight, self.bias))):
             return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return super().forward(x)
+        return super().forward(x)  # (torch's checks and mixed dtypes: float32 weights of a bf16 map)
 
 
 def fuse_group_norms(module: nn.Module, enabled: bool) -> int:

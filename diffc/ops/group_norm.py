@@ -67,9 +67,9 @@ def group_norm_partials_kernel(
     sxb, sxc, sxp,
     HAS_IN_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # grid (B, S, cdiv(C, BLOCK_C)); one program: pixels [s * PIX, (s + 1) * PIX) of sample b, BLOCK_C channels
-    b = tl.program_id(0)
-    s = tl.program_id(1)
+    # grid (S, B, cdiv(C, BLOCK_C)); one program: pixels [s * PIX, (s + 1) * PIX) of sample b, BLOCK_C channels
+    s = tl.program_id(0)
+    b = tl.program_id(1)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     x_base = x_ptr + b.to(tl.int64) * sxb + c.to(tl.int64)[None, :] * sxc
@@ -116,7 +116,7 @@ def group_norm_stats_kernel(
     cs = tl.arange(0, BLOCK_CG)
     c_ok = cs < cpg
     base = b.to(tl.int64) * S * C + g * cpg
-    n_all = (HW * cpg).to(tl.float32)
+    n_all = HW.to(tl.float32) * cpg
     acc = tl.zeros([BLOCK_S, BLOCK_CG], dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
@@ -148,9 +148,10 @@ def group_norm_apply_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IN_BIAS: tl.constexpr, SILU: tl.constexpr,
     LIBDEVICE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # grid (B, cdiv(HW, BLOCK_P), cdiv(C, BLOCK_C)); one program: a tile of pixels x channels
-    b = tl.program_id(0)
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    # grid (cdiv(HW, BLOCK_P), B, cdiv(C, BLOCK_C)) (the pixel tiles first: a grid's first dimension is the one
+    # that takes more than 65535 programs); one program: a tile of pixels x channels
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b = tl.program_id(1)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     p_ok = p < HW
     c_ok = c < C
@@ -240,14 +241,14 @@ def _group_norm_launch(x: torch.Tensor, weight: torch.Tensor | None, bias: torch
     group_mean = torch.empty((b * groups,), dtype=torch.float32, device=x.device)
     group_rstd = torch.empty_like(group_mean)
     anything = xf  # a valid pointer for the arguments a specialization never reads
-    group_norm_partials_kernel[(b, s, n_cb)](
+    group_norm_partials_kernel[(s, b, n_cb)](
         xf, in_bias if in_bias is not None else anything, mean, m2,
         c, hw, pix, s, *xf.stride(),
         HAS_IN_BIAS=in_bias is not None, BLOCK_P=BLOCK_P, BLOCK_C=block_c, num_warps=4)
     group_norm_stats_kernel[(b * groups,)](
         mean, m2, group_mean, group_rstd, c, groups, hw, pix, s, eps,
         BLOCK_S=min(BLOCK_S, next_pow2(s)), BLOCK_CG=next_pow2(c // groups), num_warps=4)
-    group_norm_apply_kernel[(b, cdiv(hw, BLOCK_P), n_cb)](
+    group_norm_apply_kernel[(cdiv(hw, BLOCK_P), b, n_cb)](
         xf, weight if weight is not None else anything, bias if bias is not None else anything,
         in_bias if in_bias is not None else anything, group_mean, group_rstd, of,
         c, groups, hw, *xf.stride(), *of.stride(),

@@ -236,3 +236,27 @@ def test_channels_last_upsample_copies_nearest(shape, dtype):
         out = upsample_nearest2x(x.contiguous(memory_format=layout))
         assert torch.equal(out, F.interpolate(x, scale_factor=2.0, mode="nearest"))
         assert out.is_contiguous(memory_format=layout)
+
+
+def test_fused_group_norm_falls_back_where_the_op_does_not_apply():
+    """``FusedGroupNorm`` (the generic backend's diffusers VAEs) runs the op on a map of its weights' dtype, and
+    torch's group norm on mixed dtypes (float32 weights, a bf16 map) and on a wrong channel count (torch's error)."""
+    from diffc.models.vae_blocks import FusedGroupNorm, fuse_group_norms
+    from diffc.ops.registry import COUNTERS, kernel_runs_on
+
+    if not kernel_runs_on(torch.device("cpu")):
+        pytest.skip("the fused kernels run on a GPU or under TRITON_INTERPRET=1 (as CI runs the tests)")
+    block = torch.nn.Sequential(torch.nn.GroupNorm(4, 8), torch.nn.SiLU(), torch.nn.GroupNorm(2, 8))
+    block[2].__class__ = type("OwnNorm", (torch.nn.GroupNorm,), {})  # a subclass keeps its own forward
+    assert fuse_group_norms(block, True) == 1 and type(block[0]) is FusedGroupNorm
+    assert type(block[2]).__name__ == "OwnNorm"
+    x = torch.randn(2, 8, 3, 5)
+    COUNTERS.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(block[0](x), torch.nn.functional.group_norm(x, 4, block[0].weight, block[0].bias))
+        assert COUNTERS.kernel_launches == 1
+        block[0](x.bfloat16())  # float32 weights: torch's kernel
+        assert COUNTERS.kernel_launches == 1
+        with pytest.raises(RuntimeError):
+            block[0](torch.randn(2, 6, 3, 5))
+    assert fuse_group_norms(block, False) == 0 and type(block[0]) is torch.nn.GroupNorm

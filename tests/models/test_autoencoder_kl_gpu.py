@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 # (shape, groups, channels-last) at the FLUX.1 decoder's widths, 1024² image; and odd ones
 SHAPES = [((1, 512, 128, 128), 32, True), ((1, 512, 256, 256), 32, True), ((1, 256, 512, 512), 32, True),
-          ((1, 128, 1024, 1024), 32, True), ((2, 96, 33, 47), 8, True), ((1, 64, 40, 24), 4, False)]
+          ((1, 128, 1024, 1024), 32, True), ((2, 96, 33, 47), 8, True), ((1, 64, 40, 24), 4, False),
+          ((1, 32, 2048, 2100), 8, True)]  # more 64-pixel tiles than a grid's second dimension takes (65535)
 
 
 @pytest.mark.parametrize("shape,groups,channels_last", SHAPES)
