@@ -174,10 +174,13 @@ def test_installing_a_compiled_dit_fuses_the_vae_only_on_a_gpu(compiled_tiny):
     """The VAE is lowered with the DiT where its fused kernels pay (a GPU); on the CPU it stays as diffusers runs it."""
     from diffc.models.wan.vae import WAN_VAE_SPECS, AutoencoderKLWan
 
+    from diffc.models.autoencoder_kl import AUTOENCODER_KL_SPECS, AutoencoderKL
+
     model, _, layer = compiled_tiny("wan")
-    vae = AutoencoderKLWan(WAN_VAE_SPECS["tiny"])
-    fused = lambda: {m.fused_kernels for m in vae.modules() if hasattr(m, "fused_kernels")}  # noqa: E731
-    executor = Executor({"transformer": model, "vae": vae}, CPU, RuntimeOptions())
+    vae, image_vae = AutoencoderKLWan(WAN_VAE_SPECS["tiny"]), AutoencoderKL(AUTOENCODER_KL_SPECS["tiny"])
+    fused = lambda: {m.fused_kernels for v in (vae, image_vae) for m in v.modules()  # noqa: E731
+                     if hasattr(m, "fused_kernels")}
+    executor = Executor({"transformer": model, "vae": vae, "image_vae": image_vae}, CPU, RuntimeOptions())
     executor.install_compiled({"transformer": layer})
     assert fused() == {False}
     executor.device = torch.device("cuda")  # what a GPU pipeline's executor holds (nothing runs here)
@@ -185,6 +188,8 @@ def test_installing_a_compiled_dit_fuses_the_vae_only_on_a_gpu(compiled_tiny):
     assert fused() == {True}
     assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in vae.modules()
                if isinstance(m, torch.nn.Conv3d) and m.in_channels > 1)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in image_vae.modules()
+               if isinstance(m, torch.nn.Conv2d))
     executor.set_fused_vae(False)
     assert fused() == {False} and all(m.weight.is_contiguous() for m in vae.modules() if isinstance(m, torch.nn.Conv3d))
     lossless = CompiledDiT(layer.graphs, layer.buckets, {"tier": "lossless"})
