@@ -43,3 +43,30 @@ def test_cuda_graphs_and_offload_give_the_resident_pixels(name, generic_checkpoi
         assert runtime["offload"]["mode"] == mode
         del pipe
         torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("name", ["sd3", "hunyuan"])
+def test_compiled_pipeline_decodes_with_fused_group_norms(name, generic_checkpoint, tmp_path):
+    """A compiled generic pipeline on a GPU (the fast tier) swaps its diffusers VAE's plain group norms for
+    ``FusedGroupNorm``: the kernels run in the decode, whose output stays within bf16 rounding of torch's group
+    norms (the same compiled DiT); ``diffc compile`` ships a 2-D VAE's kernels in the artifact."""
+    from diffc.models.vae_blocks import FusedGroupNorm
+    from diffc.ops.registry import COUNTERS
+
+    request = {k: v for k, v in REQUESTS[name].items() if k != "num_inference_steps"}
+    pipe = diffc.load(generic_checkpoint(name), device="cuda", dtype="bf16")
+    pipe.compile([request], out=str(tmp_path / "art"), log=lambda _line: None)
+    vae = pipe.components["vae"]
+    assert any(type(m) is FusedGroupNorm for m in vae.modules())
+    if name == "sd3":
+        names = {p.name.split(".")[0] for p in (tmp_path / "art").rglob("*.json")}
+        assert {"group_norm_partials_kernel", "group_norm_apply_kernel"} <= names
+    COUNTERS.reset()
+    fused, _ = _output(pipe, name)
+    assert COUNTERS.kernel_launches > 0
+    pipe.executor.set_fused_vae(False)
+    assert not any(type(m) is FusedGroupNorm for m in vae.modules())
+    plain, _ = _output(pipe, name)
+    diff = np.abs(fused.astype(np.float32) - plain.astype(np.float32))
+    scale = 255.0 if fused.dtype == np.uint8 else 1.0
+    assert diff.mean() < 0.01 * scale and diff.max() < 0.1 * scale, (diff.mean(), diff.max())
