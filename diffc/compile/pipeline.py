@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..models.vae_blocks import has_fused_path, set_fused_vae, uses_fused_vae
 from . import artifact as art
 from .compiler import (BucketReport, check_attention, compile_region, fusion_passes, kernel_configs, pass_sources,
                        triton_cache)
@@ -225,8 +226,6 @@ def warm_vae_kernels(pipe, request: dict[str, Any], inputs: dict[str, dict[str, 
     (diffc's VAEs, and the generic backend's 2-D diffusers autoencoders); returns whether it decoded. The VAE's
     fused setting is kept.
     """
-    from ..models.vae_blocks import has_fused_path, set_fused_vae, uses_fused_vae
-
     vae = pipe.components.get("vae")
     video = hasattr(vae, "temporal_compression_ratio")  # (batch, channels, frames, h, w) latents; else one image
     if not has_fused_path(vae) or (video and not hasattr(vae, "set_fused_kernels")):

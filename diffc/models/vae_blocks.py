@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from ..ops.channel_norm import channel_bias_residual, same_layout
+from ..ops.channel_norm import channel_bias_residual, channel_bias_residual_ref, same_layout
 from ..ops.group_norm import group_norm
 from ..ops.registry import kernel_runs_on
 
@@ -107,12 +107,14 @@ def conv_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def bias_residual(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
-    """``(x + bias) + residual`` in one pass (``diffc::channel_bias_residual``) where the two share a layout."""
+    """``(x + bias) + residual`` (bias per channel, dim 1) in one pass (``diffc::channel_bias_residual``) where the
+    two share a layout, else as torch's two adds; a conv's output, its bias and a residual branch (2-D and Wan's
+    3-D VAE blocks)."""
     if bias is None:
         return x + residual
     if same_layout(x, residual):
         return channel_bias_residual(x, bias, residual)
-    return (x + bias.view(1, -1, 1, 1)) + residual
+    return channel_bias_residual_ref(x, bias, residual)  # the branches' layouts differ
 
 
 def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..models.structure import RegionError, dit_regions, has_regions
+from ..models.vae_blocks import has_fused_path, set_fused_vae
 from .cache.graphs import SegmentGraphs
 from .cudagraphs import DEFAULT_MAX_GRAPHS, CudaGraphModule, graphs_off_reason
 from .encoders import EncoderGraphs
@@ -366,8 +367,6 @@ class Executor:
 
     def set_fused_vae(self, enabled: bool) -> None:
         """Switch the fused path of every VAE component that has one (:func:`~diffc.models.vae_blocks.set_fused_vae`)."""
-        from ..models.vae_blocks import has_fused_path, set_fused_vae
-
         for component in self.components.values():
             if isinstance(component, nn.Module) and has_fused_path(component):
                 set_fused_vae(component, enabled)

@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
+from ..models.vae_blocks import uses_fused_vae
 from .compiled import CompiledCounters
 
 
 def warm_up_compiled(pipe, manifest: dict[str, Any], *, force: bool = False) -> dict[str, Any]:
     """Run each compiled bucket's DiT call once (on CUDA; elsewhere only with ``force``); returns what it did."""
     from ..compile.pipeline import capture_inputs, warm_vae_kernels
-    from ..models.vae_blocks import uses_fused_vae
 
     if pipe.device.type != "cuda" and not force:
         return {"skipped": f"warm-up runs on CUDA devices (here {pipe.device.type})"}

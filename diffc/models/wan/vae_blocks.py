@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...ops.channel_norm import channel_bias_residual, channel_bias_residual_ref, same_layout
-from ..vae_blocks import upsample_nearest2x
+from ..vae_blocks import bias_residual, upsample_nearest2x
 from .vae_causal import (CACHE_T, CausalConv3d, FeatureCache, NormSiluConv, RMSNorm, cached_conv, channels_last,
                          norm_silu_conv)
 
@@ -197,9 +196,7 @@ class ResidualBlock(NormSiluConv, nn.Module):
             # conv1's bias joins norm2's kernel, conv2's the residual add: cuDNN's convolutions add none
             y = norm_silu_conv(self.norm1, self.conv1, x, cache, conv_bias=False)
             y = norm_silu_conv(self.norm2, self.conv2, y, cache, in_bias=self.conv1.bias, conv_bias=False)
-            if same_layout(y, h):
-                return channel_bias_residual(y, self.conv2.bias, h)
-            return channel_bias_residual_ref(y, self.conv2.bias, h)  # the branches' layouts differ
+            return bias_residual(y, self.conv2.bias, h)
         x = self.norm_silu_conv(self.norm1, self.conv1, x, cache)
         x = self.norm_silu_conv(self.norm2, self.conv2, x, cache, self.dropout)
         return x + h
