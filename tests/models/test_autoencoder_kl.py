@@ -260,3 +260,49 @@ def test_fused_group_norm_falls_back_where_the_op_does_not_apply():
         with pytest.raises(RuntimeError):
             block[0](torch.randn(2, 6, 3, 5))
     assert fuse_group_norms(block, False) == 0 and type(block[0]) is torch.nn.GroupNorm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+@pytest.mark.parametrize("shape,pad", [
+    ((2, 3, 4, 5, 6), (1, 1, 1, 1, 2, 0)),   # HunyuanVideo's causal 3x3x3 padding
+    ((1, 4, 1, 3, 3), (1, 1, 1, 1, 2, 0)),   # one frame, padded by two copies of it
+    ((1, 2, 3, 4), (2, 0, 1, 3)),            # 2-D, uneven sides
+    ((2, 3, 2), (4, 5)),                     # pads longer than the dimension
+    ((1, 2, 3, 4, 5), (0, 0, 0, 0, 2, 0)),   # time only
+    ((1, 2, 3, 4, 5), (1, 0, 0, 0, 0, 0)),   # one side of one dimension
+    ((3, 2, 5), (0, 0)),                     # nothing to pad
+], ids=["hunyuan", "one-frame", "2d", "long-pads", "time-only", "one-side", "no-pad"])
+def test_replicate_pad_gives_torch_replication_padding(shape, pad, dtype):
+    """``replicate_pad`` (the generic backend's causal convolutions) gives ``F.pad(mode="replicate")``'s values for
+    every layout, corners clamped in every dimension, and keeps a channels-last input's layout."""
+    import torch.nn.functional as F
+
+    from diffc.models.vae_blocks import replicate_pad
+
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 100).to(dtype)
+    layouts = [torch.contiguous_format] + ([torch.channels_last_3d] if len(shape) == 5 else
+                                           [torch.channels_last] if len(shape) == 4 else [])
+    for layout in layouts:
+        xl = x.contiguous(memory_format=layout)
+        out = replicate_pad(xl, pad)
+        expected = F.pad(x.float() if dtype == torch.int64 else x, pad, mode="replicate")  # no integer CPU kernel
+        assert torch.equal(out.to(expected.dtype), expected)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=layout)
+    view = x.transpose(-1, -2)  # a strided input
+    assert torch.equal(replicate_pad(view, pad).float(), F.pad(view.float(), pad, mode="replicate"))
+
+
+def test_replicate_pad_leaves_what_torch_refuses_or_crops_to_torch():
+    """Negative pads crop, as ``F.pad`` does; an odd-length pad, four padded dimensions or two of a 5-D map get
+    ``F.pad``'s own error."""
+    import torch.nn.functional as F
+
+    from diffc.models.vae_blocks import replicate_pad
+
+    x = torch.randn(1, 2, 4, 5, 6)
+    assert torch.equal(replicate_pad(x[0], (-1, 2, 0, 1)), F.pad(x[0], (-1, 2, 0, 1), mode="replicate"))
+    for pad in ((1, 1, 1), (1, 1, 1, 1, 1, 1, 1, 1), (1, 1, 1, 1)):
+        with pytest.raises((RuntimeError, ValueError, NotImplementedError)) as ours:
+            replicate_pad(x, pad)
+        with pytest.raises(type(ours.value)):
+            F.pad(x, pad, mode="replicate")

@@ -122,6 +122,49 @@ def test_the_diffusers_vae_decodes_with_fused_group_norms(generic_checkpoint):
     assert COUNTERS.kernel_launches == norms and not uses_fused_vae(vae)  # warmed through them, the setting kept
 
 
+def test_hunyuan_video_vae_pads_its_causal_convolutions_with_diffc_copies(generic_checkpoint):
+    """The HunyuanVideo VAE's causal convolutions pad with ``replicate_pad`` once fused (torch's replication-pad
+    kernel was 800 ms of a 3 s decode): same modules and state dict, the decode the same bit for bit; off again,
+    diffusers' own classes. A convolution whose ``pad_mode`` is not "replicate" keeps diffusers' forward."""
+    import torch
+    import torch.nn.functional as F
+
+    from diffc.models import vae_blocks
+    from diffc.models.vae_blocks import fuse_causal_convs, has_fused_path, uses_fused_vae
+
+    vae = diffc.load(generic_checkpoint("hunyuan"), device="cpu").components["vae"]
+    convs = [m for m in vae.modules() if type(m).__name__ == "HunyuanVideoCausalConv3d"]
+    classes, keys = {type(m) for m in convs}, list(vae.state_dict())
+    assert convs and has_fused_path(vae) and not uses_fused_vae(vae)
+    z = torch.randn(1, vae.config.latent_channels, 2, 4, 4, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        eager = vae.decode(z).sample
+        assert fuse_causal_convs(vae, True) == len(convs)
+        assert uses_fused_vae(vae) and list(vae.state_dict()) == keys
+        assert all(type(m).__name__ == "FusedHunyuanVideoCausalConv3d" and isinstance(m, tuple(classes)) for m in convs)
+        calls = []
+        real = vae_blocks.replicate_pad
+
+        def counting(x, pad):
+            calls.append(pad)
+            return real(x, pad)
+
+        vae_blocks.replicate_pad = counting
+        try:
+            fused = vae.decode(z).sample
+            convs[0].pad_mode = "constant"  # diffusers' forward: F.pad(mode="constant")
+            x = torch.randn(1, convs[0].conv.in_channels, 2, 3, 3)
+            assert torch.equal(convs[0](x), convs[0].conv(F.pad(x, convs[0].time_causal_padding)))
+            convs[0].pad_mode = "replicate"
+        finally:
+            vae_blocks.replicate_pad = real
+        decoder = [tuple(m.time_causal_padding) for m in vae.decoder.modules() if m in convs]
+        assert sorted(calls) == sorted(decoder) and (1, 1, 1, 1, 2, 0) in calls  # each once a decode
+        assert torch.equal(fused, eager)
+        assert fuse_causal_convs(vae, False) == 0 and {type(m) for m in convs} == classes
+        assert torch.equal(vae.decode(z).sample, eager)
+
+
 @pytest.mark.parametrize("name", ["hunyuan", "cogvideox"])
 def test_video_autoencoders_fuse_their_group_norms_too(name, generic_checkpoint):
     """The generic backend's video VAEs normalise 5-D maps: the fused group norms read them as (batch, channels,
