@@ -119,8 +119,11 @@ def _fused_causal_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 def _fused_conv_class(cls: type) -> type:
     """The subclass of a :data:`CAUSAL_CONVS` class whose forward pads with :func:`replicate_pad` (made once)."""
     if cls not in _FUSED_CONV_CLASSES:
-        _FUSED_CONV_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {
-            "forward": _fused_causal_forward, "__doc__": f"{cls.__name__} padding with diffc's replicate_pad."})
+        name = f"Fused{cls.__name__}"
+        fused = type(name, (cls,), {"forward": _fused_causal_forward, "__module__": __name__, "__qualname__": name,
+                                    "__doc__": f"{cls.__name__} padding with diffc's replicate_pad."})
+        globals()[name] = fused  # found by name here, so a fused module pickles and copies like its original
+        _FUSED_CONV_CLASSES[cls] = fused
     return _FUSED_CONV_CLASSES[cls]
 
 

@@ -126,6 +126,8 @@ def test_hunyuan_video_vae_pads_its_causal_convolutions_with_diffc_copies(generi
     """The HunyuanVideo VAE's causal convolutions pad with ``replicate_pad`` once fused (torch's replication-pad
     kernel was 800 ms of a 3 s decode): same modules and state dict, the decode the same bit for bit; off again,
     diffusers' own classes. A convolution whose ``pad_mode`` is not "replicate" keeps diffusers' forward."""
+    import pickle
+
     import torch
     import torch.nn.functional as F
 
@@ -161,6 +163,8 @@ def test_hunyuan_video_vae_pads_its_causal_convolutions_with_diffc_copies(generi
         decoder = [tuple(m.time_causal_padding) for m in vae.decoder.modules() if m in convs]
         assert sorted(calls) == sorted(decoder) and (1, 1, 1, 1, 2, 0) in calls  # each once a decode
         assert torch.equal(fused, eager)
+        copied = pickle.loads(pickle.dumps(vae))  # the fused class is found by name, like any module class
+        assert torch.equal(copied.decode(z).sample, eager) and uses_fused_vae(copied)
         assert fuse_causal_convs(vae, False) == 0 and {type(m) for m in convs} == classes
         assert torch.equal(vae.decode(z).sample, eager)
 
