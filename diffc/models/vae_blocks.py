@@ -122,7 +122,7 @@ def _fused_conv_class(cls: type) -> type:
         name = f"Fused{cls.__name__}"
         fused = type(name, (cls,), {"forward": _fused_causal_forward, "__module__": __name__, "__qualname__": name,
                                     "__doc__": f"{cls.__name__} padding with diffc's replicate_pad."})
-        globals()[name] = fused  # found by name here, so a fused module pickles and copies like its original
+        globals()[name] = fused  # found by name here: a fused module pickles and copies in the process that fused it
         _FUSED_CONV_CLASSES[cls] = fused
     return _FUSED_CONV_CLASSES[cls]
 
