@@ -25,6 +25,7 @@ EXPECTED_OPS = {
     "gemv",  # one-row linears (the adaptive norms' projections)
     "linear_accumulate",  # a linear split over a feature concatenation (cuBLAS, beta = 1)
     "linear_into",  # a linear writing its rows of a concatenation (cuBLAS, the output given)
+    "group_norm",  # the 2-D KL and generic VAEs' fused path
 }
 # Ops around external library kernels (torch's SDPA included) that allocate their own output (functional: they
 # return it).
