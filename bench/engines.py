@@ -186,6 +186,7 @@ class DiffcEngine(Engine):
                 lines.append(" ".join(describe_bucket(report).split()))
         stack.set_compiled(CompiledDiT(by_region, keys, {"tier": tier, "disabled": list(disable)}))
         self.fused_vae(self.device.type == "cuda" and fused_vae_tier(tier))  # as Executor.install_compiled
+        self.fused_encoders(self.device.type == "cuda" and fused_vae_tier(tier))
         if graphs:
             self.cuda_graphs()
         return "diffc compile" + (f" {tier}" if tier != "fast" else "") + (f" without {', '.join(disable)}" if disable else "") + \
@@ -198,6 +199,7 @@ class DiffcEngine(Engine):
         self.transformer.set_cuda_graphs(False)
         self.encoder_graphs(False)
         self.fused_vae(False)
+        self.fused_encoders(False)
 
     def encoder_graphs(self, enabled: bool) -> None:
         """The pipeline's text encoders replaying CUDA graphs or eager (the executor's ``encoders``; a pipeline
@@ -213,14 +215,21 @@ class DiffcEngine(Engine):
         if has_fused_path(self.vae):
             set_fused_vae(self.vae, enabled)
 
+    def fused_encoders(self, enabled: bool) -> None:
+        """The text encoders' masked attention on SDPA's fused kernels (contiguous masks) or as transformers calls it,
+        as the executor switches it with a compiled DiT on a GPU (``Executor.install_compiled``)."""
+        if self.pipe is not None:
+            self.pipe.executor.encoders.set_fused_attention(enabled)
+
     @property
     def components_key(self) -> str:
         from diffc.models.vae_blocks import uses_fused_vae
 
         encoders = None if self.pipe is None else self.pipe.executor.encoders
         graphed = encoders is not None and bool(encoders.modules) and encoders.reason is None
+        fused = encoders is not None and encoders.fused_attention
         return self.kind + (" (fused VAE)" if uses_fused_vae(self.vae) else "") + \
-            (" (graphed encoders)" if graphed else "")
+            (" (graphed encoders)" if graphed else "") + (" (fused encoder attention)" if fused else "")
 
     def ensure_compiled(self, inputs: dict[str, Any], wl: Workload, *, graphs: bool = False) -> str:
         """:meth:`compile` with the default passes, unless the engine is compiled so already (cache configs
@@ -242,6 +251,7 @@ class DiffcEngine(Engine):
         self.transformer.set_weight_quantization(None)
         self.encoder_graphs(False)
         self.fused_vae(False)
+        self.fused_encoders(False)
         self.setup_key = ("eager",)
         return "eager"
 

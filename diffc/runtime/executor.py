@@ -355,15 +355,18 @@ class Executor:
 
         On a GPU the VAE is lowered with the DiT: a VAE with fused kernels (``set_fused_kernels``: diffc's Wan and
         2-D KL VAEs; the generic backend's diffusers autoencoders: their group norms) switches them on, so a
-        compiled pipeline's decode runs them too; not in the ``lossless`` tier, whose output stays bit-identical to
-        eager (the fused VAE rounds where its float32 sums fall).
+        compiled pipeline's decode runs them too, and the text encoders' masked attention runs on SDPA's fused
+        kernels (:meth:`~.encoders.EncoderGraphs.set_fused_attention`); not in the ``lossless`` tier, whose output
+        stays bit-identical to eager (the fused kernels sum in another order).
         """
         from ..compile.pipeline import fused_vae_tier
 
         for name, layer in compiled.items():
             self.stacks[name].set_compiled(layer)
         if compiled and self.device.type == "cuda":
-            self.set_fused_vae(all(fused_vae_tier(getattr(layer, "info", {}).get("tier")) for layer in compiled.values()))
+            fused = all(fused_vae_tier(getattr(layer, "info", {}).get("tier")) for layer in compiled.values())
+            self.set_fused_vae(fused)
+            self.encoders.set_fused_attention(fused)
 
     def set_fused_vae(self, enabled: bool) -> None:
         """Switch the fused path of every VAE component that has one (:func:`~diffc.models.vae_blocks.set_fused_vae`)."""
