@@ -75,6 +75,24 @@ def test_the_mode_hands_sdpa_the_contiguous_mask():
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=bias.contiguous(), scale=1.0))
 
 
+def test_a_mask_read_again_reuses_its_copy_until_it_changes():
+    """T5 hands one position bias to every layer: one copy serves them (a new view of the same memory too); a
+    mask written in place in between, or another mask, is copied anew."""
+    q, k, v = _qkv()
+    bias = permuted_bias()
+    other = permuted_bias() + 1
+    spy = MaskSpy()
+    with spy, ContiguousMasks():
+        for mask in (bias, bias[:, :, :, :], other, bias):
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        bias.mul_(2)  # in place: the version moves
+        F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    first, view, second, again, changed = spy.masks
+    assert view is first and second is not first and again is not first and changed is not again
+    for got, want in ((first, bias / 2), (second, other), (again, bias / 2), (changed, bias)):
+        assert got.is_contiguous() and torch.equal(got, want)
+
+
 def _encoder(cls, config_cls, dtype=torch.float32):
     torch.manual_seed(1)
     config = config_cls(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4,
