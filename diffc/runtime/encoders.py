@@ -62,18 +62,25 @@ def strided_mask(args: tuple, kwargs: dict, copy=None) -> tuple[tuple, dict] | N
 class ContiguousMasks(TorchFunctionMode):
     """While active: each ``F.scaled_dot_product_attention`` call with a strided float mask gets the mask as a
     contiguous copy (:func:`strided_mask`: the same values), so SDPA can choose a fused kernel; every other call
-    runs as it is. A mask read again (T5 hands its first layer's position bias to all 24: the same memory, layout
-    and version) reuses the last copy, which holds its source, so no other tensor can take that memory meanwhile
-    (the permuted copy of T5-XXL's bias is ~0.25 ms a layer on an H100)."""
+    runs as it is. The same mask tensor read again (T5 hands its first layer's position bias object to all 24
+    layers) reuses the last copy while its memory, layout and version counter are unchanged (an inference tensor,
+    as the pipelines' encodes make, has no version counter: an in-place write to it between two attention calls
+    of one forward would go unseen; T5 and UMT5 write none). The permuted copy of T5-XXL's bias is ~0.25 ms a layer
+    on an H100."""
 
     def __init__(self):
         super().__init__()
-        self._last: tuple | None = None  # (key, source, copy)
+        self._last: tuple | None = None  # (source, key, copy)
+
+    @staticmethod
+    def _key(mask: torch.Tensor) -> tuple:
+        version = None if mask.is_inference() else mask._version
+        return mask.data_ptr(), tuple(mask.shape), mask.stride(), mask.dtype, mask.device, version
 
     def _copy(self, mask: torch.Tensor) -> torch.Tensor:
-        key = (mask.data_ptr(), tuple(mask.shape), mask.stride(), mask.dtype, mask.device, mask._version)
-        if self._last is None or self._last[0] != key:
-            self._last = (key, mask, mask.contiguous())
+        key = self._key(mask)
+        if self._last is None or self._last[0] is not mask or self._last[1] != key:
+            self._last = (mask, key, mask.contiguous())
         return self._last[2]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -75,22 +75,28 @@ def test_the_mode_hands_sdpa_the_contiguous_mask():
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=bias.contiguous(), scale=1.0))
 
 
-def test_a_mask_read_again_reuses_its_copy_until_it_changes():
-    """T5 hands one position bias to every layer: one copy serves them (a new view of the same memory too); a
-    mask written in place in between, or another mask, is copied anew."""
-    q, k, v = _qkv()
-    bias = permuted_bias()
-    other = permuted_bias() + 1
-    spy = MaskSpy()
-    with spy, ContiguousMasks():
-        for mask in (bias, bias[:, :, :, :], other, bias):
-            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        bias.mul_(2)  # in place: the version moves
-        F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    first, view, second, again, changed = spy.masks
-    assert view is first and second is not first and again is not first and changed is not again
-    for got, want in ((first, bias / 2), (second, other), (again, bias / 2), (changed, bias)):
+@pytest.mark.parametrize("inference", [False, True], ids=["normal", "inference-mode"])
+def test_a_mask_read_again_reuses_its_copy_until_it_changes(inference):
+    """T5 hands one position bias object to every layer: one copy serves them; another tensor (a view of the same
+    memory too) or another mask is copied anew, and so is the same one written in place in between (where torch
+    counts versions: not for inference tensors, which the pipelines' encodes make)."""
+    with torch.inference_mode(inference):
+        q, k, v = _qkv()
+        bias = permuted_bias()
+        other = permuted_bias() + 1
+        spy = MaskSpy()
+        with spy, ContiguousMasks():
+            for mask in (bias, bias, bias[:, :, :, :], other, bias):
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if not inference:
+                bias.mul_(2)  # in place: the version moves
+                F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    first, same, view, second, again, *changed = spy.masks
+    assert same is first and view is not first and second is not view and again is not second
+    for got, want in ((first, bias / (1 if inference else 2)), (view, first), (second, other), (again, first)):
         assert got.is_contiguous() and torch.equal(got, want)
+    if changed:
+        assert changed[0] is not again and torch.equal(changed[0], bias)
 
 
 def _encoder(cls, config_cls, dtype=torch.float32):
@@ -126,6 +132,39 @@ def test_t5_family_encoders_run_under_the_mode(cls, config_cls):
             graphs.set_fused_attention(False)
             assert not graphs.fused_attention
     assert not encoder._forward_pre_hooks and not encoder._forward_hooks
+
+
+@pytest.mark.parametrize("cls,config_cls,copies", [(T5EncoderModel, T5Config, 1), (UMT5EncoderModel, UMT5Config, 3)],
+                         ids=["t5", "umt5"])
+def test_strided_position_biases_reach_sdpa_contiguous(cls, config_cls, copies, monkeypatch):
+    """transformers 5.17 handed SDPA the position bias as T5's ``compute_bias`` makes it, a permuted view (later
+    releases copy it): emulated here. Under the switch, in inference mode as the pipelines encode, every mask SDPA
+    reads is contiguous, T5's one bias is copied once a forward (UMT5's, one a layer, once each), and the output is
+    the strided call's."""
+    from transformers.integrations import sdpa_attention
+
+    if not hasattr(sdpa_attention, "create_position_bias_mask"):
+        pytest.skip("this transformers builds T5's SDPA mask elsewhere")
+
+    def as_517(position_bias, attention_mask, is_causal, query, key):
+        return position_bias if attention_mask is None else position_bias + attention_mask
+
+    monkeypatch.setattr(sdpa_attention, "create_position_bias_mask", as_517)
+    encoder = _encoder(cls, config_cls)
+    graphs = EncoderGraphs({"text_encoder": encoder}, ("text_encoder",), CPU, cuda_graphs=False)
+    ids = torch.randint(1, 64, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        spy = MaskSpy()
+        with spy:
+            ref = encoder(ids).last_hidden_state
+        assert all(m.stride(-1) != 1 for m in spy.masks)  # what reached SDPA before
+        graphs.set_fused_attention(True)
+        spy = MaskSpy()
+        with spy:
+            out = encoder(ids).last_hidden_state
+    assert len(spy.masks) == 3 and all(m.is_contiguous() for m in spy.masks)
+    assert len({id(m) for m in spy.masks}) == copies
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_a_failing_forward_leaves_no_mode_behind():
