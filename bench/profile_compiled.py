@@ -100,6 +100,15 @@ def batched(inputs: dict[str, Any], batch: int) -> dict[str, Any]:
             else v for k, v in inputs.items()}
 
 
+def parse_variants(parser: argparse.ArgumentParser, text: str, known: tuple[str, ...]) -> list[str]:
+    """The ``--variants`` of a profiling tool (``bench.profile_vae``, ``bench.profile_encoders``): a comma-separated
+    list of ``known`` names, in order; anything else is the parser's error."""
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    if not variants or any(v not in known for v in variants):
+        parser.error(f"--variants takes a comma-separated list of {', '.join(known)}, got {text!r}")
+    return variants
+
+
 def top_kernel_lines(top: dict[str, float], title: str) -> list[str]:
     """A profile's top kernels as markdown list lines under ``title``."""
     return ["", f"{title}:", ""] + [f"- {ms:.2f} {name[:140]}" for name, ms in top.items()]

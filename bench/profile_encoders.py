@@ -26,7 +26,7 @@ import torch
 from diffc.runtime.encoders import EncoderGraphs
 
 from .compare import quiet_libraries
-from .profile_compiled import profile, top_kernel_lines, write_report
+from .profile_compiled import parse_variants, profile, top_kernel_lines, write_report
 from .report import environment, gpu_slug
 from .specs import SPECS, TextEncoderSpec
 
@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not variants or any(v not in VARIANTS for v in variants):
-        p.error(f"--variants takes a comma-separated list of {', '.join(VARIANTS)}, got {args.variants!r}")
+    variants = parse_variants(p, args.variants, VARIANTS)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and variants != ["eager"]:
         p.error("the graphs variants replay CUDA graphs: on a CPU, use --variants eager")

@@ -21,7 +21,7 @@ from diffc.models.vae_blocks import has_fused_path, set_fused_vae
 from .build import default_dtype, keep_fp32, native_like
 from .compare import quiet_libraries
 from .families import FAMILIES
-from .profile_compiled import profile, top_kernel_lines, write_report
+from .profile_compiled import parse_variants, profile, top_kernel_lines, write_report
 from .report import environment, gpu_slug
 from .specs import SPECS, Workload
 
@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not variants or any(v not in VARIANTS for v in variants):
-        p.error(f"--variants takes a comma-separated list of {', '.join(VARIANTS)}, got {args.variants!r}")
+    variants = parse_variants(p, args.variants, VARIANTS)
     quiet_libraries()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
