@@ -185,8 +185,9 @@ class DiffcEngine(Engine):
                 self.compile_reports.append(report)
                 lines.append(" ".join(describe_bucket(report).split()))
         stack.set_compiled(CompiledDiT(by_region, keys, {"tier": tier, "disabled": list(disable)}))
-        self.fused_vae(self.device.type == "cuda" and fused_vae_tier(tier))  # as Executor.install_compiled
-        self.fused_encoders(self.device.type == "cuda" and fused_vae_tier(tier))
+        fused = self.device.type == "cuda" and fused_vae_tier(tier)  # as Executor.install_compiled
+        self.fused_vae(fused)
+        self.fused_encoders(fused)
         if graphs:
             self.cuda_graphs()
         return "diffc compile" + (f" {tier}" if tier != "fast" else "") + (f" without {', '.join(disable)}" if disable else "") + \

@@ -9,7 +9,8 @@ pipeline pads to (``max_sequence_length``; CLIP's 77 positions), as a diffc pipe
 - ``graphs+masks``: the same with contiguous attention masks (``EncoderGraphs.set_fused_attention``, what a
   compiled pipeline on a GPU switches on), so SDPA can choose a fused kernel.
 
-Reports the median wall time of ``--repeats`` encodes after a warm-up, the relative L2 difference of each
+Reports the median time of ``--repeats`` encodes after a warm-up (``bench.measure.time_calls``: CUDA events on a
+GPU, wall clock on a CPU), the relative L2 difference of each
 variant's last hidden state from eager's, and on a GPU the top CUDA kernels of each variant
 (``bench.profile_compiled``'s profiler). Writes ``<out-dir>/<gpu or cpu>-<date>-<model>-encoders.{json,md}``.
 """
@@ -17,7 +18,6 @@ variant's last hidden state from eager's, and on a GPU the top CUDA kernels of e
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 from diffc.runtime.encoders import EncoderGraphs
 
 from .compare import quiet_libraries
+from .measure import time_calls
 from .profile_compiled import parse_variants, profile, top_kernel_lines, write_report
 from .report import environment, gpu_slug
 from .specs import SPECS, TextEncoderSpec
@@ -68,17 +69,9 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, variants: list[str], repe
         graphs.set_fused_attention(variant == "graphs+masks")
         encode = lambda: _hidden(components["encoder"](ids))  # noqa: E731
         with torch.inference_mode():
-            hidden = encode().float()
-            times = []
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                encode()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append((time.perf_counter() - start) * 1e3)
-            result: dict[str, Any] = {"ms": sorted(times)[len(times) // 2]}
+            timed = time_calls(encode, 1, repeats, device)
+            hidden = timed.output.float()
+            result: dict[str, Any] = {"ms": timed.median_ms}
             if first is None:
                 first = hidden
             else:
