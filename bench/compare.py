@@ -87,6 +87,9 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     Config("diffc-cudagraphs", "diffc", setup=lambda e, r: e.cuda_graphs(), on_cpu_by_default=False),
     Config("diffc-compiled", "diffc",
            setup=lambda e, r: e.ensure_compiled(r.inputs, r.wl, graphs=r.device.type == "cuda")),
+    # the compiled DiT without the step inputs the pipeline precomputes for all steps (FLUX's adaLN modulation)
+    Config("diffc-compiled-no-precompute", "diffc", on_cpu_by_default=False, by_default=False,
+           setup=lambda e, r: e.ensure_compiled(r.inputs, r.wl, graphs=r.device.type == "cuda", precompute=False)),
     # the fp8 tier; base: its PSNR against diffc-compiled's bf16 output (psnr_vs_base_db) besides the reference's
     Config("diffc-compiled-fp8", "diffc", on_cpu_by_default=False, base="diffc-compiled",
            setup=lambda e, r: e.compile(r.inputs, r.wl, tier="fp8", graphs=r.device.type == "cuda")),

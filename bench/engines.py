@@ -169,6 +169,7 @@ class DiffcEngine(Engine):
 
         stack = self.transformer
         stack.set_compiled(None)
+        stack.set_precompute(True)
         self.setup_key = None
         calls = [inputs]
         if self.pipe is not None:
@@ -198,6 +199,7 @@ class DiffcEngine(Engine):
         """The DiT's blocks back to their own forwards, no CUDA graphs (the modules may be shared)."""
         self.transformer.set_compiled(None)
         self.transformer.set_cuda_graphs(False)
+        self.transformer.set_precompute(True)
         self.encoder_graphs(False)
         self.fused_vae(False)
         self.fused_encoders(False)
@@ -232,14 +234,18 @@ class DiffcEngine(Engine):
         return self.kind + (" (fused VAE)" if uses_fused_vae(self.vae) else "") + \
             (" (graphed encoders)" if graphed else "") + (" (fused encoder attention)" if fused else "")
 
-    def ensure_compiled(self, inputs: dict[str, Any], wl: Workload, *, graphs: bool = False) -> str:
+    def ensure_compiled(self, inputs: dict[str, Any], wl: Workload, *, graphs: bool = False,
+                        precompute: bool = True) -> str:
         """:meth:`compile` with the default passes, unless the engine is compiled so already (cache configs
-        share the compiled DiT of ``diffc-compiled``)."""
+        share the compiled DiT of ``diffc-compiled``). ``precompute=False``: the pipeline passes the DiT no
+        input it precomputes for many steps at once (FLUX's adaLN modulation: ``DiTStack.takes``); the compile
+        made graphs for both kinds of call (the benchmark's DiT inputs pass none)."""
         key = ("compiled", graphs)
         if getattr(self, "setup_key", None) != key or self.transformer.compiled is None:
             self.setup_description = self.compile(inputs, wl, graphs=graphs)
             self.setup_key = key
-        return self.setup_description
+        self.transformer.set_precompute(precompute)
+        return self.setup_description + ("" if precompute else "; no precomputed step inputs")
 
     def clear_cache(self) -> None:
         """No step cache on the DiT (a cache configuration leaves its cache installed)."""
@@ -249,6 +255,7 @@ class DiffcEngine(Engine):
         """The eager DiT without CUDA graphs, as ``diffc-eager`` runs it."""
         self.transformer.set_compiled(None)
         self.transformer.set_cuda_graphs(False)
+        self.transformer.set_precompute(True)
         self.transformer.set_weight_quantization(None)
         self.encoder_graphs(False)
         self.fused_vae(False)

@@ -33,6 +33,42 @@ def seeded_noise(
     return noise.to(device)
 
 
+def step_index(t: torch.Tensor, timesteps: torch.Tensor) -> int | None:
+    """``t``'s index in ``timesteps`` where ``t`` is one of its elements as :func:`denoise_loop` hands them out (a
+    view of the same storage: found without reading the device), else None."""
+    if (t.ndim or timesteps.ndim != 1 or t.dtype != timesteps.dtype or t.device != timesteps.device
+            or t.untyped_storage().data_ptr() != timesteps.untyped_storage().data_ptr()):
+        return None
+    offset, stride = t.storage_offset() - timesteps.storage_offset(), timesteps.stride(0)
+    if stride <= 0 or offset % stride or not 0 <= offset // stride < timesteps.shape[0]:
+        return None
+    return offset // stride
+
+
+class StepTable:
+    """Per-step DiT inputs computed for many of a generation's steps at once (FLUX's adaLN modulation, whose
+    weights are then read once for all of them instead of once a step).
+
+    ``compute(first, stop)`` returns the inputs of steps ``first..stop-1`` stacked on a leading dimension;
+    ``table(t)`` is the row of the step whose timestep ``t`` is (computing the window of ``window`` steps from
+    it when that step is not in the last one), or None when ``t`` is not an element of ``timesteps`` (a
+    scheduler that evaluates between its timesteps): the caller then computes the input itself.
+    """
+
+    def __init__(self, timesteps: torch.Tensor, compute: Callable[[int, int], torch.Tensor], window: int):
+        self.timesteps, self.compute, self.window = timesteps, compute, max(1, int(window))
+        self.first, self.rows = 0, None
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor | None:
+        i = step_index(t, self.timesteps)
+        if i is None:
+            return None
+        if self.rows is None or not self.first <= i < self.first + self.rows.shape[0]:
+            self.first, self.rows = i, None  # the previous window's memory goes before the next is computed
+            self.rows = self.compute(i, min(i + self.window, self.timesteps.shape[0]))
+        return self.rows[i - self.first]
+
+
 def denoise_loop(
     ctx: RunContext,
     scheduler,

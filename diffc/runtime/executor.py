@@ -52,7 +52,7 @@ class DiTStack:
         self.__dict__.update(name=name, module=module, device=torch.device(device), transforms=[],
                              compiled=None, cache=None, placement=placement, graphs=None,
                              cuda_graphs=cuda_graphs, graphs_off_reason=None, parallel=None, _entry=module,
-                             _bare=0)
+                             _bare=0, precompute=True)
         self._rebuild()
 
     # ---- the module's face ----------------------------------------------------------------------
@@ -96,6 +96,10 @@ class DiTStack:
     def set_cuda_graphs(self, enabled: bool | None) -> None:
         self.__dict__["cuda_graphs"] = enabled
         self._rebuild()
+
+    def set_precompute(self, enabled: bool) -> None:
+        """Let the pipeline pass inputs it precomputes for many steps at once (:meth:`takes`), or not."""
+        self.__dict__["precompute"] = bool(enabled)
 
     def set_weight_quantization(self, scheme: str | None, graphs: dict[str, dict[str, Any]] | None = None) -> None:
         """Add (``"fp8"``) or remove (None) the fp8 weight transform (:mod:`.fp8`): buffers beside the
@@ -161,6 +165,14 @@ class DiTStack:
         if self.graphs_off_reason:
             out["reason"] = self.graphs_off_reason
         return out
+
+    def takes(self, keyword: str) -> bool:
+        """Whether a call may pass ``keyword``, an input the pipeline precomputes from the module's weights (FLUX's
+        ``modulation``): not under offload (the weights are not all on the device), and a compiled DiT has graphs
+        for calls that pass it (an artifact compiled without it keeps being served). ``precompute = False`` turns
+        every such input off (a benchmark's comparison)."""
+        compiled = self.compiled if not self._bare else None
+        return self.precompute and self.placement is None and (compiled is None or any(f",{keyword}=" in f",{key}" for key in compiled.buckets))
 
     @contextlib.contextmanager
     def bare(self) -> Iterator[nn.Module]:

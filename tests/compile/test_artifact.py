@@ -41,16 +41,17 @@ REGIONS = {"flux": {"transformer_blocks": 1, "single_transformer_blocks": 2}, "w
 # Matches per region graph (one block): see tests/compile/common.py for what each site is. The blocks
 # hold every site but the DiTs' own head and tail (FLUX norm_out, the timestep sinusoids, Wan's text
 # projection and norm_out) and the gated residual + next adaLN pairs that span two blocks.
+# FLUX.1's blocks read their adaLN projections from the pipeline's precomputed modulation (no gemv in the graph)
 REGION_MATCHES = {
     "transformer_blocks": {"canonicalize_casts": 14, "rms_norm": 0, "rms_norm_kernel": 0, "qk_norm_rope": 1,
                            "adaln_modulate": 4, "gated_residual": 4, "gelu_tanh": 2, "timestep_embedding": 0,
                            "silu_mul": 0, "gated_residual_adaln": 2, "modulation_table": 0,
-                           "key_padding_attention": 0, "gemv": 2, "cat_transposed": 1,
+                           "key_padding_attention": 0, "gemv": 0, "cat_transposed": 1,
                            "split_cat_linear": 0},
     "single_transformer_blocks": {"canonicalize_casts": 14, "rms_norm": 0, "rms_norm_kernel": 0, "qk_norm_rope": 1,
                                   "adaln_modulate": 1, "gated_residual": 1, "gelu_tanh": 1, "timestep_embedding": 0,
                                   "silu_mul": 0, "gated_residual_adaln": 0, "modulation_table": 0,
-                                  "key_padding_attention": 0, "gemv": 1, "cat_transposed": 0,
+                                  "key_padding_attention": 0, "gemv": 0, "cat_transposed": 0,
                                   "split_cat_linear": 1},
     "blocks": {"canonicalize_casts": 41, "rms_norm": 0, "rms_norm_kernel": 2, "qk_norm_rope": 1, "adaln_modulate": 3,
                "gated_residual": 2, "gelu_tanh": 1, "timestep_embedding": 0, "silu_mul": 0, "gated_residual_adaln": 2,

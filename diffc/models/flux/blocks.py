@@ -100,6 +100,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------------
 
 
+def precomputed(linear: nn.Linear, temb: torch.Tensor) -> torch.Tensor | None:
+    """``temb``'s first ``linear.out_features`` columns where it is a precomputed modulation (wider than the
+    conditioning ``linear`` projects: FluxTransformer2DModel.modulation), else None (``temb`` is the conditioning)."""
+    width = temb.shape[-1]
+    if width == linear.in_features:
+        return None
+    if width < linear.out_features:
+        raise ValueError(f"expected the ({linear.in_features}-wide) conditioning or a precomputed modulation of at "
+                         f"least {linear.out_features} columns, got {width}")
+    return temb[:, :linear.out_features]
+
+
 class AdaNormZero(nn.Module):
     """Affine-free LayerNorm modulated by ``chunks * dim`` values projected from the conditioning.
 
@@ -112,9 +124,16 @@ class AdaNormZero(nn.Module):
         self.chunks = chunks
         self.linear = nn.Linear(dim, chunks * dim)
 
+    def project(self, temb: torch.Tensor) -> torch.Tensor:
+        """The modulation ``linear(silu(temb))``: (batch, chunks * dim) from the (batch, dim) conditioning."""
+        return self.linear(F.silu(temb))
+
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # x: (batch, seq, dim); temb: (batch, dim)
-        shift, scale, gate, *rest = self.linear(F.silu(temb)).chunk(self.chunks, dim=1)
+        # x: (batch, seq, dim); temb: the (batch, dim) conditioning, or a precomputed modulation (batch, >= chunks
+        # * dim) whose first chunks * dim columns are this norm's projection (FluxTransformer2DModel.modulation)
+        emb = precomputed(self.linear, temb)
+        emb = self.project(temb) if emb is None else emb
+        shift, scale, gate, *rest = emb.chunk(self.chunks, dim=1)
         x = F.layer_norm(x, x.shape[-1:], eps=NORM_EPS) * (1 + scale[:, None]) + shift[:, None]
         return (x, gate, *rest)
 
@@ -126,8 +145,14 @@ class AdaNormContinuous(nn.Module):
         super().__init__()
         self.linear = nn.Linear(cond_dim, 2 * dim)
 
+    def project(self, temb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``linear(silu(temb))`` in the activations' ``dtype``: (batch, 2 * dim)."""
+        return self.linear(F.silu(temb).to(dtype))
+
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=1)
+        # temb: the conditioning, or its precomputed projection (as AdaNormZero takes it)
+        emb = precomputed(self.linear, temb)
+        scale, shift = (self.project(temb, x.dtype) if emb is None else emb).chunk(2, dim=1)
         return F.layer_norm(x, x.shape[-1:], eps=NORM_EPS) * (1 + scale)[:, None, :] + shift[:, None, :]
 
 
@@ -250,12 +275,14 @@ class FluxTransformerBlock(nn.Module):
         temb: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden_states: (batch, seq_img, dim); encoder_hidden_states: (batch, seq_txt, dim); temb: (batch, dim).
+        """hidden_states: (batch, seq_img, dim); encoder_hidden_states: (batch, seq_txt, dim); temb: (batch, dim),
+        or this block's precomputed modulation (batch, 12 * dim): ``norm1``'s projection, then ``norm1_context``'s.
 
         Returns ``(encoder_hidden_states, hidden_states)`` with the input shapes.
         """
         x, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, temb)
-        c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states, temb)
+        c_temb = temb if precomputed(self.norm1.linear, temb) is None else temb[:, self.norm1.linear.out_features:]
+        c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states, c_temb)
         attn_img, attn_txt = self.attn(x, rope, context=c)
 
         hidden_states = hidden_states + gate_msa.unsqueeze(1) * attn_img
@@ -291,7 +318,7 @@ class FluxSingleTransformerBlock(nn.Module):
         temb: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Same contract as ``FluxTransformerBlock.forward``."""
+        """Same contract as ``FluxTransformerBlock.forward`` (a precomputed modulation: ``norm``'s, (batch, 3 * dim))."""
         seq_txt = encoder_hidden_states.shape[1]
         residual = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # (batch, seq_txt + seq_img, dim)
         x, gate = self.norm(residual, temb)

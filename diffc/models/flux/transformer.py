@@ -127,6 +127,7 @@ class FluxTransformer2DModel(nn.Module):
         img_ids: torch.Tensor,
         txt_ids: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        modulation: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity for packed image latents.
 
@@ -138,6 +139,9 @@ class FluxTransformer2DModel(nn.Module):
             img_ids: (seq_img, n_axes) position ids of the image tokens.
             txt_ids: (seq_txt, n_axes) position ids of the text tokens.
             guidance: (batch,) guidance scale, required iff ``config.guidance_embeds``; scaled by 1000 here.
+            modulation: (batch, modulation_width) every adaptive norm's projection of this call's conditioning,
+                precomputed by :meth:`modulation` (from the same timestep, guidance and pooled embedding); the
+                blocks then read their columns instead of projecting the conditioning themselves.
 
         Returns:
             (batch, seq_img, patch_size**2 * out_channels) in the activations' dtype.
@@ -145,22 +149,72 @@ class FluxTransformer2DModel(nn.Module):
         self._check_inputs(
             hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance
         )
+        if modulation is not None and (modulation.ndim != 2 or modulation.shape[1] != self.modulation_width
+                                       or modulation.shape[0] not in (1, hidden_states.shape[0])):
+            raise InvalidArgumentError("modulation", f"expected shape ({hidden_states.shape[0]}, "
+                                       f"{self.modulation_width}) (FluxTransformer2DModel.modulation), "
+                                       f"got {tuple(modulation.shape)}")
         hidden_states = self.x_embedder(hidden_states)  # (batch, seq_img, dim)
-        timestep = timestep.to(hidden_states.dtype) * 1000
-        if guidance is not None:
-            guidance = guidance.to(hidden_states.dtype) * 1000
-        temb = self.time_text_embed(timestep, guidance, pooled_projections)  # (batch, dim)
+        if modulation is None:
+            temb = self._conditioning(timestep, guidance, pooled_projections, hidden_states.dtype)  # (batch, dim)
+            block_temb = [temb] * (len(self.transformer_blocks) + len(self.single_transformer_blocks) + 1)
+        else:
+            block_temb = modulation.split(self._modulation_widths(), dim=1)
         encoder_hidden_states = self.context_embedder(encoder_hidden_states)  # (batch, seq_txt, dim)
 
         cos, sin = rope_tables(torch.cat([txt_ids, img_ids], dim=0), self.config.axes_dims_rope)
         rope = (cos.to(hidden_states.device), sin.to(hidden_states.device))  # (seq_txt + seq_img, head_dim)
 
-        for block in self.transformer_blocks:
-            encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, rope)
-        for block in self.single_transformer_blocks:
+        blocks = [*self.transformer_blocks, *self.single_transformer_blocks]
+        for block, temb in zip(blocks, block_temb):
             encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, rope)
 
-        return self.proj_out(self.norm_out(hidden_states, temb))
+        return self.proj_out(self.norm_out(hidden_states, block_temb[-1]))
+
+    def _conditioning(self, timestep, guidance, pooled_projections, dtype: torch.dtype) -> torch.Tensor:
+        """The (batch, dim) conditioning vector every adaptive norm projects (timestep and guidance scaled here)."""
+        timestep = timestep.to(dtype) * 1000
+        if guidance is not None:
+            guidance = guidance.to(dtype) * 1000
+        return self.time_text_embed(timestep, guidance, pooled_projections)
+
+    def _modulation_widths(self) -> list[int]:
+        dim = self.config.inner_dim
+        return [12 * dim] * len(self.transformer_blocks) + [3 * dim] * len(self.single_transformer_blocks) + [2 * dim]
+
+    @property
+    def modulation_width(self) -> int:
+        """Columns of :meth:`modulation`: 12 * dim a double block, 3 * dim a single block, 2 * dim the final norm."""
+        return sum(self._modulation_widths())
+
+    @torch.no_grad()
+    def modulation(self, timestep: torch.Tensor, pooled_projections: torch.Tensor,
+                   guidance: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Every adaptive norm's projection of the conditioning, for ``forward(..., modulation=...)``.
+
+        The projections (``linear(silu(temb))`` of each block's norms and of the final norm, ~3.2B of FLUX.1's
+        12B weights) depend on the timestep, guidance and pooled text embedding only, so a pipeline computes
+        them for all of a generation's steps at once: rows of ``timestep`` (and ``guidance``,
+        ``pooled_projections``) are (step, sample) pairs, and each weight is read once for all of them
+        instead of once a step. Inputs as :meth:`forward` takes them; ``dtype``: the activations' (the
+        weights' by default). Returns (rows, :attr:`modulation_width`), blocks in order, then the final norm.
+        """
+        dtype = dtype or self.x_embedder.weight.dtype
+        rows = timestep.shape[0]
+        if timestep.ndim != 1 or pooled_projections.shape[0] != rows:
+            raise InvalidArgumentError("timestep", f"expected (rows,) timesteps and (rows, "
+                                       f"{self.config.pooled_projection_dim}) pooled projections, got "
+                                       f"{tuple(timestep.shape)} and {tuple(pooled_projections.shape)}")
+        if (guidance is None) == self.config.guidance_embeds:
+            raise InvalidArgumentError("guidance", "required exactly when the model has guidance_embeds "
+                                       f"({self.config.guidance_embeds})")
+        temb = self._conditioning(timestep, guidance, pooled_projections, dtype)
+        parts = []
+        for block in self.transformer_blocks:
+            parts += [block.norm1.project(temb), block.norm1_context.project(temb)]
+        parts += [block.norm.project(temb) for block in self.single_transformer_blocks]
+        parts.append(self.norm_out.project(temb, dtype))
+        return torch.cat(parts, dim=1)
 
     def _check_inputs(
         self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance

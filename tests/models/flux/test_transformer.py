@@ -199,3 +199,57 @@ def test_traces_without_graph_breaks():
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
         assert rel_err(compiled(**inputs), model(**inputs)) == 0.0
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_precomputed_modulation_matches_diffusers(name):
+    """forward(modulation=model.modulation(...)): the blocks read their projections from the precomputed rows."""
+    ref, model = _pair(name)
+    inputs = _inputs(name)
+    with torch.no_grad():
+        expected = ref(**inputs, return_dict=False)[0]
+        plain = model(**inputs)
+        mod = model.modulation(inputs["timestep"], inputs["pooled_projections"], inputs["guidance"])
+        out = model(**inputs, modulation=mod)
+    dim = model.config.inner_dim
+    assert mod.shape == (SHAPES[name][0], model.modulation_width)
+    assert model.modulation_width == dim * (12 * len(model.transformer_blocks)
+                                            + 3 * len(model.single_transformer_blocks) + 2)
+    assert rel_err(out, expected) < REL_TOL[torch.float32]
+    assert rel_err(out, plain) < 1e-6
+    other = model.modulation(inputs["timestep"] * 0.5, inputs["pooled_projections"], inputs["guidance"])
+    with torch.no_grad():
+        assert rel_err(model(**inputs, modulation=other), plain) > 1e-3  # the blocks do read it
+
+
+def test_modulation_rows_are_independent_steps():
+    """One call over (step, sample) rows gives each row what a call for that row alone gives."""
+    name = "h2d16_guidance"
+    _, model = _pair(name)
+    g = torch.Generator().manual_seed(3)
+    steps = torch.rand(5, generator=g)
+    pooled = torch.randn(1, CONFIGS[name]["pooled_projection_dim"], generator=g)
+    guidance = torch.full((5,), 4.0)
+    table = model.modulation(steps, pooled.repeat(5, 1), guidance)
+    for i in range(5):
+        one = model.modulation(steps[i:i + 1], pooled, guidance[:1])
+        torch.testing.assert_close(table[i:i + 1], one, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 7), (1,), (3, None)])
+def test_bad_modulation_shape_raises(shape):
+    name = "h2d16_guidance"
+    _, model = _pair(name)
+    inputs = _inputs(name)
+    shape = tuple(model.modulation_width if s is None else s for s in shape)
+    with pytest.raises(InvalidArgumentError, match="modulation") as info, torch.no_grad():
+        model(**inputs, modulation=torch.zeros(shape))
+    assert str(model.modulation_width) in str(info.value)
+
+
+def test_modulation_input_errors():
+    _, model = _pair("h2d16_guidance")
+    with pytest.raises(InvalidArgumentError, match="guidance"):
+        model.modulation(torch.rand(2), torch.randn(2, 24))
+    with pytest.raises(InvalidArgumentError, match="timestep"):
+        model.modulation(torch.rand(2), torch.randn(3, 24), torch.ones(2))
