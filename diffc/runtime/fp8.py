@@ -293,10 +293,15 @@ def _free_cache(linears: Iterable[nn.Linear]) -> None:
 
 
 def _fp8_weight_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A released layer's eager forward: its fp8 copy multiplied out (the bf16 original is in host memory)."""
+    """A released layer's eager forward: its fp8 copy multiplied out (the bf16 original is in host memory). The
+    e4m3 values are exact in bfloat16 and float32, so there the GEMM runs on the unscaled copy cast to ``x``'s
+    dtype (one write of it, no float32 temporaries of the whole weight) and the per-channel scales multiply its
+    output; float16's range could not hold that unscaled product, so it scales the weight first."""
     w8, scale = self._buffers[WEIGHT], self._buffers[SCALE]
-    weight = (w8.to(torch.float32) * scale.reshape(-1, 1)).to(x.dtype)
-    return F.linear(x, weight, self.bias)
+    if x.dtype == torch.float16:
+        return F.linear(x, (w8.to(torch.float32) * scale.reshape(-1, 1)).to(x.dtype), self.bias)
+    out = (F.linear(x, w8.to(x.dtype)) * scale.reshape(-1)).to(x.dtype)
+    return out if self.bias is None else out + self.bias
 
 
 def check_scheme(scheme: str | None) -> None:

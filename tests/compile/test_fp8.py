@@ -211,7 +211,8 @@ def test_released_layers_run_their_fp8_copy_eagerly_and_restore_exactly(compiled
         assert not c.transform.released and not any("forward" in m.__dict__ for m in c.transform.linears.values())
         assert all(torch.equal(c.transform.linears[n].weight, w) for n, w in originals.items())
         assert torch.equal(_output(c.net(**c.inputs)), c.eager)
-        try:  # the reference: the same layers' weights replaced by their fp8 copies multiplied out
+        try:  # the reference: the same layers' weights replaced by their fp8 copies multiplied out (the eager
+            # forward multiplies the unscaled copy and scales the product: the same values, rounded elsewhere)
             for n in names:
                 m = c.transform.linears[n]
                 m.weight.copy_((getattr(m, WEIGHT).float() * getattr(m, SCALE).reshape(-1, 1)).to(BF16))
@@ -219,7 +220,7 @@ def test_released_layers_run_their_fp8_copy_eagerly_and_restore_exactly(compiled
         finally:
             for n, w in originals.items():
                 c.transform.linears[n].weight.copy_(w)
-    assert torch.equal(eager_fp8, want) and not torch.equal(eager_fp8, c.eager)
+    assert _psnr(eager_fp8, want) >= 45.0 and not torch.equal(eager_fp8, c.eager)
     assert _psnr(eager_fp8, c.eager) >= MIN_PSNR_DB
 
 
