@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -67,6 +67,30 @@ class StepTable:
             self.first, self.rows = i, None  # the previous window's memory goes before the next is computed
             self.rows = self.compute(i, min(i + self.window, self.timesteps.shape[0]))
         return self.rows[i - self.first]
+
+
+MODULATION_TABLE_BYTES = 256 << 20  # the most a window of precomputed modulation rows holds
+
+
+def modulation_table(transformer, timesteps: torch.Tensor, rows: int,
+                     inputs: Callable[[torch.Tensor, int], dict[str, Any]], dtype: torch.dtype) -> StepTable | None:
+    """The DiT's adaLN modulation for a generation's steps (``transformer.modulation``, :mod:`diffc.models.modulation`:
+    the projection weights read once a window of steps instead of once a step), ``rows`` a step; None where the DiT
+    takes no precomputed modulation (a diffusers module, offloaded weights, a compiled DiT without graphs for it:
+    :meth:`~diffc.runtime.executor.DiTStack.takes`). ``inputs(t, steps)`` makes ``modulation``'s keyword arguments
+    from ``t``, the window's timesteps repeated ``rows`` times each ((steps * rows,), step-major), as the pipeline's
+    DiT call makes its own from one step's."""
+    takes = getattr(transformer, "takes", None)
+    if not hasattr(transformer, "modulation") or (takes is not None and not takes("modulation")):
+        return None
+
+    def compute(first: int, stop: int) -> torch.Tensor:
+        steps = stop - first
+        t = timesteps[first:stop, None].expand(steps, rows).reshape(-1)
+        return transformer.modulation(**inputs(t, steps)).view(steps, rows, -1)
+
+    step_bytes = rows * transformer.modulation_width * torch.finfo(dtype).bits // 8
+    return StepTable(timesteps, compute, MODULATION_TABLE_BYTES // step_bytes)
 
 
 def denoise_loop(

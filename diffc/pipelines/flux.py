@@ -13,7 +13,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
-from .denoise import StepTable, cpu_generators, denoise_loop, seeded_noise
+from .denoise import cpu_generators, denoise_loop, modulation_table, seeded_noise
 from .schedulers.flow_match_euler import calculate_shift
 from .stages import RunContext, Stage, to_uint8
 from .text import tokenize
@@ -116,7 +116,13 @@ def flux_predictor(ctx: RunContext, s, batch: int, image_latents: torch.Tensor |
     guidance = None
     if transformer.config.guidance_embeds:
         guidance = torch.full([1], s["guidance_scale"], device=ctx.device, dtype=torch.float32).expand(rows)
-    table = modulation_table(transformer, s["timesteps"], rows, guidance, pooled, s["latents"].dtype)
+    dtype = s["latents"].dtype
+
+    def modulation_inputs(t: torch.Tensor, steps: int) -> dict:  # as the call below passes them, for steps x rows
+        return {"timestep": t.to(dtype) / 1000, "pooled_projections": pooled.repeat(steps, 1),
+                "guidance": None if guidance is None else guidance.repeat(steps), "dtype": dtype}
+
+    table = modulation_table(transformer, s["timesteps"], rows, modulation_inputs, dtype)
 
     def predict(x, t):
         n = x.shape[1]
@@ -135,30 +141,6 @@ def flux_predictor(ctx: RunContext, s, batch: int, image_latents: torch.Tensor |
         return neg + scale * (pos - neg)
 
     return predict
-
-
-MODULATION_TABLE_BYTES = 256 << 20  # the most a window of precomputed modulation rows holds
-
-
-def modulation_table(transformer, timesteps: torch.Tensor, rows: int, guidance: torch.Tensor | None,
-                     pooled: torch.Tensor, dtype: torch.dtype) -> StepTable | None:
-    """The DiT's adaLN modulation for the generation's steps (:meth:`FluxTransformer2DModel.modulation`: the
-    ~3.2B projection weights read once a window of steps instead of once a step), as ``predict`` passes
-    its timestep; None where the DiT takes no precomputed modulation (a diffusers module, offloaded weights, a
-    compiled DiT without graphs for it: :meth:`~diffc.runtime.executor.DiTStack.takes`)."""
-    takes = getattr(transformer, "takes", None)
-    if not hasattr(transformer, "modulation") or (takes is not None and not takes("modulation")):
-        return None
-
-    def compute(first: int, stop: int) -> torch.Tensor:
-        steps = stop - first
-        timestep = (timesteps[first:stop, None].expand(steps, rows).to(dtype) / 1000).reshape(-1)
-        out = transformer.modulation(timestep, pooled.repeat(steps, 1),
-                                     None if guidance is None else guidance.repeat(steps), dtype=dtype)
-        return out.view(steps, rows, -1)
-
-    step_bytes = rows * transformer.modulation_width * torch.finfo(dtype).bits // 8
-    return StepTable(timesteps, compute, MODULATION_TABLE_BYTES // step_bytes)
 
 
 def denoise(ctx: RunContext, s):

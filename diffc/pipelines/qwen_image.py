@@ -17,7 +17,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
-from .denoise import cpu_generators, denoise_loop, seeded_noise
+from .denoise import cpu_generators, denoise_loop, modulation_table, seeded_noise
 from .flux import pack_latents, postprocess
 from .qwen_vl import T2I_DROP, T2I_TEMPLATE, TEXT_BUCKET, TOKENIZER_MAX_LENGTH, encode_texts, pad_to_bucket
 from .schedulers.flow_match_euler import calculate_shift
@@ -114,19 +114,25 @@ def guided_predict(ctx: RunContext, s, condition: torch.Tensor | None = None):
     scale = cfg_scale(s)
     negative = s["negative_prompt_embeds"]
     shapes = s["img_shapes"]
+    dtype = s["latents"].dtype
+    # the modulation depends on the timestep only: one row serves the conditional and the unconditional call
+    table = modulation_table(transformer, s["timesteps"], 1, lambda t, steps: {"timestep": t.to(dtype) / 1000,
+                                                                               "dtype": dtype}, dtype)
 
-    def call(x, t, embeds, mask):
+    def call(x, t, embeds, mask, extra):
         x_in = x if condition is None else torch.cat([x, condition], dim=1)
         timestep = t.expand(x.shape[0]).to(x.dtype) / 1000
         out = transformer(hidden_states=x_in, encoder_hidden_states=embeds, timestep=timestep, img_shapes=shapes,
-                          encoder_hidden_states_mask=mask)
+                          encoder_hidden_states_mask=mask, **extra)
         return out[:, : x.shape[1]]
 
     def predict(x, t):
-        pred = call(x, t, s["prompt_embeds"], s["prompt_mask"])
+        modulation = None if table is None else table(t)
+        extra = {} if modulation is None else {"modulation": modulation}
+        pred = call(x, t, s["prompt_embeds"], s["prompt_mask"], extra)
         if negative is None:
             return pred
-        neg = call(x, t, negative, s["negative_prompt_mask"])
+        neg = call(x, t, negative, s["negative_prompt_mask"], extra)
         combined = neg + scale * (pred - neg)
         return combined * (torch.norm(pred, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
 

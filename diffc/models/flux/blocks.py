@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import attention_hook
+from ..modulation import precomputed
 
 TIME_PROJ_DIM = 256
 ROPE_THETA = 10000
@@ -98,18 +99,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------------
 # Adaptive norms
 # ---------------------------------------------------------------------------------------------
-
-
-def precomputed(linear: nn.Linear, temb: torch.Tensor) -> torch.Tensor | None:
-    """``temb``'s first ``linear.out_features`` columns where it is a precomputed modulation (wider than the
-    conditioning ``linear`` projects: FluxTransformer2DModel.modulation), else None (``temb`` is the conditioning)."""
-    width = temb.shape[-1]
-    if width == linear.in_features:
-        return None
-    if width < linear.out_features:
-        raise ValueError(f"expected the ({linear.in_features}-wide) conditioning or a precomputed modulation of at "
-                         f"least {linear.out_features} columns, got {width}")
-    return temb[:, :linear.out_features]
 
 
 class AdaNormZero(nn.Module):

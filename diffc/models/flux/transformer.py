@@ -9,6 +9,7 @@ from torch import nn
 
 from ...errors import InvalidArgumentError
 from ..config import ModelConfig
+from ..modulation import check_modulation
 from ..structure import BlockStreams, TeaCacheFit, TeaCacheSpec
 from .blocks import (
     AdaNormContinuous,
@@ -149,11 +150,7 @@ class FluxTransformer2DModel(nn.Module):
         self._check_inputs(
             hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance
         )
-        if modulation is not None and (modulation.ndim != 2 or modulation.shape[1] != self.modulation_width
-                                       or modulation.shape[0] not in (1, hidden_states.shape[0])):
-            raise InvalidArgumentError("modulation", f"expected shape ({hidden_states.shape[0]}, "
-                                       f"{self.modulation_width}) (FluxTransformer2DModel.modulation), "
-                                       f"got {tuple(modulation.shape)}")
+        check_modulation(modulation, hidden_states.shape[0], self.modulation_width, type(self).__name__)
         hidden_states = self.x_embedder(hidden_states)  # (batch, seq_img, dim)
         if modulation is None:
             temb = self._conditioning(timestep, guidance, pooled_projections, hidden_states.dtype)  # (batch, dim)

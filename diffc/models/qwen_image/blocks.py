@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..flux.blocks import FeedForward, FluxAttention, SiLUMLP, apply_rope
+from ..flux.blocks import FeedForward, FluxAttention, SiLUMLP, apply_rope, precomputed
 
 TIME_PROJ_DIM = 256
 ROPE_THETA = 10000
@@ -139,12 +139,18 @@ class QwenImageTransformerBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden_states: (batch, seq_img, dim); encoder_hidden_states: (batch, seq_txt, dim); temb: (batch, dim).
+        """hidden_states: (batch, seq_img, dim); encoder_hidden_states: (batch, seq_txt, dim); temb: (batch, dim),
+        or this block's precomputed modulation (batch, 12 * dim): ``img_mod``'s projection, then ``txt_mod``'s.
 
         Returns ``(encoder_hidden_states, hidden_states)`` with the input shapes.
         """
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.img_mod(temb).chunk(6, dim=-1)
-        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = self.txt_mod(temb).chunk(6, dim=-1)
+        img_mod = precomputed(self.img_mod[1], temb)
+        if img_mod is None:
+            img_mod, txt_mod = self.img_mod(temb), self.txt_mod(temb)
+        else:
+            txt_mod = precomputed(self.txt_mod[1], temb[:, img_mod.shape[1]:])
+        shift1, scale1, gate1, shift2, scale2, gate2 = img_mod.chunk(6, dim=-1)
+        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = txt_mod.chunk(6, dim=-1)
         x = _modulate(hidden_states, shift1, scale1)
         c = _modulate(encoder_hidden_states, c_shift1, c_scale1)
         attn_img, attn_txt = self.attn(x, rope, context=c, attention_mask=attention_mask)

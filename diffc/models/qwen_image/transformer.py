@@ -15,6 +15,7 @@ from torch import nn
 from ...errors import CheckpointError, InvalidArgumentError
 from ..config import ModelConfig
 from ..flux.blocks import AdaNormContinuous
+from ..modulation import check_modulation
 from ..structure import BlockStreams
 from .blocks import (
     NORM_EPS,
@@ -113,6 +114,7 @@ class QwenImageTransformer2DModel(nn.Module):
         timestep: torch.Tensor,
         img_shapes: tuple[tuple[int, int, int], ...],
         encoder_hidden_states_mask: torch.Tensor | None = None,
+        modulation: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity.
 
@@ -123,6 +125,8 @@ class QwenImageTransformer2DModel(nn.Module):
             img_shapes: ((frames, rows, columns), ...) of each packed latent image, in sequence order; or diffusers'
                 form, one such list per sample (all alike).
             encoder_hidden_states_mask: None (every text token is real) or (batch, seq_txt), nonzero for real tokens.
+            modulation: (batch or 1, modulation_width) every adaptive norm's projection of this call's timestep,
+                precomputed by :meth:`modulation`; the blocks then read their columns.
 
         Returns:
             (batch, seq_img, patch_size**2 * out_channels) in the activations' dtype.
@@ -130,10 +134,14 @@ class QwenImageTransformer2DModel(nn.Module):
         img_shapes = self._shapes(img_shapes)
         seq_txt = self._check_inputs(hidden_states, encoder_hidden_states, timestep, img_shapes,
                                      encoder_hidden_states_mask)
+        check_modulation(modulation, hidden_states.shape[0], self.modulation_width, type(self).__name__)
         hidden_states = self.img_in(hidden_states)  # (batch, seq_img, dim)
-        timestep = timestep.to(hidden_states.dtype)
         encoder_hidden_states = self.txt_in(self.txt_norm(encoder_hidden_states))  # (batch, seq_txt, dim)
-        temb = self.time_text_embed(timestep, hidden_states.dtype)  # (batch, dim)
+        if modulation is None:
+            temb = self.time_text_embed(timestep.to(hidden_states.dtype), hidden_states.dtype)  # (batch, dim)
+            block_temb = [temb] * (len(self.transformer_blocks) + 1)
+        else:
+            block_temb = modulation.split(self._modulation_widths(), dim=1)
 
         rope = self._rope(img_shapes, seq_txt, hidden_states.device)  # (seq_txt + seq_img, head_dim) each
         mask = None
@@ -141,12 +149,38 @@ class QwenImageTransformer2DModel(nn.Module):
             img_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
             mask = torch.cat([encoder_hidden_states_mask.to(torch.bool), img_mask], dim=1)[:, None, None, :]
 
-        for block in self.transformer_blocks:
+        for block, temb in zip(self.transformer_blocks, block_temb):
             if mask is None:
                 encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, rope)
             else:
                 encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb, rope, mask)
-        return self.proj_out(self.norm_out(hidden_states, temb))
+        return self.proj_out(self.norm_out(hidden_states, block_temb[-1]))
+
+    def _modulation_widths(self) -> list[int]:
+        dim = self.config.inner_dim
+        return [12 * dim] * len(self.transformer_blocks) + [2 * dim]
+
+    @property
+    def modulation_width(self) -> int:
+        """Columns of :meth:`modulation`: 12 * dim a block (``img_mod``, ``txt_mod``), 2 * dim the final norm."""
+        return sum(self._modulation_widths())
+
+    @torch.no_grad()
+    def modulation(self, timestep: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Every adaptive norm's projection of the timestep embedding, for ``forward(..., modulation=...)``: the
+        blocks' ``img_mod`` / ``txt_mod`` (a third of Qwen-Image's 20B weights) and the final norm's, which depend
+        on the timestep only, so a pipeline computes them for many steps at once (each weight read once for all
+        of them). ``timestep``: (rows,) as :meth:`forward` takes it; ``dtype``: the activations' (the weights' by
+        default). Returns (rows, :attr:`modulation_width`)."""
+        dtype = dtype or self.img_in.weight.dtype
+        if timestep.ndim != 1:
+            raise InvalidArgumentError("timestep", f"expected (rows,) timesteps, got {tuple(timestep.shape)}")
+        temb = self.time_text_embed(timestep.to(dtype), dtype)
+        parts = []
+        for block in self.transformer_blocks:
+            parts += [block.img_mod(temb), block.txt_mod(temb)]
+        parts.append(self.norm_out.project(temb, dtype))
+        return torch.cat(parts, dim=1)
 
     def _rope(self, img_shapes, seq_txt: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The RoPE tables of a sequence layout, built on the host once per layout and kept on ``device``: a
