@@ -137,3 +137,34 @@ def test_rope_tables_are_kept_per_layout_and_bounded(monkeypatch):
         for rows in (2, 4, 6):
             model(img_shapes=((1, rows, 3),), **_inputs(name, 1, ((1, rows, 3),), n_txt))
     assert len(model._rope_cache) == 2
+
+
+@pytest.mark.parametrize("case,padded", [("t2i", True), ("edit-two", False)])
+def test_precomputed_modulation_matches_diffusers(case, padded):
+    """forward(modulation=model.modulation(t)): each block reads its img_mod / txt_mod columns; one row (a step's
+    timestep, all samples alike) serves the whole batch."""
+    name, batch, shapes, n_txt = CASES[case]
+    ref, model = _pair(name)
+    inputs = _inputs(name, batch, shapes, n_txt, padded=padded)
+    inputs["timestep"] = inputs["timestep"][:1].expand(batch)  # one step: every sample at the same timestep
+    out_ref, expected = _run_both(ref, model, inputs, shapes, batch)
+    mod = model.modulation(inputs["timestep"][:1])
+    assert mod.shape == (1, model.modulation_width) == (1, model.config.inner_dim * (12 * len(model.transformer_blocks) + 2))
+    with torch.no_grad():
+        out = model(img_shapes=shapes, modulation=mod, **inputs)
+        rows = model(img_shapes=shapes, modulation=model.modulation(inputs["timestep"]), **inputs)
+        other = model(img_shapes=shapes, modulation=model.modulation(inputs["timestep"][:1] * 0.5), **inputs)
+    assert rel_err(out, expected) < REL_TOL[torch.float32]
+    assert rel_err(out, out_ref) < 1e-6 and rel_err(rows, out_ref) < 1e-6
+    assert rel_err(other, out_ref) > 1e-3  # the blocks do read it
+
+
+def test_bad_modulation_names_the_field():
+    name, batch, shapes, n_txt = CASES["t2i"]
+    _, model = _pair(name)
+    inputs = _inputs(name, batch, shapes, n_txt)
+    for bad in (torch.zeros(batch, 5), torch.zeros(3, model.modulation_width), torch.zeros(model.modulation_width)):
+        with pytest.raises(InvalidArgumentError, match="modulation"), torch.no_grad():
+            model(img_shapes=shapes, modulation=bad, **inputs)
+    with pytest.raises(InvalidArgumentError, match="timestep"):
+        model.modulation(torch.rand(2, 1))

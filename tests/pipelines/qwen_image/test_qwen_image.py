@@ -123,3 +123,25 @@ def test_prompt_lengths_match_the_dit_and_compile_for_any_prompt(t2i):
     counters = fresh.executor.compiled().counters
     fresh.generate(long, height=32, width=32, max_sequence_length=256, num_inference_steps=2, seed=1, progress=False)
     assert counters.compiled_calls == 2 and counters.eager_fallbacks == 0
+
+
+def test_generation_passes_one_precomputed_modulation_row_a_step(t2i):
+    """Both guided calls of a step get the same precomputed row; the images equal those computed without it."""
+    _, _, pipe = t2i
+    stack = pipe.components["transformer"]
+    seen = []
+    hook = stack.module.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("modulation")), with_kwargs=True)
+    kw = dict(height=32, width=32, num_inference_steps=2, negative_prompt=" ", true_cfg_scale=4.0)
+    try:
+        out = pipe.generate(["a red fox", "a cat"], seed=[1, 2], progress=False, **kw)
+        assert len(seen) == 4 and all(m is not None and m.shape == (1, stack.module.modulation_width) for m in seen)
+        assert seen[0] is seen[1] and not torch.equal(seen[1], seen[2])
+        seen.clear()
+        stack.set_precompute(False)
+        plain = pipe.generate(["a red fox", "a cat"], seed=[1, 2], progress=False, **kw)
+        assert seen == [None] * 4
+    finally:
+        hook.remove()
+        stack.set_precompute(True)
+    for image, ref in zip(out.images, plain.images):
+        assert psnr_uint8(np.asarray(image), np.asarray(ref)) >= 50.0
