@@ -8,6 +8,7 @@ modules sharing one set of random weights in memory.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import time
 import warnings
@@ -159,24 +160,25 @@ class DiffcEngine(Engine):
         return cls(family, device, dtype, pipe.components["transformer"], pipe.components["vae"], pipe)
 
     def compile(self, inputs: dict[str, Any], wl: Workload, *, disable: tuple[str, ...] = (),
-                enable: tuple[str, ...] = (), graphs: bool = False, tier: str = "fast") -> str:
-        """diffc's compiler on the DiT's regions: graphs for the benchmark's DiT inputs and, with a
-        pipeline, for the shapes its generation passes (Wan's CFG pair is batch 2). ``tier="fp8"`` adds
-        the fp8 weight transform first (removed again by any other tier)."""
+                enable: tuple[str, ...] = (), graphs: bool = False, tier: str = "fast", precompute: bool = True) -> str:
+        """diffc's compiler on the DiT's regions: graphs for the benchmark's DiT inputs (as a step passes them:
+        :meth:`step_inputs`) and, with a pipeline, for the shapes its generation passes (Wan's CFG pair is batch
+        2). ``tier="fp8"`` adds the fp8 weight transform first (removed again by any other tier).
+        ``precompute=False``: no input the pipeline precomputes for many steps (``DiTStack.takes``)."""
         from diffc.compile.pipeline import capture_inputs, compile_dit, describe_bucket, fused_vae_tier
         from diffc.compile.regions import call_key
         from diffc.runtime.compiled import CompiledDiT
 
         stack = self.transformer
         stack.set_compiled(None)
-        stack.set_precompute(True)
+        stack.set_precompute(precompute)
         self.setup_key = None
-        calls = [inputs]
+        stack.set_weight_quantization("fp8" if tier == "fp8" else None)  # the fp8 tier's weight copies, or none
+        calls = [self.step_inputs(inputs)]
         if self.pipe is not None:
             captured = capture_inputs(self.pipe, dict(self.family.call_kwargs(wl), prompt=wl.prompt))["transformer"]
-            if call_key((), captured) != call_key((), inputs):
+            if call_key((), captured) != call_key((), calls[0]):
                 calls.append(captured)
-        stack.set_weight_quantization("fp8" if tier == "fp8" else None)  # the fp8 tier's weight copies, or none
         by_region, keys, lines, shared = {}, [], [], {}
         with stack.bare() as eager:
             for kwargs in calls:
@@ -237,15 +239,14 @@ class DiffcEngine(Engine):
     def ensure_compiled(self, inputs: dict[str, Any], wl: Workload, *, graphs: bool = False,
                         precompute: bool = True) -> str:
         """:meth:`compile` with the default passes, unless the engine is compiled so already (cache configs
-        share the compiled DiT of ``diffc-compiled``). ``precompute=False``: the pipeline passes the DiT no
-        input it precomputes for many steps at once (FLUX's adaLN modulation: ``DiTStack.takes``); the compile
-        made graphs for both kinds of call (the benchmark's DiT inputs pass none)."""
-        key = ("compiled", graphs)
+        share the compiled DiT of ``diffc-compiled``). ``precompute=False``: neither the pipeline nor the DiT
+        forward passes an input precomputed for many steps at once (FLUX's adaLN modulation)."""
+        key = ("compiled", graphs, precompute)
         if getattr(self, "setup_key", None) != key or self.transformer.compiled is None:
-            self.setup_description = self.compile(inputs, wl, graphs=graphs)
+            self.setup_description = self.compile(inputs, wl, graphs=graphs, precompute=precompute) + \
+                ("" if precompute else "; no precomputed step inputs")
             self.setup_key = key
-        self.transformer.set_precompute(precompute)
-        return self.setup_description + ("" if precompute else "; no precomputed step inputs")
+        return self.setup_description
 
     def clear_cache(self) -> None:
         """No step cache on the DiT (a cache configuration leaves its cache installed)."""
@@ -272,7 +273,25 @@ class DiffcEngine(Engine):
 
     def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
         with torch.no_grad():
-            return _first(self.transformer(**inputs))  # a diffusers model's output on the generic backend
+            return _first(self.transformer(**self.step_inputs(inputs)))  # a diffusers model's output: generic backend
+
+    def step_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The DiT call a denoising step makes from the benchmark's ``inputs``: with the adaLN modulation the
+        pipeline precomputes for all of a generation's steps (FLUX.1, Qwen-Image: ``modulation``, computed once
+        here, outside the timed calls; ``e2e`` pays it once a window of steps) where the stack takes it."""
+        stack = self.transformer
+        module = stack.module
+        if not (stack.precompute and stack.placement is None and hasattr(module, "modulation")) \
+                or "modulation" in inputs:
+            return inputs
+        key = (id(inputs), len(stack.transforms))
+        if getattr(self, "_step_key", None) != key:
+            names = inspect.signature(module.modulation).parameters
+            kwargs = {k: inputs[k] for k in names if inputs.get(k) is not None}
+            with torch.no_grad():
+                modulation = module.modulation(**kwargs, dtype=inputs["hidden_states"].dtype)
+            self._step_key, self._step = key, {**inputs, "modulation": modulation}
+        return self._step
 
     def encode(self, wl: Workload) -> None:
         if self.family.diffc_encode is not None:
