@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ..compile.regions import RegionGraph, call_key
@@ -64,6 +66,8 @@ class CompiledDiT:
         def forward(*args, **kwargs):
             key = call_key(args, kwargs)
             graph = graphs.get(key)
+            if graph is None and graphs:
+                args, graph = _projected(block, graphs, args, kwargs)
             self.counters.region_calls += 1
             if graph is None:
                 self.counters.region_fallbacks += 1
@@ -105,6 +109,26 @@ class CompiledDiT:
     def describe(self) -> dict[str, Any]:
         return {**self.info, "buckets": self.buckets,
                 "regions": {r: len(g) for r, g in self.graphs.items()}, **dataclasses.asdict(self.counters)}
+
+
+def _projected(block: nn.Module, graphs: dict[str, RegionGraph], args: tuple, kwargs: dict[str, Any]):
+    """``(args, graph)`` for a block called with the conditioning (``temb``) whose graphs take its precomputed
+    modulation instead (:mod:`diffc.models.modulation`; graphs compiled for a resident pipeline, run under
+    offload, where the pipeline cannot precompute it): the block's projection computed here, in its forward
+    (offload has brought its weights), and the graph for that call; ``(args, None)`` when there is none."""
+    project = getattr(block, "modulation", None)
+    position = _temb_position(type(block))
+    if project is None or position is None or position >= len(args) or not isinstance(args[position], torch.Tensor):
+        return args, None
+    projected = (*args[:position], project(args[position]), *args[position + 1:])
+    graph = graphs.get(call_key(projected, kwargs))
+    return (projected, graph) if graph is not None else (args, None)
+
+
+@functools.cache
+def _temb_position(cls: type) -> int | None:
+    names = [p.name for p in inspect.signature(cls.forward).parameters.values()][1:]
+    return names.index("temb") if "temb" in names else None
 
 
 def fallback_warning(compiled: CompiledDiT, before: int) -> str | None:

@@ -103,3 +103,25 @@ def test_takes_follows_placement_and_compiled_buckets(flux_checkpoint):
         assert seen == [None, None]
     finally:
         hook.remove()
+
+
+def test_graphs_of_the_precomputed_form_serve_calls_with_the_conditioning(flux_checkpoint):
+    """Compiled where the pipeline precomputes the modulation, run where it cannot (offload, here switched off):
+    each block projects its own conditioning in its forward and runs the graph compiled for the projection."""
+    pipe = diffc.load(flux_checkpoint("dev-tiny"))
+    stack = pipe.components["transformer"]
+    report = pipe.compile([{"height": 32, "width": 48, "max_sequence_length": 16}], log=lambda line: None)
+    assert all(",modulation=" in f",{b.key}" for b in report.buckets)
+    ref = _generate(pipe, num_inference_steps=2)
+    seen, hook = _recording(stack)
+    stack.set_precompute(False)
+    try:
+        out = _generate(pipe, num_inference_steps=2)
+    finally:
+        hook.remove()
+        stack.set_precompute(True)
+    assert seen == [None, None]
+    compiled = out.timings.runtime["compiled"]
+    assert compiled["region_fallbacks"] == 0 and compiled["eager_fallbacks"] == 0 and compiled["region_calls"] == 12  # both generations
+    assert not out.warnings
+    assert psnr_uint8(np.asarray(out.images[0]), np.asarray(ref.images[0])) >= 50.0

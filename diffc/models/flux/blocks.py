@@ -257,6 +257,10 @@ class FluxTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.ff_context = FeedForward(dim)
 
+    def modulation(self, temb: torch.Tensor) -> torch.Tensor:
+        """This block's precomputed modulation (``forward``'s ``temb`` form): (batch, 12 * dim)."""
+        return torch.cat([self.norm1.project(temb), self.norm1_context.project(temb)], dim=1)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -299,6 +303,10 @@ class FluxSingleTransformerBlock(nn.Module):
         self.proj_mlp = nn.Linear(dim, mlp_hidden)
         self.proj_out = nn.Linear(dim + mlp_hidden, dim)
         self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, context=False)
+
+    def modulation(self, temb: torch.Tensor) -> torch.Tensor:
+        """This block's precomputed modulation: ``norm``'s projection, (batch, 3 * dim)."""
+        return self.norm.project(temb)
 
     def forward(
         self,

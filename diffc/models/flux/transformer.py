@@ -206,10 +206,7 @@ class FluxTransformer2DModel(nn.Module):
             raise InvalidArgumentError("guidance", "required exactly when the model has guidance_embeds "
                                        f"({self.config.guidance_embeds})")
         temb = self._conditioning(timestep, guidance, pooled_projections, dtype)
-        parts = []
-        for block in self.transformer_blocks:
-            parts += [block.norm1.project(temb), block.norm1_context.project(temb)]
-        parts += [block.norm.project(temb) for block in self.single_transformer_blocks]
+        parts = [block.modulation(temb) for block in [*self.transformer_blocks, *self.single_transformer_blocks]]
         parts.append(self.norm_out.project(temb, dtype))
         return torch.cat(parts, dim=1)
 

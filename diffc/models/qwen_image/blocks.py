@@ -131,6 +131,10 @@ class QwenImageTransformerBlock(nn.Module):
         self.img_mlp = FeedForward(dim)
         self.txt_mlp = FeedForward(dim)
 
+    def modulation(self, temb: torch.Tensor) -> torch.Tensor:
+        """This block's precomputed modulation (``forward``'s ``temb`` form): (batch, 12 * dim)."""
+        return torch.cat([self.img_mod(temb), self.txt_mod(temb)], dim=1)
+
     def forward(
         self,
         hidden_states: torch.Tensor,

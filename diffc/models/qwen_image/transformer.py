@@ -176,9 +176,7 @@ class QwenImageTransformer2DModel(nn.Module):
         if timestep.ndim != 1:
             raise InvalidArgumentError("timestep", f"expected (rows,) timesteps, got {tuple(timestep.shape)}")
         temb = self.time_text_embed(timestep.to(dtype), dtype)
-        parts = []
-        for block in self.transformer_blocks:
-            parts += [block.img_mod(temb), block.txt_mod(temb)]
+        parts = [block.modulation(temb) for block in self.transformer_blocks]
         parts.append(self.norm_out.project(temb, dtype))
         return torch.cat(parts, dim=1)
 
