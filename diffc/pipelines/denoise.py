@@ -81,7 +81,8 @@ def modulation_table(transformer, timesteps: torch.Tensor, rows: int,
     from ``t``, the window's timesteps repeated ``rows`` times each ((steps * rows,), step-major), as the pipeline's
     DiT call makes its own from one step's."""
     takes = getattr(transformer, "takes", None)
-    if not hasattr(transformer, "modulation") or (takes is not None and not takes("modulation")):
+    if not hasattr(transformer, "modulation") or (takes is not None and not takes("modulation")) \
+            or not isinstance(timesteps, torch.Tensor) or timesteps.ndim != 1 or not timesteps.shape[0]:
         return None
 
     def compute(first: int, stop: int) -> torch.Tensor:

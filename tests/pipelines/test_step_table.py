@@ -125,3 +125,23 @@ def test_graphs_of_the_precomputed_form_serve_calls_with_the_conditioning(flux_c
     assert compiled["region_fallbacks"] == 0 and compiled["eager_fallbacks"] == 0 and compiled["region_calls"] == 12  # both generations
     assert not out.warnings
     assert psnr_uint8(np.asarray(out.images[0]), np.asarray(ref.images[0])) >= 50.0
+
+
+def test_modulation_table_only_for_a_schedule_tensor_and_a_dit_that_takes_it():
+    from diffc.pipelines.denoise import modulation_table
+
+    class Dit:
+        modulation_width = 4
+
+        def modulation(self, timestep, dtype=None):
+            return timestep[:, None].expand(-1, 4).to(dtype)
+
+    def inputs(t, steps):
+        return {"timestep": t, "dtype": torch.float32}
+
+    table = modulation_table(Dit(), torch.tensor([3.0, 2.0, 1.0]), 2, inputs, torch.float32)
+    rows = [table(t) for t in table.timesteps]
+    assert [r.shape for r in rows] == [(2, 4)] * 3 and [float(r[1, 0]) for r in rows] == [3.0, 2.0, 1.0]
+    assert modulation_table(Dit(), [3.0, 2.0], 1, inputs, torch.float32) is None  # not a tensor
+    assert modulation_table(Dit(), torch.zeros(0), 1, inputs, torch.float32) is None
+    assert modulation_table(object(), torch.ones(2), 1, inputs, torch.float32) is None  # no modulation
