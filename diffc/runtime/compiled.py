@@ -115,12 +115,16 @@ def _projected(block: nn.Module, graphs: dict[str, RegionGraph], args: tuple, kw
     """``(args, graph)`` for a block called with the conditioning (``temb``) whose graphs take its precomputed
     modulation instead (:mod:`diffc.models.modulation`; graphs compiled for a resident pipeline, run under
     offload, where the pipeline cannot precompute it): the block's projection computed here, in its forward
-    (offload has brought its weights), and the graph for that call; ``(args, None)`` when there is none."""
+    (offload has brought its weights), and the graph for that call; ``(args, None)`` when there is none (or the
+    call's ``temb`` is a projection already: ``block.modulation`` gives None)."""
     project = getattr(block, "modulation", None)
     position = _temb_position(type(block))
     if project is None or position is None or position >= len(args) or not isinstance(args[position], torch.Tensor):
         return args, None
-    projected = (*args[:position], project(args[position]), *args[position + 1:])
+    modulation = project(args[position])
+    if modulation is None:  # the call passes the projection already
+        return args, None
+    projected = (*args[:position], modulation, *args[position + 1:])
     graph = graphs.get(call_key(projected, kwargs))
     return (projected, graph) if graph is not None else (args, None)
 

@@ -257,8 +257,11 @@ class FluxTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.ff_context = FeedForward(dim)
 
-    def modulation(self, temb: torch.Tensor) -> torch.Tensor:
-        """This block's precomputed modulation (``forward``'s ``temb`` form): (batch, 12 * dim)."""
+    def modulation(self, temb: torch.Tensor) -> torch.Tensor | None:
+        """This block's precomputed modulation (``forward``'s ``temb`` form), (batch, 12 * dim), from the (batch,
+        dim) conditioning; None when ``temb`` is not the conditioning (a modulation already)."""
+        if temb.shape[-1] != self.norm1.linear.in_features:
+            return None
         return torch.cat([self.norm1.project(temb), self.norm1_context.project(temb)], dim=1)
 
     def forward(
@@ -304,9 +307,10 @@ class FluxSingleTransformerBlock(nn.Module):
         self.proj_out = nn.Linear(dim + mlp_hidden, dim)
         self.attn = FluxAttention(dim, num_attention_heads, attention_head_dim, context=False)
 
-    def modulation(self, temb: torch.Tensor) -> torch.Tensor:
-        """This block's precomputed modulation: ``norm``'s projection, (batch, 3 * dim)."""
-        return self.norm.project(temb)
+    def modulation(self, temb: torch.Tensor) -> torch.Tensor | None:
+        """This block's precomputed modulation: ``norm``'s projection, (batch, 3 * dim); None when ``temb`` is not
+        the conditioning."""
+        return self.norm.project(temb) if temb.shape[-1] == self.norm.linear.in_features else None
 
     def forward(
         self,

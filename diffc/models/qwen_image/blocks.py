@@ -131,8 +131,11 @@ class QwenImageTransformerBlock(nn.Module):
         self.img_mlp = FeedForward(dim)
         self.txt_mlp = FeedForward(dim)
 
-    def modulation(self, temb: torch.Tensor) -> torch.Tensor:
-        """This block's precomputed modulation (``forward``'s ``temb`` form): (batch, 12 * dim)."""
+    def modulation(self, temb: torch.Tensor) -> torch.Tensor | None:
+        """This block's precomputed modulation (``forward``'s ``temb`` form), (batch, 12 * dim), from the (batch,
+        dim) conditioning; None when ``temb`` is not the conditioning (a modulation already)."""
+        if temb.shape[-1] != self.img_mod[1].in_features:
+            return None
         return torch.cat([self.img_mod(temb), self.txt_mod(temb)], dim=1)
 
     def forward(
