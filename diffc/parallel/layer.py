@@ -63,7 +63,7 @@ SHARDING = {
     "FluxTransformer2DModel": Sharding(
         stream=Arg("hidden_states", 0), prefix=Arg("encoder_hidden_states", 1), rope=Arg("rope", 3), rope_dim=0,
         output=1, batched=("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
-                                 "modulation")),
+                           "modulation")),
     "WanTransformer3DModel": Sharding(
         stream=Arg("x", 0), rope=Arg("rope", 3), rope_dim=1, per_token=((Arg("temb", 2), 1),),
         batched=("hidden_states", "timestep", "encoder_hidden_states"), tokens=_wan_tokens),

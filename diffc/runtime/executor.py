@@ -172,7 +172,9 @@ class DiTStack:
         for calls that pass it (an artifact compiled without it keeps being served). ``precompute = False`` turns
         every such input off (a benchmark's comparison)."""
         compiled = self.compiled if not self._bare else None
-        return self.precompute and self.placement is None and (compiled is None or any(f",{keyword}=" in f",{key}" for key in compiled.buckets))
+        if not self.precompute or self.placement is not None:
+            return False
+        return compiled is None or any(f",{keyword}=" in f",{key}" for key in compiled.buckets)
 
     @contextlib.contextmanager
     def bare(self) -> Iterator[nn.Module]:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..flux.blocks import FeedForward, FluxAttention, SiLUMLP, apply_rope, precomputed
+from ..flux.blocks import FeedForward, FluxAttention, SiLUMLP, apply_rope
+from ..modulation import precomputed
 
 TIME_PROJ_DIM = 256
 ROPE_THETA = 10000
