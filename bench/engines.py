@@ -281,8 +281,7 @@ class DiffcEngine(Engine):
         here, outside the timed calls; ``e2e`` pays it once a window of steps) where the stack takes it."""
         stack = self.transformer
         module = stack.module
-        if not (stack.precompute and stack.placement is None and hasattr(module, "modulation")) \
-                or "modulation" in inputs:
+        if not hasattr(module, "modulation") or not stack.takes("modulation") or "modulation" in inputs:
             return inputs
         key = (id(inputs), len(stack.transforms))
         if getattr(self, "_step_key", None) != key:

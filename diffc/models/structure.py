@@ -9,6 +9,8 @@ step cache all read the blocks through :func:`dit_regions`, never by special-cas
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 
 from torch import nn
 
@@ -124,6 +126,12 @@ def has_regions(dit: nn.Module) -> bool:
         return bool(dit_regions(dit))
     except RegionError:
         return False
+
+
+@functools.cache
+def forward_parameters(block_class: type) -> tuple[inspect.Parameter, ...]:
+    """The parameters of ``block_class.forward`` after ``self``, in order (how a block call's arguments are read)."""
+    return tuple(inspect.signature(block_class.forward).parameters.values())[1:]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import logging
 from typing import Any, Callable
 
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from ..compile.regions import RegionGraph, call_key
+from ..models.structure import forward_parameters
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,8 @@ def _projected(block: nn.Module, graphs: dict[str, RegionGraph], args: tuple, kw
     return (projected, graph) if graph is not None else (args, None)
 
 
-@functools.cache
 def _temb_position(cls: type) -> int | None:
-    names = [p.name for p in inspect.signature(cls.forward).parameters.values()][1:]
+    names = [p.name for p in forward_parameters(cls)]
     return names.index("temb") if "temb" in names else None
 
 

@@ -8,13 +8,12 @@ for given stream values (what a skipped block hands on).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
-from ...models.structure import BlockStreams, RegionError
+from ...models.structure import BlockStreams, RegionError, forward_parameters
 
 
 class StreamIO:
@@ -23,7 +22,7 @@ class StreamIO:
     def __init__(self, spec: BlockStreams, block: nn.Module):
         self.spec = spec
         self.names = tuple(spec.inputs)
-        params = [p for p in inspect.signature(type(block).forward).parameters.values()][1:]  # drop self
+        params = forward_parameters(type(block))
         positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         missing = [n for n in self.names if n not in positional]
         if missing:

@@ -12,14 +12,13 @@ else the raw relative L1 (rescale = identity), which needs its own threshold.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...errors import InvalidArgumentError
-from ...models.structure import RegionError, residual_regions
+from ...models.structure import RegionError, forward_parameters, residual_regions
 from .base import BlockStepCache, _Forward
 from .state import polynomial, rel_l1, teacache_skips
 from .streams import StreamIO
@@ -47,7 +46,7 @@ class TeaCache(BlockStepCache):
         self.rescale = polynomial(self.coefficients)
         super().__init__(config, dit)
         first = residual_regions(dit)[0].blocks[0]
-        names = [p.name for p in inspect.signature(type(first).forward).parameters.values()][1:]
+        names = [p.name for p in forward_parameters(type(first))]
         missing = [n for n in spec.args if n not in names]
         if missing:
             raise RegionError(f"{self.model}._teacache reads the first block's argument {missing[0]!r}, which "
