@@ -146,7 +146,7 @@ class DiffcEngine(Engine):
     kind = "diffc"
 
     def __init__(self, family: Family, device: torch.device, dtype: torch.dtype, transformer, vae, pipe=None):
-        from diffc.runtime.executor import DiTStack
+        from diffc.runtime.dit_stack import DiTStack
 
         if not isinstance(transformer, DiTStack):  # a bare DiT (--skip-e2e): a stack of its own
             transformer = DiTStack("transformer", transformer, device, cuda_graphs=False)

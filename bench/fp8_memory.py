@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     from diffc.compile.regions import dit_regions
     from diffc.models.flux.transformer import FLUX_TRANSFORMER_SPECS, FluxTransformer2DModel
     from diffc.runtime.compiled import CompiledDiT
-    from diffc.runtime.executor import DiTStack
+    from diffc.runtime.dit_stack import DiTStack
 
     from .measure import GB, allocated_gb, peak_memory, sync, time_calls
 

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     from diffc.compile.pipeline import compile_dit
     from diffc.runtime.compiled import CompiledDiT
-    from diffc.runtime.executor import DiTStack
+    from diffc.runtime.dit_stack import DiTStack
 
     spec, device, dtype = SPECS[args.model], torch.device(args.device), torch.bfloat16
     family = FAMILIES[spec.family]

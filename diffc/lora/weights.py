@@ -20,7 +20,7 @@ DIT_COMPONENTS = ("transformer", "transformer_2")
 
 def eager_module(module: Any) -> nn.Module:
     """The eager module behind a pipeline's denoiser slot (the runtime executor's ``DiTStack``)."""
-    from ..runtime.executor import unwrap
+    from ..runtime.dit_stack import unwrap
 
     return unwrap(module)
 

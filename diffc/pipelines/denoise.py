@@ -77,7 +77,7 @@ def modulation_table(transformer, timesteps: torch.Tensor, rows: int,
     """The DiT's adaLN modulation for a generation's steps (``transformer.modulation``, :mod:`diffc.models.modulation`:
     the projection weights read once a window of steps instead of once a step), ``rows`` a step; None where the DiT
     takes no precomputed modulation (a diffusers module, offloaded weights, a compiled DiT without graphs for it:
-    :meth:`~diffc.runtime.executor.DiTStack.takes`). ``inputs(t, steps)`` makes ``modulation``'s keyword arguments
+    :meth:`~diffc.runtime.dit_stack.DiTStack.takes`). ``inputs(t, steps)`` makes ``modulation``'s keyword arguments
     from ``t``, the window's timesteps repeated ``rows`` times each ((steps * rows,), step-major), as the pipeline's
     DiT call makes its own from one step's."""
     takes = getattr(transformer, "takes", None)

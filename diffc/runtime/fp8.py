@@ -21,7 +21,7 @@ since becomes a memory-mapped view of its file (:mod:`diffc.stored`): no copy, n
 beyond the page cache; any other weight is copied. :meth:`Fp8Weights.restore` brings originals back where
 something needs them on the device: a compile (its trace and bf16 reference), removing the tier, and a
 LoRA merge, whose layers then stay on the device (it writes into the bf16 weight and stashes the
-original there, as without fp8). The DiT stack decides which layers go (:mod:`diffc.runtime.executor`).
+original there, as without fp8). The DiT stack decides which layers go (:mod:`diffc.runtime.dit_stack`).
 """
 
 from __future__ import annotations

@@ -229,7 +229,7 @@ def test_a_lora_merge_brings_its_layers_back_and_keeps_them():
     merge (and stay), are re-quantized from the merged weights, and unmerge bit for bit; the rest stay released."""
     from diffc.lora import LoraManager
     from diffc.ops.fp8 import quantize_weight
-    from diffc.runtime.executor import DiTStack
+    from diffc.runtime.dit_stack import DiTStack
     from tests.lora import writers as W
 
     net, _ = _model("wan")

@@ -12,7 +12,7 @@ from diffc.compile.pipeline import compile_dit
 from diffc.compile.regions import RegionGraph
 from diffc.models.flux.transformer import FLUX_TRANSFORMER_SPECS, FluxTransformer2DModel
 from diffc.runtime.compiled import CompiledDiT
-from diffc.runtime.executor import DiTStack
+from diffc.runtime.dit_stack import DiTStack
 from tests.runtime.test_cudagraphs_gpu import flux_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -215,7 +215,7 @@ def test_cpu_default_runs_without_cuda_graphs(flux_checkpoint):
     assert runtime["cuda_graphs"] == {"enabled": False, "reason": "off on cpu"} and runtime["compiled"] is None
     assert runtime["dit"]["transformer"]["layers"] == ["eager FluxTransformer2DModel", "placement resident",
                                                       "no cuda graphs"]
-    from diffc.runtime.executor import DiTStack, unwrap
+    from diffc.runtime.dit_stack import DiTStack, unwrap
 
     assert isinstance(pipe.components["transformer"], DiTStack)
     assert type(unwrap(pipe.components["transformer"])).__name__ == "FluxTransformer2DModel"

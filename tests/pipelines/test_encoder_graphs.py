@@ -12,7 +12,7 @@ import pytest
 
 import diffc
 import diffc.runtime.encoders as encoders_module
-from diffc.runtime.executor import unwrap
+from diffc.runtime.dit_stack import unwrap
 from tests.runtime.test_cudagraphs import EmulatedGraphs
 
 # family -> (checkpoint fixture, variant, request, encoder calls per generation)

@@ -200,14 +200,14 @@ def test_bad_padded_caption_lengths_name_the_field(zimage_checkpoint, padded, ma
 def test_guided_generation_replays_one_dit_graph(zimage_checkpoint, monkeypatch):
     """Prompt and negative prompt of other lengths (a padding mask): the DiT call's signature holds the padded
     caption lengths (host values), so every step after the first replays the graph, with the eager pixels."""
-    import diffc.runtime.executor as executor_module
+    import diffc.runtime.dit_stack as dit_stack_module
     from tests.runtime.test_cudagraphs import EmulatedGraphs
 
     pipe = diffc.load(zimage_checkpoint("tiny"), device="cpu")
     kw = dict(height=32, width=32, num_inference_steps=3, guidance_scale=2.5, max_sequence_length=64,
               negative_prompt="blurry", seed=5, progress=False)
     eager = pipe.generate(PROMPT, **kw).images[0]
-    monkeypatch.setattr(executor_module, "CudaGraphModule", EmulatedGraphs)
+    monkeypatch.setattr(dit_stack_module, "CudaGraphModule", EmulatedGraphs)
     stack = pipe.components["transformer"]
     stack.set_cuda_graphs(True)
     assert np.array_equal(pipe.generate(PROMPT, **kw).images[0], eager)

@@ -17,7 +17,7 @@ from diffc.models.structure import BlockStreams, TeaCacheFit, TeaCacheSpec
 from diffc.models.wan.transformer import WAN_TRANSFORMER_SPECS, WanTransformer3DModel
 from diffc.runtime.cache import CacheConfig, build_cache, cache_config
 from diffc.runtime.cache.taylorseer import TaylorSeer
-from diffc.runtime.executor import DiTStack
+from diffc.runtime.dit_stack import DiTStack
 from tests.runtime.test_cudagraphs import EmulatedGraphs
 from tests.runtime.test_offload import tiny_flux, tiny_wan
 
@@ -322,9 +322,9 @@ def test_flux_streams_flow_through_both_lists(tiny):
 
 
 def test_cuda_graphs_capture_block_segments(tiny, monkeypatch):
-    import diffc.runtime.executor as executor_module
+    import diffc.runtime.dit_stack as dit_stack_module
 
-    monkeypatch.setattr(executor_module, "CudaGraphModule", EmulatedGraphs)
+    monkeypatch.setattr(dit_stack_module, "CudaGraphModule", EmulatedGraphs)
     model, inputs, scale = tiny("flux")
     plain = DiTStack("transformer", model, CPU, cuda_graphs=False)
     config = CacheConfig("dbcache", fn=2, bn=1, threshold=100.0, warmup_steps=1, max_skips_in_a_row=1)

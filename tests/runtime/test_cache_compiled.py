@@ -12,7 +12,7 @@ import torch
 from diffc.compile.pipeline import compile_dit
 from diffc.runtime.cache import CacheConfig, build_cache
 from diffc.runtime.compiled import CompiledDiT
-from diffc.runtime.executor import DiTStack
+from diffc.runtime.dit_stack import DiTStack
 from tests.runtime.test_cache import denoise
 from tests.runtime.test_offload import tiny_flux
 

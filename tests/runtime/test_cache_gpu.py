@@ -15,7 +15,7 @@ from diffc.demo import demo_checkpoint
 from diffc.models.flux.transformer import FLUX_TRANSFORMER_SPECS, FluxTransformer2DModel
 from diffc.models.wan.transformer import WAN_TRANSFORMER_SPECS, WanTransformer3DModel
 from diffc.runtime.cache import CacheConfig, build_cache
-from diffc.runtime.executor import DiTStack
+from diffc.runtime.dit_stack import DiTStack
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

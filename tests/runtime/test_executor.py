@@ -10,7 +10,8 @@ import torch
 from diffc.compile.pipeline import compile_dit
 from diffc.compile.regions import call_key
 from diffc.runtime.compiled import CompiledDiT
-from diffc.runtime.executor import DiTStack, Executor, unwrap
+from diffc.runtime.dit_stack import DiTStack, unwrap
+from diffc.runtime.executor import Executor
 from diffc.runtime.options import RuntimeOptions
 from tests.runtime.test_cudagraphs import EmulatedGraphs
 from tests.runtime.test_offload import RecordingStreams, _run, tiny_flux, tiny_wan
@@ -86,9 +87,9 @@ def test_compiled_with_layerwise_offload(compiled_tiny, family):
 
 
 def test_compiled_with_cuda_graphs(compiled_tiny, monkeypatch):
-    import diffc.runtime.executor as executor_module
+    import diffc.runtime.dit_stack as dit_stack_module
 
-    monkeypatch.setattr(executor_module, "CudaGraphModule", EmulatedGraphs)
+    monkeypatch.setattr(dit_stack_module, "CudaGraphModule", EmulatedGraphs)
     model, inputs, layer = compiled_tiny("flux")
     stack = _stack(model)
     stack.set_compiled(layer)
@@ -112,10 +113,10 @@ def test_compiled_with_cuda_graphs(compiled_tiny, monkeypatch):
 def test_one_graph_per_compiled_key(compiled_tiny, monkeypatch):
     """A compile of many call keys (Z-Image: one per prompt length) keeps a whole-forward graph for each; the
     default limit stays for fewer; the limit follows the compiled layer in place."""
-    import diffc.runtime.executor as executor_module
+    import diffc.runtime.dit_stack as dit_stack_module
     from diffc.runtime.cudagraphs import DEFAULT_MAX_GRAPHS
 
-    monkeypatch.setattr(executor_module, "CudaGraphModule", EmulatedGraphs)
+    monkeypatch.setattr(dit_stack_module, "CudaGraphModule", EmulatedGraphs)
     model, inputs, layer = compiled_tiny("flux")
     stack = _stack(model)
     stack.set_cuda_graphs(True)

@@ -167,7 +167,7 @@ def test_compiled_fp8_dit_keeps_the_unread_bf16_weights_on_the_host(source, tmp_
     from diffc.compile.regions import dit_regions
     from diffc.models.flux.transformer import FLUX_TRANSFORMER_SPECS, FluxTransformer2DModel
     from diffc.runtime.compiled import CompiledDiT
-    from diffc.runtime.executor import DiTStack
+    from diffc.runtime.dit_stack import DiTStack
 
     spec = next((s for k, s in FLUX_TRANSFORMER_SPECS.items() if "dev" in k), None)
     if spec is None:

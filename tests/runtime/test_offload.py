@@ -353,7 +353,7 @@ def test_text_encoders_visit_the_device_for_their_forward():
 def test_a_wrapped_dit_is_refused_not_left_on_the_device():
     """A pipeline's components hold DiT stacks (the module behind them): apply_offload given them says so instead
     of offloading everything but the DiT; the executor's placement hands it the eager modules."""
-    from diffc.runtime.executor import DiTStack
+    from diffc.runtime.dit_stack import DiTStack
 
     comps, inputs = _components()
     comps["transformer"] = DiTStack("transformer", comps["transformer"], CPU)

@@ -66,7 +66,7 @@ def text_encoder_names(pipe) -> tuple[str, ...]:
     models (text and image encoders), whatever the pipeline calls them (also while they replay CUDA graphs)."""
     import transformers
 
-    from ...runtime.executor import unwrap
+    from ...runtime.dit_stack import unwrap
 
     return tuple(name for name, module in pipe.components.items()
                  if isinstance(unwrap(module), transformers.PreTrainedModel))

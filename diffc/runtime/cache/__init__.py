@@ -9,7 +9,7 @@
 - :mod:`.graphs`: CUDA graphs per block segment, so that graphs and a cache work together.
 
 ``DiTStack.set_cache(build_cache(config, dit))`` installs one; ``Executor.set_cache(config)`` does it for
-every DiT of a pipeline (see ``diffc/runtime/executor.py``).
+every DiT of a pipeline (see ``diffc/runtime/dit_stack.py`` and ``executor.py``).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def test_compile_cli_then_run_compiled_is_lossless(generic_checkpoint, tmp_path,
 
 
 def test_fast_tier_compiles_every_region_of_the_diffusers_dit(generic_checkpoint, monkeypatch):
-    import diffc.runtime.executor as executor_module
+    import diffc.runtime.dit_stack as dit_stack_module
     from tests.compile.test_diffusers_blocks import EXPECTED, PASSES
     from tests.runtime.test_cudagraphs import EmulatedGraphs
 
@@ -66,7 +66,7 @@ def test_fast_tier_compiles_every_region_of_the_diffusers_dit(generic_checkpoint
     assert psnr_uint8(out.frames, eager) >= 35.0
     # the blocks' attention over the keys the prompt's padding mask keeps reads the mask on the host: no CUDA
     # graphs, said so, even when asked for
-    monkeypatch.setattr(executor_module, "CudaGraphModule", EmulatedGraphs)
+    monkeypatch.setattr(dit_stack_module, "CudaGraphModule", EmulatedGraphs)
     pipe.executor.set_cuda_graphs(True)
     again = pipe.generate("waves at sunset", seed=5, progress=False, **REQUESTS["hunyuan"])
     assert np.array_equal(again.frames, out.frames)

@@ -68,9 +68,9 @@ def test_offload_gives_the_resident_output(name, generic_pipe):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_cuda_graphs_replay_the_diffusers_transformer(name, generic_pipe, monkeypatch):
-    import diffc.runtime.executor as executor_module
+    import diffc.runtime.dit_stack as dit_stack_module
 
-    monkeypatch.setattr(executor_module, "CudaGraphModule", EmulatedGraphs)
+    monkeypatch.setattr(dit_stack_module, "CudaGraphModule", EmulatedGraphs)
     pipe = generic_pipe(name)
     resident = _output(pipe, name)
     try:
@@ -137,7 +137,7 @@ def _cached(pipe, name: str, **cache) -> tuple[np.ndarray, dict]:
 def test_step_cache_on_the_diffusers_transformer(name, generic_pipe, monkeypatch):
     """The streams come from the blocks' own code; threshold 0 never skips (the uncached pixels), a large one
     skips every step after the warm-up, and CUDA graphs (emulated) capture the block segments around it."""
-    import diffc.runtime.executor as executor_module
+    import diffc.runtime.dit_stack as dit_stack_module
 
     pipe = generic_pipe(name)
     plain, none = _cached(pipe, name)
@@ -148,7 +148,7 @@ def test_step_cache_on_the_diffusers_transformer(name, generic_pipe, monkeypatch
     options = {"threshold": 100.0, "warmup_steps": 2, "max_skips_in_a_row": STEPS}
     skipping, described = _cached(pipe, name, cache="fbcache", cache_options=options)
     assert described["skipped_steps"] == list(range(2, STEPS)) and not np.array_equal(skipping, plain)
-    monkeypatch.setattr(executor_module, "CudaGraphModule", EmulatedGraphs)
+    monkeypatch.setattr(dit_stack_module, "CudaGraphModule", EmulatedGraphs)
     try:
         pipe.executor.set_cuda_graphs(True)
         for _ in range(2):
