@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ...errors import CheckpointError, DiffcError, InvalidArgumentError
+from ...errors import CheckpointError, DiffcError
 
 log = logging.getLogger(__name__)
 
