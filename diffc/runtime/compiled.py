@@ -129,6 +129,7 @@ def _projected(block: nn.Module, graphs: dict[str, RegionGraph], args: tuple, kw
     return (projected, graph) if graph is not None else (args, None)
 
 
+@functools.cache
 def _temb_position(cls: type) -> int | None:
     names = [p.name for p in forward_parameters(cls)]
     return names.index("temb") if "temb" in names else None

@@ -50,6 +50,12 @@ def _generate(pipe, **kw):
     return pipe.generate(PROMPT, seed=5, progress=False, **kw)
 
 
+def _load_ungraphed(path):
+    """The pipeline without CUDA graphs: the forward hooks that count DiT calls see a graph's warm-up and capture
+    only, not its replays."""
+    return diffc.load(path, cuda_graphs=False)
+
+
 def _recording(stack):
     seen = []
     hook = stack.module.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("modulation")), with_kwargs=True)
@@ -58,8 +64,7 @@ def _recording(stack):
 
 @pytest.mark.parametrize("negative", [False, True])
 def test_flux_generation_passes_the_precomputed_modulation(flux_checkpoint, negative):
-    # forward hooks see a CUDA graph's warm-up and capture only, not its replays: count calls without graphs
-    pipe = diffc.load(flux_checkpoint("dev-tiny"), cuda_graphs=False)
+    pipe = _load_ungraphed(flux_checkpoint("dev-tiny"))
     stack = pipe.components["transformer"]
     kw = dict(negative_prompt="blurry", true_cfg_scale=4.0) if negative else {}
     seen, hook = _recording(stack)
@@ -86,8 +91,7 @@ def test_flux_generation_passes_the_precomputed_modulation(flux_checkpoint, nega
 
 
 def test_takes_follows_placement_and_compiled_buckets(flux_checkpoint):
-    # forward hooks see a CUDA graph's warm-up and capture only, not its replays: count calls without graphs
-    pipe = diffc.load(flux_checkpoint("dev-tiny"), cuda_graphs=False)
+    pipe = _load_ungraphed(flux_checkpoint("dev-tiny"))
     stack = pipe.components["transformer"]
     assert stack.takes("modulation")
     stack.set_compiled(CompiledDiT({}, ["hidden_states=1x24x16:float32,timestep=1:float32"], {}))
@@ -114,8 +118,7 @@ def test_takes_follows_placement_and_compiled_buckets(flux_checkpoint):
 def test_graphs_of_the_precomputed_form_serve_calls_with_the_conditioning(flux_checkpoint):
     """Compiled where the pipeline precomputes the modulation, run where it cannot (offload, here switched off):
     each block projects its own conditioning in its forward and runs the graph compiled for the projection."""
-    # forward hooks see a CUDA graph's warm-up and capture only, not its replays: count calls without graphs
-    pipe = diffc.load(flux_checkpoint("dev-tiny"), cuda_graphs=False)
+    pipe = _load_ungraphed(flux_checkpoint("dev-tiny"))
     stack = pipe.components["transformer"]
     report = pipe.compile([{"height": 32, "width": 48, "max_sequence_length": 16}], log=lambda line: None)
     assert all(",modulation=" in f",{b.key}" for b in report.buckets)

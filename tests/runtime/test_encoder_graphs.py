@@ -12,8 +12,8 @@ import torch
 from transformers import T5Config, T5EncoderModel
 
 import diffc.runtime.encoders as encoders_module
-from diffc.runtime.executor import Executor
 from diffc.runtime.dit_stack import unwrap
+from diffc.runtime.executor import Executor
 from diffc.runtime.options import RuntimeOptions
 from tests.runtime.test_cudagraphs import EmulatedGraphs
 from tests.runtime.test_offload import RecordingStreams
