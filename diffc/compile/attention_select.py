@@ -15,6 +15,12 @@ except that ``"sdpa"`` (leave the node to torch's dispatcher) is kept unless ano
 more than ``margin`` and by more than :data:`MIN_GAIN_MS` a call: below that the difference is timing noise
 (at small shapes, where calls take microseconds, two compiles would otherwise choose different kernels by it),
 and the untouched node is bit-exact.
+
+Key-masked shapes (:attr:`AttentionShape.key_mask`: a boolean mask that only drops keys, prompt padding in a
+joint sequence) are measured the same way with such a mask: ``"sdpa"`` is then torch's masked kernel, and the
+candidates are the backends with a key-mask form (:attr:`AttentionBackend.key_mask_op`); the others are
+reported unavailable for that shape. The timing mask keeps all keys but a short run, so that a kernel that
+only reads the kept keys is timed at about its slowest.
 """
 
 from __future__ import annotations
@@ -47,24 +53,29 @@ _DISPATCHER = {0: "math", 1: "sdpa_flash", 2: "sdpa_efficient", 3: "sdpa_cudnn",
 
 @dataclasses.dataclass(frozen=True)
 class AttentionShape:
-    """q: (batch, heads, seq_q, head_dim); k, v: (batch, heads, seq_kv, head_dim)."""
+    """q: (batch, heads, seq_q, head_dim); k, v: (batch, heads, seq_kv, head_dim); ``key_mask``: the call
+    passes a boolean (batch or 1, 1, 1, seq_kv) mask that drops keys."""
 
     batch: int
     heads: int
     seq_q: int
     seq_kv: int
     head_dim: int
+    key_mask: bool = False
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if f.name == "key_mask":
+                if not isinstance(value, bool):
+                    raise InvalidArgumentError("shape.key_mask", f"expected True or False, got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgumentError(f"shape.{f.name}", f"expected a positive integer, got {value!r}")
 
     @classmethod
-    def of(cls, q: torch.Tensor, k: torch.Tensor) -> AttentionShape:
+    def of(cls, q: torch.Tensor, k: torch.Tensor, key_mask: bool = False) -> AttentionShape:
         batch, heads, seq_q, head_dim = q.shape
-        return cls(int(batch), int(heads), int(seq_q), int(k.shape[-2]), int(head_dim))
+        return cls(int(batch), int(heads), int(seq_q), int(k.shape[-2]), int(head_dim), key_mask)
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -74,7 +85,9 @@ class AttentionShape:
 class AttentionBackend:
     """One attention kernel. ``op(q, k, v, *extra_args, scale=scale)[output_index]`` is attention's
     (B, H, S_q, D) output (``output_index`` None: the op returns it alone); a backend without an ATen
-    op runs ``adapter(q, k, v, scale)`` and can be measured but not yet lowered into a graph."""
+    op runs ``adapter(q, k, v, scale)`` and can be measured but not yet lowered into a graph.
+    ``key_mask_op(q, k, v, mask, scale)``, where there is one, is the backend's form for a boolean mask
+    that only drops keys (``sdpa`` takes the mask itself)."""
 
     name: str
     device_type: str  # "cpu", "cuda" or "any"
@@ -83,12 +96,24 @@ class AttentionBackend:
     output_index: int | None = None
     adapter: Callable | None = None
     requires: Callable[[], str | None] | None = None  # None when usable, else why not
+    key_mask_op: torch._ops.OpOverload | None = None
+
+    @property
+    def takes_key_mask(self) -> bool:
+        return self.name == "sdpa" or self.key_mask_op is not None
 
     def graph_args(self, q, k, v, scale: float | None) -> tuple[tuple, dict]:
         """Positional and keyword arguments of ``op`` (tensors or graph nodes for q, k, v)."""
         return (q, k, v, *self.extra_args), ({} if scale is None else {"scale": scale})
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                 mask: torch.Tensor | None = None):
+        if mask is not None:
+            if self.key_mask_op is not None:
+                return self.key_mask_op(q, k, v, mask, scale)
+            if self.name != "sdpa":
+                raise InvalidArgumentError("mask", f"backend {self.name!r} has no key-mask form")
+            return self.op(q, k, v, attn_mask=mask, **({} if scale is None else {"scale": scale}))
         if self.op is None:
             return self.adapter(q, k, v, scale)
         args, kwargs = self.graph_args(q, k, v, scale)
@@ -139,16 +164,17 @@ BACKENDS: dict[str, AttentionBackend] = {
             "sdpa_flash_cpu", "cpu", aten._scaled_dot_product_flash_attention_for_cpu.default, (0.0, False), 0
         ),
         # diffc's ops around external kernels: (q, k, v, scale) -> output, see diffc/ops/attention_*.py
-        AttentionBackend("fa4", "cuda", torch.ops.diffc.attention_fa4.default, requires=_fa4_ready),
+        AttentionBackend("fa4", "cuda", torch.ops.diffc.attention_fa4.default, requires=_fa4_ready,
+                         key_mask_op=torch.ops.diffc.attention_fa4_key_mask.default),
         AttentionBackend("flashinfer", "cuda", torch.ops.diffc.attention_flashinfer.default,
                          requires=_flashinfer_ready),
     )
 }
 
 
-def dispatcher_pick(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+def dispatcher_pick(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> str:
     """The kernel ``aten.scaled_dot_product_attention`` runs for these inputs, as a backend name."""
-    name = _DISPATCHER.get(int(aten._fused_sdp_choice(q, k, v)), "unknown")
+    name = _DISPATCHER.get(int(aten._fused_sdp_choice(q, k, v, mask)), "unknown")
     return "sdpa_flash_cpu" if name == "sdpa_flash" and q.device.type == "cpu" else name
 
 
@@ -215,11 +241,26 @@ def _random_qkv(shape: AttentionShape, device: torch.device, dtype: torch.dtype,
     return make(shape.seq_q), make(shape.seq_kv), make(shape.seq_kv)
 
 
-def _reference_rel_err(out: torch.Tensor, q, k, v, scale: float) -> float:
+def timing_mask(shape: AttentionShape, device: torch.device) -> torch.Tensor:
+    """The (batch, 1, 1, seq_kv) key mask a key-masked shape is measured with: every key but a run of
+    ``max(1, seq_kv // 32)`` starting at a quarter of the keys (a prompt's padding between its tokens and the
+    image's), one key later for each further batch element (each drops its own keys)."""
+    n = shape.seq_kv
+    run = max(1, n // 32)
+    keys = torch.arange(n, device=device)
+    starts = torch.arange(shape.batch, device=device)[:, None] + n // 4
+    drop = (keys >= starts) & (keys < starts + run)
+    return torch.logical_not(drop)[:, None, None, :]
+
+
+def _reference_rel_err(out: torch.Tensor, q, k, v, scale: float, mask: torch.Tensor | None = None) -> float:
     """||out - ref|| / ||ref|| on batch item 0, the first REF_HEADS heads and REF_ROWS query rows."""
     h, rows = min(REF_HEADS, q.shape[1]), min(REF_ROWS, q.shape[2])
     q32, k32, v32 = q[0, :h, :rows].float(), k[0, :h].float(), v[0, :h].float()
-    ref = torch.softmax(q32 @ k32.transpose(-1, -2) * scale, dim=-1) @ v32  # (h, rows, D)
+    scores = q32 @ k32.transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(torch.logical_not(mask[0, 0, 0]), -math.inf)
+    ref = torch.softmax(scores, dim=-1) @ v32  # (h, rows, D)
     got = out[0, :h, :rows].float()
     if not torch.isfinite(got).all():
         return math.inf
@@ -253,17 +294,17 @@ def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iter
     return statistics.median(times)
 
 
-def _measure(backend: AttentionBackend, qkv, device, dtype, warmup, iters) -> CandidateResult:
+def _measure(backend: AttentionBackend, qkv, mask, device, dtype, warmup, iters) -> CandidateResult:
     q, k, v = qkv
     scale = 1.0 / math.sqrt(q.shape[-1])
     try:
-        out = backend(q, k, v, scale)
+        out = backend(q, k, v, scale, mask)
         if tuple(out.shape) != tuple(q.shape):
             return CandidateResult("wrong", reason=f"output shape {tuple(out.shape)}, expected {tuple(q.shape)}")
-        err = _reference_rel_err(out, q, k, v, scale)
+        err = _reference_rel_err(out, q, k, v, scale, mask)
         if not err <= REL_TOL[dtype]:
             return CandidateResult("wrong", rel_err=err, reason=f"relative error {err:.3g} > {REL_TOL[dtype]:g}")
-        ms = _median_ms(lambda: backend(q, k, v, scale), device, warmup, iters)
+        ms = _median_ms(lambda: backend(q, k, v, scale, mask), device, warmup, iters)
     except Exception as e:  # noqa: BLE001  (a kernel refusing a shape or dtype is a result, not a failure)
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return CandidateResult("error", reason=f"{type(e).__name__}: {message}"[:300])
@@ -332,15 +373,18 @@ def select_attention_backend(
     with torch.no_grad():
         for i, shape in enumerate(shapes):
             qkv = _random_qkv(shape, device, dtype, seed=i)
+            mask = timing_mask(shape, device) if shape.key_mask else None
             results = {}
             for name in names:
                 why = table[name].unavailable(device)
+                if why is None and mask is not None and not table[name].takes_key_mask:
+                    why = "no key-mask form"
                 results[name] = (
                     CandidateResult("unavailable", reason=why) if why
-                    else _measure(table[name], qkv, device, dtype, warmup, iters)
+                    else _measure(table[name], qkv, mask, device, dtype, warmup, iters)
                 )
                 if results[name].status == "ok" and table[name].op is None:
                     results[name].reason = "measured only: no ATen op to lower a graph onto"
-            chosen.append(ShapeChoice(shape, _choose(results, table, margin), dispatcher_pick(*qkv), results))
-            del qkv
+            chosen.append(ShapeChoice(shape, _choose(results, table, margin), dispatcher_pick(*qkv, mask), results))
+            del qkv, mask
     return AttentionChoice(str(device), dtype, chosen)

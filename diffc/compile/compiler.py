@@ -247,15 +247,18 @@ def lower_attention(program, device: torch.device, dtype: torch.dtype, attention
     is not torch's own kernel is measured and reported but not applied. Returns the choice as a dict
     with ``backend`` (a summary), ``requested``, ``replaced`` and ``applied``.
     """
-    from .attention_select import select_attention_backend
+    from .attention_select import BACKENDS, select_attention_backend
     from .passes.attention import AttentionLoweringPass, attention_shapes
 
     check_attention(attention)
     gm = program.graph_module
-    shapes = attention_shapes(gm, dtype)
+    candidates = None if attention == "auto" else ["sdpa", attention]
+    # key-masked calls are measured where a candidate other than the masked sdpa can take them
+    key_masks = any(BACKENDS[name].key_mask_op is not None and BACKENDS[name].unavailable(device) is None
+                    for name in (candidates or BACKENDS))
+    shapes = attention_shapes(gm, dtype, key_masks=key_masks)
     if not shapes:
         return {"backend": "none", "replaced": 0, "applied": False, "shapes": []}
-    candidates = None if attention == "auto" else ["sdpa", attention]
     choice = select_attention_backend(shapes, device, dtype, candidates=candidates)
     lowering = AttentionLoweringPass(choice)
     applied = tier != "lossless" or lowering.bit_exact

@@ -17,6 +17,15 @@ pays, a forward takes seconds and launch overhead is well under 1%). A batch
 element whose mask keeps no key runs the masked attention itself (whose output torch defines). The
 output is a (B, H, S_q, D) view of a (B, S_q, H, D) tensor, the layout the DiT's next transpose makes
 contiguous, as the other attention ops return it.
+
+``diffc::attention_fa4_key_mask`` is the same attention without a host read, for CUDA graphs: on the device,
+each batch element's kept keys (and values) are copied to the front in order (a stable sort of the mask, a
+gather of k and v) and FlashAttention-4 runs over that many of them (its ``seqused_k``, a device tensor).
+The copy costs about one read and one write of k and v, small beside the attention at the sequence lengths
+where the masked kernel is slow (Qwen-Image's 4,224 tokens, a prompt padded to its length bucket). A batch
+element whose mask keeps no key gets zeros, as torch's masked SDPA returns them. The compile-time attention
+selection (:mod:`diffc.compile.attention_select`) measures it against the masked SDPA per shape and lowers
+onto it where it is faster; without flash-attn-4 or a Hopper/Blackwell GPU it runs the masked SDPA.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
-from .attention_fa4 import bshd_output
+from .attention_fa4 import bshd_output, fa4_unavailable
 from .registry import expect_same_device, expect_shape, register_op
 
 
@@ -90,4 +99,39 @@ def attention_key_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     for i, kept in enumerate(keys):
         b = slice(i, i + 1)
         out[i] = F.scaled_dot_product_attention(q[b], _kept(k[b], kept), _kept(v[b], kept), scale=scale)[0].transpose(0, 1)
+    return out.transpose(1, 2)
+
+
+def compact_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k, v (B, H, S_kv, D) and a key mask (B or 1, 1, 1, S_kv) -> (B, S_kv, H, D) contiguous copies of k and v
+    with each batch element's kept keys first, in their order, and the int32 (B,) count of kept keys.
+
+    Everything stays on the device (no host read, so a CUDA graph can hold it); the rows after an element's
+    count are its dropped keys, which the kernel does not read."""
+    batch = k.shape[0]
+    keep = mask.reshape(mask.shape[0], mask.shape[-1]).expand(batch, mask.shape[-1])
+    order = torch.argsort(torch.logical_not(keep).to(torch.uint8), dim=1, stable=True)  # kept first, in order
+    rows = torch.arange(batch, device=k.device)[:, None]
+    return k.transpose(1, 2)[rows, order], v.transpose(1, 2)[rows, order], keep.sum(1, dtype=torch.int32)
+
+
+def _fa4_on(device: torch.device) -> str | None:
+    return fa4_unavailable() if device.type == "cuda" else f"needs a CUDA GPU, not {device.type}"
+
+
+def _checked_fallback(q, k, v, mask, scale=None) -> torch.Tensor:
+    _check(q, k, v, mask, scale)
+    return _fallback(q, k, v, mask, scale)
+
+
+@register_op("attention_fa4_key_mask", mutates_args=(), fake=_check, fallback=_checked_fallback,
+             unavailable=_fa4_on)
+def attention_fa4_key_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                           scale: float | None = None) -> torch.Tensor:
+    from flash_attn.cute import flash_attn_varlen_func
+
+    _check(q, k, v, mask, scale)
+    kc, vc, used = compact_keys(k, v, mask)
+    out = flash_attn_varlen_func(q.transpose(1, 2), kc, vc, seqused_k=used, softmax_scale=scale, causal=False)
+    out = out[0] if isinstance(out, tuple) else out  # (B, S_q, H, D)
     return out.transpose(1, 2)

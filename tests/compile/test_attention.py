@@ -165,7 +165,8 @@ def test_select_on_cpu_reports_every_candidate():
             assert s.candidates[name].status == "unavailable" and "CUDA" in s.candidates[name].reason
     record = json.loads(json.dumps(choice.to_dict()))
     assert record["dtype"] == "bfloat16" and record["device"] == "cpu" and len(record["shapes"]) == 2
-    assert record["shapes"][1]["shape"] == {"batch": 2, "heads": 2, "seq_q": 12, "seq_kv": 5, "head_dim": 12}
+    assert record["shapes"][1]["shape"] == {"batch": 2, "heads": 2, "seq_q": 12, "seq_kv": 5, "head_dim": 12,
+                                           "key_mask": False}
 
 
 def _raise(q, k, v, scale):
@@ -300,3 +301,97 @@ def test_the_log_says_why_a_backend_asked_for_is_not_used():
     shape["backend"] = "sdpa_flash_cpu"
     lossless = {**_summary(choice, "sdpa_flash_cpu", applied=False), "backend": "sdpa_flash_cpu", "shapes": [shape]}
     assert _passed_over(lossless) == " (sdpa_flash_cpu not used: measured, not applied under --quality lossless)"
+
+
+# ---- key-masked attention (a prompt padded to its length bucket) --------------------------------------------
+
+KEY_MASKED = AttentionShape(2, 2, 12, 12, 8, key_mask=True)
+
+
+class _KeyMasked(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), F.scaled_dot_product_attention(q, k, v)
+
+
+def _key_masked_inputs():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 12, 2, 8, generator=g).transpose(1, 2) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
+    mask[0, ..., 3:6] = False  # padding between the prompt's tokens and the image's
+    mask[1, ..., 9:] = False
+    return q, k, v, mask
+
+
+@pytest.fixture
+def fa4_anywhere(monkeypatch):
+    """The fa4 backend as if available on the CPU (its ops then run their references, the masked SDPA)."""
+    import dataclasses
+
+    monkeypatch.setitem(BACKENDS, "fa4", dataclasses.replace(BACKENDS["fa4"], device_type="any", requires=None))
+
+
+def test_key_masked_shapes_are_told_apart():
+    program = torch.export.export(_KeyMasked(), _key_masked_inputs())
+    assert attention_shapes(program.graph_module) == [KEY_MASKED, AttentionShape(2, 2, 12, 12, 8)]
+    assert attention_shapes(program.graph_module, key_masks=False) == [AttentionShape(2, 2, 12, 12, 8)]
+    assert KEY_MASKED.to_dict()["key_mask"] is True
+    with pytest.raises(InvalidArgumentError) as e:
+        AttentionShape(2, 2, 12, 12, 8, key_mask=1)
+    assert e.value.field == "shape.key_mask"
+
+
+@pytest.mark.usefixtures("fa4_anywhere")
+@pytest.mark.parametrize("key_padded", [False, True])
+def test_key_masked_calls_lower_onto_the_graph_safe_form(monkeypatch, key_padded):
+    """A key-masked call planned onto fa4 becomes diffc.attention_fa4_key_mask (no host read: the graph keeps its
+    CUDA graph), whether it is still an sdpa node or the key-padding pass made it diffc.attention_key_padding;
+    planned sdpa, it is kept; the unmasked call follows its own shape's plan."""
+    from diffc.compile.passes import KeyPaddingAttentionPass, key_padding
+    from diffc.ops.registry import HOST_READS
+
+    inputs = _key_masked_inputs()
+    for plan, lowered in (({KEY_MASKED: "fa4"}, 1), ({KEY_MASKED: "sdpa"}, 0), ("fa4", 2)):
+        program = torch.export.export(_KeyMasked(), inputs)
+        gm = program.graph_module
+        if key_padded:
+            monkeypatch.setattr(key_padding, "MIN_KEYS", 1)
+            assert KeyPaddingAttentionPass()(gm) == 1
+        fusion = AttentionLoweringPass(plan)
+        assert fusion(gm) == lowered and fusion.report.lowered == ({"fa4": lowered} if lowered else {})
+        targets = graph_targets(gm)
+        assert targets.get("diffc.attention_fa4_key_mask.default", 0) == (0 if plan == {KEY_MASKED: "sdpa"} else 1)
+        if plan != {KEY_MASKED: "sdpa"}:
+            assert not any(n.target in HOST_READS for n in gm.graph.nodes)
+        with torch.no_grad():
+            masked, plain = program.module()(*inputs)
+        q, k, v, mask = inputs
+        torch.testing.assert_close(masked, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        torch.testing.assert_close(plain, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_a_backend_without_a_key_mask_form_refuses_masked_sdpa_nodes():
+    program = torch.export.export(_KeyMasked(), _key_masked_inputs())
+    fusion = AttentionLoweringPass("sdpa_flash_cpu")
+    assert fusion(program.graph_module) == 1 and fusion.report.refused == {"attn_mask": 1}
+
+
+def test_selection_times_key_masked_shapes_with_a_key_mask():
+    """Masked shapes: the masked sdpa and the backends with a key-mask form, checked against the masked
+    reference (a kernel that ignores the mask is wrong); the others are unavailable for the shape."""
+    from diffc.compile.attention_select import timing_mask
+
+    ignores = lambda q, k, v, mask, scale: F.scaled_dot_product_attention(q, k, v, scale=scale)  # noqa: E731
+    table = {**BACKENDS,
+             "keymask": AttentionBackend("keymask", "cpu", SDPA_OP, key_mask_op=torch.ops.diffc.attention_key_padding.default),
+             "ignores": AttentionBackend("ignores", "cpu", SDPA_OP, key_mask_op=ignores)}
+    shape = AttentionShape(3, 2, 40, 64, 8, key_mask=True)
+    mask = timing_mask(shape, torch.device("cpu"))
+    assert mask.shape == (3, 1, 1, 64) and mask.sum(-1).flatten().tolist() == [62, 62, 62]
+    assert len({tuple(m.flatten().tolist()) for m in mask}) == 3  # each element drops its own keys
+    choice = select_attention_backend([shape], "cpu", torch.float32, ["sdpa", "sdpa_flash_cpu", "keymask", "ignores"],
+                                      backends=table, **FAST)
+    c = choice.shapes[0].candidates
+    assert c["sdpa"].status == "ok" and c["keymask"].status == "ok" and c["keymask"].rel_err < 1e-5
+    assert c["ignores"].status == "wrong"
+    assert c["sdpa_flash_cpu"].status == "unavailable" and c["sdpa_flash_cpu"].reason == "no key-mask form"
+    assert choice.shapes[0].backend in ("sdpa", "keymask")

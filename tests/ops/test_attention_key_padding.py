@@ -1,5 +1,6 @@
-"""diffc::attention_key_padding (attention under a boolean mask that only drops keys) against the masked
-``scaled_dot_product_attention`` it replaces, and the pass that lowers such nodes onto it."""
+"""diffc::attention_key_padding and diffc::attention_fa4_key_mask (attention under a boolean mask that only
+drops keys) against the masked ``scaled_dot_product_attention`` they replace, the device-side compaction of the
+kept keys the second one runs FlashAttention-4 on, and the pass that lowers such nodes onto the first."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffc.errors import InvalidArgumentError
-from diffc.ops.attention_key_padding import kept_keys, key_padding_ref
+from diffc.ops.attention_fa4 import fa4_unavailable
+from diffc.ops.attention_key_padding import compact_keys, kept_keys, key_padding_ref
 
 B, H, S, D = 2, 3, 24, 8
 
@@ -62,9 +64,51 @@ def test_equals_the_masked_attention(name):
         torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5, equal_nan=True)
 
 
-def test_opcheck():
+def _attend_compacted(q, k, v, mask, scale=None):
+    """What attention_fa4_key_mask asks of FA4, in torch: per batch element, unmasked attention over the first
+    ``used`` rows of the compacted keys (zeros where it keeps none)."""
+    kc, vc, used = compact_keys(k, v, mask)
+    out = torch.zeros_like(q)
+    for b, n in enumerate(used.tolist()):
+        if n:
+            kb, vb = (x[b:b + 1, :n].transpose(1, 2) for x in (kc, vc))
+            out[b:b + 1] = F.scaled_dot_product_attention(q[b:b + 1], kb, vb, scale=scale)
+    return out
+
+
+@pytest.mark.parametrize("name", MASKS)
+def test_compaction_puts_the_kept_keys_first(name):
+    """compact_keys (on the device, no host read): each element's kept keys first, in order, and their count;
+    attention over that many of them is the masked attention (zeros for an element that keeps none, as torch's)."""
+    mask, _ = MASKS[name]
+    q, k, v = _qkv(5)
+    kc, vc, used = compact_keys(k, v, mask)
+    keep = mask.reshape(mask.shape[0], S).expand(B, S)
+    assert used.dtype == torch.int32 and used.tolist() == keep.sum(1).tolist()
+    for b in range(B):
+        n = int(used[b])
+        assert kc.shape == (B, S, H, D) and kc.is_contiguous()
+        assert torch.equal(kc[b, :n], k.transpose(1, 2)[b][keep[b]]) and torch.equal(vc[b, :n], v.transpose(1, 2)[b][keep[b]])
+        assert torch.equal(kc[b, n:], k.transpose(1, 2)[b][~keep[b]])  # the dropped ones after, never read
+    for scale in (None, 0.3):
+        torch.testing.assert_close(_attend_compacted(q, k, v, mask, scale), key_padding_ref(q, k, v, mask, scale),
+                                   atol=2e-6, rtol=1e-5)
+
+
+def test_key_mask_op_without_fa4_runs_the_masked_attention():
+    q, k, v = _qkv(6)
+    mask = _text_first([4, 6])
+    out = torch.ops.diffc.attention_fa4_key_mask(q, k, v, mask, 0.5)
+    assert out.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(out, key_padding_ref(q, k, v, mask, 0.5), atol=2e-6, rtol=1e-5)
+    with pytest.raises(InvalidArgumentError, match=r"^mask: expected a boolean key mask"):
+        torch.ops.diffc.attention_fa4_key_mask(q, k, v, torch.zeros(B, 1, 1, S), None)
+
+
+@pytest.mark.parametrize("op", ["attention_key_padding", "attention_fa4_key_mask"])
+def test_opcheck(op):
     q, k, v = _qkv(1)
-    torch.library.opcheck(torch.ops.diffc.attention_key_padding.default, (q, k, v, _prefix([20, 13]), None))
+    torch.library.opcheck(getattr(torch.ops.diffc, op).default, (q, k, v, _prefix([20, 13]), None))
 
 
 def test_bad_arguments_name_the_field():
@@ -87,6 +131,31 @@ def test_bf16_on_the_gpu():
     out = torch.ops.diffc.attention_key_padding(q, k, v, mask, None)
     ref = key_padding_ref(q.float(), k.float(), v.float(), mask).to(torch.bfloat16)
     torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or fa4_unavailable() is not None,
+                    reason=f"needs flash-attn-4 on a Hopper/Blackwell GPU ({fa4_unavailable()})")
+def test_fa4_key_mask_on_the_gpu_and_in_a_cuda_graph():
+    """FA4 over the compacted keys against the masked SDPA in float32, an element keeping no key included; then
+    captured in a CUDA graph and replayed after the mask changed in place (no host read to go stale)."""
+    from diffc.capture import capture
+
+    q, k, v = _qkv(7, torch.bfloat16, "cuda", b=3, s=1000)
+    mask = torch.ones(3, 1, 1, 1000, dtype=torch.bool, device="cuda")
+    mask[0, ..., 40:128] = False  # Qwen-Image's: the prompt's padding between its tokens and the image's
+    mask[1, ..., 777:] = False
+    mask[2] = False
+
+    def check(out):
+        ref = key_padding_ref(q.float(), k.float(), v.float(), mask).to(torch.bfloat16)
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+    check(torch.ops.diffc.attention_fa4_key_mask(q, k, v, mask, None))
+    graph, out = capture(lambda: torch.ops.diffc.attention_fa4_key_mask(q, k, v, mask, None), torch.device("cuda"))
+    mask.copy_(torch.rand(mask.shape, device="cuda") < 0.3)
+    graph.replay()
+    torch.cuda.synchronize()
+    check(out)
 
 
 # ---- the pass ---------------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ EXPECTED_OPS = {
 }
 # Ops around external library kernels (torch's SDPA included) that allocate their own output (functional: they
 # return it).
-EXTERNAL_OPS = {"attention_fa4", "attention_flashinfer", "attention_flashinfer_fp8", "attention_key_padding",
-                "attention_sdpa_flash"}
+EXTERNAL_OPS = {"attention_fa4", "attention_fa4_key_mask", "attention_flashinfer", "attention_flashinfer_fp8",
+                "attention_key_padding", "attention_sdpa_flash"}
 
 
 def test_every_op_is_registered_with_destinations_and_no_return():

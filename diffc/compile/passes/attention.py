@@ -11,9 +11,12 @@ After, for a shape whose chosen backend is e.g. ``sdpa_cudnn`` (:data:`~diffc.co
 or, for a backend that is a diffc op (``sdpa_flash``, ``fa4``, ``flashinfer``), ``o = diffc.attention_<name>(q, k, v, s)``,
 
 so the saved program names the kernel that runs instead of leaving it to torch's dispatcher at run
-time. A backend of ``"sdpa"`` leaves the node as it is. Nodes with an ``attn_mask``, dropout,
-``is_causal`` or ``enable_gqa`` are refused (left unchanged) and counted by reason, as are nodes
-whose tensors live on a device the backend does not run on.
+time. A backend of ``"sdpa"`` leaves the node as it is. A call whose ``attn_mask`` is a boolean mask that
+only drops keys (an sdpa node with one, or the ``diffc.attention_key_padding`` the key-padding pass made of
+it) is planned by its key-masked shape and lowered onto the chosen backend's key-mask form
+(``diffc.attention_fa4_key_mask``), which needs no host read, so the graph keeps its CUDA graph. Nodes with
+another mask, dropout, ``is_causal`` or ``enable_gqa`` are refused (left unchanged) and counted by reason, as
+are nodes whose tensors live on a device the backend does not run on.
 
 ``bit_exact`` is a property of the instance: True when every lowering is onto the kernel torch's
 dispatcher picks for that shape anyway (known from an :class:`AttentionChoice`, which records it) or
@@ -30,6 +33,7 @@ import torch
 from torch import fx
 
 from ...errors import InvalidArgumentError
+from ...ops.attention_key_padding import key_mask_ok
 from ..attention_select import (
     BACKENDS,
     AttentionBackend,
@@ -40,6 +44,7 @@ from .base import FusionPass, _propagate_val
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
+KEY_PADDING = torch.ops.diffc.attention_key_padding.default
 LOWERABLE = tuple(name for name, b in BACKENDS.items() if b.op is not None)
 
 
@@ -83,18 +88,50 @@ def _refusal(bound: dict) -> str | None:
     return None
 
 
-def attention_shapes(gm: fx.GraphModule, dtype: torch.dtype | None = None) -> list[AttentionShape]:
+def key_mask_args(node: fx.Node) -> tuple | None:
+    """``(q, k, v, mask, scale)`` of a call that attends under a boolean mask dropping keys only: an sdpa node
+    with such a mask (no dropout, causality or GQA) or a ``diffc.attention_key_padding`` node; else None."""
+    if node.op != "call_function":
+        return None
+    if node.target == KEY_PADDING:
+        q, k, v, mask, *rest = node.args
+        return q, k, v, mask, rest[0] if rest else node.kwargs.get("scale")
+    if node.target != SDPA:
+        return None
+    bound = _bound_args(node)
+    mask = bound.get("attn_mask")
+    if not isinstance(mask, fx.Node) or bound.get("dropout_p", 0.0) != 0.0 or bound.get("is_causal", False) \
+            or bound.get("enable_gqa", False):
+        return None
+    q, k, v, m = (getattr(bound.get(n), "meta", {}).get("val") for n in ("query", "key", "value", "attn_mask"))
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v, m)) or not q.ndim == k.ndim == v.ndim == 4:
+        return None
+    if k.shape[:2] != q.shape[:2] or v.shape != k.shape or k.shape[-1] != q.shape[-1]:
+        return None
+    if m.dtype != torch.bool or not key_mask_ok(tuple(m.shape), tuple(q.shape), tuple(k.shape)):
+        return None
+    return bound["query"], bound["key"], bound["value"], mask, bound.get("scale")
+
+
+def attention_shapes(gm: fx.GraphModule, dtype: torch.dtype | None = None,
+                     key_masks: bool = True) -> list[AttentionShape]:
     """The distinct shapes of the lowerable attention calls in ``gm`` (of ``dtype`` when given), in
-    graph order: what :func:`~diffc.compile.attention_select.select_attention_backend` measures."""
+    graph order: what :func:`~diffc.compile.attention_select.select_attention_backend` measures. With
+    ``key_masks``, the key-masked calls' shapes too (:func:`key_mask_args`)."""
     shapes: list[AttentionShape] = []
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target == SDPA:
+        shape = None
+        masked = key_mask_args(node) if key_masks else None
+        if masked is not None:
+            q = masked[0].meta["val"]
+            shape = AttentionShape.of(q, masked[1].meta["val"], key_mask=True)
+        elif node.op == "call_function" and node.target == SDPA:
             bound = _bound_args(node)
             if _refusal(bound) is None:
                 q = bound["query"].meta["val"]
                 shape = AttentionShape.of(q, bound["key"].meta["val"])
-                if (dtype is None or q.dtype == dtype) and shape not in shapes:
-                    shapes.append(shape)
+        if shape is not None and (dtype is None or q.dtype == dtype) and shape not in shapes:
+            shapes.append(shape)
     return shapes
 
 
@@ -169,19 +206,40 @@ class AttentionLoweringPass(FusionPass):
             )
         self.report = AttentionLoweringReport()
 
-    def backend_for(self, q: torch.Tensor, k: torch.Tensor) -> str:
-        """The planned backend for a node with these fake q, k."""
+    def backend_for(self, q: torch.Tensor, k: torch.Tensor, key_mask: bool = False) -> str:
+        """The planned backend for a node with these fake q, k (under a key mask: its key-masked shape)."""
         if self.dtype is not None and (q.dtype != self.dtype or q.device.type != self.device_type):
             return "sdpa"
-        return self.plan.get(AttentionShape.of(q, k), self.default)
+        return self.plan.get(AttentionShape.of(q, k, key_mask), self.default)
 
     def _refuse(self, reason: str) -> None:
         self.report.refused[reason] = self.report.refused.get(reason, 0) + 1
 
+    def _lower_key_masked(self, gm: fx.GraphModule, node: fx.Node, args: tuple) -> bool:
+        q, k = args[0].meta["val"], args[1].meta["val"]
+        name = self.backend_for(q, k, key_mask=True)
+        if name != "sdpa" and BACKENDS[name].key_mask_op is None and node.target == SDPA:
+            self._refuse("attn_mask")  # a backend planned for every node that has no key-mask form
+            return False
+        if name == "sdpa" or BACKENDS[name].key_mask_op is None:  # the masked sdpa, or the key-padding op, kept
+            self.report.kept += 1
+            return False
+        why = BACKENDS[name].unavailable(q.device)
+        if why is not None:
+            self._refuse(f"{name}: {why}")
+            return False
+        replace_node(gm, node, BACKENDS[name].key_mask_op, args)
+        self.report.lowered[name] = self.report.lowered.get(name, 0) + 1
+        return True
+
     def __call__(self, gm: fx.GraphModule) -> int:
-        """Rewrite ``gm`` in place; returns the number of sdpa nodes lowered."""
+        """Rewrite ``gm`` in place; returns the number of attention nodes lowered."""
         lowered = 0
         for node in list(gm.graph.nodes):
+            masked = key_mask_args(node)
+            if masked is not None:
+                lowered += self._lower_key_masked(gm, node, masked)
+                continue
             if node.op != "call_function" or node.target != SDPA:
                 continue
             bound = _bound_args(node)

@@ -17,6 +17,10 @@ Only sequences of at least :data:`MIN_KEYS` keys are lowered: the op reads the m
 call, and a graph calling it runs without CUDA graphs. Measured on an H200 (``bench/results/h200-2026-12-04-*``):
 HunyuanVideo at 32,896 tokens, DiT forward 2847.6 -> 2258.8 ms; Qwen-Image at 4,224 tokens (a 40-token
 prompt padded to 128), 133.3 ms masked under CUDA graphs against 143.9 ms lowered, so it stays masked.
+
+Where flash-attn-4 runs, the attention lowering that follows (:mod:`.attention`) measures the key-masked shape
+and may replace both forms, the masked sdpa and this op, by ``diffc.attention_fa4_key_mask``, which needs no
+host read; this pass serves GPUs without it.
 """
 
 from __future__ import annotations
