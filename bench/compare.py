@@ -90,6 +90,11 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     # the compiled DiT without the step inputs the pipeline precomputes for all steps (FLUX's adaLN modulation)
     Config("diffc-compiled-no-precompute", "diffc", on_cpu_by_default=False, by_default=False,
            setup=lambda e, r: e.ensure_compiled(r.inputs, r.wl, graphs=r.device.type == "cuda", precompute=False)),
+    # the generation with its key-masked attention (a prompt padded to its bucket: Qwen-Image) left to the masked
+    # SDPA instead of the selection's graph-safe form; the DiT row's calls carry no mask
+    Config("diffc-compiled-no-key_mask_attention", "diffc", on_cpu_by_default=False, by_default=False,
+           setup=lambda e, r: e.compile(r.inputs, r.wl, disable=("key_mask_attention",),
+                                        graphs=r.device.type == "cuda")),
     # the fp8 tier; base: its PSNR against diffc-compiled's bf16 output (psnr_vs_base_db) besides the reference's
     Config("diffc-compiled-fp8", "diffc", on_cpu_by_default=False, base="diffc-compiled",
            setup=lambda e, r: e.compile(r.inputs, r.wl, tier="fp8", graphs=r.device.type == "cuda")),

@@ -60,11 +60,13 @@ class BucketReport:
 # the bf16 weights of the few-row linears ``diffc.gemv`` runs (the adaptive norms' projections), ``fp8_attention``
 # keeps attention in bf16.
 FP8_STEPS = ("fp8_quantize_rows", "fp8_quantize_concat", "fp8_gemv", "fp8_attention")
+# the attention lowering's step for calls under a mask that drops keys (disabled: they stay masked sdpa)
+KEY_MASK_STEP = "key_mask_attention"
 
 
 def fusion_passes(tier: str, disable: Sequence[str] = (), enable: Sequence[str] = ()) -> list:
     """The fusion passes a compile runs, in order: those on by default plus ``enable``, minus ``disable``."""
-    names = [cls.name for cls in FUSION_PASSES] + ["attention", *FP8_STEPS]
+    names = [cls.name for cls in FUSION_PASSES] + ["attention", KEY_MASK_STEP, *FP8_STEPS]
     for field, given in (("disable", disable), ("enable", enable)):
         unknown = [n for n in given if n not in names]
         if unknown:
@@ -157,7 +159,7 @@ def _rewrite(program, *, device, dtype, tier, disable, enable, attention):
             counters.matches[Fp8AttentionPass.name] = Fp8AttentionPass(device)(program, lowering)
     choice = None
     if "attention" not in disable:
-        choice = lower_attention(program, device, dtype, attention, tier)
+        choice = lower_attention(program, device, dtype, attention, tier, key_masks=KEY_MASK_STEP not in disable)
         counters.matches["attention"] = choice.pop("replaced")
     if tier == "fp8":
         Fp8LinearPass(standalone="fp8_quantize_rows" not in disable,
@@ -239,7 +241,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def lower_attention(program, device: torch.device, dtype: torch.dtype, attention: str, tier: str) -> dict[str, Any]:
+def lower_attention(program, device: torch.device, dtype: torch.dtype, attention: str, tier: str,
+                    key_masks: bool = True) -> dict[str, Any]:
     """Measure the attention backends on this graph's attention shapes and lower onto the choice.
 
     ``attention`` is "auto" (every backend available here) or one backend name (measured and checked
@@ -254,8 +257,8 @@ def lower_attention(program, device: torch.device, dtype: torch.dtype, attention
     gm = program.graph_module
     candidates = None if attention == "auto" else ["sdpa", attention]
     # key-masked calls are measured where a candidate other than the masked sdpa can take them
-    key_masks = any(BACKENDS[name].key_mask_op is not None and BACKENDS[name].unavailable(device) is None
-                    for name in (candidates or BACKENDS))
+    key_masks = key_masks and any(BACKENDS[name].key_mask_op is not None and BACKENDS[name].unavailable(device) is None
+                                  for name in (candidates or BACKENDS))
     shapes = attention_shapes(gm, dtype, key_masks=key_masks)
     if not shapes:
         return {"backend": "none", "replaced": 0, "applied": False, "shapes": []}
