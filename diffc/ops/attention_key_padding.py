@@ -108,11 +108,16 @@ def compact_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tuple[
 
     Everything stays on the device (no host read, so a CUDA graph can hold it); the rows after an element's
     count are its dropped keys, which the kernel does not read."""
-    batch = k.shape[0]
-    keep = mask.reshape(mask.shape[0], mask.shape[-1]).expand(batch, mask.shape[-1])
+    batch, seq = k.shape[0], k.shape[2]
+    keep = mask.reshape(mask.shape[0], seq).expand(batch, seq)
     order = torch.argsort(torch.logical_not(keep).to(torch.uint8), dim=1, stable=True)  # kept first, in order
-    rows = torch.arange(batch, device=k.device)[:, None]
-    return k.transpose(1, 2)[rows, order], v.transpose(1, 2)[rows, order], keep.sum(1, dtype=torch.int32)
+    rows = (order + torch.arange(batch, device=k.device)[:, None] * seq).reshape(-1)  # into (B * S_kv) token rows
+
+    def gather(x: torch.Tensor) -> torch.Tensor:  # whole (heads, head_dim) token rows: one index_select
+        b, h, s, d = x.shape
+        return x.transpose(1, 2).reshape(b * s, h, d).index_select(0, rows).view(b, s, h, d)
+
+    return gather(k), gather(v), keep.sum(1, dtype=torch.int32)
 
 
 def _fa4_on(device: torch.device) -> str | None:

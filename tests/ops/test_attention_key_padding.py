@@ -82,6 +82,7 @@ def test_compaction_puts_the_kept_keys_first(name):
     attention over that many of them is the masked attention (zeros for an element that keeps none, as torch's)."""
     mask, _ = MASKS[name]
     q, k, v = _qkv(5)
+    v = torch.randn(B, S + 3, H, D)[:, 3:].transpose(1, 2)  # the tail of a longer (joint) buffer, as DiTs slice it
     kc, vc, used = compact_keys(k, v, mask)
     keep = mask.reshape(mask.shape[0], S).expand(B, S)
     assert used.dtype == torch.int32 and used.tolist() == keep.sum(1).tolist()
