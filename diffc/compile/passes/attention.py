@@ -88,29 +88,40 @@ def _refusal(bound: dict) -> str | None:
     return None
 
 
+def key_masked_values(bound: dict) -> tuple[torch.Tensor, ...] | None:
+    """The fake ``(q, k, v, mask)`` of an sdpa call (its arguments by name) whose mask is boolean and only drops
+    keys, (B or 1, 1, 1, S_kv), with no dropout, causality or GQA, q, k, v (B, H, S, D) and k's head_dim q's;
+    else None. v's head_dim may differ."""
+    if not isinstance(bound.get("attn_mask"), fx.Node) or bound.get("dropout_p", 0.0) != 0.0 \
+            or bound.get("is_causal", False) or bound.get("enable_gqa", False):
+        return None
+    vals = tuple(getattr(bound.get(n), "meta", {}).get("val") for n in ("query", "key", "value", "attn_mask"))
+    if not all(isinstance(t, torch.Tensor) for t in vals):
+        return None
+    q, k, v, m = vals
+    if not (q.ndim == k.ndim == v.ndim == 4 and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]
+            and k.shape[3] == q.shape[3] and m.dtype == torch.bool
+            and key_mask_ok(tuple(m.shape), tuple(q.shape), tuple(k.shape))):
+        return None
+    return vals
+
+
 def key_mask_args(node: fx.Node) -> tuple | None:
-    """``(q, k, v, mask, scale)`` of a call that attends under a boolean mask dropping keys only: an sdpa node
-    with such a mask (no dropout, causality or GQA) or a ``diffc.attention_key_padding`` node; else None."""
+    """``(q, k, v, mask, scale)`` of a call that attends under a boolean mask dropping keys only, v of k's shape:
+    an sdpa node with such a mask (:func:`key_masked_values`) or a ``diffc.attention_key_padding`` node; else None."""
     if node.op != "call_function":
         return None
     if node.target == KEY_PADDING:
         q, k, v, mask, *rest = node.args
-        return q, k, v, mask, rest[0] if rest else node.kwargs.get("scale")
+        same = q.meta["val"].shape[-1] == v.meta["val"].shape[-1]
+        return (q, k, v, mask, rest[0] if rest else node.kwargs.get("scale")) if same else None
     if node.target != SDPA:
         return None
     bound = _bound_args(node)
-    mask = bound.get("attn_mask")
-    if not isinstance(mask, fx.Node) or bound.get("dropout_p", 0.0) != 0.0 or bound.get("is_causal", False) \
-            or bound.get("enable_gqa", False):
+    vals = key_masked_values(bound)
+    if vals is None or vals[2].shape != vals[1].shape:
         return None
-    q, k, v, m = (getattr(bound.get(n), "meta", {}).get("val") for n in ("query", "key", "value", "attn_mask"))
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v, m)) or not q.ndim == k.ndim == v.ndim == 4:
-        return None
-    if k.shape[:2] != q.shape[:2] or v.shape != k.shape or k.shape[-1] != q.shape[-1]:
-        return None
-    if m.dtype != torch.bool or not key_mask_ok(tuple(m.shape), tuple(q.shape), tuple(k.shape)):
-        return None
-    return bound["query"], bound["key"], bound["value"], mask, bound.get("scale")
+    return bound["query"], bound["key"], bound["value"], bound["attn_mask"], bound.get("scale")
 
 
 def attention_shapes(gm: fx.GraphModule, dtype: torch.dtype | None = None,

@@ -28,25 +28,15 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ...ops.attention_key_padding import key_mask_ok
-from .attention import SDPA, _bound_args, replace_node
+from .attention import SDPA, _bound_args, key_masked_values, replace_node
 from .base import FusionPass
 
 MIN_KEYS = 16384  # keys per attention call from which the unmasked kernel's gain outweighs losing CUDA graphs
 
 
 def _accepts(bound: dict) -> bool:
-    mask = bound.get("attn_mask")
-    if not isinstance(mask, fx.Node) or bound.get("dropout_p", 0.0) != 0.0 or bound.get("is_causal", False) \
-            or bound.get("enable_gqa", False):
-        return False
-    vals = [getattr(bound.get(n), "meta", {}).get("val") for n in ("query", "key", "value", "attn_mask")]
-    if not all(isinstance(t, torch.Tensor) for t in vals):
-        return False
-    q, k, v, m = vals
-    return (q.ndim == k.ndim == v.ndim == 4 and k.shape[:2] == q.shape[:2] and v.shape[:3] == k.shape[:3]
-            and k.shape[3] == q.shape[3] and m.dtype == torch.bool and key_mask_ok(tuple(m.shape), q.shape, k.shape)
-            and k.shape[2] >= MIN_KEYS)
+    vals = key_masked_values(bound)
+    return vals is not None and vals[1].shape[2] >= MIN_KEYS
 
 
 class KeyPaddingAttentionPass(FusionPass):
