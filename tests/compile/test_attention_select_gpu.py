@@ -76,3 +76,23 @@ def test_lowered_torch_kernels_write_artifacts_and_match_sdpa(name, tmp_path):
     assert got.shape == want.shape and (got.float() - want.float()).norm() / want.float().norm() < 2e-2
     if dispatcher_pick(q, k, v) == name:
         assert torch.equal(got, want)
+
+
+def test_key_masked_shapes_measure_the_masked_sdpa_and_fa4():
+    """A key-masked shape (Qwen-Image's kind, scaled down): torch's masked kernel and FA4 over the compacted kept
+    keys, both captured and correct against the masked reference; backends with no key-mask form are
+    unavailable for it. Where flash-attn-4 is missing, fa4 is reported unavailable with its reason."""
+    from diffc.ops.attention_fa4 import fa4_unavailable
+
+    shape = AttentionShape(2, 8, 2176, 2176, 128, key_mask=True)
+    choice = select_attention_backend([shape], "cuda", torch.bfloat16, ["sdpa", "sdpa_cudnn", "fa4"], warmup=2,
+                                      iters=5)
+    results = choice.shapes[0].candidates
+    assert results["sdpa"].status == "ok"
+    assert results["sdpa_cudnn"].status == "unavailable" and results["sdpa_cudnn"].reason == "no key-mask form"
+    if fa4_unavailable() is None:
+        assert results["fa4"].status == "ok", results["fa4"]
+        assert results["fa4"].rel_err < 2e-2
+    else:
+        assert results["fa4"].status == "unavailable"
+    assert choice.shapes[0].backend in ("sdpa", "fa4")
