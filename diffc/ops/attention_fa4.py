@@ -52,7 +52,8 @@ def fa4_unavailable() -> str | None:
     return None
 
 
-def _unavailable(device: torch.device) -> str | None:
+def fa4_unavailable_on(device: torch.device) -> str | None:
+    """Why FlashAttention-4 cannot run on ``device``, or None (the ops around its kernels run there)."""
     return fa4_unavailable() if device.type == "cuda" else f"needs a CUDA GPU, not {device.type}"
 
 
@@ -67,7 +68,7 @@ def _fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     return bshd_output(q, attention_ref(q, k, v, scale))
 
 
-@register_op("attention_fa4", mutates_args=(), fake=_check, fallback=_fallback, unavailable=_unavailable)
+@register_op("attention_fa4", mutates_args=(), fake=_check, fallback=_fallback, unavailable=fa4_unavailable_on)
 def attention_fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     from flash_attn.cute import flash_attn_func
 

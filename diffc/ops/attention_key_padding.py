@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
-from .attention_fa4 import bshd_output, fa4_unavailable
+from .attention_fa4 import bshd_output, fa4_unavailable_on
 from .registry import expect_same_device, expect_shape, register_op
 
 
@@ -120,17 +120,13 @@ def compact_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tuple[
     return gather(k), gather(v), keep.sum(1, dtype=torch.int32)
 
 
-def _fa4_on(device: torch.device) -> str | None:
-    return fa4_unavailable() if device.type == "cuda" else f"needs a CUDA GPU, not {device.type}"
-
-
 def _checked_fallback(q, k, v, mask, scale=None) -> torch.Tensor:
     _check(q, k, v, mask, scale)
     return _fallback(q, k, v, mask, scale)
 
 
 @register_op("attention_fa4_key_mask", mutates_args=(), fake=_check, fallback=_checked_fallback,
-             unavailable=_fa4_on)
+             unavailable=fa4_unavailable_on)
 def attention_fa4_key_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                            scale: float | None = None) -> torch.Tensor:
     from flash_attn.cute import flash_attn_varlen_func

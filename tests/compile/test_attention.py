@@ -397,14 +397,12 @@ def test_selection_times_key_masked_shapes_with_a_key_mask():
     assert choice.shapes[0].backend in ("sdpa", "keymask")
 
 
-def test_disabling_the_key_mask_step_keeps_masked_calls_out_of_the_selection(monkeypatch):
+@pytest.mark.usefixtures("fa4_anywhere")
+def test_disabling_the_key_mask_step_keeps_masked_calls_out_of_the_selection():
     """``--disable key_mask_attention``: key-masked calls are neither measured nor lowered (masked sdpa stays)."""
-    import dataclasses
-
     from diffc.compile.compiler import compile_module
 
     q, k, v, mask = _key_masked_inputs()
-    monkeypatch.setitem(BACKENDS, "fa4", dataclasses.replace(BACKENDS["fa4"], device_type="any", requires=None))
     for disable, measured in (((), [KEY_MASKED, AttentionShape(2, 2, 12, 12, 8)]),
                               (("key_mask_attention",), [AttentionShape(2, 2, 12, 12, 8)])):
         _program, report, _graph = compile_module(_KeyMasked(), {"q": q, "k": k, "v": v, "mask": mask},

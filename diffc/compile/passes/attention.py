@@ -229,11 +229,11 @@ class AttentionLoweringPass(FusionPass):
     def _lower_key_masked(self, gm: fx.GraphModule, node: fx.Node, args: tuple) -> bool:
         q, k = args[0].meta["val"], args[1].meta["val"]
         name = self.backend_for(q, k, key_mask=True)
-        if name != "sdpa" and BACKENDS[name].key_mask_op is None and node.target == SDPA:
-            self._refuse("attn_mask")  # a backend planned for every node that has no key-mask form
-            return False
-        if name == "sdpa" or BACKENDS[name].key_mask_op is None:  # the masked sdpa, or the key-padding op, kept
-            self.report.kept += 1
+        if name == "sdpa" or BACKENDS[name].key_mask_op is None:
+            if name != "sdpa" and node.target == SDPA:  # a backend planned for every node, with no key-mask form
+                self._refuse("attn_mask")
+            else:  # the masked sdpa, or the key-padding op, kept
+                self.report.kept += 1
             return False
         why = BACKENDS[name].unavailable(q.device)
         if why is not None:
