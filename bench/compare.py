@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from diffc.compile.attention_select import BACKENDS as ATTENTION_BACKENDS
+
 from .build import build_diffusers_models, ensure_checkpoint, native_like
 from .engines import ENGINES, Engine
 from .families import FAMILIES, INPUT_SEED
@@ -105,6 +107,11 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     *(Config(f"diffc-compiled-no-{name}", "diffc", dit_only=True, on_cpu_by_default=False,
              setup=lambda e, r, name=name: e.compile(r.inputs, r.wl, disable=(name,), graphs=True))
       for name in ABLATIONS),
+    # the compiled DiT with one attention backend asked for by name (`diffc compile --attention NAME`: measured
+    # against torch's own kernel per shape and lowered onto where correct and faster), beside the selection's pick
+    *(Config(f"diffc-compiled-attention-{name}", "diffc", dit_only=True, on_cpu_by_default=False, by_default=False,
+             setup=lambda e, r, name=name: e.compile(r.inputs, r.wl, attention=name, graphs=True))
+      for name in ATTENTION_BACKENDS if name != "sdpa"),
     *(Config(f"diffc-compiled-with-{name}", "diffc", dit_only=True, on_cpu_by_default=False,
              setup=lambda e, r, name=name: e.compile(r.inputs, r.wl, enable=(name,), graphs=True))
       for name in OPT_IN),
@@ -219,12 +226,36 @@ def measure_components(engine: Engine, run: Run, is_ref: bool) -> dict[str, Any]
     return out
 
 
+def attention_selection(reports: list) -> list[dict[str, Any]]:
+    """What the compile-time attention selection measured for each attention shape of these compile reports:
+    the backend it chose and every candidate's median ms (or why it was not timed), once per shape."""
+    out, seen = [], set()
+    for bucket in reports:
+        for region in bucket.regions:
+            for shape in (region.attention or {}).get("shapes", []):
+                key = tuple(sorted(shape["shape"].items()))
+                if key in seen:
+                    continue
+                seen.add(key)
+                out.append({"region": region.region, "shape": shape["shape"], "backend": shape["backend"],
+                            "candidates": {name: c["median_ms"] if c.get("status") == "ok" else c.get("status")
+                                           for name, c in shape["candidates"].items()}})
+    return out
+
+
 def measure(config: Config, engine: Engine, run: Run, r: dict[str, Any]) -> None:
     """Fill ``r`` with one configuration's figures (in place, so a failure keeps what was measured)."""
     dev, args, is_ref = run.device, run.args, config.name == run.ref_name
     if config.cache is None and hasattr(engine, "clear_cache"):
         engine.clear_cache()
+    compiled_before = len(getattr(engine, "compile_reports", []))
     r["setup"] = config.setup(engine, run)
+    selection = attention_selection(getattr(engine, "compile_reports", [])[compiled_before:])
+    if selection:
+        r["attention_selection"] = selection
+        for s in selection:
+            timed = ", ".join(f"{n} {v:.3f}" for n, v in s["candidates"].items() if isinstance(v, float))
+            log(f"{config.name}: attention {s['shape']} -> {s['backend']} (ms: {timed})")
     if config.cache is not None:
         measure_cached(config, engine, run, r)
         return

@@ -160,11 +160,14 @@ class DiffcEngine(Engine):
         return cls(family, device, dtype, pipe.components["transformer"], pipe.components["vae"], pipe)
 
     def compile(self, inputs: dict[str, Any], wl: Workload, *, disable: tuple[str, ...] = (),
-                enable: tuple[str, ...] = (), graphs: bool = False, tier: str = "fast", precompute: bool = True) -> str:
+                enable: tuple[str, ...] = (), graphs: bool = False, tier: str = "fast", precompute: bool = True,
+                attention: str = "auto") -> str:
         """diffc's compiler on the DiT's regions: graphs for the benchmark's DiT inputs (as a step passes them:
         :meth:`step_inputs`) and, with a pipeline, for the shapes its generation passes (Wan's CFG pair is batch
         2). ``tier="fp8"`` adds the fp8 weight transform first (removed again by any other tier).
-        ``precompute=False``: no input the pipeline precomputes for many steps (``DiTStack.takes``)."""
+        ``precompute=False``: no input the pipeline precomputes for many steps (``DiTStack.takes``).
+        ``attention``: the compiler's ``--attention`` (one backend name: measured against torch's own and lowered
+        onto where it is correct and faster, as ``diffc compile --attention NAME`` does)."""
         from diffc.compile.pipeline import capture_inputs, compile_dit, describe_bucket, fused_vae_tier
         from diffc.compile.regions import call_key
         from diffc.runtime.compiled import CompiledDiT
@@ -183,7 +186,7 @@ class DiffcEngine(Engine):
         with stack.bare() as eager:
             for kwargs in calls:
                 report = compile_dit(eager, kwargs, graphs=by_region, shared=shared, device=self.device,
-                                     dtype=self.dtype, disable=disable, enable=enable, tier=tier)
+                                     dtype=self.dtype, disable=disable, enable=enable, tier=tier, attention=attention)
                 keys.append(report.key)
                 self.compile_reports.append(report)
                 lines.append(" ".join(describe_bucket(report).split()))
@@ -193,7 +196,9 @@ class DiffcEngine(Engine):
         self.fused_encoders(fused)
         if graphs:
             self.cuda_graphs()
-        return "diffc compile" + (f" {tier}" if tier != "fast" else "") + (f" without {', '.join(disable)}" if disable else "") + \
+        return "diffc compile" + (f" {tier}" if tier != "fast" else "") + \
+            (f" --attention {attention}" if attention != "auto" else "") + \
+            (f" without {', '.join(disable)}" if disable else "") + \
             (f" with {', '.join(enable)}" if enable else "") + \
             (" + CUDA graphs" if graphs else "") + ": " + " | ".join(lines)
 

@@ -51,6 +51,13 @@ def test_end_to_end_on_cpu(tmp_path, model, steps):
         assert float(diffc["psnr_db"]) > 35.0  # fp32 on CPU: the same picture ("inf" when bit-identical)
         assert diffc["dit_rel_err"] < 1e-4 and diffc["vae_rel_err"] < 1e-4
     assert data["configs"]["diffc-compiled"]["setup"].startswith("diffc compile: transformer")
+    # what the attention selection measured per shape: its pick and each candidate's time (CPU: torch's kernels)
+    selection = data["configs"]["diffc-compiled"]["attention_selection"]
+    assert selection and len({str(s["shape"]) for s in selection}) == len(selection)
+    for s in selection:
+        assert s["backend"] in s["candidates"] and isinstance(s["candidates"]["sdpa"], float)
+        assert s["candidates"]["fa4"] == "unavailable"  # no CUDA GPU here
+    assert "attention_selection" not in data["configs"]["diffc-eager"]
     assert path.with_suffix(".md").read_text().count("| diffc-eager |") >= 2  # main and components tables
     summary = proc.stdout[proc.stdout.index(f"== {model} on cpu"):]
     assert "diffusers-eager" in summary and "diffc-eager" in summary and "wrote " in summary
@@ -61,12 +68,18 @@ def test_end_to_end_on_cpu(tmp_path, model, steps):
 def test_skip_e2e_shares_weights_and_reuses_nothing_on_disk(tmp_path):
     out = tmp_path / "results"
     run_compare("--model", "flux-tiny", "--skip-e2e", "--out-dir", str(out), "--repeats", "1", "--warmup", "1",
-                "--configs", "diffc-eager,diffusers-eager")
+                "--configs", "diffc-compiled-attention-sdpa_flash_cpu,diffc-eager,diffusers-eager")
     data, _ = results(out, "flux-tiny")
-    assert list(data["configs"]) == ["diffusers-eager", "diffc-eager"]  # run order, whatever was asked
+    # run order, whatever was asked
+    assert list(data["configs"]) == ["diffusers-eager", "diffc-eager", "diffc-compiled-attention-sdpa_flash_cpu"]
     assert "checkpoint" not in data and not data["e2e"]
     diffc = data["configs"]["diffc-eager"]
     assert diffc["dit_rel_err"] < 1e-4 and "e2e_s" not in diffc and "text_encode_ms" not in diffc
+    # one backend asked for by name: measured against torch's own only, as `diffc compile --attention NAME`
+    forced = data["configs"]["diffc-compiled-attention-sdpa_flash_cpu"]
+    assert "error" not in forced, forced.get("traceback")
+    assert "--attention sdpa_flash_cpu" in forced["setup"] and forced["dit_rel_err"] < 1e-4
+    assert all(set(s["candidates"]) == {"sdpa", "sdpa_flash_cpu"} for s in forced["attention_selection"])
 
 
 def test_unknown_config_is_refused():
