@@ -6,7 +6,8 @@
 an eager adapter, and when it is available. :func:`select_attention_backend` runs each available
 candidate on random inputs of each shape, rejects the ones whose output disagrees with a float32
 ``softmax(q k^T * scale) v`` reference, times the rest (on a GPU replayed from a CUDA graph, as the runtime
-runs a compiled DiT; a kernel that cannot be captured is rejected) and returns an :class:`AttentionChoice` that
+runs a compiled DiT; a kernel that cannot be captured is rejected; in interleaved rounds, so that the GPU's clock
+drift falls on every candidate alike) and returns an :class:`AttentionChoice` that
 :class:`diffc.compile.passes.attention.AttentionLoweringPass` lowers onto and the artifact records.
 
 Rule: one choice per shape (sequence lengths change the winner: Wan's cross-attention over 512 text
@@ -46,6 +47,14 @@ REF_ROWS, REF_HEADS = 256, 4  # the reference checks batch item 0, these many he
 # The least a kernel must save a call over torch's own to replace it (CUDA-event timings of calls of ~10 us
 # spread by about this much between measurements)
 MIN_GAIN_MS = 1e-3
+
+# Candidates are timed in this many interleaved rounds (:func:`_time_interleaved`), each of about 1/2 ``iters`` calls
+TIMING_ROUNDS = 5
+
+
+def _round_iters(iters: int) -> int:
+    return max(1, -(-iters // 2))
+
 
 # torch's own pick for aten.scaled_dot_product_attention (aten._fused_sdp_choice's SDPBackend enum).
 _DISPATCHER = {0: "math", 1: "sdpa_flash", 2: "sdpa_efficient", 3: "sdpa_cudnn", 4: "overrideable"}
@@ -183,9 +192,10 @@ class CandidateResult:
     """``status``: "ok" (correct, timed), "unavailable", "error" (it raised) or "wrong" (numerics)."""
 
     status: str
-    median_ms: float | None = None
+    median_ms: float | None = None  # the median of the timing rounds' medians
     rel_err: float | None = None
     reason: str | None = None
+    rounds_ms: list[float] | None = None  # each timing round's median (:func:`_time_interleaved`)
 
 
 @dataclasses.dataclass
@@ -267,15 +277,16 @@ def _reference_rel_err(out: torch.Tensor, q, k, v, scale: float, mask: torch.Ten
     return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median milliseconds of one ``fn()``. On CUDA the call is replayed from a CUDA graph, as the runtime
-    replays a compiled DiT: timed plainly, a call also counts its Python launch, which the graph removes
+def _timed_call(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """What is timed of one ``fn()``. On CUDA the call is replayed from a CUDA graph, as the runtime replays a
+    compiled DiT: timed plainly, a call also counts its Python launch, which the graph removes
     (FlashAttention-4's wrapper adds ~0.13 ms a call, a third of its kernel at FLUX.1's shape, where its
-    kernel is faster than cuDNN's but its plainly timed call lost to it). On the CPU: wall clock."""
-    if device.type == "cuda":
-        fn = replayer(fn, device)
-    for _ in range(warmup):
-        fn()
+    kernel is faster than cuDNN's but its plainly timed call lost to it). On the CPU: the call itself."""
+    return replayer(fn, device) if device.type == "cuda" else fn
+
+
+def _median_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    """Median milliseconds of ``iters`` calls of ``fn``: CUDA events on CUDA, wall clock on the CPU."""
     times = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -294,21 +305,55 @@ def _median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iter
     return statistics.median(times)
 
 
-def _measure(backend: AttentionBackend, qkv, mask, device, dtype, warmup, iters) -> CandidateResult:
+def _check_candidate(backend: AttentionBackend, qkv, mask, device, dtype):
+    """Run ``backend`` once against the reference; returns its result and, where it is correct, the call to time
+    (a kernel that raises, disagrees with the reference or cannot be captured is an "error" / "wrong" result)."""
     q, k, v = qkv
     scale = 1.0 / math.sqrt(q.shape[-1])
     try:
         out = backend(q, k, v, scale, mask)
         if tuple(out.shape) != tuple(q.shape):
-            return CandidateResult("wrong", reason=f"output shape {tuple(out.shape)}, expected {tuple(q.shape)}")
+            return CandidateResult("wrong", reason=f"output shape {tuple(out.shape)}, expected {tuple(q.shape)}"), None
         err = _reference_rel_err(out, q, k, v, scale, mask)
+        del out
         if not err <= REL_TOL[dtype]:
-            return CandidateResult("wrong", rel_err=err, reason=f"relative error {err:.3g} > {REL_TOL[dtype]:g}")
-        ms = _median_ms(lambda: backend(q, k, v, scale, mask), device, warmup, iters)
+            return CandidateResult("wrong", rel_err=err, reason=f"relative error {err:.3g} > {REL_TOL[dtype]:g}"), None
+        call = _timed_call(lambda: backend(q, k, v, scale, mask), device)
     except Exception as e:  # noqa: BLE001  (a kernel refusing a shape or dtype is a result, not a failure)
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return CandidateResult("error", reason=f"{type(e).__name__}: {message}"[:300])
-    return CandidateResult("ok", median_ms=ms, rel_err=err)
+        return _error(e), None
+    return CandidateResult("ok", rel_err=err), call
+
+
+def _error(e: Exception) -> CandidateResult:
+    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return CandidateResult("error", reason=f"{type(e).__name__}: {message}"[:300])
+
+
+def _time_interleaved(calls: dict[str, Callable[[], object]], results: dict[str, CandidateResult],
+                      device: torch.device, warmup: int, iters: int, rounds: int) -> None:
+    """Time the correct candidates of one shape in ``rounds`` interleaved rounds (each round times every candidate
+    ``iters`` times, in an order that reverses from one round to the next) and give each the median of its rounds'
+    medians. One candidate timed after the other puts the GPU's clock drift (a card warming up or throttling
+    over a few hundred milliseconds) and any transient stall between them: on an H100 at Wan2.1-1.3B's
+    self-attention, one such timing put FA4 at 11.07 ms against its 9.45-9.65 in the rounds after, and a compile
+    chose flashinfer's kernel (9.5-10.0 ms) over it, a forward 18 ms slower (``bench/results/h100-2026-12-07-notes.md``).
+    A candidate that raises while timed is an "error" result."""
+    for name, call in list(calls.items()):
+        try:
+            for _ in range(warmup):
+                call()
+        except Exception as e:  # noqa: BLE001
+            results[name], _ = _error(e), calls.pop(name)
+    rounds_ms: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(rounds):
+        for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+            try:
+                rounds_ms[name].append(_median_ms(calls[name], device, iters))
+            except Exception as e:  # noqa: BLE001
+                results[name], _ = _error(e), calls.pop(name)
+    for name in calls:
+        results[name].median_ms = statistics.median(rounds_ms[name])
+        results[name].rounds_ms = [round(t, 4) for t in rounds_ms[name]]
 
 
 def _choose(results: dict[str, CandidateResult], table: Mapping[str, AttentionBackend], margin: float) -> str:
@@ -366,7 +411,9 @@ def select_attention_backend(
     """Measure ``candidates`` (default: every backend in ``backends``, default :data:`BACKENDS`) on
     each shape and choose one per shape (module docstring: the rule). Unavailable candidates are
     reported, never run; a candidate that raises or disagrees with the reference is rejected with
-    its reason. Timings: CUDA events on CUDA, ``time.perf_counter`` on CPU; median of ``iters``."""
+    its reason. Timings: CUDA events on CUDA, ``time.perf_counter`` on CPU; :data:`TIMING_ROUNDS` rounds that
+    interleave the candidates, each timing every candidate about ``iters / 2`` times after ``warmup`` calls; a
+    candidate's time is the median of its rounds' medians."""
     table = BACKENDS if backends is None else backends
     device, shapes, names = _check(device, dtype, shapes, candidates, table, warmup, iters, margin)
     chosen = []
@@ -374,17 +421,21 @@ def select_attention_backend(
         for i, shape in enumerate(shapes):
             qkv = _random_qkv(shape, device, dtype, seed=i)
             mask = timing_mask(shape, device) if shape.key_mask else None
-            results = {}
+            results, calls = {}, {}
             for name in names:
                 why = table[name].unavailable(device)
                 if why is None and mask is not None and not table[name].takes_key_mask:
                     why = "no key-mask form"
-                results[name] = (
-                    CandidateResult("unavailable", reason=why) if why
-                    else _measure(table[name], qkv, mask, device, dtype, warmup, iters)
-                )
-                if results[name].status == "ok" and table[name].op is None:
-                    results[name].reason = "measured only: no ATen op to lower a graph onto"
+                if why:
+                    results[name] = CandidateResult("unavailable", reason=why)
+                    continue
+                results[name], call = _check_candidate(table[name], qkv, mask, device, dtype)
+                if call is not None:
+                    calls[name] = call
+            _time_interleaved(calls, results, device, warmup, _round_iters(iters), TIMING_ROUNDS)
+            for name, r in results.items():
+                if r.status == "ok" and table[name].op is None:
+                    r.reason = "measured only: no ATen op to lower a graph onto"
             chosen.append(ShapeChoice(shape, _choose(results, table, margin), dispatcher_pick(*qkv, mask), results))
-            del qkv, mask
+            del qkv, mask, calls
     return AttentionChoice(str(device), dtype, chosen)

@@ -203,6 +203,52 @@ def test_choice_rule_keeps_sdpa_within_margin():
     assert _choose({"sdpa_flash": CandidateResult("wrong")}, BACKENDS, 0.02) == "sdpa"
 
 
+def test_candidates_are_timed_in_interleaved_rounds(monkeypatch):
+    """Each round times every candidate, in an order that reverses from round to round, and a candidate's time
+    is the median of its rounds: a stall in one round (a GPU's clock dropping while one kernel is timed) does not
+    decide the choice, and a candidate that raises while timed is an error, not a time."""
+    from diffc.compile import attention_select as sel
+
+    order = []
+    scripted = {"sdpa": [1.0, 1.0, 1.0, 1.0, 1.0],
+                "sdpa_flash_cpu": [5.0, 0.8, 0.8, 0.8, 0.8],  # stalled in its first round only
+                "breaks": [0.5]}  # faster, until it raises in its second round
+
+    def fake_median(fn, device, iters):
+        name = fn.__name__
+        order.append(name)
+        if len(scripted[name]) <= sum(n == name for n in order) - 1:
+            raise RuntimeError("lost the kernel")
+        return scripted[name][sum(n == name for n in order) - 1]
+
+    def named(name):
+        def call():
+            return None
+        call.__name__ = name
+        return call
+
+    monkeypatch.setattr(sel, "_median_ms", fake_median)
+    calls = {n: named(n) for n in scripted}
+    results = {n: CandidateResult("ok", rel_err=0.0) for n in scripted}
+    sel._time_interleaved(calls, results, torch.device("cpu"), warmup=1, iters=2, rounds=5)
+    assert order[:6] == ["sdpa", "sdpa_flash_cpu", "breaks", "breaks", "sdpa_flash_cpu", "sdpa"]
+    assert len(order) == 6 + 3 * 2
+    assert results["sdpa_flash_cpu"].median_ms == 0.8 and results["sdpa_flash_cpu"].rounds_ms == [5.0] + [0.8] * 4
+    assert results["sdpa"].median_ms == 1.0
+    assert results["breaks"].status == "error" and results["breaks"].median_ms is None
+    assert results["breaks"].reason == "RuntimeError: lost the kernel"
+    assert _choose(results, {**BACKENDS, "breaks": BACKENDS["sdpa_flash_cpu"]}, 0.02) == "sdpa_flash_cpu"
+
+
+def test_select_records_each_timing_round():
+    choice = select_attention_backend(SHAPES["flux"], "cpu", torch.float32, ["sdpa", "sdpa_flash_cpu"], **FAST)
+    from diffc.compile.attention_select import TIMING_ROUNDS
+
+    for r in choice.shapes[0].candidates.values():
+        assert r.status == "ok" and len(r.rounds_ms) == TIMING_ROUNDS and min(r.rounds_ms) <= r.median_ms
+    assert json.loads(json.dumps(choice.to_dict()))["shapes"][0]["candidates"]["sdpa"]["rounds_ms"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
