@@ -202,10 +202,31 @@ def markdown(result: dict[str, Any]) -> str:
     stages = _stages_table(result)
     if stages:
         out += ["", "## diffc stages (s)", "", stages]
+    selection = _attention_rows(result)
+    if selection:
+        out += ["", "## Attention selection", "",
+                "What each compiled configuration's attention selection measured per attention shape (batch, heads, "
+                "query x key tokens, head dim; masked: a key mask): the kernel it chose and every correct "
+                "candidate's time a call in ms, replayed from a CUDA graph (median of interleaved rounds).",
+                "", selection]
     errors = [(n, r["error"]) for n, r in result["configs"].items() if r.get("error")]
     if errors:
         out += ["", "## Errors", ""] + [f"- **{n}**: `{e[:500]}`" for n, e in errors]
     return "\n".join(out) + "\n"
+
+
+def _attention_rows(result: dict[str, Any]) -> str:
+    lines = []
+    for name, r in result["configs"].items():
+        for sel in r.get("attention_selection") or []:
+            sh = sel["shape"]
+            shape = (f"{sh['batch']} x {sh['heads']} x {sh['seq_q']} x {sh['seq_kv']} x {sh['head_dim']}"
+                     + (" masked" if sh.get("key_mask") else ""))
+            times = ", ".join(f"{n} {v:.3f}" for n, v in sel["candidates"].items() if isinstance(v, (int, float)))
+            lines.append(f"| {name} | {shape} | {sel['backend']} | {times} |")
+    if not lines:
+        return ""
+    return "\n".join(["| config | shape | chosen | candidates (ms) |", "|---|---|---|---|", *lines])
 
 
 def _cache_rows(result: dict[str, Any]) -> list[dict[str, str]]:

@@ -58,6 +58,8 @@ def test_end_to_end_on_cpu(tmp_path, model, steps):
         assert s["backend"] in s["candidates"] and isinstance(s["candidates"]["sdpa"], float)
         assert s["candidates"]["fa4"] == "unavailable"  # no CUDA GPU here
     assert "attention_selection" not in data["configs"]["diffc-eager"]
+    table = path.with_suffix(".md").read_text().split("## Attention selection", 1)[1]
+    assert f"| diffc-compiled | {selection[0]['shape']['batch']} x " in table and "sdpa " in table
     assert path.with_suffix(".md").read_text().count("| diffc-eager |") >= 2  # main and components tables
     summary = proc.stdout[proc.stdout.index(f"== {model} on cpu"):]
     assert "diffusers-eager" in summary and "diffc-eager" in summary and "wrote " in summary
