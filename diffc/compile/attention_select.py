@@ -337,20 +337,26 @@ def _time_interleaved(calls: dict[str, Callable[[], object]], results: dict[str,
     over a few hundred milliseconds) and any transient stall between them: on an H100 at Wan2.1-1.3B's
     self-attention, one such timing put FA4 at 11.07 ms against its 9.45-9.65 in the rounds after, and a compile
     chose flashinfer's kernel (9.5-10.0 ms) over it, a forward 18 ms slower (``bench/results/h100-2026-12-07-notes.md``).
-    A candidate that raises while timed is an "error" result."""
+    A candidate that raises while timed is an "error" result. The candidates' graphs stay captured together until
+    the shape is timed (on a GPU, one output and workspace per candidate at once)."""
+
+    def drop(name: str, e: Exception) -> None:
+        results[name] = _error(e)
+        del calls[name]
+
     for name, call in list(calls.items()):
         try:
             for _ in range(warmup):
                 call()
         except Exception as e:  # noqa: BLE001
-            results[name], _ = _error(e), calls.pop(name)
+            drop(name, e)
     rounds_ms: dict[str, list[float]] = {name: [] for name in calls}
     for r in range(rounds):
         for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
             try:
                 rounds_ms[name].append(_median_ms(calls[name], device, iters))
             except Exception as e:  # noqa: BLE001
-                results[name], _ = _error(e), calls.pop(name)
+                drop(name, e)
     for name in calls:
         results[name].median_ms = statistics.median(rounds_ms[name])
         results[name].rounds_ms = [round(t, 4) for t in rounds_ms[name]]
