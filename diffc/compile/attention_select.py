@@ -52,15 +52,14 @@ MIN_GAIN_MS = 1e-3
 TIMING_ROUNDS = 5
 
 
+def _round_iters(iters: int) -> int:
+    return max(1, -(-iters // 2))
+
+
 # After the first round, a candidate this many times slower than the fastest one is timed no more: a stall of one
 # round was seen at +17% (``_time_interleaved``), and the slow kernels (torch's efficient and flash kernels at
 # long sequences: 1.9-3.9x FA4's time at Wan2.1-1.3B's) would otherwise double the selection's time
 OUT_OF_THE_RACE = 1.5
-
-
-def _round_iters(iters: int) -> int:
-    return max(1, -(-iters // 2))
-
 
 # torch's own pick for aten.scaled_dot_product_attention (aten._fused_sdp_choice's SDPBackend enum).
 _DISPATCHER = {0: "math", 1: "sdpa_flash", 2: "sdpa_efficient", 3: "sdpa_cudnn", 4: "overrideable"}
@@ -342,10 +341,11 @@ def _time_interleaved(calls: dict[str, Callable[[], object]], results: dict[str,
     medians. One candidate timed after the other puts the GPU's clock drift (a card warming up or throttling
     over a few hundred milliseconds) and any transient stall between them: on an H100 at Wan2.1-1.3B's
     self-attention, one such timing put FA4 at 11.07 ms against its 9.45-9.65 in the rounds after, and a compile
-    chose flashinfer's kernel (9.5-10.0 ms) over it, a forward 18 ms slower (``bench/results/h100-2026-12-07-notes.md``).
-    A candidate whose first round is over :data:`OUT_OF_THE_RACE` times the fastest one's is not timed again (its
-    time is that round's). A candidate that raises while timed is an "error" result. The candidates' graphs stay captured together until
-    the shape is timed (on a GPU, one output and workspace per candidate at once)."""
+    chose flashinfer's kernel (9.5-10.0 ms) over it, a forward 18 ms slower
+    (``bench/results/h100-2026-12-07-notes.md``). A candidate whose first round is over :data:`OUT_OF_THE_RACE`
+    times the fastest one's is not timed again (its time is that round's). A candidate that raises while timed is
+    an "error" result. The candidates' graphs stay captured together until the shape is timed (on a GPU, one
+    output and workspace per candidate at once)."""
 
     def drop(name: str, e: Exception) -> None:
         results[name] = _error(e)
