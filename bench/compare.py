@@ -31,7 +31,7 @@ from .engines import ENGINES, Engine
 from .families import FAMILIES, INPUT_SEED
 from .measure import (allocated_gb, free_memory, matmul_ceiling, peak_memory, psnr_uint8, rel_err, stats,
                       time_calls)
-from .report import environment, output_paths, summary_text, write_results
+from .report import candidate_times, environment, output_paths, summary_text, write_results
 from .specs import SPECS, BenchSpec, Workload
 from .flops import tflops_per_s
 
@@ -254,8 +254,7 @@ def measure(config: Config, engine: Engine, run: Run, r: dict[str, Any]) -> None
     if selection:
         r["attention_selection"] = selection
         for s in selection:
-            timed = ", ".join(f"{n} {v:.3f}" for n, v in s["candidates"].items() if isinstance(v, float))
-            log(f"{config.name}: attention {s['shape']} -> {s['backend']} (ms: {timed})")
+            log(f"{config.name}: attention {s['shape']} -> {s['backend']} (ms: {candidate_times(s)})")
     if config.cache is not None:
         measure_cached(config, engine, run, r)
         return

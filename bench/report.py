@@ -215,6 +215,11 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def candidate_times(selection: dict[str, Any]) -> str:
+    """One attention shape's timed candidates as ``name ms, ...`` (those not timed left out)."""
+    return ", ".join(f"{n} {v:.3f}" for n, v in selection["candidates"].items() if isinstance(v, (int, float)))
+
+
 def _attention_rows(result: dict[str, Any]) -> str:
     lines = []
     for name, r in result["configs"].items():
@@ -222,8 +227,7 @@ def _attention_rows(result: dict[str, Any]) -> str:
             sh = sel["shape"]
             shape = (f"{sh['batch']} x {sh['heads']} x {sh['seq_q']} x {sh['seq_kv']} x {sh['head_dim']}"
                      + (" masked" if sh.get("key_mask") else ""))
-            times = ", ".join(f"{n} {v:.3f}" for n, v in sel["candidates"].items() if isinstance(v, (int, float)))
-            lines.append(f"| {name} | {shape} | {sel['backend']} | {times} |")
+            lines.append(f"| {name} | {shape} | {sel['backend']} | {candidate_times(sel)} |")
     if not lines:
         return ""
     return "\n".join(["| config | shape | chosen | candidates (ms) |", "|---|---|---|---|", *lines])
