@@ -21,25 +21,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-
-def _bench(fn, iters: int = 50) -> float:
-    """Median ms of one replay of a CUDA graph holding ``fn`` (as the compiled DiT runs it)."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(5):
-        g.replay()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+from bench.ops import graphed_ms
 
 
 BLOCK = 128  # FA4's key tile at head_dim <= 128 on Hopper: the unit of its block-sparse lists
@@ -118,6 +100,22 @@ def _masks(batch: int, text: int, image: int, kept: int, device) -> dict[str, to
     return {"prefix": prefix, "holes": holes, "two_lengths": two, "none_kept": none}
 
 
+def _check_forms(table: dict, record: dict, case: str, q, k, v, keep: torch.Tensor) -> None:
+    """Each form against a float32 masked SDPA on ``keep`` (zeros where an element keeps no key, as torch gives);
+    its relative error (or why it failed) recorded under ``case`` and printed."""
+    ref = torch.nan_to_num(F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                          attn_mask=keep[:, None, None, :]))
+    for name, fn in table.items():
+        try:
+            out = fn(q, k, v, keep).float()
+            err = ((out - ref).norm() / ref.norm().clamp_min(1e-6)).item()
+            entry = f"rel err {err:.1e}" + (" NaN" if out.isnan().any() else "")
+        except Exception as e:  # noqa: BLE001 - a probe: report the form's failure and go on
+            entry = f"error {type(e).__name__}: {str(e)[:200]}"
+        record["forms"].setdefault(name, {})[case] = entry
+        print(f"{case:12s} {name:16s} {entry}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--heads", type=int, default=24)
@@ -125,10 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image-tokens", type=int, default=4096)
     p.add_argument("--text-tokens", type=int, default=128)
     p.add_argument("--kept", type=int, default=40, help="text tokens kept (the rest is padding)")
-    p.add_argument("--iters", type=int, default=50)
     p.add_argument("--out")
     args = p.parse_args(argv)
-    for field in ("heads", "head_dim", "image_tokens", "text_tokens", "iters"):
+    for field in ("heads", "head_dim", "image_tokens", "text_tokens"):
         if getattr(args, field) < 1:
             raise SystemExit(f"--{field.replace('_', '-')}: expected a positive integer, got {getattr(args, field)}")
     if not 1 <= args.kept <= args.text_tokens:
@@ -140,36 +137,17 @@ def main(argv: list[str] | None = None) -> None:
     s, h, d = args.text_tokens + args.image_tokens, args.heads, args.head_dim
     record: dict = {"shape": [h, s, d], "kept": args.kept, "gpu": torch.cuda.get_device_name(), "forms": {}}
     table = forms()
-    # correctness, batch 2, several masks
+    # correctness, batch 2, several masks; then a length that is no multiple of the 128-key block (the last block
+    # runs bounds-masked)
     q2, k2, v2 = (torch.randn(2, s, h, d, device=dev, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
     for mask_name, keep in _masks(2, args.text_tokens, args.image_tokens, args.kept, dev).items():
-        ref = F.scaled_dot_product_attention(q2.float(), k2.float(), v2.float(), attn_mask=keep[:, None, None, :])
-        ref = torch.nan_to_num(ref)
-        for name, fn in table.items():
-            try:
-                out = fn(q2, k2, v2, keep).float()
-                err = ((out - ref).norm() / ref.norm().clamp_min(1e-6)).item()
-                nan = bool(out.isnan().any())
-                entry = f"rel err {err:.1e}" + (" NaN" if nan else "")
-            except Exception as e:  # noqa: BLE001 - a probe: report the form's failure and go on
-                entry = f"error {type(e).__name__}: {str(e)[:200]}"
-            record["forms"].setdefault(name, {})[mask_name] = entry
-            print(f"{mask_name:12s} {name:16s} {entry}", flush=True)
-    # correctness at a length that is no multiple of the 128-key block (the last block runs bounds-masked)
+        _check_forms(table, record, mask_name, q2, k2, v2, keep)
     qo, ko, vo = (torch.randn(3, 1000, h, d, device=dev, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
     odd = torch.ones(3, 1000, dtype=torch.bool, device=dev)
     odd[0, 40:128] = False
     odd[1, 777:] = False
     odd[2, 1::3] = False
-    ref = F.scaled_dot_product_attention(qo.float(), ko.float(), vo.float(), attn_mask=odd[:, None, None, :])
-    for name, fn in table.items():
-        try:
-            out = fn(qo, ko, vo, odd).float()
-            entry = f"rel err {((out - ref).norm() / ref.norm()).item():.1e}" + (" NaN" if out.isnan().any() else "")
-        except Exception as e:  # noqa: BLE001
-            entry = f"error {type(e).__name__}: {str(e)[:200]}"
-        record["forms"].setdefault(name, {})["length_1000"] = entry
-        print(f"{'length_1000':12s} {name:16s} {entry}", flush=True)
+    _check_forms(table, record, "length_1000", qo, ko, vo, odd)
     # timing, batch 1, the prefix mask
     q, k, v = (torch.randn(1, s, h, d, device=dev, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
     keep = _masks(1, args.text_tokens, args.image_tokens, args.kept, dev)["prefix"]
@@ -181,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     timings.update({name: (lambda fn=fn: fn(q, k, v, keep)) for name, fn in table.items()})
     for name, fn in timings.items():
         try:
-            ms = _bench(fn, args.iters)
+            ms = graphed_ms(fn)
             record["forms"].setdefault(name, {})["ms"] = ms
             print(f"time {name:20s} {ms:.4f} ms", flush=True)
         except Exception as e:  # noqa: BLE001
