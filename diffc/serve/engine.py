@@ -32,6 +32,11 @@ from .jobs import OPTION_KEYS, Counters, Job, JobError, Limits, NotReady, QueueF
 from .metrics import ServerMetrics
 from .storage import OutputStore, new_id
 
+# request options a server default fills where a request gives none (size, steps and frames have rules of their
+# own in Engine.submit); the HTTP API has no text-length field, so the server's max_sequence_length (a compiled
+# artifact's) holds for every request
+SERVER_DEFAULTED = ("guidance_scale", "max_sequence_length", "true_cfg_scale")
+
 __all__ = ["Engine", "Job", "JobError", "Limits", "NotReady", "QueueFull", "WrongOutputKind"]
 
 log = logging.getLogger("diffc.serve")
@@ -194,6 +199,9 @@ class Engine(BatchRunner):
         given = dict(height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
                      negative_prompt=negative_prompt, num_frames=num_frames if kind == "video" else None,
                      true_cfg_scale=true_cfg_scale, image=image)
+        for key in SERVER_DEFAULTED:  # the server's defaults where the request leaves them out (or has no field)
+            if given.get(key) is None:
+                given[key] = self.defaults.get(key)
         request = pipe.resolve(prompt=[prompt] * n, seed=seeds, **{k: v for k, v in given.items() if v is not None})
         if request.height is not None and request.width is not None and request.height * request.width > lim.max_pixels:
             raise InvalidArgumentError("size", f"the output would be {request.width}x{request.height}; this server "
@@ -391,7 +399,7 @@ class Engine(BatchRunner):
 
     def _warm_up(self, pipe) -> None:
         options = {"height": self._default("height", pipe), "width": self._default("width", pipe),
-                   "num_inference_steps": 1}
+                   "num_inference_steps": 1, **{k: self.defaults.get(k) for k in SERVER_DEFAULTED}}
         if pipe.spec.output == "video":
             options["num_frames"] = self._default("num_frames", pipe)
         options.update(self.warmup)

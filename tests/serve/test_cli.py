@@ -14,6 +14,8 @@ import pytest
 
 from diffc.cli.main import main
 
+TEXT_TOKENS = 16  # compiled below instead of FLUX's 512: fewer rows through the interpreted kernels
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -97,11 +99,13 @@ def test_serve_argument_errors(tmp_path, capsys, monkeypatch, argv, fragment):
 
 def test_serve_compiled_artifact(demo_ckpt, tmp_path):
     """``diffc serve --compiled``: the checkpoint comes from the manifest, and requests without a size get
-    the compiled one, so they run the compiled graph (checked in-process below)."""
+    the compiled one, and the compiled text length (the HTTP API has no field for it), so they run the compiled
+    graph (checked in-process below)."""
     import diffc
 
     path, art = demo_ckpt("flux"), tmp_path / "art"
-    diffc.load(path, device="cpu").compile([{"height": 32, "width": 48}], out=art, log=lambda line: None)
+    diffc.load(path, device="cpu").compile([{"height": 32, "width": 48, "max_sequence_length": TEXT_TOKENS}], out=art,
+                                           log=lambda line: None)
     port = _free_port()
     env = {**os.environ, "DIFFC_CACHE": str(demo_ckpt.cache)}
     proc = subprocess.Popen([sys.executable, "-m", "diffc", "serve", "--compiled", str(art), "--port", str(port),
@@ -114,6 +118,7 @@ def test_serve_compiled_artifact(demo_ckpt, tmp_path):
                        json={"prompt": "a calico cat", "num_inference_steps": 1, "response_format": "b64_json"})
         assert r.status_code == 200, r.text
         assert r.json()["model"] == path.name
+        assert r.json()["warnings"] == []  # no "the compiled DiT has no graph for this shape"
         import base64
         import io
 
@@ -128,7 +133,8 @@ def test_serve_compiled_artifact(demo_ckpt, tmp_path):
     assert "no compiled graph" not in err
 
     pipe = diffc.load(path, device="cpu", compiled=art)
-    out = pipe.generate("a calico cat", height=32, width=48, num_inference_steps=2, progress=False)
+    out = pipe.generate("a calico cat", height=32, width=48, num_inference_steps=2, max_sequence_length=TEXT_TOKENS,
+                        progress=False)
     assert pipe.executor.compiled().counters.compiled_calls == 2 and out.warnings == []
 
 

@@ -59,6 +59,20 @@ def test_curl_style_request_with_defaults(image_server):
     assert _decode(body["data"][0]["b64_json"]).shape == (32, 32, 3)
 
 
+def test_server_defaults_fill_what_a_request_leaves_out(image_server):
+    """A server's text length (a compiled artifact's: the HTTP API has no field for it) and guidance hold for
+    every request that gives none; a request's own guidance wins."""
+    engine = image_server.engine
+    engine.defaults.update(max_sequence_length=16, guidance_scale=2.5)
+    try:
+        job = engine.prepare("image", "a cat")
+        assert job.options["max_sequence_length"] == 16 and job.options["guidance_scale"] == 2.5
+        assert engine.prepare("image", "a cat", guidance_scale=4.0).options["guidance_scale"] == 4.0
+    finally:
+        del engine.defaults["max_sequence_length"], engine.defaults["guidance_scale"]
+    assert engine.prepare("image", "a cat").options["max_sequence_length"] == 512  # FLUX's own default
+
+
 @pytest.mark.parametrize("fmt,magic", [("png", b"\x89PNG"), ("jpeg", b"\xff\xd8"), ("webp", b"RIFF")])
 def test_url_response_serves_the_file(image_server, fmt, magic):
     client = image_server.client()
