@@ -249,10 +249,11 @@ def serve(args: argparse.Namespace) -> int:
     choice = resolve_model(args)
     if choice.notice and parent:
         print(choice.notice, file=sys.stderr)
-    # requests that give no size get the compiled one, or the demo's (and so does the warm-up); the HTTP API has no
-    # text-length field, so every request keeps the text length compiled (512 where the artifact gives none)
+    # requests that give no size or guidance get the compiled ones (Wan's guidance decides its CFG batch), or the
+    # demo's (and so does the warm-up); the HTTP API has no text-length field, so every request keeps the compiled
+    # text length
     defaults = {k: v for k, v in choice.defaults.items()
-                if k in ("height", "width", "num_frames", "max_sequence_length")
+                if k in ("height", "width", "num_frames", "guidance_scale", "max_sequence_length")
                 or (choice.demo and k == "num_inference_steps")}
     model_id = args.model_name or (f"diffc-demo-{choice.demo}" if choice.path is None else choice.path.resolve().name)
     device = resolve_device(choice.device)

@@ -30,12 +30,12 @@ def demo_cache(module_cache, monkeypatch):
 
 @pytest.fixture(scope="module")
 def artifact(module_cache, tmp_path_factory):
-    """``diffc compile --out X --height 64 --width 64`` of the demo model: (path, exit code, stdout)."""
+    """``diffc compile --out X --height 64 --width 64 --guidance 3`` of the demo model: (path, exit code, stdout)."""
     out = tmp_path_factory.mktemp("compiled") / "demo.diffc"
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):  # capsys is per test
         mp.setenv("DIFFC_CACHE", str(module_cache))
-        code = main(["compile", "--out", str(out), "--height", "64", "--width", "64", *SMALL])
+        code = main(["compile", "--out", str(out), "--height", "64", "--width", "64", "--guidance", "3", *SMALL])
     return out, code, printed.getvalue()
 
 
@@ -147,6 +147,34 @@ def test_run_compiled_uses_the_artifact_size(artifact, tmp_path, capsys):
     compiled = dump["runtime"]["compiled"]
     assert compiled["artifact"] == str(path) and (compiled["compiled_calls"], compiled["eager_fallbacks"]) == (2, 0)
     assert dump["compiled"] == str(path) and dump["load_s"] > 0 and dump["compile_s"] is None
+
+
+def test_serve_compiled_defaults_to_the_artifact_shape(artifact, monkeypatch):
+    """``diffc serve --compiled``: requests without a size, guidance or text length (the HTTP API has no field for
+    it) get the artifact's, so they replay its graphs."""
+    import diffc.serve.app as app_module
+    import diffc.serve.engine as engine_module
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def engine(load, **kwargs):
+        seen.update(kwargs)
+        return object()
+
+    def create_app(engine, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(engine_module, "Engine", engine)
+    monkeypatch.setattr(app_module, "create_app", create_app)
+    with pytest.raises(Stop):
+        main(["serve", "--compiled", str(artifact[0]), "--port", "0", "--device", "cpu"])
+    request = _manifest(artifact[0])["stages"]["transformer"]["buckets"][0]["request"]
+    defaults = seen["defaults"]
+    assert (defaults["height"], defaults["width"], defaults["max_sequence_length"]) == (64, 64, 8)
+    assert defaults["guidance_scale"] == request["guidance_scale"] == 3.0  # FLUX.1-dev's own is 3.5
 
 
 def test_run_compiled_demo_keeps_the_demo_steps_and_notice(artifact, tmp_path, capsys):
