@@ -101,6 +101,29 @@ def build_flux_pipeline(v: TinyFlux, tok_dir: Path, seed: int = 0):
                                   text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
 
 
+@pytest.fixture
+def serve_engine_args(monkeypatch):
+    """Run ``diffc serve`` up to building the engine and the app (then ``tests.helpers.ServeStopped`` is raised);
+    return what they were given: ``{"engine": Engine's keyword arguments, "app": create_app's}``."""
+    import diffc.serve.app as app_module
+    import diffc.serve.engine as engine_module
+    from tests.helpers import ServeStopped
+
+    seen: dict = {}
+
+    def engine(load, **kwargs):
+        seen["engine"] = kwargs
+        return object()
+
+    def create_app(engine, **kwargs):
+        seen["app"] = kwargs
+        raise ServeStopped()
+
+    monkeypatch.setattr(engine_module, "Engine", engine)
+    monkeypatch.setattr(app_module, "create_app", create_app)
+    return seen
+
+
 @pytest.fixture(scope="session")
 def flux_checkpoint(tmp_path_factory):
     """Factory: ``flux_checkpoint(variant, sharded=False) -> Path``, cached for the session."""

@@ -25,3 +25,7 @@ def psnr_uint8(a, b) -> float:
     assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
     mse = float(np.mean((a - b) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+class ServeStopped(Exception):
+    """Raised by the ``serve_engine_args`` fixture (tests/conftest.py) where ``diffc serve`` would build its app."""

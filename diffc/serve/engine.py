@@ -33,7 +33,7 @@ from .metrics import ServerMetrics
 from .storage import OutputStore, new_id
 
 # request options a server default fills where a request gives none (size, steps and frames have rules of their
-# own in Engine.submit); the HTTP API has no text-length field, so the server's max_sequence_length (a compiled
+# own in Engine.prepare); the HTTP API has no text-length field, so the server's max_sequence_length (a compiled
 # artifact's) holds for every request
 SERVER_DEFAULTED = ("guidance_scale", "max_sequence_length", "true_cfg_scale")
 
@@ -201,7 +201,7 @@ class Engine(BatchRunner):
                      true_cfg_scale=true_cfg_scale, image=image)
         for key in SERVER_DEFAULTED:  # the server's defaults where the request leaves them out (or has no field)
             if given.get(key) is None:
-                given[key] = self.defaults.get(key)
+                given[key] = self._default(key)
         request = pipe.resolve(prompt=[prompt] * n, seed=seeds, **{k: v for k, v in given.items() if v is not None})
         if request.height is not None and request.width is not None and request.height * request.width > lim.max_pixels:
             raise InvalidArgumentError("size", f"the output would be {request.width}x{request.height}; this server "
@@ -399,7 +399,7 @@ class Engine(BatchRunner):
 
     def _warm_up(self, pipe) -> None:
         options = {"height": self._default("height", pipe), "width": self._default("width", pipe),
-                   "num_inference_steps": 1, **{k: self.defaults.get(k) for k in SERVER_DEFAULTED}}
+                   "num_inference_steps": 1, **{k: self._default(k, pipe) for k in SERVER_DEFAULTED}}
         if pipe.spec.output == "video":
             options["num_frames"] = self._default("num_frames", pipe)
         options.update(self.warmup)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from diffc.cli.main import main
+from tests.helpers import ServeStopped
 
 # Eight text tokens keep the Triton interpreter's share of each compiled DiT call small.
 SMALL = ["--max-sequence-length", "8"]
@@ -149,30 +150,13 @@ def test_run_compiled_uses_the_artifact_size(artifact, tmp_path, capsys):
     assert dump["compiled"] == str(path) and dump["load_s"] > 0 and dump["compile_s"] is None
 
 
-def test_serve_compiled_defaults_to_the_artifact_shape(artifact, monkeypatch):
+def test_serve_compiled_defaults_to_the_artifact_shape(artifact, serve_engine_args):
     """``diffc serve --compiled``: requests without a size, guidance or text length (the HTTP API has no field for
     it) get the artifact's, so they replay its graphs."""
-    import diffc.serve.app as app_module
-    import diffc.serve.engine as engine_module
-
-    class Stop(Exception):
-        pass
-
-    seen = {}
-
-    def engine(load, **kwargs):
-        seen.update(kwargs)
-        return object()
-
-    def create_app(engine, **kwargs):
-        raise Stop
-
-    monkeypatch.setattr(engine_module, "Engine", engine)
-    monkeypatch.setattr(app_module, "create_app", create_app)
-    with pytest.raises(Stop):
+    with pytest.raises(ServeStopped):
         main(["serve", "--compiled", str(artifact[0]), "--port", "0", "--device", "cpu"])
     request = _manifest(artifact[0])["stages"]["transformer"]["buckets"][0]["request"]
-    defaults = seen["defaults"]
+    defaults = serve_engine_args["engine"]["defaults"]
     assert (defaults["height"], defaults["width"], defaults["max_sequence_length"]) == (64, 64, 8)
     assert defaults["guidance_scale"] == request["guidance_scale"] == 3.0  # FLUX.1-dev's own is 3.5
 

@@ -15,6 +15,7 @@ import diffc
 from diffc.cli.main import main
 from diffc.loader import pipeline as pipeline_loader
 from diffc.serve.storage import OutputStore, new_id
+from tests.helpers import ServeStopped
 
 
 @pytest.fixture
@@ -123,37 +124,12 @@ def test_a_host_that_cannot_be_bound_is_one_line(tmp_path, capsys, monkeypatch, 
     assert "diffc serve: error: --host: cannot listen on 203.0.113.7:0: " in capsys.readouterr().err
 
 
-class _Stop(Exception):
-    pass
-
-
-@pytest.fixture
-def engine_args(monkeypatch):
-    """Run ``diffc serve`` up to building the engine and the app; return what they were given."""
-    import diffc.serve.app as app_module
-    import diffc.serve.engine as engine_module
-
-    seen: dict = {}
-
-    def engine(load, **kwargs):
-        seen["engine"] = kwargs
-        return object()
-
-    def create_app(engine, **kwargs):
-        seen["app"] = kwargs
-        raise _Stop()
-
-    monkeypatch.setattr(engine_module, "Engine", engine)
-    monkeypatch.setattr(app_module, "create_app", create_app)
-    return seen
-
-
 @pytest.mark.parametrize("argv,warmup", [([], None), (["--no-warmup"], None)])
-def test_no_warm_up_generation_on_a_cpu(tmp_path, monkeypatch, engine_args, argv, warmup):
+def test_no_warm_up_generation_on_a_cpu(tmp_path, monkeypatch, serve_engine_args, argv, warmup):
     monkeypatch.setenv("DIFFC_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(_Stop):
+    with pytest.raises(ServeStopped):
         main(["serve", "--port", "0", "--device", "cpu", *argv])
-    assert engine_args["engine"]["warmup"] is warmup
+    assert serve_engine_args["engine"]["warmup"] is warmup
 
 
 @pytest.mark.parametrize("argv,allowed", [
@@ -164,12 +140,12 @@ def test_no_warm_up_generation_on_a_cpu(tmp_path, monkeypatch, engine_args, argv
     (["--allowed-hosts", "*"], None),
     (["--host", "0.0.0.0", "--api-key", "k"], None),
 ])
-def test_allowed_hosts_flag(tmp_path, monkeypatch, engine_args, argv, allowed):
+def test_allowed_hosts_flag(tmp_path, monkeypatch, serve_engine_args, argv, allowed):
     monkeypatch.setenv("DIFFC_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(_Stop):
+    with pytest.raises(ServeStopped):
         main(["serve", "--port", "0", "--device", "cpu", "--max-prompt-chars", "100", *argv])
-    assert engine_args["app"]["allowed_hosts"] == allowed
-    assert engine_args["engine"]["limits"].max_prompt_chars == 100
+    assert serve_engine_args["app"]["allowed_hosts"] == allowed
+    assert serve_engine_args["engine"]["limits"].max_prompt_chars == 100
 
 
 def test_allowed_hosts_naming_nothing_is_refused(tmp_path, capsys, monkeypatch, no_loading):

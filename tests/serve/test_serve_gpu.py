@@ -12,34 +12,20 @@ import torch
 import diffc
 from diffc.cli.main import main
 from diffc.serve.engine import Engine, Limits
+from tests.helpers import ServeStopped
 from tests.serve.conftest import VIDEO_DEFAULTS, LiveServer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-class _Stop(Exception):
-    pass
-
-
-def test_the_warm_up_runs_on_a_gpu(tmp_path, monkeypatch):
-    import diffc.serve.app as app_module
-    import diffc.serve.engine as engine_module
-
-    seen = {}
-
-    def engine(load, **kwargs):
-        seen.update(kwargs)
-        raise _Stop()
-
+def test_the_warm_up_runs_on_a_gpu(tmp_path, monkeypatch, serve_engine_args):
     monkeypatch.setenv("DIFFC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(engine_module, "Engine", engine)
-    monkeypatch.setattr(app_module, "create_app", lambda *a, **k: None)
-    with pytest.raises(_Stop):
+    with pytest.raises(ServeStopped):
         main(["serve", "--port", "0", "--device", "cuda"])
-    assert seen["warmup"] == {}
-    with pytest.raises(_Stop):
+    assert serve_engine_args["engine"]["warmup"] == {}
+    with pytest.raises(ServeStopped):
         main(["serve", "--port", "0", "--device", "cuda", "--no-warmup"])
-    assert seen["warmup"] is None
+    assert serve_engine_args["engine"]["warmup"] is None
 
 
 def test_a_video_job_on_the_gpu_reports_its_decode(demo_ckpt, tmp_path):
