@@ -186,6 +186,8 @@ class LoraManager:
     def request_snapshot(self, nickname, strength=None) -> tuple[tuple[str, State], ...]:
         """The snapshot of a generation request naming cached adapters (``field`` names as the HTTP API's)."""
         names = list(nickname) if isinstance(nickname, (list, tuple)) else [nickname]
+        if not names and strength is not None and not (isinstance(strength, (list, tuple)) and not strength):
+            raise InvalidArgumentError("lora_strength", "applies to the adapters named in 'lora', which names none")
         strengths = strength if isinstance(strength, (list, tuple)) else [strength] * len(names)
         if len(strengths) != len(names):
             raise InvalidArgumentError("lora_strength", f"give one strength for all adapters or one per adapter "

@@ -46,6 +46,8 @@ async def read_edit_form(request: Request) -> tuple[dict[str, Any], list[tuple[s
     try:
         form = await request.form(max_files=MAX_FILES + 1)
     except Exception as exc:  # malformed multipart: python-multipart raises its own errors
+        if "too many files" in str(exc).lower():  # the parser stops at MAX_FILES + 1: more than the route takes
+            raise invalid("image", f"at most {MAX_FILES} images per request") from None
         raise invalid(None, f"could not parse the multipart/form-data body ({exc})", code="invalid_body") from None
     fields: dict[str, Any] = {}
     files: list[tuple[str, bytes]] = []
@@ -75,10 +77,15 @@ async def edit_images(request: Request) -> dict[str, Any]:
                       code="missing_required_parameter")
     if len(files) > MAX_FILES:
         raise invalid("image", f"at most {MAX_FILES} images per request, got {len(files)}")
-    if engine.state == "ready" and engine.pipe.spec.image_input == "none":
-        raise invalid("image", f"'{engine.model_id}' ({engine.pipe.spec.pipeline_class}) is a text-to-"
-                               f"{engine.pipe.spec.output} model and takes no input image; use "
-                               "POST /v1/images/generations", code="model_not_supported")
+    if engine.state == "ready":  # what the model takes, checked before any file is decoded
+        spec = engine.pipe.spec
+        if spec.image_input == "none":
+            route = "POST /v1/images/generations" if spec.output == "image" else "POST /v1/videos"
+            raise invalid("image", f"'{engine.model_id}' ({spec.pipeline_class}) is a text-to-{spec.output} model "
+                                   f"and takes no input image; use {route}", code="model_not_supported")
+        if len(files) > spec.max_images:
+            raise invalid("image", f"{spec.pipeline_class} takes at most {spec.max_images} input image(s), "
+                                   f"got {len(files)}")
     names = [name if len(files) == 1 else f"image[{i}]" for i, (name, _) in enumerate(files)]
     images = await run_in_threadpool(lambda: [decode_image(data, n) for n, (_, data) in zip(names, files)])
     job = _prepare(engine, "image", req, n=req.n, image=images[0] if len(images) == 1 else images)

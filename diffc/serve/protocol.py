@@ -92,7 +92,7 @@ class _Request(BaseModel):
 class ImageRequest(_Request):
     """``POST /v1/images/generations``."""
 
-    n: int = 1
+    n: int = 1  # null (JSON) or an empty form value: 1, as every other optional field takes its default
     response_format: Literal["b64_json", "url"] | None = None
     output_format: Literal["png", "jpeg", "webp", "gif", "svg"] | None = None
     output_compression: int | None = None
@@ -106,6 +106,11 @@ class ImageRequest(_Request):
     frame_count: Any = None
     frame_duration_ms: Any = None
     svg: Any = None
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _n_default(cls, value: Any) -> Any:
+        return 1 if value is None else value
 
     def check_supported(self) -> None:
         if self.output_format in ("gif", "svg"):

@@ -93,6 +93,7 @@ def _prepare(engine: Engine, kind: str, req, params: dict[str, str] | None = Non
                              num_inference_steps=req.num_inference_steps, negative_prompt=req.negative_prompt,
                              cache=req.cache, lora=req.lora, lora_strength=req.lora_strength,
                              true_cfg_scale=req.true_cfg_scale, **extra)
+        _check_encodable(req, job)
         return engine.submit(job)
     except NotReady as exc:
         raise APIError(503, str(exc), type="server_error", code="model_not_ready",
@@ -104,6 +105,43 @@ def _prepare(engine: Engine, kind: str, req, params: dict[str, str] | None = Non
         raise invalid("model", str(exc), code="model_not_supported") from None
     except InvalidArgumentError as exc:
         raise invalid(params.get(exc.field, exc.field), str(exc)) from None
+
+
+def _well_formed_range(value: str) -> bool:
+    """``value`` is a byte-range header Starlette can answer: ``bytes=`` and ranges ``a-b`` (a <= b), ``a-`` or ``-n``."""
+    unit, _, specs = value.partition("=")
+    if unit.strip().lower() != "bytes" or not specs.strip():
+        return False
+    for part in specs.split(","):
+        start, dash, end = part.strip().partition("-")
+        if not dash or not (start or end) or not all(x.isdigit() for x in (start, end) if x):
+            return False
+        if start and end and int(start) > int(end):
+            return False
+    return True
+
+
+class StoredFile(FileResponse):
+    """A stored output. A malformed ``Range`` header is ignored and the whole file sent (RFC 9110 lets a server do
+    so), instead of Starlette's plain-text 400; a well-formed one gets its partial content (or 416)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        headers = scope.get("headers") or []
+        ranges = [v for k, v in headers if k.lower() == b"range"]
+        if ranges and not _well_formed_range(ranges[0].decode("latin-1")):
+            scope = {**scope, "headers": [(k, v) for k, v in headers if k.lower() != b"range"]}
+        await super().__call__(scope, receive, send)
+
+
+WEBP_MAX_SIDE = 16383  # libwebp's limit on either side
+
+
+def _check_encodable(req, job: Job) -> None:
+    """An image request's output format can hold the size the job will generate (checked before it is queued, not
+    after the generation)."""
+    if getattr(req, "output_format", None) == "webp" and max(job.options["width"], job.options["height"]) > WEBP_MAX_SIDE:
+        raise invalid("output_format", f"WebP images are at most {WEBP_MAX_SIDE} pixels a side and this one would be "
+                                       f"{_size(job)}; ask for a smaller size or output_format png or jpeg")
 
 
 async def _until_done_or_gone(request: Request, job: Job) -> bool:
@@ -149,6 +187,10 @@ def _stats(job: Job) -> dict[str, Any]:
 async def generate_images(request: Request) -> dict[str, Any]:
     engine = engine_of(request)
     req: ImageRequest = parse_body(ImageRequest, await read_payload(request))
+    spec = engine.pipe.spec if engine.state == "ready" else None
+    if spec is not None and spec.output == "image" and spec.image_input == "required":
+        raise invalid("image", f"'{engine.model_id}' ({spec.pipeline_class}) edits input images; send them to "
+                               "POST /v1/images/edits (multipart, the files under 'image')")
     job = _prepare(engine, "image", req, n=req.n)
     return await answer_images(request, engine, job, req)
 
@@ -213,7 +255,7 @@ async def image_content(image_id: str, request: Request) -> FileResponse:
     if path is None or not image_id.startswith("img_"):
         raise APIError(404, f"No image found with id '{image_id}' (it may have expired).", param="image_id",
                        code="not_found", type="invalid_request_error")
-    return FileResponse(path, media_type=MEDIA_TYPES.get(path.suffix.lstrip("."), "application/octet-stream"))
+    return StoredFile(path, media_type=MEDIA_TYPES.get(path.suffix.lstrip("."), "application/octet-stream"))
 
 
 def _video_object(engine: Engine, job: Job) -> dict[str, Any]:
@@ -245,6 +287,10 @@ async def create_video(request: Request) -> dict[str, Any]:
             raise invalid("input_reference", f"'{engine.model_id}' ({engine.pipe.spec.pipeline_class}) is a "
                                              "text-to-video model and takes no input image", code="model_not_supported")
         image = await run_in_threadpool(reference_image, req.input_reference)
+    elif engine.state == "ready" and engine.pipe.spec.image_input == "required":
+        raise invalid("input_reference", f"'{engine.model_id}' ({engine.pipe.spec.pipeline_class}) is an image-to-"
+                                         "video model: send its first frame as input_reference (an uploaded image "
+                                         "file or a base64 data URL)", code="missing_required_parameter")
     job = _prepare(engine, "video", req, params={"image": "input_reference"}, num_frames=req.num_frames,
                    seconds=req.seconds, fps=req.fps, **({} if image is None else {"image": image}))
     return _video_object(engine, job)
@@ -284,7 +330,7 @@ async def video_content(video_id: str, request: Request, variant: str = "video")
         detail = f"it has status '{job.status}'" if job.status != "completed" else "its file has expired"
         raise APIError(409 if job.status != "completed" else 404, f"Video '{video_id}' has no content: {detail}.",
                        param="video_id", code="video_not_ready" if job.status != "completed" else "not_found")
-    return FileResponse(path, media_type="video/mp4", filename=f"{job.id}.mp4")
+    return StoredFile(path, media_type="video/mp4", filename=f"{job.id}.mp4")
 
 
 @v1.delete("/videos/{video_id}")

@@ -2,8 +2,9 @@
 
 Used by ``POST /v1/images/edits`` (the ``image`` files) and ``POST /v1/videos`` (``input_reference``, the
 first frame of an image-to-video model). Every problem is a 400 naming the field: an empty or oversized
-file, a file that is not an image, an image too large or of a mode that cannot become RGB. The server
-never fetches a URL and knows no file ids.
+file, a file that is not a PNG, JPEG or WebP image, an image too large or of a mode that cannot become RGB.
+Only those three formats are opened: Pillow hands other formats to other code (EPS and PostScript to a
+Ghostscript process). The server never fetches a URL and knows no file ids.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .protocol import invalid
 
 MAX_IMAGE_BYTES = 50 << 20  # per file, as OpenAI's limit for edits
 MAX_IMAGE_PIXELS = 64 << 20  # decoded pixels per image (a decompression bomb stops here, before decoding)
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")  # what Pillow may identify an upload as; anything else is refused
 DATA_URL_RE = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 
 
@@ -31,7 +33,7 @@ def decode_image(data: bytes, field: str):
     if len(data) > MAX_IMAGE_BYTES:
         raise invalid(field, f"'{field}' is {len(data)} bytes; at most {MAX_IMAGE_BYTES >> 20} MiB per image")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as im:
             w, h = im.size
             if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
                 raise invalid(field, f"'{field}' is {w}x{h} pixels, too large (at most {MAX_IMAGE_SIDE} a side and "
@@ -41,7 +43,9 @@ def decode_image(data: bytes, field: str):
                                      f"accepted modes: {', '.join(IMAGE_MODES)}")
             im.load()
             return im.copy()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:  # its message names the server's buffer object, nothing the client sent
+        raise invalid(field, f"'{field}' is not a PNG, JPEG or WebP image") from None
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise invalid(field, f"'{field}' is not a readable image ({reason}); upload a PNG, JPEG or WebP") from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import shutil
@@ -96,14 +97,15 @@ def _raw(server, files, **fields):
 
 
 @pytest.mark.parametrize("files,param,fragment", [
-    ([("image", ("a.png", b"not an image at all", "image/png"))], "image", "not a readable image"),
+    ([("image", ("a.png", b"not an image at all", "image/png"))], "image", "not a PNG, JPEG or WebP image"),
     ([("image", ("a.png", b"", "image/png"))], "image", "empty file"),
-    ([("image", ("a.tif", _png(Image.new("LAB", (8, 8)), "TIFF"), "image/tiff"))], "image", "mode 'LAB'"),
+    ([("image", ("a.tif", _png(Image.new("RGB", (8, 8)), "TIFF"), "image/tiff"))], "image", "not a PNG, JPEG or WebP"),
     ([("image", ("a.png", _png(Image.new("1", (17000, 1))), "image/png"))], "image", "too large"),
     ([("image[]", ("a.png", _png(_input()), "image/png")), ("image[]", ("b.png", _png(_input()), "image/png"))],
      "image", "at most 1 input image"),
+    # more files than the model takes: refused before any is decoded (the junk one is never read)
     ([("image[]", ("a.png", _png(_input()), "image/png")), ("image[]", ("b.png", b"junk", "image/png"))],
-     "image[1]", "not a readable image"),
+     "image", "at most 1 input image"),
     ([("n", (None, "1"))], "image", "Missing required parameter"),  # multipart without a file
     ([("image", ("a.png", _png(_input()), "image/png")), ("mask", ("m.png", _png(_input()), "image/png"))],
      "mask", "not supported"),
@@ -115,6 +117,41 @@ def test_bad_uploads_are_400_naming_the_field(kontext_server, files, param, frag
     assert error["param"] == param and fragment in error["message"]
 
 
+def test_each_file_is_named_where_the_model_takes_several(kontext_server, monkeypatch):
+    pipe = kontext_server.pipe._pipe
+    monkeypatch.setattr(pipe, "spec", dataclasses.replace(pipe.spec, max_images=2))
+    files = [("image[]", ("a.png", _png(_input()), "image/png")), ("image[]", ("b.png", b"junk", "image/png"))]
+    error = _raw(kontext_server, files).json()["error"]
+    assert error["param"] == "image[1]" and "not a PNG, JPEG or WebP image" in error["message"]
+
+
+def test_a_model_that_needs_an_image_points_generations_to_edits(kontext_server, monkeypatch):
+    pipe = kontext_server.pipe._pipe
+    monkeypatch.setattr(pipe, "spec", dataclasses.replace(pipe.spec, image_input="required"))
+    r = requests.post(f"{kontext_server.url}/v1/images/generations", json={"prompt": "x"}, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "image" and "POST /v1/images/edits" in error["message"]
+
+
+def test_more_files_than_the_route_takes_name_the_field(kontext_server):
+    files = [("image[]", (f"{i}.png", b"x", "image/png")) for i in range(18)]
+    response = _raw(kontext_server, files)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "image" and "at most 16 images" in error["message"]
+
+
+def test_webp_larger_than_it_can_hold_is_refused_before_the_generation(kontext_server):
+    calls = len(kontext_server.pipe.calls)
+    files = [("image", ("a.png", _png(_input()), "image/png"))]
+    response = _raw(kontext_server, files, size="16384x16", output_format="webp")
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "output_format" and "at most 16383 pixels a side" in error["message"]
+    assert len(kontext_server.pipe.calls) == calls
+
+
 def test_json_body_is_refused(kontext_server):
     response = requests.post(f"{kontext_server.url}/v1/images/edits", json={"prompt": "x"}, timeout=30)
     assert response.status_code == 400 and "multipart/form-data" in response.json()["error"]["message"]
@@ -124,6 +161,12 @@ def test_openai_client_sees_a_bad_request(kontext_server):
     with pytest.raises(openai.BadRequestError) as info:
         kontext_server.client().images.edit(image=("a.png", b"GIF89a nonsense", "image/png"), prompt="x")
     assert info.value.body["param"] == "image"
+
+
+def test_text_to_video_model_refuses_edits_naming_its_route(video_server):
+    files = [("image", ("in.png", _png(_input()), "image/png"))]
+    error = _raw(video_server, files).json()["error"]
+    assert error["param"] == "image" and "text-to-video" in error["message"] and "POST /v1/videos" in error["message"]
 
 
 def test_text_to_image_model_refuses_edits(image_server):

@@ -88,6 +88,38 @@ def test_url_response_serves_the_file(image_server, fmt, magic):
     assert f"{image_id}.{fmt}" in files
 
 
+@pytest.mark.parametrize("range_header,status,part", [
+    ("bytes=0-9", 206, slice(0, 10)),
+    ("bytes=-4", 206, slice(-4, None)),
+    ("bytes=5-1", 200, slice(None)),  # malformed: ignored, the whole file (RFC 9110), not a plain-text 400
+    ("garbage", 200, slice(None)),
+    ("bytes=1-x", 200, slice(None)),
+    ("bytes=99999999-", 416, None),  # well formed but past the end
+])
+def test_stored_files_answer_ranges_and_ignore_malformed_ones(image_server, range_header, status, part):
+    body = {"prompt": "a lighthouse", "size": "32x32", "response_format": "url", "seed": 3}
+    url = httpx.post(f"{image_server.url}/v1/images/generations", json=body, timeout=120).json()["data"][0]["url"]
+    whole = httpx.get(url).content
+    got = httpx.get(url, headers={"Range": range_header})
+    assert got.status_code == status, got.text
+    if part is not None:
+        assert got.content == whole[part]
+
+
+def test_a_null_n_is_one_image(image_server):
+    r = httpx.post(f"{image_server.url}/v1/images/generations", json={"prompt": "a fox", "n": None}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 1
+
+
+@pytest.mark.parametrize("strength", ["abc", "nan", 2.0])
+def test_a_lora_strength_without_adapters_is_refused(image_server, strength):
+    body = {"prompt": "a fox", "lora": [], "lora_strength": strength}
+    r = httpx.post(f"{image_server.url}/v1/images/generations", json=body, timeout=120)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "lora_strength"
+
+
 def test_seed_is_reported_and_random_when_omitted(image_server):
     client = image_server.client()
     a = client.images.generate(prompt="a boat", size="32x32", response_format="b64_json")

@@ -73,11 +73,11 @@ def test_upload_and_data_url_give_the_same_video(i2v_server):
 
 
 @pytest.mark.parametrize("reference, fragment", [
-    (None, "needs an input image"),
+    (None, "is an image-to-video model: send its first frame as input_reference"),
     ("https://example.com/cat.png", "fetches nothing"),
     ("file-abc123", "fetches nothing"),
     ("data:image/png;base64,@@@not-base64", "not valid base64"),
-    ("data:image/png;base64," + base64.b64encode(b"not a png at all").decode(), "not a readable image"),
+    ("data:image/png;base64," + base64.b64encode(b"not a png at all").decode(), "not a PNG, JPEG or WebP image"),
     (_data_url(b""), "empty file"),
     (12, "must be an uploaded image file or a base64 data URL"),
 ])
@@ -92,4 +92,4 @@ def test_bad_references_are_400_naming_the_field(i2v_server, reference, fragment
 def test_an_upload_that_is_not_an_image(i2v_server):
     with pytest.raises(openai.BadRequestError) as info:
         i2v_server.client().videos.create(prompt="x", input_reference=("ref.png", b"\x89PNG....", "image/png"))
-    assert info.value.param == "input_reference" and "not a readable image" in str(info.value)
+    assert info.value.param == "input_reference" and "not a PNG, JPEG or WebP image" in str(info.value)

@@ -1,0 +1,57 @@
+"""Uploaded images are decoded as PNG, JPEG or WebP only: no other Pillow plugin (EPS would start Ghostscript)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from diffc.serve.api_error import APIError
+from diffc.serve.uploads import UPLOAD_FORMATS, decode_image
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+
+
+def _encoded(fmt: str, mode: str = "RGB", size=(9, 7)) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, (128, 128, 128)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", UPLOAD_FORMATS)
+def test_png_jpeg_and_webp_decode(fmt):
+    im = decode_image(_encoded(fmt), "image")
+    assert im.size == (9, 7) and abs(im.convert("L").getpixel((4, 3)) - 128) <= 2
+
+
+def test_postscript_never_reaches_ghostscript(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or Image.new("RGB", (1, 1)))
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: True)
+    with pytest.raises(APIError) as info:
+        decode_image(EPS, "input_reference")
+    assert info.value.status == 400 and info.value.param == "input_reference"
+    assert "not a PNG, JPEG or WebP image" in info.value.message
+    assert ran == []
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "GIF", "ICO"])
+def test_other_image_formats_are_refused_naming_the_accepted_ones(fmt):
+    with pytest.raises(APIError) as info:
+        decode_image(_encoded(fmt, size=(16, 16)), "image[1]")
+    assert info.value.param == "image[1]" and "not a PNG, JPEG or WebP image" in info.value.message
+
+
+def test_the_error_shows_nothing_of_the_server():
+    with pytest.raises(APIError) as info:
+        decode_image(b"junk", "image")
+    assert "BytesIO" not in info.value.message and "0x" not in info.value.message and "/tmp" not in info.value.message
+
+
+def test_a_truncated_png_is_unreadable_naming_the_field():
+    with pytest.raises(APIError) as info:
+        decode_image(_encoded("PNG", size=(64, 64))[:60], "image")
+    assert info.value.param == "image" and "not a readable image" in info.value.message
