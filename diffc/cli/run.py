@@ -57,16 +57,24 @@ def add_parser(sub) -> None:
 
 
 def read_image(path: str):
-    """Open an input image fully (so a bad file fails here, naming it), as PIL reads it."""
+    """Open an input image fully (so a bad file fails here, naming it), as PIL reads it, in one of
+    ``IMAGE_FORMATS`` (formats Pillow decodes itself: no Ghostscript for an EPS file)."""
     from PIL import Image, UnidentifiedImageError
 
+    from ..pipelines.base import IMAGE_FORMATS
+
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             im.load()
             return im.copy()
     except FileNotFoundError:
         raise InvalidArgumentError("--image", f"file not found: {path}") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+    except IsADirectoryError:
+        raise InvalidArgumentError("--image", f"{path} is a directory; give an image file") from None
+    except UnidentifiedImageError:
+        names = ", ".join(f.replace("WEBP", "WebP") for f in IMAGE_FORMATS)
+        raise InvalidArgumentError("--image", f"{path}: not an image diffc reads ({names})") from None
+    except (Image.DecompressionBombError, OSError, ValueError) as exc:
         raise InvalidArgumentError("--image", f"{path}: not a readable image ({exc})") from None
 
 

@@ -19,6 +19,9 @@ from .stages import RunContext, Stage, StageGraph
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 MAX_IMAGE_SIDE = 16384
+# Input image files diffc opens (``diffc run --image``): formats Pillow decodes itself. Never EPS or PostScript,
+# which Pillow hands to a Ghostscript process; the server takes PNG, JPEG and WebP only (diffc.serve.uploads).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "I;16", "I", "F", "1")
 
 

@@ -121,3 +121,26 @@ def test_offload_flags_on_cpu(flux_checkpoint, tmp_path, capsys):
     assert main(base + ["--offload-prefetch", "0"]) == 2
     assert "offload_prefetch: must be an integer from 1 to 16" in capsys.readouterr().err
     assert main(base + ["--offload", "none"]) == 0
+
+
+def test_input_images_open_in_pillow_own_decoders_only(tmp_path, monkeypatch):
+    """``--image``: PNG, JPEG, WebP, BMP, TIFF and GIF decode; an EPS file never reaches Ghostscript; a directory or
+    a file of another kind is one line naming the flag."""
+    from PIL import EpsImagePlugin
+
+    from diffc.cli.run import read_image
+    from diffc.errors import InvalidArgumentError
+
+    for fmt in ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"):
+        Image.new("RGB", (6, 5), (200, 10, 10)).save(tmp_path / f"in.{fmt.lower()}", format=fmt)
+        assert read_image(str(tmp_path / f"in.{fmt.lower()}")).size == (6, 5)
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ran.append(a) or Image.new("RGB", (1, 1)))
+    monkeypatch.setattr(EpsImagePlugin, "has_ghostscript", lambda: True)
+    eps = tmp_path / "in.eps"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(InvalidArgumentError, match=r"--image: .*in\.eps: not an image diffc reads \(PNG, JPEG, WebP"):
+        read_image(str(eps))
+    assert ran == []
+    with pytest.raises(InvalidArgumentError, match="is a directory"):
+        read_image(str(tmp_path))
