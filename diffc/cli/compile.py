@@ -66,14 +66,17 @@ def add_parser(sub) -> None:
     p.set_defaults(func=compile_command, _parser=p)
 
 
+MAX_BATCH = 64  # samples per compiled call: beyond any batch a DiT is run at
+
+
 def parse_buckets(args: argparse.Namespace, video: bool) -> list[dict]:
     """The requests to compile: --height/--width[/--num-frames] first, then each --bucket; each with every
     --prompt."""
     from ..compile.examples import EXAMPLE_PROMPT
 
     common = {"guidance_scale": args.guidance_scale, "max_sequence_length": args.max_sequence_length}
-    if args.batch < 1:
-        raise InvalidArgumentError("--batch", f"must be at least 1, got {args.batch}")
+    if not 1 <= args.batch <= MAX_BATCH:
+        raise InvalidArgumentError("--batch", f"must be from 1 to {MAX_BATCH}, got {args.batch}")
     prompts = list(args.prompt) or [EXAMPLE_PROMPT]
     for text in prompts:
         if not isinstance(text, str) or not text.strip():
@@ -137,6 +140,11 @@ def compile_command(args: argparse.Namespace) -> int:
     choice = resolve_model(args)
     out = check_artifact_output(args.out, "--out")  # before the minutes of loading and compiling
     report_path = check_json_output(args.report, "--report") if args.report else None
+    if report_path is not None:
+        report_real, out_real = report_path.resolve(), out.resolve()
+        if report_real == out_real or report_real.is_relative_to(out_real):
+            raise InvalidArgumentError("--report", f"{args.report} is the artifact --out writes, or inside it; "
+                                                   "write the report elsewhere")
     # a generic pipeline's kind is known once it is loaded (when diffusers is missing here)
     buckets = parse_buckets(args, video=choice.output == "video") if choice.output is not None else None
     if choice.notice:

@@ -5,13 +5,24 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
+import threading
 
 from ..errors import DiffcError
 
 # Subcommands, each a module with ``add_parser(subparsers)`` that sets ``func`` and ``_parser`` on its parser.
 SUBCOMMANDS = ("compile", "run", "serve")
 _VERBOSE_HELP = "log loading and stage details"
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so what a command was writing is undone
+    (a compile's temporary artifact folder) before it exits. A BaseException: no ``except Exception`` stops it."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
 
 
 def plain(text: str | None) -> str | None:
@@ -54,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # SIGTERM ends the command as Ctrl-C does (cleaning up), where nothing else handles it already
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         sub_argv = argv[argv.index(args.command) + 1:]
         args._given = given_options(args._parser, sub_argv)
@@ -65,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"diffc {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"diffc {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -84,16 +84,23 @@ def run(args: argparse.Namespace) -> int:
     from . import parallel as par
 
     merge_config(args, args._parser)
-    layout = par.parallel_config(args)
-    if layout is not None and not par.in_worker():
-        kind = par.check_devices(layout, resolve_model(args).device)
-        resolve_model(args).checkpoint()  # the demo is built once, before the workers read it
-        return par.launch_command(par.with_seed(args._argv, args.seed), layout, kind)
-    main_rank = par.is_main()
     if not args.prompt:
         raise InvalidArgumentError("--prompt", "a non-empty prompt is required")
     if args.fps is not None and not 1 <= args.fps <= 240:
         raise InvalidArgumentError("--fps", f"must be from 1 to 240, got {args.fps}")
+    for flag, value in (("--output", args.output), ("--perf-dump-path", args.perf_dump_path)):
+        if value is not None and not str(value).strip():
+            raise InvalidArgumentError(flag, "is empty; give a file name")
+    layout = par.parallel_config(args)
+    if layout is not None and not par.in_worker():
+        choice = resolve_model(args)
+        kind = par.check_devices(layout, choice.device)
+        if choice.output is not None:  # a bad path is one line here, not an error in every worker
+            check_media_output(args.output or ("output.png" if choice.output == "image" else "output.mp4"),
+                               choice.output)
+        choice.checkpoint()  # the demo is built once, before the workers read it
+        return par.launch_command(par.with_seed(args._argv, args.seed), layout, kind)
+    main_rank = par.is_main()
     options = {k: getattr(args, k) for k in ("negative_prompt", "height", "width", "num_frames", "num_inference_steps",
                                              "guidance_scale", "guidance_scale_2", "seed", "max_sequence_length",
                                              "true_cfg_scale")}

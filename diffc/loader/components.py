@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import CheckpointError, WeightMismatchError
 from ..models import registry
@@ -17,6 +18,9 @@ from .weights import iter_tensors, tensor_shapes, weight_files
 
 log = logging.getLogger(__name__)
 MAX_CONFIG_BYTES = 16 << 20
+# A tokenizer folder holds one of these (a fast tokenizer's JSON, BPE vocab + merges, a SentencePiece model, WordPiece).
+VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model",
+                    "vocab.txt")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -68,6 +72,12 @@ def load_native_model(folder: Path, class_name: str, device: torch.device, dtype
     keep_fp32 = _fp32_matcher(model_cls)
     files_of: dict[str, Path] = {}
     state = dict(iter_tensors(files, device, lambda n: torch.float32 if keep_fp32(n) else dtype, stored=files_of))
+    floating = {name for name, t in model.state_dict().items() if t.is_floating_point()}
+    wrong = [f"{n} ({str(t.dtype).removeprefix('torch.')})" for n, t in state.items()
+             if n in floating and not t.is_floating_point()]
+    if wrong:
+        raise CheckpointError(f"{folder}: {len(wrong)} weight(s) stored as integers or booleans, not floating point: "
+                              + ", ".join(wrong[:5]) + (", ..." if len(wrong) > 5 else ""))
     model.load_state_dict(state, strict=True, assign=True)
     del state
     if device.type != "meta":  # the parameters still equal to their file tensors (diffc.stored)
@@ -97,7 +107,7 @@ def load_text_encoder(folder: Path, class_name: str, device: torch.device, dtype
         # safetensors only: a folder whose only weights transformers would take are a pickle is refused
         model, info = cls.from_pretrained(str(folder), dtype=dtype, device_map=device_map, output_loading_info=True,
                                           use_safetensors=True)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, SafetensorError) as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{folder}: cannot load {class_name} with safetensors weights ({reason})") from None
     missing = list(info.get("missing_keys", ()))
@@ -112,6 +122,9 @@ def load_tokenizer(folder: Path, class_name: str):
 
     if not folder.is_dir():
         raise CheckpointError(f"missing folder: {folder}")
+    if not any((folder / name).is_file() for name in VOCABULARY_FILES):
+        # transformers would build a tokenizer that knows no word (every prompt all unknown tokens)
+        raise CheckpointError(f"{folder}: no tokenizer vocabulary (expected one of {', '.join(VOCABULARY_FILES)})")
     cls = getattr(transformers, class_name, None) or transformers.AutoTokenizer
     try:
         return cls.from_pretrained(str(folder))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -107,6 +108,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         entry = index.get(name)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
             raise CheckpointError(f"{root / 'model_index.json'}: component '{name}' is missing or empty")
+        if not all(isinstance(part, str) for part in entry):
+            raise CheckpointError(f"{root / 'model_index.json'}: component '{name}' must be [library, class name] "
+                                  f"(two strings), got {json.dumps(entry)[:200]}")
         log.info("loading %s (%s)", name, entry[1])
         components[name] = load_component(root, name, entry[1], dev, dt)
     if "scheduler" in components:

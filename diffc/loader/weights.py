@@ -77,8 +77,11 @@ def weight_files(folder: Path) -> list[Path]:
     for name in _SINGLE:
         if (folder / name).is_file():
             return [check_inside(folder, folder / name, folder / name)]
-    found = sorted(p.name for p in folder.glob("*.safetensors"))
-    if len(found) == 1 and (folder / found[0]).is_file():
+    not_files = [name for name in _SINGLE + _INDEX if (folder / name).exists()]
+    if not_files:
+        raise CheckpointError(f"{folder / not_files[0]} is not a file; weights are safetensors files")
+    found = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file())
+    if len(found) == 1:
         return [check_inside(folder, folder / found[0], folder / found[0])]
     raise CheckpointError(
         f"{folder}: no safetensors weights found (expected one of {', '.join(_SINGLE + _INDEX)}"

@@ -85,7 +85,8 @@ def load_artifact(executor, root: str | Path, *, source: str | Path, device, dty
             if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
                 raise art.ArtifactError(f"{where}/{art.MANIFEST}: bucket {bucket['key'][:80]!r} lists no regions")
             for entry in entries:
-                region = regions.get(entry.get("region"))
+                name_of = entry.get("region")
+                region = regions.get(name_of) if isinstance(name_of, str) else None
                 if region is None:
                     raise art.ArtifactError(f"{where}: region {str(entry.get('region'))[:80]!r} is not a block list "
                                             f"of {type(stack.module).__name__} ({', '.join(regions)})")

@@ -96,7 +96,8 @@ def test_example_prompts_of_one_padded_length_compile_once(tmp_path, capsys):
     (["--bucket", "64by32"], "--bucket: expected WIDTHxHEIGHT or WIDTHxHEIGHTxFRAMES, got '64by32'"),
     (["--bucket", "64x32x5"], "--bucket: '64x32x5' gives frames, but this is an image model"),
     (["--num-frames", "5"], "--num-frames: applies to video models only"),
-    (["--batch", "0"], "--batch: must be at least 1, got 0"),
+    (["--batch", "0"], "--batch: must be from 1 to 64, got 0"),
+    (["--batch", "10000000"], "--batch: must be from 1 to 64, got 10000000"),
     (["--height", "40", "--width", "64"], "height: FLUX needs a multiple of 16, got 40"),
     (["--disable", "no_such_pass"], "disable: unknown pass 'no_such_pass'"),
     (["--quality", "lossy"], "invalid choice: 'lossy'"),
@@ -201,3 +202,41 @@ def test_run_compiled_bad_flags_exit_2(tmp_path, capsys, argv, fragment):
     err = capsys.readouterr().err
     assert code == 2 and fragment in err, err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("where", ["the artifact", "inside it"])
+def test_the_report_may_not_overwrite_the_artifact(artifact, tmp_path, capsys, monkeypatch, where):
+    """``--report`` naming ``--out`` or a file inside it (a previous artifact's manifest) is refused before loading."""
+    import diffc.loader.pipeline
+
+    monkeypatch.setattr(diffc.loader.pipeline, "load", lambda *a, **k: pytest.fail("loaded before checking --report"))
+    previous = artifact[0]
+    out = tmp_path / "r.json" if where == "the artifact" else previous
+    report = out if where == "the artifact" else previous / "manifest.json"
+    before = (previous / "manifest.json").read_bytes()
+    assert main(["compile", "--out", str(out), "--report", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert "--report: " in err and "write the report elsewhere" in err, err
+    assert (previous / "manifest.json").read_bytes() == before
+
+
+def test_sigterm_while_compiling_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
+    """SIGTERM ends ``diffc compile`` as Ctrl-C does: the temporary artifact folder is removed, exit 143."""
+    import signal
+
+    import diffc.compile.pipeline as compile_pipeline
+
+    seen = {}
+
+    def terminated(pipe, requests, writer, **kwargs):
+        seen["tmp"] = writer.tmp
+        assert writer.tmp.exists()
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # what the signal runs, in the main thread
+        raise AssertionError("SIGTERM did not stop the compile")
+
+    monkeypatch.setattr(compile_pipeline, "_compile_all", terminated)
+    out = tmp_path / "a.diffc"
+    assert main(["compile", "--out", str(out), "--height", "32", "--width", "32", "--max-sequence-length", "8"]) == 143
+    assert "diffc compile: terminated" in capsys.readouterr().err
+    assert not seen["tmp"].exists() and not out.exists() and list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back

@@ -144,3 +144,30 @@ def test_input_images_open_in_pillow_own_decoders_only(tmp_path, monkeypatch):
     assert ran == []
     with pytest.raises(InvalidArgumentError, match="is a directory"):
         read_image(str(tmp_path))
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--output", ""], "--output: is empty; give a file name"),
+    (["--output", " "], "--output: is empty; give a file name"),
+    (["--perf-dump-path", ""], "--perf-dump-path: is empty; give a file name"),
+])
+def test_an_empty_path_is_refused_not_defaulted(tmp_path, capsys, monkeypatch, argv, fragment):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "output.png").write_bytes(b"MINE")
+    assert main(["run", "--prompt", "a fox", "--no-progress", *argv]) == 2
+    assert fragment in capsys.readouterr().err
+    assert (tmp_path / "output.png").read_bytes() == b"MINE"
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--prompt", "a fox", "--output", "/nonexistent-dir/a.png"], "--output: directory does not exist"),
+    (["--output", "a.png"], "--prompt: a non-empty prompt is required"),
+])
+def test_multi_process_runs_check_their_flags_before_starting_workers(tmp_path, capsys, monkeypatch, argv, fragment):
+    from diffc.cli import parallel
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(parallel, "launch_command", lambda *a, **k: pytest.fail("workers started"))
+    assert main(["run", "--num-gpus", "2", "--device", "cpu", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err

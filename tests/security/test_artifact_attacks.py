@@ -400,3 +400,11 @@ def test_a_poisoned_kernel_cache_is_refused(built, copy, marker, tmp_path, monke
 def test_an_unlisted_kernel_file_is_refused(built, copy, marker):
     _so(_kernels(copy), marker)
     refused(built, copy, "is not listed in the artifact's manifest")
+
+
+@pytest.mark.parametrize("region", [["transformer_blocks"], {"a": 1}, 7, None])
+def test_a_region_name_that_is_not_a_string_is_refused(built, copy, region):
+    data = manifest(copy)
+    data["stages"]["transformer"]["buckets"][0]["regions"][0]["region"] = region
+    write_manifest(copy, data)
+    refused(built, copy, "is not a block list of")

@@ -185,7 +185,7 @@ def test_a_weights_file_linking_to_a_device_is_refused(ckpt):
     path = ckpt / "transformer" / "diffusion_pytorch_model.safetensors"
     path.unlink()
     path.symlink_to("/dev/zero")
-    refused(ckpt, "no safetensors weights found")
+    refused(ckpt, f"{path} is not a file")
 
 
 def test_a_hub_cache_snapshot_with_linked_blobs_loads(flux_checkpoint, tmp_path):
@@ -224,3 +224,49 @@ def test_a_safetensors_file_with_extra_tensors_is_still_named(ckpt):
     state["decoder.extra"] = torch.zeros(2)
     save_file(state, path)
     refused(ckpt, "unexpected keys (1): decoder.extra")
+
+
+# ---- found by an audit: each one line, not a traceback or a silently broken pipeline ---------------------
+
+@pytest.mark.parametrize("entry", [["diffusers", ["FluxTransformer2DModel"]], ["diffusers", {"a": 1}],
+                                   [["diffusers"], "FluxTransformer2DModel"]])
+def test_a_component_class_that_is_not_a_string_is_refused(ckpt, entry):
+    _edit(ckpt / "model_index.json", transformer=entry)
+    refused(ckpt, "component 'transformer' must be [library, class name] (two strings)")
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_a_weight_stored_as_integers_is_named(ckpt, dtype):
+    path = ckpt / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    name = next(n for n, t in tensors.items() if t.ndim == 2)
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, path)
+    message = refused(ckpt, "stored as integers or booleans, not floating point")
+    assert name in message
+
+
+def test_a_truncated_text_encoder_file_is_one_line(ckpt):
+    path = ckpt / "text_encoder" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    refused(ckpt, f"{ckpt / 'text_encoder'}")
+
+
+@pytest.mark.parametrize("damage", ["no vocabulary", "empty folder", "vocabulary is a device"])
+def test_a_tokenizer_without_its_vocabulary_is_refused(ckpt, damage):
+    folder = ckpt / "tokenizer_2"
+    if damage == "empty folder":
+        shutil.rmtree(folder)
+        folder.mkdir()
+    else:
+        (folder / "tokenizer.json").unlink()
+        if damage == "vocabulary is a device":
+            (folder / "tokenizer.json").symlink_to("/dev/zero")
+    refused(ckpt, f"{folder}: no tokenizer vocabulary (expected one of tokenizer.json")
+
+
+def test_a_weights_name_that_is_a_folder_is_named(ckpt):
+    path = ckpt / "transformer" / "diffusion_pytorch_model.safetensors"
+    path.unlink()
+    path.mkdir()
+    refused(ckpt, f"{path} is not a file")
