@@ -47,6 +47,9 @@ def lora_settings(args: argparse.Namespace) -> dict[str, Any] | None:
             raise InvalidArgumentError(f"--{flag.replace('_', '-')}", "applies to the adapters of --lora-path; give one")
     if not paths:
         return None
+    for p in paths:
+        if not p.strip():
+            raise InvalidArgumentError("--lora-path", f"must be a LoRA .safetensors file or folder, got {p!r}")
     strengths = []
     for s in _per_path("--lora-strength", _values(args, "lora_strength"), len(paths)) or [1.0] * len(paths):
         try:

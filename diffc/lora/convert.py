@@ -22,8 +22,8 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CheckpointError
-from .files import LoraFile, component_config
-from .keys import SourceModule, parse_keys
+from .files import METADATA_KEY, LoraFile, component_config, component_prefix
+from .keys import SourceModule, parse_keys, split_key
 from .naming import Entry, NameTable, Naming
 
 SHOWN = 20  # keys listed in an error or a warning
@@ -77,12 +77,12 @@ def _listing(keys: list[str]) -> str:
 def convert(file: LoraFile, params: Mapping[str, torch.Tensor], naming: Naming | None, model_name: str) -> Conversion:
     """Map ``file`` onto a model whose parameters (name -> tensor, for names and shapes) are ``params``.
 
-    Raises ``CheckpointError`` when nothing in the file matches the model, or when a matched
-    module's tensors do not fit the model's shapes.
+    Raises ``CheckpointError`` when nothing in the file matches the model, when a matched module's
+    tensors do not fit the model's shapes, or when an alpha or a rank is one no LoRA can have.
     """
+    config = _checked_config(file)
     parsed, unknown = parse_keys(file.tensors)
     table = NameTable(params, naming)
-    config = component_config(file.config)
     pieces: dict[str, list[Piece]] = collections.defaultdict(list)
     unmatched, formats, ranks, matched, applied = list(unknown), collections.Counter(), set(), 0, 0
     for stem, source in parsed.modules.items():
@@ -93,7 +93,7 @@ def convert(file: LoraFile, params: Mapping[str, torch.Tensor], naming: Naming |
         entry, scheme = found
         try:
             made = _pieces(source, entry, params, config)
-        except _Incomplete as exc:
+        except _Invalid as exc:
             raise CheckpointError(f"{file.path}: {exc}") from None
         except _Mismatch as exc:
             raise CheckpointError(f"{file.path}: {exc} (is this LoRA for another model or size than "
@@ -118,11 +118,53 @@ def convert(file: LoraFile, params: Mapping[str, torch.Tensor], naming: Naming |
 
 
 class _Mismatch(Exception):
-    pass
+    """The file's tensors do not fit the model's (the error asks whether it is for another model)."""
 
 
-class _Incomplete(_Mismatch):
-    pass
+class _Invalid(_Mismatch):
+    """The file is wrong whatever the model: a missing matrix, rank 0, an alpha that is not a number."""
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number (not a bool) that is finite as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _checked_config(file: LoraFile) -> dict[str, Any]:
+    """The DiT's LoRA config from the file's metadata, refused unless ``lora_alpha`` is a finite number,
+    ``alpha_pattern`` maps module patterns to finite numbers and ``use_rslora`` is a bool (what PEFT's
+    ``LoraConfig`` holds; a negative alpha is kept, as PEFT and diffusers keep it). ``null`` means unset."""
+    config = component_config(file.config)
+    prefix = component_prefix(file.config)
+
+    def refuse(key: str, message: str) -> CheckpointError:
+        return CheckpointError(f"{file.path}: '{prefix}{key}' in its '{METADATA_KEY}' metadata {message}")
+
+    alpha = config.get("lora_alpha")
+    if alpha is not None and not _finite(alpha):
+        raise refuse("lora_alpha", f"must be a finite number, got {_short(alpha)}")
+    patterns = config.get("alpha_pattern")
+    if patterns is not None:
+        if not isinstance(patterns, dict):
+            raise refuse("alpha_pattern", f"must be an object of module patterns to finite numbers, got {_short(patterns)}")
+        for key, value in patterns.items():
+            if not _finite(value):
+                raise refuse("alpha_pattern", f"maps {key!r} to {_short(value)}; it must be an object of module "
+                                              "patterns to finite numbers")
+    rslora = config.get("use_rslora")
+    if rslora is not None and not isinstance(rslora, bool):
+        raise refuse("use_rslora", f"must be true or false, got {_short(rslora)}")
+    return config
 
 
 def _applies(source: SourceModule, entry: Entry, params: Mapping[str, torch.Tensor]) -> bool:
@@ -158,11 +200,14 @@ def _pieces(source: SourceModule, entry: Entry, params, config: dict[str, Any]) 
     scale = 1.0
     if source.has_lora:
         if source.down is None or source.up is None:
-            raise _Incomplete(f"{where} has only one of its two LoRA matrices (down/A and up/B)")
+            raise _Invalid(f"{where} has only one of its two LoRA matrices (down/A and up/B)")
         down, up = source.down, source.up
         if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
             raise _Mismatch(f"{where}: LoRA matrices of shapes {tuple(down.shape)} (down) and {tuple(up.shape)} "
                             f"(up) do not form a product (only linear layers are supported)")
+        if down.shape[0] == 0:
+            key = next(k for k in source.keys if split_key(k)[1] == "down")
+            raise _Invalid(f"{key} has shape {tuple(down.shape)}: rank 0; a LoRA's rank must be at least 1")
         if any(w.ndim != 2 or w.shape[1] != down.shape[1] for w in weights):
             raise _Mismatch(f"{where}: the LoRA takes {down.shape[1]} input features where {names[0]} has shape "
                             f"{tuple(weights[0].shape)}")
@@ -217,17 +262,18 @@ def _scale(source: SourceModule, module: str, rank: int, config: dict[str, Any])
     rslora = bool(config.get("use_rslora", False))
     if source.alpha is not None:
         if source.alpha.numel() != 1:
-            raise _Mismatch(f"{source.stem}.alpha must hold one number, got shape {tuple(source.alpha.shape)}")
+            raise _Invalid(f"{source.stem}.alpha must hold one finite number, got shape "
+                           f"{tuple(source.alpha.shape)}")
         alpha = float(source.alpha.float().item())
-    else:
+        if not math.isfinite(alpha):
+            raise _Invalid(f"{source.stem}.alpha is {alpha}; alpha must be a finite number")
+    else:  # the metadata, checked by _checked_config
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module)
         if alpha is None:
             alpha = config.get("lora_alpha")
         if alpha is None:
             return 1.0
         alpha = float(alpha)
-    if not math.isfinite(alpha):
-        raise _Mismatch(f"{source.stem}: alpha is {alpha}")
     return alpha / (math.sqrt(rank) if rslora else rank)
 
 

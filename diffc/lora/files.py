@@ -93,10 +93,14 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
     return LoraFile(file, tensors, config, nbytes)
 
 
+def component_prefix(config: dict[str, Any], prefixes: tuple[str, ...] = ("transformer",)) -> str:
+    """How the DiT's keys in ``config`` begin: ``"transformer."`` (pipeline files) or ``""`` (model files)."""
+    return next((p + "." for p in prefixes if any(k.startswith(p + ".") for k in config)), "")
+
+
 def component_config(config: dict[str, Any], prefixes: tuple[str, ...] = ("transformer",)) -> dict[str, Any]:
     """The LoRA config of the DiT: keys under ``transformer.`` (pipeline files) or unprefixed (model files)."""
-    for prefix in prefixes:
-        scoped = {k[len(prefix) + 1:]: v for k, v in config.items() if k.startswith(prefix + ".")}
-        if scoped:
-            return scoped
+    prefix = component_prefix(config, prefixes)
+    if prefix:
+        return {k[len(prefix):]: v for k, v in config.items() if k.startswith(prefix)}
     return {k: v for k, v in config.items() if "." not in k}

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import diffc
@@ -71,11 +72,28 @@ def test_lora_options_from_a_config_file(setup, tmp_path, capsys):
       "--lora-strength", "1", "--lora-strength", "2", "--lora-strength", "3"], "one value for all 2 --lora-path"),
     (["--lora-path", "A", "--lora-target", "transformer_2"], "target: this pipeline has no 'transformer_2'"),
     (["--lora-path", "missing.safetensors"], "lora_path: file not found: missing.safetensors"),
+    (["--lora-path", ""], "--lora-path: must be a LoRA .safetensors file or folder, got ''"),
+    (["--lora-path", "A", "--lora-path", " "], "--lora-path: must be a LoRA .safetensors file or folder, got ' '"),
 ])
 def test_lora_flag_errors(setup, tmp_path, capsys, extra, message):
     ckpt, a, b = setup
     extra = [str(a) if x == "A" else str(b) if x == "B" else x for x in extra]
     code = main(["run", "--model", str(ckpt), *ARGS, "--output", str(tmp_path / "x.png"), *extra])
     assert code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert "lora_nickname" not in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bad_lora_metadata_is_one_line_naming_the_file_and_key(setup, tmp_path, capsys):
+    ckpt, _, _ = setup
+    path = W.write_keys({"transformer.proj_out.lora_A.weight": torch.zeros(4, 32),
+                         "transformer.proj_out.lora_B.weight": torch.zeros(64, 4)}, tmp_path / "alpha_str.safetensors",
+                        {"transformer.lora_alpha": "abc"})
+    code = main(["run", "--model", str(ckpt), *ARGS, "--output", str(tmp_path / "x.png"), "--lora-path", str(path)])
+    assert code == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert line == (f"diffc run: error: {path}: 'transformer.lora_alpha' in its 'lora_adapter_metadata' metadata "
+                    "must be a finite number, got 'abc'")
     assert not (tmp_path / "x.png").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -63,3 +65,67 @@ def test_offload_is_refused_until_the_runtime_hosts_lora(flux_lora):
     pipe.runtime_options = dataclasses.replace(pipe.runtime_options, offload="layerwise")
     with pytest.raises(InvalidArgumentError, match="cannot be merged with --offload layerwise"):
         pipe.set_lora("a", flux_lora.files["second"])
+
+
+NAN, INF = float("nan"), float("inf")
+META = r"'transformer\.{}' in its 'lora_adapter_metadata' metadata "
+NUMBER = "must be a finite number, got "
+PATTERNS = "must be an object of module patterns to finite numbers"
+RANK0 = r"transformer\.proj_out\.lora_{}\.weight has shape \(0, {}\): rank 0; a LoRA's rank must be at least 1"
+
+
+@pytest.mark.parametrize("rank,alpha,metadata,message", [
+    (4, None, {"transformer.lora_alpha": "abc"}, META.format("lora_alpha") + NUMBER + "'abc'"),
+    (4, None, {"transformer.lora_alpha": "8"}, META.format("lora_alpha") + NUMBER + "'8'"),
+    (4, None, {"transformer.lora_alpha": [1, 2]}, META.format("lora_alpha") + NUMBER + r"\[1, 2\]"),
+    (4, None, {"transformer.lora_alpha": True}, META.format("lora_alpha") + NUMBER + "True"),
+    (4, None, {"transformer.lora_alpha": NAN}, META.format("lora_alpha") + NUMBER + "nan"),
+    (4, None, {"transformer.lora_alpha": -INF}, META.format("lora_alpha") + NUMBER + "-inf"),
+    (4, None, {"lora_alpha": {}}, r"'lora_alpha' in its 'lora_adapter_metadata' metadata " + NUMBER + r"\{\}"),
+    (4, None, {"transformer.alpha_pattern": [1], "transformer.lora_alpha": 4},
+     META.format("alpha_pattern") + PATTERNS + r", got \[1\]"),
+    (4, None, {"transformer.alpha_pattern": "proj_out", "transformer.lora_alpha": 4},
+     META.format("alpha_pattern") + PATTERNS + ", got 'proj_out'"),
+    (4, None, {"transformer.alpha_pattern": {"proj_out": "x"}, "transformer.lora_alpha": 4},
+     META.format("alpha_pattern") + "maps 'proj_out' to 'x'; it " + PATTERNS),
+    (4, None, {"transformer.alpha_pattern": {"to_q": INF}}, META.format("alpha_pattern") + "maps 'to_q' to inf"),
+    (4, None, {"transformer.use_rslora": "false", "transformer.lora_alpha": 4},
+     META.format("use_rslora") + "must be true or false, got 'false'"),
+    (4, torch.tensor(NAN), None, r"transformer\.proj_out\.alpha is nan; alpha must be a finite number"),
+    (4, torch.tensor(-INF), None, r"transformer\.proj_out\.alpha is -inf; alpha must be a finite number"),
+    (4, torch.ones(3), None, r"transformer\.proj_out\.alpha must hold one finite number, got shape \(3,\)"),
+    (0, torch.tensor(4.0), None, RANK0.format("A", "{in}")),
+    (0, None, None, RANK0.format("A", "{in}")),
+    (0, None, {"transformer.lora_alpha": 4, "transformer.use_rslora": True}, RANK0.format("A", "{in}")),
+], ids=["alpha-str", "alpha-numeric-str", "alpha-list", "alpha-bool", "alpha-nan", "alpha-inf", "alpha-unprefixed",
+        "pattern-list", "pattern-str", "pattern-value-str", "pattern-value-inf", "rslora-str", "alpha-tensor-nan",
+        "alpha-tensor-inf", "alpha-tensor-vector", "rank0-alpha", "rank0", "rank0-rslora"])
+def test_bad_alpha_or_rank_is_one_line_naming_file_and_key(flux, tmp_path, rank, alpha, metadata, message):
+    """Refused before any weight changes; the message names the file, the key or tensor, and what is accepted."""
+    weight = flux.pipe.components["transformer"].proj_out.weight  # (out, in)
+    tensors = {"transformer.proj_out.lora_A.weight": torch.randn(rank, weight.shape[1]),
+               "transformer.proj_out.lora_B.weight": torch.randn(weight.shape[0], rank)}
+    if alpha is not None:
+        tensors["transformer.proj_out.alpha"] = alpha
+    path = W.write_keys(tensors, tmp_path / "bad.safetensors", metadata)
+    with pytest.raises(CheckpointError) as info:
+        flux.pipe.set_lora("bad", path)
+    text = str(info.value)
+    assert "\n" not in text and "another model" not in text
+    assert text.startswith(f"{path}: ")
+    assert re.search(message.replace("{in}", str(weight.shape[1])), text), text
+    assert flux.pipe.list_loras()["loaded_adapters"] == []
+    assert all(torch.equal(v, flux.base[k]) for k, v in flux.pipe.components["transformer"].state_dict().items())
+
+
+@pytest.mark.parametrize("alpha", [-8.0, 0.0, 8])
+def test_any_finite_alpha_is_taken_as_peft_takes_it(flux, tmp_path, alpha):
+    """PEFT's LoraConfig keeps a negative or zero lora_alpha (scale alpha / r), and so does diffc."""
+    import diffusers
+
+    dit = flux.pipe.components["transformer"]
+    lora = W.random_lora(dit, ["proj_out", "transformer_blocks.0.attn.to_q"], seed=9, alpha=alpha)
+    flux.pipe.set_lora("signed", W.write_diffusers(lora, tmp_path / "signed", diffusers.FluxPipeline))
+    weights = dict(dit.named_parameters())
+    for name, want in lora.expected(flux.base, 1.0).items():
+        torch.testing.assert_close(weights[name].double(), want, rtol=0, atol=2e-6, msg=name)

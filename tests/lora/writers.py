@@ -72,9 +72,11 @@ def write_diffusers(lora: RandomLora, path: Path, pipeline_cls) -> Path:
     return path / "pytorch_lora_weights.safetensors"
 
 
-def write_keys(tensors: dict[str, torch.Tensor], path: Path) -> Path:
+def write_keys(tensors: dict[str, torch.Tensor], path: Path, adapter_metadata: dict | None = None) -> Path:
+    """``tensors`` as they are; ``adapter_metadata`` (any JSON) stored as diffusers does, under ``lora_adapter_metadata``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    metadata = None if adapter_metadata is None else {"lora_adapter_metadata": json.dumps(adapter_metadata)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
     return path
 
 
