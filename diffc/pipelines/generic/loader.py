@@ -3,7 +3,9 @@
 diffusers is an optional dependency (``pip install 'diffc[diffusers]'``). Before diffusers sees the
 folder, ``model_index.json`` is checked so that loading runs no code from it: the pipeline class must
 be one diffusers ships, every component must come from diffusers or transformers (never a module in
-the folder), and weights load with ``use_safetensors=True`` and ``trust_remote_code=False``.
+the folder), and weights load with ``use_safetensors=True`` and ``trust_remote_code=False``. Component configs
+and tokenizer folders are checked first (``checks``); whatever diffusers, transformers, safetensors or torch
+still raise on the folder's files is one ``CheckpointError`` line naming the component's folder.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 
 from ...errors import CheckpointError, DiffcError
+from .checks import check_component_files
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,9 @@ def check_components(diffusers, index: dict[str, Any], where: Path) -> None:
         library, class_name = entry
         if library is None and class_name is None:
             continue  # an optional component left out
+        if not (isinstance(class_name, str) and class_name.isidentifier()):
+            raise CheckpointError(f"{where}: component {name!r} names its class as {class_name!r}; expected a class "
+                                  "name (a string such as \"AutoencoderKL\")")
         known = library in LIBRARIES or (isinstance(library, str) and library.isidentifier()
                                          and hasattr(diffusers.pipelines, library))
         if not known:
@@ -101,16 +107,67 @@ def load_diffusers_pipeline(root: Path, index: dict[str, Any], device: torch.dev
     log.info("loading %s through diffusers %s", cls.__name__, diffusers.__version__)
     from diffusers.pipelines import pipeline_utils
 
+    check_component_files(root, index)
     dtype_key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"  # renamed in diffusers 0.42
     try:
         with quiet_loading(diffusers):
             pipe = cls.from_pretrained(str(root), use_safetensors=True, trust_remote_code=False,
                                        local_files_only=True, **{dtype_key: dtype})
-    except (OSError, ValueError, EnvironmentError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{root}: diffusers could not load {cls.__name__} ({type(exc).__name__}: {first}); "
-                              "weights must be safetensors") from exc
+    except (DiffcError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure inside diffusers/transformers/torch on these files
+        raise CheckpointError(load_failure(exc, root, index, cls.__name__)) from None
+    check_loaded(pipe, root, index)  # before .to(), which cannot copy a tensor the files did not hold
     if offload == "none":
-        pipe.to(device)
+        try:
+            pipe.to(device)
+        except (MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a device failure, not the checkpoint's: still one line
+            raise DiffcError(f"{root}: cannot move {cls.__name__} to {device} ({first_line(exc)})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters of it), never a traceback."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+
+
+def failing_component(exc: BaseException) -> str | None:
+    """The component diffusers was loading when ``exc`` was raised: the ``name`` of its ``load_sub_model`` frame."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "load_sub_model" and isinstance(frame.f_locals.get("name"), str):
+            return frame.f_locals["name"]
+        tb = tb.tb_next
+    return None
+
+
+def load_failure(exc: Exception, root: Path, index: dict[str, Any], pipeline: str) -> str:
+    """One line for a load that failed inside diffusers: the component's folder and class, and the first line
+    of the library's reason."""
+    reason = first_line(exc)
+    name = failing_component(exc)
+    if name is not None and isinstance(index.get(name), list):
+        where, what = root / name, f"{name} ({index[name][1]})"
+    else:
+        where, what = root, pipeline
+    hint = "; weights must be safetensors" if isinstance(exc, OSError) else ""
+    return f"{where}: diffusers could not load {what} ({reason}){hint}"
+
+
+def check_loaded(pipe, root: Path, index: dict[str, Any]) -> None:
+    """Refuse a component left with tensors on the meta device: its safetensors lack them (or ``model_index.json``
+    gives it a class whose tensors the file does not hold), which diffusers only warns about."""
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        empty = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+        if empty:
+            shown = ", ".join(empty[:5]) + (f", ... ({len(empty) - 5} more)" if len(empty) > 5 else "")
+            cls = index[name][1] if isinstance(index.get(name), list) else type(module).__name__
+            raise CheckpointError(f"{root / name}: the weights hold no tensor for {len(empty)} of {cls}'s "
+                                  f"parameters: {shown}")
