@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,9 @@ from .weights import iter_tensors, tensor_shapes, weight_files
 
 log = logging.getLogger(__name__)
 MAX_CONFIG_BYTES = 16 << 20
-# A tokenizer folder holds one of these (a fast tokenizer's JSON, BPE vocab + merges, a SentencePiece model, WordPiece).
-VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model",
-                    "vocab.txt")
+# A tokenizer folder's vocabulary: a fast tokenizer's JSON (or Mistral's tekken.json), BPE or WordPiece vocab.*, a
+# SentencePiece .model, a tiktoken file.
+VOCABULARY = re.compile(r"^(tokenizer\.json|tekken\.json|vocab(\.\w+)?|.+\.(model|tiktoken))$")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -117,14 +118,21 @@ def load_text_encoder(folder: Path, class_name: str, device: torch.device, dtype
     return model.to(device).eval().requires_grad_(False)
 
 
+def check_tokenizer_folder(folder: Path) -> None:
+    """A tokenizer folder holds a non-empty vocabulary file: from a folder without one transformers builds a
+    tokenizer that knows no word (every prompt all unknown tokens), or one that fails only at generation."""
+    found = [p for p in folder.iterdir() if VOCABULARY.match(p.name) and p.is_file() and p.stat().st_size > 0]
+    if not found:
+        raise CheckpointError(f"{folder}: no tokenizer vocabulary (tokenizer.json, vocab.json, vocab.txt or a "
+                              "sentencepiece .model file)")
+
+
 def load_tokenizer(folder: Path, class_name: str):
     import transformers
 
     if not folder.is_dir():
         raise CheckpointError(f"missing folder: {folder}")
-    if not any((folder / name).is_file() for name in VOCABULARY_FILES):
-        # transformers would build a tokenizer that knows no word (every prompt all unknown tokens)
-        raise CheckpointError(f"{folder}: no tokenizer vocabulary (expected one of {', '.join(VOCABULARY_FILES)})")
+    check_tokenizer_folder(folder)
     cls = getattr(transformers, class_name, None) or transformers.AutoTokenizer
     try:
         return cls.from_pretrained(str(folder))

@@ -10,7 +10,6 @@ is checked here first, by its name, and a tokenizer folder must hold a vocabular
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,6 @@ EXACT = {"n_layer": COUNT, "n_layers": COUNT, "n_head": COUNT, "n_heads": COUNT,
          "d_model": WIDTH, "d_ff": WIDTH, "d_kv": WIDTH, "n_embd": WIDTH, "n_inner": WIDTH,
          "vocab_size": TABLE, "max_position_embeddings": TABLE, "n_positions": TABLE}
 WIDTH_SUFFIXES = ("hidden_size", "intermediate_size")
-VOCABULARY = re.compile(r"^(tokenizer\.json|tekken\.json|vocab(\.\w+)?|.+\.(model|tiktoken))$")
 
 
 def size_bound(key: str) -> Bound | None:
@@ -91,27 +89,16 @@ def check_sizes(config: dict[str, Any], source: Path | str) -> None:
                                   f"or a list of them, got {_describe(value)}")
 
 
-def check_tokenizer_folder(folder: Path) -> None:
-    """A tokenizer folder must hold a non-empty vocabulary (tokenizer.json, vocab.*, a sentencepiece model):
-    transformers builds an empty tokenizer from a folder without one, which fails only at generation."""
-    if not folder.is_dir():
-        return  # diffusers names the missing folder itself
-    found = [p for p in folder.iterdir() if VOCABULARY.match(p.name) and p.is_file() and p.stat().st_size > 0]
-    if not found:
-        raise CheckpointError(f"{folder}: tokenizer folder holds no vocabulary (tokenizer.json, vocab.json, vocab.txt "
-                              "or a sentencepiece .model file)")
-
-
 def check_component_files(root: Path, index: dict[str, Any]) -> None:
     """Every listed component's ``config.json`` (sizes) and every tokenizer folder (vocabulary), checked before
     diffusers reads them; ``index`` has already passed ``check_components``."""
-    from ...loader.components import read_json
+    from ...loader.components import check_tokenizer_folder, read_json
 
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or entry[1] is None:
             continue
         folder = root / name
-        if "Tokenizer" in entry[1]:
+        if "Tokenizer" in entry[1] and folder.is_dir():  # diffusers names a missing folder itself
             check_tokenizer_folder(folder)
         config = folder / "config.json"
         if config.is_file():

@@ -69,9 +69,9 @@ MUTATIONS = {
     "class_a_number": (lambda r: _edit_json(r / "model_index.json", vae=["diffusers", 6]),
                        r"model_index\.json: component 'vae' names its class as 6"),
     "tokenizer_empty": (lambda r: _empty_folder(r / "tokenizer"),
-                        r"/tokenizer: tokenizer folder holds no vocabulary"),
+                        r"/tokenizer: no tokenizer vocabulary"),
     "tokenizer_without_vocabulary": (lambda r: (r / "tokenizer/tokenizer.json").unlink(),
-                                     r"/tokenizer: tokenizer folder holds no vocabulary"),
+                                     r"/tokenizer: no tokenizer vocabulary"),
 }
 
 
