@@ -111,6 +111,17 @@ def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def stored_dtypes(files: list[Path]) -> dict[str, str]:
+    """Every tensor's stored dtype as safetensors names it (``F32``, ``BF16``, ``I32``, ``BOOL``, ...), from the
+    headers only."""
+    dtypes: dict[str, str] = {}
+    for path in files:
+        with _open(path) as f:
+            for name in f.keys():
+                dtypes[name] = f.get_slice(name).get_dtype()
+    return dtypes
+
+
 def iter_tensors(
     files: list[Path], device: torch.device, dtype_for: "callable[[str], torch.dtype | None]",
     stored: dict[str, Path] | None = None,

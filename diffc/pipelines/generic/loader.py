@@ -161,7 +161,8 @@ def load_failure(exc: Exception, root: Path, index: dict[str, Any], pipeline: st
 
 def check_loaded(pipe, root: Path, index: dict[str, Any]) -> None:
     """Refuse a component left with tensors on the meta device: its safetensors lack them (or ``model_index.json``
-    gives it a class whose tensors the file does not hold), which diffusers only warns about."""
+    gives it a class whose tensors the file does not hold), which diffusers only warns about; and one whose files
+    store a floating-point parameter as integers or booleans (diffusers converts them to the model's dtype)."""
     for name, module in pipe.components.items():
         if not isinstance(module, torch.nn.Module):
             continue
@@ -171,3 +172,16 @@ def check_loaded(pipe, root: Path, index: dict[str, Any]) -> None:
             cls = index[name][1] if isinstance(index.get(name), list) else type(module).__name__
             raise CheckpointError(f"{root / name}: the weights hold no tensor for {len(empty)} of {cls}'s "
                                   f"parameters: {shown}")
+        check_stored_kinds(root / name, {n for n, t in module.named_parameters() if t.is_floating_point()})
+
+
+def check_stored_kinds(folder: Path, floating: set[str]) -> None:
+    """No tensor of ``floating`` (parameter names) is stored as integers or booleans in ``folder``'s safetensors
+    (read from the headers only)."""
+    from ...loader.weights import stored_dtypes
+
+    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file()) if folder.is_dir() else []
+    wrong = [f"{n} ({d})" for n, d in stored_dtypes(files).items() if n in floating and not d.startswith(("F", "BF"))]
+    if wrong:
+        raise CheckpointError(f"{folder}: {len(wrong)} weight(s) stored as integers or booleans, not floating point: "
+                              + ", ".join(wrong[:5]) + (", ..." if len(wrong) > 5 else ""))

@@ -8,6 +8,7 @@ import shutil
 import time
 
 import pytest
+import torch
 
 import diffc
 from diffc.errors import CheckpointError
@@ -24,6 +25,16 @@ def _drop_tensor(root):
     path = root / "transformer" / "diffusion_pytorch_model.safetensors"
     tensors = load_file(path)
     del tensors[sorted(tensors)[0]]
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _integer_weight(root):
+    from safetensors.torch import load_file, save_file
+
+    path = root / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(path)
+    name = next(n for n in sorted(tensors) if tensors[n].ndim == 2)
+    tensors[name] = tensors[name].to(torch.int32)
     save_file(tensors, path, metadata={"format": "pt"})
 
 
@@ -62,6 +73,8 @@ MUTATIONS = {
                                r"/text_encoder: diffusers could not load text_encoder .*SafetensorError"),
     "transformer_tensor_missing": (_drop_tensor,
                                    r"/transformer: the weights hold no tensor for 1 of SD3Transformer2DModel's"),
+    "transformer_weight_int": (_integer_weight, r"/transformer: 1 weight\(s\) stored as integers or booleans, not "
+                                                r"floating point: .* \(I32\)"),
     "transformer_wrong_class": (lambda r: _edit_json(r / "model_index.json", transformer=["diffusers", "AutoencoderKL"]),
                                 r"/transformer: the weights hold no tensor for \d+ of AutoencoderKL's"),
     "class_not_a_string": (lambda r: _edit_json(r / "model_index.json", vae=["diffusers", ["AutoencoderKL"]]),
