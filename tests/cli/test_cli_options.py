@@ -98,7 +98,7 @@ def test_config_sets_options_with_defaults_and_flags_still_win(tmp_path, capsys,
 
     cfg = _config(tmp_path, {"batch": 0, "quality": "lossless"})
     assert main(["compile", "--config", cfg, "--out", str(tmp_path / "x.diffc")]) == 2
-    assert "--batch: must be at least 1, got 0" in capsys.readouterr().err
+    assert "--batch: must be from 1 to 64, got 0" in capsys.readouterr().err
     seen = []
 
     def stop(args, video):
