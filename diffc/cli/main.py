@@ -65,9 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    # SIGTERM ends the command as Ctrl-C does (cleaning up), where nothing else handles it already
+    # SIGTERM ends the command as Ctrl-C does (cleaning up), where nothing else handles it already; not in a rank of
+    # a parallel run, which its launcher stops with SIGTERM even inside a collective (the default kills it there)
+    from .parallel import in_worker
+
     previous = None
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    if (threading.current_thread() is threading.main_thread() and not in_worker()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
         previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         sub_argv = argv[argv.index(args.command) + 1:]
