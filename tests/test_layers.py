@@ -20,7 +20,7 @@ LAYERS = (
     ("pipelines", "generic"),
     ("compile", "runtime", "lora", "cache", "parallel"),
     ("models", "ops"),
-    ("fileio", "errors", "version", "capture", "blas_env", "stored"),
+    ("fileio", "errors", "version", "capture", "blas_env", "stored", "checkpoints"),
 )
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
+from ..checkpoints import check_tokenizer_folder, read_json
 from ..errors import CheckpointError, WeightMismatchError
 from ..models import registry
 from ..models.config import check_size_fields
@@ -18,28 +16,6 @@ from ..stored import StoredWeights, attach
 from .weights import iter_tensors, tensor_shapes, weight_files
 
 log = logging.getLogger(__name__)
-MAX_CONFIG_BYTES = 16 << 20
-# A tokenizer folder's vocabulary: a fast tokenizer's JSON (or Mistral's tekken.json), BPE or WordPiece vocab.*, a
-# SentencePiece .model, a tiktoken file.
-VOCABULARY = re.compile(r"^(tokenizer\.json|tekken\.json|vocab(\.\w+)?|.+\.(model|tiktoken))$")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A checkpoint's JSON file as an object; anything else is one ``CheckpointError`` line naming it."""
-    if not path.is_file():
-        raise CheckpointError(f"missing file: {path}")
-    try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise CheckpointError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a config file")
-        data = json.loads(path.read_bytes())
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"{path}: invalid JSON ({reason})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: invalid JSON (expected an object, got {type(data).__name__})")
-    return data
 
 
 def _fp32_matcher(model_cls) -> "callable[[str], bool]":
@@ -116,15 +92,6 @@ def load_text_encoder(folder: Path, class_name: str, device: torch.device, dtype
     if missing or unexpected:
         raise WeightMismatchError(folder.name, missing, unexpected)
     return model.to(device).eval().requires_grad_(False)
-
-
-def check_tokenizer_folder(folder: Path) -> None:
-    """A tokenizer folder holds a non-empty vocabulary file: from a folder without one transformers builds a
-    tokenizer that knows no word (every prompt all unknown tokens), or one that fails only at generation."""
-    found = [p for p in folder.iterdir() if VOCABULARY.match(p.name) and p.is_file() and p.stat().st_size > 0]
-    if not found:
-        raise CheckpointError(f"{folder}: no tokenizer vocabulary (tokenizer.json, vocab.json, vocab.txt or a "
-                              "sentencepiece .model file)")
 
 
 def load_tokenizer(folder: Path, class_name: str):

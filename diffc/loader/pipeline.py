@@ -14,7 +14,8 @@ from ..models.registry import IMAGE_ENCODERS, TEXT_ENCODERS
 from ..pipelines.schedulers.choice import SCHEDULER_NAMES, choose_scheduler
 from ..runtime.executor import Executor
 from ..runtime.options import RuntimeOptions, check_runtime_device
-from .components import load_component, read_json
+from ..checkpoints import read_json
+from .components import load_component
 
 log = logging.getLogger(__name__)
 

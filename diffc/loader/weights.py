@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
+from ..checkpoints import open_safetensors as _open
 from ..errors import CheckpointError
 
 # File names diffusers writes, in the order it prefers them.
@@ -90,13 +91,6 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
-def _open(path: Path, device: str = "cpu"):
-    try:
-        return safe_open(str(path), framework="pt", device=device)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
-
-
 def tensor_names(files: list[Path]) -> list[str]:
     return list(tensor_shapes(files))
 
@@ -109,17 +103,6 @@ def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
             for name in f.keys():
                 shapes[name] = tuple(f.get_slice(name).get_shape())
     return shapes
-
-
-def stored_dtypes(files: list[Path]) -> dict[str, str]:
-    """Every tensor's stored dtype as safetensors names it (``F32``, ``BF16``, ``I32``, ``BOOL``, ...), from the
-    headers only."""
-    dtypes: dict[str, str] = {}
-    for path in files:
-        with _open(path) as f:
-            for name in f.keys():
-                dtypes[name] = f.get_slice(name).get_dtype()
-    return dtypes
 
 
 def iter_tensors(

@@ -92,7 +92,7 @@ def check_sizes(config: dict[str, Any], source: Path | str) -> None:
 def check_component_files(root: Path, index: dict[str, Any]) -> None:
     """Every listed component's ``config.json`` (sizes) and every tokenizer folder (vocabulary), checked before
     diffusers reads them; ``index`` has already passed ``check_components``."""
-    from ...loader.components import check_tokenizer_folder, read_json
+    from ...checkpoints import check_tokenizer_folder, read_json
 
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or entry[1] is None:

@@ -178,7 +178,7 @@ def check_loaded(pipe, root: Path, index: dict[str, Any]) -> None:
 def check_stored_kinds(folder: Path, floating: set[str]) -> None:
     """No tensor of ``floating`` (parameter names) is stored as integers or booleans in ``folder``'s safetensors
     (read from the headers only)."""
-    from ...loader.weights import stored_dtypes
+    from ...checkpoints import stored_dtypes
 
     files = sorted(p for p in folder.glob("*.safetensors") if p.is_file()) if folder.is_dir() else []
     wrong = [f"{n} ({d})" for n, d in stored_dtypes(files).items() if n in floating and not d.startswith(("F", "BF"))]

@@ -1,0 +1,63 @@
+"""Checkpoint files as both backends read them (diffc's native loader and the generic diffusers one): bounded JSON
+configs, safetensors headers, tokenizer folders. Each problem is one ``CheckpointError`` line naming the file."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+
+from .errors import CheckpointError
+
+MAX_CONFIG_BYTES = 16 << 20
+# A tokenizer folder's vocabulary: a fast tokenizer's JSON (or Mistral's tekken.json), BPE or WordPiece vocab.*, a
+# SentencePiece .model, a tiktoken file.
+VOCABULARY = re.compile(r"^(tokenizer\.json|tekken\.json|vocab(\.\w+)?|.+\.(model|tiktoken))$")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A checkpoint's JSON file as an object; anything else is one ``CheckpointError`` line naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"missing file: {path}")
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise CheckpointError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a config file")
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: invalid JSON ({reason})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: invalid JSON (expected an object, got {type(data).__name__})")
+    return data
+
+
+def check_tokenizer_folder(folder: Path) -> None:
+    """A tokenizer folder holds a non-empty vocabulary file: from a folder without one transformers builds a
+    tokenizer that knows no word (every prompt all unknown tokens), or one that fails only at generation."""
+    found = [p for p in folder.iterdir() if VOCABULARY.match(p.name) and p.is_file() and p.stat().st_size > 0]
+    if not found:
+        raise CheckpointError(f"{folder}: no tokenizer vocabulary (tokenizer.json, vocab.json, vocab.txt or a "
+                              "sentencepiece .model file)")
+
+
+def open_safetensors(path: Path, device: str = "cpu"):
+    try:
+        return safe_open(str(path), framework="pt", device=device)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+def stored_dtypes(files: list[Path]) -> dict[str, str]:
+    """Every tensor's stored dtype as safetensors names it (``F32``, ``BF16``, ``I32``, ``BOOL``, ...), from the
+    headers only."""
+    dtypes: dict[str, str] = {}
+    for path in files:
+        with open_safetensors(path) as f:
+            for name in f.keys():
+                dtypes[name] = f.get_slice(name).get_dtype()
+    return dtypes
