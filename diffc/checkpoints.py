@@ -61,3 +61,27 @@ def stored_dtypes(files: list[Path]) -> dict[str, str]:
             for name in f.keys():
                 dtypes[name] = f.get_slice(name).get_dtype()
     return dtypes
+
+
+def component_entry(where: Path, name: str, entry: Any) -> tuple[str, str] | None:
+    """``model_index.json``'s entry for component ``name``: ``[library, class name]`` (two strings, the class a
+    Python name), or None for an optional component the pipeline leaves out (``[null, null]``)."""
+    if not (isinstance(entry, list) and len(entry) == 2):
+        raise CheckpointError(f"{where}: component {name!r} must be [library, class name], got "
+                              f"{json.dumps(entry)[:200]}")
+    if entry == [None, None]:
+        return None
+    library, class_name = entry
+    if not (isinstance(library, str) and isinstance(class_name, str) and class_name.isidentifier()):
+        raise CheckpointError(f"{where}: component {name!r} must be [library, class name] (two strings, such as "
+                              f"[\"diffusers\", \"AutoencoderKL\"]), got {json.dumps(entry)[:200]}")
+    return library, class_name
+
+
+def check_floating_stored(folder: Path, files: list[Path], floating: set[str]) -> None:
+    """No tensor named in ``floating`` (the model's floating-point parameters and buffers) is stored in ``files`` as
+    integers or booleans, which a load would convert to floats without a word (read from the headers only)."""
+    wrong = [f"{n} ({d})" for n, d in stored_dtypes(files).items() if n in floating and not d.startswith(("F", "BF"))]
+    if wrong:
+        raise CheckpointError(f"{folder}: {len(wrong)} weight(s) stored as integers or booleans, not floating point: "
+                              + ", ".join(wrong[:5]) + (", ..." if len(wrong) > 5 else ""))

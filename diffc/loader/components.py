@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from ..checkpoints import check_tokenizer_folder, read_json
+from ..checkpoints import check_floating_stored, check_tokenizer_folder, read_json
 from ..errors import CheckpointError, WeightMismatchError
 from ..models import registry
 from ..models.config import check_size_fields
@@ -46,15 +46,11 @@ def load_native_model(folder: Path, class_name: str, device: torch.device, dtype
         raise CheckpointError(f"{folder}: {len(wrong)} weight shape(s) do not match config.json: "
                               + "; ".join(wrong[:5]) + ("; ..." if len(wrong) > 5 else ""))
 
+    check_floating_stored(folder, files, {name for name, t in model.state_dict().items() if t.is_floating_point()})
+
     keep_fp32 = _fp32_matcher(model_cls)
     files_of: dict[str, Path] = {}
     state = dict(iter_tensors(files, device, lambda n: torch.float32 if keep_fp32(n) else dtype, stored=files_of))
-    floating = {name for name, t in model.state_dict().items() if t.is_floating_point()}
-    wrong = [f"{n} ({str(t.dtype).removeprefix('torch.')})" for n, t in state.items()
-             if n in floating and not t.is_floating_point()]
-    if wrong:
-        raise CheckpointError(f"{folder}: {len(wrong)} weight(s) stored as integers or booleans, not floating point: "
-                              + ", ".join(wrong[:5]) + (", ..." if len(wrong) > 5 else ""))
     model.load_state_dict(state, strict=True, assign=True)
     del state
     if device.type != "meta":  # the parameters still equal to their file tensors (diffc.stored)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from ..models.registry import IMAGE_ENCODERS, TEXT_ENCODERS
 from ..pipelines.schedulers.choice import SCHEDULER_NAMES, choose_scheduler
 from ..runtime.executor import Executor
 from ..runtime.options import RuntimeOptions, check_runtime_device
-from ..checkpoints import read_json
+from ..checkpoints import component_entry, read_json
 from .components import load_component
 
 log = logging.getLogger(__name__)
@@ -109,11 +108,9 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         entry = index.get(name)
         if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
             raise CheckpointError(f"{root / 'model_index.json'}: component '{name}' is missing or empty")
-        if not all(isinstance(part, str) for part in entry):
-            raise CheckpointError(f"{root / 'model_index.json'}: component '{name}' must be [library, class name] "
-                                  f"(two strings), got {json.dumps(entry)[:200]}")
-        log.info("loading %s (%s)", name, entry[1])
-        components[name] = load_component(root, name, entry[1], dev, dt)
+        class_name = component_entry(root / "model_index.json", name, entry)[1]
+        log.info("loading %s (%s)", name, class_name)
+        components[name] = load_component(root, name, class_name, dev, dt)
     if "scheduler" in components:
         components["scheduler"] = choose_scheduler(components["scheduler"], scheduler)
     text_encoders = tuple(n for n in spec.components + optional if index[n][1] in TEXT_ENCODERS + IMAGE_ENCODERS)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ...checkpoints import check_floating_stored, component_entry
 from ...errors import CheckpointError, DiffcError
 from .checks import check_component_files
 
@@ -52,16 +53,11 @@ def check_components(diffusers, index: dict[str, Any], where: Path) -> None:
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list):
             continue
-        if len(entry) != 2:
-            raise CheckpointError(f"{where}: component {name!r} must be [library, class], got {entry!r}")
-        library, class_name = entry
-        if library is None and class_name is None:
+        parsed = component_entry(where, name, entry)
+        if parsed is None:
             continue  # an optional component left out
-        if not (isinstance(class_name, str) and class_name.isidentifier()):
-            raise CheckpointError(f"{where}: component {name!r} names its class as {class_name!r}; expected a class "
-                                  "name (a string such as \"AutoencoderKL\")")
-        known = library in LIBRARIES or (isinstance(library, str) and library.isidentifier()
-                                         and hasattr(diffusers.pipelines, library))
+        library = parsed[0]
+        known = library in LIBRARIES or (library.isidentifier() and hasattr(diffusers.pipelines, library))
         if not known:
             raise CheckpointError(f"{where}: component {name!r} comes from {library!r}; diffc loads components of "
                                   f"{', '.join(LIBRARIES)} only (never code from the checkpoint)")
@@ -176,12 +172,6 @@ def check_loaded(pipe, root: Path, index: dict[str, Any]) -> None:
 
 
 def check_stored_kinds(folder: Path, floating: set[str]) -> None:
-    """No tensor of ``floating`` (parameter names) is stored as integers or booleans in ``folder``'s safetensors
-    (read from the headers only)."""
-    from ...checkpoints import stored_dtypes
-
+    """No tensor of ``floating`` (parameter names) is stored as integers or booleans in ``folder``'s safetensors."""
     files = sorted(p for p in folder.glob("*.safetensors") if p.is_file()) if folder.is_dir() else []
-    wrong = [f"{n} ({d})" for n, d in stored_dtypes(files).items() if n in floating and not d.startswith(("F", "BF"))]
-    if wrong:
-        raise CheckpointError(f"{folder}: {len(wrong)} weight(s) stored as integers or booleans, not floating point: "
-                              + ", ".join(wrong[:5]) + (", ..." if len(wrong) > 5 else ""))
+    check_floating_stored(folder, files, floating)

@@ -78,9 +78,10 @@ MUTATIONS = {
     "transformer_wrong_class": (lambda r: _edit_json(r / "model_index.json", transformer=["diffusers", "AutoencoderKL"]),
                                 r"/transformer: the weights hold no tensor for \d+ of AutoencoderKL's"),
     "class_not_a_string": (lambda r: _edit_json(r / "model_index.json", vae=["diffusers", ["AutoencoderKL"]]),
-                           r"model_index\.json: component 'vae' names its class as \['AutoencoderKL'\]"),
+                           r"model_index\.json: component 'vae' must be \[library, class name\] \(two strings, .*\), "
+                           r'got \["diffusers", \["AutoencoderKL"\]\]'),
     "class_a_number": (lambda r: _edit_json(r / "model_index.json", vae=["diffusers", 6]),
-                       r"model_index\.json: component 'vae' names its class as 6"),
+                       r"model_index\.json: component 'vae' must be \[library, class name\] .*" r'got \["diffusers", 6\]'),
     "tokenizer_empty": (lambda r: _empty_folder(r / "tokenizer"),
                         r"/tokenizer: no tokenizer vocabulary"),
     "tokenizer_without_vocabulary": (lambda r: (r / "tokenizer/tokenizer.json").unlink(),

@@ -126,7 +126,7 @@ def _copy(src, dst):
     ({"_class_name": "MyPipeline"}, "'MyPipeline' is neither native to diffc nor a pipeline of the installed diffusers"),
     ({"_class_name": ["my_pipeline", "MyPipeline"]}, "is neither native"),
     ({"transformer": ["my_transformer", "MyTransformer"]}, "comes from 'my_transformer'"),
-    ({"transformer": ["diffusers"]}, "must be \\[library, class\\]"),
+    ({"transformer": ["diffusers"]}, "must be \\[library, class name\\], got \\[\"diffusers\"\\]"),
 ])
 def test_checkpoint_code_is_never_loaded(generic_checkpoint, tmp_path, edit, message):
     root = _copy(generic_checkpoint("sd3"), tmp_path / "ckpt")
