@@ -80,6 +80,11 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
         raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
     if not tensors:
         raise CheckpointError(f"{file}: the file holds no tensors")
+    broken = [n for n, t in tensors.items() if t.is_floating_point() and not n.endswith(".alpha")  # (convert's)
+              and not bool(torch.isfinite(t).all())]
+    if broken:  # merged, they would make the DiT's weights NaN (a black image, no error)
+        raise CheckpointError(f"{file}: {len(broken)} tensor(s) hold NaN or infinite values: "
+                              + ", ".join(broken[:5]) + (", ..." if len(broken) > 5 else ""))
     config: dict[str, Any] = {}
     raw = metadata.get(METADATA_KEY)
     if raw:

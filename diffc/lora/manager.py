@@ -147,8 +147,9 @@ class LoraManager:
         with self._lock:
             for name, p, _, t in requests:
                 self.load(name, p, targets_of(t, self.available))
+            previous = self.active
             self.active = [Active(name, s, t) for name, _, s, t in requests]
-            self.apply(tuple(self.active))
+            self._apply_or_return(previous)
             return self.describe()
 
     def merge(self, strength=None, target="all") -> dict[str, Any]:
@@ -157,11 +158,11 @@ class LoraManager:
         with self._lock:
             if not self.active:
                 raise InvalidArgumentError("lora_nickname", "no adapter is set; call set_lora first")
+            previous = self.active
             if strength is not None:
                 strength = check_strength(strength)
                 self.active = [dataclasses.replace(a, strength=strength) for a in self.active]
-            for component in targets_of(target, self.available):
-                self._write(component, self.wanted(tuple(self.active), component))
+            self._apply_or_return(previous, targets_of(target, self.available))
             return self.describe()
 
     def unmerge(self, target="all") -> dict[str, Any]:
@@ -171,6 +172,21 @@ class LoraManager:
             for component in targets_of(target, self.available):
                 self._write(component, ())
             return self.describe()
+
+    def _apply_or_return(self, previous: list[Active], components: Sequence[str] | None = None) -> None:
+        """Merge the active adapters into ``components`` (all by default); if that fails (a merge that would make a
+        weight NaN, say), the previous active set comes back and is merged again before the error is raised."""
+        try:
+            for component in self.available if components is None else components:
+                self._write(component, self.wanted(tuple(self.active), component))
+        except BaseException:
+            self.active = previous
+            try:
+                for component in self.available if components is None else components:
+                    self._write(component, self.wanted(tuple(previous), component))
+            except Exception:  # noqa: BLE001 - the first error is the one to report; the weights are the originals
+                log.exception("LoRA: merging the previous adapters again failed; the DiT keeps its own weights")
+            raise
 
     def apply(self, adapters: Sequence[Active]) -> None:
         """Bring every DiT component to exactly ``adapters`` (cached nicknames) merged; a no-op when it is."""
@@ -242,21 +258,38 @@ class LoraManager:
         modified = self.modified.setdefault(component, set())
         restored = [n for n in modified if n not in plan]
         self.weights.prepare(component, sorted(set(plan) | set(restored)))
-        with torch.no_grad():
-            for name in restored:
-                tensors[name].copy_(self.stash.get((component, name)))
-            for name, updates in plan.items():
-                tensor = tensors[name]
-                key = (component, name)
-                if name in modified:
-                    # restore in the weight's own dtype first (a device or pinned copy-engine transfer), then
-                    # widen on the weight's device: ``stash.to(cuda, float32)`` would widen 2x the bytes on the host
-                    tensor.copy_(self.stash.get(key), non_blocking=True)
-                else:
-                    self.stash.save(key, tensor)
-                base = tensor.to(torch.float32, copy=True)
-                _accumulate(base, updates)
-                tensor.copy_(base)
+        adapters = ", ".join(repr(n) for n, _ in state if n)
+        try:
+            finite: list[torch.Tensor] = []  # per merged weight, copied to the host without a wait; read after the loop
+            with torch.no_grad():
+                for name in restored:
+                    tensors[name].copy_(self.stash.get((component, name)))
+                for name, updates in plan.items():
+                    tensor = tensors[name]
+                    key = (component, name)
+                    if name in modified:
+                        # restore in the weight's own dtype first (a device or pinned copy-engine transfer), then
+                        # widen on the weight's device: ``stash.to(cuda, float32)`` would widen 2x the bytes on the
+                        # host
+                        tensor.copy_(self.stash.get(key), non_blocking=True)
+                    else:
+                        self.stash.save(key, tensor)
+                        modified.add(name)  # its original is in the stash from here on: a rollback restores it
+                    base = tensor.to(torch.float32, copy=True)
+                    _accumulate(base, updates, f"{component}.{name}", adapters)
+                    tensor.copy_(base)
+                    finite.append(torch.isfinite(tensor).all().to("cpu", non_blocking=True))
+                if tensors and next(iter(tensors.values())).device.type == "cuda":
+                    torch.cuda.synchronize()
+                bad = [n for n, ok in zip(plan, finite) if not bool(ok)]
+                if bad:
+                    name = bad[0]
+                    raise CheckpointError(f"{component}.{name}: merging LoRA {adapters} makes this weight NaN or "
+                                          "infinite (the adapter's values, alpha or strength are out of range); "
+                                          "nothing was merged")
+        except BaseException:
+            self._roll_back(component, tensors)
+            raise
         self.modified[component] = set(plan)
         self.merged[component] = state
         if plan or restored:
@@ -268,17 +301,36 @@ class LoraManager:
         self.counters.params_restored += len(restored)
         self.counters.last_write_s = time.perf_counter() - started
 
+    def _roll_back(self, component: str, tensors: dict[str, torch.Tensor]) -> None:
+        """After a merge failed part-way: every weight of ``component`` whose original is stashed gets it back, and
+        the component counts as merging nothing (the next apply merges what is wanted from there)."""
+        touched = sorted(self.modified.get(component, ()))
+        with torch.no_grad():
+            for name in touched:
+                tensors[name].copy_(self.stash.get((component, name)))
+        self.modified[component] = set()
+        self.merged[component] = ()
+        if touched:
+            self.weights.written(component, touched)
 
-def _accumulate(acc: torch.Tensor, updates) -> None:
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _accumulate(acc: torch.Tensor, updates, where: str, adapters: str) -> None:
     """``acc`` (fp32, on the weight's device) += each update, in order; a ``set`` replaces the sum so far."""
     device = acc.device
     for piece, strength in updates:
+        factor = strength * piece.scale
+        if piece.kind in ("lora", "add") and not abs(factor) <= FLOAT32_MAX:
+            raise CheckpointError(f"{where}: LoRA {adapters}: its alpha / rank times the strength ({factor:g}) is "
+                                  "beyond float32's range; nothing was merged")
         if piece.kind == "lora":
             up = piece.up.to(device, torch.float32, non_blocking=True)
             down = piece.down.to(device, torch.float32, non_blocking=True)
-            acc.addmm_(up, down, alpha=strength * piece.scale)
+            acc.addmm_(up, down, alpha=factor)
         elif piece.kind == "add":
-            acc.add_(piece.value.to(device, torch.float32, non_blocking=True), alpha=strength * piece.scale)
+            acc.add_(piece.value.to(device, torch.float32, non_blocking=True), alpha=factor)
         else:
             acc.copy_(piece.value)
 

@@ -129,3 +129,67 @@ def test_any_finite_alpha_is_taken_as_peft_takes_it(flux, tmp_path, alpha):
     weights = dict(dit.named_parameters())
     for name, want in lora.expected(flux.base, 1.0).items():
         torch.testing.assert_close(weights[name].double(), want, rtol=0, atol=2e-6, msg=name)
+
+
+def _two_module_lora(dit, scale_second=1.0, fill=None):
+    """lora_A / lora_B for ``x_embedder`` then ``proj_out`` (merged in that order); ``fill`` replaces proj_out's B."""
+    params = dict(dit.named_parameters())
+    g = torch.Generator().manual_seed(4)
+    tensors = {}
+    for module in ("x_embedder", "proj_out"):
+        w = params[f"{module}.weight"]
+        tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(4, w.shape[1], generator=g) * 0.1
+        tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(w.shape[0], 4, generator=g) * 0.1 * scale_second
+    if fill is not None:
+        tensors["transformer.proj_out.lora_B.weight"].fill_(fill)
+    return tensors
+
+
+def _weights_are(flux, want: dict[str, torch.Tensor]) -> None:
+    got = flux.pipe.components["transformer"].state_dict()
+    changed = [k for k, v in got.items() if not torch.equal(v, want[k])]
+    assert not changed, changed
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+@pytest.mark.parametrize("key", ["transformer.proj_out.lora_B.weight", "transformer.proj_out.lora_A.weight"])
+def test_a_lora_tensor_holding_nan_or_inf_is_refused_naming_it(flux, tmp_path, key, value):
+    """Merged, it would make the weights NaN and every image black without a word; refused when the file is read."""
+    tensors = _two_module_lora(flux.pipe.components["transformer"])
+    tensors[key][0, 0] = value
+    path = W.write_keys(tensors, tmp_path / "nan.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: 1 tensor(s) hold NaN or infinite values: {key}")):
+        flux.pipe.set_lora("nan", path)
+    assert flux.pipe.list_loras()["loaded_adapters"] == []
+    _weights_are(flux, flux.base)
+
+
+@pytest.mark.parametrize("case", ["alpha-beyond-float32", "weights-overflow"])
+def test_a_merge_that_fails_part_way_leaves_the_weights_as_they_were(flux, tmp_path, case):
+    """x_embedder merges first; proj_out then fails. Nothing stays half-merged: the adapter set before the call is
+    merged again (bit-exact), and an unmerge gives the original weights."""
+    import diffusers
+
+    dit = flux.pipe.components["transformer"]
+    good = W.random_lora(dit, ["x_embedder", "transformer_blocks.0.attn.to_q"], seed=7)
+    flux.pipe.set_lora("good", W.write_diffusers(good, tmp_path / "good", diffusers.FluxPipeline))
+    before = {k: v.clone() for k, v in dit.state_dict().items()}
+    assert any(not torch.equal(before[k], flux.base[k]) for k in before)
+    if case == "alpha-beyond-float32":  # finite metadata whose alpha / rank cannot be a float32 factor
+        path = W.write_keys(_two_module_lora(dit), tmp_path / "bad.safetensors",
+                            {"transformer.lora_alpha": 4, "transformer.alpha_pattern": {"proj_out": 1e300}})
+        message = r"transformer\.proj_out\.weight: LoRA 'bad': its alpha / rank times the strength \(2\.5e\+299\) is " \
+                  r"beyond float32's range; nothing was merged"
+    else:  # every value finite, the merged weight is not
+        tensors = _two_module_lora(dit, fill=3e38)
+        tensors["transformer.proj_out.lora_A.weight"].fill_(1.0)  # four products of 3e38 summed: beyond float32
+        path = W.write_keys(tensors, tmp_path / "bad.safetensors")
+        message = r"transformer\.proj_out\.weight: merging LoRA 'bad' makes this weight NaN or infinite"
+    with pytest.raises(CheckpointError, match=message):
+        flux.pipe.set_lora("bad", path)
+    _weights_are(flux, before)
+    described = flux.pipe.list_loras()
+    assert [a["nickname"] for a in described["active"]["transformer"]] == ["good"]
+    assert described["merged"]["transformer"] == [{"nickname": "good", "strength": 1.0}]
+    flux.pipe.unmerge_lora_weights()
+    _weights_are(flux, flux.base)
