@@ -11,6 +11,10 @@ from pathlib import Path
 
 from .errors import OutputError
 
+# What diffc writes images as, by the file's suffix (``GenerationOutput.save``, ``diffc run --output``), and videos
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+VIDEO_SUFFIXES = (".mp4",)
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.

@@ -7,10 +7,10 @@ import tempfile
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
-from ..fileio import os_reason
+from ..fileio import IMAGE_SUFFIXES as IMAGE_FORMAT_OF
+from ..fileio import VIDEO_SUFFIXES, os_reason
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-VIDEO_SUFFIXES = (".mp4",)
+IMAGE_SUFFIXES = tuple(IMAGE_FORMAT_OF)
 JSON_SUFFIXES = (".json",)
 
 

@@ -86,6 +86,11 @@ def run(args: argparse.Namespace) -> int:
     merge_config(args, args._parser)
     if not args.prompt:
         raise InvalidArgumentError("--prompt", "a non-empty prompt is required")
+    from ..pipelines.base import check_unicode
+
+    check_unicode("--prompt", [args.prompt])  # before any model loads
+    if args.negative_prompt is not None:
+        check_unicode("--negative-prompt", [args.negative_prompt])
     if args.fps is not None and not 1 <= args.fps <= 240:
         raise InvalidArgumentError("--fps", f"must be from 1 to 240, got {args.fps}")
     for flag, value in (("--output", args.output), ("--perf-dump-path", args.perf_dump_path)):
@@ -188,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
             return 0  # rank 0 alone writes the output and reports
     else:
         out = pipe.generate(prompt=args.prompt, progress=not args.no_progress, cache=cache, **options)
-    atomic_write(output, lambda tmp: out.save(tmp, fps=args.fps or 16))
+    out.save(output, fps=args.fps or 16)  # written to a temporary name and renamed
     if dump_path is not None:
         dump = {"model": str(model_path), "compiled": args.compiled, "load_s": load_s, "compile_s": compile_s,
                 "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
+from ..fileio import IMAGE_SUFFIXES, atomic_write
 from ..runtime.perf import PerfRecorder, Timings
 from .stages import RunContext, Stage, StageGraph
 
@@ -124,14 +125,23 @@ class GenerationOutput:
         return None if self.videos is None else self.videos[0]
 
     def save(self, path: str | Path, index: int = 0, fps: int = 16) -> Path:
-        path = Path(path)
-        if self.images is not None:
-            self.images[index].save(path)
-        else:
+        """Write image (or video) ``index`` to ``path``: an image as PNG, JPEG or WebP by its suffix, a video as
+        MP4. Written to a temporary name beside ``path`` and renamed, so a failure leaves ``path`` as it was."""
+        items = self.images if self.images is not None else self.videos
+        check_int("index", index, 0, len(items) - 1)
+        if self.images is None:
             from .video import write_video
 
-            write_video(path, self.videos[index], fps=fps)
-        return path
+            return write_video(Path(path).expanduser(), self.videos[index], fps=fps)
+        path = Path(path).expanduser()
+        suffix = path.suffix.lower()
+        if suffix not in IMAGE_SUFFIXES:
+            raise InvalidArgumentError("path", f"images are written as {', '.join(IMAGE_SUFFIXES)} files, got "
+                                               f"'{path.name}'")
+        if path.is_dir():
+            raise InvalidArgumentError("path", f"{path} is a directory; give a file name")
+        image = self.images[index]
+        return atomic_write(path, lambda tmp: image.save(tmp, format=IMAGE_SUFFIXES[suffix]))
 
 
 def nearest_valid(value: int, step: int, offset: int = 0, minimum: int = 1) -> str:
@@ -148,6 +158,17 @@ def check_int(field: str, value, low: int, high: int) -> None:
         raise InvalidArgumentError(field, f"must be an integer from {low} to {high}, got {value!r}")
 
 
+def check_unicode(field: str, texts: list[str]) -> None:
+    """Text a tokenizer can read: no lone surrogate (\\ud800-\\udfff), which is what Python makes of bytes that are
+    not UTF-8 in a command line (``--prompt $'a\\xff'``) and what no tokenizer takes."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidArgumentError(field, f"is not valid Unicode text: it holds a lone surrogate {text[exc.start]!a} "
+                                              f"at character {exc.start} (bytes that are not UTF-8?)") from None
+
+
 def validate_common(request: GenerationRequest) -> None:
     """Checks every family shares: prompt, sizes, steps, guidance, seeds."""
     prompts = request.prompt if isinstance(request.prompt, list) else [request.prompt]
@@ -157,6 +178,8 @@ def validate_common(request: GenerationRequest) -> None:
         negs = request.negative_prompt if isinstance(request.negative_prompt, list) else [request.negative_prompt]
         if not all(isinstance(n, str) for n in negs) or len(negs) not in (1, len(prompts)):
             raise InvalidArgumentError("negative_prompt", "must be a string or one string per prompt")
+        check_unicode("negative_prompt", negs)
+    check_unicode("prompt", prompts)
     for field, high in (("height", 16384), ("width", 16384), ("num_inference_steps", MAX_STEPS)):
         if getattr(request, field) is not None:  # None only where the pipeline picks its own (generic backend)
             check_int(field, getattr(request, field), 1, high)

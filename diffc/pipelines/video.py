@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from ..fileio import atomic_write
+from ..fileio import VIDEO_SUFFIXES, atomic_write
 
 MAX_FPS = 240
-VIDEO_SUFFIXES = (".mp4",)
 
 
 def check_fps(fps) -> None:

@@ -185,3 +185,16 @@ def test_help_and_flag_errors_do_not_import_torch():
     out = subprocess.run([sys.executable, "-c", probe, "run", "--prompt", "p", "--device", "tpu", "-o", "x.png"],
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "TORCH" and "device" in out.stderr
+
+
+@pytest.mark.parametrize("flag", ["--prompt", "--negative-prompt"])
+def test_a_prompt_that_is_not_utf8_is_one_line_before_loading(tmp_path, capsys, no_loading, flag):
+    """``--prompt $'a\\xff'``: Python's argv holds a lone surrogate for the byte, which no tokenizer takes."""
+    argv = ["run", "--prompt", "a fox", "-o", str(tmp_path / "a.png")]
+    argv += ["--negative-prompt", "snow \udcff"] if flag == "--negative-prompt" else []
+    if flag == "--prompt":
+        argv[2] = "a \udcff fox"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: is not valid Unicode text" in err and "Traceback" not in err
+    assert not (tmp_path / "a.png").exists()

@@ -141,3 +141,16 @@ def test_empty_prompt_is_refused(flux_checkpoint, prompt):
     pipe = diffc.load(flux_checkpoint("dev-tiny"))
     with pytest.raises(InvalidArgumentError, match="prompt: must be a non-empty string"):
         pipe.generate(prompt, height=32, width=32, progress=False)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(prompt="a\ud800b"), "prompt"),
+    (dict(prompt=["ok", "fox \udcff"]), "prompt"),  # what Python makes of a byte that is not UTF-8 in argv
+    (dict(prompt="ok", negative_prompt="blurry\udfff", true_cfg_scale=2.0), "negative_prompt"),
+])
+def test_text_that_is_not_unicode_is_refused_naming_its_field(flux_checkpoint, kwargs, field):
+    """A lone surrogate reached the tokenizer as a transformers TypeError; now one line before any work."""
+    pipe = diffc.load(flux_checkpoint("dev-tiny"))
+    with pytest.raises(InvalidArgumentError, match="is not valid Unicode text: it holds a lone surrogate") as info:
+        pipe.generate(height=32, width=32, progress=False, **kwargs)
+    assert info.value.field == field

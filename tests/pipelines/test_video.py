@@ -129,3 +129,68 @@ def test_generation_output_frames_and_save(tmp_path):
     with pytest.raises(InvalidArgumentError) as info:
         out.save(tmp_path / "x.avi")
     assert info.value.field == "path"
+    with pytest.raises(InvalidArgumentError, match="index: must be an integer from 0 to 1, got 2"):
+        out.save(tmp_path / "x.mp4", index=2)
+
+
+def _image_output(count: int = 2) -> GenerationOutput:
+    from PIL import Image
+
+    images = [Image.fromarray(smooth_video(1, 16, 24)[0]) for _ in range(count)]
+    return GenerationOutput(images=images, videos=None, timings=Timings(device="cpu"), seeds=list(range(count)),
+                            warnings=[])
+
+
+@pytest.mark.parametrize("name,fmt", [("a.png", "PNG"), ("a.JPG", "JPEG"), ("a.jpeg", "JPEG"), ("a.webp", "WEBP")])
+def test_an_image_is_saved_in_the_format_its_suffix_names(tmp_path, name, fmt):
+    from PIL import Image
+
+    path = _image_output().save(tmp_path / name, index=1)
+    with Image.open(path) as back:
+        assert back.format == fmt and back.size == (24, 16)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("name,field,message", [
+    ("keep.xbm", "path", "images are written as .png, .jpg, .jpeg, .webp files, got 'keep.xbm'"),
+    ("keep.txt", "path", "got 'keep.txt'"),
+    ("keep", "path", "got 'keep'"),
+    ("folder.png", "path", "is a directory; give a file name"),
+])
+def test_saving_an_image_under_a_name_it_cannot_have_leaves_the_file_alone(tmp_path, name, field, message):
+    """Refused before anything is written: a file of the user's under that name keeps its bytes."""
+    target = tmp_path / name
+    if name == "folder.png":
+        target.mkdir()
+    else:
+        target.write_text("precious")
+    with pytest.raises(InvalidArgumentError, match=message) as info:
+        _image_output().save(target)
+    assert info.value.field == field
+    if name != "folder.png":
+        assert target.read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_saving_an_image_fails_cleanly(tmp_path, monkeypatch):
+    """A bad index is named; a missing folder is one OutputError line; a failing encoder leaves the old file."""
+    from PIL import Image
+
+    from diffc.errors import OutputError
+
+    out = _image_output()
+    for index in (2, -1, 1.0, True):
+        with pytest.raises(InvalidArgumentError, match=f"index: must be an integer from 0 to 1, got {index!r}"):
+            out.save(tmp_path / "a.png", index=index)
+    with pytest.raises(OutputError, match="nowhere"):
+        out.save(tmp_path / "nowhere" / "a.png")
+    target = tmp_path / "a.png"
+    target.write_bytes(b"previous")
+
+    def failing(self, fp, format=None, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", failing)
+    with pytest.raises(OutputError, match="No space left on device"):
+        out.save(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"] and target.read_bytes() == b"previous"
