@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -32,8 +33,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise InvalidArgumentError("device", f"'{device}' is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type not in ("cpu", "cuda"):
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
         raise InvalidArgumentError("device", f"'{device}' is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cpu":
+        return torch.device("cpu")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise InvalidArgumentError("device", "CUDA was requested but no CUDA GPU is available; use --device cpu")
@@ -49,7 +52,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         if dtype not in DTYPES.values():
             raise InvalidArgumentError("dtype", f"{dtype} is not supported; use bf16, fp16 or fp32")
         return dtype
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InvalidArgumentError("dtype", f"'{dtype}' is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
@@ -88,6 +91,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     ``compiled`` is an artifact written by ``diffc compile`` for this checkpoint: its graphs replace
     the eager DiT for the shapes it was compiled for (checked against this machine and model first).
     """
+    if not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise InvalidArgumentError("path", f"must be a checkpoint folder (a str or a path), got {path!r}"[:200])
     root = Path(path).expanduser()
     index, spec = read_index(root)
     if spec is None:
@@ -96,7 +101,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
                                            resident_blocks=resident_blocks, cuda_graphs=cuda_graphs))
     options = RuntimeOptions(offload=offload, offload_prefetch=offload_prefetch, resident_blocks=resident_blocks,
                              cuda_graphs=cuda_graphs)
-    if scheduler is not None and scheduler not in SCHEDULER_NAMES:
+    if scheduler is not None and (not isinstance(scheduler, str) or scheduler not in SCHEDULER_NAMES):
         raise InvalidArgumentError("scheduler", f"'{scheduler}' is not a scheduler; accepted: {', '.join(SCHEDULER_NAMES)}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

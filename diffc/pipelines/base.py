@@ -169,6 +169,13 @@ def check_unicode(field: str, texts: list[str]) -> None:
                                               f"at character {exc.start} (bytes that are not UTF-8?)") from None
 
 
+def check_image_model_frames(request: GenerationRequest, family: str) -> None:
+    """An image model takes no ``num_frames`` but its default, None or 1 (True and 1.0 included in neither)."""
+    frames = request.num_frames
+    if frames is not None and (type(frames) is not int or frames != 1):
+        raise InvalidArgumentError("num_frames", f"{family} is an image model; num_frames is for video models")
+
+
 def validate_common(request: GenerationRequest) -> None:
     """Checks every family shares: prompt, sizes, steps, guidance, seeds."""
     prompts = request.prompt if isinstance(request.prompt, list) else [request.prompt]
@@ -380,9 +387,14 @@ class Pipeline:
         The cache is installed for this call (kept while the next call asks for the same settings) and
         starts empty: no state passes from one generation to the next.
         """
+        for field, callback in (("step_callback", step_callback), ("decode_callback", decode_callback)):
+            if callback is not None and not callable(callback):
+                raise InvalidArgumentError(field, f"must be a function (done, total) or None, got {callback!r}"[:200])
         request = self.resolve(prompt=prompt, **kwargs)
         cache_cfg = self.check_cache(cache, cache_options)
         seeds = request.seed if isinstance(request.seed, list) else [request.seed]
+        if request.seed is None:  # one drawn per prompt: each image is made again alone with its seed
+            seeds = [None] * len(request.prompts)
         seeds = [random.randrange(2**31) if s is None else int(s) for s in seeds]
         ctx = RunContext(self.components, self.device, self.dtype, PerfRecorder(self.device), progress=progress,
                          step_callback=step_callback, decode_callback=decode_callback, config=self.config)

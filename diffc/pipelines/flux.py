@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
-from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
+from .base import GenerationRequest, PipelineSpec, check_image_model_frames, check_int, nearest_valid
 from .denoise import cpu_generators, denoise_loop, modulation_table, seeded_noise
 from .schedulers.flow_match_euler import calculate_shift
 from .stages import RunContext, Stage, to_uint8
@@ -188,8 +188,7 @@ def validate(pipe, request: GenerationRequest) -> None:
             raise InvalidArgumentError(field, f"FLUX needs a multiple of {multiple}, got {value} "
                                        f"(try {nearest_valid(value, multiple, 0, multiple)})")
     check_int("max_sequence_length", request.max_sequence_length, 1, T5_MAX_LENGTH)
-    if request.num_frames not in (None, 1):
-        raise InvalidArgumentError("num_frames", "FLUX.1 is an image model; num_frames is for video models")
+    check_image_model_frames(request, "FLUX.1")
     check_true_cfg(request, pipe.spec.pipeline_class)
 
 

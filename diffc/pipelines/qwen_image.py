@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
-from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
+from .base import GenerationRequest, PipelineSpec, check_image_model_frames, check_int, nearest_valid
 from .denoise import cpu_generators, denoise_loop, modulation_table, seeded_noise
 from .flux import pack_latents, postprocess
 from .qwen_vl import T2I_DROP, T2I_TEMPLATE, TEXT_BUCKET, TOKENIZER_MAX_LENGTH, encode_texts, pad_to_bucket
@@ -178,8 +178,7 @@ def check_size(pipe, request: GenerationRequest) -> None:
         if value % multiple:
             raise InvalidArgumentError(field, f"Qwen-Image needs a multiple of {multiple}, got {value} "
                                        f"(try {nearest_valid(value, multiple, 0, multiple)})")
-    if request.num_frames not in (None, 1):
-        raise InvalidArgumentError("num_frames", "Qwen-Image is an image model; num_frames is for video models")
+    check_image_model_frames(request, "Qwen-Image")
     if request.num_inference_steps < 2 and getattr(pipe.components["scheduler"].config, "shift_terminal", None):
         raise InvalidArgumentError("num_inference_steps", "this checkpoint's sampler (shift_terminal) needs at least "
                                    f"2 steps, got {request.num_inference_steps}")

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..models.zimage.transformer import SEQ_MULTI_OF, caption_layout
-from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
+from .base import GenerationRequest, PipelineSpec, check_image_model_frames, check_int, nearest_valid
 from .denoise import cpu_generators, denoise_loop, seeded_noise
 from .flux import postprocess, vae_scale_factor
 from .schedulers.flow_match_euler import calculate_shift
@@ -144,8 +144,7 @@ def validate(pipe, request: GenerationRequest) -> None:
         if value > largest:
             raise InvalidArgumentError(field, f"at most {largest} for this checkpoint (axes_lens), got {value}")
     check_int("max_sequence_length", request.max_sequence_length, 1, min(MAX_TEXT_TOKENS, cfg.axes_lens[0] - 64))
-    if request.num_frames not in (None, 1):
-        raise InvalidArgumentError("num_frames", "Z-Image is an image model; num_frames is for video models")
+    check_image_model_frames(request, "Z-Image")
 
 
 ZIMAGE_SPEC = PipelineSpec(

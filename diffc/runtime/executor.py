@@ -215,7 +215,8 @@ def _build_cache(config, module: nn.Module):
     try:
         return build_cache(config, module)
     except RegionError as exc:
-        raise InvalidArgumentError("cache", str(exc)) from None
+        raise InvalidArgumentError("cache", f"this model ({type(module).__name__}) does not support a step cache yet; "
+                                            f"run it without one (why: {exc})") from None
 
 
 class _Placement:

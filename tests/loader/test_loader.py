@@ -183,13 +183,24 @@ def test_missing_required_config_field(ckpt_copy):
 
 @pytest.mark.parametrize("kwargs,field", [({"device": "tpu"}, "device"), ({"device": "cuda:0"}, "device"),
                                           ({"dtype": "int8"}, "dtype"), ({"scheduler": "ddim"}, "scheduler"),
-                                          ({"scheduler": "unipc"}, "scheduler")])
+                                          ({"scheduler": "unipc"}, "scheduler"), ({"device": "cpu:5"}, "device"),
+                                          ({"dtype": ["fp32"]}, "dtype"), ({"scheduler": ["euler"]}, "scheduler")])
 def test_bad_load_options(flux_checkpoint, kwargs, field):
     if kwargs.get("device", "").startswith("cuda") and torch.cuda.is_available():
         pytest.skip("machine has a GPU")
     with pytest.raises(InvalidArgumentError) as info:
         diffc.load(flux_checkpoint("dev-tiny"), **kwargs)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize("path", [None, 5, "", ["ckpt"]])
+def test_a_path_that_is_not_one_is_named(path):
+    with pytest.raises(InvalidArgumentError, match="path: must be a checkpoint folder"):
+        diffc.load(path)
+
+
+def test_cpu_0_is_the_cpu(flux_checkpoint):
+    assert diffc.load(flux_checkpoint("dev-tiny"), device="cpu:0").device == torch.device("cpu")
 
 
 @pytest.mark.parametrize("kwargs,field,fragment", [

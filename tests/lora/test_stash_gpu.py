@@ -71,3 +71,31 @@ def test_merge_switch_unmerge_bit_exact_with_either_placement(tmp_path, reserve,
     assert {manager.stash.get(("transformer", "blocks.0.weight")).device.type} == {where}
     placed = manager.describe()
     assert (placed["device_copy_bytes"] > 0) == (where == "cuda") and (placed["host_copy_bytes"] > 0) == (where == "cpu")
+
+
+@pytest.mark.parametrize("reserve", [0, HUGE])
+def test_a_merge_that_turns_a_weight_infinite_rolls_back_on_the_gpu(tmp_path, reserve):
+    """The finiteness of each merged weight is read once after the loop (copied without a wait); the second block
+    overflows (4 x 1e38 > float32's max), so the first block's merge is undone and adapter ``a`` is merged again, bit for bit."""
+    from safetensors.torch import save_file
+
+    from diffc.errors import CheckpointError
+
+    torch.manual_seed(0)
+    model = Projections().to(DEV, torch.bfloat16).requires_grad_(False)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    manager = LoraManager({"transformer": model}, stash_reserve=reserve)
+    manager.set("a", _adapter(tmp_path / "a.safetensors", model, seed=1))
+    merged_a = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors = {f"transformer.blocks.{i}.lora_{ab}.weight": torch.ones(shape) * value
+               for i, block in enumerate(model.blocks)
+               for ab, shape, value in (("A", (4, block.weight.shape[1]), 0.01 if i == 0 else 1.0),
+                                        ("B", (block.weight.shape[0], 4), 0.01 if i == 0 else 1e38))}
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match=r"transformer\.blocks\.1\.weight: merging LoRA 'bad' makes this "
+                                              r"weight NaN or infinite"):
+        manager.set("bad", tmp_path / "bad.safetensors")
+    assert all(torch.equal(v, merged_a[k]) for k, v in model.state_dict().items())
+    assert [a.nickname for a in manager.active] == ["a"]
+    manager.unmerge()
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())

@@ -89,3 +89,30 @@ def test_bad_settings_are_refused_before_any_work(flux, cache, options, field):
         flux.generate("a red fox", cache=cache, cache_options=options, **FLUX)
     assert info.value.field == field
     assert flux.executor.stacks["transformer"].cache is calls  # nothing installed
+
+
+@pytest.mark.parametrize("config,field,fragment", [
+    (dict(kind="bogus"), "cache", "'bogus' is not a step cache"),
+    (dict(kind="fbcache", threshold=float("nan")), "cache.threshold", "must be a number from 0 to 100, got nan"),
+    (dict(kind="fbcache", threshold=-5.0), "cache.threshold", "got -5.0"),
+    (dict(kind="fbcache", warmup_steps=-3), "cache.warmup_steps", "must be an integer from 0"),
+    (dict(kind="fbcache", threshold="x"), "cache.threshold", "got 'x'"),
+    (dict(kind="fbcache", fn=2), "cache.fn", "is not an option of fbcache"),
+])
+def test_a_cache_config_object_is_checked_as_its_settings_by_name_are(flux, config, field, fragment):
+    """``generate(cache=CacheConfig(...))`` (its docstring offers it) took any value: a KeyError, or NaN echoed."""
+    from diffc.runtime.cache import CacheConfig
+
+    with pytest.raises(InvalidArgumentError, match=fragment) as info:
+        flux.generate("a red fox", cache=CacheConfig(**config), **FLUX)
+    assert info.value.field == field
+    out = flux.generate("a red fox", cache=CacheConfig("fbcache", threshold=0.0), **FLUX)
+    assert np.array_equal(pixels(out), pixels(flux.reference))
+
+
+def test_a_model_without_a_step_cache_says_so(zimage_checkpoint):
+    pipe = diffc.load(zimage_checkpoint("tiny"), device="cpu")
+    with pytest.raises(InvalidArgumentError, match=r"this model \(ZImageTransformer2DModel\) does not support a step "
+                                                   r"cache yet; run it without one") as info:
+        pipe.generate("a fox", cache="fbcache", height=32, width=32, num_inference_steps=2, progress=False)
+    assert info.value.field == "cache"

@@ -60,6 +60,18 @@ def test_batch_with_one_seed_per_prompt_matches_diffusers(flux_checkpoint):
     assert psnr_uint8(single.images[0], out.images[1]) >= 40.0
 
 
+def test_a_batch_without_seeds_draws_one_per_prompt(flux_checkpoint):
+    """``out.seeds`` lists one seed per image, and each image is made again by a single call with its seed."""
+    pipe = diffc.load(flux_checkpoint("dev-tiny"))
+    kw = dict(height=32, width=32, num_inference_steps=1, max_sequence_length=16, progress=False)
+    prompts = ["a red fox in snow", "a calico cat playing piano", "a lighthouse"]
+    out = pipe.generate(prompts, **kw)
+    assert len(out.seeds) == 3 and len(out.images) == 3
+    again = pipe.generate(prompts[2], seed=out.seeds[2], **kw)
+    assert psnr_uint8(again.images[0], out.images[2]) >= 40.0
+    assert len(pipe.generate(prompts, seed=5, **kw).seeds) == 1  # one integer seeds the batch (diffusers' way)
+
+
 def test_initial_latents_match_diffusers(flux_checkpoint):
     import diffusers
 
@@ -127,6 +139,10 @@ def test_bf16_generation_runs(flux_checkpoint):
     (dict(max_sequence_length=513), "max_sequence_length", "from 1 to 512"),
     (dict(max_sequence_length=3.5), "max_sequence_length", "an integer from 1 to 512"),
     (dict(num_frames=9), "num_frames", "image model"),
+    (dict(num_frames=True), "num_frames", "image model"),
+    (dict(num_frames=1.0), "num_frames", "image model"),
+    (dict(step_callback=5), "step_callback", "must be a function (done, total) or None, got 5"),
+    (dict(decode_callback="x"), "decode_callback", "must be a function"),
     (dict(sampler="ddim"), "sampler", "not a generation option"),
 ])
 def test_bad_requests_are_refused(flux_checkpoint, kwargs, field, fragment):

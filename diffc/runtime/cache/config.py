@@ -75,7 +75,8 @@ def cache_config(cache: Any = None, options: Mapping[str, Any] | None = None, *,
     if isinstance(cache, CacheConfig):
         if options:
             raise InvalidArgumentError(options_field, "give the options inside the CacheConfig, not beside it")
-        return cache
+        # checked as the same settings given by name are (a dataclass takes any value)
+        return cache_config({"kind": cache.kind, **cache.options()}, field=field, options_field=options_field)
     if isinstance(cache, Mapping):
         section = dict(cache)
         if "kind" not in section:
