@@ -110,9 +110,29 @@ def test_a_cache_config_object_is_checked_as_its_settings_by_name_are(flux, conf
     assert np.array_equal(pixels(out), pixels(flux.reference))
 
 
-def test_a_model_without_a_step_cache_says_so(zimage_checkpoint):
+def test_zimage_takes_a_block_cache(zimage_checkpoint):
+    """Three regions, one stream each (image tokens, caption tokens, both joined): threshold 0 changes no pixel,
+    a skipping threshold skips (with CFG too); TeaCache has no fit for it and says so."""
     pipe = diffc.load(zimage_checkpoint("tiny"), device="cpu")
-    with pytest.raises(InvalidArgumentError, match=r"this model \(ZImageTransformer2DModel\) does not support a step "
+    kw = dict(height=32, width=32, num_inference_steps=4, seed=3, progress=False)
+    for extra in ({}, {"guidance_scale": 4.0, "negative_prompt": "blurry"}):
+        ref = pipe.generate("a fox", **kw, **extra)
+        zero = pipe.generate("a fox", cache="dbcache", cache_options={"fn": 1, "bn": 1, "threshold": 0,
+                                                                      "warmup_steps": 0}, **kw, **extra)
+        assert np.array_equal(pixels(zero), pixels(ref))
+        out = pipe.generate("a fox", cache="fbcache", cache_options=SKIPPING, **kw, **extra)
+        report = out.timings.runtime["cache"]
+        assert report["forwards"] == {"computed": 2, "skipped": 2} and report["skipped_steps"] == [1, 3]
+        assert not np.array_equal(pixels(out), pixels(ref))
+    with pytest.raises(InvalidArgumentError, match="does not declare \\(_teacache\\); use dbcache or fbcache"):
+        pipe.generate("a fox", cache="teacache", **kw)
+
+
+def test_a_model_without_block_streams_says_it_takes_no_step_cache(flux, monkeypatch):
+    from diffc.runtime.dit_stack import unwrap
+
+    monkeypatch.setattr(type(unwrap(flux.components["transformer"])), "_block_streams", {})
+    with pytest.raises(InvalidArgumentError, match=r"this model \(FluxTransformer2DModel\) does not support a step "
                                                    r"cache yet; run it without one") as info:
-        pipe.generate("a fox", cache="fbcache", height=32, width=32, num_inference_steps=2, progress=False)
+        flux.generate("a red fox", cache="fbcache", **FLUX)
     assert info.value.field == "cache"

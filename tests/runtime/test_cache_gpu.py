@@ -89,3 +89,18 @@ def test_pipeline_with_cache_and_graphs():
     again = pipe.generate("a cat", **kwargs)
     assert again.timings.runtime["cuda_graphs"].get("mode") is None  # whole-forward graphs again
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(ref.images[0]))
+
+
+def test_zimage_pipeline_with_cache_and_graphs(zimage_checkpoint):
+    """Z-Image's three regions (noise refiner, caption refiner, main layers) as block segments under CUDA graphs."""
+    pipe = diffc.load(zimage_checkpoint("tiny"), device="cuda", dtype="bf16")
+    kwargs = dict(height=64, width=64, num_inference_steps=6, seed=0, progress=False)
+    ref = pipe.generate("a cat", **kwargs)
+    zero = pipe.generate("a cat", cache="dbcache", cache_options={"threshold": 0, "fn": 1, "bn": 1}, **kwargs)
+    graphs = zero.timings.runtime["cuda_graphs"]
+    assert graphs["mode"] == "block segments" and graphs.get("fallbacks", 0) == 0, graphs
+    assert np.array_equal(np.asarray(zero.images[0]), np.asarray(ref.images[0]))
+    fast = pipe.generate("a cat", cache="fbcache", cache_options={"threshold": 100, "warmup_steps": 2,
+                                                                  "max_skips": 1}, **kwargs)
+    assert fast.timings.runtime["cache"]["skipped_steps"] == [2, 4]
+    assert not np.array_equal(np.asarray(fast.images[0]), np.asarray(ref.images[0]))

@@ -22,6 +22,7 @@ from torch import nn
 
 from ...errors import InvalidArgumentError
 from ..config import ModelConfig
+from ..structure import BlockStreams
 from .blocks import ADALN_EMBED_DIM, FinalLayer, TimestepEmbedder, ZImageTransformerBlock, rope_tables
 
 SEQ_MULTI_OF = 32
@@ -124,6 +125,11 @@ class ZImageTransformer2DModel(nn.Module):
     config_class = ZImageTransformerConfig
     _repeated_blocks = ("noise_refiner", "context_refiner", "layers")
     _keep_in_fp32_modules = ()
+    # One stream a region, each block's first argument, returned bare: the image tokens (noise refiner), the
+    # caption tokens (context refiner; the same at every step, so a cached residual is exact) and both joined
+    # (main layers). A step cache keeps each region's residual on its own.
+    _block_streams = {name: BlockStreams(inputs=("x",), outputs="x")
+                      for name in ("noise_refiner", "context_refiner", "layers")}
 
     def __init__(self, config: ZImageTransformerConfig):
         super().__init__()
