@@ -13,7 +13,8 @@ rebuilt with meta tensors in their place and a run assigns the checkpoint's tens
 Reading is strict, so that a crafted file cannot make the reader run code: the JSON may hold no
 symbolic shape expressions (torch parses those with ``sympy.sympify``, which evaluates text), no
 custom objects and no named tuples; every node must call an operator of :data:`OP_NAMESPACES` (or
-``operator.getitem``), checked on the text and again on the rebuilt graph.
+``operator.getitem``), checked on the text and again on the rebuilt graph; and none of the aten/prims operators
+that reach files, storages or unchecked memory (:data:`_REFUSED_OPS`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ VERSION = 1
 OP_NAMESPACES = ("aten", "prims", "diffc")
 _TARGET = re.compile(r"^torch\.ops\.(?:%s)\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$" % "|".join(OP_NAMESPACES))
 _PYTHON_TARGETS = {"_operator.getitem": operator.getitem}
+# aten/prims operators a stored graph may not call, whatever their namespace allows: those that act outside the
+# tensors they are given (``from_file`` maps a file, creating it if missing; ``save`` writes one; ``set``/``set_``
+# re-point a tensor at another storage; printing, warnings, TorchScript's list and dict builtins) and those that
+# index memory without checking the indices (the ``_unsafe_index`` family, ``_index_put_impl_``'s unsafe flag,
+# sparse and nested tensors built from unchecked indices or offsets). Diffusion graphs need none of them.
+_REFUSED_OPS = frozenset({"from_file", "save", "set", "set_", "_print", "warn", "_set_item", "Delete", "pop",
+                          "remove", "setdefault", "append", "extend", "insert", "clear", "_unsafe_index",
+                          "_unsafe_index_put", "_unsafe_masked_index", "_unsafe_masked_index_put_accumulate",
+                          "_index_put_impl", "_index_put_impl_"})
+_REFUSED_FAMILIES = ("sparse", "nested")  # any operator whose name holds one of these
 # JSON keys whose presence means a feature diffc's graphs never use and the reader will not interpret.
 _REFUSED_KEYS = {
     "as_expr": "a symbolic shape expression",
@@ -187,10 +198,23 @@ def _check_target(target: Any) -> None:
         return
     _, _, namespace, op, overload = target.split(".")
     try:
-        getattr(getattr(getattr(torch.ops, namespace), op), overload)
+        resolved = getattr(getattr(getattr(torch.ops, namespace), op), overload)
     except (AttributeError, RuntimeError):
         raise ProgramFormatError(f"the graph calls {target}, which is not an operator of this torch and diffc "
                                  "(is the artifact from another version?)") from None
+    _check_pure(resolved, target)
+
+
+def _check_pure(op: Any, name: str) -> None:
+    """An aten/prims operator a stored graph calls stays inside the graph's tensors: none of :data:`_REFUSED_OPS`
+    or :data:`_REFUSED_FAMILIES`, and none that takes a storage."""
+    if not isinstance(op, torch._ops.OpOverload) or op.namespace == "diffc":
+        return
+    base = op._opname
+    if base in _REFUSED_OPS or any(f in base for f in _REFUSED_FAMILIES) \
+            or any("Storage" in str(a.type) for a in op._schema.arguments):
+        raise ProgramFormatError(f"the graph calls {name}, which a stored graph may not call (it reaches files, "
+                                 "storages or memory outside the graph's tensors)")
 
 
 def check_graph(gm: torch.fx.GraphModule) -> None:
@@ -205,6 +229,7 @@ def check_graph(gm: torch.fx.GraphModule) -> None:
         if not allowed:
             raise ProgramFormatError(f"node {node.name!r} ({node.op} {str(target)[:200]!r}) is not an allowed operator "
                                      "call (is an operator missing from this diffc?)")
+        _check_pure(target, str(target))
 
 
 def _entries(document: dict[str, Any], key: str):

@@ -257,6 +257,65 @@ def test_code_in_the_graph_json_is_refused(built, copy, marker, edit, fragment):
     refused(built, copy, fragment)
 
 
+def _tensor_value(size: int, offset: int = 0, scalar: bool = False) -> dict:
+    return {"dtype": 1, "sizes": [] if scalar else [{"as_int": size}], "strides": [] if scalar else [{"as_int": 1}],
+            "requires_grad": False, "device": {"type": "cpu", "index": None}, "storage_offset": {"as_int": offset},
+            "layout": 7}
+
+
+def _node(name: str, target: str, inputs: list) -> dict:
+    return {"name": name, "target": target, "inputs": inputs, "outputs": [{"as_tensor": {"name": name}}],
+            "metadata": {}, "is_hop_single_tensor_return": None}
+
+
+def _file_writer(target: Path, payload: bytes):
+    """Nodes that map ``target`` shared (created if missing) and fill it byte by byte: a file written by loading."""
+    def edit(graph):
+        g = graph["graph_module"]["graph"]
+        arg = lambda name, value, kind=1: {"name": name, "arg": value, "kind": kind}  # noqa: E731
+        nodes = [_node("mapped", "torch.ops.aten.from_file.default", [
+            arg("filename", {"as_string": str(target)}), arg("shared", {"as_bool": True}),
+            arg("size", {"as_int": len(payload)}), arg("dtype", {"as_scalar_type": 1}, 2)])]
+        g["tensor_values"]["mapped"] = _tensor_value(len(payload))
+        for i, byte in enumerate(payload):
+            g["tensor_values"][f"byte_{i}"] = g["tensor_values"][f"filled_{i}"] = _tensor_value(1, i, scalar=True)
+            nodes += [_node(f"byte_{i}", "torch.ops.aten.select.int", [
+                          arg("self", {"as_tensor": {"name": "mapped"}}), arg("dim", {"as_int": 0}),
+                          arg("index", {"as_int": i})]),
+                      _node(f"filled_{i}", "torch.ops.aten.fill_.Scalar", [
+                          arg("self", {"as_tensor": {"name": f"byte_{i}"}}), arg("value", {"as_int": byte})])]
+        g["nodes"] = nodes + g["nodes"]
+    return edit
+
+
+def test_a_graph_that_writes_a_file_is_refused(built, copy, tmp_path):
+    """Found by an audit: ``aten.from_file(shared=True)`` + ``fill_`` wrote any file the user can write (a ``.pth``
+    in site-packages: code at the next Python start) from a re-signed artifact. Refused when the graph is read."""
+    target = tmp_path / "planted.pth"
+    _edit_graph(copy, _file_writer(target, b"import os\n"))
+    refused(built, copy, "calls torch.ops.aten.from_file.default, which a stored graph may not call")
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("target", ["aten.from_file.default", "aten.save.default", "aten.set_.source_Storage",
+                                    "aten.set.source_Storage", "aten._unsafe_index_put.default",
+                                    "aten._unsafe_index.Tensor", "aten._index_put_impl_.default",
+                                    "aten._sparse_coo_tensor_unsafe.default", "aten._print.default"])
+def test_operators_that_reach_outside_the_graph_are_refused(built, copy, target):
+    _edit_graph(copy, _call(f"torch.ops.{target}"))
+    refused(built, copy, f"calls torch.ops.{target}, which a stored graph may not call")
+
+
+def test_the_rebuilt_graph_is_checked_too():
+    """The same rule on an fx graph, the second check after torch's reader."""
+    from diffc.compile import program_io
+
+    graph = torch.fx.Graph()
+    graph.output(graph.call_function(torch.ops.aten.from_file.default, ("x.bin",)))
+    with pytest.raises(program_io.ProgramFormatError, match="may not call"):
+        program_io.check_graph(torch.fx.GraphModule(torch.nn.Module(), graph))
+
+
 # ---- tampering: the manifest's hashes -------------------------------------------------------
 
 def test_a_modified_file_is_refused(built, copy):

@@ -76,7 +76,8 @@ def cache_config(cache: Any = None, options: Mapping[str, Any] | None = None, *,
         if options:
             raise InvalidArgumentError(options_field, "give the options inside the CacheConfig, not beside it")
         # checked as the same settings given by name are (a dataclass takes any value)
-        return cache_config({"kind": cache.kind, **cache.options()}, field=field, options_field=options_field)
+        checked = cache_config({"kind": cache.kind, **cache.options()}, field=field, options_field=options_field)
+        return cache if checked == cache else checked
     if isinstance(cache, Mapping):
         section = dict(cache)
         if "kind" not in section:
