@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import threading
+from typing import Any
 
 from ..errors import DiffcError
 
@@ -17,12 +18,21 @@ _VERBOSE_HELP = "log loading and stage details"
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so what a command was writing is undone
-    (a compile's temporary artifact folder) before it exits. A BaseException: no ``except Exception`` stops it."""
+    """SIGTERM or SIGHUP (the terminal closed, the SSH session dropped), raised in the main thread like Ctrl-C's
+    KeyboardInterrupt, so what a command was writing is undone (a compile's temporary artifact folder) before it
+    exits. A BaseException: no ``except Exception`` stops it."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# The signals that end a command as Ctrl-C does (SIGHUP exists on POSIX only)
+ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def _terminated(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def plain(text: str | None) -> str | None:
@@ -69,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     # a parallel run, which its launcher stops with SIGTERM even inside a collective (the default kills it there)
     from .parallel import in_worker
 
-    previous = None
-    if (threading.current_thread() is threading.main_thread() and not in_worker()
-            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
-        previous = signal.signal(signal.SIGTERM, _terminated)
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread() and not in_worker():
+        for signum in ENDING_SIGNALS:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, _terminated)
     try:
         sub_argv = argv[argv.index(args.command) + 1:]
         args._given = given_options(args._parser, sub_argv)
@@ -84,12 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"diffc {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Terminated:
-        print(f"diffc {args.command}: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
+    except Terminated as exc:
+        print(f"diffc {args.command}: terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)
+        return 128 + exc.signum
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -56,3 +56,16 @@ def check_artifact_output(path: str | Path, field: str = "--out") -> Path:
     target = check_output_target(path, field)
     check_writable_dir(target.parent, field)
     return target
+
+
+def check_outside(path: Path, field: str, folders: dict[str, str | Path | None]) -> None:
+    """``path`` (a file diffc will write) lies in none of ``folders`` (what each is -> its path): a checkpoint or an
+    artifact the command reads is the user's, and a file written into it breaks it."""
+    target = Path(path).expanduser().resolve()
+    for what, folder in folders.items():
+        if folder is None or not str(folder).strip():
+            continue
+        root = Path(folder).expanduser().resolve()
+        if target == root or target.is_relative_to(root):
+            raise InvalidArgumentError(field, f"{path} is inside the {what} {folder}, which this command reads; "
+                                              "write it elsewhere")

@@ -14,7 +14,7 @@ from .config import merge_config
 from .lora_flags import add_lora_flags, lora_settings
 from .options import (add_cache_flags, add_compiled_flag, add_model_flags, add_runtime_flags, cache_flag_errors,
                       cache_settings, resolve_model, runtime_options)
-from .outputs import check_json_output, check_media_output
+from .outputs import check_json_output, check_media_output, check_outside
 from .parallel import add_parallel_flags
 
 
@@ -124,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
         output = check_media_output(args.output or ("output.png" if choice.output == "image" else "output.mp4"),
                                     choice.output)
     dump_path = check_json_output(args.perf_dump_path, "--perf-dump-path") if args.perf_dump_path else None
+    reads = {"checkpoint": choice.path, "artifact": args.compiled}
+    for flag, path in (("--output", output), ("--perf-dump-path", dump_path)):
+        if path is not None:
+            check_outside(path, flag, reads)
     images = [read_image(path) for path in args.image or ()]
     if choice.notice and main_rank:
         print(choice.notice, file=sys.stderr)

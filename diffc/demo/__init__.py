@@ -11,7 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..fileio import cache_dir
+from ..errors import InvalidArgumentError
+from ..fileio import cache_dir, os_reason
 
 DEMO_NOTICE = (
     "note: no --model given, so diffc runs its built-in demo {family} model: tiny and with RANDOM weights, "
@@ -48,8 +49,13 @@ def demo_checkpoint(family: str = "flux") -> Path:
     target = cache_dir() / "demo" / name
     if (target / "model_index.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    except OSError as exc:  # $DIFFC_CACHE is a file, read-only, or on a full disk
+        raise InvalidArgumentError("DIFFC_CACHE", f"cannot build the demo model in {target.parent} "
+                                                  f"({os_reason(exc)}); point DIFFC_CACHE at a writable folder "
+                                                  "or give --model") from None
     try:
         module, attr = builder.split(":")
         getattr(importlib.import_module(module), attr)(tmp)

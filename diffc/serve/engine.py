@@ -24,7 +24,7 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from ..errors import InvalidArgumentError
+from ..errors import DiffcError, InvalidArgumentError
 from ..lora import snapshot_of
 from ..pipelines.base import MAX_SEED
 from .batches import BatchRunner
@@ -311,7 +311,11 @@ class Engine(BatchRunner):
         try:
             self._start_replica(replica)
         except BaseException as exc:  # noqa: BLE001 - reported through state and on_fatal
-            log.exception("loading the model failed" + (f" (replica {replica})" if self.replicas > 1 else ""))
+            where = f" (replica {replica})" if self.replicas > 1 else ""
+            if isinstance(exc, DiffcError):  # a bad checkpoint, artifact or setting: its one line says it all
+                log.error("loading the model failed%s: %s", where, exc)
+            else:
+                log.exception("loading the model failed%s", where)
             with self._cond:
                 first = self.state != "failed"
                 if first:

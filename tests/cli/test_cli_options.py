@@ -198,3 +198,13 @@ def test_a_prompt_that_is_not_utf8_is_one_line_before_loading(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert f"{flag}: is not valid Unicode text" in err and "Traceback" not in err
     assert not (tmp_path / "a.png").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "compile"])
+def test_a_diffc_cache_that_is_a_file_is_one_line(tmp_path, capsys, monkeypatch, command):
+    (tmp_path / "cachefile").write_text("x")
+    monkeypatch.setenv("DIFFC_CACHE", str(tmp_path / "cachefile"))
+    assert main(_argv(command, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert f"DIFFC_CACHE: cannot build the demo model in {tmp_path / 'cachefile' / 'demo'} (Not a directory); point " \
+           "DIFFC_CACHE at a writable folder or give --model" in err and "Traceback" not in err

@@ -220,23 +220,54 @@ def test_the_report_may_not_overwrite_the_artifact(artifact, tmp_path, capsys, m
     assert (previous / "manifest.json").read_bytes() == before
 
 
-def test_sigterm_while_compiling_leaves_nothing_behind(tmp_path, capsys, monkeypatch):
-    """SIGTERM ends ``diffc compile`` as Ctrl-C does: the temporary artifact folder is removed, exit 143."""
+@pytest.mark.parametrize("name,code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_or_sighup_while_compiling_leaves_nothing_behind(tmp_path, capsys, monkeypatch, name, code):
+    """SIGTERM, or SIGHUP (a closed terminal, a dropped SSH session), ends ``diffc compile`` as Ctrl-C does: the
+    temporary artifact folder is removed, exit 128 + the signal."""
     import signal
 
     import diffc.compile.pipeline as compile_pipeline
 
+    signum = getattr(signal, name)
     seen = {}
 
     def terminated(pipe, requests, writer, **kwargs):
         seen["tmp"] = writer.tmp
         assert writer.tmp.exists()
-        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # what the signal runs, in the main thread
-        raise AssertionError("SIGTERM did not stop the compile")
+        signal.getsignal(signum)(signum, None)  # what the signal runs, in the main thread
+        raise AssertionError(f"{name} did not stop the compile")
 
     monkeypatch.setattr(compile_pipeline, "_compile_all", terminated)
     out = tmp_path / "a.diffc"
-    assert main(["compile", "--out", str(out), "--height", "32", "--width", "32", "--max-sequence-length", "8"]) == 143
-    assert "diffc compile: terminated" in capsys.readouterr().err
+    assert main(["compile", "--out", str(out), "--height", "32", "--width", "32", "--max-sequence-length", "8"]) == code
+    assert f"diffc compile: terminated ({name})" in capsys.readouterr().err
     assert not seen["tmp"].exists() and not out.exists() and list(tmp_path.iterdir()) == []
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+
+
+@pytest.mark.parametrize("flag,inside", [("--perf-dump-path", "manifest.json"), ("--output", "x.png")])
+def test_run_writes_nothing_into_the_artifact_it_reads(artifact, tmp_path, capsys, flag, inside):
+    """Found by an audit: ``--perf-dump-path ART/manifest.json`` replaced the artifact's manifest (the next run failed)."""
+    out, _, _ = artifact
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    argv = ["run", "--compiled", str(out), "--prompt", "a kite", "--steps", "1", "-o", str(tmp_path / "a.png")]
+    argv += [flag, str(out / inside)] if flag == "--perf-dump-path" else []
+    if flag == "--output":
+        argv[argv.index("-o") + 1] = str(out / inside)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: {out / inside} is inside the artifact {out}, which this command reads; write it elsewhere" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_compile_writes_no_report_into_the_checkpoint(demo_cache, tmp_path, capsys):
+    """``--report CKPT/model_index.json`` replaced the checkpoint's index: refused before loading."""
+    from diffc.demo import demo_checkpoint
+
+    checkpoint = demo_checkpoint("flux")
+    index = (checkpoint / "model_index.json").read_bytes()
+    argv = ["compile", "--model", str(checkpoint), "--out", str(tmp_path / "a.diffc"), "--height", "64", "--width",
+            "64", "--report", str(checkpoint / "model_index.json"), *SMALL]
+    assert main(argv) == 2
+    assert "--report: " in (err := capsys.readouterr().err) and f"is inside the checkpoint {checkpoint}" in err
+    assert (checkpoint / "model_index.json").read_bytes() == index and not (tmp_path / "a.diffc").exists()

@@ -72,6 +72,16 @@ def test_a_model_that_fails_to_load_stops_the_server(tmp_path, capsys):
     assert "the model failed to load" in err and "component 'scheduler' is missing" in err
 
 
+def test_a_diffc_cache_that_is_a_file_is_one_line_with_no_traceback(tmp_path, capsys, caplog, monkeypatch):
+    """Found by an audit: the demo's build in ``$DIFFC_CACHE`` (a file here) ended in a NotADirectoryError traceback."""
+    (tmp_path / "cachefile").write_text("x")
+    monkeypatch.setenv("DIFFC_CACHE", str(tmp_path / "cachefile"))
+    assert main(["serve", "--port", str(_free_port()), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "the model failed to load: DIFFC_CACHE: cannot build the demo model in" in err
+    assert "Traceback" not in err and not any(r.exc_info for r in caplog.records)
+
+
 def test_help_lists_serve(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
