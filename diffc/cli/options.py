@@ -194,6 +194,11 @@ def resolve_model(args: argparse.Namespace) -> ModelChoice:
     if model is not None and task is not None:
         raise InvalidArgumentError("--task", "only selects the demo model; the task of --model comes from "
                                    "its model_index.json")
+    if compiled is not None and not str(compiled).strip():
+        raise InvalidArgumentError("--compiled", "is empty; give the artifact's path")
+    if compiled and task is not None:
+        raise InvalidArgumentError("--task", "only selects the demo model; with --compiled the model is the one the "
+                                   "artifact was compiled from")
     if compiled:
         from ..compile.artifact import ArtifactError, read_manifest
         from ..demo import demo_family
@@ -213,6 +218,16 @@ def resolve_model(args: argparse.Namespace) -> ModelChoice:
                 raise InvalidArgumentError("--compiled", f"{compiled}: the manifest names no checkpoint; pass --model")
             root = checkpoint_dir(recorded, "--model", origin=f" (the checkpoint {compiled} was compiled from; "
                                                               "pass --model to use another)")
+        if args.device is None and built_on == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                arch = environment.get("gpu_arch")
+                raise InvalidArgumentError("--compiled", f"{compiled} was compiled for a CUDA GPU"
+                                           f"{f' ({arch})' if isinstance(arch, str) else ''} and this machine has "
+                                           "none; compile the model here with diffc compile")
+        if getattr(args, "dtype", None) is None and manifest.get("dtype") in ("bfloat16", "float16", "float32"):
+            args.dtype = manifest["dtype"]  # as the device: the artifact's, unless the command gives one
         family = demo_family(root)
         return ModelChoice(root, family, _output_kind(root), args.device or built_on, bucket)
     if model is not None:

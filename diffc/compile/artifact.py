@@ -329,6 +329,8 @@ def check_output_target(path: str | Path, field: str = "out") -> Path:
     is one the artifact lists: diffc may replace it. A file, a link, or a folder with anything else
     is the user's and is refused, naming it.
     """
+    if not str(path).strip():
+        raise InvalidArgumentError(field, "is empty; give the artifact's path")
     p = Path(os.path.abspath(Path(path).expanduser()))
     if p.is_symlink():
         raise InvalidArgumentError(field, f"{path} is a symbolic link; give the artifact directory itself")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from diffc.cli.main import main
@@ -191,6 +194,20 @@ def test_run_compile_caches_the_artifact(tmp_path, capsys, demo_cache):
     assert "no graph" not in first.err + second.err
     assert np.array_equal(np.asarray(Image.open(tmp_path / "first.png")), np.asarray(Image.open(tmp_path / "second.png")))
 
+    # found by an audit: a damaged cache entry (or one without its manifest) failed every later run; it is diffc's
+    # own, so it is compiled again
+    graph = next(p for p in cached.rglob("*.json") if p.name != "manifest.json")
+    graph.write_text(graph.read_text() + " ")
+    assert main([*argv, "-o", str(tmp_path / "third.png")]) == 0
+    third = capsys.readouterr()
+    assert "the cached entry is damaged" in third.err and "diffc: compiling the DiT for" in third.err
+    (cached / "manifest.json").unlink()
+    assert main([*argv, "-o", str(tmp_path / "fourth.png")]) == 0
+    assert "diffc: compiling the DiT for" in capsys.readouterr().err
+    for name in ("third", "fourth"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"{name}.png")),
+                              np.asarray(Image.open(tmp_path / "first.png")))
+
 
 @pytest.mark.parametrize("argv,fragment", [
     (["--compile", "--compiled", "somewhere"], "--compile: give either --compile (compile now, cached) or --compiled"),
@@ -271,3 +288,49 @@ def test_compile_writes_no_report_into_the_checkpoint(demo_cache, tmp_path, caps
     assert main(argv) == 2
     assert "--report: " in (err := capsys.readouterr().err) and f"is inside the checkpoint {checkpoint}" in err
     assert (checkpoint / "model_index.json").read_bytes() == index and not (tmp_path / "a.diffc").exists()
+
+
+def _tampered_copy(artifact, tmp_path, edit) -> Path:
+    out, _, _ = artifact
+    copy = tmp_path / "copy.diffc"
+    shutil.copytree(out, copy)
+    data = _manifest(copy)
+    edit(data)
+    (copy / "manifest.json").write_text(json.dumps(data))
+    return copy
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_gpu_artifact_on_a_machine_without_one_says_so(artifact, tmp_path, capsys):
+    copy = _tampered_copy(artifact, tmp_path, lambda m: m["environment"].update(device_type="cuda", gpu_arch="sm_90"))
+    assert main(["run", "--compiled", str(copy), "--prompt", "x", "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"--compiled: {copy} was compiled for a CUDA GPU (sm_90) and this machine has none; compile the model " \
+           "here with diffc compile" in err
+
+
+def test_the_artifacts_dtype_is_the_default(artifact, tmp_path):
+    """As its device: ``run --compiled`` of a bf16 artifact loads bf16 without ``--dtype`` (it said "recompile")."""
+    from diffc.cli.main import build_parser
+    from diffc.cli.options import resolve_model
+
+    copy = _tampered_copy(artifact, tmp_path, lambda m: m.update(dtype="bfloat16"))
+    args = build_parser().parse_args(["run", "--compiled", str(copy), "--prompt", "x"])
+    resolve_model(args)
+    assert args.dtype == "bfloat16"
+    args = build_parser().parse_args(["run", "--compiled", str(copy), "--prompt", "x", "--dtype", "fp32"])
+    resolve_model(args)
+    assert args.dtype == "fp32"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--compiled", "{art}", "--task", "t2v", "--prompt", "x"], "--task: only selects the demo model; with "
+                                                                        "--compiled the model is the one the artifact"),
+    (["run", "--compiled", "", "--prompt", "x"], "--compiled: is empty; give the artifact's path"),
+    (["compile", "--out", ""], "--out: is empty; give the artifact's path"),
+])
+def test_compiled_flag_mistakes_are_one_line(artifact, tmp_path, capsys, argv, message):
+    argv = [a.replace("{art}", str(artifact[0])) for a in argv] + ["-o", str(tmp_path / "a.png")] * (argv[0] == "run")
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists()
