@@ -12,23 +12,58 @@ from ..errors import InvalidArgumentError
 NOT_IN_CONFIG = ("help", "config", "verbose", "version")
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_REPEATS = 64  # values of one repeatable option (--image, --lora-path)  # a config file is a few lines; more is a mistake (or an attack on the parser)
+
+
+def _unique_keys(pairs: list[tuple[Any, Any]], path: str) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise InvalidArgumentError("--config", f"{path}: option '{key}' is given twice")
+        out[key] = value
+    return out
+
+
+def _yaml_loader(path: str):
+    """yaml's safe loader, refusing a key given twice (which plain YAML loading settles silently, last one wins)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            self.flatten_mapping(node)
+            pairs = [(self.construct_object(k, deep=deep), self.construct_object(v, deep=deep)) for k, v in node.value]
+            return _unique_keys(pairs, path)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, Loader.construct_mapping)
+    return Loader
+
+
 def read_config_file(path: str) -> dict[str, Any]:
     import json
 
+    if not str(path).strip():
+        raise InvalidArgumentError("--config", "is empty; give a .json, .yaml or .yml file")
     p = Path(path).expanduser()
-    if not p.is_file():
+    if not p.exists():
         raise InvalidArgumentError("--config", f"file not found: {path}")
+    if not p.is_file():
+        raise InvalidArgumentError("--config", f"{path} is not a file")
     suffix = p.suffix.lower()
     if suffix not in (".json", ".yaml", ".yml"):
         raise InvalidArgumentError("--config", f"{path}: use a .json, .yaml or .yml file")
     try:
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise InvalidArgumentError("--config", f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a config file")
         text = p.read_text(encoding="utf-8")
         if suffix == ".json":
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
         else:
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_yaml_loader(path))  # noqa: S506 - a SafeLoader subclass
+    except InvalidArgumentError:
+        raise
     except OSError as exc:
         raise InvalidArgumentError("--config", f"{path}: cannot read ({exc.strerror or exc})") from None
     except Exception as exc:  # JSON, YAML and UnicodeDecodeError, RecursionError for absurd nesting
@@ -72,11 +107,20 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     return set(vars(namespace))
 
 
+def _shown(value: Any) -> str:
+    """A config value as an error message shows it: short, whatever its size (a list of aliases can hold 10^9)."""
+    if isinstance(value, (list, tuple, dict, set)):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
 def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:
     kind = action.type
-    bad = InvalidArgumentError(where, f"invalid value {value!r}" + (f" (expected {getattr(kind, '__name__', 'a value')})"
-                                                                    if kind in (int, float) else ""))
-    if isinstance(value, bool) or isinstance(value, (list, dict)) or value is None:
+    bad = InvalidArgumentError(where, f"invalid value {_shown(value)}" + (
+        f" (expected {getattr(kind, '__name__', 'a value')})" if kind in (int, float) else " (expected a single value)"
+        if isinstance(value, (list, dict, bytes)) else ""))
+    if isinstance(value, (bool, list, dict, bytes)) or not isinstance(value, (str, int, float)):
         raise bad
     if kind is int:
         if isinstance(value, float):
@@ -95,23 +139,25 @@ def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:
     try:
         return kind(str(value))
     except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
-        raise InvalidArgumentError(where, f"invalid value {value!r} ({exc})") from None
+        raise InvalidArgumentError(where, f"invalid value {_shown(value)} ({exc})") from None
 
 
 def convert(action: argparse.Action, value: Any, where: str) -> Any:
     """A config value as the flag would have given it (type, choices, lists for repeatable flags)."""
     if action.nargs == 0:  # store_true / store_const flags: true or false
         if not isinstance(value, bool):
-            raise InvalidArgumentError(where, f"expected true or false, got {value!r}")
+            raise InvalidArgumentError(where, f"expected true or false, got {_shown(value)}")
         return action.const if value else action.default
     if isinstance(action, argparse._AppendAction):
         items = value if isinstance(value, list) else [value]
+        if len(items) > MAX_REPEATS:
+            raise InvalidArgumentError(where, f"at most {MAX_REPEATS} values, got {len(items)}")
         out = [_convert_one(action, item, where) for item in items]
     else:
         out = _convert_one(action, value, where)
     for item in out if isinstance(out, list) else [out]:
         if action.choices is not None and item not in action.choices:
-            raise InvalidArgumentError(where, f"must be one of {', '.join(map(str, action.choices))}, got {item!r}")
+            raise InvalidArgumentError(where, f"must be one of {', '.join(map(str, action.choices))}, got {_shown(item)}")
     return out
 
 
@@ -122,7 +168,7 @@ def merge_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     destination names (``num_inference_steps``), with dashes or underscores; an unknown key is an
     error listing the accepted ones. Values are checked as the flag's would be.
     """
-    if not getattr(args, "config", None):
+    if getattr(args, "config", None) is None:
         return
     data = read_config_file(args.config)
     keys = config_keys(parser)

@@ -72,7 +72,7 @@ def test_config_takes_the_cli_option_names(demo_cache, tmp_path, capsys, suffix)
     ({"steps": "many"}, "steps (in "),
     ({"steps": 2.5}, "invalid value 2.5 (expected int)"),
     ({"steps": True}, "invalid value True"),
-    ({"height": [32]}, "invalid value [32]"),
+    ({"height": [32]}, "invalid value a list (expected int)"),
     ({"no-progress": "yes"}, "expected true or false, got 'yes'"),
     ({"scheduler": "ddim"}, "must be one of unipc, euler, got 'ddim'"),
     ({"steps": 1, "num_inference_steps": 2}, "'num_inference_steps' and 'steps' set the same option"),
@@ -208,3 +208,32 @@ def test_a_diffc_cache_that_is_a_file_is_one_line(tmp_path, capsys, monkeypatch,
     err = capsys.readouterr().err
     assert f"DIFFC_CACHE: cannot build the demo model in {tmp_path / 'cachefile' / 'demo'} (Not a directory); point " \
            "DIFFC_CACHE at a writable folder or give --model" in err and "Traceback" not in err
+
+
+def _laughs(levels: int) -> str:
+    """A "billion laughs" YAML: 9 ** levels strings from a few hundred bytes of anchors and aliases."""
+    lines = ['  - &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"  - &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    return "prompt:\n" + "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("name,text,fragment", [
+    ("laughs.yaml", _laughs(9), "laughs.yaml): invalid value a list (expected a single value)"),
+    ("dup.yaml", "steps: 2\nsteps: 3\n", "option 'steps' is given twice"),
+    ("dup.json", '{"steps": 2, "steps": 3}', "option 'steps' is given twice"),
+    ("binary.yaml", "prompt: !!binary aGVsbG8=\n", "binary.yaml): invalid value b'hello'"),
+    ("big.yaml", "prompt: " + "x" * (1 << 20) + "\n", "larger than 1 MiB; not a config file"),
+])
+def test_config_files_that_attack_the_parser_are_one_short_line(tmp_path, capsys, no_loading, name, text, fragment):
+    """Found by an audit: the laughs took gigabytes (every value's repr was built before it was checked)."""
+    (tmp_path / name).write_text(text)
+    assert main(["run", "--config", str(tmp_path / name), "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err and len(err) < 1000, err[:300]
+
+
+@pytest.mark.parametrize("config,fragment", [("", "--config: is empty"), ("{tmp}", "is not a file")])
+def test_a_config_path_that_is_no_file_is_named(tmp_path, capsys, no_loading, config, fragment):
+    assert main(["run", "--config", config.replace("{tmp}", str(tmp_path)), "--prompt", "x"]) == 2
+    assert fragment in capsys.readouterr().err
