@@ -61,12 +61,24 @@ def read_image(path: str):
     ``IMAGE_FORMATS`` (formats Pillow decodes itself: no Ghostscript for an EPS file)."""
     from PIL import Image, UnidentifiedImageError
 
-    from ..pipelines.base import IMAGE_FORMATS
+    import warnings
 
+    from ..pipelines.base import IMAGE_FORMATS, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, upright
+
+    if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():  # a FIFO, a device: would block
+        raise InvalidArgumentError("--image", f"{path} is not a regular file; give an image file")
     try:
-        with Image.open(path, formats=IMAGE_FORMATS) as im:
-            im.load()
-            return im.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below, in one line
+            with Image.open(path, formats=IMAGE_FORMATS) as im:
+                w, h = im.size
+                if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+                    raise InvalidArgumentError("--image", f"{path} is {w}x{h} pixels, too large (at most "
+                                                          f"{MAX_IMAGE_SIDE} a side and {MAX_IMAGE_PIXELS} pixels)")
+                im.load()
+                return upright(im.copy())
+    except InvalidArgumentError:
+        raise
     except FileNotFoundError:
         raise InvalidArgumentError("--image", f"file not found: {path}") from None
     except IsADirectoryError:
@@ -74,8 +86,9 @@ def read_image(path: str):
     except UnidentifiedImageError:
         names = ", ".join(f.replace("WEBP", "WebP") for f in IMAGE_FORMATS)
         raise InvalidArgumentError("--image", f"{path}: not an image diffc reads ({names})") from None
-    except (Image.DecompressionBombError, OSError, ValueError) as exc:
-        raise InvalidArgumentError("--image", f"{path}: not a readable image ({exc})") from None
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:  # SyntaxError: a broken PNG
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InvalidArgumentError("--image", f"{path}: not a readable image ({reason})") from None
 
 
 def run(args: argparse.Namespace) -> int:

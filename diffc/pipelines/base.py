@@ -20,6 +20,7 @@ from .stages import RunContext, Stage, StageGraph
 MAX_STEPS = 1000
 MAX_SEED = 2**63 - 1
 MAX_IMAGE_SIDE = 16384
+MAX_IMAGE_PIXELS = 64 << 20  # decoded pixels of an input image read from a file (a decompression bomb stops here)
 # Input image files diffc opens (``diffc run --image``): formats Pillow decodes itself. Never EPS or PostScript,
 # which Pillow hands to a Ghostscript process; the server takes PNG, JPEG and WebP only (diffc.serve.uploads).
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
@@ -203,10 +204,37 @@ def validate_common(request: GenerationRequest) -> None:
             check_int("seed", s, 0, MAX_SEED)
 
 
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # greyscale of more than 8 bits (16-bit PNG, TIFF)
+
+
+def to_rgb(image):
+    """An input image as 8-bit RGB. Greyscale of 16 bits (or 32-bit integers holding 16-bit values) is scaled down
+    by 257 and float greyscale in [0, 1] by 255, since PIL's ``convert("RGB")`` would clip every value above 255
+    (a 16-bit image turned almost white, a float one black)."""
+    from PIL import Image
+
+    if image.mode in WIDE_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        top = float(values.max()) if values.size else 0.0
+        if image.mode == "F":
+            values = values * 255.0 if top <= 1.0 else values
+        elif image.mode.startswith("I;16") or top > 255:
+            values = values / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def upright(image):
+    """A photo read from a file as it is shown: its EXIF orientation applied (as ``diffusers.utils.load_image``)."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) != 1 else image
+
+
 def input_images(request: GenerationRequest) -> list:
     """``request.image`` as a list of RGB PIL images (empty when there is none)."""
     images = request.image if isinstance(request.image, (list, tuple)) else [request.image]
-    return [im if im.mode == "RGB" else im.convert("RGB") for im in images if im is not None]
+    return [to_rgb(im) for im in images if im is not None]
 
 
 def resize_image(image, height: int, width: int) -> torch.Tensor:

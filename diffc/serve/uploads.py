@@ -15,11 +15,10 @@ import io
 import re
 from typing import Any
 
-from ..pipelines.base import IMAGE_MODES, MAX_IMAGE_SIDE
+from ..pipelines.base import IMAGE_MODES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, upright
 from .protocol import invalid
 
 MAX_IMAGE_BYTES = 50 << 20  # per file, as OpenAI's limit for edits
-MAX_IMAGE_PIXELS = 64 << 20  # decoded pixels per image (a decompression bomb stops here, before decoding)
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")  # what Pillow may identify an upload as; anything else is refused
 DATA_URL_RE = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 
@@ -42,7 +41,7 @@ def decode_image(data: bytes, field: str):
                 raise invalid(field, f"'{field}' has image mode {im.mode!r}, which cannot be converted to RGB; "
                                      f"accepted modes: {', '.join(IMAGE_MODES)}")
             im.load()
-            return im.copy()
+            return upright(im.copy())
     except UnidentifiedImageError:  # its message names the server's buffer object, nothing the client sent
         raise invalid(field, f"'{field}' is not a PNG, JPEG or WebP image") from None
     except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:

@@ -146,6 +146,61 @@ def test_input_images_open_in_pillow_own_decoders_only(tmp_path, monkeypatch):
         read_image(str(tmp_path))
 
 
+def test_input_image_files_found_by_an_audit(tmp_path):
+    """A PNG whose chunks are broken (PIL raises SyntaxError), a FIFO (it blocked for ever), a declared size past
+    the limit (checked before decoding, without PIL's warning) are one line; a JPEG's EXIF orientation is applied,
+    as diffusers' ``load_image`` does (a portrait phone photo was edited sideways)."""
+    import io
+    import os
+    import warnings
+
+    from diffc.cli.run import read_image
+    from diffc.errors import InvalidArgumentError
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    at = data.find(b"IDAT")
+    data[at - 4:at] = (int.from_bytes(data[at - 4:at], "big") // 2).to_bytes(4, "big")  # the image data cut short
+    (tmp_path / "broken.png").write_bytes(bytes(data))
+    with pytest.raises(InvalidArgumentError, match=r"--image: .*broken\.png: not a readable image"):
+        read_image(str(tmp_path / "broken.png"))
+    os.mkfifo(tmp_path / "fifo.png")
+    with pytest.raises(InvalidArgumentError, match="is not a regular file"):
+        read_image(str(tmp_path / "fifo.png"))
+    Image.new("1", (12000, 12000)).save(tmp_path / "bomb.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InvalidArgumentError, match=r"bomb\.png is 12000x12000 pixels, too large"):
+            read_image(str(tmp_path / "bomb.png"))
+    photo = Image.new("RGB", (64, 48), (200, 10, 10))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees: portrait
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    assert read_image(str(tmp_path / "phone.jpg")).size == (48, 64)
+
+
+@pytest.mark.parametrize("mode,values,want", [
+    ("I;16", [0, 32896, 65535], [0, 128, 255]),
+    ("I", [0, 32896, 65535], [0, 128, 255]),
+    ("I", [0, 100, 255], [0, 100, 255]),
+    ("F", [0.0, 0.5, 1.0], [0, 128, 255]),
+    ("L", [0, 100, 255], [0, 100, 255]),
+])
+def test_wide_greyscale_inputs_are_scaled_not_clipped(mode, values, want):
+    """``convert("RGB")`` clips 16-bit values at 255 (98% of a 16-bit ramp turned white) and float ones in [0, 1]
+    to black; ``to_rgb`` scales them to 8 bits."""
+    import numpy as np
+
+    from diffc.pipelines.base import to_rgb
+
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32, "L": np.uint8}[mode]
+    image = Image.fromarray(np.array([values], dtype=dtype))
+    assert image.mode == mode
+    got = np.asarray(to_rgb(image))
+    assert got.shape == (1, 3, 3) and got[0, :, 0].tolist() == want and (got[..., 0] == got[..., 2]).all()
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["--output", ""], "--output: is empty; give a file name"),
     (["--output", " "], "--output: is empty; give a file name"),
