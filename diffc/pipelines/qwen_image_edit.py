@@ -117,9 +117,18 @@ def build_stages(variant: str):
     return stages
 
 
+MAX_ASPECT = 200  # the longer side over the shorter one that Qwen2.5-VL's image processor takes, exclusive
+
+
 def validate(pipe, request: GenerationRequest) -> None:
     """Images as RGB; the output size from the (last) input image when not given; sizes as Qwen-Image's."""
     images = input_images(request)
+    for i, image in enumerate(images):  # the Qwen2.5-VL image processor refuses more (transformers' smart_resize)
+        w, h = image.size
+        if max(w, h) / min(w, h) >= MAX_ASPECT:
+            which = f" {i + 1}" if len(images) > 1 else ""
+            raise InvalidArgumentError("image", f"image{which} is {w}x{h}: its aspect ratio is too extreme for "
+                                                f"Qwen-Image-Edit's vision encoder (below {MAX_ASPECT}:1)")
     request.image = images if len(images) > 1 or pipe.spec.max_images > 1 else images[0]
     if request.height is None or request.width is None:
         multiple = 2 * pipe.components["vae"].spatial_compression_ratio

@@ -104,6 +104,9 @@ def test_output_size_follows_the_input(loaded):
     ("edit", dict(image="in.png"), "image", "must be a PIL image"),
     ("edit", dict(image=picture(32, 32, 0), height=40), "height", "multiple of 16"),
     ("edit", dict(image=picture(32, 32, 0), max_sequence_length=64), "max_sequence_length", "leave"),
+    ("edit", dict(image=picture(2000, 1, 0)), "image", "image is 2000x1: its aspect ratio is too extreme"),
+    ("edit_plus", dict(image=[picture(32, 32, 0), picture(20, 6400, 0)]), "image",
+     "image 2 is 20x6400: its aspect ratio is too extreme .*below 200:1"),
 ])
 def test_bad_requests_name_the_field(loaded, kind, kwargs, field, message):
     _, pipe = loaded(kind)
