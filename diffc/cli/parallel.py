@@ -44,10 +44,29 @@ def in_worker() -> bool:
                                                   and "LOCAL_RANK" in os.environ)
 
 
+def _env_int(name: str, low: int, high: int | None, default: str | None = None) -> int:
+    """A launcher's variable (torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) as an integer in range."""
+    text = os.environ.get(name, default)
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        accepted = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise InvalidArgumentError(name, f"must be an integer {accepted} (the launcher sets it), got {text!r}")
+    return value
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """``(RANK, WORLD_SIZE, LOCAL_RANK)`` as a launcher set them, checked once: 0 <= RANK < WORLD_SIZE."""
+    world = _env_int("WORLD_SIZE", 1, None)
+    return _env_int("RANK", 0, world - 1), world, _env_int("LOCAL_RANK", 0, world - 1)
+
+
 def parallel_config(args: argparse.Namespace) -> ParallelConfig | None:
     """The layout the flags ask for (None: one process). Under torchrun the world size is torchrun's."""
     world = getattr(args, "num_gpus", None)
-    env_world = int(os.environ["WORLD_SIZE"]) if in_worker() else None
+    env_world = torchrun_env()[1] if in_worker() else None
     if world is None and env_world is not None and env_world > 1:
         world = env_world
     given = [f for f in ("enable_cfg_parallel", "ulysses_degree", "ring_degree", "parallel_timeout")
@@ -70,7 +89,11 @@ def check_devices(config: ParallelConfig, device: str | None, groups: int = 1) -
     CUDA run."""
     import torch
 
-    kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError("--device", f"'{device}' is not a device; with --num-gpus use 'cuda' or 'cpu'") \
+            from None
     if device and torch.device(device).index is not None:
         raise InvalidArgumentError("--device", f"with --num-gpus give 'cuda' or 'cpu', not one device ({device}); "
                                    "rank r runs on cuda:r")
@@ -81,6 +104,10 @@ def check_devices(config: ParallelConfig, device: str | None, groups: int = 1) -
                                    "for CPU processes)")
     if kind not in ("cuda", "cpu"):
         raise InvalidArgumentError("--device", f"multi-GPU runs on cuda (NCCL) or cpu (gloo), not {kind}")
+    limit = max(8, 2 * (os.cpu_count() or 1))  # each rank a process holding the whole model: a typo starts them all
+    if kind == "cpu" and config.world * groups > limit:
+        raise InvalidArgumentError("--num-gpus", f"{config.world * groups} CPU processes asked for; at most {limit} "
+                                   f"on this machine ({os.cpu_count()} cores)")
     return kind
 
 
@@ -88,7 +115,7 @@ def rank_device(kind: str) -> torch.device:
     import torch
 
     if kind == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = torchrun_env()[2] if in_worker() else 0
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
@@ -235,7 +262,7 @@ def shared_seed() -> int:
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return torchrun_env()[0] if in_worker() else 0
 
 
 def is_main() -> bool:

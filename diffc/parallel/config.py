@@ -90,6 +90,9 @@ def resolve(world: int, cfg_parallel: bool = False, ulysses: int | None = None, 
     cfg = 2 if cfg_parallel else 1
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise InvalidArgumentError("--num-gpus", f"must be a positive integer, got {world!r}")
+    for flag, degree in (("--ulysses-degree", ulysses), ("--ring-degree", ring)):
+        if degree is not None and (isinstance(degree, bool) or not isinstance(degree, int) or degree < 1):
+            raise InvalidArgumentError(flag, f"must be a positive integer, got {degree!r}")
     if cfg_parallel and world % 2:
         raise InvalidArgumentError("--enable-cfg-parallel", f"needs an even number of GPUs, got {world}; valid with "
                                    f"{world}: {'; '.join(valid_layouts(world))}")

@@ -63,3 +63,43 @@ def test_torchrun_world_size_is_the_layouts(monkeypatch):
     assert parallel_config(_args()) == ParallelConfig(world=2, ulysses=2)
     with pytest.raises(InvalidArgumentError, match="--num-gpus.*4 given, but 2 processes"):
         parallel_config(_args(num_gpus=4))
+
+
+@pytest.mark.parametrize("env,name,got", [
+    ({"RANK": "x", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK", "'x'"),
+    ({"RANK": "0", "WORLD_SIZE": "abc", "LOCAL_RANK": "0"}, "WORLD_SIZE", "'abc'"),
+    ({"RANK": "5", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK", "'5'"),
+    ({"RANK": "-1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "RANK", "'-1'"),
+    ({"RANK": "0", "WORLD_SIZE": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE", "'0'"),
+    ({"RANK": "0", "WORLD_SIZE": "-3", "LOCAL_RANK": "0"}, "WORLD_SIZE", "'-3'"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "two"}, "LOCAL_RANK", "'two'"),
+])
+def test_junk_launcher_variables_are_one_line_at_once(monkeypatch, env, name, got):
+    """Found by an audit: a ValueError traceback, or (a rank past the world) the whole rendezvous timeout and a C++
+    stack, or (a world of 0 or less) a silent single-process run."""
+    from diffc.cli.parallel import is_main
+
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    for check in (lambda: parallel_config(_args()), is_main):
+        with pytest.raises(InvalidArgumentError, match=rf"^{name}: must be an integer .*\(the launcher sets it\), "
+                                                       rf"got {got}$"):
+            check()
+
+
+def test_degrees_and_devices_are_named_as_given(monkeypatch):
+    from diffc.cli.parallel import check_devices
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(InvalidArgumentError, match=r"^--ring-degree: must be a positive integer, got -1$"):
+        parallel_config(_args(num_gpus=4, ring_degree=-1))
+    with pytest.raises(InvalidArgumentError, match=r"^--ulysses-degree: must be a positive integer, got 0$"):
+        parallel_config(_args(num_gpus=4, ulysses_degree=0))
+    with pytest.raises(InvalidArgumentError, match=r"^--device: 'foo' is not a device"):
+        check_devices(ParallelConfig(world=2, ulysses=2), "foo")
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    with pytest.raises(InvalidArgumentError, match=r"^--num-gpus: 16 CPU processes asked for; at most 12 on this "
+                                                   r"machine \(6 cores\)"):
+        check_devices(ParallelConfig(world=16, ulysses=16), "cpu")
+    assert check_devices(ParallelConfig(world=12, ulysses=12), "cpu") == "cpu"
