@@ -221,9 +221,11 @@ def run(args: argparse.Namespace) -> int:
         atomic_write(dump_path, lambda tmp: tmp.write_text(json.dumps(dump, indent=2, default=str)))
     for w in out.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    size = f"{request.width}x{request.height}"
-    if pipe.spec.output == "video":
-        size += f"x{request.num_frames}f"
+    if pipe.spec.output == "video":  # what was written (a generic pipeline may round the frame count)
+        frames, height, width = out.videos[0].shape[:3]
+        size = f"{width}x{height}x{frames}f"
+    else:
+        size = f"{out.images[0].width}x{out.images[0].height}"
     report = out.timings.runtime.get("cache")
     if report:
         f = report["forwards"]

@@ -276,6 +276,12 @@ def validate_image(spec: PipelineSpec, request: GenerationRequest) -> None:
         w, h = im.size
         if not (1 <= w <= MAX_IMAGE_SIDE and 1 <= h <= MAX_IMAGE_SIDE):
             raise InvalidArgumentError(where, f"size {w}x{h} is out of range (1 to {MAX_IMAGE_SIDE} pixels a side)")
+        try:
+            im.load()  # a lazily opened file is read now; one closed since cannot be
+        except (ValueError, OSError, SyntaxError) as exc:
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise InvalidArgumentError(where, f"cannot be read ({reason}); pass an image that is open and "
+                                              "loaded") from None
 
 
 class Pipeline:

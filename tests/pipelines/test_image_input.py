@@ -40,3 +40,16 @@ def test_modes_convert_to_rgb():
     validate_image(_spec("optional", max_images=2), request)
     assert [im.mode for im in input_images(request)] == ["RGB", "RGB"]
     assert input_images(dataclasses.replace(request, image=None)) == []
+
+
+def test_a_closed_image_is_named(tmp_path):
+    """It reached PIL's "Operation on closed image" ValueError inside the pipeline."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    closed = Image.open(tmp_path / "a.png")
+    closed.close()
+    with pytest.raises(InvalidArgumentError, match=r"^image\[1\]: cannot be read \(Operation on closed image\)"):
+        validate_image(_spec("optional", max_images=2), GenerationRequest("p", image=[Image.new("RGB", (4, 4)),
+                                                                                         closed]))
+    lazy = Image.open(tmp_path / "a.png")  # opened, not loaded: read now
+    validate_image(_spec("optional"), GenerationRequest("p", image=lazy))
+    assert input_images(GenerationRequest("p", image=lazy))[0].size == (4, 4)

@@ -99,8 +99,8 @@ def pin_execution_device(pipe, device: torch.device) -> None:
 def _field_in(message: str) -> str:
     """The request field a diffusers ``check_inputs`` message is about (it names arguments in backticks)."""
     for name in re.findall(r"`(\w+)`", message) + re.findall(r"\b(\w+)\b", message):
-        if name in CALL_FIELDS:
-            return name
+        if name.lower() in CALL_FIELDS:
+            return name.lower()
     return "request"
 
 
@@ -139,6 +139,20 @@ def to_uint8(output, kind: str) -> list[np.ndarray]:
             raise InvalidArgumentError("output", f"expected {kind} arrays with {want} dimensions, got shape {item.shape}")
         arrays.append(np.ascontiguousarray(item))
     return arrays
+
+
+def _unused_negative_prompt(params: dict[str, Any], state: dict[str, Any]) -> str | None:
+    """The warning for a negative prompt the call will not use: diffusers pipelines use it only with classifier-free
+    guidance on, ``true_cfg_scale > 1`` where they take one, else ``guidance_scale > 1``."""
+    if state.get("negative_prompt") is None or "negative_prompt" not in params:
+        return None
+    field = "true_cfg_scale" if "true_cfg_scale" in params else "guidance_scale"
+    value = state.get(field)
+    if value is None:
+        value = params[field].default if field in params else None
+    if isinstance(value, (int, float)) and value <= 1:
+        return f"negative_prompt is ignored: {field} {value:g} turns classifier-free guidance off (give more than 1)"
+    return None
 
 
 class _WarningsTo(logging.Handler):
@@ -189,16 +203,30 @@ class GenericPipeline(Pipeline):
         pipe = self.diffusers_pipe
         kwargs = call_kwargs(self.call_parameters, state)
         check = getattr(pipe, "check_inputs", None)
+        unused = _unused_negative_prompt(self.call_parameters, state)
+        if unused:
+            ctx.warnings.append(unused)
         with instrument(pipe, ctx), diffusers_warnings(ctx.warnings):
             if callable(check):
                 pipe.__dict__["check_inputs"] = _checked(check)
             try:
                 result = pipe(**kwargs)
+            except InvalidArgumentError:
+                raise
+            except ValueError as exc:  # diffusers' own checks past check_inputs (a size past pos_embed_max_size)
+                message = " ".join(str(exc).split())[:500]
+                raise InvalidArgumentError(_field_in(message), f"{self.spec.pipeline_class} refused it: "
+                                                               f"{message}") from None
             finally:
                 pipe.__dict__.pop("check_inputs", None)
         output = result[0] if isinstance(result, tuple) else getattr(result, "images", getattr(result, "frames", None))
         key = "images" if self.spec.output == "image" else "videos"
-        return {key: to_uint8(output, self.spec.output)}
+        arrays = to_uint8(output, self.spec.output)
+        asked = state.get("num_frames")
+        if key == "videos" and asked is not None and arrays and arrays[0].shape[0] != asked:
+            ctx.warnings.append(f"num_frames: {asked} asked for, {self.spec.pipeline_class} made {arrays[0].shape[0]} "
+                                "(it rounds the count to the frames its VAE decodes)")
+        return {key: arrays}
 
     def lora_file_converter(self):
         """LoRA files go through the diffusers pipeline class's own ``lora_state_dict`` (:mod:`.lora`)."""

@@ -167,3 +167,26 @@ def test_diffusers_warnings_reach_the_output(generic_pipe):
     long_prompt = " ".join(["a red fox running through deep snow at golden hour"] * 4)
     out = generic_pipe("sd3").generate(long_prompt, seed=0, progress=False, **REQUESTS["sd3"])
     assert any("truncated" in w for w in out.warnings), out.warnings
+
+
+def test_diffusers_own_size_limit_is_one_line_naming_the_field(generic_pipe):
+    """Found by an audit: past SD3's pos_embed_max_size diffusers raised a ValueError after check_inputs."""
+    pipe = generic_pipe("sd3")
+    with pytest.raises(InvalidArgumentError, match=r"^height: StableDiffusion3Pipeline refused it: Height \(\d+\) "
+                                                   r"cannot be greater than .pos_embed_max_size."):
+        pipe.generate("a cat", seed=1, progress=False, **{**REQUESTS["sd3"], "height": 512, "width": 512,
+                                                          "num_inference_steps": 1})
+
+
+def test_an_unused_negative_prompt_and_a_rounded_frame_count_are_reported(generic_pipe):
+    """Both were silent: a negative prompt with guidance 1 (no CFG) changed no pixel; LTX made 9 frames for 12."""
+    sd3 = generic_pipe("sd3")
+    kw = {**REQUESTS["sd3"], "guidance_scale": 1.0, "num_inference_steps": 1}
+    out = sd3.generate("a cat", negative_prompt="ugly", seed=1, progress=False, **kw)
+    assert "negative_prompt is ignored: guidance_scale 1 turns classifier-free guidance off" in " ".join(out.warnings)
+    assert not any("negative_prompt" in w for w in sd3.generate("a cat", seed=1, progress=False, **kw).warnings)
+    ltx = generic_pipe("ltx")
+    out = ltx.generate("a cat", seed=1, progress=False, **{**REQUESTS["ltx"], "num_frames": 12,
+                                                          "num_inference_steps": 1})
+    assert out.frames.shape[0] == 9
+    assert "num_frames: 12 asked for, LTXPipeline made 9" in " ".join(out.warnings)
