@@ -256,10 +256,17 @@ def test_sigterm_or_sighup_while_compiling_leaves_nothing_behind(tmp_path, capsy
 
     monkeypatch.setattr(compile_pipeline, "_compile_all", terminated)
     out = tmp_path / "a.diffc"
-    assert main(["compile", "--out", str(out), "--height", "32", "--width", "32", "--max-sequence-length", "8"]) == code
+    # diffc takes only signals nothing else handles (under nohup SIGHUP is ignored): start from the defaults
+    before = {s: signal.signal(s, signal.SIG_DFL) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        assert main(["compile", "--out", str(out), "--height", "32", "--width", "32", "--max-sequence-length",
+                     "8"]) == code
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL == signal.getsignal(signal.SIGHUP)  # put back
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
     assert f"diffc compile: terminated ({name})" in capsys.readouterr().err
     assert not seen["tmp"].exists() and not out.exists() and list(tmp_path.iterdir()) == []
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
 
 
 @pytest.mark.parametrize("flag,inside", [("--perf-dump-path", "manifest.json"), ("--output", "x.png")])
