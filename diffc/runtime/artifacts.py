@@ -9,7 +9,6 @@ and installs a :class:`~diffc.runtime.compiled.CompiledDiT` per denoiser. :func:
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -146,11 +145,7 @@ def compile_cached(pipe, bucket: dict[str, Any], *, tier: str = "fast", log=prin
         log(f"diffc: using the compiled DiT cached at {path}")
         try:
             return load_artifact(pipe.executor, path, source=pipe.source, device=pipe.device, dtype=pipe.dtype)
-        except art.ArtifactError as exc:  # the cache is diffc's own: a damaged entry is compiled again
-            log(f"diffc: the cached entry is damaged ({exc}); compiling it again")
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():  # damaged, or left by a compile that was killed
-        shutil.rmtree(path)
+        except art.ArtifactError as exc:  # a damaged entry of diffc's: the compile below replaces it (a folder
+            log(f"diffc: the cached entry is damaged ({exc}); compiling it again")  # holding more is refused)
     log(f"diffc: compiling the DiT for {bucket} (cached at {path} for later runs)")
     return pipe.compile([bucket], out=path, quality=tier, log=log)

@@ -194,19 +194,14 @@ def test_run_compile_caches_the_artifact(tmp_path, capsys, demo_cache):
     assert "no graph" not in first.err + second.err
     assert np.array_equal(np.asarray(Image.open(tmp_path / "first.png")), np.asarray(Image.open(tmp_path / "second.png")))
 
-    # found by an audit: a damaged cache entry (or one without its manifest) failed every later run; it is diffc's
-    # own, so it is compiled again
+    # found by an audit: a damaged cache entry failed every later run; one diffc wrote (its manifest lists every file)
+    # is compiled again over; a folder there without a manifest may be the user's and is refused (test_output_paths)
     graph = next(p for p in cached.rglob("*.json") if p.name != "manifest.json")
     graph.write_text(graph.read_text() + " ")
     assert main([*argv, "-o", str(tmp_path / "third.png")]) == 0
     third = capsys.readouterr()
     assert "the cached entry is damaged" in third.err and "diffc: compiling the DiT for" in third.err
-    (cached / "manifest.json").unlink()
-    assert main([*argv, "-o", str(tmp_path / "fourth.png")]) == 0
-    assert "diffc: compiling the DiT for" in capsys.readouterr().err
-    for name in ("third", "fourth"):
-        assert np.array_equal(np.asarray(Image.open(tmp_path / f"{name}.png")),
-                              np.asarray(Image.open(tmp_path / "first.png")))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "third.png")), np.asarray(Image.open(tmp_path / "first.png")))
 
 
 @pytest.mark.parametrize("argv,fragment", [
