@@ -63,7 +63,7 @@ def read_image(path: str):
 
     import warnings
 
-    from ..pipelines.base import IMAGE_FORMATS, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, upright
+    from ..pipelines.base import IMAGE_FORMATS, too_large, upright
 
     if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():  # a FIFO, a device: would block
         raise InvalidArgumentError("--image", f"{path} is not a regular file; give an image file")
@@ -72,9 +72,8 @@ def read_image(path: str):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below, in one line
             with Image.open(path, formats=IMAGE_FORMATS) as im:
                 w, h = im.size
-                if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
-                    raise InvalidArgumentError("--image", f"{path} is {w}x{h} pixels, too large (at most "
-                                                          f"{MAX_IMAGE_SIDE} a side and {MAX_IMAGE_PIXELS} pixels)")
+                if too_large(w, h):
+                    raise InvalidArgumentError("--image", f"{path} is {w}x{h} pixels, {too_large(w, h)}")
                 im.load()
                 return upright(im.copy())
     except InvalidArgumentError:

@@ -224,6 +224,13 @@ def to_rgb(image):
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def too_large(width: int, height: int) -> str | None:
+    """Why an input image of this size read from a file is refused before decoding, or None: "too large (...)"."""
+    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+        return f"too large (at most {MAX_IMAGE_SIDE} a side and {MAX_IMAGE_PIXELS} pixels)"
+    return None
+
+
 def upright(image):
     """A photo read from a file as it is shown: its EXIF orientation applied (as ``diffusers.utils.load_image``)."""
     from PIL import ImageOps

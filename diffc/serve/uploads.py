@@ -15,7 +15,7 @@ import io
 import re
 from typing import Any
 
-from ..pipelines.base import IMAGE_MODES, MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, upright
+from ..pipelines.base import IMAGE_MODES, too_large, upright
 from .protocol import invalid
 
 MAX_IMAGE_BYTES = 50 << 20  # per file, as OpenAI's limit for edits
@@ -34,9 +34,8 @@ def decode_image(data: bytes, field: str):
     try:
         with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as im:
             w, h = im.size
-            if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
-                raise invalid(field, f"'{field}' is {w}x{h} pixels, too large (at most {MAX_IMAGE_SIDE} a side and "
-                                     f"{MAX_IMAGE_PIXELS} pixels)")
+            if too_large(w, h):
+                raise invalid(field, f"'{field}' is {w}x{h} pixels, {too_large(w, h)}")
             if im.mode not in IMAGE_MODES:
                 raise invalid(field, f"'{field}' has image mode {im.mode!r}, which cannot be converted to RGB; "
                                      f"accepted modes: {', '.join(IMAGE_MODES)}")
