@@ -16,8 +16,16 @@ def load(path, device=None, dtype=None, scheduler=None, **runtime):
 
     ``runtime`` keywords: ``offload``, ``offload_prefetch``, ``resident_blocks``, ``cuda_graphs``, ``compiled``.
     """
-    from .loader.pipeline import load as _load
+    from .loader.pipeline import RUNTIME_KEYWORDS, load as _load
 
+    unknown = sorted(set(runtime) - set(RUNTIME_KEYWORDS))
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], ("path", "device", "dtype", "scheduler", *RUNTIME_KEYWORDS), 1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InvalidArgumentError(unknown[0], f"is not an option of diffc.load{hint}; accepted: path, device, "
+                                   f"dtype, scheduler, {', '.join(RUNTIME_KEYWORDS)}")
     return _load(path, device=device, dtype=dtype, scheduler=scheduler, **runtime)
 
 

@@ -75,6 +75,10 @@ def read_index(root: Path) -> tuple[dict, PipelineSpec | None]:
     return index, spec
 
 
+# the keyword-only options of :func:`load` (``diffc.load`` names them when it is given another)
+RUNTIME_KEYWORDS = ("offload", "offload_prefetch", "resident_blocks", "cuda_graphs", "compiled")
+
+
 def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          scheduler: str | None = None, *, offload: str = "none", offload_prefetch: int = 1,
          resident_blocks: int | None = None, cuda_graphs: bool | None = None,

@@ -199,6 +199,17 @@ def test_a_path_that_is_not_one_is_named(path):
         diffc.load(path)
 
 
+@pytest.mark.parametrize("kwargs,hint", [({"foo": 1}, None), ({"ofload": "layerwise"}, "offload"),
+                                         ({"cuda_graph": False}, "cuda_graphs"), ({"dtypes": "fp32"}, "dtype")])
+def test_an_unknown_load_option_is_named(tmp_path, kwargs, hint):
+    # refused before the folder is read: no checkpoint needed, and no Python TypeError
+    with pytest.raises(InvalidArgumentError) as info:
+        diffc.load(tmp_path / "missing", **kwargs)
+    assert info.value.field == next(iter(kwargs))
+    assert "accepted: path, device, dtype, scheduler, offload" in info.value.message
+    assert (f"did you mean {hint!r}" in info.value.message) == (hint is not None)
+
+
 def test_cpu_0_is_the_cpu(flux_checkpoint):
     assert diffc.load(flux_checkpoint("dev-tiny"), device="cpu:0").device == torch.device("cpu")
 
