@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Any
 
-from ..errors import DiffcError
+from ..errors import DiffcError, InvalidArgumentError
 
 # Subcommands, each a module with ``add_parser(subparsers)`` that sets ``func`` and ``_parser`` on its parser.
 SUBCOMMANDS = ("compile", "run", "serve")
@@ -64,6 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def named_by_flag(exc: InvalidArgumentError, parser: argparse.ArgumentParser) -> InvalidArgumentError:
+    """``exc`` under the flag that sets its field, where the field is a Python argument a flag of this command sets
+    (``image`` -> ``--image``, ``num_frames[0]`` -> ``--num-frames[0]``): checks made after loading the model are the
+    Python API's and name its arguments."""
+    field = exc.field
+    base = re.split(r"[.\[]", field, maxsplit=1)[0]
+    if field.startswith("-") or not base:
+        return exc
+    for action in parser._actions:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if action.dest == base and flags:
+            return InvalidArgumentError(flags[0] + field[len(base):], exc.message)
+    return exc
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import given_options
 
@@ -90,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         args._argv = argv
         return args.func(args) or 0
     except DiffcError as exc:
+        if isinstance(exc, InvalidArgumentError):
+            exc = named_by_flag(exc, args._parser)
         print(f"diffc {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -66,23 +66,30 @@ def test_config_file_with_flag_override(flux_checkpoint, tmp_path, suffix, capsy
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["--height", "40"], "height: FLUX needs a multiple of 16, got 40 (try 32 or 48)"),
-    (["--steps", "0"], "num_inference_steps: must be an integer from 1 to 1000"),
-    (["--guidance", "-2"], "guidance_scale: must be a number from 0 to 100"),
+    (["--height", "40"], "--height: FLUX needs a multiple of 16, got 40 (try 32 or 48)"),
+    (["--steps", "0"], "--steps: must be an integer from 1 to 1000"),
+    (["--guidance", "-2"], "--guidance: must be a number from 0 to 100"),
     (["--output", "x.mp4"], "--output: an image model writes .png, .jpg, .jpeg, .webp files"),
     (["--output", "/nonexistent/dir/x.png"], "--output: directory does not exist"),
-    (["--negative-prompt", "blurry"], "negative_prompt: FluxPipeline uses a negative prompt only with true_cfg_scale > 1 "
+    (["--negative-prompt", "blurry"], "--negative-prompt: FluxPipeline uses a negative prompt only with true_cfg_scale > 1 "
                                       "(true classifier-free guidance); true_cfg_scale is not set"),
     (["--negative-prompt", "blurry", "--true-cfg-scale", "1"], "; true_cfg_scale is 1.0"),
     (["--fps", "8"], "--fps: applies to video models only"),
-    (["--device", "tpu"], "device: 'tpu' is not a device; use 'cpu', 'cuda' or 'cuda:N'"),
-    (["--dtype", "int4"], "dtype: 'int4' is not supported"),
+    (["--device", "tpu"], "--device: 'tpu' is not a device; use 'cpu', 'cuda' or 'cuda:N'"),
+    (["--dtype", "int4"], "--dtype: 'int4' is not supported"),
     (["--model", "/nonexistent"], "--model: checkpoint directory not found: /nonexistent"),
+    # checked by the Python API after loading, reported under the flag that set the argument
+    (["--image", "IMAGE"], "--image: FluxPipeline does not take an input image"),
+    (["--num-frames", "5"], "--num-frames: FLUX.1 is an image model"),
+    (["--seed", "-1"], "--seed: must be an integer from 0 to"),
 ])
 def test_bad_input_is_one_clear_line(demo_cache, tmp_path, capsys, argv, fragment):
     base = ["run", "--prompt", "a fox", "--output", str(tmp_path / "a.png"), "--no-progress"]
     if "--output" in argv:
         base = base[:3] + ["--no-progress"]
+    if "IMAGE" in argv:
+        Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+        argv = [str(tmp_path / "in.png") if a == "IMAGE" else a for a in argv]
     code = main(base + argv)
     err = capsys.readouterr().err
     assert code == 2
@@ -107,7 +114,7 @@ def test_cuda_graphs_flag_on_cpu(flux_checkpoint, tmp_path, capsys):
     base = ["run", "--model", str(flux_checkpoint("dev-tiny")), "--prompt", "a fox", "--height", "32", "--width", "32",
             "--steps", "1", "--no-progress", "--output", str(out)]
     assert main(base + ["--cuda-graphs", "on"]) == 2
-    assert "cuda_graphs: CUDA graphs need a CUDA GPU; this pipeline runs on cpu" in capsys.readouterr().err
+    assert "--cuda-graphs: CUDA graphs need a CUDA GPU; this pipeline runs on cpu" in capsys.readouterr().err
     assert main(base + ["--cuda-graphs", "off", "--perf-dump-path", str(perf)]) == 0
     runtime = json.loads(perf.read_text())["runtime"]
     assert runtime["cuda_graphs"] == {"enabled": False, "reason": "turned off"} and runtime["compiled"] is None
@@ -117,9 +124,9 @@ def test_offload_flags_on_cpu(flux_checkpoint, tmp_path, capsys):
     base = ["run", "--model", str(flux_checkpoint("dev-tiny")), "--prompt", "a fox", "--height", "32", "--width", "32",
             "--steps", "1", "--no-progress", "--output", str(tmp_path / "a.png")]
     assert main(base + ["--offload", "layerwise"]) == 2
-    assert "offload: 'layerwise' offload needs a CUDA GPU; this pipeline runs on cpu" in capsys.readouterr().err
+    assert "--offload: 'layerwise' offload needs a CUDA GPU; this pipeline runs on cpu" in capsys.readouterr().err
     assert main(base + ["--offload-prefetch", "0"]) == 2
-    assert "offload_prefetch: must be an integer from 1 to 16" in capsys.readouterr().err
+    assert "--offload-prefetch: must be an integer from 1 to 16" in capsys.readouterr().err
     assert main(base + ["--offload", "none"]) == 0
 
 

@@ -56,10 +56,10 @@ def test_video_output(generic_checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--num-frames", "5"], "num_frames: StableDiffusion3Pipeline does not take num_frames"),
+    (["--num-frames", "5"], "--num-frames: StableDiffusion3Pipeline does not take num_frames"),
     (["--output", "x.mp4"], "image model writes .png"),
-    (["--offload", "model"], "offload: 'model' offload needs a CUDA GPU"),
-    (["--scheduler", "euler"], "scheduler: 'StableDiffusion3Pipeline' runs on the generic"),
+    (["--offload", "model"], "--offload: 'model' offload needs a CUDA GPU"),
+    (["--scheduler", "euler"], "--scheduler: 'StableDiffusion3Pipeline' runs on the generic"),
 ])
 def test_errors_exit_2_naming_the_field(generic_checkpoint, tmp_path, capsys, argv, message):
     code = main(["run", "--model", str(generic_checkpoint("sd3")), "--prompt", "a cat", "--steps", "1",

@@ -313,9 +313,9 @@ def test_demo_checkpoint_is_wan21_and_matches_diffusers(demo_cache, monkeypatch)
 @pytest.mark.parametrize("argv,fragment", [
     (["--output", "fox.png"], "--output: a video model writes .mp4 files, got 'fox.png'"),
     (["--fps", "0"], "--fps: must be from 1 to 240"),
-    (["--num-frames", "8"], "num_frames: Wan needs 4k+1 frames"),
-    (["--height", "100"], "height: Wan needs a multiple of 16"),
-    (["--guidance", "-2"], "guidance_scale: must be a number from 0 to 100"),
+    (["--num-frames", "8"], "--num-frames: Wan needs 4k+1 frames"),
+    (["--height", "100"], "--height: Wan needs a multiple of 16"),
+    (["--guidance", "-2"], "--guidance: must be a number from 0 to 100"),
 ])
 def test_demo_cli_errors(demo_cache, tmp_path, monkeypatch, capsys, argv, fragment):
     from diffc.cli.main import main
