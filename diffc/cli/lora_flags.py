@@ -24,6 +24,8 @@ def add_lora_flags(p: argparse.ArgumentParser) -> None:
                    help="name of each adapter (default: the file's name without .safetensors)")
     p.add_argument("--lora-target", action="append", metavar="TARGET",
                    help=f"which DiT takes each adapter: {', '.join(TARGETS)} (default all)")
+    # Pipeline.set_lora's errors name its own field for the target (the HTTP API's name); the CLI names the flag
+    p.set_defaults(_field_flags={"target": "--lora-target"})
 
 
 def _values(args: argparse.Namespace, name: str) -> list:

@@ -64,14 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def named_by_flag(exc: InvalidArgumentError, parser: argparse.ArgumentParser) -> InvalidArgumentError:
+def named_by_flag(exc: InvalidArgumentError, parser: argparse.ArgumentParser,
+                  aliases: dict[str, str] | None = None) -> InvalidArgumentError:
     """``exc`` under the flag that sets its field, where the field is a Python argument a flag of this command sets
-    (``image`` -> ``--image``, ``num_frames[0]`` -> ``--num-frames[0]``): checks made after loading the model are the
-    Python API's and name its arguments."""
+    (``image`` -> ``--image``, ``num_frames[0]`` -> ``--num-frames[0]``; ``aliases``: field -> flag where the names
+    differ): checks made after loading the model are the Python API's and name its arguments."""
     field = exc.field
     base = re.split(r"[.\[]", field, maxsplit=1)[0]
     if field.startswith("-") or not base:
         return exc
+    if aliases and base in aliases:
+        return InvalidArgumentError(aliases[base] + field[len(base):], exc.message)
     for action in parser._actions:
         flags = [o for o in action.option_strings if o.startswith("--")]
         if action.dest == base and flags:
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except DiffcError as exc:
         if isinstance(exc, InvalidArgumentError):
-            exc = named_by_flag(exc, args._parser)
+            exc = named_by_flag(exc, args._parser, getattr(args, "_field_flags", None))
         print(f"diffc {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

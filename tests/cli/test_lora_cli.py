@@ -70,7 +70,7 @@ def test_lora_options_from_a_config_file(setup, tmp_path, capsys):
     (["--lora-path", "A", "--lora-path", "B", "--lora-nickname", "n"], "one nickname per --lora-path"),
     (["--lora-path", "A", "--lora-path", "B", "--lora-nickname", "n", "--lora-nickname", "m",
       "--lora-strength", "1", "--lora-strength", "2", "--lora-strength", "3"], "one value for all 2 --lora-path"),
-    (["--lora-path", "A", "--lora-target", "transformer_2"], "target: this pipeline has no 'transformer_2'"),
+    (["--lora-path", "A", "--lora-target", "transformer_2"], "--lora-target: this pipeline has no 'transformer_2'"),
     (["--lora-path", "missing.safetensors"], "--lora-path: file not found: missing.safetensors"),
     (["--lora-path", ""], "--lora-path: must be a LoRA .safetensors file or folder, got ''"),
     (["--lora-path", "A", "--lora-path", " "], "--lora-path: must be a LoRA .safetensors file or folder, got ' '"),
