@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     except DiffcError as exc:
         if isinstance(exc, InvalidArgumentError):
             exc = named_by_flag(exc, args._parser, getattr(args, "_field_flags", None))
-        print(f"diffc {args.command}: error: {exc}", file=sys.stderr)
+        from .parallel import report_rank_error
+
+        if not report_rank_error(str(exc)):  # a spawned rank leaves it to the parent, which prints it once
+            print(f"diffc {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"diffc {args.command}: interrupted", file=sys.stderr)

@@ -25,6 +25,12 @@ if TYPE_CHECKING:  # torch loads when a command runs, not for --help
     import torch
 
 WORKER_ENV = "DIFFC_PARALLEL_WORKER"
+# Set by :func:`spawn` for its ranks: a folder where a rank that fails with a diffc error writes the message instead of
+# printing it (N ranks finding the same bad request would print it N times); the parent prints it once
+RANK_ERRORS_ENV = "DIFFC_RANK_ERRORS"
+# How long the other ranks may take to end by themselves once one has failed (they often fail the same way at the
+# same moment) before they are stopped
+RANK_GRACE_S = 5.0
 
 
 def add_parallel_flags(p: argparse.ArgumentParser) -> None:
@@ -132,6 +138,14 @@ def _entry(rank: int, fn: Callable, fn_args: tuple, world: int, port: int, env: 
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        WORKER_ENV: "1"})
+    try:  # tqdm's default lock is a multiprocessing semaphore, which the os._exit below would leave registered
+        import threading  # (the resource tracker then warns of "leaked semaphore objects"); a rank needs none
+
+        import tqdm
+
+        tqdm.tqdm.set_lock(threading.RLock())
+    except ImportError:
+        pass
     if env.get("DIFFC_CPU_THREADS"):
         import torch
 
@@ -155,24 +169,95 @@ def start(fn: Callable, fn_args: tuple, world: int, env: dict[str, str] | None =
                               start_method="spawn")
 
 
+def report_rank_error(message: str) -> bool:
+    """In a rank started by :func:`spawn`: leave ``message`` (a diffc error's text) for the parent to print, and
+    True; elsewhere False (the caller prints it)."""
+    folder = os.environ.get(RANK_ERRORS_ENV)
+    if not folder or not in_worker():
+        return False
+    try:
+        rank = torchrun_env()[0]
+        with open(os.path.join(folder, f"{rank}.txt"), "w", encoding="utf-8") as f:
+            f.write(message)
+    except (OSError, InvalidArgumentError):
+        return False
+    return True
+
+
+def _rank_errors(folder: str) -> dict[int, str]:
+    """The messages the ranks left in ``folder`` (:func:`report_rank_error`), by rank."""
+    found = {}
+    for name in os.listdir(folder):
+        stem = name.removesuffix(".txt")
+        if stem.isdigit():
+            with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+                found[int(stem)] = f.read().strip()
+    return dict(sorted(found.items()))
+
+
+def _first_failure(processes) -> int | None:
+    """Wait until every rank has ended (None) or one has failed: its index."""
+    import multiprocessing.connection
+
+    while True:
+        for i, p in enumerate(processes):
+            if p.exitcode:
+                return i
+        running = [p for p in processes if p.exitcode is None]
+        if not running:
+            return None
+        multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)
+
+
+def _let_the_others_end(processes, grace_s: float) -> None:
+    """Give the ranks still running ``grace_s`` to end by themselves (a bad request fails every rank at once and each
+    reports it) before torch's join stops them."""
+    import time
+
+    deadline = time.monotonic() + grace_s
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+
+
 def spawn(fn: Callable, fn_args: tuple, world: int, env: dict[str, str] | None = None) -> None:
     """Run ``fn(*fn_args)`` in ``world`` spawned ranks and wait; a rank that raises or exits non-zero stops
-    the others and raises :class:`ParallelError` naming it."""
+    the others and raises :class:`ParallelError`: the diffc error the ranks reported (once, however many ranks
+    found it), else one naming the rank."""
+    import logging
+    import shutil
+    import tempfile
+
     import torch.multiprocessing as mp
 
     from ..parallel import ParallelError
 
-    ctx = start(fn, fn_args, world, env)
+    folder = tempfile.mkdtemp(prefix="diffc-rank-errors-")
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")  # its "Terminating process ..." warning: ours says it
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)
     try:
-        while not ctx.join():
+        ctx = start(fn, fn_args, world, {**(env or {}), RANK_ERRORS_ENV: folder})
+        first = _first_failure(ctx.processes)
+        if first is not None and os.path.exists(os.path.join(folder, f"{first}.txt")):
+            _let_the_others_end(ctx.processes, RANK_GRACE_S)  # a diffc error: the others may report theirs
+        while not ctx.join():  # a rank that died otherwise is named at once (before the others fail through it)
             pass
-    except mp.ProcessExitedException as exc:
-        raise ParallelError(f"worker rank {exc.error_index} exited with code {exc.exit_code}"
-                            f"{' (killed by a signal)' if exc.signal_name else ''}; the other workers were stopped"
-                            ) from None
-    except mp.ProcessRaisedException as exc:
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as exc:
+        reported = _rank_errors(folder)
+        if reported:
+            messages = list(dict.fromkeys(reported.values()))
+            if len(messages) == 1:
+                raise ParallelError(messages[0]) from None
+            raise ParallelError("; ".join(f"rank {rank}: {m}" for rank, m in reported.items())) from None
+        if isinstance(exc, mp.ProcessExitedException):
+            raise ParallelError(f"worker rank {exc.error_index} exited with code {exc.exit_code}"
+                                f"{' (killed by a signal)' if exc.signal_name else ''}; the other workers were "
+                                "stopped") from None
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ParallelError(f"worker rank {exc.error_index} failed: {last}; the other workers were stopped") from None
+    finally:
+        spawn_log.setLevel(level)
+        shutil.rmtree(folder, ignore_errors=True)  # ours: made above
 
 
 def _run_main(argv: list[str]) -> int:

@@ -65,6 +65,15 @@ def test_stuck_worker_times_out_and_dead_worker_fails(tmp_path):
     assert report["s"] < 30, report
 
 
+def test_ranks_diffc_errors_are_reported_once():
+    with pytest.raises(ParallelError) as info:
+        spawn(workers.report_and_fail, (["height: bad", "height: bad"],), 2, WORKER_ENV)
+    assert str(info.value) == "height: bad"  # not once per rank, not "worker rank 0 exited with code 2"
+    with pytest.raises(ParallelError) as info:
+        spawn(workers.report_and_fail, (["a: one thing", "b: another"],), 2, WORKER_ENV)
+    assert str(info.value) == "rank 0: a: one thing; rank 1: b: another"
+
+
 def test_run_command_spawns_cpu_workers_and_rank_zero_writes(flux_checkpoint, tmp_path):
     import subprocess
     import sys
@@ -90,3 +99,10 @@ def test_run_command_spawns_cpu_workers_and_rank_zero_writes(flux_checkpoint, tm
     bad = subprocess.run([*base, "--num-gpus", "2", "--ulysses-degree", "3"], cwd=root, capture_output=True, text=True,
                          env=env)
     assert bad.returncode == 2 and "valid with 2" in bad.stderr
+    # found by every rank after loading: one line under its flag, no worker exit codes, no warnings from torch
+    late = subprocess.run([*base[:9], "41", *base[10:], "--num-gpus", "2"], cwd=root, capture_output=True, text=True,
+                          env=env)
+    lines = [line for line in late.stderr.splitlines() if "error" in line.lower() or "warn" in line.lower()]
+    assert late.returncode == 2 and len(lines) == 1, late.stderr[-2000:]
+    assert lines[0].startswith("diffc run: error: --height: FLUX needs a multiple of"), lines
+    assert "leaked semaphore" not in two.stderr + late.stderr and "Terminating process" not in late.stderr

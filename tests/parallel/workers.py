@@ -126,3 +126,11 @@ def exit_with(code: int) -> int:
         os._exit(code)
     dist.all_reduce(torch.ones(1))
     return 0
+
+
+def report_and_fail(messages: list[str]) -> int:
+    """Each rank fails as a diffc error does in a spawned rank: it leaves ``messages[rank]`` for the parent."""
+    from diffc.cli.parallel import report_rank_error, torchrun_env
+
+    assert report_rank_error(messages[torchrun_env()[0]])
+    return 2
