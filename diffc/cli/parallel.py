@@ -5,7 +5,8 @@ then starts N processes with ``torch.multiprocessing`` (spawn), each running the
 rank (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` set, as ``torchrun`` sets them: ``torchrun
 --nproc-per-node N -m diffc run ...`` takes the same path inside each process). Rank 0 alone writes
 outputs and prints progress. If a worker dies, the others are stopped and the command fails naming
-it; a collective that waits longer than ``--parallel-timeout`` seconds fails the same way. ``diffc serve``
+it; a diffc error the ranks find themselves (a request the loaded model refuses) is printed once, by the
+parent; a collective that waits longer than ``--parallel-timeout`` seconds fails the same way. ``diffc serve``
 is the exception (:func:`launch_server`): rank 0, the server, outlives a dead worker to report it.
 """
 
