@@ -1,0 +1,124 @@
+"""Two probes of the DiTs' linear layers against cuBLAS's own pick, bf16, each GEMM replayed from a CUDA graph.
+
+``same-input``: linears that read one input (QKV; FLUX.1's single-block QKV + MLP) as separate GEMMs against one GEMM
+over their concatenated weights (what ``--enable concat_linear`` does in a graph). ``tunableop``: torch's TunableOp
+(``torch.cuda.tunable``: the cuBLASLt algorithms for a shape timed, the fastest kept) against the default pick::
+
+    python -m bench.ops.linear_probes same-input --out same_input.json
+    python -m bench.ops.linear_probes tunableop --out tunableop.json
+
+Timings are medians of interleaved rounds (the order reverses each round), so clock drift falls on both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bench.ops import capture_graph
+
+# name: (rows, in_features, [out_features of each linear reading the input])
+SAME_INPUT = {
+    "flux_single_qkv": (4608, 3072, [3072, 3072, 3072]),
+    "flux_single_qkv_mlp": (4608, 3072, [3072, 3072, 3072, 12288]),
+    "flux_double_qkv": (4096, 3072, [3072, 3072, 3072]),
+    "flux_double_add_qkv": (512, 3072, [3072, 3072, 3072]),
+    "wan13_qkv": (32760, 1536, [1536, 1536, 1536]),
+    "wan14_qkv": (32760, 5120, [5120, 5120, 5120]),
+}
+# (rows, in, out): FLUX.1 1024² (single and double blocks, text stream), Wan2.1-1.3B and 14B at 832x480x81
+SHAPES = [(4608, 3072, 3072), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 15360, 3072), (4096, 3072, 3072),
+          (4096, 3072, 12288), (4096, 12288, 3072), (512, 3072, 3072), (32760, 1536, 1536), (32760, 1536, 8960),
+          (32760, 8960, 1536), (32760, 5120, 5120), (32760, 5120, 13824), (32760, 13824, 5120)]
+
+
+def interleaved_ms(calls: dict[str, Callable[[], None]], rounds: int = 5, iters: int = 20) -> dict[str, float]:
+    """The median over ``rounds`` of each call's mean time (ms) over ``iters`` back-to-back calls."""
+    per = {name: [] for name in calls}
+    order = list(calls)
+    for r in range(rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            call = calls[name]
+            call()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                call()
+            end.record()
+            torch.cuda.synchronize()
+            per[name].append(start.elapsed_time(end) / iters)
+    return {name: statistics.median(times) for name, times in per.items()}
+
+
+def _linear_inputs(rows: int, k: int, n: int, device) -> tuple[torch.Tensor, ...]:
+    x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+    return x, torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02, torch.randn(n, device=device,
+                                                                                         dtype=torch.bfloat16)
+
+
+def same_input(device) -> list[dict]:
+    rows_out = []
+    for name, (rows, k, widths) in SAME_INPUT.items():
+        x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+        ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for n in widths]
+        bs = [torch.randn(n, device=device, dtype=torch.bfloat16) for n in widths]
+        w, b = torch.cat(ws), torch.cat(bs)
+        t = interleaved_ms({"separate": capture_graph(lambda: [F.linear(x, wi, bi) for wi, bi in zip(ws, bs)]),
+                            "fused": capture_graph(lambda: F.linear(x, w, b))})
+        flop = 2 * rows * k * sum(widths)
+        rows_out.append({"case": name, **{f"{k_}_ms": v for k_, v in t.items()}})
+        print(f"{name:22} separate {t['separate']:.4f} ms ({flop / t['separate'] / 1e9:.0f} TFLOP/s)  fused "
+              f"{t['fused']:.4f} ms ({flop / t['fused'] / 1e9:.0f})  saves {t['separate'] - t['fused']:.4f} ms",
+              flush=True)
+    return rows_out
+
+
+def tunableop(device) -> list[dict]:
+    tunable = torch.cuda.tunable
+    rows_out = []
+    for rows, k, n in SHAPES:
+        x, w, b = _linear_inputs(rows, k, n, device)
+        ref = F.linear(x, w, b)
+        tunable.enable(False)
+        default = capture_graph(lambda: F.linear(x, w, b))
+        tunable.enable(True)
+        tunable.tuning_enable(True)
+        out = F.linear(x, w, b)  # tuned here
+        tunable.tuning_enable(False)
+        tuned = capture_graph(lambda: F.linear(x, w, b))
+        tunable.enable(False)
+        t = interleaved_ms({"cublas": default, "tunableop": tuned})
+        err = float((out.float() - ref.float()).norm() / ref.float().norm())
+        flop = 2 * rows * k * n
+        rows_out.append({"shape": [rows, k, n], "cublas_ms": t["cublas"], "tunableop_ms": t["tunableop"],
+                         "rel_l2": err})
+        print(f"{rows:6}x{k:5}->{n:5}  cublas {t['cublas']:.4f} ms ({flop / t['cublas'] / 1e9:.0f} TFLOP/s)  "
+              f"tunableop {t['tunableop']:.4f} ms ({flop / t['tunableop'] / 1e9:.0f})  ratio "
+              f"{t['tunableop'] / t['cublas']:.3f}  rel err {err:.1e}", flush=True)
+    picked = tunable.get_results() if hasattr(tunable, "get_results") else ()
+    print("tunableop picks:", sorted({r[2] for r in picked}) or "none recorded", flush=True)
+    return rows_out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("probe", choices=("same-input", "tunableop"))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("linear_probes needs a CUDA GPU")
+    device = torch.device("cuda")
+    rows = same_input(device) if args.probe == "same-input" else tunableop(device)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
