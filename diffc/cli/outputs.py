@@ -31,11 +31,12 @@ def check_writable_dir(directory: Path, field: str) -> None:
 def check_output_file(path: str | Path, field: str, suffixes: tuple[str, ...], what: str | None = None) -> Path:
     """A file diffc will write: an accepted suffix, not a directory, in a writable directory."""
     p = Path(path).expanduser()
+    if p.is_dir():  # before the suffix: "/tmp" is a folder, not a file with the wrong suffix
+        raise InvalidArgumentError(field, f"{path} is a directory; give a file name (such as "
+                                          f"{p / ('out' + suffixes[0])})")
     if p.suffix.lower() not in suffixes:
         expected = f"{what} writes {', '.join(suffixes)} files" if what else f"must be a {' or '.join(suffixes)} file"
         raise InvalidArgumentError(field, f"{expected}, got '{p.name}'")
-    if p.is_dir():
-        raise InvalidArgumentError(field, f"{path} is a directory; give a file name")
     check_writable_dir(p.parent if str(p.parent) else Path("."), field)
     return p
 

@@ -138,7 +138,7 @@ def test_the_python_api_refuses_before_tracing(photos, demo_cache, monkeypatch):
 @pytest.mark.parametrize("extra,fragment", [
     (["-o", "{tmp}/missing/a.png"], "--output: directory does not exist: {tmp}/missing"),
     (["-o", "{tmp}/file.txt/a.png"], "--output: {tmp}/file.txt is not a directory"),
-    (["-o", "{tmp}"], "--output: an image model writes .png, .jpg, .jpeg, .webp files, got"),
+    (["-o", "{tmp}"], "--output: {tmp} is a directory; give a file name (such as {tmp}/out.png)"),
     (["-o", "{tmp}/dir.png"], "--output: {tmp}/dir.png is a directory; give a file name"),
     (["-o", "{tmp}/a.mp4"], "--output: an image model writes .png, .jpg, .jpeg, .webp files, got 'a.mp4'"),
     (["--perf-dump-path", "{tmp}/missing/p.json"], "--perf-dump-path: directory does not exist: {tmp}/missing"),
