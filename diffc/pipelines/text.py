@@ -24,7 +24,10 @@ def tokenize(ctx: RunContext, tokenizer, prompts: list[str], max_length: int, la
                        return_attention_mask=True, return_tensors="pt")
     full_rows = [i for i in range(len(prompts)) if int(inputs.attention_mask[i].sum()) >= max_length]
     for i in full_rows:
-        full = tokenizer([prompts[i]], padding=False, truncation=False, return_tensors="pt").input_ids[0]
+        # verbose=False: transformers' "longer than the specified maximum ... will result in indexing errors" is
+        # about running these ids, which nothing does; the warning below says what was cut
+        full = tokenizer([prompts[i]], padding=False, truncation=False, return_tensors="pt",
+                         verbose=False).input_ids[0]
         n_tokens = int(full.shape[-1])
         if n_tokens <= max_length:
             continue
