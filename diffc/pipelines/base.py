@@ -40,7 +40,7 @@ class GenerationRequest:
     seed: int | list[int] | None = None
     num_frames: int | None = None
     max_sequence_length: int | None = None
-    image: Any = None  # a PIL image or a list of them: the input image(s) of editing / image-to-video models
+    image: Any = None  # a PIL image (numpy array, torch tensor) or a list of them: editing / image-to-video input
     true_cfg_scale: float | None = None  # true classifier-free guidance (two DiT calls a step) where the family has it
     guidance_scale_2: float | None = None  # two-expert models (Wan2.2 A14B): the low-noise expert's scale
 
@@ -255,8 +255,54 @@ def resize_image(image, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
+def image_from_array(array, where: str):
+    """A numpy array or torch tensor as diffusers takes one -> a PIL image: numpy (H, W), (H, W, 1|3|4), torch
+    (1|3, H, W) or (H, W); either with a leading batch of 1; uint8 values 0-255, or floats 0-1 (diffusers'
+    convention for both). Other integer types, a range beyond 0-1, NaN or a batch of several are refused by name."""
+    from PIL import Image
+
+    is_tensor = isinstance(array, torch.Tensor)
+    data = array.detach().to("cpu") if is_tensor else array
+    if is_tensor and data.dtype == torch.bfloat16:
+        data = data.float()
+    data = data.numpy() if is_tensor else np.asarray(data)
+    kind = "tensor" if is_tensor else "array"
+    if data.ndim == 4:
+        if data.shape[0] != 1:
+            raise InvalidArgumentError(where, f"{'a tensor' if is_tensor else 'an array'} of {data.shape[0]} images; "
+                                              f"pass one image per {kind} (a list for several)")
+        data = data[0]
+    if is_tensor and data.ndim == 3:
+        if data.shape[0] not in (1, 3):
+            raise InvalidArgumentError(where, f"a tensor image is (channels, height, width) with 1 or 3 channels, "
+                                              f"got shape {tuple(array.shape)}")
+        data = np.moveaxis(data, 0, -1)
+    if data.ndim == 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if not (data.ndim == 2 or (data.ndim == 3 and data.shape[-1] in (3, 4))):
+        raise InvalidArgumentError(where, f"an image {kind} is (height, width[, 1, 3 or 4 channels])"
+                                          f"{' or (channels, height, width)' if is_tensor else ''}, got shape "
+                                          f"{tuple(array.shape)}")
+    h, w = data.shape[:2]
+    if not (1 <= w <= MAX_IMAGE_SIDE and 1 <= h <= MAX_IMAGE_SIDE):
+        raise InvalidArgumentError(where, f"size {w}x{h} is out of range (1 to {MAX_IMAGE_SIDE} pixels a side)")
+    if data.dtype != np.uint8:
+        if not np.issubdtype(data.dtype, np.floating):
+            raise InvalidArgumentError(where, f"an image {kind} holds uint8 values (0-255) or floats (0-1), "
+                                              f"got {data.dtype}")
+        if not np.isfinite(data).all():
+            raise InvalidArgumentError(where, f"a float image {kind} holds values from 0 to 1, got NaN or inf")
+        if data.min() < 0.0 or data.max() > 1.0:
+            raise InvalidArgumentError(where, f"a float image {kind} holds values from 0 to 1, got "
+                                              f"{data.min():.3g} to {data.max():.3g}")
+        data = np.round(data.astype(np.float32) * 255.0).astype(np.uint8)
+    mode = "L" if data.ndim == 2 else ("RGB" if data.shape[-1] == 3 else "RGBA")
+    return Image.fromarray(np.ascontiguousarray(data), mode=mode)
+
+
 def validate_image(spec: PipelineSpec, request: GenerationRequest) -> None:
-    """``image`` is allowed by the family, a PIL image or a list of them, of a usable mode and size."""
+    """``image`` is allowed by the family, a PIL image (or a numpy array or torch tensor as diffusers takes one:
+    :func:`image_from_array`) or a list of them, of a usable mode and size."""
     image = request.image
     if image is None or (isinstance(image, (list, tuple)) and not image):
         if spec.image_input == "required":
@@ -273,10 +319,15 @@ def validate_image(spec: PipelineSpec, request: GenerationRequest) -> None:
     if len(images) > spec.max_images:
         raise InvalidArgumentError("image", f"{spec.pipeline_class} takes at most {spec.max_images} input "
                                    f"image(s), got {len(images)}")
+    converted = False
     for i, im in enumerate(images):
         where = "image" if len(images) == 1 else f"image[{i}]"
+        if isinstance(im, (np.ndarray, torch.Tensor)):
+            images[i] = im = image_from_array(im, where)
+            converted = True
         if not isinstance(im, Image.Image):
-            raise InvalidArgumentError(where, f"must be a PIL image, got {type(im).__name__}")
+            raise InvalidArgumentError(where, f"must be a PIL image, a numpy array or a torch tensor, got "
+                                              f"{type(im).__name__}")
         if im.mode not in IMAGE_MODES:
             raise InvalidArgumentError(where, f"mode {im.mode!r} cannot be converted to RGB; "
                                        f"accepted: {', '.join(IMAGE_MODES)}")
@@ -289,6 +340,8 @@ def validate_image(spec: PipelineSpec, request: GenerationRequest) -> None:
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise InvalidArgumentError(where, f"cannot be read ({reason}); pass an image that is open and "
                                               "loaded") from None
+    if converted:
+        request.image = images if isinstance(image, (list, tuple)) else images[0]
 
 
 class Pipeline:

@@ -27,7 +27,7 @@ def test_required_image_missing():
 
 
 @pytest.mark.parametrize("bad, match", [
-    ("not an image", "must be a PIL image, got str"),
+    ("not an image", "must be a PIL image, a numpy array or a torch tensor, got str"),
     ([Image.new("RGB", (4, 4))] * 3, "at most 2 input image"),
 ])
 def test_bad_images(bad, match):
@@ -53,3 +53,39 @@ def test_a_closed_image_is_named(tmp_path):
     lazy = Image.open(tmp_path / "a.png")  # opened, not loaded: read now
     validate_image(_spec("optional"), GenerationRequest("p", image=lazy))
     assert input_images(GenerationRequest("p", image=lazy))[0].size == (4, 4)
+
+
+def test_arrays_and_tensors_are_taken_as_diffusers_takes_them():
+    """numpy (H, W[, C]) uint8 0-255 or float 0-1, torch (C, H, W) 0-1, either with a batch of one: the same pixels
+    as the PIL image they came from; a list mixes them freely."""
+    import numpy as np
+    import torch
+
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    as_float = rgb.astype(np.float32) / 255.0
+    inputs = [rgb, as_float, as_float[None], torch.from_numpy(as_float).permute(2, 0, 1),
+              torch.from_numpy(as_float).permute(2, 0, 1)[None], Image.fromarray(rgb)]
+    request = GenerationRequest("p", image=inputs)
+    validate_image(_spec("optional", max_images=len(inputs)), request)
+    for im in input_images(request):
+        assert im.size == (5, 6) and np.array_equal(np.asarray(im), rgb)
+    grey = GenerationRequest("p", image=np.full((4, 3), 0.5, dtype=np.float64))
+    validate_image(_spec("optional"), grey)
+    assert grey.image.mode == "L" and np.asarray(grey.image).max() == 128
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda np, torch: np.zeros((2, 4, 4, 3), np.uint8), r"^image: an array of 2 images; pass one image per array"),
+    (lambda np, torch: np.zeros((4, 4, 3), np.int32), r"^image: an image array holds uint8 values \(0-255\) or floats"),
+    (lambda np, torch: np.full((4, 4, 3), 255.0), r"^image: a float image array holds values from 0 to 1, got 255 to 255"),
+    (lambda np, torch: torch.full((3, 4, 4), float("nan")), r"^image: a float image tensor holds values from 0 to 1, got NaN"),
+    (lambda np, torch: torch.rand(4, 4, 4), r"^image: a tensor image is \(channels, height, width\) with 1 or 3"),
+    (lambda np, torch: np.zeros((4, 4, 5), np.uint8), r"^image: an image array is \(height, width"),
+    (lambda np, torch: np.zeros((20000, 1), np.uint8), r"^image: size 1x20000 is out of range"),
+])
+def test_bad_arrays_are_named(bad, match):
+    import numpy as np
+    import torch
+
+    with pytest.raises(InvalidArgumentError, match=match):
+        validate_image(_spec("optional"), GenerationRequest("p", image=bad(np, torch)))
