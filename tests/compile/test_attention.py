@@ -249,7 +249,8 @@ def test_select_records_each_timing_round():
 
     results = choice.shapes[0].candidates.values()
     for r in results:  # all rounds, or only the first for one left out of the race (CPU timings of tiny calls)
-        assert r.status == "ok" and len(r.rounds_ms) in (1, TIMING_ROUNDS) and min(r.rounds_ms) <= r.median_ms
+        # rounds_ms are recorded to 4 decimals, the median is not: a single round of 0.042699 ms is kept as 0.0427
+        assert r.status == "ok" and len(r.rounds_ms) in (1, TIMING_ROUNDS) and min(r.rounds_ms) <= r.median_ms + 5e-5
     assert len(min(results, key=lambda r: r.rounds_ms[0]).rounds_ms) == TIMING_ROUNDS
     assert json.loads(json.dumps(choice.to_dict()))["shapes"][0]["candidates"]["sdpa"]["rounds_ms"]
 
