@@ -77,6 +77,26 @@ def graphed_ms(fn: Callable[[], None], warmup: int = 25, rep: int = 100) -> floa
     return do_bench(capture_graph(fn), warmup=warmup, rep=rep, return_mode="median")
 
 
+def interleaved_rounds_ms(calls: dict[str, Callable[[], None]], rounds: int = 5, iters: int = 20) -> dict[str, list[float]]:
+    """Each call's mean time (ms) over ``iters`` back-to-back calls, in ``rounds`` rounds that time every call in an
+    order reversing from one round to the next (the GPU clock's drift falls on all of them alike): name -> rounds."""
+    per_round: dict[str, list[float]] = {name: [] for name in calls}
+    order = list(calls)
+    for r in range(rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            call = calls[name]
+            call()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                call()
+            end.record()
+            torch.cuda.synchronize()
+            per_round[name].append(start.elapsed_time(end) / iters)
+    return per_round
+
+
 def run(title: str, make_cases: Callable[[torch.dtype], list[Case]]) -> None:
     """Time every case of ``make_cases(dtype)`` and print a table.
 

@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bench.ops import capture_graph
+from bench.ops import capture_graph, interleaved_rounds_ms
 
 SHAPES = {"flux": (1, 24, 4608), "wan13": (1, 12, 32760), "wan14": (1, 40, 32760)}
 CONFIGS = ("128x128", "128x176", "128x160", "128x192", "128x144", "128x112", "128x96", "192x128", "192x112",
@@ -104,21 +104,7 @@ def main(argv: list[str] | None = None) -> None:
                 calls[name] = capture_graph(lambda config=config: fa4_call(q, k, v, config))
             results[name] = row
             record["rows"].append(row)
-        # interleaved rounds, order reversed each round: the clock's drift falls on every configuration alike
-        per_round = {name: [] for name in calls}
-        order = list(calls)
-        for r in range(args.rounds):
-            for name in (order if r % 2 == 0 else order[::-1]):
-                replay = calls[name]
-                replay()
-                torch.cuda.synchronize()
-                t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                t0.record()
-                for _ in range(args.iters):
-                    replay()
-                t1.record()
-                torch.cuda.synchronize()
-                per_round[name].append(t0.elapsed_time(t1) / args.iters)
+        per_round = interleaved_rounds_ms(calls, args.rounds, args.iters)
         for name, times in per_round.items():
             row = results[name]
             row["rounds_ms"] = [round(t, 4) for t in times]

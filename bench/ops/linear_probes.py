@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.ops import capture_graph
+from bench.ops import capture_graph, interleaved_rounds_ms
 
 # name: (rows, in_features, [out_features of each linear reading the input])
 SAME_INPUT = {
@@ -37,23 +37,9 @@ SHAPES = [(4608, 3072, 3072), (4608, 3072, 12288), (4608, 12288, 3072), (4608, 1
           (32760, 8960, 1536), (32760, 5120, 5120), (32760, 5120, 13824), (32760, 13824, 5120)]
 
 
-def interleaved_ms(calls: dict[str, Callable[[], None]], rounds: int = 5, iters: int = 20) -> dict[str, float]:
-    """The median over ``rounds`` of each call's mean time (ms) over ``iters`` back-to-back calls."""
-    per = {name: [] for name in calls}
-    order = list(calls)
-    for r in range(rounds):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            call = calls[name]
-            call()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                call()
-            end.record()
-            torch.cuda.synchronize()
-            per[name].append(start.elapsed_time(end) / iters)
-    return {name: statistics.median(times) for name, times in per.items()}
+def interleaved_ms(calls: dict[str, Callable[[], None]]) -> dict[str, float]:
+    """The median over interleaved rounds (:func:`bench.ops.interleaved_rounds_ms`) of each call's time, ms."""
+    return {name: statistics.median(times) for name, times in interleaved_rounds_ms(calls).items()}
 
 
 def _linear_inputs(rows: int, k: int, n: int, device) -> tuple[torch.Tensor, ...]:
