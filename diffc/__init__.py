@@ -22,10 +22,10 @@ def load(path, device=None, dtype=None, scheduler=None, **runtime):
     if unknown:
         import difflib
 
-        close = difflib.get_close_matches(unknown[0], ("path", "device", "dtype", "scheduler", *RUNTIME_KEYWORDS), 1)
+        accepted = ("path", "device", "dtype", "scheduler", *RUNTIME_KEYWORDS)
+        close = difflib.get_close_matches(unknown[0], accepted, 1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InvalidArgumentError(unknown[0], f"is not an option of diffc.load{hint}; accepted: path, device, "
-                                   f"dtype, scheduler, {', '.join(RUNTIME_KEYWORDS)}")
+        raise InvalidArgumentError(unknown[0], f"is not an option of diffc.load{hint}; accepted: {', '.join(accepted)}")
     return _load(path, device=device, dtype=dtype, scheduler=scheduler, **runtime)
 
 

@@ -255,6 +255,12 @@ def resize_image(image, height: int, width: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
+def check_image_size(where: str, width: int, height: int) -> None:
+    """An input image (PIL, array or tensor) is 1 to ``MAX_IMAGE_SIDE`` pixels a side."""
+    if not (1 <= width <= MAX_IMAGE_SIDE and 1 <= height <= MAX_IMAGE_SIDE):
+        raise InvalidArgumentError(where, f"size {width}x{height} is out of range (1 to {MAX_IMAGE_SIDE} pixels a side)")
+
+
 def image_from_array(array, where: str):
     """A numpy array or torch tensor as diffusers takes one -> a PIL image: numpy (H, W), (H, W, 1|3|4), torch
     (1|3, H, W) or (H, W); either with a leading batch of 1; uint8 values 0-255, or floats 0-1 (diffusers'
@@ -283,9 +289,7 @@ def image_from_array(array, where: str):
         raise InvalidArgumentError(where, f"an image {kind} is (height, width[, 1, 3 or 4 channels])"
                                           f"{' or (channels, height, width)' if is_tensor else ''}, got shape "
                                           f"{tuple(array.shape)}")
-    h, w = data.shape[:2]
-    if not (1 <= w <= MAX_IMAGE_SIDE and 1 <= h <= MAX_IMAGE_SIDE):
-        raise InvalidArgumentError(where, f"size {w}x{h} is out of range (1 to {MAX_IMAGE_SIDE} pixels a side)")
+    check_image_size(where, data.shape[1], data.shape[0])  # before the float range is read: an empty one has none
     if data.dtype != np.uint8:
         if not np.issubdtype(data.dtype, np.floating):
             raise InvalidArgumentError(where, f"an image {kind} holds uint8 values (0-255) or floats (0-1), "
@@ -331,9 +335,7 @@ def validate_image(spec: PipelineSpec, request: GenerationRequest) -> None:
         if im.mode not in IMAGE_MODES:
             raise InvalidArgumentError(where, f"mode {im.mode!r} cannot be converted to RGB; "
                                        f"accepted: {', '.join(IMAGE_MODES)}")
-        w, h = im.size
-        if not (1 <= w <= MAX_IMAGE_SIDE and 1 <= h <= MAX_IMAGE_SIDE):
-            raise InvalidArgumentError(where, f"size {w}x{h} is out of range (1 to {MAX_IMAGE_SIDE} pixels a side)")
+        check_image_size(where, *im.size)
         try:
             im.load()  # a lazily opened file is read now; one closed since cannot be
         except (ValueError, OSError, SyntaxError) as exc:
