@@ -63,7 +63,7 @@ def read_image(path: str):
 
     import warnings
 
-    from ..pipelines.base import IMAGE_FORMATS, too_large, upright
+    from ..pipelines.images import IMAGE_FORMATS, too_large, upright
 
     if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():  # a FIFO, a device: would block
         raise InvalidArgumentError("--image", f"{path} is not a regular file; give an image file")

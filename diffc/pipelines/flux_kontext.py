@@ -16,7 +16,8 @@ import torch
 
 from ..errors import InvalidArgumentError
 from . import flux
-from .base import GenerationRequest, PipelineSpec, input_images, resize_image
+from .base import GenerationRequest, PipelineSpec
+from .images import input_images, resize_image
 from .denoise import denoise_loop
 from .stages import RunContext, Stage
 

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from ..errors import InvalidArgumentError
-from .base import GenerationRequest, PipelineSpec, input_images, resize_image
+from .base import GenerationRequest, PipelineSpec
+from .images import input_images, resize_image
 from .denoise import denoise_loop
 from .flux import pack_latents, postprocess
 from .qwen_image import (ENCODED, STAGE_INPUTS, DENOISE_INPUTS, cfg_warnings, check_size, decode, guided_predict,

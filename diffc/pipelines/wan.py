@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, InvalidArgumentError
-from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid, resize_image
+from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
+from .images import resize_image
 from .denoise import cpu_generators, denoise_loop, seeded_noise
 from .stages import RunContext, Stage, to_uint8
 from .text import tokenize

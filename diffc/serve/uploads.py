@@ -15,7 +15,7 @@ import io
 import re
 from typing import Any
 
-from ..pipelines.base import IMAGE_MODES, too_large, upright
+from ..pipelines.images import IMAGE_MODES, too_large, upright
 from .protocol import invalid
 
 MAX_IMAGE_BYTES = 50 << 20  # per file, as OpenAI's limit for edits

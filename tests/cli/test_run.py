@@ -199,7 +199,7 @@ def test_wide_greyscale_inputs_are_scaled_not_clipped(mode, values, want):
     to black; ``to_rgb`` scales them to 8 bits."""
     import numpy as np
 
-    from diffc.pipelines.base import to_rgb
+    from diffc.pipelines.images import to_rgb
 
     dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32, "L": np.uint8}[mode]
     image = Image.fromarray(np.array([values], dtype=dtype))

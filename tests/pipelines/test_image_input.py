@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from diffc.errors import InvalidArgumentError
-from diffc.pipelines.base import GenerationRequest, PipelineSpec, input_images, validate_image
+from diffc.pipelines.base import GenerationRequest, PipelineSpec
+from diffc.pipelines.images import input_images, validate_image
 
 
 def _spec(image_input="none", max_images=1):
