@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 import re
 import secrets
 import time
+from pathlib import Path
 from typing import Any, Literal
 
+import anyio
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -123,14 +126,51 @@ def _well_formed_range(value: str) -> bool:
 
 class StoredFile(FileResponse):
     """A stored output. A malformed ``Range`` header is ignored and the whole file sent (RFC 9110 lets a server do
-    so), instead of Starlette's plain-text 400; a well-formed one gets its partial content (or 416)."""
+    so), instead of Starlette's plain-text 400; a well-formed one gets its partial content, or a 416 in the
+    server's JSON error format (with ``Content-Range: bytes */SIZE``). A file that retention or a
+    DELETE removed after the route found it is ``gone`` (a 404), not a 500 naming the server's path."""
+
+    def __init__(self, path: Path, *, gone: APIError, **kwargs):
+        super().__init__(path, **kwargs)
+        self.gone = gone
 
     async def __call__(self, scope, receive, send) -> None:
         headers = scope.get("headers") or []
         ranges = [v for k, v in headers if k.lower() == b"range"]
         if ranges and not _well_formed_range(ranges[0].decode("latin-1")):
             scope = {**scope, "headers": [(k, v) for k, v in headers if k.lower() != b"range"]}
-        await super().__call__(scope, receive, send)
+        try:
+            stat_result = await anyio.to_thread.run_sync(os.stat, self.path)
+        except FileNotFoundError:
+            return await _error_json(self.gone)(scope, receive, send)
+        self.stat_result = stat_result
+        self.set_stat_headers(stat_result)
+        await super().__call__(scope, receive, _json_416(send, stat_result.st_size))
+
+
+def _error_json(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _json_416(send, size: int):
+    """``send`` with Starlette's empty plain-text 416 replaced by the server's JSON error (and its
+    ``Content-Range: bytes */SIZE``)."""
+    replaced = False
+
+    async def wrapped(message):
+        nonlocal replaced
+        if message["type"] == "http.response.start" and message["status"] == 416:
+            replaced = True
+            err = APIError(416, f"The Range header asks for bytes past the end of this file, which holds {size} bytes; "
+                                "ask for a range that starts before its end, or for the whole file without Range.",
+                           code="range_not_satisfiable", headers={"Content-Range": f"bytes */{size}"})
+            response = _error_json(err)
+            await send({"type": "http.response.start", "status": 416, "headers": response.raw_headers})
+            await send({"type": "http.response.body", "body": response.body, "more_body": False})
+        elif not replaced:
+            await send(message)
+
+    return wrapped
 
 
 WEBP_MAX_SIDE = 16383  # libwebp's limit on either side
@@ -252,10 +292,11 @@ async def answer_images(request: Request, engine: Engine, job: Job, req: ImageRe
 @v1.get("/images/{image_id}/content")
 async def image_content(image_id: str, request: Request) -> FileResponse:
     path = engine_of(request).store.get(image_id) if ID_RE.match(image_id) else None
+    gone = APIError(404, f"No image found with id '{image_id}' (it may have expired).", param="image_id",
+                    code="not_found", type="invalid_request_error")
     if path is None or not image_id.startswith("img_"):
-        raise APIError(404, f"No image found with id '{image_id}' (it may have expired).", param="image_id",
-                       code="not_found", type="invalid_request_error")
-    return StoredFile(path, media_type=MEDIA_TYPES.get(path.suffix.lstrip("."), "application/octet-stream"))
+        raise gone
+    return StoredFile(path, gone=gone, media_type=MEDIA_TYPES.get(path.suffix.lstrip("."), "application/octet-stream"))
 
 
 def _video_object(engine: Engine, job: Job) -> dict[str, Any]:
@@ -330,7 +371,9 @@ async def video_content(video_id: str, request: Request, variant: str = "video")
         detail = f"it has status '{job.status}'" if job.status != "completed" else "its file has expired"
         raise APIError(409 if job.status != "completed" else 404, f"Video '{video_id}' has no content: {detail}.",
                        param="video_id", code="video_not_ready" if job.status != "completed" else "not_found")
-    return StoredFile(path, media_type="video/mp4", filename=f"{job.id}.mp4")
+    gone = APIError(404, f"Video '{video_id}' has no content: its file has expired.", param="video_id",
+                    code="not_found")
+    return StoredFile(path, gone=gone, media_type="video/mp4", filename=f"{job.id}.mp4")
 
 
 @v1.delete("/videos/{video_id}")

@@ -106,6 +106,25 @@ def test_stored_files_answer_ranges_and_ignore_malformed_ones(image_server, rang
         assert got.content == whole[part]
 
 
+def test_an_unsatisfiable_range_is_a_json_416_with_content_range(image_server):
+    body = {"prompt": "a lighthouse", "size": "32x32", "response_format": "url", "seed": 3}
+    url = httpx.post(f"{image_server.url}/v1/images/generations", json=body, timeout=120).json()["data"][0]["url"]
+    size = len(httpx.get(url).content)
+    for header in ("bytes=99999999-", "bytes=-0"):
+        got = httpx.get(url, headers={"Range": header})
+        assert got.status_code == 416 and got.headers["content-range"] == f"bytes */{size}"
+        assert got.json()["error"]["code"] == "range_not_satisfiable" and str(size) in got.json()["error"]["message"]
+
+
+def test_an_output_deleted_after_lookup_is_a_404_not_a_500(image_server, monkeypatch, tmp_path):
+    body = {"prompt": "a lighthouse", "size": "32x32", "response_format": "url", "seed": 3}
+    url = httpx.post(f"{image_server.url}/v1/images/generations", json=body, timeout=120).json()["data"][0]["url"]
+    monkeypatch.setattr(image_server.engine.store, "get", lambda id_: tmp_path / "gone.png")  # removed meanwhile
+    got = httpx.get(url)
+    assert got.status_code == 404 and got.json()["error"]["code"] == "not_found"
+    assert str(tmp_path) not in got.text
+
+
 def test_a_null_n_is_one_image(image_server):
     r = httpx.post(f"{image_server.url}/v1/images/generations", json={"prompt": "a fox", "n": None}, timeout=120)
     assert r.status_code == 200, r.text
