@@ -262,7 +262,12 @@ def serve(args: argparse.Namespace) -> int:
         device = torch.device(kind) if parent else par.rank_device(kind)
     devices = [device] if layout is not None else replica_devices(device, args.data_parallel)
     checkpoint = _once(choice.checkpoint)  # replicas load on their own threads; the demo is built once
-    resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.compiled and parent:
+        # every check that needs no loaded model (files, versions, GPU, dtype, model config), before the port is bound
+        from ..runtime.artifacts import check_artifact
+
+        check_artifact(args.compiled, source=choice.checkpoint(), device=devices[0], dtype=dtype)
     if cache is not None:
         defaults["cache"] = cache
     lora = lora_settings(args)

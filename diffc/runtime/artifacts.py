@@ -53,13 +53,10 @@ def compiled_layers(graphs: dict[str, tuple[dict[str, dict[str, RegionGraph]], l
     return {name: CompiledDiT(by_region, keys, info) for name, (by_region, keys) in graphs.items()}
 
 
-def load_artifact(executor, root: str | Path, *, source: str | Path, device, dtype) -> dict[str, Any]:
-    """Check the artifact at ``root`` and install its graphs into ``executor``'s stacks; returns the manifest.
-
-    Every file is checked against the manifest's hashes before any is read, and the artifact must come
-    from this diffc's passes and ops (:func:`~diffc.compile.compiler.pass_sources`); graphs are read as
-    data (:mod:`diffc.compile.program_io`) and kernels go to a cache private to this process.
-    """
+def check_artifact(root: str | Path, *, source: str | Path, device, dtype) -> art.Artifact:
+    """Every check of the artifact at ``root`` that needs no loaded model: its files against the manifest's hashes,
+    this machine, diffc and dtype, the checkpoint's config (``source``), and the manifest's stage, bucket and region
+    entries. ``diffc serve --compiled`` runs it before binding its port; :func:`load_artifact` starts with it."""
     from ..compile.compiler import pass_sources
 
     artifact = art.open_artifact(root)
@@ -69,6 +66,33 @@ def load_artifact(executor, root: str | Path, *, source: str | Path, device, dty
     stages = manifest.get("stages")
     if not isinstance(stages, dict) or not stages:
         raise art.ArtifactError(f"{where}/{art.MANIFEST}: no compiled stages")
+    for name in stages:
+        for bucket in artifact.buckets(name):
+            entries = bucket.get("regions")
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+                raise art.ArtifactError(f"{where}/{art.MANIFEST}: bucket {bucket['key'][:80]!r} lists no regions")
+            for entry in entries:
+                file = entry.get("file")
+                if not isinstance(file, str) or not isinstance(entry.get("key"), str):
+                    raise art.ArtifactError(f"{where}/{art.MANIFEST}: a region entry has no file or key")
+                if not file.endswith(".json"):
+                    raise art.ArtifactError(f"{where}/{file[:200]}: a compiled graph is a .json file; recompile the "
+                                            "artifact")
+                if file not in artifact.files:
+                    raise art.ArtifactError(f"compiled graph missing from the artifact: {where}/{file[:200]}")
+    return artifact
+
+
+def load_artifact(executor, root: str | Path, *, source: str | Path, device, dtype) -> dict[str, Any]:
+    """Check the artifact at ``root`` and install its graphs into ``executor``'s stacks; returns the manifest.
+
+    Every file is checked against the manifest's hashes before any is read, and the artifact must come
+    from this diffc's passes and ops (:func:`~diffc.compile.compiler.pass_sources`); graphs are read as
+    data (:mod:`diffc.compile.program_io`) and kernels go to a cache private to this process.
+    """
+    artifact = check_artifact(root, source=source, device=device, dtype=dtype)
+    manifest, where = artifact.manifest, artifact.where
+    stages = manifest["stages"]
     tier = manifest.get("passes", {}).get("tier")
     read: dict[str, RegionGraph] = {}
     layers, checks = {}, []
@@ -81,18 +105,13 @@ def load_artifact(executor, root: str | Path, *, source: str | Path, device, dty
         by_region: dict[str, dict[str, RegionGraph]] = {}
         buckets = artifact.buckets(name)
         for bucket in buckets:
-            entries = bucket.get("regions")
-            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-                raise art.ArtifactError(f"{where}/{art.MANIFEST}: bucket {bucket['key'][:80]!r} lists no regions")
-            for entry in entries:
+            for entry in bucket["regions"]:  # check_artifact checked their shape
                 name_of = entry.get("region")
                 region = regions.get(name_of) if isinstance(name_of, str) else None
                 if region is None:
                     raise art.ArtifactError(f"{where}: region {str(entry.get('region'))[:80]!r} is not a block list "
                                             f"of {type(stack.module).__name__} ({', '.join(regions)})")
-                file = entry.get("file")
-                if not isinstance(file, str) or not isinstance(entry.get("key"), str):
-                    raise art.ArtifactError(f"{where}/{art.MANIFEST}: a region entry has no file or key")
+                file = entry["file"]
                 if file not in read:
                     read[file] = RegionGraph(artifact.load_program(file, device=device))
                 graph = read[file]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -151,3 +152,32 @@ def test_serve_compiled_artifact(demo_ckpt, tmp_path):
 def test_serve_compiled_artifact_missing(tmp_path, capsys):
     assert main(["serve", "--compiled", str(tmp_path / "nope"), "--port", str(_free_port())]) == 2
     assert "compiled artifact not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"environment": {"torch": "0.0.0", "device_type": "cpu"}}, "compiled for another setup"),
+    ({"files": {"transformer/gone.json": {"sha256": "0" * 64, "bytes": 1}}}, "is missing from the artifact"),
+    ({"model_hash": "0123456789abcdef"}, "model config"),
+])
+def test_serve_compiled_checks_the_artifact_before_binding_its_port(demo_ckpt, tmp_path, capsys, monkeypatch, change,
+                                                                     fragment):
+    """An artifact for another setup, a damaged one or one for another model is refused before the port is bound
+    (the manifest was read before, the rest only once uvicorn was listening)."""
+    import diffc.cli.serve as cli_serve
+    from diffc.compile import artifact as art
+    from diffc.compile.compiler import pass_sources
+    from diffc.loader.pipeline import resolve_device
+
+    path = demo_ckpt("flux")
+    env = {**art.environment(resolve_device("cpu")), **change.get("environment", {})}
+    manifest = {"format_version": art.FORMAT_VERSION, "dtype": "float32", "environment": env,
+                "model": {"path": str(path), "config_hash": change.get("model_hash", art.config_hash(path))},
+                "passes": {"sources": pass_sources()}, "files": change.get("files", {}),
+                "stages": {"transformer": {"buckets": [{"key": "k", "request": {"height": 32, "width": 32},
+                                                         "regions": []}]}}}
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "manifest.json").write_text(json.dumps(manifest))
+    bound = []
+    monkeypatch.setattr(cli_serve, "_listen", lambda *a: bound.append(a) or pytest.fail("the port was bound"))
+    assert main(["serve", "--compiled", str(tmp_path / "art"), "--device", "cpu", "--port", str(_free_port())]) == 2
+    assert fragment in capsys.readouterr().err and bound == []
