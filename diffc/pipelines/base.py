@@ -38,6 +38,10 @@ class GenerationRequest:
     image: Any = None  # a PIL image (numpy array, torch tensor) or a list of them: editing / image-to-video input
     true_cfg_scale: float | None = None  # true classifier-free guidance (two DiT calls a step) where the family has it
     guidance_scale_2: float | None = None  # two-expert models (Wan2.2 A14B): the low-noise expert's scale
+    # several samples of each prompt, as diffusers' argument of the same name (image models / video models): the
+    # prompts are repeated (prompt-major) when the request is resolved; a list of seeds then has one per sample
+    num_images_per_prompt: int | None = None
+    num_videos_per_prompt: int | None = None
 
     @property
     def prompts(self) -> list[str]:
@@ -172,8 +176,32 @@ def check_image_model_frames(request: GenerationRequest, family: str) -> None:
         raise InvalidArgumentError("num_frames", f"{family} is an image model; num_frames is for video models")
 
 
-def validate_common(request: GenerationRequest) -> None:
-    """Checks every family shares: prompt, sizes, steps, guidance, seeds."""
+MAX_PER_PROMPT = 64  # samples of one prompt in one call (as ``diffc compile --batch``'s limit)
+PER_PROMPT_FIELDS = {"image": "num_images_per_prompt", "video": "num_videos_per_prompt"}
+
+
+def repeat_per_prompt(request: GenerationRequest, output: str, pipeline_class: str) -> int:
+    """Apply ``num_images_per_prompt`` (image models) or ``num_videos_per_prompt`` (video models): each prompt (and
+    its negative prompt) repeated that many times in place, prompt-major as diffusers repeats its embeddings; the
+    count (1 when unset). The prompts are checked first (:func:`validate_common`)."""
+    field = PER_PROMPT_FIELDS.get(output, "num_images_per_prompt")
+    for other in PER_PROMPT_FIELDS.values():
+        if other != field and getattr(request, other) is not None:
+            raise InvalidArgumentError(other, f"{pipeline_class} makes {output}s; use {field}")
+    count = getattr(request, field)
+    if count is None:
+        return 1
+    check_int(field, count, 1, MAX_PER_PROMPT)
+    count = int(count)
+    if count > 1:
+        request.prompt = [p for p in request.prompts for _ in range(count)]
+        if isinstance(request.negative_prompt, list):
+            request.negative_prompt = [n for n in request.negative_prompt for _ in range(count)]
+    return count
+
+
+def validate_common(request: GenerationRequest, output: str = "image", pipeline_class: str = "this pipeline") -> None:
+    """Checks every family shares: prompt, samples per prompt, sizes, steps, guidance, seeds."""
     prompts = request.prompt if isinstance(request.prompt, list) else [request.prompt]
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise InvalidArgumentError("prompt", "must be a non-empty string (or a list of them)")
@@ -182,6 +210,8 @@ def validate_common(request: GenerationRequest) -> None:
         if not all(isinstance(n, str) for n in negs) or len(negs) not in (1, len(prompts)):
             raise InvalidArgumentError("negative_prompt", "must be a string or one string per prompt")
         check_unicode("negative_prompt", negs)
+    per_prompt = repeat_per_prompt(request, output, pipeline_class)
+    prompts = request.prompts
     check_unicode("prompt", prompts)
     for field, high in (("height", 16384), ("width", 16384), ("num_inference_steps", MAX_STEPS)):
         if getattr(request, field) is not None:  # None only where the pipeline picks its own (generic backend)
@@ -193,7 +223,9 @@ def validate_common(request: GenerationRequest) -> None:
             raise InvalidArgumentError(field, f"must be a number from 0 to 100, got {g!r}")
     seeds = request.seed if isinstance(request.seed, list) else [request.seed]
     if isinstance(request.seed, list) and len(seeds) != len(prompts):
-        raise InvalidArgumentError("seed", f"a list of seeds needs one per prompt ({len(prompts)}), got {len(seeds)}")
+        needs = (f"one per prompt ({len(prompts)})" if per_prompt == 1 else
+                 f"one per sample ({len(prompts) // per_prompt} prompt(s) x {per_prompt} = {len(prompts)})")
+        raise InvalidArgumentError("seed", f"a list of seeds needs {needs}, got {len(seeds)}")
     for s in seeds:
         if s is not None:
             check_int("seed", s, 0, MAX_SEED)
@@ -232,7 +264,7 @@ class Pipeline:
         for key, value in self.spec.defaults.items():
             if getattr(request, key) is None:
                 setattr(request, key, value)
-        validate_common(request)
+        validate_common(request, self.spec.output, self.spec.pipeline_class)
         if request.guidance_scale_2 is not None and "transformer_2" not in self.components:
             raise InvalidArgumentError("guidance_scale_2", f"{self.spec.pipeline_class} has one denoiser; "
                                        "guidance_scale_2 only acts on two-expert models (transformer_2)")

@@ -72,6 +72,23 @@ def test_edit_matches_diffusers(kontext_checkpoint, tiny_resolutions, size, true
     assert psnr_uint8(got, want) >= 40.0
 
 
+def test_edits_per_prompt_match_diffusers(kontext_checkpoint, tiny_resolutions):
+    """``num_images_per_prompt``: the one input image conditions every sample; each sample has its own noise."""
+    import diffusers
+
+    image = _input_image()
+    kw = dict(num_inference_steps=2, guidance_scale=2.5, max_sequence_length=32, height=24, width=40)
+    out = diffc.load(kontext_checkpoint).generate(PROMPT, image=image, seed=9, num_images_per_prompt=2,
+                                                  progress=False, **kw)
+    ref = diffusers.FluxKontextPipeline.from_pretrained(kontext_checkpoint)
+    ref.set_progress_bar_config(disable=True)
+    want = ref(prompt=PROMPT, image=image, generator=torch.Generator("cpu").manual_seed(9), num_images_per_prompt=2,
+               output_type="np", max_area=24 * 40, **kw).images
+    assert len(out.images) == 2
+    for got, w in zip(out.images, want):
+        assert psnr_uint8(np.asarray(got), (w * 255).round().astype("uint8")) >= 40.0
+
+
 def test_the_input_image_conditions_the_output(kontext_checkpoint, tiny_resolutions):
     pipe = diffc.load(kontext_checkpoint)
     kw = dict(num_inference_steps=2, seed=5, progress=False, max_sequence_length=16)
