@@ -25,12 +25,16 @@ class TinyZImage:
     latent_channels: int = 4
     vae_blocks: tuple[int, ...] = (8, 16)
     text_dim: int = 24
+    kv_heads: int | None = None  # None: as many as heads
+    axes_lens: tuple[int, int, int] = (1024, 64, 64)
 
 
 ZIMAGE_VARIANTS = {
     "tiny": TinyZImage("tiny"),
     "odd": TinyZImage("odd", dim=24, heads=1, layers=1, refiners=2, axes=(8, 8, 8), latent_channels=3,
                       vae_blocks=(8,), text_dim=20),
+    # a caption axis too short for diffusers' default 512 text tokens (236 fit), grouped-query attention
+    "short-captions": TinyZImage("short-captions", dim=32, heads=2, kv_heads=1, axes_lens=(300, 64, 64)),
 }
 
 
@@ -42,8 +46,8 @@ def build_zimage_pipeline(v: TinyZImage, tok_dir: Path, seed: int = 0):
     torch.manual_seed(seed)
     transformer = diffusers.ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=v.latent_channels, dim=v.dim, n_layers=v.layers,
-        n_refiner_layers=v.refiners, n_heads=v.heads, n_kv_heads=v.heads, cap_feat_dim=v.text_dim,
-        axes_dims=list(v.axes), axes_lens=[1024, 64, 64])
+        n_refiner_layers=v.refiners, n_heads=v.heads, n_kv_heads=v.kv_heads or v.heads, cap_feat_dim=v.text_dim,
+        axes_dims=list(v.axes), axes_lens=list(v.axes_lens))
     with torch.no_grad():  # diffusers initialises the pad tokens to zero; random ones make the test see them
         transformer.x_pad_token.normal_()
         transformer.cap_pad_token.normal_()

@@ -143,7 +143,10 @@ def validate(pipe, request: GenerationRequest) -> None:
         largest = cfg.axes_lens[axis] * multiple
         if value > largest:
             raise InvalidArgumentError(field, f"at most {largest} for this checkpoint (axes_lens), got {value}")
-    check_int("max_sequence_length", request.max_sequence_length, 1, min(MAX_TEXT_TOKENS, cfg.axes_lens[0] - 64))
+    longest = min(MAX_TEXT_TOKENS, cfg.axes_lens[0] - 64)
+    if request.max_sequence_length is None:  # diffusers' 512, or less where this checkpoint's caption axis is shorter
+        request.max_sequence_length = min(MAX_SEQUENCE_LENGTH, longest)
+    check_int("max_sequence_length", request.max_sequence_length, 1, longest)
     check_image_model_frames(request, "Z-Image")
 
 
@@ -152,8 +155,8 @@ ZIMAGE_SPEC = PipelineSpec(
     pipeline_class="ZImagePipeline",
     output="image",
     components=("scheduler", "text_encoder", "tokenizer", "transformer", "vae"),
-    defaults={"height": 1024, "width": 1024, "num_inference_steps": 8, "guidance_scale": 0.0,
-              "max_sequence_length": MAX_SEQUENCE_LENGTH},
+    # max_sequence_length defaults in validate: to MAX_SEQUENCE_LENGTH within what the checkpoint's axes_lens hold
+    defaults={"height": 1024, "width": 1024, "num_inference_steps": 8, "guidance_scale": 0.0},
     build_stages=build_stages,
     validate=validate,
     uses_negative_prompt=True,

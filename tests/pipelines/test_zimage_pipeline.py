@@ -54,6 +54,22 @@ def test_batch_of_prompts_of_other_lengths_matches_diffusers(zimage_checkpoint):
         assert psnr_uint8(image, ref) >= 40.0
 
 
+def test_default_text_length_fits_the_checkpoint(zimage_checkpoint):
+    """A request without max_sequence_length on a DiT whose caption axis holds fewer than diffusers' default 512
+    tokens (axes_lens[0] = 300): diffc defaults to what fits (236) instead of refusing a field the user never set,
+    and a short prompt gives diffusers' picture."""
+    ckpt = zimage_checkpoint("short-captions")
+    kw = dict(height=32, width=48, num_inference_steps=2, guidance_scale=2.0, negative_prompt="blurry")
+    ref = _diffusers_images(ckpt, PROMPT, [6], **kw)[0]
+    pipe = diffc.load(ckpt)
+    assert pipe.resolve(prompt=PROMPT, **kw).max_sequence_length == 236
+    image = np.asarray(pipe.generate(PROMPT, seed=6, progress=False, **kw).images[0])
+    assert image.std() > 1.0 and psnr_uint8(image, ref) >= 40.0
+    with pytest.raises(InvalidArgumentError, match="from 1 to 236") as err:
+        pipe.resolve(prompt=PROMPT, max_sequence_length=512, **kw)
+    assert err.value.field == "max_sequence_length"
+
+
 def test_dit_matches_diffusers_with_padding_masks(zimage_checkpoint):
     """The DiT alone on a batch whose captions differ in length: masks and pad tokens as diffusers."""
     import diffusers
