@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InvalidArgumentError
 from . import wan
-from .base import GenerationRequest
+from .base import GenerationRequest, nearest_valid
 from .stages import RunContext, Stage
+
+
+VAE_ENCODE_CHUNK = 4  # frames the Wan VAE encoder reads at a time after the first
 
 
 def encode_image(ctx: RunContext, s):
@@ -62,6 +65,13 @@ def validate(pipe, request: GenerationRequest) -> None:
             raise CheckpointError(f"{name}: this image-to-video Wan DiT should take {want} input channels ({what}), "
                                   f"it takes {c[name].config.in_channels}")
     wan.validate(pipe, request)
+    n = request.num_frames
+    if not pipe.config.get("expand_timesteps") and (n - 1) % VAE_ENCODE_CHUNK:
+        # the whole conditioning video goes through the VAE encoder, which reads it in chunks of 1 + 4 + 4 ... frames
+        # (as diffusers' AutoencoderKLWan does), whatever the VAE's temporal compression
+        raise InvalidArgumentError("num_frames", f"image-to-video encodes a video of num_frames frames with the Wan VAE, "
+                                   f"which needs {VAE_ENCODE_CHUNK}k+1 frames (1, 5, 9, ...), got {n} "
+                                   f"(nearest: {nearest_valid(n, VAE_ENCODE_CHUNK, 1)})")
 
 
 # Text-to-video's spec (defaults, components, index settings) with its own stages, validation and a required image.

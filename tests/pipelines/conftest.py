@@ -118,11 +118,13 @@ def build_wan_variant(kind: str, tok_dir: Path):
     """Tiny Wan2.2 / image-to-video pipelines on the ``base`` variant's sizes, saved as published:
     ``t2v-a14b`` (two experts, WanPipeline), ``i2v`` (Wan2.1 I2V: CLIP vision tower and image
     cross-attention, WanImageToVideoPipeline), ``i2v-a14b`` (two experts, no image encoder), ``ti2v``
-    (``expand_timesteps``: text- and image-to-video in one WanPipeline)."""
+    (``expand_timesteps``: text- and image-to-video in one WanPipeline). A ``-odd`` suffix builds the kind on the
+    ``odd-heads`` variant's sizes instead (a VAE of 2x temporal compression, 4 latent channels)."""
     import diffusers
     import transformers
 
-    v = WAN_VARIANTS["base"]
+    v = WAN_VARIANTS["odd-heads" if kind.endswith("-odd") else "base"]
+    kind = kind.removesuffix("-odd")
     base = build_wan_pipeline(v, tok_dir)
     parts = dict(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=base.scheduler)
     if kind == "ti2v":  # Wan2.2 TI2V's per-token timesteps and first-frame latents (here with a Wan2.1-style VAE)

@@ -119,6 +119,22 @@ def test_image_is_required_and_checked(wan22_checkpoint):
         pipe.generate(PROMPT, image=_image(), progress=False, **{**small, "num_frames": 6})
 
 
+def test_a_vae_of_2x_temporal_compression_matches_diffusers(wan22_checkpoint):
+    """I2V-A14B on a VAE that folds 2 frames per latent frame: 5 frames (3 latent frames, a 2-channel mask) give
+    diffusers' video; 3 frames, which that VAE's 2k+1 rule allows but the VAE encoder (diffusers' too) reads only as
+    1 + 4k frames, are refused naming num_frames (it was a "x: the number of frames ..." error from inside the VAE)."""
+    ckpt = wan22_checkpoint("i2v-a14b-odd")
+    kw = dict(height=16, width=32, num_frames=5, num_inference_steps=3, guidance_scale=4.0,
+              max_sequence_length=TEXT_LEN)
+    want = _reference("WanImageToVideoPipeline", ckpt, 3, image=_image(), **kw)
+    pipe = diffc.load(ckpt, device="cpu")
+    video = pipe.generate(PROMPT, image=_image(), seed=3, progress=False, **kw).frames
+    assert video.shape == (5, 16, 32, 3) and video.std() > 1.0 and psnr_uint8(video, want) >= MIN_PSNR
+    with pytest.raises(InvalidArgumentError, match=r"needs 4k\+1 frames .*got 3 \(nearest: 1 or 5\)") as err:
+        pipe.generate(PROMPT, image=_image(), progress=False, **{**kw, "num_frames": 3})
+    assert err.value.field == "num_frames"
+
+
 def test_guidance_scale_2_needs_two_experts(wan22_checkpoint):
     pipe = diffc.load(wan22_checkpoint("i2v"), device="cpu")
     with pytest.raises(InvalidArgumentError, match="guidance_scale_2"):
