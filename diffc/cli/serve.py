@@ -6,6 +6,7 @@ import argparse
 import errno
 import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
@@ -229,6 +230,51 @@ def _check_parallel(args: argparse.Namespace) -> None:
                                    "each rank holds the whole DiT; use --offload none")
 
 
+MAX_SHUTDOWN_TIMEOUT_S = 7 * 24 * 3600  # a week; beyond threading's longest wait is an OverflowError at shutdown
+MAX_FPS = 240  # as diffc run --fps and a request's fps
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Flag values argparse's types let through, refused in one line before anything loads or binds."""
+    if not 0 <= args.port <= 65535:
+        raise InvalidArgumentError("--port", f"must be from 0 to 65535, got {args.port}")
+    if args.output_ttl is not None and not (math.isfinite(args.output_ttl) and args.output_ttl > 0):
+        raise InvalidArgumentError("--output-ttl", f"must be a positive number of seconds, got {args.output_ttl}")
+    if not (math.isfinite(args.shutdown_timeout) and 0 <= args.shutdown_timeout <= MAX_SHUTDOWN_TIMEOUT_S):
+        raise InvalidArgumentError("--shutdown-timeout", f"must be a number of seconds from 0 to "
+                                   f"{MAX_SHUTDOWN_TIMEOUT_S} (a week), got {args.shutdown_timeout}")
+    if args.fps > MAX_FPS:
+        raise InvalidArgumentError("--fps", f"must be from 1 to {MAX_FPS}, got {args.fps}")
+    if args.model_name is not None and not args.model_name.strip():
+        raise InvalidArgumentError("--model-name", "is empty; give the id /v1/models reports, or leave it out for "
+                                   "the checkpoint folder's name")
+    key = args.api_key
+    if key is not None and (not key.strip() or key != key.strip() or not key.isascii() or not key.isprintable()):
+        what = "is empty" if not key.strip() else "holds spaces at its ends or characters an HTTP header cannot carry"
+        raise InvalidArgumentError("--api-key", f"{what} (the flag, or $DIFFC_API_KEY without it); give a key of "
+                                   "printable ASCII characters, or unset both to serve without a key")
+
+
+def _check_output_dir(directory: Path, inputs: dict[str, Path | str | None]) -> None:
+    """``--output-dir``: a writable directory, or one that can be created (the store creates it), outside the
+    checkpoint and artifact the server reads. Nothing is created here."""
+    from .outputs import check_outside, check_writable_dir
+
+    check_outside(directory, "--output-dir", inputs)
+    existing = directory
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if existing != directory and existing.is_dir():
+        try:
+            check_writable_dir(existing, "--output-dir")
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError("--output-dir", f"cannot create {directory}: {exc.message}") from None
+        return
+    if existing != directory:
+        raise InvalidArgumentError("--output-dir", f"cannot create {directory}: {existing} is not a directory")
+    check_writable_dir(directory, "--output-dir")
+
+
 def serve(args: argparse.Namespace) -> int:
     import torch
 
@@ -237,10 +283,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from ..loader.pipeline import resolve_device, resolve_dtype
 
-    if not 0 <= args.port <= 65535:
-        raise InvalidArgumentError("--port", f"must be from 0 to 65535, got {args.port}")
-    if args.output_ttl is not None and args.output_ttl <= 0:
-        raise InvalidArgumentError("--output-ttl", f"must be positive, got {args.output_ttl}")
+    _check_flags(args)
     layout = par.parallel_config(args)  # None: one process (--num-gpus 1 is plain serve)
     if layout is not None:
         _check_parallel(args)
@@ -270,6 +313,8 @@ def serve(args: argparse.Namespace) -> int:
         check_artifact(args.compiled, source=choice.checkpoint(), device=devices[0], dtype=dtype)
     if cache is not None:
         defaults["cache"] = cache
+    if args.output_dir is not None:
+        _check_output_dir(Path(args.output_dir).expanduser(), {"checkpoint": choice.path, "artifact": args.compiled})
     lora = lora_settings(args)
     for directory in args.lora_dir or ():
         if not Path(directory).expanduser().is_dir():

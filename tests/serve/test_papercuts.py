@@ -267,3 +267,37 @@ def demo_pipes(demo_ckpt):
         return pipes[family]
 
     return get
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--shutdown-timeout", "nan"], "--shutdown-timeout: must be a number of seconds from 0"),  # was int(nan) at start
+    (["--shutdown-timeout", "inf"], "--shutdown-timeout: must be a number of seconds from 0"),
+    (["--shutdown-timeout", "-5"], "--shutdown-timeout: must be a number of seconds from 0"),
+    (["--output-ttl", "nan"], "--output-ttl: must be a positive number"),  # nan: every output deleted at once
+    (["--output-ttl", "inf"], "--output-ttl: must be a positive number"),  # inf: expires_at overflowed on /v1/videos
+    (["--fps", "1000"], "--fps: must be from 1 to 240"),
+    (["--model-name", " "], "--model-name: is empty"),
+    (["--api-key", ""], "--api-key: is empty"),  # was: served with no key at all
+    (["--api-key", " k "], "--api-key: holds spaces"),  # could never match (the header's token is stripped)
+    (["--api-key", "kä"], "--api-key: holds spaces"),  # could never match (headers are latin-1)
+    (["--output-dir", "{file}"], "--output-dir: {file} is not a directory"),  # was a FileExistsError traceback
+    (["--output-dir", "{file}/sub"], "--output-dir: cannot create {file}/sub: {file} is not a directory"),
+    (["--output-dir", "{ckpt}/vae/out"], "is inside the checkpoint"),
+])
+def test_serve_flag_values_are_refused_before_loading_or_binding(tmp_path, capsys, monkeypatch, no_loading,
+                                                                 demo_ckpt, argv, fragment):
+    import diffc.cli.serve as cli_serve
+
+    monkeypatch.setenv("DIFFC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli_serve, "_listen", lambda *a: pytest.fail("the port was bound"))
+    (tmp_path / "file").write_text("mine")
+    ckpt = demo_ckpt("flux")
+
+    def fill(text: str) -> str:
+        return text.replace("{file}", str(tmp_path / "file")).replace("{ckpt}", str(ckpt))
+
+    model = ["--model", str(ckpt)] if "{ckpt}" in " ".join(argv) else []
+    assert main(["serve", "--port", "0", "--device", "cpu", *model, *map(fill, argv)]) == 2
+    err = capsys.readouterr().err
+    assert fill(fragment) in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "file").is_dir()
