@@ -92,6 +92,7 @@ def convert(file: LoraFile, params: Mapping[str, torch.Tensor], naming: Naming |
             continue
         entry, scheme = found
         try:
+            _check_kinds(source)
             made = _pieces(source, entry, params, config)
         except _Invalid as exc:
             raise CheckpointError(f"{file.path}: {exc}") from None
@@ -123,6 +124,19 @@ class _Mismatch(Exception):
 
 class _Invalid(_Mismatch):
     """The file is wrong whatever the model: a missing matrix, rank 0, an alpha that is not a number."""
+
+
+MATRICES = ("down", "up", "down_bias", "up_bias", "diff", "diff_b", "value")  # SourceModule's float tensors
+
+
+def _check_kinds(source: SourceModule) -> None:
+    """A matched module's matrices are floating point (an integer or boolean one is a damaged or foreign file:
+    cast and merged, it would change the weights without an error)."""
+    for attr in MATRICES:
+        tensor = getattr(source, attr)
+        if tensor is not None and not tensor.is_floating_point():
+            raise _Invalid(f"{source.stem}: its {attr} tensor is stored as {str(tensor.dtype).removeprefix('torch.')}, "
+                           "not floating point; LoRA matrices are float tensors (float32, bfloat16 or float16)")
 
 
 def _short(value: Any) -> str:

@@ -118,6 +118,21 @@ def test_bad_alpha_or_rank_is_one_line_naming_file_and_key(flux, tmp_path, rank,
     assert all(torch.equal(v, flux.base[k]) for k, v in flux.pipe.components["transformer"].state_dict().items())
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
+def test_integer_lora_matrices_are_refused(flux, tmp_path, dtype):
+    """Found by an audit: integer matrices were cast and merged (an all-zero or wrong update, no error)."""
+    weight = flux.pipe.components["transformer"].proj_out.weight  # (out, in)
+    tensors = {"transformer.proj_out.lora_A.weight": torch.ones(4, weight.shape[1], dtype=dtype),
+               "transformer.proj_out.lora_B.weight": torch.randn(weight.shape[0], 4),
+               "transformer.proj_out.alpha": torch.tensor(4)}  # an integer alpha stays accepted
+    path = W.write_keys(tensors, tmp_path / "ints.safetensors")
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: transformer\.proj_out: its down tensor is "
+                                              rf"stored as {str(dtype).removeprefix('torch.')}, not floating point"):
+        flux.pipe.set_lora("ints", path)
+    assert flux.pipe.list_loras()["loaded_adapters"] == []
+    assert all(torch.equal(v, flux.base[k]) for k, v in flux.pipe.components["transformer"].state_dict().items())
+
+
 @pytest.mark.parametrize("alpha", [-8.0, 0.0, 8])
 def test_any_finite_alpha_is_taken_as_peft_takes_it(flux, tmp_path, alpha):
     """PEFT's LoraConfig keeps a negative or zero lora_alpha (scale alpha / r), and so does diffc."""
