@@ -215,6 +215,9 @@ class LoraManager:
                 raise InvalidArgumentError("lora", f"no adapter named '{name}' is loaded (loaded: "
                                            f"{', '.join(self.adapters) or 'none'}); load it with set_lora first")
             adapters.append(Active(name, 1.0 if value is None else check_strength(value, "lora_strength")))
+        if len({a.nickname for a in adapters}) != len(adapters):  # merged twice, it would double its strength
+            raise InvalidArgumentError("lora", f"names an adapter twice: {names}; give each once, with its strength "
+                                       "in lora_strength")
         return tuple((c, self.wanted(adapters, c)) for c in self.available)
 
     def restore(self, snapshot: Sequence[tuple[str, State]]) -> None:

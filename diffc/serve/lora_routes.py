@@ -56,6 +56,8 @@ def check_path(path: str, dirs: tuple[Path, ...]) -> str:
         raise APIError(403, "This server loads no LoRA files over HTTP (start it with --lora-dir DIR to allow a "
                        "directory); set_lora with a nickname alone reuses the adapters it already holds.",
                        type="permission_error", param="lora_path", code="lora_path_forbidden")
+    if "\0" in str(path):  # os.path.realpath's ValueError would be a 500
+        raise invalid("lora_path", "lora_path holds a NUL character, which no file name can hold")
     real = Path(os.path.realpath(os.path.expanduser(str(path))))
     if not any(real == d or d in real.parents for d in dirs):
         raise APIError(403, f"lora_path '{path}' is outside the directories this server loads LoRA files from "

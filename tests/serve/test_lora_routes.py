@@ -120,6 +120,7 @@ def test_paths_outside_the_lora_dirs_are_forbidden(lora_server, path):
      "invalid_value"),
     ({"lora_nickname": ["a", "b"], "lora_path": ["LORAS/a.safetensors"]}, 400, "lora_path", "invalid_value"),
     ({"lora_nickname": "a", "unknown": 1}, 400, "unknown", "unknown_parameter"),
+    ({"lora_nickname": "a", "lora_path": "LORAS/a\u0000.safetensors"}, 400, "lora_path", "invalid_value"),  # was a 500
     ({"lora_path": "LORAS/a.safetensors"}, 400, "lora_nickname", "missing_required_parameter"),
     ({"lora_nickname": ["p", "q", "r"], "lora_path": ["LORAS/a.safetensors"] * 3}, 400, "lora_nickname",
      "too_many_loras"),
@@ -171,6 +172,8 @@ def test_interleaved_clients_with_different_loras_get_what_they_get_alone(lora_s
            "invalid_value")
     _error(httpx.post(f"{s.url}/v1/images/generations", json={"prompt": "x", "lora_strength": 2}), 400,
            "lora_strength", "invalid_value")
+    _error(httpx.post(f"{s.url}/v1/images/generations", json={"prompt": "x", "lora": ["a", "a"]}), 400, "lora",
+           "invalid_value")  # was merged twice (double strength); set_lora refuses it too
     assert np.array_equal(_image(s, seed=5), alone[""])
 
 
