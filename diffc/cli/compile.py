@@ -139,6 +139,7 @@ def compile_command(args: argparse.Namespace) -> int:
     check_passes(args.quality, disable, enable, args.attention)  # a misspelt name fails now, not after the load
     choice = resolve_model(args)
     out = check_artifact_output(args.out, "--out")  # before the minutes of loading and compiling
+    check_outside(out, "--out", {"checkpoint": choice.path})
     report_path = check_json_output(args.report, "--report") if args.report else None
     if report_path is not None:
         report_real, out_real = report_path.resolve(), out.resolve()

@@ -292,6 +292,20 @@ def test_compile_writes_no_report_into_the_checkpoint(demo_cache, tmp_path, caps
     assert (checkpoint / "model_index.json").read_bytes() == index and not (tmp_path / "a.diffc").exists()
 
 
+def test_compile_writes_no_artifact_into_the_checkpoint(demo_cache, tmp_path, capsys, monkeypatch):
+    """Found by an audit: ``--out CKPT/art`` compiled and wrote the artifact into the checkpoint it read."""
+    from diffc.demo import demo_checkpoint
+    from diffc.loader import pipeline as pipeline_loader
+
+    checkpoint = demo_checkpoint("flux")
+    monkeypatch.setattr(pipeline_loader, "load", lambda *a, **k: pytest.fail("loaded before the error"))
+    argv = ["compile", "--model", str(checkpoint), "--out", str(checkpoint / "art.diffc"), "--height", "64",
+            "--width", "64", *SMALL]
+    assert main(argv) == 2
+    assert f"--out: {checkpoint / 'art.diffc'} is inside the checkpoint {checkpoint}" in capsys.readouterr().err
+    assert not (checkpoint / "art.diffc").exists()
+
+
 def _tampered_copy(artifact, tmp_path, edit) -> Path:
     out, _, _ = artifact
     copy = tmp_path / "copy.diffc"
