@@ -122,6 +122,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
                   openapi_url=None)
     app.state.engine, app.state.api_key = engine, api_key or None
     app.state.lora_dirs, app.state.max_loras = allowed_dirs(lora_dirs), max_loras
+    app.state.lora_loading = anyio.Lock()  # set_lora's loads, one at a time (see lora_routes)
     app.include_router(public)
     app.include_router(v1)
     app.include_router(lora_router)

@@ -124,20 +124,21 @@ async def set_lora(request: Request) -> dict[str, Any]:
         raise _api_error(exc) from None
     dirs = request.app.state.lora_dirs
     wanted = [(n, None if p is None else check_path(p, dirs), s, t) for n, p, s, t in wanted]
-    new = {n for n, *_ in wanted} - set(manager.adapters)
-    if len(manager.adapters) + len(new) > request.app.state.max_loras:
-        raise invalid("lora_nickname", f"this server caches at most {request.app.state.max_loras} adapters "
-                      f"(--max-loras) and holds {len(manager.adapters)}; reuse a nickname to replace one",
-                      code="too_many_loras")
 
     def load():
         for name, path, _, target in wanted:
             manager.load(name, path, targets_of(target, manager.available))
 
-    try:
-        await run_in_threadpool(load)
-    except Exception as exc:  # noqa: BLE001
-        raise _api_error(exc) from None
+    async with request.app.state.lora_loading:  # one load at a time, so concurrent requests cannot pass --max-loras
+        new = {n for n, *_ in wanted} - set(manager.adapters)
+        if len(manager.adapters) + len(new) > request.app.state.max_loras:
+            raise invalid("lora_nickname", f"this server caches at most {request.app.state.max_loras} adapters "
+                          f"(--max-loras) and holds {len(manager.adapters)}; reuse a nickname to replace one",
+                          code="too_many_loras")
+        try:
+            await run_in_threadpool(load)
+        except Exception as exc:  # noqa: BLE001
+            raise _api_error(exc) from None
     names, strengths, targets = [w[0] for w in wanted], [w[2] for w in wanted], [w[3] for w in wanted]
     info = await _on_worker(engine, lambda: manager.set(names, None, strengths, targets))
     warnings = [f"{a['nickname']}: {w}" for a in info["loaded_adapters"] if a["nickname"] in names

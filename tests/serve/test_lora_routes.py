@@ -182,3 +182,23 @@ def test_serve_flag_errors_exit_before_starting(capsys, tmp_path):
     assert "--lora-strength: applies to the adapters of --lora-path" in capsys.readouterr().err
     assert main(["serve", "--lora-dir", str(tmp_path / "none")]) == 2
     assert "--lora-dir: not a directory" in capsys.readouterr().err
+
+
+def test_concurrent_set_lora_requests_cannot_pass_max_loras(serve, lora_file, monkeypatch):
+    """Found by an audit: the --max-loras count was checked before each request's (slow) load, so requests loading
+    at the same time all passed it."""
+    server = serve(app={"lora_dirs": [lora_file.parent], "max_loras": 1})
+    manager = server.engine.pipe.lora
+    load = manager.load
+
+    def slow_load(*args, **kwargs):
+        time.sleep(0.3)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(manager, "load", slow_load)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda name: _post(server, "set_lora", {"lora_nickname": name,
+                                                                         "lora_path": str(lora_file)}), ["x", "y"]))
+    assert sorted(r.status_code for r in answers) == [200, 400]
+    assert [r.json()["error"]["code"] for r in answers if r.status_code == 400] == ["too_many_loras"]
+    assert len(manager.adapters) == 1
