@@ -90,8 +90,9 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
     if raw:
         try:
             config = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{file}: its '{METADATA_KEY}' metadata is not valid JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError; a number of 4300+ digits; absurd nesting
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{file}: its '{METADATA_KEY}' metadata is not valid JSON ({reason})") from None
         if not isinstance(config, dict):
             raise CheckpointError(f"{file}: its '{METADATA_KEY}' metadata is not a JSON object")
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import diffc
 from diffc.errors import CheckpointError, InvalidArgumentError
@@ -116,6 +117,23 @@ def test_bad_alpha_or_rank_is_one_line_naming_file_and_key(flux, tmp_path, rank,
     assert re.search(message.replace("{in}", str(weight.shape[1])), text), text
     assert flux.pipe.list_loras()["loaded_adapters"] == []
     assert all(torch.equal(v, flux.base[k]) for k, v in flux.pipe.components["transformer"].state_dict().items())
+
+
+@pytest.mark.parametrize("raw,reason", [
+    ("{", "Expecting property name"),
+    ("[" * 100_000 + "]" * 100_000, "recursion"),  # was a RecursionError traceback
+    ('{"transformer.lora_alpha": ' + "9" * 5000 + "}", "4300 digits"),  # was Python's ValueError
+])
+def test_unreadable_adapter_metadata_is_one_line(flux, tmp_path, raw, reason):
+    weight = flux.pipe.components["transformer"].proj_out.weight  # (out, in)
+    path = tmp_path / "meta.safetensors"
+    save_file({"transformer.proj_out.lora_A.weight": torch.randn(4, weight.shape[1]),
+               "transformer.proj_out.lora_B.weight": torch.randn(weight.shape[0], 4)}, str(path),
+              metadata={"lora_adapter_metadata": raw})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))}: its 'lora_adapter_metadata' metadata is not "
+                                              rf"valid JSON \(.*{reason}"):
+        flux.pipe.set_lora("meta", path)
+    assert flux.pipe.list_loras()["loaded_adapters"] == []
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.bool])
