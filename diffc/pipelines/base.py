@@ -200,6 +200,23 @@ def repeat_per_prompt(request: GenerationRequest, output: str, pipeline_class: s
     return count
 
 
+INT_FIELDS = ("height", "width", "num_inference_steps", "num_frames", "max_sequence_length", "num_images_per_prompt",
+              "num_videos_per_prompt")
+SCALE_FIELDS = ("guidance_scale", "guidance_scale_2", "true_cfg_scale")
+
+
+def plain_numbers(request: GenerationRequest) -> None:
+    """NumPy scalars (``np.int64`` from an array's shape, ``np.float32`` scales) as the Python numbers that the
+    checks, the schedulers and the stages take: the checks accepted some and refused others ("must be an integer
+    >= 1, got np.int64(2)"), and ``np.float32 * tensor`` is a NumPy array."""
+    for field in INT_FIELDS:
+        if isinstance(getattr(request, field, None), np.integer):
+            setattr(request, field, int(getattr(request, field)))
+    for field in SCALE_FIELDS:
+        if isinstance(getattr(request, field, None), (np.integer, np.floating)):
+            setattr(request, field, float(getattr(request, field)))
+
+
 def validate_common(request: GenerationRequest, output: str = "image", pipeline_class: str = "this pipeline") -> None:
     """Checks every family shares: prompt, samples per prompt, sizes, steps, guidance, seeds."""
     prompts = request.prompt if isinstance(request.prompt, list) else [request.prompt]
@@ -264,6 +281,7 @@ class Pipeline:
         for key, value in self.spec.defaults.items():
             if getattr(request, key) is None:
                 setattr(request, key, value)
+        plain_numbers(request)
         validate_common(request, self.spec.output, self.spec.pipeline_class)
         if request.guidance_scale_2 is not None and "transformer_2" not in self.components:
             raise InvalidArgumentError("guidance_scale_2", f"{self.spec.pipeline_class} has one denoiser; "

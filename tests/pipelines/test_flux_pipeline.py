@@ -128,6 +128,20 @@ def test_bf16_generation_runs(flux_checkpoint):
     assert np.asarray(out.images[0]).shape == (32, 32, 3)
 
 
+def test_numpy_numbers_are_numbers(flux_checkpoint):
+    """Sizes, steps and scales as NumPy scalars (an array's shape, a float32 from a config) give the picture Python
+    numbers give: np.int64 steps were refused as "must be an integer >= 1, got np.int64(2)" and a np.float32
+    guidance_scale as "must be a number from 0 to 100, got np.float32(3.5)", though diffusers takes both."""
+    pipe = diffc.load(flux_checkpoint("dev-tiny"))
+    kw = dict(seed=2, progress=False, max_sequence_length=16, true_cfg_scale=2.0, negative_prompt="blurry")
+    want = pipe.generate(PROMPT, height=32, width=48, num_inference_steps=2, guidance_scale=3.5, **kw).images[0]
+    got = pipe.generate(PROMPT, height=np.int64(32), width=np.int32(48), num_inference_steps=np.int64(2),
+                        guidance_scale=np.float32(3.5), **{**kw, "true_cfg_scale": np.float64(2.0)}).images[0]
+    assert np.array_equal(np.asarray(got), np.asarray(want))
+    request = pipe.resolve(prompt=PROMPT, num_inference_steps=np.int16(3), guidance_scale=np.float16(2.5))
+    assert type(request.num_inference_steps) is int and type(request.guidance_scale) is float
+
+
 @pytest.mark.parametrize("kwargs,field,fragment", [
     (dict(height=42), "height", "needs a multiple of 4"),
     (dict(width=30), "width", "needs a multiple of 4"),
