@@ -142,6 +142,19 @@ def _convert_one(action: argparse.Action, value: Any, where: str) -> Any:
         raise InvalidArgumentError(where, f"invalid value {_shown(value)} ({exc})") from None
 
 
+def _choice_word(action: argparse.Action, value: Any, where: str) -> Any:
+    """A YAML boolean where the option takes words: YAML reads unquoted on/off/yes/no as true/false, so
+    ``cuda-graphs: off`` arrives as False; it means "off" where the option takes on/off, else it is refused
+    naming the accepted words."""
+    if not isinstance(value, bool) or action.choices is None:
+        return value
+    word = "on" if value else "off"
+    if word in action.choices:
+        return word
+    raise InvalidArgumentError(where, f"must be one of {', '.join(map(str, action.choices))}, got {value} (YAML reads "
+                               "unquoted yes, no, on and off as true and false: quote the word)")
+
+
 def convert(action: argparse.Action, value: Any, where: str) -> Any:
     """A config value as the flag would have given it (type, choices, lists for repeatable flags)."""
     if action.nargs == 0:  # store_true / store_const flags: true or false
@@ -152,9 +165,9 @@ def convert(action: argparse.Action, value: Any, where: str) -> Any:
         items = value if isinstance(value, list) else [value]
         if len(items) > MAX_REPEATS:
             raise InvalidArgumentError(where, f"at most {MAX_REPEATS} values, got {len(items)}")
-        out = [_convert_one(action, item, where) for item in items]
+        out = [_convert_one(action, _choice_word(action, item, where), where) for item in items]
     else:
-        out = _convert_one(action, value, where)
+        out = _convert_one(action, _choice_word(action, value, where), where)
     for item in out if isinstance(out, list) else [out]:
         if action.choices is not None and item not in action.choices:
             raise InvalidArgumentError(where, f"must be one of {', '.join(map(str, action.choices))}, got {_shown(item)}")

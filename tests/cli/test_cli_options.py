@@ -4,6 +4,7 @@ subcommand, help text, one wording for a wrong --model in run/serve/compile, sec
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -82,6 +83,26 @@ def test_config_refusals(demo_cache, tmp_path, capsys, no_loading, data, fragmen
     assert main(["run", "--config", cfg, "-o", str(tmp_path / "a.png")]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("text,dest,value", [
+    ("cuda-graphs: off\n", "cuda_graphs", "off"),  # YAML reads it as False: was 'invalid value False'
+    ("cuda-graphs: on\n", "cuda_graphs", "on"),
+    ("cuda-graphs: 'off'\n", "cuda_graphs", "off"),
+    ("offload: no\n", None, "must be one of none, layerwise, model, got False (YAML reads unquoted yes, no, on and off"),
+])
+def test_yaml_booleans_where_an_option_takes_words(tmp_path, text, dest, value):
+    from diffc.cli.config import merge_config
+
+    (tmp_path / "c.yaml").write_text(text)
+    args = build_parser().parse_args(["run", "--config", str(tmp_path / "c.yaml")])
+    args._given = set()
+    if dest is None:
+        with pytest.raises(InvalidArgumentError, match=re.escape(value)):
+            merge_config(args, args._parser)
+    else:
+        merge_config(args, args._parser)
+        assert getattr(args, dest) == value
 
 
 def test_unknown_config_key_lists_the_cli_names(tmp_path, capsys, no_loading):
