@@ -110,6 +110,8 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_runtime_device(options, dev)
+    if compiled is not None:
+        check_compiled(compiled, root, dev, dt)
 
     components = {}
     optional = tuple(n for n in spec.optional_components if isinstance(index.get(n), list) and index[n][1:2] != [None])
@@ -132,6 +134,17 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     return pipe
 
 
+def check_compiled(compiled, root: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """``compiled`` is an artifact path that fits this machine, diffc, dtype and checkpoint: every check that needs
+    no loaded model, run before any weight loads (a wrong artifact is not found only after minutes of loading)."""
+    if not isinstance(compiled, (str, os.PathLike)) or not str(compiled).strip():
+        raise InvalidArgumentError("compiled", f"must be the path of an artifact written by `diffc compile`, got "
+                                   f"{compiled!r}"[:200])
+    from ..runtime.artifacts import check_artifact
+
+    check_artifact(compiled, source=root, device=device, dtype=dtype)
+
+
 def load_generic(root: Path, index: dict, device, dtype, scheduler: str | None, compiled,
                  options: RuntimeOptions) -> Pipeline:
     """The generic backend: the diffusers pipeline ``model_index.json`` names, loaded by diffusers."""
@@ -144,6 +157,8 @@ def load_generic(root: Path, index: dict, device, dtype, scheduler: str | None, 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_runtime_device(options, dev)
+    if compiled is not None:
+        check_compiled(compiled, root, dev, dt)
     pipe = GenericPipeline(load_diffusers_pipeline(root, index, dev, dt, options.offload), dev, dt, source=str(root),
                            runtime_options=options)
     if compiled is not None:

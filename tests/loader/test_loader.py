@@ -230,6 +230,30 @@ def test_runtime_options_are_checked_before_loading(flux_checkpoint, kwargs, fie
     assert info.value.field == field and fragment in str(info.value)
 
 
+@pytest.mark.parametrize("compiled,error,fragment", [
+    (5, InvalidArgumentError, "compiled: must be the path of an artifact"),  # was a TypeError after loading
+    ("", InvalidArgumentError, "compiled: must be the path of an artifact"),  # was the current folder
+    ("{tmp}/missing", diffc.DiffcError, "compiled artifact not found"),
+    ("{tmp}/foreign", diffc.DiffcError, "compiled for another setup"),
+])
+def test_a_compiled_artifact_is_checked_before_any_weight_loads(flux_checkpoint, tmp_path, monkeypatch, compiled,
+                                                                 error, fragment):
+    """Found by an audit: a wrong ``compiled=`` was found only once the whole pipeline had loaded."""
+    from diffc.compile import artifact as art
+    from diffc.loader import pipeline as loader
+
+    (tmp_path / "foreign").mkdir()
+    manifest = {"format_version": art.FORMAT_VERSION, "dtype": "float32", "files": {},
+                "environment": {**art.environment(torch.device("cpu")), "torch": "0.0.0"},
+                "stages": {"transformer": {"buckets": [{"key": "k", "regions": []}]}}}
+    (tmp_path / "foreign" / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(loader, "load_component", lambda *a, **k: pytest.fail("a component loaded first"))
+    if isinstance(compiled, str):
+        compiled = compiled.replace("{tmp}", str(tmp_path))
+    with pytest.raises(error, match=fragment):
+        diffc.load(flux_checkpoint("dev-tiny"), device="cpu", compiled=compiled)
+
+
 def test_cpu_default_runs_without_cuda_graphs(flux_checkpoint):
     pipe = diffc.load(flux_checkpoint("dev-tiny"))
     out = pipe.generate("a fox", height=16, width=16, num_inference_steps=1, progress=False, seed=0)
