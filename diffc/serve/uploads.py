@@ -43,6 +43,10 @@ def decode_image(data: bytes, field: str):
             return upright(im.copy())
     except UnidentifiedImageError:  # its message names the server's buffer object, nothing the client sent
         raise invalid(field, f"'{field}' is not a PNG, JPEG or WebP image") from None
+    except Image.DecompressionBombError as exc:  # a header declaring billions of pixels, refused by Pillow's open
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = int(found.group(1)) if found else Image.MAX_IMAGE_PIXELS * 2
+        raise invalid(field, f"'{field}' is {pixels} pixels by its header, {too_large(pixels, 1)}") from None
     except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise invalid(field, f"'{field}' is not a readable image ({reason}); upload a PNG, JPEG or WebP") from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import pytest
 from PIL import Image
@@ -55,3 +57,17 @@ def test_a_truncated_png_is_unreadable_naming_the_field():
     with pytest.raises(APIError) as info:
         decode_image(_encoded("PNG", size=(64, 64))[:60], "image")
     assert info.value.param == "image" and "not a readable image" in info.value.message
+
+
+@pytest.mark.parametrize("side", [16000, 100000])
+def test_a_header_declaring_billions_of_pixels_is_too_large_not_unreadable(side):
+    """Found by an audit: a PNG header past Pillow's bomb limit was 'not a readable image (... decompression bomb
+    DOS attack.)'; it is refused as too large, as a smaller oversized image is."""
+    data = bytearray(_encoded("PNG", size=(8, 8)))
+    data[16:24] = struct.pack(">II", side, side)  # IHDR width and height, then its CRC
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    with pytest.raises(APIError) as info:
+        decode_image(bytes(data), "image")
+    assert info.value.param == "image"
+    assert info.value.message.startswith(f"'image' is {side * side} pixels by its header, too large (at most 16384 a "
+                                         "side and 67108864 pixels)"), info.value.message
