@@ -11,7 +11,7 @@ from ..errors import InvalidArgumentError
 from ..fileio import atomic_write
 from .config import merge_config
 from .options import add_model_flags, add_runtime_flags, resolve_model, runtime_options
-from .outputs import check_artifact_output, check_json_output, check_outside
+from .outputs import check_artifact_output, check_json_output, check_not_input, check_outside
 
 BUCKET = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
 
@@ -147,6 +147,7 @@ def compile_command(args: argparse.Namespace) -> int:
             raise InvalidArgumentError("--report", f"{args.report} is the artifact --out writes, or inside it; "
                                                    "write the report elsewhere")
         check_outside(report_path, "--report", {"checkpoint": choice.path})
+        check_not_input(report_path, "--report", {"--config": [args.config]})
     # a generic pipeline's kind is known once it is loaded (when diffusers is missing here)
     buckets = parse_buckets(args, video=choice.output == "video") if choice.output is not None else None
     if choice.notice:

@@ -70,3 +70,13 @@ def check_outside(path: Path, field: str, folders: dict[str, str | Path | None])
         if target == root or target.is_relative_to(root):
             raise InvalidArgumentError(field, f"{path} is inside the {what} {folder}, which this command reads; "
                                               "write it elsewhere")
+
+
+def check_not_input(path: Path, field: str, inputs: dict[str, list]) -> None:
+    """``path`` (a file diffc will write) is none of the files the command reads (flag -> the paths it gave): an
+    output written over its own ``--image`` or ``--config`` replaces what the user asked diffc to read."""
+    target = Path(path).expanduser().resolve()
+    for flag, given in inputs.items():
+        for item in given or ():
+            if item is not None and str(item).strip() and Path(item).expanduser().resolve() == target:
+                raise InvalidArgumentError(field, f"{path} is the {flag} file this command reads; write it elsewhere")

@@ -14,7 +14,7 @@ from .config import merge_config
 from .lora_flags import add_lora_flags, lora_settings
 from .options import (add_cache_flags, add_compiled_flag, add_model_flags, add_runtime_flags, cache_flag_errors,
                       cache_settings, resolve_model, runtime_options)
-from .outputs import check_json_output, check_media_output, check_outside
+from .outputs import check_json_output, check_media_output, check_not_input, check_outside
 from .parallel import add_parallel_flags
 
 
@@ -137,9 +137,11 @@ def run(args: argparse.Namespace) -> int:
                                     choice.output)
     dump_path = check_json_output(args.perf_dump_path, "--perf-dump-path") if args.perf_dump_path else None
     reads = {"checkpoint": choice.path, "artifact": args.compiled}
+    files = {"--image": args.image, "--config": [args.config]}
     for flag, path in (("--output", output), ("--perf-dump-path", dump_path)):
         if path is not None:
             check_outside(path, flag, reads)
+            check_not_input(path, flag, files)
     images = [read_image(path) for path in args.image or ()]
     if choice.notice and main_rank:
         print(choice.notice, file=sys.stderr)

@@ -144,23 +144,34 @@ def test_the_python_api_refuses_before_tracing(photos, demo_cache, monkeypatch):
     (["--perf-dump-path", "{tmp}/missing/p.json"], "--perf-dump-path: directory does not exist: {tmp}/missing"),
     (["--perf-dump-path", "{tmp}/p.txt"], "--perf-dump-path: must be a .json file, got 'p.txt'"),
     (["--perf-dump-path", "{tmp}/file.txt/p.json"], "--perf-dump-path: {tmp}/file.txt is not a directory"),
+    # found by an audit: an output over a file the command reads replaced it
+    (["--image", "{tmp}/in.png", "-o", "{tmp}/in.png"], "--output: {tmp}/in.png is the --image file this command "
+                                                           "reads; write it elsewhere"),
+    (["--config", "{tmp}/c.json", "--perf-dump-path", "{tmp}/c.json"], "--perf-dump-path: {tmp}/c.json is the "
+                                                                        "--config file this command reads"),
 ])
 def test_run_checks_outputs_before_loading(tmp_path, capsys, no_loading, extra, fragment):
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "dir.png").mkdir()
+    (tmp_path / "in.png").write_bytes(b"\x89PNG mine")
+    (tmp_path / "c.json").write_text("{}")
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
     base = ["run", "--prompt", "x"] + ([] if "-o" in extra else ["-o", str(tmp_path / "a.png")])
     code, err = _run(base + extra, capsys)
     assert code == 2 and fragment.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err, err
     assert err.count("\n") == 1
+    assert (tmp_path / "in.png").read_bytes() == b"\x89PNG mine" and (tmp_path / "c.json").read_text() == "{}"
 
 
 @pytest.mark.parametrize("extra,fragment", [
     (["--out", "{tmp}/missing/a.diffc"], "--out: directory does not exist: {tmp}/missing"),
     (["--report", "{tmp}/missing/r.json"], "--report: directory does not exist: {tmp}/missing"),
     (["--report", "{tmp}/r.yaml"], "--report: must be a .json file, got 'r.yaml'"),
+    (["--config", "{tmp}/c.json", "--report", "{tmp}/c.json"], "--report: {tmp}/c.json is the --config file this "
+                                                                "command reads"),
 ])
 def test_compile_checks_outputs_before_loading(tmp_path, capsys, no_loading, extra, fragment):
+    (tmp_path / "c.json").write_text("{}")
     extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
     base = ["compile"] + ([] if "--out" in extra else ["--out", str(tmp_path / "a.diffc")])
     code, err = _run(base + extra, capsys)
