@@ -49,9 +49,15 @@ def lora_settings(args: argparse.Namespace) -> dict[str, Any] | None:
             raise InvalidArgumentError(f"--{flag.replace('_', '-')}", "applies to the adapters of --lora-path; give one")
     if not paths:
         return None
+    from ..lora.files import resolve_lora_file
+
     for p in paths:
         if not p.strip():
             raise InvalidArgumentError("--lora-path", f"must be a LoRA .safetensors file or folder, got {p!r}")
+        try:  # a missing file, a pickle or a folder of several is one line before the model loads (or serve binds)
+            resolve_lora_file(p)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError("--lora-path", exc.message) from None
     strengths = []
     for s in _per_path("--lora-strength", _values(args, "lora_strength"), len(paths)) or [1.0] * len(paths):
         try:

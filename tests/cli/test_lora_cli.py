@@ -86,6 +86,23 @@ def test_lora_flag_errors(setup, tmp_path, capsys, extra, message):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize("name,message", [
+    ("missing.safetensors", "--lora-path: file not found: "),
+    ("lora.bin", "pickled checkpoints (.bin) are never loaded"),
+    ("empty", "the folder holds no .safetensors file"),
+])
+def test_lora_paths_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch, name, message):
+    """Found by an audit: a missing or pickled --lora-path was found only after the model had loaded (and, for serve,
+    after the port was bound)."""
+    from diffc.loader import pipeline as pipeline_loader
+
+    (tmp_path / "lora.bin").write_bytes(b"\x80\x04K\x01.")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(pipeline_loader, "load", lambda *a, **k: pytest.fail("the model loaded first"))
+    code = main(["run", *ARGS, "--output", str(tmp_path / "x.png"), "--lora-path", str(tmp_path / name)])
+    assert code == 2 and message in capsys.readouterr().err
+
+
 def test_bad_lora_metadata_is_one_line_naming_the_file_and_key(setup, tmp_path, capsys):
     ckpt, _, _ = setup
     path = W.write_keys({"transformer.proj_out.lora_A.weight": torch.zeros(4, 32),
