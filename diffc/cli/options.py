@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -183,6 +184,24 @@ def _output_kind(root: Path) -> str | None:
     return class_output_kind(index["_class_name"])
 
 
+def _check_bucket(bucket: dict[str, Any], compiled: str) -> None:
+    """The manifest's first compiled shape, whose values become the defaults of the command's requests: a value no
+    request can have is the artifact's error, not one of a flag the command did not give (the manifest is not
+    covered by the artifact's hashes)."""
+    from ..compile.artifact import ArtifactError
+
+    for key, value in bucket.items():
+        if key in ("height", "width", "num_frames", "max_sequence_length"):
+            ok = type(value) is int and 1 <= value <= 1 << 20
+        elif key in ("guidance_scale", "true_cfg_scale"):
+            ok = type(value) in (int, float) and math.isfinite(value)
+        else:
+            continue
+        if value is not None and not ok:
+            raise ArtifactError(f"{compiled}: its manifest's compiled shape has {key} {str(value)[:80]!r}, which no "
+                                "request can have; recompile the artifact with `diffc compile`")
+
+
 def resolve_model(args: argparse.Namespace) -> ModelChoice:
     """The model a ``run``, ``serve`` or ``compile`` command names, checked before it loads.
 
@@ -208,6 +227,7 @@ def resolve_model(args: argparse.Namespace) -> ModelChoice:
             bucket = dict(manifest["stages"]["transformer"]["buckets"][0]["request"])
         except (KeyError, IndexError, TypeError, ValueError):
             raise ArtifactError(f"{compiled}: its manifest lists no compiled shape") from None
+        _check_bucket(bucket, compiled)
         environment = manifest.get("environment") if isinstance(manifest.get("environment"), dict) else {}
         built_on = environment.get("device_type") if environment.get("device_type") in ("cpu", "cuda") else None
         if model is not None:

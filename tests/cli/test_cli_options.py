@@ -183,6 +183,25 @@ def test_a_compiled_artifact_whose_checkpoint_moved(tmp_path, capsys, no_loading
                 f"{path} was compiled from; pass --model to use another)") in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("request_,shown", [({"height": "abc", "width": 64}, "height 'abc'"),
+                                            ({"height": 64, "width": -64}, "width '-64'"),
+                                            ({"height": 64, "width": 64, "guidance_scale": None, "num_frames": True},
+                                             "num_frames 'True'")])
+def test_a_damaged_compiled_shape_is_the_artifacts_error(tmp_path, capsys, no_loading, request_, shown):
+    """Found by an audit: a manifest's shape value no request can have was reported as a bad --height or --width,
+    flags the command did not give (the manifest holds the hashes and is not covered by them)."""
+    from diffc.compile import artifact as art
+
+    path = tmp_path / "a.diffc"
+    path.mkdir()
+    (path / art.MANIFEST).write_text(json.dumps({
+        "format_version": art.FORMAT_VERSION, "model": {"path": "/gone/FLUX.1-dev"},
+        "stages": {"transformer": {"buckets": [{"request": request_}]}}}))
+    for command in ("run", "serve"):
+        assert _exit_code([*_argv(command, tmp_path), "--compiled", str(path)]) == 2
+        assert f"{path}: its manifest's compiled shape has {shown}, which no request can have" in capsys.readouterr().err
+
+
 def test_video_seconds_with_num_frames_is_refused():
     with pytest.raises(APIError) as info:
         parse_body(VideoRequest, {"prompt": "x", "seconds": 1, "num_frames": 17})
