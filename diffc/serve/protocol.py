@@ -186,7 +186,14 @@ async def read_payload(request, files: tuple[str, ...] = ()) -> Any:
             await form.close()
         check_values(fields)
         return fields
-    return load_json(await request.body())
+    try:
+        return load_json(await request.body())
+    except APIError as exc:
+        if exc.code == "invalid_json" and content_type.startswith("application/x-www-form-urlencoded"):
+            raise APIError(400, f"{exc.message} Send the fields as a JSON object (Content-Type: application/json) or "
+                                "as multipart/form-data; a form-urlencoded body (name=value&...) is read as JSON.",
+                           code="invalid_json") from None
+        raise
 
 
 def parse_body(model: type[_Request], data: Any) -> _Request:

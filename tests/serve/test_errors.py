@@ -56,6 +56,16 @@ def test_image_request_errors(image_server, case):
     assert error["type"] == "invalid_request_error"
 
 
+def test_a_form_urlencoded_body_says_what_is_read(image_server):
+    """``curl -d 'prompt=a'`` sends a form-urlencoded body, which the server reads as JSON: the error says so."""
+    r = httpx.post(f"{image_server.url}/v1/images/generations", data={"prompt": "a cat", "size": "32x32"})
+    error = _check_error(r, 400, None, "invalid_json")
+    assert "application/json" in error["message"] and "multipart/form-data" in error["message"]
+    r = httpx.post(f"{image_server.url}/v1/images/generations", content=b'{"prompt": "a cat", "size": "32x32"}',
+                   headers={"Content-Type": "application/x-www-form-urlencoded"})  # curl -d with JSON
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_video_request_to_an_image_model(image_server):
     r = httpx.post(f"{image_server.url}/v1/videos", json={"prompt": "a wave"})
