@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import CheckpointError, InvalidArgumentError
+from ..lora.files import resolve_lora_file
 from ..lora.spec import lora_requests, targets_of
 from .engine import Engine, NotReady
 from .protocol import APIError, _first_error, invalid, read_payload
@@ -59,10 +60,19 @@ def check_path(path: str, dirs: tuple[Path, ...]) -> str:
     if "\0" in str(path):  # os.path.realpath's ValueError would be a 500
         raise invalid("lora_path", "lora_path holds a NUL character, which no file name can hold")
     real = Path(os.path.realpath(os.path.expanduser(str(path))))
-    if not any(real == d or d in real.parents for d in dirs):
+    if real.is_dir() and _inside(real, dirs):  # a folder: the file in it that would be read must be inside too
+        try:
+            real = Path(os.path.realpath(resolve_lora_file(real)))
+        except InvalidArgumentError as exc:
+            raise invalid("lora_path", str(exc)) from None
+    if not _inside(real, dirs):
         raise APIError(403, f"lora_path '{path}' is outside the directories this server loads LoRA files from "
                        "(--lora-dir).", type="permission_error", param="lora_path", code="lora_path_forbidden")
     return str(real)
+
+
+def _inside(real: Path, dirs: tuple[Path, ...]) -> bool:
+    return any(real == d or d in real.parents for d in dirs)
 
 
 async def _body(request: Request, model):

@@ -63,6 +63,8 @@ def lora_server(demo_ckpt, tmp_path_factory):
                              magnitude=0.4)
         W.write_keys(W.diffusers_with_alpha_keys(lora), (outside if name == "secret" else allowed) / f"{name}.safetensors")
     os.symlink(outside / "secret.safetensors", allowed / "link.safetensors")
+    (allowed / "linked-folder").mkdir()  # a folder whose LoRA file links outside
+    os.symlink(outside / "secret.safetensors", allowed / "linked-folder" / "pytorch_lora_weights.safetensors")
     holder = {}
 
     def load():
@@ -101,7 +103,8 @@ def test_set_merge_unmerge_list(lora_server):
 
 
 @pytest.mark.parametrize("path", ["private/secret.safetensors", "loras/../private/secret.safetensors",
-                                  "loras/link.safetensors", "/etc/passwd"])
+                                  "loras/link.safetensors", "/etc/passwd",
+                                  "loras/linked-folder"])  # found by an audit: the folder form read the link
 def test_paths_outside_the_lora_dirs_are_forbidden(lora_server, path):
     root = lora_server.allowed.parent
     full = path if path.startswith("/") else str(root / path)
