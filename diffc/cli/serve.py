@@ -245,6 +245,9 @@ def _check_flags(args: argparse.Namespace) -> None:
                                    f"{MAX_SHUTDOWN_TIMEOUT_S} (a week), got {args.shutdown_timeout}")
     if args.fps > MAX_FPS:
         raise InvalidArgumentError("--fps", f"must be from 1 to {MAX_FPS}, got {args.fps}")
+    if args.output_dir is not None and not args.output_dir.strip():
+        raise InvalidArgumentError("--output-dir", "is empty; give a directory, or leave it out for a private "
+                                   "temporary one")
     if args.model_name is not None and not args.model_name.strip():
         raise InvalidArgumentError("--model-name", "is empty; give the id /v1/models reports, or leave it out for "
                                    "the checkpoint folder's name")
