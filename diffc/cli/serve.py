@@ -320,6 +320,8 @@ def serve(args: argparse.Namespace) -> int:
         _check_output_dir(Path(args.output_dir).expanduser(), {"checkpoint": choice.path, "artifact": args.compiled})
     lora = lora_settings(args)
     for directory in args.lora_dir or ():
+        if not directory.strip():  # Path("") is the current directory: an unset variable would allow it
+            raise InvalidArgumentError("--lora-dir", "is empty; give the directory LoRA files may be loaded from")
         if not Path(directory).expanduser().is_dir():
             raise InvalidArgumentError("--lora-dir", f"not a directory: {directory}")
 

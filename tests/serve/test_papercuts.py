@@ -284,6 +284,7 @@ def demo_pipes(demo_ckpt):
     (["--output-dir", "{file}/sub"], "--output-dir: cannot create {file}/sub: {file} is not a directory"),
     (["--output-dir", "{ckpt}/vae/out"], "is inside the checkpoint"),
     (["--output-dir", " "], "--output-dir: is empty"),  # was the current directory
+    (["--lora-dir", ""], "--lora-dir: is empty"),  # allowed set_lora to read the current directory
     (["--lora-path", "{file}-missing.safetensors"], "--lora-path: file not found: {file}-missing.safetensors"),
 ])
 def test_serve_flag_values_are_refused_before_loading_or_binding(tmp_path, capsys, monkeypatch, no_loading,
