@@ -25,7 +25,7 @@ class TinyZImage:
     latent_channels: int = 4
     vae_blocks: tuple[int, ...] = (8, 16)
     text_dim: int = 24
-    kv_heads: int | None = None  # None: as many as heads
+    kv_heads: int | None = None  # config.json's n_kv_heads (None: n_heads); diffusers' attention does not read it
     axes_lens: tuple[int, int, int] = (1024, 64, 64)
 
 
@@ -33,7 +33,8 @@ ZIMAGE_VARIANTS = {
     "tiny": TinyZImage("tiny"),
     "odd": TinyZImage("odd", dim=24, heads=1, layers=1, refiners=2, axes=(8, 8, 8), latent_channels=3,
                       vae_blocks=(8,), text_dim=20),
-    # a caption axis too short for diffusers' default 512 text tokens (236 fit), grouped-query attention
+    # a caption axis too short for diffusers' default 512 text tokens (236 fit); n_kv_heads=1, which the config
+    # carries and diffusers' Z-Image attention ignores (n_heads K/V heads)
     "short-captions": TinyZImage("short-captions", dim=32, heads=2, kv_heads=1, axes_lens=(300, 64, 64)),
 }
 
