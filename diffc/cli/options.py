@@ -163,6 +163,8 @@ class ModelChoice:
 
 def checkpoint_dir(path: str | Path, field: str, origin: str = "") -> Path:
     """``path`` as a checkpoint directory with a ``model_index.json``; the one wording for a wrong ``--model``."""
+    if not str(path).strip():  # Path("") is the current directory
+        raise InvalidArgumentError(field, f"is empty; give a diffusers-format checkpoint directory{origin}")
     root = Path(path).expanduser()
     if not root.exists():
         raise InvalidArgumentError(field, f"checkpoint directory not found: {path}{origin}")

@@ -159,6 +159,8 @@ def test_one_wording_for_a_wrong_model(tmp_path, capsys, no_loading, command):
         "/nonexistent/ckpt": "--model: checkpoint directory not found: /nonexistent/ckpt",
         str(tmp_path / "empty"): f"--model: {tmp_path / 'empty'} is not a diffusers-format checkpoint directory "
                                  "(no model_index.json)",
+        "": "--model: is empty; give a diffusers-format checkpoint directory",  # was ' is not a ... directory'
+        " ": "--model: is empty; give a diffusers-format checkpoint directory",
     }
     for model, message in expected.items():
         assert _exit_code([*_argv(command, tmp_path), "--model", model]) == 2
