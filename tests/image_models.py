@@ -27,6 +27,7 @@ class TinyZImage:
     text_dim: int = 24
     kv_heads: int | None = None  # config.json's n_kv_heads (None: n_heads); diffusers' attention does not read it
     axes_lens: tuple[int, int, int] = (1024, 64, 64)
+    patches: tuple[tuple[int, int], ...] = ((2, 1),)  # (all_patch_size, all_f_patch_size) pairs
 
 
 ZIMAGE_VARIANTS = {
@@ -36,6 +37,8 @@ ZIMAGE_VARIANTS = {
     # a caption axis too short for diffusers' default 512 text tokens (236 fit); n_kv_heads=1, which the config
     # carries and diffusers' Z-Image attention ignores (n_heads K/V heads)
     "short-captions": TinyZImage("short-captions", dim=32, heads=2, kv_heads=1, axes_lens=(300, 64, 64)),
+    # an embedder per patch pair, (1, 1) first: ZImagePipeline runs the (2, 1) one
+    "two-patches": TinyZImage("two-patches", layers=1, patches=((1, 1), (2, 1))),
 }
 
 
@@ -46,7 +49,8 @@ def build_zimage_pipeline(v: TinyZImage, tok_dir: Path, seed: int = 0):
     tokenizer = train_qwen_tokenizer(tok_dir)
     torch.manual_seed(seed)
     transformer = diffusers.ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=v.latent_channels, dim=v.dim, n_layers=v.layers,
+        all_patch_size=tuple(p for p, _ in v.patches), all_f_patch_size=tuple(f for _, f in v.patches),
+        in_channels=v.latent_channels, dim=v.dim, n_layers=v.layers,
         n_refiner_layers=v.refiners, n_heads=v.heads, n_kv_heads=v.kv_heads or v.heads, cap_feat_dim=v.text_dim,
         axes_dims=list(v.axes), axes_lens=list(v.axes_lens))
     with torch.no_grad():  # diffusers initialises the pad tokens to zero; random ones make the test see them

@@ -17,6 +17,7 @@ CASES = [
     ("tiny", 64, 48, 3, 0.0, 64, None),          # Turbo: no guidance
     ("tiny", 32, 32, 2, 2.5, 48, "blurry, low quality"),  # CFG: cond/uncond captions of other lengths (mask)
     ("odd", 48, 16, 2, 1.0, 40, None),           # 1 head, 2 refiners, 3 latent channels, odd image token count
+    ("two-patches", 32, 48, 2, 2.0, 32, None),   # embedders for patches 1 and 2 (was a WeightMismatchError)
 ]
 
 

@@ -65,12 +65,23 @@ class ZImageTransformerConfig(ModelConfig):
             raise InvalidArgumentError("all_patch_size", "needs one entry per all_f_patch_size entry")
 
     @property
+    def patch_pairs(self) -> list[tuple[int, int]]:
+        """Every (patch, frame patch) pair the checkpoint has an embedder and a final layer for."""
+        return list(zip(self.all_patch_size, self.all_f_patch_size))
+
+    @property
     def patch_size(self) -> int:
-        return self.all_patch_size[0]
+        """The patch the DiT runs: (2, 1), diffusers' forward default and what ZImagePipeline runs, where the
+        checkpoint has it, else its first pair."""
+        return self._patch_pair[0]
 
     @property
     def f_patch_size(self) -> int:
-        return self.all_f_patch_size[0]
+        return self._patch_pair[1]
+
+    @property
+    def _patch_pair(self) -> tuple[int, int]:
+        return (2, 1) if (2, 1) in self.patch_pairs else self.patch_pairs[0]
 
 
 ZIMAGE_TRANSFORMER_SPECS: dict[str, ZImageTransformerConfig] = {
@@ -134,10 +145,11 @@ class ZImageTransformer2DModel(nn.Module):
     def __init__(self, config: ZImageTransformerConfig):
         super().__init__()
         self.config = config
-        dim, p, pf, c = config.dim, config.patch_size, config.f_patch_size, config.in_channels
-        key = f"{p}-{pf}"
-        self.all_x_embedder = nn.ModuleDict({key: nn.Linear(pf * p * p * c, dim)})
-        self.all_final_layer = nn.ModuleDict({key: FinalLayer(dim, pf * p * p * c)})
+        dim, c = config.dim, config.in_channels
+        # one embedder and final layer per pair, as the checkpoint holds them; the forward runs config.patch_size's
+        pairs = config.patch_pairs
+        self.all_x_embedder = nn.ModuleDict({f"{p}-{pf}": nn.Linear(pf * p * p * c, dim) for p, pf in pairs})
+        self.all_final_layer = nn.ModuleDict({f"{p}-{pf}": FinalLayer(dim, pf * p * p * c) for p, pf in pairs})
         self.noise_refiner = nn.ModuleList(
             ZImageTransformerBlock(dim, config.n_heads, config.norm_eps) for _ in range(config.n_refiner_layers))
         self.context_refiner = nn.ModuleList(
