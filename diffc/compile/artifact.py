@@ -160,7 +160,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of the artifact at ``path`` (JSON only: nothing else in the artifact is read)."""
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise ArtifactError(f"compiled artifact not found: {root} (expected a directory written by `diffc compile`)")
+        what = "is a file" if root.is_file() else "is not a directory" if root.exists() else None
+        problem = f"compiled artifact not found: {root}" if what is None else f"{root} {what}, not a compiled artifact"
+        raise ArtifactError(f"{problem} (expected a directory written by `diffc compile`)")
     file = root / MANIFEST
     if file.is_symlink() or (file.exists() and not file.is_file()):
         raise ArtifactError(f"{file} is not a regular file")

@@ -208,8 +208,12 @@ def test_run_compile_caches_the_artifact(tmp_path, capsys, demo_cache):
     (["--compile", "--compiled", "somewhere"], "--compile: give either --compile (compile now, cached) or --compiled"),
     (["--quality", "lossless"], "--quality: applies to --compile only"),
     (["--compiled", "/nonexistent/x.diffc"], "compiled artifact not found: /nonexistent/x.diffc"),
+    (["--compiled", "{tmp}/file.diffc"], "{tmp}/file.diffc is a file, not a compiled artifact (expected a directory "
+                                         "written by `diffc compile`)"),  # was 'not found', of a file that is there
 ])
 def test_run_compiled_bad_flags_exit_2(tmp_path, capsys, argv, fragment):
+    (tmp_path / "file.diffc").write_text("x")
+    argv, fragment = [a.replace("{tmp}", str(tmp_path)) for a in argv], fragment.replace("{tmp}", str(tmp_path))
     code = main(["run", "--prompt", "p", "-o", str(tmp_path / "x.png"), *argv])
     err = capsys.readouterr().err
     assert code == 2 and fragment in err, err
