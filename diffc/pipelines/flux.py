@@ -154,7 +154,7 @@ def decode(ctx: RunContext, s):
     f = vae_scale_factor(vae)
     h, w = 2 * (s["height"] // (f * 2)), 2 * (s["width"] // (f * 2))
     latents = unpack_latents(s["latents"], h, w)
-    latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+    latents = latents / vae.scaling_factor + vae.shift_factor  # shift 0 where the VAE has none
     return {"decoded": vae.decode(latents)}
 
 

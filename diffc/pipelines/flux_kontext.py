@@ -52,7 +52,7 @@ def encode_image(ctx: RunContext, s):
     images = [image.convert("RGB")]
     pixels = resize_image(images[0], height, width).to(device=ctx.device, dtype=ctx.dtype)
     mean, _ = vae.encode(pixels.to(next(vae.parameters()).dtype))  # the posterior's mode ("argmax")
-    latents = ((mean - vae.config.shift_factor) * vae.config.scaling_factor).to(ctx.dtype)
+    latents = ((mean - vae.shift_factor) * vae.scaling_factor).to(ctx.dtype)
     ids = flux.latent_image_ids(latents.shape[2] // 2, latents.shape[3] // 2, ctx.device, ctx.dtype)
     ids[:, 0] = 1
     packed = flux.pack_latents(latents).expand(len(s["prompt"]), -1, -1)

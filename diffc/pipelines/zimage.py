@@ -115,7 +115,7 @@ def denoise(ctx: RunContext, s):
 def decode(ctx: RunContext, s):
     vae = ctx.components["vae"]
     latents = s["latents"].to(next(vae.parameters()).dtype)
-    return {"decoded": vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor)}
+    return {"decoded": vae.decode(latents / vae.scaling_factor + vae.shift_factor)}
 
 
 def build_stages():

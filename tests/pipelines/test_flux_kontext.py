@@ -142,6 +142,21 @@ def test_bad_requests(kontext_checkpoint, kwargs, field, fragment):
     assert err.value.field == field
 
 
+def test_a_vae_without_shift_factor_shifts_by_zero(kontext_checkpoint, tmp_path, tiny_resolutions):
+    """A VAE config with ``shift_factor: null`` (diffusers' AutoencoderKL default, Stable Diffusion VAEs) made FLUX
+    decode and Kontext encode fail with "unsupported operand type(s) ... 'NoneType'" (diffusers' pipelines too); it
+    shifts by 0, which is diffusers' picture for the same weights with shift_factor 0.0."""
+    null, zero = tmp_path / "null", tmp_path / "zero"
+    for folder, shift in ((null, None), (zero, 0.0)):
+        shutil.copytree(kontext_checkpoint, folder)
+        config = json.loads((folder / "vae" / "config.json").read_text())
+        (folder / "vae" / "config.json").write_text(json.dumps({**config, "shift_factor": shift}))
+    kw = dict(num_inference_steps=2, guidance_scale=2.5, max_sequence_length=16, height=24, width=40)
+    got = diffc.load(null).generate(PROMPT, image=_input_image(), seed=3, progress=False, **kw).images[0]
+    want = _reference("FluxKontextPipeline", zero, 3, image=_input_image(), max_area=24 * 40, **kw)
+    assert np.asarray(got).std() > 1.0 and psnr_uint8(got, want) >= 40.0
+
+
 def test_text_to_image_flux_refuses_an_image(flux_checkpoint):
     with pytest.raises(InvalidArgumentError, match="does not take an input image"):
         diffc.load(flux_checkpoint("dev-tiny")).generate(PROMPT, image=_input_image(), progress=False)
