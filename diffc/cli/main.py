@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -82,6 +83,20 @@ def named_by_flag(exc: InvalidArgumentError, parser: argparse.ArgumentParser,
     return exc
 
 
+def _flag_of_path(args: argparse.Namespace, filename) -> str | None:
+    """The flag whose value is ``filename`` or a folder holding it (``--model`` for its config files)."""
+    target = str(filename)
+    for action in args._parser._actions:
+        values = getattr(args, action.dest, None) if action.option_strings else None
+        for value in values if isinstance(values, list) else [values]:
+            if not isinstance(value, str) or not value.strip():
+                continue
+            for given in {value, os.path.expanduser(value)}:
+                if target == given or target.startswith(given.rstrip("/") + "/"):
+                    return next((o for o in action.option_strings if o.startswith("--")), action.option_strings[0])
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import given_options
 
@@ -114,6 +129,18 @@ def main(argv: list[str] | None = None) -> int:
 
         if not report_rank_error(str(exc)):  # a spawned rank leaves it to the parent, which prints it once
             print(f"diffc {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the OS refuses (a name too long, ...) where no check of diffc's named it first
+        if exc.filename is None:
+            raise
+        from .parallel import report_rank_error
+
+        flag = _flag_of_path(args, exc.filename)
+        shown = str(exc.filename)
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
+        message = f"{flag + ': ' if flag else ''}{shown}: {exc.strerror or type(exc).__name__}"
+        if not report_rank_error(message):
+            print(f"diffc {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"diffc {args.command}: interrupted", file=sys.stderr)

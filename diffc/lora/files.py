@@ -40,7 +40,14 @@ class LoraFile:
 
 def resolve_lora_file(path: str | os.PathLike) -> Path:
     """The safetensors file ``path`` names: itself, or the one LoRA file in a folder."""
-    p = Path(path).expanduser()
+    try:
+        return _resolve_lora_file(Path(path).expanduser())
+    except OSError as exc:  # a name too long, a folder that cannot be listed, ...
+        raise InvalidArgumentError("lora_path", f"{str(path)[:200]}: cannot be read "
+                                   f"({exc.strerror or type(exc).__name__})") from None
+
+
+def _resolve_lora_file(p: Path) -> Path:
     if p.is_dir():
         found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix == ".safetensors"
                        and not any(s in f.name for s in ("optimizer", "scheduler")))

@@ -59,12 +59,14 @@ def check_path(path: str, dirs: tuple[Path, ...]) -> str:
                        type="permission_error", param="lora_path", code="lora_path_forbidden")
     if "\0" in str(path):  # os.path.realpath's ValueError would be a 500
         raise invalid("lora_path", "lora_path holds a NUL character, which no file name can hold")
-    real = Path(os.path.realpath(os.path.expanduser(str(path))))
-    if real.is_dir() and _inside(real, dirs):  # a folder: the file in it that would be read must be inside too
-        try:
+    try:
+        real = Path(os.path.realpath(os.path.expanduser(str(path))))
+        if real.is_dir() and _inside(real, dirs):  # a folder: the file in it that would be read must be inside too
             real = Path(os.path.realpath(resolve_lora_file(real)))
-        except InvalidArgumentError as exc:
-            raise invalid("lora_path", str(exc)) from None
+    except InvalidArgumentError as exc:
+        raise invalid("lora_path", str(exc)) from None
+    except OSError as exc:  # a name too long, ...
+        raise invalid("lora_path", f"lora_path cannot be read ({exc.strerror or type(exc).__name__})") from None
     if not _inside(real, dirs):
         raise APIError(403, f"lora_path '{path}' is outside the directories this server loads LoRA files from "
                        "(--lora-dir).", type="permission_error", param="lora_path", code="lora_path_forbidden")

@@ -227,3 +227,26 @@ def test_a_failed_artifact_write_is_one_line_and_leaves_nothing(demo_cache, tmp_
     assert code == 2
     assert err.endswith(f"diffc compile: error: cannot write {out_dir / 'a.diffc'}: No space left on device\n"), err
     assert list(out_dir.iterdir()) == []
+
+
+LONG = "x" * 300  # one path component past every Linux file system's 255 bytes
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["run", "--prompt", "x", "-o", "{tmp}/" + LONG + ".png"], "--output"),
+    (["run", "--prompt", "x", "-o", "{tmp}/a.png", "--perf-dump-path", "{tmp}/" + LONG + ".json"], "--perf-dump-path"),
+    (["run", "--prompt", "x", "-o", "{tmp}/a.png", "--model", "{tmp}/" + LONG], "--model"),
+    (["run", "--prompt", "x", "-o", "{tmp}/a.png", "--config", "{tmp}/" + LONG + ".json"], "--config"),
+    (["run", "--prompt", "x", "-o", "{tmp}/a.png", "--image", "{tmp}/" + LONG + ".png"], "--image"),
+    (["run", "--prompt", "x", "-o", "{tmp}/a.png", "--compiled", "{tmp}/" + LONG], "--compiled"),
+    (["run", "--prompt", "x", "-o", "{tmp}/a.png", "--lora-path", "{tmp}/" + LONG], "--lora-path"),
+    (["compile", "--out", "{tmp}/" + LONG], "--out"),
+    (["serve", "--port", "0", "--output-dir", "{tmp}/" + LONG], "--output-dir"),
+])
+def test_a_path_the_os_refuses_is_one_line_naming_its_flag(tmp_path, capsys, no_loading, demo_cache, argv, flag):
+    """Found by an audit: a file name too long was an OSError traceback from wherever the path was first touched."""
+    code, err = _run([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith(f"diffc {argv[0]}: error: ")]  # (serve: the demo note)
+    assert len(errors) == 1 and errors[0].startswith(f"diffc {argv[0]}: error: {flag}: "), err
+    assert "File name too long" in errors[0], err

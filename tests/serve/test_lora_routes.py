@@ -124,6 +124,8 @@ def test_paths_outside_the_lora_dirs_are_forbidden(lora_server, path):
     ({"lora_nickname": ["a", "b"], "lora_path": ["LORAS/a.safetensors"]}, 400, "lora_path", "invalid_value"),
     ({"lora_nickname": "a", "unknown": 1}, 400, "unknown", "unknown_parameter"),
     ({"lora_nickname": "a", "lora_path": "LORAS/a\u0000.safetensors"}, 400, "lora_path", "invalid_value"),  # was a 500
+    ({"lora_nickname": "a", "lora_path": "LORAS/" + "x" * 300}, 400, "lora_path", "invalid_value"),  # name too long: 500
+    ({"lora_nickname": "a", "lora_path": "LORAS/" + "x" * 300 + "/a.safetensors"}, 400, "lora_path", "invalid_value"),
     ({"lora_path": "LORAS/a.safetensors"}, 400, "lora_nickname", "missing_required_parameter"),
     ({"lora_nickname": ["p", "q", "r"], "lora_path": ["LORAS/a.safetensors"] * 3}, 400, "lora_nickname",
      "too_many_loras"),
