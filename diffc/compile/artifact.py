@@ -159,7 +159,11 @@ def check_compatible(manifest: dict[str, Any], *, device: torch.device, dtype: t
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of the artifact at ``path`` (JSON only: nothing else in the artifact is read)."""
     root = Path(path).expanduser()
-    if not root.is_dir():
+    try:
+        found = root.is_dir()
+    except OSError as exc:  # a name too long, ...
+        raise ArtifactError(f"{str(root)[:200]}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not found:
         what = "is a file" if root.is_file() else "is not a directory" if root.exists() else None
         problem = f"compiled artifact not found: {root}" if what is None else f"{root} {what}, not a compiled artifact"
         raise ArtifactError(f"{problem} (expected a directory written by `diffc compile`)")

@@ -60,7 +60,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 def read_index(root: Path) -> tuple[dict, PipelineSpec | None]:
     """``root``'s ``model_index.json`` and the native spec of the pipeline it names, None for a pipeline
     the generic (diffusers) backend runs (nothing else is read)."""
-    if not root.is_dir():
+    try:
+        found = root.is_dir()
+    except OSError as exc:  # a name too long, ...
+        raise CheckpointError(f"{str(root)[:200]}: cannot be read ({exc.strerror or type(exc).__name__})") from None
+    if not found:
         raise CheckpointError(f"checkpoint directory not found: {root}")
     index = read_json(root / "model_index.json")
     class_name = index.get("_class_name")

@@ -199,6 +199,11 @@ def test_a_path_that_is_not_one_is_named(path):
         diffc.load(path)
 
 
+def test_a_path_the_os_refuses_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match=r"cannot be read \(File name too long\)"):  # was an OSError
+        diffc.load(tmp_path / ("x" * 300))
+
+
 @pytest.mark.parametrize("kwargs,hint", [({"foo": 1}, None), ({"ofload": "layerwise"}, "offload"),
                                          ({"cuda_graph": False}, "cuda_graphs"), ({"dtypes": "fp32"}, "dtype")])
 def test_an_unknown_load_option_is_named(tmp_path, kwargs, hint):
@@ -234,6 +239,7 @@ def test_runtime_options_are_checked_before_loading(flux_checkpoint, kwargs, fie
     (5, InvalidArgumentError, "compiled: must be the path of an artifact"),  # was a TypeError after loading
     ("", InvalidArgumentError, "compiled: must be the path of an artifact"),  # was the current folder
     ("{tmp}/missing", diffc.DiffcError, "compiled artifact not found"),
+    ("{tmp}/" + "x" * 300, diffc.DiffcError, "cannot be read \\(File name too long\\)"),  # was an OSError
     ("{tmp}/foreign", diffc.DiffcError, "compiled for another setup"),
 ])
 def test_a_compiled_artifact_is_checked_before_any_weight_loads(flux_checkpoint, tmp_path, monkeypatch, compiled,
