@@ -153,6 +153,28 @@ def test_input_images_open_in_pillow_own_decoders_only(tmp_path, monkeypatch):
         read_image(str(tmp_path))
 
 
+@pytest.mark.parametrize("side", [16000, 100000])
+def test_an_input_image_header_declaring_billions_of_pixels_is_too_large(tmp_path, side):
+    """Found by an audit: past Pillow's bomb limit a header's size was 'not a readable image (... decompression bomb
+    DOS attack.)', not the 'too large' line a smaller oversized image gets."""
+    import io
+    import struct
+    import zlib
+
+    from diffc.cli.run import read_image
+    from diffc.errors import InvalidArgumentError
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", side, side)  # IHDR width and height, then its CRC
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    (tmp_path / "huge.png").write_bytes(bytes(data))
+    with pytest.raises(InvalidArgumentError, match=rf"huge\.png is {side * side} pixels by its header, too large \(at "
+                                                   r"most 16384 a side and 67108864 pixels\)"):
+        read_image(str(tmp_path / "huge.png"))
+
+
 def test_input_image_files_found_by_an_audit(tmp_path):
     """A PNG whose chunks are broken (PIL raises SyntaxError), a FIFO (it blocked for ever), a declared size past
     the limit (checked before decoding, without PIL's warning) are one line; a JPEG's EXIF orientation is applied,
