@@ -46,8 +46,8 @@ def parse_allowed_hosts(values: Iterable[str]) -> list[str] | None:
     """``--allowed-hosts`` values (repeatable, comma-separated): host names, ``*.example.com``, or ``*``
     for any (None)."""
     hosts: list[str] = []
-    for value in values:
-        hosts += [h.strip().lower() for h in value.split(",") if h.strip()]
+    for value in values:  # host_name: a port given with a name ("gpu-box:30000") would never match a Host header
+        hosts += [host_name(h) for h in value.split(",") if h.strip()]
     if "*" in hosts:
         return None
     return sorted(set(hosts))

@@ -237,3 +237,7 @@ def test_allowed_host_settings():
     assert host_allowed("img.example.com:30000", allowed) and host_allowed("GPU-BOX", allowed)
     assert not host_allowed("example.com.evil", allowed) and not host_allowed(None, allowed)
     assert host_allowed("anything", None)
+    # found by an audit: a name given with its port never matched (Host headers are compared without theirs)
+    allowed = parse_allowed_hosts(["gpu-box:30000,[::1]:30000", "10.0.0.2:8000"])
+    assert allowed == ["10.0.0.2", "::1", "gpu-box"]
+    assert host_allowed("gpu-box:30000", allowed) and host_allowed("[::1]:30000", allowed)
