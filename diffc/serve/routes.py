@@ -97,6 +97,7 @@ def _prepare(engine: Engine, kind: str, req, params: dict[str, str] | None = Non
                              cache=req.cache, lora=req.lora, lora_strength=req.lora_strength,
                              true_cfg_scale=req.true_cfg_scale, **extra)
         _check_encodable(req, job)
+        _check_kept(engine, req, job)
         return engine.submit(job)
     except NotReady as exc:
         raise APIError(503, str(exc), type="server_error", code="model_not_ready",
@@ -182,6 +183,15 @@ def _check_encodable(req, job: Job) -> None:
     if getattr(req, "output_format", None) == "webp" and max(job.options["width"], job.options["height"]) > WEBP_MAX_SIDE:
         raise invalid("output_format", f"WebP images are at most {WEBP_MAX_SIDE} pixels a side and this one would be "
                                        f"{_size(job)}; ask for a smaller size or output_format png or jpeg")
+
+
+def _check_kept(engine: Engine, req, job: Job) -> None:
+    """``response_format: "url"`` asks for no more images than the server keeps (``--keep-outputs``): retention would
+    delete the first ones before the answer names them."""
+    n = len(job.seeds)
+    if getattr(req, "response_format", None) == "url" and n > engine.store.keep:
+        raise invalid("n", f"this server keeps {engine.store.keep} output(s) (--keep-outputs), so {n} images as URLs "
+                           "would expire before the answer; ask for fewer or use response_format b64_json")
 
 
 async def _until_done_or_gone(request: Request, job: Job) -> bool:

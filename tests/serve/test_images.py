@@ -158,6 +158,12 @@ def test_retention_keeps_the_newest_outputs(serve):
     assert httpx.get(urls[0]).status_code == 404
     assert [httpx.get(u).status_code for u in urls[1:]] == [200, 200]
     assert len([p for p in server.engine.store.root.iterdir() if not p.name.startswith(".")]) == 2
+    # found by an audit: n over --keep-outputs as URLs answered with URLs retention had already deleted
+    r = httpx.post(f"{server.url}/v1/images/generations", timeout=120,
+                   json={"prompt": "trees", "size": "32x32", "n": 3, "response_format": "url"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "--keep-outputs" in r.text
+    r = httpx.post(f"{server.url}/v1/images/generations", timeout=120, json={"prompt": "trees", "size": "32x32", "n": 3})
+    assert r.status_code == 200 and len(r.json()["data"]) == 3  # b64_json keeps nothing
 
 
 def test_output_store_age_limit(tmp_path):
