@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgumentError
 from ..fileio import atomic_write
+from .compile import MAX_BATCH
 from .config import merge_config
 from .lora_flags import add_lora_flags, lora_settings
 from .options import (add_cache_flags, add_compiled_flag, add_model_flags, add_runtime_flags, cache_flag_errors,
@@ -40,6 +41,10 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, help="random seed (default: random, printed in the summary)")
     p.add_argument("--max-sequence-length", type=int, help="text tokens kept for the main text encoder")
     p.add_argument("--output", "-o", help="output file (.png/.jpg/.webp for images, .mp4 for videos)")
+    p.add_argument("--batch", type=int,
+                   help=f"images or videos to make of the prompt in one call, 1 to {MAX_BATCH} (default 1); several "
+                        "are written as OUTPUT-0.png, OUTPUT-1.png, ... (one generator for all with --seed, else a seed "
+                        "each)")
     p.add_argument("--scheduler", choices=("unipc", "euler"), help="sampler instead of the checkpoint's own (Wan: unipc or euler)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     add_runtime_flags(p)
@@ -55,6 +60,13 @@ def add_parser(sub) -> None:
                    help="compile the DiT for this shape first (cached under $DIFFC_CACHE/compiled: later runs reuse it)")
     p.add_argument("--quality", choices=("lossless", "fast", "fp8"), help="--compile's quality tier (default fast)")
     p.set_defaults(func=run, _parser=p)
+
+
+def numbered(output: Path, count: int) -> list[Path]:
+    """Where ``count`` outputs go: ``output`` itself for one, else ``stem-0.suffix`` ... beside it."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
 
 
 def read_image(path: str):
@@ -110,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
         check_unicode("--negative-prompt", [args.negative_prompt])
     if args.fps is not None and not 1 <= args.fps <= 240:
         raise InvalidArgumentError("--fps", f"must be from 1 to 240, got {args.fps}")
+    count = 1 if args.batch is None else args.batch
+    if not 1 <= count <= MAX_BATCH:
+        raise InvalidArgumentError("--batch", f"must be from 1 to {MAX_BATCH}, got {count}")
+    prompt = args.prompt if count == 1 else [args.prompt] * count
     for flag, value in (("--output", args.output), ("--perf-dump-path", args.perf_dump_path)):
         if value is not None and not str(value).strip():
             raise InvalidArgumentError(flag, "is empty; give a file name")
@@ -143,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     dump_path = check_json_output(args.perf_dump_path, "--perf-dump-path") if args.perf_dump_path else None
     reads = {"checkpoint": choice.path, "artifact": args.compiled}
     files = {"--image": args.image, "--config": [args.config]}
-    for flag, path in (("--output", output), ("--perf-dump-path", dump_path)):
+    for flag, path in [("--output", p) for p in numbered(output, count)] + [("--perf-dump-path", dump_path)]:
         if path is not None:
             check_outside(path, flag, reads)
             check_not_input(path, flag, files)
@@ -180,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     options = {k: v for k, v in options.items() if v is not None}
     if images:
         options["image"] = images[0] if len(images) == 1 else images
-    request = pipe.resolve(prompt=args.prompt, **options)
+    request = pipe.resolve(prompt=prompt, **options)
     with cache_flag_errors():
         pipe.check_cache(cache)
     compile_s = None
@@ -195,8 +211,8 @@ def run(args: argparse.Namespace) -> int:
             bucket["image_size"] = sizes[0] if len(sizes) == 1 else sizes
         if "true_cfg_scale" in bucket and options.get("negative_prompt") is not None:
             bucket["negative_prompt"] = options["negative_prompt"]  # true CFG doubles the DiT batch
-        if getattr(pipe.spec, "prompt_shapes", False):  # the DiT holds the prompts at their own length
-            bucket["prompt"] = request.prompts
+        if count > 1 or getattr(pipe.spec, "prompt_shapes", False):  # the batch; a DiT holding the prompts at
+            bucket["prompt"] = request.prompts  # their own length also reads their text
             if options.get("negative_prompt") is not None:
                 bucket["negative_prompt"] = options["negative_prompt"]
         log = (lambda line: print(line, file=sys.stderr)) if main_rank else (lambda line: None)
@@ -210,18 +226,21 @@ def run(args: argparse.Namespace) -> int:
         from ..parallel.collectives import guarded
 
         with guarded(f"rank {mesh.rank}"):
-            out = pipe.generate(prompt=args.prompt, progress=main_rank and not args.no_progress, cache=cache,
+            out = pipe.generate(prompt=prompt, progress=main_rank and not args.no_progress, cache=cache,
                                 **options)
         if not main_rank:
             return 0  # rank 0 alone writes the output and reports
     else:
-        out = pipe.generate(prompt=args.prompt, progress=not args.no_progress, cache=cache, **options)
-    out.save(output, fps=args.fps or 16)  # written to a temporary name and renamed
+        out = pipe.generate(prompt=prompt, progress=not args.no_progress, cache=cache, **options)
+    outputs = numbered(output, count)
+    for i, path in enumerate(outputs):
+        out.save(path, index=i, fps=args.fps or 16)  # each written to a temporary name and renamed
     if dump_path is not None:
         dump = {"model": str(model_path), "compiled": args.compiled, "load_s": load_s, "compile_s": compile_s,
                 "device": str(pipe.device), "dtype": str(pipe.dtype).replace("torch.", ""),
                 "request": {k: v for k, v in vars(request).items() if k != "image"}, "seed": out.seeds[0],
-                "output": str(output), "warnings": out.warnings,
+                "output": str(output), "outputs": [str(p) for p in outputs], "seeds": out.seeds,
+                "warnings": out.warnings,
                 "lora": pipe.list_loras()["active"] if lora is not None else None,
                 "warmup": getattr(pipe, "warmup_report", None), **out.timings.to_dict()}
         atomic_write(dump_path, lambda tmp: tmp.write_text(json.dumps(dump, indent=2, default=str)))
@@ -236,5 +255,7 @@ def run(args: argparse.Namespace) -> int:
     if report:
         f = report["forwards"]
         size += f", {report['kind']} skipped {f['skipped']} of {f['computed'] + f['skipped']} DiT forwards"
-    print(f"diffc: wrote {output} ({size}, {request.num_inference_steps} steps, seed {out.seeds[0]}) - {out.timings.summary()}")
+    seeds = f"seed {out.seeds[0]}" if len(out.seeds) == 1 else f"seeds {', '.join(map(str, out.seeds))}"
+    wrote = ", ".join(str(p) for p in outputs)
+    print(f"diffc: wrote {wrote} ({size}, {request.num_inference_steps} steps, {seeds}) - {out.timings.summary()}")
     return 0

@@ -255,3 +255,46 @@ def test_multi_process_runs_check_their_flags_before_starting_workers(tmp_path, 
     assert main(["run", "--num-gpus", "2", "--device", "cpu", "--no-progress", *argv]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err, err
+
+
+def test_batch_writes_numbered_outputs_as_one_call_makes_them(flux_checkpoint, tmp_path, capsys):
+    """``--batch N``: N samples of the prompt in one call, written as OUTPUT-i; with --seed, what the Python API's
+    ``num_images_per_prompt`` gives for that seed; without, a seed each, each made again alone by it."""
+    import diffc
+
+    ckpt = flux_checkpoint("dev-tiny")
+    size = ["--height", "32", "--width", "48", "--steps", "2", "--max-sequence-length", "16"]
+    out, perf = tmp_path / "fox.png", tmp_path / "perf.json"
+    assert main(["run", "--model", str(ckpt), "--prompt", "a red fox", "--batch", "3", "--seed", "4", "--output",
+                 str(out), "--perf-dump-path", str(perf), "--no-progress", *size]) == 0
+    names = [tmp_path / f"fox-{i}.png" for i in range(3)]
+    assert f"wrote {', '.join(map(str, names))} (48x32, 2 steps, seed 4)" in capsys.readouterr().out
+    assert not out.exists()
+    want = diffc.load(ckpt).generate("a red fox", seed=4, num_images_per_prompt=3, height=32, width=48,
+                                     num_inference_steps=2, max_sequence_length=16, progress=False).images
+    for name, image in zip(names, want):
+        assert np.array_equal(np.asarray(Image.open(name)), np.asarray(image))
+    dump = json.loads(perf.read_text())
+    assert dump["outputs"] == [str(n) for n in names] and dump["seeds"] == [4]
+    assert main(["run", "--model", str(ckpt), "--prompt", "a red fox", "--batch", "2", "--output",
+                 str(tmp_path / "cat.png"), "--no-progress", *size]) == 0
+    seeds = capsys.readouterr().out.split("seeds ")[1].split(")")[0].split(", ")
+    assert len(seeds) == 2
+    again = tmp_path / "again.png"
+    assert main(["run", "--model", str(ckpt), "--prompt", "a red fox", "--seed", seeds[1], "--output", str(again),
+                 "--no-progress", *size]) == 0
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(tmp_path / "cat-1.png")))
+
+
+@pytest.mark.parametrize("batch", ["0", "65", "-1"])
+def test_a_batch_out_of_range_is_one_line(tmp_path, capsys, batch):
+    assert main(["run", "--prompt", "a fox", "--batch", batch, "--output", str(tmp_path / "x.png")]) == 2
+    assert f"--batch: must be from 1 to 64, got {batch}" in capsys.readouterr().err
+
+
+def test_a_numbered_output_may_not_overwrite_an_input(tmp_path, capsys):
+    image = tmp_path / "in-1.png"
+    Image.new("RGB", (8, 8)).save(image)
+    assert main(["run", "--prompt", "a fox", "--batch", "2", "--image", str(image), "--output",
+                 str(tmp_path / "in.png")]) == 2
+    assert "--output: " + str(image) + " is the --image file" in capsys.readouterr().err and image.is_file()
