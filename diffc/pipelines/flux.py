@@ -15,7 +15,7 @@ from ..errors import InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_image_model_frames, check_int, nearest_valid
 from .denoise import cpu_generators, denoise_loop, modulation_table, seeded_noise
 from .schedulers.flow_match_euler import calculate_shift
-from .stages import RunContext, Stage, to_uint8
+from .stages import RunContext, Stage, check_finite, to_uint8
 from .text import tokenize
 
 T5_MAX_LENGTH = 512
@@ -159,6 +159,7 @@ def decode(ctx: RunContext, s):
 
 
 def postprocess(ctx: RunContext, s):
+    check_finite(ctx, s["decoded"])
     image = (s["decoded"] / 2 + 0.5).clamp(0, 1)
     return {"images": list(to_uint8(image))}
 

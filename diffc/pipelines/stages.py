@@ -83,6 +83,24 @@ class StageGraph:
         return state
 
 
+NON_FINITE = ("decoded to NaN or infinite pixels, written as black or white: the denoiser or the VAE made them "
+              "(weights holding NaN, or a scheduler setting that divides by zero at the last step)")
+
+
+def note_non_finite(ctx: RunContext, bad: Sequence[bool]) -> None:
+    """Warn of each sample ``i`` with ``bad[i]``: "prompt i decoded to NaN ..." in ``ctx.warnings`` and the rest in
+    ``ctx.sample_warnings[i]``, as the truncation warnings (a flat image is otherwise all the user sees)."""
+    for i, flag in enumerate(bad):
+        if flag:
+            ctx.warnings.append(f"prompt {i} {NON_FINITE}")
+            ctx.sample_warnings.setdefault(i, []).append(NON_FINITE)
+
+
+def check_finite(ctx: RunContext, decoded: torch.Tensor) -> None:
+    """:func:`note_non_finite` for a decoded batch (samples on dim 0), read with one small copy to the host."""
+    note_non_finite(ctx, (~torch.isfinite(decoded)).flatten(1).any(1).tolist())
+
+
 def to_uint8(pixels: torch.Tensor):
     """Pixels in [0, 1], channels at ``dim -3``, as a uint8 numpy array with channels last.
 

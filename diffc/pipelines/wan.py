@@ -20,7 +20,7 @@ from ..errors import CheckpointError, InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
 from .images import resize_image
 from .denoise import cpu_generators, denoise_loop, seeded_noise
-from .stages import RunContext, Stage, to_uint8
+from .stages import RunContext, Stage, check_finite, to_uint8
 from .text import tokenize
 
 try:  # the `regex` module (a transformers dependency) is what Wan's own cleaning uses for \s
@@ -241,6 +241,7 @@ def decode(ctx: RunContext, s):
 
 
 def postprocess(ctx: RunContext, s):
+    check_finite(ctx, s["decoded"])
     videos = []
     for video in s["decoded"]:  # (3, F, H, W)
         frames = (video.permute(1, 0, 2, 3) * 0.5 + 0.5).clamp(0, 1)  # (F, 3, H, W) in [0, 1]

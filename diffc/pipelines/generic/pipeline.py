@@ -23,7 +23,7 @@ from ...errors import InvalidArgumentError
 from ...runtime.executor import Executor
 from ...runtime.options import RuntimeOptions
 from ..base import Pipeline
-from ..stages import RunContext, Stage
+from ..stages import RunContext, Stage, note_non_finite
 from .loader import text_encoder_names
 from .lora import diffusers_lora_converter
 from .spec import CALL_FIELDS, build_spec, call_kwargs
@@ -117,9 +117,9 @@ def _checked(check):
     return wrapped
 
 
-def to_uint8(output, kind: str) -> list[np.ndarray]:
+def to_uint8(output, kind: str, non_finite: list[bool] | None = None) -> list[np.ndarray]:
     """The pipeline's output as uint8 arrays: images (H, W, 3), videos (F, H, W, 3), rounded as diffusers'
-    ``numpy_to_pil`` rounds."""
+    ``numpy_to_pil`` rounds; ``non_finite`` gets, per item, whether its float pixels held NaN or inf."""
     if isinstance(output, torch.Tensor):
         raise InvalidArgumentError("output_type", "the pipeline returned tensors although numpy output was asked for")
     arrays = []
@@ -128,8 +128,14 @@ def to_uint8(output, kind: str) -> list[np.ndarray]:
             item = np.stack([np.asarray(frame) for frame in item])
         else:
             item = np.asarray(item)
+        finite = True
         if item.dtype != np.uint8:
-            item = (np.clip(item.astype(np.float32), 0.0, 1.0) * 255).round().astype(np.uint8)
+            item = item.astype(np.float32)
+            finite = bool(np.isfinite(item).all())
+            with np.errstate(invalid="ignore"):  # NaN casts to 0: reported through non_finite instead
+                item = (np.clip(item, 0.0, 1.0) * 255).round().astype(np.uint8)
+        if non_finite is not None:
+            non_finite.append(not finite)
         if item.shape[-1] == 1:
             item = np.repeat(item, 3, axis=-1)
         if item.shape[-1] == 4:
@@ -221,7 +227,9 @@ class GenericPipeline(Pipeline):
                 pipe.__dict__.pop("check_inputs", None)
         output = result[0] if isinstance(result, tuple) else getattr(result, "images", getattr(result, "frames", None))
         key = "images" if self.spec.output == "image" else "videos"
-        arrays = to_uint8(output, self.spec.output)
+        non_finite: list[bool] = []
+        arrays = to_uint8(output, self.spec.output, non_finite)
+        note_non_finite(ctx, non_finite)
         asked = state.get("num_frames")
         if key == "videos" and asked is not None and arrays and arrays[0].shape[0] != asked:
             ctx.warnings.append(f"num_frames: {asked} asked for, {self.spec.pipeline_class} made {arrays[0].shape[0]} "
