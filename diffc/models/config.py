@@ -21,6 +21,14 @@ MAX_SIZE = 1 << 20
 MAX_COUNT = 1024
 MAX_ITEMS = 1 << 16
 COUNT_FIELD = re.compile(r"layers|blocks|heads")
+# Integer fields that size a tensor dimension (widths, head counts and sizes, channels, patches, groups, scale
+# factors, their lists): at least 1, since 0 builds zero-element weights that no checkpoint tensor fits. Counts of
+# layers or blocks may be 0; RoPE axes (``axes_dims``) are not matched.
+POSITIVE_FIELD = re.compile(r"patch_size|heads|head_dim|(^|_)dim$|dim_mult|channels|groups|scale_factor")
+
+
+def integer_minimum(name: str) -> int:
+    return 1 if POSITIVE_FIELD.search(name) else 0
 
 
 def integer_limit(name: str, limits: dict[str, int] | None = None) -> int:
@@ -58,8 +66,9 @@ def check_value(name: str, hint: Any, value: Any, limit: int) -> Any:
     if hint is int:
         if type(value) is not int:
             raise _Mismatch(f"expected an integer, got {_describe(value)}")
-        if not 0 <= value <= limit:
-            raise _Mismatch(f"expected an integer from 0 to {limit}, got {value}")
+        low = integer_minimum(name)
+        if not low <= value <= limit:
+            raise _Mismatch(f"expected an integer from {low} to {limit}, got {value}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
