@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,3 +89,20 @@ def test_videos_per_prompt_match_diffusers(wan_checkpoint):
         assert psnr_uint8(video, (want * 255).round().astype("uint8")) >= 40.0
     with pytest.raises(InvalidArgumentError, match="^num_images_per_prompt: .*makes videos; use num_videos_per_prompt"):
         pipe.generate("a fox", num_images_per_prompt=2, progress=False, **kw)
+
+
+def test_a_generic_pipeline_takes_it_as_diffusers_does(generic_checkpoint):
+    """The generic backend hands diffusers the repeated prompts: the same pixels as its own num_images_per_prompt."""
+    import diffusers
+
+    from tests.generic_pipelines import REQUESTS
+
+    ckpt = generic_checkpoint("sd3")
+    ref = diffusers.StableDiffusion3Pipeline.from_pretrained(ckpt)
+    ref.set_progress_bar_config(disable=True)
+    want = ref("a fox", generator=torch.Generator("cpu").manual_seed(3), num_images_per_prompt=2, output_type="np",
+               **REQUESTS["sd3"]).images
+    out = diffc.load(ckpt).generate("a fox", seed=3, num_images_per_prompt=2, progress=False, **REQUESTS["sd3"])
+    assert len(out.images) == 2
+    for image, w in zip(out.images, want):
+        assert psnr_uint8(np.asarray(image), (w * 255).round().astype("uint8")) >= 40.0
