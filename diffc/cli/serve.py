@@ -309,6 +309,10 @@ def serve(args: argparse.Namespace) -> int:
     devices = [device] if layout is not None else replica_devices(device, args.data_parallel)
     checkpoint = _once(choice.checkpoint)  # replicas load on their own threads; the demo is built once
     dtype = resolve_dtype(args.dtype, device)
+    if parent:  # the checkpoint's index, component folders and classes, before the port is bound (no weights read)
+        from ..loader.pipeline import check_checkpoint
+
+        check_checkpoint(choice.checkpoint())
     if args.compiled and parent:
         # every check that needs no loaded model (files, versions, GPU, dtype, model config), before the port is bound
         from ..runtime.artifacts import check_artifact

@@ -122,11 +122,24 @@ def load_scheduler(folder: Path, class_name: str):
     return cls.from_config(cls.config_class.from_dict(read_json(path), source=str(path)))
 
 
-def load_component(root: Path, name: str, class_name: str, device: torch.device, dtype: torch.dtype):
-    """Load the component ``name`` whose class ``model_index.json`` gives as ``class_name``."""
+def check_component(root: Path, name: str, class_name: str) -> Path:
+    """The component's folder, there, and its class one diffc loads (:func:`load_component` reads nothing else
+    first): checked before any component loads, and by ``diffc serve`` before it binds its port."""
     folder = root / name
     if not folder.is_dir():
         raise CheckpointError(f"missing folder: {folder} (named '{name}' in model_index.json)")
+    if not (registry.is_native_model(class_name) or registry.is_scheduler(class_name) or class_name in (
+            registry.TEXT_ENCODERS + registry.TOKENIZERS + registry.IMAGE_ENCODERS + registry.IMAGE_PROCESSORS
+            + registry.PROCESSORS)):
+        supported = registry.supported_classes()
+        listing = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in supported.items())
+        raise CheckpointError(f"component '{name}' has unknown class '{class_name}'. Supported: {listing}")
+    return folder
+
+
+def load_component(root: Path, name: str, class_name: str, device: torch.device, dtype: torch.dtype):
+    """Load the component ``name`` whose class ``model_index.json`` gives as ``class_name``."""
+    folder = check_component(root, name, class_name)
     if registry.is_native_model(class_name):
         return load_native_model(folder, class_name, device, dtype)
     if class_name in registry.TEXT_ENCODERS:
@@ -139,10 +152,6 @@ def load_component(root: Path, name: str, class_name: str, device: torch.device,
         return load_image_processor(folder, class_name)
     if registry.is_scheduler(class_name):
         return load_scheduler(folder, class_name)
-    if class_name in registry.PROCESSORS:
-        from ..pipelines.qwen_vl import load_vl_processor
+    from ..pipelines.qwen_vl import load_vl_processor  # registry.PROCESSORS: what check_component leaves
 
-        return load_vl_processor(folder)
-    supported = registry.supported_classes()
-    listing = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in supported.items())
-    raise CheckpointError(f"component '{name}' has unknown class '{class_name}'. Supported: {listing}")
+    return load_vl_processor(folder)

@@ -15,7 +15,7 @@ from ..pipelines.schedulers.choice import SCHEDULER_NAMES, choose_scheduler
 from ..runtime.executor import Executor
 from ..runtime.options import RuntimeOptions, check_runtime_device
 from ..checkpoints import component_entry, read_json
-from .components import load_component
+from .components import check_component, load_component
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,30 @@ def read_index(root: Path) -> tuple[dict, PipelineSpec | None]:
     return index, spec
 
 
+def native_components(root: Path, index: dict, spec: PipelineSpec) -> dict[str, str]:
+    """The components a native pipeline loads, by name: their classes, each entry, folder and class checked
+    (nothing is read from the folders)."""
+    found = {}
+    optional = tuple(n for n in spec.optional_components if isinstance(index.get(n), list) and index[n][1:2] != [None])
+    for name in spec.components + optional:
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
+            raise CheckpointError(f"{root / 'model_index.json'}: component '{name}' is missing or empty")
+        found[name] = component_entry(root / "model_index.json", name, entry)[1]
+        check_component(root, name, found[name])
+    return found
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """What :func:`load` checks before reading any weights: the folder, ``model_index.json``, its pipeline and, for a
+    native one, each component's entry, folder and class (``diffc serve`` asks before binding its port). A generic
+    pipeline's components are diffusers' to read."""
+    root = Path(path).expanduser()
+    index, spec = read_index(root)
+    if spec is not None:
+        native_components(root, index, spec)
+
+
 # the keyword-only options of :func:`load` (``diffc.load`` names them when it is given another)
 RUNTIME_KEYWORDS = ("offload", "offload_prefetch", "resident_blocks", "cuda_graphs", "compiled")
 
@@ -118,17 +142,12 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
         check_compiled(compiled, root, dev, dt)
 
     components = {}
-    optional = tuple(n for n in spec.optional_components if isinstance(index.get(n), list) and index[n][1:2] != [None])
-    for name in spec.components + optional:
-        entry = index.get(name)
-        if not (isinstance(entry, list) and len(entry) == 2 and entry[1]):
-            raise CheckpointError(f"{root / 'model_index.json'}: component '{name}' is missing or empty")
-        class_name = component_entry(root / "model_index.json", name, entry)[1]
+    for name, class_name in native_components(root, index, spec).items():
         log.info("loading %s (%s)", name, class_name)
         components[name] = load_component(root, name, class_name, dev, dt)
     if "scheduler" in components:
         components["scheduler"] = choose_scheduler(components["scheduler"], scheduler)
-    text_encoders = tuple(n for n in spec.components + optional if index[n][1] in TEXT_ENCODERS + IMAGE_ENCODERS)
+    text_encoders = tuple(n for n in components if index[n][1] in TEXT_ENCODERS + IMAGE_ENCODERS)
     executor = Executor(components, dev, options, text_encoders)
     config = {k: index.get(k) for k in spec.index_keys}
     pipe = Pipeline(spec, components, dev, dt, source=str(root), executor=executor, runtime_options=options,

@@ -66,11 +66,17 @@ def test_serve_demo_subprocess(demo_ckpt, tmp_path):
     assert lines[-1] == "diffc serve: shut down (1 completed, 0 failed, 0 refused as the queue was full)", err
 
 
-def test_a_model_that_fails_to_load_stops_the_server(tmp_path, capsys):
-    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    assert main(["serve", "--model", str(tmp_path), "--port", str(_free_port()), "--device", "cpu"]) == 2
+def test_a_model_that_fails_to_load_stops_the_server(demo_ckpt, tmp_path, capsys):
+    """Weights are read once the server listens: a transformer config that the checks before binding do not read
+    (they read model_index.json and the component folders) fails the load, which stops the server."""
+    import shutil
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(demo_ckpt("flux"), root)
+    (root / "transformer" / "config.json").write_text('{"num_layers": "two"}')
+    assert main(["serve", "--model", str(root), "--port", str(_free_port()), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "the model failed to load" in err and "component 'scheduler' is missing" in err
+    assert "the model failed to load" in err and "'num_layers': expected an integer" in err
 
 
 def test_a_diffc_cache_that_is_a_file_is_one_line_with_no_traceback(tmp_path, capsys, caplog, monkeypatch):
@@ -79,7 +85,7 @@ def test_a_diffc_cache_that_is_a_file_is_one_line_with_no_traceback(tmp_path, ca
     monkeypatch.setenv("DIFFC_CACHE", str(tmp_path / "cachefile"))
     assert main(["serve", "--port", str(_free_port()), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "the model failed to load: DIFFC_CACHE: cannot build the demo model in" in err
+    assert "error: DIFFC_CACHE: cannot build the demo model in" in err  # before the port is bound
     assert "Traceback" not in err and not any(r.exc_info for r in caplog.records)
 
 
@@ -181,3 +187,31 @@ def test_serve_compiled_checks_the_artifact_before_binding_its_port(demo_ckpt, t
     monkeypatch.setattr(cli_serve, "_listen", lambda *a: bound.append(a) or pytest.fail("the port was bound"))
     assert main(["serve", "--compiled", str(tmp_path / "art"), "--device", "cpu", "--port", str(_free_port())]) == 2
     assert fragment in capsys.readouterr().err and bound == []
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    (lambda root: __import__("shutil").rmtree(root / "vae"), "missing folder: "),
+    (lambda root: _edit_index(root, scheduler=None), "component 'scheduler' is missing or empty"),
+    (lambda root: _edit_index(root, vae=["diffusers", "NoSuchAutoencoder"]), "unknown class 'NoSuchAutoencoder'"),
+])
+def test_serve_checks_the_checkpoint_before_binding_its_port(demo_ckpt, tmp_path, capsys, monkeypatch, damage,
+                                                            fragment):
+    """A checkpoint short of a component folder, or naming one diffc does not load, is refused before the port is
+    bound (it was found only once the server was listening, loading in the background)."""
+    import shutil
+
+    import diffc.cli.serve as cli_serve
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(demo_ckpt("flux"), root)
+    damage(root)
+    monkeypatch.setattr(cli_serve, "_listen", lambda *a: pytest.fail("the port was bound"))
+    assert main(["serve", "--model", str(root), "--device", "cpu", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def _edit_index(root, **entries) -> None:
+    index = json.loads((root / "model_index.json").read_text())
+    index.update(entries)
+    (root / "model_index.json").write_text(json.dumps(index))
