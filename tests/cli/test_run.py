@@ -283,7 +283,9 @@ def test_batch_writes_numbered_outputs_as_one_call_makes_them(flux_checkpoint, t
     again = tmp_path / "again.png"
     assert main(["run", "--model", str(ckpt), "--prompt", "a red fox", "--seed", seeds[1], "--output", str(again),
                  "--no-progress", *size]) == 0
-    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(tmp_path / "cat-1.png")))
+    # a batch of two and a single call sum in other orders: at most one level of 255 apart on a few pixels (README)
+    diff = np.abs(np.asarray(Image.open(again)).astype(int) - np.asarray(Image.open(tmp_path / "cat-1.png")).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
 @pytest.mark.parametrize("batch", ["0", "65", "-1"])
