@@ -3,6 +3,7 @@ checked by mode and size, turned upright and to 8-bit RGB, and resized for the V
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,6 +46,16 @@ def too_large(width: int, height: int) -> str | None:
     if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
         return f"too large (at most {MAX_IMAGE_SIDE} a side and {MAX_IMAGE_PIXELS} pixels)"
     return None
+
+
+def declared_too_large(exc: Exception) -> str:
+    """Pillow's ``DecompressionBombError`` (a header declaring more pixels than it opens) as the rest of the size
+    refusal: "N pixels by its header, too large (...)"."""
+    from PIL import Image
+
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = int(found.group(1)) if found else Image.MAX_IMAGE_PIXELS * 2
+    return f"{pixels} pixels by its header, {too_large(pixels, 1)}"
 
 
 def upright(image):

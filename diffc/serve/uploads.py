@@ -15,7 +15,7 @@ import io
 import re
 from typing import Any
 
-from ..pipelines.images import IMAGE_MODES, too_large, upright
+from ..pipelines.images import IMAGE_MODES, declared_too_large, too_large, upright
 from .protocol import invalid
 
 MAX_IMAGE_BYTES = 50 << 20  # per file, as OpenAI's limit for edits
@@ -44,13 +44,10 @@ def decode_image(data: bytes, field: str):
     except UnidentifiedImageError:  # its message names the server's buffer object, nothing the client sent
         raise invalid(field, f"'{field}' is not a PNG, JPEG or WebP image") from None
     except Image.DecompressionBombError as exc:  # a header declaring billions of pixels, refused by Pillow's open
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        pixels = int(found.group(1)) if found else Image.MAX_IMAGE_PIXELS * 2
-        raise invalid(field, f"'{field}' is {pixels} pixels by its header, {too_large(pixels, 1)}") from None
-    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+        raise invalid(field, f"'{field}' is {declared_too_large(exc)}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise invalid(field, f"'{field}' is not a readable image ({reason}); upload a PNG, JPEG or WebP") from None
-
 
 
 def reference_image(value: Any, field: str = "input_reference"):
