@@ -138,8 +138,7 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_runtime_device(options, dev)
-    if compiled is not None:
-        check_compiled(compiled, root, dev, dt)
+    checked = None if compiled is None else check_compiled(compiled, root, dev, dt)
 
     components = {}
     for name, class_name in native_components(root, index, spec).items():
@@ -153,19 +152,20 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     pipe = Pipeline(spec, components, dev, dt, source=str(root), executor=executor, runtime_options=options,
                     config=config)
     if compiled is not None:
-        pipe.load_compiled(compiled)
+        pipe.load_compiled(checked)
     return pipe
 
 
-def check_compiled(compiled, root: Path, device: torch.device, dtype: torch.dtype) -> None:
+def check_compiled(compiled, root: Path, device: torch.device, dtype: torch.dtype):
     """``compiled`` is an artifact path that fits this machine, diffc, dtype and checkpoint: every check that needs
-    no loaded model, run before any weight loads (a wrong artifact is not found only after minutes of loading)."""
+    no loaded model, run before any weight loads (a wrong artifact is not found only after minutes of loading); the
+    checked artifact, which ``Pipeline.load_compiled`` then installs without checking it again."""
     if not isinstance(compiled, (str, os.PathLike)) or not str(compiled).strip():
         raise InvalidArgumentError("compiled", f"must be the path of an artifact written by `diffc compile`, got "
                                    f"{compiled!r}"[:200])
     from ..runtime.artifacts import check_artifact
 
-    check_artifact(compiled, source=root, device=device, dtype=dtype)
+    return check_artifact(compiled, source=root, device=device, dtype=dtype)
 
 
 def load_generic(root: Path, index: dict, device, dtype, scheduler: str | None, compiled,
@@ -180,10 +180,9 @@ def load_generic(root: Path, index: dict, device, dtype, scheduler: str | None, 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     check_runtime_device(options, dev)
-    if compiled is not None:
-        check_compiled(compiled, root, dev, dt)
+    checked = None if compiled is None else check_compiled(compiled, root, dev, dt)
     pipe = GenericPipeline(load_diffusers_pipeline(root, index, dev, dt, options.offload), dev, dt, source=str(root),
                            runtime_options=options)
     if compiled is not None:
-        pipe.load_compiled(compiled)
+        pipe.load_compiled(checked)
     return pipe

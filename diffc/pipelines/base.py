@@ -314,8 +314,10 @@ class Pipeline:
         self.executor.install_compiled(compiled_layers(graphs, {"artifact": report.artifact, "tier": quality}))
         return report
 
-    def load_compiled(self, path: str, *, warmup: bool | None = None) -> dict[str, Any]:
+    def load_compiled(self, path, *, warmup: bool | None = None) -> dict[str, Any]:
         """Install the graphs of an artifact written by ``diffc compile`` (checked first); returns its manifest.
+        ``path``: the artifact's folder, or what :func:`~diffc.runtime.artifacts.check_artifact` returned for it and
+        this pipeline (not checked twice).
 
         ``warmup`` (default: on CUDA) runs each compiled shape's DiT call once now (kernel loads, GEMM plans,
         CUDA-graph capture) so the first generation is as fast as the next; ``warmup_report`` says what ran.

@@ -83,14 +83,18 @@ def check_artifact(root: str | Path, *, source: str | Path, device, dtype) -> ar
     return artifact
 
 
-def load_artifact(executor, root: str | Path, *, source: str | Path, device, dtype) -> dict[str, Any]:
+def load_artifact(executor, root: str | Path | art.Artifact, *, source: str | Path, device, dtype) -> dict[str, Any]:
     """Check the artifact at ``root`` and install its graphs into ``executor``'s stacks; returns the manifest.
 
     Every file is checked against the manifest's hashes before any is read, and the artifact must come
     from this diffc's passes and ops (:func:`~diffc.compile.compiler.pass_sources`); graphs are read as
-    data (:mod:`diffc.compile.program_io`) and kernels go to a cache private to this process.
+    data (:mod:`diffc.compile.program_io`) and kernels go to a cache private to this process. ``root`` may be
+    the :class:`~diffc.compile.artifact.Artifact` that :func:`check_artifact` returned for the same ``source``,
+    ``device`` and ``dtype`` (``diffc.load`` checks before loading any weight): it is not checked again (each
+    file is still checked against its hash as it is read).
     """
-    artifact = check_artifact(root, source=source, device=device, dtype=dtype)
+    artifact = root if isinstance(root, art.Artifact) else check_artifact(root, source=source, device=device,
+                                                                          dtype=dtype)
     manifest, where = artifact.manifest, artifact.where
     stages = manifest["stages"]
     tier = manifest.get("passes", {}).get("tier")

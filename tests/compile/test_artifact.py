@@ -250,6 +250,19 @@ def test_fresh_pipeline_loads_the_artifact(built, family):
     assert not any(g._packed_specs for by_key in layer.graphs.values() for g in by_key.values())  # opt-in
 
 
+def test_load_checks_the_artifact_once(built, monkeypatch):
+    """diffc.load(compiled=...) checks the artifact (every file's hash) before loading any weight, then installs that
+    checked artifact: its files are hashed once, not again by load_compiled."""
+    from diffc.compile import artifact as art
+
+    opened = []
+    real = art.open_artifact
+    monkeypatch.setattr(art, "open_artifact", lambda path: opened.append(path) or real(path))
+    b = built("flux")
+    diffc.load(b.checkpoint, device="cpu", compiled=b.artifact)
+    assert opened == [b.artifact]
+
+
 def test_other_size_runs_eagerly_with_a_warning(built):
     b = built("flux")
     pipe = diffc.load(b.checkpoint, device="cpu", compiled=b.artifact)
