@@ -113,12 +113,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise InvalidArgumentError("--prompt", "a non-empty prompt is required")
     from ..pipelines.base import check_unicode
+    from ..pipelines.video import MAX_FPS
 
     check_unicode("--prompt", [args.prompt])  # before any model loads
     if args.negative_prompt is not None:
         check_unicode("--negative-prompt", [args.negative_prompt])
-    if args.fps is not None and not 1 <= args.fps <= 240:
-        raise InvalidArgumentError("--fps", f"must be from 1 to 240, got {args.fps}")
+    if args.fps is not None and not 1 <= args.fps <= MAX_FPS:
+        raise InvalidArgumentError("--fps", f"must be from 1 to {MAX_FPS}, got {args.fps}")
     count = 1 if args.batch is None else args.batch
     if not 1 <= count <= MAX_BATCH:
         raise InvalidArgumentError("--batch", f"must be from 1 to {MAX_BATCH}, got {count}")

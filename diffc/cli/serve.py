@@ -231,11 +231,12 @@ def _check_parallel(args: argparse.Namespace) -> None:
 
 
 MAX_SHUTDOWN_TIMEOUT_S = 7 * 24 * 3600  # a week; beyond threading's longest wait is an OverflowError at shutdown
-MAX_FPS = 240  # as diffc run --fps and a request's fps
 
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Flag values argparse's types let through, refused in one line before anything loads or binds."""
+    from ..pipelines.video import MAX_FPS  # as diffc run --fps and a request's fps
+
     if not 0 <= args.port <= 65535:
         raise InvalidArgumentError("--port", f"must be from 0 to 65535, got {args.port}")
     if args.output_ttl is not None and not (math.isfinite(args.output_ttl) and args.output_ttl > 0):
@@ -309,15 +310,14 @@ def serve(args: argparse.Namespace) -> int:
     devices = [device] if layout is not None else replica_devices(device, args.data_parallel)
     checkpoint = _once(choice.checkpoint)  # replicas load on their own threads; the demo is built once
     dtype = resolve_dtype(args.dtype, device)
-    if parent:  # the checkpoint's index, component folders and classes, before the port is bound (no weights read)
+    if parent:  # before the port is bound: the checkpoint's index, component folders and classes (no weights read)
         from ..loader.pipeline import check_checkpoint
 
-        check_checkpoint(choice.checkpoint())
-    if args.compiled and parent:
-        # every check that needs no loaded model (files, versions, GPU, dtype, model config), before the port is bound
-        from ..runtime.artifacts import check_artifact
+        check_checkpoint(checkpoint())
+        if args.compiled:  # every check that needs no loaded model (files, versions, GPU, dtype, model config)
+            from ..runtime.artifacts import check_artifact
 
-        check_artifact(args.compiled, source=choice.checkpoint(), device=devices[0], dtype=dtype)
+            check_artifact(args.compiled, source=checkpoint(), device=devices[0], dtype=dtype)
     if cache is not None:
         defaults["cache"] = cache
     if args.output_dir is not None:

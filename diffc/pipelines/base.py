@@ -191,8 +191,7 @@ def repeat_per_prompt(request: GenerationRequest, output: str, pipeline_class: s
     count = getattr(request, field)
     if count is None:
         return 1
-    check_int(field, count, 1, MAX_PER_PROMPT)
-    count = int(count)
+    check_int(field, count, 1, MAX_PER_PROMPT)  # a NumPy integer is a Python int by now (plain_numbers)
     if count > 1:
         request.prompt = [p for p in request.prompts for _ in range(count)]
         if isinstance(request.negative_prompt, list):
