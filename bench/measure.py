@@ -106,6 +106,18 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.d
     return Timed(times, first, out)
 
 
+def back_to_back_ms(fn: Callable[[], Any], calls: int) -> float:
+    """Mean ms of ``fn()`` over ``calls`` calls launched back to back (CUDA events around them all, after a sync)."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
+
+
 def stats(times_ms: list[float]) -> dict[str, Any]:
     return {"median": statistics.median(times_ms), "min": min(times_ms), "max": max(times_ms),
             "mean": statistics.fmean(times_ms), "n": len(times_ms), "all": [round(t, 4) for t in times_ms]}

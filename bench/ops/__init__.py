@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import torch
 
+from bench.measure import back_to_back_ms
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -84,16 +86,8 @@ def interleaved_rounds_ms(calls: dict[str, Callable[[], None]], rounds: int = 5,
     order = list(calls)
     for r in range(rounds):
         for name in (order if r % 2 == 0 else order[::-1]):
-            call = calls[name]
-            call()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                call()
-            end.record()
-            torch.cuda.synchronize()
-            per_round[name].append(start.elapsed_time(end) / iters)
+            calls[name]()  # one untimed call first
+            per_round[name].append(back_to_back_ms(calls[name], iters))
     return per_round
 
 

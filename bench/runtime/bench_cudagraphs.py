@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from bench.measure import back_to_back_ms
 from bench.report import environment, gpu_slug
 from diffc.models.flux.transformer import FLUX_TRANSFORMER_SPECS, FluxTransformer2DModel
 from diffc.models.wan.transformer import WAN_TRANSFORMER_SPECS, WanTransformer3DModel
@@ -112,14 +113,7 @@ def measure(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
         host.append((time.perf_counter() - t0) * 1e3)
         end.synchronize()
         isolated.append(start.elapsed_time(end))
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    end.synchronize()
-    return {"isolated_ms": statistics.median(isolated), "pipelined_ms": start.elapsed_time(end) / repeats,
+    return {"isolated_ms": statistics.median(isolated), "pipelined_ms": back_to_back_ms(fn, repeats),
             "host_ms": statistics.median(host), "isolated_all": [round(t, 4) for t in isolated]}
 
 
