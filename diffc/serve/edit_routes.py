@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from .hardening import check_values, duplicated
 from .protocol import ImageRequest, invalid, parse_body
 from .routes import _prepare, answer_images, engine_of, require_api_key
 from .uploads import decode_image
@@ -39,7 +40,8 @@ class EditRequest(ImageRequest):
 
 
 async def read_edit_form(request: Request) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
-    """The form's text fields and its image files as ``(field name, bytes)`` in order."""
+    """The form's text fields and its image files as ``(field name, bytes)`` in order; a field other than the
+    images given twice is refused by name."""
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise invalid(None, "POST /v1/images/edits takes multipart/form-data (the image files, prompt, ...)",
                       code="invalid_body")
@@ -53,6 +55,8 @@ async def read_edit_form(request: Request) -> tuple[dict[str, Any], list[tuple[s
     files: list[tuple[str, bytes]] = []
     try:
         for name, value in form.multi_items():
+            if name in fields:
+                raise duplicated(name)
             if isinstance(value, UploadFile):
                 if name not in ("image", "image[]"):
                     fields[name] = {"filename": value.filename}  # a file where a value belongs: refused by name
@@ -64,6 +68,7 @@ async def read_edit_form(request: Request) -> tuple[dict[str, Any], list[tuple[s
                 fields[name] = None if value == "" and name != "prompt" else value
     finally:
         await form.close()
+    check_values(fields)  # a charset such as utf-7 can decode to lone surrogates, in values and in field names
     return fields, files
 
 

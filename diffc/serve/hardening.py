@@ -83,10 +83,14 @@ def host_error(header: str | None, allowed: list[str]) -> APIError:
 
 
 def load_json(body: bytes) -> Any:
-    """A request body as JSON: malformed text, nesting deeper than ``MAX_JSON_DEPTH``, numbers Python refuses
-    to read (more than 4300 digits) and strings holding lone surrogates are all 400s."""
+    """A request body as JSON: an empty body, malformed text, a key given twice in one object, nesting deeper than
+    ``MAX_JSON_DEPTH``, numbers Python refuses to read (more than 4300 digits) and strings holding lone surrogates
+    are all 400s."""
+    if not body.strip():
+        raise APIError(400, "The request body is empty; send a JSON object (Content-Type: application/json) such as "
+                            '{"prompt": "a cat"}, or multipart/form-data.', code="invalid_json")
     try:
-        data = json.loads(body)
+        data = json.loads(body, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise _too_deep() from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -96,6 +100,21 @@ def load_json(body: bytes) -> Any:
         raise APIError(400, f"We could not parse the JSON body of your request: a number is too large ({reason}).",
                        code="invalid_json") from None
     check_values(data)
+    return data
+
+
+def duplicated(name: str) -> APIError:
+    """A field given twice (a JSON key, a form part): which one counts would be the parser's choice, not the
+    client's."""
+    return APIError(400, f"'{name}' is given more than once; give each field once.", param=name,
+                    code="duplicate_parameter")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        raise duplicated(next(k for k, _ in pairs if k in seen or seen.add(k)))
     return data
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from .api_error import APIError, invalid
-from .hardening import check_values, load_json
+from .hardening import check_values, duplicated, load_json
 
 SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 
@@ -165,7 +165,7 @@ async def read_payload(request, files: tuple[str, ...] = ()) -> Any:
     Any body that is not multipart is read as JSON, whatever its content type (``curl -d`` sends
     ``application/x-www-form-urlencoded``). File uploads under a name in ``files`` are read as
     ``{"filename": ..., "data": bytes}``; any other upload is kept as ``{"filename": ...}`` so the
-    request model can refuse it by name.
+    request model can refuse it by name. A field given twice is refused by name.
     """
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
@@ -176,6 +176,8 @@ async def read_payload(request, files: tuple[str, ...] = ()) -> Any:
         fields: dict[str, Any] = {}
         try:
             for name, value in form.multi_items():
+                if name in fields:
+                    raise duplicated(name)
                 if isinstance(value, str):
                     fields[name] = None if value == "" and name != "prompt" else value
                 elif name in files:

@@ -195,3 +195,30 @@ def test_an_edit_whose_client_leaves_is_cancelled(kontext_server):
     finally:
         pipe.step_delay_s = 0.05
     assert engine.counters.completed == completed
+
+
+def test_a_field_given_twice_is_refused_by_name_but_images_may_repeat(kontext_server):
+    files = [("image", ("a.png", _png(_input()), "image/png")), ("size", (None, "32x32")), ("size", (None, "40x24"))]
+    response = _raw(kontext_server, files)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "size" and error["code"] == "duplicate_parameter"
+
+
+def _utf7_form(name: str, value: bytes) -> tuple[bytes, dict[str, str]]:
+    """A multipart body whose text parts are read as UTF-7, which can spell a lone surrogate (``+2AA-``)."""
+    parts = [b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nmake it night\r\n',
+             f'--b\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n",
+             b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+             + _png(_input()) + b"\r\n--b--\r\n"]
+    return b"".join(parts), {"content-type": "multipart/form-data; boundary=b; charset=utf-7"}
+
+
+@pytest.mark.parametrize("name,value,param", [("+2AA-", b"1", None), ("size", b"+2AA-", "size")])
+def test_a_lone_surrogate_in_a_form_is_a_400_naming_it(kontext_server, name, value, param):
+    """As generations and videos already refused: a field name holding one was "Invalid value for 'None'"."""
+    body, headers = _utf7_form(name, value)
+    response = requests.post(f"{kontext_server.url}/v1/images/edits", data=body, headers=headers, timeout=60)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and "lone surrogate" in error["message"]

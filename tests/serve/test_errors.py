@@ -190,3 +190,32 @@ def test_multipart_input_reference_to_a_text_to_video_model(video_server):
                    files={"input_reference": ("ref.png", b"\x89PNG....", "image/png")})
     error = _check_error(r, 400, "input_reference", "model_not_supported")
     assert "takes no input image" in error["message"]
+
+
+@pytest.mark.parametrize("content", [b"", b"  \r\n"])
+def test_an_empty_body_says_it_is_empty(image_server, content):
+    """``curl -X POST`` with no ``-d``: the error says the body is empty, not 'Expecting value: line 1 column 1'."""
+    r = httpx.post(f"{image_server.url}/v1/images/generations", content=content,
+                   headers={"content-type": "application/json"})
+    error = _check_error(r, 400, None, "invalid_json")
+    assert "body is empty" in error["message"] and "Expecting value" not in error["message"]
+
+
+@pytest.mark.parametrize("body,param", [
+    (b'{"prompt": "a cat", "size": "32x32", "prompt": "a dog"}', "prompt"),
+    (b'{"prompt": "a cat", "cache": {"kind": "fbcache", "kind": "teacache"}}', "kind"),
+])
+def test_a_json_key_given_twice_is_refused_by_name(image_server, body, param):
+    """Which of two values counts was the JSON parser's choice (the last); a proxy checking the first would
+    see another request than the one generated."""
+    r = httpx.post(f"{image_server.url}/v1/images/generations", content=body)
+    error = _check_error(r, 400, param, "duplicate_parameter")
+    assert "more than once" in error["message"]
+
+
+def test_a_form_field_given_twice_is_refused_by_name(image_server):
+    url = f"{image_server.url}/v1/images/generations"
+    r = httpx.post(url, files=[("prompt", (None, "a cat")), ("size", (None, "32x32")), ("prompt", (None, "a dog"))])
+    _check_error(r, 400, "prompt", "duplicate_parameter")
+    r = httpx.post(url, files=[("prompt", (None, "a cat")), ("seed", (None, "1")), ("seed", (None, "2"))])
+    _check_error(r, 400, "seed", "duplicate_parameter")

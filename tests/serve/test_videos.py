@@ -159,3 +159,12 @@ def test_cancel_running_and_queued_videos_removes_them(video_server):
     client.videos.delete(done.id)
     assert not path.exists()
     assert httpx.get(f"{video_server.url}/v1/videos/{done.id}/content").status_code == 404
+
+
+def test_an_input_reference_given_twice_is_refused_by_name(video_server):
+    files = [("prompt", (None, "a wave")), ("input_reference", ("a.png", b"\x89PNG....", "image/png")),
+             ("input_reference", ("b.png", b"\x89PNG....", "image/png"))]
+    r = httpx.post(f"{video_server.url}/v1/videos", files=files)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "input_reference" and error["code"] == "duplicate_parameter"
