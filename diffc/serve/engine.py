@@ -184,8 +184,8 @@ class Engine(BatchRunner):
                                        f"must be at most {lim.max_steps} on this server, got {steps}")
         fps = fps or self.fps
         if kind == "video":
-            if num_frames is None and seconds is not None:
-                num_frames = 4 * round(seconds * fps / 4) + 1  # 4k+1 frames, as the video VAEs need
+            if num_frames is None and seconds is not None:  # 4k+1 frames, as the video VAEs need, lasting
+                num_frames = 4 * max(1, round(seconds * fps / 4)) + 1  # (frames - 1) / fps: never 0 s for seconds > 0
             num_frames = num_frames if num_frames is not None else self._default("num_frames")
             if num_frames is not None and num_frames > lim.max_frames:
                 raise InvalidArgumentError("num_frames" if seconds is None else "seconds", f"{num_frames} frames is "

@@ -61,6 +61,17 @@ def test_json_request_with_seconds_and_fps(video_server):
     assert _wait_for(video_server.client(), body["id"]).status == "completed"
 
 
+@pytest.mark.parametrize("seconds,fps,frames", [(0.1, 16, 5), (1, 2, 5), (1e-9, 16, 5), (1.1, 4, 5), (2, 4, 9)])
+def test_seconds_above_zero_make_a_video_that_lasts(video_server, seconds, fps, frames):
+    """The nearest 4k+1 frame count, but never the single frame of a still picture ("seconds": "0" for 0.1 s)."""
+    r = httpx.post(f"{video_server.url}/v1/videos", json={"prompt": "rain", "seconds": seconds, "fps": fps,
+                                                           "num_inference_steps": 1})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    video_server.client().videos.delete(body["id"])
+    assert body["num_frames"] == frames and float(body["seconds"]) == (frames - 1) / fps
+
+
 def test_list_orders_and_pages(video_server):
     client = video_server.client()
     ids = [client.videos.create(prompt=f"clip {i}", extra_body={"seed": i}).id for i in range(3)]
