@@ -58,7 +58,8 @@ class Guard:
                 body = await self._read_body(scope, receive)
                 if body is None:
                     response = _error_response(413, f"The request body is larger than this server's limit of "
-                                                    f"{self.max_body_bytes} bytes.", code="request_too_large")
+                                                    f"{self.max_body_bytes} bytes (--max-body-bytes).",
+                                               code="request_too_large")
                     return await response(scope, receive, counting_send)
                 receive = self._replay(body, receive)
             await self.app(scope, receive, counting_send)

@@ -96,7 +96,8 @@ def test_route_errors(image_server, method, path, status, code):
 def test_body_size_limit(image_server):
     big = b'{"prompt": "' + b"x" * (2 << 20) + b'"}'
     r = httpx.post(f"{image_server.url}/v1/images/generations", content=big)
-    _check_error(r, 413, None, "request_too_large")
+    error = _check_error(r, 413, None, "request_too_large")
+    assert "--max-body-bytes" in error["message"]  # the operator's flag, as the other limits name theirs
 
     def chunks():  # no Content-Length: the limit still holds
         for _ in range(40):
