@@ -9,6 +9,7 @@ import anyio
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..version import __version__
@@ -124,10 +125,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     app.state.engine, app.state.api_key = engine, api_key or None
     app.state.lora_dirs, app.state.max_loras = allowed_dirs(lora_dirs), max_loras
     app.state.lora_loading = anyio.Lock()  # set_lora's loads, one at a time (see lora_routes)
-    app.include_router(public)
-    app.include_router(v1)
-    app.include_router(lora_router)
-    app.include_router(edit_router)
+    for router in (public, v1, lora_router, edit_router):
+        for route in router.routes:  # a server that answers GET answers HEAD too (RFC 9110): curl -I, probes
+            if isinstance(route, APIRoute) and "GET" in route.methods:
+                route.methods.add("HEAD")
+        app.include_router(router)
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):

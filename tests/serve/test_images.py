@@ -88,6 +88,20 @@ def test_url_response_serves_the_file(image_server, fmt, magic):
     assert f"{image_id}.{fmt}" in files
 
 
+def test_head_answers_where_get_does(image_server):
+    """``curl -I`` and HEAD health probes got a 405 (RFC 9110: a server answering GET answers HEAD)."""
+    for path in ("/health", "/metrics", "/v1/models", "/v1/videos"):
+        head, get = httpx.head(f"{image_server.url}{path}"), httpx.get(f"{image_server.url}{path}")
+        assert head.status_code == get.status_code == 200, (path, head.status_code)
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+    body = {"prompt": "a lighthouse", "size": "32x32", "response_format": "url", "seed": 3}
+    url = httpx.post(f"{image_server.url}/v1/images/generations", json=body, timeout=120).json()["data"][0]["url"]
+    head = httpx.head(url)
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["content-length"]) == len(httpx.get(url).content)
+    assert httpx.head(f"{image_server.url}/v1/images/img_{'0' * 32}/content").status_code == 404
+
+
 @pytest.mark.parametrize("range_header,status,part", [
     ("bytes=0-9", 206, slice(0, 10)),
     ("bytes=-4", 206, slice(-4, None)),
