@@ -3,8 +3,9 @@
 Layout::
 
     flux-dev.diffc/
-      manifest.json                      what was compiled, for which machine, what the passes did, and
-                                         the SHA-256 and size of every other file ("files")
+      manifest.json                      what was compiled, for which machine, what the passes did,
+                                         the SHA-256 and size of every other file ("files"), and the
+                                         SHA-256 of all of its own other fields ("manifest_sha256")
       transformer/transformer_blocks/bucket-0.json
                                          one rewritten block graph per region and shape, in torch.export's
                                          JSON schema (:mod:`.program_io`), weights left out
@@ -15,7 +16,9 @@ Layout::
 An artifact is data, as safe to load as safetensors: nothing in it is unpickled, imported or copied
 where another program would run it. :func:`open_artifact` reads the manifest, refuses another format
 version, then checks every file against the manifest before any is read: a file that is missing,
-modified, not listed, a symbolic link or not a regular file is refused, naming it. Programs are read
+modified, not listed, a symbolic link or not a regular file is refused, naming it; a manifest whose fields
+changed since (``passes.tier``, a bucket key) is refused by :func:`check_manifest_digest` before any
+of them is acted on. Programs are read
 by :meth:`Artifact.load_program` and kernels are copied by :meth:`Artifact.install_kernel_cache` into
 a cache private to this process. Any number of programs may share one artifact.
 
@@ -51,8 +54,11 @@ from ..fileio import UMASK
 from . import kernel_cache, program_io
 from .kernel_cache import TRITON_CACHE
 
-FORMAT_VERSION = 3  # 2: one graph per repeated-block region per bucket; 3: JSON + safetensors, files hashed
+# 2: one graph per repeated-block region per bucket; 3: JSON + safetensors, files hashed; 4: the manifest's own
+# fields hashed too (MANIFEST_DIGEST)
+FORMAT_VERSION = 4
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest_sha256"
 MAX_MANIFEST_BYTES = 64 << 20
 _CHUNK = 1 << 20
 
@@ -183,6 +189,24 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
         raise ArtifactError(f"{file} is not a diffc manifest (no 'stages')")
     return manifest
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of every field of ``manifest`` but :data:`MANIFEST_DIGEST` (keys sorted, compact JSON): a field that
+    changes what loading does (``passes.tier``, a bucket's or region's key, a region's graph file) is covered as
+    the files are by their hashes in ``files``."""
+    fields = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_manifest_digest(manifest: dict[str, Any], where: str) -> None:
+    """Refuse a manifest whose fields changed after ``diffc compile`` wrote it (its digest no longer matches)."""
+    recorded = manifest.get(MANIFEST_DIGEST)
+    if not isinstance(recorded, str):
+        raise ArtifactError(f"{where}/{MANIFEST} has no {MANIFEST_DIGEST}; recompile the artifact with `diffc compile`")
+    if recorded != manifest_digest(manifest):
+        raise ArtifactError(f"{where}/{MANIFEST} was modified after `diffc compile` wrote it (its fields no longer "
+                            f"match its {MANIFEST_DIGEST}); recompile the artifact")
 
 
 def _file_digest(path: Path) -> tuple[str, int]:
@@ -408,7 +432,8 @@ class ArtifactWriter:
                 if path.is_file() and path.name != MANIFEST:
                     digest, size = _file_digest(path)
                     files[path.relative_to(self.tmp).as_posix()] = {"sha256": digest, "bytes": size}
-            manifest = {**manifest, "files": files}
+            manifest = json.loads(json.dumps({**manifest, "files": files}))  # hashed as it will be read back
+            manifest[MANIFEST_DIGEST] = manifest_digest(manifest)
             self.file(MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
             os.chmod(self.tmp, 0o777 & ~UMASK)  # mkdtemp makes the directory private; give it the usual mode
             check_output_target(self.given)

@@ -80,7 +80,55 @@ def check_artifact(root: str | Path, *, source: str | Path, device, dtype) -> ar
                                             "artifact")
                 if file not in artifact.files:
                     raise art.ArtifactError(f"compiled graph missing from the artifact: {where}/{file[:200]}")
+    tier_of(manifest, where)
+    # last: every field read above only refuses; the ones acted on (tier, keys, regions) are covered here
+    art.check_manifest_digest(manifest, where)
     return artifact
+
+
+def tier_of(manifest: dict[str, Any], where: str) -> str:
+    """The manifest's ``passes.tier``, one of the tiers ``diffc compile`` writes."""
+    from ..compile.manager import TIERS
+
+    passes = manifest.get("passes")
+    tier = passes.get("tier") if isinstance(passes, dict) else None
+    if not isinstance(tier, str) or tier not in TIERS:
+        raise art.ArtifactError(f"{where}/{art.MANIFEST}: passes.tier is {str(tier)[:80]!r}, not one of "
+                                f"{', '.join(TIERS)}; recompile the artifact")
+    return tier
+
+
+def graph_key(program) -> str:
+    """The block call key ``program`` was exported for (:func:`~diffc.compile.regions.call_key` of its inputs), read
+    from the graph itself: the manifest's key for it must be this one."""
+    from torch.utils import _pytree as pytree
+
+    from ..compile.regions import call_key
+
+    users = set(program.graph_signature.user_inputs)
+    values = [node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder" and node.name in users]
+    args, kwargs = pytree.tree_unflatten(values, program.call_spec.in_spec)
+    return call_key(args, kwargs)
+
+
+def check_consistent(where: str, tier: str, entries: list[tuple[str, str, RegionGraph]]) -> None:
+    """Each graph is the one its manifest entry (``file``, ``key``) says, and the graphs read fp8 weights exactly
+    under the fp8 tier: an entry that does not fit its graph ran the graph on inputs of other shapes, or quantized
+    (or left unquantized) the weights the graphs read."""
+    from .fp8 import WEIGHT
+
+    fp8_files = []
+    for file, key, graph in entries:
+        own = graph_key(graph.program)
+        if own != key:
+            raise art.ArtifactError(f"{where}/{art.MANIFEST}: the key of {file} is {key[:120]!r}, but its graph takes "
+                                    f"{own[:120]!r}; recompile the artifact")
+        if any(name.rsplit(".", 1)[-1] == WEIGHT for name in graph.read_state_names):
+            fp8_files.append(file)
+    if entries and bool(fp8_files) != (tier == "fp8"):
+        raise art.ArtifactError(f"{where}/{art.MANIFEST}: passes.tier is {tier!r}, but "
+                                + (f"{fp8_files[0]} reads fp8 weights" if fp8_files else "no graph reads fp8 weights")
+                                + "; recompile the artifact")
 
 
 def load_artifact(executor, root: str | Path | art.Artifact, *, source: str | Path, device, dtype) -> dict[str, Any]:
@@ -97,9 +145,9 @@ def load_artifact(executor, root: str | Path | art.Artifact, *, source: str | Pa
                                                                           dtype=dtype)
     manifest, where = artifact.manifest, artifact.where
     stages = manifest["stages"]
-    tier = manifest.get("passes", {}).get("tier")
+    tier = tier_of(manifest, where)
     read: dict[str, RegionGraph] = {}
-    layers, checks = {}, []
+    layers, checks, entries = {}, [], []
     for name in stages:
         stack = executor.stacks.get(name)
         if stack is None:
@@ -120,9 +168,10 @@ def load_artifact(executor, root: str | Path | art.Artifact, *, source: str | Pa
                     read[file] = RegionGraph(artifact.load_program(file, device=device))
                 graph = read[file]
                 checks.append((file, graph, region))
+                entries.append((file, entry["key"], graph))
                 by_region.setdefault(region.name, {})[entry["key"]] = graph
-        layers[name] = CompiledDiT(by_region, [b["key"] for b in buckets],
-                                   {"artifact": where, "tier": manifest.get("passes", {}).get("tier")})
+        layers[name] = CompiledDiT(by_region, [b["key"] for b in buckets], {"artifact": where, "tier": tier})
+    check_consistent(where, tier, entries)
     # fp8 graphs read the fp8 weight copies; the bf16 weights they do not read leave the device as they are quantized
     executor.set_weight_quantization("fp8" if tier == "fp8" else None,
                                      graphs={name: layer.graphs for name, layer in layers.items()})

@@ -145,13 +145,16 @@ def test_artifact_layout_and_manifest(built, family):
     assert (b.artifact / art.TRITON_CACHE).is_dir()
     assert sorted(p.name for p in b.artifact.parent.iterdir()) == [b.artifact.name]  # no temp dirs beside it
     m = b.manifest
-    assert m["format_version"] == art.FORMAT_VERSION == 3
+    assert m["format_version"] == art.FORMAT_VERSION == 4
     # every file but the manifest is listed with its size and SHA-256
     on_disk = {p.relative_to(b.artifact).as_posix(): p for p in b.artifact.rglob("*") if p.is_file()}
     assert set(m["files"]) == set(on_disk) - {"manifest.json"}
     for relative, entry in m["files"].items():
         data = on_disk[relative].read_bytes()
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    # and the manifest's own fields, as read back from the file
+    fields = json.dumps({k: v for k, v in m.items() if k != "manifest_sha256"}, sort_keys=True, separators=(",", ":"))
+    assert m["manifest_sha256"] == hashlib.sha256(fields.encode()).hexdigest()
     assert m["model"]["config_hash"] == art.config_hash(b.checkpoint)
     assert m["model"]["path"] == str(b.checkpoint.resolve())
     assert m["model"]["pipeline_class"] == {"flux": "FluxPipeline", "wan": "WanPipeline"}[family]
@@ -319,7 +322,7 @@ EDITS = {
     "dtype": (lambda m: m.update(dtype="bfloat16"), ["dtype: artifact 'bfloat16', here 'float32'"]),
     "config_hash": (lambda m: m["model"].update(config_hash="0123456789abcdef"),
                     ["model config: artifact '0123456789abcdef'", "here '"]),
-    "format_version": (lambda m: m.update(format_version=99), ["artifact format 99, this diffc reads format 3"]),
+    "format_version": (lambda m: m.update(format_version=99), ["artifact format 99, this diffc reads format 4"]),
     # an artifact compiled by other pass or kernel code (issue 13): each pass and op that differs is named
     "pass_sources": (lambda m: (m["passes"]["sources"].update(qk_norm_rope="0" * 16, retired_pass="1" * 16),
                                 m["passes"]["sources"].pop("gelu_tanh")),

@@ -85,7 +85,8 @@ def write_manifest(path: Path, data: dict) -> None:
 
 
 def resign(path: Path) -> None:
-    """List every file now in the artifact with its true hash, as a malicious author would."""
+    """List every file now in the artifact with its true hash, and hash the manifest's fields again, as a malicious
+    author would."""
     data = manifest(path)
     data["files"] = {}
     for file in sorted(path.rglob("*")):
@@ -93,6 +94,9 @@ def resign(path: Path) -> None:
         if relative != art.MANIFEST and (file.is_file() or file.is_symlink()):
             content = file.read_bytes()
             data["files"][relative] = {"sha256": hashlib.sha256(content).hexdigest(), "bytes": len(content)}
+    fields = json.dumps({k: v for k, v in data.items() if k != "manifest_sha256"}, sort_keys=True,
+                        separators=(",", ":"))
+    data["manifest_sha256"] = hashlib.sha256(fields.encode()).hexdigest()
     write_manifest(path, data)
 
 
@@ -466,4 +470,58 @@ def test_a_region_name_that_is_not_a_string_is_refused(built, copy, region):
     data = manifest(copy)
     data["stages"]["transformer"]["buckets"][0]["regions"][0]["region"] = region
     write_manifest(copy, data)
+    resign(copy)
     refused(built, copy, "is not a block list of")
+
+
+# ---- the manifest's own fields ----------------------------------------------------------------
+# Found by an audit: the manifest hashed every file but not itself, so an edit of a field that changes what loading
+# does (passes.tier "fp8" quantized the weights of graphs that read none; a region's key ran its graph on inputs of
+# other shapes) loaded without a word. Its fields are hashed now, and a re-signed manifest must still fit its graphs.
+
+def _set(data: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        data = data[key]
+    data[path[-1]] = value
+
+
+REGION_KEY = ("stages", "transformer", "buckets", 0, "regions", 0, "key")
+
+
+@pytest.mark.parametrize("path,value", [(("passes", "tier"), "fp8"), (("passes", "tier"), "lossless"),
+                                        (REGION_KEY, "arg0=1x64x32:float32"), (("created",), "yesterday")])
+def test_an_edited_manifest_field_is_refused(built, copy, path, value):
+    data = manifest(copy)
+    _set(data, path, value)
+    write_manifest(copy, data)
+    refused(built, copy, f"{copy}/manifest.json was modified after `diffc compile` wrote it (its fields no longer "
+                         "match its manifest_sha256); recompile")
+
+
+def test_a_manifest_without_its_digest_is_refused(built, copy):
+    data = manifest(copy)
+    data.pop("manifest_sha256")
+    write_manifest(copy, data)
+    refused(built, copy, "manifest.json has no manifest_sha256; recompile the artifact")
+
+
+@pytest.mark.parametrize("tier,fragment", [
+    ("fp8", "passes.tier is 'fp8', but no graph reads fp8 weights; recompile"),  # quantized weights none read
+    ("turbo", "passes.tier is 'turbo', not one of lossless, fast, fp8"),
+    (5, "passes.tier is '5', not one of"),
+])
+def test_a_resigned_tier_must_fit_the_graphs(built, copy, tier, fragment):
+    data = manifest(copy)
+    data["passes"]["tier"] = tier
+    write_manifest(copy, data)
+    resign(copy)
+    refused(built, copy, fragment)
+
+
+def test_a_resigned_region_key_must_be_its_graphs(built, copy):
+    data = manifest(copy)
+    key = data["stages"]["transformer"]["buckets"][0]["regions"][0]["key"]
+    _set(data, REGION_KEY, key.replace("arg0=1x16x", "arg0=1x64x"))
+    write_manifest(copy, data)
+    resign(copy)
+    refused(built, copy, f"the key of {GRAPH} is 'arg0=1x64x")
