@@ -78,10 +78,23 @@ def component_entry(where: Path, name: str, entry: Any) -> tuple[str, str] | Non
     return library, class_name
 
 
-def check_floating_stored(folder: Path, files: list[Path], floating: set[str]) -> None:
-    """No tensor named in ``floating`` (the model's floating-point parameters and buffers) is stored in ``files`` as
-    integers or booleans, which a load would convert to floats without a word (read from the headers only)."""
-    wrong = [f"{n} ({d})" for n, d in stored_dtypes(files).items() if n in floating and not d.startswith(("F", "BF"))]
+# The stored kinds a floating-point weight may have (safetensors' names); each converts exactly to the model's dtype.
+# Not F4/F6 (packed, their shapes count elements torch does not), F8_E8M0 (exponents only, a scale format), complex.
+FLOAT_KINDS = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+
+
+def check_floating_stored(folder: Path, files: list[Path], floating: set[str] | None) -> None:
+    """No tensor named in ``floating`` (None: every tensor stored in a floating kind) (the model's floating-point parameters and buffers) is stored in ``files`` as
+    integers or booleans, which a load would convert to floats without a word, or as another kind than
+    :data:`FLOAT_KINDS` (read from the headers only)."""
+    stored = {n: d for n, d in stored_dtypes(files).items()
+              if d not in FLOAT_KINDS and (n in floating if floating is not None else d[0] in "FC")}
+    wrong = [f"{n} ({d})" for n, d in stored.items() if d == "BOOL" or d[0] in "IU"]
     if wrong:
         raise CheckpointError(f"{folder}: {len(wrong)} weight(s) stored as integers or booleans, not floating point: "
                               + ", ".join(wrong[:5]) + (", ..." if len(wrong) > 5 else ""))
+    other = [f"{n} ({d})" for n, d in stored.items()]
+    if other:
+        raise CheckpointError(f"{folder}: {len(other)} weight(s) stored in a kind diffc does not load as weights: "
+                              + ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
+                              + f" (accepted: {', '.join(FLOAT_KINDS)})")

@@ -41,12 +41,12 @@ def load_native_model(folder: Path, class_name: str, device: torch.device, dtype
     if expected.keys() != present.keys():
         raise WeightMismatchError(folder.name, sorted(expected.keys() - present.keys()),
                                   sorted(present.keys() - expected.keys()))
+    # kinds first: a packed kind (F4) gives its shape in elements, not as torch reads it
+    check_floating_stored(folder, files, {name for name, t in model.state_dict().items() if t.is_floating_point()})
     wrong = [f"{n} {list(present[n])} (config.json gives {list(s)})" for n, s in expected.items() if present[n] != s]
     if wrong:
         raise CheckpointError(f"{folder}: {len(wrong)} weight shape(s) do not match config.json: "
                               + "; ".join(wrong[:5]) + ("; ..." if len(wrong) > 5 else ""))
-
-    check_floating_stored(folder, files, {name for name, t in model.state_dict().items() if t.is_floating_point()})
 
     keep_fp32 = _fp32_matcher(model_cls)
     files_of: dict[str, Path] = {}
@@ -73,7 +73,8 @@ def load_text_encoder(folder: Path, class_name: str, device: torch.device, dtype
     import transformers
 
     check_size_fields(read_json(folder / "config.json"), str(folder / "config.json"))
-    weight_files(folder)  # clear error for missing weights or shards before transformers reports its own
+    files = weight_files(folder)  # clear error for missing weights or shards before transformers reports its own
+    check_floating_stored(folder, files, None)  # no complex or packed kinds, which transformers would cast
     cls = getattr(transformers, class_name)
     device_map = None if device.type == "cpu" else {"": str(device)}
     try:
@@ -87,6 +88,12 @@ def load_text_encoder(folder: Path, class_name: str, device: torch.device, dtype
     unexpected = list(info.get("unexpected_keys", ()))
     if missing or unexpected:
         raise WeightMismatchError(folder.name, missing, unexpected)
+    # transformers casts integers the file holds for a floating parameter to the model's dtype without a word (the
+    # file's names may carry the model's base prefix or not)
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    floating = {n for n, t in model.named_parameters() if t.is_floating_point()}
+    check_floating_stored(folder, files, floating | {prefix + n for n in floating}
+                          | {n.removeprefix(prefix) for n in floating})
     return model.to(device).eval().requires_grad_(False)
 
 

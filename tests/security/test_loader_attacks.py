@@ -274,3 +274,46 @@ def test_a_weights_name_that_is_a_folder_is_named(ckpt):
     path.unlink()
     path.mkdir()
     refused(ckpt, f"{path} is not a file")
+
+
+# ---- weights stored in kinds that are not the weights' own (found by an audit) ----------------------------------------
+
+def _store_as(path: Path, dtype: torch.dtype) -> str:
+    """Store the first matrix of ``path`` as ``dtype``; returns its name."""
+    tensors = load_file(path)
+    name = next(n for n, t in tensors.items() if t.ndim == 2)
+    if dtype == torch.float4_e2m1fn_x2:  # packed two to a byte: torch has no conversion to it
+        tensors[name] = torch.zeros(tensors[name].shape, dtype=torch.uint8).view(dtype)
+    else:
+        tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, path)
+    return name
+
+
+@pytest.mark.parametrize("component", ["transformer", "vae", "text_encoder", "text_encoder_2"])
+@pytest.mark.parametrize("dtype,kind", [(torch.float4_e2m1fn_x2, "F4"), (torch.complex64, "C64"),
+                                        (torch.float8_e8m0fnu, "F8_E8M0")])
+def test_a_weight_stored_in_another_kind_is_named(ckpt, component, dtype, kind):
+    """F4 was a shape mismatch of twice the width (a text encoder: transformers' reshape error), complex64 was
+    'integers or booleans' (a text encoder: cast to real with torch's warning) and F8_E8M0, exponents only, loaded."""
+    path = next((ckpt / component).glob("*.safetensors"))
+    name = _store_as(path, dtype)
+    refused(ckpt, f"{ckpt / component}: 1 weight(s) stored in a kind diffc does not load as weights: "
+                            f"{name} ({kind}) (accepted: F16, BF16, F32, F64, F8_E4M3, F8_E5M2)")
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "text_encoder_2"])
+def test_a_text_encoder_weight_stored_as_integers_is_named(ckpt, component):
+    """transformers converted it to floats without a word (the native models' check did not cover text encoders)."""
+    path = next((ckpt / component).glob("*.safetensors"))
+    name = _store_as(path, torch.int32)
+    refused(ckpt, f"{ckpt / component}: 1 weight(s) stored as integers or booleans, not floating point: {name} (I32)")
+
+
+def test_fp8_stored_weights_still_load(ckpt):
+    """F8_E4M3 converts exactly to the model's dtype: accepted as before."""
+    path = ckpt / "transformer" / "diffusion_pytorch_model.safetensors"
+    name = _store_as(path, torch.float8_e4m3fn)
+    pipe = diffc.load(ckpt, device="cpu")
+    assert torch.equal(pipe.components["transformer"].state_dict()[name],
+                       load_file(path)[name].to(torch.float32))
