@@ -376,6 +376,10 @@ async def video_content(video_id: str, request: Request, variant: str = "video")
     job = _find_video(engine, video_id)
     if variant != "video":
         raise invalid("variant", f"variant '{variant}' is not available; diffc serves only 'video'")
+    if job.status == "failed":  # it never will have content: say why, not that it is not ready yet
+        reason = job.error.message if job.error is not None else "unknown error"
+        raise APIError(409, f"Video '{video_id}' has no content: it failed ({reason}).", param="video_id",
+                       code="video_failed")
     path = engine.store.get(job.id) if job.status == "completed" else None
     if path is None:
         detail = f"it has status '{job.status}'" if job.status != "completed" else "its file has expired"

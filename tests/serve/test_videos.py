@@ -179,3 +179,14 @@ def test_an_input_reference_given_twice_is_refused_by_name(video_server):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == "input_reference" and error["code"] == "duplicate_parameter"
+
+
+def test_content_of_a_failed_video_says_why(video_server):
+    """A failed video will never have content: its download says so and why (it was 'video_not_ready')."""
+    client = video_server.client()
+    video = client.videos.create(prompt="explode", extra_body={"num_inference_steps": 1})
+    assert _wait_for(client, video.id).status == "failed"
+    r = httpx.get(f"{video_server.url}/v1/videos/{video.id}/content")
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "video_failed" and error["param"] == "video_id" and "out of memory" in error["message"]
