@@ -10,7 +10,7 @@ the model cannot use is a 400 naming the field; so is a model that takes no inpu
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
@@ -30,7 +30,7 @@ class EditRequest(ImageRequest):
     """The fields of ``POST /v1/images/edits`` besides the image files."""
 
     mask: Any = None
-    input_fidelity: str | None = None
+    input_fidelity: Literal["low", "high"] | None = None  # accepted and ignored
 
     def check_supported(self) -> None:
         super().check_supported()

@@ -99,9 +99,10 @@ class ImageRequest(_Request):
     background: Literal["transparent", "opaque", "auto"] | None = None
     stream: bool | None = None
     partial_images: int | None = None
-    quality: str | None = None
-    style: str | None = None
-    moderation: str | None = None
+    # OpenAI's values for these (accepted and ignored: a typo is refused naming them, as OpenAI refuses it)
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    moderation: Literal["auto", "low"] | None = None
     complexity: Any = None
     frame_count: Any = None
     frame_duration_ms: Any = None

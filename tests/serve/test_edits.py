@@ -109,6 +109,8 @@ def _raw(server, files, **fields):
     ([("n", (None, "1"))], "image", "Missing required parameter"),  # multipart without a file
     ([("image", ("a.png", _png(_input()), "image/png")), ("mask", ("m.png", _png(_input()), "image/png"))],
      "mask", "not supported"),
+    ([("image", ("a.png", _png(_input()), "image/png")), ("input_fidelity", (None, "max"))], "input_fidelity",
+     "'low' or 'high'"),  # OpenAI's values only (any text was accepted)
 ])
 def test_bad_uploads_are_400_naming_the_field(kontext_server, files, param, fragment):
     response = _raw(kontext_server, files)

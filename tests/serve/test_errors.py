@@ -36,6 +36,9 @@ IMAGE_CASES = {
     "transparent background": ({"prompt": "x", "background": "transparent"}, 400, "background", "invalid_value"),
     "negative prompt on flux": ({"prompt": "x", "negative_prompt": "blur"}, 400, "negative_prompt", "invalid_value"),
     "another model": ({"prompt": "x", "model": "dall-e-3"}, 404, "model", "model_not_found"),
+    "quality not OpenAI's": ({"prompt": "x", "quality": "ultra"}, 400, "quality", "invalid_value"),  # was ignored
+    "style not OpenAI's": ({"prompt": "x", "style": "Vivid"}, 400, "style", "invalid_value"),
+    "moderation not OpenAI's": ({"prompt": "x", "moderation": "off"}, 400, "moderation", "invalid_value"),
 }
 
 
@@ -54,6 +57,14 @@ def test_image_request_errors(image_server, case):
     r = httpx.post(f"{image_server.url}/v1/images/generations", **kwargs)
     error = _check_error(r, status, param, code)
     assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("field,value", [("quality", "hd"), ("quality", "auto"), ("quality", "low"),
+                                         ("style", "natural"), ("moderation", "low"), ("background", "opaque")])
+def test_openai_values_diffc_ignores_are_accepted(image_server, field, value):
+    r = httpx.post(f"{image_server.url}/v1/images/generations", timeout=120,
+                   json={"prompt": "x", "size": "32x32", "num_inference_steps": 1, field: value})
+    assert r.status_code == 200, r.text
 
 
 def test_a_form_urlencoded_body_says_what_is_read(image_server):
