@@ -20,7 +20,9 @@ from .protocol import invalid
 
 MAX_IMAGE_BYTES = 50 << 20  # per file, as OpenAI's limit for edits
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")  # what Pillow may identify an upload as; anything else is refused
-DATA_URL_RE = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+# RFC 2397: a media type, optional parameters (";name=first.png"), then ";base64,"
+DATA_URL_RE = re.compile(r"^data:image/[a-z0-9.+-]+(?:;[a-z0-9.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
+WHITESPACE_RE = re.compile(r"[ \t\r\n]+")
 
 
 def decode_image(data: bytes, field: str):
@@ -66,7 +68,7 @@ def reference_image(value: Any, field: str = "input_reference"):
         what = "a URL" if text.lower().startswith(("http://", "https://")) else "not a data URL"
         raise invalid(field, f"'{field}' is {what}; the server fetches nothing: upload the image file "
                              "(multipart) or send it as a base64 data URL (data:image/png;base64,...)")
-    payload = text[match.end():]
+    payload = WHITESPACE_RE.sub("", text[match.end():])  # base64 wrapped in lines, as the base64 command writes it
     if len(payload) > (MAX_IMAGE_BYTES * 4) // 3 + 4:
         raise invalid(field, f"'{field}' is larger than {MAX_IMAGE_BYTES >> 20} MiB")
     try:

@@ -71,3 +71,35 @@ def test_a_header_declaring_billions_of_pixels_is_too_large_not_unreadable(side)
     assert info.value.param == "image"
     assert info.value.message.startswith(f"'image' is {side * side} pixels by its header, too large (at most 16384 a "
                                          "side and 67108864 pixels)"), info.value.message
+
+
+def _wrapped(data: bytes, width: int = 76) -> str:
+    """Base64 in lines of ``width``, as ``base64 first.png`` writes it."""
+    import base64
+
+    text = base64.b64encode(data).decode("ascii")
+    return "\n".join(text[i:i + width] for i in range(0, len(text), width)) + "\n"
+
+
+@pytest.mark.parametrize("url", [
+    lambda png: "data:image/png;base64," + _wrapped(png),  # was 'not valid base64'
+    lambda png: "data:image/png;base64,\r\n" + _wrapped(png).replace("\n", "\r\n"),
+    lambda png: "data:image/png;name=first.png;base64," + _wrapped(png, 10**9),  # RFC 2397 parameters: 'not a data URL'
+], ids=["lines", "crlf", "parameters"])
+def test_data_urls_as_shells_and_browsers_write_them(url):
+    from diffc.serve.uploads import reference_image
+
+    png = _encoded("PNG", size=(40, 24))
+    assert reference_image(url(png)).size == (40, 24)
+
+
+@pytest.mark.parametrize("url,fragment", [
+    ("data:image/png;base64,iVBO R@@", "not valid base64"),
+    ("data:image/png;charset=utf-8,abc", "not a data URL"),  # not base64
+])
+def test_malformed_data_urls_stay_refused(url, fragment):
+    from diffc.serve.uploads import reference_image
+
+    with pytest.raises(APIError) as info:
+        reference_image(url)
+    assert info.value.param == "input_reference" and fragment in info.value.message
