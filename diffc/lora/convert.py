@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import re
 from typing import Any, Mapping
 
 import torch
@@ -278,6 +277,8 @@ def _scale(source: SourceModule, module: str, rank: int, config: dict[str, Any])
         if source.alpha.numel() != 1:
             raise _Invalid(f"{source.stem}.alpha must hold one finite number, got shape "
                            f"{tuple(source.alpha.shape)}")
+        if source.alpha.dtype == torch.bool:  # True merged as alpha 1
+            raise _Invalid(f"{source.stem}.alpha is stored as a boolean; alpha must be a finite number")
         alpha = float(source.alpha.float().item())
         if not math.isfinite(alpha):
             raise _Invalid(f"{source.stem}.alpha is {alpha}; alpha must be a finite number")
@@ -291,14 +292,25 @@ def _scale(source: SourceModule, module: str, rank: int, config: dict[str, Any])
     return alpha / (math.sqrt(rank) if rslora else rank)
 
 
+PATTERN_SECONDS = 0.5  # one alpha_pattern key against one module name: a real one takes microseconds
+
+
 def _pattern_value(patterns: dict[str, Any], module: str):
-    """PEFT's per-module override: a key matches a module name ending in it (or, starting with ``^``, all of it)."""
+    """PEFT's per-module override: a key matches a module name ending in it (or, starting with ``^``, all of it).
+
+    The keys are the file's regular expressions: one that backtracks exponentially (``(.|.)*!``) would hold the
+    merge (and a server's LoRA lock) for ever, so each match is bounded (``regex``'s timeout) and refused past it."""
+    import regex
+
     for key, value in patterns.items():
         pattern = key if key.startswith("^") else rf"(.*\.)?(?:{key})"
         try:
-            if re.fullmatch(pattern.lstrip("^"), module):
+            if regex.fullmatch(pattern.lstrip("^"), module, timeout=PATTERN_SECONDS):
                 return value
-        except re.error:
+        except regex.error:
             if module == key or module.endswith("." + key):
                 return value
+        except TimeoutError:
+            raise _Invalid(f"its alpha_pattern key {key[:80]!r} takes over {PATTERN_SECONDS:g} s to match the module "
+                           f"name {module!r}; a pattern that backtracks this much is not loaded") from None
     return None

@@ -83,10 +83,11 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
             metadata = f.metadata() or {}
             for name in f.keys():
                 tensors[name] = f.get_tensor(name)
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
     if not tensors:
         raise CheckpointError(f"{file}: the file holds no tensors")
+    _check_kinds(file, tensors)
     broken = [n for n, t in tensors.items() if t.is_floating_point() and not n.endswith(".alpha")  # (convert's)
               and not bool(torch.isfinite(t).all())]
     if broken:  # merged, they would make the DiT's weights NaN (a black image, no error)
@@ -104,6 +105,25 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
             raise CheckpointError(f"{file}: its '{METADATA_KEY}' metadata is not a JSON object")
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     return LoraFile(file, tensors, config, nbytes)
+
+
+# What a LoRA tensor may be stored as: floats that convert exactly (integers are refused by name as matrices, and
+# kept as an alpha); not fp8/fp4 or complex, which no LoRA trainer writes and torch cannot check or merge as floats.
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_DIMS = 5  # a Conv3d weight's (Wan's patch embedding), the most any supported model's weight has
+
+
+def _check_kinds(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    odd = [f"{n} ({str(t.dtype).removeprefix('torch.')})" for n, t in tensors.items()
+           if t.dtype not in FLOATS and (t.is_floating_point() or t.is_complex())]
+    if odd:
+        raise CheckpointError(f"{file}: {len(odd)} tensor(s) stored as a kind no LoRA holds: " + ", ".join(odd[:5])
+                              + (", ..." if len(odd) > 5 else "") + "; LoRA tensors are float32, bfloat16, float16 "
+                              "or float64 (an alpha may be an integer)")
+    deep = [f"{n} ({t.dim()})" for n, t in tensors.items() if t.dim() > MAX_DIMS]
+    if deep:
+        raise CheckpointError(f"{file}: {len(deep)} tensor(s) with more than {MAX_DIMS} dimensions: "
+                              + ", ".join(deep[:5]) + (", ..." if len(deep) > 5 else "") + "; no model weight has them")
 
 
 def component_prefix(config: dict[str, Any], prefixes: tuple[str, ...] = ("transformer",)) -> str:

@@ -226,3 +226,82 @@ def test_a_merge_that_fails_part_way_leaves_the_weights_as_they_were(flux, tmp_p
     assert described["merged"]["transformer"] == [{"nickname": "good", "strength": 1.0}]
     flux.pipe.unmerge_lora_weights()
     _weights_are(flux, flux.base)
+
+
+# ---- found by an audit: kinds, dimensions and patterns a file can hold ----------------------------------------------
+
+def _proj_out_lora(flux, dtype=torch.float32, alpha=None) -> dict[str, torch.Tensor]:
+    weight = flux.pipe.components["transformer"].proj_out.weight  # (out, in)
+    tensors = {"transformer.proj_out.lora_A.weight": torch.randn(4, weight.shape[1]).to(dtype),
+               "transformer.proj_out.lora_B.weight": torch.randn(weight.shape[0], 4)}
+    if alpha is not None:
+        tensors["transformer.proj_out.alpha"] = alpha
+    return tensors
+
+
+@pytest.mark.parametrize("tensors,shown", [
+    # isfinite is not implemented for fp8: a NotImplementedError traceback
+    (lambda f: _proj_out_lora(f, torch.float8_e4m3fn), "transformer.proj_out.lora_A.weight (float8_e4m3fn)"),
+    (lambda f: _proj_out_lora(f, torch.float8_e8m0fnu), "transformer.proj_out.lora_A.weight (float8_e8m0fnu)"),  # merged
+    (lambda f: _proj_out_lora(f, alpha=torch.tensor(4.0).to(torch.complex64)),  # cast to real with torch's warning
+     "transformer.proj_out.alpha (complex64)"),
+])
+def test_a_lora_tensor_of_an_odd_kind_is_refused_naming_it(flux, tmp_path, tensors, shown):
+    path = W.write_keys(tensors(flux), tmp_path / "odd.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: 1 tensor(s) stored as a kind no LoRA holds: {shown}; "
+                                                        "LoRA tensors are float32, bfloat16, float16 or float64")):
+        flux.pipe.set_lora("odd", path)
+    _weights_are(flux, flux.base)
+
+
+def test_a_lora_tensor_of_many_dimensions_is_refused(flux, tmp_path):
+    """65+ dimensions were torch's 'only tensors with up to 64 dims are supported' RuntimeError traceback."""
+    tensors = _proj_out_lora(flux)
+    down = tensors["transformer.proj_out.lora_A.weight"]
+    tensors["transformer.proj_out.lora_A.weight"] = down.reshape(*([1] * 64), *down.shape)
+    path = W.write_keys(tensors, tmp_path / "deep.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: 1 tensor(s) with more than 5 dimensions: "
+                                                        "transformer.proj_out.lora_A.weight (66)")):
+        flux.pipe.set_lora("deep", path)
+    _weights_are(flux, flux.base)
+
+
+def test_a_boolean_alpha_is_refused(flux, tmp_path):
+    """It was merged as alpha 1."""
+    path = W.write_keys(_proj_out_lora(flux, alpha=torch.tensor(True)), tmp_path / "bool.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: transformer.proj_out.alpha is stored as a boolean")):
+        flux.pipe.set_lora("bool", path)
+    _weights_are(flux, flux.base)
+
+
+def test_an_alpha_pattern_that_backtracks_for_ever_is_refused(flux, tmp_path):
+    """An alpha_pattern key is a regular expression matched against every module name: ``(.|.)*\\d\\d`` against
+    single_transformer_blocks.0.attn.to_q backtracks 2**38 times (the merge, and a server's LoRA lock, held)."""
+    import time
+
+    module = "single_transformer_blocks.0.attn.to_q"
+    weight = dict(flux.pipe.components["transformer"].named_parameters())[f"{module}.weight"]
+    tensors = {f"transformer.{module}.lora_A.weight": torch.randn(4, weight.shape[1]),
+               f"transformer.{module}.lora_B.weight": torch.randn(weight.shape[0], 4)}
+    path = W.write_keys(tensors, tmp_path / "redos.safetensors",
+                        {"transformer.lora_alpha": 4, "transformer.alpha_pattern": {"(.|.)*\\d\\d": 2}})
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: its alpha_pattern key '(.|.)*\\\\d\\\\d' takes over "
+                                                        f"0.5 s to match the module name '{module}'")):
+        flux.pipe.set_lora("redos", path)
+    assert time.perf_counter() - started < 10
+    _weights_are(flux, flux.base)
+
+
+def test_alpha_patterns_still_match_as_peft_matches_them(flux, tmp_path):
+    """A module name's suffix and a ``^`` pattern of the whole name select their alpha (the same pieces as before)."""
+    dit = flux.pipe.components["transformer"]
+    tensors = _proj_out_lora(flux)
+    for pattern in ("proj_out", "^proj_.ut", "(a|b)*proj_out"):
+        path = W.write_keys(tensors, tmp_path / "p.safetensors",
+                            {"transformer.lora_alpha": 4, "transformer.alpha_pattern": {pattern: 8}})
+        flux.pipe.set_lora("p", path)
+        down, up = tensors["transformer.proj_out.lora_A.weight"], tensors["transformer.proj_out.lora_B.weight"]
+        want = flux.base["proj_out.weight"].double() + 2.0 * (up.double() @ down.double())  # 8 / rank 4
+        torch.testing.assert_close(dit.proj_out.weight.double(), want, rtol=0, atol=2e-6, msg=pattern)
+        flux.reset()
