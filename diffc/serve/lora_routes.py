@@ -3,7 +3,7 @@
 Files are read and converted on a request thread; merging runs on the engine's worker between two
 batches (``Engine.call``), so a switch never lands in the middle of a generation. ``lora_path`` must
 resolve (symlinks and ``..`` followed) inside one of the operator's ``--lora-dir`` directories, else
-403. After each call the engine's default adapters (those of requests naming no ``lora``) are what
+403; a relative one is looked up in those directories. After each call the engine's default adapters (those of requests naming no ``lora``) are what
 is merged now.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import CheckpointError, InvalidArgumentError
@@ -28,23 +28,24 @@ from .routes import engine_of, require_api_key
 lora_router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 
-class SetLora(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    lora_nickname: Any
-    lora_path: Any = None
-    strength: Any = 1.0
-    target: Any = "all"
-
-
-class MergeLora(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    strength: Any = None
-    target: Any = "all"
-
-
 class UnmergeLora(BaseModel):
     model_config = ConfigDict(extra="forbid")
     target: Any = "all"
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _null_is_all(cls, value: Any) -> Any:  # null is the default, as for every optional field of the API
+        return "all" if value is None else value
+
+
+class MergeLora(UnmergeLora):
+    strength: Any = None
+
+
+class SetLora(MergeLora):
+    lora_nickname: Any
+    lora_path: Any = None
+    strength: Any = 1.0
 
 
 def allowed_dirs(dirs) -> tuple[Path, ...]:
@@ -60,7 +61,7 @@ def check_path(path: str, dirs: tuple[Path, ...]) -> str:
     if "\0" in str(path):  # os.path.realpath's ValueError would be a 500
         raise invalid("lora_path", "lora_path holds a NUL character, which no file name can hold")
     try:
-        real = Path(os.path.realpath(os.path.expanduser(str(path))))
+        real = Path(os.path.realpath(_in_lora_dirs(str(path), dirs)))
         if real.is_dir() and _inside(real, dirs):  # a folder: the file in it that would be read must be inside too
             real = Path(os.path.realpath(resolve_lora_file(real)))
     except InvalidArgumentError as exc:
@@ -71,6 +72,15 @@ def check_path(path: str, dirs: tuple[Path, ...]) -> str:
         raise APIError(403, f"lora_path '{path}' is outside the directories this server loads LoRA files from "
                        "(--lora-dir).", type="permission_error", param="lora_path", code="lora_path_forbidden")
     return str(real)
+
+
+def _in_lora_dirs(path: str, dirs: tuple[Path, ...]) -> str:
+    """A relative ``lora_path`` names a file in the ``--lora-dir`` directories (the first that holds it), not one in
+    the server's working directory, which no client can know; an absolute one (or ``~/...``) is itself."""
+    expanded = os.path.expanduser(path)
+    if os.path.isabs(expanded):
+        return expanded
+    return next((str(d / expanded) for d in dirs if os.path.lexists(d / expanded)), str(dirs[0] / expanded))
 
 
 def _inside(real: Path, dirs: tuple[Path, ...]) -> bool:

@@ -139,6 +139,24 @@ def test_set_lora_errors(lora_server, body, status, param, code):
     _error(_post(lora_server, "set_lora", {k: fix(v) for k, v in body.items()}), status, param, code)
 
 
+def test_a_relative_lora_path_is_found_in_the_lora_dirs(lora_server):
+    """It was resolved in the server's working directory, which no client knows: a 403 'outside --lora-dir'."""
+    r = _post(lora_server, "set_lora", {"lora_nickname": "b", "lora_path": "b.safetensors", "strength": 0.5})
+    assert r.status_code == 200, r.text
+    [rel] = [a for a in r.json()["loaded_adapters"] if a["nickname"] == "b"]
+    assert rel["path"] == str(lora_server.allowed / "b.safetensors")
+    for path in ("../private/secret.safetensors", "link.safetensors", "linked-folder"):  # still only inside
+        _error(_post(lora_server, "set_lora", {"lora_nickname": "x", "lora_path": path}), 403, "lora_path",
+               "lora_path_forbidden")
+    error = _error(_post(lora_server, "set_lora", {"lora_nickname": "b", "lora_path": "missing.safetensors"}), 400,
+                   "lora_path", "invalid_value")
+    assert "missing.safetensors" in error["message"]
+    assert _post(lora_server, "unmerge_lora_weights", {"target": None}).status_code == 200  # null: all (was a 400)
+    assert _post(lora_server, "merge_lora_weights", {"target": None, "strength": None}).status_code == 200
+    assert _post(lora_server, "set_lora", {"lora_nickname": [], "lora_path": []}).status_code == 400
+    assert _post(lora_server, "unmerge_lora_weights", {"target": None}).status_code == 200
+
+
 def test_bad_files_in_an_allowed_dir_are_a_400(lora_server):
     bad = lora_server.allowed / "bad.safetensors"
     bad.write_bytes(b"garbage")
