@@ -49,8 +49,7 @@ def encode_image(ctx: RunContext, s):
     vae = ctx.components["vae"]
     multiple = 2 * flux.vae_scale_factor(vae)
     height, width = conditioning_size(image, multiple)
-    images = [image.convert("RGB")]
-    pixels = resize_image(images[0], height, width).to(device=ctx.device, dtype=ctx.dtype)
+    pixels = resize_image(image, height, width).to(device=ctx.device, dtype=ctx.dtype)
     mean, _ = vae.encode(pixels.to(next(vae.parameters()).dtype))  # the posterior's mode ("argmax")
     latents = ((mean - vae.shift_factor) * vae.scaling_factor).to(ctx.dtype)
     ids = flux.latent_image_ids(latents.shape[2] // 2, latents.shape[3] // 2, ctx.device, ctx.dtype)
@@ -81,7 +80,8 @@ def build_stages():
 
 def validate(pipe, request: GenerationRequest) -> None:
     """The FLUX checks, after the output size defaults to the input image's conditioning size."""
-    images = input_images(request)
+    images = input_images(request)  # 8-bit RGB (16-bit greyscale scaled, not clipped by the encoder's convert)
+    request.image = images[0] if images else None
     multiple = 2 * flux.vae_scale_factor(pipe.components["vae"])
     if images:
         w, h = images[0].size

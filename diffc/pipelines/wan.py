@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CheckpointError, InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
-from .images import resize_image
+from .images import input_images, resize_image
 from .denoise import cpu_generators, denoise_loop, seeded_noise
 from .stages import RunContext, Stage, check_finite, to_uint8
 from .text import tokenize
@@ -265,6 +265,8 @@ def build_stages():
 
 def validate(pipe, request: GenerationRequest) -> None:
     c = pipe.components
+    if request.image is not None:  # the first frame as 8-bit RGB before any resize (16-bit greyscale scaled, a
+        request.image = input_images(request)[0]  # palette image resized as RGB, not by its palette indices)
     temporal, _ = vae_scale_factors(c["vae"])
     patch = c["transformer"].config.patch_size
     rope_len = c["transformer"].config.rope_max_seq_len

@@ -160,3 +160,17 @@ def test_a_vae_without_shift_factor_shifts_by_zero(kontext_checkpoint, tmp_path,
 def test_text_to_image_flux_refuses_an_image(flux_checkpoint):
     with pytest.raises(InvalidArgumentError, match="does not take an input image"):
         diffc.load(flux_checkpoint("dev-tiny")).generate(PROMPT, image=_input_image(), progress=False)
+
+
+def test_a_16_bit_input_image_is_scaled_to_8_bits_not_clipped(kontext_checkpoint, tiny_resolutions):
+    """A 16-bit greyscale image (a 16-bit PNG) conditions the edit as its 8-bit scaling does, as on Qwen-Image-Edit;
+    Kontext's encoder converted it with PIL's ``convert("RGB")``, which clips every value above 255 (almost white)."""
+    from diffc.pipelines.images import to_rgb
+
+    grey = np.asarray(_input_image().convert("L"), dtype=np.uint16) * 257
+    wide = Image.fromarray(grey)
+    assert wide.mode == "I;16"
+    pipe = diffc.load(kontext_checkpoint)
+    kw = dict(num_inference_steps=2, seed=3, progress=False, max_sequence_length=16)
+    got = np.asarray(pipe.generate(PROMPT, image=wide, **kw).images[0])
+    assert np.array_equal(got, np.asarray(pipe.generate(PROMPT, image=to_rgb(wide), **kw).images[0]))

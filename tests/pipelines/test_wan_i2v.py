@@ -119,6 +119,29 @@ def test_image_is_required_and_checked(wan22_checkpoint):
         pipe.generate(PROMPT, image=_image(), progress=False, **{**small, "num_frames": 6})
 
 
+
+def _modes(image: Image.Image) -> dict[str, Image.Image]:
+    grey = np.asarray(image.convert("L"), dtype=np.uint16) * 257
+    rgba = image.copy()
+    rgba.putalpha(Image.fromarray(np.random.default_rng(1).integers(0, 256, image.size[::-1], dtype=np.uint8)))
+    return {"I;16": Image.fromarray(grey), "P": image.convert("P", palette=Image.Palette.ADAPTIVE, colors=16),
+            "RGBA": rgba}
+
+
+@pytest.mark.parametrize("mode", ["I;16", "P", "RGBA"])
+def test_a_first_frame_of_another_mode_is_taken_as_8_bit_rgb(wan22_checkpoint, mode):
+    """The first frame becomes 8-bit RGB before it is resized, as on the image families: a 16-bit greyscale image was
+    clipped almost white, a palette image resized by its palette indices (PIL resizes "P" nearest-neighbour) and an
+    RGBA one resized with its alpha premultiplied."""
+    from diffc.pipelines.images import to_rgb
+
+    image = _modes(_image(seed=2))[mode]
+    assert image.mode == mode
+    pipe = diffc.load(wan22_checkpoint("i2v"), device="cpu")
+    kw = dict(height=16, width=32, num_frames=1, num_inference_steps=1, seed=3, progress=False)
+    got = pipe.generate(PROMPT, image=image, **kw).frames
+    assert np.array_equal(got, pipe.generate(PROMPT, image=to_rgb(image), **kw).frames)
+
 def test_a_vae_of_2x_temporal_compression_matches_diffusers(wan22_checkpoint):
     """I2V-A14B on a VAE that folds 2 frames per latent frame: 5 frames (3 latent frames, a 2-channel mask) give
     diffusers' video; 3 frames, which that VAE's 2k+1 rule allows but the VAE encoder (diffusers' too) reads only as
