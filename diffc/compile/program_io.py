@@ -51,6 +51,9 @@ _REFUSED_KEYS = {
     "as_custom_obj": "a custom (pickled) object",
     "custom_obj": "a custom (pickled) object",
     "as_graph": "a nested graph",
+    # an argument torch resolves by name as any attribute of torch, math or operator (``torch.os.system``), for the
+    # higher-order operators diffc's graphs never call; its repr went into the code fx generates (a SyntaxError)
+    "as_operator": "an operator passed as an argument",
 }
 # Keys that must be empty (sym_int_values may hold plain integers, e.g. flash attention's max_q; an
 # expression in them is an 'as_expr', refused above).

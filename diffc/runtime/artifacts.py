@@ -111,6 +111,22 @@ def graph_key(program) -> str:
     return call_key(args, kwargs)
 
 
+def _region_graph(artifact: art.Artifact, file: str, device) -> RegionGraph:
+    """The artifact's graph ``file`` ready to run; what torch raises on a graph the format let through (a crafted
+    one, re-signed) is the artifact's error naming it, not a traceback."""
+    from ..errors import DiffcError
+
+    program = artifact.load_program(file, device=device)
+    try:
+        return RegionGraph(program)
+    except DiffcError as exc:
+        raise art.ArtifactError(f"{artifact.where}/{file}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - fx and torch raise many types on a malformed graph
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise art.ArtifactError(f"cannot use compiled graph {artifact.where}/{file} ({type(exc).__name__}: {first}); "
+                                "recompile the artifact") from None
+
+
 def check_consistent(where: str, tier: str, entries: list[tuple[str, str, RegionGraph]]) -> None:
     """Each graph is the one its manifest entry (``file``, ``key``) says, and the graphs read fp8 weights exactly
     under the fp8 tier: an entry that does not fit its graph ran the graph on inputs of other shapes, or quantized
@@ -165,7 +181,7 @@ def load_artifact(executor, root: str | Path | art.Artifact, *, source: str | Pa
                                             f"of {type(stack.module).__name__} ({', '.join(regions)})")
                 file = entry["file"]
                 if file not in read:
-                    read[file] = RegionGraph(artifact.load_program(file, device=device))
+                    read[file] = _region_graph(artifact, file, device)
                 graph = read[file]
                 checks.append((file, graph, region))
                 entries.append((file, entry["key"], graph))

@@ -525,3 +525,29 @@ def test_a_resigned_region_key_must_be_its_graphs(built, copy):
     write_manifest(copy, data)
     resign(copy)
     refused(built, copy, f"the key of {GRAPH} is 'arg0=1x64x")
+
+
+# ---- arguments and signatures torch reads from the graph (found by an audit) ------------------------------------
+
+def _operator_argument(graph):
+    """An argument torch resolves as any attribute of torch by its name: here os.system, whose repr then went into
+    the code fx generates for the graph (a SyntaxError traceback)."""
+    node = next(n for n in graph["graph_module"]["graph"]["nodes"]
+                if any("as_tensor" in i["arg"] for i in n["inputs"]))
+    next(i for i in node["inputs"] if "as_tensor" in i["arg"])["arg"] = {"as_operator": "torch.os.system"}
+
+
+def _input_mutation(graph):
+    """A graph that writes into its input instead of returning a value: refused naming the graph's file."""
+    signature = graph["graph_module"]["signature"]
+    out = signature["output_specs"][0]["user_output"]["arg"]["as_tensor"]
+    signature["output_specs"][0] = {"user_input_mutation": {"arg": out, "user_input_name": "hidden_states"}}
+
+
+@pytest.mark.parametrize("edit,fragment", [
+    (_operator_argument, "the graph holds an operator passed as an argument ('as_operator'), which diffc does not read"),
+    (_input_mutation, f"{GRAPH}: a compiled block graph may only return values (it also has ['USER_INPUT_MUTATION'])"),
+])
+def test_a_graph_torch_reads_but_diffc_does_not_run_is_the_artifacts_error(built, copy, edit, fragment):
+    _edit_graph(copy, edit)
+    refused(built, copy, fragment)
