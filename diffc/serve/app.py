@@ -24,6 +24,7 @@ from .routes import public, v1
 log = logging.getLogger("diffc.serve")
 
 BODY_METHODS = {"POST", "PUT", "PATCH"}
+CLIENT_GONE = object()  # Guard._read_body: the client disconnected mid-body
 
 
 def _error_response(status: int, message: str, *, type: str = "invalid_request_error", param=None, code=None,
@@ -62,13 +63,18 @@ class Guard:
                                                     f"{self.max_body_bytes} bytes (--max-body-bytes).",
                                                code="request_too_large")
                     return await response(scope, receive, counting_send)
+                if body is CLIENT_GONE:  # it left before its body ended: what arrived is not its request
+                    status["code"] = 499
+                    return
                 receive = self._replay(body, receive)
             await self.app(scope, receive, counting_send)
         finally:
             self.metrics.http_requests.labels(method_label(scope["method"]), route_label(scope),
                                               str(status["code"])).inc()
 
-    async def _read_body(self, scope, receive) -> bytes | None:
+    async def _read_body(self, scope, receive):
+        """The whole body; None when it is over the limit; ``CLIENT_GONE`` when the client disconnected before
+        sending all of it (a truncated JSON object or form would still parse and queue a job nobody waits for)."""
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
@@ -77,7 +83,7 @@ class Guard:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                return CLIENT_GONE
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:

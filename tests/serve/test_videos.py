@@ -190,3 +190,40 @@ def test_content_of_a_failed_video_says_why(video_server):
     assert r.status_code == 409, r.text
     error = r.json()["error"]
     assert error["code"] == "video_failed" and error["param"] == "video_id" and "out of memory" in error["message"]
+
+
+def _truncated(server, content_type: str, body: bytes) -> None:
+    """Send ``body`` with a Content-Length promising 1000 bytes more, then hang up."""
+    import socket
+
+    head = (f"POST /v1/videos HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body) + 1000}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head + body)
+        time.sleep(0.2)
+
+
+def test_a_client_that_leaves_mid_body_queues_nothing(video_server):
+    """What arrived before the client hung up parsed as a whole request (a JSON object, or the form's finished
+    parts) and queued a video nobody would ever learn the id of."""
+    gone = 'diffc_http_requests_total{method="POST",route="other",status="499"}'
+
+    def count() -> float:
+        line = [x for x in httpx.get(f"{video_server.url}/metrics").text.splitlines() if x.startswith(gone)]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    before, ids = count(), {v.id for v in video_server.client().videos.list(limit=100)}
+    _truncated(video_server, "application/json", b'{"prompt": "a wave", "num_inference_steps": 1}')
+    form = (b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na wave\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="user"\r\n\r\nstill sending')
+    _truncated(video_server, "multipart/form-data; boundary=b", form)
+
+    def videos() -> set[str]:
+        return {v.id for v in video_server.client().videos.list(limit=100)}
+
+    deadline = time.monotonic() + 10
+    while count() < before + 2 and videos() == ids:
+        assert time.monotonic() < deadline, "the hang-ups were neither counted as 499s nor queued"
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert videos() == ids and count() == before + 2
