@@ -80,7 +80,7 @@ def load_text_encoder(folder: Path, class_name: str, device: torch.device, dtype
     try:
         # safetensors only: a folder whose only weights transformers would take are a pickle is refused
         model, info = cls.from_pretrained(str(folder), dtype=dtype, device_map=device_map, output_loading_info=True,
-                                          use_safetensors=True)
+                                          use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, SafetensorError) as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{folder}: cannot load {class_name} with safetensors weights ({reason})") from None
@@ -105,9 +105,19 @@ def load_tokenizer(folder: Path, class_name: str):
     check_tokenizer_folder(folder)
     cls = getattr(transformers, class_name, None) or transformers.AutoTokenizer
     try:
-        return cls.from_pretrained(str(folder))
+        # never code from the folder: a tokenizer_config.json naming a class of its own .py files (auto_map) made
+        # transformers ask "Do you wish to run the custom code? [y/N]" on the terminal, and run it on a yes
+        return cls.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise CheckpointError(f"{folder}: cannot load tokenizer {class_name} ({exc})") from None
+        raise CheckpointError(f"{folder}: cannot load tokenizer {class_name} ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if "contains custom code" in text:  # transformers' refusal of trust_remote_code=False
+        return "its configuration names a class defined by Python code in the folder (auto_map); diffc never runs " \
+               "code from a checkpoint"
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def load_image_processor(folder: Path, class_name: str):
@@ -118,9 +128,9 @@ def load_image_processor(folder: Path, class_name: str):
     read_json(config)  # a clear error for a missing or malformed file
     cls = getattr(transformers, "CLIPImageProcessorPil", None) or getattr(transformers, class_name)
     try:
-        return cls.from_pretrained(str(folder))
+        return cls.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise CheckpointError(f"{folder}: cannot load image processor {class_name} ({exc})") from None
+        raise CheckpointError(f"{folder}: cannot load image processor {class_name} ({_first_line(exc)})") from None
 
 
 def load_scheduler(folder: Path, class_name: str):

@@ -317,3 +317,17 @@ def test_fp8_stored_weights_still_load(ckpt):
     pipe = diffc.load(ckpt, device="cpu")
     assert torch.equal(pipe.components["transformer"].state_dict()[name],
                        load_file(path)[name].to(torch.float32))
+
+
+def test_a_tokenizer_naming_code_in_its_folder_never_runs_it(ckpt, marker, monkeypatch):
+    """Found by an audit: a tokenizer_config.json whose class is defined by a .py file in the folder (auto_map)
+    made transformers ask "Do you wish to run the custom code? [y/N]" on the terminal, and a yes ran it."""
+    monkeypatch.setattr("builtins.input", lambda *args: "y")  # the user at the terminal says yes
+    _edit(ckpt / "model_index.json", tokenizer_2=["transformers", "AutoTokenizer"])
+    folder = ckpt / "tokenizer_2"
+    _edit(folder / "tokenizer_config.json", tokenizer_class="Planted",
+          auto_map={"AutoTokenizer": ["planted.Planted", "planted.Planted"]})
+    (folder / "planted.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                       "from transformers import T5TokenizerFast as Planted\n")
+    refused(ckpt, f"{folder}: cannot load tokenizer AutoTokenizer (its configuration names a class defined by Python "
+                  "code in the folder (auto_map); diffc never runs code from a checkpoint)")
