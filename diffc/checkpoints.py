@@ -21,7 +21,10 @@ VOCABULARY = re.compile(r"^(tokenizer\.json|tekken\.json|vocab(\.\w+)?|.+\.(mode
 def read_json(path: Path) -> dict[str, Any]:
     """A checkpoint's JSON file as an object; anything else is one ``CheckpointError`` line naming it."""
     if not path.is_file():
-        raise CheckpointError(f"missing file: {path}")
+        if path.exists():  # a folder, a device or FIFO (or a link to one): reading it would hang or fail oddly
+            raise CheckpointError(f"{path} is not a file; a config is a JSON file")
+        link = " (a symbolic link to a missing file)" if path.is_symlink() else ""
+        raise CheckpointError(f"missing file: {path}{link}")
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise CheckpointError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a config file")

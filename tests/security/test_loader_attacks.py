@@ -331,3 +331,20 @@ def test_a_tokenizer_naming_code_in_its_folder_never_runs_it(ckpt, marker, monke
                                        "from transformers import T5TokenizerFast as Planted\n")
     refused(ckpt, f"{folder}: cannot load tokenizer AutoTokenizer (its configuration names a class defined by Python "
                   "code in the folder (auto_map); diffc never runs code from a checkpoint)")
+
+
+@pytest.mark.parametrize("kind", ["device", "folder", "dangling link"])
+def test_a_config_that_is_not_a_file_says_so(ckpt, kind):
+    """A config.json that is a folder or links to /dev/zero was reported as a 'missing file'."""
+    path = ckpt / "transformer" / "config.json"
+    path.unlink()
+    if kind == "device":
+        path.symlink_to("/dev/zero")
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(ckpt / "gone.json")
+    expected = {"device": f"{path} is not a file; a config is a JSON file",
+                "folder": f"{path} is not a file; a config is a JSON file",
+                "dangling link": f"missing file: {path} (a symbolic link to a missing file)"}[kind]
+    refused(ckpt, expected)
