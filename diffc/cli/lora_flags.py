@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgumentError
-from ..lora.spec import TARGETS
+from ..lora.spec import TARGETS, check_nickname, check_strength
 
 
 def add_lora_flags(p: argparse.ArgumentParser) -> None:
@@ -24,8 +24,9 @@ def add_lora_flags(p: argparse.ArgumentParser) -> None:
                    help="name of each adapter (default: the file's name without .safetensors)")
     p.add_argument("--lora-target", action="append", metavar="TARGET",
                    help=f"which DiT takes each adapter: {', '.join(TARGETS)} (default all)")
-    # Pipeline.set_lora's errors name its own field for the target (the HTTP API's name); the CLI names the flag
-    p.set_defaults(_field_flags={"target": "--lora-target"})
+    # Pipeline.set_lora's errors name its own fields (the HTTP API's names); the CLI names the flags
+    p.set_defaults(_field_flags={"target": "--lora-target", "strength": "--lora-strength",
+                                 "nickname": "--lora-nickname"})
 
 
 def _values(args: argparse.Namespace, name: str) -> list:
@@ -61,13 +62,19 @@ def lora_settings(args: argparse.Namespace) -> dict[str, Any] | None:
     strengths = []
     for s in _per_path("--lora-strength", _values(args, "lora_strength"), len(paths)) or [1.0] * len(paths):
         try:
-            strengths.append(float(s))
+            value = float(s)
         except (TypeError, ValueError):
             raise InvalidArgumentError("--lora-strength", f"must be a number, got {s!r}") from None
+        strengths.append(check_strength(value, "--lora-strength"))  # nan, inf, 1e6: before the model loads
     targets = _per_path("--lora-target", _values(args, "lora_target"), len(paths)) or ["all"] * len(paths)
+    for t in targets:
+        if t not in TARGETS:
+            raise InvalidArgumentError("--lora-target", f"must be one of {', '.join(TARGETS)}, got {t!r}")
     names = [str(n) for n in _values(args, "lora_nickname")]
     if names and len(names) != len(paths):
         raise InvalidArgumentError("--lora-nickname", f"give one nickname per --lora-path ({len(paths)}), got {len(names)}")
+    for n in names:
+        check_nickname(n, "--lora-nickname")
     if not names:
         names = [Path(p).name.removesuffix(".safetensors") or p for p in paths]
         if len(set(names)) != len(names):

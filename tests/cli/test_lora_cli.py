@@ -103,6 +103,26 @@ def test_lora_paths_are_checked_before_the_model_loads(tmp_path, capsys, monkeyp
     assert code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--lora-strength", "nan"], "--lora-strength: must be a finite number from -1000 to 1000, got nan"),
+    (["--lora-strength", "1e400"], "--lora-strength: must be a finite number from -1000 to 1000, got inf"),
+    (["--lora-strength", "1e6"], "--lora-strength: must be a finite number from -1000 to 1000, got 1000000.0"),
+    (["--lora-nickname", ""], "--lora-nickname: must be a non-empty string, got ''"),
+    (["--lora-nickname", "a\nb"], "--lora-nickname: must be at most 128 printable characters"),
+    (["--lora-target", "dit"], "--lora-target: must be one of all, transformer, transformer_2, got 'dit'"),
+])
+def test_lora_values_are_checked_before_the_model_loads(setup, tmp_path, capsys, monkeypatch, extra, message):
+    """Found by an audit: a strength of nan or 1e6 was refused only after loading, as 'strength: ...' (set_lora's
+    field, not the flag); a bad nickname or target was found after loading too."""
+    from diffc.loader import pipeline as pipeline_loader
+
+    _, a, _ = setup
+    monkeypatch.setattr(pipeline_loader, "load", lambda *a, **k: pytest.fail("the model loaded first"))
+    code = main(["run", *ARGS, "--output", str(tmp_path / "x.png"), "--lora-path", str(a), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and f"diffc run: error: {message}\n" in err, err
+
+
 def test_bad_lora_metadata_is_one_line_naming_the_file_and_key(setup, tmp_path, capsys):
     ckpt, _, _ = setup
     path = W.write_keys({"transformer.proj_out.lora_A.weight": torch.zeros(4, 32),
