@@ -22,6 +22,7 @@ from ..errors import CheckpointError
 _SINGLE = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 _INDEX = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 MAX_INDEX_BYTES = 64 << 20
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # weights torch would unpickle: named, never read
 
 
 def _allowed_roots(folder: Path) -> list[Path]:
@@ -84,10 +85,12 @@ def weight_files(folder: Path) -> list[Path]:
     found = sorted(p.name for p in folder.glob("*.safetensors") if p.is_file())
     if len(found) == 1:
         return [check_inside(folder, folder / found[0], folder / found[0])]
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED)
     raise CheckpointError(
         f"{folder}: no safetensors weights found (expected one of {', '.join(_SINGLE + _INDEX)}"
         + (f"; found several unindexed files: {', '.join(found)}" if found else "")
-        + ")"
+        + ")" + (f"; {', '.join(pickled[:3])} {'is' if len(pickled) == 1 else 'are'} pickled and never loaded: "
+                 "convert the weights to safetensors" if pickled else "")
     )
 
 

@@ -74,6 +74,13 @@ def test_a_text_encoder_with_only_a_pickle_is_refused(ckpt, marker):
     refused(ckpt, "text_encoder: no safetensors weights found")
 
 
+def test_a_model_with_only_a_pickle_names_it(ckpt, marker):
+    folder = ckpt / "transformer"
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    (folder / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(Payload(marker)))
+    refused(ckpt, "; diffusion_pytorch_model.bin is pickled and never loaded: convert the weights to safetensors")
+
+
 @pytest.mark.parametrize("content", ["state_dict", "payload"])
 def test_transformers_never_falls_back_to_a_pickle(ckpt, marker, content):
     """Safetensors under a name transformers does not look for, a .bin it does: refused, not unpickled."""
