@@ -95,30 +95,42 @@ def first_image(s):
     return image[0] if isinstance(image, (list, tuple)) else image
 
 
-def image_latents(ctx: RunContext, image, batch: int, height: int, width: int, frames: int) -> torch.Tensor:
+def last_image(s):
+    """The request's last frame (first-last-frame image-to-video: ``image=[first, last]``), or None."""
+    image = s.get("image")
+    return image[1] if isinstance(image, (list, tuple)) and len(image) > 1 else None
+
+
+def image_latents(ctx: RunContext, image, batch: int, height: int, width: int, frames: int,
+                  last=None) -> torch.Tensor:
     """(B, z_dim, T_lat, h, w) float32: the normalized posterior mode of ``image`` resized to the video size,
-    followed by ``frames - 1`` black frames, as diffusers' Wan image-to-video pipeline encodes it."""
+    followed by ``frames - 1`` black frames (``frames - 2`` and ``last`` when a last frame is given), as diffusers'
+    Wan image-to-video pipeline encodes it."""
     vae = ctx.components["vae"]
     pixels = resize_image(image, height, width).to(ctx.device, torch.float32)  # (1, 3, H, W) in [-1, 1]
-    video = torch.cat([pixels[:, :, None], pixels.new_zeros(1, 3, frames - 1, height, width)], dim=2)
-    mean, _logvar = vae.encode(video.to(next(vae.parameters()).dtype))
+    parts = [pixels[:, :, None], pixels.new_zeros(1, 3, frames - 1 - (last is not None), height, width)]
+    if last is not None:
+        parts.append(resize_image(last, height, width).to(ctx.device, torch.float32)[:, :, None])
+    mean, _logvar = vae.encode(torch.cat(parts, dim=2).to(next(vae.parameters()).dtype))
     return vae.normalize(mean.to(ctx.device, torch.float32)).repeat(batch, 1, 1, 1, 1)
 
 
-def first_frame_mask(ctx: RunContext, batch: int, frames: int, h: int, w: int) -> torch.Tensor:
-    """(B, temporal, T_lat, h, w): ones on the first pixel frame, folded into latent frames as Wan does."""
+def first_frame_mask(ctx: RunContext, batch: int, frames: int, h: int, w: int, last: bool = False) -> torch.Tensor:
+    """(B, temporal, T_lat, h, w): ones on the first pixel frame (and the last one with ``last``), folded into
+    latent frames as Wan does."""
     temporal, _ = vae_scale_factors(ctx.components["vae"])
     mask = torch.ones(batch, 1, frames, h, w)
-    mask[:, :, 1:] = 0
+    mask[:, :, 1:frames - 1 if last else frames] = 0
     first = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=temporal)
     return torch.cat([first, mask[:, :, 1:]], dim=2).view(batch, -1, temporal, h, w).transpose(1, 2).to(ctx.device)
 
 
 def prepare_latents(ctx: RunContext, s):
     """Noise, and with an input image the conditioning: Wan2.1 I2V / Wan2.2 I2V-A14B concatenate the first-frame
-    mask and latents to the DiT's input channels; Wan2.2 TI2V (``expand_timesteps``) writes the image's
-    latent frame over the first latent frame instead, at timestep 0."""
-    vae, image = ctx.components["vae"], first_image(s)
+    mask and latents (with a last frame: the first and last frames' mask and latents) to the DiT's input channels;
+    Wan2.2 TI2V (``expand_timesteps``) writes the image's latent frame over the first latent frame instead, at
+    timestep 0."""
+    vae, image, last = ctx.components["vae"], first_image(s), last_image(s)
     batch, height, width, frames = len(s["prompt"]), s["height"], s["width"], s["num_frames"]
     shape = latent_shape(ctx.components, batch, height, width, frames)
     if image is not None:
@@ -129,8 +141,8 @@ def prepare_latents(ctx: RunContext, s):
     if image is not None and ctx.config.get("expand_timesteps"):
         condition = image_latents(ctx, image, batch, height, width, 1)  # (B, z, 1, h, w)
     elif image is not None:
-        mask = first_frame_mask(ctx, batch, frames, *shape[3:])
-        condition = torch.cat([mask, image_latents(ctx, image, batch, height, width, frames)], dim=1)
+        mask = first_frame_mask(ctx, batch, frames, *shape[3:], last=last is not None)
+        condition = torch.cat([mask, image_latents(ctx, image, batch, height, width, frames, last)], dim=1)
     return {"latents": latents, "condition": condition}
 
 
@@ -265,8 +277,9 @@ def build_stages():
 
 def validate(pipe, request: GenerationRequest) -> None:
     c = pipe.components
-    if request.image is not None:  # the first frame as 8-bit RGB before any resize (16-bit greyscale scaled, a
-        request.image = input_images(request)[0]  # palette image resized as RGB, not by its palette indices)
+    if request.image is not None:  # the frames as 8-bit RGB before any resize (16-bit greyscale scaled, a palette
+        images = input_images(request)  # image resized as RGB, not by its palette indices)
+        request.image = images[0] if len(images) == 1 else images
     temporal, _ = vae_scale_factors(c["vae"])
     patch = c["transformer"].config.patch_size
     rope_len = c["transformer"].config.rope_max_seq_len

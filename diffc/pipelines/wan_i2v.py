@@ -1,11 +1,14 @@
-"""Wan image-to-video: Wan2.1 I2V 14B (480P, 720P) and Wan2.2 I2V-A14B (two experts).
+"""Wan image-to-video: Wan2.1 I2V 14B (480P, 720P), Wan2.1 FLF2V (first and last frame) and Wan2.2 I2V-A14B
+(two experts).
 
 The input image becomes the video's first frame: it is resized to the video size, encoded by the Wan VAE
 as the first frame of an otherwise black video, and the normalized latents, with a mask marking the
 first frame, are concatenated to the noisy latents' channels at every step (16 + 4 + 16 = 36 input
 channels for Wan2.1); with ``expand_timesteps`` (Wan2.2 TI2V-5B) they replace the first latent frame, at
 timestep 0, instead. Wan2.1 I2V also encodes the image with its CLIP vision tower (the penultimate
-layer's states) for the DiT's image cross-attention; Wan2.2 I2V-A14B has no image encoder.
+layer's states) for the DiT's image cross-attention; Wan2.2 I2V-A14B has no image encoder. ``image=[first, last]``
+(diffusers' ``last_image``) also fixes the last frame: it ends the VAE's conditioning video and the mask, and a
+first-last-frame DiT (``pos_embed_seq_len``) reads both frames' CLIP tokens as one sequence.
 
 Stages: encode_prompt -> encode_image -> prepare_latents -> prepare_timesteps -> denoise -> decode ->
 postprocess. The math, dtypes and layouts follow diffusers' WanImageToVideoPipeline, so the same seed
@@ -33,7 +36,9 @@ def encode_image(ctx: RunContext, s):
     if encoder is None or "image_processor" not in ctx.components:
         raise CheckpointError("this image-to-video DiT has an image embedder (image_dim) but the checkpoint has no "
                               "image_encoder / image_processor")
-    pixels = ctx.components["image_processor"](images=wan.first_image(s), return_tensors="pt")["pixel_values"]
+    last = wan.last_image(s)  # first-last-frame checkpoints: both frames' tokens, paired per sample by the DiT
+    images = wan.first_image(s) if last is None else [wan.first_image(s), last]
+    pixels = ctx.components["image_processor"](images=images, return_tensors="pt")["pixel_values"]
     states = encoder(pixel_values=pixels.to(ctx.device, encoder.dtype), output_hidden_states=True).hidden_states[-2]
     return {"image_embeds": states.to(ctx.device).repeat(len(s["prompt"]), 1, 1).to(ctx.dtype)}
 
@@ -65,6 +70,7 @@ def validate(pipe, request: GenerationRequest) -> None:
             raise CheckpointError(f"{name}: this image-to-video Wan DiT should take {want} input channels ({what}), "
                                   f"it takes {c[name].config.in_channels}")
     wan.validate(pipe, request)
+    check_last_frame(pipe, request)
     n = request.num_frames
     if not pipe.config.get("expand_timesteps") and (n - 1) % VAE_ENCODE_CHUNK:
         # the whole conditioning video goes through the VAE encoder, which reads it in chunks of 1 + 4 + 4 ... frames
@@ -74,6 +80,28 @@ def validate(pipe, request: GenerationRequest) -> None:
                                    f"(nearest: {nearest_valid(n, VAE_ENCODE_CHUNK, 1)})")
 
 
+def check_last_frame(pipe, request: GenerationRequest) -> None:
+    """``image=[first, last]`` (a first and a last frame, diffusers' ``last_image``) where the checkpoint reads it:
+    Wan2.1 FLF2V (its DiT pairs the two frames' image tokens, ``pos_embed_seq_len``, and needs both) and DiTs without
+    an image encoder (Wan2.2 I2V-A14B), which see the frames through the VAE latents only."""
+    dit = pipe.components["transformer"].config
+    two = isinstance(request.image, list) and len(request.image) == 2
+    if dit.pos_embed_seq_len and not two:
+        raise InvalidArgumentError("image", "this first-last-frame checkpoint (pos_embed_seq_len) needs a first and a "
+                                            "last frame: image=[first, last]")
+    if not two:
+        return
+    if pipe.config.get("expand_timesteps"):
+        raise InvalidArgumentError("image", "this checkpoint (expand_timesteps) takes one image, the first frame")
+    if dit.image_dim is not None and not dit.pos_embed_seq_len:
+        raise InvalidArgumentError("image", "this checkpoint takes one image, the first frame: a last frame needs a "
+                                            "first-last-frame checkpoint (pos_embed_seq_len) or one without an image "
+                                            "encoder (Wan2.2 I2V-A14B)")
+    if request.num_frames < 2:
+        raise InvalidArgumentError("num_frames", f"a first and a last frame need at least {1 + VAE_ENCODE_CHUNK} "
+                                                 f"frames, got {request.num_frames}")
+
+
 # Text-to-video's spec (defaults, components, index settings) with its own stages, validation and a required image.
 WAN_I2V_SPEC = dataclasses.replace(
     wan.WAN_SPEC,
@@ -81,6 +109,7 @@ WAN_I2V_SPEC = dataclasses.replace(
     build_stages=build_stages,
     validate=validate,
     image_input="required",
+    max_images=2,  # the first frame, and a last frame where the checkpoint reads one (check_last_frame)
     optional_components=("image_encoder", "image_processor", "transformer_2"),
     for_config=None,
 )

@@ -102,6 +102,7 @@ def wan_checkpoint(tmp_path_factory):
 
 
 IMAGE_DIM = 20  # the tiny CLIP vision tower's width (Wan2.1 I2V: ViT-H/14, 1280)
+IMAGE_TOKENS = 17  # its tokens a 32x32 image: 4x4 patches of 8 and the class token (ViT-H/14 at 224: 257)
 
 
 def _wan_transformer(v: TinyWan, seed: int, **overrides):
@@ -117,7 +118,8 @@ def _wan_transformer(v: TinyWan, seed: int, **overrides):
 def build_wan_variant(kind: str, tok_dir: Path):
     """Tiny Wan2.2 / image-to-video pipelines on the ``base`` variant's sizes, saved as published:
     ``t2v-a14b`` (two experts, WanPipeline), ``i2v`` (Wan2.1 I2V: CLIP vision tower and image
-    cross-attention, WanImageToVideoPipeline), ``i2v-a14b`` (two experts, no image encoder), ``ti2v``
+    cross-attention, WanImageToVideoPipeline), ``flf2v`` (``i2v`` whose DiT reads a first and a last frame),
+    ``i2v-a14b`` (two experts, no image encoder), ``ti2v``
     (``expand_timesteps``: text- and image-to-video in one WanPipeline). A ``-odd`` suffix builds the kind on the
     ``odd-heads`` variant's sizes instead (a VAE of 2x temporal compression, 4 latent channels)."""
     import diffusers
@@ -147,14 +149,16 @@ def build_wan_variant(kind: str, tok_dir: Path):
         return diffusers.WanImageToVideoPipeline(
             **parts, transformer=_wan_transformer(v, 1, in_channels=channels),
             transformer_2=_wan_transformer(v, 2, in_channels=channels), boundary_ratio=0.9)
-    assert kind == "i2v", kind
+    assert kind in ("i2v", "flf2v"), kind
     torch.manual_seed(3)
     encoder = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
         hidden_size=IMAGE_DIM, intermediate_size=37, num_hidden_layers=3, num_attention_heads=2, image_size=32,
         patch_size=8, projection_dim=IMAGE_DIM))
     processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     inner = v.heads * v.head_dim
-    transformer = _wan_transformer(v, 1, in_channels=channels, image_dim=IMAGE_DIM, added_kv_proj_dim=inner)
+    # flf2v (Wan2.1 FLF2V): the DiT pairs the first and last frames' CLIP tokens (17 each here, 257 in production)
+    pairs = {"pos_embed_seq_len": 2 * IMAGE_TOKENS} if kind == "flf2v" else {}
+    transformer = _wan_transformer(v, 1, in_channels=channels, image_dim=IMAGE_DIM, added_kv_proj_dim=inner, **pairs)
     return diffusers.WanImageToVideoPipeline(**parts, transformer=transformer, image_encoder=encoder,
                                              image_processor=processor)
 

@@ -3,6 +3,8 @@ the same seed and input image give the same frames (fp32, CPU)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,44 @@ def test_image_to_video_matches_diffusers(wan22_checkpoint, kind, kw):
     assert psnr_uint8(other, video) < min(parity, 99.0) - 10
 
 
+
+@pytest.mark.parametrize("kind, kw", [
+    ("flf2v", dict(height=16, width=32, num_frames=5, num_inference_steps=2, guidance_scale=5.0)),
+    ("flf2v", dict(height=16, width=16, num_frames=9, num_inference_steps=2, guidance_scale=1.0)),
+    ("i2v-a14b", dict(height=16, width=16, num_frames=5, num_inference_steps=3, guidance_scale=4.0)),
+], ids=["flf2v-cfg", "flf2v-no-cfg", "i2v-a14b"])
+def test_a_first_and_last_frame_match_diffusers_last_image(wan22_checkpoint, kind, kw):
+    """``image=[first, last]`` is diffusers' ``last_image``: on a first-last-frame DiT (Wan2.1 FLF2V, which
+    pairs the frames' CLIP tokens) and on one without an image encoder (Wan2.2 I2V-A14B). FLF2V with one image
+    stopped inside the DiT naming encoder_hidden_states_image, a field no request has."""
+    ckpt = wan22_checkpoint(kind)
+    first, last = _image(seed=3), _image(56, 24, seed=4)
+    kw = dict(kw, max_sequence_length=TEXT_LEN)
+    want = _reference("WanImageToVideoPipeline", ckpt, 2, image=first, last_image=last, **kw)
+    pipe = diffc.load(ckpt, device="cpu")
+    video = pipe.generate(PROMPT, image=[first, last], seed=2, progress=False, **kw).frames
+    assert video.shape == (kw["num_frames"], kw["height"], kw["width"], 3) and video.std() > 1.0
+    parity = psnr_uint8(video, want)
+    assert parity >= MIN_PSNR
+    other = pipe.generate(PROMPT, image=[first, _image(56, 24, seed=5)], seed=2, progress=False, **kw).frames
+    assert psnr_uint8(other, want) < min(parity, 99.0) - 5  # the last frame matters: another is further off
+    if kind == "flf2v":
+        with pytest.raises(InvalidArgumentError, match=r"^image: .*needs a first and a last frame: image=\[first"):
+            pipe.generate(PROMPT, image=first, seed=2, progress=False, **kw)
+
+
+@pytest.mark.parametrize("kind, kw, field, fragment", [
+    ("i2v", dict(num_frames=5), "image", "takes one image, the first frame: a last frame needs"),
+    ("i2v-a14b", dict(num_frames=1), "num_frames", "a first and a last frame need at least 5 frames, got 1"),
+    ("i2v-a14b", dict(num_frames=5, n=3), "image", "takes at most 2 input image(s), got 3"),
+])
+def test_a_last_frame_where_the_checkpoint_cannot_read_it_is_refused(wan22_checkpoint, kind, kw, field, fragment):
+    pipe = diffc.load(wan22_checkpoint(kind), device="cpu")
+    images = [_image(seed=i) for i in range(kw.pop("n", 2))]
+    with pytest.raises(InvalidArgumentError, match=re.escape(fragment)) as err:
+        pipe.resolve(prompt=PROMPT, image=images, height=16, width=16, **kw)
+    assert err.value.field == field
+
 def test_two_expert_text_to_video_matches_diffusers(wan22_checkpoint):
     ckpt = wan22_checkpoint("t2v-a14b")
     kw = dict(height=32, width=48, num_frames=5, num_inference_steps=4, guidance_scale=5.0, guidance_scale_2=3.0,
@@ -113,7 +153,7 @@ def test_image_is_required_and_checked(wan22_checkpoint):
         pipe.generate(PROMPT, progress=False, **small)
     with pytest.raises(InvalidArgumentError, match="image"):
         pipe.generate(PROMPT, image="first.png", progress=False, **small)
-    with pytest.raises(InvalidArgumentError, match="at most 1"):
+    with pytest.raises(InvalidArgumentError, match="takes one image, the first frame"):
         pipe.generate(PROMPT, image=[_image(), _image()], progress=False, **small)
     with pytest.raises(InvalidArgumentError, match="num_frames"):
         pipe.generate(PROMPT, image=_image(), progress=False, **{**small, "num_frames": 6})
