@@ -41,12 +41,20 @@ def plain(text: str | None) -> str | None:
     return None if text is None else re.sub(r"``(.*?)``", r"\1", text)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with a flag mistake as one line naming ``--help`` (argparse printed the usage of every
+    option first: 27 lines for ``diffc run --steps 1.5``). Subcommand parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     from ..version import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="diffc", description="diffc: a compiler-centric inference engine for diffusion transformers.")
     parser.add_argument("--version", action="version", version=f"diffc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)

@@ -46,7 +46,10 @@ CACHE_FLAGS = {"threshold": "--cache-threshold", "fn": "--cache-fn", "bn": "--ca
 
 
 def _numbers(text: str) -> list[float]:
-    return [float(x) for x in str(text).strip("[]").split(",") if x.strip()]
+    try:
+        return [float(x) for x in str(text).strip("[]").split(",") if x.strip()]
+    except ValueError:  # argparse would name the function: "invalid _numbers value"
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
 def add_cache_flags(p: argparse.ArgumentParser) -> None:

@@ -152,6 +152,24 @@ def test_help_has_no_rst_markup(capsys, command):
     assert "``" not in out, out
 
 
+@pytest.mark.parametrize("argv,line", [
+    (["run", "--steps", "1.5"], "diffc run: error: argument --steps: invalid int value: '1.5' (see diffc run --help)"),
+    (["compile"], "diffc compile: error: the following arguments are required: --out/-o (see diffc compile --help)"),
+    (["serve", "--port", "x"], "diffc serve: error: argument --port: invalid int value: 'x' (see diffc serve --help)"),
+    (["bogus"], "diffc: error: argument COMMAND: invalid choice: 'bogus' (choose from 'compile', 'run', 'serve') "
+                "(see diffc --help)"),
+    (["run", "--cache-coefficients", "a,b"], "diffc run: error: argument --cache-coefficients: expected numbers "
+                                             "separated by commas, got 'a,b' (see diffc run --help)"),
+])
+def test_a_flag_mistake_is_one_line(capsys, argv, line):
+    """Found by an audit: argparse printed the usage of every option first (27 lines for run), and a bad
+    --cache-coefficients was an 'invalid _numbers value' (the name of a function)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_one_wording_for_a_wrong_model(tmp_path, capsys, no_loading, command):
     (tmp_path / "empty").mkdir()
