@@ -101,9 +101,14 @@ def tensor_names(files: list[Path]) -> list[str]:
 def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     """Every tensor's name and shape, read from the safetensors headers only."""
     shapes: dict[str, tuple[int, ...]] = {}
+    first: dict[str, Path] = {}
     for path in files:
         with _open(path) as f:
             for name in f.keys():
+                if name in first:  # the later file's tensor would silently replace the earlier one's
+                    raise CheckpointError(f"{path}: tensor {name!r} is also in {first[name].name}; each weight must "
+                                          "be stored in one shard")
+                first[name] = path
                 shapes[name] = tuple(f.get_slice(name).get_shape())
     return shapes
 

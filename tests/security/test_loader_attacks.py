@@ -355,3 +355,14 @@ def test_a_config_that_is_not_a_file_says_so(ckpt, kind):
                 "folder": f"{path} is not a file; a config is a JSON file",
                 "dangling link": f"missing file: {path} (a symbolic link to a missing file)"}[kind]
     refused(ckpt, expected)
+
+
+def test_a_weight_stored_in_two_shards_is_refused(sharded):
+    """Both were read and the later one kept without a word."""
+    folder = sharded / "transformer"
+    first, second = sorted(folder.glob("*-of-*.safetensors"))[:2]
+    tensors = load_file(second)
+    name, value = next(iter(load_file(first).items()))
+    tensors[name] = value
+    save_file(tensors, second)
+    refused(sharded, f"{second}: tensor {name!r} is also in {first.name}; each weight must be stored in one shard")
