@@ -61,6 +61,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run, _parser=p)
 
 
+# request fields every model checks the same way (pipelines.base.validate_common), checked before loading
+COMMON_FIELDS = ("negative_prompt", "height", "width", "num_inference_steps", "guidance_scale", "guidance_scale_2",
+                 "seed")
+
+
 def numbered(output: Path, count: int) -> list[Path]:
     """Where ``count`` outputs go: ``output`` itself for one, else ``stem-0.suffix`` ... beside it."""
     if count == 1:
@@ -110,9 +115,9 @@ def run(args: argparse.Namespace) -> int:
     from . import parallel as par
 
     merge_config(args, args._parser)
-    if not args.prompt:
+    if not args.prompt or not args.prompt.strip():
         raise InvalidArgumentError("--prompt", "a non-empty prompt is required")
-    from ..pipelines.base import check_unicode
+    from ..pipelines.base import GenerationRequest, check_unicode, validate_common
     from ..pipelines.video import MAX_FPS
 
     check_unicode("--prompt", [args.prompt])  # before any model loads
@@ -124,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= count <= MAX_BATCH:
         raise InvalidArgumentError("--batch", f"must be from 1 to {MAX_BATCH}, got {count}")
     prompt = args.prompt if count == 1 else [args.prompt] * count
+    # the checks every model makes (sizes, steps, guidance, seed), now rather than after minutes of loading
+    validate_common(GenerationRequest(prompt=prompt, **{k: getattr(args, k) for k in COMMON_FIELDS}))
     for flag, value in (("--output", args.output), ("--perf-dump-path", args.perf_dump_path)):
         if value is not None and not str(value).strip():
             raise InvalidArgumentError(flag, "is empty; give a file name")

@@ -300,3 +300,24 @@ def test_a_numbered_output_may_not_overwrite_an_input(tmp_path, capsys):
     assert main(["run", "--prompt", "a fox", "--batch", "2", "--image", str(image), "--output",
                  str(tmp_path / "in.png")]) == 2
     assert "--output: " + str(image) + " is the --image file" in capsys.readouterr().err and image.is_file()
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--prompt", " \n"], "--prompt: a non-empty prompt is required"),
+    (["--steps", "0"], "--steps: must be an integer from 1 to 1000, got 0"),
+    (["--height", "99999"], "--height: must be an integer from 1 to 16384, got 99999"),
+    (["--width", "-16"], "--width: must be an integer from 1 to 16384, got -16"),
+    (["--guidance", "nan"], "--guidance: must be a number from 0 to 100, got nan"),
+    (["--guidance-2", "inf"], "--guidance-2: must be a number from 0 to 100, got inf"),
+    (["--seed", "-5"], "--seed: must be an integer from 0 to"),
+])
+def test_what_every_model_refuses_is_refused_before_loading(tmp_path, capsys, monkeypatch, argv, fragment):
+    """Found by an audit: --steps 0, a NaN guidance or a negative seed were found only once the model had loaded
+    (minutes for a real checkpoint), and a whitespace prompt got the Python API's wording."""
+    from diffc.loader import pipeline as pipeline_loader
+
+    monkeypatch.setattr(pipeline_loader, "load", lambda *a, **k: pytest.fail("the model loaded first"))
+    base = ["run", "--prompt", "a fox", "--output", str(tmp_path / "a.png"), "--no-progress"]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err
+    assert f"diffc run: error: {fragment}" in err and "Traceback" not in err, err
