@@ -73,14 +73,15 @@ def sha256_text(text: str) -> str:
 
 def config_hash(checkpoint: Path, component: str = "transformer") -> str:
     """Hash of ``model_index.json`` and the component's ``config.json``, keys sorted (weights excluded)."""
+    from ..checkpoints import read_json
+    from ..errors import CheckpointError
+
     parts = []
     for path in (checkpoint / "model_index.json", checkpoint / component / "config.json"):
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError, RecursionError) as exc:
-            raise ArtifactError(f"cannot read {path} to identify the model: {exc}") from None
-        if not isinstance(data, dict):
-            raise ArtifactError(f"cannot read {path} to identify the model: not a JSON object")
+            data = read_json(path)  # bounded: a config linked to /dev/zero was read until memory ran out
+        except CheckpointError as exc:
+            raise ArtifactError(f"cannot identify the model: {exc}") from None
         data = {k: v for k, v in data.items() if not k.startswith("_diffusers_version")}
         parts.append(json.dumps(data, sort_keys=True))
     return sha256_text("\n".join(parts))[:16]

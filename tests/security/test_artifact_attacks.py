@@ -551,3 +551,16 @@ def _input_mutation(graph):
 def test_a_graph_torch_reads_but_diffc_does_not_run_is_the_artifacts_error(built, copy, edit, fragment):
     _edit_graph(copy, edit)
     refused(built, copy, fragment)
+
+
+def test_the_checkpoint_configs_the_artifact_is_matched_to_are_read_bounded(built, copy, tmp_path):
+    """Found by an audit: ``config_hash`` read the checkpoint's config.json whole before anything else did, so one
+    linked to /dev/zero took all memory (a MemoryError); it is read as every config is, at most 16 MiB."""
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(built[0], checkpoint)
+    config = checkpoint / "transformer" / "config.json"
+    config.unlink()
+    with open(config, "wb") as f:
+        f.truncate(20 << 20)  # sparse: no disk used
+    with pytest.raises(ArtifactError, match=f"cannot identify the model: {config}: larger than 16 MiB; not a config"):
+        diffc.load(checkpoint, device="cpu", compiled=copy)
