@@ -234,17 +234,32 @@ def _listed_files(manifest: dict[str, Any], where: str) -> dict[str, dict[str, A
     return files
 
 
+MAX_DEPTH = 8  # folders below the root: diffc writes two (transformer/<region>/, triton-cache/<key>/)
+
+
 def _present_files(root: Path, where: str) -> set[str]:
-    """Every file under ``root`` as a relative POSIX path, refusing links and special files."""
+    """Every file under ``root`` as a relative POSIX path, refusing links, special files and folders nested deeper
+    than any artifact's (os.walk recursed into 1000 of them until Python's recursion limit)."""
     present = set()
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
+    folders = [(root, 0)]
+    while folders:
+        folder, depth = folders.pop()
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as exc:
+            raise ArtifactError(f"cannot read {where}/{folder.relative_to(root).as_posix()}: "
+                                f"{exc.strerror or exc}") from None
+        for name in names:
+            path = folder / name
             relative = path.relative_to(root).as_posix()
             mode = os.lstat(path).st_mode
             if stat.S_ISLNK(mode):
                 raise ArtifactError(f"{where}/{relative} is a symbolic link; an artifact holds regular files only")
             if stat.S_ISDIR(mode):
+                if depth + 1 > MAX_DEPTH:
+                    raise ArtifactError(f"{where}/{relative}: folders nested deeper than an artifact's "
+                                        f"({MAX_DEPTH} levels)")
+                folders.append((path, depth + 1))
                 continue
             if not stat.S_ISREG(mode):
                 raise ArtifactError(f"{where}/{relative} is not a regular file")

@@ -564,3 +564,11 @@ def test_the_checkpoint_configs_the_artifact_is_matched_to_are_read_bounded(buil
         f.truncate(20 << 20)  # sparse: no disk used
     with pytest.raises(ArtifactError, match=f"cannot identify the model: {config}: larger than 16 MiB; not a config"):
         diffc.load(checkpoint, device="cpu", compiled=copy)
+
+
+def test_folders_nested_deeper_than_an_artifacts_are_refused(built, copy):
+    """Found by an audit: the walk over the artifact recursed once per folder level, so 1000 nested folders were a
+    RecursionError traceback; a folder deeper than diffc writes is refused by name (here 9 levels)."""
+    deep = copy / "transformer" / "/".join("a" * 8)
+    deep.mkdir(parents=True)
+    refused(built, copy, f"{copy}/transformer/{'/'.join('a' * 8)}: folders nested deeper than an artifact's (8 levels)")
