@@ -16,6 +16,7 @@ import time
 from ..errors import InvalidArgumentError
 from ..lora import apply_snapshot
 from .jobs import Job, JobError
+from .uploads import decoded
 
 log = logging.getLogger("diffc.serve")
 # one line per finished request (id, kind, size, status, seconds); `diffc serve` prints it
@@ -88,6 +89,8 @@ class BatchRunner:
             prompts += [job.prompt] * len(r)
             seeds += job.seeds[r.start:r.stop]
         options = {k: v for k, v in batch[0][0].options.items() if v is not None}
+        if "image" in options:  # uploads wait as their files' bytes (see uploads.Upload)
+            options["image"] = decoded(options["image"])
         apply_snapshot(pipe, batch[0][0].lora)  # a batch shares one LoRA state (it is in the job key)
 
         def report(start: int, share: int):

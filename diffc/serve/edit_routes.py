@@ -19,7 +19,7 @@ from starlette.datastructures import UploadFile
 from .hardening import check_values, duplicated
 from .protocol import ImageRequest, invalid, parse_body
 from .routes import _prepare, answer_images, engine_of, require_api_key
-from .uploads import decode_image
+from .uploads import Upload, decode_image
 
 MAX_FILES = 16
 
@@ -91,7 +91,8 @@ async def edit_images(request: Request) -> dict[str, Any]:
         if len(files) > spec.max_images:
             raise invalid("image", f"{spec.pipeline_class} takes at most {spec.max_images} input image(s), "
                                    f"got {len(files)}")
-    names = [name if len(files) == 1 else f"image[{i}]" for i, (name, _) in enumerate(files)]
-    images = await run_in_threadpool(lambda: [decode_image(data, n) for n, (_, data) in zip(names, files)])
-    job = _prepare(engine, "image", req, n=req.n, image=images[0] if len(images) == 1 else images)
+    uploads = [Upload(data, name if len(files) == 1 else f"image[{i}]") for i, (name, data) in enumerate(files)]
+    images = await run_in_threadpool(lambda: [decode_image(u.data, u.field) for u in uploads])
+    job = _prepare(engine, "image", req, n=req.n, image=images[0] if len(images) == 1 else images,
+                   uploads=uploads[0] if len(uploads) == 1 else uploads)
     return await answer_images(request, engine, job, req)

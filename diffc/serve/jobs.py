@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import InvalidArgumentError
 
 OPTION_KEYS = ("height", "width", "num_inference_steps", "guidance_scale", "negative_prompt", "num_frames",
-               "max_sequence_length", "true_cfg_scale", "image")  # image: input image(s) of an edit (PIL, compared by content)
+               "max_sequence_length", "true_cfg_scale", "image")  # image: an edit's or image-to-video's upload(s) (uploads.Upload)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ from ..errors import InvalidArgumentError
 from .engine import Engine, Job, JobError, NotReady, QueueFull, WrongOutputKind
 from .protocol import APIError, ImageRequest, VideoRequest, invalid, parse_body, read_payload
 from .storage import new_id
-from .uploads import reference_image
+from .uploads import Upload, decode_image, reference_bytes
 
 ID_RE = re.compile(r"^(img|video)_[0-9a-f]{32}$")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -84,9 +84,10 @@ async def get_model(model_id: str, request: Request) -> dict[str, Any]:
     return _model_object(engine)
 
 
-def _prepare(engine: Engine, kind: str, req, params: dict[str, str] | None = None, **extra) -> Job:
+def _prepare(engine: Engine, kind: str, req, params: dict[str, str] | None = None, uploads=None, **extra) -> Job:
     """Queue ``req``; an invalid field is a 400 naming the request's parameter (``params`` renames pipeline
-    fields for this route, over ``PARAM_OF_FIELD``)."""
+    fields for this route, over ``PARAM_OF_FIELD``). ``uploads``: the files of the decoded ``image`` in
+    ``extra``, which the job keeps instead of their pixels (its batch decodes them again)."""
     params = {**PARAM_OF_FIELD, **(params or {})}
     if req.model is not None and req.model != engine.model_id:
         raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{engine.model_id}'.",
@@ -98,6 +99,8 @@ def _prepare(engine: Engine, kind: str, req, params: dict[str, str] | None = Non
                              true_cfg_scale=req.true_cfg_scale, **extra)
         _check_encodable(req, job)
         _check_kept(engine, req, job)
+        if uploads is not None:
+            job.options["image"] = uploads
         return engine.submit(job)
     except NotReady as exc:
         raise APIError(503, str(exc), type="server_error", code="model_not_ready",
@@ -337,13 +340,14 @@ async def create_video(request: Request) -> dict[str, Any]:
         if engine.state == "ready" and engine.pipe.spec.image_input == "none":
             raise invalid("input_reference", f"'{engine.model_id}' ({engine.pipe.spec.pipeline_class}) is a "
                                              "text-to-video model and takes no input image", code="model_not_supported")
-        image = await run_in_threadpool(reference_image, req.input_reference)
+        upload = Upload(reference_bytes(req.input_reference), "input_reference")
+        image = await run_in_threadpool(decode_image, upload.data, upload.field)
     elif engine.state == "ready" and engine.pipe.spec.image_input == "required":
         raise invalid("input_reference", f"'{engine.model_id}' ({engine.pipe.spec.pipeline_class}) is an image-to-"
                                          "video model: send its first frame as input_reference (an uploaded image "
                                          "file or a base64 data URL)", code="missing_required_parameter")
     job = _prepare(engine, "video", req, params={"image": "input_reference"}, num_frames=req.num_frames,
-                   seconds=req.seconds, fps=req.fps, **({} if image is None else {"image": image}))
+                   seconds=req.seconds, fps=req.fps, **({} if image is None else {"image": image, "uploads": upload}))
     return _video_object(engine, job)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import re
 from typing import Any
@@ -23,6 +24,28 @@ UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")  # what Pillow may identify an upload a
 # RFC 2397: a media type, optional parameters (";name=first.png"), then ";base64,"
 DATA_URL_RE = re.compile(r"^data:image/[a-z0-9.+-]+(?:;[a-z0-9.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
 WHITESPACE_RE = re.compile(r"[ \t\r\n]+")
+
+
+@dataclasses.dataclass(frozen=True)
+class Upload:
+    """An uploaded image as its file's bytes, which a job holds while it waits and after it ran (a 200 KB PNG can
+    decode to 200 MB of pixels); :func:`decoded` decodes it again, to the same pixels, when its batch runs.
+    Equal bytes are equal uploads (jobs with the same image may share a batch)."""
+
+    data: bytes
+    field: str = dataclasses.field(compare=False)
+
+    def __repr__(self) -> str:
+        return f"Upload({self.field}, {len(self.data)} bytes)"
+
+
+def decoded(image: Any) -> Any:
+    """``image`` (a job's input image option) with every :class:`Upload` in it decoded."""
+    if isinstance(image, Upload):
+        return decode_image(image.data, image.field)
+    if isinstance(image, (list, tuple)):
+        return [decoded(im) for im in image]
+    return image
 
 
 def decode_image(data: bytes, field: str):
@@ -55,8 +78,13 @@ def decode_image(data: bytes, field: str):
 def reference_image(value: Any, field: str = "input_reference"):
     """``input_reference`` as a PIL image: an uploaded file (multipart, ``{"filename", "data"}``), a base64 data
     URL (``data:image/png;base64,...``), or ``{"image_url": <data URL>}``."""
+    return decode_image(reference_bytes(value, field), field)
+
+
+def reference_bytes(value: Any, field: str = "input_reference") -> bytes:
+    """The image file ``input_reference`` holds (see :func:`reference_image`), not yet decoded."""
     if isinstance(value, dict) and isinstance(value.get("data"), bytes):
-        return decode_image(value["data"], field)
+        return value["data"]
     if isinstance(value, dict) and set(value) <= {"image_url", "file_id"} and isinstance(value.get("image_url"), str):
         value = value["image_url"]
     if not isinstance(value, str):
@@ -72,7 +100,6 @@ def reference_image(value: Any, field: str = "input_reference"):
     if len(payload) > (MAX_IMAGE_BYTES * 4) // 3 + 4:
         raise invalid(field, f"'{field}' is larger than {MAX_IMAGE_BYTES >> 20} MiB")
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise invalid(field, f"'{field}' is not valid base64 after its data: prefix") from None
-    return decode_image(data, field)

@@ -93,3 +93,26 @@ def test_an_upload_that_is_not_an_image(i2v_server):
     with pytest.raises(openai.BadRequestError) as info:
         i2v_server.client().videos.create(prompt="x", input_reference=("ref.png", b"\x89PNG....", "image/png"))
     assert info.value.param == "input_reference" and "not a PNG, JPEG or WebP image" in str(info.value)
+
+
+def test_a_video_job_keeps_its_upload_as_bytes_not_pixels(i2v_server):
+    """A job held its decoded input image while queued and, for a video, as long as the video is listed: a 200 KB
+    PNG of 8000x8000 pixels held 192 MB each. It keeps the file's bytes and its batch decodes them again."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 1000), (200, 30, 30)).save(buf, format="PNG")
+    big = buf.getvalue()
+    client = i2v_server.client()
+    video = client.videos.create(prompt="a fox", input_reference=("first.png", big, "image/png"),
+                                 extra_body={"seed": 3, "num_inference_steps": 1})
+    kept = i2v_server.engine.video(video.id).options["image"]
+    assert not isinstance(kept, Image.Image) and getattr(kept, "data", None) == big
+    small = client.videos.create(prompt="a fox", input_reference=("first.png", _png(0), "image/png"),
+                                 extra_body={"seed": 3})
+    frames = _frames(i2v_server, small.id)  # decoded again at run time: the same video as from a data URL
+    r = httpx.post(f"{i2v_server.url}/v1/videos",
+                   json={"prompt": "a fox", "seed": 3, "input_reference": _data_url(_png(0))})
+    assert all(np.array_equal(a, b) for a, b in zip(frames, _frames(i2v_server, r.json()["id"])))
+    assert getattr(i2v_server.engine.video(small.id).options["image"], "data", None) == _png(0)
+    assert len(_frames(i2v_server, video.id)) == 5
