@@ -20,6 +20,7 @@ from .protocol import APIError
 from .edit_routes import edit_router
 from .lora_routes import allowed_dirs, lora_router
 from .routes import public, v1
+from .uploads import DECODE_SLOTS
 
 log = logging.getLogger("diffc.serve")
 
@@ -131,6 +132,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     app.state.engine, app.state.api_key = engine, api_key or None
     app.state.lora_dirs, app.state.max_loras = allowed_dirs(lora_dirs), max_loras
     app.state.lora_loading = anyio.Lock()  # set_lora's loads, one at a time (see lora_routes)
+    app.state.decodes = anyio.CapacityLimiter(DECODE_SLOTS)  # uploads decoded at once (see uploads)
     for router in (public, v1, lora_router, edit_router):
         for route in router.routes:  # a server that answers GET answers HEAD too (RFC 9110): curl -I, probes
             if isinstance(route, APIRoute) and "GET" in route.methods:

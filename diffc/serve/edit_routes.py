@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import anyio
 from fastapi import APIRouter, Depends, Request
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from .hardening import check_values, duplicated
@@ -92,7 +92,8 @@ async def edit_images(request: Request) -> dict[str, Any]:
             raise invalid("image", f"{spec.pipeline_class} takes at most {spec.max_images} input image(s), "
                                    f"got {len(files)}")
     uploads = [Upload(data, name if len(files) == 1 else f"image[{i}]") for i, (name, data) in enumerate(files)]
-    images = await run_in_threadpool(lambda: [decode_image(u.data, u.field) for u in uploads])
+    images = await anyio.to_thread.run_sync(lambda: [decode_image(u.data, u.field) for u in uploads],
+                                            limiter=request.app.state.decodes)
     job = _prepare(engine, "image", req, n=req.n, image=images[0] if len(images) == 1 else images,
                    uploads=uploads[0] if len(uploads) == 1 else uploads)
     return await answer_images(request, engine, job, req)

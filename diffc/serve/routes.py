@@ -341,7 +341,8 @@ async def create_video(request: Request) -> dict[str, Any]:
             raise invalid("input_reference", f"'{engine.model_id}' ({engine.pipe.spec.pipeline_class}) is a "
                                              "text-to-video model and takes no input image", code="model_not_supported")
         upload = Upload(reference_bytes(req.input_reference), "input_reference")
-        image = await run_in_threadpool(decode_image, upload.data, upload.field)
+        image = await anyio.to_thread.run_sync(decode_image, upload.data, upload.field,
+                                               limiter=request.app.state.decodes)
     elif engine.state == "ready" and engine.pipe.spec.image_input == "required":
         raise invalid("input_reference", f"'{engine.model_id}' ({engine.pipe.spec.pipeline_class}) is an image-to-"
                                          "video model: send its first frame as input_reference (an uploaded image "

@@ -20,6 +20,9 @@ from ..pipelines.images import IMAGE_MODES, declared_too_large, too_large, uprig
 from .protocol import invalid
 
 MAX_IMAGE_BYTES = 50 << 20  # per file, as OpenAI's limit for edits
+# uploads decoded at once by a server's requests: a small file may decode to 64 Mpx (a few hundred MB while it
+# decodes), so a burst of them must not all decode together (create_app's limiter)
+DECODE_SLOTS = 2
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")  # what Pillow may identify an upload as; anything else is refused
 # RFC 2397: a media type, optional parameters (";name=first.png"), then ";base64,"
 DATA_URL_RE = re.compile(r"^data:image/[a-z0-9.+-]+(?:;[a-z0-9.+-]+=[^;,]*)*;base64,", re.IGNORECASE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
 import io
 import json
@@ -224,3 +225,33 @@ def test_a_lone_surrogate_in_a_form_is_a_400_naming_it(kontext_server, name, val
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and "lone surrogate" in error["message"]
+
+
+def test_uploads_are_decoded_two_at_a_time(kontext_server, monkeypatch):
+    """A small file can decode to 64 Mpx (hundreds of MB while it decodes): a burst of requests decoded all at once
+    (as many as the thread pool's 40), now at most ``DECODE_SLOTS``; the others wait their turn."""
+    import threading
+
+    from diffc.serve import edit_routes
+    from diffc.serve.uploads import DECODE_SLOTS
+
+    lock, now, most = threading.Lock(), [0], [0]
+    real = edit_routes.decode_image
+
+    def counted(data, field):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        try:
+            time.sleep(0.2)
+            return real(data, field)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(edit_routes, "decode_image", counted)
+    files = [("image", ("a.png", b"not an image", "image/png"))]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: _raw(kontext_server, files), range(8)))
+    assert all(a.status_code == 400 and "not a PNG" in a.json()["error"]["message"] for a in answers)
+    assert most[0] == DECODE_SLOTS == 2
