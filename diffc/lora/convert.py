@@ -84,6 +84,7 @@ def convert(file: LoraFile, params: Mapping[str, torch.Tensor], naming: Naming |
     table = NameTable(params, naming)
     pieces: dict[str, list[Piece]] = collections.defaultdict(list)
     unmatched, formats, ranks, matched, applied = list(unknown), collections.Counter(), set(), 0, 0
+    owners: dict[tuple[str, str], str] = {}  # (parameter, piece kind) -> the source module that updates it
     for stem, source in parsed.modules.items():
         found = table.lookup(stem)
         if found is None or not _applies(source, found[0], params):
@@ -102,6 +103,10 @@ def convert(file: LoraFile, params: Mapping[str, torch.Tensor], naming: Naming |
             unmatched += source.keys
             continue
         for piece in made:
+            other = owners.setdefault((piece.param, piece.kind), stem)
+            if other != stem:  # the same module under two names (two formats): it would be merged twice
+                raise CheckpointError(f"{file.path}: {other} and {stem} both update {piece.param} (one module named "
+                                      "twice, e.g. in two key formats); a LoRA names each module once")
             pieces[piece.param].append(piece)
         matched += 1
         applied += len(source.keys)

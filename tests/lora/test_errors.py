@@ -305,3 +305,18 @@ def test_alpha_patterns_still_match_as_peft_matches_them(flux, tmp_path):
         want = flux.base["proj_out.weight"].double() + 2.0 * (up.double() @ down.double())  # 8 / rank 4
         torch.testing.assert_close(dit.proj_out.weight.double(), want, rtol=0, atol=2e-6, msg=pattern)
         flux.reset()
+
+
+@pytest.mark.parametrize("second", ["lora_unet_final_layer_linear", "proj_out"])  # kohya's name; PEFT's unprefixed
+def test_a_module_named_twice_is_refused(flux, tmp_path, second):
+    """Found by an audit: a file naming proj_out both as diffusers does and as kohya does merged it twice (double
+    strength) without a word."""
+    tensors = _proj_out_lora(flux)
+    down, up = tensors["transformer.proj_out.lora_A.weight"], tensors["transformer.proj_out.lora_B.weight"]
+    suffixes = ("lora_down", "lora_up") if second.startswith("lora_unet") else ("lora_A", "lora_B")
+    tensors[f"{second}.{suffixes[0]}.weight"], tensors[f"{second}.{suffixes[1]}.weight"] = down.clone(), up.clone()
+    path = W.write_keys(tensors, tmp_path / "twice.safetensors")
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: ") + r".* both update proj_out\.weight \(one module "
+                                              r"named twice, e\.g\. in two key formats\); a LoRA names each module once"):
+        flux.pipe.set_lora("twice", path)
+    _weights_are(flux, flux.base)
