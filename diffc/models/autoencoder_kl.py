@@ -71,6 +71,8 @@ class AutoencoderKLConfig(ModelConfig):
                 )
         if self.layers_per_block < 1:
             raise CheckpointError(f"layers_per_block: must be >= 1, got {self.layers_per_block}")
+        if self.scaling_factor == 0:
+            raise CheckpointError("scaling_factor: must not be 0 (the pipelines divide the latents by it)")
 
 
 def _uniform_config(block_out_channels: tuple[int, ...], **kwargs) -> AutoencoderKLConfig:

@@ -172,6 +172,7 @@ def build_stages():
 
 
 def check_size(pipe, request: GenerationRequest) -> None:
+    pipe.components["vae"].check_latent_stats()  # read only at the decode otherwise, after the whole denoising
     multiple = 2 * vae_scale_factor(pipe.components["vae"])
     for field in ("height", "width"):
         value = getattr(request, field)

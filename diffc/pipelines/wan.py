@@ -277,6 +277,7 @@ def build_stages():
 
 def validate(pipe, request: GenerationRequest) -> None:
     c = pipe.components
+    c["vae"].check_latent_stats()  # read only at the decode otherwise, after the whole denoising
     if request.image is not None:  # the frames as 8-bit RGB before any resize (16-bit greyscale scaled, a palette
         images = input_images(request)  # image resized as RGB, not by its palette indices)
         request.image = images[0] if len(images) == 1 else images

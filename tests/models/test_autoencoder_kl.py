@@ -168,6 +168,7 @@ def test_unsupported_block_type_is_rejected(field, bad_type):
         ({"act_fn": "tanh"}, "act_fn"),
         ({"norm_num_groups": 24}, "norm_num_groups"),
         ({"layers_per_block": 0}, "layers_per_block"),
+        ({"scaling_factor": 0.0}, "scaling_factor: must not be 0"),  # FLUX's decode gave NaN pixels
     ],
 )
 def test_invalid_config_is_rejected(overrides, field):

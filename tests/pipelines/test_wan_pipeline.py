@@ -249,7 +249,8 @@ def test_temporal_patch_must_divide_the_latent_frames():
     from diffc.pipelines.wan import validate
 
     dit = SimpleNamespace(config=SimpleNamespace(patch_size=(2, 2, 2), rope_max_seq_len=1024))
-    vae = SimpleNamespace(config=SimpleNamespace(scale_factor_temporal=4, scale_factor_spatial=8))
+    vae = SimpleNamespace(config=SimpleNamespace(scale_factor_temporal=4, scale_factor_spatial=8),
+                          check_latent_stats=lambda: None)
     pipe = SimpleNamespace(components={"transformer": dit, "vae": vae})
     request = GenerationRequest(PROMPT, height=32, width=32, num_frames=5, max_sequence_length=16)
     validate(pipe, request)  # 2 latent frames
@@ -341,3 +342,22 @@ def test_unsupported_or_broken_wan22_checkpoints_are_refused(wan_checkpoint, tmp
     (root / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=re.escape(fragment)):
         diffc.load(root)
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"latents_mean": [0.0] * 3}, "latents_mean has 3 values, z_dim is 16"),
+    ({"latents_std": [1.0] * 15 + [0.0]}, "latents_std holds 0 (channel 15)"),
+])
+def test_vae_latent_statistics_that_cannot_be_used_are_refused_before_any_work(wan_checkpoint, tmp_path, changes,
+                                                                                fragment):
+    """They were read only at the decode: a wrong count refused the request after the whole denoising, and a std of
+    0 (latents scaled by 1 / 0) decoded every video to the mean latent without a word."""
+    root = tmp_path / "ckpt"
+    shutil.copytree(wan_checkpoint("base"), root)
+    config = json.loads((root / "vae" / "config.json").read_text())
+    (root / "vae" / "config.json").write_text(json.dumps({**config, **changes}))
+    pipe = diffc.load(root)
+    batches = _count_dit_batches(pipe)
+    with pytest.raises(CheckpointError, match=re.escape(fragment)):
+        pipe.generate(PROMPT, height=16, width=16, num_frames=1, num_inference_steps=1, progress=False)
+    assert batches == []

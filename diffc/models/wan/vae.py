@@ -210,7 +210,16 @@ class AutoencoderKLWan(nn.Module):
         values = getattr(self.config, name)
         if len(values) != self.config.z_dim:
             raise CheckpointError(f"AutoencoderKLWan: {name} has {len(values)} values, z_dim is {self.config.z_dim}")
+        if name == "latents_std" and 0 in values:
+            raise CheckpointError(f"AutoencoderKLWan: latents_std holds 0 (channel {values.index(0)}); the latents "
+                                  "are scaled by 1 / latents_std")
         return values
+
+    def check_latent_stats(self) -> None:
+        """Raise ``CheckpointError`` unless ``latents_mean``/``latents_std`` fit ``z_dim`` (and no std is 0): a
+        pipeline checks it before any work, since it is read only when the latents are (de)normalised."""
+        self._latent_stat("latents_mean")
+        self._latent_stat("latents_std")
 
     def _stats_like(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (1, self.config.z_dim, 1, 1, 1)

@@ -145,3 +145,16 @@ def test_generation_passes_one_precomputed_modulation_row_a_step(t2i):
         stack.set_precompute(True)
     for image, ref in zip(out.images, plain.images):
         assert psnr_uint8(np.asarray(image), np.asarray(ref)) >= 50.0
+
+
+def test_vae_latent_statistics_are_checked_before_any_work(t2i, monkeypatch):
+    """A latents_std of 0 scaled the latents by 1 / 0 at the decode, after the whole denoising."""
+    import dataclasses
+
+    from diffc.errors import CheckpointError
+
+    _, _, pipe = t2i
+    vae = pipe.components["vae"]
+    monkeypatch.setattr(vae, "config", dataclasses.replace(vae.config, latents_std=(1.0,) * 15 + (0.0,)))
+    with pytest.raises(CheckpointError, match=r"latents_std holds 0 \(channel 15\)"):
+        pipe.resolve(prompt=PROMPT, height=32, width=32)
