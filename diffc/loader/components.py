@@ -144,7 +144,8 @@ def check_component(root: Path, name: str, class_name: str) -> Path:
     first): checked before any component loads, and by ``diffc serve`` before it binds its port."""
     folder = root / name
     if not folder.is_dir():
-        raise CheckpointError(f"missing folder: {folder} (named '{name}' in model_index.json)")
+        problem = f"{folder} is not a folder" if folder.exists() else f"missing folder: {folder}"
+        raise CheckpointError(f"{problem} (named '{name}' in model_index.json)")
     if not (registry.is_native_model(class_name) or registry.is_scheduler(class_name) or class_name in (
             registry.TEXT_ENCODERS + registry.TOKENIZERS + registry.IMAGE_ENCODERS + registry.IMAGE_PROCESSORS
             + registry.PROCESSORS)):

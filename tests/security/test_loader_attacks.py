@@ -366,3 +366,10 @@ def test_a_weight_stored_in_two_shards_is_refused(sharded):
     tensors[name] = value
     save_file(tensors, second)
     refused(sharded, f"{second}: tensor {name!r} is also in {first.name}; each weight must be stored in one shard")
+
+
+def test_a_component_that_is_a_file_says_so(ckpt):
+    """It was reported as a 'missing folder'."""
+    shutil.rmtree(ckpt / "vae")
+    (ckpt / "vae").write_text("{}")
+    refused(ckpt, f"{ckpt / 'vae'} is not a folder (named 'vae' in model_index.json)")
