@@ -137,7 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-sequence-length", type=int, help="text tokens (default: the family's, 512)")
     p.add_argument("--repeats", type=int, default=10, help="timed DiT forwards after warm-up (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed DiT forwards first (compilation happens here)")
-    p.add_argument("--configs", help=f"comma list of {', '.join(CONFIGS)} (default: all; on a CPU no compile)")
+    cpu = ", ".join(c.name for c in select_configs(None, torch.device("cpu")))
+    p.add_argument("--configs", help=f"comma list of {', '.join(CONFIGS)} (default: those not marked 'not run "
+                                     f"unless named' in bench/README.md; on a CPU: {cpu})")
     p.add_argument("--skip-e2e", action="store_true",
                    help="DiT forward and VAE decode only, no checkpoint, no text encoders, no generation")
     p.add_argument("--skip-vae", action="store_true",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import subprocess
@@ -160,6 +162,18 @@ def test_cache_configurations_are_not_run_by_default():
     chosen = [c.name for c in select_configs(None, torch.device("cuda"))]
     assert "diffc-compiled" in chosen and not any(CONFIGS[n].cache for n in chosen)
     assert {"diffc-compiled-fixed-half", "diffc-compiled-teacache", "diffc-compiled-dbcache-0.08"} <= set(CONFIGS)
+
+
+def test_help_names_the_configurations_a_cpu_runs_by_default(monkeypatch):
+    from bench.compare import parse_args, select_configs
+
+    monkeypatch.setenv("COLUMNS", "100000")  # argparse wraps at hyphens otherwise
+
+    cpu = [c.name for c in select_configs(None, torch.device("cpu"))]
+    assert cpu == ["diffusers-eager", "diffc-eager", "diffc-compiled"]
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+        parse_args(["--help"])
+    assert "on a CPU: diffusers-eager, diffc-eager, diffc-compiled)" in out.getvalue()
 
 
 def test_image_to_video_dit_is_compared_with_image_tokens(tmp_path):
