@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -68,6 +69,20 @@ def load_native_model(folder: Path, class_name: str, device: torch.device, dtype
     return model.eval().requires_grad_(False)
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' own load report off while a text encoder loads (a table of missing and unexpected keys, 'a
+    model of type X to instantiate a model of type Y'): diffc checks the same and says it in one line."""
+    from transformers.utils import logging as transformers_logging
+
+    was = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(was)
+
+
 def load_text_encoder(folder: Path, class_name: str, device: torch.device, dtype: torch.dtype):
     """Load a transformers text encoder straight onto ``device`` (transformers honours the model's fp32 modules)."""
     import transformers
@@ -79,8 +94,9 @@ def load_text_encoder(folder: Path, class_name: str, device: torch.device, dtype
     device_map = None if device.type == "cpu" else {"": str(device)}
     try:
         # safetensors only: a folder whose only weights transformers would take are a pickle is refused
-        model, info = cls.from_pretrained(str(folder), dtype=dtype, device_map=device_map, output_loading_info=True,
-                                          use_safetensors=True, trust_remote_code=False)
+        with _quiet_transformers():
+            model, info = cls.from_pretrained(str(folder), dtype=dtype, device_map=device_map, output_loading_info=True,
+                                              use_safetensors=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, SafetensorError) as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{folder}: cannot load {class_name} with safetensors weights ({reason})") from None

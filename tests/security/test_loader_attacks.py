@@ -373,3 +373,25 @@ def test_a_component_that_is_a_file_says_so(ckpt):
     shutil.rmtree(ckpt / "vae")
     (ckpt / "vae").write_text("{}")
     refused(ckpt, f"{ckpt / 'vae'} is not a folder (named 'vae' in model_index.json)")
+
+
+def test_a_text_encoder_of_another_kind_is_one_line_without_transformers_report(ckpt):
+    """transformers printed its load report (a table of every missing and unexpected key) and 'a model of type
+    clip_text_model to instantiate a model of type t5' before diffc's one-line error."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = transformers_logging.get_logger("transformers")
+    logger.addHandler(handler)
+    _edit(ckpt / "model_index.json", text_encoder=["transformers", "T5EncoderModel"])
+    try:
+        with pytest.raises(diffc.errors.WeightMismatchError, match="weights of 'text_encoder' do not match the model"):
+            diffc.load(ckpt, device="cpu")
+    finally:
+        logger.removeHandler(handler)
+    said = [r.getMessage() for r in records]
+    assert not any("LOAD REPORT" in m or "to instantiate a model of type" in m for m in said), said
