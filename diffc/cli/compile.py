@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
+from typing import Iterator
 
 from ..errors import InvalidArgumentError
 from ..fileio import atomic_write
@@ -73,6 +75,7 @@ def parse_buckets(args: argparse.Namespace, video: bool) -> list[dict]:
     """The requests to compile: --height/--width[/--num-frames] first, then each --bucket; each with every
     --prompt."""
     from ..compile.examples import EXAMPLE_PROMPT
+    from ..pipelines.base import GenerationRequest, validate_common
 
     common = {"guidance_scale": args.guidance_scale, "max_sequence_length": args.max_sequence_length}
     if not 1 <= args.batch <= MAX_BATCH:
@@ -83,9 +86,23 @@ def parse_buckets(args: argparse.Namespace, video: bool) -> list[dict]:
             raise InvalidArgumentError("--prompt", f"expected a non-empty example prompt, got {text!r}")
     if args.image_size:
         common["image_size"] = args.image_size[0] if len(args.image_size) == 1 else list(args.image_size)
-    buckets = []
+    out = []
+    for source, b in shapes(args, video):
+        if b["num_frames"] is not None and not video:
+            raise InvalidArgumentError("--num-frames", "applies to video models only")
+        with bucket_errors(source):  # what every model refuses (a size of 0), before the model loads
+            validate_common(GenerationRequest(prompt=EXAMPLE_PROMPT, height=b["height"], width=b["width"],
+                                              guidance_scale=common["guidance_scale"]))
+        for text in prompts:  # each shape with each example prompt (the compiler keeps distinct DiT shapes)
+            out.append({k: v for k, v in {**common, **b, "prompt": [text] * args.batch}.items() if v is not None})
+    return out
+
+
+def shapes(args: argparse.Namespace, video: bool) -> list[tuple[str | None, dict]]:
+    """The shapes to compile, each with the --bucket text that gave it (None: --height/--width/--num-frames)."""
+    found: list[tuple[str | None, dict]] = []
     if args.height is not None or args.width is not None or args.num_frames is not None or not args.bucket:
-        buckets.append({"height": args.height, "width": args.width, "num_frames": args.num_frames})
+        found.append((None, {"height": args.height, "width": args.width, "num_frames": args.num_frames}))
     for text in args.bucket:
         m = BUCKET.match(text.strip())
         if not m:
@@ -93,14 +110,20 @@ def parse_buckets(args: argparse.Namespace, video: bool) -> list[dict]:
         width, height, frames = (int(g) if g else None for g in m.groups())
         if frames is not None and not video:
             raise InvalidArgumentError("--bucket", f"{text!r} gives frames, but this is an image model")
-        buckets.append({"height": height, "width": width, "num_frames": frames})
-    out = []
-    for b in buckets:
-        if b["num_frames"] is not None and not video:
-            raise InvalidArgumentError("--num-frames", "applies to video models only")
-        for text in prompts:  # each shape with each example prompt (the compiler keeps distinct DiT shapes)
-            out.append({k: v for k, v in {**common, **b, "prompt": [text] * args.batch}.items() if v is not None})
-    return out
+        found.append((text.strip(), {"height": height, "width": width, "num_frames": frames}))
+    return found
+
+
+@contextlib.contextmanager
+def bucket_errors(source: str | None) -> Iterator[None]:
+    """A size the checks refuse, named by the ``--bucket`` that gave it (they name --height, --width and
+    --num-frames, which the command may not have given)."""
+    try:
+        yield
+    except InvalidArgumentError as exc:
+        if source is None or exc.field not in ("height", "width", "num_frames"):
+            raise
+        raise InvalidArgumentError("--bucket", f"{source!r} ({exc.field.replace('_', '-')}): {exc.message}") from None
 
 
 def with_prompt_lengths(args: argparse.Namespace, pipe, buckets: list[dict]) -> list[dict]:
@@ -161,6 +184,10 @@ def compile_command(args: argparse.Namespace) -> int:
     if choice.demo:
         defaults = {k: v for k, v in choice.defaults.items() if k != "num_inference_steps"}
         buckets = [{**defaults, **b} for b in buckets]
+    sources = [source for source, _ in shapes(args, pipe.spec.output == "video") for _ in args.prompt or [None]]
+    for source, b in zip(sources, buckets):  # the model's own checks (a multiple of 16), naming the --bucket
+        with bucket_errors(source):
+            pipe.resolve(**example_request(pipe, {k: v for k, v in b.items() if k != "prompt_lengths"}))
     buckets = expand_prompt_lengths(pipe, buckets)
     for b in buckets:
         pipe.resolve(**example_request(pipe, b))  # refuse an invalid size before any tracing

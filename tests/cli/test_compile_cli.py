@@ -102,6 +102,9 @@ def test_example_prompts_of_one_padded_length_compile_once(tmp_path, capsys):
     (["--batch", "0"], "--batch: must be from 1 to 64, got 0"),
     (["--batch", "10000000"], "--batch: must be from 1 to 64, got 10000000"),
     (["--height", "40", "--width", "64"], "height: FLUX needs a multiple of 16, got 40"),
+    # found by an audit: a --bucket's size was refused under --height/--width, flags the command never gave
+    (["--bucket", "48x40"], "--bucket: '48x40' (height): FLUX needs a multiple of 16, got 40"),
+    (["--height", "32", "--width", "32", "--bucket", "40x32"], "--bucket: '40x32' (width): FLUX needs a multiple"),
     (["--disable", "no_such_pass"], "disable: unknown pass 'no_such_pass'"),
     (["--quality", "lossy"], "invalid choice: 'lossy'"),
 ])
@@ -121,6 +124,10 @@ def test_compile_bad_input_exits_2(tmp_path, capsys, argv, fragment):
     (["--disable", "gemv,no_such_pass"], "--disable: unknown pass 'no_such_pass'"),
     (["--quality", "fp8", "--enable", "cat_linear_rows"], "--enable: cat_linear_rows does not run under the fp8 tier"),
     (["--attention", "fa5"], "--attention: unknown backend 'fa5'; accepted: auto, sdpa"),
+    (["--bucket", "0x0"], "--bucket: '0x0' (height): must be an integer from 1 to 16384, got 0"),
+    (["--bucket", "99999999999x32"], "--bucket: '99999999999x32' (width): must be an integer from 1 to 16384"),
+    (["--height", "-16"], "--height: must be an integer from 1 to 16384, got -16"),
+    (["--guidance", "nan"], "--guidance: must be a number from 0 to 100, got nan"),
 ])
 def test_compile_refuses_a_pass_before_loading_the_model(tmp_path, capsys, monkeypatch, argv, fragment):
     """A misspelt or refused pass or attention backend is named by its flag before the checkpoint loads (minutes
