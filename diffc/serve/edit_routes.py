@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 
 from .hardening import check_values, duplicated
 from .protocol import ImageRequest, invalid, parse_body
-from .routes import _prepare, answer_images, engine_of, require_api_key
+from .routes import _prepare, answer_images, check_room, engine_of, require_api_key
 from .uploads import Upload, decode_image
 
 MAX_FILES = 16
@@ -91,6 +91,7 @@ async def edit_images(request: Request) -> dict[str, Any]:
         if len(files) > spec.max_images:
             raise invalid("image", f"{spec.pipeline_class} takes at most {spec.max_images} input image(s), "
                                    f"got {len(files)}")
+    check_room(engine)  # a busy server refuses before decoding (a burst would wait on the decodes for its 429s)
     uploads = [Upload(data, name if len(files) == 1 else f"image[{i}]") for i, (name, data) in enumerate(files)]
     images = await anyio.to_thread.run_sync(lambda: [decode_image(u.data, u.field) for u in uploads],
                                             limiter=request.app.state.decodes)

@@ -226,7 +226,8 @@ class Engine(BatchRunner):
                 raise InvalidArgumentError("cache." + exc.field.split(".", 1)[1], exc.message) from None
             raise
 
-    def submit(self, job: Job) -> Job:
+    def check_room(self) -> None:
+        """Raise ``NotReady`` or ``QueueFull`` as ``submit`` would now (a request checks before decoding uploads)."""
         with self._cond:
             if self.state != "ready":
                 raise NotReady(self.not_ready_message())
@@ -235,6 +236,10 @@ class Engine(BatchRunner):
                 self.metrics.errors.labels("queue_full").inc()
                 depth = len(self._queue) / self.limits.max_batch + 1
                 raise QueueFull(max(1, min(600, math.ceil(self._batch_ema_s * depth))))
+
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            self.check_room()
             self._queue.append(job)
             if job.kind == "video":
                 self._videos[job.id] = job

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import os
 import re
@@ -92,7 +93,7 @@ def _prepare(engine: Engine, kind: str, req, params: dict[str, str] | None = Non
     if req.model is not None and req.model != engine.model_id:
         raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{engine.model_id}'.",
                        param="model", code="model_not_found")
-    try:
+    with _engine_errors(params):
         job = engine.prepare(kind, req.prompt, size=req.size_hw(), seed=req.seed, guidance_scale=req.guidance_scale,
                              num_inference_steps=req.num_inference_steps, negative_prompt=req.negative_prompt,
                              cache=req.cache, lora=req.lora, lora_strength=req.lora_strength,
@@ -102,6 +103,13 @@ def _prepare(engine: Engine, kind: str, req, params: dict[str, str] | None = Non
         if uploads is not None:
             job.options["image"] = uploads
         return engine.submit(job)
+
+
+@contextlib.contextmanager
+def _engine_errors(params: dict[str, str] = PARAM_OF_FIELD):
+    """The engine's refusals as API errors: 503 not ready, 429 queue full, 400 naming the request's parameter."""
+    try:
+        yield
     except NotReady as exc:
         raise APIError(503, str(exc), type="server_error", code="model_not_ready",
                        headers={"Retry-After": "5"}) from None
@@ -112,6 +120,12 @@ def _prepare(engine: Engine, kind: str, req, params: dict[str, str] | None = Non
         raise invalid("model", str(exc), code="model_not_supported") from None
     except InvalidArgumentError as exc:
         raise invalid(params.get(exc.field, exc.field), str(exc)) from None
+
+
+def check_room(engine: Engine) -> None:
+    """A request with uploads is refused (503, 429) before they are decoded when the engine could not queue it."""
+    with _engine_errors():
+        engine.check_room()
 
 
 def _well_formed_range(value: str) -> bool:
@@ -340,6 +354,7 @@ async def create_video(request: Request) -> dict[str, Any]:
         if engine.state == "ready" and engine.pipe.spec.image_input == "none":
             raise invalid("input_reference", f"'{engine.model_id}' ({engine.pipe.spec.pipeline_class}) is a "
                                              "text-to-video model and takes no input image", code="model_not_supported")
+        check_room(engine)
         upload = Upload(reference_bytes(req.input_reference), "input_reference")
         image = await anyio.to_thread.run_sync(decode_image, upload.data, upload.field,
                                                limiter=request.app.state.decodes)

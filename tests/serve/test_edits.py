@@ -255,3 +255,12 @@ def test_uploads_are_decoded_two_at_a_time(kontext_server, monkeypatch):
         answers = list(pool.map(lambda _: _raw(kontext_server, files), range(8)))
     assert all(a.status_code == 400 and "not a PNG" in a.json()["error"]["message"] for a in answers)
     assert most[0] == DECODE_SLOTS == 2
+
+
+def test_a_full_queue_refuses_before_decoding(kontext_server, monkeypatch):
+    """The 429 came only after the uploads were decoded (waiting on the decode slots in a burst)."""
+    engine = kontext_server.engine
+    monkeypatch.setattr(engine, "limits", dataclasses.replace(engine.limits, max_queue=0))
+    response = _raw(kontext_server, [("image", ("a.png", b"not an image, never read", "image/png"))])
+    assert response.status_code == 429, response.text
+    assert response.json()["error"]["code"] == "queue_full" and int(response.headers["retry-after"]) >= 1

@@ -116,3 +116,12 @@ def test_a_video_job_keeps_its_upload_as_bytes_not_pixels(i2v_server):
     assert all(np.array_equal(a, b) for a, b in zip(frames, _frames(i2v_server, r.json()["id"])))
     assert getattr(i2v_server.engine.video(small.id).options["image"], "data", None) == _png(0)
     assert len(_frames(i2v_server, video.id)) == 5
+
+
+def test_a_full_queue_refuses_before_decoding(i2v_server, monkeypatch):
+    import dataclasses
+
+    engine = i2v_server.engine
+    monkeypatch.setattr(engine, "limits", dataclasses.replace(engine.limits, max_queue=0))
+    r = httpx.post(f"{i2v_server.url}/v1/videos", json={"prompt": "a fox", "input_reference": _data_url(b"junk")})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
