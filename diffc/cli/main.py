@@ -105,6 +105,25 @@ def _flag_of_path(args: argparse.Namespace, filename) -> str | None:
     return None
 
 
+def out_of_memory(exc: BaseException) -> str | None:
+    """One line for a failure to allocate memory (torch's CPU allocator, a CUDA out-of-memory, Python's
+    MemoryError), None for any other error: a request too large for the machine is the user's to shrink, not a
+    traceback from inside torch."""
+    torch = sys.modules.get("torch")
+    text = str(exc)
+    cuda = torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ()))
+    if not (cuda or isinstance(exc, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in text):
+        return None
+    where = "the GPU" if cuda or "CUDA" in text else "host memory"
+    asked = re.search(r"you tried to allocate (\d+) bytes", text)
+    size = f"{int(asked.group(1)) / 2**30:.2f} GiB" if asked else None
+    if size is None:
+        asked = re.search(r"Tried to allocate ([\d.]+ [KMGTP]i?B)", text)
+        size = asked.group(1) if asked else None
+    return (f"out of memory: {where} could not hold {f'another {size}' if size else 'what this request needs'}; "
+            "ask for a smaller size, fewer frames or a smaller --batch (on a GPU, --offload helps)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import given_options
 
@@ -150,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
         if not report_rank_error(message):
             print(f"diffc {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        message = out_of_memory(exc)
+        if message is None:
+            raise
+        from .parallel import report_rank_error
+
+        if not report_rank_error(message):
+            print(f"diffc {args.command}: error: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"diffc {args.command}: interrupted", file=sys.stderr)
         return 130

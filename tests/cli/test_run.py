@@ -321,3 +321,47 @@ def test_what_every_model_refuses_is_refused_before_loading(tmp_path, capsys, mo
     assert main(base + argv) == 2
     err = capsys.readouterr().err
     assert f"diffc run: error: {fragment}" in err and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def wan_demo_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("wan-demo-cache")
+
+
+def test_a_request_too_large_for_memory_is_one_line(wan_demo_cache, tmp_path, capsys, monkeypatch):
+    """Found by an audit: a video too large for the machine (here 274 GB of latents) was a RuntimeError traceback
+    from torch's allocator. The address space is capped for the test, so the allocation fails on any machine
+    (however it overcommits) instead of being attempted."""
+    import resource
+
+    monkeypatch.setenv("DIFFC_CACHE", str(wan_demo_cache))
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * resource.getpagesize()
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = mapped + (8 << 30)
+    out = tmp_path / "big.mp4"
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    try:
+        code = main(["run", "--task", "t2v", "--prompt", "a fox", "--height", "16384", "--width", "16384",
+                     "--num-frames", "4093", "--steps", "1", "--max-sequence-length", "8", "--no-progress",
+                     "--output", str(out)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert ("diffc run: error: out of memory: host memory could not hold another 256.00 GiB; ask for a smaller size, "
+            "fewer frames or a smaller --batch (on a GPU, --offload helps)\n") in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_of_memory_wording_for_cuda_and_other_errors():
+    """A CUDA out-of-memory names the GPU and torch's size; any other RuntimeError is not one (it is re-raised)."""
+    import torch
+
+    from diffc.cli.main import out_of_memory
+
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                                  "79.19 GiB of which 3.12 GiB is free.")
+    assert out_of_memory(cuda).startswith("out of memory: the GPU could not hold another 20.00 GiB; ")
+    assert out_of_memory(MemoryError()).startswith("out of memory: host memory could not hold what this request ")
+    assert out_of_memory(RuntimeError("shape mismatch")) is None
