@@ -13,6 +13,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_image_model_frames, check_int, nearest_valid
+from .fit import check_fit, setting
 from .denoise import cpu_generators, denoise_loop, modulation_table, seeded_noise
 from .schedulers.flow_match_euler import calculate_shift
 from .stages import RunContext, Stage, check_finite, to_uint8
@@ -181,7 +182,24 @@ def build_stages():
     ]
 
 
+def check_components(pipe) -> None:
+    """CLIP, T5 and the VAE fit the DiT (:mod:`.fit`)."""
+    c = pipe.components
+    dit = c["transformer"].config
+    check_fit(pipe.spec.pipeline_class, [
+        ("text_encoder_2's width (d_model)", setting(c["text_encoder_2"], "d_model"),
+         "the transformer's joint_attention_dim", dit.joint_attention_dim),
+        ("text_encoder's width (hidden_size)", setting(c["text_encoder"], "hidden_size"),
+         "the transformer's pooled_projection_dim", dit.pooled_projection_dim),
+        ("4 x the vae's latent_channels", 4 * c["vae"].config.latent_channels,
+         "the transformer's in_channels", dit.in_channels),
+        ("the transformer's output width (patch_size² x out_channels)", dit.patch_size ** 2 * dit.output_channels,
+         "its in_channels", dit.in_channels),
+    ])
+
+
 def validate(pipe, request: GenerationRequest) -> None:
+    check_components(pipe)
     multiple = 2 * vae_scale_factor(pipe.components["vae"])
     for field in ("height", "width"):
         value = getattr(request, field)

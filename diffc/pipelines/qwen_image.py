@@ -17,6 +17,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_image_model_frames, check_int, nearest_valid
+from .fit import check_fit, setting
 from .denoise import cpu_generators, denoise_loop, modulation_table, seeded_noise
 from .flux import pack_latents, postprocess
 from .qwen_vl import T2I_DROP, T2I_TEMPLATE, TEXT_BUCKET, TOKENIZER_MAX_LENGTH, encode_texts, pad_to_bucket
@@ -172,7 +173,16 @@ def build_stages():
 
 
 def check_size(pipe, request: GenerationRequest) -> None:
-    pipe.components["vae"].check_latent_stats()  # read only at the decode otherwise, after the whole denoising
+    c = pipe.components
+    c["vae"].check_latent_stats()  # read only at the decode otherwise, after the whole denoising
+    dit = c["transformer"].config
+    check_fit(pipe.spec.pipeline_class, [  # the Qwen2.5-VL encoder and the VAE fit the DiT (.fit)
+        ("text_encoder's width (hidden_size)", setting(c["text_encoder"], "text_config.hidden_size", "hidden_size"),
+         "the transformer's joint_attention_dim", dit.joint_attention_dim),
+        ("4 x the vae's z_dim", 4 * c["vae"].config.z_dim, "the transformer's in_channels", dit.in_channels),
+        ("the transformer's output width (patch_size² x out_channels)", dit.patch_size ** 2 * dit.output_channels,
+         "its in_channels", dit.in_channels),
+    ])
     multiple = 2 * vae_scale_factor(pipe.components["vae"])
     for field in ("height", "width"):
         value = getattr(request, field)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError, InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
 from .images import input_images, resize_image
+from .fit import check_fit, setting
 from .denoise import cpu_generators, denoise_loop, seeded_noise
 from .stages import RunContext, Stage, check_finite, to_uint8
 from .text import tokenize
@@ -275,9 +276,29 @@ def build_stages():
     ]
 
 
-def validate(pipe, request: GenerationRequest) -> None:
+def check_components(pipe) -> None:
+    """UMT5, the VAE (and the image encoder) fit the DiT(s) (:mod:`.fit`)."""
     c = pipe.components
     c["vae"].check_latent_stats()  # read only at the decode otherwise, after the whole denoising
+    z = c["vae"].config.z_dim
+    for name in ("transformer", "transformer_2"):
+        if name not in c:
+            continue
+        dit = c[name].config
+        pairs = [("text_encoder's width (d_model)", setting(c["text_encoder"], "d_model"),
+                  f"the {name}'s text_dim", dit.text_dim),
+                 (f"the {name}'s out_channels", dit.out_channels, "the vae's z_dim", z)]
+        if dit.image_dim is not None and "image_encoder" in c:
+            pairs.append(("image_encoder's width (hidden_size)", setting(c["image_encoder"], "hidden_size"),
+                          f"the {name}'s image_dim", dit.image_dim))
+        if pipe.spec.pipeline_class == "WanPipeline":  # image-to-video checks its own input channels
+            pairs.append((f"the {name}'s in_channels", dit.in_channels, "the vae's z_dim", z))
+        check_fit(pipe.spec.pipeline_class, pairs)
+
+
+def validate(pipe, request: GenerationRequest) -> None:
+    c = pipe.components
+    check_components(pipe)
     if request.image is not None:  # the frames as 8-bit RGB before any resize (16-bit greyscale scaled, a palette
         images = input_images(request)  # image resized as RGB, not by its palette indices)
         request.image = images[0] if len(images) == 1 else images

@@ -15,6 +15,7 @@ import torch
 from ..errors import InvalidArgumentError
 from ..models.zimage.transformer import SEQ_MULTI_OF, caption_layout
 from .base import GenerationRequest, PipelineSpec, check_image_model_frames, check_int, nearest_valid
+from .fit import check_fit, setting
 from .denoise import cpu_generators, denoise_loop, seeded_noise
 from .flux import postprocess, vae_scale_factor
 from .schedulers.flow_match_euler import calculate_shift
@@ -133,6 +134,12 @@ def build_stages():
 
 def validate(pipe, request: GenerationRequest) -> None:
     c = pipe.components
+    check_fit(pipe.spec.pipeline_class, [  # the Qwen3 encoder and the VAE fit the DiT (.fit)
+        ("text_encoder's width (hidden_size)", setting(c["text_encoder"], "hidden_size"),
+         "the transformer's cap_feat_dim", c["transformer"].config.cap_feat_dim),
+        ("the vae's latent_channels", c["vae"].config.latent_channels,
+         "the transformer's in_channels", c["transformer"].config.in_channels),
+    ])
     multiple = 2 * vae_scale_factor(c["vae"])
     cfg = c["transformer"].config
     for field, axis in (("height", 1), ("width", 2)):

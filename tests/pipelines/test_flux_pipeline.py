@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -187,3 +189,23 @@ def test_text_that_is_not_unicode_is_refused_naming_its_field(flux_checkpoint, k
     with pytest.raises(InvalidArgumentError, match="is not valid Unicode text: it holds a lone surrogate") as info:
         pipe.generate(height=32, width=32, progress=False, **kwargs)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize("swap,fragment", [
+    ("text_encoder_2", "text_encoder_2's width (d_model) is 24 but the transformer's joint_attention_dim is 32"),
+    ("text_encoder", "text_encoder's width (hidden_size) is 40 but the transformer's pooled_projection_dim is 32"),
+    ("vae", "4 x the vae's latent_channels is 12 but the transformer's in_channels is 16"),
+])
+def test_a_component_of_another_checkpoint_is_refused_before_any_work(flux_checkpoint, tmp_path, swap, fragment):
+    """A T5, CLIP or VAE of another FLUX model stopped in the DiT naming encoder_hidden_states, in a matmul (torch's
+    RuntimeError), or in the VAE naming z after the whole denoising."""
+    import shutil
+
+    from diffc.errors import CheckpointError
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(flux_checkpoint("dev-tiny"), root)
+    shutil.rmtree(root / swap)
+    shutil.copytree(flux_checkpoint("schnell-odd") / swap, root / swap)
+    with pytest.raises(CheckpointError, match=f"^FluxPipeline: {re.escape(fragment)}; the checkpoint's components"):
+        diffc.load(root).generate(PROMPT, height=16, width=16, num_inference_steps=1, progress=False)

@@ -248,10 +248,13 @@ def test_temporal_patch_must_divide_the_latent_frames():
     from diffc.pipelines.base import GenerationRequest
     from diffc.pipelines.wan import validate
 
-    dit = SimpleNamespace(config=SimpleNamespace(patch_size=(2, 2, 2), rope_max_seq_len=1024))
-    vae = SimpleNamespace(config=SimpleNamespace(scale_factor_temporal=4, scale_factor_spatial=8),
+    dit = SimpleNamespace(config=SimpleNamespace(patch_size=(2, 2, 2), rope_max_seq_len=1024, text_dim=8,
+                                                 in_channels=16, out_channels=16, image_dim=None))
+    vae = SimpleNamespace(config=SimpleNamespace(scale_factor_temporal=4, scale_factor_spatial=8, z_dim=16),
                           check_latent_stats=lambda: None)
-    pipe = SimpleNamespace(components={"transformer": dit, "vae": vae})
+    text_encoder = SimpleNamespace(config=SimpleNamespace(d_model=8))
+    pipe = SimpleNamespace(components={"transformer": dit, "vae": vae, "text_encoder": text_encoder},
+                           spec=SimpleNamespace(pipeline_class="WanPipeline"))
     request = GenerationRequest(PROMPT, height=32, width=32, num_frames=5, max_sequence_length=16)
     validate(pipe, request)  # 2 latent frames
     request.num_frames = 9
@@ -361,3 +364,18 @@ def test_vae_latent_statistics_that_cannot_be_used_are_refused_before_any_work(w
     with pytest.raises(CheckpointError, match=re.escape(fragment)):
         pipe.generate(PROMPT, height=16, width=16, num_frames=1, num_inference_steps=1, progress=False)
     assert batches == []
+
+
+@pytest.mark.parametrize("swap,fragment", [
+    ("text_encoder", "text_encoder's width (d_model) is 24 but the transformer's text_dim is 32"),
+    ("vae", "the transformer's out_channels is 16 but the vae's z_dim is 4"),
+])
+def test_a_component_of_another_checkpoint_is_refused_before_any_work(wan_checkpoint, tmp_path, swap, fragment):
+    """A UMT5 of another width stopped in the DiT naming encoder_hidden_states; a VAE of other latent channels was
+    torch's RuntimeError from the latent normalisation."""
+    root = tmp_path / "ckpt"
+    shutil.copytree(wan_checkpoint("base"), root)
+    shutil.rmtree(root / swap)
+    shutil.copytree(wan_checkpoint("odd-heads") / swap, root / swap)
+    with pytest.raises(CheckpointError, match=f"^WanPipeline: {re.escape(fragment)}; the checkpoint's components"):
+        diffc.load(root).generate(PROMPT, height=16, width=16, num_frames=1, num_inference_steps=1, progress=False)

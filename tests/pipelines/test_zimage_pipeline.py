@@ -231,3 +231,23 @@ def test_guided_generation_replays_one_dit_graph(zimage_checkpoint, monkeypatch)
     graphs = stack.describe_graphs()
     assert (graphs["captures"], graphs["replays"], graphs["fallbacks"]) == (1, 2, 0)
     assert "padded_caption_lengths=(32, 32)" in graphs["graphs"][0]["key"]
+
+
+@pytest.mark.parametrize("swap,fragment", [
+    ("text_encoder", "text_encoder's width (hidden_size) is 20 but the transformer's cap_feat_dim is 24"),
+    ("vae", "the vae's latent_channels is 3 but the transformer's in_channels is 4"),
+])
+def test_a_component_of_another_checkpoint_is_refused_before_any_work(zimage_checkpoint, tmp_path, swap, fragment):
+    """A Qwen3 of another width stopped in the DiT naming encoder_hidden_states; a VAE of other latent channels in
+    the VAE naming z, after the whole denoising."""
+    import re
+    import shutil
+
+    from diffc.errors import CheckpointError
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(zimage_checkpoint("tiny"), root)
+    shutil.rmtree(root / swap)
+    shutil.copytree(zimage_checkpoint("odd") / swap, root / swap)
+    with pytest.raises(CheckpointError, match=f"^ZImagePipeline: {re.escape(fragment)}; the checkpoint's components"):
+        diffc.load(root).generate(PROMPT, height=16, width=16, num_inference_steps=1, progress=False)

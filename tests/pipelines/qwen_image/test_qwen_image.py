@@ -158,3 +158,22 @@ def test_vae_latent_statistics_are_checked_before_any_work(t2i, monkeypatch):
     monkeypatch.setattr(vae, "config", dataclasses.replace(vae.config, latents_std=(1.0,) * 15 + (0.0,)))
     with pytest.raises(CheckpointError, match=r"latents_std holds 0 \(channel 15\)"):
         pipe.resolve(prompt=PROMPT, height=32, width=32)
+
+
+def test_a_text_encoder_or_vae_of_another_width_is_refused_before_any_work(t2i, monkeypatch):
+    import dataclasses
+
+    from diffc.errors import CheckpointError
+
+    _, _, pipe = t2i
+    text = pipe.components["text_encoder"].config.text_config
+    monkeypatch.setattr(text, "hidden_size", 48)
+    with pytest.raises(CheckpointError, match=r"^QwenImagePipeline: text_encoder's width \(hidden_size\) is 48 but "
+                                              r"the transformer's joint_attention_dim is 32"):
+        pipe.resolve(prompt=PROMPT, height=32, width=32)
+    monkeypatch.setattr(text, "hidden_size", 32)
+    vae = pipe.components["vae"]
+    monkeypatch.setattr(vae, "config", dataclasses.replace(vae.config, z_dim=4, latents_mean=(0.0,) * 4,
+                                                           latents_std=(1.0,) * 4))
+    with pytest.raises(CheckpointError, match=r"4 x the vae's z_dim is 16 but the transformer's in_channels is 64"):
+        pipe.resolve(prompt=PROMPT, height=32, width=32)
