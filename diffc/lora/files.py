@@ -36,6 +36,15 @@ class LoraFile:
     nbytes: int
     converted_by: str | None = None
     converter_error: str | None = None
+    identity: tuple[int, int, int, int] | None = None  # (device, inode, size, mtime) when read: a rewrite is new
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def resolve_lora_file(path: str | os.PathLike) -> Path:
@@ -77,6 +86,7 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
     from safetensors import SafetensorError, safe_open
 
     file = resolve_lora_file(path)
+    identity = file_identity(file)
     tensors: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -104,7 +114,7 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
         if not isinstance(config, dict):
             raise CheckpointError(f"{file}: its '{METADATA_KEY}' metadata is not a JSON object")
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return LoraFile(file, tensors, config, nbytes)
+    return LoraFile(file, tensors, config, nbytes, identity=identity)
 
 
 # What a LoRA tensor may be stored as: floats that convert exactly (integers are refused by name as matrices, and

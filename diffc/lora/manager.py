@@ -102,7 +102,7 @@ class LoraManager:
         if path is None and cached is None:
             raise InvalidArgumentError("lora_path", f"no adapter named '{nickname}' is loaded; give its path "
                                        f"(loaded: {', '.join(self.adapters) or 'none'})")
-        if path is None or (cached is not None and _same_file(cached.path, path)):
+        if path is None or (cached is not None and _same_file(cached, path)):
             for component in targets or ():
                 self._convert(cached, component)
             return cached
@@ -338,10 +338,13 @@ def _accumulate(acc: torch.Tensor, updates, where: str, adapters: str) -> None:
             acc.copy_(piece.value)
 
 
-def _same_file(cached: Path, path) -> bool:
-    from .files import resolve_lora_file
+def _same_file(cached: Adapter, path) -> bool:
+    """``path`` names the file ``cached`` was read from, unchanged since (a LoRA saved again over the same path is
+    read again, not served from the cache)."""
+    from .files import file_identity, resolve_lora_file
 
     try:
-        return resolve_lora_file(path).resolve() == cached.resolve()
+        file = resolve_lora_file(path)
     except InvalidArgumentError:
         return False
+    return file.resolve() == cached.path.resolve() and file_identity(file) == cached.file.identity

@@ -180,3 +180,21 @@ def test_weight_copies_of_cpu_weights_stay_on_the_host_and_a_negative_reserve_is
     assert (stash.host_bytes, stash.device_bytes) == (w.numel() * 4, 0)
     with pytest.raises(ValueError, match="reserve"):
         WeightStash(reserve=-1)
+
+
+def test_a_lora_saved_again_over_its_path_is_read_again(flux, tmp_path):
+    """Found by an audit: set_lora with the same nickname and path reused the cached tensors of the first file, so a
+    LoRA trained further and saved over the same path kept merging the old one."""
+    import os
+
+    dit = flux.pipe.components["transformer"]
+    path = tmp_path / "evolving.safetensors"
+    first = W.random_lora(dit, ["proj_out"], seed=21)
+    second = W.random_lora(dit, ["proj_out"], seed=22)
+    W.write_keys(W.diffusers_with_alpha_keys(first), path)
+    flux.pipe.set_lora("evolving", path)
+    W.write_keys(W.diffusers_with_alpha_keys(second), path)
+    os.utime(path, ns=(1, 1))  # a new modification time even on a filesystem with coarse timestamps
+    flux.pipe.set_lora("evolving", path)
+    want = second.expected(flux.base, 1.0)["proj_out.weight"]
+    torch.testing.assert_close(dit.proj_out.weight.double(), want, rtol=0, atol=2e-6)
