@@ -220,6 +220,9 @@ def resolve_model(args: argparse.Namespace) -> ModelChoice:
                                    "its model_index.json")
     if compiled is not None and not str(compiled).strip():
         raise InvalidArgumentError("--compiled", "is empty; give the artifact's path")
+    device = getattr(args, "device", None)
+    if device is not None and not str(device).strip():  # --device "$UNSET" chose a device silently
+        raise InvalidArgumentError("--device", "is empty; give cpu, cuda or cuda:N, or leave the flag out")
     if compiled and task is not None:
         raise InvalidArgumentError("--task", "only selects the demo model; with --compiled the model is the one the "
                                    "artifact was compiled from")

@@ -189,6 +189,13 @@ def test_one_wording_for_a_wrong_model(tmp_path, capsys, no_loading, command):
         capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_empty_device_is_refused(tmp_path, capsys, no_loading, command):
+    """Found by an audit: --device "" (an unset shell variable) ran on a device chosen silently."""
+    assert _exit_code([*_argv(command, tmp_path), "--device", ""]) == 2
+    assert f"diffc {command}: error: --device: is empty; give cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
 def test_a_compiled_artifact_whose_checkpoint_moved(tmp_path, capsys, no_loading):
     from diffc.compile import artifact as art
 
