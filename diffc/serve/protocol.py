@@ -7,7 +7,7 @@ accepted and ignored) plus diffc's own generation fields. Any other field is an 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
@@ -37,6 +37,7 @@ def check_cache_field(value: Any) -> Any:
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    HINTS: ClassVar[dict[str, str]] = {}  # an unknown field a client may mean as another: where it belongs
 
     prompt: str
     model: str | None = None
@@ -89,8 +90,13 @@ class _Request(BaseModel):
         return height, width
 
 
+EDIT_HINT = "input images go to POST /v1/images/edits (multipart/form-data, the files under 'image')"
+
+
 class ImageRequest(_Request):
     """``POST /v1/images/generations``."""
+
+    HINTS: ClassVar[dict[str, str]] = {"image": EDIT_HINT, "images": EDIT_HINT, "mask": EDIT_HINT}
 
     n: int = 1  # null (JSON) or an empty form value: 1, as every other optional field takes its default
     response_format: Literal["b64_json", "url"] | None = None
@@ -133,6 +139,10 @@ class ImageRequest(_Request):
 class VideoRequest(_Request):
     """``POST /v1/videos`` (JSON or form data, as the ``openai`` client sends it)."""
 
+    HINTS: ClassVar[dict[str, str]] = {
+        name: "an image-to-video model's first frame is 'input_reference' (an uploaded file or a base64 data URL)"
+        for name in ("image", "image_url", "first_frame")}
+
     seconds: float | None = None
     num_frames: int | None = None
     fps: int | None = None
@@ -148,12 +158,13 @@ class VideoRequest(_Request):
             raise invalid("fps", f"fps must be from 1 to 240, got {self.fps}")
 
 
-def _first_error(exc: ValidationError) -> APIError:
+def _first_error(exc: ValidationError, hints: dict[str, str] | None = None) -> APIError:
     err = exc.errors()[0]
     param = ".".join(str(p) for p in err.get("loc", ())) or None
     if err.get("type") == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
-                        code="unknown_parameter")
+        hint = (hints or {}).get(param or "")
+        return APIError(400, f"Unrecognized request argument supplied: {param}" + (f"; {hint}" if hint else ""),
+                        param=param, code="unknown_parameter")
     if err.get("type") == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     msg = err.get("msg", "invalid value").removeprefix("Value error, ")
@@ -206,6 +217,6 @@ def parse_body(model: type[_Request], data: Any) -> _Request:
     try:
         request = model.model_validate(data)
     except ValidationError as exc:
-        raise _first_error(exc) from None
+        raise _first_error(exc, model.HINTS) from None
     request.check_supported()
     return request

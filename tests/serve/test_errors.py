@@ -231,3 +231,9 @@ def test_a_form_field_given_twice_is_refused_by_name(image_server):
     _check_error(r, 400, "prompt", "duplicate_parameter")
     r = httpx.post(url, files=[("prompt", (None, "a cat")), ("seed", (None, "1")), ("seed", (None, "2"))])
     _check_error(r, 400, "seed", "duplicate_parameter")
+
+
+def test_an_input_image_sent_to_generations_says_where_it_goes(image_server):
+    r = httpx.post(f"{image_server.url}/v1/images/generations", json={"prompt": "x", "image": "data:image/png;base64,"})
+    error = _check_error(r, 400, "image", "unknown_parameter")
+    assert "POST /v1/images/edits" in error["message"]

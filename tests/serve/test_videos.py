@@ -227,3 +227,10 @@ def test_a_client_that_leaves_mid_body_queues_nothing(video_server):
         time.sleep(0.05)
     time.sleep(0.2)
     assert videos() == ids and count() == before + 2
+
+
+def test_a_first_frame_under_another_name_says_input_reference(video_server):
+    r = httpx.post(f"{video_server.url}/v1/videos", json={"prompt": "x", "image": "data:image/png;base64,"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "unknown_parameter" and "'input_reference'" in error["message"]
