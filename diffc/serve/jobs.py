@@ -10,8 +10,9 @@ from typing import Any
 
 from ..errors import InvalidArgumentError
 
+# image: the upload(s) of an edit or an image-to-video request (uploads.Upload: the files' bytes)
 OPTION_KEYS = ("height", "width", "num_inference_steps", "guidance_scale", "negative_prompt", "num_frames",
-               "max_sequence_length", "true_cfg_scale", "image")  # image: an edit's or image-to-video's upload(s) (uploads.Upload)
+               "max_sequence_length", "true_cfg_scale", "image")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Files are read and converted on a request thread; merging runs on the engine's worker between two
 batches (``Engine.call``), so a switch never lands in the middle of a generation. ``lora_path`` must
 resolve (symlinks and ``..`` followed) inside one of the operator's ``--lora-dir`` directories, else
-403; a relative one is looked up in those directories. After each call the engine's default adapters (those of requests naming no ``lora``) are what
-is merged now.
+403; a relative one is looked up in those directories. After each call the engine's default adapters
+(those of requests naming no ``lora``) are what is merged now.
 """
 
 from __future__ import annotations
