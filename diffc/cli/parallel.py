@@ -220,6 +220,22 @@ def _let_the_others_end(processes, grace_s: float) -> None:
         p.join(max(0.0, deadline - time.monotonic()))
 
 
+def _stop(processes) -> None:
+    """End the ranks still running: SIGTERM (a rank's default action: it ends even inside a collective), then
+    SIGKILL for one still there after ``RANK_GRACE_S``."""
+    import time
+
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + RANK_GRACE_S
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
 def spawn(fn: Callable, fn_args: tuple, world: int, env: dict[str, str] | None = None) -> None:
     """Run ``fn(*fn_args)`` in ``world`` spawned ranks and wait; a rank that raises or exits non-zero stops
     the others and raises :class:`ParallelError`: the diffc error the ranks reported (once, however many ranks
@@ -236,6 +252,7 @@ def spawn(fn: Callable, fn_args: tuple, world: int, env: dict[str, str] | None =
     spawn_log = logging.getLogger("torch.multiprocessing.spawn")  # its "Terminating process ..." warning: ours says it
     level = spawn_log.level
     spawn_log.setLevel(logging.ERROR)
+    ctx = None
     try:
         ctx = start(fn, fn_args, world, {**(env or {}), RANK_ERRORS_ENV: folder})
         first = _first_failure(ctx.processes)
@@ -256,6 +273,12 @@ def spawn(fn: Callable, fn_args: tuple, world: int, env: dict[str, str] | None =
                                 "stopped") from None
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise ParallelError(f"worker rank {exc.error_index} failed: {last}; the other workers were stopped") from None
+    except BaseException:
+        # Ctrl-C or SIGTERM of this process: the ranks stop now (multiprocessing would wait for them at exit, and
+        # rank 0 would still write its output after 'terminated')
+        if ctx is not None:
+            _stop(ctx.processes)
+        raise
     finally:
         spawn_log.setLevel(level)
         shutil.rmtree(folder, ignore_errors=True)  # ours: made above
