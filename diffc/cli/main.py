@@ -179,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"diffc {args.command}: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"diffc {args.command}: interrupted", file=sys.stderr)
+        from .parallel import spawned_rank
+
+        if not spawned_rank():  # Ctrl-C reaches every rank too; their parent says it once
+            print(f"diffc {args.command}: interrupted", file=sys.stderr)
         return 130
     except Terminated as exc:
         print(f"diffc {args.command}: terminated ({signal.Signals(exc.signum).name})", file=sys.stderr)

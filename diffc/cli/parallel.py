@@ -170,11 +170,16 @@ def start(fn: Callable, fn_args: tuple, world: int, env: dict[str, str] | None =
                               start_method="spawn")
 
 
+def spawned_rank() -> bool:
+    """Whether this process is a rank started by :func:`spawn` (whose parent reports for it)."""
+    return bool(os.environ.get(RANK_ERRORS_ENV)) and in_worker()
+
+
 def report_rank_error(message: str) -> bool:
     """In a rank started by :func:`spawn`: leave ``message`` (a diffc error's text) for the parent to print, and
     True; elsewhere False (the caller prints it)."""
     folder = os.environ.get(RANK_ERRORS_ENV)
-    if not folder or not in_worker():
+    if not spawned_rank():
         return False
     try:
         rank = torchrun_env()[0]

@@ -51,3 +51,25 @@ def test_a_terminated_parent_stops_its_ranks_before_they_write(tmp_path):
     pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
     assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
     assert list(tmp_path.glob("*.done")) == []
+
+
+@pytest.mark.parametrize("rank_env", [False, True])
+def test_ctrl_c_is_reported_once_not_by_every_rank(flux_checkpoint, tmp_path, capsys, monkeypatch, rank_env):
+    """Ctrl-C reaches the whole process group: each rank of `--num-gpus N` printed 'interrupted' too (N + 1 lines);
+    a rank spawned by diffc now leaves it to its parent."""
+    from diffc.cli import parallel
+    from diffc.cli.main import main
+    from diffc.loader import pipeline as pipeline_loader
+
+    def ctrl_c(*args, **kwargs):  # the key pressed while the model loads
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline_loader, "load", ctrl_c)
+    if rank_env:
+        for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", parallel.WORKER_ENV: "1",
+                            parallel.RANK_ERRORS_ENV: str(tmp_path)}.items():
+            monkeypatch.setenv(name, value)
+    code = main(["compile", "--model", str(flux_checkpoint("dev-tiny")), "--out", str(tmp_path / "a.diffc")])
+    assert code == 130
+    said = [line for line in capsys.readouterr().err.splitlines() if "interrupted" in line]
+    assert said == ([] if rank_env else ["diffc compile: interrupted"])
