@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", help="text prompt")
     p.add_argument("--image", action="append", metavar="FILE",
                    help="input image for editing and image-to-video models (repeat for models taking several)")
-    p.add_argument("--negative-prompt", help="negative prompt, for models with classifier-free guidance (Wan, Z-Image; FLUX with --true-cfg-scale)")
+    p.add_argument("--negative-prompt", help="negative prompt, for models with classifier-free guidance (Wan, "
+                   "Z-Image, Qwen-Image and -Edit; FLUX.1 and Kontext with --true-cfg-scale)")
     p.add_argument("--height", type=int, help="output height in pixels")
     p.add_argument("--width", type=int, help="output width in pixels")
     p.add_argument("--num-frames", type=int, help="video frames (video models; 4k+1)")

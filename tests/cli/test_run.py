@@ -24,6 +24,15 @@ def test_help_lists_run(capsys):
     assert "run" in capsys.readouterr().out
 
 
+def test_negative_prompt_help_names_every_family_that_takes_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    line = out[out.index("--negative-prompt NEGATIVE_PROMPT"):out.index("--height HEIGHT output")]
+    for family in ("Wan", "Z-Image", "Qwen-Image", "FLUX.1", "Kontext"):  # each spec with uses_negative_prompt
+        assert family in line
+
+
 def test_demo_run_writes_image_and_perf_dump(demo_cache, tmp_path, capsys):
     out, perf = tmp_path / "fox.png", tmp_path / "perf.json"
     code = main(["run", "--prompt", "a red fox in snow", "--output", str(out), "--perf-dump-path", str(perf),
