@@ -27,7 +27,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     try:
         special = _is_special(path)  # a device or FIFO: the temporary file goes to the temp dir
-        fd, tmp = tempfile.mkstemp(dir=None if special else path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+        stem = path.stem.encode()[:64].decode(errors="ignore")  # a name near 255 bytes would make a longer one
+        fd, tmp = tempfile.mkstemp(dir=None if special else path.parent, prefix=f".{stem}.", suffix=path.suffix)
     except OSError as exc:
         raise OutputError(str(path), os_reason(exc)) from None
     os.close(fd)

@@ -31,7 +31,12 @@ def check_writable_dir(directory: Path, field: str) -> None:
 def check_output_file(path: str | Path, field: str, suffixes: tuple[str, ...], what: str | None = None) -> Path:
     """A file diffc will write: an accepted suffix, not a directory, in a writable directory."""
     p = Path(path).expanduser()
-    if p.is_dir():  # before the suffix: "/tmp" is a folder, not a file with the wrong suffix
+    try:
+        is_dir = p.is_dir()
+    except OSError as exc:  # a name too long: --output's own, or a numbered OUTPUT-i of --batch
+        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+        raise InvalidArgumentError(field, f"{shown}: {os_reason(exc)}") from None
+    if is_dir:  # before the suffix: "/tmp" is a folder, not a file with the wrong suffix
         raise InvalidArgumentError(field, f"{path} is a directory; give a file name (such as "
                                           f"{p / ('out' + suffixes[0])})")
     if p.suffix.lower() not in suffixes:

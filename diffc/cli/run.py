@@ -166,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     reads = {"checkpoint": choice.path, "artifact": args.compiled}
     files = {"--image": args.image, "--config": [args.config]}
     for flag, path in [("--output", p) for p in numbered(output, count)] + [("--perf-dump-path", dump_path)]:
+        if flag == "--output" and count > 1 and choice.output is not None:  # OUTPUT-i: a folder, a name too long
+            check_media_output(path, choice.output)
         if path is not None:
             check_outside(path, flag, reads)
             check_not_input(path, flag, files)

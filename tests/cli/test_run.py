@@ -374,3 +374,22 @@ def test_out_of_memory_wording_for_cuda_and_other_errors():
     assert out_of_memory(cuda).startswith("out of memory: the GPU could not hold another 20.00 GiB; ")
     assert out_of_memory(MemoryError()).startswith("out of memory: host memory could not hold what this request ")
     assert out_of_memory(RuntimeError("shape mismatch")) is None
+
+
+def test_an_output_name_near_the_filesystem_limit(flux_checkpoint, tmp_path, capsys, monkeypatch):
+    """Found by an audit: a legal 254-byte --output failed after generating (the temporary name beside it was longer
+    than 255 bytes); with --batch, OUTPUT-0 past the limit, or OUTPUT-1 an existing folder, was found only when
+    saving."""
+    from diffc.loader import pipeline as pipeline_loader
+
+    name = tmp_path / ("b" * 250 + ".png")
+    assert main(["run", "--model", str(flux_checkpoint("dev-tiny")), "--prompt", "a fox", "--height", "32", "--width",
+                 "32", "--steps", "1", "--no-progress", "--output", str(name)]) == 0, capsys.readouterr().err
+    assert Image.open(name).size == (32, 32) and sorted(p.name for p in tmp_path.iterdir()) == [name.name]
+    monkeypatch.setattr(pipeline_loader, "load", lambda *a, **k: pytest.fail("the model loaded first"))
+    (tmp_path / "fox-1.png").mkdir()
+    for output, fragment in ((name, f"--output: {str(tmp_path / ('b' * 250))[:200]}...: File name too long"),
+                             (tmp_path / "fox.png", f"--output: {tmp_path / 'fox-1.png'} is a directory")):
+        assert main(["run", "--prompt", "a fox", "--batch", "2", "--no-progress", "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and "Traceback" not in err, err
