@@ -105,8 +105,11 @@ def graph_key(program) -> str:
 
     from ..compile.regions import call_key
 
-    users = set(program.graph_signature.user_inputs)
-    values = [node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder" and node.name in users]
+    from torch.export.graph_signature import ConstantArgument, InputKind
+
+    placeholders = {node.name: node.meta.get("val") for node in program.graph.nodes if node.op == "placeholder"}
+    values = [spec.arg.value if isinstance(spec.arg, ConstantArgument) else placeholders.get(spec.arg.name)
+              for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT]
     args, kwargs = pytree.tree_unflatten(values, program.call_spec.in_spec)
     return call_key(args, kwargs)
 
