@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import InvalidArgumentError
 from .stages import RunContext
 
 
@@ -31,6 +32,15 @@ def seeded_noise(
             [torch.randn((1,) + shape[1:], generator=g, device="cpu", dtype=dtype) for g in generators]
         )
     return noise.to(device)
+
+
+def check_terminal_steps(scheduler, steps: int | None) -> None:
+    """A flow-match sampler with ``shift_terminal`` stretches its schedule to end there, which the one sigma (1) of a
+    one-step schedule cannot be (diffusers divides 0 by 0: NaN pixels): refused naming ``num_inference_steps``
+    before any work."""
+    if steps is not None and steps < 2 and getattr(scheduler.config, "shift_terminal", None):
+        raise InvalidArgumentError("num_inference_steps", "this checkpoint's sampler (shift_terminal) needs at least "
+                                   f"2 steps, got {steps}")
 
 
 def step_index(t: torch.Tensor, timesteps: torch.Tensor) -> int | None:

@@ -14,7 +14,7 @@ import torch
 from ..errors import InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_image_model_frames, check_int, nearest_valid
 from .fit import check_fit, setting
-from .denoise import cpu_generators, denoise_loop, modulation_table, seeded_noise
+from .denoise import check_terminal_steps, cpu_generators, denoise_loop, modulation_table, seeded_noise
 from .schedulers.flow_match_euler import calculate_shift
 from .stages import RunContext, Stage, check_finite, to_uint8
 from .text import tokenize
@@ -200,6 +200,7 @@ def check_components(pipe) -> None:
 
 def validate(pipe, request: GenerationRequest) -> None:
     check_components(pipe)
+    check_terminal_steps(pipe.components["scheduler"], request.num_inference_steps)
     multiple = 2 * vae_scale_factor(pipe.components["vae"])
     for field in ("height", "width"):
         value = getattr(request, field)

@@ -18,7 +18,7 @@ import torch
 from ..errors import InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_image_model_frames, check_int, nearest_valid
 from .fit import check_fit, setting
-from .denoise import cpu_generators, denoise_loop, modulation_table, seeded_noise
+from .denoise import check_terminal_steps, cpu_generators, denoise_loop, modulation_table, seeded_noise
 from .flux import pack_latents, postprocess
 from .qwen_vl import T2I_DROP, T2I_TEMPLATE, TEXT_BUCKET, TOKENIZER_MAX_LENGTH, encode_texts, pad_to_bucket
 from .schedulers.flow_match_euler import calculate_shift
@@ -190,9 +190,7 @@ def check_size(pipe, request: GenerationRequest) -> None:
             raise InvalidArgumentError(field, f"Qwen-Image needs a multiple of {multiple}, got {value} "
                                        f"(try {nearest_valid(value, multiple, 0, multiple)})")
     check_image_model_frames(request, "Qwen-Image")
-    if request.num_inference_steps < 2 and getattr(pipe.components["scheduler"].config, "shift_terminal", None):
-        raise InvalidArgumentError("num_inference_steps", "this checkpoint's sampler (shift_terminal) needs at least "
-                                   f"2 steps, got {request.num_inference_steps}")
+    check_terminal_steps(pipe.components["scheduler"], request.num_inference_steps)
     scale = request.true_cfg_scale
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not np.isfinite(scale) or not 0 <= scale <= 100):

@@ -20,7 +20,7 @@ from ..errors import CheckpointError, InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_int, nearest_valid
 from .images import input_images, resize_image
 from .fit import check_fit, setting
-from .denoise import cpu_generators, denoise_loop, seeded_noise
+from .denoise import check_terminal_steps, cpu_generators, denoise_loop, seeded_noise
 from .stages import RunContext, Stage, check_finite, to_uint8
 from .text import tokenize
 
@@ -299,6 +299,7 @@ def check_components(pipe) -> None:
 def validate(pipe, request: GenerationRequest) -> None:
     c = pipe.components
     check_components(pipe)
+    check_terminal_steps(c["scheduler"], request.num_inference_steps)
     if request.image is not None:  # the frames as 8-bit RGB before any resize (16-bit greyscale scaled, a palette
         images = input_images(request)  # image resized as RGB, not by its palette indices)
         request.image = images[0] if len(images) == 1 else images

@@ -16,7 +16,7 @@ from ..errors import InvalidArgumentError
 from ..models.zimage.transformer import SEQ_MULTI_OF, caption_layout
 from .base import GenerationRequest, PipelineSpec, check_image_model_frames, check_int, nearest_valid
 from .fit import check_fit, setting
-from .denoise import cpu_generators, denoise_loop, seeded_noise
+from .denoise import check_terminal_steps, cpu_generators, denoise_loop, seeded_noise
 from .flux import postprocess, vae_scale_factor
 from .schedulers.flow_match_euler import calculate_shift
 from .stages import RunContext, Stage
@@ -155,6 +155,7 @@ def validate(pipe, request: GenerationRequest) -> None:
         request.max_sequence_length = min(MAX_SEQUENCE_LENGTH, longest)
     check_int("max_sequence_length", request.max_sequence_length, 1, longest)
     check_image_model_frames(request, "Z-Image")
+    check_terminal_steps(c["scheduler"], request.num_inference_steps)
 
 
 ZIMAGE_SPEC = PipelineSpec(

@@ -209,3 +209,20 @@ def test_a_component_of_another_checkpoint_is_refused_before_any_work(flux_check
     shutil.copytree(flux_checkpoint("schnell-odd") / swap, root / swap)
     with pytest.raises(CheckpointError, match=f"^FluxPipeline: {re.escape(fragment)}; the checkpoint's components"):
         diffc.load(root).generate(PROMPT, height=16, width=16, num_inference_steps=1, progress=False)
+
+
+def test_one_step_on_a_sampler_with_shift_terminal_is_refused_before_any_work(flux_checkpoint, tmp_path):
+    """One step is sigma 1, which shift_terminal cannot stretch (diffusers' NaN pixels): refused by name when the
+    request is read (the sampler refused it mid-generation, "needs a schedule that ends below sigma 1")."""
+    import json
+    import shutil
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(flux_checkpoint("dev-tiny"), root)
+    path = root / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "shift_terminal": 0.1}))
+    pipe = diffc.load(root)
+    with pytest.raises(InvalidArgumentError, match=r"^num_inference_steps: this checkpoint's sampler \(shift_terminal\) "
+                                                   r"needs at least 2 steps, got 1"):
+        pipe.resolve(prompt=PROMPT, height=16, width=16, num_inference_steps=1)
+    assert pipe.resolve(prompt=PROMPT, height=16, width=16, num_inference_steps=2).num_inference_steps == 2

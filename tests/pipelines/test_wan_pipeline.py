@@ -253,7 +253,9 @@ def test_temporal_patch_must_divide_the_latent_frames():
     vae = SimpleNamespace(config=SimpleNamespace(scale_factor_temporal=4, scale_factor_spatial=8, z_dim=16),
                           check_latent_stats=lambda: None)
     text_encoder = SimpleNamespace(config=SimpleNamespace(d_model=8))
-    pipe = SimpleNamespace(components={"transformer": dit, "vae": vae, "text_encoder": text_encoder},
+    scheduler = SimpleNamespace(config=SimpleNamespace())
+    pipe = SimpleNamespace(components={"transformer": dit, "vae": vae, "text_encoder": text_encoder,
+                                       "scheduler": scheduler},
                            spec=SimpleNamespace(pipeline_class="WanPipeline"))
     request = GenerationRequest(PROMPT, height=32, width=32, num_frames=5, max_sequence_length=16)
     validate(pipe, request)  # 2 latent frames
