@@ -8,7 +8,6 @@ import re
 
 import pytest
 
-import diffc
 from diffc.loader import pipeline as pipeline_loader
 from diffc.cli.main import build_parser, main
 from diffc.errors import InvalidArgumentError
