@@ -83,6 +83,8 @@ def read_image(path: str):
 
     from ..pipelines.images import IMAGE_FORMATS, declared_too_large, too_large, upright
 
+    if not str(path).strip():  # Path("") is the current directory
+        raise InvalidArgumentError("--image", "is empty; give an image file")
     if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():  # a FIFO, a device: would block
         raise InvalidArgumentError("--image", f"{path} is not a regular file; give an image file")
     try:

@@ -243,6 +243,8 @@ def test_wide_greyscale_inputs_are_scaled_not_clipped(mode, values, want):
     (["--output", ""], "--output: is empty; give a file name"),
     (["--output", " "], "--output: is empty; give a file name"),
     (["--perf-dump-path", ""], "--perf-dump-path: is empty; give a file name"),
+    (["--image", ""], "--image: is empty; give an image file"),  # was 'file not found: ' (found by an audit)
+    (["--image", " "], "--image: is empty; give an image file"),
 ])
 def test_an_empty_path_is_refused_not_defaulted(tmp_path, capsys, monkeypatch, argv, fragment):
     monkeypatch.chdir(tmp_path)
