@@ -163,6 +163,8 @@ def compile_command(args: argparse.Namespace) -> int:
     choice = resolve_model(args)
     out = check_artifact_output(args.out, "--out")  # before the minutes of loading and compiling
     check_outside(out, "--out", {"checkpoint": choice.path})
+    if args.report is not None and not str(args.report).strip():  # it was taken as no report at all
+        raise InvalidArgumentError("--report", "is empty; give a file name")
     report_path = check_json_output(args.report, "--report") if args.report else None
     if report_path is not None:
         report_real, out_real = report_path.resolve(), out.resolve()

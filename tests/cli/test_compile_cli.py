@@ -125,6 +125,7 @@ def test_compile_bad_input_exits_2(tmp_path, capsys, argv, fragment):
     (["--quality", "fp8", "--enable", "cat_linear_rows"], "--enable: cat_linear_rows does not run under the fp8 tier"),
     (["--attention", "fa5"], "--attention: unknown backend 'fa5'; accepted: auto, sdpa"),
     (["--bucket", "0x0"], "--bucket: '0x0' (height): must be an integer from 1 to 16384, got 0"),
+    (["--report", ""], "--report: is empty; give a file name"),  # it compiled and wrote no report
     (["--bucket", "99999999999x32"], "--bucket: '99999999999x32' (width): must be an integer from 1 to 16384"),
     (["--height", "-16"], "--height: must be an integer from 1 to 16384, got -16"),
     (["--guidance", "nan"], "--guidance: must be a number from 0 to 100, got nan"),
