@@ -76,6 +76,8 @@ def load_vl_processor(folder: Path) -> VLProcessor:
 
     import transformers
 
+    from ..loader.components import _first_line, refuse_folder_code
+
     config_path = folder / "preprocessor_config.json"
     if not config_path.is_file():
         raise CheckpointError(f"missing file: {config_path}")
@@ -86,11 +88,12 @@ def load_vl_processor(folder: Path) -> VLProcessor:
     if kind not in IMAGE_PROCESSOR_TYPES:
         raise CheckpointError(f"{config_path}: image_processor_type {kind!r} is not supported; "
                               f"accepted: {', '.join(IMAGE_PROCESSOR_TYPES)}")
+    refuse_folder_code(folder)  # never code from the folder (auto_map in tokenizer_config.json and the like)
     try:
-        image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(str(folder))
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(str(folder), trust_remote_code=False)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise CheckpointError(f"{folder}: cannot load the Qwen2-VL processor ({exc})") from None
+        raise CheckpointError(f"{folder}: cannot load the Qwen2-VL processor ({_first_line(exc)})") from None
     return VLProcessor(image_processor, tokenizer)
 
 
