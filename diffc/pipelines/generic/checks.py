@@ -90,14 +90,20 @@ def check_sizes(config: dict[str, Any], source: Path | str) -> None:
 
 
 def check_component_files(root: Path, index: dict[str, Any]) -> None:
-    """Every listed component's ``config.json`` (sizes) and every tokenizer folder (vocabulary), checked before
-    diffusers reads them; ``index`` has already passed ``check_components``."""
+    """Every listed component's folder (no JSON file naming Python code), ``config.json`` (sizes) and every
+    tokenizer folder (vocabulary), checked before diffusers reads them; ``index`` has already passed
+    ``check_components``."""
     from ...checkpoints import check_tokenizer_folder, read_json
+    from ...loader.components import refuse_folder_code
 
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or entry[1] is None:
             continue
         folder = root / name
+        if folder.is_dir():
+            # diffusers passes no trust_remote_code to transformers: an auto_map (a processor's tokenizer, a
+            # config) made it ask "Do you wish to run the custom code? [y/N]" and run the folder's code on a yes
+            refuse_folder_code(folder)
         if "Tokenizer" in entry[1] and folder.is_dir():  # diffusers names a missing folder itself
             check_tokenizer_folder(folder)
         config = folder / "config.json"

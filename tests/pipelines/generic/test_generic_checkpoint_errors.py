@@ -186,3 +186,47 @@ def test_bad_layer_counts_are_refused_naming_file_and_key(value):
         check_sizes({"num_layers": value}, "x/config.json")
     with pytest.raises(CheckpointError, match="'num_layers'"):  # also inside a transformers sub-config
         check_sizes({"text_config": {"num_layers": value}}, "x/config.json")
+
+
+def test_a_component_naming_code_in_its_folder_never_runs_it(generic_checkpoint, tmp_path, monkeypatch):
+    """Found by an audit: diffusers loads a transformers component without trust_remote_code, and a processor loads
+    its tokenizer through AutoTokenizer; a tokenizer_config.json naming a class of its own .py file (auto_map) made
+    transformers ask "Do you wish to run the custom code? [y/N]" on the terminal, and a yes ran it. Now refused,
+    naming the file, before diffusers reads the folder."""
+    monkeypatch.setattr("builtins.input", lambda *args: "y")  # the user at the terminal says yes
+    root = shutil.copytree(generic_checkpoint("sd3"), tmp_path / "ckpt")
+    _edit_json(root / "model_index.json", tokenizer=["transformers", "CLIPProcessor"])
+    folder = root / "tokenizer"
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor"}))
+    _edit_json(folder / "tokenizer_config.json", tokenizer_class="Planted",
+               auto_map={"AutoTokenizer": ["planted.Planted", "planted.Planted"]})
+    marker = tmp_path / "payload-ran"
+    (folder / "planted.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                       "from transformers import CLIPTokenizer as Planted\n")
+    try:
+        with pytest.raises(CheckpointError) as info:
+            diffc.load(root, device="cpu")
+    finally:
+        assert not marker.exists(), "the folder's code ran"
+    assert str(info.value) == (f"{folder / 'tokenizer_config.json'}: 'auto_map' names a class defined by Python code "
+                               "in the folder; diffc never runs code from a checkpoint"), info.value
+
+
+@pytest.mark.parametrize("name, text, refused", [
+    ("config.json", '{"auto_map": {"AutoModel": "planted.Planted"}}', True),
+    ("processor_config.json", '{"auto_map": {"AutoProcessor": "planted.Planted"}}', True),
+    ("tokenizer_config.json", '{"auto_map": ["planted.Planted", null]}', True),  # the older list form
+    ("tokenizer_config.json", '{"\\u0061uto\\u005fmap": {"AutoTokenizer": ["planted.Planted", null]}}', True),
+    ("vocab.json", '{"auto_map": 17, "hello": 18}', False),  # a word of the vocabulary, not code
+    ("config.json", '{"auto_map": {}}', False),
+    ("config.json", '{"auto_map": {', False),  # not JSON: left to the library that reads it (one line too)
+])
+def test_a_json_file_naming_code_is_refused_however_it_spells_the_key(tmp_path, name, text, refused):
+    from diffc.loader.components import refuse_folder_code
+
+    (tmp_path / name).write_text(text)
+    if refused:
+        with pytest.raises(CheckpointError, match=rf"^{tmp_path / name}: 'auto_map' names a class defined by Python"):
+            refuse_folder_code(tmp_path)
+    else:
+        refuse_folder_code(tmp_path)
