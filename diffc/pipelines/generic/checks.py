@@ -89,6 +89,21 @@ def check_sizes(config: dict[str, Any], source: Path | str) -> None:
                                   f"or a list of them, got {_describe(value)}")
 
 
+def _pipeline_module_class(library: Any) -> bool:
+    """Whether ``library`` is one of diffusers' pipeline packages (Kolors' ``["kolors", "ChatGLMModel"]``): a class
+    diffusers ships, loaded by its own name, never through an ``auto_map`` (Kolors' ChatGLM folders carry one for
+    transformers' Auto classes, which diffusers does not use)."""
+    if not isinstance(library, str) or library in ("transformers", "diffusers") or not library.isidentifier():
+        return False
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(f"diffusers.pipelines.{library}")
+    except (ImportError, ValueError):
+        return False
+    return spec is not None and spec.submodule_search_locations is not None  # a package, not pipeline_utils
+
+
 def check_component_files(root: Path, index: dict[str, Any]) -> None:
     """Every listed component's folder (no JSON file naming Python code), ``config.json`` (sizes) and every
     tokenizer folder (vocabulary), checked before diffusers reads them; ``index`` has already passed
@@ -100,7 +115,7 @@ def check_component_files(root: Path, index: dict[str, Any]) -> None:
         if name.startswith("_") or not isinstance(entry, list) or entry[1] is None:
             continue
         folder = root / name
-        if folder.is_dir():
+        if folder.is_dir() and not _pipeline_module_class(entry[0]):
             # diffusers passes no trust_remote_code to transformers: an auto_map (a processor's tokenizer, a
             # config) made it ask "Do you wish to run the custom code? [y/N]" and run the folder's code on a yes
             refuse_folder_code(folder)

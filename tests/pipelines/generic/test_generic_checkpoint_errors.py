@@ -230,3 +230,22 @@ def test_a_json_file_naming_code_is_refused_however_it_spells_the_key(tmp_path, 
             refuse_folder_code(tmp_path)
     else:
         refuse_folder_code(tmp_path)
+
+
+@pytest.mark.parametrize("library, refused", [("kolors", False), ("transformers", True), ("diffusers", True),
+                                              ("pipeline_utils", True), ("os", True)])
+def test_a_class_diffusers_ships_in_a_pipeline_package_may_carry_an_auto_map(tmp_path, library, refused):
+    """Kolors' ChatGLM text encoder and tokenizer (``["kolors", "ChatGLMModel"]``) are diffusers' own classes, loaded
+    by name: the auto_map their published folders carry for transformers' Auto classes is never read, so the
+    checkpoint loads; any other library's folder with one is refused."""
+    from diffc.pipelines.generic.checks import check_component_files
+
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "modeling_chatglm.ChatGLMModel"}}))
+    index = {"_class_name": "KolorsPipeline", "text_encoder": [library, "ChatGLMModel"]}
+    if refused:
+        with pytest.raises(CheckpointError, match="'auto_map' names a class defined by Python code"):
+            check_component_files(tmp_path, index)
+    else:
+        check_component_files(tmp_path, index)
