@@ -101,3 +101,35 @@ def check_floating_stored(folder: Path, files: list[Path], floating: set[str] | 
         raise CheckpointError(f"{folder}: {len(other)} weight(s) stored in a kind diffc does not load as weights: "
                               + ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
                               + f" (accepted: {', '.join(FLOAT_KINDS)})")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's error about a checkpoint file, for diffc's one-line messages."""
+    text = str(exc).strip()
+    if "contains custom code" in text:  # transformers' refusal of trust_remote_code=False
+        return "its configuration names a class defined by Python code in the folder (auto_map); diffc never runs " \
+               "code from a checkpoint"
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def refuse_folder_code(folder: Path) -> None:
+    """Refuse ``folder`` when one of its JSON files maps a class to Python code (``auto_map``), before any library
+    reads it: transformers (and diffusers' AutoModel) resolve such an entry to a .py module of the folder, and when
+    the caller does not say ``trust_remote_code=False`` (diffusers does not, for its transformers components)
+    transformers asks "Do you wish to run the custom code? [y/N]" on the terminal and runs it on a yes."""
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = path.read_bytes() if path.is_file() else b""
+        except OSError:
+            continue  # unreadable: the library that needs the file names it
+        if b"auto" not in data and b"\\u" not in data:
+            continue  # the key cannot be spelt (JSON may write any character of it as a \u escape)
+        try:
+            config = json.loads(data)
+        except (ValueError, RecursionError):
+            continue  # not JSON: the library that reads the file refuses it (one line, naming it)
+        # a vocabulary (vocab.json) may hold the word auto_map, with a token id: only a mapping or list is code
+        code = config.get("auto_map") if isinstance(config, dict) else None
+        if isinstance(code, (dict, list)) and code:
+            raise CheckpointError(f"{path}: 'auto_map' names a class defined by Python code in the folder; diffc "
+                                  "never runs code from a checkpoint")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from ..checkpoints import check_floating_stored, check_tokenizer_folder, read_json
+from ..checkpoints import check_floating_stored, check_tokenizer_folder, first_line as _first_line, read_json
 from ..errors import CheckpointError, WeightMismatchError
 from ..models import registry
 from ..models.config import check_size_fields
@@ -127,37 +126,6 @@ def load_tokenizer(folder: Path, class_name: str):
         return cls.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CheckpointError(f"{folder}: cannot load tokenizer {class_name} ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    if "contains custom code" in text:  # transformers' refusal of trust_remote_code=False
-        return "its configuration names a class defined by Python code in the folder (auto_map); diffc never runs " \
-               "code from a checkpoint"
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
-def refuse_folder_code(folder: Path) -> None:
-    """Refuse ``folder`` when one of its JSON files maps a class to Python code (``auto_map``), before any library
-    reads it: transformers (and diffusers' AutoModel) resolve such an entry to a .py module of the folder, and when
-    the caller does not say ``trust_remote_code=False`` (diffusers does not, for its transformers components)
-    transformers asks "Do you wish to run the custom code? [y/N]" on the terminal and runs it on a yes."""
-    for path in sorted(folder.glob("*.json")):
-        try:
-            data = path.read_bytes() if path.is_file() else b""
-        except OSError:
-            continue  # unreadable: the library that needs the file names it
-        if b"auto" not in data and b"\\u" not in data:
-            continue  # the key cannot be spelt (JSON may write any character of it as a \u escape)
-        try:
-            config = json.loads(data)
-        except (ValueError, RecursionError):
-            continue  # not JSON: the library that reads the file refuses it (one line, naming it)
-        # a vocabulary (vocab.json) may hold the word auto_map, with a token id: only a mapping or list is code
-        code = config.get("auto_map") if isinstance(config, dict) else None
-        if isinstance(code, (dict, list)) and code:
-            raise CheckpointError(f"{path}: 'auto_map' names a class defined by Python code in the folder; diffc "
-                                  "never runs code from a checkpoint")
 
 
 def load_image_processor(folder: Path, class_name: str):

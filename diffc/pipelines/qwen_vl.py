@@ -76,7 +76,7 @@ def load_vl_processor(folder: Path) -> VLProcessor:
 
     import transformers
 
-    from ..loader.components import _first_line, refuse_folder_code
+    from ..checkpoints import first_line as _first_line, refuse_folder_code
 
     config_path = folder / "preprocessor_config.json"
     if not config_path.is_file():

@@ -108,8 +108,7 @@ def check_component_files(root: Path, index: dict[str, Any]) -> None:
     """Every listed component's folder (no JSON file naming Python code), ``config.json`` (sizes) and every
     tokenizer folder (vocabulary), checked before diffusers reads them; ``index`` has already passed
     ``check_components``."""
-    from ...checkpoints import check_tokenizer_folder, read_json
-    from ...loader.components import refuse_folder_code
+    from ...checkpoints import check_tokenizer_folder, read_json, refuse_folder_code
 
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or entry[1] is None:

@@ -222,7 +222,7 @@ def test_a_component_naming_code_in_its_folder_never_runs_it(generic_checkpoint,
     ("config.json", '{"auto_map": {', False),  # not JSON: left to the library that reads it (one line too)
 ])
 def test_a_json_file_naming_code_is_refused_however_it_spells_the_key(tmp_path, name, text, refused):
-    from diffc.loader.components import refuse_folder_code
+    from diffc.checkpoints import refuse_folder_code
 
     (tmp_path / name).write_text(text)
     if refused:
