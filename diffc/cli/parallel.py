@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import socket
 import sys
 from typing import TYPE_CHECKING, Any, Callable
@@ -206,13 +207,23 @@ def _first_failure(processes) -> int | None:
     import multiprocessing.connection
 
     while True:
-        for i, p in enumerate(processes):
-            if p.exitcode:
-                return i
+        failed = _root_cause(processes)
+        if failed is not None:
+            return failed
         running = [p for p in processes if p.exitcode is None]
         if not running:
             return None
         multiprocessing.connection.wait([p.sentinel for p in running], timeout=1.0)
+
+
+def _root_cause(processes) -> int | None:
+    """Of the ranks that have failed, the one that most likely failed first: one that died by itself (an exit code
+    other than 1, or a signal other than the SIGTERM / SIGKILL that stop the others) before one that raised, as
+    torch's spawn exits 1 after an exception and a rank whose peer died raises ("Connection reset by peer"); None
+    while none has failed."""
+    failed = [i for i, p in enumerate(processes) if p.exitcode]
+    died = [i for i in failed if processes[i].exitcode not in (1, -signal.SIGTERM, -signal.SIGKILL)]
+    return (died or failed or [None])[0]
 
 
 def _let_the_others_end(processes, grace_s: float) -> None:
@@ -272,6 +283,13 @@ def spawn(fn: Callable, fn_args: tuple, world: int, env: dict[str, str] | None =
             if len(messages) == 1:
                 raise ParallelError(messages[0]) from None
             raise ParallelError("; ".join(f"rank {rank}: {m}" for rank, m in reported.items())) from None
+        root = _root_cause(ctx.processes)
+        code = None if root is None else ctx.processes[root].exitcode
+        if root != exc.error_index and code not in (None, 1, -signal.SIGTERM, -signal.SIGKILL):
+            # it died by itself first; the rank torch names failed through it
+            signal_note = " (killed by a signal)" if code < 0 else ""
+            raise ParallelError(f"worker rank {root} exited with code {code}{signal_note}; the other workers were "
+                                "stopped") from None
         if isinstance(exc, mp.ProcessExitedException):
             raise ParallelError(f"worker rank {exc.error_index} exited with code {exc.exit_code}"
                                 f"{' (killed by a signal)' if exc.signal_name else ''}; the other workers were "

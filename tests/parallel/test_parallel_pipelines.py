@@ -106,3 +106,20 @@ def test_run_command_spawns_cpu_workers_and_rank_zero_writes(flux_checkpoint, tm
     assert late.returncode == 2 and len(lines) == 1, late.stderr[-2000:]
     assert lines[0].startswith("diffc run: error: --height: FLUX needs a multiple of"), lines
     assert "leaked semaphore" not in two.stderr + late.stderr and "Terminating process" not in late.stderr
+
+
+class _Ended:
+    def __init__(self, exitcode):
+        self.exitcode = exitcode
+
+
+@pytest.mark.parametrize("exitcodes, root", [
+    ((1, 3), 1),  # rank 0 raised ("Connection reset by peer") because rank 1 died: rank 1 is named, not rank 0
+    ((1, None), 0), ((None, 1), 1), ((0, -9), 1), ((-15, 3), 1), ((-11, 1), 0), ((3, 1), 0), ((None, None), None), ((0, 0), None),
+])
+def test_the_rank_that_died_is_named_before_one_that_failed_through_it(exitcodes, root):
+    """A CI run found spawn naming rank 0's gloo error instead of rank 1's exit when both had ended by the time the
+    parent looked: a rank that died by itself (an exit code other than 1, or a signal) is the cause."""
+    from diffc.cli.parallel import _root_cause
+
+    assert _root_cause([_Ended(code) for code in exitcodes]) == root
