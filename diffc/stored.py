@@ -26,7 +26,8 @@ from .errors import CheckpointError
 ATTR = "_diffc_stored_weights"
 
 
-def _identity(path: Path) -> tuple[int, int, int, int] | None:
+def file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """(device, inode, size, mtime) of ``path``, None when it cannot be read: a file written again is another."""
     try:
         st = os.stat(path)
     except OSError:
@@ -53,7 +54,7 @@ class StoredWeights:
         self.entries: dict[str, _Entry] = {}
 
     def add(self, name: str, path: Path, key: str, param: torch.Tensor) -> None:
-        self.entries[name] = _Entry(Path(path), key, _identity(Path(path)), _mark(param))
+        self.entries[name] = _Entry(Path(path), key, file_identity(Path(path)), _mark(param))
 
     def views(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Memory-mapped CPU views of the file tensors that ``params`` (by name) still equal; a parameter that
@@ -68,7 +69,7 @@ class StoredWeights:
                 by_file.setdefault(entry.path, []).append(name)
         found = {}
         for path, names in by_file.items():
-            identity = _identity(path)
+            identity = file_identity(path)
             names = [n for n in names if self.entries[n].identity == identity]
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -83,7 +84,7 @@ class StoredWeights:
     def check_unchanged(self, name: str) -> None:
         """Before a view of ``name``'s file is read back: the file must be the one the view was made of."""
         entry = self.entries[name]
-        if entry.identity != _identity(entry.path):
+        if entry.identity != file_identity(entry.path):
             raise CheckpointError(f"{entry.path}: the checkpoint file changed on disk after it was loaded; "
                                   f"{name} was mapped from it and cannot be read back. Load the model again")
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, InvalidArgumentError
+from ..stored import file_identity
 
 PREFERRED = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
 PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -37,14 +38,6 @@ class LoraFile:
     converted_by: str | None = None
     converter_error: str | None = None
     identity: tuple[int, int, int, int] | None = None  # (device, inode, size, mtime) when read: a rewrite is new
-
-
-def file_identity(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def resolve_lora_file(path: str | os.PathLike) -> Path:

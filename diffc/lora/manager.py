@@ -341,7 +341,8 @@ def _accumulate(acc: torch.Tensor, updates, where: str, adapters: str) -> None:
 def _same_file(cached: Adapter, path) -> bool:
     """``path`` names the file ``cached`` was read from, unchanged since (a LoRA saved again over the same path is
     read again, not served from the cache)."""
-    from .files import file_identity, resolve_lora_file
+    from ..stored import file_identity
+    from .files import resolve_lora_file
 
     try:
         file = resolve_lora_file(path)
