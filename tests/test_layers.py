@@ -1,7 +1,7 @@
 """The package's layers: no module imports from a layer above its own (issue 13's architecture check).
 
 cli -> serve -> loader/demo -> pipelines -> compile/runtime/lora -> models/ops ->
-fileio/errors/version/capture/blas_env/stored.
+fileio/errors/version/capture/blas_env/stored/checkpoints/progress.
 The root package (``diffc.load``) is the public facade on top: nothing inside diffc imports it.
 """
 
@@ -20,7 +20,7 @@ LAYERS = (
     ("pipelines", "generic"),
     ("compile", "runtime", "lora", "cache", "parallel"),
     ("models", "ops"),
-    ("fileio", "errors", "version", "capture", "blas_env", "stored", "checkpoints"),
+    ("fileio", "errors", "version", "capture", "blas_env", "stored", "checkpoints", "progress"),
 )
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -12,7 +12,8 @@ from typing import Iterator
 from ..errors import InvalidArgumentError
 from ..fileio import atomic_write
 from .config import merge_config
-from .options import add_model_flags, add_runtime_flags, resolve_model, runtime_options
+from .options import (add_model_flags, add_progress_flag, add_runtime_flags, progress_shown, resolve_model,
+                      runtime_options)
 from .outputs import check_artifact_output, check_json_output, check_not_input, check_outside
 
 BUCKET = re.compile(r"^(\d+)x(\d+)(?:x(\d+))?$")
@@ -64,6 +65,7 @@ def add_parser(sub) -> None:
     p.add_argument("--scheduler", choices=("unipc", "euler"), help="sampler the runs will use")
     p.add_argument("--config", help="YAML or JSON file of options; command-line flags override it")
     p.add_argument("--report", help="also write the compile report as JSON here")
+    add_progress_flag(p, "loading weights, building the demo model")
     add_runtime_flags(p)
     p.set_defaults(func=compile_command, _parser=p)
 
@@ -157,6 +159,7 @@ def compile_command(args: argparse.Namespace) -> int:
     from ..compile.examples import example_request, expand_prompt_lengths
 
     merge_config(args, args._parser)
+    progress_shown(args)
     disable = tuple(n.strip() for n in args.disable.split(",") if n.strip())
     enable = tuple(n.strip() for n in args.enable.split(",") if n.strip())
     check_passes(args.quality, disable, enable, args.attention)  # a misspelt name fails now, not after the load

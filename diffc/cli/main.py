@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -148,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         sub_argv = argv[argv.index(args.command) + 1:]
         args._given = given_options(args._parser, sub_argv)
         args._argv = argv
-        return args.func(args) or 0
+        with contextlib.ExitStack() as until_done:  # what the command turns on for its own run (--no-progress)
+            args._until_done = until_done
+            return args.func(args) or 0
     except DiffcError as exc:
         if isinstance(exc, InvalidArgumentError):
             exc = named_by_flag(exc, args._parser, getattr(args, "_field_flags", None))

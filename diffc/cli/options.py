@@ -119,6 +119,22 @@ def add_compiled_flag(p: argparse.ArgumentParser) -> None:
                         "one it was compiled from unless --model is given)")
 
 
+def add_progress_flag(p: argparse.ArgumentParser, bars: str) -> None:
+    """``--no-progress``, shared by ``run``, ``compile`` and ``serve`` (``bars``: the ones the command shows)."""
+    p.add_argument("--no-progress", action="store_const", const=True, help=f"hide the progress bars: {bars}")
+
+
+def progress_shown(args: argparse.Namespace) -> bool:
+    """False under ``--no-progress`` (given or from ``--config``), which then turns the libraries' bars (loading
+    weights, writing the demo model) off until the command ends; diffc's own bars take the answer as ``progress``."""
+    if not args.no_progress:
+        return True
+    from ..progress import library_bars_off
+
+    args._until_done.enter_context(library_bars_off())
+    return False
+
+
 def runtime_options(args: argparse.Namespace) -> dict[str, Any]:
     flag = getattr(args, "cuda_graphs", None)
     options: dict[str, Any] = {"cuda_graphs": None if flag is None else flag == "on"}

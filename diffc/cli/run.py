@@ -13,8 +13,8 @@ from ..fileio import atomic_write
 from .compile import MAX_BATCH
 from .config import merge_config
 from .lora_flags import add_lora_flags, lora_settings
-from .options import (add_cache_flags, add_compiled_flag, add_model_flags, add_runtime_flags, cache_flag_errors,
-                      cache_settings, resolve_model, runtime_options)
+from .options import (add_cache_flags, add_compiled_flag, add_model_flags, add_progress_flag, add_runtime_flags,
+                      cache_flag_errors, cache_settings, progress_shown, resolve_model, runtime_options)
 from .outputs import check_json_output, check_media_output, check_not_input, check_outside
 from .parallel import add_parallel_flags
 
@@ -52,7 +52,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--config", help="YAML or JSON file of options; command-line flags override it")
     p.add_argument("--perf-dump-path", help="write per-stage seconds, per-step ms and peak memory as JSON")
-    p.add_argument("--no-progress", action="store_const", const=True, help="hide the progress bar")
+    add_progress_flag(p, "denoising, decoding, loading weights, building the demo model")
     add_compiled_flag(p)
     add_lora_flags(p)
     add_parallel_flags(p)
@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     from . import parallel as par
 
     merge_config(args, args._parser)
+    progress = progress_shown(args)
     if not args.prompt or not args.prompt.strip():
         raise InvalidArgumentError("--prompt", "a non-empty prompt is required")
     from ..pipelines.base import GenerationRequest, check_unicode, validate_common
@@ -236,12 +237,12 @@ def run(args: argparse.Namespace) -> int:
         from ..parallel.collectives import guarded
 
         with guarded(f"rank {mesh.rank}"):
-            out = pipe.generate(prompt=prompt, progress=main_rank and not args.no_progress, cache=cache,
+            out = pipe.generate(prompt=prompt, progress=main_rank and progress, cache=cache,
                                 **options)
         if not main_rank:
             return 0  # rank 0 alone writes the output and reports
     else:
-        out = pipe.generate(prompt=prompt, progress=not args.no_progress, cache=cache, **options)
+        out = pipe.generate(prompt=prompt, progress=progress, cache=cache, **options)
     outputs = numbered(output, count)
     for i, path in enumerate(outputs):
         out.save(path, index=i, fps=args.fps or 16)  # each written to a temporary name and renamed

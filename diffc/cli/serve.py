@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ..errors import DiffcError, InvalidArgumentError
 from .lora_flags import add_lora_flags, lora_settings
-from .options import (add_cache_flags, add_compiled_flag, add_model_flags, add_runtime_flags, cache_flag_errors,
-                      cache_settings, resolve_model, runtime_options)
+from .options import (add_cache_flags, add_compiled_flag, add_model_flags, add_progress_flag, add_runtime_flags,
+                      cache_flag_errors, cache_settings, progress_shown, resolve_model, runtime_options)
 from . import parallel as par
 
 SERVE_EXTRA = "pip install 'diffc[serve]'"
@@ -71,6 +71,7 @@ def add_parser(sub) -> None:
                         "pages from reaching the server through DNS rebinding; elsewhere any")
     p.add_argument("--no-warmup", action="store_true",
                    help="report ready without a warm-up generation (on a CPU there is none anyway)")
+    add_progress_flag(p, "loading weights, building the demo model; requests show none")
     add_lora_flags(p)
     par.add_parallel_flags(p)
     p.add_argument("--lora-dir", action="append", metavar="DIR",
@@ -288,6 +289,7 @@ def serve(args: argparse.Namespace) -> int:
     from ..loader.pipeline import resolve_device, resolve_dtype
 
     _check_flags(args)
+    progress_shown(args)
     layout = par.parallel_config(args)  # None: one process (--num-gpus 1 is plain serve)
     if layout is not None:
         _check_parallel(args)

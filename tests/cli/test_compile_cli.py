@@ -34,13 +34,15 @@ def demo_cache(module_cache, monkeypatch):
 
 @pytest.fixture(scope="module")
 def artifact(module_cache, tmp_path_factory):
-    """``diffc compile --out X --height 64 --width 64 --guidance 3`` of the demo model: (path, exit code, stdout)."""
+    """``diffc compile --out X --height 64 --width 64 --guidance 3 --no-progress`` of the demo model: (path, exit
+    code, stdout, stderr)."""
     out = tmp_path_factory.mktemp("compiled") / "demo.diffc"
-    printed = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):  # capsys is per test
-        mp.setenv("DIFFC_CACHE", str(module_cache))
-        code = main(["compile", "--out", str(out), "--height", "64", "--width", "64", "--guidance", "3", *SMALL])
-    return out, code, printed.getvalue()
+    printed, errors = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+        mp.setenv("DIFFC_CACHE", str(module_cache))  # (capsys is per test)
+        code = main(["compile", "--out", str(out), "--height", "64", "--width", "64", "--guidance", "3", *SMALL,
+                     "--no-progress"])
+    return out, code, printed.getvalue(), errors.getvalue()
 
 
 def _manifest(path) -> dict:
@@ -48,8 +50,9 @@ def _manifest(path) -> dict:
 
 
 def test_compile_writes_an_artifact(artifact):
-    path, code, out = artifact
+    path, code, out, err = artifact
     assert code == 0
+    assert not any(bar in err for bar in ("it/s", "%|", "\r")), err  # --no-progress: not even transformers' bars
     assert "diffc compile: FluxPipeline from" in out and "quality fast, 1 shape(s)" in out
     assert "traced " in out and " nodes in " in out and "passes " in out
     # one graph per region: the double-stream block's two feed-forwards, the single-stream block's MLP
@@ -279,7 +282,7 @@ def test_sigterm_or_sighup_while_compiling_leaves_nothing_behind(tmp_path, capsy
 @pytest.mark.parametrize("flag,inside", [("--perf-dump-path", "manifest.json"), ("--output", "x.png")])
 def test_run_writes_nothing_into_the_artifact_it_reads(artifact, tmp_path, capsys, flag, inside):
     """Found by an audit: ``--perf-dump-path ART/manifest.json`` replaced the artifact's manifest (the next run failed)."""
-    out, _, _ = artifact
+    out = artifact[0]
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     argv = ["run", "--compiled", str(out), "--prompt", "a kite", "--steps", "1", "-o", str(tmp_path / "a.png")]
     argv += [flag, str(out / inside)] if flag == "--perf-dump-path" else []
@@ -319,7 +322,7 @@ def test_compile_writes_no_artifact_into_the_checkpoint(demo_cache, tmp_path, ca
 
 
 def _tampered_copy(artifact, tmp_path, edit) -> Path:
-    out, _, _ = artifact
+    out = artifact[0]
     copy = tmp_path / "copy.diffc"
     shutil.copytree(out, copy)
     data = _manifest(copy)

@@ -40,6 +40,8 @@ def test_demo_run_writes_image_and_perf_dump(demo_cache, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0
     assert "RANDOM weights" in captured.err and "--model" in captured.err
+    # --no-progress: no bar at all, neither transformers' (writing the demo, loading its text encoders) nor diffc's
+    assert not any(bar in captured.err for bar in ("it/s", "%|", "\r")), captured.err
     assert f"wrote {out} (96x64, 2 steps, seed 7)" in captured.out
     assert (demo_cache / "demo" / "flux-tiny-v1" / "model_index.json").is_file()
     image = np.asarray(Image.open(out))

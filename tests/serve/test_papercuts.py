@@ -1,6 +1,6 @@
 """Papercuts of ``diffc serve`` (issue 12 sections 5 and 7): the output store after a killed server and on a
-timer, the port checked before the model loads, no full-size warm-up on a CPU, ready/request/shutdown
-lines, --allowed-hosts, video progress through the VAE decode, truncation warnings per sample."""
+timer, the port checked before the model loads, no full-size warm-up on a CPU, --no-progress,
+ready/request/shutdown lines, --allowed-hosts, video progress through the VAE decode, truncation warnings per sample."""
 
 from __future__ import annotations
 
@@ -130,6 +130,17 @@ def test_no_warm_up_generation_on_a_cpu(tmp_path, monkeypatch, serve_engine_args
     with pytest.raises(ServeStopped):
         main(["serve", "--port", "0", "--device", "cpu", *argv])
     assert serve_engine_args["engine"]["warmup"] is warmup
+
+
+def test_no_progress_hides_the_bars_of_building_the_demo(tmp_path, monkeypatch, capsys, serve_engine_args):
+    import transformers
+
+    monkeypatch.setenv("DIFFC_CACHE", str(tmp_path / "cache"))  # the demo is built: transformers writes its shards
+    with pytest.raises(ServeStopped):
+        main(["serve", "--port", "0", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert "RANDOM weights" in err and not any(bar in err for bar in ("it/s", "%|", "\r")), err
+    assert transformers.utils.logging.is_progress_bar_enabled()  # as it was, once the command ended
 
 
 @pytest.mark.parametrize("argv,allowed", [

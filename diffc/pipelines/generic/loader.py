@@ -10,7 +10,6 @@ still raise on the folder's files is one ``CheckpointError`` line naming the com
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 
 from ...checkpoints import check_floating_stored, component_entry
 from ...errors import CheckpointError, DiffcError
+from ...progress import library_bars_off
 from .checks import check_component_files
 
 log = logging.getLogger(__name__)
@@ -74,23 +74,6 @@ def text_encoder_names(pipe) -> tuple[str, ...]:
                  if isinstance(unwrap(module), transformers.PreTrainedModel))
 
 
-@contextlib.contextmanager
-def quiet_loading(diffusers):
-    """diffusers' and transformers' loading progress bars off while diffc loads (their state restored after)."""
-    import transformers
-
-    libraries = [diffusers.utils.logging, transformers.utils.logging]
-    were = [lib.is_progress_bar_enabled() for lib in libraries]
-    for lib in libraries:
-        lib.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for lib, was in zip(libraries, were):
-            if was:
-                lib.enable_progress_bar()
-
-
 def load_diffusers_pipeline(root: Path, index: dict[str, Any], device: torch.device, dtype: torch.dtype,
                             offload: str = "none"):
     """``DiffusionPipeline.from_pretrained`` on ``root``, safetensors only, in ``dtype`` (diffusers keeps
@@ -106,7 +89,7 @@ def load_diffusers_pipeline(root: Path, index: dict[str, Any], device: torch.dev
     check_component_files(root, index)
     dtype_key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"  # renamed in diffusers 0.42
     try:
-        with quiet_loading(diffusers):
+        with library_bars_off():  # diffusers' and transformers' loading bars
             pipe = cls.from_pretrained(str(root), use_safetensors=True, trust_remote_code=False,
                                        local_files_only=True, **{dtype_key: dtype})
     except (DiffcError, MemoryError, torch.OutOfMemoryError):
