@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -27,8 +28,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     try:
         special = _is_special(path)  # a device or FIFO: the temporary file goes to the temp dir
-        stem = path.stem.encode()[:64].decode(errors="ignore")  # a name near 255 bytes would make a longer one
-        fd, tmp = tempfile.mkstemp(dir=None if special else path.parent, prefix=f".{stem}.", suffix=path.suffix)
+        fd, tmp = tempfile.mkstemp(dir=None if special else path.parent, prefix=temporary_prefix(path.stem),
+                                   suffix=path.suffix)
     except OSError as exc:
         raise OutputError(str(path), os_reason(exc)) from None
     os.close(fd)
@@ -48,6 +49,32 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def temporary_prefix(name: str) -> str:
+    """The prefix of a temporary file or folder written beside ``name``: a dot, at most 64 bytes of ``name``, a dot
+    (``mkstemp``/``mkdtemp`` add 8 characters: all of a name near the file system's 255 bytes would not fit)."""
+    return "." + name.encode()[:64].decode(errors="ignore") + "."
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` for an error line: at most 200 characters of it (a name too long for the file system is longer)."""
+    text = str(path)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def name_too_long(path: Path) -> str | None:
+    """Why the file system cannot take ``path``'s last name (the OS's words), or None: asked of the nearest folder
+    that exists, so a name is refused before the folders above it are made."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or no limit reported
+        return None
+    size = len(os.fsencode(path.name))
+    return f"{os.strerror(errno.ENAMETOOLONG)} ({size} bytes; this file system takes {limit})" if size > limit else None
 
 
 def _is_special(path: Path) -> bool:

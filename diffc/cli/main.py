@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         from .parallel import report_rank_error
 
         flag = _flag_of_path(args, exc.filename)
-        shown = str(exc.filename)
-        shown = shown if len(shown) <= 200 else shown[:200] + "..."
-        message = f"{flag + ': ' if flag else ''}{shown}: {exc.strerror or type(exc).__name__}"
+        from ..fileio import shown_path
+
+        message = f"{flag + ': ' if flag else ''}{shown_path(exc.filename)}: {exc.strerror or type(exc).__name__}"
         if not report_rank_error(message):
             print(f"diffc {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgumentError
 from ..fileio import IMAGE_SUFFIXES as IMAGE_FORMAT_OF
-from ..fileio import VIDEO_SUFFIXES, os_reason
+from ..fileio import VIDEO_SUFFIXES, os_reason, shown_path
 
 IMAGE_SUFFIXES = tuple(IMAGE_FORMAT_OF)
 JSON_SUFFIXES = (".json",)
@@ -34,8 +34,7 @@ def check_output_file(path: str | Path, field: str, suffixes: tuple[str, ...], w
     try:
         is_dir = p.is_dir()
     except OSError as exc:  # a name too long: --output's own, or a numbered OUTPUT-i of --batch
-        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
-        raise InvalidArgumentError(field, f"{shown}: {os_reason(exc)}") from None
+        raise InvalidArgumentError(field, f"{shown_path(path)}: {os_reason(exc)}") from None
     if is_dir:  # before the suffix: "/tmp" is a folder, not a file with the wrong suffix
         raise InvalidArgumentError(field, f"{path} is a directory; give a file name (such as "
                                           f"{p / ('out' + suffixes[0])})")

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from ..errors import DiffcError, InvalidArgumentError, OutputError
-from ..fileio import UMASK
+from ..fileio import UMASK, name_too_long, os_reason, shown_path, temporary_prefix
 from . import kernel_cache, program_io
 from .kernel_cache import TRITON_CACHE
 
@@ -378,9 +378,15 @@ def check_output_target(path: str | Path, field: str = "out") -> Path:
     if not str(path).strip():
         raise InvalidArgumentError(field, "is empty; give the artifact's path")
     p = Path(os.path.abspath(Path(path).expanduser()))
-    if p.is_symlink():
+    try:
+        too_long, is_link, exists = name_too_long(p), p.is_symlink(), p.exists()
+    except OSError as exc:  # a folder's name above it that the file system cannot take
+        raise InvalidArgumentError(field, f"{shown_path(path)}: {os_reason(exc)}") from None
+    if too_long:
+        raise InvalidArgumentError(field, f"{shown_path(path)}: {too_long}")
+    if is_link:
         raise InvalidArgumentError(field, f"{path} is a symbolic link; give the artifact directory itself")
-    if not p.exists():
+    if not exists:
         return p
     if not p.is_dir():
         raise InvalidArgumentError(field, f"{path} exists and is not a diffc artifact (it is a file); diffc "
@@ -421,7 +427,7 @@ class ArtifactWriter:
         self.path = check_output_target(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}."))
+            self.tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=temporary_prefix(self.path.name)))
         except OSError as exc:
             raise OutputError(self.given, exc.strerror or str(exc)) from None
 
@@ -454,7 +460,7 @@ class ArtifactWriter:
             os.chmod(self.tmp, 0o777 & ~UMASK)  # mkdtemp makes the directory private; give it the usual mode
             check_output_target(self.given)
             if self.path.exists():
-                old = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.old."))
+                old = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=temporary_prefix(self.path.name) + "old."))
                 os.replace(self.path, old / "artifact")
                 os.replace(self.tmp, self.path)
                 shutil.rmtree(old, ignore_errors=True)

@@ -108,6 +108,39 @@ def test_replaceable_targets(tmp_path):
         art.check_output_target(v1)
 
 
+def test_an_artifact_name_at_the_file_systems_limit_is_written(demo_cache, tmp_path, capsys):
+    """Found by an audit: compile wrote into a temporary folder named '.NAME.' + 8 characters beside --out: a name
+    the file system takes, near its 255 bytes, failed once the model was loaded and compiled."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    name = "a" * os.pathconf(out_dir, "PC_NAME_MAX")
+    code, err = _run(["compile", "--out", str(out_dir / name), "--height", "32", "--width", "32",
+                      "--max-sequence-length", "8", "--no-progress"], capsys)
+    assert code == 0, err
+    assert [p.name for p in out_dir.iterdir()] == [name] and (out_dir / name / art.MANIFEST).is_file()
+
+
+def test_the_writer_replaces_an_artifact_named_at_the_limit(tmp_path):
+    """The folder the previous artifact is moved to while the new one takes its place is short too."""
+    name = "b" * os.pathconf(tmp_path, "PC_NAME_MAX")
+    for content in (b"old", b"new"):
+        writer = art.ArtifactWriter(tmp_path / name)
+        writer.file("stage/x.bin").write_bytes(content)
+        writer.commit({"format_version": art.FORMAT_VERSION, "stages": {}})
+    assert [p.name for p in tmp_path.iterdir()] == [name] and (tmp_path / name / "stage/x.bin").read_bytes() == b"new"
+
+
+def test_a_name_the_file_system_cannot_take_is_refused_by_the_writer(tmp_path):
+    """The Python API (``pipe.compile(out=...)``) too, before any tracing, even where the folder is still to be
+    made (the compile made it, compiled, and failed at the last rename)."""
+    name = "c" * (os.pathconf(tmp_path, "PC_NAME_MAX") + 1)
+    for out in (tmp_path / name, tmp_path / "new" / name):
+        with pytest.raises(InvalidArgumentError) as info:
+            art.ArtifactWriter(out)
+        assert info.value.field == "out" and "File name too long" in str(info.value), info.value
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_python_api_refuses_before_tracing(photos, demo_cache, monkeypatch):
     from diffc.demo import demo_checkpoint
 
