@@ -55,14 +55,20 @@ def open_safetensors(path: Path, device: str = "cpu"):
         raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
 
 
+def stored_tensors(f) -> dict[str, tuple[str, list[int]]]:
+    """Every tensor of the safetensors file ``f`` (:func:`open_safetensors`' handle): its stored dtype as safetensors
+    names it (``F32``, ``BF16``, ``I32``, ``BOOL``, ...) and its shape, from the header only. safetensors checks the
+    header as it opens the file (its length, its JSON, each dtype, shape and data offset within the file size)."""
+    slices = {name: f.get_slice(name) for name in f.keys()}
+    return {name: (s.get_dtype(), s.get_shape()) for name, s in slices.items()}
+
+
 def stored_dtypes(files: list[Path]) -> dict[str, str]:
-    """Every tensor's stored dtype as safetensors names it (``F32``, ``BF16``, ``I32``, ``BOOL``, ...), from the
-    headers only."""
+    """Every tensor's stored dtype as safetensors names it, from the headers only."""
     dtypes: dict[str, str] = {}
     for path in files:
         with open_safetensors(path) as f:
-            for name in f.keys():
-                dtypes[name] = f.get_slice(name).get_dtype()
+            dtypes.update({name: dtype for name, (dtype, _) in stored_tensors(f).items()})
     return dtypes
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..checkpoints import open_safetensors, stored_tensors
 from ..errors import CheckpointError, InvalidArgumentError
 from ..stored import file_identity
 
@@ -75,22 +76,22 @@ def _resolve_lora_file(p: Path) -> Path:
 
 
 def read_lora_file(path: str | os.PathLike) -> LoraFile:
-    """Read every tensor of the LoRA file at ``path`` (a file or a folder) onto the CPU."""
-    from safetensors import SafetensorError, safe_open
+    """Read every tensor of the LoRA file at ``path`` (a file or a folder) onto the CPU, once its header is checked
+    (a malformed one, a tensor of a kind or shape no LoRA has: one line naming the file, before any tensor is read)."""
+    from safetensors import SafetensorError
 
     file = resolve_lora_file(path)
     identity = file_identity(file)
-    tensors: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
-    if not tensors:
-        raise CheckpointError(f"{file}: the file holds no tensors")
-    _check_kinds(file, tensors)
+    with open_safetensors(file) as f:  # safetensors checks the header (one line naming the file)
+        stored = stored_tensors(f)
+        if not stored:
+            raise CheckpointError(f"{file}: the file holds no tensors")
+        _check_kinds(file, stored)
+        metadata = f.metadata() or {}
+        try:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
     broken = [n for n, t in tensors.items() if t.is_floating_point() and not n.endswith(".alpha")  # (convert's)
               and not bool(torch.isfinite(t).all())]
     if broken:  # merged, they would make the DiT's weights NaN (a black image, no error)
@@ -110,20 +111,21 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
     return LoraFile(file, tensors, config, nbytes, identity=identity)
 
 
-# What a LoRA tensor may be stored as: floats that convert exactly (integers are refused by name as matrices, and
-# kept as an alpha); not fp8/fp4 or complex, which no LoRA trainer writes and torch cannot check or merge as floats.
-FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What a LoRA tensor may be stored as (safetensors' names): floats that convert exactly (integers are refused by name
+# as matrices, and kept as an alpha); not fp8/fp4 or complex, which no LoRA trainer writes and torch cannot check or
+# merge as floats.
+FLOATS = ("F16", "BF16", "F32", "F64")
 MAX_DIMS = 5  # a Conv3d weight's (Wan's patch embedding), the most any supported model's weight has
 
 
-def _check_kinds(file: Path, tensors: dict[str, torch.Tensor]) -> None:
-    odd = [f"{n} ({str(t.dtype).removeprefix('torch.')})" for n, t in tensors.items()
-           if t.dtype not in FLOATS and (t.is_floating_point() or t.is_complex())]
+def _check_kinds(file: Path, stored: dict[str, tuple[str, list[int]]]) -> None:
+    """The stored kinds and shapes (``stored_tensors``) are a LoRA's, from the header."""
+    odd = [f"{n} ({dtype})" for n, (dtype, _) in stored.items() if dtype not in FLOATS and dtype[0] in "FC"]
     if odd:
         raise CheckpointError(f"{file}: {len(odd)} tensor(s) stored as a kind no LoRA holds: " + ", ".join(odd[:5])
                               + (", ..." if len(odd) > 5 else "") + "; LoRA tensors are float32, bfloat16, float16 "
-                              "or float64 (an alpha may be an integer)")
-    deep = [f"{n} ({t.dim()})" for n, t in tensors.items() if t.dim() > MAX_DIMS]
+                              "or float64 (F32, BF16, F16, F64; an alpha may be an integer)")
+    deep = [f"{n} ({len(shape)})" for n, (_, shape) in stored.items() if len(shape) > MAX_DIMS]
     if deep:
         raise CheckpointError(f"{file}: {len(deep)} tensor(s) with more than {MAX_DIMS} dimensions: "
                               + ", ".join(deep[:5]) + (", ..." if len(deep) > 5 else "") + "; no model weight has them")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
+import struct
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import diffc
@@ -48,7 +51,7 @@ def test_bad_files(flux, tmp_path):
         flux.pipe.set_lora("a", tmp_path)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
-    with pytest.raises(CheckpointError, match="garbage.safetensors: not a readable safetensors file"):
+    with pytest.raises(CheckpointError, match="garbage.safetensors: not a valid safetensors file"):
         flux.pipe.set_lora("a", garbage)
     W.write_keys({"x.lora_A.weight": torch.zeros(1, 1)}, tmp_path / "other.safetensors")
     with pytest.raises(InvalidArgumentError, match="several .safetensors files"):
@@ -241,15 +244,16 @@ def _proj_out_lora(flux, dtype=torch.float32, alpha=None) -> dict[str, torch.Ten
 
 @pytest.mark.parametrize("tensors,shown", [
     # isfinite is not implemented for fp8: a NotImplementedError traceback
-    (lambda f: _proj_out_lora(f, torch.float8_e4m3fn), "transformer.proj_out.lora_A.weight (float8_e4m3fn)"),
-    (lambda f: _proj_out_lora(f, torch.float8_e8m0fnu), "transformer.proj_out.lora_A.weight (float8_e8m0fnu)"),  # merged
+    (lambda f: _proj_out_lora(f, torch.float8_e4m3fn), "transformer.proj_out.lora_A.weight (F8_E4M3)"),
+    (lambda f: _proj_out_lora(f, torch.float8_e8m0fnu), "transformer.proj_out.lora_A.weight (F8_E8M0)"),  # merged
     (lambda f: _proj_out_lora(f, alpha=torch.tensor(4.0).to(torch.complex64)),  # cast to real with torch's warning
-     "transformer.proj_out.alpha (complex64)"),
+     "transformer.proj_out.alpha (C64)"),
 ])
 def test_a_lora_tensor_of_an_odd_kind_is_refused_naming_it(flux, tmp_path, tensors, shown):
     path = W.write_keys(tensors(flux), tmp_path / "odd.safetensors")
     with pytest.raises(CheckpointError, match=re.escape(f"{path}: 1 tensor(s) stored as a kind no LoRA holds: {shown}; "
-                                                        "LoRA tensors are float32, bfloat16, float16 or float64")):
+                                                        "LoRA tensors are float32, bfloat16, float16 or float64 "
+                                                        "(F32, BF16, F16, F64; an alpha may be an integer)")):
         flux.pipe.set_lora("odd", path)
     _weights_are(flux, flux.base)
 
@@ -264,6 +268,68 @@ def test_a_lora_tensor_of_many_dimensions_is_refused(flux, tmp_path):
                                                         "transformer.proj_out.lora_A.weight (66)")):
         flux.pipe.set_lora("deep", path)
     _weights_are(flux, flux.base)
+
+
+class _CountingOpen:
+    """safetensors' ``safe_open``, counting the tensors read through it."""
+
+    tensors_read = 0
+
+    def __init__(self, *args, **kwargs):
+        self._file = safe_open(*args, **kwargs)
+
+    def __enter__(self):
+        self._file.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._file.__exit__(*exc)
+
+    def get_tensor(self, name):
+        type(self).tensors_read += 1
+        return self._file.get_tensor(name)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def _header(entries: dict, length: int | None = None) -> bytes:
+    header = json.dumps(entries).encode()
+    return struct.pack("<Q", len(header) if length is None else length) + header
+
+
+LORA_A = "transformer.proj_out.lora_A.weight"
+
+
+@pytest.mark.parametrize("content,reason", [
+    # a header claiming a tensor past the end of the file (4 GiB of it), and a header length past the file's
+    (_header({LORA_A: {"dtype": "F32", "shape": [1 << 15, 1 << 15], "data_offsets": [0, 1 << 32]}}) + b"\0" * 64,
+     "not a valid safetensors file (Error while deserializing header: incomplete metadata, file not fully covered)"),
+    (struct.pack("<Q", 1 << 62) + b"{}", "not a valid safetensors file (Error while deserializing header: header too "
+                                         "large)"),
+    (_header({LORA_A: {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, length=1 << 20) + b"\0" * 8,
+     "not a valid safetensors file (Error while deserializing header: invalid header length)"),
+    # well-formed headers whose tensors no LoRA has: found from the header, before gigabytes are read
+    (_header({LORA_A: {"dtype": "F8_E4M3", "shape": [4, 64], "data_offsets": [0, 256]}}) + b"\0" * 256,
+     f"1 tensor(s) stored as a kind no LoRA holds: {LORA_A} (F8_E4M3)"),
+    (_header({LORA_A: {"dtype": "F32", "shape": [1, 1, 1, 1, 4, 64], "data_offsets": [0, 1024]}}) + b"\0" * 1024,
+     f"1 tensor(s) with more than 5 dimensions: {LORA_A} (6)"),
+], ids=["tensor-past-the-end", "huge-header-length", "header-past-the-end", "fp8", "six-dimensions"])
+def test_a_bad_header_is_refused_before_any_tensor_is_read(tmp_path, monkeypatch, content, reason):
+    import safetensors
+
+    import diffc.checkpoints
+    from diffc.lora.files import read_lora_file
+
+    for module in (safetensors, diffc.checkpoints):  # wherever the reading code takes safe_open from
+        monkeypatch.setattr(module, "safe_open", _CountingOpen)
+    monkeypatch.setattr(_CountingOpen, "tensors_read", 0)
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        read_lora_file(path)
+    assert str(info.value).startswith(f"{path}: {reason}") and "\n" not in str(info.value), info.value
+    assert _CountingOpen.tensors_read == 0
 
 
 def test_a_boolean_alpha_is_refused(flux, tmp_path):
