@@ -109,13 +109,17 @@ def check_floating_stored(folder: Path, files: list[Path], floating: set[str] | 
                               + f" (accepted: {', '.join(FLOAT_KINDS)})")
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of a library's error about a checkpoint file, for diffc's one-line messages."""
+def first_line(exc: BaseException, typed: bool = False) -> str:
+    """The first line of a library's error about a checkpoint file (at most 300 characters of it), for diffc's
+    one-line messages; ``typed``: after the error's type (``TypeError: ...``), where the type says what went wrong."""
     text = str(exc).strip()
     if "contains custom code" in text:  # transformers' refusal of trust_remote_code=False
         return "its configuration names a class defined by Python code in the folder (auto_map); diffc never runs " \
                "code from a checkpoint"
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0][:300]
+    return f"{type(exc).__name__}: {line}" if typed else line
 
 
 def refuse_folder_code(folder: Path) -> None:

@@ -1,10 +1,13 @@
-"""Shared numeric helpers and tolerance tables for the test suite."""
+"""Shared helpers for the test suite: numeric ones and tolerance tables, the planted-code check."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 # Relative-error bounds ||out - ref|| / ||ref|| per dtype for single-module parity with diffusers.
@@ -29,3 +32,26 @@ def psnr_uint8(a, b) -> float:
 
 class ServeStopped(Exception):
     """Raised by the ``serve_engine_args`` fixture (tests/conftest.py) where ``diffc serve`` would build its app."""
+
+
+def assert_planted_code_never_runs(root: Path, folder: str, base: str, monkeypatch) -> None:
+    """Plant code in the checkpoint ``root``: ``folder``'s tokenizer_config.json names a class of the folder's own
+    ``planted.py`` (auto_map), which touches a file beside ``root`` when imported and is transformers' ``base``
+    tokenizer class otherwise. With the user answering "y" to transformers' "Do you wish to run the custom code?
+    [y/N]", ``diffc.load(root)`` refuses the file in one line and the code never runs."""
+    import diffc
+    from diffc.errors import CheckpointError
+
+    monkeypatch.setattr("builtins.input", lambda *args: "y")  # the user at the terminal says yes
+    config, marker = root / folder / "tokenizer_config.json", root.parent / "payload-ran"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "tokenizer_class": "Planted",
+                                  "auto_map": {"AutoTokenizer": ["planted.Planted", "planted.Planted"]}}))
+    (root / folder / "planted.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                              f"from transformers import {base} as Planted\n")
+    try:
+        with pytest.raises(CheckpointError) as info:
+            diffc.load(root, device="cpu")
+    finally:
+        assert not marker.exists(), "the folder's code ran"
+    assert str(info.value) == (f"{config}: 'auto_map' names a class defined by Python code in the folder; diffc "
+                               "never runs code from a checkpoint"), info.value

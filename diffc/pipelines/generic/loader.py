@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ...checkpoints import check_floating_stored, component_entry
+from ...checkpoints import check_floating_stored, component_entry, first_line
 from ...errors import CheckpointError, DiffcError
 from ...progress import library_bars_off
 from .checks import check_component_files
@@ -103,15 +103,9 @@ def load_diffusers_pipeline(root: Path, index: dict[str, Any], device: torch.dev
         except (MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as exc:  # noqa: BLE001 - a device failure, not the checkpoint's: still one line
-            raise DiffcError(f"{root}: cannot move {cls.__name__} to {device} ({first_line(exc)})") from None
+            raise DiffcError(f"{root}: cannot move {cls.__name__} to {device} ({first_line(exc, typed=True)})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def first_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` (at most 300 characters of it), never a traceback."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
 
 
 def failing_component(exc: BaseException) -> str | None:
@@ -128,7 +122,7 @@ def failing_component(exc: BaseException) -> str | None:
 def load_failure(exc: Exception, root: Path, index: dict[str, Any], pipeline: str) -> str:
     """One line for a load that failed inside diffusers: the component's folder and class, and the first line
     of the library's reason."""
-    reason = first_line(exc)
+    reason = first_line(exc, typed=True)
     name = failing_component(exc)
     if name is not None and isinstance(index.get(name), list):
         where, what = root / name, f"{name} ({index[name][1]})"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 import diffc
 from diffc.errors import CheckpointError
 from diffc.pipelines.generic.checks import COUNT, TABLE, WIDTH, check_sizes, size_bound
+from tests.helpers import assert_planted_code_never_runs
 
 
 def _edit_json(path, **fields):
@@ -193,23 +195,28 @@ def test_a_component_naming_code_in_its_folder_never_runs_it(generic_checkpoint,
     its tokenizer through AutoTokenizer; a tokenizer_config.json naming a class of its own .py file (auto_map) made
     transformers ask "Do you wish to run the custom code? [y/N]" on the terminal, and a yes ran it. Now refused,
     naming the file, before diffusers reads the folder."""
-    monkeypatch.setattr("builtins.input", lambda *args: "y")  # the user at the terminal says yes
     root = shutil.copytree(generic_checkpoint("sd3"), tmp_path / "ckpt")
     _edit_json(root / "model_index.json", tokenizer=["transformers", "CLIPProcessor"])
-    folder = root / "tokenizer"
-    (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor"}))
-    _edit_json(folder / "tokenizer_config.json", tokenizer_class="Planted",
-               auto_map={"AutoTokenizer": ["planted.Planted", "planted.Planted"]})
-    marker = tmp_path / "payload-ran"
-    (folder / "planted.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
-                                       "from transformers import CLIPTokenizer as Planted\n")
-    try:
-        with pytest.raises(CheckpointError) as info:
-            diffc.load(root, device="cpu")
-    finally:
-        assert not marker.exists(), "the folder's code ran"
-    assert str(info.value) == (f"{folder / 'tokenizer_config.json'}: 'auto_map' names a class defined by Python code "
-                               "in the folder; diffc never runs code from a checkpoint"), info.value
+    processor = {"image_processor_type": "CLIPImageProcessor"}  # the tokenizer folder is a CLIPProcessor's
+    (root / "tokenizer" / "preprocessor_config.json").write_text(json.dumps(processor))
+    assert_planted_code_never_runs(root, "tokenizer", "CLIPTokenizer", monkeypatch)
+
+
+@pytest.mark.parametrize("exc,reason", [
+    (TypeError("unsupported operand\nmore"), "TypeError: unsupported operand"),  # the type says what went wrong
+    (KeyError(), "KeyError"),
+    # transformers' refusal (trust_remote_code=False) of a folder refuse_folder_code did not catch: explained
+    (ValueError("The repository /ckpt/tokenizer contains custom code which must be executed to correctly load the "
+                "model. You can inspect the repository content at /ckpt/tokenizer .\n"),
+     "its configuration names a class defined by Python code in the folder (auto_map); diffc never runs code from a "
+     "checkpoint"),
+])
+def test_a_failure_inside_diffusers_is_one_line(exc, reason):
+    from diffc.pipelines.generic.loader import load_failure
+
+    index = {"tokenizer": ["transformers", "CLIPTokenizer"]}
+    assert load_failure(exc, Path("/ckpt"), index, "StableDiffusion3Pipeline") == \
+        f"/ckpt: diffusers could not load StableDiffusion3Pipeline ({reason})"
 
 
 @pytest.mark.parametrize("name, text, refused", [

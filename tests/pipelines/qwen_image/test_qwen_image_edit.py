@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -11,8 +10,8 @@ import torch
 from PIL import Image
 
 import diffc
-from diffc.errors import CheckpointError, InvalidArgumentError
-from tests.helpers import psnr_uint8
+from diffc.errors import InvalidArgumentError
+from tests.helpers import assert_planted_code_never_runs, psnr_uint8
 
 from .test_qwen_image import reference
 
@@ -127,17 +126,5 @@ def test_rgba_and_grayscale_inputs_become_rgb(loaded):
 def test_a_processor_naming_code_in_its_folder_never_runs_it(qwen_checkpoint, tmp_path, monkeypatch):
     """Found by an audit: the ``processor`` folder's tokenizer_config.json naming a class of its own .py file
     (auto_map) made transformers ask "Do you wish to run the custom code? [y/N]" on the terminal, and a yes ran it."""
-    monkeypatch.setattr("builtins.input", lambda *args: "y")  # the user at the terminal says yes
     root = shutil.copytree(qwen_checkpoint("edit")[0], tmp_path / "ckpt")
-    marker, config = tmp_path / "payload-ran", root / "processor" / "tokenizer_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "tokenizer_class": "Planted",
-                                  "auto_map": {"AutoTokenizer": ["planted.Planted", "planted.Planted"]}}))
-    (root / "processor" / "planted.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
-                                                   "from transformers import Qwen2TokenizerFast as Planted\n")
-    try:
-        with pytest.raises(CheckpointError) as info:
-            diffc.load(root, device="cpu")
-    finally:
-        assert not marker.exists(), "the folder's code ran"
-    assert str(info.value) == (f"{config}: 'auto_map' names a class defined by Python code in the folder; diffc "
-                               "never runs code from a checkpoint"), info.value
+    assert_planted_code_never_runs(root, "processor", "Qwen2TokenizerFast", monkeypatch)
