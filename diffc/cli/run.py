@@ -24,7 +24,11 @@ def add_parser(sub) -> None:
     add_model_flags(p, "run")
     p.add_argument("--prompt", help="text prompt")
     p.add_argument("--image", action="append", metavar="FILE",
-                   help="input image for editing and image-to-video models (repeat for models taking several)")
+                   help="input image for editing and image-to-video models (repeat for models taking several); "
+                        "image-to-video: the first frame")
+    p.add_argument("--last-image", metavar="FILE",
+                   help="the video's last frame, with --image as its first (diffusers' last_image; the same as a "
+                        "second --image): Wan2.1 FLF2V needs it, Wan2.2 I2V-A14B takes it")
     p.add_argument("--negative-prompt", help="negative prompt, for models with classifier-free guidance (Wan, "
                    "Z-Image, Qwen-Image and -Edit; FLUX.1 and Kontext with --true-cfg-scale)")
     p.add_argument("--height", type=int, help="output height in pixels")
@@ -74,8 +78,8 @@ def numbered(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
 
 
-def read_image(path: str):
-    """Open an input image fully (so a bad file fails here, naming it), as PIL reads it, in one of
+def read_image(path: str, flag: str = "--image"):
+    """Open an input image fully (so a bad file fails here, naming it ``flag``), as PIL reads it, in one of
     ``IMAGE_FORMATS`` (formats Pillow decodes itself: no Ghostscript for an EPS file)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -84,32 +88,57 @@ def read_image(path: str):
     from ..pipelines.images import IMAGE_FORMATS, declared_too_large, too_large, upright
 
     if not str(path).strip():  # Path("") is the current directory
-        raise InvalidArgumentError("--image", "is empty; give an image file")
+        raise InvalidArgumentError(flag, "is empty; give an image file")
     if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():  # a FIFO, a device: would block
-        raise InvalidArgumentError("--image", f"{path} is not a regular file; give an image file")
+        raise InvalidArgumentError(flag, f"{path} is not a regular file; give an image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below, in one line
             with Image.open(path, formats=IMAGE_FORMATS) as im:
                 w, h = im.size
                 if too_large(w, h):
-                    raise InvalidArgumentError("--image", f"{path} is {w}x{h} pixels, {too_large(w, h)}")
+                    raise InvalidArgumentError(flag, f"{path} is {w}x{h} pixels, {too_large(w, h)}")
                 im.load()
                 return upright(im.copy())
     except InvalidArgumentError:
         raise
     except FileNotFoundError:
-        raise InvalidArgumentError("--image", f"file not found: {path}") from None
+        raise InvalidArgumentError(flag, f"file not found: {path}") from None
     except IsADirectoryError:
-        raise InvalidArgumentError("--image", f"{path} is a directory; give an image file") from None
+        raise InvalidArgumentError(flag, f"{path} is a directory; give an image file") from None
     except UnidentifiedImageError:
         names = ", ".join(f.replace("WEBP", "WebP") for f in IMAGE_FORMATS)
-        raise InvalidArgumentError("--image", f"{path}: not an image diffc reads ({names})") from None
+        raise InvalidArgumentError(flag, f"{path}: not an image diffc reads ({names})") from None
     except Image.DecompressionBombError as exc:  # a header declaring billions of pixels, refused by Pillow's open
-        raise InvalidArgumentError("--image", f"{path} is {declared_too_large(exc)}") from None
+        raise InvalidArgumentError(flag, f"{path} is {declared_too_large(exc)}") from None
     except (OSError, ValueError, SyntaxError) as exc:  # SyntaxError: a broken PNG
         reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise InvalidArgumentError("--image", f"{path}: not a readable image ({reason})") from None
+        raise InvalidArgumentError(flag, f"{path}: not a readable image ({reason})") from None
+
+
+def check_last_image_flags(args: argparse.Namespace) -> None:
+    """``--last-image`` comes with one ``--image``, the first frame (checked before the model loads)."""
+    if args.last_image is None:
+        return
+    if not str(args.last_image).strip():
+        raise InvalidArgumentError("--last-image", "is empty; give an image file")
+    if not args.image:
+        raise InvalidArgumentError("--last-image", "needs the first frame too: --image FIRST --last-image LAST")
+    if len(args.image) > 1:
+        raise InvalidArgumentError("--last-image", f"goes with one --image (the first frame), got {len(args.image)} "
+                                                   "--image files: give --image FIRST --last-image LAST")
+
+
+def check_last_frame(pipe, args: argparse.Namespace, count: int) -> None:
+    """A last frame where the checkpoint reads one, and none missing where it needs one, in the flags' words
+    (a second ``--image`` is refused by the pipeline, naming ``--image``)."""
+    from ..pipelines.base import last_frame_input
+
+    mode, why = last_frame_input(pipe)
+    if args.last_image is not None and mode == "none":
+        raise InvalidArgumentError("--last-image", why)
+    if mode == "required" and count == 1:
+        raise InvalidArgumentError("--last-image", f"{why}: give --image FIRST --last-image LAST")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--output", args.output), ("--perf-dump-path", args.perf_dump_path)):
         if value is not None and not str(value).strip():
             raise InvalidArgumentError(flag, "is empty; give a file name")
+    check_last_image_flags(args)
     layout = par.parallel_config(args)
     if layout is not None and not par.in_worker():
         choice = resolve_model(args)
@@ -167,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
                                     choice.output)
     dump_path = check_json_output(args.perf_dump_path, "--perf-dump-path") if args.perf_dump_path else None
     reads = {"checkpoint": choice.path, "artifact": args.compiled}
-    files = {"--image": args.image, "--config": [args.config]}
+    files = {"--image": args.image, "--last-image": [args.last_image], "--config": [args.config]}
     for flag, path in [("--output", p) for p in numbered(output, count)] + [("--perf-dump-path", dump_path)]:
         if flag == "--output" and count > 1 and choice.output is not None:  # OUTPUT-i: a folder, a name too long
             check_media_output(path, choice.output)
@@ -175,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
             check_outside(path, flag, reads)
             check_not_input(path, flag, files)
     images = [read_image(path) for path in args.image or ()]
+    if args.last_image is not None:
+        images.append(read_image(args.last_image, "--last-image"))
     if choice.notice and main_rank:
         print(choice.notice, file=sys.stderr)
     for key, value in choice.defaults.items():
@@ -200,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         output = check_media_output(output, pipe.spec.output)
         if pipe.spec.output == "image" and args.fps is not None:
             raise InvalidArgumentError("--fps", "applies to video models only")
+    check_last_frame(pipe, args, len(images))
     if lora is not None:
         for adapter in pipe.set_lora(**lora)["loaded_adapters"]:
             for w in adapter["warnings"]:

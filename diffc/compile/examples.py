@@ -51,7 +51,7 @@ def _max_sequence_length(pipe, request: dict[str, Any]) -> int:
 def example_request(pipe, request: dict[str, Any]) -> dict[str, Any]:
     """A bucket as generation arguments: its ``image_size`` as example images, its ``prompt_length`` as example
     prompts of that padded text length, and for a model that needs an input image (editing, image-to-video)
-    without ``image_size``, a grey one at the bucket's own size."""
+    without ``image_size``, a grey one at the bucket's own size (:func:`with_example_images`)."""
     request = example_images(request)
     if "prompt_length" in request:
         request = dict(request)
@@ -64,8 +64,19 @@ def example_request(pipe, request: dict[str, Any]) -> dict[str, Any]:
         text = prompt_lengths.example_prompt(pipe, length, _max_sequence_length(pipe, request))
         batch = request.get("prompt")
         request["prompt"] = [text] * (len(batch) if isinstance(batch, list) and batch else 1)
+    return with_example_images(pipe, request)
+
+
+def with_example_images(pipe, request: dict[str, Any]) -> dict[str, Any]:
+    """``request`` with the input images the model needs to reach its DiT: a grey one at the bucket's size where it
+    needs an image and has none (editing, image-to-video), and where the checkpoint needs a first and a last frame
+    (Wan2.1 FLF2V, whose DiT reads both frames' image tokens) the one image as both: their sizes do not change the
+    DiT's shapes (each frame is resized to the video's size)."""
     if getattr(pipe.spec, "image_input", "none") == "required" and request.get("image") is None:
         request = {**request, "image": example_image(request)}
+    image, last_frame = request.get("image"), getattr(pipe.spec, "last_frame", None)  # PipelineSpec.last_frame
+    if image is not None and not isinstance(image, (list, tuple)) and last_frame and last_frame(pipe)[0] == "required":
+        request = {**request, "image": [image, image]}
     return request
 
 
@@ -97,4 +108,5 @@ def example_image(request: dict[str, Any]):
     return Image.new("RGB", (int(request.get("width") or 1024), int(request.get("height") or 1024)), (128, 128, 128))
 
 
-__all__ = ["EXAMPLE_PROMPT", "example_image", "example_images", "example_request", "expand_prompt_lengths"]
+__all__ = ["EXAMPLE_PROMPT", "example_image", "example_images", "example_request", "expand_prompt_lengths",
+           "with_example_images"]

@@ -84,6 +84,19 @@ class PipelineSpec:
     # the multiple the sequence is padded to: a compile then covers every prompt (``prompt_lengths``)
     prompt_tokens: Callable[["Pipeline", str, int], int] | None = None
     prompt_multiple: int = 1
+    # whether a checkpoint reads a request's second image as the video's last frame (``image=[first, last]``,
+    # diffusers' ``last_image``): ``(pipe) -> ("none" | "optional" | "required", why)``; None: no checkpoint does
+    last_frame: Callable[["Pipeline"], tuple[str, str]] | None = None
+
+
+def last_frame_input(pipe) -> tuple[str, str]:
+    """Whether ``pipe``'s checkpoint reads a last frame (``image=[first, last]``): ``"none"``, ``"optional"`` or
+    ``"required"``, with why, as a clause the surfaces (``--last-image``, ``last_frame``) put in their errors."""
+    spec = pipe.spec
+    if getattr(spec, "last_frame", None) is None:
+        return "none", (f"{spec.pipeline_class} takes no last frame (first-last-frame video: Wan2.1 FLF2V, "
+                        "Wan2.2 I2V-A14B)")
+    return spec.last_frame(pipe)
 
 
 _SPECS = {

@@ -80,23 +80,32 @@ def validate(pipe, request: GenerationRequest) -> None:
                                    f"(nearest: {nearest_valid(n, VAE_ENCODE_CHUNK, 1)})")
 
 
-def check_last_frame(pipe, request: GenerationRequest) -> None:
-    """``image=[first, last]`` (a first and a last frame, diffusers' ``last_image``) where the checkpoint reads it:
-    Wan2.1 FLF2V (its DiT pairs the two frames' image tokens, ``pos_embed_seq_len``, and needs both) and DiTs without
-    an image encoder (Wan2.2 I2V-A14B), which see the frames through the VAE latents only."""
+def last_frame_input(pipe) -> tuple[str, str]:
+    """Whether this checkpoint reads a last frame (``image=[first, last]``, diffusers' ``last_image``), and why:
+    Wan2.1 FLF2V needs one (its DiT pairs the two frames' image tokens, ``pos_embed_seq_len``); a DiT without an
+    image encoder (Wan2.2 I2V-A14B) takes one or not, seeing the frames through the VAE latents only; Wan2.1 I2V
+    (one image's tokens) and ``expand_timesteps`` checkpoints take the first frame only."""
     dit = pipe.components["transformer"].config
+    if dit.pos_embed_seq_len:
+        return "required", "this first-last-frame checkpoint (pos_embed_seq_len) needs a first and a last frame"
+    if pipe.config.get("expand_timesteps"):
+        return "none", "this checkpoint (expand_timesteps) takes one image, the first frame"
+    if dit.image_dim is not None:
+        return "none", ("this checkpoint takes one image, the first frame: a last frame needs a first-last-frame "
+                        "checkpoint (pos_embed_seq_len) or one without an image encoder (Wan2.2 I2V-A14B)")
+    return "optional", "this checkpoint takes a first frame, and a last frame if given"
+
+
+def check_last_frame(pipe, request: GenerationRequest) -> None:
+    """``image=[first, last]`` where the checkpoint reads a last frame (:func:`last_frame_input`), and only there."""
+    mode, why = last_frame_input(pipe)
     two = isinstance(request.image, list) and len(request.image) == 2
-    if dit.pos_embed_seq_len and not two:
-        raise InvalidArgumentError("image", "this first-last-frame checkpoint (pos_embed_seq_len) needs a first and a "
-                                            "last frame: image=[first, last]")
+    if mode == "required" and not two:
+        raise InvalidArgumentError("image", f"{why}: image=[first, last]")
     if not two:
         return
-    if pipe.config.get("expand_timesteps"):
-        raise InvalidArgumentError("image", "this checkpoint (expand_timesteps) takes one image, the first frame")
-    if dit.image_dim is not None and not dit.pos_embed_seq_len:
-        raise InvalidArgumentError("image", "this checkpoint takes one image, the first frame: a last frame needs a "
-                                            "first-last-frame checkpoint (pos_embed_seq_len) or one without an image "
-                                            "encoder (Wan2.2 I2V-A14B)")
+    if mode == "none":
+        raise InvalidArgumentError("image", why)
     if request.num_frames < 2:
         raise InvalidArgumentError("num_frames", f"a first and a last frame need at least {1 + VAE_ENCODE_CHUNK} "
                                                  f"frames, got {request.num_frames}")
@@ -110,6 +119,7 @@ WAN_I2V_SPEC = dataclasses.replace(
     validate=validate,
     image_input="required",
     max_images=2,  # the first frame, and a last frame where the checkpoint reads one (check_last_frame)
+    last_frame=last_frame_input,
     optional_components=("image_encoder", "image_processor", "transformer_2"),
     for_config=None,
 )

@@ -158,7 +158,7 @@ class Engine(BatchRunner):
         """Validate a request against the limits and the model; return a job ready to submit.
 
         ``image``: the input image(s) of an edit (PIL; without ``size`` the model sizes the output from them), or
-        the first frame of an image-to-video model (resized to the video's size)."""
+        the first frame of an image-to-video model, or its first and last frames (resized to the video's size)."""
         if self.state != "ready":
             raise NotReady(self.not_ready_message())
         pipe, lim = self.pipe, self.limits
@@ -407,15 +407,14 @@ class Engine(BatchRunner):
             future.set_exception(exc)
 
     def _warm_up(self, pipe) -> None:
+        from ..compile.examples import with_example_images  # editing, image-to-video: grey input images
+
         options = {"height": self._default("height", pipe), "width": self._default("width", pipe),
                    "num_inference_steps": 1, **{k: self._default(k, pipe) for k in SERVER_DEFAULTED}}
         if pipe.spec.output == "video":
             options["num_frames"] = self._default("num_frames", pipe)
         options.update(self.warmup)
-        if pipe.spec.image_input == "required" and options.get("image") is None:
-            from ..compile.examples import example_image  # editing, image-to-video: a grey input image
-
-            options["image"] = example_image(options)
+        options = with_example_images(pipe, options)
         start = time.perf_counter()
         pipe.generate("warm-up", seed=0, progress=False, **{k: v for k, v in options.items() if v is not None})
         log.info("warm-up took %.2f s", time.perf_counter() - start)

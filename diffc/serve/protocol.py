@@ -140,13 +140,16 @@ class VideoRequest(_Request):
     """``POST /v1/videos`` (JSON or form data, as the ``openai`` client sends it)."""
 
     HINTS: ClassVar[dict[str, str]] = {
-        name: "an image-to-video model's first frame is 'input_reference' (an uploaded file or a base64 data URL)"
-        for name in ("image", "image_url", "first_frame")}
+        **{name: "an image-to-video model's first frame is 'input_reference' (an uploaded file or a base64 data URL)"
+           for name in ("image", "image_url", "first_frame")},
+        **{name: "a first-last-frame model's last frame is 'last_frame' (an uploaded file or a base64 data URL)"
+           for name in ("last_image", "end_image", "last_frame_image")}}
 
     seconds: float | None = None
     num_frames: int | None = None
     fps: int | None = None
-    input_reference: Any = None
+    input_reference: Any = None  # the first frame (image-to-video)
+    last_frame: Any = None  # the last frame (first-last-frame checkpoints: Wan2.1 FLF2V, Wan2.2 I2V-A14B)
 
     def check_supported(self) -> None:
         if self.seconds is not None and self.num_frames is not None:

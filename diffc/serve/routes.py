@@ -28,6 +28,8 @@ from .uploads import Upload, decode_image, reference_bytes
 ID_RE = re.compile(r"^(img|video)_[0-9a-f]{32}$")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 PARAM_OF_FIELD = {"height": "size", "width": "size"}  # pipeline fields -> request parameters
+# a video's input frames: the pipeline's ``image`` (one) or ``image[0]``, ``image[1]`` (a first and a last frame)
+VIDEO_PARAMS = {"image": "input_reference", "image[0]": "input_reference", "image[1]": "last_frame"}
 
 public = APIRouter()
 
@@ -345,25 +347,50 @@ def _find_video(engine: Engine, video_id: str) -> Job:
     return job
 
 
+VIDEO_FILES = ("input_reference", "last_frame")  # a video's input frames: the first, and the last (first-last-frame)
+
+
+def _check_frames(engine: Engine, req: VideoRequest) -> None:
+    """The request's input frames against the model, before they are decoded: ``input_reference`` (the first frame)
+    where the model takes one, ``last_frame`` where the checkpoint reads one (Wan2.1 FLF2V needs it)."""
+    from ..pipelines.base import last_frame_input
+
+    if engine.state != "ready":  # refused (503) by check_room or engine.prepare
+        return
+    pipe = engine.pipe
+    name = f"'{engine.model_id}' ({pipe.spec.pipeline_class})"
+    for field in VIDEO_FILES:
+        if getattr(req, field) is not None and pipe.spec.image_input == "none":
+            raise invalid(field, f"{name} is a text-to-video model and takes no input image",
+                          code="model_not_supported")
+    mode, why = last_frame_input(pipe)
+    if req.last_frame is not None and mode == "none":
+        raise invalid("last_frame", f"'{engine.model_id}': {why}", code="model_not_supported")
+    if req.input_reference is None and (pipe.spec.image_input == "required" or req.last_frame is not None):
+        raise invalid("input_reference", f"{name} is an image-to-video model: send its first frame as input_reference "
+                                         "(an uploaded image file or a base64 data URL)",
+                      code="missing_required_parameter")
+    if req.last_frame is None and mode == "required":
+        raise invalid("last_frame", f"'{engine.model_id}': {why}: send the last frame as last_frame (an uploaded image "
+                                    "file or a base64 data URL) beside input_reference",
+                      code="missing_required_parameter")
+
+
 @v1.post("/videos")
 async def create_video(request: Request) -> dict[str, Any]:
     engine = engine_of(request)
-    req: VideoRequest = parse_body(VideoRequest, await read_payload(request, files=("input_reference",)))
-    image = None
+    req: VideoRequest = parse_body(VideoRequest, await read_payload(request, files=VIDEO_FILES))
+    _check_frames(engine, req)
+    extra: dict[str, Any] = {}
     if req.input_reference is not None:
-        if engine.state == "ready" and engine.pipe.spec.image_input == "none":
-            raise invalid("input_reference", f"'{engine.model_id}' ({engine.pipe.spec.pipeline_class}) is a "
-                                             "text-to-video model and takes no input image", code="model_not_supported")
         check_room(engine)
-        upload = Upload(reference_bytes(req.input_reference), "input_reference")
-        image = await anyio.to_thread.run_sync(decode_image, upload.data, upload.field,
-                                               limiter=request.app.state.decodes)
-    elif engine.state == "ready" and engine.pipe.spec.image_input == "required":
-        raise invalid("input_reference", f"'{engine.model_id}' ({engine.pipe.spec.pipeline_class}) is an image-to-"
-                                         "video model: send its first frame as input_reference (an uploaded image "
-                                         "file or a base64 data URL)", code="missing_required_parameter")
-    job = _prepare(engine, "video", req, params={"image": "input_reference"}, num_frames=req.num_frames,
-                   seconds=req.seconds, fps=req.fps, **({} if image is None else {"image": image, "uploads": upload}))
+        uploads = [Upload(reference_bytes(getattr(req, f), f), f) for f in VIDEO_FILES if getattr(req, f) is not None]
+        images = await anyio.to_thread.run_sync(lambda: [decode_image(u.data, u.field) for u in uploads],
+                                                limiter=request.app.state.decodes)
+        extra = {"image": images[0], "uploads": uploads[0]} if len(images) == 1 else \
+            {"image": images, "uploads": uploads}
+    job = _prepare(engine, "video", req, params=VIDEO_PARAMS, num_frames=req.num_frames, seconds=req.seconds,
+                   fps=req.fps, **extra)
     return _video_object(engine, job)
 
 

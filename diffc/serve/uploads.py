@@ -1,10 +1,10 @@
 """Input images sent to the server: uploaded files and base64 data URLs, decoded once, fully, and bounded.
 
 Used by ``POST /v1/images/edits`` (the ``image`` files) and ``POST /v1/videos`` (``input_reference``, the
-first frame of an image-to-video model). Every problem is a 400 naming the field: an empty or oversized
-file, a file that is not a PNG, JPEG or WebP image, an image too large or of a mode that cannot become RGB.
-Only those three formats are opened: Pillow hands other formats to other code (EPS and PostScript to a
-Ghostscript process). The server never fetches a URL and knows no file ids.
+first frame of an image-to-video model, and ``last_frame``, the last of a first-last-frame one). Every problem
+is a 400 naming the field: an empty or oversized file, a file that is not a PNG, JPEG or WebP image, an image
+too large or of a mode that cannot become RGB. Only those three formats are opened: Pillow hands other formats
+to other code (EPS and PostScript to a Ghostscript process). The server never fetches a URL and knows no file ids.
 """
 
 from __future__ import annotations

@@ -163,6 +163,17 @@ def build_wan_variant(kind: str, tok_dir: Path):
                                              image_processor=processor)
 
 
+def save_wan_variant(kind: str, root: Path) -> Path:
+    """Save the tiny pipeline of :func:`build_wan_variant` under ``root`` as published; its checkpoint folder."""
+    build_wan_variant(kind, root / "tok").save_pretrained(root / "ckpt", safe_serialization=True)
+    index_path = root / "ckpt" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    if index.get("image_processor", [None])[0]:  # the class name the published checkpoints carry
+        index["image_processor"] = ["transformers", "CLIPImageProcessor"]
+        index_path.write_text(json.dumps(index))
+    return root / "ckpt"
+
+
 @pytest.fixture(scope="session")
 def wan22_checkpoint(tmp_path_factory):
     """Factory: ``wan22_checkpoint(kind) -> Path`` of a saved tiny pipeline of :func:`build_wan_variant`."""
@@ -170,14 +181,7 @@ def wan22_checkpoint(tmp_path_factory):
 
     def make(kind: str) -> Path:
         if kind not in cache:
-            root = tmp_path_factory.mktemp(f"wan-{kind}")
-            build_wan_variant(kind, root / "tok").save_pretrained(root / "ckpt", safe_serialization=True)
-            index_path = root / "ckpt" / "model_index.json"
-            index = json.loads(index_path.read_text())
-            if index.get("image_processor", [None])[0]:  # the class name the published checkpoints carry
-                index["image_processor"] = ["transformers", "CLIPImageProcessor"]
-                index_path.write_text(json.dumps(index))
-            cache[kind] = root / "ckpt"
+            cache[kind] = save_wan_variant(kind, tmp_path_factory.mktemp(f"wan-{kind}"))
         return cache[kind]
 
     return make
