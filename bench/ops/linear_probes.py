@@ -1,11 +1,15 @@
-"""Two probes of the DiTs' linear layers against cuBLAS's own pick, bf16, each GEMM replayed from a CUDA graph.
+"""Three probes of the DiTs' linear layers, each GEMM replayed from a CUDA graph.
 
 ``same-input``: linears that read one input (QKV; FLUX.1's single-block QKV + MLP) as separate GEMMs against one GEMM
 over their concatenated weights (what ``--enable concat_linear`` does in a graph). ``tunableop``: torch's TunableOp
-(``torch.cuda.tunable``: the cuBLASLt algorithms for a shape timed, the fastest kept) against the default pick::
+(``torch.cuda.tunable``: the cuBLASLt algorithms for a shape timed, the fastest kept) against the default pick.
+``fp8-accum``: the fp8 tier's rowwise-scaled ``_scaled_mm`` with and without ``use_fast_accum`` (Hopper's fp8 MMA
+accumulating without the periodic promotion to float32), tensorwise scaling and bf16 beside them, and each one's
+error against float32 on the same dequantized operands::
 
     python -m bench.ops.linear_probes same-input --out same_input.json
     python -m bench.ops.linear_probes tunableop --out tunableop.json
+    python -m bench.ops.linear_probes fp8-accum --out fp8_accum.json
 
 Timings are medians of interleaved rounds (the order reverses each round), so clock drift falls on both sides.
 """
@@ -92,15 +96,56 @@ def tunableop(device) -> list[dict]:
     return rows_out
 
 
+def fp8_accum(device) -> list[dict]:
+    from diffc.ops.fp8 import fp8_linear_ref, quantize_rows_ref, quantize_weight
+
+    rows_out = []
+    for rows, k, n in SHAPES:
+        x, w, b = _linear_inputs(rows, k, n, device)
+        q, qs = quantize_rows_ref(x)
+        w8, ws = quantize_weight(w)
+        wt = w8.t()
+        one = torch.ones((), device=device)
+
+        def rowwise(fast: bool) -> torch.Tensor:
+            return torch._scaled_mm(q, wt, qs, ws, b, None, torch.bfloat16, fast)
+
+        def tensorwise(fast: bool) -> torch.Tensor:
+            return torch._scaled_mm(q, wt, one, one, b, None, torch.bfloat16, fast)
+
+        calls = {"bf16": lambda: F.linear(x, w, b), "rowwise": lambda: rowwise(False),
+                 "rowwise_fast": lambda: rowwise(True), "tensorwise": lambda: tensorwise(False),
+                 "tensorwise_fast": lambda: tensorwise(True)}
+        t = interleaved_ms({name: capture_graph(fn) for name, fn in calls.items()})
+        exact = fp8_linear_ref(q, qs, w8, ws, b, torch.float32)
+        full = F.linear(x.float(), w.float(), b.float())
+        err = {name: float((calls[name]().float() - exact).norm() / exact.norm()) for name in ("rowwise", "rowwise_fast")}
+        err["bf16_vs_fp32"] = float((calls["bf16"]().float() - full).norm() / full.norm())
+        err["rowwise_fast_vs_fp32_linear"] = float((rowwise(True).float() - full).norm() / full.norm())
+        err["rowwise_vs_fp32_linear"] = float((rowwise(False).float() - full).norm() / full.norm())
+        flop = 2 * rows * k * n
+        rows_out.append({"shape": [rows, k, n], **{f"{name}_ms": v for name, v in t.items()},
+                         **{f"rel_l2_{name}": v for name, v in err.items()}})
+        rates = "  ".join(f"{name} {v:.4f} ms ({flop / v / 1e9:.0f})" for name, v in t.items())
+        print(f"{rows:6}x{k:5}->{n:5}  {rates}  fast/plain {t['rowwise_fast'] / t['rowwise']:.3f}  "
+              f"accumulation err plain {err['rowwise']:.1e} fast {err['rowwise_fast']:.1e}  "
+              f"vs fp32 linear plain {err['rowwise_vs_fp32_linear']:.2e} fast {err['rowwise_fast_vs_fp32_linear']:.2e}",
+              flush=True)
+    return rows_out
+
+
+PROBES = {"same-input": same_input, "tunableop": tunableop, "fp8-accum": fp8_accum}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("probe", choices=("same-input", "tunableop"))
+    parser.add_argument("probe", choices=tuple(PROBES))
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("linear_probes needs a CUDA GPU")
     device = torch.device("cuda")
-    rows = same_input(device) if args.probe == "same-input" else tunableop(device)
+    rows = PROBES[args.probe](device)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f, indent=1)
