@@ -103,7 +103,7 @@ CONFIGS: dict[str, Config] = {c.name: c for c in (
     # the fp8 tier without one of its steps (fp8 attention, the standalone quantization of unfused inputs)
     *(Config(f"diffc-compiled-fp8-no-{name}", "diffc", dit_only=True, on_cpu_by_default=False, base="diffc-compiled",
              setup=lambda e, r, name=name: e.compile(r.inputs, r.wl, tier="fp8", disable=(name,), graphs=True))
-      for name in ("fp8_attention", "fp8_quantize_rows", "fp8_quantize_concat", "fp8_gemv")),
+      for name in ("fp8_attention", "fp8_quantize_rows", "fp8_quantize_concat", "fp8_gemv", "fp8_fast_accum")),
     *(Config(f"diffc-compiled-no-{name}", "diffc", dit_only=True, on_cpu_by_default=False,
              setup=lambda e, r, name=name: e.compile(r.inputs, r.wl, disable=(name,), graphs=True))
       for name in ABLATIONS),

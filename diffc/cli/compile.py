@@ -52,8 +52,8 @@ def add_parser(sub) -> None:
                         "pays) and fp8 self-attention with flashinfer on Hopper (bf16 models; quality report in "
                         "the log)")
     p.add_argument("--disable", default="", help="comma-separated passes to leave out (for measuring each one; "
-                                                 "fp8_attention, fp8_quantize_rows, fp8_quantize_concat and "
-                                                 "fp8_gemv leave out fp8 steps; key_mask_attention leaves "
+                                                 "fp8_attention, fp8_quantize_rows, fp8_quantize_concat, "
+                                                 "fp8_gemv and fp8_fast_accum leave out fp8 steps; key_mask_attention leaves "
                                                  "attention under a prompt-padding mask to the masked SDPA)")
     p.add_argument("--enable", default="",
                    help="comma-separated opt-in passes to run too (concat_linear, cat_linear_rows)")

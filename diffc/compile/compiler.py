@@ -58,8 +58,9 @@ class BucketReport:
 # ``fp8_quantize_rows`` keeps the linears whose input no fused kernel quantizes in bf16,
 # ``fp8_quantize_concat`` quantizes a concatenation after writing it (not from its parts), ``fp8_gemv`` keeps
 # the bf16 weights of the few-row linears ``diffc.gemv`` runs (the adaptive norms' projections), ``fp8_attention``
-# keeps attention in bf16.
-FP8_STEPS = ("fp8_quantize_rows", "fp8_quantize_concat", "fp8_gemv", "fp8_attention")
+# keeps attention in bf16, ``fp8_fast_accum`` has the fp8 GEMMs promote their sums to float32 every few k-steps
+# (``_scaled_mm``'s ``use_fast_accum=False``) instead of accumulating in the fp8 MMA's own precision.
+FP8_STEPS = ("fp8_quantize_rows", "fp8_quantize_concat", "fp8_gemv", "fp8_attention", "fp8_fast_accum")
 # the attention lowering's step for calls under a mask that drops keys (disabled: they stay masked sdpa)
 KEY_MASK_STEP = "key_mask_attention"
 
@@ -164,7 +165,8 @@ def _rewrite(program, *, device, dtype, tier, disable, enable, attention):
     if tier == "fp8":
         Fp8LinearPass(standalone="fp8_quantize_rows" not in disable,
                       concat="fp8_quantize_concat" not in disable,
-                      gemv="fp8_gemv" not in disable)(program, lowering)
+                      gemv="fp8_gemv" not in disable,
+                      fast_accum="fp8_fast_accum" not in disable)(program, lowering)
         counters.matches[Fp8LinearPass.name] = lowering.replaced
     return dict(counters.matches), choice, lowering
 

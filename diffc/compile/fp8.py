@@ -25,7 +25,10 @@ second part is a ``diffc.gelu_tanh`` read by nothing else, ``diffc.quantize_rows
 GELU in the same pass (``concat_gelu``). (Quantizing as separate torch
 ops, ``abs``/``amax``/``div``/``to``, costs as much as fp8 saves: ``GPU-NOTES.md``.) :class:`Fp8Lowering`
 lists every bf16 site with the reason. Only bf16 models are lowered (``_scaled_mm``'s rowwise mode writes
-bf16).
+bf16). The GEMMs pass ``use_fast_accum``: on Hopper the fp8 MMA then sums in its own precision instead of promoting
+to float32 every few k-steps, 0.67-0.96x the time at the DiTs' shapes for 1.7e-3 -> 1.7-3.2e-3 relative error
+against float32 on the same operands, beside the 2.3-3.5e-2 the quantization itself costs
+(``bench/results/ops/h100-2026-12-08-fp8-fast-accum.txt``); ``--disable fp8_fast_accum`` keeps the plain sums.
 """
 
 from __future__ import annotations
@@ -149,8 +152,8 @@ class Fp8LinearPass:
 
     name = "fp8_linear"
 
-    def __init__(self, standalone: bool = True, concat: bool = True, gemv: bool = True):
-        self.standalone, self.concat, self.gemv = standalone, concat, gemv
+    def __init__(self, standalone: bool = True, concat: bool = True, gemv: bool = True, fast_accum: bool = True):
+        self.standalone, self.concat, self.gemv, self.fast_accum = standalone, concat, gemv, fast_accum
 
     def __call__(self, program: torch.export.ExportedProgram, result: Fp8Lowering | None = None) -> Fp8Lowering:
         """Lower ``program`` in place, adding to ``result`` (a new one, holding a copy of the graph before, if None)."""
@@ -177,10 +180,10 @@ class Fp8LinearPass:
                 for lin in linears:
                     result.kept[_weight_name(lin.args[1], names) or lin.name] = reason
                 continue
-            self._lower(graph, node, fp8_op, out_index, out, linears, names, buffers, result)
+            self._lower(graph, node, fp8_op, out_index, out, linears, names, buffers, result, self.fast_accum)
             result.producers += 1
         if self.standalone:
-            self._lower_standalone(graph, names, buffers, result, self.concat)
+            self._lower_standalone(graph, names, buffers, result, self.concat, self.fast_accum)
         self._lower_gemv(graph, names, buffers, result, self.gemv)
         for node in graph.nodes:  # every other linear with an fp8 weight stays bf16: say why
             if node.op == "call_function" and node.target == aten.linear.default:
@@ -193,7 +196,7 @@ class Fp8LinearPass:
         return result
 
     @staticmethod
-    def _lower_standalone(graph, names, buffers, result, concat: bool = True) -> None:
+    def _lower_standalone(graph, names, buffers, result, concat: bool = True, fast_accum: bool = True) -> None:
         """Quantize the input of each remaining fp8-capable linear with ``diffc.quantize_rows`` where that pays
         (one quantization for the linears that share an input), from the parts of a concatenation only these
         linears read with ``diffc.quantize_rows_cat`` (``concat``)."""
@@ -236,7 +239,7 @@ class Fp8LinearPass:
                 _propagate_val(n)
             for lin in eligible:
                 result.kept.pop(_weight_name(lin.args[1], names), None)
-            Fp8LinearPass._replace_linears(graph, q, qs, list(val.shape), eligible, names, buffers, result)
+            Fp8LinearPass._replace_linears(graph, q, qs, list(val.shape), eligible, names, buffers, result, fast_accum)
             if gelu is not None:  # its output was read by the concatenation only, which has no reader left
                 out = gelu.args[2]
                 graph.erase_node(src)
@@ -274,7 +277,7 @@ class Fp8LinearPass:
             result.gemv += 1
 
     @staticmethod
-    def _lower(graph, producer, fp8_op, out_index, out, linears, names, buffers, result) -> None:
+    def _lower(graph, producer, fp8_op, out_index, out, linears, names, buffers, result, fast_accum: bool) -> None:
         src = out.args[0]
         shape = list(out.meta["val"].shape)
         rows = 1
@@ -288,14 +291,15 @@ class Fp8LinearPass:
             fused = graph.call_function(fp8_op, (*args, qs), dict(producer.kwargs))  # kwargs: modulation biases
         for n in (q, qs, fused):
             _propagate_val(n)
-        Fp8LinearPass._replace_linears(graph, q, qs, shape, linears, names, buffers, result)
+        Fp8LinearPass._replace_linears(graph, q, qs, shape, linears, names, buffers, result, fast_accum)
         graph.erase_node(producer)
         if not out.users:
             graph.erase_node(out)
 
     @staticmethod
-    def _replace_linears(graph, q, qs, shape, linears, names, buffers, result) -> None:
-        """Each linear reading the activation that (q, qs) quantize becomes a rowwise-scaled ``_scaled_mm``."""
+    def _replace_linears(graph, q, qs, shape, linears, names, buffers, result, fast_accum: bool) -> None:
+        """Each linear reading the activation that (q, qs) quantize becomes a rowwise-scaled ``_scaled_mm``,
+        accumulating in the fp8 MMA's own precision where ``fast_accum``."""
         rows = 1
         for n in shape[:-1]:
             rows *= n
@@ -308,7 +312,8 @@ class Fp8LinearPass:
             with graph.inserting_before(lin):
                 a = graph.call_function(aten.view.default, (q, [rows, shape[-1]]))
                 wt = graph.call_function(aten.t.default, (w8,))
-                mm = graph.call_function(aten._scaled_mm.default, (a, wt, qs, w_scale, bias, None, torch.bfloat16, False))
+                mm = graph.call_function(aten._scaled_mm.default, (a, wt, qs, w_scale, bias, None, torch.bfloat16,
+                                                                          fast_accum))
                 y = graph.call_function(aten.view.default, (mm, [*shape[:-1], n_out]))
             new_nodes += [a, wt, mm, y]
             y.meta.update({k: v for k, v in lin.meta.items() if k != "val"})
