@@ -15,7 +15,7 @@ from ..errors import InvalidArgumentError
 from .base import GenerationRequest, PipelineSpec, check_image_model_frames, check_int, nearest_valid
 from .fit import check_fit, setting
 from .denoise import check_terminal_steps, cpu_generators, denoise_loop, modulation_table, seeded_noise
-from .schedulers.flow_match_euler import calculate_shift
+from .schedulers.flow_match_euler import calculate_shift, check_time_shift
 from .stages import RunContext, Stage, check_finite, to_uint8
 from .text import tokenize
 
@@ -207,6 +207,7 @@ def validate(pipe, request: GenerationRequest) -> None:
         if value % multiple:
             raise InvalidArgumentError(field, f"FLUX needs a multiple of {multiple}, got {value} "
                                        f"(try {nearest_valid(value, multiple, 0, multiple)})")
+    check_time_shift(pipe.components["scheduler"], request.height, request.width, multiple ** 2)
     check_int("max_sequence_length", request.max_sequence_length, 1, T5_MAX_LENGTH)
     check_image_model_frames(request, "FLUX.1")
     check_true_cfg(request, pipe.spec.pipeline_class)

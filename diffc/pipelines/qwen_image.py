@@ -21,7 +21,7 @@ from .fit import check_fit, setting
 from .denoise import check_terminal_steps, cpu_generators, denoise_loop, modulation_table, seeded_noise
 from .flux import pack_latents, postprocess
 from .qwen_vl import T2I_DROP, T2I_TEMPLATE, TEXT_BUCKET, TOKENIZER_MAX_LENGTH, encode_texts, pad_to_bucket
-from .schedulers.flow_match_euler import calculate_shift
+from .schedulers.flow_match_euler import calculate_shift, check_time_shift
 from .stages import RunContext, Stage
 
 DEFAULT_TRUE_CFG = 4.0
@@ -189,6 +189,7 @@ def check_size(pipe, request: GenerationRequest) -> None:
         if value % multiple:
             raise InvalidArgumentError(field, f"Qwen-Image needs a multiple of {multiple}, got {value} "
                                        f"(try {nearest_valid(value, multiple, 0, multiple)})")
+    check_time_shift(pipe.components["scheduler"], request.height, request.width, multiple ** 2)
     check_image_model_frames(request, "Qwen-Image")
     check_terminal_steps(pipe.components["scheduler"], request.num_inference_steps)
     scale = request.true_cfg_scale

@@ -18,7 +18,7 @@ from .base import GenerationRequest, PipelineSpec, check_image_model_frames, che
 from .fit import check_fit, setting
 from .denoise import check_terminal_steps, cpu_generators, denoise_loop, seeded_noise
 from .flux import postprocess, vae_scale_factor
-from .schedulers.flow_match_euler import calculate_shift
+from .schedulers.flow_match_euler import calculate_shift, check_time_shift
 from .stages import RunContext, Stage
 from .text import tokenize
 
@@ -150,6 +150,7 @@ def validate(pipe, request: GenerationRequest) -> None:
         largest = cfg.axes_lens[axis] * multiple
         if value > largest:
             raise InvalidArgumentError(field, f"at most {largest} for this checkpoint (axes_lens), got {value}")
+    check_time_shift(c["scheduler"], request.height, request.width, multiple ** 2)
     longest = min(MAX_TEXT_TOKENS, cfg.axes_lens[0] - 64)
     if request.max_sequence_length is None:  # diffusers' 512, or less where this checkpoint's caption axis is shorter
         request.max_sequence_length = min(MAX_SEQUENCE_LENGTH, longest)

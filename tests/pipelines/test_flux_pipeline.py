@@ -226,3 +226,29 @@ def test_one_step_on_a_sampler_with_shift_terminal_is_refused_before_any_work(fl
                                                    r"needs at least 2 steps, got 1"):
         pipe.resolve(prompt=PROMPT, height=16, width=16, num_inference_steps=1)
     assert pipe.resolve(prompt=PROMPT, height=16, width=16, num_inference_steps=2).num_inference_steps == 2
+
+
+def test_a_size_whose_time_shift_overflows_is_refused_before_any_work(flux_checkpoint):
+    """FLUX.1's size-dependent shift (mu grows with the latent tokens) overflows e^mu in float32 past some size
+    (FLUX.1-dev: about 11,500 pixels a side), where diffusers denoises on NaN sigmas; diffc refuses the size when the
+    request is read, naming height and width and the most pixels that work. The largest square that works (found
+    with diffusers' calculate_shift, on the tiny checkpoint's own VAE factor and scheduler) still resolves."""
+    import math
+
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    pipe = diffc.load(flux_checkpoint("dev-tiny"))
+    cfg = pipe.components["scheduler"].config
+    multiple = 2 * 2 ** (len(pipe.components["vae"].config.block_out_channels) - 1)  # 2x2 patches of VAE latents
+    limit = math.log(float(np.finfo(np.float32).max))
+    mu = lambda side: calculate_shift((side // multiple) ** 2, cfg.base_image_seq_len, cfg.max_image_seq_len,  # noqa: E731
+                                      cfg.base_shift, cfg.max_shift)
+    side = multiple
+    while mu(side + multiple) <= limit:
+        side += multiple
+    with pytest.raises(InvalidArgumentError, match=rf"^height: {side + multiple}x{side + multiple} \(height x width\) "
+                                                   r"is too large for the scheduler's size-dependent time shift: \d+ "
+                                                   r"latent tokens give mu = 88\.\d, .* at most about \d+ megapixels$"):
+        pipe.resolve(prompt=PROMPT, height=side + multiple, width=side + multiple, num_inference_steps=2)
+    assert pipe.resolve(prompt=PROMPT, height=side, width=side, num_inference_steps=2).height == side

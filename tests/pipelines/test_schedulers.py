@@ -78,6 +78,24 @@ def test_calculate_shift_matches_flux():
         assert calculate_shift(seq_len, 128, 2048, 0.3, 1.2) == ref_calculate_shift(seq_len, 128, 2048, 0.3, 1.2)
 
 
+def test_a_shift_whose_exponential_overflows_float32_is_refused_where_diffusers_goes_nan():
+    """Just below the largest mu whose e^mu float32 holds the schedule is diffusers' bit for bit; just above, diffusers'
+    sigmas are all NaN and diffc refuses mu by name."""
+    from diffc.pipelines.schedulers.base import MAX_SHIFT_MU
+
+    nat, ref = _pair(FlowMatchEulerDiscreteScheduler, diffusers.FlowMatchEulerDiscreteScheduler,
+                     EULER_CONFIGS["flux-dev"])
+    sigmas = np.linspace(1.0, 1 / 4, 4).tolist()
+    below, above = MAX_SHIFT_MU - 0.01, MAX_SHIFT_MU + 0.01
+    nat.set_timesteps(4, sigmas=sigmas, mu=below)
+    ref.set_timesteps(4, sigmas=sigmas, mu=below)
+    _assert_same_schedule(nat, ref)
+    ref.set_timesteps(4, sigmas=sigmas, mu=above)
+    assert torch.isnan(ref.sigmas[:-1]).all()
+    with pytest.raises(InvalidArgumentError, match=r"^mu: is 88\.73; e\^mu overflows float32 above 88\.72"):
+        nat.set_timesteps(4, sigmas=sigmas, mu=above)
+
+
 def test_registry_resolves_native_schedulers():
     assert scheduler_class("FlowMatchEulerDiscreteScheduler") is FlowMatchEulerDiscreteScheduler
     assert scheduler_class("UniPCMultistepScheduler") is UniPCMultistepScheduler

@@ -42,8 +42,15 @@ def check_int(field: str, value: Any, minimum: int, scheduler: str) -> None:
         raise CheckpointError(f"{SOURCE}: {field}={value!r} must be an integer >= {minimum} for {scheduler}")
 
 
+# the largest ``mu`` whose e^mu float32 holds: above it diffusers' shift is inf / inf, every sigma NaN
+MAX_SHIFT_MU = math.log(float(np.finfo(np.float32).max))
+
+
 def exponential_time_shift(mu: float, sigmas: np.ndarray) -> np.ndarray:
     """Resolution-dependent shift of FLUX: ``e^mu / (e^mu + (1/sigma - 1))``."""
+    if not mu <= MAX_SHIFT_MU:
+        raise InvalidArgumentError("mu", f"is {mu:.4g}; e^mu overflows float32 above {MAX_SHIFT_MU:.2f} (every "
+                                         "sigma would be NaN)")
     return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
 
 

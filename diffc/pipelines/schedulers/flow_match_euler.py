@@ -16,6 +16,7 @@ import torch
 from ...errors import InvalidArgumentError
 from ...models.config import ModelConfig
 from .base import (
+    MAX_SHIFT_MU,
     Scheduler,
     check_choice,
     check_int,
@@ -65,6 +66,27 @@ def calculate_shift(
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     intercept = base_shift - slope * base_seq_len
     return image_seq_len * slope + intercept
+
+
+def check_time_shift(scheduler, height: int, width: int, token_pixels: int) -> None:
+    """Where the scheduler shifts its sigmas by image size (``use_dynamic_shifting``, exponential), a size whose
+    ``mu`` (:func:`calculate_shift` of its latent tokens, ``token_pixels`` pixels each) overflows e^mu in float32 is
+    refused when the request is read, naming height and width and the most pixels that work (diffusers runs the
+    whole generation on NaN sigmas there: FLUX.1 from about 11,500 x 11,500 pixels)."""
+    cfg = scheduler.config
+    if not getattr(cfg, "use_dynamic_shifting", False) or getattr(cfg, "time_shift_type", "") != "exponential":
+        return
+    line = (cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+    tokens = (height * width) // token_pixels
+    mu = calculate_shift(tokens, *line)
+    if mu <= MAX_SHIFT_MU:
+        return
+    slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
+    most = (MAX_SHIFT_MU - (cfg.base_shift - slope * cfg.base_image_seq_len)) / slope * token_pixels
+    raise InvalidArgumentError("height", f"{height}x{width} (height x width) is too large for the scheduler's "
+                                         f"size-dependent time shift: {tokens} latent tokens give mu = {mu:.1f}, and "
+                                         f"e^mu overflows float32 (above mu = {MAX_SHIFT_MU:.2f}); at most about "
+                                         f"{most / 1e6:.0f} megapixels")
 
 
 class FlowMatchEulerDiscreteScheduler(Scheduler):
