@@ -284,7 +284,10 @@ class Pipeline:
         return f"Pipeline({self.spec.pipeline_class}, device={self.device}, dtype={self.dtype}, stages={self.graph.names})"
 
     def resolve(self, **kwargs) -> GenerationRequest:
-        """Fill a request's unset fields from the family defaults and validate it."""
+        """Fill a request's unset fields from the family defaults and validate it. ``last_image`` (diffusers' name
+        for a first-last-frame video's last frame) joins ``image`` as ``image=[first, last]``."""
+        if "last_image" in kwargs:
+            kwargs = self._join_last_image(dict(kwargs))
         unknown = set(kwargs) - {f.name for f in dataclasses.fields(GenerationRequest)}
         if unknown:
             raise InvalidArgumentError(sorted(unknown)[0], f"is not a generation option; accepted: "
@@ -306,6 +309,22 @@ class Pipeline:
             raise InvalidArgumentError("negative_prompt", f"{self.spec.pipeline_class} does not use a negative prompt")
         self.spec.validate(self, request)
         return request
+
+    def _join_last_image(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        last = kwargs.pop("last_image")
+        if last is None:
+            return kwargs
+        mode, why = last_frame_input(self)
+        if mode == "none":
+            raise InvalidArgumentError("last_image", why)
+        first = kwargs.get("image")
+        if isinstance(first, (list, tuple)) and len(first) == 1:
+            first = first[0]
+        if first is None or isinstance(first, (list, tuple)):
+            raise InvalidArgumentError("last_image", "goes with one image, the first frame: image=FIRST, "
+                                                     "last_image=LAST (or image=[FIRST, LAST])")
+        kwargs["image"] = [first, last]
+        return kwargs
 
     def compile(self, buckets: list[dict[str, Any]] | None = None, *, out: str | None = None, quality: str = "fast",
                 disable: tuple[str, ...] = (), enable: tuple[str, ...] = (), attention: str = "auto",

@@ -76,6 +76,35 @@ def test_last_image_is_the_python_apis_last_frame(checkpoints, frames, tmp_path,
     assert _same(_read(tmp_path / "two.mp4"), video)
 
 
+def test_the_python_api_takes_diffusers_last_image_keyword(checkpoints, frames):
+    """``generate(image=FIRST, last_image=LAST)`` (diffusers' keyword) is ``image=[FIRST, LAST]``; a last image
+    without one first image, or for a checkpoint that reads none, is refused naming ``last_image``; None is no last
+    frame."""
+    from diffc.errors import InvalidArgumentError
+
+    flf2v = diffc.load(checkpoints("flf2v"), device="cpu")
+    first, last = (Image.open(p) for p in frames)
+    args = dict(height=16, width=16, num_frames=5, num_inference_steps=2, seed=3, progress=False)
+    joined = flf2v.generate("a fox", image=first, last_image=last, **args).videos[0]
+    listed = flf2v.generate("a fox", image=[first, last], **args).videos[0]
+    assert np.array_equal(joined, listed)
+    assert flf2v.resolve(prompt="a fox", image=[first], last_image=last).image == [first, last]
+    for image in (None, [first, last]):
+        with pytest.raises(InvalidArgumentError, match=r"^last_image: goes with one image, the first frame"):
+            flf2v.resolve(prompt="a fox", image=image, last_image=last)
+    with pytest.raises(InvalidArgumentError, match=r"^image: this first-last-frame checkpoint .* needs a first and a "
+                                                   r"last frame"):
+        flf2v.resolve(prompt="a fox", image=first, last_image=None, num_frames=5)
+    i2v = diffc.load(checkpoints("i2v"), device="cpu")
+    with pytest.raises(InvalidArgumentError, match=r"^last_image: this checkpoint takes one image, the first frame"):
+        i2v.resolve(prompt="a fox", image=first, last_image=last)
+    from diffc.demo import demo_checkpoint
+
+    demo = diffc.load(demo_checkpoint("flux"), device="cpu")  # the text-to-image demo
+    with pytest.raises(InvalidArgumentError, match=r"^last_image: FluxPipeline takes no last frame"):
+        demo.resolve(prompt="a fox", last_image=last)
+
+
 @pytest.mark.parametrize("kind, flags, fragment", [
     ("flf2v", ["--image", "@0"], "--last-image: this first-last-frame checkpoint (pos_embed_seq_len) needs a first "
                                 "and a last frame: give --image FIRST --last-image LAST"),
