@@ -91,13 +91,15 @@ def store_rows_ref(y: torch.Tensor, out: torch.Tensor, out_scale: torch.Tensor) 
 
 @functools.lru_cache(maxsize=None)
 def _scaled_mm_refusal(device: str) -> str | None:
-    """What torch says when asked for one tiny rowwise-scaled fp8 GEMM on ``device`` (the fp8 tier's GEMM), or None."""
+    """What torch says when asked for one tiny rowwise-scaled fp8 GEMM on ``device`` (the fp8 tier's GEMM), with
+    and without fast accumulation (``--disable fp8_fast_accum``), or None."""
     dev = torch.device(device)
     try:
         a = torch.zeros(16, 16, device=dev).to(FP8)
         b = torch.zeros(16, 16, device=dev).to(FP8)
-        torch._scaled_mm(a, b.t(), torch.ones(16, 1, device=dev), torch.ones(1, 16, device=dev), None, None,
-                         torch.bfloat16, False)
+        for fast in (False, True):
+            torch._scaled_mm(a, b.t(), torch.ones(16, 1, device=dev), torch.ones(1, 16, device=dev), None, None,
+                             torch.bfloat16, fast)
     except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:
         return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return None

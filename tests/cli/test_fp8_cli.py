@@ -170,3 +170,28 @@ def test_fp8_gemms_need_sm89_or_newer(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     why = fp8_gemm_unavailable(torch.device("cuda"))
     assert "compute capability 8.9 or newer" in why and "sm80" in why
+
+
+def test_a_torch_without_fast_accumulation_is_found_by_the_probe(monkeypatch):
+    """The fp8 tier's GEMMs pass use_fast_accum (``--disable fp8_fast_accum``: not): a torch that refuses either form
+    is found by the probe, so the tier stops before any work instead of inside a GEMM."""
+    import torch
+
+    from diffc.ops import fp8
+
+    real = torch._scaled_mm
+
+    def no_fast(*args, **kwargs):
+        if args[7:8] == (True,) or kwargs.get("use_fast_accum"):
+            raise RuntimeError("fast accumulation is not supported here")
+        return real(*args, **kwargs)
+
+    fp8._scaled_mm_refusal.cache_clear()
+    try:
+        assert fp8.fp8_gemm_unavailable(torch.device("cpu")) is None  # this torch runs both
+        monkeypatch.setattr(torch, "_scaled_mm", no_fast)
+        fp8._scaled_mm_refusal.cache_clear()
+        why = fp8.fp8_gemm_unavailable(torch.device("cpu"))
+    finally:
+        fp8._scaled_mm_refusal.cache_clear()
+    assert why is not None and "fast accumulation is not supported here" in why
