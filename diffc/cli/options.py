@@ -14,8 +14,8 @@ from ..errors import InvalidArgumentError
 # With no --model, the embedded demo runs at a size a CPU finishes in seconds.
 DEMO_DEFAULTS = {"image": {"height": 256, "width": 256, "num_inference_steps": 4},
                  "video": {"height": 128, "width": 128, "num_frames": 9, "num_inference_steps": 4}}
-DEMO_TASKS = {"t2i": "flux", "t2v": "wan", "i2v": "wan-i2v"}
-DEMO_OUTPUT = {"flux": "image", "wan": "video", "wan-i2v": "video"}
+DEMO_TASKS = {"t2i": "flux", "t2v": "wan", "i2v": "wan-i2v", "flf2v": "wan-flf2v"}
+DEMO_OUTPUT = {"flux": "image", "wan": "video", "wan-i2v": "video", "wan-flf2v": "video"}
 
 
 def add_model_flags(p: argparse.ArgumentParser, verb: str) -> None:

@@ -26,6 +26,7 @@ _BUILDERS = {
     "flux": ("flux-tiny-v1", "diffc.demo.flux:build_flux_demo"),
     "wan": ("wan-tiny-v1", "diffc.demo.wan:build_wan_demo"),
     "wan-i2v": ("wan-i2v-tiny-v1", "diffc.demo.wan:build_wan_i2v_demo"),
+    "wan-flf2v": ("wan-flf2v-tiny-v1", "diffc.demo.wan:build_wan_flf2v_demo"),
 }
 
 

@@ -79,3 +79,26 @@ def build_wan_i2v_demo(root: Path) -> None:
     })
     (root / "README.txt").write_text("diffc demo checkpoint: Wan2.1 I2V architecture, tiny, RANDOM weights. "
                                      "Its videos are noise.\n")
+
+
+IMAGE_TOKENS = 17  # the tiny CLIP tower's tokens per image: (32 / 8)² patches and its class token
+
+
+def build_wan_flf2v_demo(root: Path) -> None:
+    """Wan2.1-FLF2V's architecture and layout, tiny: the I2V demo with a DiT that pairs a first and a last frame's
+    CLIP tokens (``pos_embed_seq_len``: two images' tokens), so it needs both (``--image FIRST --last-image LAST``)."""
+    from ..models.wan.transformer import WAN_TRANSFORMER_SPECS, WanTransformer3DModel
+    from ..models.wan.vae import WAN_VAE_SPECS
+
+    build_wan_i2v_demo(root)
+    vae_cfg = WAN_VAE_SPECS["tiny"]
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        base = WAN_TRANSFORMER_SPECS["tiny"]
+        dit_cfg = dataclasses.replace(base, in_channels=2 * vae_cfg.z_dim + 4, out_channels=vae_cfg.z_dim,
+                                      text_dim=TEXT_DIM, image_dim=IMAGE_DIM,
+                                      added_kv_proj_dim=base.num_attention_heads * base.attention_head_dim,
+                                      pos_embed_seq_len=2 * IMAGE_TOKENS)
+        save_native(root / "transformer", "WanTransformer3DModel", WanTransformer3DModel(dit_cfg))
+    (root / "README.txt").write_text("diffc demo checkpoint: Wan2.1 FLF2V (first and last frame) architecture, tiny, "
+                                     "RANDOM weights. Its videos are noise.\n")

@@ -175,3 +175,18 @@ def test_compile_of_a_first_last_frame_checkpoint_serves_its_requests(checkpoint
     assert not any("no graph" in w for w in out.warnings)
     eager = diffc.load(ckpt, device="cpu").generate("a fox", **request).frames
     assert eager.std() > 1.0 and psnr_uint8(out.frames, eager) >= 40.0
+
+
+def test_the_flf2v_demo_takes_a_first_and_a_last_frame(frames, tmp_path, capsys):
+    """``--task flf2v``: the built-in tiny Wan2.1 FLF2V (random weights) runs with both frames and, like the
+    checkpoints it stands for, refuses one frame in one line."""
+    out = tmp_path / "demo.mp4"
+    assert main(["run", "--task", "flf2v", "--prompt", "a fox", "--image", str(frames[0]), "--last-image",
+                 str(frames[1]), "--output", str(out), *SIZE]) == 0
+    assert len(_read(out)) == 5
+    capsys.readouterr()
+    assert main(["run", "--task", "flf2v", "--prompt", "a fox", "--image", str(frames[0]), "--output",
+                 str(tmp_path / "one.mp4"), *SIZE]) == 2
+    err = capsys.readouterr().err
+    assert "--last-image: this first-last-frame checkpoint (pos_embed_seq_len) needs a first and a last frame" in err
+    assert not (tmp_path / "one.mp4").exists()
