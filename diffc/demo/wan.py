@@ -46,12 +46,14 @@ def build_wan_demo(root: Path) -> None:
 
 
 IMAGE_DIM = 32  # the tiny CLIP vision tower's width (Wan2.1 I2V: ViT-H/14, 1280)
+IMAGE_TOKENS = 17  # its tokens per image: (32 / 8)² patches and the class token
 
 
-def build_wan_i2v_demo(root: Path) -> None:
+def build_wan_i2v_demo(root: Path, last_frame: bool = False) -> None:
     """Wan2.1-I2V's architecture and layout, tiny: the T2V demo's text encoder, VAE and scheduler, a DiT with
     36 input channels (latents, first-frame mask, first-frame latents) and image cross-attention, and a
-    CLIP vision tower with its image processor."""
+    CLIP vision tower with its image processor. ``last_frame``: Wan2.1-FLF2V's instead, whose DiT pairs a first and
+    a last frame's CLIP tokens (``pos_embed_seq_len``), so it needs both."""
     import transformers
 
     from ..models.wan.transformer import WAN_TRANSFORMER_SPECS, WanTransformer3DModel
@@ -64,7 +66,8 @@ def build_wan_i2v_demo(root: Path) -> None:
         base = WAN_TRANSFORMER_SPECS["tiny"]
         dit_cfg = dataclasses.replace(base, in_channels=2 * vae_cfg.z_dim + 4, out_channels=vae_cfg.z_dim,
                                       text_dim=TEXT_DIM, image_dim=IMAGE_DIM,
-                                      added_kv_proj_dim=base.num_attention_heads * base.attention_head_dim)
+                                      added_kv_proj_dim=base.num_attention_heads * base.attention_head_dim,
+                                      pos_embed_seq_len=2 * IMAGE_TOKENS if last_frame else None)
         save_native(root / "transformer", "WanTransformer3DModel", WanTransformer3DModel(dit_cfg))
         transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
             hidden_size=IMAGE_DIM, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
@@ -77,28 +80,12 @@ def build_wan_i2v_demo(root: Path) -> None:
         "transformer": ("diffusers", "WanTransformer3DModel"), "vae": ("diffusers", "AutoencoderKLWan"),
         "image_encoder": ("transformers", "CLIPVisionModel"), "image_processor": ("transformers", "CLIPImageProcessor"),
     })
-    (root / "README.txt").write_text("diffc demo checkpoint: Wan2.1 I2V architecture, tiny, RANDOM weights. "
+    kind = "FLF2V (first and last frame)" if last_frame else "I2V"
+    (root / "README.txt").write_text(f"diffc demo checkpoint: Wan2.1 {kind} architecture, tiny, RANDOM weights. "
                                      "Its videos are noise.\n")
 
 
-IMAGE_TOKENS = 17  # the tiny CLIP tower's tokens per image: (32 / 8)² patches and its class token
-
-
 def build_wan_flf2v_demo(root: Path) -> None:
-    """Wan2.1-FLF2V's architecture and layout, tiny: the I2V demo with a DiT that pairs a first and a last frame's
-    CLIP tokens (``pos_embed_seq_len``: two images' tokens), so it needs both (``--image FIRST --last-image LAST``)."""
-    from ..models.wan.transformer import WAN_TRANSFORMER_SPECS, WanTransformer3DModel
-    from ..models.wan.vae import WAN_VAE_SPECS
+    """:func:`build_wan_i2v_demo` with a last frame: Wan2.1-FLF2V's layout (``--image FIRST --last-image LAST``)."""
+    build_wan_i2v_demo(root, last_frame=True)
 
-    build_wan_i2v_demo(root)
-    vae_cfg = WAN_VAE_SPECS["tiny"]
-    with torch.random.fork_rng():
-        torch.manual_seed(2)
-        base = WAN_TRANSFORMER_SPECS["tiny"]
-        dit_cfg = dataclasses.replace(base, in_channels=2 * vae_cfg.z_dim + 4, out_channels=vae_cfg.z_dim,
-                                      text_dim=TEXT_DIM, image_dim=IMAGE_DIM,
-                                      added_kv_proj_dim=base.num_attention_heads * base.attention_head_dim,
-                                      pos_embed_seq_len=2 * IMAGE_TOKENS)
-        save_native(root / "transformer", "WanTransformer3DModel", WanTransformer3DModel(dit_cfg))
-    (root / "README.txt").write_text("diffc demo checkpoint: Wan2.1 FLF2V (first and last frame) architecture, tiny, "
-                                     "RANDOM weights. Its videos are noise.\n")
