@@ -34,6 +34,17 @@ class ServeStopped(Exception):
     """Raised by the ``serve_engine_args`` fixture (tests/conftest.py) where ``diffc serve`` would build its app."""
 
 
+def with_component_of(base: Path, other: Path, component: str, root: Path) -> Path:
+    """A copy of checkpoint ``base`` at ``root`` whose ``component`` folder is ``other``'s (a component of another
+    checkpoint, as a user might mix them); ``root``."""
+    import shutil
+
+    shutil.copytree(base, root)
+    shutil.rmtree(root / component)
+    shutil.copytree(other / component, root / component)
+    return root
+
+
 def assert_planted_code_never_runs(root: Path, folder: str, base: str, monkeypatch) -> None:
     """Plant code in the checkpoint ``root``: ``folder``'s tokenizer_config.json names a class of the folder's own
     ``planted.py`` (auto_map), which touches a file beside ``root`` when imported and is transformers' ``base``

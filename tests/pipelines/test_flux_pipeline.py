@@ -199,14 +199,10 @@ def test_text_that_is_not_unicode_is_refused_naming_its_field(flux_checkpoint, k
 def test_a_component_of_another_checkpoint_is_refused_before_any_work(flux_checkpoint, tmp_path, swap, fragment):
     """A T5, CLIP or VAE of another FLUX model stopped in the DiT naming encoder_hidden_states, in a matmul (torch's
     RuntimeError), or in the VAE naming z after the whole denoising."""
-    import shutil
-
     from diffc.errors import CheckpointError
+    from tests.helpers import with_component_of
 
-    root = tmp_path / "ckpt"
-    shutil.copytree(flux_checkpoint("dev-tiny"), root)
-    shutil.rmtree(root / swap)
-    shutil.copytree(flux_checkpoint("schnell-odd") / swap, root / swap)
+    root = with_component_of(flux_checkpoint("dev-tiny"), flux_checkpoint("schnell-odd"), swap, tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match=f"^FluxPipeline: {re.escape(fragment)}; the checkpoint's components"):
         diffc.load(root).generate(PROMPT, height=16, width=16, num_inference_steps=1, progress=False)
 

@@ -14,7 +14,7 @@ import diffc
 from diffc.errors import CheckpointError, InvalidArgumentError
 from diffc.pipelines.stages import RunContext
 from diffc.runtime.perf import PerfRecorder
-from tests.helpers import psnr_uint8, rel_err
+from tests.helpers import psnr_uint8, rel_err, with_component_of
 
 from .conftest import WAN_VARIANTS
 
@@ -375,9 +375,6 @@ def test_vae_latent_statistics_that_cannot_be_used_are_refused_before_any_work(w
 def test_a_component_of_another_checkpoint_is_refused_before_any_work(wan_checkpoint, tmp_path, swap, fragment):
     """A UMT5 of another width stopped in the DiT naming encoder_hidden_states; a VAE of other latent channels was
     torch's RuntimeError from the latent normalisation."""
-    root = tmp_path / "ckpt"
-    shutil.copytree(wan_checkpoint("base"), root)
-    shutil.rmtree(root / swap)
-    shutil.copytree(wan_checkpoint("odd-heads") / swap, root / swap)
+    root = with_component_of(wan_checkpoint("base"), wan_checkpoint("odd-heads"), swap, tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match=f"^WanPipeline: {re.escape(fragment)}; the checkpoint's components"):
         diffc.load(root).generate(PROMPT, height=16, width=16, num_frames=1, num_inference_steps=1, progress=False)

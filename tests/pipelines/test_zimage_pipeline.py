@@ -241,13 +241,10 @@ def test_a_component_of_another_checkpoint_is_refused_before_any_work(zimage_che
     """A Qwen3 of another width stopped in the DiT naming encoder_hidden_states; a VAE of other latent channels in
     the VAE naming z, after the whole denoising."""
     import re
-    import shutil
 
     from diffc.errors import CheckpointError
+    from tests.helpers import with_component_of
 
-    root = tmp_path / "ckpt"
-    shutil.copytree(zimage_checkpoint("tiny"), root)
-    shutil.rmtree(root / swap)
-    shutil.copytree(zimage_checkpoint("odd") / swap, root / swap)
+    root = with_component_of(zimage_checkpoint("tiny"), zimage_checkpoint("odd"), swap, tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match=f"^ZImagePipeline: {re.escape(fragment)}; the checkpoint's components"):
         diffc.load(root).generate(PROMPT, height=16, width=16, num_inference_steps=1, progress=False)
