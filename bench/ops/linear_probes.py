@@ -119,10 +119,12 @@ def fp8_accum(device) -> list[dict]:
         t = interleaved_ms({name: capture_graph(fn) for name, fn in calls.items()})
         exact = fp8_linear_ref(q, qs, w8, ws, b, torch.float32)
         full = F.linear(x.float(), w.float(), b.float())
-        err = {name: float((calls[name]().float() - exact).norm() / exact.norm()) for name in ("rowwise", "rowwise_fast")}
-        err["bf16_vs_fp32"] = float((calls["bf16"]().float() - full).norm() / full.norm())
-        err["rowwise_fast_vs_fp32_linear"] = float((rowwise(True).float() - full).norm() / full.norm())
-        err["rowwise_vs_fp32_linear"] = float((rowwise(False).float() - full).norm() / full.norm())
+        outs = {name: calls[name]().float() for name in ("bf16", "rowwise", "rowwise_fast")}
+        rel = lambda a, ref: float((a - ref).norm() / ref.norm())  # noqa: E731
+        err = {name: rel(outs[name], exact) for name in ("rowwise", "rowwise_fast")}
+        err["bf16_vs_fp32"] = rel(outs["bf16"], full)
+        err["rowwise_fast_vs_fp32_linear"] = rel(outs["rowwise_fast"], full)
+        err["rowwise_vs_fp32_linear"] = rel(outs["rowwise"], full)
         flop = 2 * rows * k * n
         rows_out.append({"shape": [rows, k, n], **{f"{name}_ms": v for name, v in t.items()},
                          **{f"rel_l2_{name}": v for name, v in err.items()}})

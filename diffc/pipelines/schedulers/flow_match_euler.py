@@ -81,8 +81,8 @@ def check_time_shift(scheduler, height: int, width: int, token_pixels: int) -> N
     mu = calculate_shift(tokens, *line)
     if mu <= MAX_SHIFT_MU:
         return
-    slope = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
-    most = (MAX_SHIFT_MU - (cfg.base_shift - slope * cfg.base_image_seq_len)) / slope * token_pixels
+    at_zero = calculate_shift(0, *line)  # mu is a line in the token count: the most tokens where it still fits
+    most = (MAX_SHIFT_MU - at_zero) / (calculate_shift(1, *line) - at_zero) * token_pixels
     raise InvalidArgumentError("height", f"{height}x{width} (height x width) is too large for the scheduler's "
                                          f"size-dependent time shift: {tokens} latent tokens give mu = {mu:.1f}, and "
                                          f"e^mu overflows float32 (above mu = {MAX_SHIFT_MU:.2f}); at most about "
